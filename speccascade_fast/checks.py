@@ -1,0 +1,86 @@
+"""Input checks shared by the public functions. Each raises ``ValueError`` naming the argument
+and what is allowed; nothing is clipped silently."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def logits(name: str, x, dims: int | None = None) -> torch.Tensor:
+    """Floating logits with no NaN, no +inf, and at least one finite entry per row
+    (-inf masks a token and is legal)."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of logits, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor (fp32/bf16/fp16/fp64), got {x.dtype}")
+    if dims is not None and x.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(x.shape)}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"{name} must have a non-empty vocabulary dimension, got {tuple(x.shape)}")
+    if torch.isnan(x).any():
+        raise ValueError(f"{name} contains NaN")
+    if torch.isposinf(x).any():
+        raise ValueError(f"{name} contains +inf (only -inf, to mask a token, is allowed)")
+    if x.numel() and torch.isneginf(x).all(-1).any():
+        raise ValueError(f"{name} has a row where every logit is -inf (no token is possible)")
+    return x
+
+
+def temperature(t, shape: tuple[int, ...] = (), device=None) -> torch.Tensor:
+    """A float64 tensor broadcast to ``shape`` from a number or a tensor of T >= 0."""
+    if isinstance(t, bool) or not isinstance(t, (int, float, torch.Tensor)):
+        raise ValueError(f"temperature must be a number >= 0 or a tensor, got {type(t).__name__}")
+    tt = torch.as_tensor(t, dtype=torch.float64, device=device)
+    if not bool(torch.isfinite(tt).all()) or bool((tt < 0).any()):
+        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {t!r}")
+    try:
+        return torch.broadcast_to(tt, shape)
+    except RuntimeError:
+        raise ValueError(f"temperature of shape {tuple(tt.shape)} does not fit {shape}") from None
+
+
+def alpha_tensor(a, shape: tuple[int, ...], device=None) -> torch.Tensor:
+    """float64 alpha broadcast to ``shape`` (rules that ignore it get zeros)."""
+    tt = torch.as_tensor(0.0 if a is None else a, dtype=torch.float64, device=device)
+    try:
+        return torch.broadcast_to(tt, shape)
+    except RuntimeError:
+        raise ValueError(f"alpha of shape {tuple(tt.shape)} does not fit {shape}") from None
+
+
+def top_k(k, vocab_size: int) -> int | None:
+    if k is None:
+        return None
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab_size:
+        raise ValueError(f"top_k must be None or an int in [1, {vocab_size}] (the vocabulary), got {k!r}")
+    return k
+
+
+def top_p(p) -> float | None:
+    if p is None:
+        return None
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 1) or math.isnan(p):
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {p!r}")
+    return float(p)
+
+
+def per_row(name: str, v, rows: int, device, *, non_negative: bool = False) -> torch.Tensor:
+    """An int or an integer tensor ``[rows]`` -> int64 ``[rows]``."""
+    if v is None:
+        v = 0
+    if isinstance(v, bool):
+        raise ValueError(f"{name} must be an int or an int64 tensor of shape [{rows}], got a bool")
+    if isinstance(v, int):
+        out = torch.full((rows,), v, dtype=torch.int64, device=device)
+    elif isinstance(v, torch.Tensor):
+        if v.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor, got {v.dtype}")
+        if tuple(v.shape) != (rows,):
+            raise ValueError(f"{name} must have shape [{rows}] (one per row), got {tuple(v.shape)}")
+        out = v.to(device=device, dtype=torch.int64)
+    else:
+        raise ValueError(f"{name} must be an int or an int64 tensor of shape [{rows}], got {type(v).__name__}")
+    if non_negative and bool((out < 0).any()):
+        raise ValueError(f"{name} must be >= 0, got {out.min().item()}")
+    return out

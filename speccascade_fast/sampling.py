@@ -1,0 +1,49 @@
+"""How the drafter draws its tokens: exactly from ``qT`` (SEMANTICS §1), with the DRAFT stream."""
+from __future__ import annotations
+
+import torch
+
+from . import checks, rng
+from .probs import scaled
+
+
+def sample(logits, *, temperature=1.0, top_k=None, top_p=None, seed=0, positions=None) -> torch.Tensor:
+    """Draw one token per row from ``qT`` = the scaled, truncated softmax of ``logits``.
+
+    Args:
+        logits: ``[B, V]`` or ``[B, n, V]`` (fp32/bf16/fp16/fp64; -inf masks a token).
+        temperature: T >= 0 (0 = argmax, ties to the lowest id); a number or a tensor ``[B]``.
+        top_k, top_p: optional truncation, as in :func:`speccascade_fast.verify`.
+        seed: int or int64 tensor ``[B]``.
+        positions: int64 tensor ``[B]``: absolute position of the token drawn from row b (for
+            ``[B, n, V]``, of the first of its n tokens; the k-th uses ``positions + k``).
+
+    Returns:
+        int64 ``[B]`` (or ``[B, n]``). The draw is the exponential race
+        ``argmax_v log qT(v) - log(-log u_v)`` with ``u_v`` from the counter-based RNG keyed by
+        ``(seed, position, DRAFT, v)``: a row's token depends only on its own inputs.
+
+    Example:
+        >>> sample(torch.randn(4, 32), temperature=0.7, seed=3, positions=torch.arange(4))
+        tensor([...])
+    """
+    checks.logits("logits", logits)
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"logits must have shape [B, V] or [B, n, V], got {tuple(logits.shape)}")
+    B, V = logits.shape[0], logits.shape[-1]
+    device = logits.device
+    seed = checks.per_row("seed", seed, B, device)
+    positions = checks.per_row("positions", positions, B, device, non_negative=True)
+    temperature = checks.temperature(temperature, (B,), device)
+    top_k, top_p = checks.top_k(top_k, V), checks.top_p(top_p)
+    if logits.dim() == 3:
+        n = logits.shape[1]
+        pos = positions[:, None] + torch.arange(n, device=device)
+        return _draw(logits, temperature[:, None].expand(B, n), top_k, top_p, seed[:, None], pos)
+    return _draw(logits, temperature, top_k, top_p, seed, positions)
+
+
+def _draw(logits, temperature, top_k, top_p, seed, positions):
+    qT = scaled(logits, temperature, top_k, top_p)
+    noise = rng.exponential_noise(seed, positions, rng.DRAFT, logits.shape[-1])
+    return rng.race(torch.log(qT), noise)
