@@ -1,24 +1,41 @@
 """Verification backends. Each mirrors :mod:`.reference` stage by stage and differs only in speed.
 
-``available()`` lists what runs here; ``auto`` picks the first available of ``PREFERENCE``.
+A backend is a module here exposing ``is_available(device) -> bool`` and ``verify(...)`` with the
+reference's signature (inputs already validated and normalised by
+:func:`speccascade_fast.verify`). ``auto`` picks the first available backend of ``PREFERENCE``
+for the inputs' device.
 """
 from __future__ import annotations
 
-from . import reference
+import importlib
 
-_BACKENDS = {"reference": reference.verify}
-PREFERENCE = ("reference",)
+PREFERENCE = ("triton", "cuda", "cpu", "reference")
 
 
-def available() -> tuple[str, ...]:
-    return tuple(name for name in PREFERENCE if name in _BACKENDS)
+def _module(name: str):
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ImportError:
+        return None
+
+
+def available(device=None) -> tuple[str, ...]:
+    """Backends that can run on ``device`` (a torch.device or None for CPU), fastest first."""
+    out = []
+    for name in PREFERENCE:
+        mod = _module(name)
+        if mod is not None and (name == "reference" or mod.is_available(device)):
+            out.append(name)
+    return tuple(out)
 
 
 def get(name: str, device=None):
+    """The ``verify`` function of backend ``name`` (``"auto"``: the fastest for ``device``)."""
+    names = available(device)
     if name == "auto":
-        name = available()[0]
-    if name not in _BACKENDS:
+        name = names[0]
+    if name not in names:
         raise ValueError(
-            f"backend={name!r} is not available here; choose 'auto' or one of {', '.join(available())}"
+            f"backend={name!r} is not available here; choose 'auto' or one of {', '.join(names)}"
         )
-    return _BACKENDS[name]
+    return _module(name).verify
