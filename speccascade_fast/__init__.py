@@ -1,8 +1,12 @@
 """speccascade_fast: speculative cascades (Narasimhan et al., ICLR 2025), exact and fast."""
+from .engine import GenerateOutput, generate
 from .rules import ALPHA_RANGES, RULES
 from .sampling import sample
 from .types import VerifyOutput
 from .verify import target_distribution, verify
 
-__all__ = ["ALPHA_RANGES", "RULES", "VerifyOutput", "sample", "target_distribution", "verify"]
+__all__ = [
+    "ALPHA_RANGES", "RULES", "GenerateOutput", "VerifyOutput", "generate", "sample",
+    "target_distribution", "verify",
+]
 __version__ = "0.1.0"

@@ -44,6 +44,8 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, seed=0, positions
 
 
 def _draw(logits, temperature, top_k, top_p, seed, positions):
+    if not bool(temperature.any()):  # all greedy: the argmax needs no noise (ties: lowest id)
+        return torch.argmax(logits, dim=-1)
     qT = scaled(logits, temperature, top_k, top_p)
     noise = rng.exponential_noise(seed, positions, rng.DRAFT, logits.shape[-1])
     return rng.race(torch.log(qT), noise)
