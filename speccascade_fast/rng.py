@@ -12,7 +12,7 @@ The hash is SplitMix64's finaliser applied in a chain (all arithmetic modulo 2**
 
     k = mix64(seed + GOLDEN); k = mix64(k ^ position); k = mix64(k ^ stream)
     h = mix64(k + (index + 1) * GOLDEN)
-    u = ((h >> 11) + 0.5) * 2**-53          # in (0, 1): never exactly 0 nor 1
+    u = ((h >> 12) + 0.5) * 2**-52          # exact in fp64: in [2**-53, 1 - 2**-53]
 
 Because it needs no state, a row's randomness does not depend on the batch it rides in nor on
 the backend: the torch version below, the C++ kernels and the Triton kernels compute the same
@@ -62,7 +62,12 @@ def uniform_from_key(key: torch.Tensor, index: torch.Tensor | int) -> torch.Tens
     if not isinstance(index, torch.Tensor):
         index = torch.tensor(index, dtype=torch.int64, device=key.device)
     h = mix64(key + (index.to(torch.int64) + 1) * _signed(GOLDEN))
-    return (_shr(h, 11).to(torch.float64) + 0.5) * (2.0 ** -53)
+    return unit_interval(_shr(h, 12))
+
+
+def unit_interval(bits52: torch.Tensor) -> torch.Tensor:
+    """52 random bits -> float64 in [2**-53, 1 - 2**-53]; exact, so never 0 nor 1."""
+    return (bits52.to(torch.float64) + 0.5) * (2.0 ** -52)
 
 
 def uniform(seed: torch.Tensor, position: torch.Tensor, stream: int, index: torch.Tensor | int = 0):
@@ -97,4 +102,4 @@ def uniform_int(seed: int, position: int, stream: int, index: int) -> float:
     k = _mix64_int(k ^ (position & MASK64))
     k = _mix64_int(k ^ stream)
     h = _mix64_int(k + (index + 1) * GOLDEN)
-    return ((h >> 11) + 0.5) * 2.0 ** -53
+    return ((h >> 12) + 0.5) * 2.0 ** -52

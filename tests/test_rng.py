@@ -35,3 +35,9 @@ def test_race_ties_and_zero_weights():
     noise = torch.ones(1, 4)
     assert rng.race(torch.log(torch.tensor([[0.0, 0.5, 0.5, 0.0]])), noise).item() == 1
     assert rng.race(torch.log(torch.tensor([[0.0, 0.0, 0.0, 1.0]])), torch.rand(1, 4)).item() == 3
+
+
+def test_extreme_bits_stay_inside_the_open_interval():
+    u = rng.unit_interval(torch.tensor([0, (1 << 52) - 1], dtype=torch.int64))
+    assert 0 < u[0].item() < 1e-15 and u[1].item() < 1.0
+    assert 1 - u[1].item() > 0
