@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from speccascade_fast import _ext
-from speccascade_fast.sample_cpu import sample_cpu_reference
+from speccascade_fast.sampling import sample
 
 C = _ext.load()
 SHAPES = [(1, 32000), (1, 151936), (8, 32000), (8, 151936)]
@@ -32,11 +32,11 @@ def test_sample_cpu_ext(benchmark, R, V):
     logits, seeds, positions = drafter_logits(R, V)
     benchmark.group = f"sample R={R} V={V}"
     out = benchmark(C.sample_cpu, logits, 1.0, seeds, positions)
-    assert torch.equal(out, sample_cpu_reference(logits, 1.0, seeds, positions))
+    assert torch.equal(out, sample(logits, seed=seeds, positions=positions, backend="reference"))
 
 
 @pytest.mark.parametrize("R,V", SHAPES, ids=[f"R{r}-V{v}" for r, v in SHAPES])
 def test_sample_torch_reference(benchmark, R, V):
     logits, seeds, positions = drafter_logits(R, V)
     benchmark.group = f"sample R={R} V={V}"
-    benchmark(sample_cpu_reference, logits, 1.0, seeds, positions)
+    benchmark(sample, logits, seed=seeds, positions=positions, backend="reference")

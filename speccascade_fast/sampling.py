@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from . import checks, rng
+from . import _ext, checks, rng
 from .probs import scaled
 
 
-def sample(logits, *, temperature=1.0, top_k=None, top_p=None, seed=0, positions=None) -> torch.Tensor:
+def sample(logits, *, temperature=1.0, top_k=None, top_p=None, seed=0, positions=None,
+           backend="auto") -> torch.Tensor:
     """Draw one token per row from ``qT`` = the scaled, truncated softmax of ``logits``.
 
     Args:
@@ -17,6 +18,9 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, seed=0, positions
         seed: int or int64 tensor ``[B]``.
         positions: int64 tensor ``[B]``: absolute position of the token drawn from row b (for
             ``[B, n, V]``, of the first of its n tokens; the k-th uses ``positions + k``).
+        backend: ``"auto"`` uses the compiled CPU kernel (``_C.sample_cpu``) for CPU fp32/bf16/
+            fp16 logits without top-k/top-p, else the torch reference; ``"reference"`` forces
+            the latter. Both draw the same tokens up to floating-point near-ties.
 
     Returns:
         int64 ``[B]`` (or ``[B, n]``). The draw is the exponential race
@@ -36,6 +40,16 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, seed=0, positions
     positions = checks.per_row("positions", positions, B, device, non_negative=True)
     temperature = checks.temperature(temperature, (B,), device)
     top_k, top_p = checks.top_k(top_k, V), checks.top_p(top_p)
+    if backend not in ("auto", "reference"):
+        raise ValueError(f"backend must be 'auto' or 'reference', got {backend!r}")
+    kernel = _ext.load()
+    if (backend == "auto" and kernel is not None and device.type == "cpu" and top_k is None
+            and top_p is None and logits.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+        n = logits.shape[1] if logits.dim() == 3 else 1
+        pos = (positions[:, None] + torch.arange(n, device=device)).reshape(-1)
+        flat = kernel.sample_cpu(logits.reshape(B * n, V), temperature.repeat_interleave(n),
+                                 seed.repeat_interleave(n), pos)
+        return flat.view(logits.shape[:-1])
     if logits.dim() == 3:
         n = logits.shape[1]
         pos = positions[:, None] + torch.arange(n, device=device)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from speccascade_fast import _ext, rng
-from speccascade_fast.sample_cpu import sample_cpu, sample_cpu_reference
+from speccascade_fast.sampling import sample
 
 C = _ext.load()
 needs_ext = pytest.mark.skipif(C is None, reason=f"_C not built ({_ext.IMPORT_ERROR})")
@@ -151,7 +151,8 @@ def test_strided_rows_and_rowwise_temperature():
     want = torch.stack([reference(logits[i : i + 1], float(temps[i]), seeds[i : i + 1],
                                   positions[i : i + 1])[0] for i in range(4)])
     assert torch.equal(got, want)
-    assert torch.equal(sample_cpu_reference(logits, temps, seeds, positions), want)
+    assert torch.equal(sample(logits, temperature=temps, seed=seeds, positions=positions,
+                              backend="reference"), want)
 
 
 @needs_ext
@@ -171,10 +172,15 @@ def test_rejects_bad_arguments():
         C.sample_cpu(logits[0], 1.0, seeds, positions)
 
 
-def test_python_wrapper_matches_reference():
-    """sample_cpu() (kernel when built, fallback otherwise) and the fp64 path agree."""
+def test_public_sample_matches_reference():
+    """sample() (kernel when built and eligible, torch otherwise) and the fp64 path agree."""
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         logits, seeds, positions = make_inputs(3, 2000, dtype, seed=4)
         for T in (0.0, 0.9):
-            assert torch.equal(sample_cpu(logits, T, seeds, positions),
-                               reference(logits, T, seeds, positions))
+            got = sample(logits, temperature=T, seed=seeds, positions=positions)
+            assert torch.equal(got, reference(logits, T, seeds, positions))
+            block = sample(logits.view(1, 3, 2000), temperature=T, seed=seeds[:1],
+                           positions=positions[:1])
+            assert torch.equal(block[0], sample(logits, temperature=T, seed=seeds[0].item(),
+                                                positions=positions[:1] + torch.arange(3),
+                                                backend="reference"))
