@@ -1,0 +1,32 @@
+"""Evaluation harness: quality versus cost for every decoding method (SEMANTICS §7).
+
+* :func:`run_eval` runs configurations (:class:`EvalConfig`: method, rule, α) on a task's
+  examples, one JSONL row per (configuration, example), resumable, then writes
+  ``summary.json``/``summary.md`` (quality ± SE, rejection rate, verifier calls per token,
+  relative latency, the Table-2 figures) and the quality-versus-cost plots.
+* Tasks (:mod:`.tasks`): ``humaneval`` (pass@1, tests in a sandboxed subprocess), ``gsm8k``
+  (exact match of the final number), ``wmt14`` (English→German corpus BLEU).
+* CLI: :func:`.cli.add_eval_subcommand` (``speccascade eval``) or ``python -m
+  speccascade_fast.eval``.
+
+Example::
+
+    from speccascade_fast.eval import make_configs, run_eval
+    from speccascade_fast.models import load_pair
+    drafter, verifier, tok = load_pair()
+    configs = make_configs(["spec_cascade"], ["token_v3"], [0.0, 0.1, 0.3, 0.5])
+    summary = run_eval("gsm8k", configs, drafter=drafter, verifier=verifier, tokenizer=tok,
+                       limit=50, seed=0, out_dir="runs/gsm8k", gamma=5, temperature=1.0,
+                       max_new_tokens=256)
+"""
+from __future__ import annotations
+
+from .configs import EvalConfig, make_configs
+from .harness import load_rows, run_eval, write_summary
+from .summary import best_quality_within, latency_to_reach, summarize
+from .tasks import TASKS, Example, Task, get_task
+
+__all__ = [
+    "EvalConfig", "Example", "TASKS", "Task", "best_quality_within", "get_task",
+    "latency_to_reach", "load_rows", "make_configs", "run_eval", "summarize", "write_summary",
+]

@@ -1,0 +1,519 @@
+"""The evaluation harness (speccascade_fast.eval): end to end on tiny random models, resume,
+the Table-2 interpolation, the HumanEval sandbox, GSM8K extraction and BLEU. CPU, seconds."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+import warnings
+
+import pytest
+import torch
+
+from speccascade_fast.eval import (
+    EvalConfig,
+    Example,
+    Task,
+    best_quality_within,
+    latency_to_reach,
+    load_rows,
+    make_configs,
+    run_eval,
+    summarize,
+)
+from speccascade_fast.eval.cli import add_eval_subcommand, build_configs, main, parse_alphas
+from speccascade_fast.eval.sandbox import run_python
+from speccascade_fast.eval.summary import upper_concave_hull
+from speccascade_fast.eval.tasks import data_root, get_task, truncate_at_stop
+from speccascade_fast.eval.tasks.gsm8k import (
+    exemplar_solution,
+    extract_answer,
+    normalise_number,
+    reference_answer,
+)
+from speccascade_fast.eval.tasks.humaneval import check_program, extract_code, read_problems
+from speccascade_fast.eval.tasks.wmt14 import corpus_bleu_with_se
+
+try:  # the real engine when it is there; the harness only needs its signature
+    from speccascade_fast.engine import generate as ENGINE_GENERATE
+except ImportError:  # pragma: no cover - only while the engine is missing
+    ENGINE_GENERATE = None
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny models, a toy task, a fake engine
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + <eos>) built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def tiny_llama(vocab_size: int, layers: int, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, eos_token_id=vocab_size - 1,
+                      pad_token_id=vocab_size - 1, bos_token_id=None)
+    return LlamaForCausalLM(cfg).eval()
+
+
+class ToyTask(Task):
+    """Two prompts; the score is 1 when the output contains an 'a' (quality varies by config)."""
+
+    name = "toy"
+    metric = "accuracy"
+    default_max_new_tokens = 12
+    stop_strings = ("\n",)
+
+    def examples(self, limit=None):
+        return [Example("toy-0", {"q": "abc"}), Example("toy-1", {"q": "hello"})][:limit]
+
+    def build_prompt(self, example, chat=False, tokenizer=None):
+        return f"Q: {example.data['q']}\nA:"
+
+    def score(self, example, prediction):
+        return {"score": float("a" in prediction), "prediction_len": len(prediction)}
+
+
+def fake_generate(drafter, verifier, input_ids, *, method="spec_cascade", rule=None, alpha=None,
+                  gamma=5, max_new_tokens=8, seed=0, **kw):
+    """Same signature and output shape as engine.generate; random tokens, plausible stats."""
+    g = torch.Generator().manual_seed(seed + 7919 * len(method) + int(1000 * (alpha or 0)))
+    new = torch.randint(0, 256, (1, max_new_tokens), generator=g)
+    n = max_new_tokens
+    rej = 0 if method in ("autoregressive", "drafter_only") else int(n * (1 - (alpha or 0)) / 3)
+    stats = {"tokens": n, "verifier_calls": n if method == "autoregressive" else 1 + rej,
+             "drafter_calls": 0 if method == "autoregressive" else n, "drafted": n,
+             "accepted": n - rej, "rejected": rej, "deferred": rej, "wall_s": 0.0}
+    out = argparse.Namespace(sequences=torch.cat([input_ids.cpu(), new], 1), stats=stats,
+                             new_tokens=[new[0].tolist()])
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    tok = byte_tokenizer()
+    V = len(tok)
+    return tiny_llama(V, 1, seed=1), tiny_llama(V, 2, seed=2), tok
+
+
+def counting(fn):
+    calls = []
+
+    def wrapped(*a, **kw):
+        calls.append(kw)
+        return fn(*a, **kw)
+
+    wrapped.calls = calls
+    return wrapped
+
+
+def _sweep():
+    return make_configs(["spec_cascade", "token_cascade"], ["token_v3", "chow"],
+                        {"token_v3": [0.0, 0.5], "chow": [0.3]})
+
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    CONFIGS = _sweep()
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end and resume
+
+
+def test_make_configs_expands_and_filters():
+    with pytest.warns(UserWarning, match="skipping token_cascade with rule 'token_v3'"):
+        assert _sweep() == CONFIGS
+    keys = [c.key for c in CONFIGS]
+    assert keys == [
+        "autoregressive", "drafter_only", "spec_cascade/token_v3/alpha=0.0",
+        "spec_cascade/token_v3/alpha=0.5", "spec_cascade/chow/alpha=0.3",
+        "token_cascade/chow/alpha=0.3",  # token_cascade/token_v3 skipped: not a q-only rule
+    ]
+    assert EvalConfig.parse("spec_cascade:token_v3:0.5") == CONFIGS[3]
+    assert EvalConfig.parse(CONFIGS[3].key) == CONFIGS[3]
+    assert EvalConfig.parse("seq_cascade:0.5") == EvalConfig("seq_cascade", None, 0.5)
+    assert CONFIGS[3].generate_kwargs() == {"method": "spec_cascade", "rule": "token_v3",
+                                            "alpha": 0.5}
+    assert [c.key for c in make_configs(["spec_cascade"], ["spec"], [0.1, 0.2])][-1] == \
+        "spec_cascade/spec"
+
+
+def test_end_to_end_real_engine_and_resume(tiny_pair, tmp_path):
+    """The whole harness on a tiny random pair with the real engine (fake only if absent)."""
+    drafter, verifier, tok = tiny_pair
+    gen = counting(ENGINE_GENERATE or fake_generate)
+    common = dict(drafter=drafter, verifier=verifier, tokenizer=tok, limit=2, seed=3,
+                  out_dir=tmp_path, gamma=3, temperature=1.0, max_new_tokens=10, progress=False,
+                  chat=False, generate_fn=gen)
+    summary = run_eval(ToyTask(), CONFIGS, **common)
+
+    rows = load_rows(tmp_path / "rows.jsonl")
+    assert len(rows) == len(CONFIGS) * 2
+    distinct = {(c.method, c.rule) for c in CONFIGS}
+    assert len(gen.calls) == len(rows) + len(distinct)  # + one untimed warm-up per (method, rule)
+    r = rows[0]
+    for field in ("config", "example_id", "prompt", "output", "prediction", "scoring", "stats",
+                  "wall_s", "seed"):
+        assert field in r
+    assert r["prompt"] == "Q: abc\nA:"
+    assert set(r["scoring"]) == {"score", "prediction_len"}
+    assert "\n" not in r["prediction"]
+    # the same example gets the same engine seed in every configuration
+    assert len({x["seed"] for x in rows if x["example_id"] == "toy-0"}) == 1
+    for x in rows:
+        assert x["new_tokens"] <= 10 and x["stats"]["tokens"] == x["new_tokens"]
+
+    by = {p["config"]: p for p in summary["configs"]}
+    assert by["autoregressive"]["relative_latency"] == pytest.approx(1.0)
+    assert by["autoregressive"]["rejection_rate"] == 0.0 or \
+        by["autoregressive"]["rejection_rate"] is None
+    assert by["drafter_only"]["verifier_calls_per_token"] == 0.0
+    sc = by["spec_cascade/token_v3/alpha=0.5"]
+    assert 0 < sc["relative_latency"] < math.inf
+    assert 0 <= sc["rejection_rate"] <= 1
+    assert sc["verifier_calls_per_token"] == pytest.approx(sc["verifier_calls"] / sc["tokens"])
+    assert {t["curve"] for t in summary["table2"]} == {
+        "spec_cascade[token_v3]", "spec_cascade[chow]", "token_cascade[chow]"}
+    for name in ("summary.json", "summary.md", "run.json", "quality_vs_latency.png",
+                 "quality_vs_rejection.png", "quality_vs_verifier_calls.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert json.loads((tmp_path / "summary.json").read_text())["n_examples"] == 2
+    assert "Table 2" in (tmp_path / "summary.md").read_text()
+
+    # resume: nothing is recomputed
+    gen.calls.clear()
+    common["plots"] = False  # drawn once above; keeps the test fast
+    again = run_eval(ToyTask(), CONFIGS, **common)
+    assert gen.calls == []
+    assert len(load_rows(tmp_path / "rows.jsonl")) == len(rows)
+    assert again["configs"] == summary["configs"]
+
+    # a new configuration: only its rows (plus its warm-up) are computed
+    extra = EvalConfig("spec_cascade", "token_v3", 0.2)
+    run_eval(ToyTask(), CONFIGS + [extra], **common)
+    assert len(gen.calls) == 2 + 1
+    assert all(c.get("alpha") == 0.2 for c in gen.calls)
+
+    # other settings in the same folder are refused
+    with pytest.raises(ValueError, match="other settings"):
+        run_eval(ToyTask(), CONFIGS, **{**common, "gamma": 4})
+
+
+def test_fake_engine_resume_after_torn_row(tmp_path):
+    """An interrupted write (torn last line) is dropped and that row recomputed."""
+    gen = counting(fake_generate)
+    common = dict(drafter=object(), verifier=object(), tokenizer=byte_tokenizer(), limit=2,
+                  seed=0, out_dir=tmp_path, gamma=2, temperature=1.0, max_new_tokens=5,
+                  progress=False, chat=False, generate_fn=gen, warmup=False, plots=False)
+    cfgs = ["autoregressive", "spec_cascade:token_v3:0.1"]
+    run_eval(ToyTask(), cfgs, **common)
+    assert len(gen.calls) == 4
+    path = tmp_path / "rows.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:3]) + lines[3][:20])  # the 4th row torn mid-write
+    gen.calls.clear()
+    run_eval(ToyTask(), cfgs, **common)
+    assert len(gen.calls) == 1
+    rows = load_rows(path)
+    assert len(rows) == 4 and len({(r["config"], r["example_id"]) for r in rows}) == 4
+
+
+def test_stop_tokens_end_generation_at_newline_tokens(tmp_path):
+    """One-character stop strings become extra EOS ids for the engine."""
+    gen = counting(fake_generate)
+    tok = byte_tokenizer()
+    run_eval(ToyTask(), ["autoregressive"], drafter=None, verifier=object(), tokenizer=tok,
+             limit=1, seed=0, out_dir=tmp_path, progress=False, chat=False, generate_fn=gen,
+             warmup=False, plots=False)
+    eos = gen.calls[0]["eos_token_id"]
+    nl = tok.convert_tokens_to_ids(tok.tokenize("\n"))[0]
+    assert nl in eos and tok.eos_token_id in eos
+
+
+# ---------------------------------------------------------------------------------------------
+# Table 2: interpolation on synthetic curves with known answers
+
+
+def test_interpolation_monotone_curve():
+    pts = [(1.2, 1.0), (0.5, 0.6), (0.8, 0.9)]  # unsorted on purpose
+    assert latency_to_reach(pts, 0.8) == pytest.approx(0.5 + (0.2 / 0.3) * 0.3)  # 0.7
+    assert 1 / latency_to_reach(pts, 0.8) == pytest.approx(1 / 0.7)
+    assert best_quality_within(pts, 1.0) == pytest.approx(0.95)  # 0.9 + 0.5 * 0.1
+    assert latency_to_reach(pts, 0.6) == pytest.approx(0.5)  # cheapest point already there
+    assert latency_to_reach(pts, 0.5) == pytest.approx(0.5)  # no extrapolation below it
+    assert latency_to_reach(pts, 1.01) is None  # not reached
+    assert best_quality_within(pts, 0.4) is None  # every point slower
+    assert best_quality_within([(0.5, 0.6)], 1.0) == 0.6
+
+
+def test_interpolation_non_monotone_curve_uses_running_max():
+    pts = [(0.4, 0.9), (0.6, 0.5), (1.5, 1.0)]
+    assert latency_to_reach(pts, 0.8) == pytest.approx(0.4)
+    assert latency_to_reach(pts, 0.95) == pytest.approx(0.6 + (0.45 / 0.5) * 0.9)  # 1.41
+    assert best_quality_within(pts, 1.0) == pytest.approx(0.9)
+    # the interpolated value at L = 1 on the rising segment, when it is the maximum
+    assert best_quality_within([(0.4, 0.2), (0.6, 0.5), (1.5, 1.0)], 1.0) == \
+        pytest.approx(0.5 + 0.4 / 0.9 * 0.5)
+    # equal latencies: a vertical step is crossed at that latency
+    assert latency_to_reach([(0.7, 0.5), (0.7, 0.9), (1.0, 1.0)], 0.8) == pytest.approx(0.7)
+
+
+def test_interpolation_concave_envelope():
+    pts = [(0.5, 0.5), (0.7, 0.55), (1.0, 1.0), (1.2, 0.9)]
+    assert upper_concave_hull(pts) == [(0.5, 0.5), (1.0, 1.0)]
+    assert latency_to_reach(pts, 0.8) == pytest.approx(0.7 + 0.25 / 0.45 * 0.3)
+    assert latency_to_reach(pts, 0.8, envelope="concave") == pytest.approx(0.8)
+    assert best_quality_within(pts, 0.9, envelope="concave") == pytest.approx(0.9)
+    assert latency_to_reach(pts, 0.99, tol=0.01) == pytest.approx(0.7 + 0.43 / 0.45 * 0.3)
+
+
+def _rows(config, walls, scores, rej=0, acc=0, vcalls=None):
+    out = []
+    for i, (w, s) in enumerate(zip(walls, scores)):
+        out.append({"config": config, "example_id": f"e{i}", "wall_s": w,
+                    "scoring": {"score": s},
+                    "stats": {"tokens": 10, "verifier_calls": 10 if vcalls is None else vcalls,
+                              "drafter_calls": 0, "accepted": acc, "rejected": rej}})
+    return out
+
+
+def test_summarize_table2_from_rows():
+    """Relative latency is a ratio of sums; the Table-2 figures follow from the curve."""
+    rows = (_rows("autoregressive", [1.0, 3.0], [1, 0])  # Q_v = 0.5, 4 s
+            + _rows("drafter_only", [0.5, 0.5], [0, 0], vcalls=0)
+            + _rows("spec_cascade/token_v3/alpha=0.1", [1.0, 1.0], [1, 1], rej=1, acc=3,
+                    vcalls=2)  # L = 0.5, Q = 1
+            + _rows("spec_cascade/token_v3/alpha=0.9", [0.5, 0.5], [0, 0], rej=0, acc=4,
+                    vcalls=1)  # L = 0.25, Q = 0
+            + _rows("spec_cascade/lossy/alpha=0.5", [3.0, 3.0], [0, 1], rej=2, acc=2))
+    s = summarize(rows, ToyTask())
+    by = {p["config"]: p for p in s["configs"]}
+    assert by["spec_cascade/token_v3/alpha=0.1"]["relative_latency"] == pytest.approx(0.5)
+    assert by["spec_cascade/token_v3/alpha=0.1"]["rejection_rate"] == pytest.approx(0.25)
+    assert by["spec_cascade/token_v3/alpha=0.1"]["verifier_calls_per_token"] == pytest.approx(0.2)
+    assert by["autoregressive"]["quality"] == 0.5
+    assert by["autoregressive"]["quality_se"] == pytest.approx(0.5)  # std([1, 0]) / sqrt(2)
+    t2 = {t["curve"]: t for t in s["table2"]}
+    tok = t2["spec_cascade[token_v3]"]
+    # curve (0.25, 0) -> (0.5, 1): reaches Q_v = 0.5 at L = 0.375, speed-up 8/3
+    assert tok["latency_at_verifier_quality"] == pytest.approx(0.375)
+    assert tok["speedup_at_verifier_quality"] == pytest.approx(8 / 3)
+    assert tok["best_quality_within_verifier_latency"] == pytest.approx(1.0)
+    lossy = t2["spec_cascade[lossy]"]  # one point at L = 1.5, Q = 0.5
+    assert lossy["speedup_at_verifier_quality"] == pytest.approx(1 / 1.5)
+    assert lossy["best_quality_within_verifier_latency"] is None
+    # an example missing in one configuration is left out everywhere
+    s2 = summarize(rows[:-1], ToyTask())
+    assert s2["n_examples"] == 1 and s2["examples"] == ["e0"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the HumanEval sandbox
+
+
+@pytest.mark.parametrize("source", [
+    "while True:\n    pass\n",
+    "import time\nwhile True:\n    time.sleep(0.1)\n",
+    "import socket\ns = socket.socket()\ns.connect(('127.0.0.1', 9))\n",
+    "import urllib.request\nurllib.request.urlopen('http://example.com', timeout=1)\n",
+    "x = bytearray(64 * 2**30)\n",
+    "x = [0] * (2**33)\n",
+    "import sys\nsys.exit(0)\n",
+    "import os\nos._exit(0)\n",
+    "import subprocess\nsubprocess.run(['true'])\n",
+    "open('/tmp/speccascade_sandbox_escape.txt', 'w').write('x')\n",
+], ids=["busy-loop", "sleep-loop", "socket", "urllib", "bytearray", "list", "exit0", "os_exit",
+        "subprocess", "write-outside"])
+def test_sandbox_stops_bad_programs(source):
+    t0 = time.perf_counter()
+    r = run_python(source, timeout_s=2.0, memory_mb=512)
+    assert not r.passed
+    assert r.status in ("failed", "timeout", "killed")
+    assert time.perf_counter() - t0 < 10
+
+
+def test_sandbox_reports_errors_and_output():
+    ok = run_python("print('hello')\n", timeout_s=5)
+    assert ok.passed and ok.stdout == "hello\n" and ok.returncode == 0
+    bad = run_python("assert 1 == 2\n", timeout_s=5)
+    assert bad.status == "failed" and "AssertionError" in bad.stderr
+    net = run_python("import socket\nsocket.create_connection(('example.com', 80))\n")
+    assert net.status == "failed" and "sandbox: socket" in net.stderr
+    loop = run_python("while True:\n    pass\n", timeout_s=1.0)
+    assert loop.status == "timeout" and loop.wall_s < 5
+
+
+def test_humaneval_canonical_solution_passes_and_wrong_fails():
+    problem = read_problems()["HumanEval/0"]
+    good = run_python(check_program(problem, problem["canonical_solution"]), timeout_s=10)
+    assert good.passed, good.stderr
+    task = get_task("humaneval", timeout_s=10)
+    ex = task.examples(1)[0]
+    assert ex.id == "HumanEval/0" and task.build_prompt(ex) == problem["prompt"]
+    scored = task.score(ex, task.postprocess(ex, problem["canonical_solution"] + "\ndef junk():"))
+    assert scored["score"] == 1.0 and scored["status"] == "passed"
+    assert task.score(ex, "    return True\n")["score"] == 0.0
+    # chat mode: the fenced block is appended after the prompt and replaces the stub
+    full = problem["prompt"] + problem["canonical_solution"]
+    pred = task.postprocess(ex, f"Sure!\n```python\n{full}```\nDone.", chat=True)
+    assert task.score(ex, pred)["score"] == 1.0
+
+
+def test_extract_code():
+    assert extract_code("x\n```python\nprint(1)\n```\ny") == "print(1)\n"
+    assert extract_code("```\nprint(2)\n") == "print(2)\n"
+    assert extract_code("print(3)") == "print(3)"
+
+
+# ---------------------------------------------------------------------------------------------
+# GSM8K and WMT14
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("so 3 + 4 = 7.\nThe answer is 7.", "7"),
+    ("The answer is $1,234.", "1234"),
+    ("The answer is: 18.00", "18"),
+    ("The answer is -3.5 dollars", "-3.5"),
+    ("we get 10 apples, then 12\n#### 12", "12"),
+    ("First 5, then 6, so he has 11 left", "11"),
+    ("the answer is 4. The answer is 5.", "5"),
+    ("no number here", None),
+])
+def test_gsm8k_answer_extraction(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_gsm8k_reference_and_exemplars():
+    ans = "He buys 2*3=<<2*3=6>>6 apples.\n#### 1,006"
+    assert reference_answer(ans) == "1006"
+    assert exemplar_solution(ans) == "He buys 2*3=6 apples.\nThe answer is 1,006."
+    assert normalise_number("1,000.50") == "1000.5" and normalise_number("abc") is None
+    assert truncate_at_stop("A 5.\n\nQuestion: next", ("\n\nQuestion:",)) == "A 5."
+
+
+def _need_data(*parts):
+    path = data_root().joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"evaluation data not found at {path}")
+
+
+def test_gsm8k_task_prompt_and_score():
+    _need_data("gsm8k", "test.jsonl")
+    task = get_task("gsm8k")
+    ex = task.examples(2)
+    assert [e.id for e in ex] == ["gsm8k-test-0", "gsm8k-test-1"]
+    prompt = task.build_prompt(ex[0])
+    assert prompt.count("Question:") == 9 and prompt.endswith("Answer:")
+    assert "<<" not in prompt and ex[0].data["question"].strip() in prompt
+    pred = task.postprocess(ex[0], " 16 - 3 - 4 = 9, 9 * 2 = 18. The answer is 18.\n\nQuestion: x")
+    assert task.score(ex[0], pred) == {"score": 1.0, "extracted": "18", "reference": "18"}
+    assert task.score(ex[0], "The answer is 17.")["score"] == 0.0
+
+
+def test_data_root_env_override(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPECCASCADE_DATA", str(tmp_path))
+    assert data_root() == tmp_path
+    with pytest.raises(FileNotFoundError, match="SPECCASCADE_DATA"):
+        get_task("gsm8k").examples(1)
+
+
+def test_bleu_toy_pair():
+    import sacrebleu
+
+    hyps = ["the cat sat on the mat", "a dog barked loudly today"]
+    refs = ["the cat sat on the mat", "the dog barked loudly"]
+    score, se = corpus_bleu_with_se(hyps, refs, n_boot=200)
+    assert score == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+    assert 0 < score < 100 and se > 0
+    same = ["Guten Morgen , wie geht es dir heute ?"]
+    assert corpus_bleu_with_se(same, same) == (pytest.approx(100.0), 0.0)
+
+
+def test_wmt14_task_excludes_exemplars():
+    _need_data("wmt", "wmt14", "newstest2014.en")
+    task = get_task("wmt14", n_boot=50)
+    examples = task.examples()
+    assert len(examples) == 3003 - task.k
+    shot_ids = {f"newstest2014-{i + 1}" for i in task._shot_idx}
+    assert not shot_ids & {e.id for e in examples}
+    ex = examples[0]
+    prompt = task.build_prompt(ex)
+    assert prompt.endswith(f"English: {ex.data['source']}\nGerman:")
+    assert prompt.count("German:") == task.k + 1
+    assert task.postprocess(ex, " Hallo Welt.\nEnglish: more") == "Hallo Welt."
+    rows = [task.score(e, e.data["reference"]) for e in examples[:5]]
+    q, se = task.aggregate(rows)
+    assert q == pytest.approx(100.0) and se == pytest.approx(0.0, abs=1e-6)
+
+
+def test_chat_prompts_use_the_template():
+    from speccascade_fast.eval.harness import default_chat
+
+    tok = byte_tokenizer()
+    assert not default_chat(tok, [])
+    tok.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    model = argparse.Namespace(name_or_path="org/Some-Model-1.5B-Instruct")
+    assert default_chat(tok, [model]) and not default_chat(tok, [object()])
+    ex = Example("x", {"question": "What is 2 + 2?", "answer": "2 + 2 = 4\n#### 4",
+                       "prompt": "def f():\n", "source": "Hello.", "reference": "Hallo."})
+    he = get_task("humaneval").build_prompt(ex, chat=True, tokenizer=tok)
+    assert he.startswith("<user>Complete") and he.endswith("<assistant>")
+    if data_root().joinpath("gsm8k", "train.jsonl").exists():
+        g = get_task("gsm8k", k=2).build_prompt(ex, chat=True, tokenizer=tok)
+        assert g.count("<user>") == 3 and g.count("<assistant>") == 3
+        assert "<user>What is 2 + 2?\n<assistant>" in g
+    if data_root().joinpath("wmt", "wmt14", "newstest2014.en").exists():
+        w = get_task("wmt14", k=2).build_prompt(ex, chat=True, tokenizer=tok)
+        assert w.count("<user>") == 3 and w.endswith("<user>Hello.\n<assistant>")
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI
+
+
+def test_cli_subcommand_parses(tmp_path):
+    assert parse_alphas(["0", "0.1,0.2"]) == [0.0, 0.1, 0.2]
+    assert parse_alphas(["token_v3=0,0.3", "0.5"]) == {"token_v3": [0.0, 0.3], "*": [0.5]}
+    parser = argparse.ArgumentParser(prog="speccascade")
+    add_eval_subcommand(parser.add_subparsers(dest="command"))
+    args = parser.parse_args([
+        "eval", "--task", "gsm8k", "--methods", "spec_cascade", "seq_cascade",
+        "--rules", "token_v3", "lossy", "--alphas", "token_v3=0,0.3", "lossy=0.5",
+        "seq_cascade=0.4", "--config", "spec_cascade:opt:-1", "--limit", "3", "--out",
+        str(tmp_path)])
+    assert callable(args.func) and args.limit == 3
+    keys = [c.key for c in build_configs(args)]
+    assert keys == ["autoregressive", "drafter_only", "spec_cascade/token_v3/alpha=0.0",
+                    "spec_cascade/token_v3/alpha=0.3", "spec_cascade/lossy/alpha=0.5",
+                    "seq_cascade/alpha=0.4", "spec_cascade/opt/alpha=-1.0"]
+
+
+def test_cli_summary_only(tmp_path, capsys):
+    """``--summary-only`` rebuilds the summary of a folder without loading models."""
+    _need_data("gsm8k", "test.jsonl")
+    run_eval("gsm8k", ["autoregressive", "drafter_only", "spec_cascade:token_v3:0.3"],
+             drafter=object(), verifier=object(), tokenizer=byte_tokenizer(), limit=2, seed=0,
+             out_dir=tmp_path, max_new_tokens=4, progress=False, chat=False,
+             generate_fn=fake_generate, warmup=False, plots=False)
+    (tmp_path / "summary.json").unlink()
+    assert main(["--task", "gsm8k", "--methods", "spec_cascade", "--alphas", "0.3", "--out",
+                 str(tmp_path), "--summary-only", "--no-plots"]) == 0
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["n_examples"] == 2 and len(s["configs"]) == 3 and s["missing_configs"] == []
+    assert "spec_cascade/token_v3/alpha=0.3" in capsys.readouterr().out
