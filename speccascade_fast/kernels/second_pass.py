@@ -1,0 +1,150 @@
+"""Stage 2 (only for rules that need it): sums that need the whole row's log-partitions first.
+
+* ``second_pass_kernel``, grid ``(B * rows, S)``: per (position, slice), for T > 0 rows,
+  ``opt``/``opt_log``: ``TV(pT, qT) = Σ max(0, pT - qT)``; token rules: ``eta = Σ_{v∉A} qT``;
+  ``lossy`` (bonus position of bonus="cascade" only): ``Σ min(qT, pT/(1-a))`` and
+  ``Σ max(0, pT - qT)``, which normalise its output law. T = 0 rows have closed forms (stage 3).
+* ``lossy_star_kernel``, grid ``(B * rows,)``: the bisection of Lemma 2 for ``s = 1/beta``
+  (``rules._lossy_star_target``), one program per position looping over the vocabulary once per
+  step (``STEPS`` = rules.LOSSY_STAR_BISECTION_STEPS). It is the only multi-pass stage.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import (
+    F_P,
+    F_Q,
+    I_P,
+    I_Q,
+    LOSSY,
+    NEG_INF,
+    OPT,
+    OPT_LOG,
+    TOKEN_V1,
+    TOKEN_V3,
+    acceptable,
+    row_stats,
+    row_stats1,
+    scaled,
+    token_threshold,
+)
+
+
+@triton.jit
+def second_pass_kernel(
+    q_ptr, p_ptr, sq_b, sq_j, sp_b, sp_j, t_ptr, alpha_ptr, st_t, st_a,
+    stf_ptr, sti_ptr, out_ptr,
+    NR, ROW0, G1, V, S,
+    RULE: tl.constexpr, SLICE: tl.constexpr, BLOCK: tl.constexpr, S_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    s = tl.program_id(1)
+    b = pid // NR
+    j = ROW0 + pid % NR
+    n = b * G1 + j
+    t = tl.load(t_ptr + b * st_t)
+    if t > 0:
+        alpha = tl.load(alpha_ptr + b * st_a)
+        inv_t = 1.0 / t
+        # the row's statistics as [1]-vectors (they broadcast against the [BLOCK] chunks)
+        nv = n + tl.arange(0, 1)
+        mq, zq1, zqt, hq, aq = row_stats(stf_ptr, sti_ptr, nv, nv >= 0, S, inv_t, F_Q, I_Q, S_PAD)
+        mp, zp1, zpt, hp, ap = row_stats(stf_ptr, sti_ptr, nv, nv >= 0, S, inv_t, F_P, I_P, S_PAD)
+        mq32 = mq.to(tl.float32)
+        mp32 = mp.to(tl.float32)
+        lzq = tl.log(zqt).to(tl.float32)
+        lzp = tl.log(zpt).to(tl.float32)
+        it32 = inv_t.to(tl.float32)
+        cth = token_threshold(zq1, zp1, alpha, RULE)
+        one_m_a = (1.0 - alpha).to(tl.float32)
+        q_row = q_ptr + b.to(tl.int64) * sq_b + j * sq_j
+        p_row = p_ptr + b.to(tl.int64) * sp_b + j * sp_j
+        acc0 = tl.full([], 0.0, tl.float32)
+        acc1 = tl.full([], 0.0, tl.float32)
+        for c in range(0, SLICE, BLOCK):
+            offs = s * SLICE + c + tl.arange(0, BLOCK)
+            inb = offs < V
+            ql = tl.load(q_row + offs, mask=inb, other=NEG_INF).to(tl.float32)
+            pl = tl.load(p_row + offs, mask=inb, other=NEG_INF).to(tl.float32)
+            qT = scaled(ql, mq32, lzq, it32, offs, aq, False)
+            pT = scaled(pl, mp32, lzp, it32, offs, ap, False)
+            if (RULE == OPT) | (RULE == OPT_LOG):
+                acc0 += tl.sum(tl.maximum(pT - qT, 0.0), 0)
+            elif (RULE >= TOKEN_V1) & (RULE <= TOKEN_V3):
+                in_a = acceptable(ql.to(tl.float64), pl.to(tl.float64), mq, mp, cth, RULE)
+                acc0 += tl.sum(tl.where(in_a, 0.0, qT), 0)
+            elif RULE == LOSSY:
+                acc0 += tl.sum(tl.minimum(qT, pT / one_m_a), 0)
+                acc1 += tl.sum(tl.maximum(pT - qT, 0.0), 0)
+        ob = out_ptr + n.to(tl.int64) * (2 * S) + s
+        tl.store(ob, acc0)
+        tl.store(ob + S, acc1)
+
+
+@triton.jit
+def lossy_star_kernel(
+    q_ptr, p_ptr, sq_b, sq_j, sp_b, sp_j, t_ptr, alpha_ptr, st_t, st_a,
+    stf_ptr, sti_ptr, out_ptr,
+    RQ, G1, V, S,
+    STEPS: tl.constexpr, BLOCK: tl.constexpr, S_PAD: tl.constexpr,
+):
+    """out[n] = hi after ``STEPS`` bisection steps on g(s) = Σ max(m, s pT) = 1 (float64),
+    m = min(qT, pT/(1-a)); lo = 0, hi = 1/(1-a), or hi = 0 when Σ m >= 1 (pi = qT)."""
+    pid = tl.program_id(0)
+    b = pid // RQ
+    j = pid % RQ
+    n = b * G1 + j
+    t = tl.load(t_ptr + b * st_t)
+    alpha = tl.load(alpha_ptr + b * st_a)
+    greedy = t == 0
+    inv_t = tl.where(greedy, 1.0, 1.0 / tl.where(greedy, 1.0, t))
+    mq, zq1, zqt, hq, aq = row_stats1(stf_ptr, sti_ptr, n, S, inv_t, F_Q, I_Q, S_PAD)
+    mp, zp1, zpt, hp, ap = row_stats1(stf_ptr, sti_ptr, n, S, inv_t, F_P, I_P, S_PAD)
+    lo = tl.full([], 0.0, tl.float64)
+    hi = 1.0 / (1.0 - alpha)
+    if greedy:
+        # one-hot qT, pT: sum m = [aq == ap]; otherwise m = 0 and g(s) = s exactly
+        hi = tl.where(aq == ap, 0.0, hi)
+        for _ in range(STEPS):
+            mid = (lo + hi) / 2
+            below = mid < 1.0
+            lo = tl.where(below, mid, lo)
+            hi = tl.where(below, hi, mid)
+    else:
+        mq32 = mq.to(tl.float32)
+        mp32 = mp.to(tl.float32)
+        lzq = tl.log(zqt).to(tl.float32)
+        lzp = tl.log(zpt).to(tl.float32)
+        it32 = inv_t.to(tl.float32)
+        one_m_a = (1.0 - alpha).to(tl.float32)
+        q_row = q_ptr + b.to(tl.int64) * sq_b + j * sq_j
+        p_row = p_ptr + b.to(tl.int64) * sp_b + j * sp_j
+        sum_m = tl.full([], 0.0, tl.float64)
+        for c in range(0, V, BLOCK):
+            offs = c + tl.arange(0, BLOCK)
+            inb = offs < V
+            ql = tl.load(q_row + offs, mask=inb, other=NEG_INF).to(tl.float32)
+            pl = tl.load(p_row + offs, mask=inb, other=NEG_INF).to(tl.float32)
+            qT = scaled(ql, mq32, lzq, it32, offs, aq, False)
+            pT = scaled(pl, mp32, lzp, it32, offs, ap, False)
+            sum_m += tl.sum(tl.minimum(qT, pT / one_m_a), 0).to(tl.float64)
+        hi = tl.where(sum_m >= 1.0, 0.0, hi)
+        for _ in range(STEPS):
+            mid = (lo + hi) / 2
+            mid32 = mid.to(tl.float32)
+            g = tl.full([], 0.0, tl.float64)
+            for c in range(0, V, BLOCK):
+                offs = c + tl.arange(0, BLOCK)
+                inb = offs < V
+                ql = tl.load(q_row + offs, mask=inb, other=NEG_INF).to(tl.float32)
+                pl = tl.load(p_row + offs, mask=inb, other=NEG_INF).to(tl.float32)
+                qT = scaled(ql, mq32, lzq, it32, offs, aq, False)
+                pT = scaled(pl, mp32, lzp, it32, offs, ap, False)
+                m = tl.minimum(qT, pT / one_m_a)
+                g += tl.sum(tl.maximum(m, mid32 * pT), 0).to(tl.float64)
+            below = g < 1.0
+            lo = tl.where(below, mid, lo)
+            hi = tl.where(below, hi, mid)
+    tl.store(out_ptr + n, hi)

@@ -1,0 +1,159 @@
+"""The Triton backend on a GPU: real vocabularies against the reference, and CUDA graphs.
+
+* V = 151,936 (Qwen), gamma = 5, B in {1, 8}, bf16 logits, every rule, T in {0, 0.8}: tokens,
+  num_accepted and deferred equal the reference's (float64, on the same GPU), up to genuine
+  floating-point near-ties (a row may differ only if a 1e-6 relative perturbation of the logits
+  changes the reference's own output there);
+* the whole backend captured in a CUDA graph and replayed gives the eager tokens, and, after new
+  inputs are copied into the captured buffers, the reference's tokens for those inputs;
+* changing B does not compile new kernel variants.
+"""
+import warnings
+
+import pytest
+import torch
+
+import speccascade_fast as sc
+from speccascade_fast import checks
+from speccascade_fast.backends import reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+DEV = "cuda"
+
+V, GAMMA = 151936, 5
+ALPHA = {
+    "spec": None, "drafter": None, "chow": 0.3, "chow_log": 1.0, "diff": 0.05, "diff_log": 0.2,
+    "opt": 0.5, "opt_log": 0.5, "token_v1": 0.05, "token_v2": 0.1, "token_v3": 0.3,
+    "lossy": 0.3, "lossy_star": 0.3, "bild": 1.5,
+}
+
+
+def llm_block(B, seed, *, T=0.8, cascade=True, dtype=torch.bfloat16):
+    """LLM-like logits (a broad bulk plus a few likely tokens that both models partly share) on
+    the GPU, and drafts drawn from the drafter's qT."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    shape = (B, GAMMA + 1, V)
+    shared = torch.randn(shape, generator=g, device=DEV) * 2.5
+    top = torch.randint(0, V, (B, GAMMA + 1, 16), generator=g, device=DEV)
+    shared.scatter_add_(-1, top, torch.full(top.shape, 9.0, device=DEV))
+    q = (shared + torch.randn(shape, generator=g, device=DEV)).to(dtype)
+    p = (shared + torch.randn(shape, generator=g, device=DEV)).to(dtype)
+    temps = torch.as_tensor(T, dtype=torch.float64, device=DEV).expand(B)
+    x = sc.sample(q[:, :GAMMA], temperature=temps, seed=torch.arange(B, device=DEV) + seed)
+    return (q if cascade else q[:, :GAMMA].contiguous()), x, p
+
+
+def args_for(rule, T, B, seed):
+    return dict(
+        rule=rule,
+        alpha=checks.alpha_tensor(ALPHA[rule], (B,), DEV).contiguous(),
+        temperature=checks.temperature(torch.as_tensor(T, dtype=torch.float64), (B,),
+                                       DEV).contiguous(),
+        seed=torch.arange(B, dtype=torch.int64, device=DEV) * 31 + seed,
+        positions=torch.arange(B, dtype=torch.int64, device=DEV) * 17 + 1000,
+    )
+
+
+def _near_tie(q, x, p, args, row, trials=8):
+    base = reference.verify(q, x, p, top_k=None, top_p=None, **args)
+    g = torch.Generator(device=DEV).manual_seed(row)
+    for _ in range(trials):
+        qq = q.double() * (1 + 1e-6 * torch.randn(q.shape, generator=g, device=DEV,
+                                                  dtype=torch.float64))
+        pp = p.double() * (1 + 1e-6 * torch.randn(p.shape, generator=g, device=DEV,
+                                                  dtype=torch.float64))
+        out = reference.verify(qq, x, pp, top_k=None, top_p=None, **args)
+        if any(not torch.equal(a[row], b[row]) for a, b in zip(out, base)):
+            return True
+    return False
+
+
+def assert_same(got, want, q, x, p, args):
+    bad = sorted({int(r) for a, b in zip(got, want) for r in torch.nonzero(
+        (a != b).reshape(a.shape[0], -1).any(1)).flatten()})
+    for row in bad:
+        detail = {n: (a[row].tolist(), b[row].tolist()) for n, a, b in zip(want._fields, got, want)}
+        assert _near_tie(q, x, p, args, row), f"row {row} differs (triton, reference): {detail}"
+        warnings.warn(f"floating-point near-tie allowed at row {row}: {detail}", stacklevel=2)
+    assert len(bad) <= 1, f"{len(bad)} near-ties in one call is implausible: rows {bad}"
+
+
+@pytest.mark.parametrize("B", [1, 8])
+@pytest.mark.parametrize("T", [0.0, 0.8])
+@pytest.mark.parametrize("rule", sc.RULES)
+def test_qwen_vocabulary_matches_reference(rule, T, B):
+    from speccascade_fast.backends import triton as tb
+
+    seed = 10 * sc.RULES.index(rule) + B
+    q, x, p = llm_block(B, seed, T=T)
+    args = args_for(rule, T, B, seed)
+    got = tb.verify(q, x, p, top_k=None, top_p=None, **args)
+    want = reference.verify(q, x, p, top_k=None, top_p=None, **args)
+    assert_same(got, want, q, x, p, args)
+
+
+@pytest.mark.parametrize("rule", ["spec", "opt", "token_v3", "lossy", "bild"])
+def test_verifier_bonus_mixed_temperatures_fp16(rule):
+    B = 8
+    q, x, p = llm_block(B, 99, T=1.0, cascade=False, dtype=torch.float16)
+    args = args_for(rule, [0.0, 0.5, 0.8, 1.0, 1.0, 1.3, 0.0, 2.0], B, 99)
+    got = sc.verify(q, x, p, backend="triton", **{k: v for k, v in args.items()})
+    want = reference.verify(q, x, p, top_k=None, top_p=None, **args)
+    assert_same(got, want, q, x, p, args)
+
+
+@pytest.mark.parametrize("rule", ["spec", "opt", "token_v3"])
+def test_cuda_graph_capture_and_replay(rule):
+    from speccascade_fast.backends import triton as tb
+
+    B = 8
+    q, x, p = llm_block(B, 7)
+    args = args_for(rule, 0.8, B, 7)
+
+    def run():
+        return tb.verify(q, x, p, top_k=None, top_p=None, **args)
+
+    eager = run()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs recommends
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(static_out, eager))
+
+    # new inputs in the captured buffers: the replay is the reference's answer for them
+    q2, x2, p2 = llm_block(B, 8)
+    q.copy_(q2)
+    p.copy_(p2)
+    x.copy_(x2)
+    args["seed"].add_(1000)
+    args["positions"].add_(5)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = reference.verify(q, x, p, top_k=None, top_p=None, **args)
+    assert_same(static_out, want, q, x, p, args)
+
+
+def test_no_recompilation_per_batch_size():
+    from speccascade_fast import kernels
+    from speccascade_fast.backends import triton as tb
+
+    fns = [kernels.stats_kernel, kernels.second_pass_kernel, kernels.accept_resample_kernel]
+    if not all(hasattr(f, "device_caches") for f in fns):
+        pytest.skip("this triton version keeps its compiled kernels elsewhere")
+
+    def n_compiled():
+        return sum(len(c[0]) for f in fns for c in f.device_caches.values())
+
+    counts = []
+    for B in (1, 8, 3, 5):
+        q, x, p = llm_block(B, 40 + B)
+        tb.verify(q, x, p, top_k=None, top_p=None, **args_for("token_v3", 0.8, B, 3))
+        counts.append(n_compiled())
+    assert counts[1:] == counts[:1] * 3, counts
