@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -351,8 +352,10 @@ def generate(
 
     Args:
         drafter, verifier: HF ``*ForCausalLM`` (or both ``*ForConditionalGeneration``
-            encoder-decoder) models sharing one vocabulary. ``autoregressive`` needs only the
-            verifier and ``drafter_only`` only the drafter (the other may be None).
+            encoder-decoder) models sharing one vocabulary, or strings / paths that
+            :func:`speccascade_fast.models.load_model` loads (a named model, a local HF folder,
+            a ``.gguf`` file). ``autoregressive`` needs only the verifier and ``drafter_only``
+            only the drafter (the other may be None).
         input_ids: int64 ``[B, P]`` (or ``[P]``): the prompts (encoder inputs for encoder-decoder
             models). Left (or right) padding is allowed with ``attention_mask``.
         method: ``spec_cascade`` (Algorithm 4 with ``rule``; ``rule="spec"`` is lossless
@@ -395,6 +398,7 @@ def generate(
     start = time.perf_counter()
     cfg = _config(method, rule, alpha, gamma, temperature, top_k, top_p, bonus,
                   max_drafter_run, seq_score, backend)
+    drafter, verifier = _loaded(drafter), _loaded(verifier)
     drafter, verifier = _check_models(method, drafter, verifier)
     main = verifier if verifier is not None else drafter
     prompts, input_ids = _prompts(input_ids, attention_mask)
@@ -418,6 +422,14 @@ def generate(
     stats.update(method=method, rule=cfg.rule, alpha=cfg.alpha, gamma=cfg.gamma, bonus=cfg.bonus,
                  temperature=cfg.temperature)
     return GenerateOutput(sequences, stats, new_tokens)
+
+
+def _loaded(model):
+    """A model given by name or path is loaded with :func:`speccascade_fast.models.load_model`."""
+    if isinstance(model, (str, os.PathLike)):
+        from .models import load_model
+        return load_model(model)[0]
+    return model
 
 
 def _decode(drafter, verifier, prompt, seed, max_new_tokens, eos, cfg, encdec) -> _Sequence:

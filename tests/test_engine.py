@@ -427,3 +427,15 @@ def test_encoder_decoder_sampling_and_eos(t5_pair):
     for row, new in zip(out.sequences, out.new_tokens):
         assert row[0] == 0 and row[1: 1 + len(new)].tolist() == new
         assert len(new) == 10 or new[-1] == 1
+
+
+def test_models_given_as_folders_are_loaded(tmp_path):
+    """drafter/verifier may be paths: models.load_model loads them (bf16, its default dtype)."""
+    drafter, verifier = tiny_pair()
+    drafter.save_pretrained(tmp_path / "d")
+    verifier.save_pretrained(tmp_path / "v")
+    ids = torch.tensor([[1, 2, 3]])
+    bf16 = [LlamaForCausalLM.from_pretrained(tmp_path / d, dtype=torch.bfloat16) for d in "dv"]
+    by_object = generate(*bf16, ids, temperature=0, max_new_tokens=6)
+    by_path = generate(str(tmp_path / "d"), tmp_path / "v", ids, temperature=0, max_new_tokens=6)
+    assert torch.equal(by_object.sequences, by_path.sequences)

