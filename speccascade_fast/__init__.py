@@ -1,12 +1,13 @@
 """speccascade_fast: speculative cascades (Narasimhan et al., ICLR 2025), exact and fast."""
 from .engine import GenerateOutput, generate
 from .rules import ALPHA_RANGES, RULES
+from .ragged import verify_ragged
 from .sampling import sample
 from .types import VerifyOutput
 from .verify import target_distribution, verify
 
 __all__ = [
     "ALPHA_RANGES", "RULES", "GenerateOutput", "VerifyOutput", "generate", "sample",
-    "target_distribution", "verify",
+    "target_distribution", "verify", "verify_ragged",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,92 @@
+"""Markdown table of bench/bench_verify.py results, for the README.
+
+    pytest bench/bench_verify.py --benchmark-only --benchmark-json=out.json
+    python bench/report.py out.json [--stat median|min] > table.md
+
+One row per (rule, shape, backend): time in µs (median and min), effective GB/s (logit bytes read
+once / time), the time as a multiple of reading the logits once at the measured memory bandwidth,
+and the speed-up over the reference and over the eager chain of the same shape (ratios of the
+chosen statistic, median by default).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+ORDER = {"cpu": 0, "cpu-cold": 1, "eager": 2, "reference": 3}
+
+
+def load(path: str) -> tuple[list[dict], float | None]:
+    with open(path) as f:
+        data = json.load(f)
+    rows, bw = [], None
+    for b in data["benchmarks"]:
+        info = b.get("extra_info", {})
+        if b.get("group") == "memory bandwidth":
+            bw = info.get("mem_bw_gbs", bw)
+            continue
+        if "backend" not in info:
+            continue
+        bw = bw or info.get("mem_bw_gbs")
+        rows.append({
+            "rule": info["rule"], "B": info["B"], "gamma": info["gamma"], "V": info["V"],
+            "backend": info["backend"], "dtype": info.get("dtype", "?"),
+            "bytes": info["logit_bytes"], "bw": info.get("mem_bw_gbs"),
+            "median": b["stats"]["median"], "min": b["stats"]["min"],
+        })
+    return rows, bw
+
+
+def fmt_us(seconds: float) -> str:
+    us = seconds * 1e6
+    return f"{us:,.0f}" if us >= 100 else f"{us:.1f}"
+
+
+def ratio(a: float | None, b: float) -> str:
+    return "" if a is None else f"{a / b:.1f}×"
+
+
+def table(rows: list[dict], bw: float | None, stat: str = "median") -> str:
+    out = []
+    if bw:
+        out.append(f"Measured read bandwidth: **{bw:.1f} GB/s** (torch.sum over 1 GiB of fp32). "
+                   "'× read' = time / (logit bytes / bandwidth).\n")
+    out.append(f"| rule | B | γ | V | dtype | backend | median µs | min µs | GB/s ({stat}) "
+               f"| × read | vs reference | vs eager |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    key = lambda r: (r["rule"], r["B"], r["gamma"], r["V"])  # noqa: E731
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(key(r), []).append(r)
+    for k in sorted(groups, key=lambda k: (k[1], k[2], k[3], k[0])):
+        g = groups[k]
+        by = {r["backend"]: r[stat] for r in g}
+        for r in sorted(g, key=lambda r: ORDER.get(r["backend"], 9)):
+            t = r[stat]
+            read = r["bytes"] / (r["bw"] or bw) / 1e9 if (r["bw"] or bw) else None
+            out.append(
+                f"| {r['rule']} | {r['B']} | {r['gamma']} | {r['V']} | {r['dtype']} | "
+                f"{r['backend']} | {fmt_us(r['median'])} | {fmt_us(r['min'])} | "
+                f"{r['bytes'] / t / 1e9:.1f} | {'' if read is None else f'{t / read:.1f}'} | "
+                f"{ratio(by.get('reference'), t)} | {ratio(by.get('eager'), t)} |"
+            )
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("json", help="pytest-benchmark --benchmark-json output")
+    ap.add_argument("--stat", choices=["median", "min"], default="median",
+                    help="statistic for GB/s, '× read' and the ratios (default: median)")
+    args = ap.parse_args(argv)
+    rows, bw = load(args.json)
+    if not rows:
+        print("no bench_verify results in " + args.json, file=sys.stderr)
+        return 1
+    print(table(rows, bw, args.stat))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""The CPU verification backend: the whole block fused in one C++ op (csrc/cpu/verify_cpu.cpp).
+
+Same stages as :mod:`.reference` (targets, accept, resample), computed from the logits in one
+streaming pass per row plus a second pass only where a rule needs one, with the same
+counter-based randomness; tokens equal the reference's except at floating-point near-ties
+(the kernel sums softmax terms of a fp32 exp in fp64: a uniform within ~1e-7 of an acceptance
+ratio, or two race scores within ~1e-7, may resolve differently).
+
+The op reads the padded ``[B, gamma(+1), V]`` logits in place (any strides with a unit stride
+along V: no copy, no upcast). Calls it does not cover go to the reference backend, whole:
+
+* ``top_k`` / ``top_p`` truncation (needs a sort per row; not implemented in C++),
+* float64 logits (the kernel reads fp32 / fp16 / bf16).
+
+``verify_ragged`` is the native entry of :func:`speccascade_fast.ragged.verify_ragged`: vLLM's
+flattened layout, one op call for any mix of per-request gamma.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+from ..rules import RULES
+from ..types import VerifyOutput
+from . import reference
+
+#: logits dtypes the kernel reads directly
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _ops():
+    """``torch.ops.speccascade`` once ``speccascade_fast._C`` (which registers it) is loaded."""
+    if _ext.load() is None:
+        return None
+    ops = torch.ops.speccascade
+    try:
+        ops.verify_padded, ops.verify_ragged  # noqa: B018  (lookup raises if not registered)
+    except (AttributeError, RuntimeError):
+        return None
+    return ops
+
+
+def is_available(device=None) -> bool:
+    """The compiled op is registered and ``device`` (None: CPU) is a CPU device."""
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    return dev.type == "cpu" and _ops() is not None
+
+
+def handles(draft_logits, target_logits, top_k, top_p, *more_logits) -> bool:
+    """Whether the kernel covers a call (else the reference backend runs it)."""
+    if top_k is not None or top_p is not None:
+        return False
+    return all(t.dtype in DTYPES for t in (draft_logits, target_logits, *more_logits))
+
+
+def _per_request(temperature, alpha, seed, positions):
+    return (
+        seed.to(torch.int64).contiguous(),
+        positions.to(torch.int64).contiguous(),
+        temperature.to(torch.float64).contiguous(),
+        alpha.to(torch.float64).contiguous(),
+    )
+
+
+def verify(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperature, top_k, top_p,
+           seed, positions) -> VerifyOutput:
+    """The reference backend's signature; inputs validated by :func:`speccascade_fast.verify`."""
+    if not handles(draft_logits, target_logits, top_k, top_p):
+        return reference.verify(
+            draft_logits, draft_tokens, target_logits, rule=rule, alpha=alpha,
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, positions=positions,
+        )
+    ops = _ops()
+    if ops is None:
+        raise RuntimeError(f"the cpu backend's op is not available ({_ext.IMPORT_ERROR})")
+    tokens, num_accepted, deferred = ops.verify_padded(
+        draft_logits, draft_tokens, target_logits,
+        *_per_request(temperature, alpha, seed, positions), RULES.index(rule),
+    )
+    return VerifyOutput(tokens, num_accepted, num_accepted + 1, deferred)
+
+
+def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens,
+                  bonus_draft_logits, *, rule, alpha, temperature, seed,
+                  positions) -> VerifyOutput:
+    """The flattened layout (see :func:`speccascade_fast.ragged.verify_ragged`), validated and
+    normalised (per-request ``[B]`` tensors), fp32/fp16/bf16 logits, no top-k/top-p."""
+    ops = _ops()
+    if ops is None:
+        raise RuntimeError(f"the cpu backend's op is not available ({_ext.IMPORT_ERROR})")
+    tokens, num_accepted, deferred = ops.verify_ragged(
+        draft_logits, draft_tokens.to(torch.int64).contiguous(), target_logits,
+        cu_num_draft_tokens.to(torch.int64).contiguous(), bonus_draft_logits,
+        *_per_request(temperature, alpha, seed, positions), RULES.index(rule),
+    )
+    return VerifyOutput(tokens, num_accepted, num_accepted + 1, deferred)

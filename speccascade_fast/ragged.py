@@ -1,0 +1,182 @@
+"""Verification over vLLM's flattened ("ragged") layout: many requests, each with its own gamma.
+
+Request ``b`` owns ``gamma_b = cu[b+1] - cu[b]`` draft rows ``cu[b]:cu[b+1]`` of ``draft_logits``
+and ``gamma_b + 1`` target rows ``cu[b]+b : cu[b+1]+b+1`` of ``target_logits`` (its drafts and the
+bonus position), so nothing is padded and nothing is copied to pad it.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import backends, checks
+from .rules import check_alpha, check_rule
+from .types import VerifyOutput
+from .verify import verify
+
+__all__ = ["verify_ragged"]
+
+
+def _int_tensor(name: str, x, dims: int) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be an int64 tensor, got {type(x).__name__}")
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor (int64), got {x.dtype}")
+    if x.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimension(s), got shape {tuple(x.shape)}")
+    return x
+
+
+def _check_cu(cu: torch.Tensor, num_drafts: int) -> list[int]:
+    if cu.numel() < 2:
+        raise ValueError(
+            "cu_num_draft_tokens must have B + 1 >= 2 entries (cumulative draft counts starting "
+            f"at 0), got {cu.numel()}"
+        )
+    c = cu.tolist()
+    if c[0] != 0:
+        raise ValueError(f"cu_num_draft_tokens must start at 0, got {c[0]}")
+    for b in range(len(c) - 1):
+        if c[b + 1] - c[b] < 1:
+            raise ValueError(
+                "cu_num_draft_tokens must be strictly increasing: every request needs gamma >= 1 "
+                f"drafts, but request {b} has cu[{b + 1}] - cu[{b}] = {c[b + 1] - c[b]}"
+            )
+    if c[-1] != num_drafts:
+        raise ValueError(
+            f"cu_num_draft_tokens must end at N = draft_logits.shape[0] = {num_drafts}, "
+            f"got {c[-1]}"
+        )
+    return c
+
+
+def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens, *, rule,
+                  alpha=None, temperature=1.0, top_k=None, top_p=None, seed=0, positions=None,
+                  bonus_draft_logits=None, backend="auto") -> VerifyOutput:
+    """Verify B requests with per-request block sizes in one call (Algorithm 4, as
+    :func:`speccascade_fast.verify`).
+
+    Args:
+        draft_logits: ``[N, V]``, N = sum of gamma_b: the drafter's logits at every draft position
+            (fp32/bf16/fp16/fp64; -inf masks a token).
+        draft_tokens: int64 ``[N]``: the drafts, each in ``[0, V)``, drawn from the drafter's qT.
+        target_logits: ``[N + B, V]``: the verifier's logits; request b's rows are
+            ``cu[b] + b .. cu[b+1] + b`` (its gamma_b drafts, then its bonus position).
+        cu_num_draft_tokens: int64 ``[B + 1]``: 0, then the cumulative draft counts (strictly
+            increasing: gamma_b >= 1), ending at N.
+        rule, alpha, temperature, top_k, top_p: as in :func:`speccascade_fast.verify`; ``alpha``
+            and ``temperature`` may be float tensors ``[B]`` (one per request).
+        seed: int or int64 tensor ``[B]``.
+        positions: int64 tensor ``[B]``: absolute position of each request's first draft (the RNG
+            key); default zeros.
+        bonus_draft_logits: ``[B, V]``, the drafter's logits at each request's bonus position
+            (``bonus="cascade"``: the bonus token follows the rule's target), or None
+            (``bonus="verifier"``: it is drawn from pT).
+        backend: ``"auto"``, ``"reference"`` (each request verified on its own, padded:
+            exactly what :func:`speccascade_fast.verify` returns for it) or ``"cpu"`` (one fused
+            op call over the flattened rows, no copy).
+
+    Returns:
+        :class:`VerifyOutput` with ``tokens`` int64 ``[B, max_gamma + 1]`` (accepted drafts, the
+        resampled or bonus token, then -1), ``num_accepted`` / ``num_emitted`` ``[B]`` and
+        ``deferred`` bool ``[B, max_gamma + 1]`` (request b's first gamma_b + 1 columns as in
+        :func:`speccascade_fast.verify`, then False).
+
+    Example:
+        >>> V, cu = 32, torch.tensor([0, 1, 4])          # gamma = 1 and 3
+        >>> q, p = torch.randn(4, V), torch.randn(4 + 2, V)
+        >>> x = sample(q, seed=0)
+        >>> out = verify_ragged(q, x, p, cu, rule="token_v3", alpha=0.3, seed=torch.tensor([1, 2]))
+        >>> out.tokens.shape
+        torch.Size([2, 4])
+    """
+    check_rule(rule)
+    check_alpha(rule, alpha)
+    checks.logits("draft_logits", draft_logits, dims=2)
+    checks.logits("target_logits", target_logits, dims=2)
+    if bonus_draft_logits is not None:
+        checks.logits("bonus_draft_logits", bonus_draft_logits, dims=2)
+    draft_tokens = _int_tensor("draft_tokens", draft_tokens, 1)
+    cu = _int_tensor("cu_num_draft_tokens", cu_num_draft_tokens, 1)
+    N, V = draft_logits.shape
+    if draft_tokens.shape[0] != N:
+        raise ValueError(
+            f"draft_tokens must have shape [N] = [{N}] (one per draft_logits row), got "
+            f"{tuple(draft_tokens.shape)}"
+        )
+    c = _check_cu(cu, N)
+    B = len(c) - 1
+    if target_logits.shape[-1] != V:
+        raise ValueError(
+            f"vocabulary mismatch: draft_logits has V={V}, target_logits has "
+            f"V={target_logits.shape[-1]}"
+        )
+    if target_logits.shape[0] != N + B:
+        raise ValueError(
+            f"target_logits must have N + B = {N} + {B} = {N + B} rows (each request's drafts "
+            f"and its bonus position), got {target_logits.shape[0]}"
+        )
+    if bonus_draft_logits is not None and tuple(bonus_draft_logits.shape) != (B, V):
+        raise ValueError(
+            f"bonus_draft_logits must have shape [B, V] = [{B}, {V}], got "
+            f"{tuple(bonus_draft_logits.shape)}"
+        )
+    device = target_logits.device
+    tensors = [draft_logits, draft_tokens, cu] + (
+        [bonus_draft_logits] if bonus_draft_logits is not None else [])
+    if any(t.device != device for t in tensors):
+        raise ValueError(
+            "draft_logits, draft_tokens, target_logits, cu_num_draft_tokens and "
+            "bonus_draft_logits must be on the same device"
+        )
+    if N and bool(((draft_tokens < 0) | (draft_tokens >= V)).any()):
+        raise ValueError(f"draft_tokens must be token ids in [0, {V}), got one outside")
+    alpha_b = checks.alpha_tensor(alpha, (B,), device)
+    temperature_b = checks.temperature(temperature, (B,), device)
+    top_k, top_p = checks.top_k(top_k, V), checks.top_p(top_p)
+    seed_b = checks.per_row("seed", seed, B, device)
+    positions_b = checks.per_row("positions", positions, B, device, non_negative=True)
+
+    name = backends.available(device)[0] if backend == "auto" else backend
+    backends.get(name, device)  # raises a ValueError naming the available backends
+    if name == "cpu":
+        from .backends import cpu
+
+        more = [bonus_draft_logits] if bonus_draft_logits is not None else []
+        if cpu.handles(draft_logits, target_logits, top_k, top_p, *more):
+            return cpu.verify_ragged(
+                draft_logits, draft_tokens, target_logits, cu, bonus_draft_logits, rule=rule,
+                alpha=alpha_b, temperature=temperature_b, seed=seed_b, positions=positions_b,
+            )
+        name = "reference"
+    return _per_request(draft_logits, draft_tokens, target_logits, c, bonus_draft_logits,
+                        rule=rule, alpha=alpha_b, temperature=temperature_b, top_k=top_k,
+                        top_p=top_p, seed=seed_b, positions=positions_b, backend=name)
+
+
+def _per_request(draft_logits, draft_tokens, target_logits, c, bonus_draft_logits, *, rule, alpha,
+                 temperature, top_k, top_p, seed, positions, backend) -> VerifyOutput:
+    """Each request through :func:`speccascade_fast.verify` on its own padded slice (batch
+    invariance makes this exactly the batched result)."""
+    B = len(c) - 1
+    max_gamma = max(c[b + 1] - c[b] for b in range(B))
+    device = target_logits.device
+    tokens = torch.full((B, max_gamma + 1), -1, dtype=torch.int64, device=device)
+    deferred = torch.zeros((B, max_gamma + 1), dtype=torch.bool, device=device)
+    num_accepted = torch.zeros(B, dtype=torch.int64, device=device)
+    for b in range(B):
+        lo, hi = c[b], c[b + 1]
+        q = draft_logits[lo:hi]
+        if bonus_draft_logits is not None:
+            bonus = bonus_draft_logits[b:b + 1]
+            dtype = torch.promote_types(q.dtype, bonus.dtype)  # exact: the reference reads fp64
+            q = torch.cat([q.to(dtype), bonus.to(dtype)])
+        out = verify(
+            q[None], draft_tokens[lo:hi][None], target_logits[lo + b:hi + b + 1][None],
+            rule=rule, alpha=alpha[b:b + 1], temperature=temperature[b:b + 1], top_k=top_k,
+            top_p=top_p, seed=seed[b:b + 1], positions=positions[b:b + 1], backend=backend,
+        )
+        n = hi - lo + 1
+        tokens[b, :n] = out.tokens[0]
+        deferred[b, :n] = out.deferred[0]
+        num_accepted[b] = out.num_accepted[0]
+    return VerifyOutput(tokens, num_accepted, num_accepted + 1, deferred)

@@ -1,0 +1,293 @@
+"""The fused CPU backend (csrc/cpu/verify_cpu.cpp) against the reference backend.
+
+Tokens, num_accepted and deferred must be *identical* to the reference's. The kernel sums softmax
+terms of a fp32 exp in fp64 (relative error ~1e-7), so a decision can only differ at a genuine
+floating-point near-tie: a uniform within ~1e-7 of an acceptance ratio, two race scores within
+~1e-7, or a deferral statistic within ~1e-7 of its threshold. The random inputs below hit none
+(none of the ~10^4 cases tried while writing the kernel did); `test_near_tie_*` builds one on
+purpose and pins down how close it has to be.
+
+The op must exist: this suite runs after `pip install --no-build-isolation -e .`, and a missing
+extension fails here instead of being skipped.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import speccascade_fast as sc
+from speccascade_fast import _ext, backends, rng
+from speccascade_fast.backends import cpu
+
+from .helpers import ALPHAS, chi2_pvalue, logits_pair
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run on one intra-op thread. On a shared 2-core machine every OpenMP region of the float64
+    reference's torch ops can wait a scheduler time slice for a descheduled thread, which made
+    this suite's wall time erratic (10 s to 4 min). The kernel's results do not depend on the
+    thread count (fixed 16384-wide chunks, merged in order):
+    `test_results_do_not_depend_on_the_thread_count` checks that with two threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_block(B, gamma, V, dtype, seed, *, T=1.0, mask=False, sharp=2.0):
+    """Partly agreeing drafter/verifier logits, drafts drawn from the drafter's qT; with
+    ``mask`` about 15 % of each model's tokens are -inf (the drafts never hit a masked token,
+    as they are drawn from qT)."""
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randn(B, gamma + 1, V, generator=g) * sharp
+    q = shared + 0.8 * torch.randn(B, gamma + 1, V, generator=g)
+    p = shared + 0.8 * torch.randn(B, gamma + 1, V, generator=g)
+    if mask:
+        for x, keep in ((q, 0), (p, 1)):
+            m = torch.rand(B, gamma + 1, V, generator=g) < 0.15
+            m[..., keep] = False  # every row keeps a finite logit
+            x.masked_fill_(m, float("-inf"))
+    q, p = q.to(dtype), p.to(dtype)
+    x = sc.sample(q[:, :gamma], temperature=T, seed=torch.arange(B) + 1000 * seed,
+                  positions=torch.arange(B) * 3)
+    return q, x, p
+
+
+def assert_same(q, x, p, *, rule, alpha, T, bonus="cascade", seed=None, positions=None, **kw):
+    B, gamma = x.shape
+    seed = torch.arange(B) * 7 + 1 if seed is None else seed
+    positions = torch.arange(B) * 5 + 2 if positions is None else positions
+    dq = q if bonus == "cascade" else q[:, :gamma]
+    args = dict(rule=rule, alpha=alpha, temperature=T, seed=seed, positions=positions, **kw)
+    ref = sc.verify(dq, x, p, backend="reference", **args)
+    out = sc.verify(dq, x, p, backend="cpu", **args)
+    what = f"{rule} alpha={alpha} T={T} {tuple(p.shape)} {p.dtype} bonus={bonus}"
+    assert torch.equal(out.tokens, ref.tokens), f"{what}\n{ref.tokens}\n{out.tokens}"
+    assert torch.equal(out.num_accepted, ref.num_accepted), what
+    assert torch.equal(out.num_emitted, ref.num_emitted), what
+    assert torch.equal(out.deferred, ref.deferred), f"{what}\n{ref.deferred}\n{out.deferred}"
+    return out
+
+
+def test_the_op_is_built_and_is_the_cpu_default():
+    assert _ext.load() is not None, f"speccascade_fast._C did not import: {_ext.IMPORT_ERROR}"
+    assert cpu.is_available() and cpu.is_available("cpu")
+    assert not cpu.is_available("meta")
+    assert backends.available()[0] == "cpu", "auto must pick the fused kernel on CPU"
+    assert torch.ops.speccascade.verify_padded is not None
+    assert torch.ops.speccascade.verify_ragged is not None
+
+
+# --- exact equality with the reference ---------------------------------------------------------
+# V = 17: every dtype x B x gamma x bonus policy, masked on alternate cases; V = 1000: every dtype
+# x bonus policy at B = 3, gamma = 4; V = 40000: two rotating combinations per (rule, T) (the
+# float64 reference is the slow part).
+def _grid(V, index):
+    if V == 17:
+        combos = list(itertools.product(DTYPES, (1, 3), (1, 4), ("cascade", "verifier")))
+    elif V == 1000:
+        combos = [(d, 3, 4, bonus) for d in DTYPES for bonus in ("cascade", "verifier")]
+    else:  # two of the 24 combinations, rotating with (rule, T)
+        combos = list(itertools.product(DTYPES, (1, 3), (1, 4), ("cascade", "verifier")))
+        combos = [combos[(7 * index) % len(combos)], combos[(7 * index + 11) % len(combos)]]
+    return combos
+
+
+@pytest.mark.parametrize("V", [17, 1000, 40000])
+@pytest.mark.parametrize("T", [0.0, 0.7, 1.0])
+@pytest.mark.parametrize("rule", sc.RULES)
+def test_equals_reference(rule, T, V):
+    index = sc.RULES.index(rule) * 3 + int(T * 10)
+    for k, (dt, B, gamma, bonus) in enumerate(_grid(V, index)):
+        seed = 100 * index + k
+        q, x, p = make_block(B, gamma, V, DTYPES[dt], seed, T=T, mask=(k + index) % 2 == 1)
+        alpha = ALPHAS[rule][k % len(ALPHAS[rule])]
+        assert_same(q, x, p, rule=rule, alpha=alpha, T=T, bonus=bonus)
+
+
+# Each rule's extreme lenience (SEMANTICS §4: the alphas giving spec or drafter exactly) and
+# degenerate inputs where the reference's fp64 arithmetic gives exact zeros: identical rows
+# (TV = 0, residual = 0), very sharp rows (TV ~ 1e-12 multiplied by |alpha| = 1e6), tied logits
+# (argmax ties), almost everything masked, drafts that are not drawn from qT (qT(x) = 0 < 1e-10).
+EXTREME = {
+    "spec": [None], "drafter": [None], "chow": [0.0, 1.0], "chow_log": [0.0, 50.0],
+    "diff": [-1.0, 0.0, 1.0], "diff_log": [-50.0, 0.0, 50.0], "opt": [-1e6, 0.0, 1e6],
+    "opt_log": [-1e6, 0.0, 1e6], "token_v1": [-1.0, 0.0, 1.0], "token_v2": [-1.0, 0.0, 1.0],
+    "token_v3": [-0.5, 0.0, 1.0], "lossy": [0.0, 0.999], "lossy_star": [0.0, 0.999],
+    "bild": [0.0, 100.0],
+}
+KINDS = ["identical", "sharp", "ties", "mostly_masked", "random_drafts"]
+
+
+def _degenerate(kind, T, seed, B=3, gamma=3, V=300):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, gamma + 1, V, generator=g) * 2
+    p = q + torch.randn(B, gamma + 1, V, generator=g)
+    if kind == "identical":
+        p = q.clone()
+    elif kind == "sharp":
+        q, p = q * 20, p * 20
+    elif kind == "ties":
+        q, p = q.round(), p.round()
+    elif kind == "mostly_masked":
+        for x, keep in ((q, slice(0, 3)), (p, slice(1, 4))):
+            m = torch.rand(B, gamma + 1, V, generator=g) < 0.97
+            m[..., keep] = False
+            x.masked_fill_(m, float("-inf"))
+    if kind == "random_drafts":
+        x = torch.randint(0, V, (B, gamma), generator=g)
+        q[0, 0, x[0, 0]] = float("-inf")  # one draft the drafter could never have drawn
+    else:
+        x = sc.sample(q[:, :gamma], temperature=T, seed=torch.arange(B) + seed)
+    return q, x, p
+
+
+@pytest.mark.parametrize("T", [0.0, 1e-3, 0.7, 50.0])
+@pytest.mark.parametrize("rule", sc.RULES)
+def test_equals_reference_at_extremes(rule, T):
+    for k, (alpha, kind) in enumerate(itertools.product(EXTREME[rule], KINDS)):
+        q, x, p = _degenerate(kind, T, seed=k)
+        assert_same(q, x, p, rule=rule, alpha=alpha, T=T, bonus="cascade" if k % 2 else "verifier")
+
+
+@pytest.mark.parametrize("rule", ["spec", "opt", "token_v1", "bild", "lossy_star", "diff_log"])
+def test_vocabulary_split_into_chunks(rule):
+    """V = 50000 spans four 16384-wide chunks: maxima, argmax ties and masked stretches across
+    chunk boundaries merge exactly (online-softmax state merge)."""
+    B, gamma, V = 2, 3, 50000
+    g = torch.Generator().manual_seed(5)
+    for layout in range(4):
+        q = torch.randn(B, gamma + 1, V, generator=g) * 2
+        p = q + torch.randn(B, gamma + 1, V, generator=g)
+        if layout == 0:
+            q[..., :20000] = float("-inf")  # q's first chunk entirely masked
+        elif layout == 1:
+            p[..., :33000] = float("-inf")
+        elif layout == 2:  # the max in the last chunk, a near-max in the first
+            q[..., 49990] += 15
+            p[..., 49991] += 15
+            p[..., 100] += 14.9
+        else:
+            q[..., 16384:32768] = float("-inf")
+            p[..., :16384] = float("-inf")
+            p[..., 40000:] = float("-inf")
+        for T in (0.0, 0.8, 1.0):
+            x = sc.sample(q[:, :gamma], temperature=T, seed=torch.arange(B) + 3)
+            for alpha in ALPHAS[rule]:
+                assert_same(q, x, p, rule=rule, alpha=alpha, T=T)
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    B, gamma, V = 2, 5, 70000
+    q, x, p = make_block(B, gamma, V, torch.bfloat16, seed=8)
+    for rule in sc.RULES:
+        kw = dict(rule=rule, alpha=ALPHAS[rule][-1], temperature=0.9, seed=torch.tensor([3, 4]))
+        torch.set_num_threads(1)
+        one = sc.verify(q, x, p, backend="cpu", **kw)
+        torch.set_num_threads(2)
+        two = sc.verify(q, x, p, backend="cpu", **kw)
+        assert all(torch.equal(a, b) for a, b in zip(one, two)), rule
+    assert_same(q, x, p, rule="opt", alpha=0.5, T=0.9)  # and the parallel path is right
+
+
+@pytest.mark.parametrize("rule", ["spec", "token_v3", "opt"])
+def test_largest_vocabulary(rule):
+    q, x, p = make_block(1, 2, 262144, torch.bfloat16, seed=3)
+    assert_same(q, x, p, rule=rule, alpha=ALPHAS[rule][0], T=1.0)
+
+
+def test_per_request_temperature_alpha_seed_and_mixed_greedy():
+    """One batch mixing T = 0 and T > 0 rows, per-request alpha, seeds and positions
+    (including negative seeds and large positions: the RNG works on the int64 bits)."""
+    B, gamma, V = 5, 4, 500
+    q, x, p = make_block(B, gamma, V, torch.float32, seed=11)
+    T = torch.tensor([0.0, 0.5, 1.0, 0.0, 2.0], dtype=torch.float64)
+    x = torch.stack([sc.sample(q[b, :gamma], temperature=float(T[b]), seed=b) for b in range(B)])
+    seed = torch.tensor([-(2**63), -1, 0, 2**62, 12345])
+    positions = torch.tensor([0, 1, 2**40, 7, 2**33])
+    for rule in sc.RULES:
+        alpha = ALPHAS[rule][0]
+        if alpha is not None:
+            alpha = torch.linspace(0.5, 1.0, B, dtype=torch.float64) * alpha
+        assert_same(q, x, p, rule=rule, alpha=alpha, T=T, seed=seed, positions=positions)
+
+
+def test_strided_views_and_mixed_dtypes_are_read_in_place():
+    B, gamma, V = 3, 3, 700
+    g = torch.Generator().manual_seed(2)
+    big = torch.randn(B, gamma + 4, V + 9, generator=g) * 2
+    q = big[:, 1:gamma + 2, 4:V + 4]  # non-contiguous rows, unit stride along V
+    p = (q.float() + torch.randn(B, gamma + 1, V, generator=g)).to(torch.bfloat16)
+    assert not q.is_contiguous()
+    x = sc.sample(q[:, :gamma], seed=torch.arange(B))
+    for rule in ("spec", "opt_log", "token_v2", "lossy", "bild"):
+        assert_same(q, x, p, rule=rule, alpha=ALPHAS[rule][-1], T=0.9)
+    # a non-unit stride along V is copied once by the op, and still equal
+    qt = big.transpose(1, 2).contiguous().transpose(1, 2)[:, :gamma + 1, :V]
+    assert qt.stride(-1) != 1
+    assert_same(qt, x, p, rule="diff", alpha=0.1, T=1.0)
+
+
+def test_top_k_top_p_and_fp64_go_to_the_reference():
+    q, x, p = make_block(2, 3, 64, torch.float32, seed=4)
+    for kw in ({"top_k": 5}, {"top_p": 0.8}, {"top_k": 7, "top_p": 0.9}):
+        assert_same(q, x, p, rule="token_v3", alpha=0.3, T=0.8, **kw)
+    assert not cpu.handles(q, p, 5, None)
+    assert not cpu.handles(q.double(), p, None, None)
+    assert_same(q.double(), x, p.double(), rule="opt", alpha=0.5, T=1.0)
+
+
+def test_near_tie_acceptance_is_a_float_tie():
+    """A constructed near-tie: the draft's acceptance ratio pT(x)/qT(x) is swept across the
+    uniform u that decides it. The kernel agrees with the reference whenever |ratio / u - 1| is
+    above 1e-6 (its documented accuracy); only inside that band may the two round differently."""
+    V, seed, pos = 4, 42, 9
+    u = rng.uniform_int(seed, pos, rng.ACCEPT, 0)
+    q = torch.zeros(1, 2, V)  # qT = 1/4 everywhere, at T = 1
+    x = torch.zeros(1, 1, dtype=torch.int64)
+    kw = dict(rule="spec", temperature=1.0, seed=torch.tensor([seed]), positions=torch.tensor([pos]))
+    checked = 0
+    for rel in (-1e-3, -1e-5, -2e-6, -1e-8, 0.0, 1e-8, 2e-6, 1e-5, 1e-3):
+        target = u * 0.25 * (1 + rel)  # the pT(x) giving ratio = u (1 + rel)
+        rest = (1 - target) / (V - 1)
+        p = torch.log(torch.tensor([target] + [rest] * (V - 1), dtype=torch.float64))
+        p = p.float().expand(1, 2, V).contiguous()
+        ratio = float(torch.softmax(p[0, 0].double(), -1)[0]) / 0.25  # what the reference sees
+        ref = sc.verify(q, x, p, backend="reference", **kw)
+        out = sc.verify(q, x, p, backend="cpu", **kw)
+        assert int(ref.num_accepted[0]) == int(u < ratio)
+        if abs(ratio / u - 1) > 1e-6:
+            assert torch.equal(out.tokens, ref.tokens)
+            checked += 1
+    assert checked >= 6
+
+
+# --- the law of what the cpu backend emits ---------------------------------------------------
+N = 6000
+P_MIN = 1e-4
+
+
+@pytest.mark.parametrize("bonus", ["cascade", "verifier"])
+@pytest.mark.parametrize("rule,alpha", [("spec", None), ("token_v3", 0.4), ("opt", 0.5),
+                                        ("lossy", 0.3), ("lossy_star", 0.3), ("bild", 0.8)])
+def test_first_token_follows_the_target(rule, alpha, bonus):
+    V, T = 8, 0.9
+    q, p = logits_pair(V, seed=21, rows=2)
+    draft_logits = q.unsqueeze(0).expand(N, -1, -1).float()
+    target_logits = p.unsqueeze(0).expand(N, -1, -1).float()
+    seeds = torch.arange(N) + 77
+    drafts = sc.sample(draft_logits[:, :1], temperature=T, seed=seeds,
+                       positions=torch.zeros(N, dtype=torch.int64))
+    dq = draft_logits if bonus == "cascade" else draft_logits[:, :1]
+    out = sc.verify(dq, drafts, target_logits, rule=rule, alpha=alpha, temperature=T,
+                    seed=seeds, backend="cpu")
+    law = sc.target_distribution(q.float(), p.float(), rule=rule, alpha=alpha, temperature=T)
+    assert chi2_pvalue(out.tokens[:, 0], law[0]) > P_MIN
+    full = out.num_accepted == 1
+    bonus_law = law[1] if bonus == "cascade" else torch.softmax(p[1].float().double() / T, -1)
+    assert chi2_pvalue(out.tokens[full, 1], bonus_law) > P_MIN
