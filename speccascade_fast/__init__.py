@@ -1,7 +1,7 @@
 """speccascade_fast: speculative cascades (Narasimhan et al., ICLR 2025), exact and fast."""
 from .engine import GenerateOutput, generate
-from .rules import ALPHA_RANGES, RULES
 from .ragged import verify_ragged
+from .rules import ALPHA_RANGES, RULES
 from .sampling import sample
 from .types import VerifyOutput
 from .verify import target_distribution, verify
