@@ -1,5 +1,35 @@
-"""Test-wide setup. Deliberately minimal: nothing here skips or deselects tests."""
+"""Test-wide setup. Deliberately minimal: nothing here skips or deselects tests.
+
+Without a GPU the Triton kernels are tested in Triton's CPU interpreter, which only works when
+``TRITON_INTERPRET=1`` is set the first time ``triton`` is imported: ``triton.jit`` reads it at
+decoration time, for ``triton.language``'s own helpers (``tl.max``, ...) as for our kernels. Other
+test modules import triton indirectly at collection (through transformers), so the switch is made
+here, before any test module is imported. It is unset again right away (and set again around each
+Triton test by that module's fixture) so that ``backend="auto"`` elsewhere keeps the fast CPU
+backends instead of the slow interpreter.
+"""
 from __future__ import annotations
+
+import os
+
+
+def _decorate_triton_for_the_interpreter() -> None:
+    import torch
+
+    if torch.cuda.is_available() or "TRITON_INTERPRET" in os.environ:
+        return
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401
+
+        from speccascade_fast import kernels  # noqa: F401
+    except ImportError:  # no triton: tests/test_triton_backend.py fails on its own import
+        pass
+    finally:
+        del os.environ["TRITON_INTERPRET"]
+
+
+_decorate_triton_for_the_interpreter()
 
 
 def pytest_report_header(config):

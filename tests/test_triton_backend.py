@@ -1,8 +1,8 @@
 """The Triton verification backend against the reference: same tokens, num_accepted, deferred.
 
-Without a GPU the kernels run in Triton's CPU interpreter: ``TRITON_INTERPRET=1`` is set here
-before triton is first imported (the kernels are decorated at import, and stay interpreted for the
-whole session). It is removed again right after, and set again around each test of this module
+Without a GPU the kernels run in Triton's CPU interpreter: ``tests/conftest.py`` imports triton and
+the kernels with ``TRITON_INTERPRET=1`` set (they are decorated at import, and stay interpreted for
+the whole session) and unsets it; the fixture below sets it again around each test of this module
 only (the interpreter also reads it while running), so that ``backend="auto"`` in the other test
 modules does not switch to the (slow) interpreter. With a GPU the same tests run compiled on CUDA.
 Shapes stay small (V <= 128, B <= 4, gamma <= 3): the interpreter runs every program in Python.
@@ -23,24 +23,16 @@ import warnings
 
 import pytest
 import torch
+import triton  # noqa: F401  (a missing triton must fail this module, not skip it)
+
+import speccascade_fast as sc
+from speccascade_fast import backends, checks, kernels, rng  # kernels: decorated by conftest.py
+from speccascade_fast.backends import reference
+from speccascade_fast.backends import triton as tb
+
+from .helpers import ALPHAS
 
 _CUDA = torch.cuda.is_available()
-_SET_HERE = not _CUDA and "TRITON_INTERPRET" not in os.environ
-if not _CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-import triton  # noqa: E402,F401  (a missing triton must fail this module, not skip it)
-
-from speccascade_fast import kernels  # noqa: E402  (decorated now: interpreted without CUDA)
-
-if _SET_HERE:
-    del os.environ["TRITON_INTERPRET"]
-
-import speccascade_fast as sc  # noqa: E402
-from speccascade_fast import backends, checks, rng  # noqa: E402
-from speccascade_fast.backends import reference  # noqa: E402
-from speccascade_fast.backends import triton as tb  # noqa: E402
-
-from .helpers import ALPHAS  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -107,13 +107,16 @@ def verify(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperatur
 
 
 def _check_mode(kernels, device: torch.device) -> None:
+    import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
 
-    interpreted = isinstance(kernels.stats_kernel, InterpretedFunction)
+    # triton.jit reads TRITON_INTERPRET when it decorates: our kernels and triton's own helpers
+    # (tl.max, ...) must both have been decorated with it set, i.e. at triton's first import
+    interpreted = all(isinstance(f, InterpretedFunction) for f in (kernels.stats_kernel, tl.max))
     if device.type == "cpu" and not (interpreted and os.environ.get("TRITON_INTERPRET") == "1"):
         raise RuntimeError(
             "the Triton backend got CPU tensors: that needs Triton's interpreter, i.e. "
-            "TRITON_INTERPRET=1 set before speccascade_fast.kernels is first imported and while "
+            "TRITON_INTERPRET=1 set before triton is first imported (by anything) and while "
             "the kernels run")
     if device.type not in ("cpu", "cuda"):
         raise RuntimeError(f"the Triton backend runs on CUDA (or CPU when interpreted), got {device}")
