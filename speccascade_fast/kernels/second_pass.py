@@ -84,6 +84,19 @@ def second_pass_kernel(
 
 
 @triton.jit
+def _capped_chunk(q_row, p_row, c, V, mq, mp, lzq, lzp, inv_t, aq, ap, one_m_a,
+                  BLOCK: tl.constexpr):
+    """lossy_star on the chunk at ``c`` (T > 0): ``min(qT, pT/(1-a))`` and ``pT`` (float32)."""
+    offs = c + tl.arange(0, BLOCK)
+    inb = offs < V
+    ql = tl.load(q_row + offs, mask=inb, other=NEG_INF).to(tl.float32)
+    pl = tl.load(p_row + offs, mask=inb, other=NEG_INF).to(tl.float32)
+    qT = scaled(ql, mq, lzq, inv_t, offs, aq, False)
+    pT = scaled(pl, mp, lzp, inv_t, offs, ap, False)
+    return tl.minimum(qT, pT / one_m_a), pT
+
+
+@triton.jit
 def lossy_star_kernel(
     q_ptr, p_ptr, sq_b, sq_j, sp_b, sp_j, t_ptr, alpha_ptr, st_t, st_a,
     stf_ptr, sti_ptr, out_ptr,
@@ -123,26 +136,17 @@ def lossy_star_kernel(
         p_row = p_ptr + b.to(tl.int64) * sp_b + j * sp_j
         sum_m = tl.full([], 0.0, tl.float64)
         for c in range(0, V, BLOCK):
-            offs = c + tl.arange(0, BLOCK)
-            inb = offs < V
-            ql = tl.load(q_row + offs, mask=inb, other=NEG_INF).to(tl.float32)
-            pl = tl.load(p_row + offs, mask=inb, other=NEG_INF).to(tl.float32)
-            qT = scaled(ql, mq32, lzq, it32, offs, aq, False)
-            pT = scaled(pl, mp32, lzp, it32, offs, ap, False)
-            sum_m += tl.sum(tl.minimum(qT, pT / one_m_a), 0).to(tl.float64)
+            m, _ = _capped_chunk(q_row, p_row, c, V, mq32, mp32, lzq, lzp, it32, aq, ap, one_m_a,
+                                 BLOCK)
+            sum_m += tl.sum(m, 0).to(tl.float64)
         hi = tl.where(sum_m >= 1.0, 0.0, hi)
         for _ in range(STEPS):
             mid = (lo + hi) / 2
             mid32 = mid.to(tl.float32)
             g = tl.full([], 0.0, tl.float64)
             for c in range(0, V, BLOCK):
-                offs = c + tl.arange(0, BLOCK)
-                inb = offs < V
-                ql = tl.load(q_row + offs, mask=inb, other=NEG_INF).to(tl.float32)
-                pl = tl.load(p_row + offs, mask=inb, other=NEG_INF).to(tl.float32)
-                qT = scaled(ql, mq32, lzq, it32, offs, aq, False)
-                pT = scaled(pl, mp32, lzp, it32, offs, ap, False)
-                m = tl.minimum(qT, pT / one_m_a)
+                m, pT = _capped_chunk(q_row, p_row, c, V, mq32, mp32, lzq, lzp, it32, aq, ap,
+                                      one_m_a, BLOCK)
                 g += tl.sum(tl.maximum(m, mid32 * pT), 0).to(tl.float64)
             below = g < 1.0
             lo = tl.where(below, mid, lo)
