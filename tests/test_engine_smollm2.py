@@ -38,7 +38,7 @@ LOSSLESS = [("spec_cascade", "spec", None), ("spec_cascade", "diff", -1.0),
             ("autoregressive", None, None)]
 
 
-@pytest.mark.parametrize("gamma", [1, 5])
+@pytest.mark.parametrize("gamma", [1, 3, 5])
 @pytest.mark.parametrize("method,rule,alpha", LOSSLESS)
 def test_lossless_greedy_equals_the_verifier(smollm2, greedy, method, rule, alpha, gamma):
     drafter, verifier, _ = smollm2
