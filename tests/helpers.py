@@ -103,3 +103,35 @@ def closed_form(rule, alpha, q_logits, p_logits, T):
     else:
         raise AssertionError(rule)
     return pT if d else qT
+
+
+def near_tie(q, x, p, args, row, trials=16) -> bool:
+    """Does a 1e-6 relative perturbation of the logits change the reference's output at ``row``?
+    ``args``: the normalised keyword arguments of a backend's ``verify`` (no top-k/top-p)."""
+    from speccascade_fast.backends import reference
+
+    base = reference.verify(q, x, p, top_k=None, top_p=None, **args)
+    g = torch.Generator().manual_seed(row)
+    for _ in range(trials):
+        qq = q.double() * (1 + 1e-6 * torch.randn(q.shape, generator=g, dtype=torch.float64).to(
+            q.device))
+        pp = p.double() * (1 + 1e-6 * torch.randn(p.shape, generator=g, dtype=torch.float64).to(
+            p.device))
+        out = reference.verify(qq, x, pp, top_k=None, top_p=None, **args)
+        if any(not torch.equal(a[row], b[row]) for a, b in zip(out, base)):
+            return True
+    return False
+
+
+def assert_same_up_to_near_ties(got, want, q, x, p, args, who="triton", trials=16):
+    """``got`` (a fast backend's VerifyOutput) equals the reference's ``want`` row for row; a row
+    may differ only at a genuine floating-point near-tie (:func:`near_tie`), at most one per call."""
+    import warnings
+
+    bad = sorted({int(r) for a, b in zip(got, want) for r in torch.nonzero(
+        (a != b).reshape(a.shape[0], -1).any(1)).flatten()})
+    for row in bad:
+        detail = {n: (a[row].tolist(), b[row].tolist()) for n, a, b in zip(want._fields, got, want)}
+        assert near_tie(q, x, p, args, row, trials), f"row {row} differs ({who}, reference): {detail}"
+        warnings.warn(f"floating-point near-tie allowed at row {row}: {detail}", stacklevel=2)
+    assert len(bad) <= 1, f"{len(bad)} near-ties in one call is implausible: rows {bad}"
