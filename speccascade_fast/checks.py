@@ -86,3 +86,14 @@ def per_row(name: str, v, rows: int, device, *, non_negative: bool = False) -> t
     if non_negative and bool((out < 0).any()):
         raise ValueError(f"{name} must be >= 0, got {out.min().item()}")
     return out
+
+
+def int_tensor(name: str, x, dims: int) -> torch.Tensor:
+    """An integer (int64) tensor with ``dims`` dimensions, else a ValueError naming ``name``."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be an int64 tensor, got {type(x).__name__}")
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor (int64), got {x.dtype}")
+    if x.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimension(s), got shape {tuple(x.shape)}")
+    return x

@@ -16,16 +16,6 @@ from .verify import verify
 __all__ = ["verify_ragged"]
 
 
-def _int_tensor(name: str, x, dims: int) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be an int64 tensor, got {type(x).__name__}")
-    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor (int64), got {x.dtype}")
-    if x.dim() != dims:
-        raise ValueError(f"{name} must have {dims} dimension(s), got shape {tuple(x.shape)}")
-    return x
-
-
 def _check_cu(cu: torch.Tensor, num_drafts: int) -> list[int]:
     if cu.numel() < 2:
         raise ValueError(
@@ -95,8 +85,8 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
     checks.logits("target_logits", target_logits, dims=2)
     if bonus_draft_logits is not None:
         checks.logits("bonus_draft_logits", bonus_draft_logits, dims=2)
-    draft_tokens = _int_tensor("draft_tokens", draft_tokens, 1)
-    cu = _int_tensor("cu_num_draft_tokens", cu_num_draft_tokens, 1)
+    draft_tokens = checks.int_tensor("draft_tokens", draft_tokens, 1)
+    cu = checks.int_tensor("cu_num_draft_tokens", cu_num_draft_tokens, 1)
     N, V = draft_logits.shape
     if draft_tokens.shape[0] != N:
         raise ValueError(

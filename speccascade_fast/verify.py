@@ -85,10 +85,7 @@ def verify(draft_logits, draft_tokens, target_logits, *, rule, alpha=None, tempe
     check_alpha(rule, alpha)
     checks.logits("target_logits", target_logits, dims=3)
     checks.logits("draft_logits", draft_logits, dims=3)
-    if not isinstance(draft_tokens, torch.Tensor) or draft_tokens.dim() != 2:
-        raise ValueError("draft_tokens must be an int64 tensor of shape [B, gamma]")
-    if draft_tokens.is_floating_point() or draft_tokens.is_complex() or draft_tokens.dtype == torch.bool:
-        raise ValueError(f"draft_tokens must be an integer tensor (int64), got {draft_tokens.dtype}")
+    checks.int_tensor("draft_tokens", draft_tokens, 2)
     B, gamma = draft_tokens.shape
     if gamma < 1:
         raise ValueError(f"gamma (draft_tokens.shape[1]) must be >= 1, got {gamma}")
