@@ -45,6 +45,7 @@ METHODS = (
     "drafter_only",
 )
 BONUS = ("cascade", "verifier")
+ENGINES = ("auto", "static", "sequential")
 SEQ_SCORES = ("prob", "mean_logprob")
 
 # The rule each method uses when ``rule=None``.
@@ -133,6 +134,9 @@ class _CachedModel:
             from transformers import DynamicCache
             self.encoder_kwargs = {}
             self.cache = DynamicCache(config=model.config)
+            # sliding-window layers drop states past the window unless told to keep them until
+            # the next crop (a rollback)
+            self.cache.activate_past_recording()
         self.keep_arg = _accepts(model, "logits_to_keep")
 
     def seen(self) -> int:
@@ -347,6 +351,7 @@ def generate(
     max_drafter_run: int | None = DEFAULT_MAX_DRAFTER_RUN,
     seq_score: str = "prob",
     backend: str = "auto",
+    engine: str = "auto",
 ) -> GenerateOutput:
     """Decode ``input_ids`` with a drafter/verifier pair.
 
@@ -382,6 +387,13 @@ def generate(
             (None disables).
         seq_score: ``seq_cascade``: ``"prob"`` or ``"mean_logprob"``.
         backend: the verification backend (see :func:`speccascade_fast.verify`).
+        engine: ``"auto"`` runs ``spec_cascade``, ``autoregressive`` and ``drafter_only`` on
+            decoder-only models on the batched static-cache :class:`speccascade_fast.Engine`
+            (the whole batch at once) and everything else on the sequential loops (one sequence
+            at a time, HF ``DynamicCache``); ``"static"`` insists on the former (ValueError where
+            it cannot run), ``"sequential"`` forces the latter. Both emit the same tokens for
+            the same seeds; ``drafter_calls`` differs (the static engine drafts gamma tokens in
+            every block, the sequential one stops at an EOS draft or the budget).
 
     Returns:
         :class:`GenerateOutput` ``(sequences, stats, new_tokens)``. ``stats`` sums over the
@@ -408,6 +420,27 @@ def generate(
     pad = _pad_id(pad_token_id, main, eos)
     encdec = _is_encoder_decoder(main)
     device = _device(main)
+
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r} is not known; choose one of {', '.join(ENGINES)}")
+    if engine != "sequential":
+        from . import static_engine
+        if static_engine.supports(method, drafter, verifier):
+            longest = max(p.numel() for p in prompts)
+            eng = static_engine.Engine(
+                drafter, verifier, max_batch_size=len(prompts),
+                max_seq_len=longest + max_new_tokens, method=method, rule=cfg.rule,
+                alpha=cfg.alpha, gamma=gamma, temperature=temperature, top_k=top_k, top_p=top_p,
+                bonus=bonus, backend=backend)
+            out = eng.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                               seed=seeds, eos_token_id=sorted(eos), pad_token_id=pad)
+            out.stats["wall_s"] = time.perf_counter() - start
+            out.stats["tokens_per_s"] = out.stats["tokens"] / out.stats["wall_s"]
+            return out
+        if engine == "static":
+            why = [w for w in map(static_engine.unsupported_reason, (drafter, verifier)) if w]
+            raise ValueError(f"engine='static' cannot run method={method!r} here: "
+                             f"{why[0] if why else 'it runs ' + ', '.join(static_engine.METHODS)}")
 
     total, new_tokens, outputs = Counters(), [], []
     with torch.inference_mode():

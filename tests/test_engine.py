@@ -235,17 +235,22 @@ def test_seq_cascade_law(small_pair):
 
 
 # --- statistics -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("engine", ["static", "sequential"])
 @pytest.mark.parametrize("bonus", ["cascade", "verifier"])
 @pytest.mark.parametrize("rule,alpha", [("spec", None), ("token_v3", 0.3), ("chow", 0.5),
                                         ("lossy", 0.3)])
-def test_stats_spec_cascade(pair, rule, alpha, bonus):
+def test_stats_spec_cascade(pair, rule, alpha, bonus, engine):
     ids, mask = left_padded(PROMPTS)
     out = generate(*pair, ids, attention_mask=mask, rule=rule, alpha=alpha, gamma=3, bonus=bonus,
-                   max_new_tokens=17, seed=5, eos_token_id=[])
+                   max_new_tokens=17, seed=5, eos_token_id=[], engine=engine)
     s = out.stats
     assert s["tokens"] == sum(map(len, out.new_tokens)) == 3 * 17
     assert s["verifier_calls"] == s["blocks"]
-    if bonus == "cascade":  # the bonus step is skipped where no bonus could be kept
+    steps = 3 + (bonus == "cascade")
+    if engine == "static":  # fixed block shapes: gamma (+1) drafter calls in every block
+        assert s["drafter_calls"] == steps * s["blocks"]
+        assert s["drafted"] < s["drafter_calls"]
+    elif bonus == "cascade":  # the bonus step is skipped where no bonus could be kept
         assert s["drafted"] < s["drafter_calls"] <= s["drafted"] + s["blocks"]
     else:
         assert s["drafter_calls"] == s["drafted"]

@@ -1,0 +1,405 @@
+"""The batched engine: static position-indexed KV caches and ragged acceptance.
+
+:class:`Engine` holds a drafter and a verifier (Hugging Face decoder-only models), one
+:class:`~speccascade_fast.kv_cache.SlotCache` per model sized ``max_batch_size x max_seq_len``,
+and the decoding settings; ``Engine.generate`` decodes a batch of prompts of different lengths.
+:func:`speccascade_fast.generate` builds one for ``spec_cascade``, ``autoregressive`` and
+``drafter_only`` on decoder-only models (the other methods, and encoder-decoder models, run on the
+sequential loops of :mod:`speccascade_fast.engine`, which are also this engine's oracle).
+
+One block of ``spec_cascade``, for every unfinished sequence ``b`` at once (row ``b`` holds
+``L_b`` tokens; the last, ``x_{L_b - 1}``, is not in the caches yet):
+
+    draft   - gamma drafter calls of one token per row, each followed by a batched draw
+              ``x ~ qT`` keyed by (seed_b, position); with ``bonus="cascade"`` one more call
+              gives q at the bonus position;
+    score   - one verifier call of gamma + 1 tokens per row;
+    verify  - one :func:`speccascade_fast.verify` call for the whole batch (the fused backend);
+    accept  - the only device-to-host read of the block: accepted counts, final tokens, drafts
+              and deferral flags; each row emits its own a_b + 1 tokens;
+    rollback - nothing to undo: each model's count of valid slots drops to ``L_b + a_b``; the
+              rejected drafts' slots are masked and overwritten by the next block.
+
+Finished rows (EOS or their budget) leave the batch at the end of the block: the caches are
+compacted, so they stop costing work. Shapes are fixed per block (every row drafts gamma tokens,
+even past its EOS or budget); tokens past a row's EOS or budget are never emitted, and since
+every decision at a position depends only on earlier positions, a row's output is the sequential
+engine's, token for token (same seeds, same positions), whatever batch it rides in.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .engine import (
+    GenerateOutput,
+    _accepts,
+    _assemble,
+    _check_models,
+    _config,
+    _context,
+    _device,
+    _eos_ids,
+    _is_encoder_decoder,
+    _loaded,
+    _pad_id,
+    _prompts,
+    _seeds,
+)
+from .kv_cache import ATTENTION, SlotCache, attention_mask
+from .rules import check_alpha
+from .sampling import sample
+from .stats import Counters
+from .verify import verify
+
+#: the methods the engine runs (the others run on the sequential loops)
+METHODS = ("spec_cascade", "autoregressive", "drafter_only")
+#: ``max_seq_len`` when none is given (capped by the models' context)
+DEFAULT_MAX_SEQ_LEN = 2048
+
+
+def supports(method: str, *models) -> bool:
+    """Whether the engine can run ``method`` on these models (decoder-only, an attention
+    implementation whose masks it builds, ``position_ids`` / ``past_key_values`` arguments)."""
+    return method in METHODS and all(unsupported_reason(m) is None for m in models)
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the engine cannot run ``model`` (None if it can, or if ``model`` is None)."""
+    if model is None:
+        return None
+    if _is_encoder_decoder(model):
+        return "encoder-decoder models run on the sequential engine"
+    attn = getattr(model.config, "_attn_implementation", None) or "eager"
+    if attn not in ATTENTION:
+        return (f"attn_implementation={attn!r} is not supported by the static engine "
+                f"(use one of {', '.join(ATTENTION)})")
+    if not (_accepts(model, "position_ids") and _accepts(model, "past_key_values")):
+        return "the model's forward takes no position_ids / past_key_values"
+    return None
+
+
+class _SlotModel:
+    """One model, its static cache, and per row the number of valid slots (``seen``)."""
+
+    def __init__(self, model, max_batch_size: int, slots: int):
+        self.model = model
+        self.config = model.config
+        self.attn = getattr(model.config, "_attn_implementation", None) or "eager"
+        self.dtype = next(model.parameters()).dtype
+        self.cache = SlotCache(max_batch_size, slots)
+        self.keep_arg = _accepts(model, "logits_to_keep")
+        limit = _context(model)
+        self.max_position = (limit - 1) if limit is not None else None
+        self.seen: list[int] = []
+
+    def logits(self, tokens: torch.Tensor, upto: list[int], k: int) -> torch.Tensor:
+        """Feed each row ``b`` its tokens ``tokens[b, seen_b : upto_b]`` (rows right-padded to
+        one width, padding written to the trash slot) and return the logits at the last ``k``
+        of them, ``[B, k, V]``: row ``i`` is the distribution at position ``upto_b - k + 1 + i``.
+        """
+        device = tokens.device
+        seen = torch.tensor(self.seen, device=device)
+        counts = [u - s for u, s in zip(upto, self.seen)]
+        n = max(counts)
+        col = torch.arange(n, device=device)
+        real = col < torch.tensor(counts, device=device)[:, None]
+        slots = torch.where(real, seen[:, None] + col, self.cache.trash_slot)
+        ids = tokens.gather(1, slots)
+        kv_len = max(upto)
+        self.cache.bind(slots, kv_len)
+        mask = attention_mask(self.config, slots, kv_len, self.attn, self.dtype)
+        positions = slots if self.max_position is None else slots.clamp(max=self.max_position)
+        ragged = any(c != n for c in counts)
+        if ragged:  # the union of the rows' wanted columns, then one gather per row
+            want = torch.tensor(counts, device=device)[:, None] - k + torch.arange(k, device=device)
+            keep = torch.unique(want)
+        else:
+            keep = k
+        kwargs = {"logits_to_keep": keep} if self.keep_arg else {}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=self.cache, use_cache=True, **kwargs).logits
+        self.seen = list(upto)
+        if not self.keep_arg:
+            keep = keep if ragged else torch.arange(n - k, n, device=device)
+            out = out[:, keep]
+        if ragged:
+            out = out.gather(1, torch.searchsorted(keep, want)[..., None].expand(-1, -1, out.shape[-1]))
+        return out
+
+    def keep_rows(self, index: torch.Tensor, rows: list[int]) -> None:
+        self.cache.keep_rows(index)
+        self.seen = [self.seen[i] for i in rows]
+
+
+class Engine:
+    """A persistent decoding engine for a drafter/verifier pair of HF decoder-only models.
+
+    Args:
+        drafter, verifier: HF ``*ForCausalLM`` models with one vocabulary (or names/paths that
+            :func:`speccascade_fast.models.load_model` loads); ``autoregressive`` needs only the
+            verifier, ``drafter_only`` only the drafter.
+        max_batch_size: the most sequences one ``generate`` call decodes together.
+        max_seq_len: the longest sequence (prompt + new tokens) the caches hold; default the
+            models' context, capped at 2048. The caches are allocated once (on the first call),
+            with ``gamma + 1`` slots of headroom for the last block's drafts.
+        method: ``spec_cascade``, ``autoregressive`` (verifier alone) or ``drafter_only``.
+        rule, alpha, gamma, temperature, top_k, top_p, bonus, backend: as in
+            :func:`speccascade_fast.generate` (``temperature`` and ``alpha`` are defaults that
+            ``generate`` may override per sequence).
+
+    Example:
+        >>> engine = Engine(drafter, verifier, max_batch_size=4, max_seq_len=1024,
+        ...                 rule="token_v3", alpha=0.3, gamma=5, temperature=0)
+        >>> out = engine.generate(ids, attention_mask=mask, max_new_tokens=128, seed=[1, 2, 3, 4])
+    """
+
+    def __init__(self, drafter, verifier, *, max_batch_size: int = 1,
+                 max_seq_len: int | None = None, method: str = "spec_cascade",
+                 rule: str | None = None, alpha: float | None = None, gamma: int = 5,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 bonus: str = "cascade", backend: str = "auto"):
+        self.cfg = _config(method, rule, alpha, gamma, temperature, top_k, top_p, bonus, None,
+                           "prob", backend)
+        if method not in METHODS:
+            raise ValueError(f"method={method!r} does not run on the Engine; it runs "
+                             f"{', '.join(METHODS)} (use speccascade_fast.generate for the rest)")
+        drafter, verifier = _check_models(method, _loaded(drafter), _loaded(verifier))
+        models = [m for m in (drafter, verifier) if m is not None]
+        for m in models:
+            why = unsupported_reason(m)
+            if why is not None:
+                raise ValueError(f"{type(m).__name__}: {why}")
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) \
+                or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
+        limits = [c for c in map(_context, models) if c is not None]
+        if max_seq_len is None:
+            max_seq_len = min([DEFAULT_MAX_SEQ_LEN, *limits])
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
+        if limits and max_seq_len > min(limits):
+            raise ValueError(f"max_seq_len={max_seq_len} exceeds the models' context of "
+                             f"{min(limits)} tokens (max_position_embeddings)")
+        self.drafter, self.verifier = drafter, verifier
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        # slot i holds position i; past max_seq_len: the last block's drafts, then the trash slot
+        self.slots = max_seq_len + self.cfg.gamma + 2
+        self.q = _SlotModel(drafter, max_batch_size, self.slots) if drafter is not None else None
+        self.p = _SlotModel(verifier, max_batch_size, self.slots) if verifier is not None else None
+        self.device = _device(models[0])
+
+    # --- the public call ------------------------------------------------------------------------
+    def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 64, seed=0,
+                 temperature=None, alpha=None, eos_token_id=None,
+                 pad_token_id: int | None = None) -> GenerateOutput:
+        """Decode a batch; returns :class:`~speccascade_fast.engine.GenerateOutput`.
+
+        ``input_ids`` ``[B, P]`` (left or right padded, with ``attention_mask``), ``B <=
+        max_batch_size``; ``seed``: int (sequence b uses ``seed + b``) or B ints;
+        ``temperature`` / ``alpha``: None (the engine's), a number, or B numbers (one per
+        sequence); ``max_new_tokens``, ``eos_token_id``, ``pad_token_id``: as in
+        :func:`speccascade_fast.generate`. Prompt + ``max_new_tokens`` must fit ``max_seq_len``.
+        """
+        start = time.perf_counter()
+        cfg = self.cfg
+        prompts, input_ids = _prompts(input_ids, attention_mask)
+        B = len(prompts)
+        if B > self.max_batch_size:
+            raise ValueError(f"input_ids has {B} sequences but max_batch_size="
+                             f"{self.max_batch_size}")
+        budgets = _budgets(max_new_tokens, B)
+        for b, (prompt, n) in enumerate(zip(prompts, budgets)):
+            if prompt.numel() + n > self.max_seq_len:
+                raise ValueError(f"sequence {b}: prompt ({prompt.numel()} tokens) + "
+                                 f"max_new_tokens ({n}) exceeds max_seq_len={self.max_seq_len}")
+        rows = _Rows(self, prompts, _seeds(seed, B), self._per_row("temperature", temperature, B),
+                     self._per_row("alpha", alpha, B), budgets,
+                     _eos_ids(eos_token_id, self.verifier, self.drafter))
+        with torch.inference_mode():
+            while rows.size:
+                if cfg.method == "spec_cascade":
+                    self._block(rows)
+                elif cfg.method == "autoregressive":
+                    self._step(rows, self.p, deferred=True)
+                else:
+                    self._step(rows, self.q, deferred=False)
+                rows.drop_finished()
+        main = self.verifier if self.verifier is not None else self.drafter
+        pad = _pad_id(pad_token_id, main, rows.eos)
+        sequences = _assemble(input_ids.to(self.device), None, rows.new_tokens, pad, False)
+        total = Counters()
+        for s in rows.counters:
+            total += s
+        stats = total.as_dict(time.perf_counter() - start)
+        stats.update(method=cfg.method, rule=cfg.rule, alpha=cfg.alpha, gamma=cfg.gamma,
+                     bonus=cfg.bonus, temperature=cfg.temperature)
+        return GenerateOutput(sequences, stats, rows.new_tokens)
+
+    def _per_row(self, name, value, B) -> torch.Tensor | None:
+        """float64 ``[B]`` from None (the engine's setting), a number or B numbers."""
+        default = getattr(self.cfg, name)
+        if name == "alpha" and self.cfg.rule is None:
+            return None
+        value = default if value is None else value
+        if value is None:  # a rule without alpha
+            return None
+        if isinstance(value, (list, tuple)):
+            value = torch.tensor(value, dtype=torch.float64)
+        if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+            raise ValueError(f"{name} must be a number or a list/tensor of {B} numbers")
+        t = torch.as_tensor(value, dtype=torch.float64)
+        if t.dim() > 1 or (t.dim() == 1 and t.numel() != B):
+            raise ValueError(f"{name} must be a number or {B} numbers (one per sequence), got "
+                             f"shape {tuple(t.shape)}")
+        if name == "alpha":
+            check_alpha(self.cfg.rule, t)
+        elif not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+            raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {value!r}")
+        return t.expand(B).clone().to(self.device)
+
+    # --- one step / block for every unfinished row --------------------------------------------
+    def _draw(self, logits, rows, positions):
+        cfg = self.cfg
+        return sample(logits, temperature=rows.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                      seed=rows.seeds, positions=positions)
+
+    def _step(self, rows: _Rows, m: _SlotModel, *, deferred: bool) -> None:
+        """Autoregressive decoding with one model: one token per row."""
+        L = list(rows.length)  # emit() advances rows.length
+        t = torch.tensor(L, device=self.device)
+        x = self._draw(m.logits(rows.tokens, L, 1)[:, 0], rows, t)
+        rows.tokens.scatter_(1, t[:, None], x[:, None])
+        host = x.tolist()
+        for b in range(rows.size):
+            rows.stats(b).verifier_calls += int(deferred)
+            rows.stats(b).drafter_calls += int(not deferred)
+            rows.emit(b, [host[b]], [deferred])
+
+    def _block(self, rows: _Rows) -> None:
+        """Draft, score, verify, accept (Algorithm 4) for every unfinished row."""
+        cfg, q, p, gamma = self.cfg, self.q, self.p, self.cfg.gamma
+        L = list(rows.length)  # emit() advances rows.length
+        t = torch.tensor(L, device=self.device)
+        q_rows, drafts = [], []
+        for j in range(gamma):
+            logits = q.logits(rows.tokens, [n + j for n in L], 1)[:, 0]
+            x = self._draw(logits, rows, t + j)
+            rows.tokens.scatter_(1, (t + j)[:, None], x[:, None])
+            q_rows.append(logits)
+            drafts.append(x)
+        if cfg.bonus == "cascade":
+            q_rows.append(q.logits(rows.tokens, [n + gamma for n in L], 1)[:, 0])
+        p_logits = p.logits(rows.tokens, [n + gamma for n in L], gamma + 1)
+        drafts = torch.stack(drafts, dim=1)
+        out = verify(torch.stack(q_rows, dim=1), drafts, p_logits, rule=cfg.rule,
+                     alpha=rows.alpha, temperature=rows.temperature, top_k=cfg.top_k,
+                     top_p=cfg.top_p, seed=rows.seeds, positions=t, backend=cfg.backend)
+        # the block's one device-to-host read
+        host = torch.cat([out.num_accepted[:, None], out.tokens, drafts,
+                          out.deferred.to(torch.int64)], dim=1).tolist()
+        drafter_calls = gamma + (cfg.bonus == "cascade")
+        last = []
+        for b, row in enumerate(host):
+            a = row[0]
+            tokens, x, flags = row[1: 2 + a], row[2 + gamma: 2 + 2 * gamma], row[2 + 2 * gamma:]
+            s = rows.stats(b)
+            # what the sequential engine would have verified: drafts up to the first EOS draft
+            # and the budget (later ones exist only because block shapes are fixed)
+            g = min(gamma, rows.remaining(b),
+                    next((i + 1 for i, d in enumerate(x) if d in rows.eos), gamma))
+            s.blocks += 1
+            s.verifier_calls += 1
+            s.drafter_calls += drafter_calls
+            s.drafted += g
+            s.accepted += min(a, g)
+            s.rejected += int(a < g)
+            rows.emit(b, tokens, [bool(f) for f in flags])
+            last.append((L[b] + a, tokens[-1]))
+            q.seen[b] = min(q.seen[b], L[b] + a)
+            p.seen[b] = min(p.seen[b], L[b] + a)
+        where, what = zip(*last)
+        rows.tokens.scatter_(1, torch.tensor(where, device=self.device)[:, None],
+                             torch.tensor(what, device=self.device)[:, None])
+
+
+def _budgets(max_new_tokens, B) -> list[int]:
+    """``max_new_tokens`` (an int, or B ints) as B ints >= 1."""
+    n = max_new_tokens
+    if isinstance(n, torch.Tensor):
+        n = n.tolist()
+    values = n if isinstance(n, (list, tuple)) else [n] * B
+    if len(values) != B or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
+                               for v in values):
+        raise ValueError(f"max_new_tokens must be an int >= 1 or {B} such ints (one per "
+                         f"sequence), got {max_new_tokens!r}")
+    return list(values)
+
+
+class _Rows:
+    """The unfinished sequences of one ``generate`` call (row i of every tensor and list is the
+    same sequence; finished ones are dropped) and the outputs of all of them."""
+
+    def __init__(self, engine: Engine, prompts, seeds, temperature, alpha, budget, eos):
+        B, device = len(prompts), engine.device
+        self.engine = engine
+        self.eos = eos
+        self.budget = budget
+        self.tokens = torch.zeros(B, engine.slots, dtype=torch.int64, device=device)
+        for b, prompt in enumerate(prompts):
+            self.tokens[b, : prompt.numel()] = prompt.to(device)
+        self.length = [p.numel() for p in prompts]
+        self.seeds = torch.tensor(seeds, dtype=torch.int64, device=device)
+        self.temperature, self.alpha = temperature, alpha
+        self.index = list(range(B))  # row -> sequence
+        self.new_tokens: list[list[int]] = [[] for _ in range(B)]
+        self.counters = [Counters(sequences=1) for _ in range(B)]  # per sequence
+        self.done = [False] * B
+        for m in (engine.q, engine.p):
+            if m is not None:
+                m.seen = [0] * B
+
+    @property
+    def size(self) -> int:
+        return len(self.index)
+
+    def stats(self, b: int) -> Counters:
+        """Row b's sequence's counters."""
+        return self.counters[self.index[b]]
+
+    def remaining(self, b: int) -> int:
+        seq = self.index[b]
+        return self.budget[seq] - len(self.new_tokens[seq])
+
+    def emit(self, b: int, tokens: list[int], deferred: list[bool]) -> None:
+        """Row b emits ``tokens`` up to its first EOS and its budget."""
+        kept = []
+        for x in tokens[: self.remaining(b)]:
+            kept.append(x)
+            if x in self.eos:
+                self.done[b] = True
+                break
+        self.new_tokens[self.index[b]].extend(kept)
+        self.length[b] += len(kept)
+        self.stats(b).tokens += len(kept)
+        self.stats(b).deferred += sum(deferred[: len(kept)])
+        if self.remaining(b) <= 0:
+            self.done[b] = True
+
+    def drop_finished(self) -> None:
+        """Finished rows leave the batch (and the caches)."""
+        if not any(self.done):
+            return
+        keep = [b for b in range(self.size) if not self.done[b]]
+        index = torch.tensor(keep, dtype=torch.int64, device=self.tokens.device)
+        for m in (self.engine.q, self.engine.p):
+            if m is not None:
+                m.keep_rows(index, keep)
+        self.tokens = self.tokens.index_select(0, index)
+        self.seeds = self.seeds.index_select(0, index)
+        self.temperature = self.temperature.index_select(0, index)
+        if self.alpha is not None:
+            self.alpha = self.alpha.index_select(0, index)
+        for name in ("length", "index", "done"):
+            setattr(self, name, [getattr(self, name)[b] for b in keep])

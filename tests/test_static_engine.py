@@ -1,0 +1,207 @@
+"""The batched static-cache Engine against the sequential engine (its oracle), on tiny models.
+
+* same tokens and same statistics (``drafter_calls`` aside: the Engine drafts gamma tokens in
+  every block) for every method it runs, lossless and lossy rules, T = 0 and T > 0, top-k/top-p,
+  both bonus policies, EOS inside blocks, prompts of different lengths;
+* a sequence's tokens do not depend on its batch, with per-sequence seed, temperature, alpha and
+  budget; finished sequences leave the batch; an Engine is reusable;
+* Qwen2 (SDPA, boolean masks) and Gemma-2 (eager, additive masks) with sliding-window layers;
+* bad inputs raise ValueError naming the argument.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+from speccascade_fast import Engine, generate
+
+from .test_engine import PROMPTS, left_padded, tiny_pair
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_pair()
+
+
+COUNTS = ("tokens", "verifier_calls", "drafted", "accepted", "rejected", "deferred", "blocks",
+          "sequences")
+
+CASES = [
+    dict(rule="spec", temperature=0.0),
+    dict(rule="spec", temperature=1.0, bonus="verifier"),
+    dict(rule="token_v3", alpha=0.3, temperature=1.0),
+    dict(rule="token_v3", alpha=0.5, temperature=0.0, gamma=8),
+    dict(rule="lossy", alpha=0.2, temperature=0.7, bonus="verifier", gamma=4),
+    dict(rule="opt", alpha=0.1, temperature=1.0, gamma=1),
+    dict(rule="chow", alpha=0.3, temperature=1.0, top_k=8),
+    dict(rule="diff", alpha=0.0, temperature=0.5, top_p=0.9, bonus="verifier"),
+    dict(rule="lossy_star", alpha=0.3, temperature=1.0, gamma=3),
+    dict(method="autoregressive", temperature=1.0),
+    dict(method="drafter_only", temperature=0.8),
+]
+
+
+def _both(models, ids, mask, **kw):
+    return [generate(*models, ids, attention_mask=mask, engine=e, **kw)
+            for e in ("static", "sequential")]
+
+
+@pytest.mark.parametrize("with_eos", [False, True])
+@pytest.mark.parametrize("kw", CASES, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
+def test_static_equals_sequential(pair, kw, with_eos):
+    ids, mask = left_padded(PROMPTS)
+    run = dict(max_new_tokens=21, seed=11, **kw)
+    eos = []
+    if with_eos:  # two tokens the free run emits mid-way: rows stop inside blocks
+        free = generate(*pair, ids, attention_mask=mask, eos_token_id=[], engine="sequential",
+                        **run).new_tokens
+        eos = [free[0][7], free[2][12]]
+    static, seq = _both(pair, ids, mask, eos_token_id=eos, **run)
+    assert static.new_tokens == seq.new_tokens
+    assert torch.equal(static.sequences, seq.sequences)
+    for k in COUNTS:
+        assert static.stats[k] == seq.stats[k], k
+    if with_eos:
+        assert len(static.new_tokens[0]) <= 8 and len(static.new_tokens[2]) <= 13
+
+
+def test_batch_equals_single_with_per_sequence_settings(pair):
+    """Per-sequence seed, temperature, alpha and budget; a row's tokens are its own."""
+    engine = Engine(*pair, max_batch_size=3, max_seq_len=48, rule="token_v3", gamma=4)
+    ids, mask = left_padded(PROMPTS)
+    settings = dict(seed=[5, 9, 2], temperature=[0.0, 0.7, 1.0], alpha=[0.1, 0.4, 0.8],
+                    max_new_tokens=[6, 19, 30])
+    batch = engine.generate(ids, attention_mask=mask, eos_token_id=[], **settings)
+    assert [len(n) for n in batch.new_tokens] == [6, 19, 30]
+    for b, prompt in enumerate(PROMPTS):
+        alone = engine.generate(torch.tensor([prompt]), eos_token_id=[],
+                                **{k: [v[b]] for k, v in settings.items()})
+        assert alone.new_tokens[0] == batch.new_tokens[b], b
+        ref = generate(*pair, torch.tensor([prompt]), rule="token_v3", gamma=4,
+                       eos_token_id=[], engine="sequential", seed=settings["seed"][b],
+                       temperature=settings["temperature"][b], alpha=settings["alpha"][b],
+                       max_new_tokens=settings["max_new_tokens"][b])
+        assert ref.new_tokens[0] == batch.new_tokens[b], b
+    again = engine.generate(ids, attention_mask=mask, eos_token_id=[], **settings)
+    assert again.new_tokens == batch.new_tokens  # the caches' stale contents never leak
+
+
+def test_finished_sequences_leave_the_batch(pair):
+    drafter, verifier = copy.deepcopy(pair[0]), copy.deepcopy(pair[1])
+    rows = {"drafter": [], "verifier": []}
+    for name, m in (("drafter", drafter), ("verifier", verifier)):
+        m.register_forward_hook(lambda mod, args, out, name=name: rows[name].append(
+            out.logits.shape[0]))
+    engine = Engine(drafter, verifier, max_batch_size=3, max_seq_len=64, rule="spec", gamma=3)
+    ids, mask = left_padded(PROMPTS)
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=[2, 9, 40], eos_token_id=[])
+    assert [len(n) for n in out.new_tokens] == [2, 9, 40]
+    for name in rows:
+        assert rows[name][0] == 3 and rows[name][-1] == 1
+        assert rows[name] == sorted(rows[name], reverse=True)  # never grows back
+    # the verifier's work: one row-call per block of each sequence, nothing for finished ones
+    assert sum(rows["verifier"]) == out.stats["verifier_calls"] == out.stats["blocks"]
+
+
+def _qwen2_pair():
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      use_sliding_window=True, sliding_window=4, max_window_layers=1,
+                      initializer_range=0.3)
+    return _noisy_copy(Qwen2ForCausalLM, cfg)
+
+
+def _gemma2_pair():
+    cfg = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                       sliding_window=4, max_position_embeddings=128, initializer_range=0.3)
+    return _noisy_copy(Gemma2ForCausalLM, cfg)
+
+
+def _noisy_copy(cls, cfg):
+    torch.manual_seed(3)
+    verifier = cls(cfg).eval()
+    drafter = copy.deepcopy(verifier)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        w = drafter.lm_head.weight
+        w.add_(torch.randn(w.shape, generator=g) * 0.6 * w.std())
+    return drafter, verifier
+
+
+@pytest.mark.parametrize("make", [_qwen2_pair, _gemma2_pair], ids=["qwen2-sdpa", "gemma2-eager"])
+def test_sliding_window_models(make):
+    """Windows of 4 tokens: the Engine's own masks must match HF's for both layer types."""
+    models = make()
+    assert "sliding_attention" in models[1].config.layer_types
+    ids, mask = left_padded(PROMPTS)
+    for kw in (dict(temperature=0.0, rule="spec"), dict(temperature=1.0, rule="token_v3")):
+        static, seq = _both(models, ids, mask, max_new_tokens=16, seed=1, eos_token_id=[],
+                            gamma=3, **kw)
+        assert static.new_tokens == seq.new_tokens, kw
+
+
+def test_bad_inputs_raise(pair):
+    q, p = pair  # max_position_embeddings = 256
+    engine = Engine(q, p, max_batch_size=2, max_seq_len=32)
+    ids = torch.tensor([[1, 2, 3]])
+    bad_calls = [
+        (dict(max_new_tokens=30), "max_seq_len"),
+        (dict(input_ids=torch.ones(3, 2, dtype=torch.long)), "max_batch_size"),
+        (dict(max_new_tokens=[4, 4]), "max_new_tokens"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(temperature=[0.5, 0.5]), "temperature"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(alpha=float("nan")), "alpha"),
+        (dict(seed=[1, 2]), "seed"),
+        (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "input_ids"),
+    ]
+    for kw, needle in bad_calls:
+        args = dict(input_ids=ids, max_new_tokens=8)
+        args.update(kw)
+        with pytest.raises(ValueError, match=needle):
+            engine.generate(args.pop("input_ids"), **args)
+    bad_engines = [
+        (dict(max_seq_len=257), "context"),
+        (dict(max_seq_len=1), "max_seq_len"),
+        (dict(max_batch_size=0), "max_batch_size"),
+        (dict(method="token_cascade"), "Engine"),
+        (dict(gamma=0), "gamma"),
+        (dict(rule="chow", alpha=2.0), "alpha"),
+    ]
+    for kw, needle in bad_engines:
+        with pytest.raises(ValueError, match=needle):
+            Engine(q, p, **kw)
+    flash = copy.deepcopy(p)
+    flash.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="attn_implementation"):
+        Engine(q, flash)
+    with pytest.raises(ValueError, match="attn_implementation"):
+        generate(q, flash, ids, engine="static")
+    with pytest.raises(ValueError, match="engine"):
+        generate(q, p, ids, engine="fast")
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32,
+                                             num_layers=1, num_heads=2,
+                                             decoder_start_token_id=0))
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        Engine(t5, t5)
+    with pytest.raises(ValueError, match="token_cascade"):
+        generate(q, p, ids, method="token_cascade", engine="static")
