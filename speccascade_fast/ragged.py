@@ -62,8 +62,9 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
             (``bonus="cascade"``: the bonus token follows the rule's target), or None
             (``bonus="verifier"``: it is drawn from pT).
         backend: ``"auto"``, ``"reference"`` (each request verified on its own, padded:
-            exactly what :func:`speccascade_fast.verify` returns for it) or ``"cpu"`` (one fused
-            op call over the flattened rows, no copy).
+            exactly what :func:`speccascade_fast.verify` returns for it), ``"cpu"`` (one fused
+            op call over the flattened rows, no copy), or ``"triton"`` / ``"cuda"`` (each request
+            through that backend on its own padded slice: no ragged GPU kernel yet).
 
     Returns:
         :class:`VerifyOutput` with ``tokens`` int64 ``[B, max_gamma + 1]`` (accepted drafts, the

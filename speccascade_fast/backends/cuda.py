@@ -1,0 +1,78 @@
+"""The CUDA verification backend: the CPU backend's fused algorithm in CUDA C++ (csrc/cuda/verify.cu).
+
+Same stages as :mod:`.reference` (targets, accept, resample) and the same algorithm, RNG keying
+and fp64 scalar formulas as :mod:`.cpu`, in 2-3 kernel launches split over the vocabulary (so a
+batch of one still fills the GPU), with no host synchronisation (CUDA-graph capturable). Tokens
+equal the reference's except at floating-point near-ties, as for the cpu backend.
+
+It is the CUDA kernel of the op ``torch.ops.speccascade.verify_padded``, present only when
+``speccascade_fast._C`` was built against a CUDA torch (setup.py). Calls it does not cover go to
+the reference backend, whole, exactly as in :mod:`.cpu`:
+
+* ``top_k`` / ``top_p`` truncation,
+* float64 logits (the kernels read fp32 / fp16 / bf16).
+
+``verify_ragged`` has no CUDA kernel: :func:`speccascade_fast.ragged.verify_ragged` runs each
+request through this backend on its own padded slice.
+
+Status: compile-checked for sm_80 and sm_90a; not yet run on a GPU.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+from ..rules import RULES
+from ..types import VerifyOutput
+from . import reference
+from .cpu import handles  # the same coverage: no top-k/top-p, fp32/fp16/bf16 logits
+
+__all__ = ["handles", "is_available", "verify"]
+
+_OP = "speccascade::verify_padded"
+
+
+def _ops():
+    """``torch.ops.speccascade`` if ``speccascade_fast._C`` registered a CUDA kernel for
+    ``verify_padded`` (a build against a CUDA torch), else None."""
+    if _ext.load() is None or not _ext.HAS_CUDA_EXT:
+        return None
+    try:
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(_OP, "CUDA"):
+            return None
+    except RuntimeError:  # the op itself is not registered
+        return None
+    return torch.ops.speccascade
+
+
+def is_available(device=None) -> bool:
+    """True only for a CUDA ``device`` (None means the CPU: False) with a GPU present and the
+    op's CUDA kernel registered."""
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    return dev.type == "cuda" and torch.cuda.is_available() and _ops() is not None
+
+
+def verify(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperature, top_k, top_p,
+           seed, positions) -> VerifyOutput:
+    """The reference backend's signature; inputs validated by :func:`speccascade_fast.verify`
+    (token ids, T and alpha values are not re-checked on the GPU: that would synchronise)."""
+    if not handles(draft_logits, target_logits, top_k, top_p):
+        return reference.verify(
+            draft_logits, draft_tokens, target_logits, rule=rule, alpha=alpha,
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, positions=positions,
+        )
+    if target_logits.device.type != "cuda":
+        raise ValueError(
+            f"backend='cuda' needs CUDA tensors, got target_logits on {target_logits.device}")
+    ops = _ops()
+    if ops is None:
+        raise RuntimeError(
+            "the cuda backend's op is not available (speccascade_fast._C was not built against a "
+            f"CUDA torch{'' if _ext.IMPORT_ERROR is None else ': ' + _ext.IMPORT_ERROR})")
+    tokens, num_accepted, deferred = ops.verify_padded(
+        draft_logits, draft_tokens.to(torch.int64), target_logits,
+        seed.to(torch.int64).contiguous(), positions.to(torch.int64).contiguous(),
+        temperature.to(torch.float64).contiguous(), alpha.to(torch.float64).contiguous(),
+        RULES.index(rule),
+    )
+    return VerifyOutput(tokens, num_accepted, num_accepted + 1, deferred)

@@ -1,0 +1,159 @@
+"""The CUDA backend (csrc/cuda/verify.cu) on a GPU, against the reference backend.
+
+* every rule, T in {0, 0.7, 1}, fp32 / bf16 / fp16 logits, V = 151,936 (Qwen), gamma = 5,
+  B in {1, 8}: tokens, num_accepted and deferred equal the reference's (float64, same GPU), up to
+  genuine floating-point near-ties (:func:`tests.helpers.assert_same_up_to_near_ties`);
+* V = 262,144 (B in {1, 8}), small and odd vocabularies (one slice, a partial last slice),
+  bonus="verifier", masked (-inf) tokens, per-request mixed temperatures including greedy rows;
+* captured in a CUDA graph and replayed: the eager tokens, then the reference's for new inputs.
+"""
+
+import pytest
+import torch
+
+import speccascade_fast as sc
+from speccascade_fast import checks
+from speccascade_fast.backends import reference
+
+from ..helpers import assert_same_up_to_near_ties
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+DEV = "cuda"
+GAMMA = 5
+ALPHA = {
+    "spec": None, "drafter": None, "chow": 0.3, "chow_log": 1.0, "diff": 0.05, "diff_log": 0.2,
+    "opt": 0.5, "opt_log": 0.5, "token_v1": 0.05, "token_v2": 0.1, "token_v3": 0.3,
+    "lossy": 0.3, "lossy_star": 0.3, "bild": 1.5,
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def llm_block(B, V, seed, *, T=0.7, cascade=True, dtype=torch.bfloat16, mask=False):
+    """LLM-like logits on the GPU (a broad bulk plus a few likely tokens both models partly
+    share), drafts drawn from the drafter's qT."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    shape = (B, GAMMA + 1, V)
+    shared = torch.randn(shape, generator=g, device=DEV) * 2.5
+    top = torch.randint(0, V, (B, GAMMA + 1, min(16, V)), generator=g, device=DEV)
+    shared.scatter_add_(-1, top, torch.full(top.shape, 9.0, device=DEV))
+    q = shared + torch.randn(shape, generator=g, device=DEV)
+    p = shared + torch.randn(shape, generator=g, device=DEV)
+    if mask:
+        for x in (q, p):
+            m = torch.rand(shape, generator=g, device=DEV) < 0.15
+            m[..., 0] = False  # every row keeps a finite logit
+            x.masked_fill_(m, float("-inf"))
+    q, p = q.to(dtype), p.to(dtype)
+    temps = torch.as_tensor(T, dtype=torch.float64, device=DEV).expand(B)
+    x = sc.sample(q[:, :GAMMA], temperature=temps, seed=torch.arange(B, device=DEV) + seed)
+    return (q if cascade else q[:, :GAMMA].contiguous()), x, p
+
+
+def args_for(rule, T, B, seed):
+    return dict(
+        rule=rule,
+        alpha=checks.alpha_tensor(ALPHA[rule], (B,), DEV).contiguous(),
+        temperature=checks.temperature(torch.as_tensor(T, dtype=torch.float64), (B,),
+                                       DEV).contiguous(),
+        seed=torch.arange(B, dtype=torch.int64, device=DEV) * 31 + seed,
+        positions=torch.arange(B, dtype=torch.int64, device=DEV) * 17 + 1000,
+    )
+
+
+def check(q, x, p, args):
+    from speccascade_fast.backends import cuda
+
+    assert cuda.is_available(DEV), "the CUDA extension is not built (setup.py with a CUDA torch)"
+    got = cuda.verify(q, x, p, top_k=None, top_p=None, **args)
+    torch.cuda.synchronize()
+    want = reference.verify(q, x, p, top_k=None, top_p=None, **args)
+    assert_same_up_to_near_ties(got, want, q, x, p, args, who="cuda", trials=8)
+    return got
+
+
+def test_auto_offers_cuda_for_cuda_tensors():
+    from speccascade_fast import backends
+
+    assert "cuda" in backends.available(torch.device(DEV))
+    assert "cuda" not in backends.available(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("B", [1, 8])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("T", [0.0, 0.7, 1.0])
+@pytest.mark.parametrize("rule", sc.RULES)
+def test_qwen_vocabulary_matches_reference(rule, T, dtype, B):
+    seed = 100 * sc.RULES.index(rule) + 10 * list(DTYPES).index(dtype) + B
+    q, x, p = llm_block(B, 151936, seed, T=T, dtype=DTYPES[dtype])
+    check(q, x, p, args_for(rule, T, B, seed))
+
+
+@pytest.mark.parametrize("B", [1, 8])
+@pytest.mark.parametrize("T", [0.0, 0.7, 1.0])
+@pytest.mark.parametrize("rule", sc.RULES)
+def test_largest_vocabulary(rule, T, B):
+    seed = 7 + sc.RULES.index(rule) + B
+    q, x, p = llm_block(B, 262144, seed, T=T, dtype=torch.bfloat16)
+    check(q, x, p, args_for(rule, T, B, seed))
+
+
+@pytest.mark.parametrize("V", [1, 5, 1000, 32000, 50257])
+@pytest.mark.parametrize("rule", sc.RULES)
+def test_small_and_odd_vocabularies_with_masked_tokens(rule, V):
+    q, x, p = llm_block(3, V, V + 1, T=1.0, dtype=torch.float32, mask=V > 1)
+    check(q, x, p, args_for(rule, 1.0, 3, V))
+
+
+@pytest.mark.parametrize("rule", sc.RULES)
+def test_verifier_bonus_mixed_temperatures_fp16(rule):
+    B = 8
+    q, x, p = llm_block(B, 151936, 99, T=1.0, cascade=False, dtype=torch.float16)
+    check(q, x, p, args_for(rule, [0.0, 0.5, 0.7, 1.0, 1.0, 1.3, 0.0, 2.0], B, 99))
+
+
+@pytest.mark.parametrize("rule", ["spec", "opt", "token_v3", "lossy_star", "bild"])
+def test_public_api_and_mixed_dtypes(rule):
+    B = 4
+    q, x, p = llm_block(B, 151936, 5, T=0.7, dtype=torch.float32)
+    p = p.to(torch.bfloat16)
+    args = args_for(rule, 0.7, B, 5)
+    got = sc.verify(q, x, p, backend="cuda", **args)
+    want = reference.verify(q, x, p, top_k=None, top_p=None, **args)
+    assert_same_up_to_near_ties(got, want, q, x, p, args, who="cuda", trials=8)
+
+
+@pytest.mark.parametrize("rule", ["spec", "opt", "token_v3", "lossy_star"])
+def test_cuda_graph_capture_and_replay(rule):
+    from speccascade_fast.backends import cuda
+
+    B = 8
+    q, x, p = llm_block(B, 151936, 7)
+    args = args_for(rule, 0.7, B, 7)
+
+    def run():
+        return cuda.verify(q, x, p, top_k=None, top_p=None, **args)
+
+    eager = run()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs recommends
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(static_out, eager))
+
+    q2, x2, p2 = llm_block(B, 151936, 8)
+    q.copy_(q2)
+    p.copy_(p2)
+    x.copy_(x2)
+    args["seed"].add_(1000)
+    args["positions"].add_(5)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = reference.verify(q, x, p, top_k=None, top_p=None, **args)
+    assert_same_up_to_near_ties(static_out, want, q, x, p, args, who="cuda", trials=8)

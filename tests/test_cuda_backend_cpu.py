@@ -1,0 +1,89 @@
+"""What can be checked of the "cuda" verification backend without a GPU (the kernels themselves
+run in tests/gpu/test_cuda_backend.py):
+
+* on the CPU it is never offered, and asking for it is a clear ValueError naming it;
+* calls it does not cover (top-k/top-p, fp64) go to the reference before any device check,
+  exactly as in the cpu backend;
+* the rule ids compiled into csrc/cuda (the enum of verify.cu, the name table of
+  verify_cuda.cpp) are speccascade_fast.rules.RULES in order, as the Python side sends
+  ``RULES.index(rule)``.
+"""
+from __future__ import annotations
+
+import pathlib
+import re
+
+import pytest
+import torch
+
+import speccascade_fast as sc
+from speccascade_fast import backends
+from speccascade_fast.backends import cuda, reference
+
+CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+
+
+def _block(B=2, gamma=3, V=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, gamma + 1, V, generator=g)
+    p = torch.randn(B, gamma + 1, V, generator=g)
+    x = torch.randint(0, V, (B, gamma), generator=g)
+    return q, x, p
+
+
+def test_not_available_on_cpu():
+    assert "cuda" not in backends.available()
+    assert "cuda" not in backends.available(torch.device("cpu"))
+    assert not cuda.is_available(None)
+    assert not cuda.is_available("cpu")
+    if not torch.cuda.is_available():
+        assert not cuda.is_available("cuda")
+
+
+def test_verify_with_backend_cuda_on_cpu_tensors_is_a_value_error():
+    q, x, p = _block()
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        sc.verify(q, x, p, rule="token_v3", alpha=0.3, backend="cuda")
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        sc.verify_ragged(q[0, :3], x[0], p[0], torch.tensor([0, 3]), rule="spec",
+                         backend="cuda")
+
+
+def test_module_rejects_cpu_tensors_by_name():
+    q, x, p = _block()
+    args = dict(rule="spec", alpha=torch.zeros(2, dtype=torch.float64),
+                temperature=torch.ones(2, dtype=torch.float64), top_k=None, top_p=None,
+                seed=torch.arange(2), positions=torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+        cuda.verify(q, x, p, **args)
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=5), dict(top_p=0.9), dict(dtype=torch.float64)])
+def test_uncovered_calls_go_to_the_reference(kw):
+    q, x, p = _block(seed=3)
+    dtype = kw.pop("dtype", None)
+    if dtype is not None:
+        q, p = q.to(dtype), p.to(dtype)
+    args = dict(rule="token_v2", alpha=torch.full((2,), 0.2, dtype=torch.float64),
+                temperature=torch.full((2,), 0.7, dtype=torch.float64),
+                top_k=kw.get("top_k"), top_p=kw.get("top_p"),
+                seed=torch.tensor([5, 6]), positions=torch.tensor([0, 9]))
+    got = cuda.verify(q, x, p, **args)
+    want = reference.verify(q, x, p, **args)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_compiled_rule_ids_follow_rules_in_order():
+    cpp = (CSRC / "verify_cuda.cpp").read_text()
+    table = re.search(r"kRuleNamesCuda\[\]\s*=\s*\{(.*?)\};", cpp, re.S).group(1)
+    assert tuple(re.findall(r'"(\w+)"', table)) == sc.RULES
+
+    cu = (CSRC / "verify.cu").read_text()
+    enum = re.search(r"enum Rule : int \{(.*?)\};", cu, re.S).group(1)
+    names = [n.strip() for n in enum.split(",") if n.strip()]
+    assert names[-1] == "kNumRules"
+
+    def camel(rule):
+        return "k" + "".join(w.capitalize() for w in rule.split("_"))
+
+    assert names[:-1] == [camel(r) for r in sc.RULES]
