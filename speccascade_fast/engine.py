@@ -102,6 +102,13 @@ class _Config:
     seq_score: str
     backend: str
 
+    @property
+    def bonus_step(self) -> bool:
+        """Whether a block runs the drafter at the bonus position: ``bonus="cascade"`` needs q
+        there, except under ``spec``, whose bonus law is pT whatever q is (the verification
+        then draws the same token without it)."""
+        return self.bonus == "cascade" and self.rule != "spec"
+
     def draw(self, logits: torch.Tensor, seed: int, position: int) -> int:
         """One token from ``softmax(logits / T)`` (truncated), ``logits`` ``[1, V]``."""
         x = sample(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
@@ -235,7 +242,7 @@ def speculative_block(q: _CachedModel, p: _CachedModel, seq: _Sequence, cfg: _Co
     """Draft, score, verify, accept, roll back: one block of the speculative cascade."""
     t = seq.length
     gamma = min(cfg.gamma, seq.remaining)  # never draft past the budget
-    drafts, q_logits = draft(q, seq, gamma, cfg.bonus == "cascade", cfg)
+    drafts, q_logits = draft(q, seq, gamma, cfg.bonus_step, cfg)
     p_logits = score(p, seq, drafts)
     out = verify(q_logits, drafts, p_logits, rule=cfg.rule, alpha=cfg.alpha,
                  temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,

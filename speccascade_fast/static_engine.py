@@ -289,7 +289,7 @@ class Engine:
             rows.tokens.scatter_(1, (t + j)[:, None], x[:, None])
             q_rows.append(logits)
             drafts.append(x)
-        if cfg.bonus == "cascade":
+        if cfg.bonus_step:
             q_rows.append(q.logits(rows.tokens, [n + gamma for n in L], 1)[:, 0])
         p_logits = p.logits(rows.tokens, [n + gamma for n in L], gamma + 1)
         drafts = torch.stack(drafts, dim=1)
@@ -299,7 +299,7 @@ class Engine:
         # the block's one device-to-host read
         host = torch.cat([out.num_accepted[:, None], out.tokens, drafts,
                           out.deferred.to(torch.int64)], dim=1).tolist()
-        drafter_calls = gamma + (cfg.bonus == "cascade")
+        drafter_calls = gamma + cfg.bonus_step
         last = []
         for b, row in enumerate(host):
             a = row[0]

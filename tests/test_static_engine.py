@@ -83,6 +83,19 @@ def test_static_equals_sequential(pair, kw, with_eos):
         assert len(static.new_tokens[0]) <= 8 and len(static.new_tokens[2]) <= 13
 
 
+@pytest.mark.parametrize("engine", ["static", "sequential"])
+def test_spec_skips_the_bonus_drafter_step(pair, engine):
+    """Under ``spec`` the bonus law is pT whatever q is: ``bonus="cascade"`` runs no extra
+    drafter step and draws exactly the tokens of ``bonus="verifier"``."""
+    ids, mask = left_padded(PROMPTS)
+    kw = dict(rule="spec", temperature=1.0, gamma=3, max_new_tokens=20, seed=4, eos_token_id=[],
+              engine=engine)
+    cascade = generate(*pair, ids, attention_mask=mask, bonus="cascade", **kw)
+    verifier = generate(*pair, ids, attention_mask=mask, bonus="verifier", **kw)
+    assert cascade.new_tokens == verifier.new_tokens
+    assert cascade.stats["drafter_calls"] == verifier.stats["drafter_calls"]
+
+
 def test_batch_equals_single_with_per_sequence_settings(pair):
     """Per-sequence seed, temperature, alpha and budget; a row's tokens are its own."""
     engine = Engine(*pair, max_batch_size=3, max_seq_len=48, rule="token_v3", gamma=4)
