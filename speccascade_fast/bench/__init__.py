@@ -1,0 +1,1 @@
+"""End-to-end benchmarks (``speccascade bench``); the microbenchmarks live in ``bench/``."""

@@ -1,0 +1,81 @@
+"""``speccascade bench``: the end-to-end benchmark of :mod:`speccascade_fast.bench.e2e`.
+
+    speccascade bench                                   # the default pair, 5 prompts, 128 tokens
+    speccascade bench --prompts 2 --max-new-tokens 32 --no-hf --out /tmp/b
+    speccascade bench --batch 1 --no-hf --configs verifier,spec-greedy --int8-drafter
+
+Prints a markdown table and, with ``--out DIR``, writes ``DIR/e2e.json`` and ``DIR/e2e.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+
+def add_bench_subcommand(subparsers) -> argparse.ArgumentParser:
+    from ..models import DEFAULT_DRAFTER, DEFAULT_VERIFIER
+    from . import e2e
+
+    p = subparsers.add_parser(
+        "bench", help="end-to-end decoding speed against Hugging Face generate",
+        description="Decode HumanEval prompts with our engine (verifier alone, drafter alone, "
+                    "spec and token_v3 cascades, batch 1 and --batch) and with Hugging Face "
+                    "generate (verifier alone, assisted generation), in one process; print "
+                    "tokens/s, tokens per verifier call, the step-cost ratio c and the ratios.")
+    p.add_argument("--drafter", default=DEFAULT_DRAFTER)
+    p.add_argument("--verifier", default=DEFAULT_VERIFIER)
+    p.add_argument("--prompts", type=int, default=5, help="HumanEval prompts (default: 5)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch", type=int, default=4, help="the batched runs' size (default: 4)")
+    p.add_argument("--gamma", type=int, default=5)
+    p.add_argument("--alpha", type=float, default=0.3, help="token_v3's alpha (default: 0.3)")
+    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baselines")
+    p.add_argument("--configs", default=",".join(e2e.CONFIGS),
+                   help="comma-separated subset of our configurations (default: all of "
+                        f"{','.join(e2e.CONFIGS)}; 'verifier' always runs)")
+    p.add_argument("--int8-drafter", action="store_true",
+                   help="also measure a weight-only int8 copy of the drafter")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", default=None, help="folder for e2e.json and e2e.md")
+    p.add_argument("--from-json", default=None, metavar="E2E_JSON",
+                   help="measure nothing: print the table of a saved run (its e2e.json)")
+    p.set_defaults(func=bench_command)
+    return p
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import models
+    from . import e2e
+
+    for name in ("prompts", "max_new_tokens", "batch", "gamma"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    if args.from_json:
+        print(e2e.markdown(e2e.from_json(pathlib.Path(args.from_json).read_text())))
+        return 0
+    configs = tuple(c for c in args.configs.split(",") if c)
+    unknown = set(configs) - set(e2e.CONFIGS)
+    if unknown:
+        raise SystemExit(f"--configs: unknown {sorted(unknown)}; choose from "
+                         f"{','.join(e2e.CONFIGS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    drafter, verifier, tokenizer = models.load_pair(args.drafter, args.verifier,
+                                                    dtype=getattr(torch, args.dtype))
+    result = e2e.run(drafter, verifier, tokenizer, n_prompts=args.prompts,
+                     max_new_tokens=args.max_new_tokens, batch=args.batch, gamma=args.gamma,
+                     alpha=args.alpha, with_hf=not args.no_hf, configs=configs,
+                     int8_drafter=args.int8_drafter,
+                     progress=lambda s: print(s, file=sys.stderr, flush=True))
+    table = e2e.markdown(result)
+    print(table)
+    if args.out:
+        out = pathlib.Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "e2e.json").write_text(e2e.to_json(result))
+        (out / "e2e.md").write_text(table + "\n")
+    return 0

@@ -1,0 +1,394 @@
+"""End-to-end decoding benchmark: our engine against Hugging Face ``generate`` on one machine.
+
+:func:`run` measures, in one process and one run, on the same prompts (HumanEval's first ``n``
+by default) and the same number of new tokens per prompt (EOS does not stop anyone, so every
+configuration decodes exactly the same amount):
+
+* ``ours:*``  - :class:`speccascade_fast.Engine` at batch 1 and at batch ``B`` (the prompts in
+  chunks of ``B``): the verifier alone, the drafter alone, lossless speculative decoding
+  (``spec``, greedy and sampling) and ``token_v3`` cascades;
+* ``hf:*``    - ``verifier.generate`` alone, and assisted generation with the same drafter
+  (``assistant_model``, ``num_assistant_tokens=gamma``, constant schedule, no confidence
+  cut-off), greedy and sampling. HF cannot batch assisted generation, so its batch-``B``
+  throughput is its batch-1 run (the same prompts one after another);
+* the step costs: one drafter step ``t_q``, one verifier step ``t_p`` and one verifier call on
+  ``gamma + 1`` tokens ``t_p(gamma+1)``, each the median of repeated calls at the prompts'
+  context: ``c = t_q / t_p`` bounds every method's speed-up.
+
+For each speculative configuration at batch 1 it reports the speed-up over the verifier alone in
+the same engine and the speed-up Leviathan et al.'s cost model predicts from the measured tokens
+per block ``E`` and step costs, ``E / (gamma c + r)`` with ``r = t_p(gamma+1) / t_p`` (plus ``c``
+when the block runs the bonus drafter step): their ratio is the engine's efficiency (1.0 = no
+overhead beyond the model calls). It also lists the tokens per block the i.i.d. formula
+``(1 - a^(gamma+1)) / (1 - a)`` would give for the measured acceptance rate ``a``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..static_engine import Engine
+
+
+@dataclass
+class Row:
+    """One measured configuration."""
+
+    name: str
+    batch: int
+    tokens: int
+    wall_s: float
+    verifier_calls: int | None = None
+    acceptance_rate: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s
+
+    @property
+    def tokens_per_verifier_call(self) -> float | None:
+        return self.tokens / self.verifier_calls if self.verifier_calls else None
+
+
+def humaneval_prompts(tokenizer, n: int) -> list[torch.Tensor]:
+    """The first ``n`` HumanEval prompts (raw code completion), tokenized, each ``[P]``."""
+    from ..eval.tasks.humaneval import HumanEval
+
+    task = HumanEval()
+    return [tokenizer(task.build_prompt(ex), return_tensors="pt").input_ids[0]
+            for ex in task.examples(n)]
+
+
+def _left_pad(prompts, pad: int):
+    width = max(p.numel() for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.int64)
+    mask = torch.zeros((len(prompts), width), dtype=torch.int64)
+    for b, p in enumerate(prompts):
+        ids[b, width - p.numel():] = p
+        mask[b, width - p.numel():] = 1
+    return ids, mask
+
+
+def _chunks(items, size):
+    return [items[i: i + size] for i in range(0, len(items), size)]
+
+
+def run_ours(name, drafter, verifier, prompts, *, batch, max_new_tokens, pad, **settings) -> Row:
+    """Our engine on ``prompts`` in chunks of ``batch`` (one Engine, built before the clock)."""
+    longest = max(p.numel() for p in prompts)
+    engine = Engine(drafter, verifier, max_batch_size=batch,
+                    max_seq_len=longest + max_new_tokens, **settings)
+    tokens = calls = accepted = drafted = 0
+    outputs = []
+    start = time.perf_counter()
+    for chunk in _chunks(prompts, batch):
+        ids, mask = _left_pad(chunk, pad)
+        out = engine.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                              eos_token_id=[], seed=list(range(len(chunk))))
+        tokens += out.stats["tokens"]
+        calls += out.stats["verifier_calls"]
+        accepted += out.stats["accepted"]
+        drafted += out.stats["drafted"]
+        outputs += out.new_tokens
+    wall = time.perf_counter() - start
+    row = Row(name, batch, tokens, wall, calls or None, accepted / drafted if drafted else None)
+    row.extra["outputs"] = outputs
+    return row
+
+
+class _CallCounter:
+    """Counts a model's forward calls (a hook; removed on exit)."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def __enter__(self):
+        self.handle = self.model.register_forward_pre_hook(self._hook)
+        return self
+
+    def _hook(self, *_):
+        self.calls += 1
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def run_hf(name, verifier, prompts, *, max_new_tokens, assistant=None, gamma=5,
+           temperature=0.0) -> Row:
+    """HF ``generate`` on each prompt in turn (EOS disabled: exactly ``max_new_tokens``)."""
+    config = copy.deepcopy(verifier.generation_config)
+    config.eos_token_id = None
+    config.max_new_tokens = max_new_tokens
+    config.min_new_tokens = None
+    config.do_sample = temperature > 0
+    config.temperature = temperature if temperature > 0 else None
+    config.top_k, config.top_p = (None, None)
+    if config.pad_token_id is None:
+        config.pad_token_id = 0
+    kwargs = {}
+    saved = None
+    if assistant is not None:
+        # HF reads the drafting schedule from the ASSISTANT's generation config
+        kwargs["assistant_model"] = assistant
+        saved = assistant.generation_config
+        assistant.generation_config = copy.deepcopy(saved)
+        for gc in (config, assistant.generation_config):
+            gc.num_assistant_tokens = gamma
+            gc.num_assistant_tokens_schedule = "constant"
+            gc.assistant_confidence_threshold = 0.0
+    tokens, outputs = 0, []
+    try:
+        with _CallCounter(verifier) as counter:
+            start = time.perf_counter()
+            for b, prompt in enumerate(prompts):
+                torch.manual_seed(b)
+                ids = prompt[None]
+                out = verifier.generate(ids, attention_mask=torch.ones_like(ids),
+                                        generation_config=config, **kwargs)
+                new = out[0, ids.shape[1]:].tolist()
+                tokens += len(new)
+                outputs.append(new)
+            wall = time.perf_counter() - start
+    finally:
+        if saved is not None:
+            assistant.generation_config = saved
+    row = Row(name, 1, tokens, wall, counter.calls)
+    row.extra["outputs"] = outputs
+    return row
+
+
+def step_costs(drafter, verifier, prompt, gamma: int, repeats: int = 9) -> dict:
+    """Median seconds of one drafter step, one verifier step and one verifier call on
+    ``gamma + 1`` tokens, at the context of ``prompt`` (the caches are filled once; every timed
+    call then writes the same slots again)."""
+    engine = Engine(drafter, verifier, max_batch_size=1, max_seq_len=prompt.numel() + gamma + 1,
+                    gamma=gamma, temperature=0.0)
+    tokens = torch.zeros(1, engine.slots, dtype=torch.int64)
+    tokens[0, : prompt.numel()] = prompt
+    P = prompt.numel()
+
+    def timed(m, k):
+        times = []
+        for _ in range(repeats):
+            m.seen = [P - 1]
+            start = time.perf_counter()
+            m.logits(tokens, [P - 1 + k], k)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    with torch.inference_mode():
+        for m in (engine.q, engine.p):
+            m.seen = [0]
+            m.logits(tokens, [P - 1], 1)  # prefill
+        t_q, t_p, t_block = timed(engine.q, 1), timed(engine.p, 1), timed(engine.p, gamma + 1)
+    return {"t_q_s": t_q, "t_p_s": t_p, "t_p_block_s": t_block, "c": t_q / t_p,
+            "r": t_block / t_p}
+
+
+def predicted_speedup(tokens_per_block: float, gamma: int, c: float, r: float,
+                      bonus_step: bool = False) -> float:
+    """Leviathan et al.'s cost model with the measured tokens per block: a block costs
+    ``gamma`` drafter steps (+1 with the bonus step), i.e. ``gamma c (+ c)``, plus one verifier
+    call, ``r``, in units of one verifier step, and emits ``tokens_per_block`` tokens. The
+    speed-up over the verifier alone an engine without overhead would reach."""
+    return tokens_per_block / (gamma * c + r + (c if bonus_step else 0.0))
+
+
+def iid_tokens_per_block(acceptance: float, gamma: int) -> float:
+    """Leviathan et al.'s expected tokens per block, ``(1 - a^(gamma+1)) / (1 - a)``, if every
+    draft were accepted independently with probability ``a`` (real acceptance comes in runs, so
+    measured blocks usually emit more)."""
+    a = min(acceptance, 1 - 1e-12)
+    return (1 - a ** (gamma + 1)) / (1 - a)
+
+
+#: our configurations: key -> (row name, Engine settings); ``{alpha}`` is filled in by run()
+CONFIGS = {
+    "verifier": ("ours:verifier", dict(method="autoregressive", temperature=0.0)),
+    "drafter": ("ours:drafter", dict(method="drafter_only", temperature=0.0)),
+    "spec-greedy": ("ours:spec greedy", dict(rule="spec", temperature=0.0)),
+    "spec-t1": ("ours:spec T=1", dict(rule="spec", temperature=1.0)),
+    "token_v3-greedy": ("ours:token_v3 a={alpha} greedy", dict(rule="token_v3", temperature=0.0)),
+    "token_v3-t1": ("ours:token_v3 a={alpha} T=1", dict(rule="token_v3", temperature=1.0)),
+}
+#: the configurations re-run with the int8 drafter
+INT8_CONFIGS = ("drafter", "spec-greedy", "token_v3-t1")
+
+
+def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new_tokens=128,
+        batch=4, gamma=5, alpha=0.3, with_hf=True, configs=tuple(CONFIGS), int8_drafter=False,
+        progress=print) -> dict:
+    """The whole benchmark; returns ``{"rows", "costs", "settings", "machine"}``.
+
+    ``prompts``: token tensors ``[P]`` (default: the first ``n_prompts`` HumanEval prompts,
+    tokenized with ``tokenizer``). ``configs``: keys of :data:`CONFIGS` to run (``verifier`` is
+    always run: it is every ratio's baseline). ``int8_drafter``: also measure a weight-only int8
+    copy of the drafter (:func:`speccascade_fast.quantize.int8_weight_only`): its step cost and
+    the :data:`INT8_CONFIGS` rows at batch 1."""
+    unknown = set(configs) - set(CONFIGS)
+    if unknown:
+        raise ValueError(f"unknown configs {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
+    if prompts is None:
+        prompts = humaneval_prompts(tokenizer, n_prompts)
+    n_prompts = len(prompts)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = 0 if pad is None else pad
+    common = dict(max_new_tokens=max_new_tokens, pad=pad)
+    keys = ["verifier", *[k for k in CONFIGS if k in configs and k != "verifier"]]
+    rows: list[Row] = []
+
+    def add(row: Row):
+        rows.append(row)
+        tpc = row.tokens_per_verifier_call
+        progress(f"{row.name:32s} batch {row.batch}: {row.tokens_per_s:6.2f} tok/s"
+                 + (f", {tpc:.2f} tokens/verifier call" if tpc else ""))
+
+    def ours(key, q, batch, suffix=""):
+        name, settings = CONFIGS[key]
+        settings = dict(settings)
+        if "rule" in settings:
+            settings["gamma"] = gamma
+        if settings.get("rule") == "token_v3":
+            settings["alpha"] = alpha
+        add(run_ours(name.format(alpha=alpha) + suffix, q, verifier, prompts, batch=batch,
+                     **common, **settings))
+
+    costs = step_costs(drafter, verifier, prompts[0], gamma)
+    _say_costs(progress, "drafter", costs)
+    for key in keys:
+        ours(key, drafter, 1)
+    if with_hf:
+        add(run_hf("hf:verifier greedy", verifier, prompts, max_new_tokens=max_new_tokens))
+        add(run_hf("hf:assisted greedy", verifier, prompts, max_new_tokens=max_new_tokens,
+                   assistant=drafter, gamma=gamma))
+        add(run_hf("hf:assisted T=1", verifier, prompts, max_new_tokens=max_new_tokens,
+                   assistant=drafter, gamma=gamma, temperature=1.0))
+    if batch > 1:
+        for key in keys:
+            if key != "drafter":
+                ours(key, drafter, batch)
+    if int8_drafter:
+        from ..quantize import int8_weight_only
+
+        q8 = int8_weight_only(copy.deepcopy(drafter))
+        costs["int8"] = step_costs(q8, verifier, prompts[0], gamma)
+        _say_costs(progress, "int8 drafter", costs["int8"])
+        for key in INT8_CONFIGS:
+            ours(key, q8, 1, suffix=" (int8 drafter)")
+    return {"rows": rows, "costs": costs, "settings": dict(
+        n_prompts=n_prompts, max_new_tokens=max_new_tokens, batch=batch, gamma=gamma,
+        alpha=alpha), "machine": machine()}
+
+
+def _say_costs(progress, what, c):
+    progress(f"step costs ({what}): t_q {c['t_q_s'] * 1e3:.1f} ms, t_p {c['t_p_s'] * 1e3:.1f} ms, "
+             f"t_p(gamma+1) {c['t_p_block_s'] * 1e3:.1f} ms: c = {c['c']:.3f}, r = {c['r']:.3f}")
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def summarize(result: dict) -> list[dict]:
+    """Per row: tok/s, tokens per verifier call, speed-ups against the verifier alone (ours, same
+    batch), HF's verifier alone and HF assisted (same sampling), and for our speculative rows
+    the Leviathan prediction and the efficiency."""
+    rows: list[Row] = result["rows"]
+    costs, gamma = result["costs"], result["settings"]["gamma"]
+    by = {(r.name, r.batch): r for r in rows}
+    hf = {r.name: r for r in rows if r.name.startswith("hf:")}
+    out = []
+    for r in rows:
+        base = by.get(("ours:verifier", r.batch))
+        d = {"name": r.name, "batch": r.batch, "tokens": r.tokens, "wall_s": round(r.wall_s, 2),
+             "tokens_per_s": round(r.tokens_per_s, 3),
+             "tokens_per_verifier_call": _round(r.tokens_per_verifier_call),
+             "acceptance_rate": _round(r.acceptance_rate)}
+        if base is not None:
+            d["vs_ours_verifier"] = _round(r.tokens_per_s / base.tokens_per_s)
+        if "hf:verifier greedy" in hf:
+            d["vs_hf_verifier"] = _round(r.tokens_per_s / hf["hf:verifier greedy"].tokens_per_s)
+        assisted = hf.get("hf:assisted T=1" if "T=1" in r.name else "hf:assisted greedy")
+        if assisted is not None:
+            d["vs_hf_assisted"] = _round(r.tokens_per_s / assisted.tokens_per_s)
+        if r.name.startswith("ours:") and r.acceptance_rate is not None and r.batch == 1:
+            k = costs["int8"] if "int8" in r.name else costs
+            pred = predicted_speedup(r.tokens_per_verifier_call, gamma, k["c"], k["r"],
+                                     bonus_step="spec" not in r.name)
+            d["predicted"] = _round(pred)
+            d["iid_tokens_per_block"] = _round(iid_tokens_per_block(r.acceptance_rate, gamma))
+            if base is not None:
+                d["efficiency"] = _round(d["vs_ours_verifier"] / pred)
+        out.append(d)
+    return out
+
+
+def _round(x, n=3):
+    return None if x is None else round(float(x), n)
+
+
+def greedy_agreement(result: dict) -> dict:
+    """How many greedy prompts' outputs equal the verifier's greedy output (ours), exactly."""
+    rows = {(r.name, r.batch): r for r in result["rows"]}
+    ref = rows.get(("ours:verifier", 1))
+    if ref is None:
+        return {}
+    out = {}
+    for (name, batch), r in rows.items():
+        if "greedy" in name and ("spec" in name or name.startswith("hf:")):
+            same = sum(a == b for a, b in zip(r.extra["outputs"], ref.extra["outputs"]))
+            out[f"{name} (batch {batch})"] = f"{same}/{len(ref.extra['outputs'])}"
+    return out
+
+
+def markdown(result: dict) -> str:
+    s = summarize(result)
+    cols = ["name", "batch", "tokens_per_s", "tokens_per_verifier_call", "acceptance_rate",
+            "vs_ours_verifier", "vs_hf_verifier", "vs_hf_assisted", "predicted", "efficiency"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for d in s:
+        lines.append("| " + " | ".join("" if d.get(c) is None else str(d.get(c))
+                                       for c in cols) + " |")
+    lines.append("")
+    for what, c in (("drafter", result["costs"]), ("int8 drafter", result["costs"].get("int8"))):
+        if c is not None:
+            lines.append(f"Step costs at the first prompt's context ({what}): drafter step "
+                         f"{c['t_q_s'] * 1e3:.1f} ms, verifier step {c['t_p_s'] * 1e3:.1f} ms, "
+                         f"verifier call on gamma+1 tokens {c['t_p_block_s'] * 1e3:.1f} ms: "
+                         f"c = {c['c']:.3f}, r = {c['r']:.3f}.")
+    agree = greedy_agreement(result)
+    if agree:
+        lines.append("Greedy outputs equal to our verifier-alone greedy output: "
+                     + ", ".join(f"{k}: {v}" for k, v in agree.items()) + ".")
+    return "\n".join(lines)
+
+
+def from_json(text: str) -> dict:
+    """A result written by :func:`to_json`, ready for :func:`markdown` again."""
+    data = json.loads(text)
+    rows = []
+    for d in data["rows"]:
+        d = {k: v for k, v in d.items() if k != "tokens_per_s"}
+        rows.append(Row(**d))
+    return {"rows": rows, "costs": data["costs"], "settings": data["settings"],
+            "machine": data["machine"]}
+
+
+def to_json(result: dict) -> str:
+    rows = []
+    for r in result["rows"]:
+        d = asdict(r)
+        d["tokens_per_s"] = r.tokens_per_s
+        rows.append(d)
+    return json.dumps({"rows": rows, "summary": summarize(result), "costs": result["costs"],
+                       "settings": result["settings"], "machine": result["machine"],
+                       "greedy_agreement": greedy_agreement(result)}, indent=1)
