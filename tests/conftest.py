@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 
 def _decorate_triton_for_the_interpreter() -> None:
     import torch
@@ -38,3 +40,16 @@ def pytest_report_header(config):
     if _ext.HAS_CPU_EXT:
         return f"speccascade_fast._C: loaded (CUDA kernels: {_ext.HAS_CUDA_EXT})"
     return f"speccascade_fast._C: NOT loaded ({_ext.IMPORT_ERROR})"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for cores):
+    a module opts in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+

@@ -135,3 +135,60 @@ def assert_same_up_to_near_ties(got, want, q, x, p, args, who="triton", trials=1
         assert near_tie(q, x, p, args, row, trials), f"row {row} differs ({who}, reference): {detail}"
         warnings.warn(f"floating-point near-tie allowed at row {row}: {detail}", stacklevel=2)
     assert len(bad) <= 1, f"{len(bad)} near-ties in one call is implausible: rows {bad}"
+
+
+def noisy_drafter(verifier, seed: int, noise: float):
+    """A drafter for ``verifier``: a copy whose LM head gets Gaussian noise (``noise`` x the head's
+    std, drawn with ``seed``), so the pair agrees often but not always."""
+    import copy
+
+    drafter = copy.deepcopy(verifier)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        w = drafter.lm_head.weight
+        w.add_(torch.randn(w.shape, generator=g) * noise * w.std())
+    return drafter
+
+
+def graph_replay_check(run, q, x, p, args, new_inputs, reference_verify, **compare):
+    """CUDA-graph safety of a verification call ``run()`` reading ``q, x, p, args``: captured
+    once, its replay equals the eager call; then with ``new_inputs = (q2, x2, p2)`` copied into
+    the captured buffers (and new seeds / positions) the replay equals ``reference_verify``'s
+    answer for them, up to near-ties (``compare``: passed to assert_same_up_to_near_ties)."""
+    eager = run()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs recommends
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(static_out, eager))
+
+    for buf, new in zip((q, x, p), new_inputs):
+        buf.copy_(new)
+    args["seed"].add_(1000)
+    args["positions"].add_(5)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = reference_verify(q, x, p, top_k=None, top_p=None, **args)
+    assert_same_up_to_near_ties(static_out, want, q, x, p, args, **compare)
+
+
+def verify_args(rule, alpha, T, B, seed, device):
+    """Per-row keyword arguments of a backend's ``verify`` (validated, normalised ``[B]``
+    tensors on ``device``): alpha and T broadcast, distinct seeds and positions per row."""
+    from speccascade_fast import checks
+
+    return dict(
+        rule=rule,
+        alpha=checks.alpha_tensor(alpha, (B,), device).contiguous(),
+        temperature=checks.temperature(torch.as_tensor(T, dtype=torch.float64), (B,),
+                                       device).contiguous(),
+        seed=torch.arange(B, dtype=torch.int64, device=device) * 31 + seed,
+        positions=torch.arange(B, dtype=torch.int64, device=device) * 17 + 1000,
+    )
+

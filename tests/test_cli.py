@@ -12,7 +12,9 @@ import torch
 
 from speccascade_fast import cli
 
-from .test_engine import _one_thread, tiny_pair  # noqa: F401  (fixture)
+from .test_engine import tiny_pair
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 WORDS = ["<pad>", "<unk>", "<eos>", "go"] + [f"w{i}" for i in range(44)]
 REPO = Path(__file__).resolve().parents[1]

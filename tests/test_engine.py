@@ -14,8 +14,6 @@ bonus tokens to happen (two independent random models almost never agree).
 """
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
@@ -23,16 +21,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForCondition
 from speccascade_fast import target_distribution
 from speccascade_fast.engine import DEFAULT_ALPHA, generate
 
-from .helpers import chi2_pvalue
+from .helpers import chi2_pvalue, noisy_drafter
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_pair(V=64, seed=0, init=0.3, noise=0.6, layers=2, hidden=32, max_pos=256):
@@ -44,12 +35,7 @@ def tiny_pair(V=64, seed=0, init=0.3, noise=0.6, layers=2, hidden=32, max_pos=25
         initializer_range=init, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     torch.manual_seed(seed)
     verifier = LlamaForCausalLM(cfg).eval()
-    drafter = copy.deepcopy(verifier)
-    g = torch.Generator().manual_seed(seed + 1000)
-    with torch.no_grad():
-        w = drafter.lm_head.weight
-        w.add_(torch.randn(w.shape, generator=g) * noise * w.std())
-    return drafter, verifier
+    return noisy_drafter(verifier, seed + 1000, noise), verifier
 
 
 PROMPTS = [[3, 5, 7, 9], [1, 2], [10, 20, 30, 40, 50, 60, 11]]
@@ -404,12 +390,7 @@ def t5_pair():
                    initializer_factor=3.0)
     torch.manual_seed(0)
     verifier = T5ForConditionalGeneration(cfg).eval()
-    drafter = copy.deepcopy(verifier)
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        w = drafter.lm_head.weight
-        w.add_(torch.randn(w.shape, generator=g) * 0.3 * w.std())
-    return drafter, verifier
+    return noisy_drafter(verifier, 11, 0.3), verifier
 
 
 def test_encoder_decoder_greedy_equals_verifier(t5_pair):

@@ -10,7 +10,9 @@ import torch
 from speccascade_fast import hf
 from speccascade_fast.engine import generate as engine_generate
 
-from .test_engine import _one_thread, left_padded, tiny_pair  # noqa: F401  (fixture)
+from .test_engine import left_padded, tiny_pair
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [[3, 5, 7, 9], [1, 2, 4]]

@@ -25,15 +25,10 @@ from transformers import (
 
 from speccascade_fast import Engine, generate
 
+from .helpers import noisy_drafter
 from .test_engine import PROMPTS, left_padded, tiny_pair
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -152,12 +147,7 @@ def _gemma2_pair():
 def _noisy_copy(cls, cfg):
     torch.manual_seed(3)
     verifier = cls(cfg).eval()
-    drafter = copy.deepcopy(verifier)
-    g = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        w = drafter.lm_head.weight
-        w.add_(torch.randn(w.shape, generator=g) * 0.6 * w.std())
-    return drafter, verifier
+    return noisy_drafter(verifier, seed=4, noise=0.6), verifier
 
 
 @pytest.mark.parametrize("make", [_qwen2_pair, _gemma2_pair], ids=["qwen2-sdpa", "gemma2-eager"])

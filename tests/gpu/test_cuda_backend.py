@@ -12,10 +12,9 @@ import pytest
 import torch
 
 import speccascade_fast as sc
-from speccascade_fast import checks
 from speccascade_fast.backends import reference
 
-from ..helpers import assert_same_up_to_near_ties
+from ..helpers import assert_same_up_to_near_ties, graph_replay_check, verify_args
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -51,14 +50,7 @@ def llm_block(B, V, seed, *, T=0.7, cascade=True, dtype=torch.bfloat16, mask=Fal
 
 
 def args_for(rule, T, B, seed):
-    return dict(
-        rule=rule,
-        alpha=checks.alpha_tensor(ALPHA[rule], (B,), DEV).contiguous(),
-        temperature=checks.temperature(torch.as_tensor(T, dtype=torch.float64), (B,),
-                                       DEV).contiguous(),
-        seed=torch.arange(B, dtype=torch.int64, device=DEV) * 31 + seed,
-        positions=torch.arange(B, dtype=torch.int64, device=DEV) * 17 + 1000,
-    )
+    return verify_args(rule, ALPHA[rule], T, B, seed, DEV)
 
 
 def check(q, x, p, args):
@@ -134,26 +126,5 @@ def test_cuda_graph_capture_and_replay(rule):
     def run():
         return cuda.verify(q, x, p, top_k=None, top_p=None, **args)
 
-    eager = run()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs recommends
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = run()
-    graph.replay()
-    torch.cuda.synchronize()
-    assert all(torch.equal(a, b) for a, b in zip(static_out, eager))
-
-    q2, x2, p2 = llm_block(B, 151936, 8)
-    q.copy_(q2)
-    p.copy_(p2)
-    x.copy_(x2)
-    args["seed"].add_(1000)
-    args["positions"].add_(5)
-    graph.replay()
-    torch.cuda.synchronize()
-    want = reference.verify(q, x, p, top_k=None, top_p=None, **args)
-    assert_same_up_to_near_ties(static_out, want, q, x, p, args, who="cuda", trials=8)
+    graph_replay_check(run, q, x, p, args, llm_block(B, 151936, 8), reference.verify,
+                       who="cuda", trials=8)
