@@ -288,6 +288,21 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---- merging a position's slices (one warp; every lane gets the result) ------------------------
+// One model's sums of one slice, rescaled from the slice max m_slice to the position max m and
+// added to acc[0..2] (sum exp, sum exp at T, entropy term); the argmax keeps the lowest id among
+// slices at the max. Returns exp(m_slice - m).
+__device__ __forceinline__ double merge_slice(float m_slice, float m, int a_slice, double s1,
+                                              double st, double sh, double inv_t, int& a,
+                                              double* acc) {
+  if (m_slice == m) a = min(a, a_slice);
+  const double dm = static_cast<double>(m_slice) - static_cast<double>(m);
+  const double c1 = exp(dm);
+  acc[0] += c1 * s1;
+  acc[1] += exp(dm * inv_t) * st;
+  acc[2] += c1 * (sh + s1 * dm);
+  return c1;
+}
+
 // Not inlined: the three kernels that call it run the same machine code, so they derive the same
 // bits (e.g. launch 2's eta and launch 3's set A use one threshold).
 __device__ __noinline__ PosInfo merge_pos(const SliceStats* __restrict__ ws, int64_t n, int S, double inv_t,
@@ -305,27 +320,15 @@ __device__ __noinline__ PosInfo merge_pos(const SliceStats* __restrict__ ws, int
   masked = warp_fmax(masked);
   int aq = INT_MAX, ap = INT_MAX;
   double acc[7] = {0, 0, 0, 0, 0, 0, 0};  // q1 qt qh p1 pt ph cross
-  const double Mq = mq, Mp = mp;
+  const double Mp = mp;
   for (int s = lane; s < S; s += 32) {
     const SliceStats& x = row[s];
     if (x.mq > -INFINITY) {
-      if (x.mq == mq) aq = min(aq, x.aq);
-      const double dm = static_cast<double>(x.mq) - Mq;
-      const double c1 = exp(dm);
-      acc[0] += c1 * x.q1;
-      acc[1] += exp(dm * inv_t) * x.qt;
-      acc[2] += c1 * (x.qh + x.q1 * dm);
+      const double c1 = merge_slice(x.mq, mq, x.aq, x.q1, x.qt, x.qh, inv_t, aq, acc);
       if (cross && x.mp > -INFINITY)
         acc[6] += c1 * (x.cross + (static_cast<double>(x.mp) - Mp) * x.cross_s);
     }
-    if (x.mp > -INFINITY) {
-      if (x.mp == mp) ap = min(ap, x.ap);
-      const double dm = static_cast<double>(x.mp) - Mp;
-      const double c1 = exp(dm);
-      acc[3] += c1 * x.p1;
-      acc[4] += exp(dm * inv_t) * x.pt;
-      acc[5] += c1 * (x.ph + x.p1 * dm);
-    }
+    if (x.mp > -INFINITY) merge_slice(x.mp, mp, x.ap, x.p1, x.pt, x.ph, inv_t, ap, acc + 3);
   }
   PosInfo o;
   o.q1 = warp_sum(acc[0]);
