@@ -245,6 +245,28 @@ def test_stop_tokens_end_generation_at_newline_tokens(tmp_path):
     assert nl in eos and tok.eos_token_id in eos
 
 
+def test_seq_score_reaches_generate_and_is_a_resume_setting(tmp_path):
+    """``seq_score`` goes to every generate call; a folder run without it refuses a run with it
+    (and the other way round), since the seq_cascade rows would differ."""
+    gen = counting(fake_generate)
+    common = dict(drafter=object(), verifier=object(), tokenizer=byte_tokenizer(), limit=1,
+                  seed=0, gamma=2, max_new_tokens=3, progress=False, chat=False,
+                  generate_fn=gen, warmup=False, plots=False)
+    run_eval(ToyTask(), ["autoregressive", "seq_cascade:0.3"], out_dir=tmp_path / "a",
+             seq_score="mean_logprob", **common)
+    assert [c["seq_score"] for c in gen.calls] == ["mean_logprob"] * 2
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["seq_score"] == "mean_logprob"
+    with pytest.raises(ValueError, match="seq_score"):
+        run_eval(ToyTask(), ["seq_cascade:0.3"], out_dir=tmp_path / "a", **common)
+    gen.calls.clear()
+    run_eval(ToyTask(), ["seq_cascade:0.3"], out_dir=tmp_path / "b", **common)
+    assert "seq_score" not in gen.calls[0]
+    assert "seq_score" not in json.loads((tmp_path / "b" / "run.json").read_text())
+    with pytest.raises(ValueError, match="seq_score"):
+        run_eval(ToyTask(), ["seq_cascade:0.3"], out_dir=tmp_path / "b", seq_score="prob",
+                 **common)
+
+
 # ---------------------------------------------------------------------------------------------
 # Table 2: interpolation on synthetic curves with known answers
 
@@ -496,8 +518,8 @@ def test_cli_subcommand_parses(tmp_path):
         "eval", "--task", "gsm8k", "--methods", "spec_cascade", "seq_cascade",
         "--rules", "token_v3", "lossy", "--alphas", "token_v3=0,0.3", "lossy=0.5",
         "seq_cascade=0.4", "--config", "spec_cascade:opt:-1", "--limit", "3", "--out",
-        str(tmp_path)])
-    assert callable(args.func) and args.limit == 3
+        str(tmp_path), "--seq-score", "mean_logprob"])
+    assert callable(args.func) and args.limit == 3 and args.seq_score == "mean_logprob"
     keys = [c.key for c in build_configs(args)]
     assert keys == ["autoregressive", "drafter_only", "spec_cascade/token_v3/alpha=0.0",
                     "spec_cascade/token_v3/alpha=0.3", "spec_cascade/lossy/alpha=0.5",

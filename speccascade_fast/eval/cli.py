@@ -66,6 +66,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--bonus", choices=("cascade", "verifier"), default=None,
                    help="bonus-token mode (default: the engine's, cascade)")
+    p.add_argument("--seq-score", choices=("prob", "mean_logprob"), default=None,
+                   help="seq_cascade's score: q(answer) or exp(mean log q) (default: prob)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="default: the task's (humaneval 512, gsm8k 256, wmt14 128)")
     p.add_argument("--limit", type=int, default=None, help="first N examples (default: all)")
@@ -151,7 +153,7 @@ def eval_command(args: argparse.Namespace) -> int:
         progress=not args.no_progress, top_k=args.top_k, top_p=args.top_p, bonus=args.bonus,
         chat=chat, stop_tokens=not args.no_stop_tokens, warmup=not args.no_warmup,
         task_kwargs=_task_kwargs(args), plots=not args.no_plots, table2_tol=args.tol,
-        table2_envelope=args.envelope,
+        table2_envelope=args.envelope, seq_score=args.seq_score,
     )
     print((Path(args.out) / "summary.md").read_text())
     print(json.dumps({"summary": str(Path(args.out) / "summary.json"),

@@ -49,7 +49,8 @@ ROWS_FILE = "rows.jsonl"
 RUN_FILE = "run.json"
 #: settings that must agree between a run and the rows it resumes from
 RESUME_KEYS = ("task", "task_kwargs", "drafter", "verifier", "gamma", "temperature", "top_k",
-               "top_p", "max_new_tokens", "seed", "chat", "bonus", "eos_token_id", "stop_tokens")
+               "top_p", "max_new_tokens", "seed", "chat", "bonus", "eos_token_id", "stop_tokens",
+               "seq_score")
 
 
 def example_seed(seed: int, index: int) -> int:
@@ -197,6 +198,7 @@ def run_eval(
     plots: bool = True,
     table2_tol: float = 0.0,
     table2_envelope: str = "polyline",
+    seq_score: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``configs`` on ``task`` and write rows, summary and plots into ``out_dir``.
 
@@ -223,6 +225,8 @@ def run_eval(
         task_kwargs: keyword arguments of the task's constructor (``k``, ``timeout_s`` …).
         plots: write the PNGs.
         table2_tol, table2_envelope: see :func:`.summary.summarize`.
+        seq_score: ``seq_cascade``'s score, ``"prob"`` or ``"mean_logprob"`` (``None``: the
+            engine's default, ``"prob"``).
 
     Returns:
         The summary dict (also in ``summary.json``).
@@ -251,6 +255,8 @@ def run_eval(
         "max_new_tokens": max_new_tokens, "seed": seed, "chat": chat, "bonus": bonus,
         "eos_token_id": eos_list, "stop_tokens": bool(stop_tokens),
     }
+    if seq_score is not None:  # absent from run.json when unset: older runs resume unchanged
+        settings["seq_score"] = seq_score
     settings = _jsonable(settings)
     run_path = out / RUN_FILE
     if run_path.exists():
@@ -275,7 +281,7 @@ def run_eval(
         "gamma": gamma, "temperature": temperature, "max_new_tokens": max_new_tokens,
         "eos_token_id": gen_eos,
     }
-    for k, v in (("top_k", top_k), ("top_p", top_p), ("bonus", bonus)):
+    for k, v in (("top_k", top_k), ("top_p", top_p), ("bonus", bonus), ("seq_score", seq_score)):
         if v is not None:
             common[k] = v
 
