@@ -194,3 +194,61 @@ def test_verify(benchmark, mem_bw_gbs, B, gamma, V, rule, backend):
     benchmark.extra_info["gbps_min"] = nbytes / t_min / 1e9
     benchmark.extra_info["x_read_once_min"] = t_min / (nbytes / mem_bw_gbs / 1e9)
 
+
+# --- truncated sampling (top-k / top-p) -----------------------------------------------------------
+TRUNCATIONS = {"top_k=50": dict(top_k=50, top_p=None), "top_p=0.9": dict(top_k=None, top_p=0.9),
+               "top_k=50,top_p=0.9": dict(top_k=50, top_p=0.9)}
+
+
+def eager_truncate(logits, *, top_k, top_p):
+    """Hugging Face's TopK / TopP logits warpers (T = 1): -inf outside the kept tokens."""
+    x = logits.float()
+    if top_k is not None:
+        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p is not None:
+        sorted_x, order = torch.sort(x, dim=-1)
+        cum = sorted_x.softmax(-1).cumsum(-1)
+        drop = cum <= 1 - top_p
+        drop[..., -1:] = False
+        x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return x
+
+
+def eager_verify_truncated(q, x, p, *, rule, alpha, top_k, top_p):
+    return eager_verify(eager_truncate(q, top_k=top_k, top_p=top_p), x,
+                        eager_truncate(p, top_k=top_k, top_p=top_p), rule=rule, alpha=alpha)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "eager"])
+@pytest.mark.parametrize("trunc", list(TRUNCATIONS))
+@pytest.mark.parametrize("rule", ["spec", "token_v3"])
+def test_verify_truncated(benchmark, mem_bw_gbs, rule, trunc, backend):
+    """B = 1, gamma = 5, V = 151936 with top-k / top-p: ``cpu`` includes the keep bounds (the C++
+    op keep_bounds: nth_element / quickselect by mass), ``reference`` its sorts in fp64, ``eager``
+    HF's warpers (topk, full sort + cumsum) before the eager chain."""
+    B, gamma, V = 1, 5, 151936
+    kw = TRUNCATIONS[trunc]
+    q, _, p = block(B, gamma, V)
+    x = sc.sample(q[:, :gamma], seed=torch.arange(B), positions=torch.full((B,), 100), **kw)
+    alpha = ALPHA[rule]
+    nbytes = q.numel() * q.element_size() + p.numel() * p.element_size()
+    benchmark.group = f"{rule} {trunc} B={B} gamma={gamma} V={V}"
+    benchmark.extra_info.update(
+        logit_bytes=nbytes, mem_bw_gbs=mem_bw_gbs, read_once_us=nbytes / mem_bw_gbs / 1e3,
+        B=B, gamma=gamma, V=V, rule=f"{rule} {trunc}", backend=backend,
+        dtype=str(DTYPE).split(".")[-1], threads=torch.get_num_threads(),
+    )
+    backend_kw = dict(
+        rule=rule, alpha=checks.alpha_tensor(alpha, (B,)), temperature=checks.temperature(1.0, (B,)),
+        seed=torch.arange(B), positions=torch.full((B,), 100), **kw,
+    )
+    if backend == "eager":
+        out = benchmark(eager_verify_truncated, q, x, p, rule=rule, alpha=alpha, **kw)
+        assert out[0].shape == (B, gamma + 1)
+        return
+    out = benchmark(backends.get(backend), q, x, p, **backend_kw)
+    if backend == "cpu":
+        ref = backends.get("reference")(q, x, p, **backend_kw)
+        assert torch.equal(out.tokens, ref.tokens)
+

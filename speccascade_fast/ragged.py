@@ -137,6 +137,7 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
             return cpu.verify_ragged(
                 draft_logits, draft_tokens, target_logits, cu, bonus_draft_logits, rule=rule,
                 alpha=alpha_b, temperature=temperature_b, seed=seed_b, positions=positions_b,
+                top_k=top_k, top_p=top_p,
             )
         name = "reference"
     return _per_request(draft_logits, draft_tokens, target_logits, c, bonus_draft_logits,

@@ -233,13 +233,46 @@ def test_strided_views_and_mixed_dtypes_are_read_in_place():
     assert_same(qt, x, p, rule="diff", alpha=0.1, T=1.0)
 
 
-def test_top_k_top_p_and_fp64_go_to_the_reference():
+# top-k / top-p reach the kernel as keep bounds (speccascade_fast/truncation.py). T = 1 matters
+# on its own: truncation stops the kernel from reusing the unscaled sums as the scaled ones.
+TRUNCATIONS = [{"top_k": 1}, {"top_k": 5}, {"top_p": 0.3}, {"top_p": 0.9},
+               {"top_k": 7, "top_p": 0.8}, {"top_k": 10**6}]
+
+
+@pytest.mark.parametrize("T", [0.0, 0.7, 1.0])
+@pytest.mark.parametrize("rule", sc.RULES)
+def test_top_k_top_p_equal_reference(rule, T):
+    index = sc.RULES.index(rule) * 3 + int(T * 10)
+    for k, trunc in enumerate(TRUNCATIONS):
+        V = (64, 1000, 40000)[(k + index) % 3]
+        dt = list(DTYPES)[(k + index) % 3]
+        trunc = {**trunc, "top_k": min(trunc["top_k"], V)} if "top_k" in trunc else trunc
+        q, x, p = make_block(3, 4, V, DTYPES[dt], seed=900 + 10 * index + k, T=T,
+                             mask=k % 2 == 1)
+        if k % 3 == 2:  # ties at the truncation boundary: the cut id decides among them
+            q, p = (q.float() * 2).round().to(q.dtype), (p.float() * 2).round().to(p.dtype)
+        if k % 2 == 0:  # drafts from the truncated qT, as the engine draws them
+            x = sc.sample(q[:, :4], temperature=T, seed=torch.arange(3) + k, **trunc)
+        alpha = ALPHAS[rule][k % len(ALPHAS[rule])]
+        bonus = "cascade" if k % 2 else "verifier"
+        assert_same(q, x, p, rule=rule, alpha=alpha, T=T, bonus=bonus, **trunc)
+
+
+def test_top_k_top_p_mixed_temperatures_and_degenerate_rows():
+    """Per-request T with greedy rows among sampled ones, tied and mostly masked rows."""
+    for k, (kind, trunc) in enumerate(itertools.product(KINDS, TRUNCATIONS[1:5])):
+        q, x, p = _degenerate(kind, 0.7, seed=50 + k)
+        T = torch.tensor([0.0, 0.7, 1.0])
+        rule = sc.RULES[k % len(sc.RULES)]
+        alpha = EXTREME[rule][k % len(EXTREME[rule])]
+        assert_same(q, x, p, rule=rule, alpha=alpha, T=T, **trunc)
+
+
+def test_fp64_goes_to_the_reference():
     q, x, p = make_block(2, 3, 64, torch.float32, seed=4)
-    for kw in ({"top_k": 5}, {"top_p": 0.8}, {"top_k": 7, "top_p": 0.9}):
-        assert_same(q, x, p, rule="token_v3", alpha=0.3, T=0.8, **kw)
-    assert not cpu.handles(q, p, 5, None)
+    assert cpu.handles(q, p, 5, 0.9)
     assert not cpu.handles(q.double(), p, None, None)
-    assert_same(q.double(), x, p.double(), rule="opt", alpha=0.5, T=1.0)
+    assert_same(q.double(), x, p.double(), rule="opt", alpha=0.5, T=1.0, top_k=5)
 
 
 def test_near_tie_acceptance_is_a_float_tie():

@@ -81,12 +81,20 @@ def test_backends_agree_across_dtypes_and_per_request_knobs(dtype):
         assert all(torch.equal(u, v) for u, v in zip(ref, cpu)), rule
 
 
-def test_top_k_and_a_large_vocabulary():
-    blocks, flat = ragged_inputs(V=30000, seed=3, gammas=[3, 1])
-    for kw in ({}, {"top_k": 50}, {"top_p": 0.9}):
-        ref = verify_ragged(**flat, rule="diff", alpha=0.1, backend="reference", **kw)
-        cpu = verify_ragged(**flat, rule="diff", alpha=0.1, backend="cpu", **kw)
-        assert all(torch.equal(u, v) for u, v in zip(ref, cpu)), kw
+@pytest.mark.parametrize("bonus", ["cascade", "verifier"])
+def test_top_k_top_p_and_a_large_vocabulary(bonus):
+    """Truncation reaches the fused op as keep bounds per flattened row (draft, target and bonus
+    rows, each with its request's T)."""
+    blocks, flat = ragged_inputs(V=30000, seed=3, gammas=[3, 1, 2])
+    if bonus == "verifier":
+        flat["bonus_draft_logits"] = None
+    T = torch.tensor([0.7, 0.0, 1.0], dtype=torch.float64)
+    for rule, alpha in (("diff", 0.1), ("token_v3", 0.3), ("lossy", 0.5), ("spec", None)):
+        for kw in ({}, {"top_k": 50}, {"top_p": 0.9}, {"top_k": 3, "top_p": 0.5}):
+            args = dict(rule=rule, alpha=alpha, temperature=T, seed=torch.tensor([3, 4, 5]), **kw)
+            ref = verify_ragged(**flat, backend="reference", **args)
+            cpu = verify_ragged(**flat, backend="cpu", **args)
+            assert all(torch.equal(u, v) for u, v in zip(ref, cpu)), (rule, kw)
 
 
 def test_auto_picks_the_fused_op_and_a_single_request_works():

@@ -5,7 +5,8 @@
 //
 //   verify_ragged(draft_logits [N, V], draft_tokens [N], target_logits [N + B, V],
 //                 cu_num_draft_tokens [B + 1], bonus_draft_logits [B, V]?, seed [B], positions [B],
-//                 temperature [B] f64, alpha [B] f64, rule int | str)
+//                 temperature [B] f64, alpha [B] f64, rule int | str,
+//                 draft_keep [N, 2]?, target_keep [N + B, 2]?, bonus_keep [B, 2]?)
 //       -> (tokens [B, max_gamma + 1] int64, -1 padded; num_accepted [B] int64;
 //           deferred [B, max_gamma + 1] bool, False padded)
 //     Request b owns draft rows cu[b]:cu[b+1] and target rows cu[b]+b : cu[b+1]+b+1 (vLLM's
@@ -13,8 +14,14 @@
 //     position); None: bonus="verifier" (the bonus token is drawn from pT).
 //   verify_padded(draft_logits [B, G, V] (G = gamma: verifier bonus; gamma + 1: cascade bonus),
 //                 draft_tokens [B, gamma], target_logits [B, gamma + 1, V], seed, positions,
-//                 temperature, alpha, rule) -> the same, [B, gamma + 1]
+//                 temperature, alpha, rule, draft_keep [B, G, 2]?, target_keep [B, gamma + 1, 2]?)
+//       -> the same, [B, gamma + 1]
 //     The padded layout of speccascade_fast.verify, read in place (any strides, unit stride in V).
+//   *_keep: top-k / top-p as per-row keep bounds (tau, cut), float64 (speccascade_fast/
+//     truncation.py): the scaled laws qT, pT keep {v : l_v > tau or (l_v == tau and v <= cut)}
+//     only; the unscaled q1, p1 of the deferral statistics stay whole. A truncated row is read
+//     as -inf outside its set wherever a scaled quantity is formed, and T = 1 no longer lets the
+//     scaled sums reuse the unscaled ones.
 //
 // Semantics: exactly speccascade_fast/backends/reference.py (Algorithm 4 towards each rule's
 // target, counter-based RNG of rng.py), stage by stage:
@@ -53,8 +60,7 @@
 // near-ties (a uniform within ~1e-7 relative of an acceptance ratio, two race scores within ~1e-7,
 // a deferral statistic within ~1e-7 of its threshold), and for logit spreads beyond fp32 exp's
 // range (> 87 nats below the row max the fp32 terms are 0; they are < 1e-38 of the sum).
-// top_k / top_p and fp64 logits are not handled here: the Python backend sends those calls to the
-// reference.
+// fp64 logits are not handled here: the Python backend sends those calls to the reference.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -116,6 +122,10 @@ enum class DType : uint8_t { kF32, kF16, kBF16 };
 struct Row {
   const void* ptr = nullptr;  // nullptr: no row (the drafter at the bonus position, bonus=verifier)
   DType dt = DType::kF32;
+  // top-k / top-p: the scaled law keeps K = {v : l_v > tau or (l_v == tau and v <= cut)} only
+  bool trunc = false;
+  float tau = -kInfF;
+  int64_t cut = 0;
   bool present() const { return ptr != nullptr; }
   double at(int64_t v) const {
     switch (dt) {
@@ -135,6 +145,18 @@ struct Row {
         convert_f16(static_cast<const uint16_t*>(ptr) + lo, buf, n);
         return buf;
     }
+  }
+  // the same block for the scaled law: truncated tokens read as -inf (buf holds the result)
+  const float* load_scaled(int64_t lo, int n, float* buf) const {
+    const float* x = load(lo, n, buf);
+    if (!trunc) return x;
+    truncate_block(x, buf, n, lo, tau, cut);
+    return buf;
+  }
+  bool kept(int64_t v) const {
+    if (!trunc) return true;
+    const float x = static_cast<float>(at(v));
+    return x > tau || (x == tau && v <= cut);
   }
 };
 
@@ -326,6 +348,7 @@ int64_t num_chunks(int64_t V) { return (V + kChunk - 1) / kChunk; }
 double prob_t(const Row& r, const RowStats& s, const Request& R, int64_t v) {
   if (!r.present()) return 0.0;
   if (R.t == 0.0) return v == s.arg ? 1.0 : 0.0;
+  if (!r.kept(v)) return 0.0;
   const double y = r.at(v) / R.t - static_cast<double>(s.m) / R.t;
   return std::exp(y) / s.st;
 }
@@ -390,12 +413,25 @@ double exact_score(const Problem& P, const Request& R, int64_t v) {
   return std::log(w) - std::log(-std::log(u));
 }
 
+// row_stats_block, with the scaled sum over the truncated block when the row is truncated (the
+// unscaled sums, e1 and the max stay on the raw logits x); bt: scratch for the truncated block.
+void row_stats(const Row& r, const float* x, int64_t lo, int n, float m, float inv_t, int flags,
+               float* e1, float* w, float* bt, double* acc) {
+  if (!r.trunc || !(flags & kST)) {
+    row_stats_block(x, n, m, inv_t, flags, e1, w, acc);
+    return;
+  }
+  if (flags & ~kST) row_stats_block(x, n, m, inv_t, flags & ~kST, e1, w, acc);
+  truncate_block(x, bt, n, lo, r.tau, r.cut);
+  row_stats_block(bt, n, m, inv_t, kST, e1, w, acc);
+}
+
 // ---- stage 1: stats -------------------------------------------------------------------------------
 // max_only: just the target row's max and argmax (token_v3's deferred flags at positions the
 // accept loop never reached).
 void stats_chunk(const Position& X, const Request& R, int64_t lo, int64_t hi, bool max_only,
                  PosStats& out) {
-  alignas(64) float bq[kBlock], bp[kBlock], e1[kBlock], w[kBlock];
+  alignas(64) float bq[kBlock], bp[kBlock], e1[kBlock], w[kBlock], bt[kBlock];
   PosStats st;
   double accq[3] = {0, 0, 0}, accp[3] = {0, 0, 0}, accx[2] = {0, 0};
   auto sync_out = [&] {
@@ -434,14 +470,14 @@ void stats_chunk(const Position& X, const Request& R, int64_t lo, int64_t hi, bo
       sync_in();
     }
     if (xq && st.q.m != -kInfF) {
-      row_stats_block(xq, n, st.q.m, R.inv_t_f, X.q_flags, e1, w, accq);
+      row_stats(X.q, xq, b, n, st.q.m, R.inv_t_f, X.q_flags, e1, w, bt, accq);
       if (X.need_cross && st.p.m != -kInfF)
         cross_block(e1, xq, xp, n, st.p.m, w, accx, &st.masked_max);
       else if (X.need_cross)  // every target logit so far is -inf: all are masked tokens
         st.masked_max = std::max(st.masked_max, block_max(xq, n));
     }
     if (xp && st.p.m != -kInfF && !max_only)
-      row_stats_block(xp, n, st.p.m, R.inv_t_f, X.p_flags, e1, w, accp);
+      row_stats(X.p, xp, b, n, st.p.m, R.inv_t_f, X.p_flags, e1, w, bt, accp);
   }
   sync_out();
   out = st;
@@ -460,10 +496,14 @@ void sum_chunk(const Problem& P, const Need& nd, int64_t lo, int64_t hi, double*
   const float mq = X.st.q.m, mp = X.st.p.m;
   const float rq = static_cast<float>(1.0 / X.st.q.st), rp = static_cast<float>(1.0 / X.st.p.st);
   const bool token_on_q = P.rule == kTokenV1;
+  // qT reads the (truncated) scaled blocks; A's membership (eta) the raw logits of its row
+  const Row& ra = token_on_q ? X.q : X.p;
+  const bool a_shares_q = nd.kind == kNeedEta && token_on_q && !X.q.trunc;
   for (int64_t b = lo; b < hi; b += kBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kBlock, hi - b));
-    const float* xq = X.q.load(b, n, bq);
-    const float* xp = nd.kind == kNeedEta && token_on_q ? xq : X.p.load(b, n, bp);
+    const float* xq = X.q.load_scaled(b, n, bq);
+    const float* xp = a_shares_q ? xq
+                      : nd.kind == kNeedEta ? ra.load(b, n, bp) : X.p.load_scaled(b, n, bp);
     switch (nd.kind) {
       case kNeedTV:
         out[0] += tv_block(xq, xp, n, mp, R.inv_t_f, rp,
@@ -471,8 +511,7 @@ void sum_chunk(const Problem& P, const Need& nd, int64_t lo, int64_t hi, double*
                            static_cast<float>(X.q_lst - X.p_lst), w);
         break;
       case kNeedEta:
-        out[0] += eta_block(token_on_q ? xq : xp, token_on_q ? mq : mp, X.thr_a, xq, n, mq,
-                            R.inv_t_f, rq, w);
+        out[0] += eta_block(xp, token_on_q ? mq : mp, X.thr_a, xq, n, mq, R.inv_t_f, rq, w);
         break;
       case kNeedLossy:
         lossy_block(xq, xp, n, mq, mp, R.inv_t_f, rq, rp,
@@ -503,8 +542,8 @@ double solve_lossy_star(const Problem& P, const Position& X, const Request& R) {
   double D = 0.0;
   for (int64_t b = 0; b < V; b += kBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kBlock, V - b));
-    probs_block(X.q.load(b, n, bq), n, X.st.q.m, R.inv_t_f, rq, qt);
-    probs_block(X.p.load(b, n, bp), n, X.st.p.m, R.inv_t_f, rp, pt);
+    probs_block(X.q.load_scaled(b, n, bq), n, X.st.q.m, R.inv_t_f, rq, qt);
+    probs_block(X.p.load_scaled(b, n, bp), n, X.st.p.m, R.inv_t_f, rp, pt);
     D += deficit_block(qt, pt, n, cf, w);
     for (int i = 0; i < n; ++i) {
       if (qt[i] < cf * pt[i]) {
@@ -564,7 +603,8 @@ double solve_lossy_star(const Problem& P, const Position& X, const Request& R) {
 void derive(const Problem& P, Position& X) {
   const Request& R = P.reqs[X.req];
   if (R.t > 0.0) {
-    if (R.t == 1.0) X.st.q.st = X.st.q.s1, X.st.p.st = X.st.p.s1;
+    if (R.t == 1.0 && !X.q.trunc) X.st.q.st = X.st.q.s1;  // T = 1, untruncated: scaled = unscaled
+    if (R.t == 1.0 && !X.p.trunc) X.st.p.st = X.st.p.s1;
     X.q_lst = std::log(X.st.q.st);
     X.p_lst = std::log(X.st.p.st);
   }
@@ -843,8 +883,8 @@ Best race_chunk(const Problem& P, const Request& R, const Best& seed, int64_t lo
   if (!with_q && !with_p) return best;  // every weight is 0
   for (int64_t b = lo; b < hi; b += kBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kBlock, hi - b));
-    const float* xq = with_q ? X.q.load(b, n, bq) : nullptr;
-    const float* xp = with_p ? X.p.load(b, n, bp) : nullptr;
+    const float* xq = with_q ? X.q.load_scaled(b, n, bq) : nullptr;
+    const float* xp = with_p ? X.p.load_scaled(b, n, bp) : nullptr;
     const float bmax = race_bound_block(xq, xp, n, b, R.key, X.st.q.m, X.st.p.m, R.inv_t_f, R.a0,
                                         R.b0, table, val);
     if (!(bmax >= thr) || bmax == -kInfF) continue;
@@ -900,9 +940,10 @@ void flags_for(const Problem& P, Position& X) {
   const bool h_q = r == kChowLog || r == kDiffLog || r == kOptLog;
   const bool h_p = r == kDiffLog || r == kOptLog;
   const bool scaled = R.t > 0.0;
-  const bool unit = R.t == 1.0;
+  const bool unit_q = R.t == 1.0 && !X.q.trunc;  // the scaled sum is the unscaled one (derive)
+  const bool unit = R.t == 1.0 && !X.p.trunc;
   if (X.q.present()) {
-    X.q_flags = (s1_q || unit ? kS1 : 0) | (h_q ? kH : 0) | (scaled && !unit ? kST : 0);
+    X.q_flags = (s1_q || unit_q ? kS1 : 0) | (h_q ? kH : 0) | (scaled && !unit_q ? kST : 0);
     X.p_flags = (s1_p || unit ? kS1 : 0) | (h_p ? kH : 0) | (scaled && !unit ? kST : 0);
     X.need_cross = r == kBild && scaled;
     if (X.need_cross) X.q_flags |= kS1;
@@ -1056,12 +1097,37 @@ void check_per_request(const at::Tensor& seed, const at::Tensor& positions,
   }
 }
 
+// Top-k / top-p keep bounds (speccascade_fast/truncation.py): float64 [rows..., 2] = (tau, cut)
+// per logit row, or none. Returns a pointer to rows of 2 doubles (nullptr: no truncation).
+const double* keep_rows(const std::optional<at::Tensor>& keep, at::IntArrayRef rows,
+                        const char* name) {
+  if (!keep.has_value()) return nullptr;
+  const at::Tensor& k = *keep;
+  std::vector<int64_t> want(rows.begin(), rows.end());
+  want.push_back(2);
+  TORCH_CHECK(k.device().is_cpu() && k.scalar_type() == at::kDouble && k.is_contiguous() &&
+                  k.sizes() == at::IntArrayRef(want),
+              "speccascade verify: ", name, " must be a contiguous CPU float64 tensor of shape ",
+              at::IntArrayRef(want), ", got ", k.scalar_type(), " ", k.sizes());
+  return k.data_ptr<double>();
+}
+
+void set_keep(Row& r, const double* k, int64_t V) {
+  if (k == nullptr) return;
+  TORCH_CHECK(!std::isnan(k[0]) && k[1] >= 0.0, "speccascade verify: bad keep bound (", k[0],
+              ", ", k[1], ")");
+  r.trunc = !(k[0] == -kInf && k[1] >= static_cast<double>(V - 1));
+  r.tau = static_cast<float>(k[0]);
+  r.cut = static_cast<int64_t>(std::min(k[1], static_cast<double>(V)));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_ragged_cpu(
     const at::Tensor& draft_logits_in, const at::Tensor& draft_tokens_in,
     const at::Tensor& target_logits_in, const at::Tensor& cu_in,
     const std::optional<at::Tensor>& bonus_in, const at::Tensor& seed_in,
     const at::Tensor& positions_in, const at::Tensor& temperature_in, const at::Tensor& alpha_in,
-    int64_t rule) {
+    int64_t rule, const std::optional<at::Tensor>& draft_keep,
+    const std::optional<at::Tensor>& target_keep, const std::optional<at::Tensor>& bonus_keep) {
   TORCH_CHECK(draft_logits_in.dim() == 2 && target_logits_in.dim() == 2,
               "verify_ragged: draft_logits [N, V] and target_logits [N + B, V] must be 2-D");
   TORCH_CHECK(cu_in.dim() == 1 && cu_in.size(0) >= 2 && cu_in.scalar_type() == at::kLong,
@@ -1106,6 +1172,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_ragged_cpu(
   const char* qbase = static_cast<const char*>(dl.data_ptr());
   const char* pbase = static_cast<const char*>(tl.data_ptr());
   const int64_t qs = dl.stride(0) * dl.element_size(), ps = tl.stride(0) * tl.element_size();
+  const double* kq = keep_rows(draft_keep, {N}, "draft_keep");
+  const double* kp = keep_rows(target_keep, {N + B}, "target_keep");
+  const double* kb = bonus.defined() ? keep_rows(bonus_keep, {B}, "bonus_keep") : nullptr;
+  TORCH_CHECK(bonus.defined() || !bonus_keep.has_value(),
+              "verify_ragged: bonus_keep needs bonus_draft_logits");
   for (int64_t b = 0; b < B; ++b) {
     Request& R = P.reqs[b];
     fill_request(R, b, seed, positions, temperature, alpha);
@@ -1119,11 +1190,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_ragged_cpu(
       if (j < R.gamma) {
         X.q = Row{qbase + (c[b] + j) * qs, dq};
         X.token = tp[c[b] + j];
+        if (kq) set_keep(X.q, kq + 2 * (c[b] + j), V);
       } else if (bonus.defined()) {
         X.q = Row{static_cast<const char*>(bonus.data_ptr()) +
                       b * bonus.stride(0) * bonus.element_size(), db};
+        if (kb) set_keep(X.q, kb + 2 * b, V);
       }
       X.p = Row{pbase + (c[b] + b + j) * ps, dp};
+      if (kp) set_keep(X.p, kp + 2 * (c[b] + b + j), V);
       P.pos.push_back(X);
     }
   }
@@ -1136,7 +1210,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_ragged_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_padded_cpu(
     const at::Tensor& draft_logits_in, const at::Tensor& draft_tokens_in,
     const at::Tensor& target_logits_in, const at::Tensor& seed_in, const at::Tensor& positions_in,
-    const at::Tensor& temperature_in, const at::Tensor& alpha_in, int64_t rule) {
+    const at::Tensor& temperature_in, const at::Tensor& alpha_in, int64_t rule,
+    const std::optional<at::Tensor>& draft_keep, const std::optional<at::Tensor>& target_keep) {
   TORCH_CHECK(draft_logits_in.dim() == 3 && target_logits_in.dim() == 3 && draft_tokens_in.dim() == 2,
               "verify_padded: draft_logits [B, G, V], draft_tokens [B, gamma], target_logits "
               "[B, gamma + 1, V]");
@@ -1160,6 +1235,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_padded_cpu(
   const char* pbase = static_cast<const char*>(tl.data_ptr());
   const int64_t qs0 = dl.stride(0) * dl.element_size(), qs1 = dl.stride(1) * dl.element_size();
   const int64_t ps0 = tl.stride(0) * tl.element_size(), ps1 = tl.stride(1) * tl.element_size();
+  const double* kq = keep_rows(draft_keep, {B, dl.size(1)}, "draft_keep");
+  const double* kp = keep_rows(target_keep, {B, gamma + 1}, "target_keep");
 
   Problem P;
   P.rule = rule;
@@ -1176,13 +1253,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_padded_cpu(
       Position X;
       X.req = b;
       X.j = j;
-      if (j < gamma || cascade) X.q = Row{qbase + b * qs0 + j * qs1, dq};
+      if (j < gamma || cascade) {
+        X.q = Row{qbase + b * qs0 + j * qs1, dq};
+        if (kq) set_keep(X.q, kq + 2 * (b * dl.size(1) + j), V);
+      }
       if (j < gamma) {
         X.token = tp[b * ts0 + j * ts1];
         TORCH_CHECK(X.token >= 0 && X.token < V, "verify_padded: draft token ", X.token,
                     " outside [0, ", V, ")");
       }
       X.p = Row{pbase + b * ps0 + j * ps1, dp};
+      if (kp) set_keep(X.p, kp + 2 * (b * (gamma + 1) + j), V);
       P.pos.push_back(X);
     }
   }
@@ -1195,16 +1276,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_padded_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_ragged_cpu_named(
     const at::Tensor& d, const at::Tensor& x, const at::Tensor& t, const at::Tensor& cu,
     const std::optional<at::Tensor>& bonus, const at::Tensor& seed, const at::Tensor& positions,
-    const at::Tensor& temperature, const at::Tensor& alpha, c10::string_view rule) {
+    const at::Tensor& temperature, const at::Tensor& alpha, c10::string_view rule,
+    const std::optional<at::Tensor>& draft_keep, const std::optional<at::Tensor>& target_keep,
+    const std::optional<at::Tensor>& bonus_keep) {
   return verify_ragged_cpu(d, x, t, cu, bonus, seed, positions, temperature, alpha,
-                           rule_id(std::string(rule)));
+                           rule_id(std::string(rule)), draft_keep, target_keep, bonus_keep);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_padded_cpu_named(
     const at::Tensor& d, const at::Tensor& x, const at::Tensor& t, const at::Tensor& seed,
     const at::Tensor& positions, const at::Tensor& temperature, const at::Tensor& alpha,
-    c10::string_view rule) {
-  return verify_padded_cpu(d, x, t, seed, positions, temperature, alpha, rule_id(std::string(rule)));
+    c10::string_view rule, const std::optional<at::Tensor>& draft_keep,
+    const std::optional<at::Tensor>& target_keep) {
+  return verify_padded_cpu(d, x, t, seed, positions, temperature, alpha, rule_id(std::string(rule)),
+                           draft_keep, target_keep);
 }
 
 }  // namespace
@@ -1214,19 +1299,21 @@ TORCH_LIBRARY_FRAGMENT(speccascade, m) {
   m.def(
       "verify_ragged(Tensor draft_logits, Tensor draft_tokens, Tensor target_logits, "
       "Tensor cu_num_draft_tokens, Tensor? bonus_draft_logits, Tensor seed, Tensor positions, "
-      "Tensor temperature, Tensor alpha, int rule) -> (Tensor, Tensor, Tensor)");
+      "Tensor temperature, Tensor alpha, int rule, Tensor? draft_keep=None, "
+      "Tensor? target_keep=None, Tensor? bonus_keep=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "verify_ragged.name(Tensor draft_logits, Tensor draft_tokens, Tensor target_logits, "
       "Tensor cu_num_draft_tokens, Tensor? bonus_draft_logits, Tensor seed, Tensor positions, "
-      "Tensor temperature, Tensor alpha, str rule) -> (Tensor, Tensor, Tensor)");
+      "Tensor temperature, Tensor alpha, str rule, Tensor? draft_keep=None, "
+      "Tensor? target_keep=None, Tensor? bonus_keep=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "verify_padded(Tensor draft_logits, Tensor draft_tokens, Tensor target_logits, "
-      "Tensor seed, Tensor positions, Tensor temperature, Tensor alpha, int rule) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor seed, Tensor positions, Tensor temperature, Tensor alpha, int rule, "
+      "Tensor? draft_keep=None, Tensor? target_keep=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "verify_padded.name(Tensor draft_logits, Tensor draft_tokens, Tensor target_logits, "
-      "Tensor seed, Tensor positions, Tensor temperature, Tensor alpha, str rule) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor seed, Tensor positions, Tensor temperature, Tensor alpha, str rule, "
+      "Tensor? draft_keep=None, Tensor? target_keep=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(speccascade, CPU, m) {

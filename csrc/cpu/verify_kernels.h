@@ -167,6 +167,20 @@ SC_VERIFY_INLINE uint64_t hash_at(uint64_t key, uint64_t index) {
 
 SC_VERIFY_CLONES inline float block_max(const float* x, int n) { return lane_max(x, n); }
 
+// ---- top-k / top-p truncation (speccascade_fast/truncation.py) ---------------------------------
+// out[i] = x[i] where token lo + i is kept, K = {v : x_v > tau or (x_v == tau and v <= cut)},
+// else -inf: the block the scaled softmax sums read. x == out is allowed.
+SC_VERIFY_CLONES inline void truncate_block(const float* x, float* out, int n, int64_t lo, float tau,
+                                            int64_t cut) {
+  const int64_t c64 = cut - lo;  // ties are kept at block indices i <= c
+  const int c = c64 < -1 ? -1 : (c64 > n ? n : static_cast<int>(c64));
+#pragma omp simd
+  for (int i = 0; i < n; ++i) {
+    const bool keep = x[i] > tau || (x[i] == tau && i <= c);
+    out[i] = keep ? x[i] : kNegInfF;
+  }
+}
+
 // ---- pass 1: per-row online-softmax statistics of one block -------------------------------------
 // With the row's running max m (already raised to this block's max):
 //   acc[0] += sum exp(x - m)                         (flag kS1: the unscaled softmax, T = 1)

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -53,7 +54,13 @@ at::Tensor unit_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.c
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_padded_cuda(
     const at::Tensor& draft_logits_in, const at::Tensor& draft_tokens, const at::Tensor& target_logits_in,
     const at::Tensor& seed_in, const at::Tensor& positions_in, const at::Tensor& temperature_in,
-    const at::Tensor& alpha_in, int64_t rule) {
+    const at::Tensor& alpha_in, int64_t rule, const std::optional<at::Tensor>& draft_keep,
+    const std::optional<at::Tensor>& target_keep) {
+  // top-k / top-p keep bounds: not in the CUDA kernel yet (speccascade_fast.backends.cuda sends
+  // truncated calls to the reference backend and never passes them)
+  TORCH_CHECK(!draft_keep.has_value() && !target_keep.has_value(),
+              "verify_padded (cuda): top-k / top-p keep bounds are not supported by the CUDA "
+              "kernel (speccascade_fast.verify sends such calls to the reference backend)");
   TORCH_CHECK(rule >= 0 && rule < kNumRulesCuda, "verify_padded (cuda): rule id ", rule,
               " out of range [0, ", kNumRulesCuda, ")");
   TORCH_CHECK(draft_logits_in.dim() == 3 && target_logits_in.dim() == 3 && draft_tokens.dim() == 2,
@@ -132,9 +139,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_padded_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_padded_cuda_named(
     const at::Tensor& d, const at::Tensor& x, const at::Tensor& t, const at::Tensor& seed,
     const at::Tensor& positions, const at::Tensor& temperature, const at::Tensor& alpha,
-    c10::string_view rule) {
+    c10::string_view rule, const std::optional<at::Tensor>& draft_keep,
+    const std::optional<at::Tensor>& target_keep) {
   return verify_padded_cuda(d, x, t, seed, positions, temperature, alpha,
-                            rule_id_cuda(std::string(rule)));
+                            rule_id_cuda(std::string(rule)), draft_keep, target_keep);
 }
 
 }  // namespace

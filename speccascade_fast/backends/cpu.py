@@ -7,10 +7,10 @@ counter-based randomness; tokens equal the reference's except at floating-point 
 ratio, or two race scores within ~1e-7, may resolve differently).
 
 The op reads the padded ``[B, gamma(+1), V]`` logits in place (any strides with a unit stride
-along V: no copy, no upcast). Calls it does not cover go to the reference backend, whole:
-
-* ``top_k`` / ``top_p`` truncation (needs a sort per row; not implemented in C++),
-* float64 logits (the kernel reads fp32 / fp16 / bf16).
+along V: no copy, no upcast). ``top_k`` / ``top_p`` reach it as per-row keep bounds
+(:mod:`speccascade_fast.truncation`: one narrow top-k per row, no sort of the vocabulary), which
+the kernel applies wherever it forms a scaled law. Calls with float64 logits (the kernel reads
+fp32 / fp16 / bf16) go to the reference backend, whole.
 
 ``verify_ragged`` is the native entry of :func:`speccascade_fast.ragged.verify_ragged`: vLLM's
 flattened layout, one op call for any mix of per-request gamma.
@@ -21,6 +21,7 @@ import torch
 
 from .. import _ext
 from ..rules import RULES
+from ..truncation import keep_bounds
 from ..types import VerifyOutput
 from . import reference
 
@@ -47,9 +48,8 @@ def is_available(device=None) -> bool:
 
 
 def handles(draft_logits, target_logits, top_k, top_p, *more_logits) -> bool:
-    """Whether the kernel covers a call (else the reference backend runs it)."""
-    if top_k is not None or top_p is not None:
-        return False
+    """Whether the kernel covers a call (else the reference backend runs it): every logits dtype
+    but float64, with or without top-k / top-p."""
     return all(t.dtype in DTYPES for t in (draft_logits, target_logits, *more_logits))
 
 
@@ -60,6 +60,17 @@ def _per_request(temperature, alpha, seed, positions):
         temperature.to(torch.float64).contiguous(),
         alpha.to(torch.float64).contiguous(),
     )
+
+
+def _keep(logits, temperature, top_k, top_p, padded: bool):
+    """The keep bounds of ``logits`` (``None`` when nothing is truncated): padded ``[B, G, V]``
+    with per-request ``temperature [B]``, or flat ``[R, V]`` with one temperature per row."""
+    if top_k is None and top_p is None:
+        return None
+    t = temperature.to(torch.float64)
+    if padded:
+        t = t[:, None]
+    return keep_bounds(logits, t, top_k, top_p).contiguous()
 
 
 def verify(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperature, top_k, top_p,
@@ -76,21 +87,33 @@ def verify(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperatur
     tokens, num_accepted, deferred = ops.verify_padded(
         draft_logits, draft_tokens, target_logits,
         *_per_request(temperature, alpha, seed, positions), RULES.index(rule),
+        _keep(draft_logits, temperature, top_k, top_p, True),
+        _keep(target_logits, temperature, top_k, top_p, True),
     )
     return VerifyOutput(tokens, num_accepted, num_accepted + 1, deferred)
 
 
 def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens,
-                  bonus_draft_logits, *, rule, alpha, temperature, seed,
-                  positions) -> VerifyOutput:
+                  bonus_draft_logits, *, rule, alpha, temperature, seed, positions, top_k=None,
+                  top_p=None) -> VerifyOutput:
     """The flattened layout (see :func:`speccascade_fast.ragged.verify_ragged`), validated and
-    normalised (per-request ``[B]`` tensors), fp32/fp16/bf16 logits, no top-k/top-p."""
+    normalised (per-request ``[B]`` tensors), fp32/fp16/bf16 logits."""
     ops = _ops()
     if ops is None:
         raise RuntimeError(f"the cpu backend's op is not available ({_ext.IMPORT_ERROR})")
+    keep = [None, None, None]
+    if top_k is not None or top_p is not None:
+        cu = cu_num_draft_tokens.to(torch.int64)
+        gammas = cu[1:] - cu[:-1]
+        t_draft = temperature.repeat_interleave(gammas)  # request b owns gamma_b draft rows
+        t_target = temperature.repeat_interleave(gammas + 1)  # and gamma_b + 1 target rows
+        keep[0] = _keep(draft_logits, t_draft, top_k, top_p, False)
+        keep[1] = _keep(target_logits, t_target, top_k, top_p, False)
+        if bonus_draft_logits is not None:
+            keep[2] = _keep(bonus_draft_logits, temperature, top_k, top_p, False)
     tokens, num_accepted, deferred = ops.verify_ragged(
         draft_logits, draft_tokens.to(torch.int64).contiguous(), target_logits,
         cu_num_draft_tokens.to(torch.int64).contiguous(), bonus_draft_logits,
-        *_per_request(temperature, alpha, seed, positions), RULES.index(rule),
+        *_per_request(temperature, alpha, seed, positions), RULES.index(rule), *keep,
     )
     return VerifyOutput(tokens, num_accepted, num_accepted + 1, deferred)

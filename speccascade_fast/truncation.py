@@ -1,0 +1,129 @@
+"""Top-k / top-p truncation as per-row keep bounds, for the fused kernels.
+
+The reference (:mod:`speccascade_fast.probs`) truncates the scaled distribution with a sort. A
+fused kernel instead receives, for every row, the bound ``(tau, cut)`` of the kept set
+
+    K = {v : l_v > tau} ∪ {v : l_v == tau and v <= cut}
+
+in the row's raw logits ``l`` (as fp32: every logit dtype the kernels read converts exactly). It
+keeps a token's scaled weight ``exp((l_v - max l) / T)`` when ``v`` is in K and zeroes it
+otherwise, while the unscaled ``q1, p1`` (every deferral statistic) stay untruncated. The max
+logit is always kept, so the row maxima, argmaxes and T = 0 one-hots are untouched.
+
+K is exactly the reference's set because softmax is monotone in the logit: top-k keeps the
+tokens whose logit is >= the k-th largest (ties kept, as Hugging Face does: ``cut = V - 1``);
+top-p walks the tokens by logit, descending, ties by lower id, and keeps one while the
+renormalised mass before it is < ``top_p``; the last kept token ``v*`` gives
+``(tau, cut) = (l_v*, v*)``. The masses are fp64 softmax terms as in the reference, so the
+bound differs only where a cumulative mass lies within rounding (~1e-15) of ``top_p``.
+
+Rows with T = 0 or no truncation get ``(-inf, V - 1)``: keep all. Two implementations of the one
+definition: on CPU (fp32/fp16/bf16 logits) the C++ op ``torch.ops.speccascade.keep_bounds``
+(csrc/cpu/keep_bounds_cpu.cpp: nth_element for top-k, a quickselect by mass for top-p, expected
+O(V) per row, fp32 exp summed in fp64); elsewhere, and as the op's oracle in the tests, the torch
+code below (fp64; one top-k of width 64 per row, 4x wider for the rows not yet decided, up to a
+full sort).
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["keep_bounds", "keep_bounds_torch", "keep_mask"]
+
+_FIRST_WIDTH = 64
+
+
+def keep_bounds(logits: torch.Tensor, temperature: torch.Tensor, top_k: int | None,
+                top_p: float | None) -> torch.Tensor:
+    """The keep bounds of every row: float64 ``[..., 2]`` = ``(tau, cut)`` (module docstring).
+
+    Args:
+        logits: ``[..., V]`` raw logits (any float dtype).
+        temperature: float tensor broadcastable to ``logits.shape[:-1]``; rows with T = 0 keep
+            everything (their law is the argmax one-hot either way).
+        top_k, top_p: validated truncation settings (``None``: off).
+    """
+    op = _cpu_op(logits)
+    if op is None:
+        return keep_bounds_torch(logits, temperature, top_k, top_p)
+    shape, V = logits.shape[:-1], logits.shape[-1]
+    t = torch.as_tensor(temperature, dtype=torch.float64).expand(shape).reshape(-1).contiguous()
+    out = op(logits.reshape(-1, V), t, top_k, top_p)
+    return out.reshape(*shape, 2)
+
+
+def _cpu_op(logits):
+    if logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.float16,
+                                                            torch.bfloat16):
+        return None
+    from . import _ext
+
+    if _ext.load() is None:
+        return None
+    try:
+        return torch.ops.speccascade.keep_bounds
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def keep_bounds_torch(logits: torch.Tensor, temperature: torch.Tensor, top_k: int | None,
+                      top_p: float | None) -> torch.Tensor:
+    """:func:`keep_bounds` in torch (fp64): any device and dtype; the C++ op's oracle."""
+    shape, V = logits.shape[:-1], logits.shape[-1]
+    x = logits.reshape(-1, V).to(torch.float32).to(torch.float64)
+    t = torch.as_tensor(temperature, dtype=torch.float64, device=logits.device)
+    t = t.expand(shape).reshape(-1)
+    R = x.shape[0]
+    tau = torch.full((R,), -torch.inf, dtype=torch.float64, device=x.device)
+    cut = torch.full((R,), float(V - 1), dtype=torch.float64, device=x.device)
+    live = t > 0
+    if top_k is not None and top_k < V:
+        kth = torch.topk(x, top_k, dim=-1).values[:, -1]
+        tau = torch.where(live, kth, tau)
+    if top_p is not None and bool(live.any()):
+        rows = live.nonzero().flatten()
+        tp, cp = _top_p_bounds(x[rows], t[rows], tau[rows], top_p)
+        tau[rows], cut[rows] = tp, cp
+    return torch.stack([tau, cut], -1).reshape(*shape, 2)
+
+
+def _top_p_bounds(x, t, tau_k, top_p):
+    """(tau, cut) of top-p over the rows ``x`` (fp64 logits, T > 0), after top-k's bound."""
+    R, V = x.shape
+    x = torch.where(x >= tau_k[:, None], x, torch.full_like(x, -torch.inf))  # top-k first
+    z = x / t[:, None]
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    tau = torch.empty(R, dtype=torch.float64, device=x.device)
+    cut = torch.empty(R, dtype=torch.float64, device=x.device)
+    todo = torch.arange(R, device=x.device)
+    width = min(_FIRST_WIDTH, V)
+    while todo.numel():
+        vals, idx = torch.topk(x[todo], width, dim=-1)
+        # order by (logit desc, id asc): sort by id, then a stable sort by logit
+        idx, o = torch.sort(idx, dim=-1)
+        vals = vals.gather(1, o)
+        vals, o = torch.sort(vals, dim=-1, descending=True, stable=True)
+        idx = idx.gather(1, o)
+        probs = torch.exp(z[todo].gather(1, idx) - lse[todo])
+        before = torch.cumsum(probs, -1) - probs
+        # a prefix (probs fall along the walk); tokens of weight 0 (masked by top-k, or
+        # underflowing) never move the bound: their law is 0 whether kept or not
+        kept = ((before < top_p) & (probs > 0)).sum(-1).clamp(min=1)
+        last = kept - 1
+        tl = vals.gather(1, last[:, None])[:, 0]
+        # decided unless the walk may continue past the window, or the last kept logit ties
+        # the window's smallest (tokens with that logit may lie outside the window)
+        done = (width == V) | ((kept < width) & (tl > vals[:, -1]))
+        tau[todo[done]] = tl[done]
+        cut[todo[done]] = idx.gather(1, last[:, None])[:, 0][done].to(torch.float64)
+        todo = todo[~done]
+        width = min(width * 4, V)
+    return tau, cut
+
+
+def keep_mask(logits: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[..., V]``: the kept set of every row (for tests and the pure-torch paths)."""
+    x = logits.to(torch.float32).to(torch.float64)
+    tau, cut = bounds[..., :1], bounds[..., 1:]
+    ids = torch.arange(x.shape[-1], device=x.device, dtype=torch.float64)
+    return (x > tau) | ((x == tau) & (ids <= cut))

@@ -1,0 +1,117 @@
+"""Keep bounds (speccascade_fast/truncation.py) describe exactly the reference's truncated support."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import speccascade_fast as sc
+from speccascade_fast.probs import scaled
+from speccascade_fast.truncation import keep_bounds, keep_bounds_torch, keep_mask
+
+IMPLS = {"torch": keep_bounds_torch, "cpu_op": keep_bounds}  # keep_bounds: the C++ op on CPU
+
+
+def _kept_by_reference(x, T, top_k, top_p):
+    """The reference's support among the tokens of nonzero untruncated probability (a token of
+    probability 0 has law 0 kept or not)."""
+    ref = scaled(x, T.double(), top_k, top_p) > 0
+    alive = scaled(x, T.double(), None, None) > 0
+    return ref, alive
+
+
+def _case(trial):
+    g = torch.Generator().manual_seed(trial)
+    V = int(torch.randint(2, 3000, (), generator=g))
+    x = torch.randn(4, V, generator=g) * float(torch.rand((), generator=g) * 8 + 0.1)
+    if trial % 3 == 0:  # many ties
+        x = (x * 2).round() / 2
+    if trial % 4 == 1:
+        x[:, ::3] = float("-inf")
+    x = x.to((torch.float32, torch.bfloat16, torch.float16)[trial % 3])
+    T = torch.tensor([0.0, 0.3, 1.0, 2.5])
+    top_k = None if trial % 4 == 0 else int(torch.randint(1, V + 1, (), generator=g))
+    top_p = None if trial % 4 == 3 else float(torch.rand((), generator=g) * 0.98 + 0.01)
+    return x, T, top_k, top_p
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("trial", range(60))
+def test_bounds_give_the_reference_support(trial, impl):
+    x, T, top_k, top_p = _case(trial)
+    bounds = IMPLS[impl](x, T, top_k, top_p)
+    assert bounds.shape == (4, 2) and bounds.dtype == torch.float64
+    mask = keep_mask(x, bounds)
+    ref, alive = _kept_by_reference(x, T, top_k, top_p)
+    assert bool(mask[0].all())  # T = 0: keep all (the one-hot ignores truncation)
+    assert torch.equal(mask[1:] & alive[1:], ref[1:])
+
+
+def test_the_cpu_op_equals_the_torch_bounds():
+    """Bit for bit on 400 random cases (fp32 exp vs fp64 could differ only at a mass within
+    ~1e-7 of top_p; the op must be the one answering on CPU)."""
+    assert keep_bounds.__module__ == "speccascade_fast.truncation"
+    import speccascade_fast._C  # noqa: F401
+
+    for trial in range(400):
+        x, T, top_k, top_p = _case(1000 + trial)
+        a = keep_bounds_torch(x, T, top_k, top_p)
+        b = torch.ops.speccascade.keep_bounds(x, T.double(), top_k, top_p)
+        assert torch.equal(a, b), (trial, top_k, top_p, a, b)
+        assert torch.equal(keep_bounds(x, T, top_k, top_p), b)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_ties_at_the_boundary(impl):
+    keep_bounds = IMPLS[impl]
+    x = torch.tensor([[1.0, 3.0, 2.0, 3.0, 2.0, 2.0]])
+    T = torch.tensor([1.0])
+    # top-k keeps every token tied with the k-th largest (as Hugging Face does)
+    assert keep_mask(x, keep_bounds(x, T, 3, None)).tolist() == [[0, 1, 1, 1, 1, 1]]
+    # top-p walks ties by lower id: 3.0 (id 1), 3.0 (id 3), 2.0 (id 2), ...
+    p = torch.softmax(x.double(), -1)[0]
+    top_p = float(p[1] + p[3]) + 1e-9  # needs one of the 2.0s: the lowest id, 2
+    assert keep_mask(x, keep_bounds(x, T, None, top_p)).tolist() == [[0, 1, 1, 1, 0, 0]]
+    assert keep_bounds(x, T, None, top_p)[0].tolist() == [2.0, 2.0]
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_no_truncation_and_shapes(impl):
+    x = torch.randn(2, 3, 50)
+    b = IMPLS[impl](x, torch.tensor([0.5, 1.0])[:, None], None, None)
+    assert b.shape == (2, 3, 2)
+    assert bool((b[..., 0] == -torch.inf).all()) and bool((b[..., 1] == 49).all())
+
+
+def test_the_op_rejects_malformed_bounds():
+    import speccascade_fast._C  # noqa: F401  (registers the op; built by the install)
+
+    q, p = torch.randn(1, 3, 10), torch.randn(1, 3, 10)
+    x = torch.zeros(1, 2, dtype=torch.int64)
+    per = (torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64),
+           torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="draft_keep must be a contiguous CPU float64"):
+        torch.ops.speccascade.verify_padded(q, x, p, *per, 0, torch.zeros(1, 2, 2), None)
+    with pytest.raises(RuntimeError, match="target_keep"):
+        torch.ops.speccascade.verify_padded(q, x, p, *per, 0, None,
+                                            torch.zeros(1, 2, 2, dtype=torch.float64))
+    t = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="top_k must be in"):
+        torch.ops.speccascade.keep_bounds(q[0], t, 11, None)
+    with pytest.raises(RuntimeError, match="top_p must be in"):
+        torch.ops.speccascade.keep_bounds(q[0], t, None, 0.0)
+    with pytest.raises(RuntimeError, match="temperature must be"):
+        torch.ops.speccascade.keep_bounds(q[0], t[:2], 3, None)
+
+
+def test_verify_with_truncation_matches_on_every_backend_here():
+    """The public entry: ``verify(..., top_k, top_p)`` on ``cpu`` equals ``reference``."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 300, generator=g) * 3
+    p = q + torch.randn(2, 4, 300, generator=g)
+    x = sc.sample(q[:, :3], temperature=0.9, top_k=20, top_p=0.8, seed=torch.tensor([1, 2]))
+    for rule, alpha in (("token_v3", 0.3), ("opt", 0.5), ("lossy_star", 0.4)):
+        args = dict(rule=rule, alpha=alpha, temperature=0.9, top_k=20, top_p=0.8,
+                    seed=torch.tensor([1, 2]))
+        a = sc.verify(q, x, p, backend="reference", **args)
+        b = sc.verify(q, x, p, backend="cpu", **args)
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.deferred, b.deferred)
