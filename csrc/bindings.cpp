@@ -19,7 +19,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "logits [R, V] (fp32/fp16/bf16) with int64 seeds/positions [R]; returns int64 [R].");
   // Overload tried when `temperature` is a tensor: one temperature per row.
   m.def("sample_cpu", &speccascade::sample_cpu_rowwise, pybind11::arg("logits"),
-        pybind11::arg("temperature"), pybind11::arg("seeds"), pybind11::arg("positions"));
+        pybind11::arg("temperature"), pybind11::arg("seeds"), pybind11::arg("positions"),
+        pybind11::arg("keep") = pybind11::none());
 #ifdef SC_WITH_CUDA
   m.def("sample_cuda", &speccascade::sample_cuda, pybind11::arg("logits"),
         pybind11::arg("temperature"), pybind11::arg("seeds"), pybind11::arg("positions"),

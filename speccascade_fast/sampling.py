@@ -5,6 +5,7 @@ import torch
 
 from . import _ext, checks, rng
 from .probs import scaled
+from .truncation import keep_bounds
 
 
 def sample(logits, *, temperature=1.0, top_k=None, top_p=None, seed=0, positions=None,
@@ -19,8 +20,9 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, seed=0, positions
         positions: int64 tensor ``[B]``: absolute position of the token drawn from row b (for
             ``[B, n, V]``, of the first of its n tokens; the k-th uses ``positions + k``).
         backend: ``"auto"`` uses the compiled CPU kernel (``_C.sample_cpu``) for CPU fp32/bf16/
-            fp16 logits without top-k/top-p, else the torch reference; ``"reference"`` forces
-            the latter. Both draw the same tokens up to floating-point near-ties.
+            fp16 logits (top-k / top-p as keep bounds, :mod:`speccascade_fast.truncation`), else
+            the torch reference; ``"reference"`` forces the latter. Both draw the same tokens up
+            to floating-point near-ties.
 
     Returns:
         int64 ``[B]`` (or ``[B, n]``). The draw is the exponential race
@@ -43,12 +45,15 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, seed=0, positions
     if backend not in ("auto", "reference"):
         raise ValueError(f"backend must be 'auto' or 'reference', got {backend!r}")
     kernel = _ext.load()
-    if (backend == "auto" and kernel is not None and device.type == "cpu" and top_k is None
-            and top_p is None and logits.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+    if (backend == "auto" and kernel is not None and device.type == "cpu"
+            and logits.dtype in (torch.float32, torch.bfloat16, torch.float16)):
         n = logits.shape[1] if logits.dim() == 3 else 1
         pos = (positions[:, None] + torch.arange(n, device=device)).reshape(-1)
-        flat = kernel.sample_cpu(logits.reshape(B * n, V), temperature.repeat_interleave(n),
-                                 seed.repeat_interleave(n), pos)
+        rows, temps = logits.reshape(B * n, V), temperature.repeat_interleave(n)
+        keep = None
+        if top_k is not None or top_p is not None:
+            keep = keep_bounds(rows, temps, top_k, top_p).contiguous()
+        flat = kernel.sample_cpu(rows, temps, seed.repeat_interleave(n), pos, keep)
         return flat.view(logits.shape[:-1])
     if logits.dim() == 3:
         n = logits.shape[1]

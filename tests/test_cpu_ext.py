@@ -184,3 +184,36 @@ def test_public_sample_matches_reference():
             assert torch.equal(block[0], sample(logits, temperature=T, seed=seeds[0].item(),
                                                 positions=positions[:1] + torch.arange(3),
                                                 backend="reference"))
+
+
+@needs_ext
+@pytest.mark.parametrize("V", [50, 5000, 151936])
+def test_truncated_sampling_matches_reference(V):
+    """top-k / top-p reach the kernel as keep bounds: the same tokens as the torch formula, for
+    mixed per-row temperatures (greedy rows ignore truncation), ties at the boundary, and
+    truncated chunks whose largest logit lies outside the kept set (V = 151936: several
+    chunks per row on two threads)."""
+    for k, kw in enumerate(({"top_k": 1}, {"top_k": 20}, {"top_p": 0.5}, {"top_p": 0.95},
+                            {"top_k": 30, "top_p": 0.8})):
+        logits, seeds, positions = make_inputs(4, V, torch.float32, seed=V + k, mask_frac=0.2)
+        if k % 2:
+            logits = (logits * 2).round() / 2  # ties at the boundary
+        T = torch.tensor([0.0, 0.6, 1.0, 1.7])
+        got = sample(logits, temperature=T, seed=seeds, positions=positions, **kw)
+        want = sample(logits, temperature=T, seed=seeds, positions=positions,
+                      backend="reference", **kw)
+        assert torch.equal(got, want), (kw, got, want)
+        block = sample(logits.view(1, 4, V), temperature=0.8, seed=seeds[:1],
+                       positions=positions[:1], **kw)
+        ref = sample(logits.view(1, 4, V), temperature=0.8, seed=seeds[:1],
+                     positions=positions[:1], backend="reference", **kw)
+        assert torch.equal(block, ref), kw
+
+
+@needs_ext
+def test_keep_bounds_argument_is_checked():
+    logits, seeds, positions = make_inputs(2, 10, torch.float32, seed=1)
+    t = torch.ones(2)
+    with pytest.raises(RuntimeError, match="keep must be"):
+        C.sample_cpu(logits, t, seeds, positions, torch.zeros(2, 2))
+    assert C.sample_cpu(logits, t, seeds, positions, None).shape == (2,)

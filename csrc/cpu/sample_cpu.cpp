@@ -16,6 +16,7 @@
 #include <array>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "../sample_common.h"
@@ -26,6 +27,7 @@ namespace {
 // Least work (vocabulary entries) worth handing to a thread: waking a pool thread costs
 // microseconds, and much more when another process holds the other core. ATen's GRAIN_SIZE.
 constexpr int64_t kMinChunk = 32768;
+constexpr double kInfD = std::numeric_limits<double>::infinity();
 
 struct Best {
   double score;
@@ -73,30 +75,44 @@ Best chunk_argmax(const scalar_t* row, int64_t lo, int64_t hi) {
   return {static_cast<double>(best), bi};
 }
 
+// Top-k / top-p keep bound of a row (speccascade_fast/truncation.py): the law keeps
+// {v : l_v > tau or (l_v == tau and v <= cut)}; the default keeps everything.
+struct Keep {
+  float tau = -std::numeric_limits<float>::infinity();
+  int64_t cut = std::numeric_limits<int64_t>::max();
+  bool kept(float x, int64_t v) const { return x > tau || (x == tau && v <= cut); }
+};
+
 // Gumbel-max race over [lo, hi) for one row whose DRAFT key is `key`.
 template <typename scalar_t>
 Best chunk_race(const scalar_t* row, int64_t lo, int64_t hi, double temperature, uint64_t key,
-                const float* table) {
+                const float* table, const Keep& keep) {
+  constexpr double kNegInf = -std::numeric_limits<double>::infinity();
   // Seed the running best with the exact score of the largest logit: a good lower bound of the
   // chunk's maximum, so the pruning test rejects most entries from the start.
   const Best top = chunk_argmax(row, lo, hi);
   if (std::isnan(top.score)) return top;  // a NaN logit gives a NaN score, which wins
-  if (top.score == -std::numeric_limits<double>::infinity()) {
+  if (top.score == kNegInf) {
     // Every weight is 0: all scores are -inf and the lowest id wins, as in torch.argmax.
     return {top.score, lo};
   }
-  Best best{gumbel_score(top.score, temperature, index_hash(key, top.idx)), top.idx};
+  // (a truncated chunk's largest logit may lie outside the kept set: weight 0, score -inf)
+  Best best{keep.kept(static_cast<float>(top.score), top.idx)
+                ? gumbel_score(top.score, temperature, index_hash(key, top.idx))
+                : kNegInf,
+            keep.kept(static_cast<float>(top.score), top.idx) ? top.idx : lo};
   double thr = prune_threshold(best.score);
   const double inv_t = 1.0 / temperature;
   // A subnormal T overflows 1 / T; the bound is then meaningless, so evaluate every entry.
   const bool prune = std::isfinite(inv_t);
   for (int64_t v = lo; v < hi; ++v) {
     const uint64_t h = index_hash(key, static_cast<uint64_t>(v));
-    const double x = static_cast<double>(to_float(row[v]));
+    const float xf = to_float(row[v]);
+    const double x = static_cast<double>(xf);
     // x * inv_t approximates x / T; the threshold's margin covers the difference. -inf logits
     // give -inf here and are never evaluated (they cannot win against a finite best).
     const double bound = x * inv_t + static_cast<double>(table[hash_bucket(h)]);
-    if (bound >= thr || !prune) {
+    if ((bound >= thr || !prune) && keep.kept(xf, v)) {
       const double s = gumbel_score(x, temperature, h);
       if (better(s, v, best.score, best.idx)) {
         best = {s, v};
@@ -110,7 +126,7 @@ Best chunk_race(const scalar_t* row, int64_t lo, int64_t hi, double temperature,
 template <typename scalar_t>
 void sample_impl(const scalar_t* logits, int64_t rows, int64_t vocab, int64_t row_stride,
                  const double* temps, int64_t temp_stride, const int64_t* seeds,
-                 const int64_t* positions, int64_t* out) {
+                 const int64_t* positions, const double* keep, int64_t* out) {
   const float* table = bound_table().g.data();
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   int64_t chunks = 1;
@@ -134,7 +150,12 @@ void sample_impl(const scalar_t* logits, int64_t rows, int64_t vocab, int64_t ro
         partial[task] = chunk_argmax(row, lo, hi);
       } else {
         const uint64_t key = row_key(seeds[r], positions[r], kStreamDraft);
-        partial[task] = chunk_race(row, lo, hi, temperature, key, table);
+        Keep k;
+        if (keep != nullptr && !(keep[2 * r] == -kInfD && keep[2 * r + 1] >= vocab - 1)) {
+          k.tau = static_cast<float>(keep[2 * r]);
+          k.cut = static_cast<int64_t>(keep[2 * r + 1]);
+        }
+        partial[task] = chunk_race(row, lo, hi, temperature, key, table, k);
       }
     }
   });
@@ -151,7 +172,8 @@ void sample_impl(const scalar_t* logits, int64_t rows, int64_t vocab, int64_t ro
 
 // Shared by the two public overloads: row r uses temperature temps[r * temp_stride].
 at::Tensor sample_dispatch(const at::Tensor& logits, const double* tp, int64_t ts,
-                              const at::Tensor& seeds, const at::Tensor& positions) {
+                              const at::Tensor& seeds, const at::Tensor& positions,
+                              const std::optional<at::Tensor>& keep = std::nullopt) {
   TORCH_CHECK(logits.device().is_cpu(), "sample_cpu: logits must be on the CPU");
   TORCH_CHECK(logits.dim() == 2, "sample_cpu: logits must be [R, V], got ", logits.sizes());
   const int64_t rows = logits.size(0);
@@ -168,6 +190,15 @@ at::Tensor sample_dispatch(const at::Tensor& logits, const double* tp, int64_t t
   const at::Tensor p = positions.contiguous();
   at::Tensor out = at::empty({rows}, logits.options().dtype(at::kLong));
   if (rows == 0) return out;
+  const double* kp = nullptr;
+  if (keep.has_value()) {
+    TORCH_CHECK(keep->device().is_cpu() && keep->scalar_type() == at::kDouble &&
+                    keep->is_contiguous() && keep->dim() == 2 && keep->size(0) == rows &&
+                    keep->size(1) == 2,
+                "sample_cpu: keep must be a contiguous CPU float64 tensor [", rows, ", 2], got ",
+                keep->scalar_type(), " ", keep->sizes());
+    kp = keep->data_ptr<double>();
+  }
 
   const int64_t stride = l.stride(0);
   const int64_t* sp = s.data_ptr<int64_t>();
@@ -175,13 +206,13 @@ at::Tensor sample_dispatch(const at::Tensor& logits, const double* tp, int64_t t
   int64_t* op = out.data_ptr<int64_t>();
   switch (l.scalar_type()) {
     case at::kFloat:
-      sample_impl(l.data_ptr<float>(), rows, vocab, stride, tp, ts, sp, pp, op);
+      sample_impl(l.data_ptr<float>(), rows, vocab, stride, tp, ts, sp, pp, kp, op);
       break;
     case at::kHalf:
-      sample_impl(l.data_ptr<at::Half>(), rows, vocab, stride, tp, ts, sp, pp, op);
+      sample_impl(l.data_ptr<at::Half>(), rows, vocab, stride, tp, ts, sp, pp, kp, op);
       break;
     case at::kBFloat16:
-      sample_impl(l.data_ptr<at::BFloat16>(), rows, vocab, stride, tp, ts, sp, pp, op);
+      sample_impl(l.data_ptr<at::BFloat16>(), rows, vocab, stride, tp, ts, sp, pp, kp, op);
       break;
     default:
       TORCH_CHECK(false, "sample_cpu: logits must be float32, float16 or bfloat16, got ",
@@ -200,7 +231,8 @@ at::Tensor sample_cpu(const at::Tensor& logits, double temperature,
 }
 
 at::Tensor sample_cpu_rowwise(const at::Tensor& logits, const at::Tensor& temperature,
-                                 const at::Tensor& seeds, const at::Tensor& positions) {
+                                 const at::Tensor& seeds, const at::Tensor& positions,
+                                 const std::optional<at::Tensor>& keep) {
   TORCH_CHECK(logits.dim() == 2, "sample_cpu: logits must be [R, V], got ", logits.sizes());
   const int64_t rows = logits.size(0);
   TORCH_CHECK(temperature.numel() == 1 || temperature.numel() == rows,
@@ -212,7 +244,7 @@ at::Tensor sample_cpu_rowwise(const at::Tensor& logits, const at::Tensor& temper
     TORCH_CHECK(std::isfinite(tp[i]) && tp[i] >= 0.0,
                 "sample_cpu: temperatures must be finite and >= 0, got ", tp[i]);
   }
-  return sample_dispatch(logits, tp, t.numel() == 1 ? 0 : 1, seeds, positions);
+  return sample_dispatch(logits, tp, t.numel() == 1 ? 0 : 1, seeds, positions, keep);
 }
 
 }  // namespace speccascade
