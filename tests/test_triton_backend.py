@@ -181,13 +181,23 @@ def test_public_verify_uses_triton_backend():
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
-def test_top_k_top_p_fall_back_to_the_reference():
-    q, x, p = make_block(1600)
-    args = call_args("token_v3", 0.3, 0.8, B, 1600)
-    for k, tp in [(5, None), (None, 0.9), (10, 0.8)]:
-        got = tb.verify(q, x, p, top_k=k, top_p=tp, **args)
-        want = reference.verify(q, x, p, top_k=k, top_p=tp, **args)
-        assert all(torch.equal(a, b) for a, b in zip(got, want))
+@pytest.mark.parametrize("rule", sc.RULES)
+def test_top_k_top_p_in_the_kernels(rule):
+    """Truncation as per-row keep bounds read by every kernel: equal to the reference for mixed
+    per-row T, both bonus modes, ties at the boundary (rounded logits), two slices."""
+    seed = 900 + sc.RULES.index(rule)
+    for k, (trunc, cascade) in enumerate([((5, None), True), ((None, 0.7), False),
+                                          ((12, 0.9), True)]):
+        q, x, p = make_block(seed + 50 * k, cascade=cascade, T=1.0)
+        if k == 2:
+            q, p = (q * 2).round() / 2, (p * 2).round() / 2
+        top_k, top_p = trunc
+        args = call_args(rule, ALPHAS[rule][k % len(ALPHAS[rule])], TEMPS, B, seed)
+        got = tb.launch(q, x, p, top_k=top_k, top_p=top_p, **args, **SMALL)
+        want = reference.verify(q, x, p, top_k=top_k, top_p=top_p, **args)
+        for name, a, b in zip(want._fields, got, want):
+            assert torch.equal(a, b), (rule, trunc, name, a, b)
+    assert torch.equal(tb.verify(q, x, p, top_k=12, top_p=0.9, **args).tokens, want.tokens)
 
 
 def test_is_available(monkeypatch):
@@ -220,7 +230,8 @@ from speccascade_fast.rules import RULES, LOSSY_STAR_BISECTION_STEPS
 PTR = dict(q_ptr="*bf16", p_ptr="*bf16", t_ptr="*fp64", alpha_ptr="*fp64", seed_ptr="*i64",
            pos_ptr="*i64", x_ptr="*i64", stf_ptr="*fp32", sti_ptr="*i32", ws_ptr="*i64",
            p2_ptr="*fp32", sst_ptr="*fp64", out_ptr="*fp32", tok_ptr="*i64", nacc_ptr="*i64",
-           nem_ptr="*i64", def_ptr="*i1", sq_b="i64", sq_j="i64", sp_b="i64", sp_j="i64")
+           nem_ptr="*i64", def_ptr="*i1", sq_b="i64", sq_j="i64", sp_b="i64", sp_j="i64",
+           kq_ptr="*fp64", kp_ptr="*fp64")
 
 
 def build(fn, warps, **constexprs):
@@ -230,15 +241,18 @@ def build(fn, warps, **constexprs):
                    target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 
-build(K.stats_kernel, 16, SLICE=8192, BLOCK=8192, NEED_Z1=True, NEED_H=True, NEED_X=False)
-build(K.stats_kernel, 4, SLICE=1024, BLOCK=512, NEED_Z1=True, NEED_H=False, NEED_X=True)
-for rule in ("opt_log", "token_v1", "lossy"):
-    build(K.second_pass_kernel, 16, RULE=RULES.index(rule), SLICE=8192, BLOCK=8192, S_PAD=32)
+# KEEP: top-k / top-p keep bounds read by every kernel (off, and on for one build of each)
+build(K.stats_kernel, 16, SLICE=8192, BLOCK=8192, NEED_Z1=True, NEED_H=True, NEED_X=False,
+      KEEP=False)
+build(K.stats_kernel, 4, SLICE=1024, BLOCK=512, NEED_Z1=True, NEED_H=False, NEED_X=True, KEEP=True)
+for keep, rule in ((False, "opt_log"), (True, "token_v1"), (False, "lossy")):
+    build(K.second_pass_kernel, 16, RULE=RULES.index(rule), SLICE=8192, BLOCK=8192, S_PAD=32,
+          KEEP=keep)
 PTR["out_ptr"] = "*fp64"
-build(K.lossy_star_kernel, 8, STEPS=LOSSY_STAR_BISECTION_STEPS, BLOCK=4096, S_PAD=32)
-for rule in sys.argv[1:]:
+build(K.lossy_star_kernel, 8, STEPS=LOSSY_STAR_BISECTION_STEPS, BLOCK=4096, S_PAD=32, KEEP=True)
+for i, rule in enumerate(sys.argv[1:]):
     build(K.accept_resample_kernel, 16, RULE=RULES.index(rule), SLICE=8192, BLOCK=8192,
-          S_PAD=32, G_PAD=16)
+          S_PAD=32, G_PAD=16, KEEP=i % 2 == 1)
 print("compiled")
 """
 

@@ -30,8 +30,11 @@ no ``.item()``; only ``torch.empty`` allocations: CUDA-graph capturable. Constex
 slice / block widths (functions of V only: :func:`slice_size`, one block per slice, 4-16 warps)
 and paddings; B, gamma, T, alpha, seeds and positions are runtime values (no recompile per B).
 
-**top_k / top_p**: calls that ask for truncation run the reference backend (on the same device);
-every other call runs in Triton. T = 0 (greedy) and T > 0 may mix within a batch.
+**top_k / top_p**: each logit row's keep bound ``(tau, cut)`` (:mod:`speccascade_fast.truncation`)
+is computed first (on CUDA by the torch code, which synchronises with the host to size its top-k
+windows, so truncated calls are not CUDA-graph capturable yet; on the interpreter by the C++ op)
+and every kernel reads a truncated row as -inf outside its set wherever it forms qT or pT (the
+unscaled q1, p1 stay whole). T = 0 (greedy) and T > 0 may mix within a batch.
 
 Devices: CUDA, or the CPU through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before
 the kernels were first imported (tests; slow, keep V small).
@@ -44,8 +47,8 @@ import os
 import torch
 
 from ..rules import LOSSY_STAR_BISECTION_STEPS, RULES
+from ..truncation import keep_bounds
 from ..types import VerifyOutput
-from . import reference
 
 _NEED_Z1 = frozenset({"chow", "chow_log", "diff", "diff_log", "opt", "opt_log", "bild",
                       "token_v1", "token_v2"})
@@ -98,12 +101,9 @@ def verify(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperatur
     """Shapes: ``draft_logits`` ``[B, g or g+1, V]``, ``draft_tokens`` int64 ``[B, g]``,
     ``target_logits`` ``[B, g+1, V]`` (fp32/bf16/fp16/fp64, last dim contiguous or copied);
     ``alpha``, ``temperature`` float64 ``[B]``; ``seed``, ``positions`` int64 ``[B]``."""
-    if top_k is not None or top_p is not None:  # truncation: not in the kernels (module docs)
-        return reference.verify(draft_logits, draft_tokens, target_logits, rule=rule, alpha=alpha,
-                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                positions=positions)
     return launch(draft_logits, draft_tokens, target_logits, rule=rule, alpha=alpha,
-                  temperature=temperature, seed=seed, positions=positions)
+                  temperature=temperature, seed=seed, positions=positions, top_k=top_k,
+                  top_p=top_p)
 
 
 def _check_mode(kernels, device: torch.device) -> None:
@@ -123,10 +123,11 @@ def _check_mode(kernels, device: torch.device) -> None:
 
 
 def launch(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperature, seed,
-           positions, slice_width: int | None = None, block: int | None = None) -> VerifyOutput:
-    """Run the kernels (no truncation). ``slice_width`` / ``block`` (powers of two) override the
-    vocabulary slice per program (default :func:`slice_size`) and the chunk each program loops
-    over (default: the whole slice in one go); the tests use tiny ones."""
+           positions, top_k=None, top_p=None, slice_width: int | None = None,
+           block: int | None = None) -> VerifyOutput:
+    """Run the kernels. ``slice_width`` / ``block`` (powers of two) override the vocabulary slice
+    per program (default :func:`slice_size`) and the chunk each program loops over (default: the
+    whole slice in one go); the tests use tiny ones."""
     k = _kernels()
     device = target_logits.device
     _check_mode(k, device)
@@ -144,14 +145,21 @@ def launch(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperatur
     rid = RULES.index(rule)
     strides = (q.stride(0), q.stride(1), p.stride(0), p.stride(1))
 
+    keep = top_k is not None or top_p is not None
+    if keep:
+        t2 = temperature.to(torch.float64)[:, None]
+        kq = keep_bounds(q, t2, top_k, top_p).contiguous()
+        kp = keep_bounds(p, t2, top_k, top_p).contiguous()
     stf = torch.empty((B * G1, _NF, S), dtype=torch.float32, device=device)
+    if not keep:
+        kq = kp = stf  # placeholders: the kernels do not read them
     sti = torch.empty((B * G1, _NI, S), dtype=torch.int32, device=device)
     ws = torch.empty((B, 3), dtype=torch.int64, device=device)  # race maxima, arrival counter
     k.stats_kernel[(B * G1, S)](
-        q, p, *strides, temperature, temperature.stride(0), stf, sti, ws,
+        q, p, *strides, temperature, temperature.stride(0), stf, sti, ws, kq, kp,
         RQ, G1, V, S,
         SLICE=SLICE, BLOCK=BLOCK, NEED_Z1=rule in _NEED_Z1, NEED_H=rule in _NEED_H,
-        NEED_X=rule == "bild", num_warps=warps,
+        NEED_X=rule == "bild", KEEP=keep, num_warps=warps,
     )
 
     p2 = sst = stf  # placeholders for pointer arguments a rule does not read
@@ -160,15 +168,15 @@ def launch(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperatur
         nr, row0 = (RQ, 0) if rule != "lossy" else (1, gamma)
         p2 = torch.empty((B * G1, 2, S), dtype=torch.float32, device=device)
         k.second_pass_kernel[(B * nr, S)](
-            q, p, *strides, *scal, stf, sti, p2, nr, row0, G1, V, S,
-            RULE=rid, SLICE=SLICE, BLOCK=BLOCK, S_PAD=S_PAD, num_warps=warps,
+            q, p, *strides, *scal, stf, sti, p2, kq, kp, nr, row0, RQ, G1, V, S,
+            RULE=rid, SLICE=SLICE, BLOCK=BLOCK, S_PAD=S_PAD, KEEP=keep, num_warps=warps,
         )
     elif rule == "lossy_star":
         sst = torch.empty((B * G1,), dtype=torch.float64, device=device)
         k.lossy_star_kernel[(B * RQ,)](
-            q, p, *strides, *scal, stf, sti, sst, RQ, G1, V, S,
+            q, p, *strides, *scal, stf, sti, sst, kq, kp, RQ, G1, V, S,
             STEPS=LOSSY_STAR_BISECTION_STEPS, BLOCK=min(_next_pow2(V), block or 4096),
-            S_PAD=S_PAD, num_warps=8,
+            S_PAD=S_PAD, KEEP=keep, num_warps=8,
         )
 
     tokens = torch.empty((B, G1), dtype=torch.int64, device=device)
@@ -179,8 +187,9 @@ def launch(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperatur
         q, p, *strides, x, temperature, alpha, seed, positions,
         temperature.stride(0), alpha.stride(0), seed.stride(0), positions.stride(0),
         x.stride(0), x.stride(1),
-        stf, sti, p2, sst, ws, tokens, num_accepted, num_emitted, deferred,
+        stf, sti, p2, sst, ws, kq, kp, tokens, num_accepted, num_emitted, deferred,
         gamma, RQ, V, S,
-        RULE=rid, SLICE=SLICE, BLOCK=BLOCK, S_PAD=S_PAD, G_PAD=_next_pow2(G1), num_warps=warps,
+        RULE=rid, SLICE=SLICE, BLOCK=BLOCK, S_PAD=S_PAD, G_PAD=_next_pow2(G1), KEEP=keep,
+        num_warps=warps,
     )
     return VerifyOutput(tokens, num_accepted, num_emitted, deferred)

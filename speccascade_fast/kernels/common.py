@@ -106,6 +106,34 @@ def row_cross(stf_ptr, sti_ptr, n, n_ok, S, mq, mp, S_PAD: tl.constexpr):
 
 
 @triton.jit
+def load_keep(k_ptr, row, ok, KEEP: tl.constexpr):
+    """Top-k / top-p keep bound ``(tau, cut)`` of logit row(s) ``row`` from the float64
+    ``[rows, 2]`` array at ``k_ptr`` (speccascade_fast/truncation.py); without ``KEEP`` (or where
+    ``ok`` is False) the bound that keeps everything."""
+    if KEEP:
+        r = row.to(tl.int64) * 2
+        tau = tl.load(k_ptr + r, mask=ok, other=float("-inf")).to(tl.float32)
+        cut = tl.load(k_ptr + r + 1, mask=ok, other=2147483647.0).to(tl.int32)
+    else:
+        tau = row.to(tl.float32) * 0.0 + NEG_INF
+        cut = row.to(tl.int32) * 0 + INT_BIG
+    return tau, cut
+
+
+@triton.jit
+def truncate(l, idx, tau, cut, KEEP: tl.constexpr):
+    """The logits ``l`` (ids ``idx``) with -inf outside the kept set
+    ``{l > tau} ∪ {l == tau, id <= cut}``: what the scaled laws qT / pT are formed from when
+    truncating (the unscaled q1 / p1 read ``l`` itself)."""
+    if KEEP:
+        kept = (l > tau) | ((l == tau) & (idx <= cut))
+        r = tl.where(kept, l, NEG_INF)
+    else:
+        r = l
+    return r
+
+
+@triton.jit
 def scaled(l, m, lz, inv_t, idx, arg, greedy):
     """``qT``/``pT`` at logits ``l``: ``exp((l - m)/T - lz)`` (``lz`` = log Σexp((x-m)/T)), or at
     T = 0 (``greedy``) the one-hot of the argmax ``arg``. ``l`` = -inf gives 0."""

@@ -38,11 +38,13 @@ from .common import (
     TOKEN_V3,
     accept_fn,
     acceptable,
+    load_keep,
     pack,
     row_cross,
     row_stats,
     scaled,
     token_threshold,
+    truncate,
     unpack,
 )
 from .rng import ACCEPT, RESIDUAL, TWO_M52, bits52, row_key, uniform
@@ -133,11 +135,11 @@ def rows_model(q_rows, p_rows, stf_ptr, sti_ptr, p2_ptr, sst_ptr, n, has_q, has_
 def accept_resample_kernel(
     q_ptr, p_ptr, sq_b, sq_j, sp_b, sp_j, x_ptr,
     t_ptr, alpha_ptr, seed_ptr, pos_ptr, st_t, st_a, st_seed, st_pos, sx_b, sx_j,
-    stf_ptr, sti_ptr, p2_ptr, sst_ptr, ws_ptr,
+    stf_ptr, sti_ptr, p2_ptr, sst_ptr, ws_ptr, kq_ptr, kp_ptr,
     tok_ptr, nacc_ptr, nem_ptr, def_ptr,
     GAMMA, RQ, V, S,
     RULE: tl.constexpr, SLICE: tl.constexpr, BLOCK: tl.constexpr, S_PAD: tl.constexpr,
-    G_PAD: tl.constexpr,
+    G_PAD: tl.constexpr, KEEP: tl.constexpr,
 ):
     b = tl.program_id(0)
     s = tl.program_id(1)
@@ -166,8 +168,10 @@ def accept_resample_kernel(
     x = tl.load(x_ptr + b64 * sx_b + jv * sx_j, mask=is_draft, other=0)
     ql = tl.load(q_rows + x, mask=is_draft, other=NEG_INF).to(tl.float64)
     pl = tl.load(p_rows + x, mask=is_draft, other=NEG_INF).to(tl.float64)
-    qx = scaled(ql, mq, lzq, inv_t, x, aq, greedy)
-    px = scaled(pl, mp, lzp, inv_t, x, ap, greedy)
+    tq, cq = load_keep(kq_ptr, b * RQ + jv, has_q, KEEP)
+    tp, cp = load_keep(kp_ptr, b * G1 + jv, has_p, KEEP)
+    qx = scaled(truncate(ql, x, tq, cq, KEEP), mq, lzq, inv_t, x, aq, greedy)
+    px = scaled(truncate(pl, x, tp, cp, KEEP), mp, lzp, inv_t, x, ap, greedy)
     in_a = acceptable(ql, pl, mq, mp, cth, RULE)
     ratio = accept_fn(qx, px, in_a, delta, eta, sstar, one_m_a, RULE) / tl.maximum(qx, Q_FLOOR)
     u = uniform(row_key(seed, pos + jv, ACCEPT), jv * 0)
@@ -211,6 +215,10 @@ def accept_resample_kernel(
     sst32 = _pick(sstar, sel).to(tl.float32)
     c32 = _pick(c, sel).to(tl.float32)
     oma32 = one_m_a.to(tl.float32)
+    tq_r = _pick(tq, sel)
+    cq_r = _pick(cq, sel)
+    tp_r = _pick(tp, sel)
+    cp_r = _pick(cp, sel)
     q_row = q_ptr + b64 * sq_b + r * sq_j
     p_row = p_ptr + b64 * sp_b + r * sp_j
     q_lim = tl.where(has_q_r, V, 0)
@@ -225,8 +233,9 @@ def accept_resample_kernel(
         inb = offs < V
         lq = tl.load(q_row + offs, mask=offs < q_lim, other=NEG_INF).to(tl.float32)
         lp = tl.load(p_row + offs, mask=inb, other=NEG_INF).to(tl.float32)
-        qT = scaled(lq, mq32, lzq32, it32, offs, aq_r, greedy & has_q_r)
-        pT = scaled(lp, mp32, lzp32, it32, offs, ap_r, greedy)
+        qT = scaled(truncate(lq, offs, tq_r, cq_r, KEEP), mq32, lzq32, it32, offs, aq_r,
+                    greedy & has_q_r)
+        pT = scaled(truncate(lp, offs, tp_r, cp_r, KEEP), mp32, lzp32, it32, offs, ap_r, greedy)
         if token_rule:
             in_v = acceptable(lq.to(tl.float64), lp.to(tl.float64), mq_r, mp_r, cth_r, RULE)
         else:

@@ -25,19 +25,22 @@ from .common import (
     TOKEN_V1,
     TOKEN_V3,
     acceptable,
+    load_keep,
     row_stats,
     row_stats1,
     scaled,
     token_threshold,
+    truncate,
 )
 
 
 @triton.jit
 def second_pass_kernel(
     q_ptr, p_ptr, sq_b, sq_j, sp_b, sp_j, t_ptr, alpha_ptr, st_t, st_a,
-    stf_ptr, sti_ptr, out_ptr,
-    NR, ROW0, G1, V, S,
+    stf_ptr, sti_ptr, out_ptr, kq_ptr, kp_ptr,
+    NR, ROW0, RQ, G1, V, S,
     RULE: tl.constexpr, SLICE: tl.constexpr, BLOCK: tl.constexpr, S_PAD: tl.constexpr,
+    KEEP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     s = tl.program_id(1)
@@ -61,6 +64,8 @@ def second_pass_kernel(
         one_m_a = (1.0 - alpha).to(tl.float32)
         q_row = q_ptr + b.to(tl.int64) * sq_b + j * sq_j
         p_row = p_ptr + b.to(tl.int64) * sp_b + j * sp_j
+        tq, cq = load_keep(kq_ptr, b * RQ + j, j < RQ, KEEP)
+        tp, cp = load_keep(kp_ptr, n, n >= 0, KEEP)
         acc0 = tl.full([], 0.0, tl.float32)
         acc1 = tl.full([], 0.0, tl.float32)
         for c in range(0, SLICE, BLOCK):
@@ -68,8 +73,8 @@ def second_pass_kernel(
             inb = offs < V
             ql = tl.load(q_row + offs, mask=inb, other=NEG_INF).to(tl.float32)
             pl = tl.load(p_row + offs, mask=inb, other=NEG_INF).to(tl.float32)
-            qT = scaled(ql, mq32, lzq, it32, offs, aq, False)
-            pT = scaled(pl, mp32, lzp, it32, offs, ap, False)
+            qT = scaled(truncate(ql, offs, tq, cq, KEEP), mq32, lzq, it32, offs, aq, False)
+            pT = scaled(truncate(pl, offs, tp, cp, KEEP), mp32, lzp, it32, offs, ap, False)
             if (RULE == OPT) | (RULE == OPT_LOG):
                 acc0 += tl.sum(tl.maximum(pT - qT, 0.0), 0)
             elif (RULE >= TOKEN_V1) & (RULE <= TOKEN_V3):
@@ -84,24 +89,24 @@ def second_pass_kernel(
 
 
 @triton.jit
-def _capped_chunk(q_row, p_row, c, V, mq, mp, lzq, lzp, inv_t, aq, ap, one_m_a,
-                  BLOCK: tl.constexpr):
+def _capped_chunk(q_row, p_row, c, V, mq, mp, lzq, lzp, inv_t, aq, ap, one_m_a, tq, cq, tp, cp,
+                  BLOCK: tl.constexpr, KEEP: tl.constexpr):
     """lossy_star on the chunk at ``c`` (T > 0): ``min(qT, pT/(1-a))`` and ``pT`` (float32)."""
     offs = c + tl.arange(0, BLOCK)
     inb = offs < V
     ql = tl.load(q_row + offs, mask=inb, other=NEG_INF).to(tl.float32)
     pl = tl.load(p_row + offs, mask=inb, other=NEG_INF).to(tl.float32)
-    qT = scaled(ql, mq, lzq, inv_t, offs, aq, False)
-    pT = scaled(pl, mp, lzp, inv_t, offs, ap, False)
+    qT = scaled(truncate(ql, offs, tq, cq, KEEP), mq, lzq, inv_t, offs, aq, False)
+    pT = scaled(truncate(pl, offs, tp, cp, KEEP), mp, lzp, inv_t, offs, ap, False)
     return tl.minimum(qT, pT / one_m_a), pT
 
 
 @triton.jit
 def lossy_star_kernel(
     q_ptr, p_ptr, sq_b, sq_j, sp_b, sp_j, t_ptr, alpha_ptr, st_t, st_a,
-    stf_ptr, sti_ptr, out_ptr,
+    stf_ptr, sti_ptr, out_ptr, kq_ptr, kp_ptr,
     RQ, G1, V, S,
-    STEPS: tl.constexpr, BLOCK: tl.constexpr, S_PAD: tl.constexpr,
+    STEPS: tl.constexpr, BLOCK: tl.constexpr, S_PAD: tl.constexpr, KEEP: tl.constexpr,
 ):
     """out[n] = hi after ``STEPS`` bisection steps on g(s) = Σ max(m, s pT) = 1 (float64),
     m = min(qT, pT/(1-a)); lo = 0, hi = 1/(1-a), or hi = 0 when Σ m >= 1 (pi = qT)."""
@@ -134,10 +139,12 @@ def lossy_star_kernel(
         one_m_a = (1.0 - alpha).to(tl.float32)
         q_row = q_ptr + b.to(tl.int64) * sq_b + j * sq_j
         p_row = p_ptr + b.to(tl.int64) * sp_b + j * sp_j
+        tq, cq = load_keep(kq_ptr, b * RQ + j, j < RQ, KEEP)
+        tp, cp = load_keep(kp_ptr, n, n >= 0, KEEP)
         sum_m = tl.full([], 0.0, tl.float64)
         for c in range(0, V, BLOCK):
             m, _ = _capped_chunk(q_row, p_row, c, V, mq32, mp32, lzq, lzp, it32, aq, ap, one_m_a,
-                                 BLOCK)
+                                 tq, cq, tp, cp, BLOCK, KEEP)
             sum_m += tl.sum(m, 0).to(tl.float64)
         hi = tl.where(sum_m >= 1.0, 0.0, hi)
         for _ in range(STEPS):
@@ -146,7 +153,7 @@ def lossy_star_kernel(
             g = tl.full([], 0.0, tl.float64)
             for c in range(0, V, BLOCK):
                 m, pT = _capped_chunk(q_row, p_row, c, V, mq32, mp32, lzq, lzp, it32, aq, ap,
-                                      one_m_a, BLOCK)
+                                      one_m_a, tq, cq, tp, cp, BLOCK, KEEP)
                 g += tl.sum(tl.maximum(m, mid32 * pT), 0).to(tl.float64)
             below = g < 1.0
             lo = tl.where(below, mid, lo)

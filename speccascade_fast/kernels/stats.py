@@ -12,13 +12,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import F_P, F_Q, F_X, I_INF, I_P, I_Q, NEG_INF, NF, NI
+from .common import F_P, F_Q, F_X, I_INF, I_P, I_Q, NEG_INF, NF, NI, load_keep, truncate
 
 
 @triton.jit
-def _fold(m, z1, zt, h, arg, x, base, inv_t, NEED_Z1: tl.constexpr, NEED_H: tl.constexpr):
+def _fold(m, z1, zt, h, arg, x, xt, base, inv_t, NEED_Z1: tl.constexpr, NEED_H: tl.constexpr):
     """Fold one chunk ``x`` (float32, -inf where masked; ids ``base + i``) into the running max,
-    argmax, ``Σexp((x-m)/T)``, ``Σexp(x-m)`` and ``Σexp(x-m)(x-m)``. Also returns the chunk's
+    argmax, ``Σexp((xt-m)/T)``, ``Σexp(x-m)`` and ``Σexp(x-m)(x-m)``, where ``xt`` is ``x``
+    truncated by top-k / top-p (or ``x`` itself: the max is always kept). Also returns the chunk's
     ``exp(x - m_new)`` (0 where -inf) and the rescale factor ``exp(m_old - m_new)``, which bild's
     cross term needs."""
     cmax = tl.max(x, 0)
@@ -30,8 +31,9 @@ def _fold(m, z1, zt, h, arg, x, base, inv_t, NEED_Z1: tl.constexpr, NEED_H: tl.c
     sc = tl.where(had, tl.exp(shift), 0.0)
     valid = x > NEG_INF
     d = tl.where(valid, x - new_m, 0.0)
+    vt = xt > NEG_INF
     zt = tl.where(had, zt * tl.exp(shift * inv_t), 0.0) + tl.sum(
-        tl.where(valid, tl.exp(d * inv_t), 0.0), 0)
+        tl.where(vt, tl.exp(tl.where(vt, xt - new_m, 0.0) * inv_t), 0.0), 0)
     e1 = tl.where(valid, tl.exp(d), 0.0)
     if NEED_Z1:
         if NEED_H:
@@ -43,10 +45,10 @@ def _fold(m, z1, zt, h, arg, x, base, inv_t, NEED_Z1: tl.constexpr, NEED_H: tl.c
 @triton.jit
 def stats_kernel(
     q_ptr, p_ptr, sq_b, sq_j, sp_b, sp_j, t_ptr, st_t,
-    stf_ptr, sti_ptr, ws_ptr,
+    stf_ptr, sti_ptr, ws_ptr, kq_ptr, kp_ptr,
     RQ, G1, V, S,
     SLICE: tl.constexpr, BLOCK: tl.constexpr,
-    NEED_Z1: tl.constexpr, NEED_H: tl.constexpr, NEED_X: tl.constexpr,
+    NEED_Z1: tl.constexpr, NEED_H: tl.constexpr, NEED_X: tl.constexpr, KEEP: tl.constexpr,
 ):
     n = tl.program_id(0)
     s = tl.program_id(1)
@@ -57,6 +59,8 @@ def stats_kernel(
     inv_t = tl.where(t > 0, 1.0 / tl.where(t > 0, t, 1.0), 1.0).to(tl.float32)
     q_row = q_ptr + b.to(tl.int64) * sq_b + j * sq_j
     p_row = p_ptr + b.to(tl.int64) * sp_b + j * sp_j
+    tq, cq = load_keep(kq_ptr, b * RQ + j, j < RQ, KEEP)
+    tp, cp = load_keep(kp_ptr, n, n >= 0, KEEP)
 
     zero = tl.full([], 0.0, tl.float32)
     mq = zero + NEG_INF
@@ -79,8 +83,12 @@ def stats_kernel(
         inb = offs < V
         q = tl.load(q_row + offs, mask=offs < q_lim, other=NEG_INF).to(tl.float32)
         p = tl.load(p_row + offs, mask=inb, other=NEG_INF).to(tl.float32)
-        mq, zq1, zqt, hq, aq, eq, scq = _fold(mq, zq1, zqt, hq, aq, q, base, inv_t, NEED_Z1, NEED_H)
-        mp, zp1, zpt, hp, ap, _, _ = _fold(mp, zp1, zpt, hp, ap, p, base, inv_t, NEED_Z1, NEED_H)
+        qt = truncate(q, offs, tq, cq, KEEP)
+        pt = truncate(p, offs, tp, cp, KEEP)
+        mq, zq1, zqt, hq, aq, eq, scq = _fold(mq, zq1, zqt, hq, aq, q, qt, base, inv_t, NEED_Z1,
+                                              NEED_H)
+        mp, zp1, zpt, hp, ap, _, _ = _fold(mp, zp1, zpt, hp, ap, p, pt, base, inv_t, NEED_Z1,
+                                           NEED_H)
         if NEED_X:
             both = (q > NEG_INF) & (p > NEG_INF)
             new_ref = tl.where(mp > NEG_INF, mp, ref)

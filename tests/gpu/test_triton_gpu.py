@@ -62,6 +62,21 @@ def test_qwen_vocabulary_matches_reference(rule, T, B):
     assert_same_up_to_near_ties(got, want, q, x, p, args, trials=8)
 
 
+@pytest.mark.parametrize("trunc", [(50, None), (None, 0.9), (50, 0.9)])
+@pytest.mark.parametrize("rule", ["spec", "opt", "token_v3", "lossy", "lossy_star", "bild"])
+def test_qwen_vocabulary_top_k_top_p(rule, trunc):
+    """Keep bounds computed by the torch code on the GPU, read by every kernel."""
+    from speccascade_fast.backends import triton as tb
+
+    B, (top_k, top_p) = 4, trunc
+    q, x, p = llm_block(B, 77 + sc.RULES.index(rule), T=0.8)
+    args = args_for(rule, [0.0, 0.8, 1.0, 1.3], B, 77)
+    got = tb.verify(q, x, p, top_k=top_k, top_p=top_p, **args)
+    want = reference.verify(q, x, p, top_k=top_k, top_p=top_p, **args)
+    bad = [name for name, a, b in zip(want._fields, got, want) if not torch.equal(a, b)]
+    assert not bad, (rule, trunc, bad)
+
+
 @pytest.mark.parametrize("rule", ["spec", "opt", "token_v3", "lossy", "bild"])
 def test_verifier_bonus_mixed_temperatures_fp16(rule):
     B = 8
