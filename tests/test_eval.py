@@ -24,7 +24,7 @@ from speccascade_fast.eval import (
 )
 from speccascade_fast.eval.cli import add_eval_subcommand, build_configs, main, parse_alphas
 from speccascade_fast.eval.sandbox import run_python
-from speccascade_fast.eval.summary import upper_concave_hull
+from speccascade_fast.eval.summary import sign_test_p, to_markdown, upper_concave_hull
 from speccascade_fast.eval.tasks import data_root, get_task, truncate_at_stop
 from speccascade_fast.eval.tasks.gsm8k import (
     exemplar_solution,
@@ -342,6 +342,28 @@ def test_summarize_table2_from_rows():
     # an example missing in one configuration is left out everywhere
     s2 = summarize(rows[:-1], ToyTask())
     assert s2["n_examples"] == 1 and s2["examples"] == ["e0"]
+
+
+def test_paired_comparison_with_the_verifier():
+    """Δ quality per example against autoregressive, its paired SE and the exact sign test."""
+    ar = [1, 1, 0, 1, 0, 1, 1, 0]
+    cfg = [1, 0, 0, 1, 1, 0, 0, 0]  # 1 better (e4), 3 worse (e1, e5, e6): Δ = -2/8
+    rows = _rows("autoregressive", [1.0] * 8, ar) + _rows("spec_cascade/spec", [0.5] * 8, cfg)
+    s = summarize(rows, ToyTask())
+    by = {p["config"]: p for p in s["configs"]}
+    d = by["spec_cascade/spec"]["vs_verifier"]
+    assert d["diff"] == pytest.approx(-0.25) and (d["better"], d["worse"]) == (1, 3)
+    diffs = [c - a for c, a in zip(cfg, ar)]
+    sd = (sum((x + 0.25) ** 2 for x in diffs) / 7) ** 0.5
+    assert d["diff_se"] == pytest.approx(sd / 8**0.5)
+    assert d["sign_p"] == pytest.approx(2 * (1 + 4) / 16)  # P(<= 1 of 4 | 1/2), two-sided
+    assert by["autoregressive"]["vs_verifier"]["diff"] == 0.0
+    assert sign_test_p(0, 0) == 1.0 and sign_test_p(10, 0) == pytest.approx(2 / 1024)
+    assert "## Paired with the verifier" in to_markdown(s)
+    # corpus-level metrics (BLEU) are not compared example by example
+    corpus = ToyTask()
+    corpus.per_example = False
+    assert "vs_verifier" not in summarize(rows, corpus)["configs"][0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,14 @@ configuration being summarised, so every point is measured on the same inputs):
   over the same examples, in the same run (a ratio of sums, so long examples weigh more);
   ``None`` when the run has no ``autoregressive`` rows.
 
+Paired with the verifier (tasks whose quality is a mean of per-example scores: pass@1, exact
+match), ``vs_verifier``: over the same examples, d_i = score_i - score_i(autoregressive);
+``diff`` = mean d ± ``diff_se`` = sd(d)/√n (the paired standard error: the same problems, the same
+seeds, so it is much smaller than the two unpaired SEs combined), ``better`` / ``worse`` = how
+many examples go each way, and ``sign_p``, the exact two-sided sign test over those discordant
+examples (for pass/fail scores: McNemar's exact test). It says whether a quality gap is resolved
+at this sample size.
+
 Table 2, per curve ``method[rule]`` (its α sweep; α-free configurations form one-point curves):
 the measured points (relative latency L_i, quality Q_i) are sorted by (L, Q) and joined by straight
 lines, giving a polyline C (linear interpolation along the measured curve). Non-monotone curves are
@@ -162,6 +170,27 @@ def config_metrics(
     }
 
 
+def sign_test_p(better: int, worse: int) -> float:
+    """Exact two-sided sign test: P(a split at least this uneven | each way with probability ½)."""
+    n, k = better + worse, min(better, worse)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
+    return min(1.0, 2.0 * tail)
+
+
+def paired_vs(rows: Sequence[Mapping[str, Any]],
+              base: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``vs_verifier`` of the module docstring: rows and base rows of the same examples, in order."""
+    d = [float(r["scoring"]["score"]) - float(b["scoring"]["score"]) for r, b in zip(rows, base)]
+    n = len(d)
+    mean = sum(d) / n if n else float("nan")
+    se = (math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n) if n > 1 else 0.0)
+    better, worse = sum(x > 0 for x in d), sum(x < 0 for x in d)
+    return {"diff": mean, "diff_se": se, "better": better, "worse": worse,
+            "sign_p": sign_test_p(better, worse)}
+
+
 def summarize(
     rows: Sequence[Mapping[str, Any]],
     task: Any,
@@ -205,6 +234,10 @@ def summarize(
         m = config_metrics([by_key[k][e] for e in order], task.aggregate, ref_wall)
         per_config.append({"config": k, "curve": c.curve, **c.to_dict(), **m})
     missing = [k for k in keys if k not in present]
+    if ar_key in present and getattr(task, "per_example", False):
+        base = [by_key[ar_key][e] for e in order]
+        for p in per_config:
+            p["vs_verifier"] = paired_vs([by_key[p["config"]][e] for e in order], base)
 
     metrics_of = {p["config"]: p for p in per_config}
     verifier = metrics_of.get(ar_key)
@@ -293,6 +326,25 @@ def to_markdown(summary: Mapping[str, Any], settings: Mapping[str, Any] | None =
         )
     if summary["missing_configs"]:
         lines += ["", "No rows yet: " + ", ".join(f"`{k}`" for k in summary["missing_configs"])]
+    paired = [p for p in summary["configs"] if p.get("vs_verifier")
+              and p["method"] != "autoregressive"]
+    if paired:
+        lines += [
+            "",
+            "## Paired with the verifier",
+            "",
+            f"Per configuration, over the same examples and seeds: Δ {metric}{unit} against "
+            "`autoregressive` ± its paired standard error, the examples that go each way, and "
+            "the exact two-sided sign test on them (McNemar's for pass/fail).",
+            "",
+            f"| configuration | Δ {metric}{unit} | ± paired SE | better | worse | sign-test p |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for p in paired:
+            d = p["vs_verifier"]
+            lines.append(f"| `{p['config']}` | {_f(d['diff'] * scale, 2)} | "
+                         f"{_f(d['diff_se'] * scale, 2)} | {d['better']} | {d['worse']} | "
+                         f"{_f(d['sign_p'], 3)} |")
     v = summary["verifier"]
     lines += [
         "",

@@ -97,6 +97,9 @@ class Task:
 
     name = "task"
     metric = "score"
+    #: the quality is the mean of the per-example ``score`` (so configurations can be compared
+    #: example by example); False for corpus-level metrics such as BLEU
+    per_example = True
     default_max_new_tokens = 256
     stop_strings: tuple[str, ...] = ()
 

@@ -67,6 +67,7 @@ class WMT14(Task):
 
     name = "wmt14"
     metric = "BLEU"
+    per_example = False
     default_max_new_tokens = 128
     stop_strings = ("\n",)
 
