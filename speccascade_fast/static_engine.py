@@ -29,6 +29,7 @@ engine's, token for token (same seeds, same positions), whatever batch it rides 
 from __future__ import annotations
 
 import time
+import weakref
 
 import torch
 
@@ -80,11 +81,27 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-class _SlotModel:
-    """One model, its static cache, and per row the number of valid slots (``seen``)."""
+#: model -> its torch.compile'd callable, shared by every Engine (compiled code is reused)
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def __init__(self, model, max_batch_size: int, slots: int):
+
+def compiled(model):
+    """``torch.compile(model, dynamic=True)``, once per model: the sizes that change from step to
+    step (batch rows, attended length) are symbolic, so decoding does not recompile per step."""
+    fn = _COMPILED.get(model)
+    if fn is None:
+        fn = _COMPILED[model] = torch.compile(model, dynamic=True)
+    return fn
+
+
+class _SlotModel:
+    """One model, its static cache, and per row the number of valid slots (``seen``).
+    ``compile_steps``: one-token calls (the decode steps) run the model ``torch.compile``d; the
+    longer calls (prefill, catching up after a block) stay eager."""
+
+    def __init__(self, model, max_batch_size: int, slots: int, compile_steps: bool = False):
         self.model = model
+        self.step_model = compiled(model) if compile_steps else model
         self.config = model.config
         self.attn = getattr(model.config, "_attn_implementation", None) or "eager"
         self.dtype = next(model.parameters()).dtype
@@ -118,8 +135,9 @@ class _SlotModel:
         else:
             keep = k
         kwargs = {"logits_to_keep": keep} if self.keep_arg else {}
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=self.cache, use_cache=True, **kwargs).logits
+        fwd = self.step_model if n == 1 else self.model
+        out = fwd(input_ids=ids, attention_mask=mask, position_ids=positions,
+                  past_key_values=self.cache, use_cache=True, **kwargs).logits
         self.seen = list(upto)
         if not self.keep_arg:
             keep = keep if ragged else torch.arange(n - k, n, device=device)
@@ -148,6 +166,10 @@ class Engine:
         rule, alpha, gamma, temperature, top_k, top_p, bonus, backend: as in
             :func:`speccascade_fast.generate` (``temperature`` and ``alpha`` are defaults that
             ``generate`` may override per sequence).
+        compile_drafter: run the drafter's one-token steps ``torch.compile``d (dynamic shapes;
+            the first calls compile, later Engines on the same drafter reuse the code). The
+            tokens are the eager ones up to floating-point near-ties (fused kernels round
+            differently); exactness towards the target is untouched either way.
 
     Example:
         >>> engine = Engine(drafter, verifier, max_batch_size=4, max_seq_len=1024,
@@ -159,7 +181,7 @@ class Engine:
                  max_seq_len: int | None = None, method: str = "spec_cascade",
                  rule: str | None = None, alpha: float | None = None, gamma: int = 5,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 bonus: str = "cascade", backend: str = "auto"):
+                 bonus: str = "cascade", backend: str = "auto", compile_drafter: bool = False):
         self.cfg = _config(method, rule, alpha, gamma, temperature, top_k, top_p, bonus, None,
                            "prob", backend)
         if method not in METHODS:
@@ -171,6 +193,8 @@ class Engine:
             why = unsupported_reason(m)
             if why is not None:
                 raise ValueError(f"{type(m).__name__}: {why}")
+        if not isinstance(compile_drafter, bool):
+            raise ValueError(f"compile_drafter must be True or False, got {compile_drafter!r}")
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) \
                 or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
@@ -186,7 +210,8 @@ class Engine:
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         # slot i holds position i; past max_seq_len: the last block's drafts, then the trash slot
         self.slots = max_seq_len + self.cfg.gamma + 2
-        self.q = _SlotModel(drafter, max_batch_size, self.slots) if drafter is not None else None
+        self.q = (_SlotModel(drafter, max_batch_size, self.slots, compile_steps=compile_drafter)
+                  if drafter is not None else None)
         self.p = _SlotModel(verifier, max_batch_size, self.slots) if verifier is not None else None
         self.device = _device(models[0])
 

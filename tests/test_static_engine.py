@@ -112,6 +112,24 @@ def test_batch_equals_single_with_per_sequence_settings(pair):
     assert again.new_tokens == batch.new_tokens  # the caches' stale contents never leak
 
 
+def test_compiled_drafter_steps_give_the_eager_tokens(pair):
+    """``compile_drafter``: the drafter's one-token steps run torch.compile'd (dynamic shapes),
+    in a batch whose rows finish at different times; the same tokens as eager (fp32 models)."""
+    ids, mask = left_padded(PROMPTS)
+    settings = dict(seed=[3, 4, 5], max_new_tokens=[5, 17, 24], eos_token_id=[],
+                    attention_mask=mask)
+    kw = dict(max_batch_size=3, max_seq_len=48, rule="token_v3", alpha=0.3, gamma=4,
+              temperature=1.0)
+    eager = Engine(*pair, **kw).generate(ids, **settings)
+    engine = Engine(*pair, compile_drafter=True, **kw)
+    assert engine.q.step_model is not engine.q.model
+    out = engine.generate(ids, **settings)
+    assert out.new_tokens == eager.new_tokens
+    assert out.stats["drafter_calls"] == eager.stats["drafter_calls"]
+    with pytest.raises(ValueError, match="compile_drafter"):
+        Engine(*pair, compile_drafter="yes")
+
+
 def test_finished_sequences_leave_the_batch(pair):
     drafter, verifier = copy.deepcopy(pair[0]), copy.deepcopy(pair[1])
     rows = {"drafter": [], "verifier": []}

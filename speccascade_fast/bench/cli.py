@@ -36,6 +36,8 @@ def add_bench_subcommand(subparsers) -> argparse.ArgumentParser:
                         f"{','.join(e2e.CONFIGS)}; 'verifier' always runs)")
     p.add_argument("--int8-drafter", action="store_true",
                    help="also measure a weight-only int8 copy of the drafter")
+    p.add_argument("--compile-drafter", action="store_true",
+                   help="also measure the drafter's steps torch.compile'd (dynamic shapes)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default=None, help="folder for e2e.json and e2e.md")
@@ -69,7 +71,7 @@ def bench_command(args: argparse.Namespace) -> int:
     result = e2e.run(drafter, verifier, tokenizer, n_prompts=args.prompts,
                      max_new_tokens=args.max_new_tokens, batch=args.batch, gamma=args.gamma,
                      alpha=args.alpha, with_hf=not args.no_hf, configs=configs,
-                     int8_drafter=args.int8_drafter,
+                     int8_drafter=args.int8_drafter, compile_drafter=args.compile_drafter,
                      progress=lambda s: print(s, file=sys.stderr, flush=True))
     table = e2e.markdown(result)
     print(table)

@@ -80,11 +80,16 @@ def _chunks(items, size):
     return [items[i: i + size] for i in range(0, len(items), size)]
 
 
-def run_ours(name, drafter, verifier, prompts, *, batch, max_new_tokens, pad, **settings) -> Row:
-    """Our engine on ``prompts`` in chunks of ``batch`` (one Engine, built before the clock)."""
+def run_ours(name, drafter, verifier, prompts, *, batch, max_new_tokens, pad, warmup=False,
+             **settings) -> Row:
+    """Our engine on ``prompts`` in chunks of ``batch`` (one Engine, built before the clock;
+    ``warmup``: one untimed generate of 8 tokens on the first chunk first, for compiled code)."""
     longest = max(p.numel() for p in prompts)
     engine = Engine(drafter, verifier, max_batch_size=batch,
                     max_seq_len=longest + max_new_tokens, **settings)
+    if warmup:
+        ids, mask = _left_pad(prompts[:batch], pad)
+        engine.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[], seed=0)
     tokens = calls = accepted = drafted = 0
     outputs = []
     start = time.perf_counter()
@@ -164,12 +169,14 @@ def run_hf(name, verifier, prompts, *, max_new_tokens, assistant=None, gamma=5,
     return row
 
 
-def step_costs(drafter, verifier, prompt, gamma: int, repeats: int = 9) -> dict:
+def step_costs(drafter, verifier, prompt, gamma: int, repeats: int = 9,
+               compile_drafter: bool = False) -> dict:
     """Median seconds of one drafter step, one verifier step and one verifier call on
     ``gamma + 1`` tokens, at the context of ``prompt`` (the caches are filled once; every timed
-    call then writes the same slots again)."""
+    call then writes the same slots again; with ``compile_drafter`` the drafter step is the
+    compiled one, compiled by two untimed calls first)."""
     engine = Engine(drafter, verifier, max_batch_size=1, max_seq_len=prompt.numel() + gamma + 1,
-                    gamma=gamma, temperature=0.0)
+                    gamma=gamma, temperature=0.0, compile_drafter=compile_drafter)
     tokens = torch.zeros(1, engine.slots, dtype=torch.int64)
     tokens[0, : prompt.numel()] = prompt
     P = prompt.numel()
@@ -187,6 +194,10 @@ def step_costs(drafter, verifier, prompt, gamma: int, repeats: int = 9) -> dict:
         for m in (engine.q, engine.p):
             m.seen = [0]
             m.logits(tokens, [P - 1], 1)  # prefill
+        if compile_drafter:
+            for extra in (0, 1):  # compile (a second context length makes the size dynamic)
+                engine.q.seen = [P - 1 - extra]
+                engine.q.logits(tokens, [P - extra], 1)
         t_q, t_p, t_block = timed(engine.q, 1), timed(engine.p, 1), timed(engine.p, gamma + 1)
     return {"t_q_s": t_q, "t_p_s": t_p, "t_p_block_s": t_block, "c": t_q / t_p,
             "r": t_block / t_p}
@@ -218,20 +229,22 @@ CONFIGS = {
     "token_v3-greedy": ("ours:token_v3 a={alpha} greedy", dict(rule="token_v3", temperature=0.0)),
     "token_v3-t1": ("ours:token_v3 a={alpha} T=1", dict(rule="token_v3", temperature=1.0)),
 }
-#: the configurations re-run with the int8 drafter
+#: the configurations re-run with the int8 drafter, and with the compiled drafter
 INT8_CONFIGS = ("drafter", "spec-greedy", "token_v3-t1")
+COMPILED_CONFIGS = ("drafter", "spec-greedy")
 
 
 def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new_tokens=128,
         batch=4, gamma=5, alpha=0.3, with_hf=True, configs=tuple(CONFIGS), int8_drafter=False,
-        progress=print) -> dict:
+        compile_drafter=False, progress=print) -> dict:
     """The whole benchmark; returns ``{"rows", "costs", "settings", "machine"}``.
 
     ``prompts``: token tensors ``[P]`` (default: the first ``n_prompts`` HumanEval prompts,
     tokenized with ``tokenizer``). ``configs``: keys of :data:`CONFIGS` to run (``verifier`` is
     always run: it is every ratio's baseline). ``int8_drafter``: also measure a weight-only int8
     copy of the drafter (:func:`speccascade_fast.quantize.int8_weight_only`): its step cost and
-    the :data:`INT8_CONFIGS` rows at batch 1."""
+    the :data:`INT8_CONFIGS` rows at batch 1. ``compile_drafter``: the same for the drafter's
+    steps ``torch.compile``d (:data:`COMPILED_CONFIGS`; compilation happens before the clock)."""
     unknown = set(configs) - set(CONFIGS)
     if unknown:
         raise ValueError(f"unknown configs {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
@@ -250,15 +263,15 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
         progress(f"{row.name:32s} batch {row.batch}: {row.tokens_per_s:6.2f} tok/s"
                  + (f", {tpc:.2f} tokens/verifier call" if tpc else ""))
 
-    def ours(key, q, batch, suffix=""):
+    def ours(key, q, batch, suffix="", **extra):
         name, settings = CONFIGS[key]
-        settings = dict(settings)
+        settings = dict(settings, **extra)
         if "rule" in settings:
             settings["gamma"] = gamma
         if settings.get("rule") == "token_v3":
             settings["alpha"] = alpha
         add(run_ours(name.format(alpha=alpha) + suffix, q, verifier, prompts, batch=batch,
-                     **common, **settings))
+                     warmup=bool(settings.get("compile_drafter")), **common, **settings))
 
     costs = step_costs(drafter, verifier, prompts[0], gamma)
     _say_costs(progress, "drafter", costs)
@@ -282,6 +295,11 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
         _say_costs(progress, "int8 drafter", costs["int8"])
         for key in INT8_CONFIGS:
             ours(key, q8, 1, suffix=" (int8 drafter)")
+    if compile_drafter:
+        costs["compiled"] = step_costs(drafter, verifier, prompts[0], gamma, compile_drafter=True)
+        _say_costs(progress, "compiled drafter", costs["compiled"])
+        for key in COMPILED_CONFIGS:
+            ours(key, drafter, 1, suffix=" (compiled drafter)", compile_drafter=True)
     return {"rows": rows, "costs": costs, "settings": dict(
         n_prompts=n_prompts, max_new_tokens=max_new_tokens, batch=batch, gamma=gamma,
         alpha=alpha), "machine": machine()}
@@ -321,7 +339,8 @@ def summarize(result: dict) -> list[dict]:
         if assisted is not None:
             d["vs_hf_assisted"] = _round(r.tokens_per_s / assisted.tokens_per_s)
         if r.name.startswith("ours:") and r.acceptance_rate is not None and r.batch == 1:
-            k = costs["int8"] if "int8" in r.name else costs
+            k = (costs["int8"] if "int8" in r.name
+                 else costs["compiled"] if "compiled" in r.name else costs)
             pred = predicted_speedup(r.tokens_per_verifier_call, gamma, k["c"], k["r"],
                                      bonus_step="spec" not in r.name)
             d["predicted"] = _round(pred)
@@ -359,7 +378,8 @@ def markdown(result: dict) -> str:
         lines.append("| " + " | ".join("" if d.get(c) is None else str(d.get(c))
                                        for c in cols) + " |")
     lines.append("")
-    for what, c in (("drafter", result["costs"]), ("int8 drafter", result["costs"].get("int8"))):
+    for what, c in (("drafter", result["costs"]), ("int8 drafter", result["costs"].get("int8")),
+                    ("compiled drafter", result["costs"].get("compiled"))):
         if c is not None:
             lines.append(f"Step costs at the first prompt's context ({what}): drafter step "
                          f"{c['t_q_s'] * 1e3:.1f} ms, verifier step {c['t_p_s'] * 1e3:.1f} ms, "
