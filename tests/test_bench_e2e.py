@@ -31,6 +31,8 @@ def test_every_configuration_decodes_the_same_work(result):
         assert (name, 1) in names
     for key in e2e.INT8_CONFIGS:
         assert (e2e.CONFIGS[key][0].format(alpha=0.3) + " (int8 drafter)", 1) in names
+        assert ((e2e.CONFIGS[key][0].format(alpha=0.3) + " (int8 drafter)", 2) in names) == (
+            key != "drafter")
     assert 0 < result["costs"]["int8"]["c"] and 0 < result["costs"]["c"]
     for r in result["rows"]:
         assert r.tokens == 3 * 12, r.name  # EOS stops no one: identical amounts of work

@@ -243,7 +243,7 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
     tokenized with ``tokenizer``). ``configs``: keys of :data:`CONFIGS` to run (``verifier`` is
     always run: it is every ratio's baseline). ``int8_drafter``: also measure a weight-only int8
     copy of the drafter (:func:`speccascade_fast.quantize.int8_weight_only`): its step cost and
-    the :data:`INT8_CONFIGS` rows at batch 1. ``compile_drafter``: the same for the drafter's
+    the :data:`INT8_CONFIGS` rows at batch 1 (and those of ``configs`` at ``batch`` too). ``compile_drafter``: the same for the drafter's
     steps ``torch.compile``d (:data:`COMPILED_CONFIGS`; compilation happens before the clock)."""
     unknown = set(configs) - set(CONFIGS)
     if unknown:
@@ -295,6 +295,10 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
         _say_costs(progress, "int8 drafter", costs["int8"])
         for key in INT8_CONFIGS:
             ours(key, q8, 1, suffix=" (int8 drafter)")
+        if batch > 1:
+            for key in INT8_CONFIGS:
+                if key != "drafter" and key in keys:
+                    ours(key, q8, batch, suffix=" (int8 drafter)")
     if compile_drafter:
         costs["compiled"] = step_costs(drafter, verifier, prompts[0], gamma, compile_drafter=True)
         _say_costs(progress, "compiled drafter", costs["compiled"])
