@@ -243,8 +243,9 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
     tokenized with ``tokenizer``). ``configs``: keys of :data:`CONFIGS` to run (``verifier`` is
     always run: it is every ratio's baseline). ``int8_drafter``: also measure a weight-only int8
     copy of the drafter (:func:`speccascade_fast.quantize.int8_weight_only`): its step cost and
-    the :data:`INT8_CONFIGS` rows at batch 1 (and those of ``configs`` at ``batch`` too). ``compile_drafter``: the same for the drafter's
-    steps ``torch.compile``d (:data:`COMPILED_CONFIGS`; compilation happens before the clock)."""
+    the :data:`INT8_CONFIGS` rows at batch 1 (and those of ``configs`` at ``batch`` too).
+    ``compile_drafter``: the same for the drafter's steps ``torch.compile``d
+    (:data:`COMPILED_CONFIGS`, batch 1; compilation happens before the clock)."""
     unknown = set(configs) - set(CONFIGS)
     if unknown:
         raise ValueError(f"unknown configs {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
