@@ -25,7 +25,15 @@ from .. import _ext
 from ..rules import RULES
 from ..types import VerifyOutput
 from . import reference
-from .cpu import handles  # the same coverage: no top-k/top-p, fp32/fp16/bf16 logits
+from .cpu import DTYPES
+
+
+def handles(draft_logits, target_logits, top_k, top_p, *more_logits) -> bool:
+    """Whether the CUDA kernel covers a call (else the reference backend runs it): fp32 / fp16 /
+    bf16 logits without top-k / top-p (the kernel does not read keep bounds yet)."""
+    if top_k is not None or top_p is not None:
+        return False
+    return all(t.dtype in DTYPES for t in (draft_logits, target_logits, *more_logits))
 
 __all__ = ["handles", "is_available", "verify"]
 
