@@ -5,7 +5,7 @@ import torch
 
 from . import _ext, checks, rng
 from .probs import scaled
-from .truncation import keep_bounds
+from .truncation import keep_bounds_or_none
 
 
 def sample(logits, *, temperature=1.0, top_k=None, top_p=None, seed=0, positions=None,
@@ -50,9 +50,7 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, seed=0, positions
         n = logits.shape[1] if logits.dim() == 3 else 1
         pos = (positions[:, None] + torch.arange(n, device=device)).reshape(-1)
         rows, temps = logits.reshape(B * n, V), temperature.repeat_interleave(n)
-        keep = None
-        if top_k is not None or top_p is not None:
-            keep = keep_bounds(rows, temps, top_k, top_p).contiguous()
+        keep = keep_bounds_or_none(rows, temps, top_k, top_p)
         flat = kernel.sample_cpu(rows, temps, seed.repeat_interleave(n), pos, keep)
         return flat.view(logits.shape[:-1])
     if logits.dim() == 3:

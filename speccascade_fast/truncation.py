@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["keep_bounds", "keep_bounds_torch", "keep_mask"]
+__all__ = ["keep_bounds", "keep_bounds_torch", "keep_mask", "keep_bounds_or_none"]
 
 _FIRST_WIDTH = 64
 
@@ -50,6 +50,15 @@ def keep_bounds(logits: torch.Tensor, temperature: torch.Tensor, top_k: int | No
     t = torch.as_tensor(temperature, dtype=torch.float64).expand(shape).reshape(-1).contiguous()
     out = op(logits.reshape(-1, V), t, top_k, top_p)
     return out.reshape(*shape, 2)
+
+
+def keep_bounds_or_none(logits: torch.Tensor, temperature: torch.Tensor, top_k: int | None,
+                        top_p: float | None) -> torch.Tensor | None:
+    """:func:`keep_bounds` (contiguous), or ``None`` when neither truncation is asked for: the
+    optional ``keep`` argument of the fused kernels."""
+    if top_k is None and top_p is None:
+        return None
+    return keep_bounds(logits, temperature, top_k, top_p)
 
 
 def _cpu_op(logits):

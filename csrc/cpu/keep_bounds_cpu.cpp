@@ -9,9 +9,11 @@
 //   * top-k: tau = the k-th largest logit (std::nth_element); ties with it are kept (cut = V - 1);
 //   * top-p (after top-k): the weights w_v = exp((l_v - max) / T) of the kept tokens, Z = sum w;
 //     the last kept token t is the first one, walking by logit descending and ties by lower id,
-//     whose cumulative weight reaches top_p * Z. It is found by a quickselect on the logit
-//     values: a pivot splits the range into (> pivot, == pivot, < pivot) and only the part that
-//     holds t is kept; the == part is walked by id. (tau, cut) = (l_t, t).
+//     whose cumulative weight reaches top_p * Z. Over top-k's few tokens, or (top-p alone) inside
+//     the one bin of a 2048-bin histogram of the weight by distance from the max that holds it,
+//     a quickselect on the logit values finds it: a pivot splits the range into (> pivot,
+//     == pivot, < pivot), only the part that holds t is kept, the == part is walked by id.
+//     (tau, cut) = (l_t, t).
 // Weights are a fp32 exp summed in fp64, the kernel's numerics: the bound differs from the
 // float64 reference only where a cumulative mass lies within ~1e-7 relative of top_p * Z.
 #include <ATen/ATen.h>
@@ -197,26 +199,22 @@ void row_bound(const float* x, int64_t V, double t, int64_t top_k, double top_p,
   }
 }
 
-void load_row(const at::Tensor& logits, int64_t r, std::vector<float>& row) {
+// Row r as fp32: in place for fp32 logits, else widened into `row` by the verification kernels'
+// vectorised converters, block by block.
+const float* load_row(const at::Tensor& logits, int64_t r, std::vector<float>& row) {
   const int64_t V = logits.size(1);
+  if (logits.scalar_type() == at::kFloat) return logits.data_ptr<float>() + r * logits.stride(0);
   row.resize(static_cast<size_t>(V));
-  switch (logits.scalar_type()) {
-    case at::kFloat: {
-      const float* p = logits.data_ptr<float>() + r * logits.stride(0);
-      std::copy(p, p + V, row.begin());
-      break;
-    }
-    case at::kHalf: {
-      const auto* p = logits.data_ptr<at::Half>() + r * logits.stride(0);
-      for (int64_t v = 0; v < V; ++v) row[v] = static_cast<float>(p[v]);
-      break;
-    }
-    default: {
-      const auto* p = logits.data_ptr<at::BFloat16>() + r * logits.stride(0);
-      for (int64_t v = 0; v < V; ++v) row[v] = static_cast<float>(p[v]);
-      break;
-    }
+  const auto* src = static_cast<const uint16_t*>(logits.data_ptr()) + r * logits.stride(0);
+  const bool bf16 = logits.scalar_type() == at::kBFloat16;
+  for (int64_t b = 0; b < V; b += verify_kernels::kBlock) {
+    const int n = static_cast<int>(std::min<int64_t>(verify_kernels::kBlock, V - b));
+    if (bf16)
+      verify_kernels::convert_bf16(src + b, row.data() + b, n);
+    else
+      verify_kernels::convert_f16(src + b, row.data() + b, n);
   }
+  return row.data();
 }
 
 at::Tensor keep_bounds_cpu(const at::Tensor& logits_in, const at::Tensor& temperature_in,
@@ -247,8 +245,7 @@ at::Tensor keep_bounds_cpu(const at::Tensor& logits_in, const at::Tensor& temper
     std::vector<uint16_t> bins;
     std::vector<Cand> cand;
     for (int64_t r = begin; r < end; ++r) {
-      load_row(logits, r, row);
-      row_bound(row.data(), V, t[r], k, p, o + 2 * r, scratch, bins, cand);
+      row_bound(load_row(logits, r, row), V, t[r], k, p, o + 2 * r, scratch, bins, cand);
     }
   });
   return out;

@@ -19,6 +19,7 @@
 #include <optional>
 #include <vector>
 
+#include "../keep_bound.h"
 #include "../sample_common.h"
 
 namespace speccascade {
@@ -27,7 +28,6 @@ namespace {
 // Least work (vocabulary entries) worth handing to a thread: waking a pool thread costs
 // microseconds, and much more when another process holds the other core. ATen's GRAIN_SIZE.
 constexpr int64_t kMinChunk = 32768;
-constexpr double kInfD = std::numeric_limits<double>::infinity();
 
 struct Best {
   double score;
@@ -75,18 +75,10 @@ Best chunk_argmax(const scalar_t* row, int64_t lo, int64_t hi) {
   return {static_cast<double>(best), bi};
 }
 
-// Top-k / top-p keep bound of a row (speccascade_fast/truncation.py): the law keeps
-// {v : l_v > tau or (l_v == tau and v <= cut)}; the default keeps everything.
-struct Keep {
-  float tau = -std::numeric_limits<float>::infinity();
-  int64_t cut = std::numeric_limits<int64_t>::max();
-  bool kept(float x, int64_t v) const { return x > tau || (x == tau && v <= cut); }
-};
-
 // Gumbel-max race over [lo, hi) for one row whose DRAFT key is `key`.
 template <typename scalar_t>
 Best chunk_race(const scalar_t* row, int64_t lo, int64_t hi, double temperature, uint64_t key,
-                const float* table, const Keep& keep) {
+                const float* table, const KeepBound& keep) {
   constexpr double kNegInf = -std::numeric_limits<double>::infinity();
   // Seed the running best with the exact score of the largest logit: a good lower bound of the
   // chunk's maximum, so the pruning test rejects most entries from the start.
@@ -97,10 +89,9 @@ Best chunk_race(const scalar_t* row, int64_t lo, int64_t hi, double temperature,
     return {top.score, lo};
   }
   // (a truncated chunk's largest logit may lie outside the kept set: weight 0, score -inf)
-  Best best{keep.kept(static_cast<float>(top.score), top.idx)
-                ? gumbel_score(top.score, temperature, index_hash(key, top.idx))
-                : kNegInf,
-            keep.kept(static_cast<float>(top.score), top.idx) ? top.idx : lo};
+  const bool top_kept = keep.kept(static_cast<float>(top.score), top.idx);
+  Best best{top_kept ? gumbel_score(top.score, temperature, index_hash(key, top.idx)) : kNegInf,
+            top_kept ? top.idx : lo};
   double thr = prune_threshold(best.score);
   const double inv_t = 1.0 / temperature;
   // A subnormal T overflows 1 / T; the bound is then meaningless, so evaluate every entry.
@@ -150,11 +141,7 @@ void sample_impl(const scalar_t* logits, int64_t rows, int64_t vocab, int64_t ro
         partial[task] = chunk_argmax(row, lo, hi);
       } else {
         const uint64_t key = row_key(seeds[r], positions[r], kStreamDraft);
-        Keep k;
-        if (keep != nullptr && !(keep[2 * r] == -kInfD && keep[2 * r + 1] >= vocab - 1)) {
-          k.tau = static_cast<float>(keep[2 * r]);
-          k.cut = static_cast<int64_t>(keep[2 * r + 1]);
-        }
+        const KeepBound k = KeepBound::from(keep != nullptr ? keep + 2 * r : nullptr, vocab);
         partial[task] = chunk_race(row, lo, hi, temperature, key, table, k);
       }
     }

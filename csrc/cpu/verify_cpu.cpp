@@ -78,6 +78,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../keep_bound.h"
 #include "../rng.h"
 #include "../sample_common.h"
 
@@ -122,10 +123,7 @@ enum class DType : uint8_t { kF32, kF16, kBF16 };
 struct Row {
   const void* ptr = nullptr;  // nullptr: no row (the drafter at the bonus position, bonus=verifier)
   DType dt = DType::kF32;
-  // top-k / top-p: the scaled law keeps K = {v : l_v > tau or (l_v == tau and v <= cut)} only
-  bool trunc = false;
-  float tau = -kInfF;
-  int64_t cut = 0;
+  KeepBound keep;  // top-k / top-p: what the scaled law keeps (everything by default)
   bool present() const { return ptr != nullptr; }
   double at(int64_t v) const {
     switch (dt) {
@@ -149,15 +147,11 @@ struct Row {
   // the same block for the scaled law: truncated tokens read as -inf (buf holds the result)
   const float* load_scaled(int64_t lo, int n, float* buf) const {
     const float* x = load(lo, n, buf);
-    if (!trunc) return x;
-    truncate_block(x, buf, n, lo, tau, cut);
+    if (!keep.trunc) return x;
+    truncate_block(x, buf, n, lo, keep.tau, keep.cut);
     return buf;
   }
-  bool kept(int64_t v) const {
-    if (!trunc) return true;
-    const float x = static_cast<float>(at(v));
-    return x > tau || (x == tau && v <= cut);
-  }
+  bool kept(int64_t v) const { return keep.kept(static_cast<float>(at(v)), v); }
 };
 
 DType dtype_of(const at::Tensor& t, const char* name) {
@@ -417,12 +411,12 @@ double exact_score(const Problem& P, const Request& R, int64_t v) {
 // unscaled sums, e1 and the max stay on the raw logits x); bt: scratch for the truncated block.
 void row_stats(const Row& r, const float* x, int64_t lo, int n, float m, float inv_t, int flags,
                float* e1, float* w, float* bt, double* acc) {
-  if (!r.trunc || !(flags & kST)) {
+  if (!r.keep.trunc || !(flags & kST)) {
     row_stats_block(x, n, m, inv_t, flags, e1, w, acc);
     return;
   }
   if (flags & ~kST) row_stats_block(x, n, m, inv_t, flags & ~kST, e1, w, acc);
-  truncate_block(x, bt, n, lo, r.tau, r.cut);
+  truncate_block(x, bt, n, lo, r.keep.tau, r.keep.cut);
   row_stats_block(bt, n, m, inv_t, kST, e1, w, acc);
 }
 
@@ -498,7 +492,7 @@ void sum_chunk(const Problem& P, const Need& nd, int64_t lo, int64_t hi, double*
   const bool token_on_q = P.rule == kTokenV1;
   // qT reads the (truncated) scaled blocks; A's membership (eta) the raw logits of its row
   const Row& ra = token_on_q ? X.q : X.p;
-  const bool a_shares_q = nd.kind == kNeedEta && token_on_q && !X.q.trunc;
+  const bool a_shares_q = nd.kind == kNeedEta && token_on_q && !X.q.keep.trunc;
   for (int64_t b = lo; b < hi; b += kBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kBlock, hi - b));
     const float* xq = X.q.load_scaled(b, n, bq);
@@ -603,8 +597,8 @@ double solve_lossy_star(const Problem& P, const Position& X, const Request& R) {
 void derive(const Problem& P, Position& X) {
   const Request& R = P.reqs[X.req];
   if (R.t > 0.0) {
-    if (R.t == 1.0 && !X.q.trunc) X.st.q.st = X.st.q.s1;  // T = 1, untruncated: scaled = unscaled
-    if (R.t == 1.0 && !X.p.trunc) X.st.p.st = X.st.p.s1;
+    if (R.t == 1.0 && !X.q.keep.trunc) X.st.q.st = X.st.q.s1;  // T = 1, untruncated: scaled = unscaled
+    if (R.t == 1.0 && !X.p.keep.trunc) X.st.p.st = X.st.p.s1;
     X.q_lst = std::log(X.st.q.st);
     X.p_lst = std::log(X.st.p.st);
   }
@@ -940,8 +934,8 @@ void flags_for(const Problem& P, Position& X) {
   const bool h_q = r == kChowLog || r == kDiffLog || r == kOptLog;
   const bool h_p = r == kDiffLog || r == kOptLog;
   const bool scaled = R.t > 0.0;
-  const bool unit_q = R.t == 1.0 && !X.q.trunc;  // the scaled sum is the unscaled one (derive)
-  const bool unit = R.t == 1.0 && !X.p.trunc;
+  const bool unit_q = R.t == 1.0 && !X.q.keep.trunc;  // the scaled sum is the unscaled one (derive)
+  const bool unit = R.t == 1.0 && !X.p.keep.trunc;
   if (X.q.present()) {
     X.q_flags = (s1_q || unit_q ? kS1 : 0) | (h_q ? kH : 0) | (scaled && !unit_q ? kST : 0);
     X.p_flags = (s1_p || unit ? kS1 : 0) | (h_p ? kH : 0) | (scaled && !unit ? kST : 0);
@@ -1116,9 +1110,7 @@ void set_keep(Row& r, const double* k, int64_t V) {
   if (k == nullptr) return;
   TORCH_CHECK(!std::isnan(k[0]) && k[1] >= 0.0, "speccascade verify: bad keep bound (", k[0],
               ", ", k[1], ")");
-  r.trunc = !(k[0] == -kInf && k[1] >= static_cast<double>(V - 1));
-  r.tau = static_cast<float>(k[0]);
-  r.cut = static_cast<int64_t>(std::min(k[1], static_cast<double>(V)));
+  r.keep = KeepBound::from(k, V);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_ragged_cpu(

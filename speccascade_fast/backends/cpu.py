@@ -8,8 +8,8 @@ ratio, or two race scores within ~1e-7, may resolve differently).
 
 The op reads the padded ``[B, gamma(+1), V]`` logits in place (any strides with a unit stride
 along V: no copy, no upcast). ``top_k`` / ``top_p`` reach it as per-row keep bounds
-(:mod:`speccascade_fast.truncation`: one narrow top-k per row, no sort of the vocabulary), which
-the kernel applies wherever it forms a scaled law. Calls with float64 logits (the kernel reads
+(:mod:`speccascade_fast.truncation`: the C++ op ``keep_bounds``, O(V) per row, no sort of the
+vocabulary), which the kernel applies wherever it forms a scaled law. Calls with float64 logits (the kernel reads
 fp32 / fp16 / bf16) go to the reference backend, whole.
 
 ``verify_ragged`` is the native entry of :func:`speccascade_fast.ragged.verify_ragged`: vLLM's
@@ -21,7 +21,7 @@ import torch
 
 from .. import _ext
 from ..rules import RULES
-from ..truncation import keep_bounds
+from ..truncation import keep_bounds_or_none
 from ..types import VerifyOutput
 from . import reference
 
@@ -62,17 +62,6 @@ def _per_request(temperature, alpha, seed, positions):
     )
 
 
-def _keep(logits, temperature, top_k, top_p, padded: bool):
-    """The keep bounds of ``logits`` (``None`` when nothing is truncated): padded ``[B, G, V]``
-    with per-request ``temperature [B]``, or flat ``[R, V]`` with one temperature per row."""
-    if top_k is None and top_p is None:
-        return None
-    t = temperature.to(torch.float64)
-    if padded:
-        t = t[:, None]
-    return keep_bounds(logits, t, top_k, top_p).contiguous()
-
-
 def verify(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperature, top_k, top_p,
            seed, positions) -> VerifyOutput:
     """The reference backend's signature; inputs validated by :func:`speccascade_fast.verify`."""
@@ -87,8 +76,8 @@ def verify(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperatur
     tokens, num_accepted, deferred = ops.verify_padded(
         draft_logits, draft_tokens, target_logits,
         *_per_request(temperature, alpha, seed, positions), RULES.index(rule),
-        _keep(draft_logits, temperature, top_k, top_p, True),
-        _keep(target_logits, temperature, top_k, top_p, True),
+        keep_bounds_or_none(draft_logits, temperature[:, None], top_k, top_p),
+        keep_bounds_or_none(target_logits, temperature[:, None], top_k, top_p),
     )
     return VerifyOutput(tokens, num_accepted, num_accepted + 1, deferred)
 
@@ -107,10 +96,10 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
         gammas = cu[1:] - cu[:-1]
         t_draft = temperature.repeat_interleave(gammas)  # request b owns gamma_b draft rows
         t_target = temperature.repeat_interleave(gammas + 1)  # and gamma_b + 1 target rows
-        keep[0] = _keep(draft_logits, t_draft, top_k, top_p, False)
-        keep[1] = _keep(target_logits, t_target, top_k, top_p, False)
+        keep[0] = keep_bounds_or_none(draft_logits, t_draft, top_k, top_p)
+        keep[1] = keep_bounds_or_none(target_logits, t_target, top_k, top_p)
         if bonus_draft_logits is not None:
-            keep[2] = _keep(bonus_draft_logits, temperature, top_k, top_p, False)
+            keep[2] = keep_bounds_or_none(bonus_draft_logits, temperature, top_k, top_p)
     tokens, num_accepted, deferred = ops.verify_ragged(
         draft_logits, draft_tokens.to(torch.int64).contiguous(), target_logits,
         cu_num_draft_tokens.to(torch.int64).contiguous(), bonus_draft_logits,

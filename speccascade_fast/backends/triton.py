@@ -47,7 +47,7 @@ import os
 import torch
 
 from ..rules import LOSSY_STAR_BISECTION_STEPS, RULES
-from ..truncation import keep_bounds
+from ..truncation import keep_bounds_or_none
 from ..types import VerifyOutput
 
 _NEED_Z1 = frozenset({"chow", "chow_log", "diff", "diff_log", "opt", "opt_log", "bild",
@@ -145,11 +145,9 @@ def launch(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperatur
     rid = RULES.index(rule)
     strides = (q.stride(0), q.stride(1), p.stride(0), p.stride(1))
 
-    keep = top_k is not None or top_p is not None
-    if keep:
-        t2 = temperature.to(torch.float64)[:, None]
-        kq = keep_bounds(q, t2, top_k, top_p).contiguous()
-        kp = keep_bounds(p, t2, top_k, top_p).contiguous()
+    kq = keep_bounds_or_none(q, temperature[:, None], top_k, top_p)
+    kp = keep_bounds_or_none(p, temperature[:, None], top_k, top_p)
+    keep = kq is not None
     stf = torch.empty((B * G1, _NF, S), dtype=torch.float32, device=device)
     if not keep:
         kq = kp = stf  # placeholders: the kernels do not read them
