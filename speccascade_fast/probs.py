@@ -55,7 +55,9 @@ def scaled(
     if top_p is not None:
         probs = _top_p(probs / probs.sum(-1, keepdim=True), top_p)
     probs = probs / probs.sum(-1, keepdim=True)
-    onehot = torch.nn.functional.one_hot(torch.argmax(x, dim=-1), x.shape[-1]).to(torch.float64)
+    # the one-hot by comparison: F.one_hot reads its indices' range on the host
+    ids = torch.arange(x.shape[-1], device=x.device)
+    onehot = (ids == torch.argmax(x, dim=-1, keepdim=True)).to(torch.float64)
     return torch.where(greedy, onehot, probs)
 
 

@@ -44,24 +44,31 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, seed=0, positions
     top_k, top_p = checks.top_k(top_k, V), checks.top_p(top_p)
     if backend not in ("auto", "reference"):
         raise ValueError(f"backend must be 'auto' or 'reference', got {backend!r}")
-    kernel = _ext.load()
-    if (backend == "auto" and kernel is not None and device.type == "cpu"
-            and logits.dtype in (torch.float32, torch.bfloat16, torch.float16)):
-        n = logits.shape[1] if logits.dim() == 3 else 1
-        pos = (positions[:, None] + torch.arange(n, device=device)).reshape(-1)
-        rows, temps = logits.reshape(B * n, V), temperature.repeat_interleave(n)
-        keep = keep_bounds_or_none(rows, temps, top_k, top_p)
-        flat = kernel.sample_cpu(rows, temps, seed.repeat_interleave(n), pos, keep)
-        return flat.view(logits.shape[:-1])
-    if logits.dim() == 3:
+    if logits.dim() == 3:  # row b's k-th token sits at position positions[b] + k
         n = logits.shape[1]
-        pos = positions[:, None] + torch.arange(n, device=device)
-        return _draw(logits, temperature[:, None].expand(B, n), top_k, top_p, seed[:, None], pos)
-    return _draw(logits, temperature, top_k, top_p, seed, positions)
+        pos = (positions[:, None] + torch.arange(n, device=device)).reshape(-1)
+        flat = draw(logits.reshape(B * n, V), temperature.repeat_interleave(n),
+                    seed.repeat_interleave(n), pos, top_k, top_p, backend=backend)
+        return flat.view(B, n)
+    return draw(logits, temperature, seed, positions, top_k, top_p, backend=backend)
 
 
-def _draw(logits, temperature, top_k, top_p, seed, positions):
-    if not bool(temperature.any()):  # all greedy: the argmax needs no noise (ties: lowest id)
+def draw(logits, temperature, seed, positions, top_k=None, top_p=None, *, greedy=None,
+         backend="auto") -> torch.Tensor:
+    """:func:`sample` on ``[R, V]`` logits with inputs already checked: float64 ``temperature``,
+    int64 ``seed`` and ``positions`` ``[R]`` on the logits' device, ``top_k`` / ``top_p``
+    normalised. No host synchronisation unless ``greedy`` is None on the torch path (whether
+    every row is greedy is then read from ``temperature``) or the call truncates on CUDA (the
+    torch keep bounds size their top-k windows on the host): the engine's CUDA graphs call it
+    with ``greedy`` known and no truncation."""
+    kernel = _ext.load()
+    if (backend == "auto" and kernel is not None and logits.device.type == "cpu"
+            and logits.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+        keep = keep_bounds_or_none(logits, temperature, top_k, top_p)
+        return kernel.sample_cpu(logits, temperature, seed, positions, keep)
+    if greedy is None:
+        greedy = not bool(temperature.any())
+    if greedy:  # all greedy: the argmax needs no noise (ties: lowest id)
         return torch.argmax(logits, dim=-1)
     qT = scaled(logits, temperature, top_k, top_p)
     noise = rng.exponential_noise(seed, positions, rng.DRAFT, logits.shape[-1])

@@ -7,18 +7,28 @@ and the decoding settings; ``Engine.generate`` decodes a batch of prompts of dif
 ``drafter_only`` on decoder-only models (the other methods, and encoder-decoder models, run on the
 sequential loops of :mod:`speccascade_fast.engine`, which are also this engine's oracle).
 
-One block of ``spec_cascade``, for every unfinished sequence ``b`` at once (row ``b`` holds
-``L_b`` tokens; the last, ``x_{L_b - 1}``, is not in the caches yet):
+Prefill: both models take every row's prompt but its last token. Then one block of
+``spec_cascade``, for every unfinished sequence ``b`` at once (row ``b`` holds ``L_b`` tokens;
+the last, ``x_{L_b - 1}``, is not in the verifier's cache yet, and in the drafter's only if the
+previous block rejected a draft or ran the bonus drafter step):
 
-    draft   - gamma drafter calls of one token per row, each followed by a batched draw
-              ``x ~ qT`` keyed by (seed_b, position); with ``bonus="cascade"`` one more call
+    draft   - gamma drafter calls, each followed by a batched draw ``x ~ qT`` keyed by
+              (seed_b, position): the first feeds each row its 1 or 2 tokens not yet in the
+              drafter's cache, the others one token; with ``bonus="cascade"`` one more call
               gives q at the bonus position;
     score   - one verifier call of gamma + 1 tokens per row;
-    verify  - one :func:`speccascade_fast.verify` call for the whole batch (the fused backend);
-    accept  - the only device-to-host read of the block: accepted counts, final tokens, drafts
-              and deferral flags; each row emits its own a_b + 1 tokens;
+    verify  - the fused verification backend (:mod:`speccascade_fast.backends`) for the batch;
+    accept  - the only device-to-host read of the block: accepted counts, final tokens, drafts,
+              deferral flags and whether any logits were NaN/inf; each row emits its own
+              a_b + 1 tokens;
     rollback - nothing to undo: each model's count of valid slots drops to ``L_b + a_b``; the
               rejected drafts' slots are masked and overwritten by the next block.
+
+Draft, score and verify are one body of device work on shapes that depend only on (batch size,
+gamma, the width of the first drafter call): with ``cuda_graphs`` it is captured once per such
+key and replayed (every call then attends over the whole cache, stale slots masked); without,
+it runs eagerly and attends over the block's longest prefix only. The block's inputs reach the
+device in one small copy.
 
 Finished rows (EOS or their budget) leave the batch at the end of the block: the caches are
 compacted, so they stop costing work. Shapes are fixed per block (every row drafts gamma tokens,
@@ -48,11 +58,11 @@ from .engine import (
     _prompts,
     _seeds,
 )
+from . import backends, checks
 from .kv_cache import ATTENTION, SlotCache, attention_mask
 from .rules import check_alpha
-from .sampling import sample
+from .sampling import draw
 from .stats import Counters
-from .verify import verify
 
 #: the methods the engine runs (the others run on the sequential loops)
 METHODS = ("spec_cascade", "autoregressive", "drafter_only")
@@ -95,9 +105,9 @@ def compiled(model):
 
 
 class _SlotModel:
-    """One model, its static cache, and per row the number of valid slots (``seen``).
+    """One model, its static cache, and per row the number of valid slots (``seen``, host ints).
     ``compile_steps``: one-token calls (the decode steps) run the model ``torch.compile``d; the
-    longer calls (prefill, catching up after a block) stay eager."""
+    longer calls stay eager."""
 
     def __init__(self, model, max_batch_size: int, slots: int, compile_steps: bool = False):
         self.model = model
@@ -111,44 +121,79 @@ class _SlotModel:
         self.max_position = (limit - 1) if limit is not None else None
         self.seen: list[int] = []
 
-    def logits(self, tokens: torch.Tensor, upto: list[int], k: int) -> torch.Tensor:
-        """Feed each row ``b`` its tokens ``tokens[b, seen_b : upto_b]`` (rows right-padded to
-        one width, padding written to the trash slot) and return the logits at the last ``k``
-        of them, ``[B, k, V]``: row ``i`` is the distribution at position ``upto_b - k + 1 + i``.
-        """
-        device = tokens.device
-        seen = torch.tensor(self.seen, device=device)
-        counts = [u - s for u, s in zip(upto, self.seen)]
-        n = max(counts)
-        col = torch.arange(n, device=device)
-        real = col < torch.tensor(counts, device=device)[:, None]
-        slots = torch.where(real, seen[:, None] + col, self.cache.trash_slot)
-        ids = tokens.gather(1, slots)
-        kv_len = max(upto)
+    def forward(self, ids: torch.Tensor, slots: torch.Tensor, kv_len: int,
+                keep: int) -> torch.Tensor:
+        """Feed token ``ids[b, i]`` at position ``slots[b, i]`` (padding: the trash slot) and
+        return the logits of the last ``keep`` columns, ``[B, keep, V]``; attention reads slots
+        ``[0, kv_len)``. Device work only (no host reads), so it can run inside a CUDA graph."""
         self.cache.bind(slots, kv_len)
         mask = attention_mask(self.config, slots, kv_len, self.attn, self.dtype)
         positions = slots if self.max_position is None else slots.clamp(max=self.max_position)
-        ragged = any(c != n for c in counts)
-        if ragged:  # the union of the rows' wanted columns, then one gather per row
-            want = torch.tensor(counts, device=device)[:, None] - k + torch.arange(k, device=device)
-            keep = torch.unique(want)
-        else:
-            keep = k
         kwargs = {"logits_to_keep": keep} if self.keep_arg else {}
-        fwd = self.step_model if n == 1 else self.model
+        fwd = self.step_model if ids.shape[1] == 1 else self.model
         out = fwd(input_ids=ids, attention_mask=mask, position_ids=positions,
                   past_key_values=self.cache, use_cache=True, **kwargs).logits
+        return out if self.keep_arg else out[:, -keep:]
+
+    def prefill(self, tokens: torch.Tensor, upto: list[int]) -> None:
+        """Feed each row ``b`` its tokens ``tokens[b, seen_b : upto_b]`` (rows right-padded to
+        one width, the padding written to the trash slot); the logits are not needed."""
+        counts = [u - s for u, s in zip(upto, self.seen)]
+        n = max(counts)
+        if n > 0:
+            device = tokens.device
+            col = torch.arange(n, device=device)
+            real = col < torch.tensor(counts, device=device)[:, None]
+            start = torch.tensor(self.seen, device=device)[:, None]
+            slots = torch.where(real, start + col, self.cache.trash_slot)
+            self.forward(tokens.gather(1, slots), slots, max(upto), 1)
         self.seen = list(upto)
-        if not self.keep_arg:
-            keep = keep if ragged else torch.arange(n - k, n, device=device)
-            out = out[:, keep]
-        if ragged:
-            out = out.gather(1, torch.searchsorted(keep, want)[..., None].expand(-1, -1, out.shape[-1]))
-        return out
 
     def keep_rows(self, index: torch.Tensor, rows: list[int]) -> None:
         self.cache.keep_rows(index)
         self.seen = [self.seen[i] for i in rows]
+
+
+class _Graphs:
+    """CUDA graphs of the engine's per-block work, one per key (which body, batch size, width
+    of the drafter's first call, all-greedy or not), sharing one memory pool.
+
+    A key's first call runs the body once on a side stream (Triton compiles, cuBLAS picks its
+    kernels), then captures it; that warm-up is this very block run once more than needed,
+    harmless since a body's cache writes and draws are functions of its inputs alone. Every
+    call copies the inputs into the graph's static input tensors and replays it; the outputs
+    are the graph's static output tensors (valid until the next replay of that key)."""
+
+    def __init__(self):
+        self.graphs: dict = {}
+        self.pool = None
+
+    def __call__(self, key, body, inputs):
+        entry = self.graphs.get(key)
+        if entry is None:
+            static = [x.clone() for x in inputs]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                body(*static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                outputs = body(*static)
+            self.pool = graph.pool()
+            entry = self.graphs[key] = (graph, static, outputs)
+        graph, static, outputs = entry
+        for dst, src in zip(static, inputs):
+            dst.copy_(src)
+        graph.replay()
+        return outputs
+
+
+def _nonfinite(logits: torch.Tensor) -> torch.Tensor:
+    """int64 ``[B]``: 1 where row b of ``[B, ..., V]`` logits has a NaN, a +inf, or a position
+    where every logit is -inf (a row's max is finite iff none of these), on the device."""
+    bad = ~torch.isfinite(logits.amax(-1))
+    return bad.reshape(bad.shape[0], -1).any(-1).to(torch.int64)
 
 
 class Engine:
@@ -170,6 +215,12 @@ class Engine:
             the first calls compile, later Engines on the same drafter reuse the code). The
             tokens are the eager ones up to floating-point near-ties (fused kernels round
             differently); exactness towards the target is untouched either way.
+        cuda_graphs: capture each block (the gamma (+1) drafter steps with their draws, the
+            verifier's block forward, the fused verification and the packing of the block's
+            one host read) as one CUDA graph per (batch size, width of the drafter's first
+            call, all-greedy or not), replayed every block after the first. None (default):
+            on when the models are on a CUDA device, ``top_k`` / ``top_p`` are unset (their
+            keep bounds still need host syncs on CUDA) and ``compile_drafter`` is off.
 
     Example:
         >>> engine = Engine(drafter, verifier, max_batch_size=4, max_seq_len=1024,
@@ -181,7 +232,8 @@ class Engine:
                  max_seq_len: int | None = None, method: str = "spec_cascade",
                  rule: str | None = None, alpha: float | None = None, gamma: int = 5,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 bonus: str = "cascade", backend: str = "auto", compile_drafter: bool = False):
+                 bonus: str = "cascade", backend: str = "auto", compile_drafter: bool = False,
+                 cuda_graphs: bool | None = None):
         self.cfg = _config(method, rule, alpha, gamma, temperature, top_k, top_p, bonus, None,
                            "prob", backend)
         if method not in METHODS:
@@ -214,6 +266,32 @@ class Engine:
                   if drafter is not None else None)
         self.p = _SlotModel(verifier, max_batch_size, self.slots) if verifier is not None else None
         self.device = _device(models[0])
+        self.cuda_graphs = self._graphs_setting(cuda_graphs, compile_drafter)
+        # graphs need fixed shapes: every call then attends over the whole cache (stale slots
+        # masked) instead of the block's longest prefix
+        self._full_kv = self.cuda_graphs
+        self._graphs = _Graphs() if self.cuda_graphs else None
+        self._verify = None  # the verification backend's function, resolved on first use
+
+    def _graphs_setting(self, cuda_graphs, compile_drafter) -> bool:
+        cfg = self.cfg
+        on_cuda = self.device is not None and self.device.type == "cuda"
+        truncates = cfg.top_k is not None or cfg.top_p is not None
+        if cuda_graphs is None:
+            return on_cuda and not truncates and not compile_drafter
+        if not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be None, True or False, got {cuda_graphs!r}")
+        if cuda_graphs and not on_cuda:
+            raise ValueError(f"cuda_graphs=True needs the models on a CUDA device; they are on "
+                             f"{self.device}")
+        if cuda_graphs and truncates:
+            raise ValueError("cuda_graphs=True does not support top_k / top_p yet (their keep "
+                             "bounds are computed with host syncs on CUDA); pass "
+                             "cuda_graphs=False")
+        if cuda_graphs and compile_drafter:
+            raise ValueError("cuda_graphs=True and compile_drafter=True are alternatives "
+                             "(the graphs already replay the drafter's steps); choose one")
+        return cuda_graphs
 
     # --- the public call ------------------------------------------------------------------------
     def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 64, seed=0,
@@ -243,6 +321,7 @@ class Engine:
                      self._per_row("alpha", alpha, B), budgets,
                      _eos_ids(eos_token_id, self.verifier, self.drafter))
         with torch.inference_mode():
+            rows.prefill()
             while rows.size:
                 if cfg.method == "spec_cascade":
                     self._block(rows)
@@ -285,50 +364,119 @@ class Engine:
         return t.expand(B).clone().to(self.device)
 
     # --- one step / block for every unfinished row --------------------------------------------
-    def _draw(self, logits, rows, positions):
+    # Each block is a body of device work on fixed shapes (no host reads, so it can be replayed
+    # as a CUDA graph) between host bookkeeping; the body returns one int64 tensor [B, k] that
+    # the host reads once. Before the first block both models hold every row's prompt but its
+    # last token (Rows.prefill), so in every block the verifier feeds gamma + 1 tokens per row
+    # and the drafter's first call 1 or 2 (2 after a block that accepted all gamma drafts with
+    # no bonus drafter step): the shapes never depend on the prompts.
+    def _run(self, key, body, inputs):
+        """``body(*inputs)``: eagerly, or replayed as this key's CUDA graph."""
+        if self._graphs is None:
+            return body(*inputs)
+        return self._graphs(key, body, inputs)
+
+    def _kv(self, rows: _Rows):
+        """Slots an attention call reads when its deepest query sits ``j`` past the block's
+        first draft position: the fewest needed (eager), or the whole cache (fixed shapes)."""
+        if self._full_kv:
+            full = self.slots - 1  # everything but the trash slot
+            return lambda j: full
+        longest = max(rows.length)
+        return lambda j: longest + j
+
+    def _draw(self, logits, seeds, temperature, positions, greedy):
         cfg = self.cfg
-        return sample(logits, temperature=rows.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                      seed=rows.seeds, positions=positions)
+        return draw(logits, temperature, seeds, positions,
+                    checks.top_k(cfg.top_k, logits.shape[-1]), cfg.top_p, greedy=greedy)
+
+    def _inputs(self, rows: _Rows, m: _SlotModel, width: int) -> torch.Tensor:
+        """int64 ``[B, 1 + 2 width]``, per row: the position L of the token to draw, then the
+        slots and ids of the first call of ``m`` (the row's last ``L - seen`` tokens, at most
+        ``width``, right-aligned; padding goes to the trash slot): the block's one
+        host-to-device copy."""
+        trash, out = self.slots - 1, []
+        for b, L in enumerate(rows.length):
+            count = L - m.seen[b]
+            slots = [L - width + i if i >= width - count else trash for i in range(width)]
+            out.append([L, *slots, *rows.tail[b][2 - width:]])
+        return torch.tensor(out, dtype=torch.int64, device=self.device)
+
+    def _check_logits(self, host_bad, *named) -> None:
+        """A row of the block read NaN/+inf or all--inf logits: the checks' own message."""
+        if any(host_bad):
+            for name, logits in named:
+                checks.logits(name, logits)
+            raise ValueError("non-finite logits in the block")  # unreachable: one check fires
 
     def _step(self, rows: _Rows, m: _SlotModel, *, deferred: bool) -> None:
         """Autoregressive decoding with one model: one token per row."""
-        L = list(rows.length)  # emit() advances rows.length
-        t = torch.tensor(L, device=self.device)
-        x = self._draw(m.logits(rows.tokens, L, 1)[:, 0], rows, t)
-        rows.tokens.scatter_(1, t[:, None], x[:, None])
-        host = x.tolist()
-        for b in range(rows.size):
+        kv, greedy = self._kv(rows), rows.greedy
+
+        def body(ints, seeds, temperature):
+            t = ints[:, 0]
+            logits = m.forward(ints[:, 2:], ints[:, 1:2], kv(0), 1)[:, 0]
+            x = self._draw(logits, seeds, temperature, t, greedy)
+            return torch.stack([x, _nonfinite(logits)], dim=1), logits
+
+        ints = self._inputs(rows, m, 1)
+        pack, logits = self._run(("step", deferred, rows.size, greedy), body,
+                                 (ints, rows.seeds, rows.temperature))
+        host = pack.tolist()  # the step's one device-to-host read
+        name = "verifier logits" if deferred else "drafter logits"
+        self._check_logits([r[1] for r in host], (name, logits))
+        for b, (x, _) in enumerate(host):
             rows.stats(b).verifier_calls += int(deferred)
             rows.stats(b).drafter_calls += int(not deferred)
-            rows.emit(b, [host[b]], [deferred])
+            m.seen[b] = rows.length[b]
+            rows.emit(b, [x], [deferred])
 
     def _block(self, rows: _Rows) -> None:
         """Draft, score, verify, accept (Algorithm 4) for every unfinished row."""
         cfg, q, p, gamma = self.cfg, self.q, self.p, self.cfg.gamma
+        kv, greedy = self._kv(rows), rows.greedy
         L = list(rows.length)  # emit() advances rows.length
-        t = torch.tensor(L, device=self.device)
-        q_rows, drafts = [], []
-        for j in range(gamma):
-            logits = q.logits(rows.tokens, [n + j for n in L], 1)[:, 0]
-            x = self._draw(logits, rows, t + j)
-            rows.tokens.scatter_(1, (t + j)[:, None], x[:, None])
-            q_rows.append(logits)
-            drafts.append(x)
-        if cfg.bonus_step:
-            q_rows.append(q.logits(rows.tokens, [n + gamma for n in L], 1)[:, 0])
-        p_logits = p.logits(rows.tokens, [n + gamma for n in L], gamma + 1)
-        drafts = torch.stack(drafts, dim=1)
-        out = verify(torch.stack(q_rows, dim=1), drafts, p_logits, rule=cfg.rule,
-                     alpha=rows.alpha, temperature=rows.temperature, top_k=cfg.top_k,
-                     top_p=cfg.top_p, seed=rows.seeds, positions=t, backend=cfg.backend)
-        # the block's one device-to-host read
-        host = torch.cat([out.num_accepted[:, None], out.tokens, drafts,
-                          out.deferred.to(torch.int64)], dim=1).tolist()
+        width = max(n - s for n, s in zip(L, q.seen))
+        if self._verify is None:
+            self._verify = backends.get(cfg.backend, self.device)
+
+        def body(ints, seeds, temperature, alpha):
+            t = ints[:, 0]
+            ids = ints[:, 1 + width:]
+            logits = q.forward(ids, ints[:, 1: 1 + width], kv(0), 1)[:, 0]
+            q_rows, drafts = [logits], [self._draw(logits, seeds, temperature, t, greedy)]
+            for j in range(1, gamma):
+                logits = q.forward(drafts[-1][:, None], (t + j - 1)[:, None], kv(j), 1)[:, 0]
+                q_rows.append(logits)
+                drafts.append(self._draw(logits, seeds, temperature, t + j, greedy))
+            if cfg.bonus_step:
+                q_rows.append(q.forward(drafts[-1][:, None], (t + gamma - 1)[:, None],
+                                        kv(gamma), 1)[:, 0])
+            drafts = torch.stack(drafts, dim=1)
+            slots = (t - 1)[:, None] + torch.arange(gamma + 1, device=t.device)
+            p_logits = p.forward(torch.cat([ids[:, -1:], drafts], dim=1), slots, kv(gamma),
+                                 gamma + 1)
+            q_logits = torch.stack(q_rows, dim=1)
+            out = self._verify(q_logits, drafts, p_logits, rule=cfg.rule, alpha=alpha,
+                               temperature=temperature,
+                               top_k=checks.top_k(cfg.top_k, p_logits.shape[-1]), top_p=cfg.top_p,
+                               seed=seeds, positions=t)
+            pack = torch.cat([out.num_accepted[:, None], out.tokens, drafts,
+                              out.deferred.to(torch.int64), _nonfinite(q_logits)[:, None],
+                              _nonfinite(p_logits)[:, None]], dim=1)
+            return pack, q_logits, p_logits
+
+        pack, q_logits, p_logits = self._run(
+            ("block", rows.size, width, greedy), body,
+            (self._inputs(rows, q, width), rows.seeds, rows.temperature, rows.alpha))
+        host = pack.tolist()  # the block's one device-to-host read
+        self._check_logits([r[-2] for r in host], ("drafter logits", q_logits))
+        self._check_logits([r[-1] for r in host], ("verifier logits", p_logits))
         drafter_calls = gamma + cfg.bonus_step
-        last = []
         for b, row in enumerate(host):
             a = row[0]
-            tokens, x, flags = row[1: 2 + a], row[2 + gamma: 2 + 2 * gamma], row[2 + 2 * gamma:]
+            tokens, x = row[1: 2 + a], row[2 + gamma: 2 + 2 * gamma]
+            flags = row[2 + 2 * gamma: 3 + 3 * gamma]
             s = rows.stats(b)
             # what the sequential engine would have verified: drafts up to the first EOS draft
             # and the budget (later ones exist only because block shapes are fixed)
@@ -341,12 +489,10 @@ class Engine:
             s.accepted += min(a, g)
             s.rejected += int(a < g)
             rows.emit(b, tokens, [bool(f) for f in flags])
-            last.append((L[b] + a, tokens[-1]))
-            q.seen[b] = min(q.seen[b], L[b] + a)
-            p.seen[b] = min(p.seen[b], L[b] + a)
-        where, what = zip(*last)
-        rows.tokens.scatter_(1, torch.tensor(where, device=self.device)[:, None],
-                             torch.tensor(what, device=self.device)[:, None])
+            # the caches now hold: the drafter every token it was fed, the verifier the whole
+            # block; valid up to the last accepted draft
+            q.seen[b] = min(L[b] + gamma - 1 + cfg.bonus_step, L[b] + a)
+            p.seen[b] = L[b] + a
 
 
 def _budgets(max_new_tokens, B) -> list[int]:
@@ -371,12 +517,16 @@ class _Rows:
         self.engine = engine
         self.eos = eos
         self.budget = budget
-        self.tokens = torch.zeros(B, engine.slots, dtype=torch.int64, device=device)
-        for b, prompt in enumerate(prompts):
-            self.tokens[b, : prompt.numel()] = prompt.to(device)
+        self.prompts = prompts
         self.length = [p.numel() for p in prompts]
+        # per row its last two tokens (the most a block's first drafter call feeds)
+        self.tail = [[0, *p.tolist()][-2:] for p in prompts]
         self.seeds = torch.tensor(seeds, dtype=torch.int64, device=device)
-        self.temperature, self.alpha = temperature, alpha
+        self.temperature = temperature
+        # rules without alpha read zeros (the backends take a tensor either way)
+        self.alpha = alpha if alpha is not None else torch.zeros(B, dtype=torch.float64,
+                                                                 device=device)
+        self.greedy = not bool(temperature.any())  # every row greedy: draws skip the noise
         self.index = list(range(B))  # row -> sequence
         self.new_tokens: list[list[int]] = [[] for _ in range(B)]
         self.counters = [Counters(sequences=1) for _ in range(B)]  # per sequence
@@ -389,6 +539,16 @@ class _Rows:
     def size(self) -> int:
         return len(self.index)
 
+    def prefill(self) -> None:
+        """Both models take every row's prompt but its last token (which each block feeds)."""
+        tokens = torch.zeros(self.size, self.engine.slots, dtype=torch.int64,
+                             device=self.engine.device)
+        for b, prompt in enumerate(self.prompts):
+            tokens[b, : prompt.numel()] = prompt.to(tokens.device)
+        for m in (self.engine.q, self.engine.p):
+            if m is not None:
+                m.prefill(tokens, [n - 1 for n in self.length])
+
     def stats(self, b: int) -> Counters:
         """Row b's sequence's counters."""
         return self.counters[self.index[b]]
@@ -399,6 +559,7 @@ class _Rows:
 
     def emit(self, b: int, tokens: list[int], deferred: list[bool]) -> None:
         """Row b emits ``tokens`` up to its first EOS and its budget."""
+        self.tail[b] = (self.tail[b] + tokens)[-2:]
         kept = []
         for x in tokens[: self.remaining(b)]:
             kept.append(x)
@@ -417,14 +578,12 @@ class _Rows:
         if not any(self.done):
             return
         keep = [b for b in range(self.size) if not self.done[b]]
-        index = torch.tensor(keep, dtype=torch.int64, device=self.tokens.device)
+        index = torch.tensor(keep, dtype=torch.int64, device=self.seeds.device)
         for m in (self.engine.q, self.engine.p):
             if m is not None:
                 m.keep_rows(index, keep)
-        self.tokens = self.tokens.index_select(0, index)
         self.seeds = self.seeds.index_select(0, index)
         self.temperature = self.temperature.index_select(0, index)
-        if self.alpha is not None:
-            self.alpha = self.alpha.index_select(0, index)
-        for name in ("length", "index", "done"):
+        self.alpha = self.alpha.index_select(0, index)
+        for name in ("length", "index", "done", "tail"):
             setattr(self, name, [getattr(self, name)[b] for b in keep])

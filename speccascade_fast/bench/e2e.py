@@ -177,27 +177,30 @@ def step_costs(drafter, verifier, prompt, gamma: int, repeats: int = 9,
     compiled one, compiled by two untimed calls first)."""
     engine = Engine(drafter, verifier, max_batch_size=1, max_seq_len=prompt.numel() + gamma + 1,
                     gamma=gamma, temperature=0.0, compile_drafter=compile_drafter)
-    tokens = torch.zeros(1, engine.slots, dtype=torch.int64)
-    tokens[0, : prompt.numel()] = prompt
+    tokens = torch.zeros(1, engine.slots, dtype=torch.int64, device=engine.device)
+    tokens[0, : prompt.numel()] = prompt.to(engine.device)
     P = prompt.numel()
+
+    def call(m, k, start):
+        """``m`` takes the k tokens at positions ``start .. start + k - 1``."""
+        slots = torch.arange(start, start + k, device=engine.device)[None]
+        m.forward(tokens[:, start: start + k], slots, start + k, k)
 
     def timed(m, k):
         times = []
         for _ in range(repeats):
-            m.seen = [P - 1]
-            start = time.perf_counter()
-            m.logits(tokens, [P - 1 + k], k)
-            times.append(time.perf_counter() - start)
+            begin = time.perf_counter()
+            call(m, k, P - 1)
+            times.append(time.perf_counter() - begin)
         return statistics.median(times)
 
     with torch.inference_mode():
         for m in (engine.q, engine.p):
             m.seen = [0]
-            m.logits(tokens, [P - 1], 1)  # prefill
-        if compile_drafter:
-            for extra in (0, 1):  # compile (a second context length makes the size dynamic)
-                engine.q.seen = [P - 1 - extra]
-                engine.q.logits(tokens, [P - extra], 1)
+            m.prefill(tokens, [P - 1])
+        if compile_drafter:  # compile (a second context length makes the size dynamic)
+            for extra in (0, 1):
+                call(engine.q, 1, P - 1 - extra)
         t_q, t_p, t_block = timed(engine.q, 1), timed(engine.p, 1), timed(engine.p, gamma + 1)
     return {"t_q_s": t_q, "t_p_s": t_p, "t_p_block_s": t_block, "c": t_q / t_p,
             "r": t_block / t_p}

@@ -1,0 +1,58 @@
+"""The Engine's CUDA graphs on a GPU: the graph path equals the eager path.
+
+Tiny random fp32 Llamas on CUDA (tests.test_engine.tiny_pair), prompts of different lengths,
+rows that finish at different times (so graphs are captured for batch sizes 3, 2 and 1 and
+replayed): ``Engine(cuda_graphs=True)`` emits the tokens and statistics of
+``Engine(cuda_graphs=False)`` for spec_cascade (T = 0 and T > 0, both bonus policies),
+autoregressive and drafter_only; a second ``generate`` on the same engine replays the graphs
+it captured and gives the same tokens again; a graph is captured once per key.
+"""
+import pytest
+import torch
+
+from speccascade_fast import Engine
+
+from ..test_engine import PROMPTS, left_padded, tiny_pair
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+CASES = [
+    dict(rule="spec", temperature=0.0),
+    dict(rule="spec", temperature=1.0, bonus="verifier"),
+    dict(rule="token_v3", alpha=0.3, temperature=1.0),
+    dict(rule="lossy", alpha=0.2, temperature=0.7, gamma=3),
+    dict(method="autoregressive", temperature=1.0),
+    dict(method="drafter_only", temperature=0.0),
+]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tuple(m.to("cuda") for m in tiny_pair())
+
+
+@pytest.mark.parametrize("kw", CASES, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
+def test_graphs_give_the_eager_tokens(pair, kw):
+    ids, mask = left_padded(PROMPTS)
+    ids, mask = ids.cuda(), mask.cuda()
+    run = dict(attention_mask=mask, seed=[3, 4, 5], max_new_tokens=[5, 17, 24], eos_token_id=[])
+    settings = dict(max_batch_size=3, max_seq_len=64, **kw)
+    eager = Engine(*pair, cuda_graphs=False, **settings).generate(ids, **run)
+    engine = Engine(*pair, **settings)
+    assert engine.cuda_graphs  # the default on CUDA
+    got = engine.generate(ids, **run)
+    assert got.new_tokens == eager.new_tokens
+    for k in ("tokens", "verifier_calls", "drafter_calls", "accepted", "deferred", "blocks"):
+        assert got.stats[k] == eager.stats[k], k
+    captured = dict(engine._graphs.graphs)
+    assert {key[1] if key[0] == "block" else key[2] for key in captured} == {1, 2, 3}
+    again = engine.generate(ids, **run)  # replays the graphs captured above
+    assert again.new_tokens == eager.new_tokens
+    assert engine._graphs.graphs.keys() == captured.keys()
+
+
+def test_truncation_keeps_the_eager_loop(pair):
+    engine = Engine(*pair, rule="token_v3", alpha=0.3, top_p=0.9)
+    assert not engine.cuda_graphs
+    with pytest.raises(ValueError, match="top_k / top_p"):
+        Engine(*pair, rule="token_v3", alpha=0.3, top_k=8, cuda_graphs=True)

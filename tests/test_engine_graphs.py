@@ -1,0 +1,161 @@
+"""What the Engine's CUDA graphs capture, checked on the CPU (the capture itself: tests/gpu).
+
+With ``cuda_graphs`` each block is one body of device work on fixed shapes, replayed. Here:
+
+* the fixed-shape bodies (every call attending over the whole cache, stale slots masked) give
+  the tokens of the eager bodies (which attend over the block's longest prefix), in batches
+  whose rows finish at different times, for ``spec_cascade`` (both bonus policies, T = 0 and
+  T > 0), ``autoregressive`` and ``drafter_only``;
+* a body never reads the device from the host (no ``.item()``, ``nonzero``, boolean indexing,
+  ...: what would break a capture or stall a replay), model forwards included, and the keys
+  the graphs would be captured under are (body, batch size, first-call width, all-greedy);
+* the drafter's sampler on the torch path (what CUDA runs) has no host read with ``greedy``
+  given;
+* NaN logits inside a block are a clear error after its one host read;
+* ``cuda_graphs`` is checked: True needs CUDA models, no top-k/top-p, no compile_drafter.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from speccascade_fast import Engine
+from speccascade_fast.sampling import draw
+
+from .test_engine import PROMPTS, left_padded, tiny_pair
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+#: ops that copy a device value to the host (or size an output by one)
+HOST_READS = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::nonzero_static",
+              "aten::unique", "aten::_unique", "aten::_unique2", "aten::unique_dim",
+              "aten::unique_consecutive", "aten::masked_select", "aten::is_nonzero",
+              "aten::equal", "aten::allclose", "aten::_assert_async"}
+
+
+class NoHostReads(TorchDispatchMode):
+    """Raise on any op that reads the device from the host."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        if name in HOST_READS:
+            raise AssertionError(f"host read inside a graph body: {name}")
+        if name in ("aten::index", "aten::index_put", "aten::index_put_"):
+            indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+            if any(i is not None and i.dtype == torch.bool for i in indices):
+                raise AssertionError(f"boolean-mask indexing (a host read) in a graph body: {name}")
+        return func(*args, **kwargs)
+
+
+class Recorder:
+    """Stands in for the engine's CUDA graphs: runs each body eagerly under NoHostReads and
+    records the keys it would have been captured under."""
+
+    def __init__(self):
+        self.keys = []
+
+    def __call__(self, key, body, inputs):
+        self.keys.append(key)
+        with NoHostReads():
+            return body(*inputs)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_pair()
+
+
+CASES = [
+    dict(rule="spec", temperature=0.0),
+    dict(rule="token_v3", alpha=0.3, temperature=1.0),
+    dict(rule="token_v3", alpha=0.5, temperature=0.8, backend="reference"),
+    dict(rule="lossy", alpha=0.2, temperature=0.7, bonus="verifier", gamma=3),
+    dict(rule="opt", alpha=0.1, temperature=1.0, gamma=1),
+    dict(method="autoregressive", temperature=1.0),
+    dict(method="drafter_only", temperature=0.0),
+]
+
+
+def _fixed_shapes(engine, recorder=None):
+    """Make ``engine`` run its bodies as its CUDA graphs would: whole-cache attention."""
+    engine._full_kv = True
+    engine._graphs = recorder
+    return engine
+
+
+@pytest.mark.parametrize("kw", CASES, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
+def test_fixed_shape_bodies_give_the_eager_tokens_without_host_reads(pair, kw):
+    ids, mask = left_padded(PROMPTS)
+    run = dict(attention_mask=mask, seed=[3, 4, 5], max_new_tokens=[5, 17, 24], eos_token_id=[])
+    settings = dict(max_batch_size=3, max_seq_len=48, **kw)
+    eager = Engine(*pair, **settings)
+    assert not eager.cuda_graphs and eager._graphs is None  # CPU models: no graphs by default
+    want = eager.generate(ids, **run)
+    recorder = Recorder()
+    got = _fixed_shapes(Engine(*pair, **settings), recorder).generate(ids, **run)
+    assert got.new_tokens == want.new_tokens
+    for k in ("tokens", "verifier_calls", "drafter_calls", "accepted", "deferred", "blocks"):
+        assert got.stats[k] == want.stats[k], k
+    kind = "block" if kw.get("method", "spec_cascade") == "spec_cascade" else "step"
+    greedy = kw["temperature"] == 0
+    assert {k[0] for k in recorder.keys} == {kind}
+    assert {k[-1] for k in recorder.keys} == {greedy}
+    # rows finish after 5, 17 and 24 tokens: the batch shrinks 3 -> 2 -> 1
+    sizes = [k[1] if kind == "block" else k[2] for k in recorder.keys]
+    assert sizes[0] == 3 and sizes[-1] == 1 and sorted(sizes, reverse=True) == sizes
+    if kind == "block":  # the drafter's first call feeds 1 or 2 tokens per row
+        assert {k[2] for k in recorder.keys} <= {1, 2}
+
+
+def test_full_acceptance_makes_the_first_drafter_call_two_wide(pair):
+    """``drafter`` accepts every draft: with bonus="verifier" no bonus drafter step runs, so the
+    next block's first call feeds the last draft and the bonus token (width 2)."""
+    ids = torch.tensor([PROMPTS[0]])
+    kw = dict(rule="drafter", temperature=1.0, gamma=3, bonus="verifier", max_seq_len=48)
+    want = Engine(*pair, **kw).generate(ids, max_new_tokens=20, seed=1, eos_token_id=[])
+    recorder = Recorder()
+    got = _fixed_shapes(Engine(*pair, **kw), recorder).generate(ids, max_new_tokens=20, seed=1,
+                                                                 eos_token_id=[])
+    assert got.new_tokens == want.new_tokens
+    assert [k[2] for k in recorder.keys] == [1] + [2] * (len(recorder.keys) - 1)
+
+
+def test_torch_sampler_has_no_host_read_when_greedy_is_known():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=g)
+    T = torch.tensor([0.0, 0.7, 1.0], dtype=torch.float64)
+    seeds, pos = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
+    want = draw(logits, T, seeds, pos, backend="reference")
+    with NoHostReads():
+        got = draw(logits, T, seeds, pos, greedy=False, backend="reference")
+        argmax = draw(logits, torch.zeros(3, dtype=torch.float64), seeds, pos, greedy=True,
+                      backend="reference")
+    assert torch.equal(got, want)
+    assert torch.equal(argmax, logits.argmax(-1))
+    with pytest.raises(AssertionError, match="host read"), NoHostReads():
+        draw(logits, T, seeds, pos, backend="reference")  # greedy unknown: reads T
+
+
+def test_nan_logits_in_a_block_are_a_clear_error(pair):
+    q, p = pair
+    broken = tiny_pair()[1]
+    with torch.no_grad():
+        broken.lm_head.weight[3, 0] = float("nan")
+    ids = torch.tensor([PROMPTS[0]])
+    with pytest.raises(ValueError, match="verifier logits contains NaN"):
+        Engine(q, broken, max_seq_len=48).generate(ids, max_new_tokens=8)
+    with pytest.raises(ValueError, match="drafter logits contains NaN"):
+        Engine(broken, p, max_seq_len=48).generate(ids, max_new_tokens=8)
+    with pytest.raises(ValueError, match="verifier logits contains NaN"):
+        Engine(None, broken, method="autoregressive", max_seq_len=48).generate(
+            ids, max_new_tokens=8)
+
+
+def test_cuda_graphs_argument(pair):
+    with pytest.raises(ValueError, match="cuda_graphs=True needs the models on a CUDA device"):
+        Engine(*pair, cuda_graphs=True)
+    with pytest.raises(ValueError, match="cuda_graphs must be None, True or False"):
+        Engine(*pair, cuda_graphs="yes")
+    assert Engine(*pair, cuda_graphs=False).cuda_graphs is False
