@@ -359,6 +359,7 @@ def generate(
     seq_score: str = "prob",
     backend: str = "auto",
     engine: str = "auto",
+    cuda_graphs: bool | None = None,
 ) -> GenerateOutput:
     """Decode ``input_ids`` with a drafter/verifier pair.
 
@@ -401,6 +402,8 @@ def generate(
             it cannot run), ``"sequential"`` forces the latter. Both emit the same tokens for
             the same seeds; ``drafter_calls`` differs (the static engine drafts gamma tokens in
             every block, the sequential one stops at an EOS draft or the budget).
+        cuda_graphs: the batched Engine's CUDA graphs (:class:`speccascade_fast.Engine`):
+            None = on for CUDA models without top-k/top-p; the sequential loops ignore it.
 
     Returns:
         :class:`GenerateOutput` ``(sequences, stats, new_tokens)``. ``stats`` sums over the
@@ -438,7 +441,7 @@ def generate(
                 drafter, verifier, max_batch_size=len(prompts),
                 max_seq_len=longest + max_new_tokens, method=method, rule=cfg.rule,
                 alpha=cfg.alpha, gamma=gamma, temperature=temperature, top_k=top_k, top_p=top_p,
-                bonus=bonus, backend=backend)
+                bonus=bonus, backend=backend, cuda_graphs=cuda_graphs)
             out = eng.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens,
                                seed=seeds, eos_token_id=sorted(eos), pad_token_id=pad)
             out.stats["wall_s"] = time.perf_counter() - start
@@ -448,6 +451,9 @@ def generate(
             why = [w for w in map(static_engine.unsupported_reason, (drafter, verifier)) if w]
             raise ValueError(f"engine='static' cannot run method={method!r} here: "
                              f"{why[0] if why else 'it runs ' + ', '.join(static_engine.METHODS)}")
+    if cuda_graphs:
+        raise ValueError(f"cuda_graphs=True needs the batched Engine, which does not run "
+                         f"method={method!r} with engine={engine!r} on these models")
 
     total, new_tokens, outputs = Counters(), [], []
     with torch.inference_mode():

@@ -12,7 +12,8 @@ With ``cuda_graphs`` each block is one body of device work on fixed shapes, repl
 * the drafter's sampler on the torch path (what CUDA runs) has no host read with ``greedy``
   given;
 * NaN logits inside a block are a clear error after its one host read;
-* ``cuda_graphs`` is checked: True needs CUDA models, no top-k/top-p, no compile_drafter.
+* ``cuda_graphs`` is checked: True needs CUDA models, no top-k/top-p, no compile_drafter, and
+  (in ``generate``) a method the batched Engine runs.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from speccascade_fast import Engine
+from speccascade_fast import Engine, generate
 from speccascade_fast.sampling import draw
 
 from .test_engine import PROMPTS, left_padded, tiny_pair
@@ -159,3 +160,10 @@ def test_cuda_graphs_argument(pair):
     with pytest.raises(ValueError, match="cuda_graphs must be None, True or False"):
         Engine(*pair, cuda_graphs="yes")
     assert Engine(*pair, cuda_graphs=False).cuda_graphs is False
+    ids = torch.tensor([PROMPTS[0]])
+    with pytest.raises(ValueError, match="cuda_graphs=True needs the models on a CUDA device"):
+        generate(*pair, ids, cuda_graphs=True)
+    with pytest.raises(ValueError, match="cuda_graphs=True needs the batched Engine"):
+        generate(*pair, ids, method="token_cascade", cuda_graphs=True)
+    out = generate(*pair, ids, cuda_graphs=False, max_new_tokens=4, engine="sequential")
+    assert len(out.new_tokens[0]) == 4
