@@ -43,6 +43,7 @@ import weakref
 
 import torch
 
+from . import backends, checks
 from .engine import (
     GenerateOutput,
     _accepts,
@@ -58,7 +59,6 @@ from .engine import (
     _prompts,
     _seeds,
 )
-from . import backends, checks
 from .kv_cache import ATTENTION, SlotCache, attention_mask
 from .rules import check_alpha
 from .sampling import draw
@@ -218,9 +218,9 @@ class Engine:
         cuda_graphs: capture each block (the gamma (+1) drafter steps with their draws, the
             verifier's block forward, the fused verification and the packing of the block's
             one host read) as one CUDA graph per (batch size, width of the drafter's first
-            call, all-greedy or not), replayed every block after the first. None (default):
-            on when the models are on a CUDA device, ``top_k`` / ``top_p`` are unset (their
-            keep bounds still need host syncs on CUDA) and ``compile_drafter`` is off.
+            call, all-greedy or not), replayed. None (default): on when the models are on a
+            CUDA device and ``compile_drafter`` is off. With ``top_k`` / ``top_p`` the captured
+            keep bounds come from one full sort per row (no host read).
 
     Example:
         >>> engine = Engine(drafter, verifier, max_batch_size=4, max_seq_len=1024,
@@ -274,20 +274,14 @@ class Engine:
         self._verify = None  # the verification backend's function, resolved on first use
 
     def _graphs_setting(self, cuda_graphs, compile_drafter) -> bool:
-        cfg = self.cfg
         on_cuda = self.device is not None and self.device.type == "cuda"
-        truncates = cfg.top_k is not None or cfg.top_p is not None
         if cuda_graphs is None:
-            return on_cuda and not truncates and not compile_drafter
+            return on_cuda and not compile_drafter
         if not isinstance(cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be None, True or False, got {cuda_graphs!r}")
         if cuda_graphs and not on_cuda:
             raise ValueError(f"cuda_graphs=True needs the models on a CUDA device; they are on "
                              f"{self.device}")
-        if cuda_graphs and truncates:
-            raise ValueError("cuda_graphs=True does not support top_k / top_p yet (their keep "
-                             "bounds are computed with host syncs on CUDA); pass "
-                             "cuda_graphs=False")
         if cuda_graphs and compile_drafter:
             raise ValueError("cuda_graphs=True and compile_drafter=True are alternatives "
                              "(the graphs already replay the drafter's steps); choose one")

@@ -22,7 +22,7 @@ definition: on CPU (fp32/fp16/bf16 logits) the C++ op ``torch.ops.speccascade.ke
 (csrc/cpu/keep_bounds_cpu.cpp: nth_element for top-k, a quickselect by mass for top-p, expected
 O(V) per row, fp32 exp summed in fp64); elsewhere, and as the op's oracle in the tests, the torch
 code below (fp64; one top-k of width 64 per row, 4x wider for the rows not yet decided, up to a
-full sort).
+full sort; or, inside a CUDA graph capture, one full sort per row with no host read).
 """
 from __future__ import annotations
 
@@ -76,9 +76,15 @@ def _cpu_op(logits):
 
 
 def keep_bounds_torch(logits: torch.Tensor, temperature: torch.Tensor, top_k: int | None,
-                      top_p: float | None) -> torch.Tensor:
-    """:func:`keep_bounds` in torch (fp64): any device and dtype; the C++ op's oracle."""
+                      top_p: float | None, *, sync_free: bool | None = None) -> torch.Tensor:
+    """:func:`keep_bounds` in torch (fp64): any device and dtype; the C++ op's oracle.
+
+    ``sync_free``: walk every row's full sort at once instead of top-k windows sized on the
+    host (O(V log V) per row, but no host read, so it can be captured in a CUDA graph). Same
+    bounds either way. None: only while the current CUDA stream is capturing."""
     shape, V = logits.shape[:-1], logits.shape[-1]
+    if sync_free is None:
+        sync_free = logits.is_cuda and torch.cuda.is_current_stream_capturing()
     x = logits.reshape(-1, V).to(torch.float32).to(torch.float64)
     t = torch.as_tensor(temperature, dtype=torch.float64, device=logits.device)
     t = t.expand(shape).reshape(-1)
@@ -89,19 +95,48 @@ def keep_bounds_torch(logits: torch.Tensor, temperature: torch.Tensor, top_k: in
     if top_k is not None and top_k < V:
         kth = torch.topk(x, top_k, dim=-1).values[:, -1]
         tau = torch.where(live, kth, tau)
-    if top_p is not None and bool(live.any()):
+    if top_p is not None and sync_free:  # every row, greedy ones too, then keep the live ones
+        tp, cp = _top_p_sorted(x, torch.where(live, t, torch.ones_like(t)), tau, top_p)
+        tau, cut = torch.where(live, tp, tau), torch.where(live, cp, cut)
+    elif top_p is not None and bool(live.any()):
         rows = live.nonzero().flatten()
         tp, cp = _top_p_bounds(x[rows], t[rows], tau[rows], top_p)
         tau[rows], cut[rows] = tp, cp
     return torch.stack([tau, cut], -1).reshape(*shape, 2)
 
 
-def _top_p_bounds(x, t, tau_k, top_p):
-    """(tau, cut) of top-p over the rows ``x`` (fp64 logits, T > 0), after top-k's bound."""
-    R, V = x.shape
-    x = torch.where(x >= tau_k[:, None], x, torch.full_like(x, -torch.inf))  # top-k first
+def _scaled_logits(x, t, tau_k):
+    """Top-k's bound applied (-inf below it), then the scaled logits and their logsumexp."""
+    x = torch.where(x >= tau_k[:, None], x, torch.full_like(x, -torch.inf))
     z = x / t[:, None]
-    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    return x, z, torch.logsumexp(z, dim=-1, keepdim=True)
+
+
+def _walk(vals, idx, z, lse, top_p):
+    """Top-p's walk over tokens ordered by (logit desc, id asc): ``vals`` their logits, ``idx``
+    their ids (``[R, W]``, a prefix of the order). Returns (kept count, logit and id of the last
+    kept token). The kept tokens form a prefix (probs fall along the walk); tokens of weight 0
+    (masked by top-k, or underflowing) never move the bound: their law is 0 either way."""
+    probs = torch.exp(z.gather(1, idx) - lse)
+    before = torch.cumsum(probs, -1) - probs
+    kept = ((before < top_p) & (probs > 0)).sum(-1).clamp(min=1)
+    last = (kept - 1)[:, None]
+    return kept, vals.gather(1, last)[:, 0], idx.gather(1, last)[:, 0].to(torch.float64)
+
+
+def _top_p_sorted(x, t, tau_k, top_p):
+    """(tau, cut) of top-p for every row from one full sort (stable, so ties keep id order)."""
+    x, z, lse = _scaled_logits(x, t, tau_k)
+    vals, idx = torch.sort(x, dim=-1, descending=True, stable=True)
+    _, tau, cut = _walk(vals, idx, z, lse, top_p)
+    return tau, cut
+
+
+def _top_p_bounds(x, t, tau_k, top_p):
+    """(tau, cut) of top-p over the rows ``x`` (fp64 logits, T > 0), after top-k's bound:
+    windows of the order, 4x wider for the rows not yet decided, up to a full sort."""
+    R, V = x.shape
+    x, z, lse = _scaled_logits(x, t, tau_k)
     tau = torch.empty(R, dtype=torch.float64, device=x.device)
     cut = torch.empty(R, dtype=torch.float64, device=x.device)
     todo = torch.arange(R, device=x.device)
@@ -113,18 +148,12 @@ def _top_p_bounds(x, t, tau_k, top_p):
         vals = vals.gather(1, o)
         vals, o = torch.sort(vals, dim=-1, descending=True, stable=True)
         idx = idx.gather(1, o)
-        probs = torch.exp(z[todo].gather(1, idx) - lse[todo])
-        before = torch.cumsum(probs, -1) - probs
-        # a prefix (probs fall along the walk); tokens of weight 0 (masked by top-k, or
-        # underflowing) never move the bound: their law is 0 whether kept or not
-        kept = ((before < top_p) & (probs > 0)).sum(-1).clamp(min=1)
-        last = kept - 1
-        tl = vals.gather(1, last[:, None])[:, 0]
+        kept, tl, cl = _walk(vals, idx, z[todo], lse[todo], top_p)
         # decided unless the walk may continue past the window, or the last kept logit ties
         # the window's smallest (tokens with that logit may lie outside the window)
         done = (width == V) | ((kept < width) & (tl > vals[:, -1]))
         tau[todo[done]] = tl[done]
-        cut[todo[done]] = idx.gather(1, last[:, None])[:, 0][done].to(torch.float64)
+        cut[todo[done]] = cl[done]
         todo = todo[~done]
         width = min(width * 4, V)
     return tau, cut

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import torch
 from scipy import stats
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # a lenience per rule for generic tests (inside each rule's range, not at an extreme)
 ALPHAS = {
@@ -192,3 +193,24 @@ def verify_args(rule, alpha, T, B, seed, device):
         positions=torch.arange(B, dtype=torch.int64, device=device) * 17 + 1000,
     )
 
+
+#: ops that copy a device value to the host (or size an output by one)
+HOST_READS = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::nonzero_static",
+              "aten::unique", "aten::_unique", "aten::_unique2", "aten::unique_dim",
+              "aten::unique_consecutive", "aten::masked_select", "aten::is_nonzero",
+              "aten::equal", "aten::allclose", "aten::_assert_async"}
+
+
+class NoHostReads(TorchDispatchMode):
+    """Raise on any op that reads the device from the host."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        if name in HOST_READS:
+            raise AssertionError(f"host read inside a graph body: {name}")
+        if name in ("aten::index", "aten::index_put", "aten::index_put_"):
+            indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+            if any(i is not None and i.dtype == torch.bool for i in indices):
+                raise AssertionError(f"boolean-mask indexing (a host read) in a graph body: {name}")
+        return func(*args, **kwargs)

@@ -10,45 +10,24 @@ With ``cuda_graphs`` each block is one body of device work on fixed shapes, repl
   ...: what would break a capture or stall a replay), model forwards included, and the keys
   the graphs would be captured under are (body, batch size, first-call width, all-greedy);
 * the drafter's sampler on the torch path (what CUDA runs) has no host read with ``greedy``
-  given;
+  given, truncated or not (the reference backend's truncation neither: tests/test_truncation.py
+  covers the keep bounds a capture computes);
 * NaN logits inside a block are a clear error after its one host read;
-* ``cuda_graphs`` is checked: True needs CUDA models, no top-k/top-p, no compile_drafter, and
+* ``cuda_graphs`` is checked: True needs CUDA models, no compile_drafter, and
   (in ``generate``) a method the batched Engine runs.
 """
 from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from speccascade_fast import Engine, generate
 from speccascade_fast.sampling import draw
 
+from .helpers import NoHostReads
 from .test_engine import PROMPTS, left_padded, tiny_pair
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-#: ops that copy a device value to the host (or size an output by one)
-HOST_READS = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::nonzero_static",
-              "aten::unique", "aten::_unique", "aten::_unique2", "aten::unique_dim",
-              "aten::unique_consecutive", "aten::masked_select", "aten::is_nonzero",
-              "aten::equal", "aten::allclose", "aten::_assert_async"}
-
-
-class NoHostReads(TorchDispatchMode):
-    """Raise on any op that reads the device from the host."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func._schema.name
-        if name in HOST_READS:
-            raise AssertionError(f"host read inside a graph body: {name}")
-        if name in ("aten::index", "aten::index_put", "aten::index_put_"):
-            indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
-            if any(i is not None and i.dtype == torch.bool for i in indices):
-                raise AssertionError(f"boolean-mask indexing (a host read) in a graph body: {name}")
-        return func(*args, **kwargs)
-
 
 class Recorder:
     """Stands in for the engine's CUDA graphs: runs each body eagerly under NoHostReads and
@@ -72,6 +51,7 @@ CASES = [
     dict(rule="spec", temperature=0.0),
     dict(rule="token_v3", alpha=0.3, temperature=1.0),
     dict(rule="token_v3", alpha=0.5, temperature=0.8, backend="reference"),
+    dict(rule="chow", alpha=0.3, temperature=1.0, top_k=8, top_p=0.9, backend="reference"),
     dict(rule="lossy", alpha=0.2, temperature=0.7, bonus="verifier", gamma=3),
     dict(rule="opt", alpha=0.1, temperature=1.0, gamma=1),
     dict(method="autoregressive", temperature=1.0),
@@ -135,6 +115,9 @@ def test_torch_sampler_has_no_host_read_when_greedy_is_known():
                       backend="reference")
     assert torch.equal(got, want)
     assert torch.equal(argmax, logits.argmax(-1))
+    with NoHostReads():
+        cut = draw(logits, T, seeds, pos, 5, 0.8, greedy=False, backend="reference")
+    assert torch.equal(cut, draw(logits, T, seeds, pos, 5, 0.8, backend="reference"))
     with pytest.raises(AssertionError, match="host read"), NoHostReads():
         draw(logits, T, seeds, pos, backend="reference")  # greedy unknown: reads T
 
