@@ -1,0 +1,203 @@
+"""How much of a block is engine overhead: random-weight models of the default pair's shapes.
+
+For a GPU session, where the real weights cannot be brought (and for a quick look on CPU):
+Qwen2.5-Coder 0.5B (drafter) and 1.5B (verifier) configurations with random weights, the
+:class:`speccascade_fast.Engine` decoding lossless ``spec`` greedily (``cuda_graphs`` at its
+default: on for CUDA). Per block it reports
+
+* the wall time of the engine's block (draft, score, verify, the host read and bookkeeping),
+  timed around each block (a block ends with its device-to-host read, so no sync is missing);
+* the time of the same block's model forwards alone (gamma one-token drafter calls and one
+  (gamma + 1)-token verifier call at the run's middle context, the way the engine runs them:
+  replayed as one CUDA graph when the engine uses graphs, eagerly otherwise);
+* the non-model share ``1 - model / block``: sampling, verification, masks, the host read and
+  Python (issue 6 asks for <= 10 % on an H100).
+
+Random models disagree, so about one token is emitted per block: acceptance is not meaningful
+here, only the time per block and per token.
+
+    python -m speccascade_fast.bench.overhead --device cuda --batch 1 4 --out docs/bench_overhead
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import torch
+
+from ..static_engine import Engine
+
+#: the default pair's shapes (the converted GGUF configurations)
+QWEN_CODER = {
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                 num_attention_heads=12),
+}
+COMMON = dict(num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
+              rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False)
+
+
+def random_model(size: str, *, device="cpu", dtype=torch.bfloat16, seed: int = 0, **overrides):
+    """A Qwen2 causal LM with the shapes of ``QWEN_CODER[size]`` (``overrides`` replace any
+    field, e.g. a tiny one for tests) and random weights, SDPA attention, eval mode."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if size not in QWEN_CODER:
+        raise ValueError(f"size must be one of {', '.join(QWEN_CODER)}, got {size!r}")
+    cfg = Qwen2Config(**{**COMMON, **QWEN_CODER[size], **overrides})
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(cfg)
+    return model.to(dtype).eval()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _model_block_seconds(engine: Engine, batch: int, context: int, repeats: int) -> float:
+    """Median seconds of one block's model forwards alone, at ``context`` tokens."""
+    q, p, gamma, device = engine.q, engine.p, engine.cfg.gamma, engine.device
+    kv = engine.slots - 1 if engine.cuda_graphs else context + gamma
+    ids = torch.zeros(batch, 1, dtype=torch.int64, device=device)
+    block_ids = torch.zeros(batch, gamma + 1, dtype=torch.int64, device=device)
+
+    def forwards():
+        for j in range(gamma + engine.cfg.bonus_step):
+            slots = torch.full((batch, 1), context + j - 1, device=device)
+            q.forward(ids, slots, kv, 1)
+        slots = (context - 1) + torch.arange(gamma + 1, device=device).expand(batch, -1)
+        p.forward(block_ids, slots, kv, gamma + 1)
+
+    run = forwards
+    if engine.cuda_graphs:
+        forwards()  # warm-up, then capture the same calls
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            forwards()
+        run = graph.replay
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        run()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(drafter, verifier, *, batch: int = 1, gamma: int = 5, prompt_len: int = 128,
+            new_tokens: int = 64, repeats: int = 3, cuda_graphs: bool | None = None,
+            seed: int = 0) -> dict:
+    """One configuration: ``batch`` random prompts of ``prompt_len`` tokens, ``new_tokens``
+    each, greedy ``spec``; a warm-up ``generate`` (captures the graphs), then ``repeats``
+    timed ones. Returns the figures described in the module docstring."""
+    engine = Engine(drafter, verifier, max_batch_size=batch, max_seq_len=prompt_len + new_tokens,
+                    rule="spec", gamma=gamma, temperature=0.0, cuda_graphs=cuda_graphs)
+    device = engine.device
+    g = torch.Generator().manual_seed(seed)
+    vocab = verifier.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, prompt_len), generator=g).to(device)
+    block_times: list[float] = []
+    inner = engine._block
+
+    def timed_block(rows):
+        start = time.perf_counter()
+        inner(rows)
+        block_times.append(time.perf_counter() - start)
+
+    engine._block = timed_block
+    with torch.inference_mode():
+        out = engine.generate(ids, max_new_tokens=new_tokens, eos_token_id=[])  # warm-up
+        runs = []
+        for _ in range(repeats):
+            block_times.clear()
+            _sync(device)
+            start = time.perf_counter()
+            out = engine.generate(ids, max_new_tokens=new_tokens, eos_token_id=[])
+            _sync(device)
+            runs.append((time.perf_counter() - start, list(block_times)))
+        wall, blocks = min(runs, key=lambda r: r[0])
+        model = _model_block_seconds(engine, batch, prompt_len + new_tokens // 2, 2 * repeats + 1)
+    block = statistics.median(blocks)
+    tokens = out.stats["tokens"]
+    return {
+        "batch": batch, "gamma": gamma, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "device": str(device), "cuda_graphs": engine.cuda_graphs, "blocks": len(blocks),
+        "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+        "block_ms": 1e3 * block, "ms_per_token": 1e3 * wall / tokens,
+        "model_block_ms": 1e3 * model, "non_model_share": 1 - model / block,
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| batch | γ | CUDA graphs | blocks | ms / block | model ms / block | non-model share "
+             "| ms / token | tokens/s |", "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: "
+             "| ---: |"]
+    for r in rows:
+        lines.append(f"| {r['batch']} | {r['gamma']} | {'on' if r['cuda_graphs'] else 'off'} | "
+                     f"{r['blocks']} | {r['block_ms']:.2f} | {r['model_block_ms']:.2f} | "
+                     f"{100 * r['non_model_share']:.1f} % | {r['ms_per_token']:.2f} | "
+                     f"{r['tokens_per_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--gamma", type=int, default=5)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--graphs", choices=("auto", "on", "off", "both"), default="auto",
+                    help="CUDA graphs: the engine's default, forced on/off, or both rows")
+    ap.add_argument("--out", default=None, help="folder for overhead.json and overhead.md")
+    ap.add_argument("--overrides", default="{}", metavar="JSON",
+                    help="config fields to replace in both models (a smoke run: "
+                         "'{\"num_hidden_layers\": 2}')")
+    args = ap.parse_args(argv)
+    for name in ("gamma", "prompt_len", "new_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    if min(args.batch) < 1:
+        raise SystemExit("--batch must be >= 1")
+    try:
+        overrides = json.loads(args.overrides)
+        assert isinstance(overrides, dict)
+    except (ValueError, AssertionError):
+        raise SystemExit(f"--overrides must be a JSON object, got {args.overrides!r}") from None
+    dtype = getattr(torch, args.dtype)
+    drafter = random_model("0.5b", device=args.device, dtype=dtype, seed=0, **overrides)
+    verifier = random_model("1.5b", device=args.device, dtype=dtype, seed=1, **overrides)
+    graphs = {"auto": [None], "on": [True], "off": [False], "both": [False, True]}[args.graphs]
+    rows = []
+    for batch in args.batch:
+        for g in graphs:
+            rows.append(measure(drafter, verifier, batch=batch, gamma=args.gamma,
+                                prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                repeats=args.repeats, cuda_graphs=g))
+            print(markdown(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+    table = markdown(rows)
+    print(table)
+    if args.out:
+        out = pathlib.Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"device_name": torch.cuda.get_device_name() if args.device.startswith("cuda")
+                else "cpu", "torch": torch.__version__, "overrides": overrides,
+                "argv": sys.argv[1:] if argv is None else list(argv)}
+        (out / "overhead.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        (out / "overhead.md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""The overhead benchmark (speccascade_fast/bench/overhead.py) on tiny random Qwen2 models."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from speccascade_fast.bench.overhead import QWEN_CODER, main, markdown, measure, random_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            vocab_size=64)
+
+
+def test_measure_times_every_block_and_the_models_alone():
+    d = random_model("0.5b", dtype=torch.float32, seed=0, **TINY)
+    v = random_model("1.5b", dtype=torch.float32, seed=1, **TINY)
+    assert v.config.num_key_value_heads == 2 and d.config.vocab_size == 64
+    r = measure(d, v, batch=2, gamma=3, prompt_len=8, new_tokens=12, repeats=1)
+    assert r["cuda_graphs"] is False and r["device"] == "cpu"
+    assert r["tokens"] == 24  # EOS never stops a row
+    assert 3 <= r["blocks"] <= 12  # 1 to gamma + 1 tokens per row and block
+    assert r["block_ms"] > 0 and r["model_block_ms"] > 0 and r["non_model_share"] < 1
+    assert markdown([r]).splitlines()[-1].startswith("| 2 | 3 | off | ")
+
+
+def test_the_real_shapes_and_the_command(tmp_path, capsys):
+    assert QWEN_CODER["1.5b"]["num_hidden_layers"] == 28
+    with pytest.raises(ValueError, match="size must be one of"):
+        random_model("7b")
+    out = tmp_path / "o"
+    assert main(["--device", "cpu", "--dtype", "float32", "--batch", "1", "--gamma", "2",
+                 "--prompt-len", "4", "--new-tokens", "6", "--repeats", "1", "--out", str(out),
+                 "--overrides", json.dumps(TINY)]) == 0
+    saved = json.loads((out / "overhead.json").read_text())
+    assert saved["rows"][0]["tokens"] == 6 and saved["meta"]["overrides"] == TINY
+    assert "non-model share" in (out / "overhead.md").read_text()
+    with pytest.raises(SystemExit, match="--overrides"):
+        main(["--overrides", "[1]"])
