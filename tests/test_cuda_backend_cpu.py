@@ -2,8 +2,8 @@
 run in tests/gpu/test_cuda_backend.py):
 
 * on the CPU it is never offered, and asking for it is a clear ValueError naming it;
-* calls it does not cover (top-k/top-p, fp64) go to the reference before any device check,
-  exactly as in the cpu backend;
+* calls it does not cover (fp64 logits) go to the reference before any device check, exactly
+  as in the cpu backend; truncated ones (top-k / top-p: keep bounds in the kernel) do not;
 * the rule ids compiled into csrc/cuda (the enum of verify.cu, the name table of
   verify_cuda.cpp) are speccascade_fast.rules.RULES in order, as the Python side sends
   ``RULES.index(rule)``.
@@ -58,7 +58,17 @@ def test_module_rejects_cpu_tensors_by_name():
         cuda.verify(q, x, p, **args)
 
 
-@pytest.mark.parametrize("kw", [dict(top_k=5), dict(top_p=0.9), dict(dtype=torch.float64)])
+@pytest.mark.parametrize("kw", [dict(top_k=5), dict(top_p=0.9)])
+def test_truncated_calls_are_the_kernels(kw):
+    q, x, p = _block(seed=3)
+    args = dict(rule="token_v2", alpha=torch.full((2,), 0.2, dtype=torch.float64),
+                temperature=torch.full((2,), 0.7, dtype=torch.float64), top_k=None, top_p=None,
+                seed=torch.tensor([5, 6]), positions=torch.tensor([0, 9]))
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+        cuda.verify(q, x, p, **{**args, **kw})
+
+
+@pytest.mark.parametrize("kw", [dict(dtype=torch.float64), dict(dtype=torch.float64, top_p=0.9)])
 def test_uncovered_calls_go_to_the_reference(kw):
     q, x, p = _block(seed=3)
     dtype = kw.pop("dtype", None)

@@ -40,6 +40,11 @@
 // So spec, drafter, chow, chow_log, diff, diff_log, bild and lossy (bonus="verifier") take 2
 // launches; opt, opt_log, token_v1-3, lossy (bonus="cascade") and lossy_star take 3.
 //
+// top-k / top-p: each row's keep bound (tau, cut) (csrc/keep_bound.h, computed by the caller)
+// turns its logits to -inf outside the kept set wherever qT / pT are formed (the sums at T of
+// launch 1, every sum of launch 2, qT(x) / pT(x) and the race of launch 3); the maxima, argmaxes,
+// unscaled sums and token sets read the logits themselves, as in verify_cpu.cpp.
+//
 // Differences from the CPU kernel that do not change results: every position's statistics are
 // computed (the CPU computes some lazily, as its accept loop reaches them); TV, eta and 1/beta
 // are computed wherever they may be needed (the CPU skips them where the decision does not depend
@@ -54,6 +59,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "../keep_bound.h"
 #include "rng.cuh"
 #include "verify.h"
 
@@ -91,6 +97,7 @@ __device__ __forceinline__ float ld(const void* base, int dt, int64_t i) {
 struct Rows {
   int64_t q_off, p_off;  // element offsets of the two rows of one position
   bool has_q;
+  KeepBound kq, kp;      // top-k / top-p: what qT / pT keep (every token without truncation)
 };
 
 __device__ __forceinline__ Rows rows_of(const sc_verify_args& a, int64_t b, int64_t j) {
@@ -98,6 +105,10 @@ __device__ __forceinline__ Rows rows_of(const sc_verify_args& a, int64_t b, int6
   r.has_q = j < a.rq;
   r.q_off = r.has_q ? b * a.q_sb + j * a.q_sj : 0;
   r.p_off = b * a.p_sb + j * a.p_sj;
+  const int64_t G1 = a.gamma + 1;
+  r.kq = KeepBound::from(a.q_keep != nullptr && r.has_q ? a.q_keep + 2 * (b * a.rq + j) : nullptr,
+                         a.V);
+  r.kp = KeepBound::from(a.p_keep != nullptr ? a.p_keep + 2 * (b * G1 + j) : nullptr, a.V);
   return r;
 }
 
@@ -251,14 +262,14 @@ __global__ void __launch_bounds__(kThreads)
       const float d = x - mq;
       eq = expf(d);
       acc[0] += static_cast<double>(eq);
-      acc[1] += static_cast<double>(expf(d * inv_t_f));
+      if (R.kq.kept(x, v)) acc[1] += static_cast<double>(expf(d * inv_t_f));
       acc[2] += static_cast<double>(eq * d);
     }
     if (y > -INFINITY) {
       const float d = y - mp;
       const float e = expf(d);
       acc[3] += static_cast<double>(e);
-      acc[4] += static_cast<double>(expf(d * inv_t_f));
+      if (R.kp.kept(y, v)) acc[4] += static_cast<double>(expf(d * inv_t_f));
       acc[5] += static_cast<double>(e * d);
     }
     if (cross) {
@@ -393,8 +404,8 @@ __global__ void __launch_bounds__(kThreads)
     const float dm = static_cast<float>(static_cast<double>(mq) - mp);
     const float dl = static_cast<float>(log(X.qt) - log(X.pt));
     for (int64_t v = lo + threadIdx.x; v < hi; v += kThreads) {
-      const float xq = ld(a.q, a.q_dtype, R.q_off + v);
-      const float xp = ld(a.p, a.p_dtype, R.p_off + v);
+      const float xq = R.kq.apply(ld(a.q, a.q_dtype, R.q_off + v), v);
+      const float xp = R.kp.apply(ld(a.p, a.p_dtype, R.p_off + v), v);
       const float pt = expf((xp - mp) * inv_t_f) * rp;
       if (pt > 0.0f) {  // (pT = 0: no contribution; also keeps -inf - -inf out)
         const float delta = fminf(((xq - xp) - dm) * inv_t_f - dl, 80.0f);
@@ -410,13 +421,13 @@ __global__ void __launch_bounds__(kThreads)
       const float xq = ld(a.q, a.q_dtype, R.q_off + v);
       const float xa = on_q ? xq : ld(a.p, a.p_dtype, R.p_off + v);
       if (!in_a_logit(xa, on_q ? mq : mp, thr))
-        acc[0] += static_cast<double>(expf((xq - mq) * inv_t_f) * rq);
+        acc[0] += static_cast<double>(expf((R.kq.apply(xq, v) - mq) * inv_t_f) * rq);
     }
   } else {  // lossy, bonus row: sum max(0, qT - c pT) and sum max(0, pT - qT)
     const float c = static_cast<float>(1.0 / (1.0 - alpha));
     for (int64_t v = lo + threadIdx.x; v < hi; v += kThreads) {
-      const float qt = expf((ld(a.q, a.q_dtype, R.q_off + v) - mq) * inv_t_f) * rq;
-      const float pt = expf((ld(a.p, a.p_dtype, R.p_off + v) - mp) * inv_t_f) * rp;
+      const float qt = expf((R.kq.apply(ld(a.q, a.q_dtype, R.q_off + v), v) - mq) * inv_t_f) * rq;
+      const float pt = expf((R.kp.apply(ld(a.p, a.p_dtype, R.p_off + v), v) - mp) * inv_t_f) * rp;
       const float x = qt - pt * c, y = pt - qt;
       acc[0] += static_cast<double>(x > 0.0f ? x : 0.0f);
       acc[1] += static_cast<double>(y > 0.0f ? y : 0.0f);
@@ -460,8 +471,8 @@ __global__ void __launch_bounds__(kStarThreads)
 
   double dsum[1] = {0.0};
   for (int64_t v = threadIdx.x; v < a.V; v += kStarThreads) {
-    const float qt = expf((ld(a.q, a.q_dtype, R.q_off + v) - mq) * inv_t_f) * rq;
-    const float pt = expf((ld(a.p, a.p_dtype, R.p_off + v) - mp) * inv_t_f) * rp;
+    const float qt = expf((R.kq.apply(ld(a.q, a.q_dtype, R.q_off + v), v) - mq) * inv_t_f) * rq;
+    const float pt = expf((R.kp.apply(ld(a.p, a.p_dtype, R.p_off + v), v) - mp) * inv_t_f) * rp;
     const float w = qt - cf * pt;
     dsum[0] += static_cast<double>(w > 0.0f ? w : 0.0f);
   }
@@ -480,8 +491,8 @@ __global__ void __launch_bounds__(kStarThreads)
         h[k] = 0.0;
       }
       for (int64_t v = threadIdx.x; v < a.V; v += kStarThreads) {
-        const float qt = expf((ld(a.q, a.q_dtype, R.q_off + v) - mq) * inv_t_f) * rq;
-        const float pt = expf((ld(a.p, a.p_dtype, R.p_off + v) - mp) * inv_t_f) * rp;
+        const float qt = expf((R.kq.apply(ld(a.q, a.q_dtype, R.q_off + v), v) - mq) * inv_t_f) * rq;
+        const float pt = expf((R.kp.apply(ld(a.p, a.p_dtype, R.p_off + v), v) - mp) * inv_t_f) * rp;
         if (qt < cf * pt) {
 #pragma unroll
           for (int k = 0; k < kStarK; ++k) {
@@ -696,8 +707,8 @@ __global__ void __launch_bounds__(kThreads)
       const float ql = ld(a.q, a.q_dtype, R.q_off + x);
       const float pl = ld(a.p, a.p_dtype, R.p_off + x);
       const double u = uniform(row_key(q.seed, q.pos + j, kStreamAccept), 0);
-      const double qt = prob_t(ql, X.s.mq, X.s.aq, X.s.qt, q.t, x);
-      const double pt = prob_t(pl, X.s.mp, X.s.ap, X.s.pt, q.t, x);
+      const double qt = prob_t(R.kq.apply(ql, x), X.s.mq, X.s.aq, X.s.qt, q.t, x);
+      const double pt = prob_t(R.kp.apply(pl, x), X.s.mp, X.s.ap, X.s.pt, q.t, x);
       const int mode = pi_mode(rule, X);
       const bool ina = mode == kPiToken && in_a_at(rule, X, ql, pl);
       const double acc = accept_at(mode, ina, qt, pt, X, q.alpha);
@@ -723,13 +734,13 @@ __global__ void __launch_bounds__(kThreads)
   int64_t bi = INT64_MAX, kbi = INT64_MAX;
   for (int64_t v = lo + threadIdx.x; v < hi; v += kThreads) {
     const float pl = ld(a.p, a.p_dtype, R.p_off + v);
-    const double pt = prob_t(pl, X.s.mp, X.s.ap, X.s.pt, q.t, v);
+    const double pt = prob_t(R.kp.apply(pl, v), X.s.mp, X.s.ap, X.s.pt, q.t, v);
     double w, wk = 0.0;
     if (kind == kRaceVerifier) {
       w = pt;
     } else {
       const float ql = ld(a.q, a.q_dtype, R.q_off + v);  // (kind != verifier: row r has q)
-      const double qt = prob_t(ql, X.s.mq, X.s.aq, X.s.qt, q.t, v);
+      const double qt = prob_t(R.kq.apply(ql, v), X.s.mq, X.s.aq, X.s.qt, q.t, v);
       const bool ina = mode == kPiToken && in_a_at(rule, X, ql, pl);
       const double acc = accept_at(mode, ina, qt, pt, X, q.alpha);
       const double kept = fmin(qt, acc);

@@ -32,6 +32,10 @@ typedef struct sc_verify_args {
   const int64_t* positions;   // [B], contiguous
   int64_t B, gamma, rq, V;    // rq = gamma (bonus="verifier") or gamma + 1 (bonus="cascade")
   int rule;                   // index in speccascade_fast.rules.RULES
+  // top-k / top-p keep bounds (tau, cut) per row (csrc/keep_bound.h), contiguous float64
+  // [B, rq, 2] and [B, gamma + 1, 2], or NULL: no truncation of that model's rows
+  const double* q_keep;
+  const double* p_keep;
   int64_t* tokens;            // out [B, gamma + 1], contiguous
   int64_t* num_accepted;      // out [B]
   uint8_t* deferred;          // out [B, gamma + 1], contiguous (torch.bool)

@@ -56,11 +56,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_padded_cuda(
     const at::Tensor& seed_in, const at::Tensor& positions_in, const at::Tensor& temperature_in,
     const at::Tensor& alpha_in, int64_t rule, const std::optional<at::Tensor>& draft_keep,
     const std::optional<at::Tensor>& target_keep) {
-  // top-k / top-p keep bounds: not in the CUDA kernel yet (speccascade_fast.backends.cuda sends
-  // truncated calls to the reference backend and never passes them)
-  TORCH_CHECK(!draft_keep.has_value() && !target_keep.has_value(),
-              "verify_padded (cuda): top-k / top-p keep bounds are not supported by the CUDA "
-              "kernel (speccascade_fast.verify sends such calls to the reference backend)");
   TORCH_CHECK(rule >= 0 && rule < kNumRulesCuda, "verify_padded (cuda): rule id ", rule,
               " out of range [0, ", kNumRulesCuda, ")");
   TORCH_CHECK(draft_logits_in.dim() == 3 && target_logits_in.dim() == 3 && draft_tokens.dim() == 2,
@@ -91,6 +86,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_padded_cuda(
     TORCH_CHECK(t.device() == device && t.dim() == 1 && t.size(0) == B && t.scalar_type() == dt,
                 "verify_padded (cuda): ", name, " must be a ", dt, " tensor of shape [", B,
                 "] on ", device, ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+  }
+  // top-k / top-p keep bounds (speccascade_fast.truncation): float64 [B, rows, 2] per model
+  at::Tensor keeps[2];
+  const std::optional<at::Tensor>* keep_in[2] = {&draft_keep, &target_keep};
+  const int64_t keep_rows[2] = {draft_logits_in.size(1), gamma + 1};
+  const char* keep_names[2] = {"draft_keep", "target_keep"};
+  for (int i = 0; i < 2; ++i) {
+    if (!keep_in[i]->has_value()) continue;
+    const at::Tensor& k = keep_in[i]->value();
+    TORCH_CHECK(k.device() == device && k.scalar_type() == at::kDouble && k.dim() == 3 &&
+                    k.size(0) == B && k.size(1) == keep_rows[i] && k.size(2) == 2,
+                "verify_padded (cuda): ", keep_names[i], " must be a float64 tensor [", B, ", ",
+                keep_rows[i], ", 2] on ", device, ", got ", k.scalar_type(), " ", k.sizes(),
+                " on ", k.device());
+    keeps[i] = k.contiguous();
   }
   const c10::cuda::CUDAGuard guard(device);
   const at::Tensor q = unit_stride(draft_logits_in), p = unit_stride(target_logits_in);
@@ -123,6 +133,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_padded_cuda(
   a.rq = q.size(1);
   a.V = V;
   a.rule = static_cast<int>(rule);
+  a.q_keep = keeps[0].defined() ? keeps[0].data_ptr<double>() : nullptr;
+  a.p_keep = keeps[1].defined() ? keeps[1].data_ptr<double>() : nullptr;
   a.tokens = tokens.data_ptr<int64_t>();
   a.num_accepted = num_accepted.data_ptr<int64_t>();
   a.deferred = reinterpret_cast<uint8_t*>(deferred.data_ptr<bool>());

@@ -7,10 +7,10 @@ equal the reference's except at floating-point near-ties, as for the cpu backend
 
 It is the CUDA kernel of the op ``torch.ops.speccascade.verify_padded``, present only when
 ``speccascade_fast._C`` was built against a CUDA torch (setup.py). Calls it does not cover go to
-the reference backend, whole, exactly as in :mod:`.cpu`:
-
-* ``top_k`` / ``top_p`` truncation,
-* float64 logits (the kernels read fp32 / fp16 / bf16).
+the reference backend, whole, exactly as in :mod:`.cpu`: float64 logits (the kernels read fp32 /
+fp16 / bf16). ``top_k`` / ``top_p`` reach the kernel as per-row keep bounds
+(:mod:`speccascade_fast.truncation`, computed by torch on the GPU: inside a CUDA graph capture
+from one full sort per row, with no host read).
 
 ``verify_ragged`` has no CUDA kernel: :func:`speccascade_fast.ragged.verify_ragged` runs each
 request through this backend on its own padded slice.
@@ -23,17 +23,11 @@ import torch
 
 from .. import _ext
 from ..rules import RULES
+from ..truncation import keep_bounds_or_none
 from ..types import VerifyOutput
 from . import reference
-from .cpu import DTYPES
+from .cpu import handles  # the same coverage: fp32 / fp16 / bf16 logits, truncated or not
 
-
-def handles(draft_logits, target_logits, top_k, top_p, *more_logits) -> bool:
-    """Whether the CUDA kernel covers a call (else the reference backend runs it): fp32 / fp16 /
-    bf16 logits without top-k / top-p (the kernel does not read keep bounds yet)."""
-    if top_k is not None or top_p is not None:
-        return False
-    return all(t.dtype in DTYPES for t in (draft_logits, target_logits, *more_logits))
 
 __all__ = ["handles", "is_available", "verify"]
 
@@ -82,5 +76,7 @@ def verify(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperatur
         seed.to(torch.int64).contiguous(), positions.to(torch.int64).contiguous(),
         temperature.to(torch.float64).contiguous(), alpha.to(torch.float64).contiguous(),
         RULES.index(rule),
+        keep_bounds_or_none(draft_logits, temperature[:, None], top_k, top_p),
+        keep_bounds_or_none(target_logits, temperature[:, None], top_k, top_p),
     )
     return VerifyOutput(tokens, num_accepted, num_accepted + 1, deferred)

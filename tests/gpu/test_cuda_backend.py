@@ -5,6 +5,7 @@
   genuine floating-point near-ties (:func:`tests.helpers.assert_same_up_to_near_ties`);
 * V = 262,144 (B in {1, 8}), small and odd vocabularies (one slice, a partial last slice),
   bonus="verifier", masked (-inf) tokens, per-request mixed temperatures including greedy rows;
+* top-k / top-p (keep bounds) for the rules whose kernels form qT / pT differently;
 * captured in a CUDA graph and replayed: the eager tokens, then the reference's for new inputs.
 """
 
@@ -113,6 +114,23 @@ def test_public_api_and_mixed_dtypes(rule):
     got = sc.verify(q, x, p, backend="cuda", **args)
     want = reference.verify(q, x, p, top_k=None, top_p=None, **args)
     assert_same_up_to_near_ties(got, want, q, x, p, args, who="cuda", trials=8)
+
+
+@pytest.mark.parametrize("trunc", [(50, None), (None, 0.9), (50, 0.9)])
+@pytest.mark.parametrize("rule", ["spec", "chow", "opt", "token_v3", "lossy", "lossy_star",
+                                  "bild"])
+def test_qwen_vocabulary_top_k_top_p(rule, trunc):
+    """Keep bounds computed by the torch code on the GPU, read by every kernel; greedy rows
+    mixed in (they keep every token)."""
+    from speccascade_fast.backends import cuda
+
+    B, (top_k, top_p) = 4, trunc
+    q, x, p = llm_block(B, 151936, 77 + sc.RULES.index(rule), T=0.8, dtype=torch.bfloat16)
+    args = args_for(rule, [0.0, 0.8, 1.0, 1.3], B, 77)
+    got = cuda.verify(q, x, p, top_k=top_k, top_p=top_p, **args)
+    want = reference.verify(q, x, p, top_k=top_k, top_p=top_p, **args)
+    bad = [name for name, a, b in zip(want._fields, got, want) if not torch.equal(a, b)]
+    assert not bad, (rule, trunc, bad)
 
 
 @pytest.mark.parametrize("rule", ["spec", "opt", "token_v3", "lossy_star"])
