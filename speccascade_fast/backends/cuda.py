@@ -28,7 +28,6 @@ from ..types import VerifyOutput
 from . import reference
 from .cpu import handles  # the same coverage: fp32 / fp16 / bf16 logits, truncated or not
 
-
 __all__ = ["handles", "is_available", "verify"]
 
 _OP = "speccascade::verify_padded"
