@@ -279,12 +279,12 @@ class Engine:
             return on_cuda and not compile_drafter
         if not isinstance(cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be None, True or False, got {cuda_graphs!r}")
-        if cuda_graphs and not on_cuda:
-            raise ValueError(f"cuda_graphs=True needs the models on a CUDA device; they are on "
-                             f"{self.device}")
         if cuda_graphs and compile_drafter:
             raise ValueError("cuda_graphs=True and compile_drafter=True are alternatives "
                              "(the graphs already replay the drafter's steps); choose one")
+        if cuda_graphs and not on_cuda:
+            raise ValueError(f"cuda_graphs=True needs the models on a CUDA device; they are on "
+                             f"{self.device}")
         return cuda_graphs
 
     # --- the public call ------------------------------------------------------------------------

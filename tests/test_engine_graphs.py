@@ -29,6 +29,7 @@ from .test_engine import PROMPTS, left_padded, tiny_pair
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+
 class Recorder:
     """Stands in for the engine's CUDA graphs: runs each body eagerly under NoHostReads and
     records the keys it would have been captured under."""
@@ -142,6 +143,8 @@ def test_cuda_graphs_argument(pair):
         Engine(*pair, cuda_graphs=True)
     with pytest.raises(ValueError, match="cuda_graphs must be None, True or False"):
         Engine(*pair, cuda_graphs="yes")
+    with pytest.raises(ValueError, match="compile_drafter=True are alternatives"):
+        Engine(*pair, cuda_graphs=True, compile_drafter=True)
     assert Engine(*pair, cuda_graphs=False).cuda_graphs is False
     ids = torch.tensor([PROMPTS[0]])
     with pytest.raises(ValueError, match="cuda_graphs=True needs the models on a CUDA device"):
