@@ -18,7 +18,7 @@ def result():
     prompts = [torch.tensor([3, 5, 7, 9]), torch.tensor([1, 2]), torch.tensor([10, 20, 30])]
     try:
         yield e2e.run(q, p, prompts=prompts, max_new_tokens=12, batch=2, gamma=3,
-                      int8_drafter=True, progress=lambda s: None)
+                      int8_drafter=True, rounds=2, progress=lambda s: None)
     finally:
         torch.set_num_threads(old)
 
@@ -33,17 +33,21 @@ def test_every_configuration_decodes_the_same_work(result):
         assert (e2e.CONFIGS[key][0].format(alpha=0.3) + " (int8 drafter)", 1) in names
         assert ((e2e.CONFIGS[key][0].format(alpha=0.3) + " (int8 drafter)", 2) in names) == (
             key != "drafter")
+    for name in ("hf:assisted greedy", "hf:assisted T=1"):  # HF with the same int8 assistant
+        assert (name + e2e.INT8_SUFFIX, 1) in names
     assert 0 < result["costs"]["int8"]["c"] and 0 < result["costs"]["c"]
     for r in result["rows"]:
-        assert r.tokens == 3 * 12, r.name  # EOS stops no one: identical amounts of work
-        assert r.wall_s > 0
+        # EOS stops no one: identical amounts of work, in each of the 2 rounds
+        assert r.tokens == 2 * 3 * 12, r.name
+        assert r.wall_s > 0 and len(r.extra["round_tokens_per_s"]) == 2
+        assert not r.extra.get("rounds_differ"), r.name  # same inputs, same seeds, same tokens
 
 
 def test_greedy_outputs_agree_and_calls_are_counted(result):
     # tiny fp32 models: lossless greedy decoding equals the verifier alone, ours and HF's
     assert set(e2e.greedy_agreement(result).values()) == {"3/3"}
     rows = {(r.name, r.batch): r for r in result["rows"]}
-    assert rows["hf:verifier greedy", 1].verifier_calls == 36  # one call per token
+    assert rows["hf:verifier greedy", 1].verifier_calls == 72  # one call per token, 2 rounds
     assert rows["ours:verifier", 1].tokens_per_verifier_call == 1.0
     assert rows["ours:spec greedy", 1].tokens_per_verifier_call > 1.0
     # HF drafts gamma = 3 tokens per call at most: at most 4 tokens per verifier call
@@ -64,14 +68,49 @@ def test_summary_ratios(result):
     v3 = rows["ours:token_v3 a=0.3 greedy", 1]
     assert summary["ours:token_v3 a=0.3 greedy", 1]["predicted"] == round(
         e2e.predicted_speedup(v3.tokens_per_verifier_call, 3, c["c"], c["r"], bonus_step=True), 3)
+    # per-round ratios: the range holds the total's ratio
+    lo, hi = d["vs_ours_verifier_range"]
+    assert lo <= d["vs_ours_verifier"] <= hi
+    speeds = [a / b for a, b in zip(spec.extra["round_tokens_per_s"],
+                                    base.extra["round_tokens_per_s"])]
+    assert [lo, hi] == [round(min(speeds), 3), round(max(speeds), 3)]
+    # the int8 rows are compared with HF assisted generation given the same int8 assistant
+    q8 = summary["ours:spec greedy" + e2e.INT8_SUFFIX, 1]
+    assert q8["vs_hf_assisted"] == round(
+        rows["ours:spec greedy" + e2e.INT8_SUFFIX, 1].tokens_per_s
+        / rows["hf:assisted greedy" + e2e.INT8_SUFFIX, 1].tokens_per_s, 3)
     table = e2e.markdown(result)
-    assert "| ours:spec greedy | 1 |" in table
+    assert "| ours:spec greedy | 1 |" in table and "2 rounds, interleaved" in table
     assert e2e.markdown(e2e.from_json(e2e.to_json(result))) == table  # saved runs re-render
 
 
 def test_unknown_config_is_an_error():
     with pytest.raises(ValueError, match="unknown configs"):
         e2e.run(None, None, prompts=[torch.tensor([1])], configs=("beam",))
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        e2e.run(None, None, prompts=[torch.tensor([1])], rounds=0)
+
+
+def test_rounds_alternate_their_order(monkeypatch):
+    order = []
+
+    def fake(name, *args, **kwargs):
+        order.append(name)
+        row = e2e.Row(name, 1, 4, 0.5, 1)
+        row.extra["outputs"] = [[1, 2, 3, 4]]
+        return row
+
+    monkeypatch.setattr(e2e, "run_ours", fake)
+    monkeypatch.setattr(e2e, "run_hf", fake)
+    monkeypatch.setattr(e2e, "step_costs", lambda *a, **k: dict(
+        t_q_s=1.0, t_p_s=2.0, t_p_block_s=2.0, c=0.5, r=1.0))
+    result = e2e.run(None, None, prompts=[torch.tensor([1])], configs=("spec-greedy",),
+                     batch=1, rounds=3, progress=lambda s: None)
+    one = ["ours:verifier", "ours:spec greedy", "hf:verifier greedy", "hf:assisted greedy",
+           "hf:assisted T=1"]
+    assert order == one + one[::-1] + one
+    assert [r.name for r in result["rows"]] == one  # one row per configuration, totals
+    assert all(r.tokens == 12 and r.wall_s == 1.5 for r in result["rows"])
 
 
 def test_cost_model():

@@ -3,6 +3,7 @@
     speccascade bench                                   # the default pair, 5 prompts, 128 tokens
     speccascade bench --prompts 2 --max-new-tokens 32 --no-hf --out /tmp/b
     speccascade bench --batch 1 --no-hf --configs verifier,spec-greedy --int8-drafter
+    speccascade bench --rounds 3 --prompts 4        # interleaved rounds: ratios with ranges
 
 Prints a markdown table and, with ``--out DIR``, writes ``DIR/e2e.json`` and ``DIR/e2e.md``.
 """
@@ -38,6 +39,10 @@ def add_bench_subcommand(subparsers) -> argparse.ArgumentParser:
                    help="also measure a weight-only int8 copy of the drafter")
     p.add_argument("--compile-drafter", action="store_true",
                    help="also measure the drafter's steps torch.compile'd (dynamic shapes)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every configuration this many times, interleaved (every other "
+                        "round in reverse order), so that the machine's drift cancels in the "
+                        "ratios; reports totals and each ratio's range over the rounds")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default=None, help="folder for e2e.json and e2e.md")
@@ -53,7 +58,7 @@ def bench_command(args: argparse.Namespace) -> int:
     from .. import models
     from . import e2e
 
-    for name in ("prompts", "max_new_tokens", "batch", "gamma"):
+    for name in ("prompts", "max_new_tokens", "batch", "gamma", "rounds"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     if args.from_json:
@@ -72,6 +77,7 @@ def bench_command(args: argparse.Namespace) -> int:
                      max_new_tokens=args.max_new_tokens, batch=args.batch, gamma=args.gamma,
                      alpha=args.alpha, with_hf=not args.no_hf, configs=configs,
                      int8_drafter=args.int8_drafter, compile_drafter=args.compile_drafter,
+                     rounds=args.rounds,
                      progress=lambda s: print(s, file=sys.stderr, flush=True))
     table = e2e.markdown(result)
     print(table)

@@ -239,19 +239,30 @@ COMPILED_CONFIGS = ("drafter", "spec-greedy")
 
 def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new_tokens=128,
         batch=4, gamma=5, alpha=0.3, with_hf=True, configs=tuple(CONFIGS), int8_drafter=False,
-        compile_drafter=False, progress=print) -> dict:
+        compile_drafter=False, rounds=1, progress=print) -> dict:
     """The whole benchmark; returns ``{"rows", "costs", "settings", "machine"}``.
 
     ``prompts``: token tensors ``[P]`` (default: the first ``n_prompts`` HumanEval prompts,
     tokenized with ``tokenizer``). ``configs``: keys of :data:`CONFIGS` to run (``verifier`` is
     always run: it is every ratio's baseline). ``int8_drafter``: also measure a weight-only int8
-    copy of the drafter (:func:`speccascade_fast.quantize.int8_weight_only`): its step cost and
-    the :data:`INT8_CONFIGS` rows at batch 1 (and those of ``configs`` at ``batch`` too).
-    ``compile_drafter``: the same for the drafter's steps ``torch.compile``d
-    (:data:`COMPILED_CONFIGS`, batch 1; compilation happens before the clock)."""
+    copy of the drafter (:func:`speccascade_fast.quantize.int8_weight_only`): its step cost, the
+    :data:`INT8_CONFIGS` rows at batch 1 (and those of ``configs`` at ``batch`` too) and, with
+    ``with_hf``, HF assisted generation with the same int8 assistant. ``compile_drafter``: the
+    same for the drafter's steps ``torch.compile``d (:data:`COMPILED_CONFIGS`, batch 1;
+    compilation happens before the clock).
+
+    ``rounds``: run every configuration that many times, interleaved (round ``i`` runs them all,
+    in reverse order when ``i`` is odd, and first re-times the step costs), so that a machine
+    whose speed drifts during the run biases no configuration against another. A row's figures
+    are its totals over the rounds (the decoded tokens are the same in every round: same inputs,
+    same seeds); ``row.extra["round_tokens_per_s"]`` keeps each round's speed, from which
+    :func:`summarize` gives each ratio's range over the rounds. Step costs are the medians of
+    the rounds'."""
     unknown = set(configs) - set(CONFIGS)
     if unknown:
         raise ValueError(f"unknown configs {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     if prompts is None:
         prompts = humaneval_prompts(tokenizer, n_prompts)
     n_prompts = len(prompts)
@@ -259,58 +270,104 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
     pad = 0 if pad is None else pad
     common = dict(max_new_tokens=max_new_tokens, pad=pad)
     keys = ["verifier", *[k for k in CONFIGS if k in configs and k != "verifier"]]
-    rows: list[Row] = []
-
-    def add(row: Row):
-        rows.append(row)
-        tpc = row.tokens_per_verifier_call
-        progress(f"{row.name:32s} batch {row.batch}: {row.tokens_per_s:6.2f} tok/s"
-                 + (f", {tpc:.2f} tokens/verifier call" if tpc else ""))
+    jobs = []  # (name, batch, run it once -> Row), in the order of a round
 
     def ours(key, q, batch, suffix="", **extra):
         name, settings = CONFIGS[key]
+        name = name.format(alpha=alpha) + suffix
         settings = dict(settings, **extra)
         if "rule" in settings:
             settings["gamma"] = gamma
         if settings.get("rule") == "token_v3":
             settings["alpha"] = alpha
-        add(run_ours(name.format(alpha=alpha) + suffix, q, verifier, prompts, batch=batch,
-                     warmup=bool(settings.get("compile_drafter")), **common, **settings))
+        jobs.append((name, batch, lambda: run_ours(
+            name, q, verifier, prompts, batch=batch,
+            warmup=bool(settings.get("compile_drafter")), **common, **settings)))
 
-    costs = step_costs(drafter, verifier, prompts[0], gamma)
-    _say_costs(progress, "drafter", costs)
-    for key in keys:
-        ours(key, drafter, 1)
-    if with_hf:
-        add(run_hf("hf:verifier greedy", verifier, prompts, max_new_tokens=max_new_tokens))
-        add(run_hf("hf:assisted greedy", verifier, prompts, max_new_tokens=max_new_tokens,
-                   assistant=drafter, gamma=gamma))
-        add(run_hf("hf:assisted T=1", verifier, prompts, max_new_tokens=max_new_tokens,
-                   assistant=drafter, gamma=gamma, temperature=1.0))
-    if batch > 1:
-        for key in keys:
-            if key != "drafter":
-                ours(key, drafter, batch)
+    def hf(name, **kwargs):
+        jobs.append((name, 1, lambda: run_hf(name, verifier, prompts,
+                                             max_new_tokens=max_new_tokens, **kwargs)))
+
+    q8 = None
     if int8_drafter:
         from ..quantize import int8_weight_only
 
         q8 = int8_weight_only(copy.deepcopy(drafter))
-        costs["int8"] = step_costs(q8, verifier, prompts[0], gamma)
-        _say_costs(progress, "int8 drafter", costs["int8"])
+    cost_jobs = {"drafter": lambda: step_costs(drafter, verifier, prompts[0], gamma)}
+    if q8 is not None:
+        cost_jobs["int8 drafter"] = lambda: step_costs(q8, verifier, prompts[0], gamma)
+    if compile_drafter:
+        cost_jobs["compiled drafter"] = lambda: step_costs(drafter, verifier, prompts[0], gamma,
+                                                           compile_drafter=True)
+    for key in keys:
+        ours(key, drafter, 1)
+    if with_hf:
+        hf("hf:verifier greedy")
+        hf("hf:assisted greedy", assistant=drafter, gamma=gamma)
+        hf("hf:assisted T=1", assistant=drafter, gamma=gamma, temperature=1.0)
+    if batch > 1:
+        for key in keys:
+            if key != "drafter":
+                ours(key, drafter, batch)
+    if q8 is not None:
         for key in INT8_CONFIGS:
-            ours(key, q8, 1, suffix=" (int8 drafter)")
+            ours(key, q8, 1, suffix=INT8_SUFFIX)
+        if with_hf:
+            hf("hf:assisted greedy" + INT8_SUFFIX, assistant=q8, gamma=gamma)
+            hf("hf:assisted T=1" + INT8_SUFFIX, assistant=q8, gamma=gamma, temperature=1.0)
         if batch > 1:
             for key in INT8_CONFIGS:
                 if key != "drafter" and key in keys:
-                    ours(key, q8, batch, suffix=" (int8 drafter)")
+                    ours(key, q8, batch, suffix=INT8_SUFFIX)
     if compile_drafter:
-        costs["compiled"] = step_costs(drafter, verifier, prompts[0], gamma, compile_drafter=True)
-        _say_costs(progress, "compiled drafter", costs["compiled"])
         for key in COMPILED_CONFIGS:
             ours(key, drafter, 1, suffix=" (compiled drafter)", compile_drafter=True)
+
+    merged: dict = {}
+    round_costs: dict = {what: [] for what in cost_jobs}
+    for i in range(rounds):
+        for what, measure in cost_jobs.items():
+            round_costs[what].append(measure())
+            _say_costs(progress, what, round_costs[what][-1])
+        for *_, job in (jobs if i % 2 == 0 else jobs[::-1]):
+            row = job()
+            tpc = row.tokens_per_verifier_call
+            progress(f"{row.name:36s} batch {row.batch}: {row.tokens_per_s:6.2f} tok/s"
+                     + (f", {tpc:.2f} tokens/verifier call" if tpc else "")
+                     + (f" (round {i + 1}/{rounds})" if rounds > 1 else ""))
+            _merge(merged, row)
+    rows = [merged[name, batch_] for name, batch_, _ in jobs]
+    medians = {what: {k: statistics.median(c[k] for c in cs) for k in cs[0]}
+               for what, cs in round_costs.items()}
+    costs = medians["drafter"]
+    if "int8 drafter" in medians:
+        costs["int8"] = medians["int8 drafter"]
+    if "compiled drafter" in medians:
+        costs["compiled"] = medians["compiled drafter"]
     return {"rows": rows, "costs": costs, "settings": dict(
         n_prompts=n_prompts, max_new_tokens=max_new_tokens, batch=batch, gamma=gamma,
-        alpha=alpha), "machine": machine()}
+        alpha=alpha, rounds=rounds), "machine": machine()}
+
+
+#: the name suffix of the rows that ran the int8 drafter (ours) or the int8 assistant (HF)
+INT8_SUFFIX = " (int8 drafter)"
+
+
+def _merge(merged: dict, row: Row) -> None:
+    """Add one round's ``row`` to the running totals of its configuration."""
+    speed = row.tokens / row.wall_s
+    total = merged.get((row.name, row.batch))
+    if total is None:
+        row.extra["round_tokens_per_s"] = [speed]
+        merged[row.name, row.batch] = row
+        return
+    if row.extra["outputs"] != total.extra["outputs"]:  # not expected: same inputs and seeds
+        total.extra["rounds_differ"] = True
+    total.tokens += row.tokens
+    total.wall_s += row.wall_s
+    if total.verifier_calls is not None:
+        total.verifier_calls += row.verifier_calls
+    total.extra["round_tokens_per_s"].append(speed)
 
 
 def _say_costs(progress, what, c):
@@ -326,8 +383,10 @@ def machine() -> dict:
 
 def summarize(result: dict) -> list[dict]:
     """Per row: tok/s, tokens per verifier call, speed-ups against the verifier alone (ours, same
-    batch), HF's verifier alone and HF assisted (same sampling), and for our speculative rows
-    the Leviathan prediction and the efficiency."""
+    batch), HF's verifier alone and HF assisted generation with the same sampling and the same
+    drafter (the int8 assistant for the int8 rows, when it ran), and for our speculative rows
+    the Leviathan prediction and the efficiency. With several rounds, ``*_range`` gives the
+    lowest and highest of a ratio's per-round values (both rows' speeds from the same round)."""
     rows: list[Row] = result["rows"]
     costs, gamma = result["costs"], result["settings"]["gamma"]
     by = {(r.name, r.batch): r for r in rows}
@@ -339,13 +398,17 @@ def summarize(result: dict) -> list[dict]:
              "tokens_per_s": round(r.tokens_per_s, 3),
              "tokens_per_verifier_call": _round(r.tokens_per_verifier_call),
              "acceptance_rate": _round(r.acceptance_rate)}
-        if base is not None:
-            d["vs_ours_verifier"] = _round(r.tokens_per_s / base.tokens_per_s)
-        if "hf:verifier greedy" in hf:
-            d["vs_hf_verifier"] = _round(r.tokens_per_s / hf["hf:verifier greedy"].tokens_per_s)
-        assisted = hf.get("hf:assisted T=1" if "T=1" in r.name else "hf:assisted greedy")
-        if assisted is not None:
-            d["vs_hf_assisted"] = _round(r.tokens_per_s / assisted.tokens_per_s)
+        assisted = "hf:assisted T=1" if "T=1" in r.name else "hf:assisted greedy"
+        if INT8_SUFFIX in r.name and assisted + INT8_SUFFIX in hf:
+            assisted += INT8_SUFFIX
+        for field_, other in (("vs_ours_verifier", base),
+                              ("vs_hf_verifier", hf.get("hf:verifier greedy")),
+                              ("vs_hf_assisted", hf.get(assisted))):
+            if other is not None:
+                d[field_] = _round(r.tokens_per_s / other.tokens_per_s)
+                spread = _ratio_range(r, other)
+                if spread is not None:
+                    d[field_ + "_range"] = spread
         if r.name.startswith("ours:") and r.acceptance_rate is not None and r.batch == 1:
             k = (costs["int8"] if "int8" in r.name
                  else costs["compiled"] if "compiled" in r.name else costs)
@@ -357,6 +420,17 @@ def summarize(result: dict) -> list[dict]:
                 d["efficiency"] = _round(d["vs_ours_verifier"] / pred)
         out.append(d)
     return out
+
+
+def _ratio_range(row: Row, other: Row):
+    """``[lowest, highest]`` over the rounds of row's speed / other's speed in the same round
+    (None for a single round)."""
+    a = row.extra.get("round_tokens_per_s") or []
+    b = other.extra.get("round_tokens_per_s") or []
+    if len(a) < 2 or len(a) != len(b):
+        return None
+    ratios = [x / y for x, y in zip(a, b)]
+    return [_round(min(ratios)), _round(max(ratios))]
 
 
 def _round(x, n=3):
@@ -381,10 +455,34 @@ def markdown(result: dict) -> str:
     s = summarize(result)
     cols = ["name", "batch", "tokens_per_s", "tokens_per_verifier_call", "acceptance_rate",
             "vs_ours_verifier", "vs_hf_verifier", "vs_hf_assisted", "predicted", "efficiency"]
+    ranged = any("vs_ours_verifier_range" in d for d in s)
+    if ranged:  # each ratio with its range over the rounds
+        cols = cols[:5] + ["vs_ours_verifier (range)", "vs_hf_verifier (range)",
+                           "vs_hf_assisted (range)"] + cols[8:]
+
+    def cell(d, c):
+        if c.endswith(" (range)"):
+            c = c[: -len(" (range)")]
+            if d.get(c) is None:
+                return ""
+            lo, hi = d.get(c + "_range") or (None, None)
+            return f"{d[c]} ({lo}–{hi})" if lo is not None else str(d[c])
+        return "" if d.get(c) is None else str(d.get(c))
+
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for d in s:
-        lines.append("| " + " | ".join("" if d.get(c) is None else str(d.get(c))
-                                       for c in cols) + " |")
+        lines.append("| " + " | ".join(cell(d, c) for c in cols) + " |")
+    rounds = result["settings"].get("rounds", 1)
+    if rounds > 1:
+        lines.append("")
+        lines.append(f"{rounds} rounds, interleaved (every other round in reverse order); "
+                     "figures are totals over the rounds, ranges are the lowest and highest "
+                     "per-round ratio; step costs are medians over the rounds.")
+        differ = [f"{r.name} (batch {r.batch})" for r in result["rows"]
+                  if r.extra.get("rounds_differ")]
+        if differ:
+            lines.append("Decoded different tokens in different rounds: " + ", ".join(differ)
+                         + ".")
     lines.append("")
     for what, c in (("drafter", result["costs"]), ("int8 drafter", result["costs"].get("int8")),
                     ("compiled drafter", result["costs"].get("compiled"))):
