@@ -63,8 +63,9 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
             (``bonus="verifier"``: it is drawn from pT).
         backend: ``"auto"``, ``"reference"`` (each request verified on its own, padded:
             exactly what :func:`speccascade_fast.verify` returns for it), ``"cpu"`` (one fused
-            op call over the flattened rows, no copy), or ``"triton"`` / ``"cuda"`` (each request
-            through that backend on its own padded slice: no ragged GPU kernel yet).
+            op call over the flattened rows, no copy), ``"triton"`` (the same 2-3 launches as
+            the padded layout, reading the flattened rows where they lie), or ``"cuda"`` (each
+            request through that backend on its own padded slice: no ragged CUDA kernel yet).
 
     Returns:
         :class:`VerifyOutput` with ``tokens`` int64 ``[B, max_gamma + 1]`` (accepted drafts, the
@@ -140,6 +141,14 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
                 top_k=top_k, top_p=top_p,
             )
         name = "reference"
+    if name == "triton":
+        from .backends import triton as tb
+
+        return tb.verify_ragged(
+            draft_logits, draft_tokens, target_logits, cu, bonus_draft_logits,
+            max_gamma=max(c[b + 1] - c[b] for b in range(B)), rule=rule, alpha=alpha_b,
+            temperature=temperature_b, seed=seed_b, positions=positions_b, top_k=top_k,
+            top_p=top_p)
     return _per_request(draft_logits, draft_tokens, target_logits, c, bonus_draft_logits,
                         rule=rule, alpha=alpha_b, temperature=temperature_b, top_k=top_k,
                         top_p=top_p, seed=seed_b, positions=positions_b, backend=name)

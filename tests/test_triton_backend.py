@@ -200,6 +200,73 @@ def test_top_k_top_p_in_the_kernels(rule):
     assert torch.equal(tb.verify(q, x, p, top_k=12, top_p=0.9, **args).tokens, want.tokens)
 
 
+# ---- vLLM's flattened layout: per-request gamma, rows read where they lie ------------------------
+def ragged_case(seed, *, dtype=torch.float32, bonus="cascade", gammas=(1, 4, 2), vocab=64):
+    from .test_ragged import ragged_inputs
+
+    _, flat = ragged_inputs(V=vocab, dtype=dtype, seed=seed, T=1.0, gammas=list(gammas))
+    if bonus == "verifier":
+        flat["bonus_draft_logits"] = None
+    return {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in flat.items()}
+
+
+def assert_ragged_same(flat, rule, alpha, T, seed, **kw):
+    """The kernels on the flattened rows equal the reference (each request's own padded block):
+    tokens, -1 padding, deferred (False past a request's block), counts; through the public
+    ``verify_ragged`` (default slicing) and straight into the backend with two vocabulary slices
+    of two chunks each."""
+    from speccascade_fast.ragged import verify_ragged
+
+    n = flat["cu_num_draft_tokens"].numel() - 1
+    args = dict(rule=rule, alpha=alpha, temperature=torch.tensor(T, dtype=torch.float64),
+                seed=torch.arange(n) * 31 + seed, positions=torch.arange(n) * 2**33 + seed)
+    args = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    want = verify_ragged(**flat, backend="reference", **args, **kw)
+    cu = flat["cu_num_draft_tokens"]
+    sliced = tb.verify_ragged(
+        *(flat[k] for k in ("draft_logits", "draft_tokens", "target_logits")), cu,
+        flat["bonus_draft_logits"], max_gamma=int((cu[1:] - cu[:-1]).max()), rule=rule,
+        alpha=checks.alpha_tensor(alpha, (n,), DEVICE), temperature=args["temperature"],
+        seed=args["seed"], positions=args["positions"], top_k=kw.get("top_k"),
+        top_p=kw.get("top_p"), slice_width=32, block=16)
+    for got in (verify_ragged(**flat, backend="triton", **args, **kw), sliced):
+        for name, a, b in zip(want._fields, got, want):
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            assert torch.equal(a, b), (rule, kw, name, a, b)
+
+
+@pytest.mark.parametrize("bonus", ["cascade", "verifier"])
+@pytest.mark.parametrize("rule", sc.RULES)
+def test_ragged_layout_matches_reference(rule, bonus):
+    """Every rule, both bonus modes, requests of gamma 1, 4 and 2 with T = 0, 0.8 and 1.3 (the
+    ragged layout's offsets, the bonus rows read from their own tensor, the rows past a short
+    request's block never read)."""
+    seed = 1700 + sc.RULES.index(rule) + 50 * (bonus == "verifier")
+    a = ALPHAS[rule][-1]
+    alpha = None if a is None else torch.tensor([a, a / 2, a], dtype=torch.float64)
+    assert_ragged_same(ragged_case(seed, bonus=bonus), rule, alpha, [0.0, 0.8, 1.3], seed)
+
+
+@pytest.mark.parametrize("rule", ["spec", "diff", "opt", "token_v3", "lossy", "lossy_star", "bild"])
+def test_ragged_layout_top_k_top_p_and_mixed_dtypes(rule):
+    """Keep bounds per flattened row gathered to the padded rows (the bonus rows' from their own
+    tensor); bf16 drafts with an fp32 bonus tensor; a single request; gamma 1 everywhere."""
+    seed = 1900 + sc.RULES.index(rule)
+    a = ALPHAS[rule][0]
+    alpha = None if a is None else torch.tensor([a] * 3, dtype=torch.float64)
+    for bonus in ("cascade", "verifier"):
+        flat = ragged_case(seed, bonus=bonus, gammas=(3, 1, 2))
+        for kw in ({"top_k": 5}, {"top_p": 0.8}, {"top_k": 9, "top_p": 0.9}):
+            assert_ragged_same(flat, rule, alpha, [0.7, 0.0, 1.0], seed, **kw)
+    flat = ragged_case(seed + 1, dtype=torch.bfloat16)
+    flat["bonus_draft_logits"] = flat["bonus_draft_logits"].float()
+    assert_ragged_same(flat, rule, alpha, [1.0, 1.0, 0.5], seed)
+    assert_ragged_same(ragged_case(seed + 2, gammas=(5,)), rule,
+                       None if alpha is None else alpha[:1], [0.9], seed)
+    assert_ragged_same(ragged_case(seed + 3, gammas=(1, 1, 1)), rule, alpha, [0.9, 0.0, 2.0],
+                       seed)
+
+
 def test_is_available(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not tb.is_available("cpu")
@@ -231,7 +298,8 @@ PTR = dict(q_ptr="*bf16", p_ptr="*bf16", t_ptr="*fp64", alpha_ptr="*fp64", seed_
            pos_ptr="*i64", x_ptr="*i64", stf_ptr="*fp32", sti_ptr="*i32", ws_ptr="*i64",
            p2_ptr="*fp32", sst_ptr="*fp64", out_ptr="*fp32", tok_ptr="*i64", nacc_ptr="*i64",
            nem_ptr="*i64", def_ptr="*i1", sq_b="i64", sq_j="i64", sp_b="i64", sp_j="i64",
-           kq_ptr="*fp64", kp_ptr="*fp64")
+           kq_ptr="*fp64", kp_ptr="*fp64", qb_ptr="*bf16", sqb="i64", qoff_ptr="*i64",
+           poff_ptr="*i64", g_ptr="*i64")
 
 
 def build(fn, warps, **constexprs):
@@ -241,18 +309,23 @@ def build(fn, warps, **constexprs):
                    target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 
-# KEEP: top-k / top-p keep bounds read by every kernel (off, and on for one build of each)
+# KEEP: top-k / top-p keep bounds read by every kernel (off, and on for one build of each);
+# PER_ROW: the ragged layout (per-request gamma and row offsets, bonus rows in their own tensor)
 build(K.stats_kernel, 16, SLICE=8192, BLOCK=8192, NEED_Z1=True, NEED_H=True, NEED_X=False,
-      KEEP=False)
-build(K.stats_kernel, 4, SLICE=1024, BLOCK=512, NEED_Z1=True, NEED_H=False, NEED_X=True, KEEP=True)
-for keep, rule in ((False, "opt_log"), (True, "token_v1"), (False, "lossy")):
+      KEEP=False, PER_ROW=False)
+build(K.stats_kernel, 4, SLICE=1024, BLOCK=512, NEED_Z1=True, NEED_H=False, NEED_X=True, KEEP=True,
+      PER_ROW=True)
+for keep, rule, per_row in ((False, "opt_log", False), (True, "token_v1", True),
+                            (False, "lossy", True)):
     build(K.second_pass_kernel, 16, RULE=RULES.index(rule), SLICE=8192, BLOCK=8192, S_PAD=32,
-          KEEP=keep)
+          KEEP=keep, BONUS_ONLY=rule == "lossy", PER_ROW=per_row)
 PTR["out_ptr"] = "*fp64"
-build(K.lossy_star_kernel, 8, STEPS=LOSSY_STAR_BISECTION_STEPS, BLOCK=4096, S_PAD=32, KEEP=True)
+for per_row in (False, True):
+    build(K.lossy_star_kernel, 8, STEPS=LOSSY_STAR_BISECTION_STEPS, BLOCK=4096, S_PAD=32,
+          KEEP=True, PER_ROW=per_row)
 for i, rule in enumerate(sys.argv[1:]):
     build(K.accept_resample_kernel, 16, RULE=RULES.index(rule), SLICE=8192, BLOCK=8192,
-          S_PAD=32, G_PAD=16, KEEP=i % 2 == 1)
+          S_PAD=32, G_PAD=16, KEEP=i % 2 == 1, PER_ROW=i % 3 == 0)
 print("compiled")
 """
 

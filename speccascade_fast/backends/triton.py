@@ -37,6 +37,11 @@ C++ op)
 and every kernel reads a truncated row as -inf outside its set wherever it forms qT or pT (the
 unscaled q1, p1 stay whole). T = 0 (greedy) and T > 0 may mix within a batch.
 
+**Ragged layout** (:func:`verify_ragged`, vLLM's flattened rows with per-request gamma): the same
+launches, every kernel taking per request its gamma_b and the offsets of its first draft / target
+rows (constexpr ``PER_ROW``), the bonus drafter rows from their own tensor; the grids are sized by
+the longest request's gamma and a shorter request's extra positions read nothing.
+
 Devices: CUDA, or the CPU through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before
 the kernels were first imported (tests; slow, keep V small).
 """
@@ -48,7 +53,7 @@ import os
 import torch
 
 from ..rules import LOSSY_STAR_BISECTION_STEPS, RULES
-from ..truncation import keep_bounds_or_none
+from ..truncation import keep_bounds, keep_bounds_or_none
 from ..types import VerifyOutput
 
 _NEED_Z1 = frozenset({"chow", "chow_log", "diff", "diff_log", "opt", "opt_log", "bild",
@@ -126,28 +131,109 @@ def _check_mode(kernels, device: torch.device) -> None:
 def launch(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperature, seed,
            positions, top_k=None, top_p=None, slice_width: int | None = None,
            block: int | None = None) -> VerifyOutput:
-    """Run the kernels. ``slice_width`` / ``block`` (powers of two) override the vocabulary slice
-    per program (default :func:`slice_size`) and the chunk each program loops over (default: the
-    whole slice in one go); the tests use tiny ones."""
-    k = _kernels()
-    device = target_logits.device
-    _check_mode(k, device)
+    """Run the kernels on the padded layout. ``slice_width`` / ``block`` (powers of two)
+    override the vocabulary slice per program (default :func:`slice_size`) and the chunk each
+    program loops over (default: the whole slice in one go); the tests use tiny ones."""
+    _check_mode(_kernels(), target_logits.device)
     B, gamma = draft_tokens.shape
-    RQ, V = draft_logits.shape[1], target_logits.shape[-1]
-    G1 = gamma + 1
     q = draft_logits if draft_logits.stride(-1) == 1 else draft_logits.contiguous()
     p = target_logits if target_logits.stride(-1) == 1 else target_logits.contiguous()
-    x = draft_tokens
+    kq = keep_bounds_or_none(q, temperature[:, None], top_k, top_p)
+    kp = keep_bounds_or_none(p, temperature[:, None], top_k, top_p)
+    layout = _Layout(B=B, gamma=gamma, rq=q.shape[1],
+                     strides=(q.stride(0), q.stride(1), p.stride(0), p.stride(1)))
+    return _run(q, p, draft_tokens, kq, kp, layout, rule=rule, alpha=alpha,
+                temperature=temperature, seed=seed, positions=positions,
+                slice_width=slice_width, block=block)
+
+
+def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens,
+                  bonus_draft_logits, *, max_gamma: int, rule, alpha, temperature, seed,
+                  positions, top_k=None, top_p=None, slice_width: int | None = None,
+                  block: int | None = None) -> VerifyOutput:
+    """vLLM's flattened layout (:func:`speccascade_fast.ragged.verify_ragged`, inputs validated
+    there) in the same 2-3 launches as the padded one, reading the logits where they lie (no
+    padded copy): every kernel takes per request its gamma_b and the offsets of its first draft
+    row (``cu[b]``) and target row (``cu[b] + b``), and the bonus drafter rows from their own
+    tensor. ``max_gamma`` = the longest request's gamma (the grids' size, from the host: vLLM's
+    ``max_spec_len``). Only the drafts and the top-k / top-p keep bounds (a few numbers per row)
+    are gathered into the padded ``[B, max_gamma (+1)]`` layout, on the device."""
+    _check_mode(_kernels(), target_logits.device)
+    device = target_logits.device
+    q = draft_logits if draft_logits.stride(-1) == 1 else draft_logits.contiguous()
+    p = target_logits if target_logits.stride(-1) == 1 else target_logits.contiguous()
+    N = q.shape[0]
+    cu = cu_num_draft_tokens.to(device=device, dtype=torch.int64)
+    B = cu.numel() - 1
+    cascade = bonus_draft_logits is not None
+    G, G1 = int(max_gamma), int(max_gamma) + 1
+    RQ = G + int(cascade)
+    start, gam = cu[:-1], cu[1:] - cu[:-1]
+    req = torch.arange(B, device=device)
+    j = torch.arange(G1, device=device)
+    draft_row = (start[:, None] + j).clamp(max=N - 1)  # [B, G1]: request b's j-th draft row
+    target_row = (start + req)[:, None] + j  # [B, G1]; rows past gamma_b are never read...
+    target_row = target_row.clamp(max=N + B - 1)  # ...but must index something
+    x = torch.where(j[:G] < gam[:, None], draft_tokens.to(torch.int64)[draft_row[:, :G]], 0)
+    if cascade:
+        qb = bonus_draft_logits
+        if qb.dtype != q.dtype:  # one pointer type for both: float32 holds what the kernels read
+            q, qb = q.float(), qb.float()
+        qb = qb if qb.stride(-1) == 1 else qb.contiguous()
+    else:
+        qb = q  # never read
+    kq = kp = None
+    if top_k is not None or top_p is not None:
+        # bounds per flattened row (each with its request's T), gathered to the padded rows
+        kd = keep_bounds(q, temperature.repeat_interleave(gam, output_size=N), top_k, top_p)
+        kt = keep_bounds(p, temperature.repeat_interleave(gam + 1, output_size=N + B), top_k,
+                         top_p)
+        kq = kd[draft_row[:, :RQ]]
+        if cascade:
+            kb = keep_bounds(qb, temperature, top_k, top_p)
+            kq = torch.where((j[:RQ] == gam[:, None])[..., None], kb[:, None], kq)
+        kq, kp = kq.contiguous(), kt[target_row].contiguous()
+    layout = _Layout(B=B, gamma=G, rq=RQ, strides=(0, q.stride(0), 0, p.stride(0)), qb=qb,
+                     qoff=start * q.stride(0), poff=(start + req) * p.stride(0), gammas=gam)
+    return _run(q, p, x, kq, kp, layout, rule=rule, alpha=alpha, temperature=temperature,
+                seed=seed, positions=positions, slice_width=slice_width, block=block)
+
+
+class _Layout:
+    """Where the kernels find request b's rows: ``strides`` ``(q_b, q_j, p_b, p_j)`` (padded:
+    row j of b at ``b * stride_b + j * stride_j``), or with ``gammas`` (ragged) its gamma_b and
+    the element offsets ``qoff[b]`` / ``poff[b]`` of its first rows (row j at ``off + j *
+    stride_j``), its bonus drafter row in ``qb`` (row b)."""
+
+    def __init__(self, *, B, gamma, rq, strides, qb=None, qoff=None, poff=None, gammas=None):
+        self.B, self.gamma, self.rq, self.strides = B, gamma, rq, strides
+        self.qb, self.qoff, self.poff, self.gammas = qb, qoff, poff, gammas
+
+    def args(self, q):
+        """The kernels' layout arguments: q/p strides, bonus tensor and its row stride, offset
+        tables and gammas (placeholders in the padded layout, never read there)."""
+        if self.gammas is None:
+            return (*self.strides, q, 0, q, q, q)
+        return (*self.strides, self.qb, self.qb.stride(0), self.qoff, self.poff, self.gammas)
+
+
+def _run(q, p, x, kq, kp, layout: _Layout, *, rule, alpha, temperature, seed, positions,
+         slice_width, block) -> VerifyOutput:
+    """The 2-3 launches of the module docstring, on either layout."""
+    k = _kernels()
+    device = p.device
+    B, gamma, RQ = layout.B, layout.gamma, layout.rq
+    V = p.shape[-1]
+    G1 = gamma + 1
     SLICE = slice_width or slice_size(V)
     BLOCK = min(SLICE, block or SLICE)
     S = -(-V // SLICE)
     S_PAD = _next_pow2(S)
     warps = _warps(BLOCK)
     rid = RULES.index(rule)
-    strides = (q.stride(0), q.stride(1), p.stride(0), p.stride(1))
+    rows = layout.args(q)
+    per_row = layout.gammas is not None
 
-    kq = keep_bounds_or_none(q, temperature[:, None], top_k, top_p)
-    kp = keep_bounds_or_none(p, temperature[:, None], top_k, top_p)
     keep = kq is not None
     stf = torch.empty((B * G1, _NF, S), dtype=torch.float32, device=device)
     if not keep:
@@ -155,27 +241,29 @@ def launch(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperatur
     sti = torch.empty((B * G1, _NI, S), dtype=torch.int32, device=device)
     ws = torch.empty((B, 3), dtype=torch.int64, device=device)  # race maxima, arrival counter
     k.stats_kernel[(B * G1, S)](
-        q, p, *strides, temperature, temperature.stride(0), stf, sti, ws, kq, kp,
-        RQ, G1, V, S,
+        q, p, *rows, temperature, temperature.stride(0), stf, sti, ws, kq, kp,
+        gamma, RQ, G1, V, S,
         SLICE=SLICE, BLOCK=BLOCK, NEED_Z1=rule in _NEED_Z1, NEED_H=rule in _NEED_H,
-        NEED_X=rule == "bild", KEEP=keep, num_warps=warps,
+        NEED_X=rule == "bild", KEEP=keep, PER_ROW=per_row, num_warps=warps,
     )
 
     p2 = sst = stf  # placeholders for pointer arguments a rule does not read
     scal = (temperature, alpha, temperature.stride(0), alpha.stride(0))
     if rule in _SECOND_PASS or (rule == "lossy" and RQ == G1):
-        nr, row0 = (RQ, 0) if rule != "lossy" else (1, gamma)
+        bonus_only = rule == "lossy"  # lossy: only its bonus row's law needs these sums
+        nr = 1 if bonus_only else RQ
         p2 = torch.empty((B * G1, 2, S), dtype=torch.float32, device=device)
         k.second_pass_kernel[(B * nr, S)](
-            q, p, *strides, *scal, stf, sti, p2, kq, kp, nr, row0, RQ, G1, V, S,
-            RULE=rid, SLICE=SLICE, BLOCK=BLOCK, S_PAD=S_PAD, KEEP=keep, num_warps=warps,
+            q, p, *rows, *scal, stf, sti, p2, kq, kp, nr, gamma, RQ, G1, V, S,
+            RULE=rid, SLICE=SLICE, BLOCK=BLOCK, S_PAD=S_PAD, KEEP=keep, BONUS_ONLY=bonus_only,
+            PER_ROW=per_row, num_warps=warps,
         )
     elif rule == "lossy_star":
         sst = torch.empty((B * G1,), dtype=torch.float64, device=device)
         k.lossy_star_kernel[(B * RQ,)](
-            q, p, *strides, *scal, stf, sti, sst, kq, kp, RQ, G1, V, S,
+            q, p, *rows, *scal, stf, sti, sst, kq, kp, gamma, RQ, G1, V, S,
             STEPS=LOSSY_STAR_BISECTION_STEPS, BLOCK=min(_next_pow2(V), block or 4096),
-            S_PAD=S_PAD, KEEP=keep, num_warps=8,
+            S_PAD=S_PAD, KEEP=keep, PER_ROW=per_row, num_warps=8,
         )
 
     tokens = torch.empty((B, G1), dtype=torch.int64, device=device)
@@ -183,12 +271,12 @@ def launch(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperatur
     num_emitted = torch.empty((B,), dtype=torch.int64, device=device)
     deferred = torch.empty((B, G1), dtype=torch.bool, device=device)
     k.accept_resample_kernel[(B, S)](
-        q, p, *strides, x, temperature, alpha, seed, positions,
+        q, p, *rows, x, temperature, alpha, seed, positions,
         temperature.stride(0), alpha.stride(0), seed.stride(0), positions.stride(0),
         x.stride(0), x.stride(1),
         stf, sti, p2, sst, ws, kq, kp, tokens, num_accepted, num_emitted, deferred,
         gamma, RQ, V, S,
         RULE=rid, SLICE=SLICE, BLOCK=BLOCK, S_PAD=S_PAD, G_PAD=_next_pow2(G1), KEEP=keep,
-        num_warps=warps,
+        PER_ROW=per_row, num_warps=warps,
     )
     return VerifyOutput(tokens, num_accepted, num_emitted, deferred)

@@ -106,6 +106,40 @@ def row_cross(stf_ptr, sti_ptr, n, n_ok, S, mq, mp, S_PAD: tl.constexpr):
 
 
 @triton.jit
+def request_rows(b, q_ptr, p_ptr, sq_b, sp_b, qoff_ptr, poff_ptr, g_ptr, GAMMA,
+                 PER_ROW: tl.constexpr):
+    """``(gamma_b, base of b's draft rows, base of b's target rows)``: row j of request b is at
+    ``base + j * stride_j``. Padded layout (``PER_ROW`` False): every request has ``GAMMA``
+    drafts and its rows start at ``b * stride_b``. Ragged layout: ``gamma_b`` and the element
+    offsets of its first rows come from int64 ``[B]`` tables (vLLM's flattened rows: request b's
+    drafts start at row ``cu[b]``, its target rows at ``cu[b] + b``)."""
+    if PER_ROW:
+        gb = tl.load(g_ptr + b)
+        q_base = q_ptr + tl.load(qoff_ptr + b)
+        p_base = p_ptr + tl.load(poff_ptr + b)
+    else:
+        gb = GAMMA
+        q_base = q_ptr + b.to(tl.int64) * sq_b
+        p_base = p_ptr + b.to(tl.int64) * sp_b
+    return gb, q_base, p_base
+
+
+@triton.jit
+def load_q(q_row, qb_row, offs, lim, bonus, PER_ROW: tl.constexpr):
+    """Drafter logits at ``offs < lim`` (else -inf) of one row: ``q_row``, or in the ragged
+    layout, where ``bonus`` holds, the request's row ``qb_row`` of the separate bonus tensor
+    (the padded layout keeps the bonus row with the drafts, at j = gamma). Two predicated loads,
+    no select between pointers: the one masked off reads nothing."""
+    if PER_ROW:
+        a = tl.load(q_row + offs, mask=offs < tl.where(bonus, 0, lim), other=NEG_INF)
+        c = tl.load(qb_row + offs, mask=offs < tl.where(bonus, lim, 0), other=NEG_INF)
+        r = tl.where(bonus, c, a)
+    else:
+        r = tl.load(q_row + offs, mask=offs < lim, other=NEG_INF)
+    return r
+
+
+@triton.jit
 def load_keep(k_ptr, row, ok, KEEP: tl.constexpr):
     """Top-k / top-p keep bound ``(tau, cut)`` of logit row(s) ``row`` from the float64
     ``[rows, 2]`` array at ``k_ptr`` (speccascade_fast/truncation.py); without ``KEEP`` (or where

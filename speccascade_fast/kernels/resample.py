@@ -39,7 +39,9 @@ from .common import (
     accept_fn,
     acceptable,
     load_keep,
+    load_q,
     pack,
+    request_rows,
     row_cross,
     row_stats,
     scaled,
@@ -133,18 +135,24 @@ def rows_model(q_rows, p_rows, stf_ptr, sti_ptr, p2_ptr, sst_ptr, n, has_q, has_
 
 @triton.jit
 def accept_resample_kernel(
-    q_ptr, p_ptr, sq_b, sq_j, sp_b, sp_j, x_ptr,
+    q_ptr, p_ptr, sq_b, sq_j, sp_b, sp_j, qb_ptr, sqb, qoff_ptr, poff_ptr, g_ptr, x_ptr,
     t_ptr, alpha_ptr, seed_ptr, pos_ptr, st_t, st_a, st_seed, st_pos, sx_b, sx_j,
     stf_ptr, sti_ptr, p2_ptr, sst_ptr, ws_ptr, kq_ptr, kp_ptr,
     tok_ptr, nacc_ptr, nem_ptr, def_ptr,
     GAMMA, RQ, V, S,
     RULE: tl.constexpr, SLICE: tl.constexpr, BLOCK: tl.constexpr, S_PAD: tl.constexpr,
-    G_PAD: tl.constexpr, KEEP: tl.constexpr,
+    G_PAD: tl.constexpr, KEEP: tl.constexpr, PER_ROW: tl.constexpr,
 ):
     b = tl.program_id(0)
     s = tl.program_id(1)
     b64 = b.to(tl.int64)
-    G1 = GAMMA + 1
+    G1 = GAMMA + 1  # output columns (ragged layout: the longest request's gamma + 1)
+    # this request's gamma (padded layout: GAMMA) and rows; CASC: a drafter row at the bonus
+    # position (bonus="cascade")
+    gb, q_base, p_base = request_rows(b, q_ptr, p_ptr, sq_b, sp_b, qoff_ptr, poff_ptr, g_ptr,
+                                      GAMMA, PER_ROW)
+    CASC = RQ - GAMMA
+    qb_row = qb_ptr + b64 * sqb
     t = tl.load(t_ptr + b * st_t)
     alpha = tl.load(alpha_ptr + b * st_a)
     seed = tl.load(seed_ptr + b * st_seed)
@@ -156,15 +164,15 @@ def accept_resample_kernel(
 
     # ---- targets + accept, all positions at once: first rejection j* -----------------------------
     jv = tl.arange(0, G_PAD)
-    has_q = jv < RQ
-    has_p = jv < G1
-    q_rows = q_ptr + b64 * sq_b + jv * sq_j
-    p_rows = p_ptr + b64 * sp_b + jv * sp_j
-    bonus_lossy = jv == tl.where(RQ > GAMMA, GAMMA, -1)  # bonus position of bonus="cascade"
+    has_q = jv < gb + CASC
+    has_p = jv <= gb
+    q_rows = q_base + jv * sq_j
+    p_rows = p_base + jv * sp_j
+    bonus_lossy = jv == tl.where(CASC > 0, gb, -1)  # bonus position of bonus="cascade"
     mq, lzq, aq, mp, lzp, ap, delta, eta, cth, sstar, c = rows_model(
         q_rows, p_rows, stf_ptr, sti_ptr, p2_ptr, sst_ptr, b * G1 + jv, has_q, has_p, S, greedy,
         inv_t, alpha, bonus_lossy, RULE, S_PAD)
-    is_draft = jv < GAMMA
+    is_draft = jv < gb
     x = tl.load(x_ptr + b64 * sx_b + jv * sx_j, mask=is_draft, other=0)
     ql = tl.load(q_rows + x, mask=is_draft, other=NEG_INF).to(tl.float64)
     pl = tl.load(p_rows + x, mask=is_draft, other=NEG_INF).to(tl.float64)
@@ -176,7 +184,7 @@ def accept_resample_kernel(
     ratio = accept_fn(qx, px, in_a, delta, eta, sstar, one_m_a, RULE) / tl.maximum(qx, Q_FLOOR)
     u = uniform(row_key(seed, pos + jv, ACCEPT), jv * 0)
     rejected = is_draft & (~(u < ratio))
-    r = tl.min(tl.where(rejected, jv, GAMMA), 0)  # = number of accepted drafts
+    r = tl.min(tl.where(rejected, jv, gb), 0)  # = number of accepted drafts
 
     if s == 0:
         # deferred: delta (prefix rules); draft outside A (token rules; their bonus column depends
@@ -191,15 +199,17 @@ def accept_resample_kernel(
             else:
                 flag = delta
             tl.store(def_ptr + b64 * G1 + jv, flag, mask=has_q)
-        if RQ == GAMMA:  # bonus="verifier": the bonus token always comes from the verifier
-            tl.store(def_ptr + b64 * G1 + GAMMA, tl.full([], 1, tl.int1))
+        if CASC == 0:  # bonus="verifier": the bonus token always comes from the verifier
+            tl.store(def_ptr + b64 * G1 + gb, tl.full([], 1, tl.int1))
+        if PER_ROW:  # columns past this request's block: not deferred
+            tl.store(def_ptr + b64 * G1 + jv, jv < 0, mask=(jv > gb) & (jv < G1))
         # accepted drafts, then -1 padding (the emitted token at column r comes last)
-        tl.store(tok_ptr + b64 * G1 + jv, tl.where(jv < r, x, -1), mask=has_p & (jv != r))
+        tl.store(tok_ptr + b64 * G1 + jv, tl.where(jv < r, x, -1), mask=(jv < G1) & (jv != r))
 
     # ---- resample: row r = j* (residual), or the bonus position ----------------------------------
     sel = jv == r
-    is_res = r < GAMMA
-    has_q_r = r < RQ
+    is_res = r < gb
+    has_q_r = r < gb + CASC
     mq_r = _pick(mq, sel)
     mp_r = _pick(mp, sel)
     aq_r = _pick(aq, sel)
@@ -219,8 +229,8 @@ def accept_resample_kernel(
     cq_r = _pick(cq, sel)
     tp_r = _pick(tp, sel)
     cp_r = _pick(cp, sel)
-    q_row = q_ptr + b64 * sq_b + r * sq_j
-    p_row = p_ptr + b64 * sp_b + r * sp_j
+    q_row = q_base + r * sq_j
+    p_row = p_base + r * sp_j
     q_lim = tl.where(has_q_r, V, 0)
     key = row_key(seed, pos + r, RESIDUAL)
     best_w = tl.full([], NEG_INF, tl.float32)
@@ -231,7 +241,7 @@ def accept_resample_kernel(
         base = s * SLICE + c0
         offs = base + tl.arange(0, BLOCK)
         inb = offs < V
-        lq = tl.load(q_row + offs, mask=offs < q_lim, other=NEG_INF).to(tl.float32)
+        lq = load_q(q_row, qb_row, offs, q_lim, r >= gb, PER_ROW).to(tl.float32)
         lp = tl.load(p_row + offs, mask=inb, other=NEG_INF).to(tl.float32)
         qT = scaled(truncate(lq, offs, tq_r, cq_r, KEEP), mq32, lzq32, it32, offs, aq_r,
                     greedy & has_q_r)
@@ -249,7 +259,7 @@ def accept_resample_kernel(
             law = acc
         # weights: the residual at j* (and its fallback, the row's law min(qT, accept), for when
         # the residual is all zero), else the bonus law (bonus="verifier": pT)
-        w = tl.where(is_res, res, tl.where(RQ > GAMMA, law, pT))
+        w = tl.where(is_res, res, tl.where(CASC > 0, law, pT))
         fb = tl.where(is_res, tl.minimum(qT, acc), w)
         # exponential noise E = -log u (float64), then the race on log w - log E in float32
         e = -tl.log((bits52(key, offs).to(tl.float64) + 0.5) * TWO_M52)
@@ -275,8 +285,8 @@ def accept_resample_kernel(
         tl.store(nacc_ptr + b, r.to(tl.int64))
         tl.store(nem_ptr + b, r.to(tl.int64) + 1)
         if token_rule:
-            if RQ > GAMMA:
-                qb = tl.load(q_row + tok).to(tl.float64)
+            if CASC > 0:
+                qb = load_q(q_row, qb_row, tok, V, r >= gb, PER_ROW).to(tl.float64)
                 pb = tl.load(p_row + tok).to(tl.float64)
                 out_a = ~acceptable(qb, pb, mq_r, mp_r, cth_r, RULE)
-                tl.store(def_ptr + b64 * G1 + GAMMA, out_a & (r == GAMMA))
+                tl.store(def_ptr + b64 * G1 + gb, out_a & (r == gb))

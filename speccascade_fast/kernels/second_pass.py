@@ -26,6 +26,8 @@ from .common import (
     TOKEN_V3,
     acceptable,
     load_keep,
+    load_q,
+    request_rows,
     row_stats,
     row_stats1,
     scaled,
@@ -36,19 +38,26 @@ from .common import (
 
 @triton.jit
 def second_pass_kernel(
-    q_ptr, p_ptr, sq_b, sq_j, sp_b, sp_j, t_ptr, alpha_ptr, st_t, st_a,
+    q_ptr, p_ptr, sq_b, sq_j, sp_b, sp_j, qb_ptr, sqb, qoff_ptr, poff_ptr, g_ptr,
+    t_ptr, alpha_ptr, st_t, st_a,
     stf_ptr, sti_ptr, out_ptr, kq_ptr, kp_ptr,
-    NR, ROW0, RQ, G1, V, S,
+    NR, GAMMA, RQ, G1, V, S,
     RULE: tl.constexpr, SLICE: tl.constexpr, BLOCK: tl.constexpr, S_PAD: tl.constexpr,
-    KEEP: tl.constexpr,
+    KEEP: tl.constexpr, BONUS_ONLY: tl.constexpr, PER_ROW: tl.constexpr,
 ):
+    """Rows j = 0 .. NR - 1 of every request, or (``BONUS_ONLY``, NR = 1) its bonus row."""
     pid = tl.program_id(0)
     s = tl.program_id(1)
     b = pid // NR
-    j = ROW0 + pid % NR
+    gb, q_base, p_base = request_rows(b, q_ptr, p_ptr, sq_b, sp_b, qoff_ptr, poff_ptr, g_ptr,
+                                      GAMMA, PER_ROW)
+    if BONUS_ONLY:
+        j = gb
+    else:
+        j = pid % NR
     n = b * G1 + j
     t = tl.load(t_ptr + b * st_t)
-    if t > 0:
+    if (t > 0) & (j < gb + (RQ - GAMMA)):  # T > 0 and the request has a drafter row j
         alpha = tl.load(alpha_ptr + b * st_a)
         inv_t = 1.0 / t
         # the row's statistics as [1]-vectors (they broadcast against the [BLOCK] chunks)
@@ -62,16 +71,17 @@ def second_pass_kernel(
         it32 = inv_t.to(tl.float32)
         cth = token_threshold(zq1, zp1, alpha, RULE)
         one_m_a = (1.0 - alpha).to(tl.float32)
-        q_row = q_ptr + b.to(tl.int64) * sq_b + j * sq_j
-        p_row = p_ptr + b.to(tl.int64) * sp_b + j * sp_j
-        tq, cq = load_keep(kq_ptr, b * RQ + j, j < RQ, KEEP)
+        q_row = q_base + j * sq_j
+        qb_row = qb_ptr + b.to(tl.int64) * sqb
+        p_row = p_base + j * sp_j
+        tq, cq = load_keep(kq_ptr, b * RQ + j, j >= 0, KEEP)
         tp, cp = load_keep(kp_ptr, n, n >= 0, KEEP)
         acc0 = tl.full([], 0.0, tl.float32)
         acc1 = tl.full([], 0.0, tl.float32)
         for c in range(0, SLICE, BLOCK):
             offs = s * SLICE + c + tl.arange(0, BLOCK)
             inb = offs < V
-            ql = tl.load(q_row + offs, mask=inb, other=NEG_INF).to(tl.float32)
+            ql = load_q(q_row, qb_row, offs, V, j >= gb, PER_ROW).to(tl.float32)
             pl = tl.load(p_row + offs, mask=inb, other=NEG_INF).to(tl.float32)
             qT = scaled(truncate(ql, offs, tq, cq, KEEP), mq32, lzq, it32, offs, aq, False)
             pT = scaled(truncate(pl, offs, tp, cp, KEEP), mp32, lzp, it32, offs, ap, False)
@@ -89,12 +99,13 @@ def second_pass_kernel(
 
 
 @triton.jit
-def _capped_chunk(q_row, p_row, c, V, mq, mp, lzq, lzp, inv_t, aq, ap, one_m_a, tq, cq, tp, cp,
-                  BLOCK: tl.constexpr, KEEP: tl.constexpr):
+def _capped_chunk(q_row, qb_row, bonus, p_row, c, V, mq, mp, lzq, lzp, inv_t, aq, ap, one_m_a,
+                  tq, cq, tp, cp, BLOCK: tl.constexpr, KEEP: tl.constexpr,
+                  PER_ROW: tl.constexpr):
     """lossy_star on the chunk at ``c`` (T > 0): ``min(qT, pT/(1-a))`` and ``pT`` (float32)."""
     offs = c + tl.arange(0, BLOCK)
     inb = offs < V
-    ql = tl.load(q_row + offs, mask=inb, other=NEG_INF).to(tl.float32)
+    ql = load_q(q_row, qb_row, offs, V, bonus, PER_ROW).to(tl.float32)
     pl = tl.load(p_row + offs, mask=inb, other=NEG_INF).to(tl.float32)
     qT = scaled(truncate(ql, offs, tq, cq, KEEP), mq, lzq, inv_t, offs, aq, False)
     pT = scaled(truncate(pl, offs, tp, cp, KEEP), mp, lzp, inv_t, offs, ap, False)
@@ -103,17 +114,34 @@ def _capped_chunk(q_row, p_row, c, V, mq, mp, lzq, lzp, inv_t, aq, ap, one_m_a, 
 
 @triton.jit
 def lossy_star_kernel(
-    q_ptr, p_ptr, sq_b, sq_j, sp_b, sp_j, t_ptr, alpha_ptr, st_t, st_a,
+    q_ptr, p_ptr, sq_b, sq_j, sp_b, sp_j, qb_ptr, sqb, qoff_ptr, poff_ptr, g_ptr,
+    t_ptr, alpha_ptr, st_t, st_a,
     stf_ptr, sti_ptr, out_ptr, kq_ptr, kp_ptr,
-    RQ, G1, V, S,
+    GAMMA, RQ, G1, V, S,
     STEPS: tl.constexpr, BLOCK: tl.constexpr, S_PAD: tl.constexpr, KEEP: tl.constexpr,
+    PER_ROW: tl.constexpr,
 ):
     """out[n] = hi after ``STEPS`` bisection steps on g(s) = Σ max(m, s pT) = 1 (float64),
-    m = min(qT, pT/(1-a)); lo = 0, hi = 1/(1-a), or hi = 0 when Σ m >= 1 (pi = qT)."""
+    m = min(qT, pT/(1-a)); lo = 0, hi = 1/(1-a), or hi = 0 when Σ m >= 1 (pi = qT). Rows past
+    a request's own drafter rows (ragged layout) write nothing."""
     pid = tl.program_id(0)
     b = pid // RQ
     j = pid % RQ
-    n = b * G1 + j
+    gb, q_base, p_base = request_rows(b, q_ptr, p_ptr, sq_b, sp_b, qoff_ptr, poff_ptr, g_ptr,
+                                      GAMMA, PER_ROW)
+    if j < gb + (RQ - GAMMA):
+        _lossy_star_row(q_base + j * sq_j, qb_ptr + b.to(tl.int64) * sqb, j >= gb,
+                        p_base + j * sp_j, t_ptr, alpha_ptr, st_t, st_a, stf_ptr, sti_ptr,
+                        out_ptr, kq_ptr, kp_ptr, b, b * RQ + j, b * G1 + j, V, S, STEPS, BLOCK,
+                        S_PAD, KEEP, PER_ROW)
+
+
+@triton.jit
+def _lossy_star_row(q_row, qb_row, bonus, p_row, t_ptr, alpha_ptr, st_t, st_a, stf_ptr, sti_ptr,
+                    out_ptr, kq_ptr, kp_ptr, b, kq_row, n, V, S, STEPS: tl.constexpr,
+                    BLOCK: tl.constexpr, S_PAD: tl.constexpr, KEEP: tl.constexpr,
+                    PER_ROW: tl.constexpr):
+    """lossy_star_kernel for the row pair at position n (drafter keep-bound row ``kq_row``)."""
     t = tl.load(t_ptr + b * st_t)
     alpha = tl.load(alpha_ptr + b * st_a)
     greedy = t == 0
@@ -137,14 +165,12 @@ def lossy_star_kernel(
         lzp = tl.log(zpt).to(tl.float32)
         it32 = inv_t.to(tl.float32)
         one_m_a = (1.0 - alpha).to(tl.float32)
-        q_row = q_ptr + b.to(tl.int64) * sq_b + j * sq_j
-        p_row = p_ptr + b.to(tl.int64) * sp_b + j * sp_j
-        tq, cq = load_keep(kq_ptr, b * RQ + j, j < RQ, KEEP)
+        tq, cq = load_keep(kq_ptr, kq_row, n >= 0, KEEP)
         tp, cp = load_keep(kp_ptr, n, n >= 0, KEEP)
         sum_m = tl.full([], 0.0, tl.float64)
         for c in range(0, V, BLOCK):
-            m, _ = _capped_chunk(q_row, p_row, c, V, mq32, mp32, lzq, lzp, it32, aq, ap, one_m_a,
-                                 tq, cq, tp, cp, BLOCK, KEEP)
+            m, _ = _capped_chunk(q_row, qb_row, bonus, p_row, c, V, mq32, mp32, lzq, lzp, it32,
+                                 aq, ap, one_m_a, tq, cq, tp, cp, BLOCK, KEEP, PER_ROW)
             sum_m += tl.sum(m, 0).to(tl.float64)
         hi = tl.where(sum_m >= 1.0, 0.0, hi)
         for _ in range(STEPS):
@@ -152,8 +178,9 @@ def lossy_star_kernel(
             mid32 = mid.to(tl.float32)
             g = tl.full([], 0.0, tl.float64)
             for c in range(0, V, BLOCK):
-                m, pT = _capped_chunk(q_row, p_row, c, V, mq32, mp32, lzq, lzp, it32, aq, ap,
-                                      one_m_a, tq, cq, tp, cp, BLOCK, KEEP)
+                m, pT = _capped_chunk(q_row, qb_row, bonus, p_row, c, V, mq32, mp32, lzq, lzp,
+                                      it32, aq, ap, one_m_a, tq, cq, tp, cp, BLOCK, KEEP,
+                                      PER_ROW)
                 g += tl.sum(tl.maximum(m, mid32 * pT), 0).to(tl.float64)
             below = g < 1.0
             lo = tl.where(below, mid, lo)

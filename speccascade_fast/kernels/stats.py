@@ -2,7 +2,8 @@
 
 Grid ``(B * (gamma + 1), S)``. Program (n, s) reads slice s of the drafter row ``q`` and the
 verifier row ``p`` of position n = b * (gamma + 1) + j (no ``q`` for j = gamma with
-bonus="verifier") and writes the per-slice statistics described in :mod:`.common`: the max, the
+bonus="verifier"; in the ragged layout gamma is the longest request's and a request's positions
+past its own gamma_b + 1 read nothing) and writes the per-slice statistics described in :mod:`.common`: the max, the
 argmax (lowest id), ``Σexp`` at T and at 1 and the entropy-type sum, online over BLOCK-wide chunks
 in float32. It also resets the per-sequence workspace of the resample stage (two race maxima and an
 arrival counter, int64).
@@ -12,7 +13,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import F_P, F_Q, F_X, I_INF, I_P, I_Q, NEG_INF, NF, NI, load_keep, truncate
+from .common import (
+    F_P,
+    F_Q,
+    F_X,
+    I_INF,
+    I_P,
+    I_Q,
+    NEG_INF,
+    NF,
+    NI,
+    load_keep,
+    load_q,
+    request_rows,
+    truncate,
+)
 
 
 @triton.jit
@@ -44,23 +59,32 @@ def _fold(m, z1, zt, h, arg, x, xt, base, inv_t, NEED_Z1: tl.constexpr, NEED_H: 
 
 @triton.jit
 def stats_kernel(
-    q_ptr, p_ptr, sq_b, sq_j, sp_b, sp_j, t_ptr, st_t,
+    q_ptr, p_ptr, sq_b, sq_j, sp_b, sp_j, qb_ptr, sqb, qoff_ptr, poff_ptr, g_ptr, t_ptr, st_t,
     stf_ptr, sti_ptr, ws_ptr, kq_ptr, kp_ptr,
-    RQ, G1, V, S,
+    GAMMA, RQ, G1, V, S,
     SLICE: tl.constexpr, BLOCK: tl.constexpr,
     NEED_Z1: tl.constexpr, NEED_H: tl.constexpr, NEED_X: tl.constexpr, KEEP: tl.constexpr,
+    PER_ROW: tl.constexpr,
 ):
     n = tl.program_id(0)
     s = tl.program_id(1)
     b = n // G1
     j = n % G1
-    q_lim = tl.where(j < RQ, V, 0)  # no drafter row at the bonus position of bonus="verifier"
+    gb, q_base, p_base = request_rows(b, q_ptr, p_ptr, sq_b, sp_b, qoff_ptr, poff_ptr, g_ptr,
+                                      GAMMA, PER_ROW)
+    # drafter rows: the gamma_b drafts, + the bonus row with bonus="cascade" (RQ = GAMMA + 1);
+    # verifier rows: the gamma_b drafts and the bonus position. Past them (ragged layout, a
+    # request with fewer drafts than the longest) nothing is read: the stats stay empty
+    has_q = j < gb + (RQ - GAMMA)
+    q_lim = tl.where(has_q, V, 0)
+    p_lim = tl.where(j <= gb, V, 0)
     t = tl.load(t_ptr + b * st_t)
     inv_t = tl.where(t > 0, 1.0 / tl.where(t > 0, t, 1.0), 1.0).to(tl.float32)
-    q_row = q_ptr + b.to(tl.int64) * sq_b + j * sq_j
-    p_row = p_ptr + b.to(tl.int64) * sp_b + j * sp_j
-    tq, cq = load_keep(kq_ptr, b * RQ + j, j < RQ, KEEP)
-    tp, cp = load_keep(kp_ptr, n, n >= 0, KEEP)
+    q_row = q_base + j * sq_j
+    qb_row = qb_ptr + b.to(tl.int64) * sqb
+    p_row = p_base + j * sp_j
+    tq, cq = load_keep(kq_ptr, b * RQ + j, has_q, KEEP)
+    tp, cp = load_keep(kp_ptr, n, j <= gb, KEEP)
 
     zero = tl.full([], 0.0, tl.float32)
     mq = zero + NEG_INF
@@ -80,9 +104,8 @@ def stats_kernel(
     for c in range(0, SLICE, BLOCK):
         base = s * SLICE + c
         offs = base + tl.arange(0, BLOCK)
-        inb = offs < V
-        q = tl.load(q_row + offs, mask=offs < q_lim, other=NEG_INF).to(tl.float32)
-        p = tl.load(p_row + offs, mask=inb, other=NEG_INF).to(tl.float32)
+        q = load_q(q_row, qb_row, offs, q_lim, j >= gb, PER_ROW).to(tl.float32)
+        p = tl.load(p_row + offs, mask=offs < p_lim, other=NEG_INF).to(tl.float32)
         qt = truncate(q, offs, tq, cq, KEEP)
         pt = truncate(p, offs, tp, cp, KEEP)
         mq, zq1, zqt, hq, aq, eq, scq = _fold(mq, zq1, zqt, hq, aq, q, qt, base, inv_t, NEED_Z1,
