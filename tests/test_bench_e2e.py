@@ -121,3 +121,23 @@ def test_cost_model():
     assert e2e.iid_tokens_per_block(0.0, 5) == pytest.approx(1.0)
     assert e2e.iid_tokens_per_block(1.0, 5) == pytest.approx(6.0)
     assert e2e.iid_tokens_per_block(0.8, 5) == pytest.approx((1 - 0.8 ** 6) / 0.2)
+
+
+def test_hf_gets_its_own_draft_length(monkeypatch):
+    seen = {}
+
+    def fake(name, *args, **kwargs):
+        seen[name] = kwargs.get("gamma")
+        row = e2e.Row(name, 1, 4, 0.5, 1)
+        row.extra["outputs"] = [[1, 2, 3, 4]]
+        return row
+
+    monkeypatch.setattr(e2e, "run_ours", lambda name, *a, **k: fake(name, gamma=k.get("gamma")))
+    monkeypatch.setattr(e2e, "run_hf", fake)
+    monkeypatch.setattr(e2e, "step_costs", lambda *a, **k: dict(
+        t_q_s=1.0, t_p_s=2.0, t_p_block_s=2.0, c=0.5, r=1.0))
+    result = e2e.run(None, None, prompts=[torch.tensor([1])], configs=("spec-greedy",),
+                     batch=1, gamma=3, hf_gamma=5, progress=lambda s: None)
+    assert seen["ours:spec greedy"] == 3
+    assert seen["hf:assisted greedy"] == 5 and seen["hf:assisted T=1"] == 5
+    assert result["settings"]["hf_gamma"] == 5

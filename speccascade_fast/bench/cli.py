@@ -30,6 +30,8 @@ def add_bench_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=4, help="the batched runs' size (default: 4)")
     p.add_argument("--gamma", type=int, default=5)
+    p.add_argument("--hf-gamma", type=int, default=None,
+                   help="HF assisted generation's draft length (default: --gamma)")
     p.add_argument("--alpha", type=float, default=0.3, help="token_v3's alpha (default: 0.3)")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baselines")
     p.add_argument("--configs", default=",".join(e2e.CONFIGS),
@@ -58,8 +60,8 @@ def bench_command(args: argparse.Namespace) -> int:
     from .. import models
     from . import e2e
 
-    for name in ("prompts", "max_new_tokens", "batch", "gamma", "rounds"):
-        if getattr(args, name) < 1:
+    for name in ("prompts", "max_new_tokens", "batch", "gamma", "rounds", "hf_gamma"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     if args.from_json:
         print(e2e.markdown(e2e.from_json(pathlib.Path(args.from_json).read_text())))
@@ -77,7 +79,7 @@ def bench_command(args: argparse.Namespace) -> int:
                      max_new_tokens=args.max_new_tokens, batch=args.batch, gamma=args.gamma,
                      alpha=args.alpha, with_hf=not args.no_hf, configs=configs,
                      int8_drafter=args.int8_drafter, compile_drafter=args.compile_drafter,
-                     rounds=args.rounds,
+                     rounds=args.rounds, hf_gamma=args.hf_gamma,
                      progress=lambda s: print(s, file=sys.stderr, flush=True))
     table = e2e.markdown(result)
     print(table)

@@ -239,7 +239,7 @@ COMPILED_CONFIGS = ("drafter", "spec-greedy")
 
 def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new_tokens=128,
         batch=4, gamma=5, alpha=0.3, with_hf=True, configs=tuple(CONFIGS), int8_drafter=False,
-        compile_drafter=False, rounds=1, progress=print) -> dict:
+        compile_drafter=False, rounds=1, hf_gamma=None, progress=print) -> dict:
     """The whole benchmark; returns ``{"rows", "costs", "settings", "machine"}``.
 
     ``prompts``: token tensors ``[P]`` (default: the first ``n_prompts`` HumanEval prompts,
@@ -249,7 +249,8 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
     :data:`INT8_CONFIGS` rows at batch 1 (and those of ``configs`` at ``batch`` too) and, with
     ``with_hf``, HF assisted generation with the same int8 assistant. ``compile_drafter``: the
     same for the drafter's steps ``torch.compile``d (:data:`COMPILED_CONFIGS`, batch 1;
-    compilation happens before the clock).
+    compilation happens before the clock). ``hf_gamma``: HF assisted generation's draft length
+    (default ``gamma``), so that each tool can run at its own best setting.
 
     ``rounds``: run every configuration that many times, interleaved (round ``i`` runs them all,
     in reverse order when ``i`` is odd, and first re-times the step costs), so that a machine
@@ -263,6 +264,7 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
         raise ValueError(f"unknown configs {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    hf_gamma = gamma if hf_gamma is None else hf_gamma
     if prompts is None:
         prompts = humaneval_prompts(tokenizer, n_prompts)
     n_prompts = len(prompts)
@@ -303,8 +305,8 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
         ours(key, drafter, 1)
     if with_hf:
         hf("hf:verifier greedy")
-        hf("hf:assisted greedy", assistant=drafter, gamma=gamma)
-        hf("hf:assisted T=1", assistant=drafter, gamma=gamma, temperature=1.0)
+        hf("hf:assisted greedy", assistant=drafter, gamma=hf_gamma)
+        hf("hf:assisted T=1", assistant=drafter, gamma=hf_gamma, temperature=1.0)
     if batch > 1:
         for key in keys:
             if key != "drafter":
@@ -313,8 +315,8 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
         for key in INT8_CONFIGS:
             ours(key, q8, 1, suffix=INT8_SUFFIX)
         if with_hf:
-            hf("hf:assisted greedy" + INT8_SUFFIX, assistant=q8, gamma=gamma)
-            hf("hf:assisted T=1" + INT8_SUFFIX, assistant=q8, gamma=gamma, temperature=1.0)
+            hf("hf:assisted greedy" + INT8_SUFFIX, assistant=q8, gamma=hf_gamma)
+            hf("hf:assisted T=1" + INT8_SUFFIX, assistant=q8, gamma=hf_gamma, temperature=1.0)
         if batch > 1:
             for key in INT8_CONFIGS:
                 if key != "drafter" and key in keys:
@@ -346,7 +348,7 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
         costs["compiled"] = medians["compiled drafter"]
     return {"rows": rows, "costs": costs, "settings": dict(
         n_prompts=n_prompts, max_new_tokens=max_new_tokens, batch=batch, gamma=gamma,
-        alpha=alpha, rounds=rounds), "machine": machine()}
+        alpha=alpha, rounds=rounds, hf_gamma=hf_gamma), "machine": machine()}
 
 
 #: the name suffix of the rows that ran the int8 drafter (ours) or the int8 assistant (HF)
