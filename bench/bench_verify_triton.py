@@ -108,3 +108,53 @@ def test_verify_triton(benchmark, rule, B, gamma, V, mode):
     benchmark.extra_info.update(gpu_us=round(us, 2), logits_MB=round(nbytes / 2**20, 2),
                                 GBps=round(nbytes / (us * 1e-6) / 1e9, 1))
     benchmark.pedantic(timed, rounds=100, warmup_rounds=10, iterations=1)
+
+
+# ---- vLLM's flattened layout: one fused call against one padded call per request -------------
+@pytest.mark.parametrize("how", ["fused", "per_request"])
+@pytest.mark.parametrize("rule", ["spec", "token_v3"])
+def test_verify_ragged_triton(benchmark, rule, how):
+    """32 requests of gamma 1..8 (vLLM's flattened rows), V = 151,936, bf16, T = 1: the ragged
+    kernels (one 2-3 launch call, rows read where they lie) against what ``verify_ragged`` did
+    before them (each request through the padded kernels on its own)."""
+    from speccascade_fast.backends import triton as tb
+
+    B, V = 32, 151936
+    gammas = [1 + (7 * b) % 8 for b in range(B)]
+    q, x, p = block(B, max(gammas), V, seed=3)
+    cu = torch.tensor([0, *torch.tensor(gammas).cumsum(0).tolist()], device=DEV)
+    flat_q = torch.cat([q[b, :g] for b, g in enumerate(gammas)])
+    flat_x = torch.cat([x[b, :g] for b, g in enumerate(gammas)])
+    flat_p = torch.cat([p[b, :g + 1] for b, g in enumerate(gammas)])
+    bonus = torch.stack([q[b, g] for b, g in enumerate(gammas)])
+    per = dict(alpha=checks.alpha_tensor(ALPHA[rule], (B,), DEV).contiguous(),
+               temperature=torch.ones(B, dtype=torch.float64, device=DEV),
+               seed=torch.arange(B, dtype=torch.int64, device=DEV),
+               positions=torch.full((B,), 100, dtype=torch.int64, device=DEV))
+    c = cu.tolist()
+
+    def fused():
+        return tb.verify_ragged(flat_q, flat_x, flat_p, cu, bonus, max_gamma=max(gammas),
+                                rule=rule, top_k=None, top_p=None, **per)
+
+    def per_request():
+        for b in range(B):
+            one = {k: v[b:b + 1] for k, v in per.items()}
+            tb.verify(torch.cat([flat_q[c[b]:c[b + 1]], bonus[b:b + 1]])[None],
+                      flat_x[c[b]:c[b + 1]][None], flat_p[c[b] + b:c[b + 1] + b + 1][None],
+                      rule=rule, top_k=None, top_p=None, **one)
+
+    step = fused if how == "fused" else per_request
+    step()  # compile
+    torch.cuda.synchronize()
+
+    def timed():
+        step()
+        torch.cuda.synchronize()
+
+    benchmark.group = f"verify_ragged {rule} B={B} gamma=1..8 V={V}"
+    us = gpu_us(step, n=20)
+    nbytes = flat_q.numel() * 2 + bonus.numel() * 2 + flat_p.numel() * 2
+    benchmark.extra_info.update(gpu_us=round(us, 2), logits_MB=round(nbytes / 2**20, 2),
+                                GBps=round(nbytes / (us * 1e-6) / 1e9, 1))
+    benchmark.pedantic(timed, rounds=30, warmup_rounds=3, iterations=1)
