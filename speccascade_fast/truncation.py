@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["keep_bounds", "keep_bounds_torch", "keep_mask", "keep_bounds_or_none"]
+__all__ = ["keep_bounds", "keep_bounds_torch", "keep_mask", "keep_bounds_or_none",
+           "ragged_keep_bounds"]
 
 _FIRST_WIDTH = 64
 
@@ -59,6 +60,25 @@ def keep_bounds_or_none(logits: torch.Tensor, temperature: torch.Tensor, top_k: 
     if top_k is None and top_p is None:
         return None
     return keep_bounds(logits, temperature, top_k, top_p)
+
+
+def ragged_keep_bounds(draft_logits, target_logits, bonus_draft_logits, cu_num_draft_tokens,
+                       temperature, top_k, top_p):
+    """The keep bounds of vLLM's flattened layout (:func:`speccascade_fast.verify_ragged`), each
+    row with its request's T: ``(draft [N, 2], target [N + B, 2], bonus [B, 2] or None)``, or
+    three ``None`` when neither truncation is asked for. No host read (the row counts are the
+    tensors' own sizes)."""
+    if top_k is None and top_p is None:
+        return None, None, None
+    cu = cu_num_draft_tokens.to(device=temperature.device, dtype=torch.int64)
+    gammas = cu[1:] - cu[:-1]
+    n, nb = draft_logits.shape[0], target_logits.shape[0]
+    t_draft = temperature.repeat_interleave(gammas, output_size=n)  # gamma_b draft rows
+    t_target = temperature.repeat_interleave(gammas + 1, output_size=nb)  # and gamma_b + 1
+    kb = (None if bonus_draft_logits is None
+          else keep_bounds(bonus_draft_logits, temperature, top_k, top_p))
+    return (keep_bounds(draft_logits, t_draft, top_k, top_p),
+            keep_bounds(target_logits, t_target, top_k, top_p), kb)
 
 
 def _cpu_op(logits):

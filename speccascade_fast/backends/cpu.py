@@ -21,7 +21,7 @@ import torch
 
 from .. import _ext
 from ..rules import RULES
-from ..truncation import keep_bounds_or_none
+from ..truncation import keep_bounds_or_none, ragged_keep_bounds
 from ..types import VerifyOutput
 from . import reference
 
@@ -90,16 +90,8 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
     ops = _ops()
     if ops is None:
         raise RuntimeError(f"the cpu backend's op is not available ({_ext.IMPORT_ERROR})")
-    keep = [None, None, None]
-    if top_k is not None or top_p is not None:
-        cu = cu_num_draft_tokens.to(torch.int64)
-        gammas = cu[1:] - cu[:-1]
-        t_draft = temperature.repeat_interleave(gammas)  # request b owns gamma_b draft rows
-        t_target = temperature.repeat_interleave(gammas + 1)  # and gamma_b + 1 target rows
-        keep[0] = keep_bounds_or_none(draft_logits, t_draft, top_k, top_p)
-        keep[1] = keep_bounds_or_none(target_logits, t_target, top_k, top_p)
-        if bonus_draft_logits is not None:
-            keep[2] = keep_bounds_or_none(bonus_draft_logits, temperature, top_k, top_p)
+    keep = ragged_keep_bounds(draft_logits, target_logits, bonus_draft_logits,
+                              cu_num_draft_tokens, temperature, top_k, top_p)
     tokens, num_accepted, deferred = ops.verify_ragged(
         draft_logits, draft_tokens.to(torch.int64).contiguous(), target_logits,
         cu_num_draft_tokens.to(torch.int64).contiguous(), bonus_draft_logits,

@@ -53,7 +53,7 @@ import os
 import torch
 
 from ..rules import LOSSY_STAR_BISECTION_STEPS, RULES
-from ..truncation import keep_bounds, keep_bounds_or_none
+from ..truncation import keep_bounds_or_none, ragged_keep_bounds
 from ..types import VerifyOutput
 
 _NEED_Z1 = frozenset({"chow", "chow_log", "diff", "diff_log", "opt", "opt_log", "bild",
@@ -183,14 +183,11 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
     else:
         qb = q  # never read
     kq = kp = None
-    if top_k is not None or top_p is not None:
-        # bounds per flattened row (each with its request's T), gathered to the padded rows
-        kd = keep_bounds(q, temperature.repeat_interleave(gam, output_size=N), top_k, top_p)
-        kt = keep_bounds(p, temperature.repeat_interleave(gam + 1, output_size=N + B), top_k,
-                         top_p)
+    kd, kt, kb = ragged_keep_bounds(q, p, qb if cascade else None, cu, temperature, top_k,
+                                    top_p)
+    if kd is not None:  # the flattened rows' bounds, gathered to the padded rows
         kq = kd[draft_row[:, :RQ]]
         if cascade:
-            kb = keep_bounds(qb, temperature, top_k, top_p)
             kq = torch.where((j[:RQ] == gam[:, None])[..., None], kb[:, None], kq)
         kq, kp = kq.contiguous(), kt[target_row].contiguous()
     layout = _Layout(B=B, gamma=G, rq=RQ, strides=(0, q.stride(0), 0, p.stride(0)), qb=qb,

@@ -295,12 +295,13 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
         from ..quantize import int8_weight_only
 
         q8 = int8_weight_only(copy.deepcopy(drafter))
-    cost_jobs = {"drafter": lambda: step_costs(drafter, verifier, prompts[0], gamma)}
+    # key in result["costs"] (None: the top level) -> (label, measure once)
+    cost_jobs = {None: ("drafter", lambda: step_costs(drafter, verifier, prompts[0], gamma))}
     if q8 is not None:
-        cost_jobs["int8 drafter"] = lambda: step_costs(q8, verifier, prompts[0], gamma)
+        cost_jobs["int8"] = ("int8 drafter", lambda: step_costs(q8, verifier, prompts[0], gamma))
     if compile_drafter:
-        cost_jobs["compiled drafter"] = lambda: step_costs(drafter, verifier, prompts[0], gamma,
-                                                           compile_drafter=True)
+        cost_jobs["compiled"] = ("compiled drafter", lambda: step_costs(
+            drafter, verifier, prompts[0], gamma, compile_drafter=True))
     for key in keys:
         ours(key, drafter, 1)
     if with_hf:
@@ -326,11 +327,11 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
             ours(key, drafter, 1, suffix=" (compiled drafter)", compile_drafter=True)
 
     merged: dict = {}
-    round_costs: dict = {what: [] for what in cost_jobs}
+    round_costs: dict = {key: [] for key in cost_jobs}
     for i in range(rounds):
-        for what, measure in cost_jobs.items():
-            round_costs[what].append(measure())
-            _say_costs(progress, what, round_costs[what][-1])
+        for key, (label, measure) in cost_jobs.items():
+            round_costs[key].append(measure())
+            _say_costs(progress, label, round_costs[key][-1])
         for *_, job in (jobs if i % 2 == 0 else jobs[::-1]):
             row = job()
             tpc = row.tokens_per_verifier_call
@@ -339,13 +340,10 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
                      + (f" (round {i + 1}/{rounds})" if rounds > 1 else ""))
             _merge(merged, row)
     rows = [merged[name, batch_] for name, batch_, _ in jobs]
-    medians = {what: {k: statistics.median(c[k] for c in cs) for k in cs[0]}
-               for what, cs in round_costs.items()}
-    costs = medians["drafter"]
-    if "int8 drafter" in medians:
-        costs["int8"] = medians["int8 drafter"]
-    if "compiled drafter" in medians:
-        costs["compiled"] = medians["compiled drafter"]
+    medians = {key: {k: statistics.median(c[k] for c in cs) for k in cs[0]}
+               for key, cs in round_costs.items()}
+    costs = medians.pop(None)
+    costs.update(medians)
     return {"rows": rows, "costs": costs, "settings": dict(
         n_prompts=n_prompts, max_new_tokens=max_new_tokens, batch=batch, gamma=gamma,
         alpha=alpha, rounds=rounds, hf_gamma=hf_gamma), "machine": machine()}
