@@ -316,6 +316,9 @@ class Engine:
                      _eos_ids(eos_token_id, self.verifier, self.drafter))
         with torch.inference_mode():
             rows.prefill()
+            if self.device is not None and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # prefill_s is the prefill's device time
+            prefill_s = time.perf_counter() - start
             while rows.size:
                 if cfg.method == "spec_cascade":
                     self._block(rows)
@@ -331,6 +334,7 @@ class Engine:
         for s in rows.counters:
             total += s
         stats = total.as_dict(time.perf_counter() - start)
+        stats["prefill_s"] = prefill_s
         stats.update(method=cfg.method, rule=cfg.rule, alpha=cfg.alpha, gamma=cfg.gamma,
                      bonus=cfg.bonus, temperature=cfg.temperature)
         return GenerateOutput(sequences, stats, rows.new_tokens)

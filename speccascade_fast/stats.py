@@ -24,6 +24,8 @@ Rates:
 * ``deferrals_per_token``     = verifier_calls / tokens (the paper's cost axis);
 * ``tokens_per_verifier_call`` = tokens / verifier_calls (``None`` when the verifier never ran);
 * ``wall_s``                  - wall-clock seconds of the whole call.
+* ``prefill_s``               - (the batched ``Engine`` only) seconds of the prompts' prefill
+  in both models, part of ``wall_s``.
 
 Every rate is 0.0 when its denominator is 0 (except ``tokens_per_verifier_call``).
 """

@@ -64,6 +64,27 @@ def test_summary_ratios(result):
     pred = e2e.predicted_speedup(spec.tokens_per_verifier_call, 3, c["c"], c["r"])
     assert d["predicted"] == round(pred, 3)
     assert d["efficiency"] == round(d["vs_ours_verifier"] / pred, 3)
+    # the decoding alone: both runs' wall times less their prompts' prefill (both > 0), against
+    # the cost model with the step costs timed while decoding (every decoding call counted)
+    assert 0 < spec.extra["prefill_s"] < spec.wall_s and 0 < base.extra["prefill_s"] < base.wall_s
+    (nq, sq), (nb, sb) = spec.extra["decode_calls"].values()
+    (n1, s1), = base.extra["decode_calls"].values()
+    assert (nb, n1) == (spec.verifier_calls, base.verifier_calls) == (spec.verifier_calls, 72)
+    assert nq == 3 * nb  # gamma drafter steps per block (spec runs no bonus step)
+    assert 0 < sq + sb < spec.extra["model_s"] and 0 < s1 < base.extra["model_s"]
+    assert d["c_loop"] == round((sq / nq) / (s1 / n1), 3)
+    assert d["r_loop"] == round((sb / nb) / (s1 / n1), 3)
+    pred_loop = e2e.predicted_speedup(spec.tokens_per_verifier_call, 3, (sq / nq) / (s1 / n1),
+                                      (sb / nb) / (s1 / n1))
+    assert d["predicted_loop"] == round(pred_loop, 3)
+    decode = (spec.tokens / (spec.wall_s - spec.extra["prefill_s"])) / (
+        base.tokens / (base.wall_s - base.extra["prefill_s"]))
+    assert d["decode_efficiency"] == round(decode / pred_loop, 3)
+    assert "c_loop" not in summary["ours:spec greedy", 2]  # batch 1 only
+    # on the CPU every row (ours and HF's) reports the time outside the models' forward calls
+    for name, r in rows.items():
+        assert 0 < r.extra["model_s"] < r.wall_s, name
+        assert summary[name]["non_model_share"] == round(1 - r.extra["model_s"] / r.wall_s, 3)
     # token_v3 runs the bonus drafter step: its block costs one more c
     v3 = rows["ours:token_v3 a=0.3 greedy", 1]
     assert summary["ours:token_v3 a=0.3 greedy", 1]["predicted"] == round(

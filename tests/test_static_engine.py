@@ -76,6 +76,8 @@ def test_static_equals_sequential(pair, kw, with_eos):
         assert static.stats[k] == seq.stats[k], k
     if with_eos:
         assert len(static.new_tokens[0]) <= 8 and len(static.new_tokens[2]) <= 13
+    # the prompts' prefill is timed, and is part of the whole call's time
+    assert 0 < static.stats["prefill_s"] < static.stats["wall_s"]
 
 
 @pytest.mark.parametrize("engine", ["static", "sequential"])

@@ -19,8 +19,23 @@ For each speculative configuration at batch 1 it reports the speed-up over the v
 the same engine and the speed-up Leviathan et al.'s cost model predicts from the measured tokens
 per block ``E`` and step costs, ``E / (gamma c + r)`` with ``r = t_p(gamma+1) / t_p`` (plus ``c``
 when the block runs the bonus drafter step): their ratio is the engine's efficiency (1.0 = no
-overhead beyond the model calls). It also lists the tokens per block the i.i.d. formula
-``(1 - a^(gamma+1)) / (1 - a)`` would give for the measured acceptance rate ``a``.
+overhead beyond the model calls). Those step costs are timed apart from decoding (a median of
+a few calls), on a machine whose speed may drift; so on a CPU the benchmark also times every
+forward call of the runs themselves (forward hooks: on a CPU a call's host time is the model's;
+on CUDA it is only the launches', so this is left out there) and reports, at batch 1:
+
+* the in-loop step costs: the mean decoding call of the drafter and of the verifier in the
+  speculative row (``gamma + 1`` tokens) and of the verifier in ``ours:verifier`` (one token);
+* the "decode efficiency": the speed-up of the decoding alone (each run's time less its
+  prompts' prefill, which the engine reports as ``stats["prefill_s"]``: the cost model has no
+  prefill, and speculation pays the drafter's on top of the verifier's) over the prediction
+  from the in-loop costs. What it leaves out is the engine's own time and any model call the
+  cost model does not count;
+* for every row (ours and HF's), the non-model share: the part of the wall time spent outside
+  the models' forward calls.
+
+It also lists the tokens per block the i.i.d. formula ``(1 - a^(gamma+1)) / (1 - a)`` would give
+for the measured acceptance rate ``a``.
 """
 from __future__ import annotations
 
@@ -83,7 +98,11 @@ def _chunks(items, size):
 def run_ours(name, drafter, verifier, prompts, *, batch, max_new_tokens, pad, warmup=False,
              **settings) -> Row:
     """Our engine on ``prompts`` in chunks of ``batch`` (one Engine, built before the clock;
-    ``warmup``: one untimed generate of 8 tokens on the first chunk first, for compiled code)."""
+    ``warmup``: one untimed generate of 8 tokens on the first chunk first, for compiled code).
+    ``extra``: ``prefill_s`` summed over the chunks and, for eager models on a CPU, ``model_s``
+    (the seconds inside the models' forward calls) and, at batch 1, ``decode_calls``: per model
+    ``[calls, seconds]`` of its decoding calls (a generate's last ``drafter_calls`` /
+    ``verifier_calls`` calls of that model: the ones before are its prefill)."""
     longest = max(p.numel() for p in prompts)
     engine = Engine(drafter, verifier, max_batch_size=batch,
                     max_seq_len=longest + max_new_tokens, **settings)
@@ -91,38 +110,80 @@ def run_ours(name, drafter, verifier, prompts, *, batch, max_new_tokens, pad, wa
         ids, mask = _left_pad(prompts[:batch], pad)
         engine.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[], seed=0)
     tokens = calls = accepted = drafted = 0
+    prefill = 0.0
     outputs = []
-    start = time.perf_counter()
-    for chunk in _chunks(prompts, batch):
-        ids, mask = _left_pad(chunk, pad)
-        out = engine.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                              eos_token_id=[], seed=list(range(len(chunk))))
-        tokens += out.stats["tokens"]
-        calls += out.stats["verifier_calls"]
-        accepted += out.stats["accepted"]
-        drafted += out.stats["drafted"]
-        outputs += out.new_tokens
-    wall = time.perf_counter() - start
+    roles = {"drafter": engine.drafter, "verifier": engine.verifier}
+    roles = {k: m for k, m in roles.items() if m is not None}
+    decode = {k: [0, 0.0] for k in roles}
+    timed = not settings.get("compile_drafter")  # hooks must not enter compiled code
+    with _ModelClock(*roles.values(), enabled=timed) as clock:
+        start = time.perf_counter()
+        for chunk in _chunks(prompts, batch):
+            ids, mask = _left_pad(chunk, pad)
+            clock.clear()
+            out = engine.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                  eos_token_id=[], seed=list(range(len(chunk))))
+            tokens += out.stats["tokens"]
+            calls += out.stats["verifier_calls"]
+            accepted += out.stats["accepted"]
+            drafted += out.stats["drafted"]
+            prefill += out.stats["prefill_s"]
+            outputs += out.new_tokens
+            for i, role in enumerate(roles if len(chunk) == 1 else ()):
+                n = out.stats[role + "_calls"]  # one row: the counts are forward calls
+                decode[role][0] += n
+                decode[role][1] += sum(clock.times[i][len(clock.times[i]) - n:])
+        wall = time.perf_counter() - start
     row = Row(name, batch, tokens, wall, calls or None, accepted / drafted if drafted else None)
-    row.extra["outputs"] = outputs
+    row.extra.update(outputs=outputs, prefill_s=prefill, model_s=clock.model_s)
+    if clock.model_s is not None and batch == 1:
+        row.extra["decode_calls"] = decode
     return row
 
 
-class _CallCounter:
-    """Counts a model's forward calls (a hook; removed on exit)."""
+class _ModelClock:
+    """Forward calls per model and the seconds spent inside them (hooks, removed on exit).
 
-    def __init__(self, model):
-        self.model, self.calls = model, 0
+    ``model_s`` is None unless ``enabled`` and every model is on the CPU: there a forward call's
+    host time is the model's time; on CUDA it is only the launches'."""
+
+    def __init__(self, *models, enabled: bool = True):
+        self.models = list(models)
+        self.calls = [0] * len(self.models)
+        self.enabled = enabled and all(
+            next(m.parameters()).device.type == "cpu" for m in self.models)
+        self.seconds = 0.0
+        self.times: list[list[float]] = [[] for _ in self.models]  # since the last clear()
+        self._begin = 0.0
+
+    @property
+    def model_s(self) -> float | None:
+        return self.seconds if self.enabled else None
+
+    def clear(self) -> None:
+        """Forget the per-call times (the totals stay)."""
+        self.times = [[] for _ in self.models]
 
     def __enter__(self):
-        self.handle = self.model.register_forward_pre_hook(self._hook)
+        self.handles = []
+        for i, m in enumerate(self.models):
+            self.handles.append(m.register_forward_pre_hook(lambda *_, i=i: self._pre(i)))
+            if self.enabled:
+                self.handles.append(m.register_forward_hook(lambda *_, i=i: self._post(i)))
         return self
 
-    def _hook(self, *_):
-        self.calls += 1
+    def _pre(self, i):
+        self.calls[i] += 1
+        self._begin = time.perf_counter()
+
+    def _post(self, i):
+        took = time.perf_counter() - self._begin
+        self.seconds += took
+        self.times[i].append(took)
 
     def __exit__(self, *exc):
-        self.handle.remove()
+        for h in self.handles:
+            h.remove()
 
 
 def run_hf(name, verifier, prompts, *, max_new_tokens, assistant=None, gamma=5,
@@ -150,7 +211,7 @@ def run_hf(name, verifier, prompts, *, max_new_tokens, assistant=None, gamma=5,
             gc.assistant_confidence_threshold = 0.0
     tokens, outputs = 0, []
     try:
-        with _CallCounter(verifier) as counter:
+        with _ModelClock(verifier, *([assistant] if assistant is not None else [])) as clock:
             start = time.perf_counter()
             for b, prompt in enumerate(prompts):
                 torch.manual_seed(b)
@@ -164,8 +225,8 @@ def run_hf(name, verifier, prompts, *, max_new_tokens, assistant=None, gamma=5,
     finally:
         if saved is not None:
             assistant.generation_config = saved
-    row = Row(name, 1, tokens, wall, counter.calls)
-    row.extra["outputs"] = outputs
+    row = Row(name, 1, tokens, wall, clock.calls[0])
+    row.extra.update(outputs=outputs, model_s=clock.model_s)
     return row
 
 
@@ -365,6 +426,13 @@ def _merge(merged: dict, row: Row) -> None:
         total.extra["rounds_differ"] = True
     total.tokens += row.tokens
     total.wall_s += row.wall_s
+    for key in ("prefill_s", "model_s"):
+        if total.extra.get(key) is not None and row.extra.get(key) is not None:
+            total.extra[key] += row.extra[key]
+    if "decode_calls" in total.extra and "decode_calls" in row.extra:
+        for role, (n, sec) in row.extra["decode_calls"].items():
+            total.extra["decode_calls"][role][0] += n
+            total.extra["decode_calls"][role][1] += sec
     if total.verifier_calls is not None:
         total.verifier_calls += row.verifier_calls
     total.extra["round_tokens_per_s"].append(speed)
@@ -384,8 +452,10 @@ def machine() -> dict:
 def summarize(result: dict) -> list[dict]:
     """Per row: tok/s, tokens per verifier call, speed-ups against the verifier alone (ours, same
     batch), HF's verifier alone and HF assisted generation with the same sampling and the same
-    drafter (the int8 assistant for the int8 rows, when it ran), and for our speculative rows
-    the Leviathan prediction and the efficiency. With several rounds, ``*_range`` gives the
+    drafter (the int8 assistant for the int8 rows, when it ran), the non-model share of the wall
+    time (CPU), and for our speculative rows at batch 1 the Leviathan prediction and the
+    efficiency, of the whole runs and of their decoding alone (without the prompts' prefill).
+    With several rounds, ``*_range`` gives the
     lowest and highest of a ratio's per-round values (both rows' speeds from the same round)."""
     rows: list[Row] = result["rows"]
     costs, gamma = result["costs"], result["settings"]["gamma"]
@@ -398,6 +468,8 @@ def summarize(result: dict) -> list[dict]:
              "tokens_per_s": round(r.tokens_per_s, 3),
              "tokens_per_verifier_call": _round(r.tokens_per_verifier_call),
              "acceptance_rate": _round(r.acceptance_rate)}
+        if r.extra.get("model_s") is not None:
+            d["non_model_share"] = _round(1 - r.extra["model_s"] / r.wall_s)
         assisted = "hf:assisted T=1" if "T=1" in r.name else "hf:assisted greedy"
         if INT8_SUFFIX in r.name and assisted + INT8_SUFFIX in hf:
             assisted += INT8_SUFFIX
@@ -418,8 +490,36 @@ def summarize(result: dict) -> list[dict]:
             d["iid_tokens_per_block"] = _round(iid_tokens_per_block(r.acceptance_rate, gamma))
             if base is not None:
                 d["efficiency"] = _round(d["vs_ours_verifier"] / pred)
+                loop = in_loop_costs(r, base)
+                if loop is not None:
+                    d.update(loop)
+                    pred = predicted_speedup(r.tokens_per_verifier_call, gamma, loop["c_loop"],
+                                             loop["r_loop"], bonus_step="spec" not in r.name)
+                    d["predicted_loop"] = _round(pred)
+                    d["decode_efficiency"] = _round(_decode_speed(r) / _decode_speed(base) / pred)
         out.append(d)
     return out
+
+
+def in_loop_costs(row: Row, base: Row) -> dict | None:
+    """The step costs measured while decoding (CPU, batch 1): the mean decoding call of the
+    drafter (``t_q_loop_ms``) and of the verifier (``gamma + 1`` tokens, ``t_p_block_loop_ms``)
+    in ``row``, and of the verifier in ``base`` (one token, ``t_p_loop_ms``); ``c_loop``,
+    ``r_loop`` as in :func:`step_costs`. None without the hooks' timings."""
+    a, b = row.extra.get("decode_calls"), base.extra.get("decode_calls")
+    if a is None or b is None or not a.get("drafter", [0])[0] or not b["verifier"][0]:
+        return None
+    t_q = a["drafter"][1] / a["drafter"][0]
+    t_block = a["verifier"][1] / a["verifier"][0]
+    t_p = b["verifier"][1] / b["verifier"][0]
+    return {"t_q_loop_ms": _round(1e3 * t_q), "t_p_loop_ms": _round(1e3 * t_p),
+            "t_p_block_loop_ms": _round(1e3 * t_block), "c_loop": _round(t_q / t_p),
+            "r_loop": _round(t_block / t_p)}
+
+
+def _decode_speed(row: Row) -> float:
+    """Tokens per second of the decoding alone: the wall time less the prompts' prefill."""
+    return row.tokens / (row.wall_s - row.extra["prefill_s"])
 
 
 def _ratio_range(row: Row, other: Row):
@@ -454,7 +554,8 @@ def greedy_agreement(result: dict) -> dict:
 def markdown(result: dict) -> str:
     s = summarize(result)
     cols = ["name", "batch", "tokens_per_s", "tokens_per_verifier_call", "acceptance_rate",
-            "vs_ours_verifier", "vs_hf_verifier", "vs_hf_assisted", "predicted", "efficiency"]
+            "vs_ours_verifier", "vs_hf_verifier", "vs_hf_assisted", "predicted", "efficiency",
+            "c_loop", "predicted_loop", "decode_efficiency", "non_model_share"]
     ranged = any("vs_ours_verifier_range" in d for d in s)
     if ranged:  # each ratio with its range over the rounds
         cols = cols[:5] + ["vs_ours_verifier (range)", "vs_hf_verifier (range)",
@@ -491,6 +592,14 @@ def markdown(result: dict) -> str:
                          f"{c['t_q_s'] * 1e3:.1f} ms, verifier step {c['t_p_s'] * 1e3:.1f} ms, "
                          f"verifier call on gamma+1 tokens {c['t_p_block_s'] * 1e3:.1f} ms: "
                          f"c = {c['c']:.3f}, r = {c['r']:.3f}.")
+    loops = [(d["name"], d) for d in summarize(result) if "c_loop" in d]
+    if loops:
+        lines.append("In-loop step costs (mean decoding call at batch 1, ms; the verifier step "
+                     "from ours:verifier): " + "; ".join(
+                         f"{name}: drafter {d['t_q_loop_ms']:.1f}, verifier on gamma+1 tokens "
+                         f"{d['t_p_block_loop_ms']:.1f}, verifier step {d['t_p_loop_ms']:.1f} "
+                         f"(c = {d['c_loop']:.3f}, r = {d['r_loop']:.3f})" for name, d in loops)
+                     + ".")
     agree = greedy_agreement(result)
     if agree:
         lines.append("Greedy outputs equal to our verifier-alone greedy output: "
