@@ -360,6 +360,7 @@ def generate(
     backend: str = "auto",
     engine: str = "auto",
     cuda_graphs: bool | None = None,
+    attention: str | None = None,
 ) -> GenerateOutput:
     """Decode ``input_ids`` with a drafter/verifier pair.
 
@@ -404,6 +405,8 @@ def generate(
             every block, the sequential one stops at an EOS draft or the budget).
         cuda_graphs: the batched Engine's CUDA graphs (:class:`speccascade_fast.Engine`):
             None = on for CUDA models without top-k/top-p; the sequential loops ignore it.
+        attention: the batched Engine's attention: None (the models' own, SDPA or eager) or
+            ``"flash_attn"`` (flash-attn's ``flash_attn_with_kvcache``; CUDA, fp16/bf16).
 
     Returns:
         :class:`GenerateOutput` ``(sequences, stats, new_tokens)``. ``stats`` sums over the
@@ -435,25 +438,27 @@ def generate(
         raise ValueError(f"engine={engine!r} is not known; choose one of {', '.join(ENGINES)}")
     if engine != "sequential":
         from . import static_engine
-        if static_engine.supports(method, drafter, verifier):
+        if static_engine.supports(method, drafter, verifier, attention=attention):
             longest = max(p.numel() for p in prompts)
             eng = static_engine.Engine(
                 drafter, verifier, max_batch_size=len(prompts),
                 max_seq_len=longest + max_new_tokens, method=method, rule=cfg.rule,
                 alpha=cfg.alpha, gamma=gamma, temperature=temperature, top_k=top_k, top_p=top_p,
-                bonus=bonus, backend=backend, cuda_graphs=cuda_graphs)
+                bonus=bonus, backend=backend, cuda_graphs=cuda_graphs, attention=attention)
             out = eng.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens,
                                seed=seeds, eos_token_id=sorted(eos), pad_token_id=pad)
             out.stats["wall_s"] = time.perf_counter() - start
             out.stats["tokens_per_s"] = out.stats["tokens"] / out.stats["wall_s"]
             return out
         if engine == "static":
-            why = [w for w in map(static_engine.unsupported_reason, (drafter, verifier)) if w]
+            why = [w for w in (static_engine.unsupported_reason(m, attention)
+                               for m in (drafter, verifier)) if w]
             raise ValueError(f"engine='static' cannot run method={method!r} here: "
                              f"{why[0] if why else 'it runs ' + ', '.join(static_engine.METHODS)}")
-    if cuda_graphs:
-        raise ValueError(f"cuda_graphs=True needs the batched Engine, which does not run "
-                         f"method={method!r} with engine={engine!r} on these models")
+    for name, value in (("cuda_graphs", cuda_graphs), ("attention", attention)):
+        if value:
+            raise ValueError(f"{name}={value!r} needs the batched Engine, which does not run "
+                             f"method={method!r} with engine={engine!r} on these models")
 
     total, new_tokens, outputs = Counters(), [], []
     with torch.inference_mode():

@@ -1,37 +1,40 @@
-"""A static, position-indexed KV cache for Hugging Face decoder-only models, and its masks.
+"""A static, position-indexed KV cache for Hugging Face decoder-only models.
 
 Row ``b``'s key/value for the token at absolute position ``i`` lives in slot ``i`` of that row's
 buffers, for every layer. A row's valid slots are ``[0, seen_b)``; everything at or after
-``seen_b`` is stale (rejected drafts, padding) and is masked by :func:`attention_mask` until it is
-overwritten: rolling back a rejection is just lowering ``seen_b``, no copy, no crop.
+``seen_b`` is stale (rejected drafts, padding) and is masked by the engine's attention
+(:mod:`speccascade_fast.attention`) until it is overwritten: rolling back a rejection is just
+lowering ``seen_b``, no copy, no crop.
 
 The engine binds each forward call to the cache (:meth:`SlotCache.bind`): the slot every input
 token writes to (its position; padding goes to a trash slot past the last real one) and how many
 slots the attention reads. HF's attention layers call :meth:`SlotCache.update` with the new keys
 and values, which scatters them into their slots and returns the first ``kv_len`` slots of every
 row. The buffers are allocated once per layer, on the first call (shapes and dtype from the
-model's own key states), and reused by every later call and ``generate``.
+model's own key states), and reused by every later call and ``generate``. Their layout is
+``[rows, kv_heads, slots, head_dim]`` (the one HF's attention functions take), or heads-last,
+``[rows, slots, kv_heads, head_dim]``, for flash-attn's kernel; ``update`` returns HF's
+``[rows, kv_heads, kv_len, head_dim]`` either way (for heads-last buffers, a transposed view).
 """
 from __future__ import annotations
 
 import torch
 from transformers.cache_utils import Cache
 
-#: attention implementations whose masks :func:`attention_mask` can build
-ATTENTION = ("sdpa", "eager")
-
 
 class SlotCache(Cache):
-    """Static K/V buffers ``[max_batch_size, kv_heads, slots, head_dim]`` per layer.
+    """Static K/V buffers ``[max_batch_size, kv_heads, slots, head_dim]`` per layer (with
+    ``heads_last``: ``[max_batch_size, slots, kv_heads, head_dim]``).
 
     ``slots`` = the longest sequence the cache holds + 1: the last slot is the trash slot that
     padding tokens write to (never read: no real position reaches it).
     """
 
-    def __init__(self, max_batch_size: int, slots: int):
+    def __init__(self, max_batch_size: int, slots: int, heads_last: bool = False):
         super().__init__(layers=[])
         self.max_batch_size = max_batch_size
         self.slots = slots
+        self.heads_last = heads_last
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self._rows = 0
@@ -57,16 +60,19 @@ class SlotCache(Cache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if layer_idx == len(self.keys):  # layers run in order: allocate on the first call
             B, H, _, D = key_states.shape
-            shape = (self.max_batch_size, H, self.slots, D)
+            shape = ((self.max_batch_size, self.slots, H, D) if self.heads_last
+                     else (self.max_batch_size, H, self.slots, D))
             opts = dict(dtype=key_states.dtype, device=key_states.device)
             self.keys.append(torch.zeros(shape, **opts))
             self.values.append(torch.zeros(shape, **opts))
-        k = self.keys[layer_idx][: self._rows]
-        v = self.values[layer_idx][: self._rows]
-        # [B, H, n, D] -> slots: index the [B, slots, H, D] view with (row, slot) pairs
-        k.transpose(1, 2)[self._row_index, self._write] = key_states.transpose(1, 2)
-        v.transpose(1, 2)[self._row_index, self._write] = value_states.transpose(1, 2)
-        return k[:, :, : self._kv_len], v[:, :, : self._kv_len]
+        out = []
+        for buf, new in ((self.keys[layer_idx], key_states), (self.values[layer_idx],
+                                                              value_states)):
+            # [B, slots, H, D] (the buffer, or a view of it): index with (row, slot) pairs
+            rows = buf[: self._rows] if self.heads_last else buf[: self._rows].transpose(1, 2)
+            rows[self._row_index, self._write] = new.transpose(1, 2)
+            out.append(rows[:, : self._kv_len].transpose(1, 2))  # [B, H, kv_len, D]
+        return tuple(out)
 
     def keep_rows(self, index: torch.Tensor) -> None:
         """Compact the buffers: row ``i`` becomes the old row ``index[i]`` (finished sequences
@@ -81,24 +87,3 @@ class SlotCache(Cache):
     def get_max_length(self) -> int:
         return self.slots - 1
 
-
-def attention_mask(config, positions: torch.Tensor, kv_len: int, attn: str, dtype):
-    """The mask of one forward call: query ``[b, i]`` at absolute position ``positions[b, i]``
-    sees slot ``j < kv_len`` iff ``j <= positions[b, i]`` (and, in sliding-window layers,
-    ``j > positions[b, i] - window``), i.e. its own row's causal prefix: stale slots past a
-    row's valid prefix are never visible to a real token.
-
-    Returns a ``[B, 1, n, kv_len]`` mask in the format of ``attn`` (boolean for ``sdpa``, additive
-    for ``eager``), or for models with sliding-window layers a dict ``{layer type: mask}``.
-    """
-    j = torch.arange(kv_len, device=positions.device)
-    pos = positions[:, None, :, None]
-    masks = {"full_attention": j <= pos}
-    layer_types = getattr(config, "layer_types", None) or ()
-    if "sliding_attention" in layer_types:
-        masks["sliding_attention"] = masks["full_attention"] & (j > pos - config.sliding_window)
-    if attn == "eager":
-        zero = torch.zeros((), dtype=dtype, device=positions.device)
-        low = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=positions.device)
-        masks = {k: torch.where(m, zero, low) for k, m in masks.items()}
-    return masks if len(masks) > 1 else masks["full_attention"]

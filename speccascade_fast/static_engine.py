@@ -44,6 +44,7 @@ import weakref
 import torch
 
 from . import backends, checks
+from .attention import ATTENTION, attention_mask, check_backend, selected
 from .engine import (
     GenerateOutput,
     _accepts,
@@ -59,7 +60,7 @@ from .engine import (
     _prompts,
     _seeds,
 )
-from .kv_cache import ATTENTION, SlotCache, attention_mask
+from .kv_cache import SlotCache
 from .rules import check_alpha
 from .sampling import draw
 from .stats import Counters
@@ -70,20 +71,22 @@ METHODS = ("spec_cascade", "autoregressive", "drafter_only")
 DEFAULT_MAX_SEQ_LEN = 2048
 
 
-def supports(method: str, *models) -> bool:
+def supports(method: str, *models, attention: str | None = None) -> bool:
     """Whether the engine can run ``method`` on these models (decoder-only, an attention
-    implementation whose masks it builds, ``position_ids`` / ``past_key_values`` arguments)."""
-    return method in METHODS and all(unsupported_reason(m) is None for m in models)
+    implementation whose masks it builds or ``attention="flash_attn"``, ``position_ids`` /
+    ``past_key_values`` arguments)."""
+    return method in METHODS and all(unsupported_reason(m, attention) is None for m in models)
 
 
-def unsupported_reason(model) -> str | None:
-    """Why the engine cannot run ``model`` (None if it can, or if ``model`` is None)."""
+def unsupported_reason(model, attention: str | None = None) -> str | None:
+    """Why the engine cannot run ``model`` (None if it can, or if ``model`` is None) with the
+    engine's ``attention`` (None: the model's own implementation)."""
     if model is None:
         return None
     if _is_encoder_decoder(model):
         return "encoder-decoder models run on the sequential engine"
     attn = getattr(model.config, "_attn_implementation", None) or "eager"
-    if attn not in ATTENTION:
+    if attention is None and attn not in ATTENTION:
         return (f"attn_implementation={attn!r} is not supported by the static engine "
                 f"(use one of {', '.join(ATTENTION)})")
     if not (_accepts(model, "position_ids") and _accepts(model, "past_key_values")):
@@ -107,15 +110,17 @@ def compiled(model):
 class _SlotModel:
     """One model, its static cache, and per row the number of valid slots (``seen``, host ints).
     ``compile_steps``: one-token calls (the decode steps) run the model ``torch.compile``d; the
-    longer calls stay eager."""
+    longer calls stay eager. ``attention``: the engine's attention (None: the model's own)."""
 
-    def __init__(self, model, max_batch_size: int, slots: int, compile_steps: bool = False):
+    def __init__(self, model, max_batch_size: int, slots: int, compile_steps: bool = False,
+                 attention: str | None = None):
         self.model = model
         self.step_model = compiled(model) if compile_steps else model
         self.config = model.config
-        self.attn = getattr(model.config, "_attn_implementation", None) or "eager"
+        self.attention = attention
+        self.attn = attention or getattr(model.config, "_attn_implementation", None) or "eager"
         self.dtype = next(model.parameters()).dtype
-        self.cache = SlotCache(max_batch_size, slots)
+        self.cache = SlotCache(max_batch_size, slots, heads_last=attention == "flash_attn")
         self.keep_arg = _accepts(model, "logits_to_keep")
         limit = _context(model)
         self.max_position = (limit - 1) if limit is not None else None
@@ -123,29 +128,31 @@ class _SlotModel:
 
     def forward(self, ids: torch.Tensor, slots: torch.Tensor, kv_len: int,
                 keep: int) -> torch.Tensor:
-        """Feed token ``ids[b, i]`` at position ``slots[b, i]`` (padding: the trash slot) and
-        return the logits of the last ``keep`` columns, ``[B, keep, V]``; attention reads slots
-        ``[0, kv_len)``. Device work only (no host reads), so it can run inside a CUDA graph."""
+        """Feed token ``ids[b, i]`` at position ``slots[b, i]`` and return the logits of the last
+        ``keep`` columns, ``[B, keep, V]``; attention reads slots ``[0, kv_len)``. A row's real
+        tokens are contiguous positions ending at its last column (padding before them goes to
+        the trash slot). Device work only (no host reads), so it can run inside a CUDA graph."""
         self.cache.bind(slots, kv_len)
         mask = attention_mask(self.config, slots, kv_len, self.attn, self.dtype)
         positions = slots if self.max_position is None else slots.clamp(max=self.max_position)
         kwargs = {"logits_to_keep": keep} if self.keep_arg else {}
         fwd = self.step_model if ids.shape[1] == 1 else self.model
-        out = fwd(input_ids=ids, attention_mask=mask, position_ids=positions,
-                  past_key_values=self.cache, use_cache=True, **kwargs).logits
+        with selected(self.config, self.attention):
+            out = fwd(input_ids=ids, attention_mask=mask, position_ids=positions,
+                      past_key_values=self.cache, use_cache=True, **kwargs).logits
         return out if self.keep_arg else out[:, -keep:]
 
     def prefill(self, tokens: torch.Tensor, upto: list[int]) -> None:
-        """Feed each row ``b`` its tokens ``tokens[b, seen_b : upto_b]`` (rows right-padded to
+        """Feed each row ``b`` its tokens ``tokens[b, seen_b : upto_b]`` (rows left-padded to
         one width, the padding written to the trash slot); the logits are not needed."""
         counts = [u - s for u, s in zip(upto, self.seen)]
         n = max(counts)
         if n > 0:
             device = tokens.device
             col = torch.arange(n, device=device)
-            real = col < torch.tensor(counts, device=device)[:, None]
+            pad = n - torch.tensor(counts, device=device)[:, None]
             start = torch.tensor(self.seen, device=device)[:, None]
-            slots = torch.where(real, start + col, self.cache.trash_slot)
+            slots = torch.where(col >= pad, start + col - pad, self.cache.trash_slot)
             self.forward(tokens.gather(1, slots), slots, max(upto), 1)
         self.seen = list(upto)
 
@@ -221,6 +228,10 @@ class Engine:
             call, all-greedy or not), replayed. None (default): on when the models are on a
             CUDA device and ``compile_drafter`` is off. With ``top_k`` / ``top_p`` the captured
             keep bounds come from one full sort per row (no host read).
+        attention: None (default): the models' own attention (PyTorch SDPA or eager) with the
+            engine's explicit masks; ``"flash_attn"``: flash-attn's ``flash_attn_with_kvcache``
+            over heads-last caches with per-row ``cache_seqlens`` (fp16/bf16 models on CUDA,
+            flash-attn installed; see :mod:`speccascade_fast.attention`).
 
     Example:
         >>> engine = Engine(drafter, verifier, max_batch_size=4, max_seq_len=1024,
@@ -233,7 +244,7 @@ class Engine:
                  rule: str | None = None, alpha: float | None = None, gamma: int = 5,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  bonus: str = "cascade", backend: str = "auto", compile_drafter: bool = False,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, attention: str | None = None):
         self.cfg = _config(method, rule, alpha, gamma, temperature, top_k, top_p, bonus, None,
                            "prob", backend)
         if method not in METHODS:
@@ -241,8 +252,9 @@ class Engine:
                              f"{', '.join(METHODS)} (use speccascade_fast.generate for the rest)")
         drafter, verifier = _check_models(method, _loaded(drafter), _loaded(verifier))
         models = [m for m in (drafter, verifier) if m is not None]
+        check_backend(attention, models)
         for m in models:
-            why = unsupported_reason(m)
+            why = unsupported_reason(m, attention)
             if why is not None:
                 raise ValueError(f"{type(m).__name__}: {why}")
         if not isinstance(compile_drafter, bool):
@@ -262,9 +274,11 @@ class Engine:
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         # slot i holds position i; past max_seq_len: the last block's drafts, then the trash slot
         self.slots = max_seq_len + self.cfg.gamma + 2
-        self.q = (_SlotModel(drafter, max_batch_size, self.slots, compile_steps=compile_drafter)
-                  if drafter is not None else None)
-        self.p = _SlotModel(verifier, max_batch_size, self.slots) if verifier is not None else None
+        self.attention = attention
+        self.q = (_SlotModel(drafter, max_batch_size, self.slots, compile_steps=compile_drafter,
+                             attention=attention) if drafter is not None else None)
+        self.p = (_SlotModel(verifier, max_batch_size, self.slots, attention=attention)
+                  if verifier is not None else None)
         self.device = _device(models[0])
         self.cuda_graphs = self._graphs_setting(cuda_graphs, compile_drafter)
         # graphs need fixed shapes: every call then attends over the whole cache (stale slots

@@ -53,3 +53,23 @@ def one_torch_thread():
     yield
     torch.set_num_threads(old)
 
+
+
+@pytest.fixture
+def flash_stand_in(monkeypatch):
+    """``import flash_attn`` gives the torch stand-in (tests/flash_attn_stand_in.py), which may
+    run fp32 models on the CPU; yields its call counter."""
+    import sys
+
+    import torch
+
+    from speccascade_fast import attention
+
+    from . import flash_attn_stand_in
+
+    monkeypatch.setitem(sys.modules, "flash_attn", flash_attn_stand_in)
+    monkeypatch.setattr(attention, "FLASH_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(attention, "FLASH_DTYPES", (torch.float32,))
+    attention._flash_kernel.cache_clear()
+    yield flash_attn_stand_in.CALLS
+    attention._flash_kernel.cache_clear()

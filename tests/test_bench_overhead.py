@@ -23,7 +23,7 @@ def test_measure_times_every_block_and_the_models_alone():
     assert r["tokens"] == 24  # EOS never stops a row
     assert 3 <= r["blocks"] <= 12  # 1 to gamma + 1 tokens per row and block
     assert r["block_ms"] > 0 and r["model_block_ms"] > 0 and r["non_model_share"] < 1
-    assert markdown([r]).splitlines()[-1].startswith("| 2 | 3 | off | ")
+    assert markdown([r]).splitlines()[-1].startswith("| 2 | 3 | off | sdpa | ")
 
 
 def test_the_real_shapes_and_the_command(tmp_path, capsys):
@@ -39,3 +39,14 @@ def test_the_real_shapes_and_the_command(tmp_path, capsys):
     assert "non-model share" in (out / "overhead.md").read_text()
     with pytest.raises(SystemExit, match="--overrides"):
         main(["--overrides", "[1]"])
+
+
+def test_attention_rows(tmp_path, flash_stand_in):
+    """``--attention both``: one row with SDPA, one with flash-attn's kernel (here its stand-in)."""
+    out = tmp_path / "o"
+    assert main(["--device", "cpu", "--dtype", "float32", "--batch", "1", "--gamma", "2",
+                 "--prompt-len", "4", "--new-tokens", "6", "--repeats", "1", "--out", str(out),
+                 "--attention", "both", "--overrides", json.dumps(TINY)]) == 0
+    rows = json.loads((out / "overhead.json").read_text())["rows"]
+    assert [r["attention"] for r in rows] == ["sdpa", "flash_attn"] and flash_stand_in[0] > 0
+    assert rows[0]["tokens"] == rows[1]["tokens"] == 6

@@ -95,12 +95,13 @@ def _model_block_seconds(engine: Engine, batch: int, context: int, repeats: int)
 
 def measure(drafter, verifier, *, batch: int = 1, gamma: int = 5, prompt_len: int = 128,
             new_tokens: int = 64, repeats: int = 3, cuda_graphs: bool | None = None,
-            seed: int = 0) -> dict:
+            seed: int = 0, attention: str | None = None) -> dict:
     """One configuration: ``batch`` random prompts of ``prompt_len`` tokens, ``new_tokens``
     each, greedy ``spec``; a warm-up ``generate`` (captures the graphs), then ``repeats``
     timed ones. Returns the figures described in the module docstring."""
     engine = Engine(drafter, verifier, max_batch_size=batch, max_seq_len=prompt_len + new_tokens,
-                    rule="spec", gamma=gamma, temperature=0.0, cuda_graphs=cuda_graphs)
+                    rule="spec", gamma=gamma, temperature=0.0, cuda_graphs=cuda_graphs,
+                    attention=attention)
     device = engine.device
     g = torch.Generator().manual_seed(seed)
     vocab = verifier.config.vocab_size
@@ -130,7 +131,8 @@ def measure(drafter, verifier, *, batch: int = 1, gamma: int = 5, prompt_len: in
     tokens = out.stats["tokens"]
     return {
         "batch": batch, "gamma": gamma, "prompt_len": prompt_len, "new_tokens": new_tokens,
-        "device": str(device), "cuda_graphs": engine.cuda_graphs, "blocks": len(blocks),
+        "device": str(device), "cuda_graphs": engine.cuda_graphs,
+        "attention": attention or "sdpa", "blocks": len(blocks),
         "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
         "block_ms": 1e3 * block, "ms_per_token": 1e3 * wall / tokens,
         "model_block_ms": 1e3 * model, "non_model_share": 1 - model / block,
@@ -138,11 +140,12 @@ def measure(drafter, verifier, *, batch: int = 1, gamma: int = 5, prompt_len: in
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| batch | γ | CUDA graphs | blocks | ms / block | model ms / block | non-model share "
-             "| ms / token | tokens/s |", "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: "
-             "| ---: |"]
+    lines = ["| batch | γ | CUDA graphs | attention | blocks | ms / block | model ms / block "
+             "| non-model share | ms / token | tokens/s |",
+             "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['batch']} | {r['gamma']} | {'on' if r['cuda_graphs'] else 'off'} | "
+                     f"{r.get('attention', 'sdpa')} | "
                      f"{r['blocks']} | {r['block_ms']:.2f} | {r['model_block_ms']:.2f} | "
                      f"{100 * r['non_model_share']:.1f} % | {r['ms_per_token']:.2f} | "
                      f"{r['tokens_per_s']:.1f} |")
@@ -160,6 +163,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--graphs", choices=("auto", "on", "off", "both"), default="auto",
                     help="CUDA graphs: the engine's default, forced on/off, or both rows")
+    ap.add_argument("--attention", choices=("sdpa", "flash_attn", "both"), default="sdpa",
+                    help="the engine's attention: PyTorch SDPA, flash-attn's kernel, or both rows")
     ap.add_argument("--out", default=None, help="folder for overhead.json and overhead.md")
     ap.add_argument("--overrides", default="{}", metavar="JSON",
                     help="config fields to replace in both models (a smoke run: "
@@ -179,13 +184,16 @@ def main(argv=None) -> int:
     drafter = random_model("0.5b", device=args.device, dtype=dtype, seed=0, **overrides)
     verifier = random_model("1.5b", device=args.device, dtype=dtype, seed=1, **overrides)
     graphs = {"auto": [None], "on": [True], "off": [False], "both": [False, True]}[args.graphs]
+    attentions = {"sdpa": [None], "flash_attn": ["flash_attn"],
+                  "both": [None, "flash_attn"]}[args.attention]
     rows = []
     for batch in args.batch:
         for g in graphs:
-            rows.append(measure(drafter, verifier, batch=batch, gamma=args.gamma,
-                                prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                                repeats=args.repeats, cuda_graphs=g))
-            print(markdown(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+            for a in attentions:
+                rows.append(measure(drafter, verifier, batch=batch, gamma=args.gamma,
+                                    prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                    repeats=args.repeats, cuda_graphs=g, attention=a))
+                print(markdown(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     table = markdown(rows)
     print(table)
     if args.out:
