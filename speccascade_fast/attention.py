@@ -48,10 +48,13 @@ def attention_mask(config, positions: torch.Tensor, kv_len: int, attn: str, dtyp
 
     Returns a ``[B, 1, n, kv_len]`` mask in the format of ``attn`` (boolean for ``sdpa``, additive
     for ``eager``), or for models with sliding-window layers a dict ``{layer type: mask}``; for
-    ``attn="flash_attn"`` the per-row lengths ``cache_seqlens`` as int32 ``[B, 1, 1, 1]``.
+    ``attn="flash_attn"`` the per-row lengths ``cache_seqlens`` as int32 ``[B, 1, 1, 1]``
+    (``positions[b, -1] + 1``, at most ``kv_len``: the kernel must not read past the view).
     """
-    if attn == "flash_attn":
-        return (positions[:, -1] + 1).to(torch.int32).reshape(-1, 1, 1, 1)
+    if attn == "flash_attn":  # a row of padding only (a 1-token prompt's prefill) ends at the
+        # trash slot: clamped into the cache view, its garbage output is never read
+        lengths = (positions[:, -1] + 1).clamp(max=kv_len)
+        return lengths.to(torch.int32).reshape(-1, 1, 1, 1)
     j = torch.arange(kv_len, device=positions.device)
     pos = positions[:, None, :, None]
     masks = {"full_attention": j <= pos}

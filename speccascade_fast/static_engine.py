@@ -329,10 +329,11 @@ class Engine:
                      self._per_row("alpha", alpha, B), budgets,
                      _eos_ids(eos_token_id, self.verifier, self.drafter))
         with torch.inference_mode():
+            prefill_start = time.perf_counter()
             rows.prefill()
             if self.device is not None and self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # prefill_s is the prefill's device time
-            prefill_s = time.perf_counter() - start
+            prefill_s = time.perf_counter() - prefill_start
             while rows.size:
                 if cfg.method == "spec_cascade":
                     self._block(rows)

@@ -31,6 +31,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         raise NotImplementedError("the stand-in covers only what the engine passes")
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     assert cache_seqlens is not None and cache_seqlens.dtype == torch.int32
+    # the kernel reads k_cache[b, :cache_seqlens[b]]: past the cache is out of bounds
+    assert 0 <= int(cache_seqlens.min()) and int(cache_seqlens.max()) <= k_cache.shape[1]
     CALLS[0] += 1
     B, sq, H, D = q.shape
     group = H // k_cache.shape[2]

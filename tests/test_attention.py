@@ -71,6 +71,22 @@ def test_flash_attn_sliding_windows_and_a_reused_engine(flash_stand_in):
         assert flash.new_tokens == sdpa.new_tokens
 
 
+@pytest.mark.parametrize("graphs_shapes", [False, True])
+def test_flash_attn_one_token_prompt(pair, flash_stand_in, graphs_shapes, monkeypatch):
+    """A 1-token prompt has nothing to prefill: its prefill row is all padding, at the trash
+    slot; its cache_seqlens must stay inside the cache view (eager and fixed CUDA-graph shapes,
+    which attend over the whole cache)."""
+    ids, mask = left_padded([[7], [3, 5, 7, 9]])
+    kw = dict(max_batch_size=2, max_seq_len=24, rule="spec", gamma=3, temperature=1.0)
+    out = []
+    for a in ("flash_attn", None):
+        engine = Engine(*pair, attention=a, **kw)
+        engine._full_kv = graphs_shapes  # what cuda_graphs=True attends over, without a GPU
+        out.append(engine.generate(ids, attention_mask=mask, max_new_tokens=12, seed=[1, 2],
+                                   eos_token_id=[]).new_tokens)
+    assert out[0] == out[1]
+
+
 def test_heads_last_cache_returns_the_same_views():
     """Both layouts hold the same keys and hand HF the same [B, H, kv_len, D] tensors."""
     torch.manual_seed(0)

@@ -162,3 +162,22 @@ def test_hf_gets_its_own_draft_length(monkeypatch):
     assert seen["ours:spec greedy"] == 3
     assert seen["hf:assisted greedy"] == 5 and seen["hf:assisted T=1"] == 5
     assert result["settings"]["hf_gamma"] == 5
+
+
+def test_model_clock():
+    """Calls and seconds per model; no models (the compiled rows) or a model off the CPU: no
+    model time (on CUDA a call's host time is not the model's)."""
+    lin = torch.nn.Linear(2, 2)
+    with e2e._ModelClock(lin) as clock:
+        lin(torch.ones(2))
+        lin(torch.ones(2))
+    assert clock.calls == [2] and len(clock.times[0]) == 2 and clock.model_s > 0
+    lin(torch.ones(2))  # the hooks are gone
+    assert clock.calls == [2]
+    with e2e._ModelClock() as clock:
+        pass
+    assert clock.model_s is None
+    meta = torch.nn.Linear(2, 2, device="meta")
+    with e2e._ModelClock(meta) as clock:
+        meta(torch.ones(2, device="meta"))
+    assert clock.calls == [1] and clock.model_s is None

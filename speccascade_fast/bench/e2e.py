@@ -115,8 +115,9 @@ def run_ours(name, drafter, verifier, prompts, *, batch, max_new_tokens, pad, wa
     roles = {"drafter": engine.drafter, "verifier": engine.verifier}
     roles = {k: m for k, m in roles.items() if m is not None}
     decode = {k: [0, 0.0] for k in roles}
-    timed = not settings.get("compile_drafter")  # hooks must not enter compiled code
-    with _ModelClock(*roles.values(), enabled=timed) as clock:
+    # no hooks on compiled models (dynamo would trace them)
+    timed = [] if settings.get("compile_drafter") else list(roles.values())
+    with _ModelClock(*timed) as clock:
         start = time.perf_counter()
         for chunk in _chunks(prompts, batch):
             ids, mask = _left_pad(chunk, pad)
@@ -129,7 +130,7 @@ def run_ours(name, drafter, verifier, prompts, *, batch, max_new_tokens, pad, wa
             drafted += out.stats["drafted"]
             prefill += out.stats["prefill_s"]
             outputs += out.new_tokens
-            for i, role in enumerate(roles if len(chunk) == 1 else ()):
+            for i, role in enumerate(roles if timed and len(chunk) == 1 else ()):
                 n = out.stats[role + "_calls"]  # one row: the counts are forward calls
                 decode[role][0] += n
                 decode[role][1] += sum(clock.times[i][len(clock.times[i]) - n:])
@@ -144,13 +145,13 @@ def run_ours(name, drafter, verifier, prompts, *, batch, max_new_tokens, pad, wa
 class _ModelClock:
     """Forward calls per model and the seconds spent inside them (hooks, removed on exit).
 
-    ``model_s`` is None unless ``enabled`` and every model is on the CPU: there a forward call's
-    host time is the model's time; on CUDA it is only the launches'."""
+    ``model_s`` is None unless there are models and every one is on the CPU: there a forward
+    call's host time is the model's time; on CUDA it is only the launches'."""
 
-    def __init__(self, *models, enabled: bool = True):
+    def __init__(self, *models):
         self.models = list(models)
         self.calls = [0] * len(self.models)
-        self.enabled = enabled and all(
+        self.enabled = bool(self.models) and all(
             next(m.parameters()).device.type == "cpu" for m in self.models)
         self.seconds = 0.0
         self.times: list[list[float]] = [[] for _ in self.models]  # since the last clear()
