@@ -88,6 +88,10 @@ def add_generate_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--attention", default="sdpa", choices=("sdpa", "flash_attn"),
+                   help="the batched engine's attention: the models' own (PyTorch SDPA) or "
+                        "flash-attn's flash_attn_with_kvcache (CUDA, fp16/bf16, flash-attn "
+                        "installed)")
     p.add_argument("--quiet", action="store_true", help="no loading progress on stderr")
     p.set_defaults(func=generate_command)
     return p
@@ -108,7 +112,8 @@ def generate_command(args: argparse.Namespace) -> int:
         drafter, verifier, enc["input_ids"].to(device),
         attention_mask=enc.get("attention_mask"), method=args.method, rule=args.rule,
         alpha=args.alpha, gamma=args.gamma, bonus=args.bonus, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
+        attention=None if args.attention == "sdpa" else args.attention)
     completion = tokenizer.decode(out.new_tokens[0], skip_special_tokens=True)
     if args.json:
         print(json.dumps({"completion": completion, "new_tokens": out.new_tokens[0],

@@ -74,6 +74,15 @@ def test_json_greedy_spec_matches_verifier(folders, capsys):
     assert s["tokens"] == len(out["new_tokens"]) and s["verifier_calls"] >= 1
 
 
+def test_flash_attention_flag(folders, capsys, flash_stand_in):
+    """``--attention flash_attn`` reaches the engine (here flash-attn's torch stand-in)."""
+    args = ["w1 w2 w3", *_base(folders), "--temperature", "1", "--seed", "3", "--json"]
+    sdpa = json.loads(_run(capsys, *args))
+    before = flash_stand_in[0]
+    flash = json.loads(_run(capsys, *args, "--attention", "flash_attn"))
+    assert flash_stand_in[0] > before and flash["new_tokens"] == sdpa["new_tokens"]
+
+
 def test_text_output_defaults_and_chat(folders, capsys):
     lines = _run(capsys, "w4 w5", *_base(folders), "--temperature", "1", "--seed", "3")
     lines = lines.rstrip("\n").split("\n")
@@ -93,6 +102,9 @@ def test_bad_arguments_exit(folders, capsys):
         cli.main(["generate", "w1", "--method", "beam"])
     with pytest.raises(ValueError, match="gamma"):
         cli.main(["generate", "w1", *_base(folders), "--gamma", "0"])
+    # fp32 models on the CPU (and no flash-attn here): a clear error, not a crash in a kernel
+    with pytest.raises(ValueError, match="attention='flash_attn'"):
+        cli.main(["generate", "w1", *_base(folders), "--attention", "flash_attn"])
     with pytest.raises(SystemExit):
         cli.main([])
 
