@@ -73,3 +73,12 @@ def flash_stand_in(monkeypatch):
     attention._flash_kernel.cache_clear()
     yield flash_attn_stand_in.CALLS
     attention._flash_kernel.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """The default tiny fp32 (drafter, verifier) Llama pair of ``tests.test_engine.tiny_pair``,
+    built once per module (a module may define its own ``pair``)."""
+    from .test_engine import tiny_pair
+
+    return tiny_pair()

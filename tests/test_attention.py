@@ -18,15 +18,10 @@ from speccascade_fast import Engine, attention, generate
 from speccascade_fast.kv_cache import SlotCache
 
 from . import flash_attn_stand_in
-from .test_engine import PROMPTS, left_padded, tiny_pair
+from .test_engine import PROMPTS, left_padded
 from .test_static_engine import _qwen2_pair
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def pair():
-    return tiny_pair()
 
 
 CASES = [

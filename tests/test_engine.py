@@ -51,11 +51,6 @@ def left_padded(prompts, pad=PAD):
 
 
 @pytest.fixture(scope="module")
-def pair():
-    return tiny_pair()
-
-
-@pytest.fixture(scope="module")
 def greedy(pair):
     """HF greedy new tokens of each prompt: ``{"verifier": [...], "drafter": [...]}``."""
     out = {}

@@ -43,11 +43,6 @@ class Recorder:
             return body(*inputs)
 
 
-@pytest.fixture(scope="module")
-def pair():
-    return tiny_pair()
-
-
 CASES = [
     dict(rule="spec", temperature=0.0),
     dict(rule="token_v3", alpha=0.3, temperature=1.0),

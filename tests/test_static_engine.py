@@ -26,14 +26,9 @@ from transformers import (
 from speccascade_fast import Engine, generate
 
 from .helpers import noisy_drafter
-from .test_engine import PROMPTS, left_padded, tiny_pair
+from .test_engine import PROMPTS, left_padded
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def pair():
-    return tiny_pair()
 
 
 COUNTS = ("tokens", "verifier_calls", "drafted", "accepted", "rejected", "deferred", "blocks",
