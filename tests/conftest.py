@@ -54,7 +54,6 @@ def one_torch_thread():
     torch.set_num_threads(old)
 
 
-
 @pytest.fixture
 def flash_stand_in(monkeypatch):
     """``import flash_attn`` gives the torch stand-in (tests/flash_attn_stand_in.py), which may

@@ -3,10 +3,10 @@
 Grid ``(B * (gamma + 1), S)``. Program (n, s) reads slice s of the drafter row ``q`` and the
 verifier row ``p`` of position n = b * (gamma + 1) + j (no ``q`` for j = gamma with
 bonus="verifier"; in the ragged layout gamma is the longest request's and a request's positions
-past its own gamma_b + 1 read nothing) and writes the per-slice statistics described in :mod:`.common`: the max, the
-argmax (lowest id), ``Σexp`` at T and at 1 and the entropy-type sum, online over BLOCK-wide chunks
-in float32. It also resets the per-sequence workspace of the resample stage (two race maxima and an
-arrival counter, int64).
+past its own gamma_b + 1 read nothing) and writes the per-slice statistics described in
+:mod:`.common`: the max, the argmax (lowest id), ``Σexp`` at T and at 1 and the entropy-type sum,
+online over BLOCK-wide chunks in float32. It also resets the per-sequence workspace of the
+resample stage (two race maxima and an arrival counter, int64).
 """
 from __future__ import annotations
 
