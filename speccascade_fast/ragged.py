@@ -63,9 +63,9 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
             (``bonus="verifier"``: it is drawn from pT).
         backend: ``"auto"``, ``"reference"`` (each request verified on its own, padded:
             exactly what :func:`speccascade_fast.verify` returns for it), ``"cpu"`` (one fused
-            op call over the flattened rows, no copy), ``"triton"`` (the same 2-3 launches as
-            the padded layout, reading the flattened rows where they lie), or ``"cuda"`` (each
-            request through that backend on its own padded slice: no ragged CUDA kernel yet).
+            op call over the flattened rows, no copy), ``"triton"`` or ``"cuda"`` (the same 2-3
+            launches as the padded layout, reading the flattened rows where they lie). Float64
+            logits go to ``"reference"`` on every backend but ``"triton"``.
 
     Returns:
         :class:`VerifyOutput` with ``tokens`` int64 ``[B, max_gamma + 1]`` (accepted drafts, the
@@ -130,12 +130,12 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
 
     name = backends.available(device)[0] if backend == "auto" else backend
     backends.get(name, device)  # raises a ValueError naming the available backends
-    if name == "cpu":
-        from .backends import cpu
+    if name in ("cpu", "cuda"):  # one fused op call (C++ / CUDA C++) over the flattened rows
+        from .backends import cpu, cuda
 
         more = [bonus_draft_logits] if bonus_draft_logits is not None else []
         if cpu.handles(draft_logits, target_logits, top_k, top_p, *more):
-            return cpu.verify_ragged(
+            return (cpu if name == "cpu" else cuda).verify_ragged(
                 draft_logits, draft_tokens, target_logits, cu, bonus_draft_logits, rule=rule,
                 alpha=alpha_b, temperature=temperature_b, seed=seed_b, positions=positions_b,
                 top_k=top_k, top_p=top_p,

@@ -4,6 +4,8 @@ run in tests/gpu/test_cuda_backend.py):
 * on the CPU it is never offered, and asking for it is a clear ValueError naming it;
 * calls it does not cover (fp64 logits) go to the reference before any device check, exactly
   as in the cpu backend; truncated ones (top-k / top-p: keep bounds in the kernel) do not;
+* ``verify_ragged(backend="cuda")`` hands covered calls, whole and normalised, to the fused
+  ragged op (``cuda.verify_ragged``), and fp64 ones to the reference;
 * the rule ids compiled into csrc/cuda (the enum of verify.cu, the name table of
   verify_cuda.cpp) are speccascade_fast.rules.RULES in order, as the Python side sends
   ``RULES.index(rule)``.
@@ -56,6 +58,58 @@ def test_module_rejects_cpu_tensors_by_name():
                 seed=torch.arange(2), positions=torch.zeros(2, dtype=torch.int64))
     with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
         cuda.verify(q, x, p, **args)
+
+
+def test_ragged_module_rejects_cpu_tensors_by_name():
+    q, x, p = _block()
+    args = dict(rule="spec", alpha=torch.zeros(2, dtype=torch.float64),
+                temperature=torch.ones(2, dtype=torch.float64),
+                seed=torch.arange(2), positions=torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+        cuda.verify_ragged(q[0, :3].contiguous(), x[0], torch.cat([p[0], p[1, :2]]),
+                           torch.tensor([0, 2, 3]), None, **args)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_ragged_api_routes_cuda_to_the_fused_op(monkeypatch, dtype):
+    """With the cuda backend "available" (patched, as on a GPU machine), verify_ragged sends a
+    covered call to the fused ragged op in one piece, and an fp64 call to the reference."""
+    from speccascade_fast import ragged
+
+    monkeypatch.setattr(backends, "available",
+                        lambda device=None: ("cuda", "cpu", "reference"))
+    calls = []
+
+    def fake(*args, **kwargs):
+        calls.append((args, kwargs))
+        return reference_out
+
+    monkeypatch.setattr(cuda, "verify_ragged", fake)
+    g = torch.Generator().manual_seed(4)
+    V, cu = 40, torch.tensor([0, 2, 5])
+    q = torch.randn(5, V, generator=g).to(dtype)
+    p = torch.randn(7, V, generator=g).to(dtype)
+    bonus = torch.randn(2, V, generator=g).to(dtype)
+    x = torch.randint(0, V, (5,), generator=g)
+    f64 = dict(dtype=torch.float64)
+    kw = dict(rule="token_v3", alpha=torch.tensor([0.2, 0.4], **f64),
+              temperature=torch.tensor([0.0, 0.9], **f64), seed=torch.tensor([3, 4]),
+              positions=torch.tensor([10, 20]), bonus_draft_logits=bonus)
+    reference_out = ragged.verify_ragged(q, x, p, cu, backend="reference", **kw)
+    got = ragged.verify_ragged(q, x, p, cu, backend="cuda", top_k=7, **kw)
+    if dtype == torch.float64:
+        assert not calls
+        want = ragged.verify_ragged(q, x, p, cu, backend="reference", top_k=7, **kw)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        return
+    assert got is reference_out and len(calls) == 1
+    args, kwargs = calls[0]
+    assert args[0] is q and args[1] is x and args[2] is p and args[4] is bonus
+    assert args[3].tolist() == [0, 2, 5]
+    assert kwargs["rule"] == "token_v3" and kwargs["top_k"] == 7 and kwargs["top_p"] is None
+    assert kwargs["alpha"].tolist() == [0.2, 0.4]
+    assert kwargs["temperature"].tolist() == [0.0, 0.9]
+    assert kwargs["seed"].tolist() == [3, 4] and kwargs["positions"].tolist() == [10, 20]
 
 
 @pytest.mark.parametrize("kw", [dict(top_k=5), dict(top_p=0.9)])

@@ -1,4 +1,5 @@
-// Fused speculative-cascade verification on CUDA: the "cuda" backend (verify_padded).
+// Fused speculative-cascade verification on CUDA: the "cuda" backend (verify_padded and
+// verify_ragged: one set of kernels for both layouts, see rows_of).
 //
 // Semantics: exactly csrc/cpu/verify_cpu.cpp (hence speccascade_fast/backends/reference.py):
 // Algorithm 4 towards each rule's target, the counter-based RNG of rng.h keyed identically
@@ -10,7 +11,10 @@
 //
 // Launch structure (no host synchronisation, fixed grids: CUDA-graph capturable). The vocabulary
 // is cut into S slices of SLICE logits (SLICE = a power of two in [1024, 8192], about V / 32, so
-// that B = 1 still fills the GPU); NPOS = B (gamma + 1) positions.
+// that B = 1 still fills the GPU); NPOS = B (gamma + 1) positions. In the ragged layout (vLLM's
+// flattened rows, per-request gamma_b) the grid is the same with gamma = max gamma_b, and the
+// positions j > gamma_b of request b do nothing (launch 1 and 2 return at once, launch 3 never
+// reads them); rows_of / x_at / gamma_of are the only code that tells the layouts apart.
 //
 //   1. stats_kernel        grid (NPOS, S), 256 threads. Per (position, slice), for the draft row q
 //                          and the target row p: the slice max and its lowest argmax (first sweep),
@@ -94,21 +98,66 @@ __device__ __forceinline__ float ld(const void* base, int dt, int64_t i) {
   return __half2float(__ushort_as_half(h));
 }
 
+// ---- the two layouts -------------------------------------------------------------------------
+// Every kernel works on the padded grid of B (gamma + 1) positions; in the ragged layout
+// (a.cu set, gamma = the largest gamma_b) the positions j > gamma_b of request b are inactive:
+// no kernel reads their rows or their workspace entries. These three functions are the only
+// places that know where a position's rows and draft token lie.
+
+// Request b's number of drafts.
+__device__ __forceinline__ int64_t gamma_of(const sc_verify_args& a, int64_t b) {
+  return a.cu == nullptr ? a.gamma : a.cu[b + 1] - a.cu[b];
+}
+
+// The draft token of request b at position j < gamma_of(a, b).
+__device__ __forceinline__ int64_t x_at(const sc_verify_args& a, int64_t b, int64_t j) {
+  return a.cu == nullptr ? a.x[b * a.x_sb + j * a.x_sj] : a.x[(a.cu[b] + j) * a.x_sj];
+}
+
 struct Rows {
+  const void* q;         // the draft row's tensor (the bonus tensor at a ragged bonus position)
+  int q_dt;              // its enum sc_dtype
   int64_t q_off, p_off;  // element offsets of the two rows of one position
-  bool has_q;
+  bool active;           // j <= gamma_of(a, b)
+  bool has_q;            // a draft row exists (j < gamma_b, or j == gamma_b with bonus="cascade")
   KeepBound kq, kp;      // top-k / top-p: what qT / pT keep (every token without truncation)
 };
 
 __device__ __forceinline__ Rows rows_of(const sc_verify_args& a, int64_t b, int64_t j) {
   Rows r;
-  r.has_q = j < a.rq;
-  r.q_off = r.has_q ? b * a.q_sb + j * a.q_sj : 0;
-  r.p_off = b * a.p_sb + j * a.p_sj;
-  const int64_t G1 = a.gamma + 1;
-  r.kq = KeepBound::from(a.q_keep != nullptr && r.has_q ? a.q_keep + 2 * (b * a.rq + j) : nullptr,
-                         a.V);
-  r.kp = KeepBound::from(a.p_keep != nullptr ? a.p_keep + 2 * (b * G1 + j) : nullptr, a.V);
+  r.q = a.q;
+  r.q_dt = a.q_dtype;
+  r.q_off = 0;
+  const double* kq = nullptr;
+  const double* kp = nullptr;
+  if (a.cu == nullptr) {
+    r.active = true;
+    r.has_q = j < a.rq;
+    if (r.has_q) {
+      r.q_off = b * a.q_sb + j * a.q_sj;
+      if (a.q_keep != nullptr) kq = a.q_keep + 2 * (b * a.rq + j);
+    }
+    r.p_off = b * a.p_sb + j * a.p_sj;
+    if (a.p_keep != nullptr) kp = a.p_keep + 2 * (b * (a.gamma + 1) + j);
+  } else {
+    const int64_t c = a.cu[b], g = a.cu[b + 1] - c;
+    r.active = j <= g;
+    r.has_q = j < g || (j == g && a.rq == a.gamma + 1);
+    if (j < g) {
+      r.q_off = (c + j) * a.q_sj;
+      if (a.q_keep != nullptr) kq = a.q_keep + 2 * (c + j);
+    } else if (r.has_q) {  // the bonus position, bonus="cascade"
+      r.q = a.qb;
+      r.q_dt = a.qb_dtype;
+      r.q_off = b * a.qb_sb;
+      if (a.qb_keep != nullptr) kq = a.qb_keep + 2 * b;
+    }
+    const int64_t row = c + b + (r.active ? j : 0);  // (an inactive position reads no row)
+    r.p_off = row * a.p_sj;
+    if (a.p_keep != nullptr && r.active) kp = a.p_keep + 2 * row;
+  }
+  r.kq = KeepBound::from(kq, a.V);
+  r.kp = KeepBound::from(kp, a.V);
   return r;
 }
 
@@ -230,6 +279,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = n / G1, j = n % G1;
   if (j == 0 && s == 0 && threadIdx.x == 0) counters[b] = 0u;  // launch 3's arrival counter
   const Rows R = rows_of(a, b, j);
+  if (!R.active) return;  // ragged: past this request's bonus position (uniform over the block)
   const double t = a.temperature[b];
   const double inv_t = t > 0.0 ? 1.0 / t : 1.0;
   const float inv_t_f = static_cast<float>(fmin(inv_t, static_cast<double>(FLT_MAX)));
@@ -242,7 +292,7 @@ __global__ void __launch_bounds__(kThreads)
   int aq = INT_MAX, ap = INT_MAX;
   for (int64_t v = lo + threadIdx.x; v < hi; v += kThreads) {
     if (R.has_q) {
-      const float x = ld(a.q, a.q_dtype, R.q_off + v);
+      const float x = ld(R.q, R.q_dt, R.q_off + v);
       if (x > mq) mq = x, aq = static_cast<int>(v);
     }
     const float y = ld(a.p, a.p_dtype, R.p_off + v);
@@ -255,7 +305,7 @@ __global__ void __launch_bounds__(kThreads)
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // q1 qt qh p1 pt ph cross cross_s
   float masked = -INFINITY;
   for (int64_t v = lo + threadIdx.x; v < hi; v += kThreads) {
-    const float x = R.has_q ? ld(a.q, a.q_dtype, R.q_off + v) : -INFINITY;
+    const float x = R.has_q ? ld(R.q, R.q_dt, R.q_off + v) : -INFINITY;
     const float y = ld(a.p, a.p_dtype, R.p_off + v);
     float eq = 0.0f;
     if (x > -INFINITY) {
@@ -381,9 +431,9 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t G1 = a.gamma + 1;
   const int64_t b = n / G1, j = n % G1;
   const double t = a.temperature[b];
-  const Rows R = rows_of(a, b, j);
   const bool lossy = a.rule == kLossy;
-  const bool need = t > 0.0 && R.has_q && (!lossy || (j == a.gamma && a.rq == G1));
+  const bool need = t > 0.0 && rows_of(a, b, j).has_q &&  // (has_q is false when inactive)
+                    (!lossy || (j == gamma_of(a, b) && a.rq == G1));
   if (!need) return;  // uniform over the block: before any barrier
   const double inv_t = 1.0 / t;
   const float inv_t_f = static_cast<float>(fmin(inv_t, static_cast<double>(FLT_MAX)));
@@ -393,6 +443,7 @@ __global__ void __launch_bounds__(kThreads)
     if (threadIdx.x == 0) s_info = X;
   }
   __syncthreads();
+  const Rows R = rows_of(a, b, j);  // (after the call: nothing of it lives across merge_pos)
   const PosInfo X = s_info;
   const float mq = X.mq, mp = X.mp;
   const float rq = static_cast<float>(1.0 / X.qt), rp = static_cast<float>(1.0 / X.pt);
@@ -404,7 +455,7 @@ __global__ void __launch_bounds__(kThreads)
     const float dm = static_cast<float>(static_cast<double>(mq) - mp);
     const float dl = static_cast<float>(log(X.qt) - log(X.pt));
     for (int64_t v = lo + threadIdx.x; v < hi; v += kThreads) {
-      const float xq = R.kq.apply(ld(a.q, a.q_dtype, R.q_off + v), v);
+      const float xq = R.kq.apply(ld(R.q, R.q_dt, R.q_off + v), v);
       const float xp = R.kp.apply(ld(a.p, a.p_dtype, R.p_off + v), v);
       const float pt = expf((xp - mp) * inv_t_f) * rp;
       if (pt > 0.0f) {  // (pT = 0: no contribution; also keeps -inf - -inf out)
@@ -418,7 +469,7 @@ __global__ void __launch_bounds__(kThreads)
     const double thr = token_thr(a.rule, alpha, X);
     const bool on_q = a.rule == kTokenV1;
     for (int64_t v = lo + threadIdx.x; v < hi; v += kThreads) {
-      const float xq = ld(a.q, a.q_dtype, R.q_off + v);
+      const float xq = ld(R.q, R.q_dt, R.q_off + v);
       const float xa = on_q ? xq : ld(a.p, a.p_dtype, R.p_off + v);
       if (!in_a_logit(xa, on_q ? mq : mp, thr))
         acc[0] += static_cast<double>(expf((R.kq.apply(xq, v) - mq) * inv_t_f) * rq);
@@ -426,7 +477,7 @@ __global__ void __launch_bounds__(kThreads)
   } else {  // lossy, bonus row: sum max(0, qT - c pT) and sum max(0, pT - qT)
     const float c = static_cast<float>(1.0 / (1.0 - alpha));
     for (int64_t v = lo + threadIdx.x; v < hi; v += kThreads) {
-      const float qt = expf((R.kq.apply(ld(a.q, a.q_dtype, R.q_off + v), v) - mq) * inv_t_f) * rq;
+      const float qt = expf((R.kq.apply(ld(R.q, R.q_dt, R.q_off + v), v) - mq) * inv_t_f) * rq;
       const float pt = expf((R.kp.apply(ld(a.p, a.p_dtype, R.p_off + v), v) - mp) * inv_t_f) * rp;
       const float x = qt - pt * c, y = pt - qt;
       acc[0] += static_cast<double>(x > 0.0f ? x : 0.0f);
@@ -456,7 +507,8 @@ __global__ void __launch_bounds__(kStarThreads)
   const int64_t b = n / G1, j = n % G1;
   const double t = a.temperature[b];
   const Rows R = rows_of(a, b, j);
-  if (!(t > 0.0) || !R.has_q) return;  // uniform over the block (T = 0: closed form in launch 3)
+  // uniform over the block (T = 0: closed form in launch 3; inactive positions have no q)
+  if (!(t > 0.0) || !R.has_q) return;
   const double inv_t = 1.0 / t;
   const float inv_t_f = static_cast<float>(fmin(inv_t, static_cast<double>(FLT_MAX)));
   const double c = 1.0 / (1.0 - a.alpha[b]);
@@ -471,7 +523,7 @@ __global__ void __launch_bounds__(kStarThreads)
 
   double dsum[1] = {0.0};
   for (int64_t v = threadIdx.x; v < a.V; v += kStarThreads) {
-    const float qt = expf((R.kq.apply(ld(a.q, a.q_dtype, R.q_off + v), v) - mq) * inv_t_f) * rq;
+    const float qt = expf((R.kq.apply(ld(R.q, R.q_dt, R.q_off + v), v) - mq) * inv_t_f) * rq;
     const float pt = expf((R.kp.apply(ld(a.p, a.p_dtype, R.p_off + v), v) - mp) * inv_t_f) * rp;
     const float w = qt - cf * pt;
     dsum[0] += static_cast<double>(w > 0.0f ? w : 0.0f);
@@ -491,7 +543,7 @@ __global__ void __launch_bounds__(kStarThreads)
         h[k] = 0.0;
       }
       for (int64_t v = threadIdx.x; v < a.V; v += kStarThreads) {
-        const float qt = expf((R.kq.apply(ld(a.q, a.q_dtype, R.q_off + v), v) - mq) * inv_t_f) * rq;
+        const float qt = expf((R.kq.apply(ld(R.q, R.q_dt, R.q_off + v), v) - mq) * inv_t_f) * rq;
         const float pt = expf((R.kp.apply(ld(a.p, a.p_dtype, R.p_off + v), v) - mp) * inv_t_f) * rp;
         if (qt < cf * pt) {
 #pragma unroll
@@ -631,7 +683,7 @@ __device__ void derive(const sc_verify_args& a, const Req& q, int64_t b, int64_t
       } else if (X.thr > 0.0) {
         X.eta = 1.0;  // A = nothing (l - m <= 0)
       } else if (t == 0.0) {
-        const float ql = ld(a.q, a.q_dtype, R.q_off + I.aq);
+        const float ql = ld(R.q, R.q_dt, R.q_off + I.aq);
         const float pl = ld(a.p, a.p_dtype, R.p_off + I.aq);
         X.eta = in_a_at(rule, X, ql, pl) ? 0.0 : 1.0;
       } else {
@@ -643,7 +695,7 @@ __device__ void derive(const sc_verify_args& a, const Req& q, int64_t b, int64_t
       X.sstar = t == 0.0 ? (I.aq == I.ap ? 0.0 : 1.0) : sstar[n];
       break;
     case kLossy:
-      if (j == a.gamma) {  // (has_q here: bonus="cascade")
+      if (j == gamma_of(a, b)) {  // (has_q here: bonus="cascade")
         if (t == 0.0) {
           X.rm = X.tot = I.aq == I.ap ? 0.0 : 1.0;
         } else {
@@ -664,7 +716,7 @@ __global__ void __launch_bounds__(kThreads)
     accept_kernel(sc_verify_args a, int64_t slice, int S, const SliceStats* __restrict__ ws,
                   const double* __restrict__ sums, const double* __restrict__ sstar,
                   Cand* __restrict__ cands, unsigned* __restrict__ counters) {
-  extern __shared__ PosFull s_pos[];  // gamma + 1 entries
+  extern __shared__ PosFull s_pos[];  // a.gamma + 1 entries (this request uses gamma + 1)
   __shared__ double s_score[32];
   __shared__ int64_t s_idx[32];
   __shared__ int s_r;
@@ -672,7 +724,8 @@ __global__ void __launch_bounds__(kThreads)
 
   const int64_t b = blockIdx.x;
   const int s = blockIdx.y;
-  const int64_t gamma = a.gamma, G1 = gamma + 1;
+  const int64_t G1 = a.gamma + 1;       // the padded width (workspace rows, output columns)
+  const int64_t gamma = gamma_of(a, b);  // this request's drafts (= a.gamma when padded)
   const int rule = a.rule;
   Req q;
   q.t = a.temperature[b];
@@ -680,31 +733,33 @@ __global__ void __launch_bounds__(kThreads)
   q.seed = a.seed[b];
   q.pos = a.positions[b];
   q.cascade = a.rq == G1;
+  const int64_t rows = q.cascade ? gamma + 1 : gamma;  // positions with a draft row
   const double inv_t = q.t > 0.0 ? 1.0 / q.t : 1.0;
   const bool cross = rule == kBild && q.t > 0.0;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
   // 1. merged statistics of the request's positions (one warp per position)
-  for (int64_t j = warp; j < G1; j += kWarps) {
-    const PosInfo X = merge_pos(ws, b * G1 + j, S, inv_t, cross && j < a.rq);
+  for (int64_t j = warp; j <= gamma; j += kWarps) {
+    const PosInfo X = merge_pos(ws, b * G1 + j, S, inv_t, cross && j < rows);
     if (lane == 0) s_pos[j].s = X;
   }
   __syncthreads();
   // 2. decisions (one thread per position)
-  for (int64_t j = threadIdx.x; j < G1; j += kThreads) derive(a, q, b, j, S, sums, sstar, s_pos[j]);
+  for (int64_t j = threadIdx.x; j <= gamma; j += kThreads)
+    derive(a, q, b, j, S, sums, sstar, s_pos[j]);
   __syncthreads();
   // 3. accept loop (thread 0): r = number of accepted drafts
   if (threadIdx.x == 0) {
     int r = static_cast<int>(gamma);
     for (int64_t j = 0; j < gamma; ++j) {
-      const int64_t x = a.x[b * a.x_sb + j * a.x_sj];
+      const int64_t x = x_at(a, b, j);
       if (x < 0 || x >= a.V) {  // (validated by the caller; never read out of bounds)
         r = static_cast<int>(j);
         break;
       }
       const PosFull& X = s_pos[j];
       const Rows R = rows_of(a, b, j);
-      const float ql = ld(a.q, a.q_dtype, R.q_off + x);
+      const float ql = ld(R.q, R.q_dt, R.q_off + x);
       const float pl = ld(a.p, a.p_dtype, R.p_off + x);
       const double u = uniform(row_key(q.seed, q.pos + j, kStreamAccept), 0);
       const double qt = prob_t(R.kq.apply(ql, x), X.s.mq, X.s.aq, X.s.qt, q.t, x);
@@ -739,7 +794,7 @@ __global__ void __launch_bounds__(kThreads)
     if (kind == kRaceVerifier) {
       w = pt;
     } else {
-      const float ql = ld(a.q, a.q_dtype, R.q_off + v);  // (kind != verifier: row r has q)
+      const float ql = ld(R.q, R.q_dt, R.q_off + v);  // (kind != verifier: row r has q)
       const double qt = prob_t(R.kq.apply(ql, v), X.s.mq, X.s.aq, X.s.qt, q.t, v);
       const bool ina = mode == kPiToken && in_a_at(rule, X, ql, pl);
       const double acc = accept_at(mode, ina, qt, pt, X, q.alpha);
@@ -802,22 +857,22 @@ __global__ void __launch_bounds__(kThreads)
 
   int64_t* tok = a.tokens + b * G1;
   uint8_t* def = a.deferred + b * G1;
-  for (int64_t j = 0; j < G1; ++j)
-    tok[j] = j < r ? a.x[b * a.x_sb + j * a.x_sj] : (j == r ? token : -1);
+  for (int64_t j = 0; j < G1; ++j) tok[j] = j < r ? x_at(a, b, j) : (j == r ? token : -1);
   a.num_accepted[b] = r;
-  const int64_t rows = q.cascade ? G1 : gamma;
   for (int64_t j = 0; j < G1; ++j) {
     bool d;
-    if (j >= rows) {
+    if (j > gamma) {
+      d = false;  // ragged: padding past this request's bonus position
+    } else if (j >= rows) {
       d = true;  // bonus="verifier": the bonus token comes from the verifier
     } else if (is_prefix(rule)) {
       d = s_pos[j].delta != 0;
     } else if (is_token(rule)) {
-      const int64_t v = j < gamma ? a.x[b * a.x_sb + j * a.x_sj] : token;
+      const int64_t v = j < gamma ? x_at(a, b, j) : token;
       const Rows Rj = rows_of(a, b, j);
       bool out_a = true;
       if (v >= 0 && v < a.V)
-        out_a = !in_a_at(rule, s_pos[j], ld(a.q, a.q_dtype, Rj.q_off + v),
+        out_a = !in_a_at(rule, s_pos[j], ld(Rj.q, Rj.q_dt, Rj.q_off + v),
                          ld(a.p, a.p_dtype, Rj.p_off + v));
       d = j < gamma ? out_a : (r == gamma && out_a);
     } else {
@@ -885,6 +940,10 @@ extern "C" cudaError_t sc_verify_padded_launch(const sc_verify_args* args, void*
   if (a.B < 1 || a.gamma < 1 || a.gamma > SC_VERIFY_MAX_GAMMA || a.V < 1 || a.V > INT_MAX ||
       (a.rq != a.gamma && a.rq != a.gamma + 1) || a.rule < 0 || a.rule >= kNumRules ||
       workspace == nullptr)
+    return cudaErrorInvalidValue;
+  // ragged: the bonus draft rows exist exactly for bonus="cascade"; padded: there are none
+  if (a.cu != nullptr ? (a.qb != nullptr) != (a.rq == a.gamma + 1)
+                      : (a.qb != nullptr || a.qb_keep != nullptr))
     return cudaErrorInvalidValue;
   const Layout L = layout(a);
   if (L.npos > INT_MAX || a.B > INT_MAX || L.S > 65535) return cudaErrorInvalidValue;

@@ -15,8 +15,8 @@ extern "C" {
 // Largest gamma the kernels take (the accept stage keeps gamma + 1 positions in shared memory).
 #define SC_VERIFY_MAX_GAMMA 255
 
-// One padded verification block, all pointers on one CUDA device. Strides are in elements;
-// the vocabulary dimension of both logits tensors must have unit stride.
+// One verification block (padded, or ragged: see cu below), all pointers on one CUDA device.
+// Strides are in elements; the vocabulary dimension of every logits tensor must have unit stride.
 typedef struct sc_verify_args {
   const void* q;  // draft logits [B, rq, V]
   int q_dtype;    // enum sc_dtype
@@ -36,6 +36,19 @@ typedef struct sc_verify_args {
   // [B, rq, 2] and [B, gamma + 1, 2], or NULL: no truncation of that model's rows
   const double* q_keep;
   const double* p_keep;
+  // The ragged layout of verify_ragged (vLLM's flattened rows), or cu = NULL: the padded layout
+  // above. With cu, request b has gamma_b = cu[b + 1] - cu[b] drafts (1 <= gamma_b <= gamma:
+  // gamma is their maximum; validated by the caller) and q_sb, p_sb, x_sb are unused: its draft
+  // rows are q + (cu[b] + j) q_sj, its tokens x[(cu[b] + j) x_sj], its target rows
+  // p + (cu[b] + b + j) p_sj (j <= gamma_b), its bonus draft row (bonus="cascade": rq = gamma + 1
+  // and qb set; bonus="verifier": rq = gamma and qb NULL) qb + b qb_sb; keep bounds, when given,
+  // are q_keep [N, 2], p_keep [N + B, 2], qb_keep [B, 2]. Outputs as above, [B, gamma + 1]: a
+  // request's columns past gamma_b + 1 hold token -1 and deferred 0.
+  const int64_t* cu;         // [B + 1], contiguous, on the device
+  const void* qb;            // bonus draft logits [B, V] (unit stride in V) or NULL
+  int qb_dtype;
+  int64_t qb_sb;
+  const double* qb_keep;     // [B, 2] or NULL
   int64_t* tokens;            // out [B, gamma + 1], contiguous
   int64_t* num_accepted;      // out [B]
   uint8_t* deferred;          // out [B, gamma + 1], contiguous (torch.bool)
@@ -44,9 +57,9 @@ typedef struct sc_verify_args {
 // Bytes of device scratch memory sc_verify_padded_launch needs for these arguments.
 size_t sc_verify_workspace_bytes(const sc_verify_args* args);
 
-// Enqueue the whole verification (2 or 3 kernel launches) on `stream`; `workspace` holds at
-// least sc_verify_workspace_bytes(args) bytes (256-byte aligned, contents irrelevant). No host
-// synchronisation. Returns the launch status.
+// Enqueue the whole verification (2 or 3 kernel launches) on `stream`, padded or ragged (args->cu);
+// `workspace` holds at least sc_verify_workspace_bytes(args) bytes (256-byte aligned, contents
+// irrelevant). No host synchronisation. Returns the launch status.
 cudaError_t sc_verify_padded_launch(const sc_verify_args* args, void* workspace,
                                     cudaStream_t stream);
 

@@ -12,8 +12,9 @@ fp16 / bf16). ``top_k`` / ``top_p`` reach the kernel as per-row keep bounds
 (:mod:`speccascade_fast.truncation`, computed by torch on the GPU: inside a CUDA graph capture
 from one full sort per row, with no host read).
 
-``verify_ragged`` has no CUDA kernel: :func:`speccascade_fast.ragged.verify_ragged` runs each
-request through this backend on its own padded slice.
+``verify_ragged`` (vLLM's flattened layout) runs the same kernels, which read each request's rows
+where they lie (``torch.ops.speccascade.verify_ragged``'s CUDA kernel); the op reads
+``cu_num_draft_tokens`` (B + 1 integers) on the host once, for the output width and the grid.
 
 Status: compile-checked for sm_80 and sm_90a; not yet run on a GPU.
 """
@@ -23,12 +24,12 @@ import torch
 
 from .. import _ext
 from ..rules import RULES
-from ..truncation import keep_bounds_or_none
+from ..truncation import keep_bounds_or_none, ragged_keep_bounds
 from ..types import VerifyOutput
 from . import reference
-from .cpu import handles  # the same coverage: fp32 / fp16 / bf16 logits, truncated or not
+from .cpu import _per_request, handles  # handles: the cpu backend's coverage (not fp64)
 
-__all__ = ["handles", "is_available", "verify"]
+__all__ = ["handles", "is_available", "verify", "verify_ragged"]
 
 _OP = "speccascade::verify_padded"
 
@@ -62,6 +63,35 @@ def verify(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperatur
             draft_logits, draft_tokens, target_logits, rule=rule, alpha=alpha,
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, positions=positions,
         )
+    ops = _cuda_ops(target_logits)
+    tokens, num_accepted, deferred = ops.verify_padded(
+        draft_logits, draft_tokens.to(torch.int64), target_logits,
+        *_per_request(temperature, alpha, seed, positions), RULES.index(rule),
+        keep_bounds_or_none(draft_logits, temperature[:, None], top_k, top_p),
+        keep_bounds_or_none(target_logits, temperature[:, None], top_k, top_p),
+    )
+    return VerifyOutput(tokens, num_accepted, num_accepted + 1, deferred)
+
+
+def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens,
+                  bonus_draft_logits, *, rule, alpha, temperature, seed, positions, top_k=None,
+                  top_p=None) -> VerifyOutput:
+    """The flattened layout (see :func:`speccascade_fast.ragged.verify_ragged`), validated and
+    normalised (per-request ``[B]`` tensors), fp32/fp16/bf16 logits on one CUDA device."""
+    ops = _cuda_ops(target_logits)
+    keep = ragged_keep_bounds(draft_logits, target_logits, bonus_draft_logits,
+                              cu_num_draft_tokens, temperature, top_k, top_p)
+    tokens, num_accepted, deferred = ops.verify_ragged(
+        draft_logits, draft_tokens.to(torch.int64), target_logits,
+        cu_num_draft_tokens.to(torch.int64), bonus_draft_logits,
+        *_per_request(temperature, alpha, seed, positions), RULES.index(rule), *keep,
+    )
+    return VerifyOutput(tokens, num_accepted, num_accepted + 1, deferred)
+
+
+def _cuda_ops(target_logits):
+    """``torch.ops.speccascade`` with its CUDA kernels, for logits on a CUDA device; a clear error
+    otherwise."""
     if target_logits.device.type != "cuda":
         raise ValueError(
             f"backend='cuda' needs CUDA tensors, got target_logits on {target_logits.device}")
@@ -70,12 +100,4 @@ def verify(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperatur
         raise RuntimeError(
             "the cuda backend's op is not available (speccascade_fast._C was not built against a "
             f"CUDA torch{'' if _ext.IMPORT_ERROR is None else ': ' + _ext.IMPORT_ERROR})")
-    tokens, num_accepted, deferred = ops.verify_padded(
-        draft_logits, draft_tokens.to(torch.int64), target_logits,
-        seed.to(torch.int64).contiguous(), positions.to(torch.int64).contiguous(),
-        temperature.to(torch.float64).contiguous(), alpha.to(torch.float64).contiguous(),
-        RULES.index(rule),
-        keep_bounds_or_none(draft_logits, temperature[:, None], top_k, top_p),
-        keep_bounds_or_none(target_logits, temperature[:, None], top_k, top_p),
-    )
-    return VerifyOutput(tokens, num_accepted, num_accepted + 1, deferred)
+    return ops
