@@ -74,8 +74,10 @@ def block(B, gamma, V, seed=0):
 def eager_verify(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperature=1.0):
     """Speculative sampling as eager fp32 PyTorch ops, HF-style (full softmaxes, cumsum trick,
     multinomial residual), batched over B; bonus="cascade" (pi at the bonus row from the
-    drafter's extra row). Returns (tokens [B, gamma+1] with -1 padding, num_accepted)."""
+    drafter's extra row), on the logits' device. Returns (tokens [B, gamma+1] with -1 padding,
+    num_accepted)."""
     B, gamma = draft_tokens.shape
+    dev = draft_tokens.device
     q = torch.softmax(draft_logits.float() / temperature, dim=-1)  # [B, gamma+1, V] fp32
     p = torch.softmax(target_logits.float() / temperature, dim=-1)
     if rule == "spec":
@@ -96,15 +98,15 @@ def eager_verify(draft_logits, draft_tokens, target_logits, *, rule, alpha, temp
     r = torch.rand_like(q_i)
     accepted = r <= pi_i / q_i
     n = ((~accepted).cumsum(dim=-1) < 1).sum(-1)  # HF's first-rejection count
-    rows = torch.arange(B)
+    rows = torch.arange(B, device=dev)
     pi_n = pi[rows, n]
     q_n = q[rows, n]
     residual = torch.clamp(pi_n - q_n, min=0)
     residual = torch.where((n < gamma)[:, None], residual, pi_n)
     residual = residual / residual.sum(-1, keepdim=True)
     last = torch.multinomial(residual, num_samples=1).squeeze(1)
-    tokens = torch.full((B, gamma + 1), -1, dtype=torch.int64)
-    cols = torch.arange(gamma + 1)
+    tokens = torch.full((B, gamma + 1), -1, dtype=torch.int64, device=dev)
+    cols = torch.arange(gamma + 1, device=dev)
     keep = cols[:gamma] < n[:, None]
     tokens[:, :gamma] = torch.where(keep, draft_tokens, -1)
     tokens[rows, n] = last

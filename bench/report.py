@@ -1,12 +1,15 @@
-"""Markdown table of bench/bench_verify.py results, for the README.
+"""Markdown table of bench/bench_verify.py (CPU) or bench/bench_verify_gpu.py results, for the README.
 
     pytest bench/bench_verify.py --benchmark-only --benchmark-json=out.json
     python bench/report.py out.json [--stat median|min] > table.md
+    pytest bench/bench_verify_gpu.py --benchmark-only --benchmark-json=gpu.json
+    python bench/report.py gpu.json --stat gpu_us > table.md
 
-One row per (rule, shape, backend): time in µs (median and min), effective GB/s (logit bytes read
-once / time), the time as a multiple of reading the logits once at the measured memory bandwidth,
-and the speed-up over the reference and over the eager chain of the same shape (ratios of the
-chosen statistic, median by default).
+One row per (rule, shape, backend): time in µs (median and min of the host-synchronised calls),
+effective GB/s (logit bytes read once / time), the time as a multiple of reading the logits once
+at the measured memory bandwidth (CPU runs), and the speed-up over the reference and over the
+eager chain of the same shape (ratios of the chosen statistic, median by default; ``gpu_us``: the
+GPU benchmark's CUDA-event median without host synchronisation, shown as its own column).
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ import argparse
 import json
 import sys
 
-ORDER = {"cpu": 0, "cpu-cold": 1, "eager": 2, "reference": 3}
+ORDER = {"cpu": 0, "cpu-cold": 1, "cpu-api": 2, "triton-graph": 3, "cuda-graph": 4, "triton": 5,
+         "cuda": 6, "eager": 7, "reference": 8}
 
 
 def load(path: str) -> tuple[list[dict], float | None]:
@@ -34,6 +38,7 @@ def load(path: str) -> tuple[list[dict], float | None]:
             "backend": info["backend"], "dtype": info.get("dtype", "?"),
             "bytes": info["logit_bytes"], "bw": info.get("mem_bw_gbs"),
             "median": b["stats"]["median"], "min": b["stats"]["min"],
+            "gpu_us": info["gpu_us"] * 1e-6 if "gpu_us" in info else None,
         })
     return rows, bw
 
@@ -52,9 +57,12 @@ def table(rows: list[dict], bw: float | None, stat: str = "median") -> str:
     if bw:
         out.append(f"Measured read bandwidth: **{bw:.1f} GB/s** (torch.sum over 1 GiB of fp32). "
                    "'× read' = time / (logit bytes / bandwidth).\n")
-    out.append(f"| rule | B | γ | V | dtype | backend | median µs | min µs | GB/s ({stat}) "
-               f"| × read | vs reference | vs eager |")
-    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    gpu = stat == "gpu_us"
+    if gpu and any(r["gpu_us"] is None for r in rows):
+        raise ValueError("--stat gpu_us needs bench_verify_gpu.py results (extra_info gpu_us)")
+    out.append(f"| rule | B | γ | V | dtype | backend | median µs | min µs"
+               f"{' | GPU µs' if gpu else ''} | GB/s ({stat}) | × read | vs reference | vs eager |")
+    out.append("|---" * (13 if gpu else 12) + "|")
     key = lambda r: (r["rule"], r["B"], r["gamma"], r["V"])  # noqa: E731
     groups: dict = {}
     for r in rows:
@@ -68,7 +76,8 @@ def table(rows: list[dict], bw: float | None, stat: str = "median") -> str:
             out.append(
                 f"| {r['rule']} | {r['B']} | {r['gamma']} | {r['V']} | {r['dtype']} | "
                 f"{r['backend']} | {fmt_us(r['median'])} | {fmt_us(r['min'])} | "
-                f"{r['bytes'] / t / 1e9:.1f} | {'' if read is None else f'{t / read:.1f}'} | "
+                f"{fmt_us(t) + ' | ' if gpu else ''}{r['bytes'] / t / 1e9:.1f} | "
+                f"{'' if read is None else f'{t / read:.1f}'} | "
                 f"{ratio(by.get('reference'), t)} | {ratio(by.get('eager'), t)} |"
             )
     return "\n".join(out)
@@ -77,14 +86,19 @@ def table(rows: list[dict], bw: float | None, stat: str = "median") -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json", help="pytest-benchmark --benchmark-json output")
-    ap.add_argument("--stat", choices=["median", "min"], default="median",
-                    help="statistic for GB/s, '× read' and the ratios (default: median)")
+    ap.add_argument("--stat", choices=["median", "min", "gpu_us"], default="median",
+                    help="statistic for GB/s, '× read' and the ratios (default: median; gpu_us: "
+                         "the GPU benchmark's CUDA-event time)")
     args = ap.parse_args(argv)
     rows, bw = load(args.json)
     if not rows:
         print("no bench_verify results in " + args.json, file=sys.stderr)
         return 1
-    print(table(rows, bw, args.stat))
+    try:
+        print(table(rows, bw, args.stat))
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
     return 0
 
 

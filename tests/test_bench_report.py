@@ -1,0 +1,73 @@
+"""bench/report.py: the README tables of the verification microbenchmarks, CPU and GPU forms."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _report():
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _bench(backend, median, minimum, gpu_us=None, **shape):
+    info = dict(rule="spec", B=1, gamma=5, V=1000, backend=backend, dtype="bf16",
+                logit_bytes=24_000, **shape)
+    if gpu_us is not None:
+        info["gpu_us"] = gpu_us
+    return {"group": "g", "extra_info": info, "stats": {"median": median, "min": minimum}}
+
+
+def _write(tmp_path, benchmarks):
+    path = tmp_path / "out.json"
+    path.write_text(json.dumps({"benchmarks": benchmarks}))
+    return str(path)
+
+
+def test_cpu_table_ratios_and_read_multiple(tmp_path, capsys):
+    bw = {"group": "memory bandwidth", "extra_info": {"mem_bw_gbs": 24.0}, "stats": {}}
+    path = _write(tmp_path, [bw, _bench("cpu", 2e-6, 1e-6), _bench("reference", 200e-6, 100e-6),
+                             _bench("eager", 20e-6, 10e-6)])
+    assert _report().main([path]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "24.0 GB/s" in lines[0]
+    cpu = next(line for line in lines if "| cpu |" in line)
+    cells = [c.strip() for c in cpu.strip("|").split("|")]
+    # median 2 µs: 24,000 B / 2 µs = 12 GB/s; reading once at 24 GB/s takes 1 µs: 2.0 x read
+    assert cells[6:] == ["2.0", "1.0", "12.0", "2.0", "100.0×", "10.0×"]
+    order = [line.split("|")[6].strip() for line in lines if line.startswith("| spec")]
+    assert order == ["cpu", "eager", "reference"]
+
+
+def test_gpu_table_uses_cuda_event_times(tmp_path, capsys):
+    path = _write(tmp_path, [
+        _bench("eager", 90e-6, 80e-6, gpu_us=60.0), _bench("cuda-graph", 20e-6, 15e-6, gpu_us=6.0),
+        _bench("triton", 40e-6, 30e-6, gpu_us=12.0), _bench("reference", 5e-3, 4e-3, gpu_us=3000.0),
+    ])
+    assert _report().main([path, "--stat", "gpu_us"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "GPU µs" in lines[0] and lines[1].count("|---") == 13
+    graph = [c.strip() for c in next(x for x in lines if "cuda-graph" in x).strip("|").split("|")]
+    # GPU 6 µs: 24,000 B / 6 µs = 4 GB/s; no bandwidth measured: no '× read'
+    assert graph[6:] == ["20.0", "15.0", "6.0", "4.0", "", "500.0×", "10.0×"]
+    order = [line.split("|")[6].strip() for line in lines if line.startswith("| spec")]
+    assert order == ["cuda-graph", "triton", "eager", "reference"]
+
+
+def test_gpu_stat_on_cpu_results_is_a_clear_error(tmp_path, capsys):
+    path = _write(tmp_path, [_bench("cpu", 2e-6, 1e-6)])
+    assert _report().main([path, "--stat", "gpu_us"]) == 2
+    assert "needs bench_verify_gpu.py results" in capsys.readouterr().err
+
+
+def test_no_results(tmp_path, capsys):
+    assert _report().main([_write(tmp_path, [])]) == 1
+    with pytest.raises(SystemExit):
+        _report().main([_write(tmp_path, []), "--stat", "p99"])
