@@ -70,16 +70,9 @@ def verify(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperatur
             draft_logits, draft_tokens, target_logits, rule=rule, alpha=alpha,
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, positions=positions,
         )
-    ops = _ops()
-    if ops is None:
-        raise RuntimeError(f"the cpu backend's op is not available ({_ext.IMPORT_ERROR})")
-    tokens, num_accepted, deferred = ops.verify_padded(
-        draft_logits, draft_tokens, target_logits,
-        *_per_request(temperature, alpha, seed, positions), RULES.index(rule),
-        keep_bounds_or_none(draft_logits, temperature[:, None], top_k, top_p),
-        keep_bounds_or_none(target_logits, temperature[:, None], top_k, top_p),
-    )
-    return VerifyOutput(tokens, num_accepted, num_accepted + 1, deferred)
+    return call_padded(_cpu_ops(), draft_logits, draft_tokens, target_logits, rule=rule,
+                       alpha=alpha, temperature=temperature, top_k=top_k, top_p=top_p,
+                       seed=seed, positions=positions)
 
 
 def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens,
@@ -87,9 +80,38 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
                   top_p=None) -> VerifyOutput:
     """The flattened layout (see :func:`speccascade_fast.ragged.verify_ragged`), validated and
     normalised (per-request ``[B]`` tensors), fp32/fp16/bf16 logits."""
+    return call_ragged(_cpu_ops(), draft_logits, draft_tokens, target_logits,
+                       cu_num_draft_tokens, bonus_draft_logits, rule=rule, alpha=alpha,
+                       temperature=temperature, seed=seed, positions=positions, top_k=top_k,
+                       top_p=top_p)
+
+
+def _cpu_ops():
     ops = _ops()
     if ops is None:
         raise RuntimeError(f"the cpu backend's op is not available ({_ext.IMPORT_ERROR})")
+    return ops
+
+
+# The ops' calling convention, shared with the cuda backend: the same torch.ops.speccascade ops,
+# whose kernel the dispatcher picks by the tensors' device (verify_cpu.cpp / verify_cuda.cpp).
+def call_padded(ops, draft_logits, draft_tokens, target_logits, *, rule, alpha, temperature,
+                top_k, top_p, seed, positions) -> VerifyOutput:
+    """``ops.verify_padded`` on a backend's normalised arguments (top-k / top-p as keep bounds)."""
+    tokens, num_accepted, deferred = ops.verify_padded(
+        draft_logits, draft_tokens.to(torch.int64), target_logits,
+        *_per_request(temperature, alpha, seed, positions), RULES.index(rule),
+        keep_bounds_or_none(draft_logits, temperature[:, None], top_k, top_p),
+        keep_bounds_or_none(target_logits, temperature[:, None], top_k, top_p),
+    )
+    return VerifyOutput(tokens, num_accepted, num_accepted + 1, deferred)
+
+
+def call_ragged(ops, draft_logits, draft_tokens, target_logits, cu_num_draft_tokens,
+                bonus_draft_logits, *, rule, alpha, temperature, seed, positions, top_k,
+                top_p) -> VerifyOutput:
+    """``ops.verify_ragged`` on :func:`speccascade_fast.ragged.verify_ragged`'s normalised
+    arguments (keep bounds per flattened row, with its request's T)."""
     keep = ragged_keep_bounds(draft_logits, target_logits, bonus_draft_logits,
                               cu_num_draft_tokens, temperature, top_k, top_p)
     tokens, num_accepted, deferred = ops.verify_ragged(

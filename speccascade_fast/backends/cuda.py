@@ -23,11 +23,9 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from ..rules import RULES
-from ..truncation import keep_bounds_or_none, ragged_keep_bounds
 from ..types import VerifyOutput
 from . import reference
-from .cpu import _per_request, handles  # handles: the cpu backend's coverage (not fp64)
+from .cpu import call_padded, call_ragged, handles  # handles: the cpu backend's coverage (not fp64)
 
 __all__ = ["handles", "is_available", "verify", "verify_ragged"]
 
@@ -63,14 +61,9 @@ def verify(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperatur
             draft_logits, draft_tokens, target_logits, rule=rule, alpha=alpha,
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, positions=positions,
         )
-    ops = _cuda_ops(target_logits)
-    tokens, num_accepted, deferred = ops.verify_padded(
-        draft_logits, draft_tokens.to(torch.int64), target_logits,
-        *_per_request(temperature, alpha, seed, positions), RULES.index(rule),
-        keep_bounds_or_none(draft_logits, temperature[:, None], top_k, top_p),
-        keep_bounds_or_none(target_logits, temperature[:, None], top_k, top_p),
-    )
-    return VerifyOutput(tokens, num_accepted, num_accepted + 1, deferred)
+    return call_padded(_cuda_ops(target_logits), draft_logits, draft_tokens, target_logits,
+                       rule=rule, alpha=alpha, temperature=temperature, top_k=top_k, top_p=top_p,
+                       seed=seed, positions=positions)
 
 
 def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens,
@@ -78,15 +71,10 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
                   top_p=None) -> VerifyOutput:
     """The flattened layout (see :func:`speccascade_fast.ragged.verify_ragged`), validated and
     normalised (per-request ``[B]`` tensors), fp32/fp16/bf16 logits on one CUDA device."""
-    ops = _cuda_ops(target_logits)
-    keep = ragged_keep_bounds(draft_logits, target_logits, bonus_draft_logits,
-                              cu_num_draft_tokens, temperature, top_k, top_p)
-    tokens, num_accepted, deferred = ops.verify_ragged(
-        draft_logits, draft_tokens.to(torch.int64), target_logits,
-        cu_num_draft_tokens.to(torch.int64), bonus_draft_logits,
-        *_per_request(temperature, alpha, seed, positions), RULES.index(rule), *keep,
-    )
-    return VerifyOutput(tokens, num_accepted, num_accepted + 1, deferred)
+    return call_ragged(_cuda_ops(target_logits), draft_logits, draft_tokens, target_logits,
+                       cu_num_draft_tokens, bonus_draft_logits, rule=rule, alpha=alpha,
+                       temperature=temperature, seed=seed, positions=positions, top_k=top_k,
+                       top_p=top_p)
 
 
 def _cuda_ops(target_logits):
