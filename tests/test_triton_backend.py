@@ -171,6 +171,60 @@ def test_identical_models_and_all_zero_residual(rule):
     assert_same(q, x, q.clone(), call_args(rule, ALPHAS[rule][0], TEMPS, B, seed), **SMALL)
 
 
+# ---- lossy_star's 1/beta (the k-section of stage 2) ----------------------------------------------
+def _exact_inv_beta(qT, pT, alpha):
+    """1/beta of Lemma 2 exactly (float64): the root of sum max(m, s pT) = 1 on [0, c], m =
+    min(qT, c pT), c = 1/(1 - alpha); 0 where sum m >= 1. The sum is piecewise linear in s with
+    breakpoints m / pT: walk them in order."""
+    c = 1.0 / (1.0 - alpha)
+    m = torch.minimum(qT, c * pT)
+    if m.sum() >= 1.0:
+        return 0.0
+    live = pT > 0
+    bp, order = torch.sort(m[live] / pT[live])  # where s pT overtakes m
+    pl, ml = pT[live][order], m[live][order]
+    base = m.sum() - ml.cumsum(0)  # sum of m over the tokens not yet overtaken
+    slope = pl.cumsum(0)  # sum of pT over those overtaken
+    for k in range(len(bp)):  # on [bp_k, bp_k+1]: g(s) = base_k + s slope_k
+        s = (1.0 - base[k]) / slope[k]
+        if s <= (bp[k + 1] if k + 1 < len(bp) else math.inf) and s >= bp[k]:
+            return float(s)
+    raise AssertionError("no root")
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("small", [False, True])
+def test_lossy_star_inv_beta_is_the_root(monkeypatch, alpha, small):
+    """The k-section's 1/beta (read off the accept kernel's arguments) is the exact root of
+    Lemma 2's equation to float32-sum accuracy, for every drafter row incl. the bonus row, with
+    the row read in one chunk or in several (SMALL)."""
+    real = kernels.accept_resample_kernel
+    seen = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                seen.append(args)
+                return real[grid](*args, **kw)
+            return run
+
+    monkeypatch.setattr(kernels, "accept_resample_kernel", Spy())
+    q, x, p = make_block(21, T=0.8, vocab=200)
+    args = call_args("lossy_star", alpha, 0.8, B, 21)
+    tb.launch(q, x, p, **args, **(SMALL if small else {}))
+    n_rows = B * (G + 1)
+    sst = [a for a in seen[0] if torch.is_tensor(a) and a.dtype == torch.float64
+           and a.shape == (n_rows,)]
+    assert len(sst) == 1
+    qT = torch.softmax(q.double().cpu() / 0.8, -1)
+    pT = torch.softmax(p.double().cpu() / 0.8, -1)
+    got = sst[0].cpu().view(B, G + 1)
+    for b in range(B):
+        for j in range(G + 1):
+            want = _exact_inv_beta(qT[b, j], pT[b, j], alpha)
+            assert abs(float(got[b, j]) - want) <= 1e-6 * max(want, 1.0), (b, j, got[b, j], want)
+
+
 # ---- the public entry points --------------------------------------------------------------------
 def test_public_verify_uses_triton_backend():
     assert "triton" in backends.available(DEVICE)
@@ -292,7 +346,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from speccascade_fast import kernels as K
-from speccascade_fast.rules import RULES, LOSSY_STAR_BISECTION_STEPS
+from speccascade_fast.backends.triton import LOSSY_STAR_K, LOSSY_STAR_PASSES
+from speccascade_fast.rules import RULES
 
 PTR = dict(q_ptr="*bf16", p_ptr="*bf16", t_ptr="*fp64", alpha_ptr="*fp64", seed_ptr="*i64",
            pos_ptr="*i64", x_ptr="*i64", stf_ptr="*fp32", sti_ptr="*i32", ws_ptr="*i64",
@@ -321,8 +376,8 @@ for keep, rule, per_row in ((False, "opt_log", False), (True, "token_v1", True),
           KEEP=keep, BONUS_ONLY=rule == "lossy", PER_ROW=per_row)
 PTR["out_ptr"] = "*fp64"
 for per_row in (False, True):
-    build(K.lossy_star_kernel, 8, STEPS=LOSSY_STAR_BISECTION_STEPS, BLOCK=4096, S_PAD=32,
-          KEEP=True, PER_ROW=per_row)
+    build(K.lossy_star_kernel, 8, PASSES=LOSSY_STAR_PASSES, K=LOSSY_STAR_K, BLOCK=1024,
+          S_PAD=32, KEEP=True, PER_ROW=per_row)
 for i, rule in enumerate(sys.argv[1:]):
     build(K.accept_resample_kernel, 16, RULE=RULES.index(rule), SLICE=8192, BLOCK=8192,
           S_PAD=32, G_PAD=16, KEEP=i % 2 == 1, PER_ROW=i % 3 == 0)

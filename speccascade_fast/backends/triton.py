@@ -18,8 +18,8 @@ probability tensors are never materialised):
    the entropy-type sum (chow_log, diff_log, opt_log) and bild's cross term;
 2. only where a rule needs sums taken after the log-partitions are known:
    ``second_pass`` ``(B rows, S)`` for opt / opt_log (TV(pT, qT)), token_v1-3 (eta) and lossy with
-   bonus="cascade" (its bonus law's normaliser), or ``lossy_star`` ``(B rows,)``, the bisection for
-   1/beta (50 passes over V per position: correct but not fast);
+   bonus="cascade" (its bonus law's normaliser), or ``lossy_star`` ``(B rows,)``, 1/beta by
+   k-section (18 reads of the row per position, one program each: correct, not fast);
 3. ``accept_resample`` ``(B, S)``: decisions, the accept loop with the counter-based RNG and the
    Gumbel-max race of the residual / bonus row over the slices, merged with an int64 atomic max;
    the last program of each sequence writes the emitted token.
@@ -52,12 +52,15 @@ import os
 
 import torch
 
-from ..rules import LOSSY_STAR_BISECTION_STEPS, RULES
+from ..rules import RULES
 from ..truncation import keep_bounds_or_none, ragged_keep_bounds
 from ..types import VerifyOutput
 
 _NEED_Z1 = frozenset({"chow", "chow_log", "diff", "diff_log", "opt", "opt_log", "bild",
                       "token_v1", "token_v2"})
+# lossy_star's 1/beta: K candidates per read of the row, PASSES reads: (K + 1)^PASSES > 2^53,
+# the resolution of the reference's 50-step bisection (rules.LOSSY_STAR_BISECTION_STEPS)
+LOSSY_STAR_K, LOSSY_STAR_PASSES = 8, 17
 _NEED_H = frozenset({"chow_log", "diff_log", "opt_log"})
 _SECOND_PASS = frozenset({"opt", "opt_log", "token_v1", "token_v2", "token_v3"})
 _NF, _NI = 10, 3  # kernels.common.NF / NI
@@ -259,7 +262,7 @@ def _run(q, p, x, kq, kp, layout: _Layout, *, rule, alpha, temperature, seed, po
         sst = torch.empty((B * G1,), dtype=torch.float64, device=device)
         k.lossy_star_kernel[(B * RQ,)](
             q, p, *rows, *scal, stf, sti, sst, kq, kp, gamma, RQ, G1, V, S,
-            STEPS=LOSSY_STAR_BISECTION_STEPS, BLOCK=min(_next_pow2(V), block or 4096),
+            PASSES=LOSSY_STAR_PASSES, K=LOSSY_STAR_K, BLOCK=min(_next_pow2(V), block or 1024),
             S_PAD=S_PAD, KEEP=keep, PER_ROW=per_row, num_warps=8,
         )
 

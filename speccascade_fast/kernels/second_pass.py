@@ -4,9 +4,12 @@
   ``opt``/``opt_log``: ``TV(pT, qT) = Σ max(0, pT - qT)``; token rules: ``eta = Σ_{v∉A} qT``;
   ``lossy`` (bonus position of bonus="cascade" only): ``Σ min(qT, pT/(1-a))`` and
   ``Σ max(0, pT - qT)``, which normalise its output law. T = 0 rows have closed forms (stage 3).
-* ``lossy_star_kernel``, grid ``(B * rows,)``: the bisection of Lemma 2 for ``s = 1/beta``
-  (``rules._lossy_star_target``), one program per position looping over the vocabulary once per
-  step (``STEPS`` = rules.LOSSY_STAR_BISECTION_STEPS). It is the only multi-pass stage.
+* ``lossy_star_kernel``, grid ``(B * rows,)``: Lemma 2's equation for ``s = 1/beta``
+  (``rules._lossy_star_target``) solved by k-section, one program per position: each of ``PASSES``
+  reads of the row evaluates g at ``K`` interior points of the bracket and keeps the sub-interval
+  where g crosses 1 (K = 8, 17 passes: 9^17 > 2^53, the resolution of the reference's 50-step
+  bisection, in 18 reads of the row instead of 51; the CUDA kernel does the same). It is the only
+  multi-pass stage.
 """
 from __future__ import annotations
 
@@ -118,12 +121,13 @@ def lossy_star_kernel(
     t_ptr, alpha_ptr, st_t, st_a,
     stf_ptr, sti_ptr, out_ptr, kq_ptr, kp_ptr,
     GAMMA, RQ, G1, V, S,
-    STEPS: tl.constexpr, BLOCK: tl.constexpr, S_PAD: tl.constexpr, KEEP: tl.constexpr,
-    PER_ROW: tl.constexpr,
+    PASSES: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr, S_PAD: tl.constexpr,
+    KEEP: tl.constexpr, PER_ROW: tl.constexpr,
 ):
-    """out[n] = hi after ``STEPS`` bisection steps on g(s) = Σ max(m, s pT) = 1 (float64),
-    m = min(qT, pT/(1-a)); lo = 0, hi = 1/(1-a), or hi = 0 when Σ m >= 1 (pi = qT). Rows past
-    a request's own drafter rows (ragged layout) write nothing."""
+    """out[n] = hi after ``PASSES`` k-section passes (``K`` points each) on
+    g(s) = Σ max(m, s pT) = 1, m = min(qT, pT/(1-a)), keeping g(lo) < 1 <= g(hi) as the reference's
+    bisection does; lo = 0, hi = 1/(1-a), or hi = 0 when Σ m >= 1 (pi = qT). Rows past a
+    request's own drafter rows (ragged layout) write nothing."""
     pid = tl.program_id(0)
     b = pid // RQ
     j = pid % RQ
@@ -132,15 +136,15 @@ def lossy_star_kernel(
     if j < gb + (RQ - GAMMA):
         _lossy_star_row(q_base + j * sq_j, qb_ptr + b.to(tl.int64) * sqb, j >= gb,
                         p_base + j * sp_j, t_ptr, alpha_ptr, st_t, st_a, stf_ptr, sti_ptr,
-                        out_ptr, kq_ptr, kp_ptr, b, b * RQ + j, b * G1 + j, V, S, STEPS, BLOCK,
-                        S_PAD, KEEP, PER_ROW)
+                        out_ptr, kq_ptr, kp_ptr, b, b * RQ + j, b * G1 + j, V, S, PASSES, K,
+                        BLOCK, S_PAD, KEEP, PER_ROW)
 
 
 @triton.jit
 def _lossy_star_row(q_row, qb_row, bonus, p_row, t_ptr, alpha_ptr, st_t, st_a, stf_ptr, sti_ptr,
-                    out_ptr, kq_ptr, kp_ptr, b, kq_row, n, V, S, STEPS: tl.constexpr,
-                    BLOCK: tl.constexpr, S_PAD: tl.constexpr, KEEP: tl.constexpr,
-                    PER_ROW: tl.constexpr):
+                    out_ptr, kq_ptr, kp_ptr, b, kq_row, n, V, S, PASSES: tl.constexpr,
+                    K: tl.constexpr, BLOCK: tl.constexpr, S_PAD: tl.constexpr,
+                    KEEP: tl.constexpr, PER_ROW: tl.constexpr):
     """lossy_star_kernel for the row pair at position n (drafter keep-bound row ``kq_row``)."""
     t = tl.load(t_ptr + b * st_t)
     alpha = tl.load(alpha_ptr + b * st_a)
@@ -150,14 +154,13 @@ def _lossy_star_row(q_row, qb_row, bonus, p_row, t_ptr, alpha_ptr, st_t, st_a, s
     mp, zp1, zpt, hp, ap = row_stats1(stf_ptr, sti_ptr, n, S, inv_t, F_P, I_P, S_PAD)
     lo = tl.full([], 0.0, tl.float64)
     hi = 1.0 / (1.0 - alpha)
+    ks = tl.arange(0, K)
     if greedy:
         # one-hot qT, pT: sum m = [aq == ap]; otherwise m = 0 and g(s) = s exactly
         hi = tl.where(aq == ap, 0.0, hi)
-        for _ in range(STEPS):
-            mid = (lo + hi) / 2
-            below = mid < 1.0
-            lo = tl.where(below, mid, lo)
-            hi = tl.where(below, hi, mid)
+        for _ in range(PASSES):
+            cand = lo + (hi - lo) * (ks + 1).to(tl.float64) / (K + 1)
+            lo, hi = _narrow(lo, hi, cand, cand < 1.0, ks, K)
     else:
         mq32 = mq.to(tl.float32)
         mp32 = mp.to(tl.float32)
@@ -173,16 +176,25 @@ def _lossy_star_row(q_row, qb_row, bonus, p_row, t_ptr, alpha_ptr, st_t, st_a, s
                                  aq, ap, one_m_a, tq, cq, tp, cp, BLOCK, KEEP, PER_ROW)
             sum_m += tl.sum(m, 0).to(tl.float64)
         hi = tl.where(sum_m >= 1.0, 0.0, hi)
-        for _ in range(STEPS):
-            mid = (lo + hi) / 2
-            mid32 = mid.to(tl.float32)
-            g = tl.full([], 0.0, tl.float64)
-            for c in range(0, V, BLOCK):
+        for _ in range(PASSES):
+            cand = lo + (hi - lo) * (ks + 1).to(tl.float64) / (K + 1)
+            cand32 = cand.to(tl.float32)
+            g = tl.zeros([K], tl.float64)
+            for c in range(0, V, BLOCK):  # g at the K candidates, one read of the row
                 m, pT = _capped_chunk(q_row, qb_row, bonus, p_row, c, V, mq32, mp32, lzq, lzp,
                                       it32, aq, ap, one_m_a, tq, cq, tp, cp, BLOCK, KEEP,
                                       PER_ROW)
-                g += tl.sum(tl.maximum(m, mid32 * pT), 0).to(tl.float64)
-            below = g < 1.0
-            lo = tl.where(below, mid, lo)
-            hi = tl.where(below, hi, mid)
+                g += tl.sum(tl.maximum(m[None, :], cand32[:, None] * pT[None, :]), 1).to(
+                    tl.float64)
+            lo, hi = _narrow(lo, hi, cand, g < 1.0, ks, K)
     tl.store(out_ptr + n, hi)
+
+
+@triton.jit
+def _narrow(lo, hi, cand, below, ks, K: tl.constexpr):
+    """The sub-interval of [lo, hi] between the last candidate below 1 and the first one not
+    below (g is non-decreasing: ``below`` is true on a prefix of the ``K`` ascending candidates)."""
+    f = tl.min(tl.where(below, K, ks), 0)  # first candidate not below (K: none)
+    new_lo = tl.max(tl.where(ks < f, cand, lo), 0)
+    new_hi = tl.min(tl.where(ks >= f, cand, hi), 0)
+    return new_lo, new_hi
