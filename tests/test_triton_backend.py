@@ -375,6 +375,9 @@ for keep, rule, per_row in ((False, "opt_log", False), (True, "token_v1", True),
     build(K.second_pass_kernel, 16, RULE=RULES.index(rule), SLICE=8192, BLOCK=8192, S_PAD=32,
           KEEP=keep, BONUS_ONLY=rule == "lossy", PER_ROW=per_row)
 PTR["out_ptr"] = "*fp64"
+PTR["qb_ptr"] = "*fp32"  # from here on: a ragged bonus tensor of another dtype than the drafts
+build(K.stats_kernel, 4, SLICE=1024, BLOCK=512, NEED_Z1=True, NEED_H=False, NEED_X=True, KEEP=True,
+      PER_ROW=True)
 for per_row in (False, True):
     build(K.lossy_star_kernel, 8, PASSES=LOSSY_STAR_PASSES, K=LOSSY_STAR_K, BLOCK=1024,
           S_PAD=32, KEEP=True, PER_ROW=per_row)

@@ -178,10 +178,8 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
     target_row = (start + req)[:, None] + j  # [B, G1]; rows past gamma_b are never read...
     target_row = target_row.clamp(max=N + B - 1)  # ...but must index something
     x = torch.where(j[:G] < gam[:, None], draft_tokens.to(torch.int64)[draft_row[:, :G]], 0)
-    if cascade:
+    if cascade:  # (of its own dtype: the kernels read each tensor as it is)
         qb = bonus_draft_logits
-        if qb.dtype != q.dtype:  # one pointer type for both: float32 holds what the kernels read
-            q, qb = q.float(), qb.float()
         qb = qb if qb.stride(-1) == 1 else qb.contiguous()
     else:
         qb = q  # never read

@@ -129,11 +129,16 @@ def load_q(q_row, qb_row, offs, lim, bonus, PER_ROW: tl.constexpr):
     """Drafter logits at ``offs < lim`` (else -inf) of one row: ``q_row``, or in the ragged
     layout, where ``bonus`` holds, the request's row ``qb_row`` of the separate bonus tensor
     (the padded layout keeps the bonus row with the drafts, at j = gamma). Two predicated loads,
-    no select between pointers: the one masked off reads nothing."""
+    no select between pointers: the one masked off reads nothing. A bonus tensor of another dtype
+    than the drafts is read as is; both are then returned as float64 (exact for every input
+    dtype, so every caller's own conversion gives what the padded layout gives)."""
     if PER_ROW:
         a = tl.load(q_row + offs, mask=offs < tl.where(bonus, 0, lim), other=NEG_INF)
         c = tl.load(qb_row + offs, mask=offs < tl.where(bonus, lim, 0), other=NEG_INF)
-        r = tl.where(bonus, c, a)
+        if a.dtype == c.dtype:
+            r = tl.where(bonus, c, a)
+        else:
+            r = tl.where(bonus, c.to(tl.float64), a.to(tl.float64))
     else:
         r = tl.load(q_row + offs, mask=offs < lim, other=NEG_INF)
     return r
