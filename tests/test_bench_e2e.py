@@ -181,3 +181,23 @@ def test_model_clock():
     with e2e._ModelClock(meta) as clock:
         meta(torch.ones(2, device="meta"))
     assert clock.calls == [1] and clock.model_s is None
+
+
+def test_in_loop_prediction_uses_unrounded_costs():
+    """The in-loop prediction is computed from the step costs themselves, not from their
+    three-decimal display: here c = 0.3635 would display as 0.364 (or 0.363), which moves the
+    prediction in its third decimal."""
+    base = e2e.Row("ours:verifier", 1, tokens=100, wall_s=11.0, verifier_calls=100,
+                   extra={"prefill_s": 1.0, "decode_calls": {"verifier": [100, 10.0]}})
+    spec = e2e.Row("ours:spec greedy", 1, tokens=100, wall_s=6.0, verifier_calls=20,
+                   acceptance_rate=0.8,
+                   extra={"prefill_s": 1.0,
+                          "decode_calls": {"drafter": [60, 60 * 0.03635],
+                                           "verifier": [20, 20 * 0.0979]}})
+    result = {"rows": [base, spec], "costs": {"c": 0.36, "r": 0.98},
+              "settings": {"gamma": 3}}
+    d = next(x for x in e2e.summarize(result) if x["name"] == "ours:spec greedy")
+    pred = e2e.predicted_speedup(5.0, 3, 0.3635, 0.979)
+    assert d["predicted_loop"] == round(pred, 3) == 2.416  # (2.414 or 2.418 from 0.364 or 0.363)
+    assert d["decode_efficiency"] == round((100 / 5.0) / (100 / 10.0) / pred, 3)
+    assert d["c_loop"] in (0.363, 0.364) and d["r_loop"] == 0.979

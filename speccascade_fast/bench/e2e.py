@@ -491,11 +491,12 @@ def summarize(result: dict) -> list[dict]:
             d["iid_tokens_per_block"] = _round(iid_tokens_per_block(r.acceptance_rate, gamma))
             if base is not None:
                 d["efficiency"] = _round(d["vs_ours_verifier"] / pred)
-                loop = in_loop_costs(r, base)
-                if loop is not None:
-                    d.update(loop)
-                    pred = predicted_speedup(r.tokens_per_verifier_call, gamma, loop["c_loop"],
-                                             loop["r_loop"], bonus_step="spec" not in r.name)
+                times = _loop_times(r, base)
+                if times is not None:
+                    d.update(in_loop_costs(r, base))
+                    t_q, t_block, t_p = times  # (the prediction from unrounded costs)
+                    pred = predicted_speedup(r.tokens_per_verifier_call, gamma, t_q / t_p,
+                                             t_block / t_p, bonus_step="spec" not in r.name)
                     d["predicted_loop"] = _round(pred)
                     d["decode_efficiency"] = _round(_decode_speed(r) / _decode_speed(base) / pred)
         out.append(d)
@@ -507,15 +508,23 @@ def in_loop_costs(row: Row, base: Row) -> dict | None:
     drafter (``t_q_loop_ms``) and of the verifier (``gamma + 1`` tokens, ``t_p_block_loop_ms``)
     in ``row``, and of the verifier in ``base`` (one token, ``t_p_loop_ms``); ``c_loop``,
     ``r_loop`` as in :func:`step_costs`. None without the hooks' timings."""
-    a, b = row.extra.get("decode_calls"), base.extra.get("decode_calls")
-    if a is None or b is None or not a.get("drafter", [0])[0] or not b["verifier"][0]:
+    times = _loop_times(row, base)
+    if times is None:
         return None
-    t_q = a["drafter"][1] / a["drafter"][0]
-    t_block = a["verifier"][1] / a["verifier"][0]
-    t_p = b["verifier"][1] / b["verifier"][0]
+    t_q, t_block, t_p = times
     return {"t_q_loop_ms": _round(1e3 * t_q), "t_p_loop_ms": _round(1e3 * t_p),
             "t_p_block_loop_ms": _round(1e3 * t_block), "c_loop": _round(t_q / t_p),
             "r_loop": _round(t_block / t_p)}
+
+
+def _loop_times(row: Row, base: Row) -> tuple[float, float, float] | None:
+    """Seconds of the mean decoding call: drafter and verifier block in ``row``, verifier in
+    ``base``; None without the hooks' timings."""
+    a, b = row.extra.get("decode_calls"), base.extra.get("decode_calls")
+    if a is None or b is None or not a.get("drafter", [0])[0] or not b["verifier"][0]:
+        return None
+    return (a["drafter"][1] / a["drafter"][0], a["verifier"][1] / a["verifier"][0],
+            b["verifier"][1] / b["verifier"][0])
 
 
 def _decode_speed(row: Row) -> float:
