@@ -324,3 +324,18 @@ def test_first_token_follows_the_target(rule, alpha, bonus):
     full = out.num_accepted == 1
     bonus_law = law[1] if bonus == "cascade" else torch.softmax(p[1].float().double() / T, -1)
     assert chi2_pvalue(out.tokens[full, 1], bonus_law) > P_MIN
+
+
+def test_padded_op_takes_the_rule_by_id_or_by_name():
+    """verify_padded.name (defined once for every device) maps the name to the id and reaches
+    the same kernel through the dispatcher."""
+    g = torch.Generator().manual_seed(8)
+    q, p = torch.randn(2, 4, 50, generator=g), torch.randn(2, 4, 50, generator=g)
+    x = torch.randint(0, 50, (2, 3), generator=g)
+    args = [q, x, p, torch.tensor([4, 5]), torch.zeros(2, dtype=torch.int64),
+            torch.full((2,), 0.8, dtype=torch.float64), torch.full((2,), 0.3, dtype=torch.float64)]
+    by_id = torch.ops.speccascade.verify_padded(*args, sc.RULES.index("token_v3"))
+    by_name = torch.ops.speccascade.verify_padded(*args, "token_v3")
+    assert all(torch.equal(u, v) for u, v in zip(by_id, by_name))
+    with pytest.raises(RuntimeError, match="unknown rule"):
+        torch.ops.speccascade.verify_padded(*args, "nope")

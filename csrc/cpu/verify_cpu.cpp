@@ -1265,23 +1265,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_padded_cpu(
   return {tokens, nacc, deferred};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_ragged_cpu_named(
-    const at::Tensor& d, const at::Tensor& x, const at::Tensor& t, const at::Tensor& cu,
-    const std::optional<at::Tensor>& bonus, const at::Tensor& seed, const at::Tensor& positions,
-    const at::Tensor& temperature, const at::Tensor& alpha, c10::string_view rule,
-    const std::optional<at::Tensor>& draft_keep, const std::optional<at::Tensor>& target_keep,
-    const std::optional<at::Tensor>& bonus_keep) {
-  return verify_ragged_cpu(d, x, t, cu, bonus, seed, positions, temperature, alpha,
-                           rule_id(std::string(rule)), draft_keep, target_keep, bonus_keep);
+// The .name overloads, for every device (CompositeImplicitAutograd): the rule's id, then the
+// integer overload through the dispatcher, which picks the CPU or the CUDA kernel.
+using Out3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using OptT = std::optional<at::Tensor>;
+
+Out3 verify_ragged_named(const at::Tensor& d, const at::Tensor& x, const at::Tensor& t,
+                         const at::Tensor& cu, const OptT& bonus, const at::Tensor& seed,
+                         const at::Tensor& positions, const at::Tensor& temperature,
+                         const at::Tensor& alpha, c10::string_view rule, const OptT& draft_keep,
+                         const OptT& target_keep, const OptT& bonus_keep) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("speccascade::verify_ragged", "").typed<
+          Out3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+               const OptT&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+               const at::Tensor&, int64_t, const OptT&, const OptT&, const OptT&)>();
+  return op.call(d, x, t, cu, bonus, seed, positions, temperature, alpha,
+                 rule_id(std::string(rule)), draft_keep, target_keep, bonus_keep);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_padded_cpu_named(
-    const at::Tensor& d, const at::Tensor& x, const at::Tensor& t, const at::Tensor& seed,
-    const at::Tensor& positions, const at::Tensor& temperature, const at::Tensor& alpha,
-    c10::string_view rule, const std::optional<at::Tensor>& draft_keep,
-    const std::optional<at::Tensor>& target_keep) {
-  return verify_padded_cpu(d, x, t, seed, positions, temperature, alpha, rule_id(std::string(rule)),
-                           draft_keep, target_keep);
+Out3 verify_padded_named(const at::Tensor& d, const at::Tensor& x, const at::Tensor& t,
+                         const at::Tensor& seed, const at::Tensor& positions,
+                         const at::Tensor& temperature, const at::Tensor& alpha,
+                         c10::string_view rule, const OptT& draft_keep, const OptT& target_keep) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("speccascade::verify_padded", "").typed<
+          Out3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+               const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, const OptT&,
+               const OptT&)>();
+  return op.call(d, x, t, seed, positions, temperature, alpha, rule_id(std::string(rule)),
+                 draft_keep, target_keep);
 }
 
 }  // namespace
@@ -1310,7 +1323,10 @@ TORCH_LIBRARY_FRAGMENT(speccascade, m) {
 
 TORCH_LIBRARY_IMPL(speccascade, CPU, m) {
   m.impl("verify_ragged", &speccascade::verify_ragged_cpu);
-  m.impl("verify_ragged.name", &speccascade::verify_ragged_cpu_named);
   m.impl("verify_padded", &speccascade::verify_padded_cpu);
-  m.impl("verify_padded.name", &speccascade::verify_padded_cpu_named);
+}
+
+TORCH_LIBRARY_IMPL(speccascade, CompositeImplicitAutograd, m) {
+  m.impl("verify_ragged.name", &speccascade::verify_ragged_named);
+  m.impl("verify_padded.name", &speccascade::verify_padded_named);
 }

@@ -84,6 +84,7 @@ enum Rule : int {
   kSpec, kDrafter, kChow, kChowLog, kDiff, kDiffLog, kOpt, kOptLog,
   kTokenV1, kTokenV2, kTokenV3, kLossy, kLossyStar, kBild, kNumRules
 };
+static_assert(kNumRules == SC_VERIFY_NUM_RULES, "verify.h's rule count is this enum's");
 __host__ __device__ inline bool is_prefix(int r) { return (r >= kChow && r <= kOptLog) || r == kBild; }
 __host__ __device__ inline bool is_token(int r) { return r >= kTokenV1 && r <= kTokenV3; }
 

@@ -12,6 +12,9 @@
 extern "C" {
 #endif
 
+// Number of rules: the rule ids are the indices of speccascade_fast.rules.RULES (verify.cu's enum).
+#define SC_VERIFY_NUM_RULES 14
+
 // Largest gamma the kernels take (the accept stage keeps gamma + 1 positions in shared memory).
 #define SC_VERIFY_MAX_GAMMA 255
 

@@ -2,8 +2,8 @@
 // only through the C launcher in verify.h). Compiled in the CUDA build only.
 //
 // Registers the CUDA kernels of the ops that csrc/cpu/verify_cpu.cpp defines
-// (torch.ops.speccascade.verify_padded, verify_ragged and their .name overloads): the dispatcher
-// sends calls with CUDA tensors here. Per-request tensors (seed, positions, temperature, alpha)
+// (torch.ops.speccascade.verify_padded, verify_ragged; their .name overloads, defined there for
+// every device, reach these through the dispatcher): calls with CUDA tensors come here. Per-request tensors (seed, positions, temperature, alpha)
 // live on the logits' device; their VALUES (T >= 0 finite, alpha in the rule's range, token ids in
 // [0, V)) are not read on the host (that would synchronise): speccascade_fast.verify and
 // verify_ragged validate them before the op is called. verify_ragged reads cu_num_draft_tokens
@@ -18,26 +18,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
-#include <string>
 #include <tuple>
 
 #include "verify.h"
 
 namespace speccascade {
 namespace {
-
-// speccascade_fast.rules.RULES, in order (the ids of verify_cpu.cpp and verify.cu)
-constexpr const char* kRuleNamesCuda[] = {
-    "spec", "drafter", "chow", "chow_log", "diff", "diff_log", "opt", "opt_log",
-    "token_v1", "token_v2", "token_v3", "lossy", "lossy_star", "bild"};
-constexpr int64_t kNumRulesCuda = sizeof(kRuleNamesCuda) / sizeof(kRuleNamesCuda[0]);
-
-int64_t rule_id_cuda(const std::string& name) {
-  for (int64_t i = 0; i < kNumRulesCuda; ++i)
-    if (name == kRuleNamesCuda[i]) return i;
-  TORCH_CHECK(false, "speccascade verify (cuda): unknown rule '", name, "'");
-  return -1;
-}
 
 int dtype_code(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
@@ -121,8 +107,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_padded_cuda(
     const at::Tensor& seed_in, const at::Tensor& positions_in, const at::Tensor& temperature_in,
     const at::Tensor& alpha_in, int64_t rule, const std::optional<at::Tensor>& draft_keep,
     const std::optional<at::Tensor>& target_keep) {
-  TORCH_CHECK(rule >= 0 && rule < kNumRulesCuda, "verify_padded (cuda): rule id ", rule,
-              " out of range [0, ", kNumRulesCuda, ")");
+  TORCH_CHECK(rule >= 0 && rule < SC_VERIFY_NUM_RULES, "verify_padded (cuda): rule id ", rule,
+              " out of range [0, ", SC_VERIFY_NUM_RULES, ")");
   TORCH_CHECK(draft_logits_in.dim() == 3 && target_logits_in.dim() == 3 && draft_tokens.dim() == 2,
               "verify_padded (cuda): draft_logits [B, G, V], draft_tokens [B, gamma], "
               "target_logits [B, gamma + 1, V]");
@@ -184,8 +170,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_ragged_cuda(
     const at::Tensor& positions_in, const at::Tensor& temperature_in, const at::Tensor& alpha_in,
     int64_t rule, const std::optional<at::Tensor>& draft_keep,
     const std::optional<at::Tensor>& target_keep, const std::optional<at::Tensor>& bonus_keep) {
-  TORCH_CHECK(rule >= 0 && rule < kNumRulesCuda, "verify_ragged (cuda): rule id ", rule,
-              " out of range [0, ", kNumRulesCuda, ")");
+  TORCH_CHECK(rule >= 0 && rule < SC_VERIFY_NUM_RULES, "verify_ragged (cuda): rule id ", rule,
+              " out of range [0, ", SC_VERIFY_NUM_RULES, ")");
   TORCH_CHECK(draft_logits_in.dim() == 2 && target_logits_in.dim() == 2,
               "verify_ragged (cuda): draft_logits [N, V] and target_logits [N + B, V] must be 2-D");
   TORCH_CHECK(target_logits_in.is_cuda(), "verify_ragged (cuda): target_logits must be a CUDA tensor");
@@ -263,31 +249,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_ragged_cuda(
                 target_logits_in.options());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_padded_cuda_named(
-    const at::Tensor& d, const at::Tensor& x, const at::Tensor& t, const at::Tensor& seed,
-    const at::Tensor& positions, const at::Tensor& temperature, const at::Tensor& alpha,
-    c10::string_view rule, const std::optional<at::Tensor>& draft_keep,
-    const std::optional<at::Tensor>& target_keep) {
-  return verify_padded_cuda(d, x, t, seed, positions, temperature, alpha,
-                            rule_id_cuda(std::string(rule)), draft_keep, target_keep);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_ragged_cuda_named(
-    const at::Tensor& d, const at::Tensor& x, const at::Tensor& t, const at::Tensor& cu,
-    const std::optional<at::Tensor>& bonus, const at::Tensor& seed, const at::Tensor& positions,
-    const at::Tensor& temperature, const at::Tensor& alpha, c10::string_view rule,
-    const std::optional<at::Tensor>& draft_keep, const std::optional<at::Tensor>& target_keep,
-    const std::optional<at::Tensor>& bonus_keep) {
-  return verify_ragged_cuda(d, x, t, cu, bonus, seed, positions, temperature, alpha,
-                            rule_id_cuda(std::string(rule)), draft_keep, target_keep, bonus_keep);
-}
-
 }  // namespace
 }  // namespace speccascade
 
 TORCH_LIBRARY_IMPL(speccascade, CUDA, m) {
   m.impl("verify_padded", &speccascade::verify_padded_cuda);
-  m.impl("verify_padded.name", &speccascade::verify_padded_cuda_named);
   m.impl("verify_ragged", &speccascade::verify_ragged_cuda);
-  m.impl("verify_ragged.name", &speccascade::verify_ragged_cuda_named);
 }
