@@ -9,13 +9,16 @@ Usage (the folder holding ``custom_generate/`` is a local path or a Hub repo)::
 
 transformers calls :func:`generate` below with ``model=<the verifier>`` and every argument given
 to ``model.generate``. Sampling settings not passed explicitly come from ``generation_config``
-(if given) or ``model.generation_config``, as in HF; ``num_assistant_tokens`` likewise falls back
-to ``assistant_model.generation_config``. Everything else is :func:`speccascade_fast.hf.generate`.
+(if given) or ``model.generation_config``, as in HF; ``num_assistant_tokens`` and
+``assistant_confidence_threshold`` likewise fall back to ``assistant_model.generation_config``
+(where unset there, no cut-off: HF's own default would be 0.4). Everything else is :func:`speccascade_fast.hf.generate`.
 """
 from speccascade_fast.hf import generate as _cascade_generate
 
 _FROM_CONFIG = ("do_sample", "temperature", "top_k", "top_p", "max_new_tokens", "eos_token_id",
                 "pad_token_id")
+# HF reads the drafting schedule from the assistant's generation config
+_FROM_ASSISTANT_CONFIG = ("num_assistant_tokens", "assistant_confidence_threshold")
 
 
 def generate(model, inputs=None, generation_config=None, assistant_model=None, **kwargs):
@@ -28,10 +31,11 @@ def generate(model, inputs=None, generation_config=None, assistant_model=None, *
     for name in _FROM_CONFIG:
         if kwargs.get(name) is None and getattr(config, name, None) is not None:
             kwargs[name] = getattr(config, name)
-    if kwargs.get("num_assistant_tokens") is None and assistant_model is not None:
-        n = getattr(assistant_model.generation_config, "num_assistant_tokens", None)
-        if n is not None:
-            kwargs["num_assistant_tokens"] = n
+    for name in _FROM_ASSISTANT_CONFIG:
+        if kwargs.get(name) is None and assistant_model is not None:
+            value = getattr(assistant_model.generation_config, name, None)
+            if value is not None:
+                kwargs[name] = value
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     kwargs.setdefault("return_dict_in_generate", True)
     return _cascade_generate(model, input_ids, assistant_model=assistant_model, **kwargs)

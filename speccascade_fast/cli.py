@@ -76,6 +76,9 @@ def add_generate_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=None,
                    help="the rule's lenience (default: per rule, token_v3: 0.3)")
     p.add_argument("--gamma", type=int, default=5, help="drafts per verifier call (default: 5)")
+    p.add_argument("--draft-confidence", type=float, default=None, metavar="P",
+                   help="spec_cascade: end a block after the first draft the drafter gave a "
+                        "probability below P, in (0, 1) (at most --gamma drafts; default: off)")
     p.add_argument("--bonus", default="cascade", choices=engine.BONUS)
     p.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature; 0 = greedy (default: 0)")
@@ -113,7 +116,8 @@ def generate_command(args: argparse.Namespace) -> int:
         attention_mask=enc.get("attention_mask"), method=args.method, rule=args.rule,
         alpha=args.alpha, gamma=args.gamma, bonus=args.bonus, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
-        attention=None if args.attention == "sdpa" else args.attention)
+        attention=None if args.attention == "sdpa" else args.attention,
+        draft_confidence=args.draft_confidence)
     completion = tokenizer.decode(out.new_tokens[0], skip_special_tokens=True)
     if args.json:
         print(json.dumps({"completion": completion, "new_tokens": out.new_tokens[0],

@@ -36,7 +36,7 @@ import torch
 
 from . import probs, rng
 from .rules import DRAFTER_ONLY_RULES, PREFIX_RULES, RULES, check_alpha, check_rule, defer
-from .sampling import sample
+from .sampling import draft_probability, sample
 from .stats import Counters
 from .verify import verify
 
@@ -101,6 +101,7 @@ class _Config:
     max_drafter_run: int | None
     seq_score: str
     backend: str
+    draft_confidence: float | None = None
 
     @property
     def bonus_step(self) -> bool:
@@ -218,19 +219,27 @@ def draft(q: _CachedModel, seq: _Sequence, gamma: int, with_bonus: bool, cfg: _C
     early after an EOS draft. Returns ``(drafts [1, g], q_logits [1, g(+1), V])``; with
     ``with_bonus`` the extra row is q at the bonus position ``t + g``. The extra step is skipped
     when no bonus token could be kept (the last draft is EOS or fills the budget): verification
-    then takes its bonus from the verifier, which only decides a token that is cut anyway."""
+    then takes its bonus from the verifier, which only decides a token that is cut anyway.
+    With ``cfg.draft_confidence`` it also stops after a draft the drafter gave a probability
+    below it (:func:`~speccascade_fast.sampling.draft_probability`)."""
     ids, t, rows = seq.ids, seq.length, []
     for j in range(gamma):
         logits = q.next_logits(ids)
         x = cfg.draw(logits, seq.seed, t + j)
         rows.append(logits)
         ids = torch.cat([ids, ids.new_tensor([[x]])], dim=1)
-        if x in seq.eos:
+        if x in seq.eos or _unsure(cfg, logits, ids[0, -1:]):
             break
     g = ids.shape[1] - t
     if with_bonus and g < seq.remaining and int(ids[0, -1]) not in seq.eos:
         rows.append(q.next_logits(ids))
     return ids[:, t:], torch.stack(rows, dim=1)
+
+
+def _unsure(cfg: _Config, logits: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether ``draft_confidence`` ends the block after draft ``x`` (``logits`` ``[1, V]``)."""
+    return (cfg.draft_confidence is not None
+            and float(draft_probability(logits, x, cfg.temperature)) < cfg.draft_confidence)
 
 
 def score(p: _CachedModel, seq: _Sequence, drafts: torch.Tensor) -> torch.Tensor:
@@ -361,6 +370,7 @@ def generate(
     engine: str = "auto",
     cuda_graphs: bool | None = None,
     attention: str | None = None,
+    draft_confidence: float | None = None,
 ) -> GenerateOutput:
     """Decode ``input_ids`` with a drafter/verifier pair.
 
@@ -381,7 +391,7 @@ def generate(
             method (``token_v3`` for ``spec_cascade``).
         alpha: the rule's lenience; None picks :data:`DEFAULT_ALPHA` (``token_v3``: 0.3) or, for
             ``seq_cascade``, :data:`DEFAULT_SEQ_ALPHA`.
-        gamma: drafts per verifier call (>= 1).
+        gamma: drafts per verifier call (>= 1); with ``draft_confidence``, the most.
         temperature, top_k, top_p: as in :func:`speccascade_fast.verify` (T = 0: greedy).
         max_new_tokens: the most new tokens per sequence (>= 1).
         eos_token_id: int or list of ints; None takes the verifier's (else the drafter's)
@@ -407,6 +417,14 @@ def generate(
             None = on for CUDA models without top-k/top-p; the sequential loops ignore it.
         attention: the batched Engine's attention: None (the models' own, SDPA or eager) or
             ``"flash_attn"`` (flash-attn's ``flash_attn_with_kvcache``; CUDA, fp16/bf16).
+        draft_confidence: ``spec_cascade`` only: None (every block drafts ``gamma`` tokens) or
+            a number in (0, 1): a sequence's block ends after the first draft whose drafter
+            probability is below it (``softmax(q / T)`` of the draft, at T = 1 when greedy:
+            Hugging Face's ``assistant_confidence_threshold``, fixed), so unsure drafts, which
+            are mostly rejected, cost no further drafter steps. The output law is unchanged
+            (the stopping decision reads only the drafter); the tokens for a seed differ from
+            fixed blocks (block boundaries move the random keys). Each drafter step is then
+            followed by a host read, so the batched Engine runs it without CUDA graphs.
 
     Returns:
         :class:`GenerateOutput` ``(sequences, stats, new_tokens)``. ``stats`` sums over the
@@ -422,7 +440,7 @@ def generate(
     """
     start = time.perf_counter()
     cfg = _config(method, rule, alpha, gamma, temperature, top_k, top_p, bonus,
-                  max_drafter_run, seq_score, backend)
+                  max_drafter_run, seq_score, backend, draft_confidence)
     drafter, verifier = _loaded(drafter), _loaded(verifier)
     drafter, verifier = _check_models(method, drafter, verifier)
     main = verifier if verifier is not None else drafter
@@ -444,7 +462,8 @@ def generate(
                 drafter, verifier, max_batch_size=len(prompts),
                 max_seq_len=longest + max_new_tokens, method=method, rule=cfg.rule,
                 alpha=cfg.alpha, gamma=gamma, temperature=temperature, top_k=top_k, top_p=top_p,
-                bonus=bonus, backend=backend, cuda_graphs=cuda_graphs, attention=attention)
+                bonus=bonus, backend=backend, cuda_graphs=cuda_graphs, attention=attention,
+                draft_confidence=draft_confidence)
             out = eng.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens,
                                seed=seeds, eos_token_id=sorted(eos), pad_token_id=pad)
             out.stats["wall_s"] = time.perf_counter() - start
@@ -471,7 +490,7 @@ def generate(
     sequences = _assemble(input_ids.to(device), outputs, new_tokens, pad, encdec)
     stats = total.as_dict(time.perf_counter() - start)
     stats.update(method=method, rule=cfg.rule, alpha=cfg.alpha, gamma=cfg.gamma, bonus=cfg.bonus,
-                 temperature=cfg.temperature)
+                 temperature=cfg.temperature, draft_confidence=cfg.draft_confidence)
     return GenerateOutput(sequences, stats, new_tokens)
 
 
@@ -509,7 +528,7 @@ def _decode(drafter, verifier, prompt, seed, max_new_tokens, eos, cfg, encdec) -
 
 # --- argument checks ----------------------------------------------------------------------------
 def _config(method, rule, alpha, gamma, temperature, top_k, top_p, bonus, max_drafter_run,
-            seq_score, backend) -> _Config:
+            seq_score, backend, draft_confidence=None) -> _Config:
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not known; choose one of {', '.join(METHODS)}")
     if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
@@ -530,6 +549,17 @@ def _config(method, rule, alpha, gamma, temperature, top_k, top_p, bonus, max_dr
         raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+
+    if draft_confidence is not None:
+        if isinstance(draft_confidence, bool) or not isinstance(draft_confidence, (int, float)) \
+                or not 0 < draft_confidence < 1:
+            raise ValueError(f"draft_confidence must be None or a number in (0, 1) (the "
+                             f"drafter probability below which a block stops drafting), got "
+                             f"{draft_confidence!r}")
+        if method != "spec_cascade":
+            raise ValueError(f"draft_confidence applies to method='spec_cascade' only, got "
+                             f"method={method!r}")
+        draft_confidence = float(draft_confidence)
 
     if method in ("autoregressive", "drafter_only"):
         rule, alpha = None, None
@@ -552,7 +582,7 @@ def _config(method, rule, alpha, gamma, temperature, top_k, top_p, bonus, max_dr
         alpha = None if alpha is None else float(alpha)
     return _Config(method, rule, alpha, gamma, float(temperature), top_k,
                    None if top_p is None else float(top_p), bonus, max_drafter_run, seq_score,
-                   backend)
+                   backend, draft_confidence)
 
 
 def _check_models(method, drafter, verifier):

@@ -21,6 +21,10 @@ HF argument                 engine argument
 ``seed``                    ``seed`` (sequence b uses ``seed + b``)
 ==========================  =================================================================
 
+``assistant_confidence_threshold`` becomes ``draft_confidence``: a fixed cut-off (None or 0:
+off, the default here). HF's own default is 0.4 with up to 20 drafts, and HF re-fits the
+threshold during generation when scikit-learn is installed; this engine does not.
+
 ``method``, ``bonus``, ``max_drafter_run``, ``seq_score`` and ``backend`` pass through. Other HF
 arguments (logits processors, stopping criteria, streamers, ...) are not supported; a non-None one
 triggers a warning naming it. Model ``generation_config`` sampling defaults are NOT read here
@@ -55,7 +59,9 @@ class CascadeGenerateOutput(GenerateDecoderOnlyOutput):
 def generate(model, input_ids=None, attention_mask=None, *, assistant_model=None,
              do_sample: bool = False, temperature: float | None = 1.0, top_k: int | None = None,
              top_p: float | None = None, max_new_tokens: int | None = 20,
-             num_assistant_tokens: int | None = 5, deferral_rule: str | None = None,
+             num_assistant_tokens: int | None = 5,
+             assistant_confidence_threshold: float | None = None,
+             deferral_rule: str | None = None,
              lenience: float | None = None, eos_token_id=None, seed: int = 0,
              return_dict_in_generate: bool = True, **unused):
     """Speculative-cascade decoding with HF's argument names (see the module docstring).
@@ -99,6 +105,7 @@ def generate(model, input_ids=None, attention_mask=None, *, assistant_model=None
         eos_token_id=eos_token_id,
         attention_mask=attention_mask,
         seed=seed,
+        draft_confidence=assistant_confidence_threshold or None,
         **extra,
     )
     if not return_dict_in_generate:

@@ -73,3 +73,19 @@ def draw(logits, temperature, seed, positions, top_k=None, top_p=None, *, greedy
     qT = scaled(logits, temperature, top_k, top_p)
     noise = rng.exponential_noise(seed, positions, rng.DRAFT, logits.shape[-1])
     return rng.race(torch.log(qT), noise)
+
+
+def draft_probability(logits, tokens, temperature) -> torch.Tensor:
+    """float64 ``[R]``: the probability ``softmax(logits[r] / T_r)[tokens[r]]`` the drafter gave
+    each draft, with ``T_r = 1`` where the row is greedy (``T_r = 0``: a greedy draft's
+    probability at T = 1, as Hugging Face's ``assistant_confidence_threshold`` reads it), before
+    any top-k / top-p truncation. ``logits`` ``[R, V]``, ``tokens`` int64 ``[R]``,
+    ``temperature`` a number or float tensor ``[R]``.
+
+    Computed in float64 row by row, so a row's value does not depend on the other rows: the
+    batched and the sequential engine stop drafting at the same draft
+    (:func:`speccascade_fast.generate`'s ``draft_confidence``)."""
+    t = torch.as_tensor(temperature, dtype=torch.float64, device=logits.device)
+    t = torch.where(t > 0, t, torch.ones_like(t)).expand(logits.shape[0])
+    logp = torch.log_softmax(logits.double() / t[:, None], dim=-1)
+    return logp.gather(1, tokens.view(-1, 1)).squeeze(1).exp()

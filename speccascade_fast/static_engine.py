@@ -30,6 +30,12 @@ key and replayed (every call then attends over the whole cache, stale slots mask
 it runs eagerly and attends over the block's longest prefix only. The block's inputs reach the
 device in one small copy.
 
+With ``draft_confidence`` the block is eager and its length varies: the drafter steps go on
+while any row drafts (a host read after each, to see which rows drew a draft they gave less
+than the cut-off, an EOS, or their last budgeted token), then one verifier call of the longest
+block, and each row is verified on its own drafts in one ragged call
+(:func:`speccascade_fast.verify_ragged`).
+
 Finished rows (EOS or their budget) leave the batch at the end of the block: the caches are
 compacted, so they stop costing work. Shapes are fixed per block (every row drafts gamma tokens,
 even past its EOS or budget); tokens past a row's EOS or budget are never emitted, and since
@@ -62,7 +68,8 @@ from .engine import (
 )
 from .kv_cache import SlotCache
 from .rules import check_alpha
-from .sampling import draw
+from .ragged import verify_ragged
+from .sampling import draft_probability, draw
 from .stats import Counters
 
 #: the methods the engine runs (the others run on the sequential loops)
@@ -226,12 +233,19 @@ class Engine:
             verifier's block forward, the fused verification and the packing of the block's
             one host read) as one CUDA graph per (batch size, width of the drafter's first
             call, all-greedy or not), replayed. None (default): on when the models are on a
-            CUDA device and ``compile_drafter`` is off. With ``top_k`` / ``top_p`` the captured
-            keep bounds come from one full sort per row (no host read).
+            CUDA device, ``compile_drafter`` is off and ``draft_confidence`` is None. With
+            ``top_k`` / ``top_p`` the captured keep bounds come from one full sort per row (no
+            host read).
         attention: None (default): the models' own attention (PyTorch SDPA or eager) with the
             engine's explicit masks; ``"flash_attn"``: flash-attn's ``flash_attn_with_kvcache``
             over heads-last caches with per-row ``cache_seqlens`` (fp16/bf16 models on CUDA,
             flash-attn installed; see :mod:`speccascade_fast.attention`).
+        draft_confidence: None, or a number in (0, 1): each row stops drafting after its first
+            draft whose drafter probability is below it (or at ``gamma`` drafts, an EOS draft,
+            its budget), as in :func:`speccascade_fast.generate`. The block's drafter steps
+            end when every row has stopped; each row is verified on its own drafts (the ragged
+            verification), so its tokens still do not depend on the batch. One host read per
+            drafter step: no CUDA graphs.
 
     Example:
         >>> engine = Engine(drafter, verifier, max_batch_size=4, max_seq_len=1024,
@@ -244,9 +258,10 @@ class Engine:
                  rule: str | None = None, alpha: float | None = None, gamma: int = 5,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  bonus: str = "cascade", backend: str = "auto", compile_drafter: bool = False,
-                 cuda_graphs: bool | None = None, attention: str | None = None):
+                 cuda_graphs: bool | None = None, attention: str | None = None,
+                 draft_confidence: float | None = None):
         self.cfg = _config(method, rule, alpha, gamma, temperature, top_k, top_p, bonus, None,
-                           "prob", backend)
+                           "prob", backend, draft_confidence)
         if method not in METHODS:
             raise ValueError(f"method={method!r} does not run on the Engine; it runs "
                              f"{', '.join(METHODS)} (use speccascade_fast.generate for the rest)")
@@ -289,10 +304,15 @@ class Engine:
 
     def _graphs_setting(self, cuda_graphs, compile_drafter) -> bool:
         on_cuda = self.device is not None and self.device.type == "cuda"
+        adaptive = self.cfg.draft_confidence is not None
         if cuda_graphs is None:
-            return on_cuda and not compile_drafter
+            return on_cuda and not compile_drafter and not adaptive
         if not isinstance(cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be None, True or False, got {cuda_graphs!r}")
+        if cuda_graphs and adaptive:
+            raise ValueError("cuda_graphs=True needs fixed blocks, and draft_confidence makes "
+                             "each block's length depend on the drafter (a host read per "
+                             "step); leave one of them unset")
         if cuda_graphs and compile_drafter:
             raise ValueError("cuda_graphs=True and compile_drafter=True are alternatives "
                              "(the graphs already replay the drafter's steps); choose one")
@@ -351,7 +371,8 @@ class Engine:
         stats = total.as_dict(time.perf_counter() - start)
         stats["prefill_s"] = prefill_s
         stats.update(method=cfg.method, rule=cfg.rule, alpha=cfg.alpha, gamma=cfg.gamma,
-                     bonus=cfg.bonus, temperature=cfg.temperature)
+                     bonus=cfg.bonus, temperature=cfg.temperature,
+                     draft_confidence=cfg.draft_confidence)
         return GenerateOutput(sequences, stats, rows.new_tokens)
 
     def _per_row(self, name, value, B) -> torch.Tensor | None:
@@ -446,12 +467,38 @@ class Engine:
 
     def _block(self, rows: _Rows) -> None:
         """Draft, score, verify, accept (Algorithm 4) for every unfinished row."""
-        cfg, q, p, gamma = self.cfg, self.q, self.p, self.cfg.gamma
-        kv, greedy = self._kv(rows), rows.greedy
+        cfg, q, p = self.cfg, self.q, self.p
         L = list(rows.length)  # emit() advances rows.length
         width = max(n - s for n, s in zip(L, q.seen))
         if self._verify is None:
             self._verify = backends.get(cfg.backend, self.device)
+        if cfg.draft_confidence is None:
+            results, steps = self._fixed_block(rows, width)
+        else:
+            results, steps = self._adaptive_block(rows, width)
+        drafter_calls = steps + cfg.bonus_step
+        for b, (a, tokens, flags, g) in enumerate(results):
+            s = rows.stats(b)
+            s.blocks += 1
+            s.verifier_calls += 1
+            s.drafter_calls += drafter_calls
+            s.drafted += g
+            s.accepted += min(a, g)
+            s.rejected += int(a < g)
+            rows.emit(b, tokens, [bool(f) for f in flags])
+            # the caches now hold: the drafter every token it was fed (the row's last one, then
+            # all drafts but the last, and the last too if the bonus step ran), the verifier
+            # the whole block; valid up to the last accepted draft
+            q.seen[b] = min(L[b] + steps - 1 + cfg.bonus_step, L[b] + a)
+            p.seen[b] = L[b] + a
+
+    def _fixed_block(self, rows: _Rows, width: int):
+        """The block on fixed shapes (every row drafts gamma tokens), as one body of device work
+        with one host read: eager, or replayed as a CUDA graph. Returns per row ``(accepted,
+        tokens to emit, deferred flags, drafts the sequential engine would have verified)`` and
+        the number of drafter steps."""
+        cfg, q, p, gamma = self.cfg, self.q, self.p, self.cfg.gamma
+        kv, greedy = self._kv(rows), rows.greedy
 
         def body(ints, seeds, temperature, alpha):
             t = ints[:, 0]
@@ -485,27 +532,68 @@ class Engine:
         host = pack.tolist()  # the block's one device-to-host read
         self._check_logits([r[-2] for r in host], ("drafter logits", q_logits))
         self._check_logits([r[-1] for r in host], ("verifier logits", p_logits))
-        drafter_calls = gamma + cfg.bonus_step
+        results = []
         for b, row in enumerate(host):
-            a = row[0]
-            tokens, x = row[1: 2 + a], row[2 + gamma: 2 + 2 * gamma]
-            flags = row[2 + 2 * gamma: 3 + 3 * gamma]
-            s = rows.stats(b)
+            a, x = row[0], row[2 + gamma: 2 + 2 * gamma]
             # what the sequential engine would have verified: drafts up to the first EOS draft
             # and the budget (later ones exist only because block shapes are fixed)
             g = min(gamma, rows.remaining(b),
                     next((i + 1 for i, d in enumerate(x) if d in rows.eos), gamma))
-            s.blocks += 1
-            s.verifier_calls += 1
-            s.drafter_calls += drafter_calls
-            s.drafted += g
-            s.accepted += min(a, g)
-            s.rejected += int(a < g)
-            rows.emit(b, tokens, [bool(f) for f in flags])
-            # the caches now hold: the drafter every token it was fed, the verifier the whole
-            # block; valid up to the last accepted draft
-            q.seen[b] = min(L[b] + gamma - 1 + cfg.bonus_step, L[b] + a)
-            p.seen[b] = L[b] + a
+            results.append((a, row[1: 2 + a], row[2 + 2 * gamma: 3 + 3 * gamma], g))
+        return results, gamma
+
+    def _adaptive_block(self, rows: _Rows, width: int):
+        """The block with ``draft_confidence``: row b stops drafting after draft gamma_b, its
+        first unsure draft (or an EOS draft, its budget, ``gamma``), exactly where the sequential
+        engine stops; the drafter steps go on while any row drafts, and each row is verified on
+        its own gamma_b drafts in one ragged call. Returns what :meth:`_fixed_block` does."""
+        cfg, q, p = self.cfg, self.q, self.p
+        kv, greedy = self._kv(rows), rows.greedy
+        seeds, temperature = rows.seeds, rows.temperature
+        ints = self._inputs(rows, q, width)
+        t, ids = ints[:, 0], ints[:, 1 + width:]
+        limit = [min(cfg.gamma, rows.remaining(b)) for b in range(rows.size)]
+        stop = [0] * rows.size  # gamma_b once row b has stopped
+        logits = q.forward(ids, ints[:, 1: 1 + width], kv(0), 1)[:, 0]
+        q_rows, drafts = [logits], []
+        while True:
+            j = len(drafts)
+            drafts.append(self._draw(logits, seeds, temperature, t + j, greedy))
+            unsure = draft_probability(logits, drafts[-1], temperature) < cfg.draft_confidence
+            host = torch.stack([drafts[-1], unsure.to(torch.int64)], dim=1).tolist()
+            for b, (x, low) in enumerate(host):  # the step's one device-to-host read
+                if not stop[b] and (low or x in rows.eos or j + 1 >= limit[b]):
+                    stop[b] = j + 1
+            if all(stop):
+                break
+            logits = q.forward(drafts[-1][:, None], (t + j)[:, None], kv(j + 1), 1)[:, 0]
+            q_rows.append(logits)
+        steps = len(drafts)
+        if cfg.bonus_step:
+            q_rows.append(q.forward(drafts[-1][:, None], (t + steps - 1)[:, None], kv(steps),
+                                    1)[:, 0])
+        drafts = torch.stack(drafts, dim=1)
+        slots = (t - 1)[:, None] + torch.arange(steps + 1, device=t.device)
+        p_logits = p.forward(torch.cat([ids[:, -1:], drafts], dim=1), slots, kv(steps), steps + 1)
+        q_logits = torch.stack(q_rows, dim=1)
+        bad = torch.stack([_nonfinite(q_logits), _nonfinite(p_logits)], dim=1).tolist()
+        self._check_logits([r[0] for r in bad], ("drafter logits", q_logits))
+        self._check_logits([r[1] for r in bad], ("verifier logits", p_logits))
+        # row b: its stop[b] drafts, its stop[b] + 1 verifier rows, q at its bonus position
+        cu = torch.tensor([0, *stop], dtype=torch.int64, device=t.device).cumsum(0)
+        out = verify_ragged(
+            torch.cat([q_logits[b, :g] for b, g in enumerate(stop)]),
+            torch.cat([drafts[b, :g] for b, g in enumerate(stop)]),
+            torch.cat([p_logits[b, : g + 1] for b, g in enumerate(stop)]), cu,
+            rule=cfg.rule, alpha=rows.alpha, temperature=temperature,
+            top_k=checks.top_k(cfg.top_k, p_logits.shape[-1]), top_p=cfg.top_p, seed=seeds,
+            positions=t, backend=cfg.backend,
+            bonus_draft_logits=(torch.stack([q_logits[b, g] for b, g in enumerate(stop)])
+                                if cfg.bonus_step else None))
+        accepted, tokens, flags = (out.num_accepted.tolist(), out.tokens.tolist(),
+                                   out.deferred.tolist())
+        return [(a, tokens[b][: a + 1], flags[b], stop[b])
+                for b, a in enumerate(accepted)], steps
 
 
 def _budgets(max_new_tokens, B) -> list[int]:

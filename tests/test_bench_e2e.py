@@ -18,7 +18,8 @@ def result():
     prompts = [torch.tensor([3, 5, 7, 9]), torch.tensor([1, 2]), torch.tensor([10, 20, 30])]
     try:
         yield e2e.run(q, p, prompts=prompts, max_new_tokens=12, batch=2, gamma=3,
-                      int8_drafter=True, rounds=2, progress=lambda s: None)
+                      int8_drafter=True, rounds=2, hf_defaults=True, draft_confidence=0.5,
+                      progress=lambda s: None)
     finally:
         torch.set_num_threads(old)
 
@@ -27,8 +28,12 @@ def test_every_configuration_decodes_the_same_work(result):
     names = {(r.name, r.batch) for r in result["rows"]}
     for name in ("ours:verifier", "ours:spec greedy", "ours:token_v3 a=0.3 T=1"):
         assert (name, 1) in names and (name, 2) in names
-    for name in ("hf:verifier greedy", "hf:assisted greedy", "hf:assisted T=1", "ours:drafter"):
+    for name in ("hf:verifier greedy", "hf:assisted greedy", "hf:assisted T=1", "ours:drafter",
+                 "hf:assisted greedy (HF defaults)", "hf:assisted T=1 (HF defaults)"):
         assert (name, 1) in names
+    for key in ("spec-greedy-dc", "spec-t1-dc", "token_v3-t1-dc"):
+        name = e2e.CONFIGS[key][0].format(alpha=0.3, dc=0.5)
+        assert (name, 1) in names and (name, 2) in names
     for key in e2e.INT8_CONFIGS:
         assert (e2e.CONFIGS[key][0].format(alpha=0.3) + " (int8 drafter)", 1) in names
         assert ((e2e.CONFIGS[key][0].format(alpha=0.3) + " (int8 drafter)", 2) in names) == (
@@ -52,6 +57,15 @@ def test_greedy_outputs_agree_and_calls_are_counted(result):
     assert rows["ours:spec greedy", 1].tokens_per_verifier_call > 1.0
     # HF drafts gamma = 3 tokens per call at most: at most 4 tokens per verifier call
     assert 1.0 < rows["hf:assisted greedy", 1].tokens_per_verifier_call <= 4.0
+    # what HF resolved: our settings, or its own defaults (up to 20 drafts, cut-off 0.4)
+    assert rows["hf:assisted greedy", 1].extra["hf_settings"]["num_assistant_tokens"] == 3
+    defaults = rows["hf:assisted greedy (HF defaults)", 1].extra["hf_settings"]
+    assert defaults["num_assistant_tokens"] == 20
+    assert defaults["assistant_confidence_threshold"] == pytest.approx(0.4)
+    # the draft-confidence rows cut blocks short of gamma = 3 (their tokens: the greedy ones)
+    cut = rows["ours:spec greedy, draft confidence 0.5", 1]
+    assert cut.extra["draft_confidence"] == 0.5
+    assert cut.acceptance_rate > rows["ours:spec greedy", 1].acceptance_rate
 
 
 def test_summary_ratios(result):
@@ -100,8 +114,25 @@ def test_summary_ratios(result):
     assert q8["vs_hf_assisted"] == round(
         rows["ours:spec greedy" + e2e.INT8_SUFFIX, 1].tokens_per_s
         / rows["hf:assisted greedy" + e2e.INT8_SUFFIX, 1].tokens_per_s, 3)
+    # blocks cut by draft_confidence: no prediction from the timed-apart costs (they assume
+    # gamma drafts and a gamma + 1 call); the in-loop one from the measured steps per block
+    cut, dc = rows["ours:spec greedy, draft confidence 0.5", 1], summary[
+        "ours:spec greedy, draft confidence 0.5", 1]
+    (nq, sq), (nb, sb) = cut.extra["decode_calls"].values()
+    assert nb == cut.verifier_calls and nb < nq < 3 * nb
+    assert "predicted" not in dc and "efficiency" not in dc
+    assert dc["drafter_steps_per_block"] == round(nq / nb, 3)
+    assert dc["predicted_loop"] == round(e2e.predicted_speedup(
+        cut.tokens_per_verifier_call, nq / nb, (sq / nq) / (s1 / n1), (sb / nb) / (s1 / n1)), 3)
+    # every speculative row against HF assisted generation with HF's defaults, same sampling
+    assert d["vs_hf_defaults"] == round(
+        spec.tokens_per_s / rows["hf:assisted greedy (HF defaults)", 1].tokens_per_s, 3)
+    assert summary["ours:spec T=1", 1]["vs_hf_defaults"] == round(
+        rows["ours:spec T=1", 1].tokens_per_s
+        / rows["hf:assisted T=1 (HF defaults)", 1].tokens_per_s, 3)
     table = e2e.markdown(result)
     assert "| ours:spec greedy | 1 |" in table and "2 rounds, interleaved" in table
+    assert "vs_hf_defaults (range)" in table and "drafter_steps_per_block" in table
     assert e2e.markdown(e2e.from_json(e2e.to_json(result))) == table  # saved runs re-render
 
 
@@ -110,6 +141,8 @@ def test_unknown_config_is_an_error():
         e2e.run(None, None, prompts=[torch.tensor([1])], configs=("beam",))
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         e2e.run(None, None, prompts=[torch.tensor([1])], rounds=0)
+    with pytest.raises(ValueError, match="draft_confidence"):
+        e2e.run(None, None, prompts=[torch.tensor([1])], draft_confidence=1.0)
 
 
 def test_rounds_alternate_their_order(monkeypatch):

@@ -97,6 +97,18 @@ def test_text_output_defaults_and_chat(folders, capsys):
     assert out["stats"]["rule"] == "chow"
 
 
+def test_draft_confidence_flag(folders, capsys):
+    """``--draft-confidence`` reaches the engine: blocks end after unsure drafts."""
+    args = ["w1 w2 w3", *_base(folders), "--rule", "spec", "--temperature", "1", "--json",
+            "--max-new-tokens", "24"]
+    fixed = json.loads(_run(capsys, *args))["stats"]
+    cut = json.loads(_run(capsys, *args, "--draft-confidence", "0.3"))["stats"]
+    assert fixed["draft_confidence"] is None and cut["draft_confidence"] == 0.3
+    assert cut["drafted"] < fixed["drafted"]
+    with pytest.raises(ValueError, match="draft_confidence"):
+        cli.main(["generate", "w1", *_base(folders), "--draft-confidence", "1.5"])
+
+
 def test_bad_arguments_exit(folders, capsys):
     with pytest.raises(SystemExit):
         cli.main(["generate", "w1", "--method", "beam"])

@@ -96,6 +96,20 @@ def test_greedy_lossless_equals_verifier(pair, greedy, method, rule, alpha, gamm
         assert out.stats["accepted"] > 0  # the pair agrees sometimes: acceptance paths ran
 
 
+@pytest.mark.parametrize("engine", ["static", "sequential"])
+@pytest.mark.parametrize("rule,alpha", [("spec", None), ("token_v3", -0.5)])
+def test_greedy_lossless_with_draft_confidence(pair, greedy, rule, alpha, engine):
+    """Blocks cut short by ``draft_confidence`` are still lossless; the cut happened (fewer
+    drafts than fixed blocks of gamma) and blocks of several drafts remained."""
+    for threshold in (0.2, 0.4):
+        out = run_batch(pair, rule=rule, alpha=alpha, gamma=5, draft_confidence=threshold,
+                        engine=engine)
+        assert out.new_tokens == greedy["verifier"], threshold
+        fixed = run_batch(pair, rule=rule, alpha=alpha, gamma=5, engine=engine)
+        assert out.stats["drafted"] < fixed.stats["drafted"], threshold
+        assert out.stats["blocks"] < out.stats["drafted"], threshold
+
+
 def test_greedy_autoregressive_and_drafter_only(pair, greedy):
     assert run_batch(pair, method="autoregressive").new_tokens == greedy["verifier"]
     assert run_batch(pair, method="drafter_only").new_tokens == greedy["drafter"]
@@ -181,6 +195,22 @@ def test_two_token_law(small_pair, method, rule, alpha, gamma, bonus, temperatur
                                       gamma=gamma, bonus=bonus, **knobs)
     assert chi2_pvalue(tokens, law) > 1e-3
     assert stats["tokens"] == 2 * DIST_SEEDS
+
+
+@pytest.mark.parametrize("rule,alpha,bonus", [("spec", None, "cascade"),
+                                              ("token_v3", 0.3, "cascade"),
+                                              ("chow", 0.5, "verifier")])
+def test_two_token_law_with_draft_confidence(small_pair, rule, alpha, bonus):
+    """Stopping a block after an unsure draft reads only the drafter: the law is unchanged
+    (gamma = 2, so the first block either drafts both tokens or stops after one and the second
+    comes from the bonus position)."""
+    (pi1, pi2), _, _ = _laws(small_pair, rule=rule, alpha=alpha)
+    law = (pi1[:, None] * pi2).flatten()
+    kw = dict(rule=rule, alpha=alpha, gamma=2, bonus=bonus)
+    tokens, stats = _two_token_sample(small_pair, draft_confidence=0.2, **kw)
+    assert chi2_pvalue(tokens, law) > 1e-3
+    _, fixed = _two_token_sample(small_pair, **kw)
+    assert stats["drafted"] < fixed["drafted"]  # some first blocks did stop after one draft
 
 
 def test_two_token_law_verifier_bonus(small_pair):
@@ -369,6 +399,11 @@ def test_bad_inputs_raise(pair):
         (dict(seed=[1, 2]), "seed"),
         (dict(seq_score="max"), "seq_score"),
         (dict(verifier=None), "verifier"),
+        (dict(draft_confidence=0.0), "draft_confidence"),
+        (dict(draft_confidence=1.0), "draft_confidence"),
+        (dict(draft_confidence=True), "draft_confidence"),
+        (dict(draft_confidence="0.5"), "draft_confidence"),
+        (dict(method="seq_cascade", draft_confidence=0.5), "draft_confidence"),
     ]
     for kw, needle in bad:
         args = dict(drafter=q, verifier=p, input_ids=ids)

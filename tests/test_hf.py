@@ -94,3 +94,28 @@ def test_custom_generate_folder(pair):
                          trust_remote_code=True, do_sample=True, max_new_tokens=6, seed=5)
     ref = engine_generate(q, p, prompt, temperature=1.0, max_new_tokens=6, seed=5)
     assert torch.equal(sampled.sequences, ref.sequences)
+
+
+def test_assistant_confidence_threshold_is_draft_confidence(pair):
+    """HF's ``assistant_confidence_threshold`` maps to ``draft_confidence`` (0 or None: off),
+    in ``hf.generate`` and, read from the assistant's generation config, in custom_generate."""
+    q, p = pair
+    ids, mask = left_padded(PROMPTS)
+    kw = dict(attention_mask=mask, max_new_tokens=12, seed=2)
+    ref = engine_generate(q, p, ids, rule="spec", gamma=4, temperature=1.0,
+                          draft_confidence=0.3, **kw)
+    fixed = engine_generate(q, p, ids, rule="spec", gamma=4, temperature=1.0, **kw)
+    assert ref.stats["drafted"] < fixed.stats["drafted"]  # the cut-off is in effect
+    hf_kw = dict(assistant_model=q, do_sample=True, num_assistant_tokens=4, deferral_rule="spec",
+                 **kw)
+    out = hf.generate(p, ids, assistant_confidence_threshold=0.3, **hf_kw)
+    assert out.new_tokens == ref.new_tokens and out.stats["drafted"] == ref.stats["drafted"]
+    off = hf.generate(p, ids, assistant_confidence_threshold=0.0, **hf_kw)
+    assert off.stats["drafted"] == fixed.stats["drafted"]
+    saved = q.generation_config.assistant_confidence_threshold
+    q.generation_config.assistant_confidence_threshold = 0.3
+    try:
+        custom = p.generate(ids, custom_generate=str(REPO), trust_remote_code=True, **hf_kw)
+    finally:
+        q.generation_config.assistant_confidence_threshold = saved
+    assert custom.new_tokens == ref.new_tokens

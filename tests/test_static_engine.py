@@ -75,6 +75,35 @@ def test_static_equals_sequential(pair, kw, with_eos):
     assert 0 < static.stats["prefill_s"] < static.stats["wall_s"]
 
 
+ADAPTIVE_CASES = [
+    dict(rule="spec", temperature=0.0),
+    dict(rule="spec", temperature=1.0),
+    dict(rule="token_v3", alpha=0.3, temperature=1.0),
+    dict(rule="lossy", alpha=0.2, temperature=0.7, bonus="verifier", gamma=4),
+    dict(rule="chow", alpha=0.3, temperature=1.0, top_k=8, gamma=3),
+]
+
+
+@pytest.mark.parametrize("with_eos", [False, True])
+@pytest.mark.parametrize("kw", ADAPTIVE_CASES, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
+def test_draft_confidence_static_equals_sequential(pair, kw, with_eos):
+    """``draft_confidence``: each row of the batch stops drafting where the sequential engine
+    does (same tokens, same drafts, blocks and acceptances), and the blocks really vary."""
+    ids, mask = left_padded(PROMPTS)
+    run = dict(max_new_tokens=21, seed=11, draft_confidence=0.2, **kw)
+    eos = []
+    if with_eos:
+        free = generate(*pair, ids, attention_mask=mask, eos_token_id=[], engine="sequential",
+                        **run).new_tokens
+        eos = [free[0][7], free[2][12]]
+    static, seq = _both(pair, ids, mask, eos_token_id=eos, **run)
+    assert static.new_tokens == seq.new_tokens
+    for k in COUNTS:
+        assert static.stats[k] == seq.stats[k], k
+    gamma = kw.get("gamma", 5)
+    assert static.stats["blocks"] < static.stats["drafted"] < gamma * static.stats["blocks"]
+
+
 @pytest.mark.parametrize("engine", ["static", "sequential"])
 def test_spec_skips_the_bonus_drafter_step(pair, engine):
     """Under ``spec`` the bonus law is pT whatever q is: ``bonus="cascade"`` runs no extra
@@ -88,9 +117,12 @@ def test_spec_skips_the_bonus_drafter_step(pair, engine):
     assert cascade.stats["drafter_calls"] == verifier.stats["drafter_calls"]
 
 
-def test_batch_equals_single_with_per_sequence_settings(pair):
-    """Per-sequence seed, temperature, alpha and budget; a row's tokens are its own."""
-    engine = Engine(*pair, max_batch_size=3, max_seq_len=48, rule="token_v3", gamma=4)
+@pytest.mark.parametrize("draft_confidence", [None, 0.2])
+def test_batch_equals_single_with_per_sequence_settings(pair, draft_confidence):
+    """Per-sequence seed, temperature, alpha and budget; a row's tokens are its own (with
+    ``draft_confidence`` too: each row stops drafting on its own)."""
+    engine = Engine(*pair, max_batch_size=3, max_seq_len=48, rule="token_v3", gamma=4,
+                    draft_confidence=draft_confidence)
     ids, mask = left_padded(PROMPTS)
     settings = dict(seed=[5, 9, 2], temperature=[0.0, 0.7, 1.0], alpha=[0.1, 0.4, 0.8],
                     max_new_tokens=[6, 19, 30])
@@ -101,6 +133,7 @@ def test_batch_equals_single_with_per_sequence_settings(pair):
                                 **{k: [v[b]] for k, v in settings.items()})
         assert alone.new_tokens[0] == batch.new_tokens[b], b
         ref = generate(*pair, torch.tensor([prompt]), rule="token_v3", gamma=4,
+                       draft_confidence=draft_confidence,
                        eos_token_id=[], engine="sequential", seed=settings["seed"][b],
                        temperature=settings["temperature"][b], alpha=settings["alpha"][b],
                        max_new_tokens=settings["max_new_tokens"][b])
@@ -205,6 +238,9 @@ def test_bad_inputs_raise(pair):
         (dict(method="token_cascade"), "Engine"),
         (dict(gamma=0), "gamma"),
         (dict(rule="chow", alpha=2.0), "alpha"),
+        (dict(draft_confidence=1.5), "draft_confidence"),
+        (dict(method="autoregressive", draft_confidence=0.5), "draft_confidence"),
+        (dict(draft_confidence=0.5, cuda_graphs=True), "draft_confidence"),
     ]
     for kw, needle in bad_engines:
         with pytest.raises(ValueError, match=needle):

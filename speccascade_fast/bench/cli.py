@@ -4,6 +4,7 @@
     speccascade bench --prompts 2 --max-new-tokens 32 --no-hf --out /tmp/b
     speccascade bench --batch 1 --no-hf --configs verifier,spec-greedy --int8-drafter
     speccascade bench --rounds 3 --prompts 4        # interleaved rounds: ratios with ranges
+    speccascade bench --batch 1 --configs verifier,spec-greedy,spec-greedy-dc --hf-defaults
 
 Prints a markdown table and, with ``--out DIR``, writes ``DIR/e2e.json`` and ``DIR/e2e.md``.
 """
@@ -33,6 +34,13 @@ def add_bench_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--hf-gamma", type=int, default=None,
                    help="HF assisted generation's draft length (default: --gamma)")
     p.add_argument("--alpha", type=float, default=0.3, help="token_v3's alpha (default: 0.3)")
+    p.add_argument("--draft-confidence", type=float, default=e2e.DEFAULT_DRAFT_CONFIDENCE,
+                   help="the *-dc configurations' cut-off: a block ends after the first draft "
+                        "the drafter gave less than this, at most --gamma drafts (default: "
+                        f"{e2e.DEFAULT_DRAFT_CONFIDENCE})")
+    p.add_argument("--hf-defaults", action="store_true",
+                   help="also run HF assisted generation with HF's own drafting defaults "
+                        "(up to 20 drafts, confidence cut-off 0.4)")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baselines")
     p.add_argument("--configs", default=",".join(e2e.CONFIGS),
                    help="comma-separated subset of our configurations (default: all of "
@@ -63,6 +71,8 @@ def bench_command(args: argparse.Namespace) -> int:
     for name in ("prompts", "max_new_tokens", "batch", "gamma", "rounds", "hf_gamma"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 < args.draft_confidence < 1:
+        raise SystemExit("--draft-confidence must be in (0, 1)")
     if args.from_json:
         print(e2e.markdown(e2e.from_json(pathlib.Path(args.from_json).read_text())))
         return 0
@@ -79,7 +89,8 @@ def bench_command(args: argparse.Namespace) -> int:
                      max_new_tokens=args.max_new_tokens, batch=args.batch, gamma=args.gamma,
                      alpha=args.alpha, with_hf=not args.no_hf, configs=configs,
                      int8_drafter=args.int8_drafter, compile_drafter=args.compile_drafter,
-                     rounds=args.rounds, hf_gamma=args.hf_gamma,
+                     rounds=args.rounds, hf_gamma=args.hf_gamma, hf_defaults=args.hf_defaults,
+                     draft_confidence=args.draft_confidence,
                      progress=lambda s: print(s, file=sys.stderr, flush=True))
     table = e2e.markdown(result)
     print(table)

@@ -137,6 +137,8 @@ def run_ours(name, drafter, verifier, prompts, *, batch, max_new_tokens, pad, wa
         wall = time.perf_counter() - start
     row = Row(name, batch, tokens, wall, calls or None, accepted / drafted if drafted else None)
     row.extra.update(outputs=outputs, prefill_s=prefill, model_s=clock.model_s)
+    if settings.get("draft_confidence") is not None:
+        row.extra["draft_confidence"] = settings["draft_confidence"]
     if clock.model_s is not None and batch == 1:
         row.extra["decode_calls"] = decode
     return row
@@ -188,8 +190,14 @@ class _ModelClock:
 
 
 def run_hf(name, verifier, prompts, *, max_new_tokens, assistant=None, gamma=5,
-           temperature=0.0) -> Row:
-    """HF ``generate`` on each prompt in turn (EOS disabled: exactly ``max_new_tokens``)."""
+           temperature=0.0, hf_defaults=False) -> Row:
+    """HF ``generate`` on each prompt in turn (EOS disabled: exactly ``max_new_tokens``).
+
+    With an ``assistant``: ``gamma`` drafts per block, constant schedule, no confidence cut-off;
+    or, with ``hf_defaults``, whatever HF does when told nothing (its defaults: up to 20 drafts,
+    a block ends after a draft the assistant gave less than ``assistant_confidence_threshold``
+    = 0.4, a threshold HF re-fits during generation when scikit-learn is installed), recorded
+    in ``row.extra["hf_settings"]``."""
     config = copy.deepcopy(verifier.generation_config)
     config.eos_token_id = None
     config.max_new_tokens = max_new_tokens
@@ -206,10 +214,12 @@ def run_hf(name, verifier, prompts, *, max_new_tokens, assistant=None, gamma=5,
         kwargs["assistant_model"] = assistant
         saved = assistant.generation_config
         assistant.generation_config = copy.deepcopy(saved)
-        for gc in (config, assistant.generation_config):
-            gc.num_assistant_tokens = gamma
-            gc.num_assistant_tokens_schedule = "constant"
-            gc.assistant_confidence_threshold = 0.0
+        if not hf_defaults:
+            for gc in (config, assistant.generation_config):
+                gc.num_assistant_tokens = gamma
+                gc.num_assistant_tokens_schedule = "constant"
+                gc.assistant_confidence_threshold = 0.0
+        hf_settings = _hf_assistant_settings(assistant.generation_config)
     tokens, outputs = 0, []
     try:
         with _ModelClock(verifier, *([assistant] if assistant is not None else [])) as clock:
@@ -228,7 +238,24 @@ def run_hf(name, verifier, prompts, *, max_new_tokens, assistant=None, gamma=5,
             assistant.generation_config = saved
     row = Row(name, 1, tokens, wall, clock.calls[0])
     row.extra.update(outputs=outputs, model_s=clock.model_s)
+    if assistant is not None:
+        row.extra["hf_settings"] = hf_settings
     return row
+
+
+def _hf_assistant_settings(assistant_config) -> dict:
+    """The drafting settings HF assisted generation resolves from the assistant's generation
+    config (its global defaults where the config leaves them unset)."""
+    from transformers.utils import is_sklearn_available
+
+    config = copy.deepcopy(assistant_config)
+    config.update(**config._get_default_generation_params(), defaults_only=True)
+    keys = ("num_assistant_tokens", "num_assistant_tokens_schedule",
+            "assistant_confidence_threshold")
+    out = {k: getattr(config, k) for k in keys}
+    # HF re-fits the threshold during generation only with scikit-learn
+    out["threshold_refit"] = bool(out["assistant_confidence_threshold"]) and is_sklearn_available()
+    return out
 
 
 def step_costs(drafter, verifier, prompt, gamma: int, repeats: int = 9,
@@ -273,7 +300,8 @@ def predicted_speedup(tokens_per_block: float, gamma: int, c: float, r: float,
     """Leviathan et al.'s cost model with the measured tokens per block: a block costs
     ``gamma`` drafter steps (+1 with the bonus step), i.e. ``gamma c (+ c)``, plus one verifier
     call, ``r``, in units of one verifier step, and emits ``tokens_per_block`` tokens. The
-    speed-up over the verifier alone an engine without overhead would reach."""
+    speed-up over the verifier alone an engine without overhead would reach. (Blocks of varying
+    length: ``gamma`` the mean drafter steps per block, ``r`` the mean verifier call.)"""
     return tokens_per_block / (gamma * c + r + (c if bonus_step else 0.0))
 
 
@@ -293,7 +321,18 @@ CONFIGS = {
     "spec-t1": ("ours:spec T=1", dict(rule="spec", temperature=1.0)),
     "token_v3-greedy": ("ours:token_v3 a={alpha} greedy", dict(rule="token_v3", temperature=0.0)),
     "token_v3-t1": ("ours:token_v3 a={alpha} T=1", dict(rule="token_v3", temperature=1.0)),
+    # blocks cut after the first unsure draft (Engine(draft_confidence=...)), at most gamma
+    "spec-greedy-dc": ("ours:spec greedy, draft confidence {dc}",
+                       dict(rule="spec", temperature=0.0, draft_confidence=None)),
+    "spec-t1-dc": ("ours:spec T=1, draft confidence {dc}",
+                   dict(rule="spec", temperature=1.0, draft_confidence=None)),
+    "token_v3-t1-dc": ("ours:token_v3 a={alpha} T=1, draft confidence {dc}",
+                       dict(rule="token_v3", temperature=1.0, draft_confidence=None)),
 }
+#: ``run``'s default ``draft_confidence`` (the best of 0.5-0.8 on three HumanEval prompts here)
+DEFAULT_DRAFT_CONFIDENCE = 0.6
+#: the name suffix of HF assisted generation with HF's own defaults (``hf_defaults``)
+HF_DEFAULTS_SUFFIX = " (HF defaults)"
 #: the configurations re-run with the int8 drafter, and with the compiled drafter
 INT8_CONFIGS = ("drafter", "spec-greedy", "token_v3-t1")
 COMPILED_CONFIGS = ("drafter", "spec-greedy")
@@ -301,7 +340,8 @@ COMPILED_CONFIGS = ("drafter", "spec-greedy")
 
 def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new_tokens=128,
         batch=4, gamma=5, alpha=0.3, with_hf=True, configs=tuple(CONFIGS), int8_drafter=False,
-        compile_drafter=False, rounds=1, hf_gamma=None, progress=print) -> dict:
+        compile_drafter=False, rounds=1, hf_gamma=None, hf_defaults=False,
+        draft_confidence=DEFAULT_DRAFT_CONFIDENCE, progress=print) -> dict:
     """The whole benchmark; returns ``{"rows", "costs", "settings", "machine"}``.
 
     ``prompts``: token tensors ``[P]`` (default: the first ``n_prompts`` HumanEval prompts,
@@ -312,7 +352,11 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
     ``with_hf``, HF assisted generation with the same int8 assistant. ``compile_drafter``: the
     same for the drafter's steps ``torch.compile``d (:data:`COMPILED_CONFIGS`, batch 1;
     compilation happens before the clock). ``hf_gamma``: HF assisted generation's draft length
-    (default ``gamma``), so that each tool can run at its own best setting.
+    (default ``gamma``), so that each tool can run at its own best setting. ``hf_defaults``:
+    with ``with_hf``, also HF assisted generation as HF runs it when told nothing (rows
+    ``hf:assisted ... (HF defaults)``, see :func:`run_hf`). ``draft_confidence``: the cut-off
+    of the ``*-dc`` configurations (blocks of at most ``gamma`` drafts, ended after the first
+    draft the drafter gave less than this).
 
     ``rounds``: run every configuration that many times, interleaved (round ``i`` runs them all,
     in reverse order when ``i`` is odd, and first re-times the step costs), so that a machine
@@ -326,6 +370,8 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
         raise ValueError(f"unknown configs {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if not 0 < draft_confidence < 1:
+        raise ValueError(f"draft_confidence must be in (0, 1), got {draft_confidence!r}")
     hf_gamma = gamma if hf_gamma is None else hf_gamma
     if prompts is None:
         prompts = humaneval_prompts(tokenizer, n_prompts)
@@ -338,8 +384,10 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
 
     def ours(key, q, batch, suffix="", **extra):
         name, settings = CONFIGS[key]
-        name = name.format(alpha=alpha) + suffix
+        name = name.format(alpha=alpha, dc=draft_confidence) + suffix
         settings = dict(settings, **extra)
+        if "draft_confidence" in settings:
+            settings["draft_confidence"] = draft_confidence
         if "rule" in settings:
             settings["gamma"] = gamma
         if settings.get("rule") == "token_v3":
@@ -370,6 +418,10 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
         hf("hf:verifier greedy")
         hf("hf:assisted greedy", assistant=drafter, gamma=hf_gamma)
         hf("hf:assisted T=1", assistant=drafter, gamma=hf_gamma, temperature=1.0)
+        if hf_defaults:
+            hf("hf:assisted greedy" + HF_DEFAULTS_SUFFIX, assistant=drafter, hf_defaults=True)
+            hf("hf:assisted T=1" + HF_DEFAULTS_SUFFIX, assistant=drafter, hf_defaults=True,
+               temperature=1.0)
     if batch > 1:
         for key in keys:
             if key != "drafter":
@@ -408,7 +460,8 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
     costs.update(medians)
     return {"rows": rows, "costs": costs, "settings": dict(
         n_prompts=n_prompts, max_new_tokens=max_new_tokens, batch=batch, gamma=gamma,
-        alpha=alpha, rounds=rounds, hf_gamma=hf_gamma), "machine": machine()}
+        alpha=alpha, rounds=rounds, hf_gamma=hf_gamma, draft_confidence=draft_confidence),
+        "machine": machine()}
 
 
 #: the name suffix of the rows that ran the int8 drafter (ours) or the int8 assistant (HF)
@@ -476,27 +529,40 @@ def summarize(result: dict) -> list[dict]:
             assisted += INT8_SUFFIX
         for field_, other in (("vs_ours_verifier", base),
                               ("vs_hf_verifier", hf.get("hf:verifier greedy")),
-                              ("vs_hf_assisted", hf.get(assisted))):
+                              ("vs_hf_assisted", hf.get(assisted)),
+                              ("vs_hf_defaults", hf.get(assisted.replace(INT8_SUFFIX, "")
+                                                        + HF_DEFAULTS_SUFFIX))):
             if other is not None:
                 d[field_] = _round(r.tokens_per_s / other.tokens_per_s)
                 spread = _ratio_range(r, other)
                 if spread is not None:
                     d[field_ + "_range"] = spread
         if r.name.startswith("ours:") and r.acceptance_rate is not None and r.batch == 1:
+            # blocks cut by draft_confidence vary: their prediction takes the measured drafter
+            # steps per block and mean verifier call, i.e. the in-loop costs only
+            cut = r.extra.get("draft_confidence") is not None
             k = (costs["int8"] if "int8" in r.name
                  else costs["compiled"] if "compiled" in r.name else costs)
             pred = predicted_speedup(r.tokens_per_verifier_call, gamma, k["c"], k["r"],
                                      bonus_step="spec" not in r.name)
-            d["predicted"] = _round(pred)
-            d["iid_tokens_per_block"] = _round(iid_tokens_per_block(r.acceptance_rate, gamma))
+            if not cut:
+                d["predicted"] = _round(pred)
+                d["iid_tokens_per_block"] = _round(iid_tokens_per_block(r.acceptance_rate,
+                                                                        gamma))
             if base is not None:
-                d["efficiency"] = _round(d["vs_ours_verifier"] / pred)
+                if not cut:
+                    d["efficiency"] = _round(d["vs_ours_verifier"] / pred)
                 times = _loop_times(r, base)
                 if times is not None:
                     d.update(in_loop_costs(r, base))
                     t_q, t_block, t_p = times  # (the prediction from unrounded costs)
-                    pred = predicted_speedup(r.tokens_per_verifier_call, gamma, t_q / t_p,
-                                             t_block / t_p, bonus_step="spec" not in r.name)
+                    steps, bonus = gamma, "spec" not in r.name
+                    if cut:
+                        calls = r.extra["decode_calls"]
+                        steps, bonus = calls["drafter"][0] / calls["verifier"][0], False
+                        d["drafter_steps_per_block"] = _round(steps)
+                    pred = predicted_speedup(r.tokens_per_verifier_call, steps, t_q / t_p,
+                                             t_block / t_p, bonus_step=bonus)
                     d["predicted_loop"] = _round(pred)
                     d["decode_efficiency"] = _round(_decode_speed(r) / _decode_speed(base) / pred)
         out.append(d)
@@ -563,13 +629,15 @@ def greedy_agreement(result: dict) -> dict:
 
 def markdown(result: dict) -> str:
     s = summarize(result)
-    cols = ["name", "batch", "tokens_per_s", "tokens_per_verifier_call", "acceptance_rate",
-            "vs_ours_verifier", "vs_hf_verifier", "vs_hf_assisted", "predicted", "efficiency",
-            "c_loop", "predicted_loop", "decode_efficiency", "non_model_share"]
-    ranged = any("vs_ours_verifier_range" in d for d in s)
-    if ranged:  # each ratio with its range over the rounds
-        cols = cols[:5] + ["vs_ours_verifier (range)", "vs_hf_verifier (range)",
-                           "vs_hf_assisted (range)"] + cols[8:]
+    ratios = ["vs_ours_verifier", "vs_hf_verifier", "vs_hf_assisted"]
+    if any("vs_hf_defaults" in d for d in s):
+        ratios.append("vs_hf_defaults")
+    if any("vs_ours_verifier_range" in d for d in s):  # each ratio with its range over the rounds
+        ratios = [c + " (range)" for c in ratios]
+    extra = ["drafter_steps_per_block"] if any("drafter_steps_per_block" in d for d in s) else []
+    cols = (["name", "batch", "tokens_per_s", "tokens_per_verifier_call", "acceptance_rate"]
+            + ratios + ["predicted", "efficiency", "c_loop"] + extra
+            + ["predicted_loop", "decode_efficiency", "non_model_share"])
 
     def cell(d, c):
         if c.endswith(" (range)"):
