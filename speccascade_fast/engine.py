@@ -422,8 +422,9 @@ def generate(
             probability is below it (``softmax(q / T)`` of the draft, at T = 1 when greedy:
             Hugging Face's ``assistant_confidence_threshold``, fixed), so unsure drafts, which
             are mostly rejected, cost no further drafter steps. The output law is unchanged
-            (the stopping decision reads only the drafter); the tokens for a seed differ from
-            fixed blocks (block boundaries move the random keys). Each drafter step is then
+            (the stopping decision reads only the drafter); the tokens for a seed may differ
+            from fixed blocks' where a block boundary moves (a position drawn as a bonus
+            token instead of a draft uses another random stream). Each drafter step is then
             followed by a host read, so the batched Engine runs it without CUDA graphs.
 
     Returns:

@@ -329,7 +329,8 @@ CONFIGS = {
     "token_v3-t1-dc": ("ours:token_v3 a={alpha} T=1, draft confidence {dc}",
                        dict(rule="token_v3", temperature=1.0, draft_confidence=None)),
 }
-#: ``run``'s default ``draft_confidence`` (the best of 0.5-0.8 on three HumanEval prompts here)
+#: ``run``'s default ``draft_confidence`` (picked from 0.5-0.8 in an exploratory run on three
+#: HumanEval prompts with the default pair; README, run I)
 DEFAULT_DRAFT_CONFIDENCE = 0.6
 #: the name suffix of HF assisted generation with HF's own defaults (``hf_defaults``)
 HF_DEFAULTS_SUFFIX = " (HF defaults)"
@@ -672,9 +673,10 @@ def markdown(result: dict) -> str:
                          f"c = {c['c']:.3f}, r = {c['r']:.3f}.")
     loops = [(d["name"], d) for d in summarize(result) if "c_loop" in d]
     if loops:
-        lines.append("In-loop step costs (mean decoding call at batch 1, ms; the verifier step "
-                     "from ours:verifier): " + "; ".join(
-                         f"{name}: drafter {d['t_q_loop_ms']:.1f}, verifier on gamma+1 tokens "
+        lines.append("In-loop step costs (mean decoding call at batch 1, ms; the verifier block "
+                     "call scores gamma + 1 tokens, fewer in blocks cut by draft confidence; the "
+                     "verifier step from ours:verifier): " + "; ".join(
+                         f"{name}: drafter {d['t_q_loop_ms']:.1f}, verifier block call "
                          f"{d['t_p_block_loop_ms']:.1f}, verifier step {d['t_p_loop_ms']:.1f} "
                          f"(c = {d['c_loop']:.3f}, r = {d['r_loop']:.3f})" for name, d in loops)
                      + ".")
