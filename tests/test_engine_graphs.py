@@ -131,6 +131,11 @@ def test_nan_logits_in_a_block_are_a_clear_error(pair):
     with pytest.raises(ValueError, match="verifier logits contains NaN"):
         Engine(None, broken, method="autoregressive", max_seq_len=48).generate(
             ids, max_new_tokens=8)
+    # blocks cut by draft_confidence (eager, ragged verification): the same errors
+    for models, which in (((q, broken), "verifier"), ((broken, p), "drafter")):
+        with pytest.raises(ValueError, match=f"{which} logits contains NaN"):
+            Engine(*models, max_seq_len=48, draft_confidence=0.5).generate(
+                ids, max_new_tokens=8)
 
 
 def test_cuda_graphs_argument(pair):
