@@ -67,8 +67,8 @@ from .engine import (
     _seeds,
 )
 from .kv_cache import SlotCache
-from .rules import check_alpha
 from .ragged import verify_ragged
+from .rules import check_alpha
 from .sampling import draft_probability, draw
 from .stats import Counters
 
