@@ -552,15 +552,10 @@ def _config(method, rule, alpha, gamma, temperature, top_k, top_p, bonus, max_dr
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
 
     if draft_confidence is not None:
-        if isinstance(draft_confidence, bool) or not isinstance(draft_confidence, (int, float)) \
-                or not 0 < draft_confidence < 1:
-            raise ValueError(f"draft_confidence must be None or a number in (0, 1) (the "
-                             f"drafter probability below which a block stops drafting), got "
-                             f"{draft_confidence!r}")
+        draft_confidence = check_draft_confidence(draft_confidence)
         if method != "spec_cascade":
             raise ValueError(f"draft_confidence applies to method='spec_cascade' only, got "
                              f"method={method!r}")
-        draft_confidence = float(draft_confidence)
 
     if method in ("autoregressive", "drafter_only"):
         rule, alpha = None, None
@@ -584,6 +579,14 @@ def _config(method, rule, alpha, gamma, temperature, top_k, top_p, bonus, max_dr
     return _Config(method, rule, alpha, gamma, float(temperature), top_k,
                    None if top_p is None else float(top_p), bonus, max_drafter_run, seq_score,
                    backend, draft_confidence)
+
+
+def check_draft_confidence(value) -> float:
+    """``value`` as a float in (0, 1), else ValueError naming ``draft_confidence``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"draft_confidence must be None or a number in (0, 1) (the drafter "
+                         f"probability below which a block stops drafting), got {value!r}")
+    return float(value)
 
 
 def _check_models(method, drafter, verifier):

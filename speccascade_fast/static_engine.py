@@ -470,8 +470,6 @@ class Engine:
         cfg, q, p = self.cfg, self.q, self.p
         L = list(rows.length)  # emit() advances rows.length
         width = max(n - s for n, s in zip(L, q.seen))
-        if self._verify is None:
-            self._verify = backends.get(cfg.backend, self.device)
         if cfg.draft_confidence is None:
             results, steps = self._fixed_block(rows, width)
         else:
@@ -499,6 +497,8 @@ class Engine:
         the number of drafter steps."""
         cfg, q, p, gamma = self.cfg, self.q, self.p, self.cfg.gamma
         kv, greedy = self._kv(rows), rows.greedy
+        if self._verify is None:
+            self._verify = backends.get(cfg.backend, self.device)
 
         def body(ints, seeds, temperature, alpha):
             t = ints[:, 0]

@@ -66,13 +66,16 @@ def bench_command(args: argparse.Namespace) -> int:
     import torch
 
     from .. import models
+    from ..engine import check_draft_confidence
     from . import e2e
 
     for name in ("prompts", "max_new_tokens", "batch", "gamma", "rounds", "hf_gamma"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
-    if not 0 < args.draft_confidence < 1:
-        raise SystemExit("--draft-confidence must be in (0, 1)")
+    try:
+        check_draft_confidence(args.draft_confidence)
+    except ValueError as e:
+        raise SystemExit(f"--draft-confidence: {e}") from None
     if args.from_json:
         print(e2e.markdown(e2e.from_json(pathlib.Path(args.from_json).read_text())))
         return 0

@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..engine import check_draft_confidence
 from ..static_engine import Engine
 
 
@@ -371,8 +372,7 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
         raise ValueError(f"unknown configs {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    if not 0 < draft_confidence < 1:
-        raise ValueError(f"draft_confidence must be in (0, 1), got {draft_confidence!r}")
+    check_draft_confidence(draft_confidence)
     hf_gamma = gamma if hf_gamma is None else hf_gamma
     if prompts is None:
         prompts = humaneval_prompts(tokenizer, n_prompts)
@@ -542,17 +542,17 @@ def summarize(result: dict) -> list[dict]:
             # blocks cut by draft_confidence vary: their prediction takes the measured drafter
             # steps per block and mean verifier call, i.e. the in-loop costs only
             cut = r.extra.get("draft_confidence") is not None
-            k = (costs["int8"] if "int8" in r.name
-                 else costs["compiled"] if "compiled" in r.name else costs)
-            pred = predicted_speedup(r.tokens_per_verifier_call, gamma, k["c"], k["r"],
-                                     bonus_step="spec" not in r.name)
             if not cut:
+                k = (costs["int8"] if "int8" in r.name
+                     else costs["compiled"] if "compiled" in r.name else costs)
+                pred = predicted_speedup(r.tokens_per_verifier_call, gamma, k["c"], k["r"],
+                                         bonus_step="spec" not in r.name)
                 d["predicted"] = _round(pred)
                 d["iid_tokens_per_block"] = _round(iid_tokens_per_block(r.acceptance_rate,
                                                                         gamma))
-            if base is not None:
-                if not cut:
+                if base is not None:
                     d["efficiency"] = _round(d["vs_ours_verifier"] / pred)
+            if base is not None:
                 times = _loop_times(r, base)
                 if times is not None:
                     d.update(in_loop_costs(r, base))
