@@ -3,10 +3,13 @@
 :func:`generate` decodes with a drafter ``q`` and a verifier ``p`` (any pair of HF causal LMs, or of
 encoder-decoder LMs, with the same vocabulary). The block loop reads as Algorithm 4 of the paper:
 
-    draft    - the drafter proposes gamma tokens x_t .. x_{t+gamma-1} ~ qT (plus, for
-               ``bonus="cascade"``, one more drafter step for q at the bonus position);
+    draft    - the drafter proposes gamma tokens x_t .. x_{t+gamma-1} ~ qT;
     score    - ONE verifier call scores all gamma+1 positions;
     verify   - :func:`speccascade_fast.verify` decides, accepts and resamples (all the math);
+               with ``bonus="cascade"`` (a rule other than ``spec``), when every draft was
+               accepted and a bonus token can be kept, one more drafter step gives q at the bonus
+               position and the block is verified again with it (the same decisions, counter-based
+               randomness); a block that rejects a draft never pays that step;
     accept   - emit the accepted drafts and the residual/bonus token, stop at EOS / the budget;
     rollback - crop both KV caches back to the emitted prefix.
 
@@ -214,14 +217,11 @@ class _Sequence:
 
 
 # --- speculative cascades: Algorithm 4 ----------------------------------------------------------
-def draft(q: _CachedModel, seq: _Sequence, gamma: int, with_bonus: bool, cfg: _Config):
+def draft(q: _CachedModel, seq: _Sequence, gamma: int, cfg: _Config):
     """The drafter proposes up to ``gamma`` tokens ``x_t ~ qT_t`` (t = seq.length ...), stopping
-    early after an EOS draft. Returns ``(drafts [1, g], q_logits [1, g(+1), V])``; with
-    ``with_bonus`` the extra row is q at the bonus position ``t + g``. The extra step is skipped
-    when no bonus token could be kept (the last draft is EOS or fills the budget): verification
-    then takes its bonus from the verifier, which only decides a token that is cut anyway.
-    With ``cfg.draft_confidence`` it also stops after a draft the drafter gave a probability
-    below it (:func:`~speccascade_fast.sampling.draft_probability`)."""
+    early after an EOS draft. Returns ``(drafts [1, g], q_logits [1, g, V])``. With
+    ``cfg.draft_confidence`` it also stops after a draft the drafter gave a probability below it
+    (:func:`~speccascade_fast.sampling.draft_probability`)."""
     ids, t, rows = seq.ids, seq.length, []
     for j in range(gamma):
         logits = q.next_logits(ids)
@@ -230,10 +230,14 @@ def draft(q: _CachedModel, seq: _Sequence, gamma: int, with_bonus: bool, cfg: _C
         ids = torch.cat([ids, ids.new_tensor([[x]])], dim=1)
         if x in seq.eos or _unsure(cfg, logits, ids[0, -1:]):
             break
-    g = ids.shape[1] - t
-    if with_bonus and g < seq.remaining and int(ids[0, -1]) not in seq.eos:
-        rows.append(q.next_logits(ids))
     return ids[:, t:], torch.stack(rows, dim=1)
+
+
+def bonus_keepable(seq: _Sequence, drafts: list[int]) -> bool:
+    """Whether a bonus token after these drafts could be emitted: the budget has room for it and
+    the last draft is not EOS. (Otherwise the verifier's bonus stands in: it decides a token that
+    is cut anyway, so no bonus drafter step is run for it.)"""
+    return len(drafts) < seq.remaining and drafts[-1] not in seq.eos
 
 
 def _unsure(cfg: _Config, logits: torch.Tensor, x: torch.Tensor) -> bool:
@@ -251,12 +255,23 @@ def speculative_block(q: _CachedModel, p: _CachedModel, seq: _Sequence, cfg: _Co
     """Draft, score, verify, accept, roll back: one block of the speculative cascade."""
     t = seq.length
     gamma = min(cfg.gamma, seq.remaining)  # never draft past the budget
-    drafts, q_logits = draft(q, seq, gamma, cfg.bonus_step, cfg)
+    drafts, q_logits = draft(q, seq, gamma, cfg)
     p_logits = score(p, seq, drafts)
-    out = verify(q_logits, drafts, p_logits, rule=cfg.rule, alpha=cfg.alpha,
-                 temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                 seed=seq.seed, positions=t, backend=cfg.backend)
+
+    def verified(q_logits):
+        return verify(q_logits, drafts, p_logits, rule=cfg.rule, alpha=cfg.alpha,
+                      temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                      seed=seq.seed, positions=t, backend=cfg.backend)
+
+    out = verified(q_logits)  # with g rows of q: the bonus from pT
     a, g = int(out.num_accepted[0]), drafts.shape[1]
+    if cfg.bonus_step and a == g and bonus_keepable(seq, drafts[0].tolist()):
+        # the bonus token follows the cascade's target: q at the bonus position, run only now
+        # that the bonus is known to be emitted; the decisions up to it are drawn again from the
+        # same keys, so they do not change
+        bonus_q = q.next_logits(torch.cat([seq.ids, drafts], dim=1))
+        out = verified(torch.cat([q_logits, bonus_q[:, None]], dim=1))
+        a = int(out.num_accepted[0])
     seq.emit(out.tokens[0, : a + 1].tolist(), out.deferred[0].tolist())
     seq.stats.blocks += 1
     seq.stats.drafted += g
@@ -400,8 +415,10 @@ def generate(
             the first EOS id, else 0.
         attention_mask: ``[B, P]``, 1 on prompt tokens, 0 on padding.
         seed: int (sequence b uses ``seed + b``) or B ints.
-        bonus: ``"cascade"`` (one more drafter step so the bonus token follows the cascade's
-            target exactly) or ``"verifier"`` (bonus from pT, no extra drafter step).
+        bonus: ``"cascade"`` (the bonus token follows the cascade's target exactly: it needs q
+            at the bonus position, one more drafter step, run only in blocks that accept every
+            draft, except inside a CUDA graph, which runs it in every block) or ``"verifier"``
+            (bonus from pT, no extra drafter step).
         max_drafter_run: ``token_cascade``: defer after this many consecutive drafter tokens
             (None disables).
         seq_score: ``seq_cascade``: ``"prob"`` or ``"mean_logprob"``.
@@ -411,8 +428,8 @@ def generate(
             (the whole batch at once) and everything else on the sequential loops (one sequence
             at a time, HF ``DynamicCache``); ``"static"`` insists on the former (ValueError where
             it cannot run), ``"sequential"`` forces the latter. Both emit the same tokens for
-            the same seeds; ``drafter_calls`` differs (the static engine drafts gamma tokens in
-            every block, the sequential one stops at an EOS draft or the budget).
+            the same seeds; ``drafter_calls`` may differ (the static engine drafts gamma tokens
+            in every block of a batch, the sequential one stops at an EOS draft or the budget).
         cuda_graphs: the batched Engine's CUDA graphs (:class:`speccascade_fast.Engine`):
             None = on for CUDA models without top-k/top-p; the sequential loops ignore it.
         attention: the batched Engine's attention: None (the models' own, SDPA or eager) or

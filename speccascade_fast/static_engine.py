@@ -14,13 +14,18 @@ previous block rejected a draft or ran the bonus drafter step):
 
     draft   - gamma drafter calls, each followed by a batched draw ``x ~ qT`` keyed by
               (seed_b, position): the first feeds each row its 1 or 2 tokens not yet in the
-              drafter's cache, the others one token; with ``bonus="cascade"`` one more call
-              gives q at the bonus position;
+              drafter's cache, the others one token;
     score   - one verifier call of gamma + 1 tokens per row;
     verify  - the fused verification backend (:mod:`speccascade_fast.backends`) for the batch;
-    accept  - the only device-to-host read of the block: accepted counts, final tokens, drafts,
+    accept  - the device-to-host read of the block: accepted counts, final tokens, drafts,
               deferral flags and whether any logits were NaN/inf; each row emits its own
               a_b + 1 tokens;
+    bonus   - with ``bonus="cascade"`` (rules other than ``spec``) the bonus token needs q at
+              the bonus position, one more drafter call: inside a CUDA graph it runs in every
+              block, before the verification; eagerly only when a row accepted all its drafts
+              and keeps its bonus token, after the read, followed by the verification again
+              (the same decisions from the same keys, now with the cascade's bonus) and a
+              second read;
     rollback - nothing to undo: each model's count of valid slots drops to ``L_b + a_b``; the
               rejected drafts' slots are masked and overwritten by the next block.
 
@@ -471,32 +476,63 @@ class Engine:
         L = list(rows.length)  # emit() advances rows.length
         width = max(n - s for n, s in zip(L, q.seen))
         if cfg.draft_confidence is None:
-            results, steps = self._fixed_block(rows, width)
+            results, calls = self._fixed_block(rows, width)
         else:
-            results, steps = self._adaptive_block(rows, width)
-        drafter_calls = steps + cfg.bonus_step
+            results, calls = self._adaptive_block(rows, width)
         for b, (a, tokens, flags, g) in enumerate(results):
             s = rows.stats(b)
             s.blocks += 1
             s.verifier_calls += 1
-            s.drafter_calls += drafter_calls
+            s.drafter_calls += calls
             s.drafted += g
             s.accepted += min(a, g)
             s.rejected += int(a < g)
             rows.emit(b, tokens, [bool(f) for f in flags])
             # the caches now hold: the drafter every token it was fed (the row's last one, then
-            # all drafts but the last, and the last too if the bonus step ran), the verifier
-            # the whole block; valid up to the last accepted draft
-            q.seen[b] = min(L[b] + steps - 1 + cfg.bonus_step, L[b] + a)
+            # all drafts but the last, and the last too if the bonus step ran: one per drafter
+            # call), the verifier the whole block; valid up to the last accepted draft
+            q.seen[b] = min(L[b] + calls - 1, L[b] + a)
             p.seen[b] = L[b] + a
+
+    def _late_bonus(self, rows: _Rows, need: list[bool]) -> bool:
+        """Whether an eager block runs its bonus drafter step after the verification: only when
+        some row accepted every draft it is verified on and can keep a bonus token (``need``).
+        Inside a CUDA graph the step runs in every block instead (one host read per block)."""
+        return self.cfg.bonus_step and self._graphs is None and any(need)
+
+    def _needs_bonus(self, rows: _Rows, b: int, accepted: int, drafts: list[int]) -> bool:
+        """Row b accepted all of ``drafts`` (those it is verified on) and a bonus token after
+        them would be emitted (its budget has room and the last draft is not EOS)."""
+        return (accepted >= len(drafts) and len(drafts) < rows.remaining(b)
+                and drafts[-1] not in rows.eos)
+
+    def _verified(self, q_logits, drafts, p_logits, seeds, temperature, alpha, t):
+        """The fused verification of a fixed block, packed for its host read: per row the
+        accepted count, the gamma + 1 tokens, the gamma drafts, the gamma + 1 deferral flags and
+        whether q / p read non-finite logits, int64 ``[B, 3 gamma + 5]``. ``q_logits`` has
+        ``gamma + 1`` rows (the bonus from the cascade's target) or ``gamma`` (from pT)."""
+        cfg = self.cfg
+        out = self._verify(q_logits, drafts, p_logits, rule=cfg.rule, alpha=alpha,
+                           temperature=temperature,
+                           top_k=checks.top_k(cfg.top_k, p_logits.shape[-1]), top_p=cfg.top_p,
+                           seed=seeds, positions=t)
+        return torch.cat([out.num_accepted[:, None], out.tokens, drafts,
+                          out.deferred.to(torch.int64), _nonfinite(q_logits)[:, None],
+                          _nonfinite(p_logits)[:, None]], dim=1)
 
     def _fixed_block(self, rows: _Rows, width: int):
         """The block on fixed shapes (every row drafts gamma tokens), as one body of device work
         with one host read: eager, or replayed as a CUDA graph. Returns per row ``(accepted,
         tokens to emit, deferred flags, drafts the sequential engine would have verified)`` and
-        the number of drafter steps."""
+        the number of drafter calls.
+
+        With ``bonus="cascade"`` the graph runs the bonus drafter step in every block; eagerly it
+        runs after the host read, only if a row accepted all its drafts and keeps a bonus token,
+        followed by a second verification (same keys: same decisions, the bonus from the
+        cascade's target) and a second read."""
         cfg, q, p, gamma = self.cfg, self.q, self.p, self.cfg.gamma
         kv, greedy = self._kv(rows), rows.greedy
+        in_body = cfg.bonus_step and self._graphs is not None
         if self._verify is None:
             self._verify = backends.get(cfg.backend, self.device)
 
@@ -509,7 +545,7 @@ class Engine:
                 logits = q.forward(drafts[-1][:, None], (t + j - 1)[:, None], kv(j), 1)[:, 0]
                 q_rows.append(logits)
                 drafts.append(self._draw(logits, seeds, temperature, t + j, greedy))
-            if cfg.bonus_step:
+            if in_body:
                 q_rows.append(q.forward(drafts[-1][:, None], (t + gamma - 1)[:, None],
                                         kv(gamma), 1)[:, 0])
             drafts = torch.stack(drafts, dim=1)
@@ -517,36 +553,44 @@ class Engine:
             p_logits = p.forward(torch.cat([ids[:, -1:], drafts], dim=1), slots, kv(gamma),
                                  gamma + 1)
             q_logits = torch.stack(q_rows, dim=1)
-            out = self._verify(q_logits, drafts, p_logits, rule=cfg.rule, alpha=alpha,
-                               temperature=temperature,
-                               top_k=checks.top_k(cfg.top_k, p_logits.shape[-1]), top_p=cfg.top_p,
-                               seed=seeds, positions=t)
-            pack = torch.cat([out.num_accepted[:, None], out.tokens, drafts,
-                              out.deferred.to(torch.int64), _nonfinite(q_logits)[:, None],
-                              _nonfinite(p_logits)[:, None]], dim=1)
+            pack = self._verified(q_logits, drafts, p_logits, seeds, temperature, alpha, t)
             return pack, q_logits, p_logits
 
+        ints = self._inputs(rows, q, width)
         pack, q_logits, p_logits = self._run(
             ("block", rows.size, width, greedy), body,
-            (self._inputs(rows, q, width), rows.seeds, rows.temperature, rows.alpha))
+            (ints, rows.seeds, rows.temperature, rows.alpha))
         host = pack.tolist()  # the block's one device-to-host read
         self._check_logits([r[-2] for r in host], ("drafter logits", q_logits))
         self._check_logits([r[-1] for r in host], ("verifier logits", p_logits))
-        results = []
-        for b, row in enumerate(host):
-            a, x = row[0], row[2 + gamma: 2 + 2 * gamma]
-            # what the sequential engine would have verified: drafts up to the first EOS draft
-            # and the budget (later ones exist only because block shapes are fixed)
-            g = min(gamma, rows.remaining(b),
-                    next((i + 1 for i, d in enumerate(x) if d in rows.eos), gamma))
-            results.append((a, row[1: 2 + a], row[2 + 2 * gamma: 3 + 3 * gamma], g))
-        return results, gamma
+        drafts = [row[2 + gamma: 2 + 2 * gamma] for row in host]
+        # what the sequential engine would have verified: drafts up to the first EOS draft and
+        # the budget (later ones exist only because block shapes are fixed)
+        g = [min(gamma, rows.remaining(b),
+                 next((i + 1 for i, d in enumerate(x) if d in rows.eos), gamma))
+             for b, x in enumerate(drafts)]
+        calls = gamma + in_body
+        if self._late_bonus(rows, [self._needs_bonus(rows, b, host[b][0], x[: g[b]])
+                                   for b, x in enumerate(drafts)]):
+            t, draft_ids = ints[:, 0], pack[:, 2 + gamma: 2 + 2 * gamma]
+            bonus = q.forward(draft_ids[:, -1:], (t + gamma - 1)[:, None], kv(gamma), 1)[:, 0]
+            q_logits = torch.cat([q_logits, bonus[:, None]], dim=1)
+            host = self._verified(q_logits, draft_ids, p_logits, rows.seeds, rows.temperature,
+                                  rows.alpha, t).tolist()  # the block's second host read
+            self._check_logits([r[-2] for r in host], ("drafter logits", q_logits))
+            calls += 1
+        results = [(row[0], row[1: 2 + row[0]], row[2 + 2 * gamma: 3 + 3 * gamma], g[b])
+                   for b, row in enumerate(host)]
+        return results, calls
 
     def _adaptive_block(self, rows: _Rows, width: int):
         """The block with ``draft_confidence``: row b stops drafting after draft gamma_b, its
         first unsure draft (or an EOS draft, its budget, ``gamma``), exactly where the sequential
         engine stops; the drafter steps go on while any row drafts, and each row is verified on
-        its own gamma_b drafts in one ragged call. Returns what :meth:`_fixed_block` does."""
+        its own gamma_b drafts in one ragged call. A row that stopped early has q at its bonus
+        position from the later steps; the bonus drafter step runs only if a row that drafted to
+        the end accepted everything and keeps a bonus (then the ragged call runs again with the
+        bonus rows). Returns what :meth:`_fixed_block` does."""
         cfg, q, p = self.cfg, self.q, self.p
         kv, greedy = self._kv(rows), rows.greedy
         seeds, temperature = rows.seeds, rows.temperature
@@ -554,6 +598,7 @@ class Engine:
         t, ids = ints[:, 0], ints[:, 1 + width:]
         limit = [min(cfg.gamma, rows.remaining(b)) for b in range(rows.size)]
         stop = [0] * rows.size  # gamma_b once row b has stopped
+        mine = [[] for _ in range(rows.size)]  # row b's drafts, on the host
         logits = q.forward(ids, ints[:, 1: 1 + width], kv(0), 1)[:, 0]
         q_rows, drafts = [logits], []
         while True:
@@ -562,16 +607,15 @@ class Engine:
             unsure = draft_probability(logits, drafts[-1], temperature) < cfg.draft_confidence
             host = torch.stack([drafts[-1], unsure.to(torch.int64)], dim=1).tolist()
             for b, (x, low) in enumerate(host):  # the step's one device-to-host read
-                if not stop[b] and (low or x in rows.eos or j + 1 >= limit[b]):
-                    stop[b] = j + 1
+                if not stop[b]:
+                    mine[b].append(x)
+                    if low or x in rows.eos or j + 1 >= limit[b]:
+                        stop[b] = j + 1
             if all(stop):
                 break
             logits = q.forward(drafts[-1][:, None], (t + j)[:, None], kv(j + 1), 1)[:, 0]
             q_rows.append(logits)
-        steps = len(drafts)
-        if cfg.bonus_step:
-            q_rows.append(q.forward(drafts[-1][:, None], (t + steps - 1)[:, None], kv(steps),
-                                    1)[:, 0])
+        steps = calls = len(drafts)
         drafts = torch.stack(drafts, dim=1)
         slots = (t - 1)[:, None] + torch.arange(steps + 1, device=t.device)
         p_logits = p.forward(torch.cat([ids[:, -1:], drafts], dim=1), slots, kv(steps), steps + 1)
@@ -579,21 +623,36 @@ class Engine:
         bad = torch.stack([_nonfinite(q_logits), _nonfinite(p_logits)], dim=1).tolist()
         self._check_logits([r[0] for r in bad], ("drafter logits", q_logits))
         self._check_logits([r[1] for r in bad], ("verifier logits", p_logits))
-        # row b: its stop[b] drafts, its stop[b] + 1 verifier rows, q at its bonus position
+        # row b: its stop[b] drafts, its stop[b] + 1 verifier rows (q at its bonus position, if
+        # it needs one, is q_logits[b, stop[b]])
         cu = torch.tensor([0, *stop], dtype=torch.int64, device=t.device).cumsum(0)
-        out = verify_ragged(
-            torch.cat([q_logits[b, :g] for b, g in enumerate(stop)]),
-            torch.cat([drafts[b, :g] for b, g in enumerate(stop)]),
-            torch.cat([p_logits[b, : g + 1] for b, g in enumerate(stop)]), cu,
-            rule=cfg.rule, alpha=rows.alpha, temperature=temperature,
-            top_k=checks.top_k(cfg.top_k, p_logits.shape[-1]), top_p=cfg.top_p, seed=seeds,
-            positions=t, backend=cfg.backend,
-            bonus_draft_logits=(torch.stack([q_logits[b, g] for b, g in enumerate(stop)])
-                                if cfg.bonus_step else None))
-        accepted, tokens, flags = (out.num_accepted.tolist(), out.tokens.tolist(),
-                                   out.deferred.tolist())
+        ragged = (torch.cat([q_logits[b, :g] for b, g in enumerate(stop)]),
+                  torch.cat([drafts[b, :g] for b, g in enumerate(stop)]),
+                  torch.cat([p_logits[b, : g + 1] for b, g in enumerate(stop)]), cu)
+
+        def verified(bonus):
+            return verify_ragged(
+                *ragged, rule=cfg.rule, alpha=rows.alpha, temperature=temperature,
+                top_k=checks.top_k(cfg.top_k, p_logits.shape[-1]), top_p=cfg.top_p, seed=seeds,
+                positions=t, backend=cfg.backend, bonus_draft_logits=bonus)
+
+        out = verified(None)  # the bonus from pT
+        accepted = out.num_accepted.tolist()
+        need = [cfg.bonus_step and self._needs_bonus(rows, b, a, mine[b])
+                for b, a in enumerate(accepted)]
+        if any(need):
+            if any(n and g == steps for n, g in zip(need, stop)):
+                bonus = q.forward(drafts[:, -1:], (t + steps - 1)[:, None], kv(steps), 1)[:, 0]
+                self._check_logits(_nonfinite(bonus).tolist(), ("drafter logits", bonus))
+                q_logits = torch.cat([q_logits, bonus[:, None]], dim=1)
+                calls += 1
+            # rows that need no bonus take any row of theirs: their bonus token is never emitted
+            last = q_logits.shape[1] - 1
+            out = verified(torch.stack([q_logits[b, min(g, last)] for b, g in enumerate(stop)]))
+            accepted = out.num_accepted.tolist()
+        tokens, flags = out.tokens.tolist(), out.deferred.tolist()
         return [(a, tokens[b][: a + 1], flags[b], stop[b])
-                for b, a in enumerate(accepted)], steps
+                for b, a in enumerate(accepted)], calls
 
 
 def _budgets(max_new_tokens, B) -> list[int]:

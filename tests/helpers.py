@@ -214,3 +214,18 @@ class NoHostReads(TorchDispatchMode):
             if any(i is not None and i.dtype == torch.bool for i in indices):
                 raise AssertionError(f"boolean-mask indexing (a host read) in a graph body: {name}")
         return func(*args, **kwargs)
+
+
+def assert_graph_stats(graphs: dict, eager: dict, kw: dict) -> None:
+    """The statistics of an Engine run on its CUDA graphs (or the graphs' fixed-shape bodies)
+    against the eager run, Engine settings ``kw``: the same counts, but for the drafter calls
+    under ``bonus="cascade"`` (rules other than ``spec``): the graphs run the bonus drafter
+    step in every block, the eager blocks only where a row accepted all its drafts."""
+    for k in ("tokens", "verifier_calls", "accepted", "deferred", "blocks"):
+        assert graphs[k] == eager[k], k
+    blocks = kw.get("method", "spec_cascade") == "spec_cascade"
+    if blocks and kw.get("bonus", "cascade") == "cascade" and kw["rule"] != "spec":
+        assert graphs["drafter_calls"] == (kw.get("gamma", 5) + 1) * graphs["blocks"]
+        assert eager["drafter_calls"] < graphs["drafter_calls"]
+    else:
+        assert graphs["drafter_calls"] == eager["drafter_calls"]

@@ -9,6 +9,9 @@ from speccascade_fast.bench import e2e
 
 from .test_engine import tiny_pair
 
+#: the greedy ``spec`` row with blocks cut at draft confidence 0.5, at most 4 drafts
+CUT = "ours:spec greedy, draft confidence 0.5, at most 4 drafts"
+
 
 @pytest.fixture(scope="module")
 def result():
@@ -19,7 +22,7 @@ def result():
     try:
         yield e2e.run(q, p, prompts=prompts, max_new_tokens=12, batch=2, gamma=3,
                       int8_drafter=True, rounds=2, hf_defaults=True, draft_confidence=0.5,
-                      progress=lambda s: None)
+                      dc_gamma=4, progress=lambda s: None)
     finally:
         torch.set_num_threads(old)
 
@@ -31,9 +34,10 @@ def test_every_configuration_decodes_the_same_work(result):
     for name in ("hf:verifier greedy", "hf:assisted greedy", "hf:assisted T=1", "ours:drafter",
                  "hf:assisted greedy (HF defaults)", "hf:assisted T=1 (HF defaults)"):
         assert (name, 1) in names
-    for key in ("spec-greedy-dc", "spec-t1-dc", "token_v3-t1-dc"):
-        name = e2e.CONFIGS[key][0].format(alpha=0.3, dc=0.5)
+    for key in ("spec-greedy-dc", "spec-t1-dc", "token_v3-t1-dc"):  # gamma 4, not 3
+        name = e2e.CONFIGS[key][0].format(alpha=0.3, dc=0.5) + ", at most 4 drafts"
         assert (name, 1) in names and (name, 2) in names
+    assert result["settings"]["dc_gamma"] == 4
     for key in e2e.INT8_CONFIGS:
         assert (e2e.CONFIGS[key][0].format(alpha=0.3) + " (int8 drafter)", 1) in names
         assert ((e2e.CONFIGS[key][0].format(alpha=0.3) + " (int8 drafter)", 2) in names) == (
@@ -63,7 +67,7 @@ def test_greedy_outputs_agree_and_calls_are_counted(result):
     assert defaults["num_assistant_tokens"] == 20
     assert defaults["assistant_confidence_threshold"] == pytest.approx(0.4)
     # the draft-confidence rows cut blocks short of gamma = 3 (their tokens: the greedy ones)
-    cut = rows["ours:spec greedy, draft confidence 0.5", 1]
+    cut = rows[CUT, 1]
     assert cut.extra["draft_confidence"] == 0.5
     assert cut.acceptance_rate > rows["ours:spec greedy", 1].acceptance_rate
 
@@ -99,10 +103,15 @@ def test_summary_ratios(result):
     for name, r in rows.items():
         assert 0 < r.extra["model_s"] < r.wall_s, name
         assert summary[name]["non_model_share"] == round(1 - r.extra["model_s"] / r.wall_s, 3)
-    # token_v3 runs the bonus drafter step: its block costs one more c
-    v3 = rows["ours:token_v3 a=0.3 greedy", 1]
-    assert summary["ours:token_v3 a=0.3 greedy", 1]["predicted"] == round(
-        e2e.predicted_speedup(v3.tokens_per_verifier_call, 3, c["c"], c["r"], bonus_step=True), 3)
+    # token_v3 runs the bonus drafter step in the blocks that accept every draft: its blocks
+    # cost the measured drafter calls (gamma + the bonus steps) c + r
+    v3, v3d = rows["ours:token_v3 a=0.3 greedy", 1], summary["ours:token_v3 a=0.3 greedy", 1]
+    steps = v3.extra["drafter_calls"] / v3.verifier_calls
+    assert 3 < steps < 4 and v3d["drafter_steps_per_block"] == round(steps, 3)
+    assert v3.extra["decode_calls"]["drafter"][0] == v3.extra["drafter_calls"]
+    assert v3d["predicted"] == round(
+        e2e.predicted_speedup(v3.tokens_per_verifier_call, steps, c["c"], c["r"]), 3)
+    assert "drafter_steps_per_block" not in d  # spec: gamma per block, no bonus step
     # per-round ratios: the range holds the total's ratio
     lo, hi = d["vs_ours_verifier_range"]
     assert lo <= d["vs_ours_verifier"] <= hi
@@ -116,10 +125,9 @@ def test_summary_ratios(result):
         / rows["hf:assisted greedy" + e2e.INT8_SUFFIX, 1].tokens_per_s, 3)
     # blocks cut by draft_confidence: no prediction from the timed-apart costs (they assume
     # gamma drafts and a gamma + 1 call); the in-loop one from the measured steps per block
-    cut, dc = rows["ours:spec greedy, draft confidence 0.5", 1], summary[
-        "ours:spec greedy, draft confidence 0.5", 1]
+    cut, dc = rows[CUT, 1], summary[CUT, 1]
     (nq, sq), (nb, sb) = cut.extra["decode_calls"].values()
-    assert nb == cut.verifier_calls and nb < nq < 3 * nb
+    assert nb == cut.verifier_calls and nb < nq < 4 * nb
     assert "predicted" not in dc and "efficiency" not in dc
     assert dc["drafter_steps_per_block"] == round(nq / nb, 3)
     assert dc["predicted_loop"] == round(e2e.predicted_speedup(
@@ -195,6 +203,18 @@ def test_hf_gets_its_own_draft_length(monkeypatch):
     assert seen["ours:spec greedy"] == 3
     assert seen["hf:assisted greedy"] == 5 and seen["hf:assisted T=1"] == 5
     assert result["settings"]["hf_gamma"] == 5
+    # the *-dc configurations take dc_gamma (default: gamma)
+    seen.clear()
+    result = e2e.run(None, None, prompts=[torch.tensor([1])], configs=("spec-greedy-dc",),
+                     batch=1, gamma=3, dc_gamma=8, with_hf=False, progress=lambda s: None)
+    assert seen == {"ours:verifier": None, "ours:spec greedy, draft confidence 0.6, at most 8 "
+                    "drafts": 8}
+    seen.clear()
+    e2e.run(None, None, prompts=[torch.tensor([1])], configs=("spec-greedy-dc",), batch=1,
+            gamma=3, with_hf=False, progress=lambda s: None)
+    assert seen == {"ours:verifier": None, "ours:spec greedy, draft confidence 0.6": 3}
+    with pytest.raises(ValueError, match="dc_gamma must be >= 1"):
+        e2e.run(None, None, prompts=[torch.tensor([1])], dc_gamma=0)
 
 
 def test_model_clock():

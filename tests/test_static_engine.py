@@ -104,6 +104,27 @@ def test_draft_confidence_static_equals_sequential(pair, kw, with_eos):
     assert static.stats["blocks"] < static.stats["drafted"] < gamma * static.stats["blocks"]
 
 
+@pytest.mark.parametrize("draft_confidence", [None, 0.2])
+@pytest.mark.parametrize("rule,alpha", [("token_v3", 0.3), ("chow", 0.6)])
+def test_bonus_drafter_step_runs_only_after_full_acceptance(pair, rule, alpha, draft_confidence):
+    """``bonus="cascade"``: q at the bonus position costs a drafter call only in blocks that
+    accepted every draft and keep their bonus token. Alone in its batch, a sequence makes the
+    same drafter calls on both engines (but for the fixed blocks' drafts past the budget)."""
+    gamma = 3
+    kw = dict(rule=rule, alpha=alpha, gamma=gamma, temperature=1.0, max_new_tokens=40, seed=7,
+              eos_token_id=[], draft_confidence=draft_confidence)
+    ids = torch.tensor([PROMPTS[2]])
+    static, seq = _both(pair, ids, None, **kw)
+    assert static.new_tokens == seq.new_tokens
+    s = seq.stats
+    full = s["blocks"] - s["rejected"]  # blocks whose drafts were all accepted
+    assert 0 < full < s["blocks"]
+    # one bonus step per full block, but for a last block whose bonus the budget cuts
+    assert full - 1 <= s["drafter_calls"] - s["drafted"] <= full
+    past_budget = 0 if draft_confidence else gamma * s["blocks"] - s["drafted"]
+    assert static.stats["drafter_calls"] == s["drafter_calls"] + past_budget
+
+
 @pytest.mark.parametrize("engine", ["static", "sequential"])
 def test_spec_skips_the_bonus_drafter_step(pair, engine):
     """Under ``spec`` the bonus law is pT whatever q is: ``bonus="cascade"`` runs no extra

@@ -5,6 +5,7 @@
     speccascade bench --batch 1 --no-hf --configs verifier,spec-greedy --int8-drafter
     speccascade bench --rounds 3 --prompts 4        # interleaved rounds: ratios with ranges
     speccascade bench --batch 1 --configs verifier,spec-greedy,spec-greedy-dc --hf-defaults
+    speccascade bench --batch 1 --configs verifier,token_v3-t1,token_v3-t1-dc --dc-gamma 10
 
 Prints a markdown table and, with ``--out DIR``, writes ``DIR/e2e.json`` and ``DIR/e2e.md``.
 """
@@ -36,8 +37,10 @@ def add_bench_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.3, help="token_v3's alpha (default: 0.3)")
     p.add_argument("--draft-confidence", type=float, default=e2e.DEFAULT_DRAFT_CONFIDENCE,
                    help="the *-dc configurations' cut-off: a block ends after the first draft "
-                        "the drafter gave less than this, at most --gamma drafts (default: "
+                        "the drafter gave less than this, at most --dc-gamma drafts (default: "
                         f"{e2e.DEFAULT_DRAFT_CONFIDENCE})")
+    p.add_argument("--dc-gamma", type=int, default=None,
+                   help="the *-dc configurations' most drafts per block (default: --gamma)")
     p.add_argument("--hf-defaults", action="store_true",
                    help="also run HF assisted generation with HF's own drafting defaults "
                         "(up to 20 drafts, confidence cut-off 0.4)")
@@ -69,7 +72,8 @@ def bench_command(args: argparse.Namespace) -> int:
     from ..engine import check_draft_confidence
     from . import e2e
 
-    for name in ("prompts", "max_new_tokens", "batch", "gamma", "rounds", "hf_gamma"):
+    for name in ("prompts", "max_new_tokens", "batch", "gamma", "rounds", "hf_gamma",
+                 "dc_gamma"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     try:
@@ -93,7 +97,7 @@ def bench_command(args: argparse.Namespace) -> int:
                      alpha=args.alpha, with_hf=not args.no_hf, configs=configs,
                      int8_drafter=args.int8_drafter, compile_drafter=args.compile_drafter,
                      rounds=args.rounds, hf_gamma=args.hf_gamma, hf_defaults=args.hf_defaults,
-                     draft_confidence=args.draft_confidence,
+                     draft_confidence=args.draft_confidence, dc_gamma=args.dc_gamma,
                      progress=lambda s: print(s, file=sys.stderr, flush=True))
     table = e2e.markdown(result)
     print(table)

@@ -100,7 +100,8 @@ def run_ours(name, drafter, verifier, prompts, *, batch, max_new_tokens, pad, wa
              **settings) -> Row:
     """Our engine on ``prompts`` in chunks of ``batch`` (one Engine, built before the clock;
     ``warmup``: one untimed generate of 8 tokens on the first chunk first, for compiled code).
-    ``extra``: ``prefill_s`` summed over the chunks and, for eager models on a CPU, ``model_s``
+    ``extra``: ``prefill_s`` and ``drafter_calls`` (the stat: per row, the drafter calls of the
+    blocks it rode in) summed over the chunks and, for eager models on a CPU, ``model_s``
     (the seconds inside the models' forward calls) and, at batch 1, ``decode_calls``: per model
     ``[calls, seconds]`` of its decoding calls (a generate's last ``drafter_calls`` /
     ``verifier_calls`` calls of that model: the ones before are its prefill)."""
@@ -110,7 +111,7 @@ def run_ours(name, drafter, verifier, prompts, *, batch, max_new_tokens, pad, wa
     if warmup:
         ids, mask = _left_pad(prompts[:batch], pad)
         engine.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[], seed=0)
-    tokens = calls = accepted = drafted = 0
+    tokens = calls = accepted = drafted = drafter_calls = 0
     prefill = 0.0
     outputs = []
     roles = {"drafter": engine.drafter, "verifier": engine.verifier}
@@ -129,6 +130,7 @@ def run_ours(name, drafter, verifier, prompts, *, batch, max_new_tokens, pad, wa
             calls += out.stats["verifier_calls"]
             accepted += out.stats["accepted"]
             drafted += out.stats["drafted"]
+            drafter_calls += out.stats["drafter_calls"]
             prefill += out.stats["prefill_s"]
             outputs += out.new_tokens
             for i, role in enumerate(roles if timed and len(chunk) == 1 else ()):
@@ -137,7 +139,8 @@ def run_ours(name, drafter, verifier, prompts, *, batch, max_new_tokens, pad, wa
                 decode[role][1] += sum(clock.times[i][len(clock.times[i]) - n:])
         wall = time.perf_counter() - start
     row = Row(name, batch, tokens, wall, calls or None, accepted / drafted if drafted else None)
-    row.extra.update(outputs=outputs, prefill_s=prefill, model_s=clock.model_s)
+    row.extra.update(outputs=outputs, prefill_s=prefill, model_s=clock.model_s,
+                     drafter_calls=drafter_calls)
     if settings.get("draft_confidence") is not None:
         row.extra["draft_confidence"] = settings["draft_confidence"]
     if clock.model_s is not None and batch == 1:
@@ -343,7 +346,7 @@ COMPILED_CONFIGS = ("drafter", "spec-greedy")
 def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new_tokens=128,
         batch=4, gamma=5, alpha=0.3, with_hf=True, configs=tuple(CONFIGS), int8_drafter=False,
         compile_drafter=False, rounds=1, hf_gamma=None, hf_defaults=False,
-        draft_confidence=DEFAULT_DRAFT_CONFIDENCE, progress=print) -> dict:
+        draft_confidence=DEFAULT_DRAFT_CONFIDENCE, dc_gamma=None, progress=print) -> dict:
     """The whole benchmark; returns ``{"rows", "costs", "settings", "machine"}``.
 
     ``prompts``: token tensors ``[P]`` (default: the first ``n_prompts`` HumanEval prompts,
@@ -357,8 +360,9 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
     (default ``gamma``), so that each tool can run at its own best setting. ``hf_defaults``:
     with ``with_hf``, also HF assisted generation as HF runs it when told nothing (rows
     ``hf:assisted ... (HF defaults)``, see :func:`run_hf`). ``draft_confidence``: the cut-off
-    of the ``*-dc`` configurations (blocks of at most ``gamma`` drafts, ended after the first
-    draft the drafter gave less than this).
+    of the ``*-dc`` configurations (blocks of at most ``dc_gamma`` drafts, default ``gamma``,
+    ended after the first draft the drafter gave less than this; their names say "at most
+    N drafts" when ``dc_gamma`` is not ``gamma``).
 
     ``rounds``: run every configuration that many times, interleaved (round ``i`` runs them all,
     in reverse order when ``i`` is odd, and first re-times the step costs), so that a machine
@@ -374,6 +378,9 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     check_draft_confidence(draft_confidence)
     hf_gamma = gamma if hf_gamma is None else hf_gamma
+    dc_gamma = gamma if dc_gamma is None else dc_gamma
+    if dc_gamma < 1:
+        raise ValueError(f"dc_gamma must be >= 1, got {dc_gamma}")
     if prompts is None:
         prompts = humaneval_prompts(tokenizer, n_prompts)
     n_prompts = len(prompts)
@@ -385,12 +392,15 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
 
     def ours(key, q, batch, suffix="", **extra):
         name, settings = CONFIGS[key]
-        name = name.format(alpha=alpha, dc=draft_confidence) + suffix
+        name = name.format(alpha=alpha, dc=draft_confidence)
         settings = dict(settings, **extra)
-        if "draft_confidence" in settings:
-            settings["draft_confidence"] = draft_confidence
         if "rule" in settings:
             settings["gamma"] = gamma
+        if "draft_confidence" in settings:
+            settings.update(draft_confidence=draft_confidence, gamma=dc_gamma)
+            if dc_gamma != gamma:
+                name += f", at most {dc_gamma} drafts"
+        name += suffix
         if settings.get("rule") == "token_v3":
             settings["alpha"] = alpha
         jobs.append((name, batch, lambda: run_ours(
@@ -461,7 +471,8 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
     costs.update(medians)
     return {"rows": rows, "costs": costs, "settings": dict(
         n_prompts=n_prompts, max_new_tokens=max_new_tokens, batch=batch, gamma=gamma,
-        alpha=alpha, rounds=rounds, hf_gamma=hf_gamma, draft_confidence=draft_confidence),
+        alpha=alpha, rounds=rounds, hf_gamma=hf_gamma, draft_confidence=draft_confidence,
+        dc_gamma=dc_gamma),
         "machine": machine()}
 
 
@@ -481,7 +492,7 @@ def _merge(merged: dict, row: Row) -> None:
         total.extra["rounds_differ"] = True
     total.tokens += row.tokens
     total.wall_s += row.wall_s
-    for key in ("prefill_s", "model_s"):
+    for key in ("prefill_s", "model_s", "drafter_calls"):
         if total.extra.get(key) is not None and row.extra.get(key) is not None:
             total.extra[key] += row.extra[key]
     if "decode_calls" in total.extra and "decode_calls" in row.extra:
@@ -542,11 +553,14 @@ def summarize(result: dict) -> list[dict]:
             # blocks cut by draft_confidence vary: their prediction takes the measured drafter
             # steps per block and mean verifier call, i.e. the in-loop costs only
             cut = r.extra.get("draft_confidence") is not None
+            steps, bonus = drafter_steps(r, gamma)
+            if steps != gamma:  # (shown where it is not simply gamma (+ the bonus step))
+                d["drafter_steps_per_block"] = _round(steps + bonus)
             if not cut:
                 k = (costs["int8"] if "int8" in r.name
                      else costs["compiled"] if "compiled" in r.name else costs)
-                pred = predicted_speedup(r.tokens_per_verifier_call, gamma, k["c"], k["r"],
-                                         bonus_step="spec" not in r.name)
+                pred = predicted_speedup(r.tokens_per_verifier_call, steps, k["c"], k["r"],
+                                         bonus_step=bonus)
                 d["predicted"] = _round(pred)
                 d["iid_tokens_per_block"] = _round(iid_tokens_per_block(r.acceptance_rate,
                                                                         gamma))
@@ -557,17 +571,27 @@ def summarize(result: dict) -> list[dict]:
                 if times is not None:
                     d.update(in_loop_costs(r, base))
                     t_q, t_block, t_p = times  # (the prediction from unrounded costs)
-                    steps, bonus = gamma, "spec" not in r.name
-                    if cut:
-                        calls = r.extra["decode_calls"]
-                        steps, bonus = calls["drafter"][0] / calls["verifier"][0], False
-                        d["drafter_steps_per_block"] = _round(steps)
                     pred = predicted_speedup(r.tokens_per_verifier_call, steps, t_q / t_p,
                                              t_block / t_p, bonus_step=bonus)
                     d["predicted_loop"] = _round(pred)
                     d["decode_efficiency"] = _round(_decode_speed(r) / _decode_speed(base) / pred)
         out.append(d)
     return out
+
+
+def drafter_steps(row: Row, gamma: int) -> tuple[float, bool]:
+    """``(steps, bonus)``: a speculative row's drafter calls per block for the cost model, as
+    ``steps`` plus one if ``bonus``. Measured (the mean, ``bonus`` False) where the row recorded
+    its drafter calls: blocks cut by draft confidence vary, and the eager engine runs the bonus
+    drafter step only in blocks that accept every draft. Rows of runs that did not record them
+    (before 2026-11-24's run J) ran ``gamma`` steps, plus the bonus step under rules other than
+    ``spec``, in every block; their cut rows take the hooks' call counts."""
+    if row.extra.get("drafter_calls"):
+        return row.extra["drafter_calls"] / row.verifier_calls, False
+    calls = row.extra.get("decode_calls")
+    if row.extra.get("draft_confidence") is not None and calls is not None:
+        return calls["drafter"][0] / calls["verifier"][0], False
+    return gamma, "spec" not in row.name
 
 
 def in_loop_costs(row: Row, base: Row) -> dict | None:
