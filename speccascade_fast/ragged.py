@@ -41,7 +41,7 @@ def _check_cu(cu: torch.Tensor, num_drafts: int) -> list[int]:
 
 def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens, *, rule,
                   alpha=None, temperature=1.0, top_k=None, top_p=None, seed=0, positions=None,
-                  bonus_draft_logits=None, backend="auto") -> VerifyOutput:
+                  bonus_draft_logits=None, max_spec_len=None, backend="auto") -> VerifyOutput:
     """Verify B requests with per-request block sizes in one call (Algorithm 4, as
     :func:`speccascade_fast.verify`).
 
@@ -61,6 +61,12 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
         bonus_draft_logits: ``[B, V]``, the drafter's logits at each request's bonus position
             (``bonus="cascade"``: the bonus token follows the rule's target), or None
             (``bonus="verifier"``: it is drawn from pT).
+        max_spec_len: None (the output width follows the longest request) or vLLM's
+            ``max_spec_len``, an int >= every gamma_b: the output is ``[B, max_spec_len + 1]``,
+            a width that does not depend on ``cu``'s values. (This function validates its
+            inputs, which reads the device; the unchecked entry point that a CUDA graph can
+            capture is ``speccascade_fast.backends.cuda.verify_ragged(...,
+            max_spec_len=K)``.)
         backend: ``"auto"``, ``"reference"`` (each request verified on its own, padded:
             exactly what :func:`speccascade_fast.verify` returns for it), ``"cpu"`` (one fused
             op call over the flattened rows, no copy), ``"triton"`` or ``"cuda"`` (the same 2-3
@@ -68,10 +74,11 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
             logits go to ``"reference"`` on every backend but ``"triton"``.
 
     Returns:
-        :class:`VerifyOutput` with ``tokens`` int64 ``[B, max_gamma + 1]`` (accepted drafts, the
-        resampled or bonus token, then -1), ``num_accepted`` / ``num_emitted`` ``[B]`` and
-        ``deferred`` bool ``[B, max_gamma + 1]`` (request b's first gamma_b + 1 columns as in
-        :func:`speccascade_fast.verify`, then False).
+        :class:`VerifyOutput` with ``tokens`` int64 ``[B, W]`` (accepted drafts, the resampled
+        or bonus token, then -1), ``num_accepted`` / ``num_emitted`` ``[B]`` and ``deferred``
+        bool ``[B, W]`` (request b's first gamma_b + 1 columns as in
+        :func:`speccascade_fast.verify`, then False); W = max gamma_b + 1, or
+        ``max_spec_len + 1``.
 
     Example:
         >>> V, cu = 32, torch.tensor([0, 1, 4])          # gamma = 1 and 3
@@ -97,6 +104,14 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
         )
     c = _check_cu(cu, N)
     B = len(c) - 1
+    max_gamma = max(c[b + 1] - c[b] for b in range(B))
+    if max_spec_len is not None:
+        if isinstance(max_spec_len, bool) or not isinstance(max_spec_len, int) \
+                or max_spec_len < max_gamma:
+            raise ValueError(
+                f"max_spec_len must be None or an int >= every request's gamma (here "
+                f"{max_gamma}), got {max_spec_len!r}")
+        max_gamma = max_spec_len
     if target_logits.shape[-1] != V:
         raise ValueError(
             f"vocabulary mismatch: draft_logits has V={V}, target_logits has "
@@ -138,7 +153,7 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
             return (cpu if name == "cpu" else cuda).verify_ragged(
                 draft_logits, draft_tokens, target_logits, cu, bonus_draft_logits, rule=rule,
                 alpha=alpha_b, temperature=temperature_b, seed=seed_b, positions=positions_b,
-                top_k=top_k, top_p=top_p,
+                top_k=top_k, top_p=top_p, max_spec_len=max_spec_len,
             )
         name = "reference"
     if name == "triton":
@@ -146,20 +161,21 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
 
         return tb.verify_ragged(
             draft_logits, draft_tokens, target_logits, cu, bonus_draft_logits,
-            max_gamma=max(c[b + 1] - c[b] for b in range(B)), rule=rule, alpha=alpha_b,
+            max_gamma=max_gamma, rule=rule, alpha=alpha_b,
             temperature=temperature_b, seed=seed_b, positions=positions_b, top_k=top_k,
             top_p=top_p)
     return _per_request(draft_logits, draft_tokens, target_logits, c, bonus_draft_logits,
-                        rule=rule, alpha=alpha_b, temperature=temperature_b, top_k=top_k,
-                        top_p=top_p, seed=seed_b, positions=positions_b, backend=name)
+                        max_gamma, rule=rule, alpha=alpha_b, temperature=temperature_b,
+                        top_k=top_k, top_p=top_p, seed=seed_b, positions=positions_b,
+                        backend=name)
 
 
-def _per_request(draft_logits, draft_tokens, target_logits, c, bonus_draft_logits, *, rule, alpha,
-                 temperature, top_k, top_p, seed, positions, backend) -> VerifyOutput:
+def _per_request(draft_logits, draft_tokens, target_logits, c, bonus_draft_logits, max_gamma, *,
+                 rule, alpha, temperature, top_k, top_p, seed, positions,
+                 backend) -> VerifyOutput:
     """Each request through :func:`speccascade_fast.verify` on its own padded slice (batch
-    invariance makes this exactly the batched result)."""
+    invariance makes this exactly the batched result); outputs ``max_gamma + 1`` wide."""
     B = len(c) - 1
-    max_gamma = max(c[b + 1] - c[b] for b in range(B))
     device = target_logits.device
     tokens = torch.full((B, max_gamma + 1), -1, dtype=torch.int64, device=device)
     deferred = torch.zeros((B, max_gamma + 1), dtype=torch.bool, device=device)

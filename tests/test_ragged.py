@@ -117,6 +117,53 @@ def test_the_op_takes_the_rule_by_id_or_by_name():
         torch.ops.speccascade.verify_ragged(*args, "nope")
 
 
+@pytest.mark.parametrize("bonus", ["cascade", "verifier"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_max_spec_len_fixes_the_output_width(backend, bonus, monkeypatch):
+    """vLLM's ``max_spec_len``: the output is ``[B, max_spec_len + 1]`` whatever the requests'
+    gammas; the tokens are those of the default width, then -1 / False."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _, flat = ragged_inputs(V=32, seed=3)
+    if bonus == "verifier":
+        flat["bonus_draft_logits"] = None
+    kw = dict(rule="token_v3", alpha=0.3, temperature=0.8, seed=torch.tensor([5, 6, 7]),
+              positions=torch.tensor([0, 9, 4]), backend=backend)
+    want = verify_ragged(**flat, **kw)
+    got = verify_ragged(**flat, max_spec_len=6, **kw)
+    assert got.tokens.shape == got.deferred.shape == (B, 7)
+    W = max(GAMMAS) + 1
+    assert torch.equal(got.tokens[:, :W], want.tokens) and bool((got.tokens[:, W:] == -1).all())
+    assert torch.equal(got.deferred[:, :W], want.deferred) and not bool(got.deferred[:, W:].any())
+    assert torch.equal(got.num_accepted, want.num_accepted)
+    same = verify_ragged(**flat, max_spec_len=max(GAMMAS), **kw)  # the tightest width
+    assert torch.equal(same.tokens, want.tokens) and torch.equal(same.deferred, want.deferred)
+
+
+@pytest.mark.parametrize("value", [3, 0, -1, True, 5.0])
+def test_max_spec_len_below_a_gamma_or_not_an_int_is_named(value):
+    with pytest.raises(ValueError, match=r"max_spec_len must be None or an int >= every "
+                                         r"request's gamma \(here 4\)"):
+        verify_ragged(**_bad(), rule="spec", max_spec_len=value)
+
+
+def test_the_op_checks_max_spec_len():
+    """The op itself (what a CUDA graph would capture on a GPU) takes max_spec_len; on the CPU
+    it still checks cu against it."""
+    _, flat = ragged_inputs()
+    args = [flat["draft_logits"], flat["draft_tokens"], flat["target_logits"],
+            flat["cu_num_draft_tokens"], flat["bonus_draft_logits"], torch.tensor([1, 2, 3]),
+            torch.zeros(B, dtype=torch.int64), torch.ones(B, dtype=torch.float64),
+            torch.full((B,), 0.5, dtype=torch.float64), "opt"]
+    wide = torch.ops.speccascade.verify_ragged(*args, max_spec_len=9)
+    assert wide[0].shape == (B, 10)
+    with pytest.raises(RuntimeError, match="more than max_spec_len = 3"):
+        torch.ops.speccascade.verify_ragged(*args, max_spec_len=3)
+    with pytest.raises(RuntimeError, match="max_spec_len must be >= 0"):
+        torch.ops.speccascade.verify_ragged(*args, max_spec_len=-2)
+
+
 # --- bad inputs ---------------------------------------------------------------------------------
 def _bad(**change):
     _, flat = ragged_inputs(V=16)

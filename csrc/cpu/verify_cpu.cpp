@@ -6,9 +6,13 @@
 //   verify_ragged(draft_logits [N, V], draft_tokens [N], target_logits [N + B, V],
 //                 cu_num_draft_tokens [B + 1], bonus_draft_logits [B, V]?, seed [B], positions [B],
 //                 temperature [B] f64, alpha [B] f64, rule int | str,
-//                 draft_keep [N, 2]?, target_keep [N + B, 2]?, bonus_keep [B, 2]?)
-//       -> (tokens [B, max_gamma + 1] int64, -1 padded; num_accepted [B] int64;
-//           deferred [B, max_gamma + 1] bool, False padded)
+//                 draft_keep [N, 2]?, target_keep [N + B, 2]?, bonus_keep [B, 2]?,
+//                 max_spec_len int = 0)
+//       -> (tokens [B, W] int64, -1 padded; num_accepted [B] int64; deferred [B, W] bool, False
+//           padded), W = max_gamma + 1, or max_spec_len + 1 when max_spec_len > 0 (vLLM's
+//           argument: the output width no longer depends on cu's values, so the CUDA kernel
+//           reads nothing on the host; here cu is still validated, and every gamma_b must be
+//           <= max_spec_len)
 //     Request b owns draft rows cu[b]:cu[b+1] and target rows cu[b]+b : cu[b+1]+b+1 (vLLM's
 //     flattened layout). bonus_draft_logits given: bonus="cascade" (the drafter at the bonus
 //     position); None: bonus="verifier" (the bonus token is drawn from pT).
@@ -1119,9 +1123,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_ragged_cpu(
     const std::optional<at::Tensor>& bonus_in, const at::Tensor& seed_in,
     const at::Tensor& positions_in, const at::Tensor& temperature_in, const at::Tensor& alpha_in,
     int64_t rule, const std::optional<at::Tensor>& draft_keep,
-    const std::optional<at::Tensor>& target_keep, const std::optional<at::Tensor>& bonus_keep) {
+    const std::optional<at::Tensor>& target_keep, const std::optional<at::Tensor>& bonus_keep,
+    int64_t max_spec_len) {
   TORCH_CHECK(draft_logits_in.dim() == 2 && target_logits_in.dim() == 2,
               "verify_ragged: draft_logits [N, V] and target_logits [N + B, V] must be 2-D");
+  TORCH_CHECK(max_spec_len >= 0, "verify_ragged: max_spec_len must be >= 0 (0: from "
+              "cu_num_draft_tokens), got ", max_spec_len);
   TORCH_CHECK(cu_in.dim() == 1 && cu_in.size(0) >= 2 && cu_in.scalar_type() == at::kLong,
               "verify_ragged: cu_num_draft_tokens must be int64 [B + 1] with B >= 1");
   const at::Tensor cu = cu_in.contiguous();
@@ -1145,6 +1152,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_ragged_cpu(
     TORCH_CHECK(c[b + 1] - c[b] >= 1, "verify_ragged: every request needs gamma >= 1 drafts");
     max_gamma = std::max(max_gamma, c[b + 1] - c[b]);
   }
+  TORCH_CHECK(max_spec_len == 0 || max_gamma <= max_spec_len, "verify_ragged: a request has ",
+              max_gamma, " drafts, more than max_spec_len = ", max_spec_len);
+  const int64_t width = (max_spec_len > 0 ? max_spec_len : max_gamma) + 1;
   at::Tensor bonus;
   if (bonus_in.has_value()) {
     bonus = unit_stride(*bonus_in);
@@ -1193,8 +1203,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_ragged_cpu(
       P.pos.push_back(X);
     }
   }
-  auto [tokens, nacc, deferred] = make_outputs(B, max_gamma + 1);
-  solve(P, tokens.data_ptr<int64_t>(), max_gamma + 1, nacc.data_ptr<int64_t>(),
+  auto [tokens, nacc, deferred] = make_outputs(B, width);
+  solve(P, tokens.data_ptr<int64_t>(), width, nacc.data_ptr<int64_t>(),
         deferred.data_ptr<bool>());
   return {tokens, nacc, deferred};
 }
@@ -1274,14 +1284,14 @@ Out3 verify_ragged_named(const at::Tensor& d, const at::Tensor& x, const at::Ten
                          const at::Tensor& cu, const OptT& bonus, const at::Tensor& seed,
                          const at::Tensor& positions, const at::Tensor& temperature,
                          const at::Tensor& alpha, c10::string_view rule, const OptT& draft_keep,
-                         const OptT& target_keep, const OptT& bonus_keep) {
+                         const OptT& target_keep, const OptT& bonus_keep, int64_t max_spec_len) {
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("speccascade::verify_ragged", "").typed<
           Out3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                const OptT&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-               const at::Tensor&, int64_t, const OptT&, const OptT&, const OptT&)>();
+               const at::Tensor&, int64_t, const OptT&, const OptT&, const OptT&, int64_t)>();
   return op.call(d, x, t, cu, bonus, seed, positions, temperature, alpha,
-                 rule_id(std::string(rule)), draft_keep, target_keep, bonus_keep);
+                 rule_id(std::string(rule)), draft_keep, target_keep, bonus_keep, max_spec_len);
 }
 
 Out3 verify_padded_named(const at::Tensor& d, const at::Tensor& x, const at::Tensor& t,
@@ -1305,12 +1315,14 @@ TORCH_LIBRARY_FRAGMENT(speccascade, m) {
       "verify_ragged(Tensor draft_logits, Tensor draft_tokens, Tensor target_logits, "
       "Tensor cu_num_draft_tokens, Tensor? bonus_draft_logits, Tensor seed, Tensor positions, "
       "Tensor temperature, Tensor alpha, int rule, Tensor? draft_keep=None, "
-      "Tensor? target_keep=None, Tensor? bonus_keep=None) -> (Tensor, Tensor, Tensor)");
+      "Tensor? target_keep=None, Tensor? bonus_keep=None, int max_spec_len=0) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
       "verify_ragged.name(Tensor draft_logits, Tensor draft_tokens, Tensor target_logits, "
       "Tensor cu_num_draft_tokens, Tensor? bonus_draft_logits, Tensor seed, Tensor positions, "
       "Tensor temperature, Tensor alpha, str rule, Tensor? draft_keep=None, "
-      "Tensor? target_keep=None, Tensor? bonus_keep=None) -> (Tensor, Tensor, Tensor)");
+      "Tensor? target_keep=None, Tensor? bonus_keep=None, int max_spec_len=0) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
       "verify_padded(Tensor draft_logits, Tensor draft_tokens, Tensor target_logits, "
       "Tensor seed, Tensor positions, Tensor temperature, Tensor alpha, int rule, "

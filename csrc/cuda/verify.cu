@@ -105,9 +105,10 @@ __device__ __forceinline__ float ld(const void* base, int dt, int64_t i) {
 // no kernel reads their rows or their workspace entries. These three functions are the only
 // places that know where a position's rows and draft token lie.
 
-// Request b's number of drafts.
+// Request b's number of drafts (ragged: at most a.gamma, which the host validated, or which
+// the caller of max_spec_len guarantees; the clamp only keeps a broken promise inside the buffers).
 __device__ __forceinline__ int64_t gamma_of(const sc_verify_args& a, int64_t b) {
-  return a.cu == nullptr ? a.gamma : a.cu[b + 1] - a.cu[b];
+  return a.cu == nullptr ? a.gamma : min(a.cu[b + 1] - a.cu[b], a.gamma);
 }
 
 // The draft token of request b at position j < gamma_of(a, b).
@@ -141,7 +142,7 @@ __device__ __forceinline__ Rows rows_of(const sc_verify_args& a, int64_t b, int6
     r.p_off = b * a.p_sb + j * a.p_sj;
     if (a.p_keep != nullptr) kp = a.p_keep + 2 * (b * (a.gamma + 1) + j);
   } else {
-    const int64_t c = a.cu[b], g = a.cu[b + 1] - c;
+    const int64_t c = a.cu[b], g = gamma_of(a, b);
     r.active = j <= g;
     r.has_q = j < g || (j == g && a.rq == a.gamma + 1);
     if (j < g) {

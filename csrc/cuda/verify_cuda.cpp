@@ -8,7 +8,11 @@
 // [0, V)) are not read on the host (that would synchronise): speccascade_fast.verify and
 // verify_ragged validate them before the op is called. verify_ragged reads cu_num_draft_tokens
 // (B + 1 integers) on the host once: the output width max gamma_b + 1 and the grid depend on it,
-// and it is validated there as on the CPU.
+// and it is validated there as on the CPU. With max_spec_len > 0 (vLLM's argument) the width is
+// max_spec_len + 1 and cu is not read on the host at all, so the op can be captured in a CUDA
+// graph and replayed with other cu values: the caller guarantees cu (0, strictly increasing, N)
+// and every gamma_b <= max_spec_len (the kernels clamp gamma_b to it only to stay inside their
+// buffers).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -169,7 +173,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_ragged_cuda(
     const std::optional<at::Tensor>& bonus_in, const at::Tensor& seed_in,
     const at::Tensor& positions_in, const at::Tensor& temperature_in, const at::Tensor& alpha_in,
     int64_t rule, const std::optional<at::Tensor>& draft_keep,
-    const std::optional<at::Tensor>& target_keep, const std::optional<at::Tensor>& bonus_keep) {
+    const std::optional<at::Tensor>& target_keep, const std::optional<at::Tensor>& bonus_keep,
+    int64_t max_spec_len) {
   TORCH_CHECK(rule >= 0 && rule < SC_VERIFY_NUM_RULES, "verify_ragged (cuda): rule id ", rule,
               " out of range [0, ", SC_VERIFY_NUM_RULES, ")");
   TORCH_CHECK(draft_logits_in.dim() == 2 && target_logits_in.dim() == 2,
@@ -192,15 +197,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_ragged_cuda(
               "verify_ragged (cuda): draft_logits, draft_tokens and target_logits must be on one "
               "CUDA device");
   check_per_request("verify_ragged", device, B, seed_in, positions_in, temperature_in, alpha_in);
-  // the one host read: the per-request gammas fix the output width and the grid
-  const at::Tensor cu_host = cu_in.to(at::kCPU).contiguous();
-  const int64_t* c = cu_host.data_ptr<int64_t>();
-  TORCH_CHECK(c[0] == 0 && c[B] == N,
-              "verify_ragged (cuda): cu_num_draft_tokens must start at 0 and end at N = ", N);
-  int64_t max_gamma = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(c[b + 1] - c[b] >= 1, "verify_ragged (cuda): every request needs gamma >= 1 drafts");
-    max_gamma = std::max(max_gamma, c[b + 1] - c[b]);
+  TORCH_CHECK(max_spec_len >= 0, "verify_ragged (cuda): max_spec_len must be >= 0 (0: from "
+              "cu_num_draft_tokens), got ", max_spec_len);
+  int64_t max_gamma = max_spec_len;
+  if (max_spec_len == 0) {
+    // the one host read: the per-request gammas fix the output width and the grid
+    const at::Tensor cu_host = cu_in.to(at::kCPU).contiguous();
+    const int64_t* c = cu_host.data_ptr<int64_t>();
+    TORCH_CHECK(c[0] == 0 && c[B] == N,
+                "verify_ragged (cuda): cu_num_draft_tokens must start at 0 and end at N = ", N);
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(c[b + 1] - c[b] >= 1,
+                  "verify_ragged (cuda): every request needs gamma >= 1 drafts");
+      max_gamma = std::max(max_gamma, c[b + 1] - c[b]);
+    }
   }
   TORCH_CHECK(max_gamma <= SC_VERIFY_MAX_GAMMA, "verify_ragged (cuda): gamma must be <= ",
               SC_VERIFY_MAX_GAMMA, ", got ", max_gamma);

@@ -77,13 +77,13 @@ def verify(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperatur
 
 def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens,
                   bonus_draft_logits, *, rule, alpha, temperature, seed, positions, top_k=None,
-                  top_p=None) -> VerifyOutput:
+                  top_p=None, max_spec_len=None) -> VerifyOutput:
     """The flattened layout (see :func:`speccascade_fast.ragged.verify_ragged`), validated and
     normalised (per-request ``[B]`` tensors), fp32/fp16/bf16 logits."""
     return call_ragged(_cpu_ops(), draft_logits, draft_tokens, target_logits,
                        cu_num_draft_tokens, bonus_draft_logits, rule=rule, alpha=alpha,
                        temperature=temperature, seed=seed, positions=positions, top_k=top_k,
-                       top_p=top_p)
+                       top_p=top_p, max_spec_len=max_spec_len)
 
 
 def _cpu_ops():
@@ -109,14 +109,17 @@ def call_padded(ops, draft_logits, draft_tokens, target_logits, *, rule, alpha, 
 
 def call_ragged(ops, draft_logits, draft_tokens, target_logits, cu_num_draft_tokens,
                 bonus_draft_logits, *, rule, alpha, temperature, seed, positions, top_k,
-                top_p) -> VerifyOutput:
+                top_p, max_spec_len=None) -> VerifyOutput:
     """``ops.verify_ragged`` on :func:`speccascade_fast.ragged.verify_ragged`'s normalised
-    arguments (keep bounds per flattened row, with its request's T)."""
+    arguments (keep bounds per flattened row, with its request's T). ``max_spec_len``: None (the
+    output width from ``cu``, read on the host) or an int >= every gamma_b (the width
+    ``max_spec_len + 1``; the CUDA op then reads nothing on the host)."""
     keep = ragged_keep_bounds(draft_logits, target_logits, bonus_draft_logits,
                               cu_num_draft_tokens, temperature, top_k, top_p)
     tokens, num_accepted, deferred = ops.verify_ragged(
         draft_logits, draft_tokens.to(torch.int64).contiguous(), target_logits,
         cu_num_draft_tokens.to(torch.int64).contiguous(), bonus_draft_logits,
         *_per_request(temperature, alpha, seed, positions), RULES.index(rule), *keep,
+        max_spec_len=0 if max_spec_len is None else int(max_spec_len),
     )
     return VerifyOutput(tokens, num_accepted, num_accepted + 1, deferred)

@@ -6,6 +6,9 @@ request (greedy rows included):
 * every rule, both bonus modes: one fused call equals the reference (each request's own padded
   block), up to a genuine floating-point near-tie of one request's own block;
 * top-k / top-p (per-row keep bounds of the flattened rows, the bonus rows' own);
+* `cuda` only, with vLLM's `max_spec_len`: the op reads nothing on the host, so it is captured in
+  a CUDA graph and replayed with other per-request gammas (same N and B): bit-identical to the
+  eager call on those inputs, `max_spec_len + 1` columns wide;
 * `cuda` only: the ragged kernel reads the same rows as the padded one, so each request's
   tokens, num_accepted and deferred are bit-identical to `verify(backend="cuda")` on that request
   alone, including a bonus tensor of another dtype than the draft rows; and its padding is
@@ -29,16 +32,16 @@ TEMPS = [0.0, 0.8, 1.0, 0.8, 0.0, 1.3, 0.8, 1.0]
 BACKENDS = ["triton", "cuda"]
 
 
-def ragged_block(seed, *, T, cascade, bonus_dtype=None):
+def ragged_block(seed, *, T, cascade, bonus_dtype=None, gammas=GAMMAS):
     """One padded LLM-like block of the longest gamma, and the requests' blocks in the flattened
     layout (request b keeps its first gamma_b drafts)."""
-    q, x, p = llm_block(len(GAMMAS), seed, T=T, gamma=max(GAMMAS))
-    bonus = torch.stack([q[b, g] for b, g in enumerate(GAMMAS)]) if cascade else None
+    q, x, p = llm_block(len(gammas), seed, T=T, gamma=max(gammas))
+    bonus = torch.stack([q[b, g] for b, g in enumerate(gammas)]) if cascade else None
     flat = dict(
-        draft_logits=torch.cat([q[b, :g] for b, g in enumerate(GAMMAS)]),
-        draft_tokens=torch.cat([x[b, :g] for b, g in enumerate(GAMMAS)]),
-        target_logits=torch.cat([p[b, :g + 1] for b, g in enumerate(GAMMAS)]),
-        cu_num_draft_tokens=torch.tensor([0, *torch.tensor(GAMMAS).cumsum(0).tolist()],
+        draft_logits=torch.cat([q[b, :g] for b, g in enumerate(gammas)]),
+        draft_tokens=torch.cat([x[b, :g] for b, g in enumerate(gammas)]),
+        target_logits=torch.cat([p[b, :g + 1] for b, g in enumerate(gammas)]),
+        cu_num_draft_tokens=torch.tensor([0, *torch.tensor(gammas).cumsum(0).tolist()],
                                          device=DEV),
         bonus_draft_logits=bonus if bonus is None or bonus_dtype is None else bonus.to(bonus_dtype),
     )
@@ -122,3 +125,47 @@ def test_cuda_ragged_equals_cuda_padded_per_request(rule, bonus_dtype):
         assert torch.equal(got.deferred[b, :g + 1], one.deferred[0]), (rule, b)
         assert int(got.num_accepted[b]) == int(one.num_accepted[0]), (rule, b)
         assert (got.tokens[b, g + 1:] == -1).all() and not got.deferred[b, g + 1:].any(), (rule, b)
+
+
+@pytest.mark.parametrize("cascade", [True, False])
+def test_cuda_ragged_is_captured_with_max_spec_len(cascade):
+    """``backends.cuda.verify_ragged(..., max_spec_len=K)`` inside a CUDA graph: replayed with
+    the requests' gammas permuted (another cu, the same N and B) and new logits, it returns what
+    the eager op returns for them (and the reference, up to a near-tie)."""
+    available("cuda")
+    from speccascade_fast.backends import cuda as cb
+
+    K, B, rule = 10, len(GAMMAS), "token_v3"
+    other = GAMMAS[::-1]  # same sum, other offsets
+    _, flat = ragged_block(41, T=0.8, cascade=cascade)
+    _, new = ragged_block(42, T=0.8, cascade=cascade, gammas=other)
+    kw = per_request_kwargs(rule, 41)
+    kw["alpha"] = torch.full((B,), ALPHA[rule], dtype=torch.float64, device=DEV)
+    names = [k for k in flat if flat[k] is not None]
+    static = {k: flat[k].clone() for k in names}
+
+    def run():
+        return cb.verify_ragged(*(static.get(k) for k in (
+            "draft_logits", "draft_tokens", "target_logits", "cu_num_draft_tokens",
+            "bonus_draft_logits")), rule=rule, max_spec_len=K, **kw)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up, then capture
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for k in names:
+        static[k].copy_(new[k])
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = run()
+    assert out.tokens.shape == (B, K + 1)
+    assert all(torch.equal(u, v) for u, v in zip(out, eager))
+    for b, g in enumerate(other):
+        assert bool((out.tokens[b, g + 1:] == -1).all()) and not bool(out.deferred[b, g + 1:].any())
+    want = verify_ragged(**new, backend="reference", max_spec_len=K, **kw)
+    differ = [b for b in range(B) if not torch.equal(out.tokens[b], want.tokens[b])]
+    assert len(differ) <= 1, differ  # (a genuine floating-point near-tie at most)
