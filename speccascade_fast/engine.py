@@ -233,11 +233,12 @@ def draft(q: _CachedModel, seq: _Sequence, gamma: int, cfg: _Config):
     return ids[:, t:], torch.stack(rows, dim=1)
 
 
-def bonus_keepable(seq: _Sequence, drafts: list[int]) -> bool:
-    """Whether a bonus token after these drafts could be emitted: the budget has room for it and
-    the last draft is not EOS. (Otherwise the verifier's bonus stands in: it decides a token that
-    is cut anyway, so no bonus drafter step is run for it.)"""
-    return len(drafts) < seq.remaining and drafts[-1] not in seq.eos
+def bonus_keepable(drafts: list[int], remaining: int, eos) -> bool:
+    """Whether a bonus token after these drafts could be emitted by a sequence with
+    ``remaining`` tokens of budget and EOS ids ``eos``: the budget has room for it and the last
+    draft is not EOS. (Otherwise the verifier's bonus stands in: it decides a token that is cut
+    anyway, so no bonus drafter step is run for it.) Both engines ask this."""
+    return len(drafts) < remaining and drafts[-1] not in eos
 
 
 def _unsure(cfg: _Config, logits: torch.Tensor, x: torch.Tensor) -> bool:
@@ -265,7 +266,7 @@ def speculative_block(q: _CachedModel, p: _CachedModel, seq: _Sequence, cfg: _Co
 
     out = verified(q_logits)  # with g rows of q: the bonus from pT
     a, g = int(out.num_accepted[0]), drafts.shape[1]
-    if cfg.bonus_step and a == g and bonus_keepable(seq, drafts[0].tolist()):
+    if cfg.bonus_step and a == g and bonus_keepable(drafts[0].tolist(), seq.remaining, seq.eos):
         # the bonus token follows the cascade's target: q at the bonus position, run only now
         # that the bonus is known to be emitted; the decisions up to it are drawn again from the
         # same keys, so they do not change

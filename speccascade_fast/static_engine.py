@@ -70,6 +70,7 @@ from .engine import (
     _pad_id,
     _prompts,
     _seeds,
+    bonus_keepable,
 )
 from .kv_cache import SlotCache
 from .ragged import verify_ragged
@@ -494,17 +495,13 @@ class Engine:
             q.seen[b] = min(L[b] + calls - 1, L[b] + a)
             p.seen[b] = L[b] + a
 
-    def _late_bonus(self, rows: _Rows, need: list[bool]) -> bool:
-        """Whether an eager block runs its bonus drafter step after the verification: only when
-        some row accepted every draft it is verified on and can keep a bonus token (``need``).
-        Inside a CUDA graph the step runs in every block instead (one host read per block)."""
-        return self.cfg.bonus_step and self._graphs is None and any(need)
-
     def _needs_bonus(self, rows: _Rows, b: int, accepted: int, drafts: list[int]) -> bool:
-        """Row b accepted all of ``drafts`` (those it is verified on) and a bonus token after
-        them would be emitted (its budget has room and the last draft is not EOS)."""
-        return (accepted >= len(drafts) and len(drafts) < rows.remaining(b)
-                and drafts[-1] not in rows.eos)
+        """Whether an eager block runs its bonus drafter step for row b, after the verification:
+        under ``bonus="cascade"`` (not ``spec``), when the row accepted all of ``drafts`` (those
+        it is verified on) and a bonus token after them would be emitted. (Inside a CUDA graph
+        the step runs in every block instead: one host read per block.)"""
+        return (self.cfg.bonus_step and accepted >= len(drafts)
+                and bonus_keepable(drafts, rows.remaining(b), rows.eos))
 
     def _verified(self, q_logits, drafts, p_logits, seeds, temperature, alpha, t):
         """The fused verification of a fixed block, packed for its host read: per row the
@@ -570,8 +567,8 @@ class Engine:
                  next((i + 1 for i, d in enumerate(x) if d in rows.eos), gamma))
              for b, x in enumerate(drafts)]
         calls = gamma + in_body
-        if self._late_bonus(rows, [self._needs_bonus(rows, b, host[b][0], x[: g[b]])
-                                   for b, x in enumerate(drafts)]):
+        if not in_body and any(self._needs_bonus(rows, b, host[b][0], x[: g[b]])
+                               for b, x in enumerate(drafts)):
             t, draft_ids = ints[:, 0], pack[:, 2 + gamma: 2 + 2 * gamma]
             bonus = q.forward(draft_ids[:, -1:], (t + gamma - 1)[:, None], kv(gamma), 1)[:, 0]
             q_logits = torch.cat([q_logits, bonus[:, None]], dim=1)
@@ -638,8 +635,7 @@ class Engine:
 
         out = verified(None)  # the bonus from pT
         accepted = out.num_accepted.tolist()
-        need = [cfg.bonus_step and self._needs_bonus(rows, b, a, mine[b])
-                for b, a in enumerate(accepted)]
+        need = [self._needs_bonus(rows, b, a, mine[b]) for b, a in enumerate(accepted)]
         if any(need):
             if any(n and g == steps for n, g in zip(need, stop)):
                 bonus = q.forward(drafts[:, -1:], (t + steps - 1)[:, None], kv(steps), 1)[:, 0]

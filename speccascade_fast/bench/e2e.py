@@ -325,7 +325,7 @@ CONFIGS = {
     "spec-t1": ("ours:spec T=1", dict(rule="spec", temperature=1.0)),
     "token_v3-greedy": ("ours:token_v3 a={alpha} greedy", dict(rule="token_v3", temperature=0.0)),
     "token_v3-t1": ("ours:token_v3 a={alpha} T=1", dict(rule="token_v3", temperature=1.0)),
-    # blocks cut after the first unsure draft (Engine(draft_confidence=...)), at most gamma
+    # blocks cut after the first unsure draft (Engine(draft_confidence=...)), at most dc_gamma
     "spec-greedy-dc": ("ours:spec greedy, draft confidence {dc}",
                        dict(rule="spec", temperature=0.0, draft_confidence=None)),
     "spec-t1-dc": ("ours:spec T=1, draft confidence {dc}",
