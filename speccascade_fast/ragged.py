@@ -13,10 +13,10 @@ from .rules import check_alpha, check_rule
 from .types import VerifyOutput
 from .verify import verify
 
-__all__ = ["verify_ragged"]
+__all__ = ["verify_ragged", "call"]
 
 
-def _check_cu(cu: torch.Tensor, num_drafts: int) -> list[int]:
+def _check_cu(cu: torch.Tensor, num_drafts: int, padded: bool) -> list[int]:
     if cu.numel() < 2:
         raise ValueError(
             "cu_num_draft_tokens must have B + 1 >= 2 entries (cumulative draft counts starting "
@@ -31,10 +31,10 @@ def _check_cu(cu: torch.Tensor, num_drafts: int) -> list[int]:
                 "cu_num_draft_tokens must be strictly increasing: every request needs gamma >= 1 "
                 f"drafts, but request {b} has cu[{b + 1}] - cu[{b}] = {c[b + 1] - c[b]}"
             )
-    if c[-1] != num_drafts:
+    if c[-1] > num_drafts or (c[-1] != num_drafts and not padded):
         raise ValueError(
-            f"cu_num_draft_tokens must end at N = draft_logits.shape[0] = {num_drafts}, "
-            f"got {c[-1]}"
+            f"cu_num_draft_tokens must end at N = draft_logits.shape[0] = {num_drafts} (or, "
+            f"with max_spec_len, at most N: the rows after it are padding), got {c[-1]}"
         )
     return c
 
@@ -63,10 +63,12 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
             (``bonus="verifier"``: it is drawn from pT).
         max_spec_len: None (the output width follows the longest request) or vLLM's
             ``max_spec_len``, an int >= every gamma_b: the output is ``[B, max_spec_len + 1]``,
-            a width that does not depend on ``cu``'s values. (This function validates its
-            inputs, which reads the device; the unchecked entry point that a CUDA graph can
-            capture is ``speccascade_fast.backends.cuda.verify_ragged(...,
-            max_spec_len=K)``.)
+            a width that does not depend on ``cu``'s values, and ``cu`` may end before N: the
+            draft rows from ``cu[B]`` on (and target rows from ``cu[B] + B`` on) are padding,
+            never read, so fixed-size buffers serve any ``cu`` (their tokens must still be ids
+            in ``[0, V)``). (This function validates its inputs, which reads the device; the
+            unchecked call that a CUDA graph can capture is :func:`call` with ``max_spec_len``
+            on the ``cuda`` or ``triton`` backend.)
         backend: ``"auto"``, ``"reference"`` (each request verified on its own, padded:
             exactly what :func:`speccascade_fast.verify` returns for it), ``"cpu"`` (one fused
             op call over the flattened rows, no copy), ``"triton"`` or ``"cuda"`` (the same 2-3
@@ -102,7 +104,7 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
             f"draft_tokens must have shape [N] = [{N}] (one per draft_logits row), got "
             f"{tuple(draft_tokens.shape)}"
         )
-    c = _check_cu(cu, N)
+    c = _check_cu(cu, N, padded=max_spec_len is not None)
     B = len(c) - 1
     max_gamma = max(c[b + 1] - c[b] for b in range(B))
     if max_spec_len is not None:
@@ -143,8 +145,24 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
     seed_b = checks.per_row("seed", seed, B, device)
     positions_b = checks.per_row("positions", positions, B, device, non_negative=True)
 
-    name = backends.available(device)[0] if backend == "auto" else backend
-    backends.get(name, device)  # raises a ValueError naming the available backends
+    name = backends.resolve(backend, device)  # a ValueError naming the available ones
+    return call(name, draft_logits, draft_tokens, target_logits, cu, bonus_draft_logits,
+                max_gamma=max_gamma, max_spec_len=max_spec_len, rule=rule, alpha=alpha_b,
+                temperature=temperature_b, top_k=top_k, top_p=top_p, seed=seed_b,
+                positions=positions_b)
+
+
+def call(name, draft_logits, draft_tokens, target_logits, cu, bonus_draft_logits, *,
+         max_gamma=None, max_spec_len=None, rule, alpha, temperature, top_k, top_p, seed,
+         positions) -> VerifyOutput:
+    """:func:`verify_ragged` on backend ``name`` (not ``"auto"``) without its checks: the inputs
+    are valid and normalised (``alpha`` / ``temperature`` float64, ``seed`` / ``positions``
+    int64, all ``[B]`` on the logits' device; ``top_k`` / ``top_p`` as the checks return them).
+    ``max_gamma``: the longest request's gamma if known (else read from ``cu``).
+
+    With ``max_spec_len`` on ``cuda`` or ``triton`` nothing is read on the host (without
+    top-k / top-p), so a CUDA graph can capture the call and replay it with other values of
+    ``cu`` (:class:`speccascade_fast.Engine`'s blocks cut by ``draft_confidence``)."""
     if name in ("cpu", "cuda"):  # one fused op call (C++ / CUDA C++) over the flattened rows
         from .backends import cpu, cuda
 
@@ -152,21 +170,27 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
         if cpu.handles(draft_logits, target_logits, top_k, top_p, *more):
             return (cpu if name == "cpu" else cuda).verify_ragged(
                 draft_logits, draft_tokens, target_logits, cu, bonus_draft_logits, rule=rule,
-                alpha=alpha_b, temperature=temperature_b, seed=seed_b, positions=positions_b,
+                alpha=alpha, temperature=temperature, seed=seed, positions=positions,
                 top_k=top_k, top_p=top_p, max_spec_len=max_spec_len,
             )
         name = "reference"
+    if max_spec_len is not None:
+        max_gamma = max_spec_len
     if name == "triton":
         from .backends import triton as tb
 
+        if max_gamma is None:
+            max_gamma = int((cu[1:] - cu[:-1]).max())
         return tb.verify_ragged(
             draft_logits, draft_tokens, target_logits, cu, bonus_draft_logits,
-            max_gamma=max_gamma, rule=rule, alpha=alpha_b,
-            temperature=temperature_b, seed=seed_b, positions=positions_b, top_k=top_k,
-            top_p=top_p)
+            max_gamma=max_gamma, rule=rule, alpha=alpha, temperature=temperature, seed=seed,
+            positions=positions, top_k=top_k, top_p=top_p)
+    c = cu.tolist()
+    if max_gamma is None:
+        max_gamma = max(c[b + 1] - c[b] for b in range(len(c) - 1))
     return _per_request(draft_logits, draft_tokens, target_logits, c, bonus_draft_logits,
-                        max_gamma, rule=rule, alpha=alpha_b, temperature=temperature_b,
-                        top_k=top_k, top_p=top_p, seed=seed_b, positions=positions_b,
+                        max_gamma, rule=rule, alpha=alpha, temperature=temperature,
+                        top_k=top_k, top_p=top_p, seed=seed, positions=positions,
                         backend=name)
 
 

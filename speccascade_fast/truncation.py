@@ -66,15 +66,20 @@ def ragged_keep_bounds(draft_logits, target_logits, bonus_draft_logits, cu_num_d
                        temperature, top_k, top_p):
     """The keep bounds of vLLM's flattened layout (:func:`speccascade_fast.verify_ragged`), each
     row with its request's T: ``(draft [N, 2], target [N + B, 2], bonus [B, 2] or None)``, or
-    three ``None`` when neither truncation is asked for. No host read (the row counts are the
-    tensors' own sizes)."""
+    three ``None`` when neither truncation is asked for. No host read. Padding rows (after
+    ``cu[B]`` drafts, ``cu[B] + B`` targets) get the last request's T: never read."""
     if top_k is None and top_p is None:
         return None, None, None
     cu = cu_num_draft_tokens.to(device=temperature.device, dtype=torch.int64)
-    gammas = cu[1:] - cu[:-1]
+    B = cu.numel() - 1
     n, nb = draft_logits.shape[0], target_logits.shape[0]
-    t_draft = temperature.repeat_interleave(gammas, output_size=n)  # gamma_b draft rows
-    t_target = temperature.repeat_interleave(gammas + 1, output_size=nb)  # and gamma_b + 1
+
+    def request_of(ends, rows):  # the request owning each of ``rows`` rows: ends[b] = its end
+        i = torch.arange(rows, device=cu.device)
+        return torch.searchsorted(ends, i, right=True).clamp(max=B - 1)
+
+    t_draft = temperature[request_of(cu[1:], n)]  # gamma_b draft rows
+    t_target = temperature[request_of(cu[1:] + torch.arange(1, B + 1, device=cu.device), nb)]
     kb = (None if bonus_draft_logits is None
           else keep_bounds(bonus_draft_logits, temperature, top_k, top_p))
     return (keep_bounds(draft_logits, t_draft, top_k, top_p),

@@ -141,6 +141,51 @@ def test_max_spec_len_fixes_the_output_width(backend, bonus, monkeypatch):
     assert torch.equal(same.tokens, want.tokens) and torch.equal(same.deferred, want.deferred)
 
 
+@pytest.mark.parametrize("truncate", [{}, dict(top_k=5, top_p=0.8)], ids=["whole", "top"])
+@pytest.mark.parametrize("bonus", ["cascade", "verifier"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_max_spec_len_lets_cu_end_before_n(backend, bonus, truncate, monkeypatch):
+    """With ``max_spec_len`` the buffers may be longer than ``cu`` says (a fixed-size buffer, as
+    the Engine's CUDA graphs replay): rows after ``cu[B]`` / ``cu[B] + B`` are padding, never
+    read, and the output is the unpadded call's. Without it, such a ``cu`` is an error."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _, flat = ragged_inputs(V=32, seed=4)
+    if bonus == "verifier":
+        flat["bonus_draft_logits"] = None
+    kw = dict(rule="chow", alpha=0.4, temperature=torch.tensor([0.8, 0.0, 1.0]),
+              seed=torch.tensor([5, 6, 7]), positions=torch.tensor([0, 9, 4]), backend=backend,
+              max_spec_len=5, **truncate)
+    want = verify_ragged(**flat, **kw)
+    g = torch.Generator().manual_seed(9)
+    padded = dict(flat)  # 3 padding rows of each: anything, but NaN-free and ids in range
+    padded["draft_logits"] = torch.cat([flat["draft_logits"], torch.randn(3, 32, generator=g)])
+    padded["draft_tokens"] = torch.cat([flat["draft_tokens"], torch.tensor([31, 0, 7])])
+    padded["target_logits"] = torch.cat([flat["target_logits"], torch.randn(3, 32, generator=g)])
+    got = verify_ragged(**padded, **kw)
+    assert all(torch.equal(u, v) for u, v in zip(got, want))
+    with pytest.raises(ValueError, match="must end at N = draft_logits.shape\\[0\\] = 10"):
+        verify_ragged(**padded, **{**kw, "max_spec_len": None})
+
+
+def test_the_op_takes_padding_rows_only_with_max_spec_len():
+    _, flat = ragged_inputs()
+    pad = dict(draft_logits=torch.cat([flat["draft_logits"], flat["draft_logits"][:2]]),
+               draft_tokens=torch.cat([flat["draft_tokens"], flat["draft_tokens"][:2]]),
+               target_logits=torch.cat([flat["target_logits"], flat["target_logits"][:2]]))
+    args = [pad["draft_logits"], pad["draft_tokens"], pad["target_logits"],
+            flat["cu_num_draft_tokens"], flat["bonus_draft_logits"], torch.tensor([1, 2, 3]),
+            torch.zeros(B, dtype=torch.int64), torch.ones(B, dtype=torch.float64),
+            torch.full((B,), 0.5, dtype=torch.float64), "opt"]
+    exact = [flat["draft_logits"], flat["draft_tokens"], flat["target_logits"], *args[3:]]
+    want = torch.ops.speccascade.verify_ragged(*exact, max_spec_len=4)
+    got = torch.ops.speccascade.verify_ragged(*args, max_spec_len=4)
+    assert all(torch.equal(u, v) for u, v in zip(got, want))
+    with pytest.raises(RuntimeError, match="end at N \\(at most N with max_spec_len > 0\\)"):
+        torch.ops.speccascade.verify_ragged(*args)
+
+
 @pytest.mark.parametrize("value", [3, 0, -1, True, 5.0])
 def test_max_spec_len_below_a_gamma_or_not_an_int_is_named(value):
     with pytest.raises(ValueError, match=r"max_spec_len must be None or an int >= every "

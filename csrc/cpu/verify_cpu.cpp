@@ -12,7 +12,8 @@
 //           padded), W = max_gamma + 1, or max_spec_len + 1 when max_spec_len > 0 (vLLM's
 //           argument: the output width no longer depends on cu's values, so the CUDA kernel
 //           reads nothing on the host; here cu is still validated, and every gamma_b must be
-//           <= max_spec_len)
+//           <= max_spec_len; cu may then end before N: the rows after it are padding, as in
+//           a fixed-size buffer that a CUDA graph replays)
 //     Request b owns draft rows cu[b]:cu[b+1] and target rows cu[b]+b : cu[b+1]+b+1 (vLLM's
 //     flattened layout). bonus_draft_logits given: bonus="cascade" (the drafter at the bonus
 //     position); None: bonus="verifier" (the bonus token is drawn from pT).
@@ -1146,7 +1147,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_ragged_cpu(
               "verify_ragged: draft_tokens must be int64 [N] = [", N, "]");
   check_per_request(seed, positions, temperature, alpha, B, rule);
   const int64_t* c = cu.data_ptr<int64_t>();
-  TORCH_CHECK(c[0] == 0 && c[B] == N, "verify_ragged: cu_num_draft_tokens must start at 0 and end at N");
+  // with max_spec_len, rows past cu[B] (drafts) and cu[B] + B (targets) are padding, never read
+  TORCH_CHECK(c[0] == 0 && (c[B] == N || (max_spec_len > 0 && c[B] <= N)),
+              "verify_ragged: cu_num_draft_tokens must start at 0 and end at N (at most N with "
+              "max_spec_len > 0)");
   int64_t max_gamma = 0;
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(c[b + 1] - c[b] >= 1, "verify_ragged: every request needs gamma >= 1 drafts");

@@ -10,8 +10,8 @@
 // (B + 1 integers) on the host once: the output width max gamma_b + 1 and the grid depend on it,
 // and it is validated there as on the CPU. With max_spec_len > 0 (vLLM's argument) the width is
 // max_spec_len + 1 and cu is not read on the host at all, so the op can be captured in a CUDA
-// graph and replayed with other cu values: the caller guarantees cu (0, strictly increasing, N)
-// and every gamma_b <= max_spec_len (the kernels clamp gamma_b to it only to stay inside their
+// graph and replayed with other cu values: the caller guarantees cu (0, strictly increasing,
+// <= N: rows after cu[B] are padding, never read) and every gamma_b <= max_spec_len (the kernels clamp gamma_b to it only to stay inside their
 // buffers).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

@@ -29,8 +29,8 @@ def available(device=None) -> tuple[str, ...]:
     return tuple(out)
 
 
-def get(name: str, device=None):
-    """The ``verify`` function of backend ``name`` (``"auto"``: the fastest for ``device``)."""
+def resolve(name: str, device=None) -> str:
+    """Backend ``name`` if it runs on ``device`` (``"auto"``: the fastest that does)."""
     names = available(device)
     if name == "auto":
         name = names[0]
@@ -38,4 +38,9 @@ def get(name: str, device=None):
         raise ValueError(
             f"backend={name!r} is not available here; choose 'auto' or one of {', '.join(names)}"
         )
-    return _module(name).verify
+    return name
+
+
+def get(name: str, device=None):
+    """The ``verify`` function of backend ``name`` (``"auto"``: the fastest for ``device``)."""
+    return _module(resolve(name, device)).verify
