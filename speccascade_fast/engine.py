@@ -432,7 +432,7 @@ def generate(
             the same seeds; ``drafter_calls`` may differ (the static engine drafts gamma tokens
             in every block of a batch, the sequential one stops at an EOS draft or the budget).
         cuda_graphs: the batched Engine's CUDA graphs (:class:`speccascade_fast.Engine`):
-            None = on for CUDA models without top-k/top-p; the sequential loops ignore it.
+            None = on for CUDA models; the sequential loops ignore it.
         attention: the batched Engine's attention: None (the models' own, SDPA or eager) or
             ``"flash_attn"`` (flash-attn's ``flash_attn_with_kvcache``; CUDA, fp16/bf16).
         draft_confidence: ``spec_cascade`` only: None (every block drafts ``gamma`` tokens) or
@@ -443,7 +443,8 @@ def generate(
             (the stopping decision reads only the drafter); the tokens for a seed may differ
             from fixed blocks' where a block boundary moves (a position drawn as a bonus
             token instead of a draft uses another random stream). Each drafter step is then
-            followed by a host read, so the batched Engine runs it without CUDA graphs.
+            followed by a host read (the batched Engine's CUDA graphs: one per drafter step
+            and one for the verification).
 
     Returns:
         :class:`GenerateOutput` ``(sequences, stats, new_tokens)``. ``stats`` sums over the

@@ -35,11 +35,14 @@ key and replayed (every call then attends over the whole cache, stale slots mask
 it runs eagerly and attends over the block's longest prefix only. The block's inputs reach the
 device in one small copy.
 
-With ``draft_confidence`` the block is eager and its length varies: the drafter steps go on
-while any row drafts (a host read after each, to see which rows drew a draft they gave less
-than the cut-off, an EOS, or their last budgeted token), then one verifier call of the longest
-block, and each row is verified on its own drafts in one ragged call
-(:func:`speccascade_fast.verify_ragged`).
+With ``draft_confidence`` the block's length varies: the drafter steps go on while any row
+drafts (a host read after each, to see which rows drew a draft they gave less than the cut-off,
+an EOS, or their last budgeted token), then one verifier call of the longest block S, and each
+row is verified on its own drafts in one ragged call (:func:`speccascade_fast.ragged.call`
+with ``max_spec_len = S``: the flattened rows gathered on the device, padding after the last
+row's). Each drafter step, and the verifier call with the verification, is a body of fixed
+shapes: with ``cuda_graphs`` one graph per (batch size, first-call width or later step,
+all-greedy) for the steps and one per (batch size, S) for the verification, replayed.
 
 Finished rows (EOS or their budget) leave the batch at the end of the block: the caches are
 compacted, so they stop costing work. Shapes are fixed per block (every row drafts gamma tokens,
@@ -73,7 +76,7 @@ from .engine import (
     bonus_keepable,
 )
 from .kv_cache import SlotCache
-from .ragged import verify_ragged
+from .ragged import call as ragged_call
 from .rules import check_alpha
 from .sampling import draft_probability, draw
 from .stats import Counters
@@ -238,8 +241,10 @@ class Engine:
         cuda_graphs: capture each block (the gamma (+1) drafter steps with their draws, the
             verifier's block forward, the fused verification and the packing of the block's
             one host read) as one CUDA graph per (batch size, width of the drafter's first
-            call, all-greedy or not), replayed. None (default): on when the models are on a
-            CUDA device, ``compile_drafter`` is off and ``draft_confidence`` is None. With
+            call, all-greedy or not), replayed (with ``draft_confidence``: a graph per drafter
+            step and one for the verifier call with the verification, see the module
+            docstring). None (default): on when the models are on a CUDA device and
+            ``compile_drafter`` is off. With
             ``top_k`` / ``top_p`` the captured keep bounds come from one full sort per row (no
             host read).
         attention: None (default): the models' own attention (PyTorch SDPA or eager) with the
@@ -251,7 +256,7 @@ class Engine:
             its budget), as in :func:`speccascade_fast.generate`. The block's drafter steps
             end when every row has stopped; each row is verified on its own drafts (the ragged
             verification), so its tokens still do not depend on the batch. One host read per
-            drafter step: no CUDA graphs.
+            drafter step.
 
     Example:
         >>> engine = Engine(drafter, verifier, max_batch_size=4, max_seq_len=1024,
@@ -307,18 +312,14 @@ class Engine:
         self._full_kv = self.cuda_graphs
         self._graphs = _Graphs() if self.cuda_graphs else None
         self._verify = None  # the verification backend's function, resolved on first use
+        self._backend = None  # and its name (the ragged verification of cut blocks)
 
     def _graphs_setting(self, cuda_graphs, compile_drafter) -> bool:
         on_cuda = self.device is not None and self.device.type == "cuda"
-        adaptive = self.cfg.draft_confidence is not None
         if cuda_graphs is None:
-            return on_cuda and not compile_drafter and not adaptive
+            return on_cuda and not compile_drafter
         if not isinstance(cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be None, True or False, got {cuda_graphs!r}")
-        if cuda_graphs and adaptive:
-            raise ValueError("cuda_graphs=True needs fixed blocks, and draft_confidence makes "
-                             "each block's length depend on the drafter (a host read per "
-                             "step); leave one of them unset")
         if cuda_graphs and compile_drafter:
             raise ValueError("cuda_graphs=True and compile_drafter=True are alternatives "
                              "(the graphs already replay the drafter's steps); choose one")
@@ -587,68 +588,127 @@ class Engine:
         its own gamma_b drafts in one ragged call. A row that stopped early has q at its bonus
         position from the later steps; the bonus drafter step runs only if a row that drafted to
         the end accepted everything and keeps a bonus (then the ragged call runs again with the
-        bonus rows). Returns what :meth:`_fixed_block` does."""
-        cfg, q, p = self.cfg, self.q, self.p
-        kv, greedy = self._kv(rows), rows.greedy
-        seeds, temperature = rows.seeds, rows.temperature
+        bonus rows). Returns what :meth:`_fixed_block` does.
+
+        Every piece is a body of fixed shapes (replayed as a CUDA graph when the engine has
+        them): a drafter step (its draw and whether the draft is unsure; one host read each),
+        then the verifier's forward over the S drafts of the longest row with the ragged
+        verification (drafts, q and p stay padded to S per row; the flattened rows are gathered
+        on the device, padding after ``cu[B]``), and, if a row needs it, the verification again
+        with the bonus rows."""
+        cfg, q, B = self.cfg, self.q, rows.size
+        greedy, args = rows.greedy, (rows.seeds, rows.temperature)
+        kv = self._kv(rows)
+        # a graph's outputs are overwritten by its next replay: copy each step's draft and logits
+        keep = (lambda x: x.clone()) if self._graphs is not None else (lambda x: x)
+
+        def drafted(logits, tj, seeds, temperature):
+            x = self._draw(logits, seeds, temperature, tj, greedy)
+            unsure = draft_probability(logits, x, temperature) < cfg.draft_confidence
+            return torch.stack([x, unsure.to(torch.int64), _nonfinite(logits)], dim=1), logits
+
+        def first(ints, seeds, temperature):
+            logits = q.forward(ints[:, 1 + width:], ints[:, 1: 1 + width], kv(0), 1)[:, 0]
+            return drafted(logits, ints[:, 0], seeds, temperature)
+
+        def later(j):  # the step that feeds draft j - 1 and draws draft j (position t + j)
+            def body(tx, seeds, temperature):
+                tj = tx[:, 0]
+                logits = q.forward(tx[:, 1:], (tj - 1)[:, None], kv(j), 1)[:, 0]
+                return drafted(logits, tj, seeds, temperature)
+            return body
+
         ints = self._inputs(rows, q, width)
-        t, ids = ints[:, 0], ints[:, 1 + width:]
-        limit = [min(cfg.gamma, rows.remaining(b)) for b in range(rows.size)]
-        stop = [0] * rows.size  # gamma_b once row b has stopped
-        mine = [[] for _ in range(rows.size)]  # row b's drafts, on the host
-        logits = q.forward(ids, ints[:, 1: 1 + width], kv(0), 1)[:, 0]
-        q_rows, drafts = [logits], []
+        t = ints[:, 0]
+        limit = [min(cfg.gamma, rows.remaining(b)) for b in range(B)]
+        stop = [0] * B  # gamma_b once row b has stopped
+        mine = [[] for _ in range(B)]  # row b's drafts, on the host
+        q_rows, drafts = [], []
+        pack, logits = self._run(("draft", B, width, greedy), first, (ints, *args))
         while True:
             j = len(drafts)
-            drafts.append(self._draw(logits, seeds, temperature, t + j, greedy))
-            unsure = draft_probability(logits, drafts[-1], temperature) < cfg.draft_confidence
-            host = torch.stack([drafts[-1], unsure.to(torch.int64)], dim=1).tolist()
-            for b, (x, low) in enumerate(host):  # the step's one device-to-host read
+            host = pack.tolist()  # the step's one device-to-host read
+            self._check_logits([r[2] for r in host], ("drafter logits", logits))
+            q_rows.append(keep(logits))
+            drafts.append(keep(pack[:, 0]))
+            for b, (x, low, _) in enumerate(host):
                 if not stop[b]:
                     mine[b].append(x)
                     if low or x in rows.eos or j + 1 >= limit[b]:
                         stop[b] = j + 1
             if all(stop):
                 break
-            logits = q.forward(drafts[-1][:, None], (t + j)[:, None], kv(j + 1), 1)[:, 0]
-            q_rows.append(logits)
-        steps = calls = len(drafts)
-        drafts = torch.stack(drafts, dim=1)
-        slots = (t - 1)[:, None] + torch.arange(steps + 1, device=t.device)
-        p_logits = p.forward(torch.cat([ids[:, -1:], drafts], dim=1), slots, kv(steps), steps + 1)
-        q_logits = torch.stack(q_rows, dim=1)
-        bad = torch.stack([_nonfinite(q_logits), _nonfinite(p_logits)], dim=1).tolist()
-        self._check_logits([r[0] for r in bad], ("drafter logits", q_logits))
-        self._check_logits([r[1] for r in bad], ("verifier logits", p_logits))
-        # row b: its stop[b] drafts, its stop[b] + 1 verifier rows (q at its bonus position, if
-        # it needs one, is q_logits[b, stop[b]])
-        cu = torch.tensor([0, *stop], dtype=torch.int64, device=t.device).cumsum(0)
-        ragged = (torch.cat([q_logits[b, :g] for b, g in enumerate(stop)]),
-                  torch.cat([drafts[b, :g] for b, g in enumerate(stop)]),
-                  torch.cat([p_logits[b, : g + 1] for b, g in enumerate(stop)]), cu)
+            tx = torch.stack([t + j + 1, drafts[-1]], dim=1)
+            pack, logits = self._run(("draft", B, 0, greedy), later(j + 1), (tx, *args))
+        S = calls = len(drafts)
+        drafts, q_logits = torch.stack(drafts, dim=1), torch.stack(q_rows, dim=1)
+        head = torch.stack([t, ints[:, -1]], dim=1)  # first draft position, the row's last token
+        stops = torch.tensor(stop, dtype=torch.int64, device=t.device)
+        verified = self._ragged_verified
 
-        def verified(bonus):
-            return verify_ragged(
-                *ragged, rule=cfg.rule, alpha=rows.alpha, temperature=temperature,
-                top_k=checks.top_k(cfg.top_k, p_logits.shape[-1]), top_p=cfg.top_p, seed=seeds,
-                positions=t, backend=cfg.backend, bonus_draft_logits=bonus)
+        def score(head, drafts, q_logits, stops, seeds, temperature, alpha):
+            t = head[:, 0]
+            slots = (t - 1)[:, None] + torch.arange(S + 1, device=t.device)
+            p_logits = self.p.forward(torch.cat([head[:, 1:], drafts], dim=1), slots, kv(S),
+                                      S + 1)
+            out = verified(q_logits, drafts, p_logits, stops, None, t, seeds, temperature, alpha)
+            return torch.cat([out, _nonfinite(p_logits)[:, None]], dim=1), p_logits
 
-        out = verified(None)  # the bonus from pT
-        accepted = out.num_accepted.tolist()
-        need = [self._needs_bonus(rows, b, a, mine[b]) for b, a in enumerate(accepted)]
+        def rescore(head, drafts, q_logits, p_logits, stops, bonus, seeds, temperature, alpha):
+            return verified(q_logits, drafts, p_logits, stops, bonus, head[:, 0], seeds,
+                            temperature, alpha)
+
+        inputs = (head, drafts, q_logits, stops, *args, rows.alpha)
+        pack, p_logits = self._run(("score", B, S), score, inputs)  # the bonus from pT
+        host = pack.tolist()
+        self._check_logits([r[-1] for r in host], ("verifier logits", p_logits))
+        need = [self._needs_bonus(rows, b, r[0], mine[b]) for b, r in enumerate(host)]
         if any(need):
-            if any(n and g == steps for n, g in zip(need, stop)):
-                bonus = q.forward(drafts[:, -1:], (t + steps - 1)[:, None], kv(steps), 1)[:, 0]
-                self._check_logits(_nonfinite(bonus).tolist(), ("drafter logits", bonus))
-                q_logits = torch.cat([q_logits, bonus[:, None]], dim=1)
+            q_all = q_logits
+            if any(n and g == S for n, g in zip(need, stop)):
+                tx = torch.stack([t + S, drafts[:, -1]], dim=1)
+                bpack, bonus = self._run(("draft", B, 0, greedy), later(S), (tx, *args))
+                self._check_logits(bpack[:, 2].tolist(), ("drafter logits", bonus))
+                q_all = torch.cat([q_logits, bonus[:, None]], dim=1)
                 calls += 1
             # rows that need no bonus take any row of theirs: their bonus token is never emitted
-            last = q_logits.shape[1] - 1
-            out = verified(torch.stack([q_logits[b, min(g, last)] for b, g in enumerate(stop)]))
-            accepted = out.num_accepted.tolist()
-        tokens, flags = out.tokens.tolist(), out.deferred.tolist()
-        return [(a, tokens[b][: a + 1], flags[b], stop[b])
-                for b, a in enumerate(accepted)], calls
+            at = stops.clamp(max=q_all.shape[1] - 1)
+            bonus = q_all[torch.arange(B, device=t.device), at]
+            host = self._run(("rescore", B, S), rescore,
+                             (head, drafts, q_logits, p_logits, stops, bonus, *args,
+                              rows.alpha)).tolist()
+        return [(r[0], r[1: 2 + r[0]], r[2 + S: 3 + 2 * S], stop[b])
+                for b, r in enumerate(host)], calls
+
+    def _ragged_verified(self, q_logits, drafts, p_logits, stops, bonus, t, seeds, temperature,
+                         alpha):
+        """The ragged verification of a cut block on fixed shapes, packed for its host read: per
+        row the accepted count, the S + 1 tokens and deferral flags, int64 ``[B, 2 S + 3]``.
+        Row b owns the first ``stops[b]`` of its S drafts (``q_logits`` ``[B, S, V]``,
+        ``drafts`` ``[B, S]``) and ``stops[b] + 1`` of its verifier rows (``p_logits``
+        ``[B, S + 1, V]``); ``bonus``: ``[B, V]`` drafter rows at the bonus positions, or None
+        (the bonus from pT). The flattened layout is gathered on the device (``B S`` draft
+        rows, padding after ``cu[B]``), so nothing here reads the host."""
+        cfg = self.cfg
+        B, S = drafts.shape
+        dev = drafts.device
+        cu = torch.nn.functional.pad(stops.cumsum(0), (1, 0))
+        i = torch.arange(B * S, device=dev)
+        b = torch.searchsorted(cu[1:], i, right=True).clamp(max=B - 1)
+        j = (i - cu[b]).clamp(0, S - 1)
+        k = torch.arange(B * S + B, device=dev)
+        bt = torch.searchsorted(cu[1:] + torch.arange(1, B + 1, device=dev), k,
+                                right=True).clamp(max=B - 1)
+        jt = (k - cu[bt] - bt).clamp(0, S)
+        if self._backend is None:
+            self._backend = backends.resolve(cfg.backend, self.device)
+        out = ragged_call(self._backend, q_logits[b, j], drafts[b, j], p_logits[bt, jt], cu,
+                          bonus, max_spec_len=S, rule=cfg.rule, alpha=alpha,
+                          temperature=temperature,
+                          top_k=checks.top_k(cfg.top_k, p_logits.shape[-1]), top_p=cfg.top_p,
+                          seed=seeds, positions=t)
+        return torch.cat([out.num_accepted[:, None], out.tokens,
+                          out.deferred.to(torch.int64)], dim=1)
 
 
 def _budgets(max_new_tokens, B) -> list[int]:

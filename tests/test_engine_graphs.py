@@ -86,6 +86,60 @@ def test_fixed_shape_bodies_give_the_eager_tokens_without_host_reads(pair, kw):
         assert {k[2] for k in recorder.keys} <= {1, 2}
 
 
+CUT_CASES = [
+    dict(rule="spec", temperature=0.0, gamma=6, draft_confidence=0.3),
+    dict(rule="token_v3", alpha=0.3, temperature=1.0, gamma=6, draft_confidence=0.2),
+    dict(rule="chow", alpha=0.3, temperature=0.8, top_k=8, top_p=0.9, draft_confidence=0.2),
+    dict(rule="lossy", alpha=0.2, temperature=1.0, bonus="verifier", draft_confidence=0.2),
+]
+
+
+@pytest.mark.parametrize("kw", CUT_CASES, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
+def test_cut_block_bodies_give_the_eager_tokens_without_host_reads(pair, kw):
+    """Blocks cut by ``draft_confidence`` on the graphs' fixed shapes: a body per drafter step
+    and one for the verifier call with the ragged verification (again with the bonus rows where
+    a row needs them), none reading the host; the eager tokens and counts, drafter calls
+    included (both run the bonus step only where it is used)."""
+    ids, mask = left_padded(PROMPTS)
+    run = dict(attention_mask=mask, seed=[3, 4, 5], max_new_tokens=[5, 17, 24], eos_token_id=[])
+    settings = dict(max_batch_size=3, max_seq_len=48, **kw)
+    want = Engine(*pair, **settings).generate(ids, **run)
+    recorder = Recorder()
+    got = _fixed_shapes(Engine(*pair, **settings), recorder).generate(ids, **run)
+    assert got.new_tokens == want.new_tokens
+    for k in ("tokens", "verifier_calls", "accepted", "deferred", "blocks", "drafter_calls",
+              "drafted"):
+        assert got.stats[k] == want.stats[k], k
+    kinds = {k[0] for k in recorder.keys}
+    assert kinds <= {"draft", "score", "rescore"} and {"draft", "score"} <= kinds
+    drafts = [k for k in recorder.keys if k[0] == "draft"]
+    assert {k[-1] for k in drafts} == {kw["temperature"] == 0}
+    assert {k[2] for k in drafts} <= {0, 1, 2}  # later steps, or the first call's width
+    assert {k[1] for k in recorder.keys} == {3, 2, 1}  # rows leave the batch
+    if kw.get("bonus", "cascade") == "cascade" and kw["rule"] != "spec":
+        assert "rescore" in kinds  # these seeds accept whole blocks
+    gamma = kw.get("gamma", 5)
+    widths = {k[2] for k in recorder.keys if k[0] == "score"}
+    assert widths <= set(range(1, gamma + 1)) and len(widths) > 1  # blocks of several lengths
+    # a block: its first step (width 1 or 2), S - 1 later steps (width 0), the score over S;
+    # then, where a row needs it, the bonus step (width 0) and the rescore
+    keys, steps, blocks = recorder.keys, None, 0
+    for i, k in enumerate(keys):
+        if k[0] == "draft" and k[2] > 0:
+            assert steps is None
+            steps = 1
+        elif k[0] == "draft" and steps is not None:
+            steps += 1
+        elif k[0] == "draft":  # after a score: the bonus step, then the rescore
+            assert keys[i - 1][0] == "score" and keys[i + 1][0] == "rescore"
+        elif k[0] == "score":
+            assert steps == k[2]
+            steps, blocks = None, blocks + 1
+        else:
+            assert keys[i - 1][0] in ("score", "draft") and keys[i - 1][1:2] == k[1:2]
+    assert steps is None and blocks >= 3
+
+
 def test_full_acceptance_makes_the_first_drafter_call_two_wide(pair):
     """``drafter`` accepts every draft: with bonus="verifier" no bonus drafter step runs, so the
     next block's first call feeds the last draft and the bonus token (width 2)."""

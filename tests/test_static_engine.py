@@ -261,7 +261,6 @@ def test_bad_inputs_raise(pair):
         (dict(rule="chow", alpha=2.0), "alpha"),
         (dict(draft_confidence=1.5), "draft_confidence"),
         (dict(method="autoregressive", draft_confidence=0.5), "draft_confidence"),
-        (dict(draft_confidence=0.5, cuda_graphs=True), "draft_confidence"),
     ]
     for kw, needle in bad_engines:
         with pytest.raises(ValueError, match=needle):

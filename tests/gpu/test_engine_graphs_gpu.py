@@ -5,9 +5,11 @@ rows that finish at different times (so graphs are captured for batch sizes 3, 2
 replayed): ``Engine(cuda_graphs=True)`` emits the tokens and statistics of
 ``Engine(cuda_graphs=False)`` (but for the drafter calls: the graphs run the bonus drafter step in
 every block) for spec_cascade (T = 0 and T > 0, both bonus policies),
-autoregressive and drafter_only, and with top-k/top-p (the capture computes the keep
-bounds from one full sort per row); a second ``generate`` on the same engine replays the graphs
-it captured and gives the same tokens again; a graph is captured once per key.
+autoregressive and drafter_only, with top-k/top-p (the capture computes the keep
+bounds from one full sort per row), and with blocks cut by ``draft_confidence`` (a graph per
+drafter step, the ragged verification captured with ``max_spec_len``); a second
+``generate`` on the same engine replays the graphs it captured and gives the same tokens again;
+a graph is captured once per key.
 """
 import pytest
 import torch
@@ -27,6 +29,10 @@ CASES = [
     dict(method="autoregressive", temperature=1.0),
     dict(method="drafter_only", temperature=0.0),
     dict(rule="chow", alpha=0.3, temperature=1.0, top_k=8, top_p=0.9),  # sorted keep bounds
+    # blocks cut by draft_confidence: a graph per drafter step, one per verification length
+    dict(rule="spec", temperature=0.0, gamma=6, draft_confidence=0.3),
+    dict(rule="token_v3", alpha=0.3, temperature=1.0, gamma=6, draft_confidence=0.2),
+    dict(rule="chow", alpha=0.3, temperature=0.8, top_k=8, top_p=0.9, draft_confidence=0.2),
 ]
 
 
@@ -48,7 +54,7 @@ def test_graphs_give_the_eager_tokens(pair, kw):
     assert got.new_tokens == eager.new_tokens
     assert_graph_stats(got.stats, eager.stats, kw)
     captured = dict(engine._graphs.graphs)
-    assert {key[1] if key[0] == "block" else key[2] for key in captured} == {1, 2, 3}
+    assert {key[2] if key[0] == "step" else key[1] for key in captured} == {1, 2, 3}
     again = engine.generate(ids, **run)  # replays the graphs captured above
     assert again.new_tokens == eager.new_tokens
     assert engine._graphs.graphs.keys() == captured.keys()
