@@ -23,7 +23,7 @@ def test_measure_times_every_block_and_the_models_alone():
     assert r["tokens"] == 24  # EOS never stops a row
     assert 3 <= r["blocks"] <= 12  # 1 to gamma + 1 tokens per row and block
     assert r["block_ms"] > 0 and r["model_block_ms"] > 0 and r["non_model_share"] < 1
-    assert markdown([r]).splitlines()[-1].startswith("| 2 | 3 | off | sdpa | ")
+    assert markdown([r]).splitlines()[-1].startswith("| 2 | 3 | – | off | sdpa | ")
 
 
 def test_the_real_shapes_and_the_command(tmp_path, capsys):
@@ -50,3 +50,23 @@ def test_attention_rows(tmp_path, flash_stand_in):
     rows = json.loads((out / "overhead.json").read_text())["rows"]
     assert [r["attention"] for r in rows] == ["sdpa", "flash_attn"] and flash_stand_in[0] > 0
     assert rows[0]["tokens"] == rows[1]["tokens"] == 6
+
+
+def test_cut_block_rows(tmp_path):
+    """``--draft-confidence none 1e-9``: fixed blocks, then blocks cut at a probability no random
+    draft falls below, which draft gamma tokens too (the same drafter calls) but as cut blocks
+    do; anything but numbers in (0, 1) and 'none' is refused."""
+    out = tmp_path / "o"
+    assert main(["--device", "cpu", "--dtype", "float32", "--batch", "2", "--gamma", "3",
+                 "--prompt-len", "4", "--new-tokens", "9", "--repeats", "1", "--out", str(out),
+                 "--draft-confidence", "none", "1e-9", "--overrides", json.dumps(TINY)]) == 0
+    rows = json.loads((out / "overhead.json").read_text())["rows"]
+    assert [r["draft_confidence"] for r in rows] == [None, 1e-9]
+    assert rows[0]["drafter_calls"] == 2 * 3 * rows[0]["blocks"]  # per row: gamma per block
+    # no draft is unsure: gamma per block too, but for the last blocks, which the budget cuts
+    assert 2 * 3 * (rows[1]["blocks"] - 2) < rows[1]["drafter_calls"] < rows[0]["drafter_calls"]
+    assert rows[0]["tokens"] == rows[1]["tokens"] == 18
+    assert "| 2 | 3 | 1e-09 | off |" in (out / "overhead.md").read_text()
+    for bad in ("0", "1", "x"):
+        with pytest.raises(SystemExit, match="--draft-confidence takes numbers in"):
+            main(["--draft-confidence", bad])

@@ -16,6 +16,12 @@ default: on for CUDA). Per block it reports
 Random models disagree, so about one token is emitted per block: acceptance is not meaningful
 here, only the time per block and per token.
 
+``--draft-confidence none 1e-9`` adds rows with blocks cut by ``draft_confidence``: a random
+drafter gives every draft a probability far above 1e-9, so those blocks still draft gamma
+tokens (but where the budget ends them) and run the same model forwards, but as cut blocks do
+(a host read after each drafter step; with graphs a graph per step and one for the
+verification): the difference is what the cut costs.
+
     python -m speccascade_fast.bench.overhead --device cuda --batch 1 4 --out docs/bench_overhead
 """
 from __future__ import annotations
@@ -95,13 +101,14 @@ def _model_block_seconds(engine: Engine, batch: int, context: int, repeats: int)
 
 def measure(drafter, verifier, *, batch: int = 1, gamma: int = 5, prompt_len: int = 128,
             new_tokens: int = 64, repeats: int = 3, cuda_graphs: bool | None = None,
-            seed: int = 0, attention: str | None = None) -> dict:
+            seed: int = 0, attention: str | None = None,
+            draft_confidence: float | None = None) -> dict:
     """One configuration: ``batch`` random prompts of ``prompt_len`` tokens, ``new_tokens``
     each, greedy ``spec``; a warm-up ``generate`` (captures the graphs), then ``repeats``
     timed ones. Returns the figures described in the module docstring."""
     engine = Engine(drafter, verifier, max_batch_size=batch, max_seq_len=prompt_len + new_tokens,
                     rule="spec", gamma=gamma, temperature=0.0, cuda_graphs=cuda_graphs,
-                    attention=attention)
+                    attention=attention, draft_confidence=draft_confidence)
     device = engine.device
     g = torch.Generator().manual_seed(seed)
     vocab = verifier.config.vocab_size
@@ -132,7 +139,8 @@ def measure(drafter, verifier, *, batch: int = 1, gamma: int = 5, prompt_len: in
     return {
         "batch": batch, "gamma": gamma, "prompt_len": prompt_len, "new_tokens": new_tokens,
         "device": str(device), "cuda_graphs": engine.cuda_graphs,
-        "attention": attention or "sdpa", "blocks": len(blocks),
+        "attention": attention or "sdpa", "draft_confidence": draft_confidence,
+        "drafter_calls": out.stats["drafter_calls"], "blocks": len(blocks),
         "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
         "block_ms": 1e3 * block, "ms_per_token": 1e3 * wall / tokens,
         "model_block_ms": 1e3 * model, "non_model_share": 1 - model / block,
@@ -140,11 +148,13 @@ def measure(drafter, verifier, *, batch: int = 1, gamma: int = 5, prompt_len: in
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| batch | γ | CUDA graphs | attention | blocks | ms / block | model ms / block "
-             "| non-model share | ms / token | tokens/s |",
-             "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| batch | γ | blocks cut at | CUDA graphs | attention | blocks | ms / block "
+             "| model ms / block | non-model share | ms / token | tokens/s |",
+             "| ---: | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['batch']} | {r['gamma']} | {'on' if r['cuda_graphs'] else 'off'} | "
+        cut = r.get("draft_confidence")
+        lines.append(f"| {r['batch']} | {r['gamma']} | {'–' if cut is None else f'{cut:g}'} | "
+                     f"{'on' if r['cuda_graphs'] else 'off'} | "
                      f"{r.get('attention', 'sdpa')} | "
                      f"{r['blocks']} | {r['block_ms']:.2f} | {r['model_block_ms']:.2f} | "
                      f"{100 * r['non_model_share']:.1f} % | {r['ms_per_token']:.2f} | "
@@ -165,6 +175,9 @@ def main(argv=None) -> int:
                     help="CUDA graphs: the engine's default, forced on/off, or both rows")
     ap.add_argument("--attention", choices=("sdpa", "flash_attn", "both"), default="sdpa",
                     help="the engine's attention: PyTorch SDPA, flash-attn's kernel, or both rows")
+    ap.add_argument("--draft-confidence", nargs="+", default=["none"], metavar="P",
+                    help="blocks cut after a draft below P (a number in (0, 1)), or 'none' "
+                         "(fixed blocks); several give several rows")
     ap.add_argument("--out", default=None, help="folder for overhead.json and overhead.md")
     ap.add_argument("--overrides", default="{}", metavar="JSON",
                     help="config fields to replace in both models (a smoke run: "
@@ -175,6 +188,16 @@ def main(argv=None) -> int:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     if min(args.batch) < 1:
         raise SystemExit("--batch must be >= 1")
+    cuts = []
+    for value in args.draft_confidence:
+        try:
+            cut = None if value == "none" else float(value)
+        except ValueError:
+            cut = -1.0
+        if cut is not None and not 0 < cut < 1:
+            raise SystemExit(f"--draft-confidence takes numbers in (0, 1) or 'none', got "
+                             f"{value!r}")
+        cuts.append(cut)
     try:
         overrides = json.loads(args.overrides)
         assert isinstance(overrides, dict)
@@ -188,12 +211,14 @@ def main(argv=None) -> int:
                   "both": [None, "flash_attn"]}[args.attention]
     rows = []
     for batch in args.batch:
-        for g in graphs:
-            for a in attentions:
-                rows.append(measure(drafter, verifier, batch=batch, gamma=args.gamma,
-                                    prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                                    repeats=args.repeats, cuda_graphs=g, attention=a))
-                print(markdown(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+        for cut in cuts:
+            for g in graphs:
+                for a in attentions:
+                    rows.append(measure(drafter, verifier, batch=batch, gamma=args.gamma,
+                                        prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                        repeats=args.repeats, cuda_graphs=g, attention=a,
+                                        draft_confidence=cut))
+                    print(markdown(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     table = markdown(rows)
     print(table)
     if args.out:
