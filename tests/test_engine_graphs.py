@@ -140,6 +140,22 @@ def test_cut_block_bodies_give_the_eager_tokens_without_host_reads(pair, kw):
     assert steps is None and blocks >= 3
 
 
+def test_cut_block_bodies_on_the_triton_backend(pair, monkeypatch):
+    """What a GPU would capture with the default backend there: the ragged Triton kernels
+    (under the interpreter) inside the cut-block bodies, with no host read, give the tokens of
+    the eager cpu backend."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ids, mask = left_padded(PROMPTS)
+    run = dict(attention_mask=mask, seed=[3, 4, 5], max_new_tokens=[5, 17, 24], eos_token_id=[])
+    kw = dict(max_batch_size=3, max_seq_len=48, **CUT_CASES[1])
+    want = Engine(*pair, backend="cpu", **kw).generate(ids, **run)
+    recorder = Recorder()
+    got = _fixed_shapes(Engine(*pair, backend="triton", **kw), recorder).generate(ids, **run)
+    assert got.new_tokens == want.new_tokens
+    assert {"score", "rescore"} <= {k[0] for k in recorder.keys}
+
+
 def test_full_acceptance_makes_the_first_drafter_call_two_wide(pair):
     """``drafter`` accepts every draft: with bonus="verifier" no bonus drafter step runs, so the
     next block's first call feeds the last draft and the bonus token (width 2)."""
