@@ -117,17 +117,24 @@ def test_the_op_takes_the_rule_by_id_or_by_name():
         torch.ops.speccascade.verify_ragged(*args, "nope")
 
 
+def _small_flat(backend, bonus, seed, monkeypatch):
+    """Flattened inputs of V = 32 for ``backend`` (triton: under the interpreter), without the
+    bonus rows for ``bonus="verifier"``."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _, flat = ragged_inputs(V=32, seed=seed)
+    if bonus == "verifier":
+        flat["bonus_draft_logits"] = None
+    return flat
+
+
 @pytest.mark.parametrize("bonus", ["cascade", "verifier"])
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_max_spec_len_fixes_the_output_width(backend, bonus, monkeypatch):
     """vLLM's ``max_spec_len``: the output is ``[B, max_spec_len + 1]`` whatever the requests'
     gammas; the tokens are those of the default width, then -1 / False."""
-    if backend == "triton":
-        pytest.importorskip("triton")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    _, flat = ragged_inputs(V=32, seed=3)
-    if bonus == "verifier":
-        flat["bonus_draft_logits"] = None
+    flat = _small_flat(backend, bonus, 3, monkeypatch)
     kw = dict(rule="token_v3", alpha=0.3, temperature=0.8, seed=torch.tensor([5, 6, 7]),
               positions=torch.tensor([0, 9, 4]), backend=backend)
     want = verify_ragged(**flat, **kw)
@@ -148,12 +155,7 @@ def test_max_spec_len_lets_cu_end_before_n(backend, bonus, truncate, monkeypatch
     """With ``max_spec_len`` the buffers may be longer than ``cu`` says (a fixed-size buffer, as
     the Engine's CUDA graphs replay): rows after ``cu[B]`` / ``cu[B] + B`` are padding, never
     read, and the output is the unpadded call's. Without it, such a ``cu`` is an error."""
-    if backend == "triton":
-        pytest.importorskip("triton")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    _, flat = ragged_inputs(V=32, seed=4)
-    if bonus == "verifier":
-        flat["bonus_draft_logits"] = None
+    flat = _small_flat(backend, bonus, 4, monkeypatch)
     kw = dict(rule="chow", alpha=0.4, temperature=torch.tensor([0.8, 0.0, 1.0]),
               seed=torch.tensor([5, 6, 7]), positions=torch.tensor([0, 9, 4]), backend=backend,
               max_spec_len=5, **truncate)
