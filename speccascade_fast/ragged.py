@@ -13,7 +13,21 @@ from .rules import check_alpha, check_rule
 from .types import VerifyOutput
 from .verify import verify
 
-__all__ = ["verify_ragged", "call"]
+__all__ = ["verify_ragged", "call", "row_owners"]
+
+
+def row_owners(cu: torch.Tensor, rows: int, *, target: bool = False):
+    """For each of ``rows`` flattened rows: the request b that owns it and its index j among
+    b's rows, int64 ``[rows]`` tensors on ``cu``'s device, with no host read. Draft rows of b
+    start at ``cu[b]``; with ``target``, target rows, which have one more per request (the
+    bonus position), start at ``cu[b] + b``. Rows after the last request's (padding) count as
+    the last request's, with j past its rows."""
+    B = cu.numel() - 1
+    extra = torch.arange(B + 1, device=cu.device) if target else torch.zeros_like(cu)
+    starts = cu + extra  # starts[b]: request b's first row; starts[B]: one past the last
+    i = torch.arange(rows, device=cu.device)
+    b = torch.searchsorted(starts[1:], i, right=True).clamp(max=B - 1)
+    return b, i - starts[b]
 
 
 def _check_cu(cu: torch.Tensor, num_drafts: int, padded: bool) -> list[int]:

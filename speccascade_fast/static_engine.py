@@ -77,6 +77,7 @@ from .engine import (
 )
 from .kv_cache import SlotCache
 from .ragged import call as ragged_call
+from .ragged import row_owners
 from .rules import check_alpha
 from .sampling import draft_probability, draw
 from .stats import Counters
@@ -691,15 +692,10 @@ class Engine:
         rows, padding after ``cu[B]``), so nothing here reads the host."""
         cfg = self.cfg
         B, S = drafts.shape
-        dev = drafts.device
         cu = torch.nn.functional.pad(stops.cumsum(0), (1, 0))
-        i = torch.arange(B * S, device=dev)
-        b = torch.searchsorted(cu[1:], i, right=True).clamp(max=B - 1)
-        j = (i - cu[b]).clamp(0, S - 1)
-        k = torch.arange(B * S + B, device=dev)
-        bt = torch.searchsorted(cu[1:] + torch.arange(1, B + 1, device=dev), k,
-                                right=True).clamp(max=B - 1)
-        jt = (k - cu[bt] - bt).clamp(0, S)
+        b, j = row_owners(cu, B * S)
+        bt, jt = row_owners(cu, B * S + B, target=True)
+        j, jt = j.clamp(0, S - 1), jt.clamp(0, S)  # padding rows: any row
         if self._backend is None:
             self._backend = backends.resolve(cfg.backend, self.device)
         out = ragged_call(self._backend, q_logits[b, j], drafts[b, j], p_logits[bt, jt], cu,

@@ -70,16 +70,11 @@ def ragged_keep_bounds(draft_logits, target_logits, bonus_draft_logits, cu_num_d
     ``cu[B]`` drafts, ``cu[B] + B`` targets) get the last request's T: never read."""
     if top_k is None and top_p is None:
         return None, None, None
+    from .ragged import row_owners
+
     cu = cu_num_draft_tokens.to(device=temperature.device, dtype=torch.int64)
-    B = cu.numel() - 1
-    n, nb = draft_logits.shape[0], target_logits.shape[0]
-
-    def request_of(ends, rows):  # the request owning each of ``rows`` rows: ends[b] = its end
-        i = torch.arange(rows, device=cu.device)
-        return torch.searchsorted(ends, i, right=True).clamp(max=B - 1)
-
-    t_draft = temperature[request_of(cu[1:], n)]  # gamma_b draft rows
-    t_target = temperature[request_of(cu[1:] + torch.arange(1, B + 1, device=cu.device), nb)]
+    t_draft = temperature[row_owners(cu, draft_logits.shape[0])[0]]  # gamma_b draft rows
+    t_target = temperature[row_owners(cu, target_logits.shape[0], target=True)[0]]  # gamma_b + 1
     kb = (None if bonus_draft_logits is None
           else keep_bounds(bonus_draft_logits, temperature, top_k, top_p))
     return (keep_bounds(draft_logits, t_draft, top_k, top_p),
