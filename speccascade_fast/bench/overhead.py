@@ -35,6 +35,7 @@ import time
 
 import torch
 
+from ..engine import check_draft_confidence
 from ..static_engine import Engine
 
 #: the default pair's shapes (the converted GGUF configurations)
@@ -190,14 +191,11 @@ def main(argv=None) -> int:
         raise SystemExit("--batch must be >= 1")
     cuts = []
     for value in args.draft_confidence:
-        try:
-            cut = None if value == "none" else float(value)
+        try:  # float() or the engine's own check
+            cuts.append(None if value == "none" else check_draft_confidence(float(value)))
         except ValueError:
-            cut = -1.0
-        if cut is not None and not 0 < cut < 1:
             raise SystemExit(f"--draft-confidence takes numbers in (0, 1) or 'none', got "
-                             f"{value!r}")
-        cuts.append(cut)
+                             f"{value!r}") from None
     try:
         overrides = json.loads(args.overrides)
         assert isinstance(overrides, dict)
