@@ -11,8 +11,8 @@
 // and it is validated there as on the CPU. With max_spec_len > 0 (vLLM's argument) the width is
 // max_spec_len + 1 and cu is not read on the host at all, so the op can be captured in a CUDA
 // graph and replayed with other cu values: the caller guarantees cu (0, strictly increasing,
-// <= N: rows after cu[B] are padding, never read) and every gamma_b <= max_spec_len (the kernels clamp gamma_b to it only to stay inside their
-// buffers).
+// <= N: rows after cu[B] are padding, never read) and every gamma_b <= max_spec_len (the
+// kernels clamp gamma_b to it only to stay inside their buffers).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>

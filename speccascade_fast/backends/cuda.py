@@ -75,9 +75,10 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
     With ``max_spec_len`` (an int >= every gamma_b) the output is ``[B, max_spec_len + 1]`` and
     nothing is read on the host (without top-k / top-p: the eager keep bounds size their windows
     on the host), so the call can be captured in a CUDA graph and replayed with other values of
-    ``cu_num_draft_tokens`` (same N and B). This entry point does not check values (that would
-    read the device): ``cu`` starting at 0, strictly increasing, ending at N, and every gamma_b
-    <= ``max_spec_len`` are the caller's promise, as in vLLM's rejection sampler."""
+    ``cu_num_draft_tokens`` (same buffers). This entry point does not check values (that would
+    read the device): ``cu`` starting at 0, strictly increasing, ending at most at N (rows after
+    ``cu[B]`` are padding), and every gamma_b <= ``max_spec_len`` are the caller's promise, as
+    in vLLM's rejection sampler."""
     return call_ragged(_cuda_ops(target_logits), draft_logits, draft_tokens, target_logits,
                        cu_num_draft_tokens, bonus_draft_logits, rule=rule, alpha=alpha,
                        temperature=temperature, seed=seed, positions=positions, top_k=top_k,
