@@ -1,4 +1,5 @@
-"""Markdown table of bench/bench_verify.py (CPU) or bench/bench_verify_gpu.py results, for the README.
+"""Markdown table of bench/bench_verify.py (CPU) or bench/bench_verify_gpu.py results, for the README
+(and of bench/bench_sample_gpu.py's drafter sampler, when the JSON holds it).
 
     pytest bench/bench_verify.py --benchmark-only --benchmark-json=out.json
     python bench/report.py out.json [--stat median|min] > table.md
@@ -41,6 +42,31 @@ def load(path: str) -> tuple[list[dict], float | None]:
             "gpu_us": info["gpu_us"] * 1e-6 if "gpu_us" in info else None,
         })
     return rows, bw
+
+
+def load_sampler(path: str) -> list[dict]:
+    """The drafter-sampler rows of bench_sample_gpu.py (``extra_info`` kind "sample")."""
+    with open(path) as f:
+        data = json.load(f)
+    return [dict(b["extra_info"], median=b["stats"]["median"]) for b in data["benchmarks"]
+            if b.get("extra_info", {}).get("kind") == "sample"]
+
+
+def sampler_table(rows: list[dict]) -> str:
+    """One row per (R, V, top_p, impl): GPU µs, host-synchronised median µs, and the GPU time
+    of the torch formula run the same way (eager or graph) over this one."""
+    out = ["| R | V | top_p | impl | GPU µs | median µs (host sync) | torch formula / this |",
+           "|---" * 7 + "|"]
+    by = {(r["R"], r["V"], r["top_p"], r["impl"]): r["gpu_us"] for r in rows}
+    order = {"triton-graph": 0, "torch-graph": 1, "triton": 2, "torch": 3}
+    for r in sorted(rows, key=lambda r: (r["R"], r["V"], r["top_p"] is not None,
+                                         r["top_p"] or 0, order.get(r["impl"], 9))):
+        mode = r["impl"].partition("-")[2]
+        base = by.get((r["R"], r["V"], r["top_p"], "torch" + ("-" + mode if mode else "")))
+        speedup = "" if base is None else f"{base / r['gpu_us']:.1f}×"
+        out.append(f"| {r['R']} | {r['V']} | {r['top_p'] or '–'} | {r['impl']} | "
+                   f"{r['gpu_us']:.1f} | {fmt_us(r['median'])} | {speedup} |")
+    return "\n".join(out)
 
 
 def fmt_us(seconds: float) -> str:
@@ -91,14 +117,18 @@ def main(argv=None) -> int:
                          "the GPU benchmark's CUDA-event time)")
     args = ap.parse_args(argv)
     rows, bw = load(args.json)
-    if not rows:
-        print("no bench_verify results in " + args.json, file=sys.stderr)
+    sampler = load_sampler(args.json)
+    if not rows and not sampler:
+        print("no bench_verify or bench_sample_gpu results in " + args.json, file=sys.stderr)
         return 1
-    try:
-        print(table(rows, bw, args.stat))
-    except ValueError as e:
-        print(e, file=sys.stderr)
-        return 2
+    if rows:
+        try:
+            print(table(rows, bw, args.stat))
+        except ValueError as e:
+            print(e, file=sys.stderr)
+            return 2
+    if sampler:
+        print(("\n" if rows else "") + sampler_table(sampler))
     return 0
 
 

@@ -20,9 +20,12 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, seed=0, positions
         positions: int64 tensor ``[B]``: absolute position of the token drawn from row b (for
             ``[B, n, V]``, of the first of its n tokens; the k-th uses ``positions + k``).
         backend: ``"auto"`` uses the compiled CPU kernel (``_C.sample_cpu``) for CPU fp32/bf16/
-            fp16 logits (top-k / top-p as keep bounds, :mod:`speccascade_fast.truncation`), else
-            the torch reference; ``"reference"`` forces the latter. Both draw the same tokens up
-            to floating-point near-ties.
+            fp16 logits and the Triton kernels (:mod:`speccascade_fast.kernels.sample`) for CUDA
+            ones when triton imports (both with top-k / top-p as keep bounds,
+            :mod:`speccascade_fast.truncation`), else the torch reference; ``"reference"``
+            forces the latter, ``"triton"`` the Triton kernels (fp32/bf16/fp16 logits; on the
+            CPU only under ``TRITON_INTERPRET=1``). All draw the same tokens up to
+            floating-point near-ties.
 
     Returns:
         int64 ``[B]`` (or ``[B, n]``). The draw is the exponential race
@@ -42,8 +45,7 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, seed=0, positions
     positions = checks.per_row("positions", positions, B, device, non_negative=True)
     temperature = checks.temperature(temperature, (B,), device)
     top_k, top_p = checks.top_k(top_k, V), checks.top_p(top_p)
-    if backend not in ("auto", "reference"):
-        raise ValueError(f"backend must be 'auto' or 'reference', got {backend!r}")
+    _check_backend(backend, logits)
     if logits.dim() == 3:  # row b's k-th token sits at position positions[b] + k
         n = logits.shape[1]
         pos = (positions[:, None] + torch.arange(n, device=device)).reshape(-1)
@@ -53,19 +55,43 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, seed=0, positions
     return draw(logits, temperature, seed, positions, top_k, top_p, backend=backend)
 
 
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_backend(backend, logits) -> None:
+    if backend not in ("auto", "reference", "triton"):
+        raise ValueError(f"backend must be 'auto', 'reference' or 'triton', got {backend!r}")
+    if backend == "triton":
+        from .backends import triton as triton_backend
+
+        if not triton_backend.is_available(logits.device):
+            raise ValueError(f"backend='triton' is not available for {logits.device} logits "
+                             "(it needs triton and a GPU, or TRITON_INTERPRET=1 on the CPU)")
+        if logits.dtype not in _FUSED_DTYPES:
+            raise ValueError("backend='triton' samples float32, bfloat16 or float16 logits, "
+                             f"got {logits.dtype}")
+
+
 def draw(logits, temperature, seed, positions, top_k=None, top_p=None, *, greedy=None,
          backend="auto") -> torch.Tensor:
     """:func:`sample` on ``[R, V]`` logits with inputs already checked: float64 ``temperature``,
     int64 ``seed`` and ``positions`` ``[R]`` on the logits' device, ``top_k`` / ``top_p``
     normalised. No host synchronisation unless ``greedy`` is None on the torch path (whether
-    every row is greedy is then read from ``temperature``) or the call truncates on CUDA (the
-    torch keep bounds size their top-k windows on the host): the engine's CUDA graphs call it
-    with ``greedy`` known and no truncation."""
+    every row is greedy is then read from ``temperature``) or the call truncates outside a CUDA
+    graph capture on CUDA (the torch keep bounds size their top-k windows on the host): the
+    engine's CUDA graphs call it with ``greedy`` known. On CUDA the Triton kernels take every
+    call that is not all greedy (an all-greedy call is one argmax)."""
+    fused = logits.dtype in _FUSED_DTYPES
     kernel = _ext.load()
-    if (backend == "auto" and kernel is not None and logits.device.type == "cpu"
-            and logits.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+    if backend == "auto" and kernel is not None and logits.device.type == "cpu" and fused:
         keep = keep_bounds_or_none(logits, temperature, top_k, top_p)
         return kernel.sample_cpu(logits, temperature, seed, positions, keep)
+    if not greedy and (backend == "triton" or (backend == "auto" and fused and logits.is_cuda
+                                               and _triton_on(logits.device))):
+        from .backends import triton as triton_backend
+
+        keep = keep_bounds_or_none(logits, temperature, top_k, top_p)
+        return triton_backend.sample(logits, temperature, seed, positions, keep)
     if greedy is None:
         greedy = not bool(temperature.any())
     if greedy:  # all greedy: the argmax needs no noise (ties: lowest id)
@@ -73,6 +99,12 @@ def draw(logits, temperature, seed, positions, top_k=None, top_p=None, *, greedy
     qT = scaled(logits, temperature, top_k, top_p)
     noise = rng.exponential_noise(seed, positions, rng.DRAFT, logits.shape[-1])
     return rng.race(torch.log(qT), noise)
+
+
+def _triton_on(device) -> bool:
+    from .backends import triton as triton_backend
+
+    return triton_backend.is_available(device)
 
 
 def draft_probability(logits, tokens, temperature) -> torch.Tensor:

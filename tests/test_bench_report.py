@@ -71,3 +71,25 @@ def test_no_results(tmp_path, capsys):
     assert _report().main([_write(tmp_path, [])]) == 1
     with pytest.raises(SystemExit):
         _report().main([_write(tmp_path, []), "--stat", "p99"])
+
+
+def _sample(impl, gpu_us, R=1, V=151936, top_p=None):
+    info = dict(kind="sample", impl=impl, R=R, V=V, top_p=top_p, gpu_us=gpu_us, dtype="bf16")
+    return {"group": "s", "extra_info": info, "stats": {"median": gpu_us * 2e-6, "min": 0.0}}
+
+
+def test_sampler_table_compares_like_with_like(tmp_path, capsys):
+    """bench_sample_gpu.py's rows: the graph replay against the torch formula's graph replay,
+    the eager call against the eager formula, per (R, V, top_p)."""
+    path = _write(tmp_path, [_sample("torch", 400.0), _sample("triton", 20.0),
+                             _sample("torch-graph", 90.0), _sample("triton-graph", 6.0),
+                             _sample("triton", 25.0, top_p=0.9)])
+    assert _report().main([path, "--stat", "gpu_us"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| R | V | top_p | impl | GPU µs")
+    rows = [[c.strip() for c in x.strip("|").split("|")] for x in lines[2:]]
+    assert [r[2:4] for r in rows] == [["–", "triton-graph"], ["–", "torch-graph"],
+                                      ["–", "triton"], ["–", "torch"], ["0.9", "triton"]]
+    assert rows[0][4:] == ["6.0", "12.0", "15.0×"]  # 90 / 6
+    assert rows[2][6] == "20.0×" and rows[3][6] == "1.0×"  # 400 / 20; torch against itself
+    assert rows[4][6] == ""  # no torch row for top_p = 0.9

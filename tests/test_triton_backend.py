@@ -338,6 +338,98 @@ def test_slice_size():
     assert tb.slice_size(100) == 128
 
 
+# ---- the drafter's sampler (kernels/sample.py) ---------------------------------------------------
+SAMPLE_T = [0.0, 0.3, 1.0, 2.5]  # a greedy row and three sampled ones, in one call
+
+
+def _sample_case(trial):
+    """4 rows of random logits (ties every 3rd trial, masked tokens every 4th), fp32/bf16/fp16,
+    and top-k / top-p settings (none, one or both)."""
+    g = torch.Generator().manual_seed(trial)
+    V = int(torch.randint(2, 300, (), generator=g))
+    x = torch.randn(4, V, generator=g) * 3
+    if trial % 3 == 0:
+        x = (x * 2).round() / 2
+    if trial % 4 == 1:
+        x[:, ::3] = -math.inf
+    x = x.to((torch.float32, torch.bfloat16, torch.float16)[trial % 3])
+    top_k = None if trial % 4 == 0 else int(torch.randint(1, V + 1, (), generator=g))
+    top_p = None if trial % 4 == 3 else float(torch.rand((), generator=g) * 0.98 + 0.01)
+    return x.to(DEVICE), top_k, top_p
+
+
+@pytest.mark.parametrize("trial", range(24))
+def test_sampler_draws_the_reference_tokens(trial):
+    """``sample(backend="triton")`` (one slice here) and the kernels on several slices of several
+    chunks each (the cross-chunk and cross-slice merges) draw the reference's tokens."""
+    from speccascade_fast.truncation import keep_bounds_or_none
+
+    x, top_k, top_p = _sample_case(trial)
+    T = torch.tensor(SAMPLE_T, dtype=torch.float64, device=DEVICE)
+    seed = torch.arange(4, device=DEVICE) * 31 + trial
+    pos = torch.arange(4, device=DEVICE) * 7 + 2**40
+    kw = dict(temperature=T, top_k=top_k, top_p=top_p, seed=seed, positions=pos)
+    want = sc.sample(x, backend="reference", **kw)
+    assert torch.equal(sc.sample(x, backend="triton", **kw), want)
+    keep = keep_bounds_or_none(x, T, checks.top_k(top_k, x.shape[-1]), top_p)
+    assert torch.equal(tb.sample(x, T, seed, pos, keep, slice_width=32, block=16), want)
+
+
+def test_sampler_on_blocks_strided_rows_and_many_seeds():
+    """``[B, n, V]`` (row b's k-th token at positions[b] + k), and one row broadcast to 64 seeds
+    (row stride 0): the reference's tokens, and the draws do vary with the seed."""
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(2, 3, 50, generator=g) * 2).to(DEVICE)
+    kw = dict(temperature=0.9, seed=torch.tensor([5, 6], device=DEVICE),
+              positions=torch.tensor([0, 100], device=DEVICE))
+    got = sc.sample(x, backend="triton", **kw)
+    assert got.shape == (2, 3) and torch.equal(got, sc.sample(x, backend="reference", **kw))
+    row = x[:1, 0].expand(64, 50)
+    seeds = torch.arange(64, device=DEVICE)
+    got = sc.sample(row, temperature=1.0, seed=seeds, backend="triton")
+    assert torch.equal(got, sc.sample(row, temperature=1.0, seed=seeds, backend="reference"))
+    assert got.unique().numel() > 3
+
+
+def test_sampler_greedy_ties_go_to_the_lowest_id():
+    """T = 0 with the max at ids 5, 20 (one slice, two chunks) and 40, 90 (other slices): 5."""
+    x = torch.zeros(2, 100)
+    x[:, [5, 20, 40, 90]] = 1.0
+    x[1, 5] = 0.5  # the second row's first max is 20
+    x = x.to(DEVICE)
+    T = torch.zeros(2, dtype=torch.float64, device=DEVICE)
+    s = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    assert tb.sample(x, T, s, s, slice_width=32, block=16).tolist() == [5, 20]
+
+
+def test_sampler_reads_nothing_on_the_host():
+    """The sampler's launches (greedy and sampled rows mixed, with top-k) make no host read,
+    so the engine's drafter graphs can capture them."""
+    from speccascade_fast.sampling import draw
+
+    from .helpers import NoHostReads
+
+    x = torch.randn(3, 40).to(DEVICE)
+    T = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64, device=DEVICE)
+    s = torch.arange(3, device=DEVICE)
+    want = sc.sample(x, temperature=T, seed=s, positions=s, top_k=5, backend="reference")
+    with NoHostReads():
+        got = draw(x, T, s, s, top_k=5, backend="triton")
+    assert torch.equal(got, want)
+
+
+def test_sampler_refuses_what_it_cannot_run(monkeypatch):
+    x = torch.randn(2, 10, device=DEVICE)
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16 logits, got torch.float64"):
+        sc.sample(x.double(), backend="triton")
+    with pytest.raises(ValueError, match="'auto', 'reference' or 'triton', got 'cuda'"):
+        sc.sample(x, backend="cuda")
+    if not _CUDA:
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(ValueError, match="backend='triton' is not available for cpu"):
+            sc.sample(x, backend="triton")
+
+
 # ---- the kernels also compile for a GPU (no GPU needed: Triton compiles to a cubin) ----------------
 _COMPILE = r"""
 import inspect, os, sys
@@ -384,13 +476,22 @@ for per_row in (False, True):
 for i, rule in enumerate(sys.argv[1:]):
     build(K.accept_resample_kernel, 16, RULE=RULES.index(rule), SLICE=8192, BLOCK=8192,
           S_PAD=32, G_PAD=16, KEEP=i % 2 == 1, PER_ROW=i % 3 == 0)
+# the drafter's sampler (kernels/sample.py)
+PTR.update(x_ptr="*bf16", sx="i64", k_ptr="*fp64", best_ptr="*fp64", arg_ptr="*i32",
+           out_ptr="*i64")
+for keep in (False, True):
+    build(K.sample_slices_kernel, 16, SLICE=8192, BLOCK=8192, KEEP=keep)
+PTR["x_ptr"] = "*fp16"
+build(K.sample_slices_kernel, 4, SLICE=1024, BLOCK=512, KEEP=True)
+build(K.sample_merge_kernel, 4, S_PAD=32)
 print("compiled")
 """
 
 
 def test_kernels_compile_for_sm90():
-    """Compiles (without running) stage 1, 2 and 3 kernels for sm_90 in a fresh process, so that a
-    CPU-only CI still catches code the interpreter accepts but the compiler does not."""
+    """Compiles (without running) stage 1, 2 and 3 kernels and the drafter's sampler for sm_90 in
+    a fresh process, so that a CPU-only CI still catches code the interpreter accepts but the
+    compiler does not."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     rules = ["spec", "opt_log", "token_v2", "lossy", "lossy_star", "bild"]

@@ -278,3 +278,31 @@ def _run(q, p, x, kq, kp, layout: _Layout, *, rule, alpha, temperature, seed, po
         PER_ROW=per_row, num_warps=warps,
     )
     return VerifyOutput(tokens, num_accepted, num_emitted, deferred)
+
+
+def sample(logits, temperature, seed, positions, keep=None, *, slice_width: int | None = None,
+           block: int | None = None) -> torch.Tensor:
+    """The drafter's draw (:func:`speccascade_fast.sampling.draw`) in two launches
+    (:mod:`speccascade_fast.kernels.sample`): int64 ``[R]`` from fp32/bf16/fp16 ``logits``
+    ``[R, V]`` (last dim contiguous or copied), float64 ``temperature`` and int64 ``seed``,
+    ``positions`` ``[R]`` (inputs checked by the caller), ``keep`` the rows' float64 ``[R, 2]``
+    top-k / top-p bounds or None. T = 0 rows take the argmax. ``slice_width`` / ``block`` as
+    for :func:`launch`."""
+    k = _kernels()
+    _check_mode(k, logits.device)
+    x = logits if logits.stride(-1) == 1 else logits.contiguous()
+    R, V = x.shape
+    SLICE = slice_width or slice_size(V)
+    BLOCK = min(SLICE, block or SLICE)
+    S = -(-V // SLICE)
+    best = torch.empty((R, S), dtype=torch.float64, device=x.device)
+    arg = torch.empty((R, S), dtype=torch.int32, device=x.device)
+    out = torch.empty((R,), dtype=torch.int64, device=x.device)
+    if R == 0:
+        return out
+    t, sd, ps = (v.contiguous() for v in (temperature, seed, positions))
+    k.sample_slices_kernel[(R, S)](
+        x, x.stride(0), t, sd, ps, best if keep is None else keep.contiguous(), best, arg, V, S,
+        SLICE=SLICE, BLOCK=BLOCK, KEEP=keep is not None, num_warps=_warps(BLOCK))
+    k.sample_merge_kernel[(R,)](best, arg, out, S, S_PAD=_next_pow2(S))
+    return out

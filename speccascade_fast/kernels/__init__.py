@@ -6,6 +6,7 @@ One stage per module, named as in the reference backend:
 * :mod:`.second_pass` - the sums that need the row's log-partitions (TV, eta, lossy's law) and
   lossy_star's bisection;
 * :mod:`.resample`    - ``accept`` and ``resample`` (Gumbel-max race over the slices);
+* :mod:`.sample`      - the drafter's draw from qT (:func:`speccascade_fast.sample` on CUDA);
 * :mod:`.rng`         - the counter-based RNG, bit-exact with :mod:`speccascade_fast.rng`;
 * :mod:`.common`      - rule ids, the statistics layout and the pointwise formulas.
 
@@ -14,10 +15,11 @@ run in Triton's CPU interpreter (tests), otherwise they compile for the GPU.
 """
 from .resample import accept_resample_kernel
 from .rng import uniform_kernel
+from .sample import sample_merge_kernel, sample_slices_kernel
 from .second_pass import lossy_star_kernel, second_pass_kernel
 from .stats import stats_kernel
 
 __all__ = [
-    "accept_resample_kernel", "lossy_star_kernel", "second_pass_kernel", "stats_kernel",
-    "uniform_kernel",
+    "accept_resample_kernel", "lossy_star_kernel", "sample_merge_kernel", "sample_slices_kernel",
+    "second_pass_kernel", "stats_kernel", "uniform_kernel",
 ]

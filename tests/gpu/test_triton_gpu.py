@@ -6,7 +6,9 @@
   changes the reference's own output there);
 * the whole backend captured in a CUDA graph and replayed gives the eager tokens, and, after new
   inputs are copied into the captured buffers, the reference's tokens for those inputs;
-* changing B does not compile new kernel variants.
+* changing B does not compile new kernel variants;
+* the drafter's sampler (`sample` on CUDA runs kernels/sample.py): the reference's tokens at
+  V = 151,936, and inside a CUDA graph capture.
 
 vLLM's flattened layout (`verify_ragged`) on the GPU is tested in test_ragged_gpu.py.
 """
@@ -120,3 +122,58 @@ def test_no_recompilation_per_batch_size():
         tb.verify(q, x, p, top_k=None, top_p=None, **args_for("token_v3", 0.8, B, 3))
         counts.append(n_compiled())
     assert counts[1:] == counts[:1] * 3, counts
+
+
+# ---- the drafter's sampler (kernels/sample.py) --------------------------------------------------
+SAMPLE_T = [0.0, 0.5, 0.8, 1.0, 1.0, 1.3, 2.0, 0.7]
+
+
+@pytest.mark.parametrize("trunc", [(None, None), (50, None), (None, 0.9), (20, 0.8)])
+def test_qwen_vocabulary_sampler(monkeypatch, trunc):
+    """``sample(backend="auto")`` on CUDA runs the Triton sampler and draws the reference's
+    tokens at V = 151,936 (bf16, greedy and sampled rows mixed)."""
+    from speccascade_fast.backends import triton as tb
+
+    x = llm_block(8, 5)[0][:, 0]
+    calls, real = [], tb.sample
+    monkeypatch.setattr(tb, "sample", lambda *a, **k: calls.append(1) or real(*a, **k))
+    top_k, top_p = trunc
+    kw = dict(temperature=torch.tensor(SAMPLE_T, device=DEV), top_k=top_k, top_p=top_p,
+              seed=torch.arange(8, device=DEV) * 3, positions=torch.arange(8, device=DEV) + 100)
+    got = sc.sample(x, **kw)
+    assert calls == [1]
+    assert torch.equal(got, sc.sample(x, backend="reference", **kw))
+
+
+@pytest.mark.parametrize("top_p", [None, 0.9])
+def test_sampler_in_a_cuda_graph(top_p):
+    """The sampler (with top-p: keep bounds from one full sort per row inside the capture)
+    captured once, replayed on new logits and positions: the reference's tokens."""
+    from speccascade_fast.sampling import draw
+
+    x = llm_block(4, 6)[0][:, 0].contiguous()
+    T = torch.tensor([0.0, 0.8, 1.0, 1.5], dtype=torch.float64, device=DEV)
+    seed = torch.arange(4, device=DEV) + 9
+    pos = torch.arange(4, device=DEV) + 10
+
+    def run():
+        return draw(x, T, seed, pos, None, top_p, greedy=False)
+
+    eager = run()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    x.copy_(llm_block(4, 7)[0][:, 0])
+    pos.add_(3)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = sc.sample(x, temperature=T, top_p=top_p, seed=seed, positions=pos, backend="reference")
+    assert torch.equal(out, want)
