@@ -42,6 +42,10 @@ launches, every kernel taking per request its gamma_b and the offsets of its fir
 rows (constexpr ``PER_ROW``), the bonus drafter rows from their own tensor; the grids are sized by
 the longest request's gamma and a shorter request's extra positions read nothing.
 
+The module also runs the drafter's draw, :func:`sample` (:mod:`speccascade_fast.kernels.sample`:
+a race per vocabulary slice, then the best of the slices; two launches), which
+:func:`speccascade_fast.sample` uses on CUDA.
+
 Devices: CUDA, or the CPU through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before
 the kernels were first imported (tests; slow, keep V small).
 """
