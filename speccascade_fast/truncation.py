@@ -147,8 +147,10 @@ def _walk(vals, idx, z, lse, top_p):
 def _top_p_sorted(x, t, tau_k, top_p):
     """(tau, cut) of top-p for every row from one full sort (stable, so ties keep id order)."""
     x, z, lse = _scaled_logits(x, t, tau_k)
-    vals, idx = torch.sort(x, dim=-1, descending=True, stable=True)
-    _, tau, cut = _walk(vals, idx, z, lse, top_p)
+    # the logits are float32 values held in float64: sorting them as float32 gives the same
+    # order for half the key bits (a radix sort's passes on the GPU)
+    idx = torch.sort(x.to(torch.float32), dim=-1, descending=True, stable=True).indices
+    _, tau, cut = _walk(x.gather(1, idx), idx, z, lse, top_p)
     return tau, cut
 
 
