@@ -80,7 +80,8 @@ def draw(logits, temperature, seed, positions, top_k=None, top_p=None, *, greedy
     every row is greedy is then read from ``temperature``) or the call truncates outside a CUDA
     graph capture on CUDA (the torch keep bounds size their top-k windows on the host): the
     engine's CUDA graphs call it with ``greedy`` known. On CUDA the Triton kernels take every
-    call that is not all greedy (an all-greedy call is one argmax)."""
+    call that is not known to be all greedy (an all-greedy call is one argmax), for fp32/bf16/
+    fp16 logits when triton imports."""
     fused = logits.dtype in _FUSED_DTYPES
     kernel = _ext.load()
     if backend == "auto" and kernel is not None and logits.device.type == "cpu" and fused:

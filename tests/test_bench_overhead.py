@@ -23,7 +23,7 @@ def test_measure_times_every_block_and_the_models_alone():
     assert r["tokens"] == 24  # EOS never stops a row
     assert 3 <= r["blocks"] <= 12  # 1 to gamma + 1 tokens per row and block
     assert r["block_ms"] > 0 and r["model_block_ms"] > 0 and r["non_model_share"] < 1
-    assert markdown([r]).splitlines()[-1].startswith("| 2 | 3 | – | off | sdpa | ")
+    assert markdown([r]).splitlines()[-1].startswith("| 2 | 3 | 0 | – | off | sdpa | ")
 
 
 def test_the_real_shapes_and_the_command(tmp_path, capsys):
@@ -66,7 +66,23 @@ def test_cut_block_rows(tmp_path):
     # no draft is unsure: gamma per block too, but for the last blocks, which the budget cuts
     assert 2 * 3 * (rows[1]["blocks"] - 2) < rows[1]["drafter_calls"] < rows[0]["drafter_calls"]
     assert rows[0]["tokens"] == rows[1]["tokens"] == 18
-    assert "| 2 | 3 | 1e-09 | off |" in (out / "overhead.md").read_text()
+    assert "| 2 | 3 | 0 | 1e-09 | off |" in (out / "overhead.md").read_text()
     for bad in ("0", "1", "x"):
         with pytest.raises(SystemExit, match="--draft-confidence takes numbers in"):
             main(["--draft-confidence", bad])
+
+
+def test_temperature_rows(tmp_path):
+    """``--temperature 0 1``: a greedy row and a sampled one (the drafter's sampler and the
+    residual draws inside the blocks); a negative, infinite or NaN T is refused."""
+    out = tmp_path / "o"
+    assert main(["--device", "cpu", "--dtype", "float32", "--batch", "1", "--gamma", "2",
+                 "--prompt-len", "4", "--new-tokens", "6", "--repeats", "1", "--out", str(out),
+                 "--temperature", "0", "1", "--overrides", json.dumps(TINY)]) == 0
+    rows = json.loads((out / "overhead.json").read_text())["rows"]
+    assert [r["temperature"] for r in rows] == [0.0, 1.0]
+    assert rows[0]["tokens"] == rows[1]["tokens"] == 6
+    assert "| 1 | 2 | 1 | – | off |" in (out / "overhead.md").read_text()
+    for bad in ("-1", "inf", "nan"):
+        with pytest.raises(SystemExit, match="--temperature takes finite numbers >= 0"):
+            main(["--temperature", bad])

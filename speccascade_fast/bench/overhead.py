@@ -2,8 +2,8 @@
 
 For a GPU session, where the real weights cannot be brought (and for a quick look on CPU):
 Qwen2.5-Coder 0.5B (drafter) and 1.5B (verifier) configurations with random weights, the
-:class:`speccascade_fast.Engine` decoding lossless ``spec`` greedily (``cuda_graphs`` at its
-default: on for CUDA). Per block it reports
+:class:`speccascade_fast.Engine` decoding lossless ``spec`` greedily, or with ``--temperature``
+at T > 0 (``cuda_graphs`` at its default: on for CUDA). Per block it reports
 
 * the wall time of the engine's block (draft, score, verify, the host read and bookkeeping),
   timed around each block (a block ends with its device-to-host read, so no sync is missing);
@@ -103,12 +103,13 @@ def _model_block_seconds(engine: Engine, batch: int, context: int, repeats: int)
 def measure(drafter, verifier, *, batch: int = 1, gamma: int = 5, prompt_len: int = 128,
             new_tokens: int = 64, repeats: int = 3, cuda_graphs: bool | None = None,
             seed: int = 0, attention: str | None = None,
-            draft_confidence: float | None = None) -> dict:
+            draft_confidence: float | None = None, temperature: float = 0.0) -> dict:
     """One configuration: ``batch`` random prompts of ``prompt_len`` tokens, ``new_tokens``
-    each, greedy ``spec``; a warm-up ``generate`` (captures the graphs), then ``repeats``
-    timed ones. Returns the figures described in the module docstring."""
+    each, ``spec`` at ``temperature`` (0: greedy); a warm-up ``generate`` (captures the
+    graphs), then ``repeats`` timed ones. Returns the figures described in the module
+    docstring."""
     engine = Engine(drafter, verifier, max_batch_size=batch, max_seq_len=prompt_len + new_tokens,
-                    rule="spec", gamma=gamma, temperature=0.0, cuda_graphs=cuda_graphs,
+                    rule="spec", gamma=gamma, temperature=temperature, cuda_graphs=cuda_graphs,
                     attention=attention, draft_confidence=draft_confidence)
     device = engine.device
     g = torch.Generator().manual_seed(seed)
@@ -139,7 +140,7 @@ def measure(drafter, verifier, *, batch: int = 1, gamma: int = 5, prompt_len: in
     tokens = out.stats["tokens"]
     return {
         "batch": batch, "gamma": gamma, "prompt_len": prompt_len, "new_tokens": new_tokens,
-        "device": str(device), "cuda_graphs": engine.cuda_graphs,
+        "device": str(device), "cuda_graphs": engine.cuda_graphs, "temperature": temperature,
         "attention": attention or "sdpa", "draft_confidence": draft_confidence,
         "drafter_calls": out.stats["drafter_calls"], "blocks": len(blocks),
         "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
@@ -149,12 +150,13 @@ def measure(drafter, verifier, *, batch: int = 1, gamma: int = 5, prompt_len: in
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| batch | γ | blocks cut at | CUDA graphs | attention | blocks | ms / block "
+    lines = ["| batch | γ | T | blocks cut at | CUDA graphs | attention | blocks | ms / block "
              "| model ms / block | non-model share | ms / token | tokens/s |",
-             "| ---: | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| ---: | ---: | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         cut = r.get("draft_confidence")
-        lines.append(f"| {r['batch']} | {r['gamma']} | {'–' if cut is None else f'{cut:g}'} | "
+        lines.append(f"| {r['batch']} | {r['gamma']} | {r.get('temperature', 0.0):g} | "
+                     f"{'–' if cut is None else f'{cut:g}'} | "
                      f"{'on' if r['cuda_graphs'] else 'off'} | "
                      f"{r.get('attention', 'sdpa')} | "
                      f"{r['blocks']} | {r['block_ms']:.2f} | {r['model_block_ms']:.2f} | "
@@ -179,6 +181,9 @@ def main(argv=None) -> int:
     ap.add_argument("--draft-confidence", nargs="+", default=["none"], metavar="P",
                     help="blocks cut after a draft below P (a number in (0, 1)), or 'none' "
                          "(fixed blocks); several give several rows")
+    ap.add_argument("--temperature", type=float, nargs="+", default=[0.0], metavar="T",
+                    help="sampling temperatures (0: greedy, the default); several give several "
+                         "rows (T > 0 adds the drafter's sampler and the residual draws)")
     ap.add_argument("--out", default=None, help="folder for overhead.json and overhead.md")
     ap.add_argument("--overrides", default="{}", metavar="JSON",
                     help="config fields to replace in both models (a smoke run: "
@@ -189,6 +194,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     if min(args.batch) < 1:
         raise SystemExit("--batch must be >= 1")
+    if not all(t >= 0 and t != float("inf") for t in args.temperature):  # NaN fails too
+        raise SystemExit(f"--temperature takes finite numbers >= 0, got {args.temperature}")
     cuts = []
     for value in args.draft_confidence:
         try:  # float() or the engine's own check
@@ -209,14 +216,16 @@ def main(argv=None) -> int:
                   "both": [None, "flash_attn"]}[args.attention]
     rows = []
     for batch in args.batch:
-        for cut in cuts:
-            for g in graphs:
-                for a in attentions:
-                    rows.append(measure(drafter, verifier, batch=batch, gamma=args.gamma,
-                                        prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                                        repeats=args.repeats, cuda_graphs=g, attention=a,
-                                        draft_confidence=cut))
-                    print(markdown(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+        for t in args.temperature:
+            for cut in cuts:
+                for g in graphs:
+                    for a in attentions:
+                        rows.append(measure(drafter, verifier, batch=batch, gamma=args.gamma,
+                                            prompt_len=args.prompt_len,
+                                            new_tokens=args.new_tokens, repeats=args.repeats,
+                                            cuda_graphs=g, attention=a, draft_confidence=cut,
+                                            temperature=t))
+                        print(markdown(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     table = markdown(rows)
     print(table)
     if args.out:
