@@ -151,20 +151,27 @@ def noisy_drafter(verifier, seed: int, noise: float):
     return drafter
 
 
+def capture(run):
+    """``run()`` captured once in a CUDA graph, after a warm-up on a side stream (as
+    torch.cuda.graphs recommends): ``(graph, the captured call's static output)``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    return graph, out
+
+
 def graph_replay_check(run, q, x, p, args, new_inputs, reference_verify, **compare):
     """CUDA-graph safety of a verification call ``run()`` reading ``q, x, p, args``: captured
     once, its replay equals the eager call; then with ``new_inputs = (q2, x2, p2)`` copied into
     the captured buffers (and new seeds / positions) the replay equals ``reference_verify``'s
     answer for them, up to near-ties (``compare``: passed to assert_same_up_to_near_ties)."""
     eager = run()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs recommends
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = run()
+    graph, static_out = capture(run)
     graph.replay()
     torch.cuda.synchronize()
     assert all(torch.equal(a, b) for a, b in zip(static_out, eager))

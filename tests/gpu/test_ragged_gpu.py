@@ -21,7 +21,7 @@ import torch
 import speccascade_fast as sc
 from speccascade_fast.ragged import verify_ragged
 
-from ..helpers import near_tie, verify_args
+from ..helpers import capture, near_tie, verify_args
 from .test_triton_gpu import ALPHA, llm_block
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -149,14 +149,7 @@ def test_cuda_ragged_is_captured_with_max_spec_len(cascade):
             "draft_logits", "draft_tokens", "target_logits", "cu_num_draft_tokens",
             "bonus_draft_logits")), rule=rule, max_spec_len=K, **kw)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up, then capture
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    graph, out = capture(run)
     for k in names:
         static[k].copy_(new[k])
     graph.replay()

@@ -19,7 +19,7 @@ import torch
 import speccascade_fast as sc
 from speccascade_fast.backends import reference
 
-from ..helpers import assert_same_up_to_near_ties, graph_replay_check, verify_args
+from ..helpers import assert_same_up_to_near_ties, capture, graph_replay_check, verify_args
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -160,14 +160,7 @@ def test_sampler_in_a_cuda_graph(top_p):
         return draw(x, T, seed, pos, None, top_p, greedy=False)
 
     eager = run()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    graph, out = capture(run)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
