@@ -156,6 +156,32 @@ def test_cut_block_bodies_on_the_triton_backend(pair, monkeypatch):
     assert {"score", "rescore"} <= {k[0] for k in recorder.keys}
 
 
+@pytest.mark.parametrize("cut", [None, 0.2], ids=["fixed", "cut"])
+def test_block_bodies_with_the_triton_sampler(pair, monkeypatch, cut):
+    """What a GPU runs in every drafter step at T > 0: the Triton sampler (under the interpreter)
+    inside the fixed-shape bodies, with no host read, gives the tokens the eager engine draws with
+    the C++ sampler (per-sequence T with a greedy row, top-k; fixed and cut blocks)."""
+    import speccascade_fast.static_engine as se
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ids, mask = left_padded(PROMPTS)
+    run = dict(attention_mask=mask, seed=[3, 4, 5], max_new_tokens=[5, 17, 24], eos_token_id=[],
+               temperature=[0.0, 0.7, 1.0])
+    kw = dict(max_batch_size=3, max_seq_len=48, rule="token_v3", alpha=0.3, gamma=3, top_k=8,
+              draft_confidence=cut)
+    want = Engine(*pair, **kw).generate(ids, **run)
+    calls = []
+
+    def triton_draw(*args, **kwargs):
+        calls.append(kwargs.get("greedy"))
+        return draw(*args, **kwargs, backend="triton")
+
+    monkeypatch.setattr(se, "draw", triton_draw)
+    got = _fixed_shapes(Engine(*pair, **kw), Recorder()).generate(ids, **run)
+    assert got.new_tokens == want.new_tokens
+    assert calls and set(calls) == {False}  # a greedy row in the batch: every draw is mixed
+
+
 def test_full_acceptance_makes_the_first_drafter_call_two_wide(pair):
     """``drafter`` accepts every draft: with bonus="verifier" no bonus drafter step runs, so the
     next block's first call feeds the last draft and the bonus token (width 2)."""
