@@ -22,9 +22,8 @@ ORDER = {"cpu": 0, "cpu-cold": 1, "cpu-api": 2, "triton-graph": 3, "cuda-graph":
          "cuda": 6, "eager": 7, "reference": 8}
 
 
-def load(path: str) -> tuple[list[dict], float | None]:
-    with open(path) as f:
-        data = json.load(f)
+def load(data: dict) -> tuple[list[dict], float | None]:
+    """The verification rows of pytest-benchmark's JSON ``data`` and the measured bandwidth."""
     rows, bw = [], None
     for b in data["benchmarks"]:
         info = b.get("extra_info", {})
@@ -44,10 +43,8 @@ def load(path: str) -> tuple[list[dict], float | None]:
     return rows, bw
 
 
-def load_sampler(path: str) -> list[dict]:
+def load_sampler(data: dict) -> list[dict]:
     """The drafter-sampler rows of bench_sample_gpu.py (``extra_info`` kind "sample")."""
-    with open(path) as f:
-        data = json.load(f)
     return [dict(b["extra_info"], median=b["stats"]["median"]) for b in data["benchmarks"]
             if b.get("extra_info", {}).get("kind") == "sample"]
 
@@ -116,8 +113,10 @@ def main(argv=None) -> int:
                     help="statistic for GB/s, '× read' and the ratios (default: median; gpu_us: "
                          "the GPU benchmark's CUDA-event time)")
     args = ap.parse_args(argv)
-    rows, bw = load(args.json)
-    sampler = load_sampler(args.json)
+    with open(args.json) as f:
+        data = json.load(f)
+    rows, bw = load(data)
+    sampler = load_sampler(data)
     if not rows and not sampler:
         print("no bench_verify or bench_sample_gpu results in " + args.json, file=sys.stderr)
         return 1

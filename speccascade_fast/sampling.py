@@ -62,9 +62,7 @@ def _check_backend(backend, logits) -> None:
     if backend not in ("auto", "reference", "triton"):
         raise ValueError(f"backend must be 'auto', 'reference' or 'triton', got {backend!r}")
     if backend == "triton":
-        from .backends import triton as triton_backend
-
-        if not triton_backend.is_available(logits.device):
+        if not _triton_on(logits.device):
             raise ValueError(f"backend='triton' is not available for {logits.device} logits "
                              "(it needs triton and a GPU, or TRITON_INTERPRET=1 on the CPU)")
         if logits.dtype not in _FUSED_DTYPES:

@@ -296,14 +296,14 @@ def sample(logits, temperature, seed, positions, keep=None, *, slice_width: int 
     _check_mode(k, logits.device)
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
     R, V = x.shape
+    out = torch.empty((R,), dtype=torch.int64, device=x.device)
+    if R == 0:
+        return out
     SLICE = slice_width or slice_size(V)
     BLOCK = min(SLICE, block or SLICE)
     S = -(-V // SLICE)
     best = torch.empty((R, S), dtype=torch.float64, device=x.device)
     arg = torch.empty((R, S), dtype=torch.int32, device=x.device)
-    out = torch.empty((R,), dtype=torch.int64, device=x.device)
-    if R == 0:
-        return out
     t, sd, ps = (v.contiguous() for v in (temperature, seed, positions))
     k.sample_slices_kernel[(R, S)](
         x, x.stride(0), t, sd, ps, best if keep is None else keep.contiguous(), best, arg, V, S,
