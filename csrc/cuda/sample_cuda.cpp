@@ -1,20 +1,20 @@
 // torch binding of the plain-CUDA sampler (sample.cu has no torch headers: it is reached only
-// through the C launcher in sample.h). Compiled in the CUDA build only.
+// through the C launcher in sample.h). Compiled in the CUDA build, and for CPU tensors in the CUDA
+// emulator's test build (SC_CUDA_EMU, csrc/emu/README.md).
 #include "sample_cuda.h"
 
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <cmath>
 
+#include "device.h"
 #include "sample.h"
 
 namespace speccascade {
 
 at::Tensor sample_cuda(const at::Tensor& logits, double temperature,
                           const at::Tensor& seeds, const at::Tensor& positions) {
-  TORCH_CHECK(logits.is_cuda(), "sample_cuda: logits must be a CUDA tensor");
+  TORCH_CHECK(device::holds(logits), "sample_cuda: logits must be a CUDA tensor");
   TORCH_CHECK(logits.dim() == 2, "sample_cuda: logits must be [R, V], got ", logits.sizes());
   TORCH_CHECK(std::isfinite(temperature) && temperature >= 0.0,
               "sample_cuda: temperature must be finite and >= 0, got ", temperature);
@@ -27,7 +27,7 @@ at::Tensor sample_cuda(const at::Tensor& logits, double temperature,
                 "sample_cuda: seeds and positions must be int64 tensors of shape [", rows,
                 "] on the logits' device");
   }
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const device::Guard guard(logits.device());
   const at::Tensor l = logits.stride(1) == 1 ? logits : logits.contiguous();
   const at::Tensor s = seeds.contiguous();
   const at::Tensor p = positions.contiguous();
@@ -43,7 +43,7 @@ at::Tensor sample_cuda(const at::Tensor& logits, double temperature,
       TORCH_CHECK(false, "sample_cuda: logits must be float32, float16 or bfloat16, got ",
                   l.scalar_type());
   }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const cudaStream_t stream = device::stream();
   const cudaError_t err = sc_sample_launch(l.data_ptr(), dtype, rows, vocab, l.stride(0),
                                            temperature, s.data_ptr<int64_t>(),
                                            p.data_ptr<int64_t>(), out.data_ptr<int64_t>(), stream);

@@ -1,5 +1,6 @@
 // torch binding of the plain-CUDA fused verification (verify.cu has no torch headers: it is reached
-// only through the C launcher in verify.h). Compiled in the CUDA build only.
+// only through the C launcher in verify.h). Compiled in the CUDA build, and for CPU tensors in the
+// CUDA emulator's test build (SC_CUDA_EMU, csrc/emu/README.md; device.h holds the difference).
 //
 // Registers the CUDA kernels of the ops that csrc/cpu/verify_cpu.cpp defines
 // (torch.ops.speccascade.verify_padded, verify_ragged; their .name overloads, defined there for
@@ -15,8 +16,6 @@
 // kernels clamp gamma_b to it only to stay inside their buffers).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -24,6 +23,7 @@
 #include <optional>
 #include <tuple>
 
+#include "device.h"
 #include "verify.h"
 
 namespace speccascade {
@@ -100,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch(
   // scratch from the caching allocator (inside a CUDA graph capture: the graph's pool)
   const at::Tensor workspace = at::empty({static_cast<int64_t>(sc_verify_workspace_bytes(&a))},
                                          opts.dtype(at::kByte));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const cudaStream_t stream = device::stream();
   const cudaError_t err = sc_verify_padded_launch(&a, workspace.data_ptr(), stream);
   TORCH_CHECK(err == cudaSuccess, op, " (cuda): launch failed: ", cudaGetErrorString(err));
   return {out.tokens, out.num_accepted, out.deferred};
@@ -116,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_padded_cuda(
   TORCH_CHECK(draft_logits_in.dim() == 3 && target_logits_in.dim() == 3 && draft_tokens.dim() == 2,
               "verify_padded (cuda): draft_logits [B, G, V], draft_tokens [B, gamma], "
               "target_logits [B, gamma + 1, V]");
-  TORCH_CHECK(target_logits_in.is_cuda(), "verify_padded (cuda): target_logits must be a CUDA tensor");
+  TORCH_CHECK(device::holds(target_logits_in), "verify_padded (cuda): target_logits must be a CUDA tensor");
   const auto device = target_logits_in.device();
   const int64_t B = draft_tokens.size(0), gamma = draft_tokens.size(1), V = target_logits_in.size(2);
   TORCH_CHECK(B >= 1 && gamma >= 1, "verify_padded (cuda): need B >= 1 and gamma >= 1");
@@ -140,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_padded_cuda(
                                     {B, draft_logits_in.size(1), 2});
   const at::Tensor kp = keep_tensor("verify_padded", "target_keep", target_keep, device,
                                     {B, gamma + 1, 2});
-  const c10::cuda::CUDAGuard guard(device);
+  const device::Guard guard(device);
   const at::Tensor q = unit_stride(draft_logits_in), p = unit_stride(target_logits_in);
   Outputs out(B, gamma, target_logits_in.options());
 
@@ -179,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_ragged_cuda(
               " out of range [0, ", SC_VERIFY_NUM_RULES, ")");
   TORCH_CHECK(draft_logits_in.dim() == 2 && target_logits_in.dim() == 2,
               "verify_ragged (cuda): draft_logits [N, V] and target_logits [N + B, V] must be 2-D");
-  TORCH_CHECK(target_logits_in.is_cuda(), "verify_ragged (cuda): target_logits must be a CUDA tensor");
+  TORCH_CHECK(device::holds(target_logits_in), "verify_ragged (cuda): target_logits must be a CUDA tensor");
   const auto device = target_logits_in.device();
   TORCH_CHECK(cu_in.dim() == 1 && cu_in.size(0) >= 2 && cu_in.scalar_type() == at::kLong &&
                   cu_in.device() == device,
@@ -227,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_ragged_cuda(
   const at::Tensor kq = keep_tensor("verify_ragged", "draft_keep", draft_keep, device, {N, 2});
   const at::Tensor kp = keep_tensor("verify_ragged", "target_keep", target_keep, device, {N + B, 2});
   const at::Tensor kb = keep_tensor("verify_ragged", "bonus_keep", bonus_keep, device, {B, 2});
-  const c10::cuda::CUDAGuard guard(device);
+  const device::Guard guard(device);
   const at::Tensor q = unit_stride(draft_logits_in), p = unit_stride(target_logits_in);
   const at::Tensor cu = cu_in.contiguous();
   Outputs out(B, max_gamma, target_logits_in.options());
@@ -262,7 +262,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_ragged_cuda(
 }  // namespace
 }  // namespace speccascade
 
+#ifndef SC_CUDA_EMU  // (the emulator build binds these with pybind11: csrc/emu/bindings.cpp)
 TORCH_LIBRARY_IMPL(speccascade, CUDA, m) {
   m.impl("verify_padded", &speccascade::verify_padded_cuda);
   m.impl("verify_ragged", &speccascade::verify_ragged_cuda);
 }
+#endif

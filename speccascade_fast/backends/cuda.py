@@ -16,7 +16,8 @@ from one full sort per row, with no host read).
 where they lie (``torch.ops.speccascade.verify_ragged``'s CUDA kernel); the op reads
 ``cu_num_draft_tokens`` (B + 1 integers) on the host once, for the output width and the grid.
 
-Status: compile-checked for sm_80 and sm_90a; not yet run on a GPU.
+Status: compile-checked for sm_80 and sm_90a; run in CI on the CPU under the CUDA emulator
+(csrc/emu, tests/test_cuda_emu.py: equal to the reference); not yet run on a GPU.
 """
 from __future__ import annotations
 
