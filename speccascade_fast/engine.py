@@ -149,6 +149,7 @@ class _CachedModel:
             # the next crop (a rollback)
             self.cache.activate_past_recording()
         self.keep_arg = _accepts(model, "logits_to_keep")
+        self.cache_arg = _cache_kwarg(model) or "past_key_values"
 
     def seen(self) -> int:
         return self.cache.get_seq_length()
@@ -156,7 +157,7 @@ class _CachedModel:
     def logits(self, ids: torch.Tensor, n: int = 1) -> torch.Tensor:
         new = ids[:, self.seen():]
         assert new.shape[1] >= n >= 1, (new.shape, n)
-        kwargs = dict(self.encoder_kwargs, past_key_values=self.cache, use_cache=True)
+        kwargs = dict(self.encoder_kwargs, use_cache=True, **{self.cache_arg: self.cache})
         if self.keep_arg:
             kwargs["logits_to_keep"] = n
         if self.encdec:
@@ -781,6 +782,15 @@ def _accepts(model, name: str) -> bool:
         return name in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _cache_kwarg(model) -> str | None:
+    """The name under which ``model.forward`` takes its KV cache: ``cache`` (transformers >=
+    5.24, which deprecates the old name), ``past_key_values`` (earlier), or None (neither)."""
+    for name in ("cache", "past_key_values"):
+        if _accepts(model, name):
+            return name
+    return None
 
 
 __all__ = ["DEFAULT_ALPHA", "DEFAULT_RULE", "GenerateOutput", "METHODS", "RULES", "generate"]

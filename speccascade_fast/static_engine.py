@@ -63,6 +63,7 @@ from .engine import (
     GenerateOutput,
     _accepts,
     _assemble,
+    _cache_kwarg,
     _check_models,
     _config,
     _context,
@@ -91,7 +92,7 @@ DEFAULT_MAX_SEQ_LEN = 2048
 def supports(method: str, *models, attention: str | None = None) -> bool:
     """Whether the engine can run ``method`` on these models (decoder-only, an attention
     implementation whose masks it builds or ``attention="flash_attn"``, ``position_ids`` /
-    ``past_key_values`` arguments)."""
+    KV-cache (``cache`` or ``past_key_values``) arguments)."""
     return method in METHODS and all(unsupported_reason(m, attention) is None for m in models)
 
 
@@ -106,8 +107,8 @@ def unsupported_reason(model, attention: str | None = None) -> str | None:
     if attention is None and attn not in ATTENTION:
         return (f"attn_implementation={attn!r} is not supported by the static engine "
                 f"(use one of {', '.join(ATTENTION)})")
-    if not (_accepts(model, "position_ids") and _accepts(model, "past_key_values")):
-        return "the model's forward takes no position_ids / past_key_values"
+    if not (_accepts(model, "position_ids") and _cache_kwarg(model) is not None):
+        return "the model's forward takes no position_ids / KV cache (cache or past_key_values)"
     return None
 
 
@@ -139,6 +140,7 @@ class _SlotModel:
         self.dtype = next(model.parameters()).dtype
         self.cache = SlotCache(max_batch_size, slots, heads_last=attention == "flash_attn")
         self.keep_arg = _accepts(model, "logits_to_keep")
+        self.cache_arg = _cache_kwarg(model)
         limit = _context(model)
         self.max_position = (limit - 1) if limit is not None else None
         self.seen: list[int] = []
@@ -156,7 +158,7 @@ class _SlotModel:
         fwd = self.step_model if ids.shape[1] == 1 else self.model
         with selected(self.config, self.attention):
             out = fwd(input_ids=ids, attention_mask=mask, position_ids=positions,
-                      past_key_values=self.cache, use_cache=True, **kwargs).logits
+                      use_cache=True, **{self.cache_arg: self.cache}, **kwargs).logits
         return out if self.keep_arg else out[:, -keep:]
 
     def prefill(self, tokens: torch.Tensor, upto: list[int]) -> None:

@@ -280,3 +280,27 @@ def test_bad_inputs_raise(pair):
         Engine(t5, t5)
     with pytest.raises(ValueError, match="token_cascade"):
         generate(q, p, ids, method="token_cascade", engine="static")
+
+
+def test_kv_cache_argument_under_either_name():
+    """transformers 5.24 renamed forward's ``past_key_values`` to ``cache`` (the old name
+    deprecated): both engines pass the cache under whichever name the model takes, and the
+    static engine refuses a model that takes neither, saying so."""
+    from speccascade_fast.engine import _cache_kwarg
+    from speccascade_fast.static_engine import unsupported_reason
+
+    class Model(torch.nn.Module):
+        def __init__(self, forward):
+            super().__init__()
+            self.config = type("Config", (), {"_attn_implementation": "sdpa"})()
+            self.forward = forward
+
+    def new(input_ids=None, position_ids=None, cache=None, **kwargs): ...
+    def old(input_ids=None, position_ids=None, past_key_values=None): ...
+    def none(input_ids=None, position_ids=None): ...
+
+    assert _cache_kwarg(Model(new)) == "cache"
+    assert _cache_kwarg(Model(old)) == "past_key_values"
+    assert _cache_kwarg(Model(none)) is None
+    assert unsupported_reason(Model(new)) is None and unsupported_reason(Model(old)) is None
+    assert "no position_ids / KV cache" in unsupported_reason(Model(none))
