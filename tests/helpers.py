@@ -8,6 +8,8 @@ import torch
 from scipy import stats
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from speccascade_fast import sample as sc_sample
+
 # a lenience per rule for generic tests (inside each rule's range, not at an extreme)
 ALPHAS = {
     "spec": [None], "drafter": [None],
@@ -136,6 +138,30 @@ def assert_same_up_to_near_ties(got, want, q, x, p, args, who="triton", trials=1
         assert near_tie(q, x, p, args, row, trials), f"row {row} differs ({who}, reference): {detail}"
         warnings.warn(f"floating-point near-tie allowed at row {row}: {detail}", stacklevel=2)
     assert len(bad) <= 1, f"{len(bad)} near-ties in one call is implausible: rows {bad}"
+
+
+def llm_block(B, V, seed, *, gamma, T=0.8, cascade=True, dtype=torch.bfloat16, mask=False,
+              device="cpu"):
+    """LLM-like logits on ``device`` (a broad bulk plus a few likely tokens that both models
+    partly share), ``[B, gamma + 1, V]`` per model (the drafter's ``[B, gamma, V]`` without
+    ``cascade``), and drafts drawn from the drafter's qT at ``T``. ``mask``: 15 % of the tokens
+    at -inf in each model (never token 0, so every row keeps a finite logit)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    shape = (B, gamma + 1, V)
+    shared = torch.randn(shape, generator=g, device=device) * 2.5
+    top = torch.randint(0, V, (B, gamma + 1, min(16, V)), generator=g, device=device)
+    shared.scatter_add_(-1, top, torch.full(top.shape, 9.0, device=device))
+    q = shared + torch.randn(shape, generator=g, device=device)
+    p = shared + torch.randn(shape, generator=g, device=device)
+    if mask:
+        for x in (q, p):
+            m = torch.rand(shape, generator=g, device=device) < 0.15
+            m[..., 0] = False
+            x.masked_fill_(m, float("-inf"))
+    q, p = q.to(dtype), p.to(dtype)
+    temps = torch.as_tensor(T, dtype=torch.float64, device=device).expand(B)
+    x = sc_sample(q[:, :gamma], temperature=temps, seed=torch.arange(B, device=device) + seed)
+    return (q if cascade else q[:, :gamma].contiguous()), x, p
 
 
 def noisy_drafter(verifier, seed: int, noise: float):

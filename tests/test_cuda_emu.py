@@ -22,7 +22,7 @@ from speccascade_fast import checks
 from speccascade_fast.backends import cuda, reference
 from speccascade_fast.ragged import verify_ragged
 
-from . import cuda_emu
+from . import cuda_emu, helpers
 from .helpers import ALPHAS, assert_same_up_to_near_ties, verify_args
 from .test_ragged import ragged_inputs
 
@@ -79,25 +79,10 @@ def test_rewrite_leaves_no_cuda_syntax():
 
 
 # ---- verify_padded ---------------------------------------------------------------------------------
-def llm_block(seed, *, B=3, gamma=3, V=2100, T=0.8, dtype=torch.float32, cascade=True,
-              mask=False):
-    """Drafter/verifier logits that partly agree, drafts from the drafter's qT. V = 2100: three
-    vocabulary slices of 1024, the last one partial."""
-    g = torch.Generator().manual_seed(seed)
-    shared = torch.randn(B, gamma + 1, V, generator=g) * 2.5
-    top = torch.randint(0, V, (B, gamma + 1, min(16, V)), generator=g)
-    shared.scatter_add_(-1, top, torch.full(top.shape, 9.0))
-    q = shared + torch.randn(shared.shape, generator=g)
-    p = shared + torch.randn(shared.shape, generator=g)
-    if mask:
-        for x in (q, p):
-            m = torch.rand(x.shape, generator=g) < 0.15
-            m[..., 0] = False  # every row keeps a finite logit
-            x.masked_fill_(m, float("-inf"))
-    q, p = q.to(dtype), p.to(dtype)
-    temps = torch.as_tensor(T, dtype=torch.float64).expand(B)
-    x = sc.sample(q[:, :gamma], temperature=temps, seed=torch.arange(B) + seed)
-    return (q if cascade else q[:, :gamma].contiguous()), x, p
+def llm_block(seed, *, B=3, gamma=3, V=2100, dtype=torch.float32, **kw):
+    """:func:`tests.helpers.llm_block` on the CPU. V = 2100: three vocabulary slices of 1024, the
+    last one partial."""
+    return helpers.llm_block(B, V, seed, gamma=gamma, dtype=dtype, **kw)
 
 
 def check(backend, q, x, p, args, **trunc):
@@ -173,6 +158,15 @@ def ragged_args(n, rule, alpha, T, seed):
                 seed=torch.arange(n) * 31 + seed, positions=torch.arange(n) * 2**33 + seed)
 
 
+def ragged_emulated(backend, flat, args, **extra):
+    """The cuda backend's ``verify_ragged`` on the flattened inputs ``flat`` with the public
+    call's ``args`` normalised as :func:`speccascade_fast.verify_ragged` hands them on."""
+    n = flat["cu_num_draft_tokens"].numel() - 1
+    kw = dict(args, alpha=checks.alpha_tensor(args["alpha"], (n,), "cpu"),
+              temperature=checks.temperature(args["temperature"], (n,), "cpu"))
+    return backend.verify_ragged(*flat.values(), **kw, **extra)
+
+
 @pytest.mark.parametrize("bonus", ["cascade", "verifier"])
 @pytest.mark.parametrize("rule", sc.RULES)
 def test_ragged_matches_reference(backend, rule, bonus):
@@ -188,10 +182,7 @@ def test_ragged_matches_reference(backend, rule, bonus):
     alpha = None if a is None else torch.tensor([a, a / 2, a], dtype=torch.float64)
     args = ragged_args(3, rule, alpha, [0.0, 0.8, 1.3], seed)
     want = verify_ragged(**flat, backend="reference", **args)
-    kw = {k: v for k, v in args.items() if k != "rule"}
-    kw["alpha"] = checks.alpha_tensor(alpha, (3,), "cpu")
-    kw["temperature"] = checks.temperature(args["temperature"], (3,), "cpu")
-    got = backend.verify_ragged(*flat.values(), rule=rule, **kw)
+    got = ragged_emulated(backend, flat, args)
     for name, x, y in zip(want._fields, got, want):
         assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), (name, x, y)
     padded = dict(flat)  # two padding rows after cu[B]: never read
@@ -199,7 +190,7 @@ def test_ragged_matches_reference(backend, rule, bonus):
     padded["draft_tokens"] = torch.cat([flat["draft_tokens"], torch.tensor([-7, 10**9])])
     padded["target_logits"] = torch.cat([flat["target_logits"],
                                          torch.full((2, 1500), float("nan"))])
-    wide = backend.verify_ragged(*padded.values(), rule=rule, max_spec_len=6, **kw)
+    wide = ragged_emulated(backend, padded, args, max_spec_len=6)
     assert wide.tokens.shape == (3, 7)
     assert torch.equal(wide.tokens[:, :5], want.tokens) and (wide.tokens[:, 5:] == -1).all()
     assert torch.equal(wide.deferred[:, :5], want.deferred) and not wide.deferred[:, 5:].any()
@@ -220,21 +211,14 @@ def test_ragged_top_k_top_p_and_mixed_dtypes(backend, rule):
         for trunc in ({"top_k": 5}, {"top_p": 0.8}):
             args = ragged_args(3, rule, alpha, [0.7, 0.0, 1.0], seed)
             want = verify_ragged(**flat, backend="reference", **args, **trunc)
-            got = _ragged_emulated(backend, flat, args, trunc)
+            got = ragged_emulated(backend, flat, args, **trunc)
             assert all(torch.equal(x, y) for x, y in zip(got, want)), (bonus, trunc)
     _, flat = ragged_inputs(V=1100, seed=seed + 1, dtype=torch.bfloat16, gammas=[2, 2, 1])
     flat["bonus_draft_logits"] = flat["bonus_draft_logits"].float()
     args = ragged_args(3, rule, alpha, [1.0, 1.0, 0.5], seed)
     want = verify_ragged(**flat, backend="reference", **args)
-    got = _ragged_emulated(backend, flat, args, {})
+    got = ragged_emulated(backend, flat, args)
     assert all(torch.equal(x, y) for x, y in zip(got, want))
-
-
-def _ragged_emulated(backend, flat, args, trunc):
-    n = flat["cu_num_draft_tokens"].numel() - 1
-    kw = dict(args, alpha=checks.alpha_tensor(args["alpha"], (n,), "cpu"),
-              temperature=checks.temperature(args["temperature"], (n,), "cpu"))
-    return backend.verify_ragged(*flat.values(), **kw, **trunc)
 
 
 # ---- the sampler (_C.sample_cuda: one T for all rows, no truncation) -----------------------------

@@ -15,6 +15,7 @@ import torch
 import speccascade_fast as sc
 from speccascade_fast.backends import reference
 
+from .. import helpers
 from ..helpers import assert_same_up_to_near_ties, graph_replay_check, verify_args
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -29,25 +30,9 @@ ALPHA = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def llm_block(B, V, seed, *, T=0.7, cascade=True, dtype=torch.bfloat16, mask=False):
-    """LLM-like logits on the GPU (a broad bulk plus a few likely tokens both models partly
-    share), drafts drawn from the drafter's qT."""
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    shape = (B, GAMMA + 1, V)
-    shared = torch.randn(shape, generator=g, device=DEV) * 2.5
-    top = torch.randint(0, V, (B, GAMMA + 1, min(16, V)), generator=g, device=DEV)
-    shared.scatter_add_(-1, top, torch.full(top.shape, 9.0, device=DEV))
-    q = shared + torch.randn(shape, generator=g, device=DEV)
-    p = shared + torch.randn(shape, generator=g, device=DEV)
-    if mask:
-        for x in (q, p):
-            m = torch.rand(shape, generator=g, device=DEV) < 0.15
-            m[..., 0] = False  # every row keeps a finite logit
-            x.masked_fill_(m, float("-inf"))
-    q, p = q.to(dtype), p.to(dtype)
-    temps = torch.as_tensor(T, dtype=torch.float64, device=DEV).expand(B)
-    x = sc.sample(q[:, :GAMMA], temperature=temps, seed=torch.arange(B, device=DEV) + seed)
-    return (q if cascade else q[:, :GAMMA].contiguous()), x, p
+def llm_block(B, V, seed, *, T=0.7, **kw):
+    """:func:`tests.helpers.llm_block` on the GPU, gamma = GAMMA."""
+    return helpers.llm_block(B, V, seed, gamma=GAMMA, T=T, device=DEV, **kw)
 
 
 def args_for(rule, T, B, seed):

@@ -19,6 +19,7 @@ import torch
 import speccascade_fast as sc
 from speccascade_fast.backends import reference
 
+from .. import helpers
 from ..helpers import assert_same_up_to_near_ties, capture, graph_replay_check, verify_args
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -33,19 +34,9 @@ ALPHA = {
 }
 
 
-def llm_block(B, seed, *, T=0.8, cascade=True, dtype=torch.bfloat16, gamma=GAMMA):
-    """LLM-like logits (a broad bulk plus a few likely tokens that both models partly share) on
-    the GPU, and drafts drawn from the drafter's qT."""
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    shape = (B, gamma + 1, V)
-    shared = torch.randn(shape, generator=g, device=DEV) * 2.5
-    top = torch.randint(0, V, (B, gamma + 1, 16), generator=g, device=DEV)
-    shared.scatter_add_(-1, top, torch.full(top.shape, 9.0, device=DEV))
-    q = (shared + torch.randn(shape, generator=g, device=DEV)).to(dtype)
-    p = (shared + torch.randn(shape, generator=g, device=DEV)).to(dtype)
-    temps = torch.as_tensor(T, dtype=torch.float64, device=DEV).expand(B)
-    x = sc.sample(q[:, :gamma], temperature=temps, seed=torch.arange(B, device=DEV) + seed)
-    return (q if cascade else q[:, :gamma].contiguous()), x, p
+def llm_block(B, seed, *, gamma=GAMMA, **kw):
+    """:func:`tests.helpers.llm_block` on the GPU at the Qwen vocabulary."""
+    return helpers.llm_block(B, V, seed, gamma=gamma, device=DEV, **kw)
 
 
 def args_for(rule, T, B, seed):
