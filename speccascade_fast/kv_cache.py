@@ -23,8 +23,10 @@ from transformers.cache_utils import Cache
 
 
 class SlotCache(Cache):
-    """Static K/V buffers ``[max_batch_size, kv_heads, slots, head_dim]`` per layer (with
-    ``heads_last``: ``[max_batch_size, slots, kv_heads, head_dim]``).
+    """Static K/V buffers ``[capacity, kv_heads, slots, head_dim]`` per layer (with
+    ``heads_last``: ``[capacity, slots, kv_heads, head_dim]``), ``capacity`` = the engine's
+    ``max_batch_size`` (not stored under that name: transformers 5.1x's ``Cache`` has a read-only
+    ``max_batch_size`` property).
 
     ``slots`` = the longest sequence the cache holds + 1: the last slot is the trash slot that
     padding tokens write to (never read: no real position reaches it).
@@ -32,7 +34,7 @@ class SlotCache(Cache):
 
     def __init__(self, max_batch_size: int, slots: int, heads_last: bool = False):
         super().__init__(layers=[])
-        self.max_batch_size = max_batch_size
+        self.capacity = max_batch_size
         self.slots = slots
         self.heads_last = heads_last
         self.keys: list[torch.Tensor] = []
@@ -50,8 +52,8 @@ class SlotCache(Cache):
         """The next forward writes input token ``[b, i]`` to slot ``write_slots[b, i]`` of row
         ``b`` (rows ``0 .. B-1`` of the buffers) and attends over slots ``[0, kv_len)``."""
         rows = write_slots.shape[0]
-        if rows > self.max_batch_size:
-            raise ValueError(f"batch of {rows} rows exceeds max_batch_size={self.max_batch_size}")
+        if rows > self.capacity:
+            raise ValueError(f"batch of {rows} rows exceeds max_batch_size={self.capacity}")
         self._rows = rows
         self._row_index = torch.arange(rows, device=write_slots.device)[:, None]
         self._write = write_slots
@@ -60,8 +62,8 @@ class SlotCache(Cache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if layer_idx == len(self.keys):  # layers run in order: allocate on the first call
             B, H, _, D = key_states.shape
-            shape = ((self.max_batch_size, self.slots, H, D) if self.heads_last
-                     else (self.max_batch_size, H, self.slots, D))
+            shape = ((self.capacity, self.slots, H, D) if self.heads_last
+                     else (self.capacity, H, self.slots, D))
             opts = dict(dtype=key_states.dtype, device=key_states.device)
             self.keys.append(torch.zeros(shape, **opts))
             self.values.append(torch.zeros(shape, **opts))
