@@ -188,7 +188,9 @@ class _Graphs:
     kernels), then captures it; that warm-up is this very block run once more than needed,
     harmless since a body's cache writes and draws are functions of its inputs alone. Every
     call copies the inputs into the graph's static input tensors and replays it; the outputs
-    are the graph's static output tensors (valid until the next replay of that key)."""
+    are the graph's static output tensors, valid until the next replay of *any* key: the pool
+    is shared, so a graph captured later may hold its outputs where an earlier one keeps its
+    intermediates (a caller reads or clones an output before it replays another graph)."""
 
     def __init__(self):
         self.graphs: dict = {}
@@ -602,7 +604,8 @@ class Engine:
         cfg, q, B = self.cfg, self.q, rows.size
         greedy, args = rows.greedy, (rows.seeds, rows.temperature)
         kv = self._kv(rows)
-        # a graph's outputs are overwritten by its next replay: copy each step's draft and logits
+        # a graph's outputs are overwritten by the next replay of any graph (_Graphs): copy each
+        # step's draft and logits, and the verifier's logits before the bonus step's replay
         keep = (lambda x: x.clone()) if self._graphs is not None else (lambda x: x)
 
         def drafted(logits, tj, seeds, temperature):
@@ -669,6 +672,7 @@ class Engine:
         if any(need):
             q_all = q_logits
             if any(n and g == S for n, g in zip(need, stop)):
+                p_logits = keep(p_logits)
                 tx = torch.stack([t + S, drafts[:, -1]], dim=1)
                 bpack, bonus = self._run(("draft", B, 0, greedy), later(S), (tx, *args))
                 self._check_logits(bpack[:, 2].tolist(), ("drafter logits", bonus))

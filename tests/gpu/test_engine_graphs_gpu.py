@@ -1,15 +1,17 @@
 """The Engine's CUDA graphs on a GPU: the graph path equals the eager path.
 
 Tiny random fp32 Llamas on CUDA (tests.test_engine.tiny_pair), prompts of different lengths,
-rows that finish at different times (so graphs are captured for batch sizes 3, 2 and 1 and
-replayed): ``Engine(cuda_graphs=True)`` emits the tokens and statistics of
-``Engine(cuda_graphs=False)`` (but for the drafter calls: the graphs run the bonus drafter step in
-every block) for spec_cascade (T = 0 and T > 0, both bonus policies),
-autoregressive and drafter_only, with top-k/top-p (the capture computes the keep
-bounds from one full sort per row), and with blocks cut by ``draft_confidence`` (a graph per
-drafter step, the ragged verification captured with ``max_spec_len``); a second
-``generate`` on the same engine replays the graphs it captured and gives the same tokens again;
-a graph is captured once per key.
+rows that finish at different times (graphs are captured for every batch size the eager run
+goes through: 3, then 2 and 1 unless rows finish in the same block, and replayed):
+``Engine(cuda_graphs=True)`` emits the tokens and statistics of ``Engine(cuda_graphs=False)``
+(but for the drafter calls: the graphs run the bonus drafter step in every block) for
+spec_cascade (T = 0 and T > 0, both bonus policies), autoregressive and drafter_only, with
+top-k/top-p (keep bounds from one full sort per row), and with blocks cut by
+``draft_confidence`` (a graph per drafter step, the ragged verification captured with
+``max_spec_len``, the bonus step replayed between it and the verification again: the case that
+found outputs clobbered through the graphs' shared pool); a second ``generate`` on the same
+engine replays the graphs it captured and gives the same tokens again; a graph is captured once
+per key.
 """
 import pytest
 import torch
@@ -36,6 +38,12 @@ CASES = [
 ]
 
 
+def batch_size(key) -> int:
+    """The batch size in an Engine graph key (``("step", deferred, B, ...)``, else
+    ``(body, B, ...)``)."""
+    return key[2] if key[0] == "step" else key[1]
+
+
 @pytest.fixture(scope="module")
 def pair():
     return tuple(m.to("cuda") for m in tiny_pair())
@@ -47,14 +55,18 @@ def test_graphs_give_the_eager_tokens(pair, kw):
     ids, mask = ids.cuda(), mask.cuda()
     run = dict(attention_mask=mask, seed=[3, 4, 5], max_new_tokens=[5, 17, 24], eos_token_id=[])
     settings = dict(max_batch_size=3, max_seq_len=64, **kw)
-    eager = Engine(*pair, cuda_graphs=False, **settings).generate(ids, **run)
+    reference = Engine(*pair, cuda_graphs=False, **settings)
+    sizes = set()  # the batch sizes the eager run went through (rows may finish together)
+    eager_run = reference._run
+    reference._run = lambda key, *a: sizes.add(batch_size(key)) or eager_run(key, *a)
+    eager = reference.generate(ids, **run)
     engine = Engine(*pair, **settings)
     assert engine.cuda_graphs  # the default on CUDA
     got = engine.generate(ids, **run)
     assert got.new_tokens == eager.new_tokens
     assert_graph_stats(got.stats, eager.stats, kw)
     captured = dict(engine._graphs.graphs)
-    assert {key[2] if key[0] == "step" else key[1] for key in captured} == {1, 2, 3}
+    assert 3 in sizes and {batch_size(key) for key in captured} == sizes
     again = engine.generate(ids, **run)  # replays the graphs captured above
     assert again.new_tokens == eager.new_tokens
     assert engine._graphs.graphs.keys() == captured.keys()
