@@ -147,7 +147,7 @@ def test_cuda_ragged_is_captured_with_max_spec_len(cascade):
     def run():
         return cb.verify_ragged(*(static.get(k) for k in (
             "draft_logits", "draft_tokens", "target_logits", "cu_num_draft_tokens",
-            "bonus_draft_logits")), rule=rule, max_spec_len=K, **kw)
+            "bonus_draft_logits")), max_spec_len=K, **kw)
 
     graph, out = capture(run)
     for k in names:
