@@ -5,8 +5,8 @@ call, most of them a kernel each, counted with a TorchDispatchMode on CPU), each
 replayed from a CUDA graph (as the engine's drafter graphs run it).
 
 R in {1, 8} rows (B = 1 drafting and a small batch), V in {32,000, 151,936}, bf16 LLM-like logits,
-T = 1; at R = 1, V = 151,936 also top_p = 0.9 (keep bounds from the torch code in both: top-k
-windows sized on the host when eager, one full sort per row inside the graph). ``extra_info``
+T = 1; at R = 1, V = 151,936 also top_p = 0.9 (keep bounds from the torch code in both: one
+full sort per row). ``extra_info``
 carries ``gpu_us``, the CUDA-event median as in bench_verify_gpu.py; ``python bench/report.py
 out.json --stat gpu_us`` tabulates it with the ratio to the torch formula.
 

@@ -31,9 +31,8 @@ slice / block widths (functions of V only: :func:`slice_size`, one block per sli
 and paddings; B, gamma, T, alpha, seeds and positions are runtime values (no recompile per B).
 
 **top_k / top_p**: each logit row's keep bound ``(tau, cut)`` (:mod:`speccascade_fast.truncation`)
-is computed first (on CUDA by the torch code: top-k windows sized on the host when eager, one
-full sort per row with no host read while a CUDA graph is captured; on the interpreter by the
-C++ op)
+is computed first (on CUDA by the torch code, one full sort per row and no host read; on the
+interpreter by the C++ op)
 and every kernel reads a truncated row as -inf outside its set wherever it forms qT or pT (the
 unscaled q1, p1 stay whole). T = 0 (greedy) and T > 0 may mix within a batch.
 
