@@ -11,6 +11,15 @@ drafter row ``q`` and the verifier row ``p`` (each relative to the slice's own m
   token has q finite and p = -inf (then -Σ q1 log p1 = +inf).
 
 Everything that reads a whole row (``row_stats``) merges the slices in float64.
+
+Specialisation: Triton compiles a variant of a kernel for every int argument that equals 1 or is
+divisible by 16. The scalars that vary with the batch or gamma (the per-request tensors' strides,
+which are 1 or 0 for one request, and GAMMA, RQ, G1, NR, the draft tokens' row stride) are
+declared ``do_not_specialize`` on each launched kernel, so one compiled kernel serves every B and
+every gamma with the same power-of-two bucket of gamma + 1 (the accept kernel's constexpr G_PAD)
+of a vocabulary (tests/gpu/test_triton_gpu.py, test_no_recompilation_per_batch_size_or_gamma);
+the strides along which logit rows are loaded stay specialised (their divisibility allows vector
+loads).
 """
 from __future__ import annotations
 

@@ -133,7 +133,7 @@ def rows_model(q_rows, p_rows, stf_ptr, sti_ptr, p2_ptr, sst_ptr, n, has_q, has_
     return mq, tl.log(zqt), aq, mp, tl.log(zpt), ap, delta, eta, cth, sstar, c
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["st_t", "st_a", "st_seed", "st_pos", "sx_b", "GAMMA", "RQ"])
 def accept_resample_kernel(
     q_ptr, p_ptr, sq_b, sq_j, sp_b, sp_j, qb_ptr, sqb, qoff_ptr, poff_ptr, g_ptr, x_ptr,
     t_ptr, alpha_ptr, seed_ptr, pos_ptr, st_t, st_a, st_seed, st_pos, sx_b, sx_j,

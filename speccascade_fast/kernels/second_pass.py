@@ -39,7 +39,7 @@ from .common import (
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["st_t", "st_a", "NR", "GAMMA", "RQ", "G1"])
 def second_pass_kernel(
     q_ptr, p_ptr, sq_b, sq_j, sp_b, sp_j, qb_ptr, sqb, qoff_ptr, poff_ptr, g_ptr,
     t_ptr, alpha_ptr, st_t, st_a,
@@ -115,7 +115,7 @@ def _capped_chunk(q_row, qb_row, bonus, p_row, c, V, mq, mp, lzq, lzp, inv_t, aq
     return tl.minimum(qT, pT / one_m_a), pT
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["st_t", "st_a", "GAMMA", "RQ", "G1"])
 def lossy_star_kernel(
     q_ptr, p_ptr, sq_b, sq_j, sp_b, sp_j, qb_ptr, sqb, qoff_ptr, poff_ptr, g_ptr,
     t_ptr, alpha_ptr, st_t, st_a,

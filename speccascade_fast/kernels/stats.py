@@ -57,7 +57,7 @@ def _fold(m, z1, zt, h, arg, x, xt, base, inv_t, NEED_Z1: tl.constexpr, NEED_H: 
     return new_m, z1, zt, h, arg, e1, sc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["st_t", "GAMMA", "RQ", "G1"])  # see kernels/common.py
 def stats_kernel(
     q_ptr, p_ptr, sq_b, sq_j, sp_b, sp_j, qb_ptr, sqb, qoff_ptr, poff_ptr, g_ptr, t_ptr, st_t,
     stf_ptr, sti_ptr, ws_ptr, kq_ptr, kp_ptr,

@@ -96,7 +96,7 @@ def test_cuda_graph_capture_and_replay(rule):
     graph_replay_check(run, q, x, p, args, llm_block(B, 8), reference.verify, trials=8)
 
 
-def test_no_recompilation_per_batch_size():
+def test_no_recompilation_per_batch_size_or_gamma():
     from speccascade_fast import kernels
     from speccascade_fast.backends import triton as tb
 
@@ -107,12 +107,14 @@ def test_no_recompilation_per_batch_size():
     def n_compiled():
         return sum(len(c[0]) for f in fns for c in f.device_caches.values())
 
+    # B = 1 (per-request strides of 1 or 0) is no special case, nor is any gamma within a
+    # power-of-two bucket of gamma + 1 (the constexpr G_PAD: gamma = 2 and 3 both give 4)
     counts = []
-    for B in (1, 8, 3, 5):
-        q, x, p = llm_block(B, 40 + B)
+    for B, gamma in ((1, 3), (8, 3), (3, 2), (5, 3), (1, 2)):
+        q, x, p = llm_block(B, 40 + B, gamma=gamma)
         tb.verify(q, x, p, top_k=None, top_p=None, **args_for("token_v3", 0.8, B, 3))
         counts.append(n_compiled())
-    assert counts[1:] == counts[:1] * 3, counts
+    assert counts[1:] == counts[:1] * 4, counts
 
 
 # ---- the drafter's sampler (kernels/sample.py) --------------------------------------------------
