@@ -10,11 +10,11 @@
 // Plain CUDA C++: no torch headers (bound from verify_cuda.cpp through verify.h).
 //
 // Launch structure (no host synchronisation, fixed grids: CUDA-graph capturable). The vocabulary
-// is cut into S slices of SLICE logits (SLICE = a power of two in [1024, 8192], about V / 32, so
-// that B = 1 still fills the GPU); NPOS = B (gamma + 1) positions. In the ragged layout (vLLM's
-// flattened rows, per-request gamma_b) the grid is the same with gamma = max gamma_b, and the
-// positions j > gamma_b of request b do nothing (launch 1 and 2 return at once, launch 3 never
-// reads them); rows_of / x_at / gamma_of are the only code that tells the layouts apart.
+// is cut into S slices of SLICE logits (SLICE = a power of two in [1024, 8192], about V / 32,
+// V / 128 for B = 1, so that B = 1 still fills the GPU: slice_size); NPOS = B (gamma + 1)
+// positions. In the ragged layout (vLLM's flattened rows, per-request gamma_b) the grid is the
+// same with gamma = max gamma_b, and the positions j > gamma_b of request b do nothing (launch 1
+// and 2 return at once, launch 3 never reads them); rows_of / x_at / gamma_of are the only code that tells the layouts apart.
 //
 //   1. stats_kernel        grid (NPOS, S), 256 threads. Per (position, slice), for the draft row q
 //                          and the target row p: the slice max and its lowest argmax (first sweep),
@@ -891,10 +891,13 @@ int64_t next_pow2(int64_t n) {
   return p;
 }
 
-// Vocabulary slice per block: about V / 32, a power of two in [1024, 8192] (V = 262,144: 32
-// slices of 8192; V = 151,936: 19), or the whole of a small V.
-int64_t slice_size(int64_t V) {
-  int64_t s = next_pow2((V + 31) / 32);
+// Vocabulary slice per block: about V / 32 (V / 128 for one request, V / 64 for two, so that
+// launch 3's B x S blocks still fill the GPU; never more: every block of launch 3 merges all S
+// slices of its request's positions), a power of two in [1024, 8192] (B >= 4: V = 262,144 gives
+// 32 slices of 8192, V = 151,936 19; B = 1: 128 and 75 of 2048), or the whole of a small V.
+int64_t slice_size(int64_t V, int64_t B) {
+  const int64_t target = B >= 4 ? 32 : 128 / B;
+  int64_t s = next_pow2((V + target - 1) / target);
   s = s < 1024 ? 1024 : s;
   s = s > 8192 ? 8192 : s;
   const int64_t whole = next_pow2(V);
@@ -910,7 +913,7 @@ struct Layout {
 
 Layout layout(const sc_verify_args& a) {
   Layout L;
-  L.slice = slice_size(a.V);
+  L.slice = slice_size(a.V, a.B);
   L.S = (a.V + L.slice - 1) / L.slice;
   L.npos = a.B * (a.gamma + 1);
   size_t off = 0;
