@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache
 class SlotCache(Cache):
     """Static K/V buffers ``[capacity, kv_heads, slots, head_dim]`` per layer (with
     ``heads_last``: ``[capacity, slots, kv_heads, head_dim]``), ``capacity`` = the engine's
-    ``max_batch_size`` (not stored under that name: transformers 5.1x's ``Cache`` has a read-only
+    ``max_batch_size`` (not stored under that name: transformers 5.17's ``Cache`` has a read-only
     ``max_batch_size`` property).
 
     ``slots`` = the longest sequence the cache holds + 1: the last slot is the trash slot that

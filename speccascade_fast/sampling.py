@@ -74,12 +74,11 @@ def draw(logits, temperature, seed, positions, top_k=None, top_p=None, *, greedy
          backend="auto") -> torch.Tensor:
     """:func:`sample` on ``[R, V]`` logits with inputs already checked: float64 ``temperature``,
     int64 ``seed`` and ``positions`` ``[R]`` on the logits' device, ``top_k`` / ``top_p``
-    normalised. No host synchronisation on CUDA unless ``greedy`` is None on the torch path
-    (whether every row is greedy is then read from ``temperature``; the keep bounds of top-k /
-    top-p come from one sort per row there): the engine's CUDA graphs call it with ``greedy``
-    known. On CUDA the Triton kernels take every
-    call that is not known to be all greedy (an all-greedy call is one argmax), for fp32/bf16/
-    fp16 logits when triton imports."""
+    normalised. No host synchronisation on CUDA (the top-k / top-p keep bounds come from one
+    sort per row there) unless ``greedy`` is None on the torch path (whether every row is
+    greedy is then read from ``temperature``): the engine's CUDA graphs call it with ``greedy``
+    known. On CUDA the Triton kernels take every call that is not known to be all greedy (an
+    all-greedy call is one argmax), for fp32/bf16/fp16 logits when triton imports."""
     fused = logits.dtype in _FUSED_DTYPES
     kernel = _ext.load()
     if backend == "auto" and kernel is not None and logits.device.type == "cpu" and fused:

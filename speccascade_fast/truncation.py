@@ -102,7 +102,7 @@ def keep_bounds_torch(logits: torch.Tensor, temperature: torch.Tensor, top_k: in
     ``sync_free``: walk every row's full sort at once instead of top-k windows sized on the
     host (O(V log V) per row, but no host read, so it can be captured in a CUDA graph). Same
     bounds either way. None: on CUDA (with top_p, one sort per row measured 1.8-8.1x faster than
-    the windows on an H100: README, "Measured on a GPU"), not on CPU."""
+    the windows on an H100: README, "Measured", "On a GPU"), not on CPU."""
     shape, V = logits.shape[:-1], logits.shape[-1]
     if sync_free is None:
         sync_free = logits.is_cuda

@@ -10,11 +10,12 @@
 // Plain CUDA C++: no torch headers (bound from verify_cuda.cpp through verify.h).
 //
 // Launch structure (no host synchronisation, fixed grids: CUDA-graph capturable). The vocabulary
-// is cut into S slices of SLICE logits (SLICE = a power of two in [1024, 8192], about V / 32,
-// V / 128 for B = 1, so that B = 1 still fills the GPU: slice_size); NPOS = B (gamma + 1)
-// positions. In the ragged layout (vLLM's flattened rows, per-request gamma_b) the grid is the
-// same with gamma = max gamma_b, and the positions j > gamma_b of request b do nothing (launch 1
-// and 2 return at once, launch 3 never reads them); rows_of / x_at / gamma_of are the only code that tells the layouts apart.
+// is cut into S slices of SLICE logits (SLICE = a power of two in [1024, 8192], about V / 32;
+// V / 128 for B = 1 and V / 64 for B = 2, so that small batches still fill the GPU: slice_size);
+// NPOS = B (gamma + 1) positions. In the ragged layout (vLLM's flattened rows, per-request
+// gamma_b) the grid is the same with gamma = max gamma_b, and the positions j > gamma_b of
+// request b do nothing (launch 1 and 2 return at once, launch 3 never reads them); rows_of /
+// x_at / gamma_of are the only code that tells the layouts apart.
 //
 //   1. stats_kernel        grid (NPOS, S), 256 threads. Per (position, slice), for the draft row q
 //                          and the target row p: the slice max and its lowest argmax (first sweep),
