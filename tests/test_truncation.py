@@ -66,7 +66,7 @@ def test_the_cpu_op_equals_the_torch_bounds():
 
 
 def test_the_sync_free_bounds_equal_the_windowed_ones_without_host_reads():
-    """What a CUDA graph capture runs (one full sort per row) against the windowed walk, bit
+    """What CUDA runs (one full sort per row) against the windowed walk (the CPU's), bit
     for bit, on 200 random cases; and no op of it reads the device from the host."""
     for trial in range(200):
         x, T, top_k, top_p = _case(2000 + trial)
