@@ -13,6 +13,9 @@ logits per block). Backends (the ``backend`` parameter):
 * ``triton-graph`` / ``cuda-graph``: the same call captured once in a CUDA graph, timed as
   ``replay()`` + ``torch.cuda.synchronize()`` (what a graph-captured decode loop pays; ENGINE.md
   §1 targets 10-20 µs on H100 for B <= 8, gamma <= 8, V <= 256k);
+* ``triton_wide-graph``: ``triton-graph`` with stage 3's race over the stats' slices
+  (``race_width=slice_size(V)``, the geometry before :func:`race_slice`): the baseline that
+  shows what the narrower race slices of small B buy, in the same run;
 * ``reference``: the float64 specification on the GPU;
 * ``eager``: the HF-style chain (fp32 softmaxes, cumsum trick, multinomial residual); its random
   numbers are torch's, so it is a speed baseline only.
@@ -48,7 +51,8 @@ BS, GAMMAS, VOCABS = [1, 8, 32], [1, 5, 8], [32000, 151936, 262144]
 SHAPES = [(b, g, v) for b in BS for g in GAMMAS for v in VOCABS] if FULL else CORE
 RULES = ["spec", "opt", "token_v3"]
 ALPHA = {"spec": None, "opt": 0.5, "token_v3": 0.3}
-BACKENDS = ["triton", "triton-graph", "cuda", "cuda-graph", "reference", "eager"]
+BACKENDS = ["triton", "triton-graph", "triton_wide-graph", "cuda", "cuda-graph", "reference",
+            "eager"]
 
 
 def block(B, gamma, V, seed=0):
@@ -118,6 +122,14 @@ def test_verify_gpu(benchmark, B, gamma, V, rule, backend):
     if name == "eager":
         def call():
             return eager_verify(q, x, p, rule=rule, alpha=ALPHA[rule])
+    elif name == "triton_wide":
+        from speccascade_fast.backends import triton as tb
+
+        fused("triton")
+        wide = tb.slice_size(V)
+
+        def call():
+            return tb.launch(q, x, p, **args, race_width=wide)
     else:
         fn = fused(name) if name != "reference" else backends.get("reference")
 

@@ -18,8 +18,8 @@ import argparse
 import json
 import sys
 
-ORDER = {"cpu": 0, "cpu-cold": 1, "cpu-api": 2, "triton-graph": 3, "cuda-graph": 4, "triton": 5,
-         "cuda": 6, "eager": 7, "reference": 8}
+ORDER = {"cpu": 0, "cpu-cold": 1, "cpu-api": 2, "triton-graph": 3, "triton_wide-graph": 4,
+         "cuda-graph": 5, "triton": 6, "cuda": 7, "eager": 8, "reference": 9}
 
 
 def load(data: dict) -> tuple[list[dict], float | None]:

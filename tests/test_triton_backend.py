@@ -338,6 +338,52 @@ def test_slice_size():
     assert tb.slice_size(100) == 128
 
 
+def test_race_slice():
+    """Stage 3's race keeps the stats' slices once B of their rows give every multiprocessor a
+    program; below that it narrows to about 2 programs per multiprocessor, never below 1024."""
+    H100 = 132
+    assert tb.race_slice(151936, 1, 8192, H100) == 1024  # 149 programs
+    assert tb.race_slice(151936, 2, 8192, H100) == 2048  # 75 per sequence
+    assert tb.race_slice(151936, 4, 8192, H100) == 4096
+    assert tb.race_slice(151936, 6, 8192, H100) == 4096  # 6 x 19 = 114 < 132
+    assert tb.race_slice(151936, 7, 8192, H100) == 8192  # 7 x 19 = 133: the stats' slices
+    assert tb.race_slice(262144, 1, 8192, H100) == 1024
+    assert tb.race_slice(262144, 8, 8192, H100) == 8192
+    assert tb.race_slice(32000, 1, 1024, H100) == 1024  # already 1024
+    assert tb.race_slice(100, 1, 128, H100) == 128  # never wider than the stats' slice
+    assert tb.race_slice(151936, 1, 8192, 1) == 8192  # the interpreter: one "multiprocessor"
+    widths = {tb.race_slice(151936, b, 8192, H100) for b in range(1, 65)}
+    assert widths == {1024, 2048, 4096, 8192}  # a runtime argument: no compile per width
+
+
+@pytest.mark.parametrize("rule", ["spec", "opt", "token_v3", "lossy", "lossy_star", "bild"])
+def test_race_slicing_does_not_change_the_outputs(rule):
+    """Stage 3's race over slices narrower or wider than the stats' (as :func:`race_slice` picks
+    at small B on a GPU), in one chunk or several: the same tokens, counts and flags, bit for
+    bit, since the winner of the race over the whole row does not depend on the cut (ties to the
+    lowest id). Padded and ragged layouts."""
+    seed = 2100 + sc.RULES.index(rule)
+    q, x, p = make_block(seed, T=1.0, rows=6)
+    args = call_args(rule, ALPHAS[rule][0], TEMPS[:3] * 2, 6, seed)
+    want = assert_same(q, x, p, args, **SMALL)
+    for race, block in ((16, None), (32, 16), (64, 16), (128, None)):
+        got = tb.launch(q, x, p, **args, slice_width=64, block=block, race_width=race)
+        for name, a, b in zip(want._fields, got, want):
+            assert torch.equal(a, b), (rule, race, block, name)
+    flat = ragged_case(seed, gammas=(3, 1, 2))
+    ragged = dict(max_gamma=3, rule=rule, alpha=checks.alpha_tensor(ALPHAS[rule][0], (3,), DEVICE),
+                  temperature=checks.temperature(torch.tensor([0.0, 0.8, 1.3],
+                                                              dtype=torch.float64), (3,), DEVICE),
+                  seed=torch.tensor([5, 6, 7], device=DEVICE),
+                  positions=torch.tensor([0, 9, 2**40], device=DEVICE))
+    rows = [flat[k] for k in ("draft_logits", "draft_tokens", "target_logits",
+                              "cu_num_draft_tokens", "bonus_draft_logits")]
+    want = tb.verify_ragged(*rows, **ragged, slice_width=64)
+    got = tb.verify_ragged(*rows, **ragged, slice_width=64, block=16, race_width=32)
+    for name, a, b in zip(want._fields, got, want):
+        assert torch.equal(a, b), (rule, "ragged", name)
+
+
 # ---- the drafter's sampler (kernels/sample.py) ---------------------------------------------------
 SAMPLE_T = [0.0, 0.3, 1.0, 2.5]  # a greedy row and three sampled ones, in one call
 
@@ -473,9 +519,10 @@ build(K.stats_kernel, 4, SLICE=1024, BLOCK=512, NEED_Z1=True, NEED_H=False, NEED
 for per_row in (False, True):
     build(K.lossy_star_kernel, 8, PASSES=LOSSY_STAR_PASSES, K=LOSSY_STAR_K, BLOCK=1024,
           S_PAD=32, KEEP=True, PER_ROW=per_row)
-for i, rule in enumerate(sys.argv[1:]):
-    build(K.accept_resample_kernel, 16, RULE=RULES.index(rule), SLICE=8192, BLOCK=8192,
-          S_PAD=32, G_PAD=16, KEEP=i % 2 == 1, PER_ROW=i % 3 == 0)
+for i, rule in enumerate(sys.argv[1:]):  # both race geometries: the stats' block, and 1024
+    build(K.accept_resample_kernel, 16 if i % 2 else 4, RULE=RULES.index(rule),
+          BLOCK=8192 if i % 2 else 1024, S_PAD=32, G_PAD=16, KEEP=i % 2 == 1,
+          PER_ROW=i % 3 == 0)
 # the drafter's sampler (kernels/sample.py)
 PTR.update(x_ptr="*bf16", sx="i64", k_ptr="*fp64", best_ptr="*fp64", arg_ptr="*i32",
            out_ptr="*i64")

@@ -20,15 +20,19 @@ probability tensors are never materialised):
    ``second_pass`` ``(B rows, S)`` for opt / opt_log (TV(pT, qT)), token_v1-3 (eta) and lossy with
    bonus="cascade" (its bonus law's normaliser), or ``lossy_star`` ``(B rows,)``, 1/beta by
    k-section (18 reads of the row per position, one program each: correct, not fast);
-3. ``accept_resample`` ``(B, S)``: decisions, the accept loop with the counter-based RNG and the
-   Gumbel-max race of the residual / bonus row over the slices, merged with an int64 atomic max;
-   the last program of each sequence writes the emitted token.
+3. ``accept_resample`` ``(B, SR)``: decisions, the accept loop with the counter-based RNG and the
+   Gumbel-max race of the residual / bonus row over SR race slices (the S stats slices, or
+   narrower ones at small B: :func:`race_slice`), merged with an int64 atomic max; the last
+   program of each sequence writes the emitted token. The winner is the same token whatever the
+   slicing (ties go to the lowest id).
 
 So spec, drafter, chow, chow_log, diff, diff_log, bild and lossy (bonus="verifier") take 2 launches;
 opt, opt_log, token_v1-3, lossy (bonus="cascade") and lossy_star take 3. No host synchronisation,
 no ``.item()``; only ``torch.empty`` allocations: CUDA-graph capturable. Constexprs: the rule, the
-slice / block widths (functions of V only: :func:`slice_size`, one block per slice, 4-16 warps)
-and paddings; B, gamma, T, alpha, seeds and positions are runtime values (no recompile per B).
+slice / block widths (functions of V only: :func:`slice_size`, one block per slice, 4-16 warps;
+stage 3's race block is that block or, for the narrower race slices of small B, 1024) and
+paddings; B, gamma, T, alpha, seeds, positions and the race slice width are runtime values (no
+recompile per B: at most two compiled race geometries per V).
 
 **top_k / top_p**: each logit row's keep bound ``(tau, cut)`` (:mod:`speccascade_fast.truncation`)
 is computed first (on CUDA by the torch code, one full sort per row and no host read; on the
@@ -67,6 +71,7 @@ LOSSY_STAR_K, LOSSY_STAR_PASSES = 8, 17
 _NEED_H = frozenset({"chow_log", "diff_log", "opt_log"})
 _SECOND_PASS = frozenset({"opt", "opt_log", "token_v1", "token_v2", "token_v3"})
 _NF, _NI = 10, 3  # kernels.common.NF / NI
+RACE_PROGRAMS_PER_SM = 2  # stage 3's race: programs per multiprocessor it aims for (race_slice)
 
 
 @functools.cache
@@ -103,6 +108,29 @@ def slice_size(V: int) -> int:
     return min(max(_next_pow2(-(-V // 32)), 1024), 8192, _next_pow2(V))
 
 
+def race_slice(V: int, B: int, slice_width: int, sms: int) -> int:
+    """Vocabulary slice per program of stage 3's race: the stats' ``slice_width`` when B sequences
+    of ``V / slice_width`` programs already give each of the device's ``sms`` multiprocessors a
+    program, else narrower, so that B x (V / width) is about 2 per multiprocessor, but not below
+    1024 (nor above ``slice_width``). The race (a hash, a float64 log and two float32 logs per
+    token) is the block's longest stage, and at B = 1 the stats' 19 slices of 8192 at V = 151,936
+    leave most of an H100's 132 multiprocessors idle. A power of two; B only picks among a few
+    widths, and the width is a runtime argument (see :func:`_run`)."""
+    if B * -(-V // slice_width) >= sms:
+        return slice_width
+    want = -(-RACE_PROGRAMS_PER_SM * sms // B)  # programs per sequence
+    return min(slice_width, max(1024, _next_pow2(-(-V // want))))
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device; 1 on the CPU (the interpreter: the race keeps the stats'
+    slices unless a test asks otherwise)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _warps(block: int) -> int:
     """16 elements per thread at most: 8192-wide blocks get 16 warps."""
     return max(4, min(16, block // 512))
@@ -136,10 +164,11 @@ def _check_mode(kernels, device: torch.device) -> None:
 
 def launch(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperature, seed,
            positions, top_k=None, top_p=None, slice_width: int | None = None,
-           block: int | None = None) -> VerifyOutput:
-    """Run the kernels on the padded layout. ``slice_width`` / ``block`` (powers of two)
-    override the vocabulary slice per program (default :func:`slice_size`) and the chunk each
-    program loops over (default: the whole slice in one go); the tests use tiny ones."""
+           block: int | None = None, race_width: int | None = None) -> VerifyOutput:
+    """Run the kernels on the padded layout. ``slice_width`` / ``block`` / ``race_width``
+    (powers of two) override the vocabulary slice per program (default :func:`slice_size`), the
+    chunk each program loops over (default: the whole slice in one go) and the slice per program
+    of stage 3's race (default :func:`race_slice`); the tests use tiny ones."""
     _check_mode(_kernels(), target_logits.device)
     B, gamma = draft_tokens.shape
     q = draft_logits if draft_logits.stride(-1) == 1 else draft_logits.contiguous()
@@ -150,13 +179,13 @@ def launch(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperatur
                      strides=(q.stride(0), q.stride(1), p.stride(0), p.stride(1)))
     return _run(q, p, draft_tokens, kq, kp, layout, rule=rule, alpha=alpha,
                 temperature=temperature, seed=seed, positions=positions,
-                slice_width=slice_width, block=block)
+                slice_width=slice_width, block=block, race_width=race_width)
 
 
 def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens,
                   bonus_draft_logits, *, max_gamma: int, rule, alpha, temperature, seed,
                   positions, top_k=None, top_p=None, slice_width: int | None = None,
-                  block: int | None = None) -> VerifyOutput:
+                  block: int | None = None, race_width: int | None = None) -> VerifyOutput:
     """vLLM's flattened layout (:func:`speccascade_fast.ragged.verify_ragged`, inputs validated
     there) in the same 2-3 launches as the padded one, reading the logits where they lie (no
     padded copy): every kernel takes per request its gamma_b and the offsets of its first draft
@@ -197,7 +226,8 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
     layout = _Layout(B=B, gamma=G, rq=RQ, strides=(0, q.stride(0), 0, p.stride(0)), qb=qb,
                      qoff=start * q.stride(0), poff=(start + req) * p.stride(0), gammas=gam)
     return _run(q, p, x, kq, kp, layout, rule=rule, alpha=alpha, temperature=temperature,
-                seed=seed, positions=positions, slice_width=slice_width, block=block)
+                seed=seed, positions=positions, slice_width=slice_width, block=block,
+                race_width=race_width)
 
 
 class _Layout:
@@ -219,8 +249,11 @@ class _Layout:
 
 
 def _run(q, p, x, kq, kp, layout: _Layout, *, rule, alpha, temperature, seed, positions,
-         slice_width, block) -> VerifyOutput:
-    """The 2-3 launches of the module docstring, on either layout."""
+         slice_width, block, race_width) -> VerifyOutput:
+    """The 2-3 launches of the module docstring, on either layout. Stage 3's race runs over
+    slices of its own width RS (:func:`race_slice`), a runtime argument, in chunks of RBLOCK: the
+    stats' BLOCK where RS is the stats' slice, else at most 1024 (4 warps). So a V has at most
+    two compiled race geometries, whatever B."""
     k = _kernels()
     device = p.device
     B, gamma, RQ = layout.B, layout.gamma, layout.rq
@@ -267,18 +300,21 @@ def _run(q, p, x, kq, kp, layout: _Layout, *, rule, alpha, temperature, seed, po
             S_PAD=S_PAD, KEEP=keep, PER_ROW=per_row, num_warps=8,
         )
 
+    RS = race_width or race_slice(V, B, SLICE, _sm_count(device))
+    RBLOCK = min(RS, block or (BLOCK if RS == SLICE else 1024))
+    SR = -(-V // RS)
     tokens = torch.empty((B, G1), dtype=torch.int64, device=device)
     num_accepted = torch.empty((B,), dtype=torch.int64, device=device)
     num_emitted = torch.empty((B,), dtype=torch.int64, device=device)
     deferred = torch.empty((B, G1), dtype=torch.bool, device=device)
-    k.accept_resample_kernel[(B, S)](
+    k.accept_resample_kernel[(B, SR)](
         q, p, *rows, x, temperature, alpha, seed, positions,
         temperature.stride(0), alpha.stride(0), seed.stride(0), positions.stride(0),
         x.stride(0), x.stride(1),
         stf, sti, p2, sst, ws, kq, kp, tokens, num_accepted, num_emitted, deferred,
-        gamma, RQ, V, S,
-        RULE=rid, SLICE=SLICE, BLOCK=BLOCK, S_PAD=S_PAD, G_PAD=_next_pow2(G1), KEEP=keep,
-        PER_ROW=per_row, num_warps=warps,
+        gamma, RQ, V, S, RS, SR,
+        RULE=rid, BLOCK=RBLOCK, S_PAD=S_PAD, G_PAD=_next_pow2(G1), KEEP=keep,
+        PER_ROW=per_row, num_warps=_warps(RBLOCK),
     )
     return VerifyOutput(tokens, num_accepted, num_emitted, deferred)
 

@@ -1,4 +1,7 @@
-"""Stage 3, ``accept`` + ``resample``: grid ``(B, S)``, one program per (sequence, vocab slice).
+"""Stage 3, ``accept`` + ``resample``: grid ``(B, SR)``, one program per (sequence, race slice).
+
+The race slices (width RS, a runtime argument) need not be the stats' S slices: at small B they are
+narrower (``backends.triton.race_slice``), so that more programs share the race.
 
 Every program of sequence b first replays the (cheap) accept stage, for all positions j at once
 (vectors over j): it merges each row's slice statistics, makes the rule's decision (delta, A and
@@ -6,7 +9,7 @@ eta, 1/beta), and accepts draft x_j when ``u_j < accept_j(x_j) / max(qT_j(x_j), 
 stream at ``positions + j``, stopping at the first rejection j*. The resample row is r = j*
 (its residual ``max(0, accept - qT)``, or when that is all zero the row's law ``min(qT, accept)``)
 or, after full acceptance, r = gamma (the bonus law). Each program then runs the Gumbel-max race
-``argmax_v log w_v - log(-log u_v)`` (RESIDUAL stream at ``positions + r``) over its own slice and
+``argmax_v log w_v - log(-log u_v)`` (RESIDUAL stream at ``positions + r``) over its race slice and
 folds its winner into a per-sequence int64 ``atomic_max`` of (float32 score, lowest id); the last
 program to arrive (an atomic counter) writes the emitted token. Slice 0 writes the accepted
 drafts, the -1 padding and the deferral flags. No host synchronisation anywhere.
@@ -133,14 +136,15 @@ def rows_model(q_rows, p_rows, stf_ptr, sti_ptr, p2_ptr, sst_ptr, n, has_q, has_
     return mq, tl.log(zqt), aq, mp, tl.log(zpt), ap, delta, eta, cth, sstar, c
 
 
-@triton.jit(do_not_specialize=["st_t", "st_a", "st_seed", "st_pos", "sx_b", "GAMMA", "RQ"])
+@triton.jit(do_not_specialize=["st_t", "st_a", "st_seed", "st_pos", "sx_b", "GAMMA", "RQ", "RS",
+                               "SR"])
 def accept_resample_kernel(
     q_ptr, p_ptr, sq_b, sq_j, sp_b, sp_j, qb_ptr, sqb, qoff_ptr, poff_ptr, g_ptr, x_ptr,
     t_ptr, alpha_ptr, seed_ptr, pos_ptr, st_t, st_a, st_seed, st_pos, sx_b, sx_j,
     stf_ptr, sti_ptr, p2_ptr, sst_ptr, ws_ptr, kq_ptr, kp_ptr,
     tok_ptr, nacc_ptr, nem_ptr, def_ptr,
-    GAMMA, RQ, V, S,
-    RULE: tl.constexpr, SLICE: tl.constexpr, BLOCK: tl.constexpr, S_PAD: tl.constexpr,
+    GAMMA, RQ, V, S, RS, SR,
+    RULE: tl.constexpr, BLOCK: tl.constexpr, S_PAD: tl.constexpr,
     G_PAD: tl.constexpr, KEEP: tl.constexpr, PER_ROW: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -235,10 +239,10 @@ def accept_resample_kernel(
     key = row_key(seed, pos + r, RESIDUAL)
     best_w = tl.full([], NEG_INF, tl.float32)
     best_f = tl.full([], NEG_INF, tl.float32)
-    arg_w = s * SLICE
-    arg_f = s * SLICE
-    for c0 in range(0, SLICE, BLOCK):
-        base = s * SLICE + c0
+    arg_w = s * RS
+    arg_f = s * RS
+    for c0 in range(0, RS, BLOCK):
+        base = s * RS + c0
         offs = base + tl.arange(0, BLOCK)
         inb = offs < V
         lq = load_q(q_row, qb_row, offs, q_lim, r >= gb, PER_ROW).to(tl.float32)
@@ -277,7 +281,7 @@ def accept_resample_kernel(
     tl.atomic_max(ws_ptr + 3 * b, pack(best_w, arg_w))
     tl.atomic_max(ws_ptr + 3 * b + 1, pack(best_f, arg_f))
     arrived = tl.atomic_add(ws_ptr + 3 * b + 2, 1)
-    if arrived == S - 1:
+    if arrived == SR - 1:
         sw_best, iw = unpack(tl.atomic_xchg(ws_ptr + 3 * b, -9223372036854775807 - 1))
         sf_best, i_f = unpack(tl.atomic_xchg(ws_ptr + 3 * b + 1, -9223372036854775807 - 1))
         tok = tl.where(sw_best > NEG_INF, iw, i_f)

@@ -108,13 +108,18 @@ def test_no_recompilation_per_batch_size_or_gamma():
         return sum(len(c[0]) for f in fns for c in f.device_caches.values())
 
     # B = 1 (per-request strides of 1 or 0) is no special case, nor is any gamma within a
-    # power-of-two bucket of gamma + 1 (the constexpr G_PAD: gamma = 2 and 3 both give 4)
-    counts = []
+    # power-of-two bucket of gamma + 1 (the constexpr G_PAD: gamma = 2 and 3 both give 4); stage
+    # 3's race has two geometries (tb.race_slice: the stats' slices, or narrower ones in chunks
+    # of 1024 at small B, their width a runtime argument), each compiled once
+    counts, geometries, seen = [], [], set()
+    wide = tb.slice_size(V)
     for B, gamma in ((1, 3), (8, 3), (3, 2), (5, 3), (1, 2)):
         q, x, p = llm_block(B, 40 + B, gamma=gamma)
         tb.verify(q, x, p, top_k=None, top_p=None, **args_for("token_v3", 0.8, B, 3))
         counts.append(n_compiled())
-    assert counts[1:] == counts[:1] * 4, counts
+        seen.add(tb.race_slice(V, B, wide, tb._sm_count(q.device)) == wide)
+        geometries.append(len(seen))
+    assert [c - counts[0] for c in counts] == [g - 1 for g in geometries], (counts, geometries)
 
 
 # ---- the drafter's sampler (kernels/sample.py) --------------------------------------------------
