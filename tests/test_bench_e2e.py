@@ -254,3 +254,33 @@ def test_in_loop_prediction_uses_unrounded_costs():
     assert d["predicted_loop"] == round(pred, 3) == 2.416  # (2.414 or 2.418 from 0.364 or 0.363)
     assert d["decode_efficiency"] == round((100 / 5.0) / (100 / 10.0) / pred, 3)
     assert d["c_loop"] in (0.363, 0.364) and d["r_loop"] == 0.979
+
+
+def test_random_weights_command(tmp_path, capsys):
+    """``speccascade bench --random-weights``: models of the pair's shapes (here shrunk by
+    ``--overrides``) with random weights and random prompts, ours against HF in one run; the
+    table says acceptance is not meaningful; bad arguments are clear errors."""
+    from speccascade_fast import cli
+
+    tiny = ('{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, '
+            '"num_attention_heads": 4, "vocab_size": 64}')
+    out = tmp_path / "o"
+    argv = ["bench", "--random-weights", "--overrides", tiny, "--dtype", "float32",
+            "--prompts", "2", "--prompt-len", "5", "--max-new-tokens", "6", "--batch", "2",
+            "--configs", "verifier,spec-greedy", "--threads", "1"]
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    saved = e2e.from_json((out / "e2e.json").read_text())
+    assert saved["settings"]["weights"] == "random" and "gpu" not in saved["machine"]
+    rows = {(r.name, r.batch): r for r in saved["rows"]}
+    assert {("ours:spec greedy", 2), ("hf:assisted greedy", 1)} <= set(rows)
+    assert all(r.tokens == 2 * 6 for r in saved["rows"])
+    # lossless greedy decoding of the same random verifier: the same tokens, ours and HF's
+    assert set(e2e.greedy_agreement(saved).values()) == {"2/2"}
+    assert "Random weights of the pair's shapes" in (out / "e2e.md").read_text()
+    for bad, msg in ((["--overrides", "[1]"], "--overrides must be a JSON object"),
+                     (["--prompt-len", "0"], "--prompt-len must be >= 1"),
+                     (["--device", "nope"], "--device")):
+        with pytest.raises(SystemExit, match=msg):
+            cli.main([*argv, *bad])
+    with pytest.raises(ValueError, match="weights must be"):
+        e2e.run(None, None, prompts=[torch.tensor([1])], weights="fake")

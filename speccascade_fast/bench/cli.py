@@ -6,12 +6,14 @@
     speccascade bench --rounds 3 --prompts 4        # interleaved rounds: ratios with ranges
     speccascade bench --batch 1 --configs verifier,spec-greedy,spec-greedy-dc --hf-defaults
     speccascade bench --batch 1 --configs verifier,token_v3-t1,token_v3-t1-dc --dc-gamma 10
+    speccascade bench --random-weights --device cuda   # the pair's shapes, random weights
 
 Prints a markdown table and, with ``--out DIR``, writes ``DIR/e2e.json`` and ``DIR/e2e.md``.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import sys
 
@@ -58,6 +60,17 @@ def add_bench_subcommand(subparsers) -> argparse.ArgumentParser:
                         "ratios; reports totals and each ratio's range over the rounds")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cpu",
+                   help="where both models run (default: cpu; e.g. cuda, with CUDA graphs)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="models of the default pair's shapes with random weights and prompts "
+                        "of --prompt-len random tokens (no download, no tokenizer): the "
+                        "comparison where the real weights cannot be brought (a GPU machine)")
+    p.add_argument("--prompt-len", type=int, default=128,
+                   help="--random-weights: tokens per prompt (default: 128)")
+    p.add_argument("--overrides", default="{}", metavar="JSON",
+                   help="--random-weights: fields replacing those of both models' "
+                        "configurations (e.g. a tiny smoke-test model)")
     p.add_argument("--out", default=None, help="folder for e2e.json and e2e.md")
     p.add_argument("--from-json", default=None, metavar="E2E_JSON",
                    help="measure nothing: print the table of a saved run (its e2e.json)")
@@ -73,7 +86,7 @@ def bench_command(args: argparse.Namespace) -> int:
     from . import e2e
 
     for name in ("prompts", "max_new_tokens", "batch", "gamma", "rounds", "hf_gamma",
-                 "dc_gamma"):
+                 "dc_gamma", "prompt_len"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     try:
@@ -90,14 +103,39 @@ def bench_command(args: argparse.Namespace) -> int:
                          f"{','.join(e2e.CONFIGS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    drafter, verifier, tokenizer = models.load_pair(args.drafter, args.verifier,
-                                                    dtype=getattr(torch, args.dtype))
-    result = e2e.run(drafter, verifier, tokenizer, n_prompts=args.prompts,
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise SystemExit(f"--device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    dtype = getattr(torch, args.dtype)
+    prompts = None
+    if args.random_weights:
+        from .overhead import random_model
+
+        try:
+            overrides = json.loads(args.overrides)
+        except ValueError:
+            overrides = None
+        if not isinstance(overrides, dict):
+            raise SystemExit(f"--overrides must be a JSON object, got {args.overrides!r}")
+        drafter = random_model("0.5b", device=device, dtype=dtype, seed=0, **overrides)
+        verifier = random_model("1.5b", device=device, dtype=dtype, seed=1, **overrides)
+        tokenizer = None
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, verifier.config.vocab_size, (args.prompt_len,), generator=g)
+                   for _ in range(args.prompts)]
+    else:
+        drafter, verifier, tokenizer = models.load_pair(args.drafter, args.verifier, dtype=dtype)
+        drafter, verifier = drafter.to(device), verifier.to(device)
+    result = e2e.run(drafter, verifier, tokenizer, prompts=prompts, n_prompts=args.prompts,
                      max_new_tokens=args.max_new_tokens, batch=args.batch, gamma=args.gamma,
                      alpha=args.alpha, with_hf=not args.no_hf, configs=configs,
                      int8_drafter=args.int8_drafter, compile_drafter=args.compile_drafter,
                      rounds=args.rounds, hf_gamma=args.hf_gamma, hf_defaults=args.hf_defaults,
                      draft_confidence=args.draft_confidence, dc_gamma=args.dc_gamma,
+                     weights="random" if args.random_weights else "real",
                      progress=lambda s: print(s, file=sys.stderr, flush=True))
     table = e2e.markdown(result)
     print(table)

@@ -230,7 +230,7 @@ def run_hf(name, verifier, prompts, *, max_new_tokens, assistant=None, gamma=5,
             start = time.perf_counter()
             for b, prompt in enumerate(prompts):
                 torch.manual_seed(b)
-                ids = prompt[None]
+                ids = prompt[None].to(verifier.device)
                 out = verifier.generate(ids, attention_mask=torch.ones_like(ids),
                                         generation_config=config, **kwargs)
                 new = out[0, ids.shape[1]:].tolist()
@@ -279,11 +279,17 @@ def step_costs(drafter, verifier, prompt, gamma: int, repeats: int = 9,
         slots = torch.arange(start, start + k, device=engine.device)[None]
         m.forward(tokens[:, start: start + k], slots, start + k, k)
 
+    def sync():
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize(engine.device)
+
     def timed(m, k):
         times = []
         for _ in range(repeats):
+            sync()
             begin = time.perf_counter()
             call(m, k, P - 1)
+            sync()
             times.append(time.perf_counter() - begin)
         return statistics.median(times)
 
@@ -346,7 +352,8 @@ COMPILED_CONFIGS = ("drafter", "spec-greedy")
 def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new_tokens=128,
         batch=4, gamma=5, alpha=0.3, with_hf=True, configs=tuple(CONFIGS), int8_drafter=False,
         compile_drafter=False, rounds=1, hf_gamma=None, hf_defaults=False,
-        draft_confidence=DEFAULT_DRAFT_CONFIDENCE, dc_gamma=None, progress=print) -> dict:
+        draft_confidence=DEFAULT_DRAFT_CONFIDENCE, dc_gamma=None, weights="real",
+        progress=print) -> dict:
     """The whole benchmark; returns ``{"rows", "costs", "settings", "machine"}``.
 
     ``prompts``: token tensors ``[P]`` (default: the first ``n_prompts`` HumanEval prompts,
@@ -362,7 +369,10 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
     ``hf:assisted ... (HF defaults)``, see :func:`run_hf`). ``draft_confidence``: the cut-off
     of the ``*-dc`` configurations (blocks of at most ``dc_gamma`` drafts, default ``gamma``,
     ended after the first draft the drafter gave less than this; their names say "at most
-    N drafts" when ``dc_gamma`` is not ``gamma``).
+    N drafts" when ``dc_gamma`` is not ``gamma``). ``weights``: "real", or "random" for models
+    of the real shapes with random weights (``speccascade bench --random-weights``: the
+    comparison on a machine the real weights cannot reach; recorded in the settings, and the
+    table says that acceptance is then not meaningful).
 
     ``rounds``: run every configuration that many times, interleaved (round ``i`` runs them all,
     in reverse order when ``i`` is odd, and first re-times the step costs), so that a machine
@@ -381,6 +391,8 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
     dc_gamma = gamma if dc_gamma is None else dc_gamma
     if dc_gamma < 1:
         raise ValueError(f"dc_gamma must be >= 1, got {dc_gamma}")
+    if weights not in ("real", "random"):
+        raise ValueError(f"weights must be 'real' or 'random', got {weights!r}")
     if prompts is None:
         prompts = humaneval_prompts(tokenizer, n_prompts)
     n_prompts = len(prompts)
@@ -472,8 +484,8 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
     return {"rows": rows, "costs": costs, "settings": dict(
         n_prompts=n_prompts, max_new_tokens=max_new_tokens, batch=batch, gamma=gamma,
         alpha=alpha, rounds=rounds, hf_gamma=hf_gamma, draft_confidence=draft_confidence,
-        dc_gamma=dc_gamma),
-        "machine": machine()}
+        dc_gamma=dc_gamma, weights=weights),
+        "machine": machine(next(verifier.parameters()).device)}
 
 
 #: the name suffix of the rows that ran the int8 drafter (ours) or the int8 assistant (HF)
@@ -509,10 +521,13 @@ def _say_costs(progress, what, c):
              f"t_p(gamma+1) {c['t_p_block_s'] * 1e3:.1f} ms: c = {c['c']:.3f}, r = {c['r']:.3f}")
 
 
-def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "date": time.strftime("%Y-%m-%d")}
+def machine(device: torch.device | None = None) -> dict:
+    out = {"platform": platform.platform(), "processor": platform.processor(),
+           "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "date": time.strftime("%Y-%m-%d")}
+    if device is not None and device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
 
 
 def summarize(result: dict) -> list[dict]:
@@ -676,6 +691,12 @@ def markdown(result: dict) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for d in s:
         lines.append("| " + " | ".join(cell(d, c) for c in cols) + " |")
+    if result["settings"].get("weights") == "random":
+        lines.append("")
+        lines.append("Random weights of the pair's shapes: the models disagree, so acceptance, "
+                     "tokens per verifier call and the speed-ups of speculation are not "
+                     "meaningful; what compares is the time per verifier call and per drafter "
+                     "step of each engine (the ratios of the rows at about one token per call).")
     rounds = result["settings"].get("rounds", 1)
     if rounds > 1:
         lines.append("")
