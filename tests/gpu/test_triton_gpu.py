@@ -6,7 +6,9 @@
   changes the reference's own output there);
 * the whole backend captured in a CUDA graph and replayed gives the eager tokens, and, after new
   inputs are copied into the captured buffers, the reference's tokens for those inputs;
-* changing B does not compile new kernel variants;
+* the race over narrower slices at small B (``race_slice``) emits the tokens of the race over
+  the stats' slices, bit for bit, at V = 151,936 and 262,144;
+* changing B does not compile new kernel variants (beyond the race's two geometries);
 * the drafter's sampler (`sample` on CUDA runs kernels/sample.py): the reference's tokens at
   V = 151,936, and inside a CUDA graph capture.
 
@@ -94,6 +96,26 @@ def test_cuda_graph_capture_and_replay(rule):
         return tb.verify(q, x, p, top_k=None, top_p=None, **args)
 
     graph_replay_check(run, q, x, p, args, llm_block(B, 8), reference.verify, trials=8)
+
+
+@pytest.mark.parametrize("vocab", [151936, 262144])
+@pytest.mark.parametrize("rule", ["spec", "opt", "token_v3", "lossy"])
+def test_narrow_race_slices_emit_the_wide_race_tokens(rule, vocab):
+    """B = 1 and 2 race over narrower slices than the stats' (race_slice) on this GPU: the same
+    outputs as the race over the stats' slices, bit for bit, over many seeds (the winner does not
+    depend on the cut), and the widths really differ here (>= 8 SMs)."""
+    from speccascade_fast.backends import triton as tb
+
+    wide = tb.slice_size(vocab)
+    for B in (1, 2):
+        assert tb.race_slice(vocab, B, wide, tb._sm_count(torch.device(DEV))) < wide
+        q, x, p = helpers.llm_block(B, vocab, 300 + B, gamma=GAMMA, device=DEV, T=1.0)
+        for seed in range(16):
+            args = args_for(rule, [1.0, 0.8][:B], B, seed)
+            got = tb.launch(q, x, p, **args)
+            want = tb.launch(q, x, p, **args, race_width=wide)
+            bad = [name for name, a, b in zip(want._fields, got, want) if not torch.equal(a, b)]
+            assert not bad, (rule, vocab, B, seed, bad)
 
 
 def test_no_recompilation_per_batch_size_or_gamma():
