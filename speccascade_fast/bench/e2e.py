@@ -485,7 +485,7 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
         n_prompts=n_prompts, max_new_tokens=max_new_tokens, batch=batch, gamma=gamma,
         alpha=alpha, rounds=rounds, hf_gamma=hf_gamma, draft_confidence=draft_confidence,
         dc_gamma=dc_gamma, weights=weights),
-        "machine": machine(next(verifier.parameters()).device)}
+        "machine": machine(getattr(verifier, "device", None))}
 
 
 #: the name suffix of the rows that ran the int8 drafter (ours) or the int8 assistant (HF)
