@@ -144,10 +144,11 @@ class _CachedModel:
         else:
             from transformers import DynamicCache
             self.encoder_kwargs = {}
-            self.cache = DynamicCache(config=model.config)
-            # sliding-window layers drop states past the window unless told to keep them until
-            # the next crop (a rollback)
-            self.cache.activate_past_recording()
+            # no config: every layer keeps all its states, sliding-window layers too (their
+            # window is the attention mask's, which HF builds from the positions), so a rollback
+            # is a crop on every layer. (A config-built cache gives sliding layers a cache that
+            # drops old states, whose rollback and masks differ across transformers 5.x.)
+            self.cache = DynamicCache()
         self.keep_arg = _accepts(model, "logits_to_keep")
         self.cache_arg = _cache_kwarg(model) or "past_key_values"
 

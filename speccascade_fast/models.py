@@ -306,6 +306,7 @@ def _convert_gguf(gguf: pathlib.Path, out: pathlib.Path, progress: bool, info: d
     GenerationConfig.from_model_config(config).save_pretrained(out)
     with _phase(progress, "converting the GGUF tokenizer"):
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+        _fix_gguf_eos(tok, config.eos_token_id)
         tok.save_pretrained(out)
     meta = {"format": _CACHE_FORMAT, "dtype": "bfloat16", "parameters": n_params,
             "source": info, "model_type": config.model_type,
@@ -313,6 +314,15 @@ def _convert_gguf(gguf: pathlib.Path, out: pathlib.Path, progress: bool, info: d
             "converted_in_s": round(time.perf_counter() - t0, 1),
             "has_chat_template": bool(getattr(tok, "chat_template", None))}
     (out / _MARKER).write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def _fix_gguf_eos(tok, eos_id) -> None:
+    """The GGUF's end-of-sequence token on the tokenizer. ``eos_id`` is the GGUF's
+    ``tokenizer.ggml.eos_token_id`` as the config reads it; transformers 5.0-5.17's GGUF
+    tokenizer converter gives a gpt2-model tokenizer the BOS token as its EOS (5.24 does not),
+    and the converted folder is cached, so the tokenizer would keep the wrong one."""
+    if isinstance(eos_id, int) and 0 <= eos_id < len(tok) and tok.eos_token_id != eos_id:
+        tok.eos_token = tok.convert_ids_to_tokens(eos_id)
 
 
 def _version(dist: str) -> str | None:

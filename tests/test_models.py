@@ -311,6 +311,14 @@ def test_load_gguf_file(tmp_path, tie):
     assert tok.chat_template and "messages" in tok.chat_template
     assert tok.decode(tok("ab a").input_ids) == "ab a"
     assert tok.eos_token == "</s>"
+    # transformers 5.0-5.17 convert this tokenizer with the BOS as its EOS: the GGUF's EOS id
+    # (read by the config) is put back before the folder is saved
+    tok.eos_token = "<s>"
+    M._fix_gguf_eos(tok, None)  # no id in the GGUF: left alone
+    M._fix_gguf_eos(tok, len(tok))  # not a token: left alone
+    assert tok.eos_token == "<s>"
+    M._fix_gguf_eos(tok, loaded.config.eos_token_id)
+    assert loaded.config.eos_token_id == 1 and tok.eos_token == "</s>"
     # converted once into the cache, atomically; the second load reuses it
     folders = list((M.cache_dir() / "gguf").iterdir())
     assert len(folders) == 1 and folders[0].name.startswith("tiny-")
