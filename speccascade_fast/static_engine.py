@@ -42,7 +42,9 @@ row is verified on its own drafts in one ragged call (:func:`speccascade_fast.ra
 with ``max_spec_len = S``: the flattened rows gathered on the device, padding after the last
 row's). Each drafter step, and the verifier call with the verification, is a body of fixed
 shapes: with ``cuda_graphs`` one graph per (batch size, first-call width or later step,
-all-greedy) for the steps and one per (batch size, S) for the verification, replayed.
+all-greedy) for the steps and one per (batch size, S) for the verification, replayed. The steps
+write their logits and drafts into the engine's step buffers and hand the next step its input,
+so between two steps the host only reads the step's packed result.
 
 Finished rows (EOS or their budget) leave the batch at the end of the block: the caches are
 compacted, so they stop costing work. Shapes are fixed per block (every row drafts gamma tokens,
@@ -318,6 +320,7 @@ class Engine:
         self._graphs = _Graphs() if self.cuda_graphs else None
         self._verify = None  # the verification backend's function, resolved on first use
         self._backend = None  # and its name (the ragged verification of cut blocks)
+        self._step_buffers = None  # cut blocks: each drafter step's logits and draft (below)
 
     def _graphs_setting(self, cuda_graphs, compile_drafter) -> bool:
         on_cuda = self.device is not None and self.device.type == "cuda"
@@ -600,59 +603,64 @@ class Engine:
         then the verifier's forward over the S drafts of the longest row with the ragged
         verification (drafts, q and p stay padded to S per row; the flattened rows are gathered
         on the device, padding after ``cu[B]``), and, if a row needs it, the verification again
-        with the bonus rows."""
+        with the bonus rows. Between two drafter steps the host only reads the step's packed
+        result and feeds it back as the next step's input: the steps write their logits and
+        drafts into the engine's step buffers (:meth:`_buffers`) themselves, at the step index
+        the packed positions carry, so nothing is cloned or stacked per step."""
         cfg, q, B = self.cfg, self.q, rows.size
         greedy, args = rows.greedy, (rows.seeds, rows.temperature)
         kv = self._kv(rows)
-        # a graph's outputs are overwritten by the next replay of any graph (_Graphs): copy each
-        # step's draft and logits, and the verifier's logits before the bonus step's replay
+        # a graph's outputs are overwritten by the next replay of any graph (_Graphs): copy the
+        # verifier's logits before the bonus step's replay
         keep = (lambda x: x.clone()) if self._graphs is not None else (lambda x: x)
 
-        def drafted(logits, tj, seeds, temperature):
+        def drafted(logits, tj, t0, seeds, temperature):
+            """Draw draft j = tj - t0 (the same j in every row), store it and its logits in the
+            step buffers (column j) and pack (draft, unsure, non-finite, tj, t0) for the host."""
             x = self._draw(logits, seeds, temperature, tj, greedy)
             unsure = draft_probability(logits, x, temperature) < cfg.draft_confidence
-            return torch.stack([x, unsure.to(torch.int64), _nonfinite(logits)], dim=1), logits
+            q_buf, d_buf = self._buffers(logits)
+            j = (tj - t0)[:1]
+            q_buf[:B].index_copy_(1, j, logits[:, None])
+            d_buf[:B].index_copy_(1, j, x[:, None])
+            return torch.stack([x, unsure.to(torch.int64), _nonfinite(logits), tj, t0], dim=1)
 
         def first(ints, seeds, temperature):
             logits = q.forward(ints[:, 1 + width:], ints[:, 1: 1 + width], kv(0), 1)[:, 0]
-            return drafted(logits, ints[:, 0], seeds, temperature)
+            return drafted(logits, ints[:, 0], ints[:, 0], seeds, temperature)
 
-        def later(j):  # the step that feeds draft j - 1 and draws draft j (position t + j)
-            def body(tx, seeds, temperature):
-                tj = tx[:, 0]
-                logits = q.forward(tx[:, 1:], (tj - 1)[:, None], kv(j), 1)[:, 0]
-                return drafted(logits, tj, seeds, temperature)
+        def later(j):  # the step that feeds draft j - 1 and draws draft j: input, step j - 1's pack
+            def body(prev, seeds, temperature):
+                logits = q.forward(prev[:, :1], prev[:, 3:4], kv(j), 1)[:, 0]
+                return drafted(logits, prev[:, 3] + 1, prev[:, 4], seeds, temperature)
             return body
 
         ints = self._inputs(rows, q, width)
-        t = ints[:, 0]
         limit = [min(cfg.gamma, rows.remaining(b)) for b in range(B)]
         stop = [0] * B  # gamma_b once row b has stopped
         mine = [[] for _ in range(B)]  # row b's drafts, on the host
-        q_rows, drafts = [], []
-        pack, logits = self._run(("draft", B, width, greedy), first, (ints, *args))
+        S = 0  # drafter steps so far
+        pack = self._run(("draft", B, width, greedy), first, (ints, *args))
         while True:
-            j = len(drafts)
             host = pack.tolist()  # the step's one device-to-host read
-            self._check_logits([r[2] for r in host], ("drafter logits", logits))
-            q_rows.append(keep(logits))
-            drafts.append(keep(pack[:, 0]))
-            for b, (x, low, _) in enumerate(host):
+            self._check_logits([r[2] for r in host], ("drafter logits", self._buffers()[0][:B, S]))
+            for b, (x, low, *_) in enumerate(host):
                 if not stop[b]:
                     mine[b].append(x)
-                    if low or x in rows.eos or j + 1 >= limit[b]:
-                        stop[b] = j + 1
+                    if low or x in rows.eos or S + 1 >= limit[b]:
+                        stop[b] = S + 1
+            S += 1
             if all(stop):
                 break
-            tx = torch.stack([t + j + 1, drafts[-1]], dim=1)
-            pack, logits = self._run(("draft", B, 0, greedy), later(j + 1), (tx, *args))
-        S = calls = len(drafts)
-        drafts, q_logits = torch.stack(drafts, dim=1), torch.stack(q_rows, dim=1)
-        head = torch.stack([t, ints[:, -1]], dim=1)  # first draft position, the row's last token
-        stops = torch.tensor(stop, dtype=torch.int64, device=t.device)
+            pack = self._run(("draft", B, 0, greedy), later(S), (pack, *args))
+        calls = S
+        q_buf, d_buf = self._buffers()
+        q_logits, drafts = q_buf[:B, :S], d_buf[:B, :S]  # fixed addresses: read, not copied
+        stops = torch.tensor(stop, dtype=torch.int64, device=ints.device)
+        head = ints[:, (0, -1)]  # first draft position, the row's last token (ints' width varies)
         verified = self._ragged_verified
 
-        def score(head, drafts, q_logits, stops, seeds, temperature, alpha):
+        def score(head, stops, seeds, temperature, alpha):
             t = head[:, 0]
             slots = (t - 1)[:, None] + torch.arange(S + 1, device=t.device)
             p_logits = self.p.forward(torch.cat([head[:, 1:], drafts], dim=1), slots, kv(S),
@@ -660,32 +668,46 @@ class Engine:
             out = verified(q_logits, drafts, p_logits, stops, None, t, seeds, temperature, alpha)
             return torch.cat([out, _nonfinite(p_logits)[:, None]], dim=1), p_logits
 
-        def rescore(head, drafts, q_logits, p_logits, stops, bonus, seeds, temperature, alpha):
+        def rescore(head, p_logits, stops, bonus, seeds, temperature, alpha):
             return verified(q_logits, drafts, p_logits, stops, bonus, head[:, 0], seeds,
                             temperature, alpha)
 
-        inputs = (head, drafts, q_logits, stops, *args, rows.alpha)
-        pack, p_logits = self._run(("score", B, S), score, inputs)  # the bonus from pT
-        host = pack.tolist()
+        pack, p_logits = self._run(("score", B, S), score, (head, stops, *args, rows.alpha))
+        host = pack.tolist()  # the bonus from pT
         self._check_logits([r[-1] for r in host], ("verifier logits", p_logits))
         need = [self._needs_bonus(rows, b, r[0], mine[b]) for b, r in enumerate(host)]
         if any(need):
             q_all = q_logits
             if any(n and g == S for n, g in zip(need, stop)):
                 p_logits = keep(p_logits)
-                tx = torch.stack([t + S, drafts[:, -1]], dim=1)
-                bpack, bonus = self._run(("draft", B, 0, greedy), later(S), (tx, *args))
-                self._check_logits(bpack[:, 2].tolist(), ("drafter logits", bonus))
-                q_all = torch.cat([q_logits, bonus[:, None]], dim=1)
+                # the last step's pack again, from the buffers (the score graph may have reused
+                # the memory of the step's output)
+                t0 = head[:, 0]
+                zero = torch.zeros_like(t0)
+                last = torch.stack([d_buf[:B, S - 1], zero, zero, t0 + S - 1, t0], dim=1)
+                bpack = self._run(("draft", B, 0, greedy), later(S), (last, *args))
+                self._check_logits(bpack[:, 2].tolist(), ("drafter logits", q_buf[:B, S]))
+                q_all = q_buf[:B, :S + 1]
                 calls += 1
             # rows that need no bonus take any row of theirs: their bonus token is never emitted
             at = stops.clamp(max=q_all.shape[1] - 1)
-            bonus = q_all[torch.arange(B, device=t.device), at]
+            bonus = q_all[torch.arange(B, device=ints.device), at]
             host = self._run(("rescore", B, S), rescore,
-                             (head, drafts, q_logits, p_logits, stops, bonus, *args,
-                              rows.alpha)).tolist()
+                             (head, p_logits, stops, bonus, *args, rows.alpha)).tolist()
         return [(r[0], r[1: 2 + r[0]], r[2 + S: 3 + 2 * S], stop[b])
                 for b, r in enumerate(host)], calls
+
+    def _buffers(self, logits: torch.Tensor | None = None):
+        """A cut block's step buffers: ``[max_batch_size, gamma + 1, V]`` drafter logits and
+        ``[max_batch_size, gamma + 1]`` drafts, column j for step j (the last column: the bonus
+        step's). Allocated on the first step ever (``logits`` gives V, dtype and device), which
+        runs eagerly even with CUDA graphs (a graph's first call runs its body before the
+        capture), so a captured step only writes into them and their addresses never change."""
+        if self._step_buffers is None:
+            n, cols = self.max_batch_size, self.cfg.gamma + 1
+            self._step_buffers = (logits.new_empty(n, cols, logits.shape[-1]),
+                                  torch.empty(n, cols, dtype=torch.int64, device=logits.device))
+        return self._step_buffers
 
     def _ragged_verified(self, q_logits, drafts, p_logits, stops, bonus, t, seeds, temperature,
                          alpha):

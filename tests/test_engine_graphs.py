@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from speccascade_fast import Engine, generate
 from speccascade_fast.sampling import draw
@@ -33,15 +34,27 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 class Recorder:
     """Stands in for the engine's CUDA graphs: runs each body eagerly under NoHostReads and
-    records the keys it would have been captured under."""
+    records the keys it would have been captured under. Like ``_Graphs`` it keeps one set of
+    static inputs per key, cloned at the key's first call, and copies every call's inputs into
+    them (an input whose shape changes under one key fails there, as a replay would), and a
+    key's first call runs the body twice (``_Graphs``' warm-up run, then the replay of the
+    capture), so a body that is not a function of its inputs alone changes the tokens."""
 
     def __init__(self):
         self.keys = []
+        self.static = {}
 
     def __call__(self, key, body, inputs):
-        self.keys.append(key)
         with NoHostReads():
-            return body(*inputs)
+            static = self.static.get(key)
+            if static is None:
+                static = self.static[key] = [x.clone() for x in inputs]
+                body(*static)
+            for dst, src in zip(static, inputs):
+                assert dst.shape == src.shape, (key, dst.shape, src.shape)
+                dst.copy_(src)
+            self.keys.append(key)
+            return body(*static)
 
 
 CASES = [
@@ -249,3 +262,60 @@ def test_cuda_graphs_argument(pair):
         generate(*pair, ids, method="token_cascade", cuda_graphs=True)
     out = generate(*pair, ids, cuda_graphs=False, max_new_tokens=4, engine="sequential")
     assert len(out.new_tokens[0]) == 4
+
+
+class _OpLog(TorchDispatchMode):
+    """Logs the ops the host issues (views and the no-ops of ``tolist`` left out) while ``on``."""
+
+    QUIET = {"aten::view", "aten::_unsafe_view", "aten::slice", "aten::select", "aten::alias",
+             "aten::detach", "aten::detach_", "aten::expand", "aten::unsqueeze", "aten::squeeze",
+             "aten::resolve_conj", "aten::resolve_neg", "aten::lift_fresh"}
+
+    def __init__(self):
+        super().__init__()
+        self.log, self.on = [], False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.on and func._schema.name not in self.QUIET:
+            self.log.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_cut_blocks_issue_no_device_work_between_drafter_steps(pair):
+    """With CUDA graphs the host issues its own ops eagerly, one launch each, while the GPU
+    waits: between two drafter steps of a cut block it only reads the step's packed result
+    (and the graphs copy the next step's inputs); the steps store their logits and drafts in
+    the step buffers themselves (no clone, stack or position arithmetic on the host)."""
+    ids, mask = left_padded(PROMPTS)
+    kw = dict(max_batch_size=3, max_seq_len=48, rule="token_v3", alpha=0.3, temperature=1.0,
+              gamma=6, draft_confidence=0.2)
+    ops = _OpLog()
+    recorder = Recorder()
+    events = []
+
+    def replay(key, body, inputs):  # the engine's host code is logged, the graphs' not
+        events.append((key[0], len(ops.log)))
+        ops.on = False
+        try:
+            return recorder(key, body, inputs)
+        finally:
+            ops.on = True
+
+    engine = _fixed_shapes(Engine(*pair, **kw), replay)
+    inner = engine._adaptive_block
+
+    def logged(*args):
+        ops.on = True
+        try:
+            return inner(*args)
+        finally:
+            ops.on = False
+
+    engine._adaptive_block = logged
+    with ops:
+        engine.generate(ids, attention_mask=mask, seed=[3, 4, 5], max_new_tokens=[5, 17, 24],
+                        eos_token_id=[])
+    between = [ops.log[a:b] for (k1, a), (k2, b) in zip(events, events[1:])
+               if k1 == k2 == "draft"]
+    assert len(between) >= 5  # blocks of several steps
+    assert all(not o for o in between), [o for o in between if o][:3]
