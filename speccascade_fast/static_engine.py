@@ -31,9 +31,10 @@ previous block rejected a draft or ran the bonus drafter step):
 
 Draft, score and verify are one body of device work on shapes that depend only on (batch size,
 gamma, the width of the first drafter call): with ``cuda_graphs`` it is captured once per such
-key and replayed (every call then attends over the whole cache, stale slots masked); without,
-it runs eagerly and attends over the block's longest prefix only. The block's inputs reach the
-device in one small copy.
+key and replayed (every call then attends over the whole cache, stale slots masked; the batch
+is padded to its bucket, the next power of two, so that rows leaving the batch replay a few
+graph sizes: :meth:`Engine._bucket`); without, it runs eagerly and attends over the block's
+longest prefix only. The block's inputs reach the device in one small copy.
 
 With ``draft_confidence`` the block's length varies: the drafter steps go on while any row
 drafts (a host read after each, to see which rows drew a draft they gave less than the cut-off,
@@ -183,7 +184,7 @@ class _SlotModel:
 
 
 class _Graphs:
-    """CUDA graphs of the engine's per-block work, one per key (which body, batch size, width
+    """CUDA graphs of the engine's per-block work, one per key (which body, batch-size bucket, width
     of the drafter's first call, all-greedy or not), sharing one memory pool.
 
     A key's first call runs the body once on a side stream (Triton compiles, cuBLAS picks its
@@ -247,8 +248,9 @@ class Engine:
             differently); exactness towards the target is untouched either way.
         cuda_graphs: capture each block (the gamma (+1) drafter steps with their draws, the
             verifier's block forward, the fused verification and the packing of the block's
-            one host read) as one CUDA graph per (batch size, width of the drafter's first
-            call, all-greedy or not), replayed (with ``draft_confidence``: a graph per drafter
+            one host read) as one CUDA graph per (batch-size bucket: the next power of two,
+            at most ``max_batch_size``; width of the drafter's first call; all-greedy or not),
+            replayed (with ``draft_confidence``: a graph per drafter
             step and one for the verifier call with the verification, see the module
             docstring). None (default): on when the models are on a CUDA device and
             ``compile_drafter`` is off. With
@@ -439,17 +441,28 @@ class Engine:
         return draw(logits, temperature, seeds, positions,
                     checks.top_k(cfg.top_k, logits.shape[-1]), cfg.top_p, greedy=greedy)
 
-    def _inputs(self, rows: _Rows, m: _SlotModel, width: int) -> torch.Tensor:
-        """int64 ``[B, 1 + 2 width]``, per row: the position L of the token to draw, then the
+    def _inputs(self, rows: _Rows, m: _SlotModel, width: int, n: int) -> torch.Tensor:
+        """int64 ``[n, 1 + 2 width]``, per row: the position L of the token to draw, then the
         slots and ids of the first call of ``m`` (the row's last ``L - seen`` tokens, at most
-        ``width``, right-aligned; padding goes to the trash slot): the block's one
-        host-to-device copy."""
+        ``width``, right-aligned; padding goes to the trash slot), the rows past the batch's
+        repeating row 0 (:meth:`_bucket`): the block's one host-to-device copy."""
         trash, out = self.slots - 1, []
         for b, L in enumerate(rows.length):
             count = L - m.seen[b]
             slots = [L - width + i if i >= width - count else trash for i in range(width)]
             out.append([L, *slots, *rows.tail[b][2 - width:]])
+        out += out[:1] * (n - len(out))
         return torch.tensor(out, dtype=torch.int64, device=self.device)
+
+    def _bucket(self, B: int) -> int:
+        """The rows a body runs for a batch of B: B when eager; with CUDA graphs the smallest
+        power of two >= B (at most ``max_batch_size``), so that a batch whose rows finish one
+        by one replays the graphs of a few sizes instead of capturing new ones at every size.
+        The rows past B repeat row 0's inputs (:meth:`_inputs`, :meth:`_Rows.padded`) into
+        cache rows no sequence holds; nothing reads their outputs."""
+        if self._graphs is None:
+            return B
+        return min(1 << (B - 1).bit_length(), self.max_batch_size)
 
     def _check_logits(self, host_bad, *named) -> None:
         """A row of the block read NaN/+inf or all--inf logits: the checks' own message."""
@@ -468,10 +481,11 @@ class Engine:
             x = self._draw(logits, seeds, temperature, t, greedy)
             return torch.stack([x, _nonfinite(logits)], dim=1), logits
 
-        ints = self._inputs(rows, m, 1)
-        pack, logits = self._run(("step", deferred, rows.size, greedy), body,
-                                 (ints, rows.seeds, rows.temperature))
-        host = pack.tolist()  # the step's one device-to-host read
+        n = self._bucket(rows.size)
+        seeds, temperature, _ = rows.padded(n)
+        ints = self._inputs(rows, m, 1, n)
+        pack, logits = self._run(("step", deferred, n, greedy), body, (ints, seeds, temperature))
+        host = pack.tolist()[: rows.size]  # the step's one device-to-host read
         name = "verifier logits" if deferred else "drafter logits"
         self._check_logits([r[1] for r in host], (name, logits))
         for b, (x, _) in enumerate(host):
@@ -562,11 +576,11 @@ class Engine:
             pack = self._verified(q_logits, drafts, p_logits, seeds, temperature, alpha, t)
             return pack, q_logits, p_logits
 
-        ints = self._inputs(rows, q, width)
-        pack, q_logits, p_logits = self._run(
-            ("block", rows.size, width, greedy), body,
-            (ints, rows.seeds, rows.temperature, rows.alpha))
-        host = pack.tolist()  # the block's one device-to-host read
+        n = self._bucket(rows.size)
+        per_row = rows.padded(n)  # seeds, temperature, alpha
+        ints = self._inputs(rows, q, width, n)
+        pack, q_logits, p_logits = self._run(("block", n, width, greedy), body, (ints, *per_row))
+        host = pack.tolist()[: rows.size]  # the block's one device-to-host read
         self._check_logits([r[-2] for r in host], ("drafter logits", q_logits))
         self._check_logits([r[-1] for r in host], ("verifier logits", p_logits))
         drafts = [row[2 + gamma: 2 + 2 * gamma] for row in host]
@@ -581,8 +595,8 @@ class Engine:
             t, draft_ids = ints[:, 0], pack[:, 2 + gamma: 2 + 2 * gamma]
             bonus = q.forward(draft_ids[:, -1:], (t + gamma - 1)[:, None], kv(gamma), 1)[:, 0]
             q_logits = torch.cat([q_logits, bonus[:, None]], dim=1)
-            host = self._verified(q_logits, draft_ids, p_logits, rows.seeds, rows.temperature,
-                                  rows.alpha, t).tolist()  # the block's second host read
+            host = self._verified(q_logits, draft_ids, p_logits, *per_row, t).tolist()[
+                : rows.size]  # the block's second host read
             self._check_logits([r[-2] for r in host], ("drafter logits", q_logits))
             calls += 1
         results = [(row[0], row[1: 2 + row[0]], row[2 + 2 * gamma: 3 + 3 * gamma], g[b])
@@ -608,7 +622,9 @@ class Engine:
         drafts into the engine's step buffers (:meth:`_buffers`) themselves, at the step index
         the packed positions carry, so nothing is cloned or stacked per step."""
         cfg, q, B = self.cfg, self.q, rows.size
-        greedy, args = rows.greedy, (rows.seeds, rows.temperature)
+        nb = self._bucket(B)  # the rows the bodies run (B, or B's bucket with CUDA graphs)
+        seeds, temperature, alpha = rows.padded(nb)
+        greedy, args = rows.greedy, (seeds, temperature)
         kv = self._kv(rows)
         # a graph's outputs are overwritten by the next replay of any graph (_Graphs): copy the
         # verifier's logits before the bonus step's replay
@@ -621,8 +637,8 @@ class Engine:
             unsure = draft_probability(logits, x, temperature) < cfg.draft_confidence
             q_buf, d_buf = self._buffers(logits)
             j = (tj - t0)[:1]
-            q_buf[:B].index_copy_(1, j, logits[:, None])
-            d_buf[:B].index_copy_(1, j, x[:, None])
+            q_buf[:nb].index_copy_(1, j, logits[:, None])
+            d_buf[:nb].index_copy_(1, j, x[:, None])
             return torch.stack([x, unsure.to(torch.int64), _nonfinite(logits), tj, t0], dim=1)
 
         def first(ints, seeds, temperature):
@@ -635,14 +651,14 @@ class Engine:
                 return drafted(logits, prev[:, 3] + 1, prev[:, 4], seeds, temperature)
             return body
 
-        ints = self._inputs(rows, q, width)
+        ints = self._inputs(rows, q, width, nb)
         limit = [min(cfg.gamma, rows.remaining(b)) for b in range(B)]
         stop = [0] * B  # gamma_b once row b has stopped
         mine = [[] for _ in range(B)]  # row b's drafts, on the host
         S = 0  # drafter steps so far
-        pack = self._run(("draft", B, width, greedy), first, (ints, *args))
+        pack = self._run(("draft", nb, width, greedy), first, (ints, *args))
         while True:
-            host = pack.tolist()  # the step's one device-to-host read
+            host = pack.tolist()[:B]  # the step's one device-to-host read
             self._check_logits([r[2] for r in host], ("drafter logits", self._buffers()[0][:B, S]))
             for b, (x, low, *_) in enumerate(host):
                 if not stop[b]:
@@ -652,11 +668,12 @@ class Engine:
             S += 1
             if all(stop):
                 break
-            pack = self._run(("draft", B, 0, greedy), later(S), (pack, *args))
+            pack = self._run(("draft", nb, 0, greedy), later(S), (pack, *args))
         calls = S
         q_buf, d_buf = self._buffers()
-        q_logits, drafts = q_buf[:B, :S], d_buf[:B, :S]  # fixed addresses: read, not copied
-        stops = torch.tensor(stop, dtype=torch.int64, device=ints.device)
+        q_logits, drafts = q_buf[:nb, :S], d_buf[:nb, :S]  # fixed addresses: read, not copied
+        # (the padding rows are verified on one draft; nothing reads their outputs)
+        stops = torch.tensor(stop + [1] * (nb - B), dtype=torch.int64, device=ints.device)
         head = ints[:, (0, -1)]  # first draft position, the row's last token (ints' width varies)
         verified = self._ragged_verified
 
@@ -672,8 +689,8 @@ class Engine:
             return verified(q_logits, drafts, p_logits, stops, bonus, head[:, 0], seeds,
                             temperature, alpha)
 
-        pack, p_logits = self._run(("score", B, S), score, (head, stops, *args, rows.alpha))
-        host = pack.tolist()  # the bonus from pT
+        pack, p_logits = self._run(("score", nb, S), score, (head, stops, *args, alpha))
+        host = pack.tolist()[:B]  # the bonus from pT
         self._check_logits([r[-1] for r in host], ("verifier logits", p_logits))
         need = [self._needs_bonus(rows, b, r[0], mine[b]) for b, r in enumerate(host)]
         if any(need):
@@ -684,16 +701,16 @@ class Engine:
                 # the memory of the step's output)
                 t0 = head[:, 0]
                 zero = torch.zeros_like(t0)
-                last = torch.stack([d_buf[:B, S - 1], zero, zero, t0 + S - 1, t0], dim=1)
-                bpack = self._run(("draft", B, 0, greedy), later(S), (last, *args))
-                self._check_logits(bpack[:, 2].tolist(), ("drafter logits", q_buf[:B, S]))
-                q_all = q_buf[:B, :S + 1]
+                last = torch.stack([d_buf[:nb, S - 1], zero, zero, t0 + S - 1, t0], dim=1)
+                bpack = self._run(("draft", nb, 0, greedy), later(S), (last, *args))
+                self._check_logits(bpack[:B, 2].tolist(), ("drafter logits", q_buf[:B, S]))
+                q_all = q_buf[:nb, :S + 1]
                 calls += 1
             # rows that need no bonus take any row of theirs: their bonus token is never emitted
             at = stops.clamp(max=q_all.shape[1] - 1)
-            bonus = q_all[torch.arange(B, device=ints.device), at]
-            host = self._run(("rescore", B, S), rescore,
-                             (head, p_logits, stops, bonus, *args, rows.alpha)).tolist()
+            bonus = q_all[torch.arange(nb, device=ints.device), at]
+            host = self._run(("rescore", nb, S), rescore,
+                             (head, p_logits, stops, bonus, *args, alpha)).tolist()[:B]
         return [(r[0], r[1: 2 + r[0]], r[2 + S: 3 + 2 * S], stop[b])
                 for b, r in enumerate(host)], calls
 
@@ -771,6 +788,7 @@ class _Rows:
         self.new_tokens: list[list[int]] = [[] for _ in range(B)]
         self.counters = [Counters(sequences=1) for _ in range(B)]  # per sequence
         self.done = [False] * B
+        self._padded = None  # (n, seeds, temperature, alpha) of padded(n)
         for m in (engine.q, engine.p):
             if m is not None:
                 m.seen = [0] * B
@@ -778,6 +796,19 @@ class _Rows:
     @property
     def size(self) -> int:
         return len(self.index)
+
+    def padded(self, n: int):
+        """``(seeds, temperature, alpha)`` for ``n >= size`` rows, the rows past the batch
+        repeating row 0's (:meth:`Engine._bucket`); the batch's own tensors when ``n == size``.
+        Kept until the batch changes."""
+        if n == self.size:
+            return self.seeds, self.temperature, self.alpha
+        if self._padded is None or self._padded[0] != n:
+            idx = torch.tensor([*range(self.size), *[0] * (n - self.size)],
+                               device=self.seeds.device)
+            self._padded = (n, *(x.index_select(0, idx)
+                                 for x in (self.seeds, self.temperature, self.alpha)))
+        return self._padded[1:]
 
     def prefill(self) -> None:
         """Both models take every row's prompt but its last token (which each block feeds)."""
@@ -822,6 +853,7 @@ class _Rows:
         for m in (self.engine.q, self.engine.p):
             if m is not None:
                 m.keep_rows(index, keep)
+        self._padded = None
         self.seeds = self.seeds.index_select(0, index)
         self.temperature = self.temperature.index_select(0, index)
         self.alpha = self.alpha.index_select(0, index)

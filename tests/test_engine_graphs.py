@@ -319,3 +319,26 @@ def test_cut_blocks_issue_no_device_work_between_drafter_steps(pair):
                if k1 == k2 == "draft"]
     assert len(between) >= 5  # blocks of several steps
     assert all(not o for o in between), [o for o in between if o][:3]
+
+
+@pytest.mark.parametrize("kw", [CASES[1], CUT_CASES[1], CASES[6]],
+                         ids=["fixed", "cut", "autoregressive"])
+def test_graph_batch_sizes_are_buckets(pair, kw):
+    """With graphs a batch runs at its bucket, the next power of two (at most max_batch_size):
+    3 rows finishing one by one in an engine for 8 run as 4, 4, then 1 (2 rows pad to 2), so
+    the graphs of a few sizes serve every size; the padding rows (row 0's inputs, free cache
+    rows) change no sequence's tokens."""
+    ids, mask = left_padded(PROMPTS)
+    run = dict(attention_mask=mask, seed=[3, 4, 5], max_new_tokens=[5, 17, 24], eos_token_id=[])
+    settings = dict(max_batch_size=8, max_seq_len=48, **kw)
+    want = Engine(*pair, **settings).generate(ids, **run)
+    recorder = Recorder()
+    engine = _fixed_shapes(Engine(*pair, **settings), recorder)
+    assert [engine._bucket(b) for b in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    got = engine.generate(ids, **run)
+    assert got.new_tokens == want.new_tokens
+    sizes = {k[2] if k[0] == "step" else k[1] for k in recorder.keys}
+    assert sizes == {4, 2, 1}  # 3 rows -> bucket 4, then 2, then 1
+    assert Engine(*pair, max_batch_size=6, max_seq_len=48)._bucket(5) == 5  # eager: no padding
+    capped = _fixed_shapes(Engine(*pair, max_batch_size=6, max_seq_len=48), Recorder())
+    assert [capped._bucket(b) for b in (3, 5, 6)] == [4, 6, 6]

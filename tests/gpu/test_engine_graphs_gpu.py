@@ -1,8 +1,9 @@
 """The Engine's CUDA graphs on a GPU: the graph path equals the eager path.
 
 Tiny random fp32 Llamas on CUDA (tests.test_engine.tiny_pair), prompts of different lengths,
-rows that finish at different times (graphs are captured for every batch size the eager run
-goes through: 3, then 2 and 1 unless rows finish in the same block, and replayed):
+rows that finish at different times (graphs are captured for the bucket of every batch size
+the eager run goes through: 3, then 2 and 1 unless rows finish in the same block, and replayed;
+in an engine for 8 rows the 3 run as 4, padded):
 ``Engine(cuda_graphs=True)`` emits the tokens and statistics of ``Engine(cuda_graphs=False)``
 (but for the drafter calls: the graphs run the bonus drafter step in every block) for
 spec_cascade (T = 0 and T > 0, both bonus policies), autoregressive and drafter_only, with
@@ -49,12 +50,15 @@ def pair():
     return tuple(m.to("cuda") for m in tiny_pair())
 
 
-@pytest.mark.parametrize("kw", CASES, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
-def test_graphs_give_the_eager_tokens(pair, kw):
+@pytest.mark.parametrize("kw,max_batch", [(kw, 3) for kw in CASES]
+                         + [(CASES[2], 8), (CASES[4], 8), (CASES[8], 8)],
+                         ids=lambda v: "-".join(f"{x}" for x in v.values())
+                         if isinstance(v, dict) else f"max{v}")
+def test_graphs_give_the_eager_tokens(pair, kw, max_batch):
     ids, mask = left_padded(PROMPTS)
     ids, mask = ids.cuda(), mask.cuda()
     run = dict(attention_mask=mask, seed=[3, 4, 5], max_new_tokens=[5, 17, 24], eos_token_id=[])
-    settings = dict(max_batch_size=3, max_seq_len=64, **kw)
+    settings = dict(max_batch_size=max_batch, max_seq_len=64, **kw)
     reference = Engine(*pair, cuda_graphs=False, **settings)
     sizes = set()  # the batch sizes the eager run went through (rows may finish together)
     eager_run = reference._run
@@ -66,7 +70,9 @@ def test_graphs_give_the_eager_tokens(pair, kw):
     assert got.new_tokens == eager.new_tokens
     assert_graph_stats(got.stats, eager.stats, kw)
     captured = dict(engine._graphs.graphs)
-    assert 3 in sizes and {batch_size(key) for key in captured} == sizes
+    assert 3 in sizes and {batch_size(key) for key in captured} == {
+        engine._bucket(b) for b in sizes}
+    assert (4 in {batch_size(key) for key in captured}) == (max_batch == 8)  # 3 rows padded
     again = engine.generate(ids, **run)  # replays the graphs captured above
     assert again.new_tokens == eager.new_tokens
     assert engine._graphs.graphs.keys() == captured.keys()
