@@ -356,7 +356,7 @@ def test_race_slice():
     assert widths == {1024, 2048, 4096, 8192}  # a runtime argument: no compile per width
 
 
-@pytest.mark.parametrize("rule", ["spec", "opt", "token_v3", "lossy", "lossy_star", "bild"])
+@pytest.mark.parametrize("rule", ["spec", "token_v3", "lossy"])
 def test_race_slicing_does_not_change_the_outputs(rule):
     """Stage 3's race over slices narrower or wider than the stats' (as :func:`race_slice` picks
     at small B on a GPU), in one chunk or several: the same tokens, counts and flags, bit for
@@ -366,7 +366,7 @@ def test_race_slicing_does_not_change_the_outputs(rule):
     q, x, p = make_block(seed, T=1.0, rows=6)
     args = call_args(rule, ALPHAS[rule][0], TEMPS[:3] * 2, 6, seed)
     want = assert_same(q, x, p, args, **SMALL)
-    for race, block in ((16, None), (32, 16), (64, 16), (128, None)):
+    for race, block in ((16, None), (64, 16), (128, None)):
         got = tb.launch(q, x, p, **args, slice_width=64, block=block, race_width=race)
         for name, a, b in zip(want._fields, got, want):
             assert torch.equal(a, b), (rule, race, block, name)
