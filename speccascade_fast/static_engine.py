@@ -42,10 +42,10 @@ an EOS, or their last budgeted token), then one verifier call of the longest blo
 row is verified on its own drafts in one ragged call (:func:`speccascade_fast.ragged.call`
 with ``max_spec_len = S``: the flattened rows gathered on the device, padding after the last
 row's). Each drafter step, and the verifier call with the verification, is a body of fixed
-shapes: with ``cuda_graphs`` one graph per (batch size, first-call width or later step,
-all-greedy) for the steps and one per (batch size, S) for the verification, replayed. The steps
-write their logits and drafts into the engine's step buffers and hand the next step its input,
-so between two steps the host only reads the step's packed result.
+shapes: with ``cuda_graphs`` one graph per (batch-size bucket, first-call width or later step,
+all-greedy) for the steps and one per (batch-size bucket, S) for the verification, replayed.
+The steps write their logits and drafts into the engine's step buffers and hand the next step
+its input, so between two steps the host only reads the step's packed result.
 
 Finished rows (EOS or their budget) leave the batch at the end of the block: the caches are
 compacted, so they stop costing work. Shapes are fixed per block (every row drafts gamma tokens,
@@ -626,9 +626,6 @@ class Engine:
         seeds, temperature, alpha = rows.padded(nb)
         greedy, args = rows.greedy, (seeds, temperature)
         kv = self._kv(rows)
-        # a graph's outputs are overwritten by the next replay of any graph (_Graphs): copy the
-        # verifier's logits before the bonus step's replay
-        keep = (lambda x: x.clone()) if self._graphs is not None else (lambda x: x)
 
         def drafted(logits, tj, t0, seeds, temperature):
             """Draw draft j = tj - t0 (the same j in every row), store it and its logits in the
@@ -657,9 +654,10 @@ class Engine:
         mine = [[] for _ in range(B)]  # row b's drafts, on the host
         S = 0  # drafter steps so far
         pack = self._run(("draft", nb, width, greedy), first, (ints, *args))
+        q_buf, d_buf = self._buffers()  # allocated by that first step (eager even with graphs)
         while True:
             host = pack.tolist()[:B]  # the step's one device-to-host read
-            self._check_logits([r[2] for r in host], ("drafter logits", self._buffers()[0][:B, S]))
+            self._check_logits([r[2] for r in host], ("drafter logits", q_buf[:B, S]))
             for b, (x, low, *_) in enumerate(host):
                 if not stop[b]:
                     mine[b].append(x)
@@ -670,7 +668,6 @@ class Engine:
                 break
             pack = self._run(("draft", nb, 0, greedy), later(S), (pack, *args))
         calls = S
-        q_buf, d_buf = self._buffers()
         q_logits, drafts = q_buf[:nb, :S], d_buf[:nb, :S]  # fixed addresses: read, not copied
         # (the padding rows are verified on one draft; nothing reads their outputs)
         stops = torch.tensor(stop + [1] * (nb - B), dtype=torch.int64, device=ints.device)
@@ -696,7 +693,8 @@ class Engine:
         if any(need):
             q_all = q_logits
             if any(n and g == S for n, g in zip(need, stop)):
-                p_logits = keep(p_logits)
+                if self._graphs is not None:  # the bonus step's replay may reuse its memory
+                    p_logits = p_logits.clone()  # (_Graphs: outputs live until any replay)
                 # the last step's pack again, from the buffers (the score graph may have reused
                 # the memory of the step's output)
                 t0 = head[:, 0]

@@ -50,6 +50,7 @@ import torch
 
 from ..engine import check_draft_confidence
 from ..static_engine import Engine
+from .overhead import _sync
 
 
 @dataclass
@@ -279,17 +280,13 @@ def step_costs(drafter, verifier, prompt, gamma: int, repeats: int = 9,
         slots = torch.arange(start, start + k, device=engine.device)[None]
         m.forward(tokens[:, start: start + k], slots, start + k, k)
 
-    def sync():
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize(engine.device)
-
     def timed(m, k):
         times = []
         for _ in range(repeats):
-            sync()
+            _sync(engine.device)
             begin = time.perf_counter()
             call(m, k, P - 1)
-            sync()
+            _sync(engine.device)
             times.append(time.perf_counter() - begin)
         return statistics.median(times)
 
