@@ -5,10 +5,15 @@ call, most of them a kernel each, counted with a TorchDispatchMode on CPU), each
 replayed from a CUDA graph (as the engine's drafter graphs run it).
 
 R in {1, 8} rows (B = 1 drafting and a small batch), V in {32,000, 151,936}, bf16 LLM-like logits,
-T = 1; at R = 1, V = 151,936 also top_p = 0.9 (keep bounds from the torch code in both: one
-full sort per row). ``extra_info``
+T = 1; at R = 1, V = 151,936 also top_p = 0.9 (keep bounds from
+:func:`speccascade_fast.truncation.keep_bounds` in both: the Triton search on CUDA). ``extra_info``
 carries ``gpu_us``, the CUDA-event median as in bench_verify_gpu.py; ``python bench/report.py
 out.json --stat gpu_us`` tabulates it with the ratio to the torch formula.
+
+Also top-p's keep bounds alone (kind "keep_bounds"), R in {1, 6, 48} rows (a drafter draw at
+B = 1, a verification block of B = 1, gamma = 5, and of B = 8), V = 151,936, top_p = 0.9: the
+Triton search (kernels/keep_bounds.py) against the torch code that CUDA ran before it (one full
+sort per row, no host read), eager and graph-replayed.
 
 Run: ``pytest bench/bench_sample_gpu.py --benchmark-only --benchmark-json=out.json``.
 """
@@ -19,6 +24,7 @@ import torch
 from bench_sample import drafter_logits
 from bench_verify_gpu import captured, gpu_us
 
+from speccascade_fast import truncation
 from speccascade_fast.sampling import draw
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
@@ -50,6 +56,40 @@ def test_sample_gpu(benchmark, R, V, top_p, impl):
 
     benchmark.group = f"sample R={R} V={V} top_p={top_p}"
     benchmark.extra_info.update(kind="sample", impl=impl, R=R, V=V, top_p=top_p,
+                                gpu_us=round(gpu_us(step), 2), dtype="bf16",
+                                device=torch.cuda.get_device_name())
+    benchmark.pedantic(timed, rounds=100, warmup_rounds=2, iterations=1)
+
+
+KEEP_IMPLS = ["search", "search-graph", "torch", "torch-graph"]
+
+
+@pytest.mark.parametrize("impl", KEEP_IMPLS)
+@pytest.mark.parametrize("R", [1, 6, 48])
+def test_keep_bounds_gpu(benchmark, R, impl):
+    V, top_p = 151936, 0.9
+    logits = drafter_logits(R, V)[0].cuda()
+    T = torch.linspace(0.5, 1.5, R, dtype=torch.float64, device="cuda")
+    name, _, mode = impl.partition("-")
+    if name == "search":
+        assert truncation._searched(logits)
+
+        def call():
+            return truncation.keep_bounds(logits, T, None, top_p)
+    else:
+        def call():
+            return truncation.keep_bounds_torch(logits, T, None, top_p, sync_free=True)
+
+    call()  # compiles the kernels
+    torch.cuda.synchronize()
+    step = captured(call) if mode == "graph" else call
+
+    def timed():
+        step()
+        torch.cuda.synchronize()
+
+    benchmark.group = f"keep bounds R={R} V={V} top_p={top_p}"
+    benchmark.extra_info.update(kind="keep_bounds", impl=impl, R=R, V=V, top_p=top_p,
                                 gpu_us=round(gpu_us(step), 2), dtype="bf16",
                                 device=torch.cuda.get_device_name())
     benchmark.pedantic(timed, rounds=100, warmup_rounds=2, iterations=1)

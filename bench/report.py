@@ -1,5 +1,6 @@
 """Markdown table of bench/bench_verify.py (CPU) or bench/bench_verify_gpu.py results, for the README
-(and of bench/bench_sample_gpu.py's drafter sampler, when the JSON holds it).
+(and of bench/bench_sample_gpu.py's drafter sampler and top-p keep bounds, when the JSON holds
+them).
 
     pytest bench/bench_verify.py --benchmark-only --benchmark-json=out.json
     python bench/report.py out.json [--stat median|min] > table.md
@@ -43,26 +44,34 @@ def load(data: dict) -> tuple[list[dict], float | None]:
     return rows, bw
 
 
+SAMPLER_KINDS = {"sample": "sample", "keep_bounds": "keep bounds"}
+
+
 def load_sampler(data: dict) -> list[dict]:
-    """The drafter-sampler rows of bench_sample_gpu.py (``extra_info`` kind "sample")."""
+    """bench_sample_gpu.py's rows (``extra_info`` kind "sample": the drafter's draw, or
+    "keep_bounds": top-p's keep bounds alone)."""
     return [dict(b["extra_info"], median=b["stats"]["median"]) for b in data["benchmarks"]
-            if b.get("extra_info", {}).get("kind") == "sample"]
+            if b.get("extra_info", {}).get("kind") in SAMPLER_KINDS]
 
 
 def sampler_table(rows: list[dict]) -> str:
-    """One row per (R, V, top_p, impl): GPU µs, host-synchronised median µs, and the GPU time
-    of the torch formula run the same way (eager or graph) over this one."""
-    out = ["| R | V | top_p | impl | GPU µs | median µs (host sync) | torch formula / this |",
-           "|---" * 7 + "|"]
-    by = {(r["R"], r["V"], r["top_p"], r["impl"]): r["gpu_us"] for r in rows}
-    order = {"triton-graph": 0, "torch-graph": 1, "triton": 2, "torch": 3}
-    for r in sorted(rows, key=lambda r: (r["R"], r["V"], r["top_p"] is not None,
-                                         r["top_p"] or 0, order.get(r["impl"], 9))):
+    """One row per (kind, R, V, top_p, impl): GPU µs, host-synchronised median µs, and the GPU
+    time of the torch code run the same way (eager or graph) over this one."""
+    out = ["| what | R | V | top_p | impl | GPU µs | median µs (host sync) | torch / this |",
+           "|---" * 8 + "|"]
+    by = {(r["kind"], r["R"], r["V"], r["top_p"], r["impl"]): r["gpu_us"] for r in rows}
+    order = {"triton-graph": 0, "search-graph": 0, "torch-graph": 1, "triton": 2, "search": 2,
+             "torch": 3}
+    kinds = list(SAMPLER_KINDS)
+    for r in sorted(rows, key=lambda r: (kinds.index(r["kind"]), r["R"], r["V"],
+                                         r["top_p"] is not None, r["top_p"] or 0,
+                                         order.get(r["impl"], 9))):
         mode = r["impl"].partition("-")[2]
-        base = by.get((r["R"], r["V"], r["top_p"], "torch" + ("-" + mode if mode else "")))
+        base = by.get((r["kind"], r["R"], r["V"], r["top_p"],
+                       "torch" + ("-" + mode if mode else "")))
         speedup = "" if base is None else f"{base / r['gpu_us']:.1f}×"
-        out.append(f"| {r['R']} | {r['V']} | {r['top_p'] or '–'} | {r['impl']} | "
-                   f"{r['gpu_us']:.1f} | {fmt_us(r['median'])} | {speedup} |")
+        out.append(f"| {SAMPLER_KINDS[r['kind']]} | {r['R']} | {r['V']} | {r['top_p'] or '–'} | "
+                   f"{r['impl']} | {r['gpu_us']:.1f} | {fmt_us(r['median'])} | {speedup} |")
     return "\n".join(out)
 
 

@@ -175,7 +175,8 @@ def call(name, draft_logits, draft_tokens, target_logits, cu, bonus_draft_logits
     ``max_gamma``: the longest request's gamma if known (else read from ``cu``).
 
     With ``max_spec_len`` on ``cuda`` or ``triton`` nothing is read on the host (top-k /
-    top-p included: on CUDA the keep bounds come from one full sort per row), so a CUDA graph
+    top-p included: on CUDA the keep bounds come from the Triton search, or one full sort per row
+    without triton), so a CUDA graph
     can capture the call and replay it with other values of ``cu``
     (:class:`speccascade_fast.Engine`'s blocks cut by ``draft_confidence``)."""
     if name in ("cpu", "cuda"):  # one fused op call (C++ / CUDA C++) over the flattened rows

@@ -74,8 +74,8 @@ def draw(logits, temperature, seed, positions, top_k=None, top_p=None, *, greedy
          backend="auto") -> torch.Tensor:
     """:func:`sample` on ``[R, V]`` logits with inputs already checked: float64 ``temperature``,
     int64 ``seed`` and ``positions`` ``[R]`` on the logits' device, ``top_k`` / ``top_p``
-    normalised. No host synchronisation on CUDA (the top-k / top-p keep bounds come from one
-    sort per row there) unless ``greedy`` is None on the torch path (whether every row is
+    normalised. No host synchronisation on CUDA (the top-k / top-p keep bounds come from torch's
+    top-k and the Triton search there) unless ``greedy`` is None on the torch path (whether every row is
     greedy is then read from ``temperature``): the engine's CUDA graphs call it with ``greedy``
     known. On CUDA the Triton kernels take every call that is not known to be all greedy (an
     all-greedy call is one argmax), for fp32/bf16/fp16 logits when triton imports."""

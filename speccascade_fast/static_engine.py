@@ -254,8 +254,8 @@ class Engine:
             step and one for the verifier call with the verification, see the module
             docstring). None (default): on when the models are on a CUDA device and
             ``compile_drafter`` is off. With
-            ``top_k`` / ``top_p`` the captured keep bounds come from one full sort per row (no
-            host read).
+            ``top_k`` / ``top_p`` the captured keep bounds come from torch's top-k and the
+            Triton search of top-p's bound (no host read).
         attention: None (default): the models' own attention (PyTorch SDPA or eager) with the
             engine's explicit masks; ``"flash_attn"``: flash-attn's ``flash_attn_with_kvcache``
             over heads-last caches with per-row ``cache_seqlens`` (fp16/bf16 models on CUDA,

@@ -17,12 +17,18 @@ renormalised mass before it is < ``top_p``; the last kept token ``v*`` gives
 ``(tau, cut) = (l_v*, v*)``. The masses are fp64 softmax terms as in the reference, so the
 bound differs only where a cumulative mass lies within rounding (~1e-15) of ``top_p``.
 
-Rows with T = 0 or no truncation get ``(-inf, V - 1)``: keep all. Two implementations of the one
-definition: on CPU (fp32/fp16/bf16 logits) the C++ op ``torch.ops.speccascade.keep_bounds``
-(csrc/cpu/keep_bounds_cpu.cpp: nth_element for top-k, a quickselect by mass for top-p, expected
-O(V) per row, fp32 exp summed in fp64); elsewhere, and as the op's oracle in the tests, the torch
-code below (fp64; one top-k of width 64 per row, 4x wider for the rows not yet decided, up to a
-full sort; or, inside a CUDA graph capture, one full sort per row with no host read).
+Rows with T = 0 or no truncation get ``(-inf, V - 1)``: keep all. Three implementations of the
+one definition:
+
+* on CPU (fp32/fp16/bf16 logits) the C++ op ``torch.ops.speccascade.keep_bounds``
+  (csrc/cpu/keep_bounds_cpu.cpp: nth_element for top-k, a quickselect by mass for top-p, expected
+  O(V) per row, fp32 exp summed in fp64);
+* on CUDA with triton, for top-p (fp32/fp16/bf16 logits), the Triton search of
+  :mod:`speccascade_fast.kernels.keep_bounds` (eight passes over the logits' bits split over the
+  vocabulary, fp32 exp summed in fp64, no sort and no host read), after torch's top-k;
+* elsewhere, and as the others' oracle in the tests, the torch code below (fp64; one top-k of
+  width 64 per row, 4x wider for the rows not yet decided, up to a full sort; or, on CUDA, one
+  full sort per row with no host read).
 """
 from __future__ import annotations
 
@@ -45,11 +51,17 @@ def keep_bounds(logits: torch.Tensor, temperature: torch.Tensor, top_k: int | No
         top_k, top_p: validated truncation settings (``None``: off).
     """
     op = _cpu_op(logits)
-    if op is None:
+    if op is None and not (top_p is not None and _searched(logits)):
         return keep_bounds_torch(logits, temperature, top_k, top_p)
     shape, V = logits.shape[:-1], logits.shape[-1]
-    t = torch.as_tensor(temperature, dtype=torch.float64).expand(shape).reshape(-1).contiguous()
-    out = op(logits.reshape(-1, V), t, top_k, top_p)
+    t = torch.as_tensor(temperature, dtype=torch.float64, device=logits.device)
+    t = t.expand(shape).reshape(-1).contiguous()
+    if op is None:
+        from .backends import triton as triton_backend
+
+        out = triton_backend.keep_bounds(logits.reshape(-1, V), t, top_k, top_p)
+    else:
+        out = op(logits.reshape(-1, V), t, top_k, top_p)
     return out.reshape(*shape, 2)
 
 
@@ -95,14 +107,26 @@ def _cpu_op(logits):
         return None
 
 
+def _searched(logits) -> bool:
+    """Whether top-p's bound of these logits comes from the Triton search: CUDA fp32/fp16/bf16
+    logits, with triton importable."""
+    if not logits.is_cuda or logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    from .backends import triton as triton_backend
+
+    return triton_backend.is_available(logits.device)
+
+
 def keep_bounds_torch(logits: torch.Tensor, temperature: torch.Tensor, top_k: int | None,
                       top_p: float | None, *, sync_free: bool | None = None) -> torch.Tensor:
-    """:func:`keep_bounds` in torch (fp64): any device and dtype; the C++ op's oracle.
+    """:func:`keep_bounds` in torch (fp64): any device and dtype; the C++ op's and the Triton
+    search's oracle, and what CUDA runs without triton.
 
     ``sync_free``: walk every row's full sort at once instead of top-k windows sized on the
     host (O(V log V) per row, but no host read, so it can be captured in a CUDA graph). Same
     bounds either way. None: on CUDA (with top_p, one sort per row measured 1.8-8.1x faster than
-    the windows on an H100: README, "Measured", "On a GPU"), not on CPU."""
+    the windows on an H100, before the Triton search: README, "Measured", "On a GPU"), not on
+    CPU."""
     shape, V = logits.shape[:-1], logits.shape[-1]
     if sync_free is None:
         sync_free = logits.is_cuda

@@ -234,6 +234,24 @@ HOST_READS = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten:
               "aten::equal", "aten::allclose", "aten::_assert_async"}
 
 
+def truncation_case(trial, max_vocab=3000):
+    """Random rows for the keep-bound tests: (logits [4, V], T [4] (0, 0.3, 1, 2.5), top_k,
+    top_p), with many ties every third trial, every third token masked every fourth, fp32 / bf16 /
+    fp16 in turn, top_k or top_p off in some trials."""
+    g = torch.Generator().manual_seed(trial)
+    V = int(torch.randint(2, max_vocab, (), generator=g))
+    x = torch.randn(4, V, generator=g) * float(torch.rand((), generator=g) * 8 + 0.1)
+    if trial % 3 == 0:  # many ties
+        x = (x * 2).round() / 2
+    if trial % 4 == 1:
+        x[:, ::3] = float("-inf")
+    x = x.to((torch.float32, torch.bfloat16, torch.float16)[trial % 3])
+    T = torch.tensor([0.0, 0.3, 1.0, 2.5])
+    top_k = None if trial % 4 == 0 else int(torch.randint(1, V + 1, (), generator=g))
+    top_p = None if trial % 4 == 3 else float(torch.rand((), generator=g) * 0.98 + 0.01)
+    return x, T, top_k, top_p
+
+
 class NoHostReads(TorchDispatchMode):
     """Raise on any op that reads the device from the host."""
 

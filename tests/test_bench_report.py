@@ -73,23 +73,29 @@ def test_no_results(tmp_path, capsys):
         _report().main([_write(tmp_path, []), "--stat", "p99"])
 
 
-def _sample(impl, gpu_us, R=1, V=151936, top_p=None):
-    info = dict(kind="sample", impl=impl, R=R, V=V, top_p=top_p, gpu_us=gpu_us, dtype="bf16")
+def _sample(impl, gpu_us, R=1, V=151936, top_p=None, kind="sample"):
+    info = dict(kind=kind, impl=impl, R=R, V=V, top_p=top_p, gpu_us=gpu_us, dtype="bf16")
     return {"group": "s", "extra_info": info, "stats": {"median": gpu_us * 2e-6, "min": 0.0}}
 
 
 def test_sampler_table_compares_like_with_like(tmp_path, capsys):
     """bench_sample_gpu.py's rows: the graph replay against the torch formula's graph replay,
-    the eager call against the eager formula, per (R, V, top_p)."""
-    path = _write(tmp_path, [_sample("torch", 400.0), _sample("triton", 20.0),
+    the eager call against the eager formula, per (kind, R, V, top_p); the keep-bound rows
+    after the sampler's, against the torch bounds."""
+    path = _write(tmp_path, [_sample("search-graph", 30.0, top_p=0.9, kind="keep_bounds"),
+                             _sample("torch-graph", 150.0, top_p=0.9, kind="keep_bounds"),
+                             _sample("torch", 400.0), _sample("triton", 20.0),
                              _sample("torch-graph", 90.0), _sample("triton-graph", 6.0),
                              _sample("triton", 25.0, top_p=0.9)])
     assert _report().main([path, "--stat", "gpu_us"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("| R | V | top_p | impl | GPU µs")
+    assert lines[0].startswith("| what | R | V | top_p | impl | GPU µs")
     rows = [[c.strip() for c in x.strip("|").split("|")] for x in lines[2:]]
-    assert [r[2:4] for r in rows] == [["–", "triton-graph"], ["–", "torch-graph"],
-                                      ["–", "triton"], ["–", "torch"], ["0.9", "triton"]]
-    assert rows[0][4:] == ["6.0", "12.0", "15.0×"]  # 90 / 6
-    assert rows[2][6] == "20.0×" and rows[3][6] == "1.0×"  # 400 / 20; torch against itself
-    assert rows[4][6] == ""  # no torch row for top_p = 0.9
+    assert [r[3:5] for r in rows] == [["–", "triton-graph"], ["–", "torch-graph"],
+                                      ["–", "triton"], ["–", "torch"], ["0.9", "triton"],
+                                      ["0.9", "search-graph"], ["0.9", "torch-graph"]]
+    assert rows[0][0] == "sample" and rows[5][0] == "keep bounds"
+    assert rows[0][5:] == ["6.0", "12.0", "15.0×"]  # 90 / 6
+    assert rows[2][7] == "20.0×" and rows[3][7] == "1.0×"  # 400 / 20; torch against itself
+    assert rows[4][7] == ""  # no torch row for the sampler at top_p = 0.9
+    assert rows[5][7] == "5.0×"  # the keep bounds' own torch row: 150 / 30

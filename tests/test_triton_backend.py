@@ -28,8 +28,9 @@ import speccascade_fast as sc
 from speccascade_fast import backends, checks, kernels, rng  # kernels: decorated by conftest.py
 from speccascade_fast.backends import reference
 from speccascade_fast.backends import triton as tb
+from speccascade_fast.truncation import keep_bounds_torch, keep_mask
 
-from .helpers import ALPHAS, assert_same_up_to_near_ties
+from .helpers import ALPHAS, assert_same_up_to_near_ties, truncation_case
 
 _CUDA = torch.cuda.is_available()
 
@@ -476,6 +477,100 @@ def test_sampler_refuses_what_it_cannot_run(monkeypatch):
             sc.sample(x, backend="triton")
 
 
+# ---- top-p's keep bound by the search over the logits' bits (kernels/keep_bounds.py) -------------
+# several slices of several chunks (the cross-slice sums, ties counted across slices), and the
+# default slicing (one slice per row here)
+KEEP_SLICINGS = [dict(slice_width=128, block=64), dict(slice_width=64, block=32), {}]
+
+
+def _searched(x, T, top_k, top_p, slicing):
+    return tb.keep_bounds(x.to(DEVICE), T.double().to(DEVICE), top_k, top_p, **slicing).cpu()
+
+
+@pytest.mark.parametrize("trial", range(16))
+def test_keep_bound_search_equals_the_torch_bounds(trial):
+    """Bit for bit against the torch bounds (fp64 over a sort) on random rows: ties, masked
+    tokens, fp32 / bf16 / fp16, T = 0 rows, with and without top-k first. (fp32 weights summed in
+    fp64 could differ only where a cumulative mass lies within ~1e-7 of the target.)"""
+    x, T, top_k, top_p = truncation_case(3000 + trial, max_vocab=500)
+    top_p = 0.5 if top_p is None else top_p
+    want = keep_bounds_torch(x, T, top_k, top_p)
+    assert torch.equal(_searched(x, T, top_k, top_p, KEEP_SLICINGS[trial % 3]), want), trial
+
+
+def _edge_cases():
+    """(name, logits, T, top_k, top_p): the boundary among ties, far from the first slice."""
+    T = torch.tensor([0.0, 0.3, 1.0, 2.5])
+    g = torch.Generator().manual_seed(5)
+    flat = torch.zeros(4, 400)
+    two = flat.clone()
+    two[:, [5, 300]] = 1.0
+    zeros = torch.full((4, 300), -5.0)
+    zeros[:, ::7], zeros[:, 3::7] = -0.0, 0.0  # -0.0 and +0.0 tie
+    x = torch.randn(4, 500, generator=g) * 3
+    huge = torch.randn(4, 500, generator=g) * 1e4
+    neg = (torch.randn(4, 500, generator=g) * 2 - 20).round().to(torch.bfloat16)
+    return [("all tied", flat, T, None, 0.5), ("all tied, top-k", flat, T, 3, 0.5),
+            ("two maxima in two slices", two, T, None, 0.3),
+            ("two maxima, then the tied rest", two, T, None, 0.99),
+            ("signed zeros", zeros, T, None, 0.6), ("tiny top_p", x, T, None, 1e-9),
+            ("top_k = 1", x, T, 1, 0.5), ("top_k = V", x, T, 500, 0.7),
+            ("huge logits, extreme T", huge, torch.tensor([0.01, 0.3, 1e-3, 100.0]), None, 0.9),
+            ("V = 1", x[:, :1], T, None, 0.5), ("V = 2", x[:, :2], T, None, 0.5),
+            ("V = 2, top_k", x[:, :2], T, 1, 0.5), ("negative bf16 ties", neg, T, None, 0.7),
+            ("negative bf16 ties, top-k", neg, T, 50, 0.7)]
+
+
+@pytest.mark.parametrize("slicing", KEEP_SLICINGS[::2], ids=["128x64", "default"])
+def test_keep_bound_search_edge_cases(slicing):
+    for name, x, T, top_k, top_p in _edge_cases():
+        want = keep_bounds_torch(x, T, top_k, top_p)
+        assert torch.equal(_searched(x, T, top_k, top_p, slicing), want), name
+
+
+@pytest.mark.parametrize("slicing", KEEP_SLICINGS[:2], ids=["128x64", "64x32"])
+def test_keep_bound_search_where_only_rounding_decides(slicing):
+    """top_p = 1: every implementation keeps the tokens before the cumulative mass reaches 1 by
+    rounding, so the kept sets may differ, by tokens of negligible mass only; a row with no
+    finite logit keeps everything (the C++ op's convention; the checks refuse such rows)."""
+    from speccascade_fast.probs import scaled
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 500, generator=g) * 3
+    T = torch.tensor([0.0, 0.3, 1.0, 2.5])
+    got = keep_mask(x, _searched(x, T, None, 1.0, slicing))
+    want = keep_mask(x, keep_bounds_torch(x, T, None, 1.0))
+    law = scaled(x, T.double(), None, None)
+    assert float((law * (got ^ want)).sum(-1).max()) < 1e-12
+    assert float((law * got).sum(-1).min()) > 1 - 1e-12
+    masked = torch.full((2, 300), -math.inf)
+    masked[1, 10] = 1.0
+    b = _searched(masked, torch.tensor([1.0, 1.0]), None, 0.9, slicing)
+    assert b.tolist() == [[-math.inf, 299.0], [1.0, 10.0]]
+
+
+def test_keep_bound_search_reads_nothing_on_the_host():
+    """The search's launches (and torch's top-k before them) make no host read: the engine's
+    CUDA graphs capture them."""
+    from .helpers import NoHostReads
+
+    x, T, _, _ = truncation_case(7, max_vocab=300)
+    want = keep_bounds_torch(x, T, 5, 0.8)
+    x, T = x.to(DEVICE), T.double().to(DEVICE)
+    with NoHostReads():
+        got = tb.keep_bounds(x, T, 5, 0.8, slice_width=64, block=32)
+    assert torch.equal(got.cpu(), want)
+
+
+def test_keep_slice():
+    # R rows of V / width programs, about 2 per multiprocessor, widths 1024..8192
+    assert tb.keep_slice(151936, 1, 132) == 1024
+    assert tb.keep_slice(151936, 6, 132) == 4096
+    assert tb.keep_slice(151936, 48, 132) == 8192
+    assert tb.keep_slice(300, 1, 132) == 512  # never wider than the vocabulary's power of two
+    assert tb.keep_slice(151936, 1, 1) == 8192
+
+
 # ---- the kernels also compile for a GPU (no GPU needed: Triton compiles to a cubin) ----------------
 _COMPILE = r"""
 import inspect, os, sys
@@ -531,12 +626,19 @@ for keep in (False, True):
 PTR["x_ptr"] = "*fp16"
 build(K.sample_slices_kernel, 4, SLICE=1024, BLOCK=512, KEEP=True)
 build(K.sample_merge_kernel, 4, S_PAD=32)
+# top-p's keep-bound search (kernels/keep_bounds.py)
+PTR.update(x_ptr="*bf16", t_ptr="*fp64", tk_ptr="*fp32", tp_ptr="*fp64", mx_ptr="*fp32",
+           h_ptr="*fp64", lo_ptr="*i64", acc_ptr="*fp64", tgt_ptr="*fp64", cnt_ptr="*i32",
+           out_ptr="*fp64")
+for fn in (K.keep_max_kernel, K.keep_pass_kernel, K.keep_ties_kernel, K.keep_final_kernel):
+    build(fn, 4, BLOCK=256)
 print("compiled")
 """
 
 
 def test_kernels_compile_for_sm90():
-    """Compiles (without running) stage 1, 2 and 3 kernels and the drafter's sampler for sm_90 in
+    """Compiles (without running) stage 1, 2 and 3 kernels, the drafter's sampler and the
+    keep-bound search for sm_90 in
     a fresh process, so that a CPU-only CI still catches code the interpreter accepts but the
     compiler does not."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -11,6 +11,7 @@ from speccascade_fast.probs import scaled
 from speccascade_fast.truncation import keep_bounds, keep_bounds_torch, keep_mask
 
 from .helpers import NoHostReads
+from .helpers import truncation_case as _case
 
 IMPLS = {"torch": keep_bounds_torch, "cpu_op": keep_bounds,  # keep_bounds: the C++ op on CPU
          "sorted": functools.partial(keep_bounds_torch, sync_free=True)}
@@ -22,21 +23,6 @@ def _kept_by_reference(x, T, top_k, top_p):
     ref = scaled(x, T.double(), top_k, top_p) > 0
     alive = scaled(x, T.double(), None, None) > 0
     return ref, alive
-
-
-def _case(trial):
-    g = torch.Generator().manual_seed(trial)
-    V = int(torch.randint(2, 3000, (), generator=g))
-    x = torch.randn(4, V, generator=g) * float(torch.rand((), generator=g) * 8 + 0.1)
-    if trial % 3 == 0:  # many ties
-        x = (x * 2).round() / 2
-    if trial % 4 == 1:
-        x[:, ::3] = float("-inf")
-    x = x.to((torch.float32, torch.bfloat16, torch.float16)[trial % 3])
-    T = torch.tensor([0.0, 0.3, 1.0, 2.5])
-    top_k = None if trial % 4 == 0 else int(torch.randint(1, V + 1, (), generator=g))
-    top_p = None if trial % 4 == 3 else float(torch.rand((), generator=g) * 0.98 + 0.01)
-    return x, T, top_k, top_p
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))

@@ -9,8 +9,8 @@ It is the CUDA kernel of the op ``torch.ops.speccascade.verify_padded``, present
 ``speccascade_fast._C`` was built against a CUDA torch (setup.py). Calls it does not cover go to
 the reference backend, whole, exactly as in :mod:`.cpu`: float64 logits (the kernels read fp32 /
 fp16 / bf16). ``top_k`` / ``top_p`` reach the kernel as per-row keep bounds
-(:mod:`speccascade_fast.truncation`, computed by torch on the GPU from one full sort per row,
-with no host read).
+(:mod:`speccascade_fast.truncation`, computed on the GPU with no host read: top-k by torch,
+top-p by the Triton search when triton imports, else from one full sort per row).
 
 ``verify_ragged`` (vLLM's flattened layout) runs the same kernels, which read each request's rows
 where they lie (``torch.ops.speccascade.verify_ragged``'s CUDA kernel); the op reads
@@ -75,9 +75,9 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
     normalised (per-request ``[B]`` tensors), fp32/fp16/bf16 logits on one CUDA device.
 
     With ``max_spec_len`` (an int >= every gamma_b) the output is ``[B, max_spec_len + 1]`` and
-    nothing is read on the host (top-k / top-p included: on CUDA their keep bounds come from one
-    sort per row), so the call can be captured in a CUDA graph and replayed with other values of
-    ``cu_num_draft_tokens`` (same buffers). This entry point does not check values (that would
+    nothing is read on the host (top-k / top-p included: their keep bounds too), so the call
+    can be captured in a CUDA graph and replayed with other values of ``cu_num_draft_tokens``
+    (same buffers). This entry point does not check values (that would
     read the device): ``cu`` starting at 0, strictly increasing, ending at most at N (rows after
     ``cu[B]`` are padding), and every gamma_b <= ``max_spec_len`` are the caller's promise, as
     in vLLM's rejection sampler."""

@@ -35,7 +35,8 @@ paddings; B, gamma, T, alpha, seeds, positions and the race slice width are runt
 recompile per B: at most two compiled race geometries per V).
 
 **top_k / top_p**: each logit row's keep bound ``(tau, cut)`` (:mod:`speccascade_fast.truncation`)
-is computed first (on CUDA by the torch code, one full sort per row and no host read; on the
+is computed first (on CUDA top-k by torch and top-p by the search of
+:mod:`speccascade_fast.kernels.keep_bounds`, :func:`keep_bounds`, no host read; on the
 interpreter by the C++ op)
 and every kernel reads a truncated row as -inf outside its set wherever it forms qT or pT (the
 unscaled q1, p1 stay whole). T = 0 (greedy) and T > 0 may mix within a batch.
@@ -344,4 +345,57 @@ def sample(logits, temperature, seed, positions, keep=None, *, slice_width: int 
         x, x.stride(0), t, sd, ps, best if keep is None else keep.contiguous(), best, arg, V, S,
         SLICE=SLICE, BLOCK=BLOCK, KEEP=keep is not None, num_warps=_warps(BLOCK))
     k.sample_merge_kernel[(R,)](best, arg, out, S, S_PAD=_next_pow2(S))
+    return out
+
+
+def keep_slice(V: int, R: int, sms: int) -> int:
+    """Vocabulary slice per program of the keep-bound search: 8192 when R rows of ``V / 8192``
+    programs give each of the ``sms`` multiprocessors two, else narrower (down to 1024) so that
+    they about do; a runtime argument (no compile per width)."""
+    want = -(-RACE_PROGRAMS_PER_SM * sms // max(R, 1))  # programs per row
+    return min(8192, max(1024, _next_pow2(-(-V // want))), _next_pow2(V))
+
+
+def keep_bounds(logits, temperature, top_k, top_p, *, slice_width: int | None = None,
+                block: int | None = None) -> torch.Tensor:
+    """Top-p's keep bounds (:func:`speccascade_fast.truncation.keep_bounds`, top-k's bound
+    first when given) by the search of :mod:`speccascade_fast.kernels.keep_bounds`: float64
+    ``[R, 2]`` from fp32/bf16/fp16 ``logits`` ``[R, V]`` and float64 ``temperature`` ``[R]``;
+    ``top_p`` a float in (0, 1], ``top_k`` an int or None (inputs checked by the caller). 11
+    launches (one more, torch's top-k, with ``top_k``), no host read. ``slice_width`` /
+    ``block`` (powers of two) override the vocabulary slice per program and the chunk it loops
+    over (the tests use tiny ones)."""
+    k = _kernels()
+    _check_mode(k, logits.device)
+    x = logits if logits.stride(-1) == 1 else logits.contiguous()
+    R, V = x.shape
+    dev = x.device
+    out = torch.empty((R, 2), dtype=torch.float64, device=dev)
+    if R == 0:
+        return out
+    t = temperature.to(torch.float64).contiguous()
+    tauk = torch.full((R,), -torch.inf, dtype=torch.float32, device=dev)
+    if top_k is not None and top_k < V:  # ties with the k-th largest are kept (cut = V - 1)
+        kth = torch.topk(x, top_k, dim=-1).values[:, -1].to(torch.float32)
+        tauk = torch.where(t > 0, kth, tauk)
+    SLICE = slice_width or keep_slice(V, R, _sm_count(dev))
+    BLOCK = min(SLICE, block or 256)
+    S = -(-V // SLICE)
+    passes = k.keep_bounds.PASSES.value
+    mx = torch.empty((R, S), dtype=torch.float32, device=dev)
+    h = torch.empty((passes, R, S, k.keep_bounds.NB.value), dtype=torch.float64, device=dev)
+    lo = torch.zeros((passes + 1, R), dtype=torch.int64, device=dev)  # row 0: pass 0's (0, 0)
+    acc = torch.zeros((passes + 1, R), dtype=torch.float64, device=dev)
+    tgt = torch.empty((R,), dtype=torch.float64, device=dev)
+    cnt = torch.empty((R, S), dtype=torch.int32, device=dev)
+    tp = torch.full((1,), float(top_p), dtype=torch.float64, device=dev)
+    grid, warps = (R, S), 4
+    k.keep_max_kernel[grid](x, x.stride(0), mx, V, S, SLICE, BLOCK=BLOCK, num_warps=warps)
+    for p in range(passes):
+        k.keep_pass_kernel[grid](x, x.stride(0), t, tauk, tp, mx, h, lo, acc, tgt, R, V, S, SLICE,
+                                 p, BLOCK=BLOCK, num_warps=warps)
+    k.keep_ties_kernel[grid](x, x.stride(0), t, tauk, mx, h, lo, acc, tgt, cnt, R, V, S, SLICE,
+                             BLOCK=BLOCK, num_warps=warps)
+    k.keep_final_kernel[grid](x, x.stride(0), t, tauk, mx, lo, acc, tgt, cnt, out, R, V, S, SLICE,
+                              BLOCK=BLOCK, num_warps=warps)
     return out

@@ -7,12 +7,14 @@ One stage per module, named as in the reference backend:
   lossy_star's bisection;
 * :mod:`.resample`    - ``accept`` and ``resample`` (Gumbel-max race over the slices);
 * :mod:`.sample`      - the drafter's draw from qT (:func:`speccascade_fast.sample` on CUDA);
+* :mod:`.keep_bounds` - top-p's keep bound per row, by a search over the logits' bits (no sort);
 * :mod:`.rng`         - the counter-based RNG, bit-exact with :mod:`speccascade_fast.rng`;
 * :mod:`.common`      - rule ids, the statistics layout and the pointwise formulas.
 
 Importing this package decorates the kernels: with ``TRITON_INTERPRET=1`` set at that moment they
 run in Triton's CPU interpreter (tests), otherwise they compile for the GPU.
 """
+from .keep_bounds import keep_final_kernel, keep_max_kernel, keep_pass_kernel, keep_ties_kernel
 from .resample import accept_resample_kernel
 from .rng import uniform_kernel
 from .sample import sample_merge_kernel, sample_slices_kernel
@@ -20,6 +22,7 @@ from .second_pass import lossy_star_kernel, second_pass_kernel
 from .stats import stats_kernel
 
 __all__ = [
-    "accept_resample_kernel", "lossy_star_kernel", "sample_merge_kernel", "sample_slices_kernel",
+    "accept_resample_kernel", "keep_final_kernel", "keep_max_kernel", "keep_pass_kernel",
+    "keep_ties_kernel", "lossy_star_kernel", "sample_merge_kernel", "sample_slices_kernel",
     "second_pass_kernel", "stats_kernel", "uniform_kernel",
 ]

@@ -7,7 +7,7 @@ in an engine for 8 rows the 3 run as 4, padded):
 ``Engine(cuda_graphs=True)`` emits the tokens and statistics of ``Engine(cuda_graphs=False)``
 (but for the drafter calls: the graphs run the bonus drafter step in every block) for
 spec_cascade (T = 0 and T > 0, both bonus policies), autoregressive and drafter_only, with
-top-k/top-p (keep bounds from one full sort per row), and with blocks cut by
+top-k/top-p (keep bounds from torch's top-k and the Triton search), and with blocks cut by
 ``draft_confidence`` (a graph per drafter step, the ragged verification captured with
 ``max_spec_len``, the bonus step replayed between it and the verification again: the case that
 found outputs clobbered through the graphs' shared pool); a second ``generate`` on the same

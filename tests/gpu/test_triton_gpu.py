@@ -10,7 +10,9 @@
   the stats' slices, bit for bit, at V = 151,936 and 262,144;
 * changing B does not compile new kernel variants (beyond the race's two geometries);
 * the drafter's sampler (`sample` on CUDA runs kernels/sample.py): the reference's tokens at
-  V = 151,936, and inside a CUDA graph capture.
+  V = 151,936, and inside a CUDA graph capture;
+* top-p's keep bound by the Triton search (kernels/keep_bounds.py): the torch bounds at
+  V = 151,936 up to rounding at the boundary, eager and replayed from a CUDA graph.
 
 vLLM's flattened layout (`verify_ragged`) on the GPU is tested in test_ragged_gpu.py.
 """
@@ -167,7 +169,7 @@ def test_qwen_vocabulary_sampler(monkeypatch, trunc):
 
 @pytest.mark.parametrize("top_p", [None, 0.9])
 def test_sampler_in_a_cuda_graph(top_p):
-    """The sampler (with top-p: keep bounds from one full sort per row inside the capture)
+    """The sampler (with top-p: keep bounds from the Triton search inside the capture)
     captured once, replayed on new logits and positions: the reference's tokens."""
     from speccascade_fast.sampling import draw
 
@@ -190,3 +192,49 @@ def test_sampler_in_a_cuda_graph(top_p):
     torch.cuda.synchronize()
     want = sc.sample(x, temperature=T, top_p=top_p, seed=seed, positions=pos, backend="reference")
     assert torch.equal(out, want)
+
+
+def assert_same_kept_sets(x, T, top_k, top_p, got, want):
+    """The kept sets of two bounds differ at most by tokens of total mass <= 1e-6 (relative to
+    the truncated law): the search sums fp32 weights in fp64 and the torch bounds fp64 ones, so
+    a boundary token whose cumulative mass lies within rounding of top_p may go either way."""
+    from speccascade_fast.probs import scaled
+    from speccascade_fast.truncation import keep_mask
+
+    law = scaled(x, T, top_k, None)  # after top-k, before top-p
+    diff = keep_mask(x, got) ^ keep_mask(x, want)
+    assert float((law * diff).sum(-1).max()) <= 1e-6
+
+
+@pytest.mark.parametrize("top_k,top_p", [(None, 0.9), (None, 0.5), (50, 0.95), (None, 0.999)])
+@pytest.mark.parametrize("rows", [1, 6, 48])
+def test_keep_bound_search_at_the_qwen_vocabulary(rows, top_k, top_p):
+    """On CUDA ``truncation.keep_bounds`` takes top-p's bound from the Triton search
+    (kernels/keep_bounds.py, default slicing): the torch bounds (fp64 over one full sort per row)
+    up to rounding at the boundary, for bf16 and fp32 LLM-like rows at V = 151,936, greedy rows
+    included; how many rows are bit for bit equal is printed."""
+    from speccascade_fast import truncation
+
+    q = llm_block(-(-rows // 6), 11)[0].reshape(-1, V)[:rows]
+    T = torch.linspace(0.0, 1.5, rows, dtype=torch.float64, device=DEV)
+    for x in (q, q.float()):
+        assert truncation._searched(x)
+        want = truncation.keep_bounds_torch(x, T, top_k, top_p)
+        got = truncation.keep_bounds(x, T, top_k, top_p)
+        assert_same_kept_sets(x, T, top_k, top_p, got, want)
+        print(f"{x.dtype}: {int((got == want).all(-1).sum())} of {rows} rows bit for bit")
+
+
+def test_keep_bound_search_in_a_cuda_graph():
+    """The search (11 launches, and torch's top-k) captured once, replayed on new logits: the
+    eager search's bounds of the new logits (the torch ones up to rounding)."""
+    from speccascade_fast import truncation
+
+    x = llm_block(1, 12)[0].reshape(-1, V).contiguous()
+    T = torch.full((x.shape[0],), 0.8, dtype=torch.float64, device=DEV)
+    graph, out = capture(lambda: truncation.keep_bounds(x, T, 40, 0.9))
+    x.copy_(llm_block(1, 13)[0].reshape(-1, V))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_same_kept_sets(x, T, 40, 0.9, out, truncation.keep_bounds_torch(x, T, 40, 0.9))
+    assert torch.equal(out, truncation.keep_bounds(x, T, 40, 0.9))  # the eager search

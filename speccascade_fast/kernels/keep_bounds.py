@@ -1,0 +1,227 @@
+"""Top-p's keep bound (:mod:`speccascade_fast.truncation`) without a sort: a search over the
+logits' float32 bit patterns, split over the vocabulary, in 11 launches with no host read.
+
+A row's weights are ``w_v = exp((l_v - m) / T)`` (float32, ``m`` the row max; 0 below top-k's
+bound ``tau_k``), ``Z`` their sum and the target ``top_p * Z``. The last kept token t is the
+first, walking by (logit desc, id asc), at which the cumulative weight reaches the target, so
+its logit ``tau`` is the largest value whose upper mass ``M(tau) = Σ_{l_v >= tau} w_v`` reaches
+it, and the cut is the id of the n-th token tied at ``tau``, n the fewest ties (each of weight
+``w(tau)``) that take the mass above ``tau`` to the target.
+
+Logits map to keys in [0, 2^32) monotone in their value (:func:`_key`). Eight passes narrow the
+key interval that holds ``tau`` 16-fold each: pass p sums, per vocabulary slice, the weight of
+the row's tokens in each sixteenth of the interval, and every program of the next launch adds
+the slices' partial sums (in one fixed order, so the decision is deterministic and the same in
+every program) and keeps the sixteenth where the mass from the top first reaches the target
+(:func:`_decide`). Sums are float64 over the float32 weights, the C++ op's numerics: the bound
+differs from the float64 reference only where a cumulative mass lies within rounding of the
+target. If rounding leaves the target out of reach (``top_p = 1``), the lowest sixteenth of
+positive weight is kept, so that every token of positive weight is kept, as the reference does.
+
+Launches, each over (rows, slices):
+
+1. ``keep_max_kernel``: slice maxima (each later program takes the row max from them);
+2. ``keep_pass_kernel`` for p = 0..7: the decision of pass p - 1 (program (r, 0) stores it, and
+   at p = 1 the target from pass 0's sums, which cover the whole row), then pass p's partial sums;
+3. ``keep_ties_kernel``: the last decision (``tau``'s key and the mass above ``tau``), then the
+   slice's count of ties at ``tau``;
+4. ``keep_final_kernel``: n, the slice holding the n-th tie, and that slice's program finds its
+   id. Rows with T = 0, or no finite logit, get ``(-inf, V - 1)`` (keep all).
+
+No atomics and no host read: deterministic and CUDA-graph capturable. Constexprs: the block each
+program loops over; the slice width, V, S and the pass are runtime values (one compile per
+block width and dtype).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import INT_BIG, NEG_INF
+
+PASSES = tl.constexpr(8)  # 8 passes x 4 bits = the key's 32 bits
+NB = tl.constexpr(16)  # sixteenths per pass
+SB = tl.constexpr(32)  # slices' partial sums read per chunk
+
+
+@triton.jit
+def _key(x):
+    """float32 -> int64 key in [0, 2^32), monotone in the value (-0.0 and +0.0 alike)."""
+    x = tl.where(x == 0.0, 0.0, x)
+    b = x.to(tl.int32, bitcast=True)
+    k = b ^ ((b >> 31) & 0x7FFFFFFF)
+    return k.to(tl.int64) + 2147483648
+
+
+@triton.jit
+def _value(key):
+    """The float32 of an int64 key (:func:`_key`'s inverse)."""
+    k = (key - 2147483648).to(tl.int32)
+    b = k ^ ((k >> 31) & 0x7FFFFFFF)
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _row(t_ptr, tk_ptr, mx_ptr, r, S):
+    """Row r's (live, m, 1/T, tau_k): live when T > 0 and some logit is finite; m the max over
+    the slice maxima."""
+    t = tl.load(t_ptr + r)
+    tauk = tl.load(tk_ptr + r)
+    m = tl.full([], NEG_INF, tl.float32)
+    for s0 in range(0, S, SB):
+        ss = s0 + tl.arange(0, SB)
+        m = tl.maximum(m, tl.max(tl.load(mx_ptr + r * S + ss, mask=ss < S, other=NEG_INF), 0))
+    live = (t > 0.0) & (m > NEG_INF)
+    inv_t = (1.0 / tl.where(t > 0.0, t, 1.0)).to(tl.float32)
+    return live, m, inv_t, tauk
+
+
+@triton.jit
+def _weight(x, m, inv_t, tauk):
+    """float32 weight exp((x - m) / T) of logits x (0 below top-k's bound, and at -inf)."""
+    return tl.where(x >= tauk, tl.exp((x - m) * inv_t), 0.0)
+
+
+@triton.jit
+def _load(x_ptr, sx, r, offs, V):
+    x = tl.load(x_ptr + r.to(tl.int64) * sx + offs, mask=offs < V, other=NEG_INF)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _decide(h_ptr, lo_ptr, acc_ptr, R, r, S, p, target):
+    """Pass p's decision from its slices' partial sums ``h[p, r, s, :]``: the sixteenth where the
+    mass from the top first reaches ``target``. Returns the next interval's low key, the mass
+    above it, and the pass's total (pass 0: Z)."""
+    j = tl.arange(0, NB)
+    base = (r + R * p).to(tl.int64) * S * NB
+    tot = tl.zeros([NB], tl.float64)
+    for s0 in range(0, S, SB):
+        ss = s0 + tl.arange(0, SB)
+        blk = tl.load(h_ptr + base + ss[:, None] * NB + j[None, :], mask=(ss < S)[:, None],
+                      other=0.0)
+        tot += tl.sum(blk, 0)
+    lo = tl.load(lo_ptr + R * p + r)
+    acc = tl.load(acc_ptr + R * p + r)
+    cum = acc + tl.sum(tl.where(j[None, :] >= j[:, None], tot[None, :], 0.0), 1)  # from the top
+    pick = tl.max(tl.where(cum >= target, j, -1), 0)
+    lowest = tl.minimum(tl.min(tl.where(tot > 0.0, j, NB), 0), NB - 1)
+    pick = tl.where(pick >= 0, pick, lowest)  # out of reach (rounding): keep all of weight > 0
+    above = tl.sum(tl.where(j == pick + 1, cum, 0.0), 0)  # acc + the mass above the pick
+    above = tl.where(pick == NB - 1, acc, above)
+    shift = 28 - 4 * p
+    return lo + (pick.to(tl.int64) << shift), above, tl.sum(tot, 0)
+
+
+@triton.jit(do_not_specialize=["S", "SLICE"])
+def keep_max_kernel(x_ptr, sx, mx_ptr, V, S, SLICE, BLOCK: tl.constexpr):
+    r = tl.program_id(0)
+    s = tl.program_id(1)
+    m = tl.full([], NEG_INF, tl.float32)
+    for c0 in range(0, SLICE, BLOCK):
+        offs = s * SLICE + c0 + tl.arange(0, BLOCK)
+        m = tl.maximum(m, tl.max(_load(x_ptr, sx, r, offs, V), 0))
+    tl.store(mx_ptr + r * S + s, m)
+
+
+@triton.jit(do_not_specialize=["R", "S", "SLICE", "p"])
+def keep_pass_kernel(x_ptr, sx, t_ptr, tk_ptr, tp_ptr, mx_ptr, h_ptr, lo_ptr, acc_ptr, tgt_ptr,
+                     R, V, S, SLICE, p, BLOCK: tl.constexpr):
+    r = tl.program_id(0)
+    s = tl.program_id(1)
+    live, m, inv_t, tauk = _row(t_ptr, tk_ptr, mx_ptr, r, S)
+    lo = tl.full([], 0, tl.int64)
+    acc = tl.full([], 0.0, tl.float64)
+    if p > 0:
+        if p == 1:
+            target = tl.full([], float("inf"), tl.float64)  # pass 0's total first
+            _, _, z = _decide(h_ptr, lo_ptr, acc_ptr, R, r, S, 0, target)
+            target = tl.load(tp_ptr) * z
+            if s == 0:
+                tl.store(tgt_ptr + r, target)
+        else:
+            target = tl.load(tgt_ptr + r)
+        lo, acc, _ = _decide(h_ptr, lo_ptr, acc_ptr, R, r, S, p - 1, target)
+        if s == 0:
+            tl.store(lo_ptr + R * p + r, lo)
+            tl.store(acc_ptr + R * p + r, acc)
+    j = tl.arange(0, NB)
+    shift = 28 - 4 * p
+    width = tl.full([], NB, tl.int64) << shift
+    part = tl.zeros([BLOCK, NB], tl.float64)  # reduced once, after the loop
+    if live:
+        for c0 in range(0, SLICE, BLOCK):
+            offs = s * SLICE + c0 + tl.arange(0, BLOCK)
+            x = _load(x_ptr, sx, r, offs, V)
+            w = _weight(x, m, inv_t, tauk).to(tl.float64)
+            d = _key(x) - lo
+            bucket = tl.where((d >= 0) & (d < width), d >> shift, -1)
+            part += tl.where(bucket[:, None] == j[None, :], w[:, None], 0.0)
+    tl.store(h_ptr + ((r + R * p).to(tl.int64) * S + s) * NB + j, tl.sum(part, 0))
+
+
+@triton.jit(do_not_specialize=["R", "S", "SLICE"])
+def keep_ties_kernel(x_ptr, sx, t_ptr, tk_ptr, mx_ptr, h_ptr, lo_ptr, acc_ptr, tgt_ptr, cnt_ptr,
+                     R, V, S, SLICE, BLOCK: tl.constexpr):
+    r = tl.program_id(0)
+    s = tl.program_id(1)
+    live, m, inv_t, tauk = _row(t_ptr, tk_ptr, mx_ptr, r, S)
+    key, above, _ = _decide(h_ptr, lo_ptr, acc_ptr, R, r, S, PASSES - 1, tl.load(tgt_ptr + r))
+    if s == 0:
+        tl.store(lo_ptr + R * PASSES + r, key)
+        tl.store(acc_ptr + R * PASSES + r, above)
+    tau = _value(key)
+    n = tl.full([], 0, tl.int32)
+    if live:
+        for c0 in range(0, SLICE, BLOCK):
+            offs = s * SLICE + c0 + tl.arange(0, BLOCK)
+            n += tl.sum((_load(x_ptr, sx, r, offs, V) == tau).to(tl.int32), 0)
+    tl.store(cnt_ptr + r * S + s, n)
+
+
+@triton.jit(do_not_specialize=["R", "V", "S", "SLICE"])
+def keep_final_kernel(x_ptr, sx, t_ptr, tk_ptr, mx_ptr, lo_ptr, acc_ptr, tgt_ptr, cnt_ptr, out_ptr,
+                      R, V, S, SLICE, BLOCK: tl.constexpr):
+    r = tl.program_id(0)
+    s = tl.program_id(1)
+    live, m, inv_t, tauk = _row(t_ptr, tk_ptr, mx_ptr, r, S)
+    if live:
+        tau = _value(tl.load(lo_ptr + R * PASSES + r))
+        above = tl.load(acc_ptr + R * PASSES + r)
+        w = _weight(tau, m, inv_t, tauk).to(tl.float64)
+        total = tl.full([], 0, tl.int32)
+        for s0 in range(0, S, SB):
+            ss = s0 + tl.arange(0, SB)
+            total += tl.sum(tl.load(cnt_ptr + r * S + ss, mask=ss < S, other=0), 0)
+        # the fewest ties at tau that take the mass above it to the target (all of them when
+        # rounding leaves the target out of reach)
+        need = tl.ceil((tl.load(tgt_ptr + r) - above) / tl.where(w > 0.0, w, 1.0))
+        need = tl.where(w > 0.0, need, total.to(tl.float64))
+        n = tl.minimum(tl.maximum(need, 1.0), total.to(tl.float64)).to(tl.int32)
+        before = tl.full([], 0, tl.int32)  # ties in the slices before the chunk
+        owner = tl.full([], -1, tl.int32)  # the slice holding the n-th tie
+        owner_before = tl.full([], 0, tl.int32)  # ties before that slice
+        for s0 in range(0, S, SB):
+            ss = s0 + tl.arange(0, SB)
+            c = tl.load(cnt_ptr + r * S + ss, mask=ss < S, other=0)
+            upto = tl.cumsum(c, 0) + before
+            hit = (upto >= n) & (upto - c < n)
+            owner = tl.maximum(owner, tl.max(tl.where(hit, ss, -1), 0))
+            owner_before = tl.maximum(owner_before, tl.max(tl.where(hit, upto - c, 0), 0))
+            before += tl.sum(c, 0)
+        if s == owner:
+            k = n - owner_before
+            run = tl.full([], 0, tl.int32)
+            cut = tl.full([], INT_BIG, tl.int32)
+            for c0 in range(0, SLICE, BLOCK):
+                offs = s * SLICE + c0 + tl.arange(0, BLOCK)
+                tie = _load(x_ptr, sx, r, offs, V) == tau
+                upto = tl.cumsum(tie.to(tl.int32), 0) + run
+                cut = tl.minimum(cut, tl.min(tl.where(tie & (upto == k), offs, INT_BIG), 0))
+                run += tl.sum(tie.to(tl.int32), 0)
+            tl.store(out_ptr + 2 * r, tau.to(tl.float64))
+            tl.store(out_ptr + 2 * r + 1, cut.to(tl.float64))
+    else:
+        if s == 0:
+            tl.store(out_ptr + 2 * r, float("-inf"))
+            tl.store(out_ptr + 2 * r + 1, (V - 1).to(tl.float64))
