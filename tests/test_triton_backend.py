@@ -510,6 +510,13 @@ def _edge_cases():
     x = torch.randn(4, 500, generator=g) * 3
     huge = torch.randn(4, 500, generator=g) * 1e4
     neg = (torch.randn(4, 500, generator=g) * 2 - 20).round().to(torch.bfloat16)
+    # 300 consecutive values of each half type (the search stops at one value of the dtype),
+    # around 1 and around -1, shuffled over the vocabulary
+    perm = torch.randperm(600, generator=g)
+    adjacent = {dt: torch.cat([torch.arange(start, start + 300, dtype=torch.int16).view(dt)
+                               for start in starts])[perm].repeat(4, 1)
+                for dt, starts in ((torch.float16, (0x3C00, -0x4400)),
+                                   (torch.bfloat16, (0x3F80, -0x4080)))}
     return [("all tied", flat, T, None, 0.5), ("all tied, top-k", flat, T, 3, 0.5),
             ("two maxima in two slices", two, T, None, 0.3),
             ("two maxima, then the tied rest", two, T, None, 0.99),
@@ -518,7 +525,9 @@ def _edge_cases():
             ("huge logits, extreme T", huge, torch.tensor([0.01, 0.3, 1e-3, 100.0]), None, 0.9),
             ("V = 1", x[:, :1], T, None, 0.5), ("V = 2", x[:, :2], T, None, 0.5),
             ("V = 2, top_k", x[:, :2], T, 1, 0.5), ("negative bf16 ties", neg, T, None, 0.7),
-            ("negative bf16 ties, top-k", neg, T, 50, 0.7)]
+            ("negative bf16 ties, top-k", neg, T, 50, 0.7),
+            ("adjacent fp16 values", adjacent[torch.float16], T, None, 0.5),
+            ("adjacent bf16 values", adjacent[torch.bfloat16], T, None, 0.5)]
 
 
 @pytest.mark.parametrize("slicing", KEEP_SLICINGS[::2], ids=["128x64", "default"])
@@ -629,7 +638,7 @@ build(K.sample_merge_kernel, 4, S_PAD=32)
 # top-p's keep-bound search (kernels/keep_bounds.py)
 PTR.update(x_ptr="*bf16", t_ptr="*fp64", tk_ptr="*fp32", tp_ptr="*fp64", mx_ptr="*fp32",
            h_ptr="*fp64", lo_ptr="*i64", acc_ptr="*fp64", tgt_ptr="*fp64", cnt_ptr="*i32",
-           out_ptr="*fp64")
+           val_ptr="*fp32", out_ptr="*fp64")
 for fn in (K.keep_max_kernel, K.keep_pass_kernel, K.keep_ties_kernel, K.keep_final_kernel):
     build(fn, 4, BLOCK=256)
 print("compiled")

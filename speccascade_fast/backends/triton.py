@@ -348,6 +348,12 @@ def sample(logits, temperature, seed, positions, keep=None, *, slice_width: int 
     return out
 
 
+# passes of the keep-bound search that leave one value of the logits' dtype in the key interval
+# (kernels/keep_bounds.py): bf16 and fp16 leave the last 16 and 13 bits of their fp32 patterns
+# constant; fp32 takes all 8
+KEEP_PASSES = {torch.bfloat16: 4, torch.float16: 5, torch.float32: 8}
+
+
 def keep_slice(V: int, R: int, sms: int) -> int:
     """Vocabulary slice per program of the keep-bound search: 8192 when R rows of ``V / 8192``
     programs give each of the ``sms`` multiprocessors two, else narrower (down to 1024) so that
@@ -361,8 +367,9 @@ def keep_bounds(logits, temperature, top_k, top_p, *, slice_width: int | None = 
     """Top-p's keep bounds (:func:`speccascade_fast.truncation.keep_bounds`, top-k's bound
     first when given) by the search of :mod:`speccascade_fast.kernels.keep_bounds`: float64
     ``[R, 2]`` from fp32/bf16/fp16 ``logits`` ``[R, V]`` and float64 ``temperature`` ``[R]``;
-    ``top_p`` a float in (0, 1], ``top_k`` an int or None (inputs checked by the caller). 11
-    launches (one more, torch's top-k, with ``top_k``), no host read. ``slice_width`` /
+    ``top_p`` a float in (0, 1], ``top_k`` an int or None (inputs checked by the caller). 7
+    launches for bf16 logits, 8 for fp16, 11 for fp32 (and torch's top-k with ``top_k``), no
+    host read. ``slice_width`` /
     ``block`` (powers of two) override the vocabulary slice per program and the chunk it loops
     over (the tests use tiny ones)."""
     k = _kernels()
@@ -381,21 +388,22 @@ def keep_bounds(logits, temperature, top_k, top_p, *, slice_width: int | None = 
     SLICE = slice_width or keep_slice(V, R, _sm_count(dev))
     BLOCK = min(SLICE, block or 256)
     S = -(-V // SLICE)
-    passes = k.keep_bounds.PASSES.value
+    passes = KEEP_PASSES.get(x.dtype, 8)
     mx = torch.empty((R, S), dtype=torch.float32, device=dev)
     h = torch.empty((passes, R, S, k.keep_bounds.NB.value), dtype=torch.float64, device=dev)
     lo = torch.zeros((passes + 1, R), dtype=torch.int64, device=dev)  # row 0: pass 0's (0, 0)
     acc = torch.zeros((passes + 1, R), dtype=torch.float64, device=dev)
     tgt = torch.empty((R,), dtype=torch.float64, device=dev)
     cnt = torch.empty((R, S), dtype=torch.int32, device=dev)
+    val = torch.empty((R, S), dtype=torch.float32, device=dev)
     tp = torch.full((1,), float(top_p), dtype=torch.float64, device=dev)
     grid, warps = (R, S), 4
     k.keep_max_kernel[grid](x, x.stride(0), mx, V, S, SLICE, BLOCK=BLOCK, num_warps=warps)
     for p in range(passes):
         k.keep_pass_kernel[grid](x, x.stride(0), t, tauk, tp, mx, h, lo, acc, tgt, R, V, S, SLICE,
                                  p, BLOCK=BLOCK, num_warps=warps)
-    k.keep_ties_kernel[grid](x, x.stride(0), t, tauk, mx, h, lo, acc, tgt, cnt, R, V, S, SLICE,
-                             BLOCK=BLOCK, num_warps=warps)
-    k.keep_final_kernel[grid](x, x.stride(0), t, tauk, mx, lo, acc, tgt, cnt, out, R, V, S, SLICE,
-                              BLOCK=BLOCK, num_warps=warps)
+    k.keep_ties_kernel[grid](x, x.stride(0), t, tauk, mx, h, lo, acc, tgt, cnt, val, R, V, S,
+                             SLICE, passes, BLOCK=BLOCK, num_warps=warps)
+    k.keep_final_kernel[grid](x, x.stride(0), t, tauk, mx, acc, tgt, cnt, val, out, R, V, S,
+                              SLICE, passes, BLOCK=BLOCK, num_warps=warps)
     return out

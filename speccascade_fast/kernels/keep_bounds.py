@@ -1,5 +1,6 @@
 """Top-p's keep bound (:mod:`speccascade_fast.truncation`) without a sort: a search over the
-logits' float32 bit patterns, split over the vocabulary, in 11 launches with no host read.
+logits' float32 bit patterns, split over the vocabulary, no host read: 7 launches for bf16
+logits, 8 for fp16, 11 for fp32.
 
 A row's weights are ``w_v = exp((l_v - m) / T)`` (float32, ``m`` the row max; 0 below top-k's
 bound ``tau_k``), ``Z`` their sum and the target ``top_p * Z``. The last kept token t is the
@@ -8,29 +9,30 @@ its logit ``tau`` is the largest value whose upper mass ``M(tau) = Σ_{l_v >= ta
 it, and the cut is the id of the n-th token tied at ``tau``, n the fewest ties (each of weight
 ``w(tau)``) that take the mass above ``tau`` to the target.
 
-Logits map to keys in [0, 2^32) monotone in their value (:func:`_key`). Eight passes narrow the
-key interval that holds ``tau`` 16-fold each: pass p sums, per vocabulary slice, the weight of
-the row's tokens in each sixteenth of the interval, and every program of the next launch adds
-the slices' partial sums (in one fixed order, so the decision is deterministic and the same in
-every program) and keeps the sixteenth where the mass from the top first reaches the target
-(:func:`_decide`). Sums are float64 over the float32 weights, the C++ op's numerics: the bound
-differs from the float64 reference only where a cumulative mass lies within rounding of the
-target. If rounding leaves the target out of reach (``top_p = 1``), the lowest sixteenth of
-positive weight is kept, so that every token of positive weight is kept, as the reference does.
+Logits map to keys in [0, 2^32) monotone in their value (:func:`_key`). P passes narrow the key
+interval that holds ``tau`` 16-fold each: pass p sums, per vocabulary slice, the weight of the
+row's tokens in each sixteenth of the interval, and every program of the next launch adds the
+slices' partial sums (in one fixed order, so the decision is deterministic and the same in every
+program) and keeps the sixteenth where the mass from the top first reaches the target
+(:func:`_decide`). P = 8 resolves a float32 key; bf16 and fp16 logits leave the last 16 and 13
+bits of their float32 patterns constant (per sign), so P = 4 and 5 already leave an interval
+holding one value of theirs: ``tau``. Sums are float64 over the float32 weights, the C++ op's
+numerics: the bound differs from the float64 reference only where a cumulative mass lies within
+rounding of the target. If rounding leaves the target out of reach (``top_p = 1``), the lowest
+sixteenth of positive weight is followed: every token of positive weight is kept.
 
 Launches, each over (rows, slices):
 
 1. ``keep_max_kernel``: slice maxima (each later program takes the row max from them);
-2. ``keep_pass_kernel`` for p = 0..7: the decision of pass p - 1 (program (r, 0) stores it, and
+2. ``keep_pass_kernel`` for p = 0..P-1: the decision of pass p - 1 (program (r, 0) stores it, and
    at p = 1 the target from pass 0's sums, which cover the whole row), then pass p's partial sums;
-3. ``keep_ties_kernel``: the last decision (``tau``'s key and the mass above ``tau``), then the
-   slice's count of ties at ``tau``;
-4. ``keep_final_kernel``: n, the slice holding the n-th tie, and that slice's program finds its
-   id. Rows with T = 0, or no finite logit, get ``(-inf, V - 1)`` (keep all).
+3. ``keep_ties_kernel``: the last decision, then the slice's count of the tokens in the interval
+   (the ties at ``tau``) and their value;
+4. ``keep_final_kernel``: ``tau``, n, the slice holding the n-th tie, and that slice's program
+   finds its id. Rows with T = 0, or no finite logit, get ``(-inf, V - 1)`` (keep all).
 
 No atomics and no host read: deterministic and CUDA-graph capturable. Constexprs: the block each
-program loops over; the slice width, V, S and the pass are runtime values (one compile per
-block width and dtype).
+program loops over; the slice width, S, the pass and P are runtime values.
 """
 from __future__ import annotations
 
@@ -39,7 +41,6 @@ import triton.language as tl
 
 from .common import INT_BIG, NEG_INF
 
-PASSES = tl.constexpr(8)  # 8 passes x 4 bits = the key's 32 bits
 NB = tl.constexpr(16)  # sixteenths per pass
 SB = tl.constexpr(32)  # slices' partial sums read per chunk
 
@@ -51,14 +52,6 @@ def _key(x):
     b = x.to(tl.int32, bitcast=True)
     k = b ^ ((b >> 31) & 0x7FFFFFFF)
     return k.to(tl.int64) + 2147483648
-
-
-@triton.jit
-def _value(key):
-    """The float32 of an int64 key (:func:`_key`'s inverse)."""
-    k = (key - 2147483648).to(tl.int32)
-    b = k ^ ((k >> 31) & 0x7FFFFFFF)
-    return b.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -160,39 +153,47 @@ def keep_pass_kernel(x_ptr, sx, t_ptr, tk_ptr, tp_ptr, mx_ptr, h_ptr, lo_ptr, ac
     tl.store(h_ptr + ((r + R * p).to(tl.int64) * S + s) * NB + j, tl.sum(part, 0))
 
 
-@triton.jit(do_not_specialize=["R", "S", "SLICE"])
+@triton.jit(do_not_specialize=["R", "S", "SLICE", "P"])
 def keep_ties_kernel(x_ptr, sx, t_ptr, tk_ptr, mx_ptr, h_ptr, lo_ptr, acc_ptr, tgt_ptr, cnt_ptr,
-                     R, V, S, SLICE, BLOCK: tl.constexpr):
+                     val_ptr, R, V, S, SLICE, P, BLOCK: tl.constexpr):
     r = tl.program_id(0)
     s = tl.program_id(1)
     live, m, inv_t, tauk = _row(t_ptr, tk_ptr, mx_ptr, r, S)
-    key, above, _ = _decide(h_ptr, lo_ptr, acc_ptr, R, r, S, PASSES - 1, tl.load(tgt_ptr + r))
+    lo, above, _ = _decide(h_ptr, lo_ptr, acc_ptr, R, r, S, P - 1, tl.load(tgt_ptr + r))
     if s == 0:
-        tl.store(lo_ptr + R * PASSES + r, key)
-        tl.store(acc_ptr + R * PASSES + r, above)
-    tau = _value(key)
+        tl.store(lo_ptr + R * P + r, lo)
+        tl.store(acc_ptr + R * P + r, above)
+    width = tl.full([], 1, tl.int64) << (32 - 4 * P)  # holds one value of the logits' dtype
     n = tl.full([], 0, tl.int32)
+    tau = tl.full([], NEG_INF, tl.float32)
     if live:
         for c0 in range(0, SLICE, BLOCK):
             offs = s * SLICE + c0 + tl.arange(0, BLOCK)
-            n += tl.sum((_load(x_ptr, sx, r, offs, V) == tau).to(tl.int32), 0)
+            x = _load(x_ptr, sx, r, offs, V)
+            d = _key(x) - lo
+            tie = (d >= 0) & (d < width)
+            n += tl.sum(tie.to(tl.int32), 0)
+            tau = tl.maximum(tau, tl.max(tl.where(tie, x, NEG_INF), 0))
     tl.store(cnt_ptr + r * S + s, n)
+    tl.store(val_ptr + r * S + s, tau)
 
 
-@triton.jit(do_not_specialize=["R", "V", "S", "SLICE"])
-def keep_final_kernel(x_ptr, sx, t_ptr, tk_ptr, mx_ptr, lo_ptr, acc_ptr, tgt_ptr, cnt_ptr, out_ptr,
-                      R, V, S, SLICE, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["R", "V", "S", "SLICE", "P"])
+def keep_final_kernel(x_ptr, sx, t_ptr, tk_ptr, mx_ptr, acc_ptr, tgt_ptr, cnt_ptr, val_ptr,
+                      out_ptr, R, V, S, SLICE, P, BLOCK: tl.constexpr):
     r = tl.program_id(0)
     s = tl.program_id(1)
     live, m, inv_t, tauk = _row(t_ptr, tk_ptr, mx_ptr, r, S)
     if live:
-        tau = _value(tl.load(lo_ptr + R * PASSES + r))
-        above = tl.load(acc_ptr + R * PASSES + r)
-        w = _weight(tau, m, inv_t, tauk).to(tl.float64)
+        above = tl.load(acc_ptr + R * P + r)
         total = tl.full([], 0, tl.int32)
+        tau = tl.full([], NEG_INF, tl.float32)
         for s0 in range(0, S, SB):
             ss = s0 + tl.arange(0, SB)
             total += tl.sum(tl.load(cnt_ptr + r * S + ss, mask=ss < S, other=0), 0)
+            tau = tl.maximum(tau, tl.max(tl.load(val_ptr + r * S + ss, mask=ss < S,
+                                                 other=NEG_INF), 0))
+        w = _weight(tau, m, inv_t, tauk).to(tl.float64)
         # the fewest ties at tau that take the mass above it to the target (all of them when
         # rounding leaves the target out of reach)
         need = tl.ceil((tl.load(tgt_ptr + r) - above) / tl.where(w > 0.0, w, 1.0))

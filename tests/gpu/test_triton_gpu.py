@@ -226,7 +226,7 @@ def test_keep_bound_search_at_the_qwen_vocabulary(rows, top_k, top_p):
 
 
 def test_keep_bound_search_in_a_cuda_graph():
-    """The search (11 launches, and torch's top-k) captured once, replayed on new logits: the
+    """The search (7 launches for these bf16 logits, and torch's top-k) captured once, replayed on new logits: the
     eager search's bounds of the new logits (the torch ones up to rounding)."""
     from speccascade_fast import truncation
 
