@@ -39,25 +39,29 @@ CASES = [(1, 32000, None), (1, 151936, None), (8, 32000, None), (8, 151936, None
 def test_sample_gpu(benchmark, R, V, top_p, impl):
     logits, seeds, positions = (t.cuda() for t in drafter_logits(R, V))
     T = torch.ones(R, dtype=torch.float64, device="cuda")
-    name, _, mode = impl.partition("-")
-    backend = "triton" if name == "triton" else "reference"
+    backend = "triton" if impl.startswith("triton") else "reference"
 
     def call():
         return draw(logits, T, seeds, positions, None, top_p, greedy=False, backend=backend)
 
     want = draw(logits, T, seeds, positions, None, top_p, greedy=False, backend="reference")
     assert torch.equal(call(), want)  # compiles the kernels, and checks the tokens
+    measure(benchmark, call, "sample", impl, R=R, V=V, top_p=top_p)
+
+
+def measure(benchmark, call, kind, impl, **shape):
+    """Time ``call`` (its first call already made: compiled), eager or replayed from a CUDA graph
+    as ``impl`` says ("...-graph"): host-synchronised rounds, and the CUDA-event ``gpu_us``."""
     torch.cuda.synchronize()
-    step = captured(call) if mode == "graph" else call
+    step = captured(call) if impl.endswith("-graph") else call
 
     def timed():
         step()
         torch.cuda.synchronize()
 
-    benchmark.group = f"sample R={R} V={V} top_p={top_p}"
-    benchmark.extra_info.update(kind="sample", impl=impl, R=R, V=V, top_p=top_p,
-                                gpu_us=round(gpu_us(step), 2), dtype="bf16",
-                                device=torch.cuda.get_device_name())
+    benchmark.group = f"{kind} " + " ".join(f"{k}={v}" for k, v in shape.items())
+    benchmark.extra_info.update(kind=kind, impl=impl, **shape, gpu_us=round(gpu_us(step), 2),
+                                dtype="bf16", device=torch.cuda.get_device_name())
     benchmark.pedantic(timed, rounds=100, warmup_rounds=2, iterations=1)
 
 
@@ -70,8 +74,7 @@ def test_keep_bounds_gpu(benchmark, R, impl):
     V, top_p = 151936, 0.9
     logits = drafter_logits(R, V)[0].cuda()
     T = torch.linspace(0.5, 1.5, R, dtype=torch.float64, device="cuda")
-    name, _, mode = impl.partition("-")
-    if name == "search":
+    if impl.startswith("search"):
         assert truncation._searched(logits)
 
         def call():
@@ -81,15 +84,4 @@ def test_keep_bounds_gpu(benchmark, R, impl):
             return truncation.keep_bounds_torch(logits, T, None, top_p, sync_free=True)
 
     call()  # compiles the kernels
-    torch.cuda.synchronize()
-    step = captured(call) if mode == "graph" else call
-
-    def timed():
-        step()
-        torch.cuda.synchronize()
-
-    benchmark.group = f"keep bounds R={R} V={V} top_p={top_p}"
-    benchmark.extra_info.update(kind="keep_bounds", impl=impl, R=R, V=V, top_p=top_p,
-                                gpu_us=round(gpu_us(step), 2), dtype="bf16",
-                                device=torch.cuda.get_device_name())
-    benchmark.pedantic(timed, rounds=100, warmup_rounds=2, iterations=1)
+    measure(benchmark, call, "keep_bounds", impl, R=R, V=V, top_p=top_p)
