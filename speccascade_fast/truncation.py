@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["keep_bounds", "keep_bounds_torch", "keep_mask", "keep_bounds_or_none",
-           "ragged_keep_bounds"]
+           "keep_bounds_pair", "ragged_keep_bounds"]
 
 _FIRST_WIDTH = 64
 
@@ -74,6 +74,29 @@ def keep_bounds_or_none(logits: torch.Tensor, temperature: torch.Tensor, top_k: 
     return keep_bounds(logits, temperature, top_k, top_p)
 
 
+def keep_bounds_pair(a: torch.Tensor, ta, b: torch.Tensor, tb, top_k: int | None,
+                     top_p: float | None):
+    """:func:`keep_bounds_or_none` of two logit tensors (a verification's draft and target
+    rows, each with its temperatures): ``(bounds of a, bounds of b)``, or two ``None``. On the
+    Triton search's path (CUDA, top-p) one search covers both when they share dtype and
+    vocabulary: the launches of one."""
+    if top_k is None and top_p is None:
+        return None, None
+    V = a.shape[-1]
+    if not (top_p is not None and _searched(a) and b.dtype == a.dtype and b.shape[-1] == V
+            and b.device == a.device):
+        return keep_bounds(a, ta, top_k, top_p), keep_bounds(b, tb, top_k, top_p)
+    from .backends import triton as triton_backend
+
+    def rows(x, t):
+        t = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(x.shape[:-1])
+        return x.reshape(-1, V), t.reshape(-1)
+
+    out = triton_backend.keep_bounds(*rows(a, ta), top_k, top_p, second=rows(b, tb))
+    n = a.numel() // V
+    return out[:n].reshape(*a.shape[:-1], 2), out[n:].reshape(*b.shape[:-1], 2)
+
+
 def ragged_keep_bounds(draft_logits, target_logits, bonus_draft_logits, cu_num_draft_tokens,
                        temperature, top_k, top_p):
     """The keep bounds of vLLM's flattened layout (:func:`speccascade_fast.verify_ragged`), each
@@ -89,8 +112,8 @@ def ragged_keep_bounds(draft_logits, target_logits, bonus_draft_logits, cu_num_d
     t_target = temperature[row_owners(cu, target_logits.shape[0], target=True)[0]]  # gamma_b + 1
     kb = (None if bonus_draft_logits is None
           else keep_bounds(bonus_draft_logits, temperature, top_k, top_p))
-    return (keep_bounds(draft_logits, t_draft, top_k, top_p),
-            keep_bounds(target_logits, t_target, top_k, top_p), kb)
+    kd, kt = keep_bounds_pair(draft_logits, t_draft, target_logits, t_target, top_k, top_p)
+    return kd, kt, kb
 
 
 def _cpu_op(logits):

@@ -558,6 +558,24 @@ def test_keep_bound_search_where_only_rounding_decides(slicing):
     assert b.tolist() == [[-math.inf, 299.0], [1.0, 10.0]]
 
 
+@pytest.mark.parametrize("top_k", [None, 7])
+def test_keep_bound_search_over_two_tensors(top_k):
+    """``second=``: the rows of a second tensor (a verification's target rows) searched in the
+    same launches give the bounds each tensor gets alone, in order; either part may be empty."""
+    x, T, _, _ = truncation_case(11, max_vocab=300)
+    y, U = (x[1:] * 1.5).flip(-1), T[1:].flip(0)  # 3 other rows, one greedy
+    x, T, y, U = x.to(DEVICE), T.double().to(DEVICE), y.to(DEVICE), U.double().to(DEVICE)
+    alone = [tb.keep_bounds(a, t, top_k, 0.7, slice_width=64, block=32) for a, t in ((x, T),
+                                                                                   (y, U))]
+    both = tb.keep_bounds(x, T, top_k, 0.7, second=(y, U), slice_width=64, block=32)
+    assert torch.equal(both, torch.cat(alone))
+    only_second = tb.keep_bounds(x[:0], T[:0], top_k, 0.7, second=(y, U), slice_width=64,
+                                 block=32)
+    assert torch.equal(only_second, alone[1])
+    with pytest.raises(ValueError, match="one dtype and vocabulary"):
+        tb.keep_bounds(x, T, top_k, 0.7, second=(y.double(), U))
+
+
 def test_keep_bound_search_reads_nothing_on_the_host():
     """The search's launches (and torch's top-k before them) make no host read: the engine's
     CUDA graphs capture them."""
@@ -636,7 +654,7 @@ PTR["x_ptr"] = "*fp16"
 build(K.sample_slices_kernel, 4, SLICE=1024, BLOCK=512, KEEP=True)
 build(K.sample_merge_kernel, 4, S_PAD=32)
 # top-p's keep-bound search (kernels/keep_bounds.py)
-PTR.update(x_ptr="*bf16", t_ptr="*fp64", tk_ptr="*fp32", tp_ptr="*fp64", mx_ptr="*fp32",
+PTR.update(x_ptr="*bf16", x2_ptr="*bf16", sx2="i64", t_ptr="*fp64", tk_ptr="*fp32", tp_ptr="*fp64", mx_ptr="*fp32",
            h_ptr="*fp64", lo_ptr="*i64", acc_ptr="*fp64", tgt_ptr="*fp64", cnt_ptr="*i32",
            val_ptr="*fp32", out_ptr="*fp64")
 for fn in (K.keep_max_kernel, K.keep_pass_kernel, K.keep_ties_kernel, K.keep_final_kernel):

@@ -21,7 +21,7 @@ import torch
 
 from .. import _ext
 from ..rules import RULES
-from ..truncation import keep_bounds_or_none, ragged_keep_bounds
+from ..truncation import keep_bounds_pair, ragged_keep_bounds
 from ..types import VerifyOutput
 from . import reference
 
@@ -101,8 +101,8 @@ def call_padded(ops, draft_logits, draft_tokens, target_logits, *, rule, alpha, 
     tokens, num_accepted, deferred = ops.verify_padded(
         draft_logits, draft_tokens.to(torch.int64), target_logits,
         *_per_request(temperature, alpha, seed, positions), RULES.index(rule),
-        keep_bounds_or_none(draft_logits, temperature[:, None], top_k, top_p),
-        keep_bounds_or_none(target_logits, temperature[:, None], top_k, top_p),
+        *keep_bounds_pair(draft_logits, temperature[:, None], target_logits,
+                          temperature[:, None], top_k, top_p),
     )
     return VerifyOutput(tokens, num_accepted, num_accepted + 1, deferred)
 

@@ -61,7 +61,7 @@ import os
 import torch
 
 from ..rules import RULES
-from ..truncation import keep_bounds_or_none, ragged_keep_bounds
+from ..truncation import keep_bounds_pair, ragged_keep_bounds
 from ..types import VerifyOutput
 
 _NEED_Z1 = frozenset({"chow", "chow_log", "diff", "diff_log", "opt", "opt_log", "bild",
@@ -174,8 +174,7 @@ def launch(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperatur
     B, gamma = draft_tokens.shape
     q = draft_logits if draft_logits.stride(-1) == 1 else draft_logits.contiguous()
     p = target_logits if target_logits.stride(-1) == 1 else target_logits.contiguous()
-    kq = keep_bounds_or_none(q, temperature[:, None], top_k, top_p)
-    kp = keep_bounds_or_none(p, temperature[:, None], top_k, top_p)
+    kq, kp = keep_bounds_pair(q, temperature[:, None], p, temperature[:, None], top_k, top_p)
     layout = _Layout(B=B, gamma=gamma, rq=q.shape[1],
                      strides=(q.stride(0), q.stride(1), p.stride(0), p.stride(1)))
     return _run(q, p, draft_tokens, kq, kp, layout, rule=rule, alpha=alpha,
@@ -362,29 +361,35 @@ def keep_slice(V: int, R: int, sms: int) -> int:
     return min(8192, max(1024, _next_pow2(-(-V // want))), _next_pow2(V))
 
 
-def keep_bounds(logits, temperature, top_k, top_p, *, slice_width: int | None = None,
+def keep_bounds(logits, temperature, top_k, top_p, *, second=None, slice_width: int | None = None,
                 block: int | None = None) -> torch.Tensor:
     """Top-p's keep bounds (:func:`speccascade_fast.truncation.keep_bounds`, top-k's bound
     first when given) by the search of :mod:`speccascade_fast.kernels.keep_bounds`: float64
     ``[R, 2]`` from fp32/bf16/fp16 ``logits`` ``[R, V]`` and float64 ``temperature`` ``[R]``;
     ``top_p`` a float in (0, 1], ``top_k`` an int or None (inputs checked by the caller). 7
     launches for bf16 logits, 8 for fp16, 11 for fp32 (and torch's top-k with ``top_k``), no
-    host read. ``slice_width`` /
-    ``block`` (powers of two) override the vocabulary slice per program and the chunk it loops
-    over (the tests use tiny ones)."""
+    host read. ``second``: ``(logits [R2, V], temperature [R2])`` of the same dtype, searched in
+    the same launches: the output is then ``[R + R2, 2]``, its rows in that order.
+    ``slice_width`` / ``block`` (powers of two) override the vocabulary slice per program and
+    the chunk it loops over (the tests use tiny ones)."""
     k = _kernels()
     _check_mode(k, logits.device)
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
-    R, V = x.shape
+    x2, t2 = (x, temperature[:0]) if second is None else second
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    if x2.dtype != x.dtype or x2.shape[-1] != x.shape[-1]:
+        raise ValueError("keep_bounds: both logit tensors need one dtype and vocabulary")
+    R1, V = x.shape
+    R = R1 + (0 if second is None else x2.shape[0])
     dev = x.device
     out = torch.empty((R, 2), dtype=torch.float64, device=dev)
     if R == 0:
         return out
-    t = temperature.to(torch.float64).contiguous()
+    t = torch.cat([temperature, t2]).to(torch.float64).contiguous()
     tauk = torch.full((R,), -torch.inf, dtype=torch.float32, device=dev)
     if top_k is not None and top_k < V:  # ties with the k-th largest are kept (cut = V - 1)
-        kth = torch.topk(x, top_k, dim=-1).values[:, -1].to(torch.float32)
-        tauk = torch.where(t > 0, kth, tauk)
+        kth = [torch.topk(y, top_k, dim=-1).values[:, -1] for y in (x, x2[: R - R1]) if len(y)]
+        tauk = torch.where(t > 0, torch.cat(kth).to(torch.float32), tauk)
     SLICE = slice_width or keep_slice(V, R, _sm_count(dev))
     BLOCK = min(SLICE, block or 256)
     S = -(-V // SLICE)
@@ -397,13 +402,13 @@ def keep_bounds(logits, temperature, top_k, top_p, *, slice_width: int | None = 
     cnt = torch.empty((R, S), dtype=torch.int32, device=dev)
     val = torch.empty((R, S), dtype=torch.float32, device=dev)
     tp = torch.full((1,), float(top_p), dtype=torch.float64, device=dev)
-    grid, warps = (R, S), 4
-    k.keep_max_kernel[grid](x, x.stride(0), mx, V, S, SLICE, BLOCK=BLOCK, num_warps=warps)
+    grid, warps, rows = (R, S), 4, (x, x.stride(0), x2, x2.stride(0), R1)
+    k.keep_max_kernel[grid](*rows, mx, V, S, SLICE, BLOCK=BLOCK, num_warps=warps)
     for p in range(passes):
-        k.keep_pass_kernel[grid](x, x.stride(0), t, tauk, tp, mx, h, lo, acc, tgt, R, V, S, SLICE,
-                                 p, BLOCK=BLOCK, num_warps=warps)
-    k.keep_ties_kernel[grid](x, x.stride(0), t, tauk, mx, h, lo, acc, tgt, cnt, val, R, V, S,
-                             SLICE, passes, BLOCK=BLOCK, num_warps=warps)
-    k.keep_final_kernel[grid](x, x.stride(0), t, tauk, mx, acc, tgt, cnt, val, out, R, V, S,
-                              SLICE, passes, BLOCK=BLOCK, num_warps=warps)
+        k.keep_pass_kernel[grid](*rows, t, tauk, tp, mx, h, lo, acc, tgt, R, V, S, SLICE, p,
+                                 BLOCK=BLOCK, num_warps=warps)
+    k.keep_ties_kernel[grid](*rows, t, tauk, mx, h, lo, acc, tgt, cnt, val, R, V, S, SLICE,
+                             passes, BLOCK=BLOCK, num_warps=warps)
+    k.keep_final_kernel[grid](*rows, t, tauk, mx, acc, tgt, cnt, val, out, R, V, S, SLICE,
+                              passes, BLOCK=BLOCK, num_warps=warps)
     return out

@@ -31,7 +31,9 @@ Launches, each over (rows, slices):
 4. ``keep_final_kernel``: ``tau``, n, the slice holding the n-th tie, and that slice's program
    finds its id. Rows with T = 0, or no finite logit, get ``(-inf, V - 1)`` (keep all).
 
-No atomics and no host read: deterministic and CUDA-graph capturable. Constexprs: the block each
+Rows may come from two tensors of one dtype and vocabulary (rows below ``R1`` from the first):
+a verification's draft and target rows take one search. No atomics and no host read:
+deterministic and CUDA-graph capturable. Constexprs: the block each
 program loops over; the slice width, S, the pass and P are runtime values.
 """
 from __future__ import annotations
@@ -76,8 +78,13 @@ def _weight(x, m, inv_t, tauk):
 
 
 @triton.jit
-def _load(x_ptr, sx, r, offs, V):
-    x = tl.load(x_ptr + r.to(tl.int64) * sx + offs, mask=offs < V, other=NEG_INF)
+def _load(x_ptr, sx, x2_ptr, sx2, R1, r, offs, V):
+    """Row r's logits at ``offs`` as float32: rows below R1 from the first tensor, the others
+    from the second (a verification's draft and target rows in one search)."""
+    row = x_ptr + r.to(tl.int64) * sx
+    if r >= R1:
+        row = x2_ptr + (r - R1).to(tl.int64) * sx2
+    x = tl.load(row + offs, mask=offs < V, other=NEG_INF)
     return x.to(tl.float32)
 
 
@@ -106,20 +113,20 @@ def _decide(h_ptr, lo_ptr, acc_ptr, R, r, S, p, target):
     return lo + (pick.to(tl.int64) << shift), above, tl.sum(tot, 0)
 
 
-@triton.jit(do_not_specialize=["S", "SLICE"])
-def keep_max_kernel(x_ptr, sx, mx_ptr, V, S, SLICE, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["R1", "S", "SLICE"])
+def keep_max_kernel(x_ptr, sx, x2_ptr, sx2, R1, mx_ptr, V, S, SLICE, BLOCK: tl.constexpr):
     r = tl.program_id(0)
     s = tl.program_id(1)
     m = tl.full([], NEG_INF, tl.float32)
     for c0 in range(0, SLICE, BLOCK):
         offs = s * SLICE + c0 + tl.arange(0, BLOCK)
-        m = tl.maximum(m, tl.max(_load(x_ptr, sx, r, offs, V), 0))
+        m = tl.maximum(m, tl.max(_load(x_ptr, sx, x2_ptr, sx2, R1, r, offs, V), 0))
     tl.store(mx_ptr + r * S + s, m)
 
 
-@triton.jit(do_not_specialize=["R", "S", "SLICE", "p"])
-def keep_pass_kernel(x_ptr, sx, t_ptr, tk_ptr, tp_ptr, mx_ptr, h_ptr, lo_ptr, acc_ptr, tgt_ptr,
-                     R, V, S, SLICE, p, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["R1", "R", "S", "SLICE", "p"])
+def keep_pass_kernel(x_ptr, sx, x2_ptr, sx2, R1, t_ptr, tk_ptr, tp_ptr, mx_ptr, h_ptr, lo_ptr,
+                     acc_ptr, tgt_ptr, R, V, S, SLICE, p, BLOCK: tl.constexpr):
     r = tl.program_id(0)
     s = tl.program_id(1)
     live, m, inv_t, tauk = _row(t_ptr, tk_ptr, mx_ptr, r, S)
@@ -145,7 +152,7 @@ def keep_pass_kernel(x_ptr, sx, t_ptr, tk_ptr, tp_ptr, mx_ptr, h_ptr, lo_ptr, ac
     if live:
         for c0 in range(0, SLICE, BLOCK):
             offs = s * SLICE + c0 + tl.arange(0, BLOCK)
-            x = _load(x_ptr, sx, r, offs, V)
+            x = _load(x_ptr, sx, x2_ptr, sx2, R1, r, offs, V)
             w = _weight(x, m, inv_t, tauk).to(tl.float64)
             d = _key(x) - lo
             bucket = tl.where((d >= 0) & (d < width), d >> shift, -1)
@@ -153,9 +160,9 @@ def keep_pass_kernel(x_ptr, sx, t_ptr, tk_ptr, tp_ptr, mx_ptr, h_ptr, lo_ptr, ac
     tl.store(h_ptr + ((r + R * p).to(tl.int64) * S + s) * NB + j, tl.sum(part, 0))
 
 
-@triton.jit(do_not_specialize=["R", "S", "SLICE", "P"])
-def keep_ties_kernel(x_ptr, sx, t_ptr, tk_ptr, mx_ptr, h_ptr, lo_ptr, acc_ptr, tgt_ptr, cnt_ptr,
-                     val_ptr, R, V, S, SLICE, P, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["R1", "R", "S", "SLICE", "P"])
+def keep_ties_kernel(x_ptr, sx, x2_ptr, sx2, R1, t_ptr, tk_ptr, mx_ptr, h_ptr, lo_ptr, acc_ptr,
+                     tgt_ptr, cnt_ptr, val_ptr, R, V, S, SLICE, P, BLOCK: tl.constexpr):
     r = tl.program_id(0)
     s = tl.program_id(1)
     live, m, inv_t, tauk = _row(t_ptr, tk_ptr, mx_ptr, r, S)
@@ -169,7 +176,7 @@ def keep_ties_kernel(x_ptr, sx, t_ptr, tk_ptr, mx_ptr, h_ptr, lo_ptr, acc_ptr, t
     if live:
         for c0 in range(0, SLICE, BLOCK):
             offs = s * SLICE + c0 + tl.arange(0, BLOCK)
-            x = _load(x_ptr, sx, r, offs, V)
+            x = _load(x_ptr, sx, x2_ptr, sx2, R1, r, offs, V)
             d = _key(x) - lo
             tie = (d >= 0) & (d < width)
             n += tl.sum(tie.to(tl.int32), 0)
@@ -178,9 +185,9 @@ def keep_ties_kernel(x_ptr, sx, t_ptr, tk_ptr, mx_ptr, h_ptr, lo_ptr, acc_ptr, t
     tl.store(val_ptr + r * S + s, tau)
 
 
-@triton.jit(do_not_specialize=["R", "V", "S", "SLICE", "P"])
-def keep_final_kernel(x_ptr, sx, t_ptr, tk_ptr, mx_ptr, acc_ptr, tgt_ptr, cnt_ptr, val_ptr,
-                      out_ptr, R, V, S, SLICE, P, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["R1", "R", "V", "S", "SLICE", "P"])
+def keep_final_kernel(x_ptr, sx, x2_ptr, sx2, R1, t_ptr, tk_ptr, mx_ptr, acc_ptr, tgt_ptr, cnt_ptr,
+                      val_ptr, out_ptr, R, V, S, SLICE, P, BLOCK: tl.constexpr):
     r = tl.program_id(0)
     s = tl.program_id(1)
     live, m, inv_t, tauk = _row(t_ptr, tk_ptr, mx_ptr, r, S)
@@ -216,7 +223,7 @@ def keep_final_kernel(x_ptr, sx, t_ptr, tk_ptr, mx_ptr, acc_ptr, tgt_ptr, cnt_pt
             cut = tl.full([], INT_BIG, tl.int32)
             for c0 in range(0, SLICE, BLOCK):
                 offs = s * SLICE + c0 + tl.arange(0, BLOCK)
-                tie = _load(x_ptr, sx, r, offs, V) == tau
+                tie = _load(x_ptr, sx, x2_ptr, sx2, R1, r, offs, V) == tau
                 upto = tl.cumsum(tie.to(tl.int32), 0) + run
                 cut = tl.minimum(cut, tl.min(tl.where(tie & (upto == k), offs, INT_BIG), 0))
                 run += tl.sum(tie.to(tl.int32), 0)

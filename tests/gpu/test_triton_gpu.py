@@ -225,6 +225,18 @@ def test_keep_bound_search_at_the_qwen_vocabulary(rows, top_k, top_p):
         print(f"{x.dtype}: {int((got == want).all(-1).sum())} of {rows} rows bit for bit")
 
 
+def test_keep_bound_search_over_a_blocks_draft_and_target_rows():
+    """``keep_bounds_pair`` (what the verification backends call) searches the draft and target
+    rows of a block in one go on CUDA: each part's bounds are those of its own search."""
+    from speccascade_fast import truncation
+
+    q, _, p = llm_block(2, 14)
+    T = torch.tensor([0.7, 1.2], dtype=torch.float64, device=DEV)[:, None]
+    kq, kp = truncation.keep_bounds_pair(q, T, p, T, 20, 0.9)
+    assert torch.equal(kq, truncation.keep_bounds(q, T, 20, 0.9))
+    assert torch.equal(kp, truncation.keep_bounds(p, T, 20, 0.9))
+
+
 def test_keep_bound_search_in_a_cuda_graph():
     """The search (7 launches for these bf16 logits, and torch's top-k) captured once, replayed on new logits: the
     eager search's bounds of the new logits (the torch ones up to rounding)."""
