@@ -33,8 +33,8 @@ Launches, each over (rows, slices):
 
 Rows may come from two tensors of one dtype and vocabulary (rows below ``R1`` from the first):
 a verification's draft and target rows take one search. No atomics and no host read:
-deterministic and CUDA-graph capturable. Constexprs: the block each
-program loops over; the slice width, S, the pass and P are runtime values.
+deterministic and CUDA-graph capturable. Constexprs: the block each program loops over; the
+slice width, S, the pass and P are runtime values.
 """
 from __future__ import annotations
 
