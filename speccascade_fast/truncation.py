@@ -24,8 +24,8 @@ one definition:
   (csrc/cpu/keep_bounds_cpu.cpp: nth_element for top-k, a quickselect by mass for top-p, expected
   O(V) per row, fp32 exp summed in fp64);
 * on CUDA with triton, for top-p (fp32/fp16/bf16 logits), the Triton search of
-  :mod:`speccascade_fast.kernels.keep_bounds` (eight passes over the logits' bits split over the
-  vocabulary, fp32 exp summed in fp64, no sort and no host read), after torch's top-k;
+  :mod:`speccascade_fast.kernels.keep_bounds` (up to eight passes over the logits' bits split over
+  the vocabulary, fp32 exp summed in fp64, no sort and no host read), after torch's top-k;
 * elsewhere, and as the others' oracle in the tests, the torch code below (fp64; one top-k of
   width 64 per row, 4x wider for the rows not yet decided, up to a full sort; or, on CUDA, one
   full sort per row with no host read).
@@ -53,16 +53,18 @@ def keep_bounds(logits: torch.Tensor, temperature: torch.Tensor, top_k: int | No
     op = _cpu_op(logits)
     if op is None and not (top_p is not None and _searched(logits)):
         return keep_bounds_torch(logits, temperature, top_k, top_p)
-    shape, V = logits.shape[:-1], logits.shape[-1]
-    t = torch.as_tensor(temperature, dtype=torch.float64, device=logits.device)
-    t = t.expand(shape).reshape(-1).contiguous()
     if op is None:
         from .backends import triton as triton_backend
 
-        out = triton_backend.keep_bounds(logits.reshape(-1, V), t, top_k, top_p)
-    else:
-        out = op(logits.reshape(-1, V), t, top_k, top_p)
-    return out.reshape(*shape, 2)
+        op = triton_backend.keep_bounds
+    return op(*_rows(logits, temperature), top_k, top_p).reshape(*logits.shape[:-1], 2)
+
+
+def _rows(logits: torch.Tensor, temperature):
+    """``logits`` ``[..., V]`` as ``[R, V]`` rows and their temperatures as float64 ``[R]``
+    (broadcast to the rows), what the fused implementations take."""
+    t = torch.as_tensor(temperature, dtype=torch.float64, device=logits.device)
+    return logits.reshape(-1, logits.shape[-1]), t.expand(logits.shape[:-1]).reshape(-1).contiguous()
 
 
 def keep_bounds_or_none(logits: torch.Tensor, temperature: torch.Tensor, top_k: int | None,
@@ -88,11 +90,7 @@ def keep_bounds_pair(a: torch.Tensor, ta, b: torch.Tensor, tb, top_k: int | None
         return keep_bounds(a, ta, top_k, top_p), keep_bounds(b, tb, top_k, top_p)
     from .backends import triton as triton_backend
 
-    def rows(x, t):
-        t = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(x.shape[:-1])
-        return x.reshape(-1, V), t.reshape(-1)
-
-    out = triton_backend.keep_bounds(*rows(a, ta), top_k, top_p, second=rows(b, tb))
+    out = triton_backend.keep_bounds(*_rows(a, ta), top_k, top_p, second=_rows(b, tb))
     n = a.numel() // V
     return out[:n].reshape(*a.shape[:-1], 2), out[n:].reshape(*b.shape[:-1], 2)
 

@@ -119,8 +119,14 @@ def race_slice(V: int, B: int, slice_width: int, sms: int) -> int:
     widths, and the width is a runtime argument (see :func:`_run`)."""
     if B * -(-V // slice_width) >= sms:
         return slice_width
-    want = -(-RACE_PROGRAMS_PER_SM * sms // B)  # programs per sequence
-    return min(slice_width, max(1024, _next_pow2(-(-V // want))))
+    return min(slice_width, _spread(V, B, sms))
+
+
+def _spread(V: int, rows: int, sms: int) -> int:
+    """The power-of-two slice width (at least 1024) at which ``rows`` rows of V tokens make
+    about RACE_PROGRAMS_PER_SM programs per multiprocessor."""
+    want = -(-RACE_PROGRAMS_PER_SM * sms // max(rows, 1))  # programs per row
+    return max(1024, _next_pow2(-(-V // want)))
 
 
 @functools.cache
@@ -357,8 +363,7 @@ def keep_slice(V: int, R: int, sms: int) -> int:
     """Vocabulary slice per program of the keep-bound search: 8192 when R rows of ``V / 8192``
     programs give each of the ``sms`` multiprocessors two, else narrower (down to 1024) so that
     they about do; a runtime argument (no compile per width)."""
-    want = -(-RACE_PROGRAMS_PER_SM * sms // max(R, 1))  # programs per row
-    return min(8192, max(1024, _next_pow2(-(-V // want))), _next_pow2(V))
+    return min(8192, _spread(V, R, sms), _next_pow2(V))
 
 
 def keep_bounds(logits, temperature, top_k, top_p, *, second=None, slice_width: int | None = None,
@@ -374,21 +379,21 @@ def keep_bounds(logits, temperature, top_k, top_p, *, second=None, slice_width: 
     the chunk it loops over (the tests use tiny ones)."""
     k = _kernels()
     _check_mode(k, logits.device)
-    x = logits if logits.stride(-1) == 1 else logits.contiguous()
-    x2, t2 = (x, temperature[:0]) if second is None else second
-    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    parts = [(logits, temperature)] + ([] if second is None else [second])
+    xs = [y if y.stride(-1) == 1 else y.contiguous() for y, _ in parts]
+    x, x2 = xs[0], xs[-1]  # (the same tensor without a second)
     if x2.dtype != x.dtype or x2.shape[-1] != x.shape[-1]:
         raise ValueError("keep_bounds: both logit tensors need one dtype and vocabulary")
     R1, V = x.shape
-    R = R1 + (0 if second is None else x2.shape[0])
+    R = sum(y.shape[0] for y in xs)
     dev = x.device
     out = torch.empty((R, 2), dtype=torch.float64, device=dev)
     if R == 0:
         return out
-    t = torch.cat([temperature, t2]).to(torch.float64).contiguous()
+    t = torch.cat([t for _, t in parts]).to(torch.float64).contiguous()
     tauk = torch.full((R,), -torch.inf, dtype=torch.float32, device=dev)
     if top_k is not None and top_k < V:  # ties with the k-th largest are kept (cut = V - 1)
-        kth = [torch.topk(y, top_k, dim=-1).values[:, -1] for y in (x, x2[: R - R1]) if len(y)]
+        kth = [torch.topk(y, top_k, dim=-1).values[:, -1] for y in xs if len(y)]
         tauk = torch.where(t > 0, torch.cat(kth).to(torch.float32), tauk)
     SLICE = slice_width or keep_slice(V, R, _sm_count(dev))
     BLOCK = min(SLICE, block or 256)
