@@ -14,7 +14,7 @@ statistics (``--json``: one JSON object with the completion and the statistics):
 
 Defaults: the pair of :mod:`speccascade_fast.models` (Qwen2.5-Coder 0.5B drafting for 1.5B),
 method ``spec_cascade``, rule ``token_v3`` with its default alpha (0.3, see
-:data:`speccascade_fast.engine.DEFAULT_ALPHA`), gamma 5, greedy decoding (``--temperature 0``).
+:data:`speccascade_fast.config.DEFAULT_ALPHA`), gamma 5, greedy decoding (``--temperature 0``).
 """
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ import json
 import sys
 from collections.abc import Sequence
 
-from . import engine
+from .config import BONUS, METHODS
+from .generation import generate
+from .rules import RULES
 
 SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("speccascade_fast.cli", "add_generate_subcommand"),
@@ -69,8 +71,8 @@ def add_generate_subcommand(subparsers) -> argparse.ArgumentParser:
                    help=f"named model, HF folder or .gguf file (default: {DEFAULT_VERIFIER})")
     p.add_argument("--early-exit", type=int, default=None, metavar="LAYERS",
                    help="use the verifier's first LAYERS layers as the drafter (ignores --drafter)")
-    p.add_argument("--method", default="spec_cascade", choices=engine.METHODS)
-    p.add_argument("--rule", default=None, choices=engine.RULES,
+    p.add_argument("--method", default="spec_cascade", choices=METHODS)
+    p.add_argument("--rule", default=None, choices=RULES,
                    help="deferral rule (default: token_v3 for spec_cascade, chow for "
                         "token_cascade, diff for oracle_cascade)")
     p.add_argument("--alpha", type=float, default=None,
@@ -79,7 +81,7 @@ def add_generate_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--draft-confidence", type=float, default=None, metavar="P",
                    help="spec_cascade: end a block after the first draft the drafter gave a "
                         "probability below P, in (0, 1) (at most --gamma drafts; default: off)")
-    p.add_argument("--bonus", default="cascade", choices=engine.BONUS)
+    p.add_argument("--bonus", default="cascade", choices=BONUS)
     p.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature; 0 = greedy (default: 0)")
     p.add_argument("--top-k", type=int, default=None)
@@ -111,7 +113,7 @@ def generate_command(args: argparse.Namespace) -> int:
     drafter, verifier, tokenizer = _load(args, models, load)
     text = _apply_chat(tokenizer, prompt) if args.chat else prompt
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=not args.chat)
-    out = engine.generate(
+    out = generate(
         drafter, verifier, enc["input_ids"].to(device),
         attention_mask=enc.get("attention_mask"), method=args.method, rule=args.rule,
         alpha=args.alpha, gamma=args.gamma, bonus=args.bonus, temperature=args.temperature,

@@ -1,4 +1,4 @@
-"""Hugging Face's ``generate`` vocabulary on top of :func:`speccascade_fast.engine.generate`.
+"""Hugging Face's ``generate`` vocabulary on top of :func:`speccascade_fast.generate`.
 
 ``generate(model, input_ids, assistant_model=drafter, do_sample=..., ...)`` takes the arguments a
 user of HF assisted generation already writes and maps them:
@@ -14,7 +14,7 @@ HF argument                 engine argument
 ``num_assistant_tokens``    ``gamma``
 ``deferral_rule``           ``rule`` (None: the method's default, ``token_v3`` for the default
                             method ``spec_cascade``)
-``lenience``                ``alpha`` (None: :data:`speccascade_fast.engine.DEFAULT_ALPHA`)
+``lenience``                ``alpha`` (None: :data:`speccascade_fast.config.DEFAULT_ALPHA`)
 ``max_new_tokens``          ``max_new_tokens``
 ``eos_token_id``,           as in the engine (None: the model's generation config)
 ``pad_token_id``
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .engine import generate as engine_generate
+from .generation import generate as engine_generate
 
 _PASS_THROUGH = ("method", "bonus", "max_drafter_run", "seq_score", "backend", "pad_token_id")
 # HF arguments that carry no meaning here and are silently ignored when given

@@ -18,8 +18,13 @@ model's own key states), and reused by every later call and ``generate``. Their 
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers.cache_utils import Cache
+
+from . import model_facts
+from .attention import attention_mask, selected
 
 
 class SlotCache(Cache):
@@ -89,3 +94,70 @@ class SlotCache(Cache):
     def get_max_length(self) -> int:
         return self.slots - 1
 
+
+#: model -> its torch.compile'd callable, shared by every Engine (compiled code is reused)
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled(model):
+    """``torch.compile(model, dynamic=True)``, once per model: the sizes that change from step to
+    step (batch rows, attended length) are symbolic, so decoding does not recompile per step."""
+    fn = _COMPILED.get(model)
+    if fn is None:
+        fn = _COMPILED[model] = torch.compile(model, dynamic=True)
+    return fn
+
+
+class SlotModel:
+    """One model, its static cache, and per row the number of valid slots (``seen``, host ints).
+    ``compile_steps``: one-token calls (the decode steps) run the model ``torch.compile``d; the
+    longer calls stay eager. ``attention``: the engine's attention (None: the model's own)."""
+
+    def __init__(self, model, max_batch_size: int, slots: int, compile_steps: bool = False,
+                 attention: str | None = None):
+        self.model = model
+        self.step_model = compiled(model) if compile_steps else model
+        self.config = model.config
+        self.attention = attention
+        self.attn = attention or getattr(model.config, "_attn_implementation", None) or "eager"
+        self.dtype = next(model.parameters()).dtype
+        self.cache = SlotCache(max_batch_size, slots, heads_last=attention == "flash_attn")
+        self.keep_arg = model_facts.accepts(model, "logits_to_keep")
+        self.cache_arg = model_facts.cache_kwarg(model)
+        limit = model_facts.context(model)
+        self.max_position = (limit - 1) if limit is not None else None
+        self.seen: list[int] = []
+
+    def forward(self, ids: torch.Tensor, slots: torch.Tensor, kv_len: int,
+                keep: int) -> torch.Tensor:
+        """Feed token ``ids[b, i]`` at position ``slots[b, i]`` and return the logits of the last
+        ``keep`` columns, ``[B, keep, V]``; attention reads slots ``[0, kv_len)``. A row's real
+        tokens are contiguous positions ending at its last column (padding before them goes to
+        the trash slot). Device work only (no host reads), so it can run inside a CUDA graph."""
+        self.cache.bind(slots, kv_len)
+        mask = attention_mask(self.config, slots, kv_len, self.attn, self.dtype)
+        positions = slots if self.max_position is None else slots.clamp(max=self.max_position)
+        kwargs = {"logits_to_keep": keep} if self.keep_arg else {}
+        fwd = self.step_model if ids.shape[1] == 1 else self.model
+        with selected(self.config, self.attention):
+            out = fwd(input_ids=ids, attention_mask=mask, position_ids=positions,
+                      use_cache=True, **{self.cache_arg: self.cache}, **kwargs).logits
+        return out if self.keep_arg else out[:, -keep:]
+
+    def prefill(self, tokens: torch.Tensor, upto: list[int]) -> None:
+        """Feed each row ``b`` its tokens ``tokens[b, seen_b : upto_b]`` (rows left-padded to
+        one width, the padding written to the trash slot); the logits are not needed."""
+        counts = [u - s for u, s in zip(upto, self.seen)]
+        n = max(counts)
+        if n > 0:
+            device = tokens.device
+            col = torch.arange(n, device=device)
+            pad = n - torch.tensor(counts, device=device)[:, None]
+            start = torch.tensor(self.seen, device=device)[:, None]
+            slots = torch.where(col >= pad, start + col - pad, self.cache.trash_slot)
+            self.forward(tokens.gather(1, slots), slots, max(upto), 1)
+        self.seen = list(upto)
+
+    def keep_rows(self, index: torch.Tensor, rows: list[int]) -> None:
+        self.cache.keep_rows(index)
+        self.seen = [self.seen[i] for i in rows]

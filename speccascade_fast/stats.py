@@ -1,4 +1,4 @@
-"""Cost counters of one ``generate`` call and the rates derived from them (SEMANTICS §7).
+"""Cost counters of one ``generate`` call and the rates derived from them (docs/semantics.md §7).
 
 Counts (summed over the batch):
 
@@ -53,6 +53,19 @@ class Counters:
         for k, v in asdict(other).items():
             setattr(self, k, getattr(self, k) + v)
         return self
+
+    def add_block(self, drafted: int, accepted: int) -> None:
+        """One verified block: ``drafted`` drafts sent to the verifier, ``accepted`` of them
+        accepted (a block rejects at most one)."""
+        self.blocks += 1
+        self.drafted += drafted
+        self.accepted += min(accepted, drafted)
+        self.rejected += int(accepted < drafted)
+
+    def add_emitted(self, kept: list[int], deferred) -> None:
+        """Emitted tokens ``kept`` and their ``deferred`` flags (the first ``len(kept)``)."""
+        self.tokens += len(kept)
+        self.deferred += sum(bool(d) for d in deferred[: len(kept)])
 
     def as_dict(self, wall_s: float = 0.0) -> dict:
         """Counts plus the derived rates (see the module docstring)."""

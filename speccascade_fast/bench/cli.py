@@ -82,7 +82,7 @@ def bench_command(args: argparse.Namespace) -> int:
     import torch
 
     from .. import models
-    from ..engine import check_draft_confidence
+    from ..config import check_draft_confidence
     from . import e2e
 
     for name in ("prompts", "max_new_tokens", "batch", "gamma", "rounds", "hf_gamma",

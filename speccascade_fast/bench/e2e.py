@@ -48,8 +48,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..engine import check_draft_confidence
-from ..static_engine import Engine
+from ..config import check_draft_confidence
+from ..engine import Engine
 from .overhead import _sync
 
 

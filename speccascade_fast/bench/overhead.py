@@ -35,8 +35,8 @@ import time
 
 import torch
 
-from ..engine import check_draft_confidence
-from ..static_engine import Engine
+from ..config import check_draft_confidence
+from ..engine import Engine
 
 #: the default pair's shapes (the converted GGUF configurations)
 QWEN_CODER = {

@@ -167,7 +167,7 @@ def stop_token_ids(tokenizer: Any, stop_strings: Sequence[str]) -> list[int]:
 
 
 def _default_generate() -> Callable[..., Any]:
-    from speccascade_fast.engine import generate
+    from speccascade_fast.generation import generate
 
     return generate
 
@@ -220,7 +220,7 @@ def run_eval(
         eos_token_id: end-of-sequence id(s) (default: :func:`eos_ids`).
         stop_tokens: also end at tokens containing a one-character stop string (module doc).
         warmup: one untimed generate per distinct (method, rule) before the timed ones.
-        generate_fn: the generate function (default: ``speccascade_fast.engine.generate``);
+        generate_fn: the generate function (default: ``speccascade_fast.generate``);
             tests inject a fake one with the same signature.
         task_kwargs: keyword arguments of the task's constructor (``k``, ``timeout_s`` …).
         plots: write the PNGs.

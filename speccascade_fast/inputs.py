@@ -1,0 +1,140 @@
+"""The per-call inputs of ``generate``, parsed and validated once for both decoding loops: prompts
+(padding removed), seeds, EOS and pad ids, token budgets, per-sequence temperature and alpha.
+Each function raises a ``ValueError`` naming its argument and the allowed values."""
+from __future__ import annotations
+
+import torch
+
+from . import checks, model_facts
+from .rules import check_alpha
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def prompts(input_ids, attention_mask) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The unpadded 1-D prompts and ``input_ids`` as a 2-D integer tensor ``[B, P]``."""
+    if not isinstance(input_ids, torch.Tensor):
+        try:
+            input_ids = torch.tensor(input_ids, dtype=torch.int64)
+        except (TypeError, ValueError):
+            raise ValueError("input_ids must be an int64 tensor [B, P] (or a list of equal-"
+                             "length lists)") from None
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must be an integer tensor [B, P], got {input_ids.dtype} "
+                         f"of shape {tuple(input_ids.shape)}")
+    if input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): a prompt needs at "
+                         "least one token")
+    if attention_mask is None:
+        return list(input_ids), input_ids
+    attention_mask = torch.as_tensor(attention_mask)
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal "
+                         f"input_ids shape {tuple(input_ids.shape)}")
+    keep = attention_mask.to(input_ids.device).bool()
+    rows = [row[k] for row, k in zip(input_ids, keep)]
+    if any(p.numel() == 0 for p in rows):
+        raise ValueError("input_ids has an empty prompt (a row whose attention_mask is all 0)")
+    return rows, input_ids
+
+
+def seeds(seed, B: int) -> list[int]:
+    """One seed per sequence: ``seed + b`` from an int, else the B ints given."""
+    if isinstance(seed, bool):
+        raise ValueError("seed must be an int or a list/tensor of B ints, got a bool")
+    if isinstance(seed, int):
+        return [seed + b for b in range(B)]
+    if isinstance(seed, torch.Tensor):
+        if seed.is_floating_point() or seed.dim() != 1:
+            raise ValueError(f"seed tensor must be 1-D integer [B], got {seed.dtype} "
+                             f"{tuple(seed.shape)}")
+        seed = seed.tolist()
+    if isinstance(seed, (list, tuple)) and len(seed) == B and all(map(_is_int, seed)):
+        return list(seed)
+    raise ValueError(f"seed must be an int or a list/tensor of {B} ints (one per sequence)")
+
+
+def eos_ids(eos_token_id, *models) -> frozenset[int]:
+    """The EOS ids: ``eos_token_id`` (an int or ints), or None: the first of ``models`` whose
+    generation config names one (no early stop if none does)."""
+    if eos_token_id is None:
+        for m in models:
+            gc = getattr(m, "generation_config", None)
+            if gc is not None and gc.eos_token_id is not None:
+                eos_token_id = gc.eos_token_id
+                break
+        else:
+            return frozenset()
+    if isinstance(eos_token_id, torch.Tensor):
+        eos_token_id = eos_token_id.flatten().tolist()
+    if _is_int(eos_token_id):
+        return frozenset([eos_token_id])
+    if isinstance(eos_token_id, (list, tuple, set, frozenset)) and all(map(_is_int, eos_token_id)):
+        return frozenset(eos_token_id)
+    raise ValueError(f"eos_token_id must be None, an int or a list of ints, got {eos_token_id!r}")
+
+
+def pad_id(pad_token_id, model, eos) -> int:
+    """``pad_token_id``, or the model's generation config's, else the smallest EOS id, else 0."""
+    if pad_token_id is not None:
+        return int(pad_token_id)
+    gc = getattr(model, "generation_config", None)
+    if gc is not None and gc.pad_token_id is not None:
+        pad = gc.pad_token_id
+        return int(pad[0] if isinstance(pad, (list, tuple)) else pad)
+    return min(eos) if eos else 0
+
+
+def budgets(max_new_tokens, B: int, *, per_sequence: bool = True) -> list[int]:
+    """``max_new_tokens`` as B ints >= 1: an int, or (``per_sequence``) B ints."""
+    n = max_new_tokens
+    if per_sequence and isinstance(n, torch.Tensor):
+        n = n.tolist()
+    values = n if per_sequence and isinstance(n, (list, tuple)) else [n] * B
+    if len(values) != B or any(not _is_int(v) or v < 1 for v in values):
+        allowed = f"an int >= 1 or {B} such ints (one per sequence)" if per_sequence \
+            else "an int >= 1"
+        raise ValueError(f"max_new_tokens must be {allowed}, got {max_new_tokens!r}")
+    return list(values)
+
+
+def check_context(models, prompts: list[torch.Tensor], max_new_tokens: int) -> None:
+    """The longest prompt plus ``max_new_tokens`` must fit each model's context (an
+    encoder-decoder's decoder starts from one token)."""
+    longest = max(p.numel() for p in prompts)
+    for name, m in models:
+        if m is None:
+            continue
+        n = 1 if model_facts.is_encoder_decoder(m) else longest
+        limit = model_facts.context(m)
+        if limit is not None and n + max_new_tokens > limit:
+            raise ValueError(f"prompt ({n} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"{name}'s context of {limit} tokens (max_position_embeddings)")
+
+
+def per_sequence(name: str, value, default, B: int, rule: str | None,
+                 device) -> torch.Tensor | None:
+    """``temperature`` or ``alpha`` as float64 ``[B]`` on ``device`` from None (``default``),
+    a number, or B numbers; None for alpha when the rule takes none."""
+    if name == "alpha" and rule is None:
+        return None
+    value = default if value is None else value
+    if value is None:  # a rule without alpha
+        return None
+    if isinstance(value, (list, tuple)):
+        value = torch.tensor(value, dtype=torch.float64)
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        raise ValueError(f"{name} must be a number or a list/tensor of {B} numbers")
+    t = torch.as_tensor(value, dtype=torch.float64)
+    if t.dim() > 1 or (t.dim() == 1 and t.numel() != B):
+        raise ValueError(f"{name} must be a number or {B} numbers (one per sequence), got "
+                         f"shape {tuple(t.shape)}")
+    if name == "alpha":
+        check_alpha(rule, t)
+    else:
+        t = checks.temperature(t, tuple(t.shape))
+    return t.expand(B).clone().to(device)

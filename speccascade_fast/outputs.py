@@ -1,0 +1,74 @@
+"""What a sequence emits and what ``generate`` returns, shared by both decoding loops: the emit rule
+(tokens up to the first EOS and the budget), whether a bonus token can still be emitted, the
+HF-style ``sequences`` tensor and the final statistics."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .stats import Counters
+
+
+@dataclass
+class GenerateOutput:
+    """``sequences``: int64 ``[B, L]``, HF style: for decoder-only models the prompt as given
+    (with its padding) followed by the new tokens, right-padded with ``pad_token_id`` after EOS;
+    for encoder-decoder models the decoder sequences (``decoder_start_token_id`` first).
+    ``stats``: the counters and rates of :mod:`speccascade_fast.stats`, plus the settings used.
+    ``new_tokens``: the new tokens of each sequence, unpadded."""
+
+    sequences: torch.Tensor
+    stats: dict
+    new_tokens: list[list[int]] = field(default_factory=list)
+
+
+def emit(tokens: list[int], remaining: int, eos) -> tuple[list[int], bool]:
+    """The emit rule: of ``tokens``, a sequence with ``remaining`` tokens of budget keeps those up
+    to its first EOS id (included) and its budget. Returns ``(kept, done)``."""
+    kept, done = [], False
+    for x in tokens[:remaining]:
+        kept.append(x)
+        if x in eos:
+            done = True
+            break
+    return kept, done or remaining - len(kept) <= 0
+
+
+def bonus_keepable(drafts: list[int], remaining: int, eos) -> bool:
+    """Whether a bonus token after these drafts could be emitted by a sequence with
+    ``remaining`` tokens of budget and EOS ids ``eos``: the budget has room for it and the last
+    draft is not EOS. (Otherwise the verifier's bonus stands in: it decides a token that is cut
+    anyway, so no bonus drafter step is run for it.)"""
+    return len(drafts) < remaining and drafts[-1] not in eos
+
+
+def sequences(input_ids: torch.Tensor, new_tokens: list[list[int]], pad: int,
+              decoder_outputs: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """HF-style ``sequences``: prompts as given + new tokens, right-padded with ``pad``; for
+    encoder-decoder models (``decoder_outputs``) the decoder sequences, right-padded."""
+    device = input_ids.device
+    if decoder_outputs is not None:
+        L = max(o.numel() for o in decoder_outputs)
+        out = torch.full((len(decoder_outputs), L), pad, dtype=torch.int64, device=device)
+        for b, o in enumerate(decoder_outputs):
+            out[b, : o.numel()] = o
+        return out
+    width = max(len(n) for n in new_tokens)
+    new = torch.full((input_ids.shape[0], width), pad, dtype=torch.int64, device=device)
+    for b, n in enumerate(new_tokens):
+        new[b, : len(n)] = torch.tensor(n, dtype=torch.int64)
+    return torch.cat([input_ids.to(torch.int64), new], dim=1)
+
+
+def final_stats(counters, settings: dict, start: float, **extra) -> dict:
+    """The statistics of a call: the summed ``counters`` with their rates, wall-clock time since
+    ``start`` (``time.perf_counter()``), the ``settings`` used and any ``extra`` figures."""
+    total = Counters()
+    for c in counters:
+        total += c
+    stats = total.as_dict(time.perf_counter() - start)
+    stats.update(extra)
+    stats.update(settings)
+    return stats
