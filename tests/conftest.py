@@ -76,8 +76,8 @@ def flash_stand_in(monkeypatch):
 
 @pytest.fixture(scope="module")
 def pair():
-    """The default tiny fp32 (drafter, verifier) Llama pair of ``tests.test_engine.tiny_pair``,
+    """The default tiny fp32 (drafter, verifier) Llama pair of ``tests.helpers.tiny_pair``,
     built once per module (a module may define its own ``pair``)."""
-    from .test_engine import tiny_pair
+    from .helpers import tiny_pair
 
     return tiny_pair()

@@ -1,4 +1,5 @@
-"""Shared test helpers: example logits, closed forms and a chi-squared check."""
+"""Shared test helpers: example logits, closed forms and a chi-squared check; tiny model pairs,
+prompts and ragged (flattened) verification inputs used by several test modules."""
 from __future__ import annotations
 
 import math
@@ -282,3 +283,75 @@ def assert_graph_stats(graphs: dict, eager: dict, kw: dict) -> None:
         assert eager["drafter_calls"] < graphs["drafter_calls"]
     else:
         assert graphs["drafter_calls"] == eager["drafter_calls"]
+
+
+def tiny_pair(V=64, seed=0, init=0.3, noise=0.6, layers=2, hidden=32, max_pos=256):
+    """``(drafter, verifier)``: fp32 random Llamas; the drafter's LM head is the verifier's plus
+    Gaussian noise (``noise`` x its std) drawn with another seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=V, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,
+        initializer_range=init, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(seed)
+    verifier = LlamaForCausalLM(cfg).eval()
+    return noisy_drafter(verifier, seed + 1000, noise), verifier
+
+
+def noisy_copy_pair(cls, cfg):
+    """``(drafter, verifier)``: a random ``cls(cfg)`` verifier (torch seed 3) and its
+    :func:`noisy_drafter` (seed 4, noise 0.6)."""
+    torch.manual_seed(3)
+    verifier = cls(cfg).eval()
+    return noisy_drafter(verifier, seed=4, noise=0.6), verifier
+
+
+def qwen2_pair():
+    """A tiny Qwen2 pair (V = 64) with sliding-window layers (window 4, one full layer)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      use_sliding_window=True, sliding_window=4, max_window_layers=1,
+                      initializer_range=0.3)
+    return noisy_copy_pair(Qwen2ForCausalLM, cfg)
+
+
+#: prompts of different lengths, left-padded with PAD into one batch
+PROMPTS = [[3, 5, 7, 9], [1, 2], [10, 20, 30, 40, 50, 60, 11]]
+PAD = 0
+
+
+def left_padded(prompts, pad=PAD):
+    """``(input_ids, attention_mask)`` of ``prompts`` left-padded with ``pad``."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+#: the requests' gammas of :func:`ragged_inputs` by default
+RAGGED_GAMMAS = [1, 4, 2]
+
+
+def ragged_inputs(V=64, dtype=torch.float32, seed=0, T=1.0, gammas=RAGGED_GAMMAS):
+    """Per request b: draft logits [gamma_b + 1, V] (last row: the bonus position), target
+    logits [gamma_b + 1, V], drafts from qT; and the same data flattened."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = []
+    for b, gamma in enumerate(gammas):
+        q = torch.randn(gamma + 1, V, generator=g) * 2
+        p = q + torch.randn(gamma + 1, V, generator=g)
+        q, p = q.to(dtype), p.to(dtype)
+        x = sc_sample(q[None, :gamma], temperature=T, seed=100 + b)[0]
+        blocks.append((q, x, p))
+    cu = torch.tensor([0] + torch.tensor(gammas).cumsum(0).tolist())
+    flat = dict(
+        draft_logits=torch.cat([q[:-1] for q, _, _ in blocks]),
+        draft_tokens=torch.cat([x for _, x, _ in blocks]),
+        target_logits=torch.cat([p for _, _, p in blocks]),
+        cu_num_draft_tokens=cu,
+        bonus_draft_logits=torch.stack([q[-1] for q, _, _ in blocks]),
+    )
+    return blocks, flat

@@ -18,8 +18,7 @@ from speccascade_fast import Engine, attention, generate
 from speccascade_fast.kv_cache import SlotCache
 
 from . import flash_attn_stand_in
-from .test_engine import PROMPTS, left_padded
-from .test_static_engine import _qwen2_pair
+from .helpers import PROMPTS, left_padded, qwen2_pair
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -55,7 +54,7 @@ def test_flash_attn_gives_the_sdpa_tokens(pair, flash_stand_in, kw):
 
 def test_flash_attn_sliding_windows_and_a_reused_engine(flash_stand_in):
     """Qwen2 with 4-token windows on one of its two layers: window_size=(3, 0) there."""
-    models = _qwen2_pair()
+    models = qwen2_pair()
     assert "sliding_attention" in models[1].config.layer_types
     ids, mask = left_padded(PROMPTS)
     kw = dict(max_new_tokens=16, eos_token_id=[], seed=[1, 2, 3])

@@ -7,7 +7,7 @@ import torch
 
 from speccascade_fast.bench import e2e
 
-from .test_engine import tiny_pair
+from .helpers import tiny_pair
 
 #: the greedy ``spec`` row with blocks cut at draft confidence 0.5, at most 4 drafts
 CUT = "ours:spec greedy, draft confidence 0.5, at most 4 drafts"

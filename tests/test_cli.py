@@ -12,7 +12,7 @@ import torch
 
 from speccascade_fast import cli
 
-from .test_engine import tiny_pair
+from .helpers import tiny_pair
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

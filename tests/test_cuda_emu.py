@@ -23,8 +23,7 @@ from speccascade_fast.backends import cuda, reference
 from speccascade_fast.ragged import verify_ragged
 
 from . import cuda_emu, helpers
-from .helpers import ALPHAS, assert_same_up_to_near_ties, verify_args
-from .test_ragged import ragged_inputs
+from .helpers import ALPHAS, assert_same_up_to_near_ties, ragged_inputs, verify_args
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

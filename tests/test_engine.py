@@ -16,38 +16,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+from transformers import LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 from speccascade_fast import target_distribution
 from speccascade_fast.engine import DEFAULT_ALPHA, generate
 
-from .helpers import chi2_pvalue, noisy_drafter
+from .helpers import PAD, PROMPTS, chi2_pvalue, left_padded, noisy_drafter, tiny_pair
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def tiny_pair(V=64, seed=0, init=0.3, noise=0.6, layers=2, hidden=32, max_pos=256):
-    """``(drafter, verifier)``: fp32 random Llamas; the drafter's LM head is the verifier's plus
-    Gaussian noise (``noise`` x its std) drawn with another seed."""
-    cfg = LlamaConfig(
-        vocab_size=V, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,
-        initializer_range=init, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    torch.manual_seed(seed)
-    verifier = LlamaForCausalLM(cfg).eval()
-    return noisy_drafter(verifier, seed + 1000, noise), verifier
-
-
-PROMPTS = [[3, 5, 7, 9], [1, 2], [10, 20, 30, 40, 50, 60, 11]]
-PAD = 0
 NEW = 24
-
-
-def left_padded(prompts, pad=PAD):
-    width = max(map(len, prompts))
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    return ids, mask
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from speccascade_fast import Engine, generate
 from speccascade_fast.sampling import draw
 
-from .helpers import NoHostReads, assert_graph_stats
-from .test_engine import PROMPTS, left_padded, tiny_pair
+from .helpers import PROMPTS, NoHostReads, assert_graph_stats, left_padded, tiny_pair
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -10,7 +10,7 @@ import torch
 from speccascade_fast import hf
 from speccascade_fast.engine import generate as engine_generate
 
-from .test_engine import left_padded, tiny_pair
+from .helpers import left_padded, tiny_pair
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

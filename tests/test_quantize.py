@@ -9,7 +9,7 @@ import torch
 from speccascade_fast import generate
 from speccascade_fast.quantize import Int8Linear, int8_weight_only
 
-from .test_engine import PROMPTS, left_padded, tiny_pair
+from .helpers import PROMPTS, left_padded, tiny_pair
 
 
 def test_int8_linear_matches_the_dequantized_weights():

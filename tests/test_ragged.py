@@ -8,32 +8,10 @@ import torch
 import speccascade_fast as sc
 from speccascade_fast.ragged import verify_ragged
 
-from .helpers import ALPHAS
+from .helpers import ALPHAS, RAGGED_GAMMAS, ragged_inputs
 
-GAMMAS = [1, 4, 2]
+GAMMAS = RAGGED_GAMMAS  # the requests of ragged_inputs by default
 B = len(GAMMAS)
-
-
-def ragged_inputs(V=64, dtype=torch.float32, seed=0, T=1.0, gammas=GAMMAS):
-    """Per request b: draft logits [gamma_b + 1, V] (last row: the bonus position), target
-    logits [gamma_b + 1, V], drafts from qT; and the same data flattened."""
-    g = torch.Generator().manual_seed(seed)
-    blocks = []
-    for b, gamma in enumerate(gammas):
-        q = torch.randn(gamma + 1, V, generator=g) * 2
-        p = q + torch.randn(gamma + 1, V, generator=g)
-        q, p = q.to(dtype), p.to(dtype)
-        x = sc.sample(q[None, :gamma], temperature=T, seed=100 + b)[0]
-        blocks.append((q, x, p))
-    cu = torch.tensor([0] + torch.tensor(gammas).cumsum(0).tolist())
-    flat = dict(
-        draft_logits=torch.cat([q[:-1] for q, _, _ in blocks]),
-        draft_tokens=torch.cat([x for _, x, _ in blocks]),
-        target_logits=torch.cat([p for _, _, p in blocks]),
-        cu_num_draft_tokens=cu,
-        bonus_draft_logits=torch.stack([q[-1] for q, _, _ in blocks]),
-    )
-    return blocks, flat
 
 
 def per_request(blocks, bonus, backend="reference", **kw):

@@ -17,16 +17,13 @@ import torch
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
     T5Config,
     T5ForConditionalGeneration,
 )
 
 from speccascade_fast import Engine, generate
 
-from .helpers import noisy_drafter
-from .test_engine import PROMPTS, left_padded
+from .helpers import PROMPTS, left_padded, noisy_copy_pair, qwen2_pair
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -199,28 +196,14 @@ def test_finished_sequences_leave_the_batch(pair):
     assert sum(rows["verifier"][1:]) == out.stats["verifier_calls"] == out.stats["blocks"]
 
 
-def _qwen2_pair():
-    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      use_sliding_window=True, sliding_window=4, max_window_layers=1,
-                      initializer_range=0.3)
-    return _noisy_copy(Qwen2ForCausalLM, cfg)
-
-
 def _gemma2_pair():
     cfg = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                        sliding_window=4, max_position_embeddings=128, initializer_range=0.3)
-    return _noisy_copy(Gemma2ForCausalLM, cfg)
+    return noisy_copy_pair(Gemma2ForCausalLM, cfg)
 
 
-def _noisy_copy(cls, cfg):
-    torch.manual_seed(3)
-    verifier = cls(cfg).eval()
-    return noisy_drafter(verifier, seed=4, noise=0.6), verifier
-
-
-@pytest.mark.parametrize("make", [_qwen2_pair, _gemma2_pair], ids=["qwen2-sdpa", "gemma2-eager"])
+@pytest.mark.parametrize("make", [qwen2_pair, _gemma2_pair], ids=["qwen2-sdpa", "gemma2-eager"])
 def test_sliding_window_models(make):
     """Windows of 4 tokens: the Engine's own masks must match HF's for both layer types."""
     models = make()

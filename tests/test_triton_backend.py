@@ -30,7 +30,7 @@ from speccascade_fast.backends import reference
 from speccascade_fast.backends import triton as tb
 from speccascade_fast.truncation import keep_bounds_torch, keep_mask
 
-from .helpers import ALPHAS, assert_same_up_to_near_ties, truncation_case
+from .helpers import ALPHAS, assert_same_up_to_near_ties, ragged_inputs, truncation_case
 
 _CUDA = torch.cuda.is_available()
 
@@ -257,8 +257,6 @@ def test_top_k_top_p_in_the_kernels(rule):
 
 # ---- vLLM's flattened layout: per-request gamma, rows read where they lie ------------------------
 def ragged_case(seed, *, dtype=torch.float32, bonus="cascade", gammas=(1, 4, 2), vocab=64):
-    from .test_ragged import ragged_inputs
-
     _, flat = ragged_inputs(V=vocab, dtype=dtype, seed=seed, T=1.0, gammas=list(gammas))
     if bonus == "verifier":
         flat["bonus_draft_logits"] = None

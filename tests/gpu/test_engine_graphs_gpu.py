@@ -1,6 +1,6 @@
 """The Engine's CUDA graphs on a GPU: the graph path equals the eager path.
 
-Tiny random fp32 Llamas on CUDA (tests.test_engine.tiny_pair), prompts of different lengths,
+Tiny random fp32 Llamas on CUDA (tests.helpers.tiny_pair), prompts of different lengths,
 rows that finish at different times (graphs are captured for the bucket of every batch size
 the eager run goes through: 3, then 2 and 1 unless rows finish in the same block, and replayed;
 in an engine for 8 rows the 3 run as 4, padded):
@@ -19,8 +19,7 @@ import torch
 
 from speccascade_fast import Engine
 
-from ..helpers import assert_graph_stats
-from ..test_engine import PROMPTS, left_padded, tiny_pair
+from ..helpers import PROMPTS, assert_graph_stats, left_padded, tiny_pair
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -13,7 +13,7 @@ import torch
 
 from speccascade_fast import Engine
 
-from ..test_engine import PROMPTS, left_padded, tiny_pair
+from ..helpers import PROMPTS, left_padded, tiny_pair
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None,

@@ -22,7 +22,7 @@ import speccascade_fast as sc
 from speccascade_fast.ragged import verify_ragged
 
 from ..helpers import capture, near_tie, verify_args
-from .test_triton_gpu import ALPHA, llm_block
+from .helpers import ALPHA, llm_block
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
