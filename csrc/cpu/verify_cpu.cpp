@@ -1,63 +1,40 @@
-// Fused speculative-cascade verification on CPU: the "cpu" backend.
-//
-// Ops (registered with TORCH_LIBRARY_FRAGMENT, reachable as torch.ops.speccascade.* once
-// speccascade_fast._C is imported):
-//
-//   verify_ragged(draft_logits [N, V], draft_tokens [N], target_logits [N + B, V],
-//                 cu_num_draft_tokens [B + 1], bonus_draft_logits [B, V]?, seed [B], positions [B],
-//                 temperature [B] f64, alpha [B] f64, rule int | str,
-//                 draft_keep [N, 2]?, target_keep [N + B, 2]?, bonus_keep [B, 2]?,
-//                 max_spec_len int = 0)
-//       -> (tokens [B, W] int64, -1 padded; num_accepted [B] int64; deferred [B, W] bool, False
-//           padded), W = max_gamma + 1, or max_spec_len + 1 when max_spec_len > 0 (vLLM's
-//           argument: the output width no longer depends on cu's values, so the CUDA kernel
-//           reads nothing on the host; here cu is still validated, and every gamma_b must be
-//           <= max_spec_len; cu may then end before N: the rows after it are padding, as in
-//           a fixed-size buffer that a CUDA graph replays)
-//     Request b owns draft rows cu[b]:cu[b+1] and target rows cu[b]+b : cu[b+1]+b+1 (vLLM's
-//     flattened layout). bonus_draft_logits given: bonus="cascade" (the drafter at the bonus
-//     position); None: bonus="verifier" (the bonus token is drawn from pT).
-//   verify_padded(draft_logits [B, G, V] (G = gamma: verifier bonus; gamma + 1: cascade bonus),
-//                 draft_tokens [B, gamma], target_logits [B, gamma + 1, V], seed, positions,
-//                 temperature, alpha, rule, draft_keep [B, G, 2]?, target_keep [B, gamma + 1, 2]?)
-//       -> the same, [B, gamma + 1]
-//     The padded layout of speccascade_fast.verify, read in place (any strides, unit stride in V).
-//   *_keep: top-k / top-p as per-row keep bounds (tau, cut), float64 (speccascade_fast/
-//     truncation.py): the scaled laws qT, pT keep {v : l_v > tau or (l_v == tau and v <= cut)}
-//     only; the unscaled q1, p1 of the deferral statistics stay whole. A truncated row is read
-//     as -inf outside its set wherever a scaled quantity is formed, and T = 1 no longer lets the
-//     scaled sums reuse the unscaled ones.
+// Fused speculative-cascade verification on CPU: the algorithm of the "cpu" backend's ops
+// (torch.ops.speccascade.verify_ragged / verify_padded; their torch glue, argument checks and
+// tensor plumbing are in verify_cpu_ops.cpp, the problem description in verify_cpu.h, the thread
+// pool in task_queue.h).
 //
 // Semantics: exactly speccascade_fast/backends/reference.py (Algorithm 4 towards each rule's
-// target, counter-based RNG of rng.py), stage by stage:
+// target, counter-based RNG of rng.py), in its stages, whose names every backend shares:
 //
-//   1. stats     one streaming pass per (position, chunk of V): for the draft row q and the target
-//                row p the max, its argmax, sum exp(l - m) (T = 1), sum exp((l - m)/T), and, when
-//                the rule needs them, sum e (l - m) (entropy) and sum e_q l_p (bild's cross
-//                entropy). Online softmax: a block raising the running max rescales the sums once.
-//                Chunks are a fixed 16384 logits (not "per thread"), so results do not depend on
-//                the thread count; (position, chunk) tasks are shared by the calling thread and
-//                helpers on ATen's inter-op pool (run_tasks). For spec, drafter, lossy,
-//                lossy_star and token_v3, whose outputs do not need every position, a position's
-//                stats are computed only when the accept loop reaches it: the rows after the
-//                first rejection are never read (token_v3 reads their target rows' max only, for
-//                the deferred flags).
-//   2. targets   deferral decisions from the stats; a second pass over V only where a rule needs
-//                one: TV(pT, qT) for opt/opt_log (skipped when the decision cannot depend on it,
-//                TV in [0, 1]); eta = qT(outside A) for token rules, lazily, only at positions
-//                the accept loop reaches with a draft outside A; lossy's bonus law; lossy_star's
-//                beta, solved exactly (piecewise-linear equation, quickselect on breakpoints,
-//                instead of the reference's 50 bisection passes), only at the one row that
-//                resamples.
-//   3. accept    per request, u_j = uniform(seed, position + j, ACCEPT) < accept_j(x) / qT_j(x),
-//                fp64, stop at the first rejection.
-//   4. resample  the exponential race argmax_v log w_v - log(-log u_v) over the single row that
-//                needs it (the residual at j*, or the bonus row), split over V across threads. A
-//                vectorised bound (a linear upper bound of log w from the logits plus a per-hash-
-//                bucket bound of the Gumbel term) skips almost every token; the few survivors are
-//                scored exactly in fp64 with the reference's formula, -log u evaluated in fp64
-//                from the exact 53-bit u (so E = -log u is accurate for u near 1).
-//   5. insert    tokens / num_accepted / deferred, as reference._deferred.
+//   targets   per position, both models' distributions, the deferral decision and the target law:
+//             - statistics: one streaming pass per (position, chunk of V): for the draft row q
+//               and the target row p the max, its argmax, sum exp(l - m) (T = 1),
+//               sum exp((l - m)/T), and, when the rule needs them, sum e (l - m) (entropy) and
+//               sum e_q l_p (bild's cross entropy). Online softmax: a block raising the running
+//               max rescales the sums once. Chunks are a fixed 16384 logits (not "per thread"),
+//               so results do not depend on the thread count; (position, chunk) tasks are shared
+//               by the calling thread and helpers on ATen's inter-op pool (task_queue.h).
+//             - decisions from the statistics, and a second pass over V only where a rule needs
+//               one: TV(pT, qT) for opt/opt_log (skipped when the decision cannot depend on it,
+//               TV in [0, 1]); eta = qT(outside A) for token rules; lossy's bonus law;
+//               lossy_star's beta, solved exactly (piecewise-linear equation, quickselect on
+//               breakpoints, instead of the reference's 50 bisection passes).
+//             Eager where every position needs them; lazy otherwise, computed when the accept or
+//             resample stage reaches a position that needs them: for spec, drafter, lossy,
+//             lossy_star and token_v3, whose outputs do not need every position, a position's
+//             statistics are computed only when the accept loop reaches it (the rows after the
+//             first rejection are never read; token_v3 reads their target rows' max only, for
+//             the deferred flags); eta only at positions the accept loop reaches with a draft
+//             outside A; beta only at the one row that resamples.
+//   accept    per request, u_j = uniform(seed, position + j, ACCEPT) < accept_j(x) / qT_j(x),
+//             fp64, stop at the first rejection j*.
+//   resample  the exponential race argmax_v log w_v - log(-log u_v) over the single row that
+//             needs it (the residual at j*, or the bonus row), split over V across threads. A
+//             vectorised bound (a linear upper bound of log w from the logits plus a per-hash-
+//             bucket bound of the Gumbel term) skips almost every token; the few survivors are
+//             scored exactly in fp64 with the reference's formula, -log u evaluated in fp64 from
+//             the exact 53-bit u (so E = -log u is accurate for u near 1).
+//   insert    tokens / num_accepted / deferred, as reference._deferred.
 //
 // Numerics: softmax sums use a fp32 polynomial exp with fp64 accumulation (relative error
 // ~1e-7); scalar per-token quantities (qT(x), pT(x), acceptance ratios, candidate weights) are
@@ -66,26 +43,22 @@
 // a deferral statistic within ~1e-7 of its threshold), and for logit spreads beyond fp32 exp's
 // range (> 87 nats below the row max the fp32 terms are 0; they are < 1e-38 of the sum).
 // fp64 logits are not handled here: the Python backend sends those calls to the reference.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include "verify_cpu.h"
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
-#include <atomic>
-#include <functional>
-#include <memory>
-#include <thread>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <optional>
-#include <string>
-#include <tuple>
 #include <vector>
 
 #include "../keep_bound.h"
 #include "../rng.h"
 #include "../sample_common.h"
+#include "task_queue.h"
 
 #pragma GCC push_options
 #pragma GCC optimize("no-trapping-math")
@@ -93,102 +66,54 @@
 #pragma GCC pop_options
 
 namespace speccascade {
-namespace {
+namespace verify_cpu {
 
 using namespace verify_kernels;
+using task_queue::run_tasks;
+
+// ---- rows ----------------------------------------------------------------------------------------
+double Row::at(int64_t v) const {
+  switch (dt) {
+    case DType::kF32: return static_cast<const float*>(ptr)[v];
+    case DType::kF16: return static_cast<float>(static_cast<const c10::Half*>(ptr)[v]);
+    default: return static_cast<float>(static_cast<const c10::BFloat16*>(ptr)[v]);
+  }
+}
+
+const float* Row::load(int64_t lo, int n, float* buf) const {
+  switch (dt) {
+    case DType::kF32: return static_cast<const float*>(ptr) + lo;
+    case DType::kBF16:
+      convert_bf16(static_cast<const uint16_t*>(ptr) + lo, buf, n);
+      return buf;
+    default:
+      convert_f16(static_cast<const uint16_t*>(ptr) + lo, buf, n);
+      return buf;
+  }
+}
+
+const float* Row::load_scaled(int64_t lo, int n, float* buf) const {
+  const float* x = load(lo, n, buf);
+  if (!keep.trunc) return x;
+  truncate_block(x, buf, n, lo, keep.tau, keep.cut);
+  return buf;
+}
+
+bool Row::kept(int64_t v) const { return keep.kept(static_cast<float>(at(v)), v); }
+
+namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr float kInfF = std::numeric_limits<float>::infinity();
 constexpr double kQFloor = 1e-10;      // rules.Q_FLOOR
 constexpr int64_t kChunk = 16384;      // logits per task (fixed: results independent of threads)
-constexpr int64_t kSerialWork = 1 << 16;  // below this many logits per phase, stay on one thread
-
-// rules.RULES, in order: the op's integer rule ids.
-enum Rule : int64_t {
-  kSpec, kDrafter, kChow, kChowLog, kDiff, kDiffLog, kOpt, kOptLog,
-  kTokenV1, kTokenV2, kTokenV3, kLossy, kLossyStar, kBild, kNumRules
-};
-const char* const kRuleNames[kNumRules] = {
-    "spec", "drafter", "chow", "chow_log", "diff", "diff_log", "opt", "opt_log",
-    "token_v1", "token_v2", "token_v3", "lossy", "lossy_star", "bild"};
 
 bool is_prefix(int64_t r) { return (r >= kChow && r <= kOptLog) || r == kBild; }
 bool is_token(int64_t r) { return r >= kTokenV1 && r <= kTokenV3; }
 
-int64_t rule_id(const std::string& name) {
-  for (int64_t i = 0; i < kNumRules; ++i)
-    if (name == kRuleNames[i]) return i;
-  TORCH_CHECK(false, "speccascade verify: unknown rule '", name, "'");
-  return -1;
-}
+enum PiMode : uint8_t { kPiQ, kPiP, kPiToken, kPiLossy, kPiLStar };
 
-// ---- rows ----------------------------------------------------------------------------------------
-enum class DType : uint8_t { kF32, kF16, kBF16 };
-
-struct Row {
-  const void* ptr = nullptr;  // nullptr: no row (the drafter at the bonus position, bonus=verifier)
-  DType dt = DType::kF32;
-  KeepBound keep;  // top-k / top-p: what the scaled law keeps (everything by default)
-  bool present() const { return ptr != nullptr; }
-  double at(int64_t v) const {
-    switch (dt) {
-      case DType::kF32: return static_cast<const float*>(ptr)[v];
-      case DType::kF16: return static_cast<float>(static_cast<const c10::Half*>(ptr)[v]);
-      default: return static_cast<float>(static_cast<const c10::BFloat16*>(ptr)[v]);
-    }
-  }
-  // logits [lo, lo + n) as fp32: in place for fp32 rows, else converted into buf.
-  const float* load(int64_t lo, int n, float* buf) const {
-    switch (dt) {
-      case DType::kF32: return static_cast<const float*>(ptr) + lo;
-      case DType::kBF16:
-        convert_bf16(static_cast<const uint16_t*>(ptr) + lo, buf, n);
-        return buf;
-      default:
-        convert_f16(static_cast<const uint16_t*>(ptr) + lo, buf, n);
-        return buf;
-    }
-  }
-  // the same block for the scaled law: truncated tokens read as -inf (buf holds the result)
-  const float* load_scaled(int64_t lo, int n, float* buf) const {
-    const float* x = load(lo, n, buf);
-    if (!keep.trunc) return x;
-    truncate_block(x, buf, n, lo, keep.tau, keep.cut);
-    return buf;
-  }
-  bool kept(int64_t v) const { return keep.kept(static_cast<float>(at(v)), v); }
-};
-
-DType dtype_of(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::kF32;
-    case at::kHalf: return DType::kF16;
-    case at::kBFloat16: return DType::kBF16;
-    default:
-      TORCH_CHECK(false, "speccascade verify: ", name,
-                  " must be float32, float16 or bfloat16 (use the reference backend for ",
-                  t.scalar_type(), ")");
-  }
-  return DType::kF32;
-}
-
-// ---- per-row statistics (online softmax state) ---------------------------------------------------
-struct RowStats {
-  float m = -kInfF;  // max logit (-inf: nothing finite seen yet)
-  int64_t arg = 0;   // lowest id of the max
-  double s1 = 0.0;   // sum exp(l - m)
-  double st = 0.0;   // sum exp((l - m) / T)
-  double h = 0.0;    // sum exp(l - m) * (l - m)
-};
-
-struct PosStats {
-  RowStats q, p;
-  // bild, T > 0, over the tokens with lp > -inf: cross = sum exp(lq - mq) (lp - mp) and
-  // cross_s = sum exp(lq - mq), with the current maxima mq, mp
-  double cross = 0.0, cross_s = 0.0;
-  float masked_max = -kInfF;  // max lq over lp = -inf
-};
-
+// ---- merging per-row statistics (online softmax) -------------------------------------------------
 // Move r's sums from max r.m to new_m >= r.m; returns the factor applied to unscaled sums.
 double rescale(RowStats& r, float new_m, double inv_t) {
   const double dm = static_cast<double>(r.m) - static_cast<double>(new_m);
@@ -227,60 +152,6 @@ void merge_pos(PosStats& a, PosStats b, double inv_t) {
   a.masked_max = std::max(a.masked_max, b.masked_max);
 }
 
-// ---- problem description -------------------------------------------------------------------------
-enum PiMode : uint8_t { kPiQ, kPiP, kPiToken, kPiLossy, kPiLStar };
-enum RaceKind : uint8_t { kRaceResidual, kRaceKept, kRaceBonus, kRaceVerifier };
-enum NeedKind : uint8_t { kNeedStats, kNeedTV, kNeedEta, kNeedLossy, kNeedLStar };
-
-struct Position {
-  Row q, p;
-  int64_t req = 0;
-  int64_t j = 0;
-  int64_t token = -1;  // the draft token at this position (-1 at the bonus position)
-  int q_flags = 0, p_flags = 0;
-  bool need_cross = false;
-  PosStats st;
-  // derived (fp64)
-  double q_lst = 0, p_lst = 0;  // log of the scaled sums
-  bool delta = false;
-  double tv = 0.0;
-  double thr_a = -kInf;  // token rules: v in A iff (double)l_v - m >= thr_a on q (v1) or p (v2/3)
-  double eta = 0.0;
-  bool has_eta = false;
-  double s = 0.0;  // lossy_star: 1 / beta
-  bool has_s = false;
-  double rm = 0.0, tot = 0.0;  // lossy: rejected mass and residual total at the bonus row
-  bool has_lossy = false;
-  bool has_stats = false;  // stage 1 ran on this position (lazily, for some rules)
-};
-
-struct Request {
-  int64_t gamma = 0;
-  int64_t first = 0;  // index of its position 0 in the positions array
-  double t = 1.0, alpha = 0.0;
-  double inv_t = 1.0;
-  float inv_t_f = 1.0f;
-  int64_t seed = 0, position = 0;
-  bool cascade = true;
-  // accept
-  int64_t j = 0;
-  bool resolved = false;
-  // resample
-  RaceKind kind = kRaceResidual;
-  int64_t race_pos = 0;
-  uint64_t key = 0;
-  float a0 = -kInfF, b0 = -kInfF;
-  double best_score = -kInf;
-  int64_t best_idx = -1;
-};
-
-struct Problem {
-  int64_t rule = 0;
-  int64_t V = 0;
-  std::vector<Request> reqs;
-  std::vector<Position> pos;
-};
-
 // ---- the bucket bound table of the Gumbel term ----------------------------------------------------
 struct BoundTable {
   alignas(64) float g[kBuckets];
@@ -296,48 +167,6 @@ struct BoundTable {
 const float* bound_table() {
   static const BoundTable table;
   return table.g;
-}
-
-// ---- parallel helper -----------------------------------------------------------------------------
-// Tasks are claimed from an atomic counter by the calling thread and by up to
-// at::get_num_threads() - 1 helpers started on ATen's inter-op pool (at::launch). The caller waits
-// only for tasks that were claimed, never for a helper to start: on a machine whose cores are
-// shared, a helper that is not scheduled in time simply finds no work left. (An OpenMP region,
-// at::parallel_for, ends with a barrier that waits for every team thread: with the other core
-// busy that costs a scheduler time slice, ~4 ms, per region, far more than a block's work.)
-// Results do not depend on which thread runs a task.
-struct TaskQueue {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t n = 0;
-  const std::function<void(int64_t)>* fn = nullptr;
-
-  void work() {
-    for (;;) {
-      const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
-      if (i >= n) return;  // late helpers return here without touching fn
-      (*fn)(i);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
-template <class F>
-void run_tasks(int64_t n, int64_t total_work, const F& f) {
-  if (n <= 0) return;
-  const int64_t threads = at::get_num_threads();
-  if (total_work < kSerialWork || n == 1 || threads <= 1 || at::in_parallel_region()) {
-    for (int64_t i = 0; i < n; ++i) f(i);
-    return;
-  }
-  const std::function<void(int64_t)> fn = [&f](int64_t i) { f(i); };
-  auto queue = std::make_shared<TaskQueue>();
-  queue->n = n;
-  queue->fn = &fn;
-  const int64_t helpers = std::min(threads, n) - 1;
-  for (int64_t h = 0; h < helpers; ++h) at::launch([queue] { queue->work(); });
-  queue->work();
-  while (queue->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
 int64_t num_chunks(int64_t V) { return (V + kChunk - 1) / kChunk; }
@@ -383,35 +212,34 @@ double accept_at(const Problem& P, const Request& R, const Position& X, PiMode m
   }
 }
 
-double race_weight(const Problem& P, const Request& R, int64_t v) {
-  const Position& X = P.pos[R.race_pos];
-  const double pt = prob_t(X.p, X.st.p, R, v);
-  if (R.kind == kRaceVerifier) return pt;
-  const double qt = prob_t(X.q, X.st.q, R, v);
-  const PiMode mode = pi_mode(P, X);
-  const double acc = accept_at(P, R, X, mode, v, qt, pt);
-  switch (R.kind) {
-    case kRaceResidual:
-      return mode == kPiLossy ? std::max(pt - qt, 0.0) : std::max(acc - qt, 0.0);
-    case kRaceKept:
-      return std::min(qt, acc);
-    default:  // bonus: the law of the position
-      if (mode == kPiLossy) {
-        const double kept = std::min(qt, acc);
-        const double res = std::max(pt - qt, 0.0);
-        return X.tot > 0.0 ? kept + X.rm * (res / X.tot) : kept;
-      }
-      return acc;
+// ==== stage: targets ==============================================================================
+// Which sums each row's statistics pass accumulates (kS1, kH, kST; p_flags = -1: the target row
+// is never read).
+void targets_flags(const Problem& P, Position& X) {
+  const Request& R = P.reqs[X.req];
+  const int64_t r = P.rule;
+  const bool s1_q = (r >= kChow && r <= kOptLog) || r == kBild || r == kTokenV1;
+  const bool s1_p = (r >= kDiff && r <= kOptLog) || r == kBild || is_token(r);
+  const bool h_q = r == kChowLog || r == kDiffLog || r == kOptLog;
+  const bool h_p = r == kDiffLog || r == kOptLog;
+  const bool scaled = R.t > 0.0;
+  // the scaled sum is the unscaled one (targets_derive)
+  const bool unit_q = R.t == 1.0 && !X.q.keep.trunc;
+  const bool unit = R.t == 1.0 && !X.p.keep.trunc;
+  if (X.q.present()) {
+    X.q_flags = (s1_q || unit_q ? kS1 : 0) | (h_q ? kH : 0) | (scaled && !unit_q ? kST : 0);
+    X.p_flags = (s1_p || unit ? kS1 : 0) | (h_p ? kH : 0) | (scaled && !unit ? kST : 0);
+    X.need_cross = r == kBild && scaled;
+    if (X.need_cross) X.q_flags |= kS1;
+    if (r == kDrafter) X.p_flags = -1;  // the target row is never needed
+  } else {  // bonus=verifier bonus position: pT only
+    X.p_flags = unit ? kS1 : (scaled ? kST : 0);
   }
+  if (X.q_flags & kH) X.q_flags |= kS1;
+  if (X.p_flags > 0 && (X.p_flags & kH)) X.p_flags |= kS1;
 }
 
-double exact_score(const Problem& P, const Request& R, int64_t v) {
-  const double w = race_weight(P, R, v);
-  if (!(w > 0.0)) return -kInf;
-  const double u = uniform(R.key, static_cast<uint64_t>(v));
-  return std::log(w) - std::log(-std::log(u));
-}
-
+// -- statistics pass: (position, chunk) tasks --
 // row_stats_block, with the scaled sum over the truncated block when the row is truncated (the
 // unscaled sums, e1 and the max stay on the raw logits x); bt: scratch for the truncated block.
 void row_stats(const Row& r, const float* x, int64_t lo, int n, float m, float inv_t, int flags,
@@ -425,11 +253,10 @@ void row_stats(const Row& r, const float* x, int64_t lo, int n, float m, float i
   row_stats_block(bt, n, m, inv_t, kST, e1, w, acc);
 }
 
-// ---- stage 1: stats -------------------------------------------------------------------------------
 // max_only: just the target row's max and argmax (token_v3's deferred flags at positions the
 // accept loop never reached).
-void stats_chunk(const Position& X, const Request& R, int64_t lo, int64_t hi, bool max_only,
-                 PosStats& out) {
+void targets_stats_chunk(const Position& X, const Request& R, int64_t lo, int64_t hi,
+                         bool max_only, PosStats& out) {
   alignas(64) float bq[kBlock], bp[kBlock], e1[kBlock], w[kBlock], bt[kBlock];
   PosStats st;
   double accq[3] = {0, 0, 0}, accp[3] = {0, 0, 0}, accx[2] = {0, 0};
@@ -482,13 +309,112 @@ void stats_chunk(const Position& X, const Request& R, int64_t lo, int64_t hi, bo
   out = st;
 }
 
-// ---- stage 2: second-pass sums ---------------------------------------------------------------------
+// Token-rule threshold of A (see in_a), from the position's statistics.
+void targets_derive(const Problem& P, Position& X) {
+  const Request& R = P.reqs[X.req];
+  if (R.t > 0.0) {
+    if (R.t == 1.0 && !X.q.keep.trunc) X.st.q.st = X.st.q.s1;  // T = 1, untruncated: scaled = unscaled
+    if (R.t == 1.0 && !X.p.keep.trunc) X.st.p.st = X.st.p.s1;
+    X.q_lst = std::log(X.st.q.st);
+    X.p_lst = std::log(X.st.p.st);
+  }
+  if (!X.q.present() || !is_token(P.rule)) return;  // (bonus=verifier bonus position: no A)
+  const double a = R.alpha;
+  double cth;
+  if (P.rule == kTokenV3) cth = 1.0 - a;
+  else if (P.rule == kTokenV2) cth = 1.0 - a * X.st.p.s1;
+  else cth = X.st.q.s1 * (1.0 / X.st.p.s1 - a);
+  X.thr_a = cth <= 0.0 ? -kInf : std::log(cth);
+  if (X.thr_a == -kInf) X.eta = 0.0, X.has_eta = true;       // A = everything
+  else if (X.thr_a > 0.0) X.eta = 1.0, X.has_eta = true;     // A = nothing (l - m <= 0)
+  else if (R.t == 0.0) X.eta = in_a(P, X, X.st.q.arg) ? 0.0 : 1.0, X.has_eta = true;
+}
+
+// The statistics pass for the positions listed: (position, chunk) tasks, merged in chunk order.
+void targets_stats(Problem& P, const std::vector<int64_t>& which, bool max_only = false) {
+  if (which.empty()) return;
+  const int64_t V = P.V, nc = num_chunks(V), n = static_cast<int64_t>(which.size());
+  std::vector<PosStats> partial(static_cast<size_t>(n * nc));
+  run_tasks(n * nc, n * V * (max_only ? 1 : 2), [&](int64_t t) {
+    const Position& X = P.pos[which[t / nc]];
+    const int64_t lo = (t % nc) * kChunk, hi = std::min(V, lo + kChunk);
+    targets_stats_chunk(X, P.reqs[X.req], lo, hi, max_only, partial[t]);
+  });
+  for (int64_t i = 0; i < n; ++i) {
+    Position& X = P.pos[which[i]];
+    PosStats st = partial[i * nc];
+    for (int64_t c = 1; c < nc; ++c) merge_pos(st, partial[i * nc + c], P.reqs[X.req].inv_t);
+    if (max_only) {
+      X.st.p.m = st.p.m, X.st.p.arg = st.p.arg;
+    } else {
+      X.st = st;
+      X.has_stats = true;
+      targets_derive(P, X);
+    }
+  }
+}
+
+// -- decisions --
+// delta for prefix rules; returns whether TV is still needed (opt/opt_log, T > 0, ambiguous).
+bool targets_decide(const Problem& P, Position& X, bool tv_known) {
+  const Request& R = P.reqs[X.req];
+  const double a = R.alpha;
+  const RowStats& q = X.st.q;
+  const RowStats& p = X.st.p;
+  auto q1max = [&] { return 1.0 / q.s1; };
+  auto p1max = [&] { return 1.0 / p.s1; };
+  auto negent = [](const RowStats& r) { return r.h / r.s1 - std::log(r.s1); };
+  switch (P.rule) {
+    case kChow: X.delta = q1max() < 1.0 - a; return false;
+    case kChowLog: X.delta = -negent(q) > a; return false;
+    case kDiff: X.delta = q1max() < p1max() - a; return false;
+    case kDiffLog: X.delta = negent(q) < negent(p) - a; return false;
+    case kBild: {
+      double d;
+      if (R.t == 0.0) {
+        d = -(X.q.present() ? X.p.at(q.arg) - p.m - std::log(p.s1) : 0.0);
+      } else {
+        bool inf = false;
+        if (X.st.masked_max != -kInfF)
+          inf = std::exp(static_cast<double>(X.st.masked_max) - q.m) / q.s1 > 0.0;
+        d = inf ? kInf : std::log(p.s1) - X.st.cross / q.s1;
+      }
+      X.delta = d > a;
+      return false;
+    }
+    case kOpt:
+    case kOptLog: {
+      const double lhs = P.rule == kOpt ? q1max() : negent(q);
+      const double top = P.rule == kOpt ? p1max() : negent(p);
+      if (R.t == 0.0 && !tv_known) X.tv = q.arg != p.arg ? 1.0 : 0.0, tv_known = true;
+      if (!tv_known) {
+        if (a == 0.0) {
+          X.delta = lhs < top;
+          return false;
+        }
+        const double lo = std::min(top, top - a), hi = std::max(top, top - a);
+        const double eps = 1e-9 * (1.0 + std::fabs(a) + std::fabs(top));
+        if (lhs < lo - eps) { X.delta = true; return false; }
+        if (lhs >= hi + eps) { X.delta = false; return false; }
+        return true;
+      }
+      X.delta = lhs < top - a * X.tv;
+      return false;
+    }
+    default:
+      return false;
+  }
+}
+
+// -- second passes, and the statistics the later stages reach lazily --
+enum NeedKind : uint8_t { kNeedStats, kNeedTV, kNeedEta, kNeedLossy, kNeedLStar };
+
 struct Need {
   int64_t pos;
   NeedKind kind;
 };
 
-void sum_chunk(const Problem& P, const Need& nd, int64_t lo, int64_t hi, double* out) {
+void targets_sum_chunk(const Problem& P, const Need& nd, int64_t lo, int64_t hi, double* out) {
   const Position& X = P.pos[nd.pos];
   const Request& R = P.reqs[X.req];
   alignas(64) float bq[kBlock], bp[kBlock], w[kBlock], w2[kBlock];
@@ -527,7 +453,7 @@ void sum_chunk(const Problem& P, const Need& nd, int64_t lo, int64_t hi, double*
 //     h(s) = sum_{v : qT_v < c pT_v} max(0, s pT_v - qT_v) = D = sum_v max(0, qT_v - c pT_v),
 // c = 1 / (1 - alpha); h is piecewise linear in s with breakpoints t_v = qT_v / pT_v < c, so the
 // root is found exactly by a quickselect over the breakpoints (expected O(V)) and one division.
-double solve_lossy_star(const Problem& P, const Position& X, const Request& R) {
+double targets_lossy_star(const Problem& P, const Position& X, const Request& R) {
   if (R.t == 0.0) return X.st.q.arg == X.st.p.arg ? 0.0 : 1.0;  // one-hot rows
   const int64_t V = P.V;
   const double c = 1.0 / (1.0 - R.alpha);
@@ -597,105 +523,9 @@ double solve_lossy_star(const Problem& P, const Position& X, const Request& R) {
   return std::min(s, c);
 }
 
-// ---- stage 2: targets (deferral decisions and token-rule sets) -------------------------------------
-// Token-rule threshold of A (see in_a), from the position's statistics.
-void derive(const Problem& P, Position& X) {
-  const Request& R = P.reqs[X.req];
-  if (R.t > 0.0) {
-    if (R.t == 1.0 && !X.q.keep.trunc) X.st.q.st = X.st.q.s1;  // T = 1, untruncated: scaled = unscaled
-    if (R.t == 1.0 && !X.p.keep.trunc) X.st.p.st = X.st.p.s1;
-    X.q_lst = std::log(X.st.q.st);
-    X.p_lst = std::log(X.st.p.st);
-  }
-  if (!X.q.present() || !is_token(P.rule)) return;  // (bonus=verifier bonus position: no A)
-  const double a = R.alpha;
-  double cth;
-  if (P.rule == kTokenV3) cth = 1.0 - a;
-  else if (P.rule == kTokenV2) cth = 1.0 - a * X.st.p.s1;
-  else cth = X.st.q.s1 * (1.0 / X.st.p.s1 - a);
-  X.thr_a = cth <= 0.0 ? -kInf : std::log(cth);
-  if (X.thr_a == -kInf) X.eta = 0.0, X.has_eta = true;       // A = everything
-  else if (X.thr_a > 0.0) X.eta = 1.0, X.has_eta = true;     // A = nothing (l - m <= 0)
-  else if (R.t == 0.0) X.eta = in_a(P, X, X.st.q.arg) ? 0.0 : 1.0, X.has_eta = true;
-}
-
-// Stage 1 for the positions listed: (position, chunk) tasks, merged in chunk order.
-void run_stats(Problem& P, const std::vector<int64_t>& which, bool max_only = false) {
-  if (which.empty()) return;
-  const int64_t V = P.V, nc = num_chunks(V), n = static_cast<int64_t>(which.size());
-  std::vector<PosStats> partial(static_cast<size_t>(n * nc));
-  run_tasks(n * nc, n * V * (max_only ? 1 : 2), [&](int64_t t) {
-    const Position& X = P.pos[which[t / nc]];
-    const int64_t lo = (t % nc) * kChunk, hi = std::min(V, lo + kChunk);
-    stats_chunk(X, P.reqs[X.req], lo, hi, max_only, partial[t]);
-  });
-  for (int64_t i = 0; i < n; ++i) {
-    Position& X = P.pos[which[i]];
-    PosStats st = partial[i * nc];
-    for (int64_t c = 1; c < nc; ++c) merge_pos(st, partial[i * nc + c], P.reqs[X.req].inv_t);
-    if (max_only) {
-      X.st.p.m = st.p.m, X.st.p.arg = st.p.arg;
-    } else {
-      X.st = st;
-      X.has_stats = true;
-      derive(P, X);
-    }
-  }
-}
-
-// delta for prefix rules; returns whether TV is still needed (opt/opt_log, T > 0, ambiguous).
-bool decide(const Problem& P, Position& X, bool tv_known) {
-  const Request& R = P.reqs[X.req];
-  const double a = R.alpha;
-  const RowStats& q = X.st.q;
-  const RowStats& p = X.st.p;
-  auto q1max = [&] { return 1.0 / q.s1; };
-  auto p1max = [&] { return 1.0 / p.s1; };
-  auto negent = [](const RowStats& r) { return r.h / r.s1 - std::log(r.s1); };
-  switch (P.rule) {
-    case kChow: X.delta = q1max() < 1.0 - a; return false;
-    case kChowLog: X.delta = -negent(q) > a; return false;
-    case kDiff: X.delta = q1max() < p1max() - a; return false;
-    case kDiffLog: X.delta = negent(q) < negent(p) - a; return false;
-    case kBild: {
-      double d;
-      if (R.t == 0.0) {
-        d = -(X.q.present() ? X.p.at(q.arg) - p.m - std::log(p.s1) : 0.0);
-      } else {
-        bool inf = false;
-        if (X.st.masked_max != -kInfF)
-          inf = std::exp(static_cast<double>(X.st.masked_max) - q.m) / q.s1 > 0.0;
-        d = inf ? kInf : std::log(p.s1) - X.st.cross / q.s1;
-      }
-      X.delta = d > a;
-      return false;
-    }
-    case kOpt:
-    case kOptLog: {
-      const double lhs = P.rule == kOpt ? q1max() : negent(q);
-      const double top = P.rule == kOpt ? p1max() : negent(p);
-      if (R.t == 0.0 && !tv_known) X.tv = q.arg != p.arg ? 1.0 : 0.0, tv_known = true;
-      if (!tv_known) {
-        if (a == 0.0) {
-          X.delta = lhs < top;
-          return false;
-        }
-        const double lo = std::min(top, top - a), hi = std::max(top, top - a);
-        const double eps = 1e-9 * (1.0 + std::fabs(a) + std::fabs(top));
-        if (lhs < lo - eps) { X.delta = true; return false; }
-        if (lhs >= hi + eps) { X.delta = false; return false; }
-        return true;
-      }
-      X.delta = lhs < top - a * X.tv;
-      return false;
-    }
-    default:
-      return false;
-  }
-}
-
-// Run second-pass sums for every need (kTV/kEta/kLossy chunked over V, kLStar one task per row).
-void run_needs(Problem& P, const std::vector<Need>& needs) {
+// Meet every need: statistics passes (kNeedStats), second-pass sums (kNeedTV / kNeedEta /
+// kNeedLossy, chunked over V) and lossy_star's s (kNeedLStar, one task per row).
+void targets_meet_needs(Problem& P, const std::vector<Need>& needs) {
   if (needs.empty()) return;
   const int64_t nc = num_chunks(P.V);
   std::vector<Need> sums, lstar;
@@ -704,7 +534,7 @@ void run_needs(Problem& P, const std::vector<Need>& needs) {
     if (n.kind == kNeedStats) stats.push_back(n.pos);
     else (n.kind == kNeedLStar ? lstar : sums).push_back(n);
   }
-  run_stats(P, stats);
+  targets_stats(P, stats);
   const int64_t ntasks = static_cast<int64_t>(sums.size()) * nc + static_cast<int64_t>(lstar.size());
   std::vector<double> partial(static_cast<size_t>(sums.size() * nc * 2), 0.0);
   std::vector<double> svals(lstar.size(), 0.0);
@@ -713,11 +543,11 @@ void run_needs(Problem& P, const std::vector<Need>& needs) {
     if (t < ns) {
       const Need& nd = sums[t / nc];
       const int64_t lo = (t % nc) * kChunk, hi = std::min(P.V, lo + kChunk);
-      sum_chunk(P, nd, lo, hi, &partial[2 * t]);
+      targets_sum_chunk(P, nd, lo, hi, &partial[2 * t]);
     } else {
       const Need& nd = lstar[t - ns];
       const Position& X = P.pos[nd.pos];
-      svals[t - ns] = solve_lossy_star(P, X, P.reqs[X.req]);
+      svals[t - ns] = targets_lossy_star(P, X, P.reqs[X.req]);
     }
   });
   for (size_t i = 0; i < sums.size(); ++i) {
@@ -737,10 +567,38 @@ void run_needs(Problem& P, const std::vector<Need>& needs) {
   }
 }
 
-// ---- stage 3: accept -------------------------------------------------------------------------------
+// The eager part of targets: every row's flags; the statistics of every position (of the first
+// one only, for the lazy rules); the prefix rules' decisions, with TV where it decides.
+void stage_targets(Problem& P) {
+  const int64_t npos = static_cast<int64_t>(P.pos.size());
+  for (Position& X : P.pos) targets_flags(P, X);
+
+  // Rules whose deferred flags do not need every position (spec, drafter, lossy, lossy_star,
+  // token_v3) compute the statistics lazily, as the accept loop reaches each position: the rows
+  // after the first rejection are never read.
+  const bool lazy = P.rule == kSpec || P.rule == kDrafter || P.rule == kLossy ||
+                    P.rule == kLossyStar || P.rule == kTokenV3;
+  {
+    std::vector<int64_t> first;
+    for (int64_t i = 0; i < npos; ++i)
+      if (!lazy || P.pos[i].j == 0) first.push_back(i);
+    targets_stats(P, first);
+  }
+
+  // deferral decisions, TV where it decides (prefix rules: every position has statistics)
+  if (is_prefix(P.rule)) {
+    std::vector<Need> tv;
+    for (int64_t i = 0; i < npos; ++i)
+      if (P.pos[i].q.present() && targets_decide(P, P.pos[i], false)) tv.push_back({i, kNeedTV});
+    targets_meet_needs(P, tv);
+    for (const Need& n : tv) targets_decide(P, P.pos[n.pos], true);
+  }
+}
+
+// ==== stage: accept ===============================================================================
 // Advance request R through its drafts as far as the known quantities allow. Returns a need when
-// blocked (eta or s at the current position), nothing when resolved.
-std::optional<Need> advance(Problem& P, Request& R) {
+// blocked (the statistics, eta or s at the current position), nothing when resolved.
+std::optional<Need> accept_advance(Problem& P, Request& R) {
   while (R.j < R.gamma) {
     const int64_t pi = R.first + R.j;
     const Position& X = P.pos[pi];
@@ -782,9 +640,66 @@ std::optional<Need> advance(Problem& P, Request& R) {
   return std::nullopt;
 }
 
-// ---- stage 4: resample -------------------------------------------------------------------------------
-// Choose the row and weights; return the need that must be met first, if any.
-std::optional<Need> plan_race(Problem& P, Request& R) {
+// Rounds: each round meets the needs (lazy targets) every blocked request asked for.
+void stage_accept(Problem& P) {
+  const int64_t threads = std::max<int64_t>(1, task_queue::num_threads());
+  for (;;) {
+    std::vector<Need> needs;
+    for (Request& R : P.reqs) {
+      if (R.resolved) continue;
+      if (auto nd = accept_advance(P, R)) needs.push_back(*nd);
+    }
+    if (needs.empty()) break;
+    // Lazy stats with fewer waiting requests than threads: also compute the next position of
+    // each (it is needed unless this one rejects), so that a round has work for every thread and
+    // a long accepted run takes half the rounds.
+    const size_t n = needs.size();
+    if (static_cast<int64_t>(n) < threads) {
+      for (size_t i = 0; i < n; ++i) {
+        const Need nd = needs[i];
+        if (nd.kind != kNeedStats) continue;
+        const Position& X = P.pos[nd.pos];
+        const Request& R = P.reqs[X.req];
+        if (X.j < R.gamma && !P.pos[nd.pos + 1].has_stats) needs.push_back({nd.pos + 1, kNeedStats});
+      }
+    }
+    targets_meet_needs(P, needs);
+  }
+}
+
+// ==== stage: resample =============================================================================
+// The race weight w_v of the row R resamples from (its RaceKind), and its exact score.
+double race_weight(const Problem& P, const Request& R, int64_t v) {
+  const Position& X = P.pos[R.race_pos];
+  const double pt = prob_t(X.p, X.st.p, R, v);
+  if (R.kind == kRaceVerifier) return pt;
+  const double qt = prob_t(X.q, X.st.q, R, v);
+  const PiMode mode = pi_mode(P, X);
+  const double acc = accept_at(P, R, X, mode, v, qt, pt);
+  switch (R.kind) {
+    case kRaceResidual:
+      return mode == kPiLossy ? std::max(pt - qt, 0.0) : std::max(acc - qt, 0.0);
+    case kRaceKept:
+      return std::min(qt, acc);
+    default:  // bonus: the law of the position
+      if (mode == kPiLossy) {
+        const double kept = std::min(qt, acc);
+        const double res = std::max(pt - qt, 0.0);
+        return X.tot > 0.0 ? kept + X.rm * (res / X.tot) : kept;
+      }
+      return acc;
+  }
+}
+
+double exact_score(const Problem& P, const Request& R, int64_t v) {
+  const double w = race_weight(P, R, v);
+  if (!(w > 0.0)) return -kInf;
+  const double u = uniform(R.key, static_cast<uint64_t>(v));
+  return std::log(w) - std::log(-std::log(u));
+}
+
+// Choose the row and weights; return the need (lazy targets) that must be met first, if any.
+std::optional<Need> resample_plan(Problem& P, Request& R) {
   const int64_t nacc = R.j;
   R.key = row_key(R.seed, R.position + nacc, kStreamResidual);
   R.race_pos = R.first + nacc;
@@ -810,7 +725,7 @@ std::optional<Need> plan_race(Problem& P, Request& R) {
 }
 
 // Bound constants (log space): log w_v <= max(ca + log qT_v, cb + log pT_v).
-void bound_constants(const Problem& P, Request& R) {
+void resample_bounds(const Problem& P, Request& R) {
   const Position& X = P.pos[R.race_pos];
   const double log2 = std::log(2.0);
   double ca = -kInf, cb = -kInf;
@@ -862,7 +777,7 @@ float prune_below(double best) {
 // The two modes (argmax q, argmax p), scored exactly: every chunk starts from this best, so a
 // chunk holding no token that can beat it prunes from its first block (without the seed, a chunk
 // where every weight is 0, e.g. outside A for a token rule, would score each token exactly).
-Best race_seed(const Problem& P, const Request& R) {
+Best resample_race_seed(const Problem& P, const Request& R) {
   const Position& X = P.pos[R.race_pos];
   Best best;
   for (int64_t v : {X.q.present() ? X.st.q.arg : X.st.p.arg, X.st.p.arg})
@@ -870,7 +785,8 @@ Best race_seed(const Problem& P, const Request& R) {
   return best;
 }
 
-Best race_chunk(const Problem& P, const Request& R, const Best& seed, int64_t lo, int64_t hi) {
+Best resample_race_chunk(const Problem& P, const Request& R, const Best& seed, int64_t lo,
+                         int64_t hi) {
   const Position& X = P.pos[R.race_pos];
   Best best = seed;
   if (R.t == 0.0) return best;  // one-hot rows: only the two modes can carry weight
@@ -898,16 +814,16 @@ Best race_chunk(const Problem& P, const Request& R, const Best& seed, int64_t lo
   return best;
 }
 
-void run_races(Problem& P, std::vector<int64_t>& which) {
+void resample_races(Problem& P, std::vector<int64_t>& which) {
   if (which.empty()) return;
   const int64_t nc = num_chunks(P.V);
   std::vector<Best> partial(which.size() * nc), seeds(which.size());
-  for (size_t i = 0; i < which.size(); ++i) seeds[i] = race_seed(P, P.reqs[which[i]]);
+  for (size_t i = 0; i < which.size(); ++i) seeds[i] = resample_race_seed(P, P.reqs[which[i]]);
   const int64_t n = static_cast<int64_t>(which.size()) * nc;
   run_tasks(n, n * std::min<int64_t>(P.V, kChunk), [&](int64_t t) {
     const Request& R = P.reqs[which[t / nc]];
     const int64_t lo = (t % nc) * kChunk, hi = std::min(P.V, lo + kChunk);
-    partial[t] = race_chunk(P, R, seeds[t / nc], lo, hi);
+    partial[t] = resample_race_chunk(P, R, seeds[t / nc], lo, hi);
   });
   std::vector<int64_t> again;
   for (size_t i = 0; i < which.size(); ++i) {
@@ -920,110 +836,42 @@ void run_races(Problem& P, std::vector<int64_t>& which) {
     if (best.idx < 0 && R.kind == kRaceResidual) {
       // every residual weight is 0: the reference draws from the position's law instead
       R.kind = kRaceKept;
-      bound_constants(P, R);
+      resample_bounds(P, R);
       again.push_back(which[i]);
       continue;
     }
     R.best_score = best.score;
     R.best_idx = best.idx < 0 ? 0 : best.idx;  // all weights 0: torch.argmax of all -inf is 0
   }
-  run_races(P, again);
+  resample_races(P, again);
 }
 
-// ---- the whole block ---------------------------------------------------------------------------
-void flags_for(const Problem& P, Position& X) {
-  const Request& R = P.reqs[X.req];
-  const int64_t r = P.rule;
-  const bool s1_q = (r >= kChow && r <= kOptLog) || r == kBild || r == kTokenV1;
-  const bool s1_p = (r >= kDiff && r <= kOptLog) || r == kBild || is_token(r);
-  const bool h_q = r == kChowLog || r == kDiffLog || r == kOptLog;
-  const bool h_p = r == kDiffLog || r == kOptLog;
-  const bool scaled = R.t > 0.0;
-  const bool unit_q = R.t == 1.0 && !X.q.keep.trunc;  // the scaled sum is the unscaled one (derive)
-  const bool unit = R.t == 1.0 && !X.p.keep.trunc;
-  if (X.q.present()) {
-    X.q_flags = (s1_q || unit_q ? kS1 : 0) | (h_q ? kH : 0) | (scaled && !unit_q ? kST : 0);
-    X.p_flags = (s1_p || unit ? kS1 : 0) | (h_p ? kH : 0) | (scaled && !unit ? kST : 0);
-    X.need_cross = r == kBild && scaled;
-    if (X.need_cross) X.q_flags |= kS1;
-    if (r == kDrafter) X.p_flags = -1;  // the target row is never needed
-  } else {  // bonus=verifier bonus position: pT only
-    X.p_flags = unit ? kS1 : (scaled ? kST : 0);
-  }
-  if (X.q_flags & kH) X.q_flags |= kS1;
-  if (X.p_flags > 0 && (X.p_flags & kH)) X.p_flags |= kS1;
-}
-
-void solve(Problem& P, int64_t* tokens_out, int64_t out_cols, int64_t* nacc_out,
-           bool* deferred_out) {
-  const int64_t npos = static_cast<int64_t>(P.pos.size());
-  for (Position& X : P.pos) flags_for(P, X);
-
-  // 1. stats. Rules whose deferred flags do not need every position (spec, drafter, lossy,
-  // lossy_star, token_v3) compute them lazily, as the accept loop reaches each position: the
-  // rows after the first rejection are never read.
-  const bool lazy = P.rule == kSpec || P.rule == kDrafter || P.rule == kLossy ||
-                    P.rule == kLossyStar || P.rule == kTokenV3;
-  {
-    std::vector<int64_t> first;
-    for (int64_t i = 0; i < npos; ++i)
-      if (!lazy || P.pos[i].j == 0) first.push_back(i);
-    run_stats(P, first);
-  }
-
-  // 2. targets: deferral decisions, TV where it decides (prefix rules: every position has stats)
-  if (is_prefix(P.rule)) {
-    std::vector<Need> tv;
-    for (int64_t i = 0; i < npos; ++i)
-      if (P.pos[i].q.present() && decide(P, P.pos[i], false)) tv.push_back({i, kNeedTV});
-    run_needs(P, tv);
-    for (const Need& n : tv) decide(P, P.pos[n.pos], true);
-  }
-
-  // 3. accept, in rounds: each round runs the second passes every blocked request asked for
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+// Rounds again (the row's statistics, then eta / beta / lossy's law where needed), then the race.
+void stage_resample(Problem& P) {
   for (;;) {
     std::vector<Need> needs;
-    for (Request& R : P.reqs) {
-      if (R.resolved) continue;
-      if (auto nd = advance(P, R)) needs.push_back(*nd);
-    }
+    for (Request& R : P.reqs)
+      if (auto nd = resample_plan(P, R)) needs.push_back(*nd);
     if (needs.empty()) break;
-    // Lazy stats with fewer waiting requests than threads: also compute the next position of
-    // each (it is needed unless this one rejects), so that a round has work for every thread and
-    // a long accepted run takes half the rounds.
-    const size_t n = needs.size();
-    if (static_cast<int64_t>(n) < threads) {
-      for (size_t i = 0; i < n; ++i) {
-        const Need nd = needs[i];
-        if (nd.kind != kNeedStats) continue;
-        const Position& X = P.pos[nd.pos];
-        const Request& R = P.reqs[X.req];
-        if (X.j < R.gamma && !P.pos[nd.pos + 1].has_stats) needs.push_back({nd.pos + 1, kNeedStats});
-      }
-    }
-    run_needs(P, needs);
+    targets_meet_needs(P, needs);
   }
-
-  // 4. resample (rounds again: the row's stats, then eta / beta / lossy's law where needed)
-  {
-    for (;;) {
-      std::vector<Need> needs;
-      for (Request& R : P.reqs)
-        if (auto nd = plan_race(P, R)) needs.push_back(*nd);
-      if (needs.empty()) break;
-      run_needs(P, needs);
-    }
-    std::vector<int64_t> which;
-    for (int64_t b = 0; b < static_cast<int64_t>(P.reqs.size()); ++b) {
-      bound_constants(P, P.reqs[b]);
-      which.push_back(b);
-    }
-    run_races(P, which);
+  std::vector<int64_t> which;
+  for (int64_t b = 0; b < static_cast<int64_t>(P.reqs.size()); ++b) {
+    resample_bounds(P, P.reqs[b]);
+    which.push_back(b);
   }
+  resample_races(P, which);
+}
 
-  // 5. insert: tokens, num_accepted, deferred (reference._deferred)
-  if (P.rule == kTokenV3) {  // whether each draft is in A needs the target row's max only
+// ==== stage: insert ===============================================================================
+// The output rows: the accepted drafts, the resampled / bonus token (the -1 padding after it is
+// the caller's), num_accepted, and the deferred flags (reference._deferred).
+void stage_insert(Problem& P, int64_t* tokens_out, int64_t out_cols, int64_t* nacc_out,
+                  bool* deferred_out) {
+  const int64_t npos = static_cast<int64_t>(P.pos.size());
+  // token_v3: whether each draft is in A needs its target row's max only, which the lazy
+  // statistics passes skipped at the positions after the first rejection (the last of targets)
+  if (P.rule == kTokenV3) {
     std::vector<int64_t> unread;
     for (int64_t i = 0; i < npos; ++i) {
       Position& X = P.pos[i];
@@ -1032,7 +880,7 @@ void solve(Problem& P, int64_t* tokens_out, int64_t out_cols, int64_t* nacc_out,
         X.thr_a = 1.0 - P.reqs[X.req].alpha <= 0.0 ? -kInf : std::log(1.0 - P.reqs[X.req].alpha);
       }
     }
-    run_stats(P, unread, /*max_only=*/true);
+    targets_stats(P, unread, /*max_only=*/true);
   }
   for (int64_t b = 0; b < static_cast<int64_t>(P.reqs.size()); ++b) {
     const Request& R = P.reqs[b];
@@ -1055,294 +903,18 @@ void solve(Problem& P, int64_t* tokens_out, int64_t out_cols, int64_t* nacc_out,
   }
 }
 
-// ---- op entry points ---------------------------------------------------------------------------
-at::Tensor unit_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
-void fill_request(Request& R, int64_t b, const at::Tensor& seed, const at::Tensor& positions,
-                  const at::Tensor& temperature, const at::Tensor& alpha) {
-  R.seed = seed.data_ptr<int64_t>()[b];
-  R.position = positions.data_ptr<int64_t>()[b];
-  R.t = temperature.data_ptr<double>()[b];
-  R.alpha = alpha.data_ptr<double>()[b];
-  TORCH_CHECK(std::isfinite(R.t) && R.t >= 0.0,
-              "speccascade verify: temperature must be finite and >= 0, got ", R.t);
-  R.inv_t = R.t > 0.0 ? 1.0 / R.t : 1.0;
-  R.inv_t_f = static_cast<float>(std::min<double>(R.inv_t, std::numeric_limits<float>::max()));
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> make_outputs(int64_t B, int64_t cols) {
-  auto opts = at::TensorOptions().device(at::kCPU);
-  return {at::full({B, cols}, -1, opts.dtype(at::kLong)), at::zeros({B}, opts.dtype(at::kLong)),
-          at::zeros({B, cols}, opts.dtype(at::kBool))};
-}
-
-void check_per_request(const at::Tensor& seed, const at::Tensor& positions,
-                       const at::Tensor& temperature, const at::Tensor& alpha, int64_t B,
-                       int64_t rule) {
-  TORCH_CHECK(rule >= 0 && rule < kNumRules, "speccascade verify: rule id ", rule,
-              " out of range [0, ", kNumRules, ")");
-  for (const auto& [t, name, dt] :
-       {std::tuple<const at::Tensor&, const char*, at::ScalarType>{seed, "seed", at::kLong},
-        {positions, "positions", at::kLong}, {temperature, "temperature", at::kDouble},
-        {alpha, "alpha", at::kDouble}}) {
-    TORCH_CHECK(t.device().is_cpu() && t.dim() == 1 && t.size(0) == B && t.scalar_type() == dt,
-                "speccascade verify: ", name, " must be a CPU ", dt, " tensor of shape [", B,
-                "], got ", t.scalar_type(), " ", t.sizes());
-  }
-  if (rule == kLossy || rule == kLossyStar) {
-    const double* a = alpha.data_ptr<double>();
-    for (int64_t b = 0; b < B; ++b)
-      TORCH_CHECK(a[b] < 1.0, "speccascade verify: alpha must be < 1 for ", kRuleNames[rule]);
-  }
-}
-
-// Top-k / top-p keep bounds (speccascade_fast/truncation.py): float64 [rows..., 2] = (tau, cut)
-// per logit row, or none. Returns a pointer to rows of 2 doubles (nullptr: no truncation).
-const double* keep_rows(const std::optional<at::Tensor>& keep, at::IntArrayRef rows,
-                        const char* name) {
-  if (!keep.has_value()) return nullptr;
-  const at::Tensor& k = *keep;
-  std::vector<int64_t> want(rows.begin(), rows.end());
-  want.push_back(2);
-  TORCH_CHECK(k.device().is_cpu() && k.scalar_type() == at::kDouble && k.is_contiguous() &&
-                  k.sizes() == at::IntArrayRef(want),
-              "speccascade verify: ", name, " must be a contiguous CPU float64 tensor of shape ",
-              at::IntArrayRef(want), ", got ", k.scalar_type(), " ", k.sizes());
-  return k.data_ptr<double>();
-}
-
-void set_keep(Row& r, const double* k, int64_t V) {
-  if (k == nullptr) return;
-  TORCH_CHECK(!std::isnan(k[0]) && k[1] >= 0.0, "speccascade verify: bad keep bound (", k[0],
-              ", ", k[1], ")");
-  r.keep = KeepBound::from(k, V);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_ragged_cpu(
-    const at::Tensor& draft_logits_in, const at::Tensor& draft_tokens_in,
-    const at::Tensor& target_logits_in, const at::Tensor& cu_in,
-    const std::optional<at::Tensor>& bonus_in, const at::Tensor& seed_in,
-    const at::Tensor& positions_in, const at::Tensor& temperature_in, const at::Tensor& alpha_in,
-    int64_t rule, const std::optional<at::Tensor>& draft_keep,
-    const std::optional<at::Tensor>& target_keep, const std::optional<at::Tensor>& bonus_keep,
-    int64_t max_spec_len) {
-  TORCH_CHECK(draft_logits_in.dim() == 2 && target_logits_in.dim() == 2,
-              "verify_ragged: draft_logits [N, V] and target_logits [N + B, V] must be 2-D");
-  TORCH_CHECK(max_spec_len >= 0, "verify_ragged: max_spec_len must be >= 0 (0: from "
-              "cu_num_draft_tokens), got ", max_spec_len);
-  TORCH_CHECK(cu_in.dim() == 1 && cu_in.size(0) >= 2 && cu_in.scalar_type() == at::kLong,
-              "verify_ragged: cu_num_draft_tokens must be int64 [B + 1] with B >= 1");
-  const at::Tensor cu = cu_in.contiguous();
-  const at::Tensor tok = draft_tokens_in.contiguous();
-  const at::Tensor dl = unit_stride(draft_logits_in), tl = unit_stride(target_logits_in);
-  const at::Tensor seed = seed_in.contiguous(), positions = positions_in.contiguous();
-  const at::Tensor temperature = temperature_in.contiguous(), alpha = alpha_in.contiguous();
-  const int64_t B = cu.size(0) - 1;
-  const int64_t N = dl.size(0), V = tl.size(1);
-  TORCH_CHECK(dl.size(1) == V, "verify_ragged: vocabulary mismatch (", dl.size(1), " vs ", V, ")");
-  TORCH_CHECK(V >= 1, "verify_ragged: empty vocabulary");
-  TORCH_CHECK(tl.size(0) == N + B, "verify_ragged: target_logits must have N + B = ", N + B,
-              " rows, got ", tl.size(0));
-  TORCH_CHECK(tok.dim() == 1 && tok.size(0) == N && tok.scalar_type() == at::kLong,
-              "verify_ragged: draft_tokens must be int64 [N] = [", N, "]");
-  check_per_request(seed, positions, temperature, alpha, B, rule);
-  const int64_t* c = cu.data_ptr<int64_t>();
-  // with max_spec_len, rows past cu[B] (drafts) and cu[B] + B (targets) are padding, never read
-  TORCH_CHECK(c[0] == 0 && (c[B] == N || (max_spec_len > 0 && c[B] <= N)),
-              "verify_ragged: cu_num_draft_tokens must start at 0 and end at N (at most N with "
-              "max_spec_len > 0)");
-  int64_t max_gamma = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(c[b + 1] - c[b] >= 1, "verify_ragged: every request needs gamma >= 1 drafts");
-    max_gamma = std::max(max_gamma, c[b + 1] - c[b]);
-  }
-  TORCH_CHECK(max_spec_len == 0 || max_gamma <= max_spec_len, "verify_ragged: a request has ",
-              max_gamma, " drafts, more than max_spec_len = ", max_spec_len);
-  const int64_t width = (max_spec_len > 0 ? max_spec_len : max_gamma) + 1;
-  at::Tensor bonus;
-  if (bonus_in.has_value()) {
-    bonus = unit_stride(*bonus_in);
-    TORCH_CHECK(bonus.dim() == 2 && bonus.size(0) == B && bonus.size(1) == V,
-                "verify_ragged: bonus_draft_logits must be [B, V] = [", B, ", ", V, "]");
-  }
-  const DType dq = dtype_of(dl, "draft_logits"), dp = dtype_of(tl, "target_logits");
-  const DType db = bonus.defined() ? dtype_of(bonus, "bonus_draft_logits") : dq;
-  const int64_t* tp = tok.data_ptr<int64_t>();
-  for (int64_t i = 0; i < N; ++i)
-    TORCH_CHECK(tp[i] >= 0 && tp[i] < V, "verify_ragged: draft token ", tp[i], " outside [0, ", V, ")");
-
-  Problem P;
-  P.rule = rule;
-  P.V = V;
-  P.reqs.resize(B);
-  const char* qbase = static_cast<const char*>(dl.data_ptr());
-  const char* pbase = static_cast<const char*>(tl.data_ptr());
-  const int64_t qs = dl.stride(0) * dl.element_size(), ps = tl.stride(0) * tl.element_size();
-  const double* kq = keep_rows(draft_keep, {N}, "draft_keep");
-  const double* kp = keep_rows(target_keep, {N + B}, "target_keep");
-  const double* kb = bonus.defined() ? keep_rows(bonus_keep, {B}, "bonus_keep") : nullptr;
-  TORCH_CHECK(bonus.defined() || !bonus_keep.has_value(),
-              "verify_ragged: bonus_keep needs bonus_draft_logits");
-  for (int64_t b = 0; b < B; ++b) {
-    Request& R = P.reqs[b];
-    fill_request(R, b, seed, positions, temperature, alpha);
-    R.gamma = c[b + 1] - c[b];
-    R.cascade = bonus.defined();
-    R.first = static_cast<int64_t>(P.pos.size());
-    for (int64_t j = 0; j <= R.gamma; ++j) {
-      Position X;
-      X.req = b;
-      X.j = j;
-      if (j < R.gamma) {
-        X.q = Row{qbase + (c[b] + j) * qs, dq};
-        X.token = tp[c[b] + j];
-        if (kq) set_keep(X.q, kq + 2 * (c[b] + j), V);
-      } else if (bonus.defined()) {
-        X.q = Row{static_cast<const char*>(bonus.data_ptr()) +
-                      b * bonus.stride(0) * bonus.element_size(), db};
-        if (kb) set_keep(X.q, kb + 2 * b, V);
-      }
-      X.p = Row{pbase + (c[b] + b + j) * ps, dp};
-      if (kp) set_keep(X.p, kp + 2 * (c[b] + b + j), V);
-      P.pos.push_back(X);
-    }
-  }
-  auto [tokens, nacc, deferred] = make_outputs(B, width);
-  solve(P, tokens.data_ptr<int64_t>(), width, nacc.data_ptr<int64_t>(),
-        deferred.data_ptr<bool>());
-  return {tokens, nacc, deferred};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_padded_cpu(
-    const at::Tensor& draft_logits_in, const at::Tensor& draft_tokens_in,
-    const at::Tensor& target_logits_in, const at::Tensor& seed_in, const at::Tensor& positions_in,
-    const at::Tensor& temperature_in, const at::Tensor& alpha_in, int64_t rule,
-    const std::optional<at::Tensor>& draft_keep, const std::optional<at::Tensor>& target_keep) {
-  TORCH_CHECK(draft_logits_in.dim() == 3 && target_logits_in.dim() == 3 && draft_tokens_in.dim() == 2,
-              "verify_padded: draft_logits [B, G, V], draft_tokens [B, gamma], target_logits "
-              "[B, gamma + 1, V]");
-  const at::Tensor dl = unit_stride(draft_logits_in), tl = unit_stride(target_logits_in);
-  const at::Tensor tok = draft_tokens_in.to(at::kLong);
-  const at::Tensor seed = seed_in.contiguous(), positions = positions_in.contiguous();
-  const at::Tensor temperature = temperature_in.contiguous(), alpha = alpha_in.contiguous();
-  const int64_t B = tok.size(0), gamma = tok.size(1), V = tl.size(2);
-  TORCH_CHECK(B >= 1 && gamma >= 1, "verify_padded: need B >= 1 and gamma >= 1");
-  TORCH_CHECK(V >= 1 && dl.size(2) == V, "verify_padded: vocabulary mismatch");
-  TORCH_CHECK(tl.size(0) == B && tl.size(1) == gamma + 1, "verify_padded: target_logits must be [",
-              B, ", ", gamma + 1, ", V]");
-  TORCH_CHECK(dl.size(0) == B && (dl.size(1) == gamma || dl.size(1) == gamma + 1),
-              "verify_padded: draft_logits must be [B, gamma or gamma + 1, V]");
-  check_per_request(seed, positions, temperature, alpha, B, rule);
-  const DType dq = dtype_of(dl, "draft_logits"), dp = dtype_of(tl, "target_logits");
-  const bool cascade = dl.size(1) == gamma + 1;
-  const int64_t* tp = tok.data_ptr<int64_t>();
-  const int64_t ts0 = tok.stride(0), ts1 = tok.stride(1);
-  const char* qbase = static_cast<const char*>(dl.data_ptr());
-  const char* pbase = static_cast<const char*>(tl.data_ptr());
-  const int64_t qs0 = dl.stride(0) * dl.element_size(), qs1 = dl.stride(1) * dl.element_size();
-  const int64_t ps0 = tl.stride(0) * tl.element_size(), ps1 = tl.stride(1) * tl.element_size();
-  const double* kq = keep_rows(draft_keep, {B, dl.size(1)}, "draft_keep");
-  const double* kp = keep_rows(target_keep, {B, gamma + 1}, "target_keep");
-
-  Problem P;
-  P.rule = rule;
-  P.V = V;
-  P.reqs.resize(B);
-  P.pos.reserve(static_cast<size_t>(B * (gamma + 1)));
-  for (int64_t b = 0; b < B; ++b) {
-    Request& R = P.reqs[b];
-    fill_request(R, b, seed, positions, temperature, alpha);
-    R.gamma = gamma;
-    R.cascade = cascade;
-    R.first = static_cast<int64_t>(P.pos.size());
-    for (int64_t j = 0; j <= gamma; ++j) {
-      Position X;
-      X.req = b;
-      X.j = j;
-      if (j < gamma || cascade) {
-        X.q = Row{qbase + b * qs0 + j * qs1, dq};
-        if (kq) set_keep(X.q, kq + 2 * (b * dl.size(1) + j), V);
-      }
-      if (j < gamma) {
-        X.token = tp[b * ts0 + j * ts1];
-        TORCH_CHECK(X.token >= 0 && X.token < V, "verify_padded: draft token ", X.token,
-                    " outside [0, ", V, ")");
-      }
-      X.p = Row{pbase + b * ps0 + j * ps1, dp};
-      if (kp) set_keep(X.p, kp + 2 * (b * (gamma + 1) + j), V);
-      P.pos.push_back(X);
-    }
-  }
-  auto [tokens, nacc, deferred] = make_outputs(B, gamma + 1);
-  solve(P, tokens.data_ptr<int64_t>(), gamma + 1, nacc.data_ptr<int64_t>(),
-        deferred.data_ptr<bool>());
-  return {tokens, nacc, deferred};
-}
-
-// The .name overloads, for every device (CompositeImplicitAutograd): the rule's id, then the
-// integer overload through the dispatcher, which picks the CPU or the CUDA kernel.
-using Out3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-using OptT = std::optional<at::Tensor>;
-
-Out3 verify_ragged_named(const at::Tensor& d, const at::Tensor& x, const at::Tensor& t,
-                         const at::Tensor& cu, const OptT& bonus, const at::Tensor& seed,
-                         const at::Tensor& positions, const at::Tensor& temperature,
-                         const at::Tensor& alpha, c10::string_view rule, const OptT& draft_keep,
-                         const OptT& target_keep, const OptT& bonus_keep, int64_t max_spec_len) {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("speccascade::verify_ragged", "").typed<
-          Out3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-               const OptT&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-               const at::Tensor&, int64_t, const OptT&, const OptT&, const OptT&, int64_t)>();
-  return op.call(d, x, t, cu, bonus, seed, positions, temperature, alpha,
-                 rule_id(std::string(rule)), draft_keep, target_keep, bonus_keep, max_spec_len);
-}
-
-Out3 verify_padded_named(const at::Tensor& d, const at::Tensor& x, const at::Tensor& t,
-                         const at::Tensor& seed, const at::Tensor& positions,
-                         const at::Tensor& temperature, const at::Tensor& alpha,
-                         c10::string_view rule, const OptT& draft_keep, const OptT& target_keep) {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("speccascade::verify_padded", "").typed<
-          Out3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-               const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, const OptT&,
-               const OptT&)>();
-  return op.call(d, x, t, seed, positions, temperature, alpha, rule_id(std::string(rule)),
-                 draft_keep, target_keep);
-}
-
 }  // namespace
+
+void solve(Problem& P, int64_t* tokens, int64_t cols, int64_t* num_accepted, bool* deferred) {
+  for (Request& R : P.reqs) {
+    R.inv_t = R.t > 0.0 ? 1.0 / R.t : 1.0;
+    R.inv_t_f = static_cast<float>(std::min<double>(R.inv_t, std::numeric_limits<float>::max()));
+  }
+  stage_targets(P);
+  stage_accept(P);
+  stage_resample(P);
+  stage_insert(P, tokens, cols, num_accepted, deferred);
+}
+
+}  // namespace verify_cpu
 }  // namespace speccascade
-
-TORCH_LIBRARY_FRAGMENT(speccascade, m) {
-  m.def(
-      "verify_ragged(Tensor draft_logits, Tensor draft_tokens, Tensor target_logits, "
-      "Tensor cu_num_draft_tokens, Tensor? bonus_draft_logits, Tensor seed, Tensor positions, "
-      "Tensor temperature, Tensor alpha, int rule, Tensor? draft_keep=None, "
-      "Tensor? target_keep=None, Tensor? bonus_keep=None, int max_spec_len=0) "
-      "-> (Tensor, Tensor, Tensor)");
-  m.def(
-      "verify_ragged.name(Tensor draft_logits, Tensor draft_tokens, Tensor target_logits, "
-      "Tensor cu_num_draft_tokens, Tensor? bonus_draft_logits, Tensor seed, Tensor positions, "
-      "Tensor temperature, Tensor alpha, str rule, Tensor? draft_keep=None, "
-      "Tensor? target_keep=None, Tensor? bonus_keep=None, int max_spec_len=0) "
-      "-> (Tensor, Tensor, Tensor)");
-  m.def(
-      "verify_padded(Tensor draft_logits, Tensor draft_tokens, Tensor target_logits, "
-      "Tensor seed, Tensor positions, Tensor temperature, Tensor alpha, int rule, "
-      "Tensor? draft_keep=None, Tensor? target_keep=None) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "verify_padded.name(Tensor draft_logits, Tensor draft_tokens, Tensor target_logits, "
-      "Tensor seed, Tensor positions, Tensor temperature, Tensor alpha, str rule, "
-      "Tensor? draft_keep=None, Tensor? target_keep=None) -> (Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(speccascade, CPU, m) {
-  m.impl("verify_ragged", &speccascade::verify_ragged_cpu);
-  m.impl("verify_padded", &speccascade::verify_padded_cpu);
-}
-
-TORCH_LIBRARY_IMPL(speccascade, CompositeImplicitAutograd, m) {
-  m.impl("verify_ragged.name", &speccascade::verify_ragged_named);
-  m.impl("verify_padded.name", &speccascade::verify_padded_named);
-}

@@ -2,12 +2,13 @@
 // only through the C launcher in verify.h). Compiled in the CUDA build, and for CPU tensors in the
 // CUDA emulator's test build (SC_CUDA_EMU, csrc/emu/README.md; device.h holds the difference).
 //
-// Registers the CUDA kernels of the ops that csrc/cpu/verify_cpu.cpp defines
+// Registers the CUDA kernels of the ops that csrc/cpu/verify_cpu_ops.cpp defines
 // (torch.ops.speccascade.verify_padded, verify_ragged; their .name overloads, defined there for
-// every device, reach these through the dispatcher): calls with CUDA tensors come here. Per-request tensors (seed, positions, temperature, alpha)
-// live on the logits' device; their VALUES (T >= 0 finite, alpha in the rule's range, token ids in
-// [0, V)) are not read on the host (that would synchronise): speccascade_fast.verify and
-// verify_ragged validate them before the op is called. verify_ragged reads cu_num_draft_tokens
+// every device, reach these through the dispatcher): calls with CUDA tensors come here.
+// Per-request tensors (seed, positions, temperature, alpha) live on the logits' device; their
+// VALUES (T >= 0 finite, alpha in the rule's range, token ids in [0, V)) are not read on the host
+// (that would synchronise): speccascade_fast.verify and verify_ragged validate them before the op
+// is called. verify_ragged reads cu_num_draft_tokens
 // (B + 1 integers) on the host once: the output width max gamma_b + 1 and the grid depend on it,
 // and it is validated there as on the CPU. With max_spec_len > 0 (vLLM's argument) the width is
 // max_spec_len + 1 and cu is not read on the host at all, so the op can be captured in a CUDA
