@@ -44,7 +44,7 @@ fi
 
 # The build runs without isolation (an isolated build would fetch its own unpinned torch), so
 # its requirements must be in the environment itself.
-pip_q "setuptools>=69" wheel "pybind11>=2.12"
+pip_q "setuptools>=77" wheel "pybind11>=2.12"
 echo "install: speccascade_fast (editable, extras [dev]; compiles speccascade_fast._C)"
 pip_q --no-build-isolation -e '.[dev]'
 "$VENV/bin/python" - <<'PY'
