@@ -9,46 +9,55 @@
 // log w - log(-log u). Softmax sums are fp32 exp terms accumulated in fp64, as on the CPU.
 // Plain CUDA C++: no torch headers (bound from verify_cuda.cpp through verify.h).
 //
-// Launch structure (no host synchronisation, fixed grids: CUDA-graph capturable). The vocabulary
-// is cut into S slices of SLICE logits (SLICE = a power of two in [1024, 8192], about V / 32;
-// V / 128 for B = 1 and V / 64 for B = 2, so that small batches still fill the GPU: slice_size);
-// NPOS = B (gamma + 1) positions. In the ragged layout (vLLM's flattened rows, per-request
-// gamma_b) the grid is the same with gamma = max gamma_b, and the positions j > gamma_b of
-// request b do nothing (launch 1 and 2 return at once, launch 3 never reads them); rows_of /
-// x_at / gamma_of are the only code that tells the layouts apart.
+// Stages (the names every backend shares: speccascade_fast/backends/reference.py) and the
+// kernels that run them. No host synchronisation, fixed grids: CUDA-graph capturable. The
+// vocabulary is cut into S slices of SLICE logits (SLICE = a power of two in [1024, 8192], about
+// V / 32; V / 128 for B = 1 and V / 64 for B = 2, so that small batches still fill the GPU:
+// slice_size); NPOS = B (gamma + 1) positions. In the ragged layout (vLLM's flattened rows,
+// per-request gamma_b) the grid is the same with gamma = max gamma_b, and the positions
+// j > gamma_b of request b do nothing (the targets kernels return at once, accept_resample_kernel
+// never reads them); rows_of / x_at / gamma_of are the only code that tells the layouts apart.
 //
-//   1. stats_kernel        grid (NPOS, S), 256 threads. Per (position, slice), for the draft row q
-//                          and the target row p: the slice max and its lowest argmax (first sweep),
-//                          then (second sweep, L1/L2-resident) sum exp(l - m), sum exp((l - m)/T),
-//                          sum exp(l - m)(l - m) and, for bild at T > 0, the cross terms
-//                          sum_{p > -inf} e_q (p - m_p), sum_{p > -inf} e_q, max_{p = -inf} q.
-//                          Also zeroes the per-request arrival counters of launch 3.
-//   2. (only where a rule needs sums that need the whole row's normalisers first; T > 0 rows)
-//      second_kernel       grid (NPOS, S): opt / opt_log TV(pT, qT); token_v1-3 eta = qT(outside A);
-//                          lossy with bonus="cascade": its bonus law's two sums (bonus row only);
-//   or lossy_star_kernel   grid (NPOS), 512 threads, one block per row: 1/beta by k-section
-//                          (17 passes over the row, 8 candidates each: 9^17 > 2^53) on the
-//                          piecewise-linear equation the CPU kernel solves by quickselect.
-//                          Correct, not fast (one block reads the row 18 times).
-//   3. accept_kernel       grid (B, S), 256 threads. Every block of request b merges the slice
-//                          statistics of the request's gamma + 1 positions (one warp per
-//                          position, fp64), takes the rule's decisions, and thread 0 replays the
-//                          accept loop (u_j < accept_j(x_j) / max(qT_j(x_j), 1e-10), fp64): all
-//                          blocks of b find the same j* because they run the same code on the same
-//                          inputs. Then each block races its slice of the resample row (residual at
-//                          j*, with the position's law min(qT, accept) raced alongside for when the
-//                          residual is all zero; or the bonus row), block argmax, writes its two
-//                          candidates; the last block of b to arrive (threadfence + atomic ticket)
-//                          merges the S candidates in slice order and writes tokens,
-//                          num_accepted and deferred for b.
+//   targets   per position, both models' distributions, the deferral decision, the target law:
+//     targets_stats_kernel        grid (NPOS, S), 256 threads. Per (position, slice), for the
+//                                 draft row q and the target row p: the slice max and its lowest
+//                                 argmax (first sweep), then (second sweep, L1/L2-resident)
+//                                 sum exp(l - m), sum exp((l - m)/T), sum exp(l - m)(l - m) and,
+//                                 for bild at T > 0, the cross terms sum_{p > -inf} e_q (p - m_p),
+//                                 sum_{p > -inf} e_q, max_{p = -inf} q. Also zeroes the
+//                                 per-request arrival counters of accept_resample_kernel.
+//     (only where a rule needs sums that need the whole row's normalisers first; T > 0 rows)
+//     targets_second_pass_kernel  grid (NPOS, S): opt / opt_log TV(pT, qT); token_v1-3
+//                                 eta = qT(outside A); lossy with bonus="cascade": its bonus
+//                                 law's two sums (bonus row only);
+//     or targets_lossy_star_kernel  grid (NPOS), 512 threads, one block per row: 1/beta by
+//                                 k-section (17 passes over the row, 8 candidates each:
+//                                 9^17 > 2^53) on the piecewise-linear equation the CPU kernel
+//                                 solves by quickselect. Correct, not fast (one block reads the
+//                                 row 18 times).
+//   end of targets + accept + resample + insert, fused:
+//     accept_resample_kernel      grid (B, S), 256 threads. targets: every block of request b
+//                                 merges the slice statistics of the request's gamma + 1
+//                                 positions (one warp per position, fp64) and takes the rule's
+//                                 decisions. accept: thread 0 replays the accept loop
+//                                 (u_j < accept_j(x_j) / max(qT_j(x_j), 1e-10), fp64): all blocks
+//                                 of b find the same j* because they run the same code on the
+//                                 same inputs. resample: each block races its slice of the
+//                                 resample row (residual at j*, with the position's law
+//                                 min(qT, accept) raced alongside for when the residual is all
+//                                 zero; or the bonus row), block argmax, writes its two
+//                                 candidates; the last block of b to arrive (threadfence + atomic
+//                                 ticket) merges the S candidates in slice order. insert: that
+//                                 block writes tokens, num_accepted and deferred for b.
 //
 // So spec, drafter, chow, chow_log, diff, diff_log, bild and lossy (bonus="verifier") take 2
 // launches; opt, opt_log, token_v1-3, lossy (bonus="cascade") and lossy_star take 3.
 //
 // top-k / top-p: each row's keep bound (tau, cut) (csrc/keep_bound.h, computed by the caller)
 // turns its logits to -inf outside the kept set wherever qT / pT are formed (the sums at T of
-// launch 1, every sum of launch 2, qT(x) / pT(x) and the race of launch 3); the maxima, argmaxes,
-// unscaled sums and token sets read the logits themselves, as in verify_cpu.cpp.
+// targets_stats_kernel, every sum of the second-pass kernels, qT(x) / pT(x) and the race of
+// accept_resample_kernel); the maxima, argmaxes, unscaled sums and token sets read the logits
+// themselves, as in verify_cpu.cpp.
 //
 // Differences from the CPU kernel that do not change results: every position's statistics are
 // computed (the CPU computes some lazily, as its accept loop reaches them); TV, eta and 1/beta
@@ -164,7 +173,7 @@ __device__ __forceinline__ Rows rows_of(const sc_verify_args& a, int64_t b, int6
   return r;
 }
 
-// ---- per-slice statistics (launch 1) ----------------------------------------------------------
+// ---- per-slice statistics (targets_stats_kernel) -----------------------------------------------
 struct SliceStats {
   double q1, qt, qh;   // sum exp(l - m), sum exp((l - m) / T), sum exp(l - m)(l - m), q row
   double p1, pt, ph;   // the same, p row
@@ -181,7 +190,7 @@ struct PosInfo {
   int aq, ap;
 };
 
-// Everything the accept stage derives for one position.
+// Everything the targets stage derives for one position (in accept_resample_kernel).
 struct PosFull {
   PosInfo s;
   double q_lst, p_lst;  // log of the scaled sums (T > 0)
@@ -268,10 +277,10 @@ __device__ __forceinline__ void block_sums(double (&v)[K], double* scratch) {
   __syncthreads();
 }
 
-// ---- launch 1: stats ----------------------------------------------------------------------------
+// ==== stage: targets (first launch: statistics) =================================================
 __global__ void __launch_bounds__(kThreads)
-    stats_kernel(sc_verify_args a, int64_t slice, int S, SliceStats* __restrict__ ws,
-                 unsigned* __restrict__ counters) {
+    targets_stats_kernel(sc_verify_args a, int64_t slice, int S, SliceStats* __restrict__ ws,
+                         unsigned* __restrict__ counters) {
   __shared__ float s_m[kWarps];
   __shared__ int s_i[kWarps];
   __shared__ double s_sum[kWarps * 8];
@@ -280,7 +289,8 @@ __global__ void __launch_bounds__(kThreads)
   const int s = blockIdx.y;
   const int64_t G1 = a.gamma + 1;
   const int64_t b = n / G1, j = n % G1;
-  if (j == 0 && s == 0 && threadIdx.x == 0) counters[b] = 0u;  // launch 3's arrival counter
+  // the arrival counter of accept_resample_kernel
+  if (j == 0 && s == 0 && threadIdx.x == 0) counters[b] = 0u;
   const Rows R = rows_of(a, b, j);
   if (!R.active) return;  // ragged: past this request's bonus position (uniform over the block)
   const double t = a.temperature[b];
@@ -368,7 +378,8 @@ __device__ __forceinline__ double merge_slice(float m_slice, float m, int a_slic
 }
 
 // Not inlined: the three kernels that call it run the same machine code, so they derive the same
-// bits (e.g. launch 2's eta and launch 3's set A use one threshold).
+// bits (e.g. targets_second_pass_kernel's eta and accept_resample_kernel's set A use one
+// threshold).
 __device__ __noinline__ PosInfo merge_pos(const SliceStats* __restrict__ ws, int64_t n, int S, double inv_t,
                              bool cross) {
   const int lane = threadIdx.x & 31;
@@ -410,7 +421,8 @@ __device__ __noinline__ PosInfo merge_pos(const SliceStats* __restrict__ ws, int
   return o;
 }
 
-// Token rules' threshold of A on (logit - max), from the unscaled sums (verify_cpu.cpp's derive).
+// Token rules' threshold of A on (logit - max), from the unscaled sums (verify_cpu.cpp's
+// targets_derive).
 __device__ __forceinline__ double token_thr(int rule, double alpha, const PosInfo& X) {
   double cth;
   if (rule == kTokenV3) cth = 1.0 - alpha;
@@ -423,10 +435,10 @@ __device__ __forceinline__ bool in_a_logit(float l, float m, double thr) {
   return static_cast<double>(l) - static_cast<double>(m) >= thr;
 }
 
-// ---- launch 2a: second-pass sums -----------------------------------------------------------------
+// ==== stage: targets (second launch, a: second-pass sums) =======================================
 __global__ void __launch_bounds__(kThreads)
-    second_kernel(sc_verify_args a, int64_t slice, int S, const SliceStats* __restrict__ ws,
-                  double* __restrict__ sums) {
+    targets_second_pass_kernel(sc_verify_args a, int64_t slice, int S,
+                               const SliceStats* __restrict__ ws, double* __restrict__ sums) {
   __shared__ PosInfo s_info;
   __shared__ double s_sum[kWarps * 2];
   const int64_t n = blockIdx.x;
@@ -494,15 +506,15 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// ---- launch 2b: lossy_star's 1/beta ------------------------------------------------------------
+// ==== stage: targets (second launch, b: lossy_star's 1/beta) =====================================
 // s solves h(s) = sum_{v: qT_v < c pT_v} max(0, s pT_v - qT_v) = D = sum_v max(0, qT_v - c pT_v),
 // c = 1 / (1 - alpha) (equivalent to sum_v max(min(qT, c pT), s pT) = 1); h is non-decreasing.
 // k-section on [0, c]: each pass evaluates h at kStarK interior points in one read of the row and
 // keeps the sub-interval where h crosses D; the result is the upper end (the reference's
 // bisection returns its upper end too), capped at c. D <= 0: s = 0 (pi = qT).
 __global__ void __launch_bounds__(kStarThreads)
-    lossy_star_kernel(sc_verify_args a, int S, const SliceStats* __restrict__ ws,
-                      double* __restrict__ sstar) {
+    targets_lossy_star_kernel(sc_verify_args a, int S, const SliceStats* __restrict__ ws,
+                              double* __restrict__ sstar) {
   __shared__ PosInfo s_info;
   __shared__ double s_sum[kStarWarps * kStarK];
   const int64_t n = blockIdx.x;
@@ -510,7 +522,8 @@ __global__ void __launch_bounds__(kStarThreads)
   const int64_t b = n / G1, j = n % G1;
   const double t = a.temperature[b];
   const Rows R = rows_of(a, b, j);
-  // uniform over the block (T = 0: closed form in launch 3; inactive positions have no q)
+  // uniform over the block (T = 0: closed form in accept_resample_kernel; inactive positions
+  // have no q)
   if (!(t > 0.0) || !R.has_q) return;
   const double inv_t = 1.0 / t;
   const float inv_t_f = static_cast<float>(fmin(inv_t, static_cast<double>(FLT_MAX)));
@@ -571,7 +584,7 @@ __global__ void __launch_bounds__(kStarThreads)
   if (threadIdx.x == 0) sstar[n] = hi < c ? hi : c;
 }
 
-// ---- launch 3: accept + resample -----------------------------------------------------------------
+// ==== stages: end of targets + accept + resample + insert (last launch) ========================
 struct Cand {
   double main_score;
   long long main_idx;
@@ -630,10 +643,10 @@ __device__ __forceinline__ double sum_slices(const double* sums, int64_t n, int 
   return acc;
 }
 
-// Decisions of position j of request b from its merged statistics (verify_cpu.cpp's derive and
-// decide, without the shortcuts).
-__device__ void derive(const sc_verify_args& a, const Req& q, int64_t b, int64_t j, int S,
-                       const double* sums, const double* sstar, PosFull& X) {
+// targets: the decisions of position j of request b from its merged statistics (verify_cpu.cpp's
+// targets_derive and targets_decide, without the shortcuts).
+__device__ void targets_derive(const sc_verify_args& a, const Req& q, int64_t b, int64_t j, int S,
+                               const double* sums, const double* sstar, PosFull& X) {
   const int rule = a.rule;
   const int64_t n = b * (a.gamma + 1) + j;
   const Rows R = rows_of(a, b, j);
@@ -716,9 +729,10 @@ __device__ __forceinline__ bool better_ll(double a, long long ia, double b, long
 }
 
 __global__ void __launch_bounds__(kThreads)
-    accept_kernel(sc_verify_args a, int64_t slice, int S, const SliceStats* __restrict__ ws,
-                  const double* __restrict__ sums, const double* __restrict__ sstar,
-                  Cand* __restrict__ cands, unsigned* __restrict__ counters) {
+    accept_resample_kernel(sc_verify_args a, int64_t slice, int S,
+                           const SliceStats* __restrict__ ws, const double* __restrict__ sums,
+                           const double* __restrict__ sstar, Cand* __restrict__ cands,
+                           unsigned* __restrict__ counters) {
   extern __shared__ PosFull s_pos[];  // a.gamma + 1 entries (this request uses gamma + 1)
   __shared__ double s_score[32];
   __shared__ int64_t s_idx[32];
@@ -741,17 +755,17 @@ __global__ void __launch_bounds__(kThreads)
   const bool cross = rule == kBild && q.t > 0.0;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
-  // 1. merged statistics of the request's positions (one warp per position)
+  // --- stage: targets (end): merged statistics of the request's positions (one warp each) ---
   for (int64_t j = warp; j <= gamma; j += kWarps) {
     const PosInfo X = merge_pos(ws, b * G1 + j, S, inv_t, cross && j < rows);
     if (lane == 0) s_pos[j].s = X;
   }
   __syncthreads();
-  // 2. decisions (one thread per position)
+  // --- stage: targets (end): decisions (one thread per position) ---
   for (int64_t j = threadIdx.x; j <= gamma; j += kThreads)
-    derive(a, q, b, j, S, sums, sstar, s_pos[j]);
+    targets_derive(a, q, b, j, S, sums, sstar, s_pos[j]);
   __syncthreads();
-  // 3. accept loop (thread 0): r = number of accepted drafts
+  // --- stage: accept (thread 0): r = number of accepted drafts ---
   if (threadIdx.x == 0) {
     int r = static_cast<int>(gamma);
     for (int64_t j = 0; j < gamma; ++j) {
@@ -780,7 +794,7 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   const int r = s_r;
 
-  // 4. race over this block's slice of row r
+  // --- stage: resample: the race over this block's slice of row r ---
   const PosFull& X = s_pos[r];
   const Rows R = rows_of(a, b, r);
   const int kind = r < gamma ? kRaceResidual : (q.cascade ? kRaceBonus : kRaceVerifier);
@@ -840,7 +854,7 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   if (!s_last || threadIdx.x != 0) return;  // (no barrier follows)
 
-  // 5. the last block of request b: merge the candidates in slice order, write the outputs
+  // --- stage: resample (the last block of request b): merge the candidates in slice order ---
   __threadfence();
   double ms = -INFINITY, ks = -INFINITY;
   long long mi = INT64_MAX, ki = INT64_MAX;
@@ -858,6 +872,8 @@ __global__ void __launch_bounds__(kThreads)
   else if (kind == kRaceResidual && ks > -INFINITY) token = ki;  // all-zero residual: the law
   else token = 0;  // every weight 0: torch.argmax of all -inf
 
+  // --- stage: insert: the accepted drafts, the resampled / bonus token, -1 padding;
+  // num_accepted; the deferred flags (reference._deferred) ---
   int64_t* tok = a.tokens + b * G1;
   uint8_t* def = a.deferred + b * G1;
   for (int64_t j = 0; j < G1; ++j) tok[j] = j < r ? x_at(a, b, j) : (j == r ? token : -1);
@@ -893,9 +909,9 @@ int64_t next_pow2(int64_t n) {
 }
 
 // Vocabulary slice per block: about V / 32 (V / 128 for one request, V / 64 for two, so that
-// launch 3's B x S blocks still fill the GPU; never more: every block of launch 3 merges all S
-// slices of its request's positions), a power of two in [1024, 8192] (B >= 4: V = 262,144 gives
-// 32 slices of 8192, V = 151,936 19; B = 1: 128 and 75 of 2048), or the whole of a small V.
+// accept_resample_kernel's B x S blocks still fill the GPU; never more: each of its blocks merges
+// all S slices of its request's positions), a power of two in [1024, 8192] (B >= 4: V = 262,144
+// gives 32 slices of 8192, V = 151,936 19; B = 1: 128 and 75 of 2048), or the whole of a small V.
 int64_t slice_size(int64_t V, int64_t B) {
   const int64_t target = B >= 4 ? 32 : 128 / B;
   int64_t s = next_pow2((V + target - 1) / target);
@@ -961,23 +977,24 @@ extern "C" cudaError_t sc_verify_padded_launch(const sc_verify_args* args, void*
   unsigned* counters = reinterpret_cast<unsigned*>(base + L.counters);
   const int S = static_cast<int>(L.S);
 
-  stats_kernel<<<dim3(static_cast<unsigned>(L.npos), S), kThreads, 0, stream>>>(a, L.slice, S, ws,
-                                                                                counters);
+  targets_stats_kernel<<<dim3(static_cast<unsigned>(L.npos), S), kThreads, 0, stream>>>(
+      a, L.slice, S, ws, counters);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int rule = a.rule;
   if (rule == kOpt || rule == kOptLog || is_token(rule) || (rule == kLossy && a.rq == a.gamma + 1)) {
-    second_kernel<<<dim3(static_cast<unsigned>(L.npos), S), kThreads, 0, stream>>>(a, L.slice, S,
-                                                                                   ws, sums);
+    targets_second_pass_kernel<<<dim3(static_cast<unsigned>(L.npos), S), kThreads, 0, stream>>>(
+        a, L.slice, S, ws, sums);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   } else if (rule == kLossyStar) {
-    lossy_star_kernel<<<static_cast<unsigned>(L.npos), kStarThreads, 0, stream>>>(a, S, ws, sst);
+    targets_lossy_star_kernel<<<static_cast<unsigned>(L.npos), kStarThreads, 0, stream>>>(a, S, ws,
+                                                                                          sst);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   const size_t smem = sizeof(PosFull) * static_cast<size_t>(a.gamma + 1);
-  accept_kernel<<<dim3(static_cast<unsigned>(a.B), S), kThreads, smem, stream>>>(
+  accept_resample_kernel<<<dim3(static_cast<unsigned>(a.B), S), kThreads, smem, stream>>>(
       a, L.slice, S, ws, sums, sst, cands, counters);
   return cudaGetLastError();
 }

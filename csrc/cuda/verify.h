@@ -15,7 +15,8 @@ extern "C" {
 // Number of rules: the rule ids are the indices of speccascade_fast.rules.RULES (verify.cu's enum).
 #define SC_VERIFY_NUM_RULES 14
 
-// Largest gamma the kernels take (the accept stage keeps gamma + 1 positions in shared memory).
+// Largest gamma the kernels take (accept_resample_kernel, which runs the accept and resample
+// stages, keeps gamma + 1 positions in shared memory).
 #define SC_VERIFY_MAX_GAMMA 255
 
 // One verification block (padded, or ragged: see cu below), all pointers on one CUDA device.

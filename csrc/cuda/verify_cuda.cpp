@@ -74,7 +74,7 @@ at::Tensor keep_tensor(const char* op, const char* name, const std::optional<at:
 }
 
 // The three outputs, [B, gamma + 1] (tokens int64, deferred bool) and [B] (num_accepted); the
-// kernel writes every element.
+// insert stage (in accept_resample_kernel, verify.cu) writes every element.
 struct Outputs {
   at::Tensor tokens, num_accepted, deferred;
   Outputs(int64_t B, int64_t gamma, const at::TensorOptions& opts)
@@ -84,7 +84,8 @@ struct Outputs {
 };
 
 // Fills the per-request pointers and outputs of `a`, allocates the scratch and enqueues the
-// kernels on the current stream (no host synchronisation).
+// kernels of every stage (targets, accept, resample, insert: 2 or 3 launches) on the current
+// stream (no host synchronisation).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> launch(
     const char* op, sc_verify_args& a, const at::Tensor& seed_in, const at::Tensor& positions_in,
     const at::Tensor& temperature_in, const at::Tensor& alpha_in, Outputs& out,
