@@ -32,23 +32,30 @@ def _log(msg: str) -> None:
     print(f"speccascade_fast setup: {msg}", file=sys.stderr)
 
 
+def _no_ext(why: str) -> None:
+    """The one line saying that ``_C`` is not built, why, and what is then slower."""
+    _log(f"could not build the C++ extension ({why}): installing the pure-Python package, whose "
+         "verification and sampling run the pure-torch reference instead of the C++ kernels "
+         "(slower)")
+
+
 def _have_cxx() -> bool:
     return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "c++", "g++", "clang++") if c)
 
 
 def _extensions():
     if os.environ.get("SPECCASCADE_NO_EXT") == "1":
-        _log("SPECCASCADE_NO_EXT=1: building the pure-Python package")
+        _no_ext("SPECCASCADE_NO_EXT=1")
         return [], {}
     try:
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        _log("torch is not importable (install torch==2.13.0 first and use "
-             "--no-build-isolation): building the pure-Python package")
+        _no_ext("torch is not importable here: install torch==2.13.0 first, then "
+                "`pip install --no-build-isolation .`")
         return [], {}
     if not _have_cxx():
-        _log("no C++ compiler found: building the pure-Python package")
+        _no_ext("no C++ compiler found")
         return [], {}
 
     cpu_sources = ["csrc/bindings.cpp", *_rel("csrc/cpu/*.cpp")]
