@@ -72,16 +72,17 @@ def test_greedy_outputs_agree_and_calls_are_counted(result):
     assert cut.acceptance_rate > rows["ours:spec greedy", 1].acceptance_rate
 
 
-def test_summary_ratios(result):
+def test_summary_of_a_real_run(result):
+    """What the timed run must provide for the summary (its figures are checked on fixed rows
+    in test_summary_figures_by_hand): decoding calls and prefill timed, the summary's fields
+    present where they apply and plausible."""
     summary = {(d["name"], d["batch"]): d for d in e2e.summarize(result)}
     rows = {(r.name, r.batch): r for r in result["rows"]}
     spec, base = rows["ours:spec greedy", 1], rows["ours:verifier", 1]
     d = summary["ours:spec greedy", 1]
-    assert d["vs_ours_verifier"] == round(spec.tokens_per_s / base.tokens_per_s, 3)
-    c = result["costs"]
-    pred = e2e.predicted_speedup(spec.tokens_per_verifier_call, 3, c["c"], c["r"])
-    assert d["predicted"] == round(pred, 3)
-    assert d["efficiency"] == round(d["vs_ours_verifier"] / pred, 3)
+    for key in ("vs_ours_verifier", "predicted", "efficiency", "iid_tokens_per_block", "c_loop",
+                "r_loop", "predicted_loop", "decode_efficiency", "vs_hf_defaults"):
+        assert d[key] > 0, key
     # the decoding alone: both runs' wall times less their prompts' prefill (both > 0), against
     # the cost model with the step costs timed while decoding (every decoding call counted)
     assert 0 < spec.extra["prefill_s"] < spec.wall_s and 0 < base.extra["prefill_s"] < base.wall_s
@@ -89,59 +90,160 @@ def test_summary_ratios(result):
     (n1, s1), = base.extra["decode_calls"].values()
     assert (nb, n1) == (spec.verifier_calls, base.verifier_calls) == (spec.verifier_calls, 72)
     assert nq == 3 * nb  # gamma drafter steps per block (spec runs no bonus step)
+    assert nq == spec.extra["drafter_calls"]  # the engine's count is the hooks' count
     assert 0 < sq + sb < spec.extra["model_s"] and 0 < s1 < base.extra["model_s"]
-    assert d["c_loop"] == round((sq / nq) / (s1 / n1), 3)
-    assert d["r_loop"] == round((sb / nb) / (s1 / n1), 3)
-    pred_loop = e2e.predicted_speedup(spec.tokens_per_verifier_call, 3, (sq / nq) / (s1 / n1),
-                                      (sb / nb) / (s1 / n1))
-    assert d["predicted_loop"] == round(pred_loop, 3)
-    decode = (spec.tokens / (spec.wall_s - spec.extra["prefill_s"])) / (
-        base.tokens / (base.wall_s - base.extra["prefill_s"]))
-    assert d["decode_efficiency"] == round(decode / pred_loop, 3)
     assert "c_loop" not in summary["ours:spec greedy", 2]  # batch 1 only
     # on the CPU every row (ours and HF's) reports the time outside the models' forward calls
     for name, r in rows.items():
         assert 0 < r.extra["model_s"] < r.wall_s, name
-        assert summary[name]["non_model_share"] == round(1 - r.extra["model_s"] / r.wall_s, 3)
-    # token_v3 runs the bonus drafter step in the blocks that accept every draft: its blocks
-    # cost the measured drafter calls (gamma + the bonus steps) c + r
+        assert 0 < summary[name]["non_model_share"] < 1, name
+    # token_v3 runs the bonus drafter step in the blocks that accept every draft: between
+    # gamma = 3 and gamma + 1 drafter calls per block, all of them timed
     v3, v3d = rows["ours:token_v3 a=0.3 greedy", 1], summary["ours:token_v3 a=0.3 greedy", 1]
-    steps = v3.extra["drafter_calls"] / v3.verifier_calls
-    assert 3 < steps < 4 and v3d["drafter_steps_per_block"] == round(steps, 3)
+    assert 3 < v3d["drafter_steps_per_block"] < 4
     assert v3.extra["decode_calls"]["drafter"][0] == v3.extra["drafter_calls"]
-    assert v3d["predicted"] == round(
-        e2e.predicted_speedup(v3.tokens_per_verifier_call, steps, c["c"], c["r"]), 3)
     assert "drafter_steps_per_block" not in d  # spec: gamma per block, no bonus step
     # per-round ratios: the range holds the total's ratio
     lo, hi = d["vs_ours_verifier_range"]
     assert lo <= d["vs_ours_verifier"] <= hi
-    speeds = [a / b for a, b in zip(spec.extra["round_tokens_per_s"],
-                                    base.extra["round_tokens_per_s"])]
-    assert [lo, hi] == [round(min(speeds), 3), round(max(speeds), 3)]
+    assert len(spec.extra["round_tokens_per_s"]) == len(base.extra["round_tokens_per_s"]) == 2
     # the int8 rows are compared with HF assisted generation given the same int8 assistant
-    q8 = summary["ours:spec greedy" + e2e.INT8_SUFFIX, 1]
-    assert q8["vs_hf_assisted"] == round(
-        rows["ours:spec greedy" + e2e.INT8_SUFFIX, 1].tokens_per_s
-        / rows["hf:assisted greedy" + e2e.INT8_SUFFIX, 1].tokens_per_s, 3)
+    assert summary["ours:spec greedy" + e2e.INT8_SUFFIX, 1]["vs_hf_assisted"] > 0
     # blocks cut by draft_confidence: no prediction from the timed-apart costs (they assume
     # gamma drafts and a gamma + 1 call); the in-loop one from the measured steps per block
     cut, dc = rows[CUT, 1], summary[CUT, 1]
     (nq, sq), (nb, sb) = cut.extra["decode_calls"].values()
-    assert nb == cut.verifier_calls and nb < nq < 4 * nb
+    assert nb == cut.verifier_calls and nb < nq < 4 * nb and nq == cut.extra["drafter_calls"]
     assert "predicted" not in dc and "efficiency" not in dc
-    assert dc["drafter_steps_per_block"] == round(nq / nb, 3)
-    assert dc["predicted_loop"] == round(e2e.predicted_speedup(
-        cut.tokens_per_verifier_call, nq / nb, (sq / nq) / (s1 / n1), (sb / nb) / (s1 / n1)), 3)
-    # every speculative row against HF assisted generation with HF's defaults, same sampling
-    assert d["vs_hf_defaults"] == round(
-        spec.tokens_per_s / rows["hf:assisted greedy (HF defaults)", 1].tokens_per_s, 3)
-    assert summary["ours:spec T=1", 1]["vs_hf_defaults"] == round(
-        rows["ours:spec T=1", 1].tokens_per_s
-        / rows["hf:assisted T=1 (HF defaults)", 1].tokens_per_s, 3)
+    assert 1 < dc["drafter_steps_per_block"] < 4 and dc["predicted_loop"] > 0
+    assert summary["ours:spec T=1", 1]["vs_hf_defaults"] > 0
     table = e2e.markdown(result)
     assert "| ours:spec greedy | 1 |" in table and "2 rounds, interleaved" in table
     assert "vs_hf_defaults (range)" in table and "drafter_steps_per_block" in table
     assert e2e.markdown(e2e.from_json(e2e.to_json(result))) == table  # saved runs re-render
+
+
+def _row(name, batch, tokens, wall_s, calls=None, acceptance=None, **extra):
+    return e2e.Row(name, batch, tokens, wall_s, calls, acceptance,
+                   extra={"outputs": [[1, 2]], **extra})
+
+
+def test_summary_figures_by_hand():
+    """summarize() on fixed rows (gamma = 3), every figure worked out by hand. Timed-apart step
+    costs c = 0.2, r = 1.4 (int8 drafter: c = 0.1): a block of 3 drafter steps and one verifier
+    call costs 3 x 0.2 + 1.4 = 2.0 verifier steps (int8: 0.3 + 1.4 = 1.7)."""
+    rows = [
+        # 60 tokens / 12 s = 5 tok/s, 5 tok/s in both rounds; decoding calls: 5.8 s / 58 = 0.1 s
+        _row("ours:verifier", 1, 60, 12.0, 60, prefill_s=2.0, model_s=9.0,
+             decode_calls={"verifier": [58, 5.8]}, round_tokens_per_s=[5.0, 5.0]),
+        # 60 / 10 s = 6 tok/s (rounds: 7.5 and 5 tok/s), 60 tokens / 20 blocks = 3 per block,
+        # 60 drafter calls / 20 blocks = 3 = gamma; drafter 1.2 s / 60 = 0.02 s a step,
+        # verifier 2.8 s / 20 = 0.14 s a block call
+        _row("ours:spec greedy", 1, 60, 10.0, 20, 0.5, prefill_s=2.0, model_s=8.5,
+             drafter_calls=60, decode_calls={"drafter": [60, 1.2], "verifier": [20, 2.8]},
+             round_tokens_per_s=[7.5, 5.0]),
+        # 60 / 12 s = 5 tok/s, 60 / 15 = 4 tokens per block, 54 / 15 = 3.6 drafter steps per
+        # block (the bonus step in 9 of the 15 blocks)
+        _row("ours:token_v3 a=0.3 greedy", 1, 60, 12.0, 15, 0.75, drafter_calls=54),
+        # a row saved before drafter_calls were recorded: gamma steps plus the bonus step
+        _row("ours:token_v3 a=0.3 T=1", 1, 60, 10.0, 20, 0.5),
+        # cut blocks: 60 / 8 s = 7.5 tok/s, 60 / 24 = 2.5 tokens and 48 / 24 = 2 drafter steps
+        # per block; drafter 0.96 s / 48 = 0.02 s, verifier 2.4 s / 24 = 0.1 s a block call
+        _row("ours:spec greedy, draft confidence 0.6", 1, 60, 8.0, 24, 0.6, prefill_s=2.0,
+             drafter_calls=48, draft_confidence=0.6,
+             decode_calls={"drafter": [48, 0.96], "verifier": [24, 2.4]}),
+        # 60 / 7.5 s = 8 tok/s, 3 tokens per block
+        _row("ours:spec greedy" + e2e.INT8_SUFFIX, 1, 60, 7.5, 20, 0.5, drafter_calls=60),
+        _row("hf:verifier greedy", 1, 60, 15.0, 60, model_s=12.0),  # 4 tok/s
+        _row("hf:assisted greedy", 1, 60, 12.0, 20),  # 5 tok/s
+        _row("hf:assisted T=1", 1, 60, 10.0, 24),  # 6 tok/s
+        _row("hf:assisted greedy" + e2e.HF_DEFAULTS_SUFFIX, 1, 60, 20.0, 30),  # 3 tok/s
+        _row("hf:assisted greedy" + e2e.INT8_SUFFIX, 1, 60, 15.0, 20),  # 4 tok/s
+        _row("ours:verifier", 2, 120, 12.0, 60),  # 10 tok/s
+        _row("ours:spec greedy", 2, 120, 8.0, 40, 0.5, drafter_calls=120),  # 15 tok/s
+    ]
+    costs = {"t_q_s": 0.002, "t_p_s": 0.01, "t_p_block_s": 0.014, "c": 0.2, "r": 1.4,
+             "int8": {"t_q_s": 0.001, "t_p_s": 0.01, "t_p_block_s": 0.014, "c": 0.1, "r": 1.4}}
+    result = {"rows": rows, "costs": costs, "settings": {"gamma": 3, "rounds": 2},
+              "machine": {}}
+    s = {(d["name"], d["batch"]): d for d in e2e.summarize(result)}
+
+    base = s["ours:verifier", 1]
+    assert base["tokens_per_s"] == 5.0 and base["tokens_per_verifier_call"] == 1.0
+    assert base["non_model_share"] == 0.25  # 1 - 9 s / 12 s
+    assert base["vs_ours_verifier"] == 1.0 and base["vs_ours_verifier_range"] == [1.0, 1.0]
+    assert base["vs_hf_verifier"] == 1.25  # 5 / 4 tok/s
+    assert base["vs_hf_assisted"] == 1.0  # 5 / 5 (greedy)
+    assert base["vs_hf_defaults"] == 1.667  # 5 / 3
+    assert "predicted" not in base and "c_loop" not in base  # not speculative
+
+    assert s["ours:spec greedy", 1] == {
+        "name": "ours:spec greedy", "batch": 1, "tokens": 60, "wall_s": 10.0,
+        "tokens_per_s": 6.0, "tokens_per_verifier_call": 3.0, "acceptance_rate": 0.5,
+        "non_model_share": 0.15,  # 1 - 8.5 s / 10 s
+        "vs_ours_verifier": 1.2,  # 6 / 5 tok/s
+        "vs_ours_verifier_range": [1.0, 1.5],  # rounds: 5 / 5 and 7.5 / 5
+        "vs_hf_verifier": 1.5,  # 6 / 4
+        "vs_hf_assisted": 1.2,  # 6 / 5
+        "vs_hf_defaults": 2.0,  # 6 / 3
+        "predicted": 1.5,  # 3 tokens / (3 x 0.2 + 1.4) = 3 / 2
+        "iid_tokens_per_block": 1.875,  # 1 + 0.5 + 0.25 + 0.125
+        "efficiency": 0.8,  # 1.2 / 1.5
+        # in-loop: drafter 0.02 s, verifier block call 0.14 s, verifier step 0.1 s
+        "t_q_loop_ms": 20.0, "t_p_loop_ms": 100.0, "t_p_block_loop_ms": 140.0,
+        "c_loop": 0.2, "r_loop": 1.4,  # 0.02 / 0.1, 0.14 / 0.1
+        "predicted_loop": 1.5,  # 3 / (3 x 0.2 + 1.4)
+        # decoding alone: 60 / (10 - 2 s) = 7.5 tok/s against 60 / (12 - 2 s) = 6 tok/s:
+        # 1.25, over the prediction 1.5: 0.8333
+        "decode_efficiency": 0.833,
+    }
+
+    v3 = s["ours:token_v3 a=0.3 greedy", 1]
+    assert v3["drafter_steps_per_block"] == 3.6
+    assert v3["predicted"] == 1.887  # 4 / (3.6 x 0.2 + 1.4) = 4 / 2.12 = 1.88679
+    assert v3["efficiency"] == 0.53  # (5 / 5 tok/s) / 1.88679 = 2.12 / 4
+    assert v3["iid_tokens_per_block"] == 2.734  # 1 + 0.75 + 0.5625 + 0.421875 = 2.734375
+    assert "c_loop" not in v3  # no timed decoding calls
+
+    old = s["ours:token_v3 a=0.3 T=1", 1]
+    assert "drafter_steps_per_block" not in old  # gamma steps (+ the bonus step, not shown)
+    assert old["predicted"] == 1.364  # 3 / (3 x 0.2 + 1.4 + 0.2) = 3 / 2.2 = 1.36364
+    assert old["efficiency"] == 0.88  # (6 / 5 tok/s) / 1.36364 = 1.2 x 2.2 / 3
+    assert old["vs_hf_assisted"] == 1.0  # against hf:assisted T=1: 6 / 6 tok/s
+    assert "vs_hf_defaults" not in old  # no HF-defaults row at T = 1
+
+    cut = s["ours:spec greedy, draft confidence 0.6", 1]
+    assert cut["vs_ours_verifier"] == 1.5 and cut["vs_hf_defaults"] == 2.5  # 7.5 / 5, 7.5 / 3
+    assert cut["drafter_steps_per_block"] == 2.0
+    assert "predicted" not in cut and "efficiency" not in cut and "iid_tokens_per_block" not in cut
+    assert (cut["c_loop"], cut["r_loop"]) == (0.2, 1.0)  # 0.02 / 0.1, 0.1 / 0.1
+    assert cut["predicted_loop"] == 1.786  # 2.5 tokens / (2 x 0.2 + 1.0) = 2.5 / 1.4 = 1.78571
+    # decoding alone: 60 / (8 - 2 s) = 10 tok/s against 6 tok/s: 1.66667; / 1.78571 = 0.93333
+    assert cut["decode_efficiency"] == 0.933
+
+    q8 = s["ours:spec greedy" + e2e.INT8_SUFFIX, 1]
+    assert q8["vs_ours_verifier"] == 1.6  # 8 / 5 tok/s
+    assert q8["vs_hf_assisted"] == 2.0  # against HF with the same int8 assistant: 8 / 4
+    assert q8["vs_hf_defaults"] == 2.667  # against HF's defaults (its own assistant): 8 / 3
+    assert q8["predicted"] == 1.765  # the int8 costs: 3 / (3 x 0.1 + 1.4) = 3 / 1.7 = 1.76471
+    assert q8["efficiency"] == 0.907  # 1.6 / 1.76471 = 1.6 x 1.7 / 3 = 0.90667
+
+    hf = s["hf:verifier greedy", 1]
+    assert hf["vs_ours_verifier"] == 0.8 and hf["non_model_share"] == 0.2  # 4 / 5; 1 - 12 / 15
+
+    # batch 2: against our verifier at batch 2 (15 / 10 tok/s, not 15 / 5 at batch 1); HF's
+    # batch-2 throughput is its batch-1 run (15 / 4 tok/s); no prediction at batch 2
+    b2 = s["ours:spec greedy", 2]
+    assert (b2["vs_ours_verifier"], b2["vs_hf_verifier"]) == (1.5, 3.75)
+    assert "predicted" not in b2 and "c_loop" not in b2 and "vs_ours_verifier_range" not in b2
+
+    table = e2e.markdown(result)
+    assert ("| ours:spec greedy | 1 | 6.0 | 3.0 | 0.5 | 1.2 (1.0–1.5) | 1.5 | 1.2 | 2.0 | 1.5 "
+            "| 0.8 | 0.2 |  | 1.5 | 0.833 | 0.15 |") in table.splitlines()
+    assert ("ours:spec greedy: drafter 20.0, verifier block call 140.0, verifier step 100.0 "
+            "(c = 0.200, r = 1.400)") in table
+    assert ("drafter step 2.0 ms, verifier step 10.0 ms, verifier call on gamma+1 tokens "
+            "14.0 ms: c = 0.200, r = 1.400.") in table
 
 
 def test_unknown_config_is_an_error():
@@ -162,27 +264,42 @@ def test_rounds_alternate_their_order(monkeypatch):
         row.extra["outputs"] = [[1, 2, 3, 4]]
         return row
 
+    # each round re-times the step costs; the result keeps their medians
+    rounds_costs = iter([dict(t_q_s=1.0, t_p_s=2.0, t_p_block_s=2.0, c=0.5, r=1.0),
+                         dict(t_q_s=3.0, t_p_s=4.0, t_p_block_s=8.0, c=0.75, r=2.0),
+                         dict(t_q_s=2.0, t_p_s=5.0, t_p_block_s=4.0, c=0.4, r=0.8)])
     monkeypatch.setattr(e2e, "run_ours", fake)
     monkeypatch.setattr(e2e, "run_hf", fake)
-    monkeypatch.setattr(e2e, "step_costs", lambda *a, **k: dict(
-        t_q_s=1.0, t_p_s=2.0, t_p_block_s=2.0, c=0.5, r=1.0))
+    monkeypatch.setattr(e2e, "step_costs", lambda *a, **k: next(rounds_costs))
     result = e2e.run(None, None, prompts=[torch.tensor([1])], configs=("spec-greedy",),
                      batch=1, rounds=3, progress=lambda s: None)
     one = ["ours:verifier", "ours:spec greedy", "hf:verifier greedy", "hf:assisted greedy",
            "hf:assisted T=1"]
     assert order == one + one[::-1] + one
     assert [r.name for r in result["rows"]] == one  # one row per configuration, totals
-    assert all(r.tokens == 12 and r.wall_s == 1.5 for r in result["rows"])
+    for r in result["rows"]:
+        # 3 rounds of 4 tokens in 0.5 s, 1 verifier call: 12 tokens in 1.5 s, 3 calls; each
+        # round at 4 / 0.5 = 8 tok/s
+        assert (r.tokens, r.wall_s, r.verifier_calls) == (12, 1.5, 3)
+        assert r.extra["round_tokens_per_s"] == [8.0, 8.0, 8.0]
+    # medians of (1, 3, 2), (2, 4, 5), (2, 8, 4), (0.5, 0.75, 0.4), (1, 2, 0.8)
+    assert result["costs"] == dict(t_q_s=2.0, t_p_s=4.0, t_p_block_s=4.0, c=0.5, r=1.0)
 
 
 def test_cost_model():
-    # one token per block of cost gamma c + r; the bonus drafter step adds c
-    assert e2e.predicted_speedup(1.0, 4, 0.5, 1.0) == pytest.approx(1 / 3.0)
-    assert e2e.predicted_speedup(5.0, 4, 0.25, 1.0) == pytest.approx(5 / 2.0)
-    assert e2e.predicted_speedup(5.0, 4, 0.25, 1.0, bonus_step=True) == pytest.approx(5 / 2.25)
+    # a block costs gamma c + r verifier steps; the bonus drafter step adds c
+    assert e2e.predicted_speedup(1.0, 4, 0.5, 1.0) == pytest.approx(0.33333333)  # 1 / (2 + 1)
+    assert e2e.predicted_speedup(5.0, 4, 0.25, 1.0) == pytest.approx(2.5)  # 5 / (1 + 1)
+    # 5 / (1 + 1 + 0.25) = 5 / 2.25
+    assert e2e.predicted_speedup(5.0, 4, 0.25, 1.0, bonus_step=True) == pytest.approx(2.2222222)
+    # mean drafter steps per block (blocks of varying length): 3.5 x 0.2 + 1.3 = 2.0
+    assert e2e.predicted_speedup(3.0, 3.5, 0.2, 1.3) == pytest.approx(1.5)
+    # i.i.d. acceptance a, gamma = 5: 1 + a + a^2 + ... + a^5 tokens per block
     assert e2e.iid_tokens_per_block(0.0, 5) == pytest.approx(1.0)
     assert e2e.iid_tokens_per_block(1.0, 5) == pytest.approx(6.0)
-    assert e2e.iid_tokens_per_block(0.8, 5) == pytest.approx((1 - 0.8 ** 6) / 0.2)
+    # 1 + 0.8 + 0.64 + 0.512 + 0.4096 + 0.32768
+    assert e2e.iid_tokens_per_block(0.8, 5) == pytest.approx(3.68928)
+    assert e2e.iid_tokens_per_block(0.5, 2) == pytest.approx(1.75)  # 1 + 0.5 + 0.25
 
 
 def test_hf_gets_its_own_draft_length(monkeypatch):
@@ -250,9 +367,13 @@ def test_in_loop_prediction_uses_unrounded_costs():
     result = {"rows": [base, spec], "costs": {"c": 0.36, "r": 0.98},
               "settings": {"gamma": 3}}
     d = next(x for x in e2e.summarize(result) if x["name"] == "ours:spec greedy")
-    pred = e2e.predicted_speedup(5.0, 3, 0.3635, 0.979)
-    assert d["predicted_loop"] == round(pred, 3) == 2.416  # (2.414 or 2.418 from 0.364 or 0.363)
-    assert d["decode_efficiency"] == round((100 / 5.0) / (100 / 10.0) / pred, 3)
+    # verifier step 10 s / 100 = 0.1 s: c = 0.03635 / 0.1 = 0.3635, r = 0.0979 / 0.1 = 0.979;
+    # 100 tokens / 20 blocks = 5 per block: 5 / (3 x 0.3635 + 0.979) = 5 / 2.0695 = 2.41604
+    # (from c = 0.364: 5 / 2.071 = 2.41429; from 0.363: 5 / 2.068 = 2.41779)
+    assert d["predicted_loop"] == 2.416
+    # decoding alone: 100 / (6 - 1 s) = 20 tok/s against 100 / (11 - 1 s) = 10 tok/s: 2.0;
+    # 2.0 / 2.41604 = 0.82780
+    assert d["decode_efficiency"] == 0.828
     assert d["c_loop"] in (0.363, 0.364) and d["r_loop"] == 0.979
 
 

@@ -40,10 +40,30 @@ def test_cpu_table_ratios_and_read_multiple(tmp_path, capsys):
     assert "24.0 GB/s" in lines[0]
     cpu = next(line for line in lines if "| cpu |" in line)
     cells = [c.strip() for c in cpu.strip("|").split("|")]
-    # median 2 µs: 24,000 B / 2 µs = 12 GB/s; reading once at 24 GB/s takes 1 µs: 2.0 x read
+    # median 2 µs: 24,000 B / 2 µs = 12 GB/s; reading once at 24 GB/s takes 1 µs: 2.0 x read;
+    # medians 200 µs / 2 µs = 100x the reference's speed, 20 µs / 2 µs = 10x the eager chain's
     assert cells[6:] == ["2.0", "1.0", "12.0", "2.0", "100.0×", "10.0×"]
     order = [line.split("|")[6].strip() for line in lines if line.startswith("| spec")]
     assert order == ["cpu", "eager", "reference"]
+
+
+def test_cpu_table_on_the_min_with_the_rows_own_bandwidth(tmp_path, capsys):
+    """``--stat min``: GB/s, '× read' and the ratios from the min; the bandwidth recorded in the
+    rows themselves (no memory-bandwidth benchmark)."""
+    path = _write(tmp_path, [_bench("cpu", 300e-6, 240e-6, mem_bw_gbs=20.0),
+                             _bench("reference", 6e-3, 4.8e-3, mem_bw_gbs=20.0),
+                             _bench("eager", 1.5e-3, 1.44e-3, mem_bw_gbs=20.0)])
+    assert _report().main([path, "--stat", "min"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "20.0 GB/s" in lines[0] and "GB/s (min)" in lines[2]
+    cells = {c[5]: c[6:] for c in ([c.strip() for c in x.strip("|").split("|")]
+                                   for x in lines if x.startswith("| spec"))}
+    # min 240 µs: 24,000 B / 240 µs = 0.1 GB/s; reading once at 20 GB/s takes 1.2 µs:
+    # 240 / 1.2 = 200x read; mins 4,800 µs / 240 µs = 20x the reference, 1,440 / 240 = 6x eager
+    assert cells["cpu"] == ["300", "240", "0.1", "200.0", "20.0×", "6.0×"]
+    # 4,800 / 1.2 = 4,000x read; against itself 1.0x; eager: 1,440 / 4,800 = 0.3x
+    assert cells["reference"] == ["6,000", "4,800", "0.0", "4000.0", "1.0×", "0.3×"]
+    assert cells["eager"][:2] == ["1,500", "1,440"]
 
 
 def test_gpu_table_uses_cuda_event_times(tmp_path, capsys):
@@ -55,7 +75,8 @@ def test_gpu_table_uses_cuda_event_times(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert "GPU µs" in lines[0] and lines[1].count("|---") == 13
     graph = [c.strip() for c in next(x for x in lines if "cuda-graph" in x).strip("|").split("|")]
-    # GPU 6 µs: 24,000 B / 6 µs = 4 GB/s; no bandwidth measured: no '× read'
+    # GPU 6 µs: 24,000 B / 6 µs = 4 GB/s; no bandwidth measured: no '× read';
+    # GPU 3,000 µs / 6 µs = 500x the reference, 60 µs / 6 µs = 10x eager
     assert graph[6:] == ["20.0", "15.0", "6.0", "4.0", "", "500.0×", "10.0×"]
     order = [line.split("|")[6].strip() for line in lines if line.startswith("| spec")]
     assert order == ["cuda-graph", "triton", "eager", "reference"]
