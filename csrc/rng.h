@@ -1,4 +1,4 @@
-// Counter-based RNG of SEMANTICS §6, shared by the CPU and CUDA kernels.
+// Counter-based RNG of docs/semantics.md §6, shared by the CPU and CUDA kernels.
 //
 // Normative reference: speccascade_fast/rng.py. Every function here must produce the same bits:
 //   k = mix64(seed + GOLDEN); k = mix64(k ^ position); k = mix64(k ^ stream)

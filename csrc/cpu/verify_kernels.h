@@ -1,4 +1,5 @@
-// Vectorised block kernels of the fused CPU verification (csrc/cpu/verify_cpu.cpp).
+// Vectorised block kernels of the fused CPU verification (csrc/cpu/verify_cpu.cpp: the targets
+// and resample stages).
 //
 // Every function here works on one block of at most kBlock logits already converted to fp32
 // (a row of fp32 logits is read in place; bf16/fp16 rows are converted block by block into a
@@ -12,10 +13,10 @@
 //   AVX2+FMA "x86-64-v3", baseline SSE2) and the loader picks the best one for the CPU at run
 //   time, so the wheel still runs on any x86-64 machine (setup.py deliberately has no -march).
 //
-// The translation unit that includes this header compiles it under
-// `#pragma GCC optimize("no-trapping-math", "fp-contract=fast")`: without it GCC refuses to
-// if-convert the selects of these loops (a float compare "may trap"), and FMA contraction makes
-// the polynomial shorter. Neither changes the handling of -inf, which the code does explicitly.
+// The translation unit that includes this header (verify_cpu.cpp) compiles it under
+// `#pragma GCC optimize("no-trapping-math")`: without it GCC refuses to if-convert the selects of
+// these loops (a float compare "may trap"). It does not change the handling of -inf, which the
+// code does explicitly.
 #pragma once
 
 #include <cstdint>

@@ -1,4 +1,4 @@
-// Device side of the counter-based RNG (SEMANTICS §6) and the sampler's shared pieces.
+// Device side of the counter-based RNG (docs/semantics.md §6) and the sampler's shared pieces.
 // The definitions live in ../rng.h and ../sample_common.h, compiled here as __host__ __device__,
 // so the CUDA kernels and the CPU kernels use literally the same code. Plain CUDA C++: no torch.
 #pragma once
