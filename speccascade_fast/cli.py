@@ -6,7 +6,8 @@ parsed ``args``; its return value is the exit status). Adding a subcommand is on
 and one line here. A listed module that is not installed is skipped.
 
 ``speccascade generate "PROMPT"`` decodes one prompt and prints the completion, then one line of
-statistics (``--json``: one JSON object with the completion and the statistics)::
+statistics on standard error (``--json``: one JSON object with the completion and the
+statistics)::
 
     speccascade generate "def fib(n):" --rule token_v3 --alpha 0.3 --gamma 5 --max-new-tokens 64
     speccascade generate "Write a haiku about caches." --chat --temperature 1 --json
@@ -15,18 +16,30 @@ statistics (``--json``: one JSON object with the completion and the statistics):
 Defaults: the pair of :mod:`speccascade_fast.models` (Qwen2.5-Coder 0.5B drafting for 1.5B),
 method ``spec_cascade``, rule ``token_v3`` with its default alpha (0.3, see
 :data:`speccascade_fast.config.DEFAULT_ALPHA`), gamma 5, greedy decoding (``--temperature 0``).
+
+Errors. A user error (a bad argument, a missing model, drafter and verifier with different
+vocabularies, a prompt longer than the context, ``--device cuda`` without CUDA, a missing
+extra) prints one line ``speccascade: error: ...`` on standard error and exits with status 2;
+``speccascade --debug ...`` shows the traceback instead. Every decoding argument is checked
+(:class:`speccascade_fast.config.DecodeConfig`) before any model is loaded.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from .config import BONUS, METHODS
+from . import __version__
+from .config import BONUS, METHODS, DecodeConfig
 from .generation import generate
+from .models import IntegrityError
 from .rules import RULES
+
+PROG = "speccascade"
 
 SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("speccascade_fast.cli", "add_generate_subcommand"),
@@ -35,9 +48,31 @@ SUBCOMMANDS: tuple[tuple[str, str], ...] = (
 )
 
 
+class CLIError(Exception):
+    """A user error the command line reports as one line (exit status 2)."""
+
+
+#: The exceptions :func:`run_command` reports as one line: the CLI's own, bad values
+#: (ValueError, raised by every check of the package), missing files and models
+#: (FileNotFoundError, models.MissingWheelsError, models.ModelNotFoundError), other OS errors
+#: (an unwritable --out) and a corrupt model download (models.IntegrityError).
+USER_ERRORS = (CLIError, ValueError, OSError, IntegrityError)
+
+
+def _version() -> str:
+    from . import _ext
+
+    kernels = "loaded" if _ext.HAS_CPU_EXT else (
+        "not loaded: the pure-torch reference verification runs instead, slower")
+    return f"speccascade_fast {__version__} (C++ kernels: {kernels})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="speccascade", description="Speculative cascades: decoding, benchmarks, evaluation.")
+        prog=PROG, description="Speculative cascades: decoding, benchmarks, evaluation.")
+    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name, func_name in SUBCOMMANDS:
         try:
@@ -47,13 +82,125 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # that subcommand is not part of this installation
             raise
         getattr(module, func_name)(sub)
+    for p in sub.choices.values():  # `speccascade generate ... --debug` works too
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an error instead of one line")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    status = args.func(args)
+    return run_command(args.func, args, debug=args.debug)
+
+
+def one_line(error: BaseException | str) -> str:
+    """An error's text on one line (its whitespace runs, newlines included, become spaces)."""
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def run_command(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace, *,
+                debug: bool = False, prog: str = PROG) -> int:
+    """``func(args)``'s exit status; a user error (:data:`USER_ERRORS`, or a SystemExit with a
+    message) prints ``<prog>: error: <message>`` on one line and returns 2, an interruption
+    returns 130. With ``debug`` they propagate (with their traceback)."""
+    try:
+        status = func(args)
+    except SystemExit as e:
+        if debug or e.code is None or isinstance(e.code, int):
+            raise
+        return _error(prog, e.code)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        return _error(prog, e)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
     return 0 if status is None else int(status)
+
+
+def _error(prog: str, error) -> int:
+    print(f"{prog}: error: {one_line(error)}", file=sys.stderr, flush=True)
+    return 2
+
+
+# --- checks shared by the subcommands (all run before any model is loaded) --------------------
+#: DecodeConfig's field -> the option that sets it
+FLAGS = {"method": "--method", "rule": "--rule", "alpha": "--alpha", "gamma": "--gamma",
+         "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
+         "bonus": "--bonus", "draft_confidence": "--draft-confidence",
+         "seq_score": "--seq-score"}
+
+
+def decode_config(flags: dict[str, str] | None = None, **fields) -> DecodeConfig:
+    """``DecodeConfig(**fields)``, its ValueError a :class:`CLIError` naming the option
+    (``flags`` overrides :data:`FLAGS`, e.g. ``{"alpha": "--alphas"}``)."""
+    try:
+        return DecodeConfig(**fields)
+    except ValueError as e:
+        raise CLIError(_for_option(str(e), {**FLAGS, **(flags or {})})) from None
+
+
+def _for_option(message: str, flags: dict[str, str]) -> str:
+    m = re.match(r"\w+", message)
+    flag = flags.get(m.group(0)) if m else None
+    return f"argument {flag}: {message}" if flag else message
+
+
+def at_least(name: str, value, low: int, what: str = "") -> None:
+    """CLIError unless ``value`` (of option ``name``) is None or an int >= ``low``."""
+    if value is not None and value < low:
+        raise CLIError(f"argument {name}: must be an int >= {low}{what}, got {value}")
+
+
+def check_seed(value: int, name: str = "--seed") -> None:
+    if not 0 <= value < 2**63:
+        raise CLIError(f"argument {name}: must be an int in [0, 2**63), got {value}")
+
+
+def check_device(name: str | None) -> str:
+    """The device to run on: ``name`` checked (CUDA present for ``cuda``, ...), or cuda when
+    available else cpu."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"argument --device: {name!r} is not a device (cpu, cuda, cuda:1, "
+                       f"mps, ...)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else \
+                f"built for CUDA {torch.version.cuda}, but no GPU is visible"
+            raise CLIError(f"argument --device: {name!r} needs CUDA, which this machine's torch "
+                           f"{torch.__version__} ({build}) does not have; use --device cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise CLIError(f"argument --device: {name!r}: this machine has {n} CUDA device(s), "
+                           f"cuda:0 to cuda:{n - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"argument --device: {name!r}: MPS is not available here; use --device "
+                       f"cpu")
+    elif dev.type == "meta":
+        raise CLIError("argument --device: 'meta' holds no data; use cpu or cuda")
+    return name
+
+
+def missing_modules(*names: str) -> list[str]:
+    """Those of the top-level modules ``names`` that cannot be imported (not installed)."""
+    out = []
+    for name in names:
+        if name in sys.modules:
+            if sys.modules[name] is None:  # an import of it is blocked
+                out.append(name)
+        elif importlib.util.find_spec(name) is None:
+            out.append(name)
+    return out
 
 
 # --- generate ---------------------------------------------------------------------------------
@@ -90,7 +237,8 @@ def add_generate_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true",
                    help="wrap PROMPT as a user message with the tokenizer's chat template")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (completion, tokens, statistics) at the end")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "flash_attn"),
@@ -107,28 +255,44 @@ def generate_command(args: argparse.Namespace) -> int:
 
     from . import models
 
+    # every argument first: loading the models takes minutes on a first run
+    cfg = decode_config(method=args.method, rule=args.rule, alpha=args.alpha, gamma=args.gamma,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        bonus=args.bonus, draft_confidence=args.draft_confidence)
+    at_least("--max-new-tokens", args.max_new_tokens, 1)
+    at_least("--early-exit", args.early_exit, 1, " (verifier layers)")
+    check_seed(args.seed)
+    device = check_device(args.device)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not prompt:
+        raise CLIError("argument prompt: the prompt is empty" + (
+            " (nothing on standard input)" if args.prompt == "-" else ""))
+
     load = dict(dtype=getattr(torch, args.dtype), device=device, progress=not args.quiet)
     drafter, verifier, tokenizer = _load(args, models, load)
+    if tokenizer is None:
+        raise CLIError(f"{args.verifier if verifier is not None else args.drafter}: the model "
+                       f"folder has no tokenizer files (tokenizer.json, tokenizer_config.json)")
     text = _apply_chat(tokenizer, prompt) if args.chat else prompt
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=not args.chat)
+    if enc["input_ids"].numel() == 0:
+        raise CLIError(f"argument prompt: {prompt!r} has no tokens")
     out = generate(
         drafter, verifier, enc["input_ids"].to(device),
-        attention_mask=enc.get("attention_mask"), method=args.method, rule=args.rule,
-        alpha=args.alpha, gamma=args.gamma, bonus=args.bonus, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
+        attention_mask=enc.get("attention_mask"), method=cfg.method, rule=cfg.rule,
+        alpha=cfg.alpha, gamma=cfg.gamma, bonus=cfg.bonus, temperature=cfg.temperature,
+        top_k=cfg.top_k, top_p=cfg.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
         attention=None if args.attention == "sdpa" else args.attention,
-        draft_confidence=args.draft_confidence)
-    completion = tokenizer.decode(out.new_tokens[0], skip_special_tokens=True)
+        draft_confidence=cfg.draft_confidence)
     if args.json:
+        completion = tokenizer.decode(out.new_tokens[0], skip_special_tokens=True)
         print(json.dumps({"completion": completion, "new_tokens": out.new_tokens[0],
                           "stats": out.stats}, ensure_ascii=False))
-    else:
-        from .stats import format_line
+        return 0
+    from .stats import format_line
 
-        print(completion)
-        print(format_line(out.stats))
+    print(tokenizer.decode(out.new_tokens[0], skip_special_tokens=True), flush=True)
+    print(format_line(out.stats), file=sys.stderr)
     return 0
 
 
@@ -150,7 +314,7 @@ def _load(args, models, load):
 
 def _apply_chat(tokenizer, prompt: str) -> str:
     if not getattr(tokenizer, "chat_template", None):
-        raise SystemExit("--chat: this tokenizer has no chat template")
+        raise CLIError("argument --chat: this tokenizer has no chat template")
     return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
 

