@@ -33,7 +33,10 @@ def _log(msg: str) -> None:
 
 
 def _no_ext(why: str) -> None:
-    """The one line saying that ``_C`` is not built, why, and what is then slower."""
+    """The one line saying that ``_C`` is not built, why, and what is then slower (said once,
+    at the build: pip's metadata steps, egg_info and dist_info, run this file too)."""
+    if sys.argv[1:2] in (["egg_info"], ["dist_info"]):
+        return
     _log(f"could not build the C++ extension ({why}): installing the pure-Python package, whose "
          "verification and sampling run the pure-torch reference instead of the C++ kernels "
          "(slower)")
