@@ -1,4 +1,4 @@
-"""The two pairs of distributions every position carries (SEMANTICS §1), in float64.
+"""The two pairs of distributions every position carries (docs/semantics.md §1), in float64.
 
 * unscaled ``q1, p1`` = softmax(logits): what every deferral statistic reads;
 * scaled ``qT, pT`` = softmax(logits / T), truncated by top-k / top-p and renormalised; at T = 0 the

@@ -1,4 +1,4 @@
-"""Deferral rules and their targets (SEMANTICS §3-4): the specification in code.
+"""Deferral rules and their targets (docs/semantics.md §3-4): the specification in code.
 
 Everything here is float64 PyTorch, written for clarity; it is the oracle that every fast backend
 is tested against. One function, :func:`position_targets`, turns a position's two logit vectors
@@ -51,7 +51,7 @@ ALPHA_RANGES: dict[str, tuple[float, float, bool, bool] | None] = {
     "bild": (0.0, INF, True, False),
 }
 
-Q_FLOOR = 1e-10  # SEMANTICS §6: the q denominator of acceptance ratios is clipped here
+Q_FLOOR = 1e-10  # docs/semantics.md §6: the q denominator of acceptance ratios is clipped here
 LOSSY_STAR_BISECTION_STEPS = 50  # in s = 1/beta; 2**-50 relative, far below the 1e-6 asked for
 
 
