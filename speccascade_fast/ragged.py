@@ -2,55 +2,20 @@
 
 Request ``b`` owns ``gamma_b = cu[b+1] - cu[b]`` draft rows ``cu[b]:cu[b+1]`` of ``draft_logits``
 and ``gamma_b + 1`` target rows ``cu[b]+b : cu[b+1]+b+1`` of ``target_logits`` (its drafts and the
-bonus position), so nothing is padded and nothing is copied to pad it.
+bonus position), so nothing is padded and nothing is copied to pad it (:mod:`.layout`).
 """
 from __future__ import annotations
 
 import torch
 
 from . import backends, checks
+from .layout import check_cu, row_owners
 from .rules import check_alpha, check_rule
 from .types import VerifyOutput
 from .verify import verify
 
+# row_owners: importable from here until the engine imports it from .layout
 __all__ = ["verify_ragged", "call", "row_owners"]
-
-
-def row_owners(cu: torch.Tensor, rows: int, *, target: bool = False):
-    """For each of ``rows`` flattened rows: the request b that owns it and its index j among
-    b's rows, int64 ``[rows]`` tensors on ``cu``'s device, with no host read. Draft rows of b
-    start at ``cu[b]``; with ``target``, target rows, which have one more per request (the
-    bonus position), start at ``cu[b] + b``. Rows after the last request's (padding) count as
-    the last request's, with j past its rows."""
-    B = cu.numel() - 1
-    extra = torch.arange(B + 1, device=cu.device) if target else torch.zeros_like(cu)
-    starts = cu + extra  # starts[b]: request b's first row; starts[B]: one past the last
-    i = torch.arange(rows, device=cu.device)
-    b = torch.searchsorted(starts[1:], i, right=True).clamp(max=B - 1)
-    return b, i - starts[b]
-
-
-def _check_cu(cu: torch.Tensor, num_drafts: int, padded: bool) -> list[int]:
-    if cu.numel() < 2:
-        raise ValueError(
-            "cu_num_draft_tokens must have B + 1 >= 2 entries (cumulative draft counts starting "
-            f"at 0), got {cu.numel()}"
-        )
-    c = cu.tolist()
-    if c[0] != 0:
-        raise ValueError(f"cu_num_draft_tokens must start at 0, got {c[0]}")
-    for b in range(len(c) - 1):
-        if c[b + 1] - c[b] < 1:
-            raise ValueError(
-                "cu_num_draft_tokens must be strictly increasing: every request needs gamma >= 1 "
-                f"drafts, but request {b} has cu[{b + 1}] - cu[{b}] = {c[b + 1] - c[b]}"
-            )
-    if c[-1] > num_drafts or (c[-1] != num_drafts and not padded):
-        raise ValueError(
-            f"cu_num_draft_tokens must end at N = draft_logits.shape[0] = {num_drafts} (or, "
-            f"with max_spec_len, at most N: the rows after it are padding), got {c[-1]}"
-        )
-    return c
 
 
 def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens, *, rule,
@@ -118,7 +83,7 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
             f"draft_tokens must have shape [N] = [{N}] (one per draft_logits row), got "
             f"{tuple(draft_tokens.shape)}"
         )
-    c = _check_cu(cu, N, padded=max_spec_len is not None)
+    c = check_cu(cu, N, padded=max_spec_len is not None)
     B = len(c) - 1
     max_gamma = max(c[b + 1] - c[b] for b in range(B))
     if max_spec_len is not None:
