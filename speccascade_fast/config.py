@@ -7,7 +7,8 @@ the defaults of ``rule`` and ``alpha`` are resolved here too, so a built config 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from . import checks
 from .rules import DRAFTER_ONLY_RULES, PREFIX_RULES, check_alpha, check_rule
@@ -85,6 +86,10 @@ class DecodeConfig:
     seq_score: str = "prob"
     backend: str = "auto"
     draft_confidence: float | None = None
+    #: None, or ``logits_processor(ids [1, L], logits [1, V]) -> logits`` (Hugging Face's
+    #: ``LogitsProcessor`` signature): applied to the drafter's and the verifier's logits alike
+    #: at every position, with the sequence before that position (the sequential loops only)
+    logits_processor: Callable | None = None
 
     def __post_init__(self):
         set_ = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731 (frozen)
@@ -111,6 +116,9 @@ class DecodeConfig:
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
             raise ValueError(f"top_k must be None or an int >= 1, got {self.top_k!r}")
         set_("draft_confidence", check_draft_confidence(self.draft_confidence))
+        if self.logits_processor is not None and not callable(self.logits_processor):
+            raise ValueError(f"logits_processor must be None or a callable (ids, logits) -> "
+                             f"logits, got {type(self.logits_processor).__name__}")
         if self.draft_confidence is not None and method != "spec_cascade":
             raise ValueError(f"draft_confidence applies to method='spec_cascade' only, got "
                              f"method={method!r}")
@@ -149,9 +157,8 @@ class DecodeConfig:
 
     def settings(self) -> dict:
         """The settings a ``generate`` call reports in its statistics."""
-        d = asdict(self)
-        return {k: d[k] for k in ("method", "rule", "alpha", "gamma", "bonus", "temperature",
-                                  "draft_confidence")}
+        return {k: getattr(self, k) for k in ("method", "rule", "alpha", "gamma", "bonus",
+                                              "temperature", "draft_confidence")}
 
 
 __all__ = ["BONUS", "DEFAULT_ALPHA", "DEFAULT_MAX_DRAFTER_RUN", "DEFAULT_RULE",

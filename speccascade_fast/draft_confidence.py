@@ -35,7 +35,7 @@ def verified_layout(S: int, p_nonfinite: bool) -> Layout:
     S + 1 output tokens and deferral flags (and whether the verifier's logits were
     non-finite)."""
     extra = {"p_nonfinite": 1} if p_nonfinite else {}
-    return Layout("Verified", accepted=1, tokens=S + 1, deferred=S + 1, **extra)
+    return Layout("Verified", accepted=1, tokens=[S + 1], deferred=[S + 1], **extra)
 
 
 class DraftConfidenceBlocks:

@@ -93,8 +93,8 @@ def block_layout(gamma: int) -> Layout:
     """A fixed block's host read: the accepted count, the gamma + 1 output tokens (-1 after the
     emitted ones), the gamma drafts, the gamma + 1 deferral flags, and whether the drafter's and
     the verifier's logits were non-finite."""
-    return Layout("Block", accepted=1, tokens=gamma + 1, drafts=gamma, deferred=gamma + 1,
-                  q_nonfinite=1, p_nonfinite=1)
+    return Layout("Block", accepted=1, tokens=[gamma + 1], drafts=[gamma],
+                  deferred=[gamma + 1], q_nonfinite=1, p_nonfinite=1)
 
 
 def supports(method: str, *models, attention: str | None = None) -> bool:
@@ -188,12 +188,15 @@ class Engine:
             if given:
                 raise ValueError(f"pass the decoding settings either as config= or as keyword "
                                  f"arguments, not both (also given: {', '.join(given)})")
+        if config.logits_processor is not None:
+            raise ValueError("the Engine does not run a logits_processor; "
+                             "speccascade_fast.generate runs it on the sequential loops")
         if config.method not in METHODS:
             raise ValueError(f"method={config.method!r} does not run on the Engine; it runs "
                              f"{', '.join(METHODS)} (use speccascade_fast.generate for the rest)")
         self.cfg = config
-        drafter, verifier = model_facts.check_pair(config.method, model_facts.loaded(drafter),
-                                                   model_facts.loaded(verifier))
+        drafter, verifier = model_facts.check_pair(
+            config.method, model_facts.loaded(drafter), model_facts.loaded(verifier))
         models = [m for m in (drafter, verifier) if m is not None]
         check_backend(attention, models)
         for m in models:
@@ -251,18 +254,20 @@ class Engine:
     # --- the public call ------------------------------------------------------------------------
     def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 64, seed=0,
                  temperature=None, alpha=None, eos_token_id=None,
-                 pad_token_id: int | None = None) -> GenerateOutput:
+                 pad_token_id: int | None = None, on_tokens=None,
+                 stop_condition=None) -> GenerateOutput:
         """Decode a batch; returns :class:`~speccascade_fast.outputs.GenerateOutput`.
 
         ``input_ids`` ``[B, P]`` (left or right padded, with ``attention_mask``), ``B <=
         max_batch_size``; ``seed``: int (sequence b uses ``seed + b``) or B ints;
         ``temperature`` / ``alpha``: None (the engine's), a number, or B numbers (one per
-        sequence); ``max_new_tokens`` (an int or B ints), ``eos_token_id``, ``pad_token_id``: as
-        in :func:`speccascade_fast.generate`. Prompt + ``max_new_tokens`` must fit
-        ``max_seq_len``.
+        sequence); ``max_new_tokens`` (an int or B ints), ``eos_token_id``, ``pad_token_id``,
+        ``on_tokens``, ``stop_condition``: as in :func:`speccascade_fast.generate`. Prompt +
+        ``max_new_tokens`` must fit ``max_seq_len``.
         """
         start = time.perf_counter()
         cfg = self.cfg
+        hooks = outputs.Hooks(on_tokens, stop_condition)
         prompts, input_ids = inputs.prompts(input_ids, attention_mask)
         B = len(prompts)
         if B > self.max_batch_size:
@@ -277,7 +282,7 @@ class Engine:
                     inputs.per_sequence("temperature", temperature, cfg.temperature, B, cfg.rule,
                                         self.device),
                     inputs.per_sequence("alpha", alpha, cfg.alpha, B, cfg.rule, self.device),
-                    budgets, inputs.eos_ids(eos_token_id, self.verifier, self.drafter))
+                    budgets, inputs.eos_ids(eos_token_id, self.verifier, self.drafter), hooks)
         with torch.inference_mode():
             prefill_start = time.perf_counter()
             rows.prefill()
@@ -491,10 +496,12 @@ class Rows:
     """The unfinished sequences of one ``generate`` call (row i of every tensor and list is the
     same sequence; finished ones are dropped) and the outputs of all of them."""
 
-    def __init__(self, engine: Engine, prompts, seeds, temperature, alpha, budget, eos):
+    def __init__(self, engine: Engine, prompts, seeds, temperature, alpha, budget, eos,
+                 hooks: outputs.Hooks = outputs.NO_HOOKS):
         B, device = len(prompts), engine.device
         self.engine = engine
         self.eos = eos
+        self.hooks = hooks
         self.budget = budget
         self.prompts = prompts
         self.length = [p.numel() for p in prompts]
@@ -551,10 +558,12 @@ class Rows:
         return self.budget[seq] - len(self.new_tokens[seq])
 
     def emit(self, b: int, tokens: list[int], deferred: list[bool]) -> None:
-        """Row b emits ``tokens`` by the emit rule (up to its first EOS and its budget)."""
+        """Row b emits ``tokens`` by the emit rule (up to its first EOS, the hooks' stop and its
+        budget)."""
         self.tail[b] = (self.tail[b] + tokens)[-2:]
-        kept, done = outputs.emit(tokens, self.remaining(b), self.eos)
-        self.new_tokens[self.index[b]].extend(kept)
+        seq = self.index[b]
+        kept, done = self.hooks.emit(seq, self.new_tokens[seq], tokens, self.remaining(b),
+                                     self.eos)
         self.length[b] += len(kept)
         self.stats(b).add_emitted(kept, deferred)
         self.done[b] = self.done[b] or done

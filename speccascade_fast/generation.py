@@ -50,6 +50,9 @@ def generate(
     cuda_graphs: bool | None = None,
     attention: str | None = None,
     draft_confidence: float | None = None,
+    logits_processor=None,
+    on_tokens=None,
+    stop_condition=None,
 ) -> GenerateOutput:
     """Decode ``input_ids`` with a drafter/verifier pair.
 
@@ -108,6 +111,17 @@ def generate(
             token instead of a draft uses another random stream). Each drafter step is then
             followed by a host read (the batched Engine's CUDA graphs: one per drafter step
             and one for the verification).
+        logits_processor: None or ``logits_processor(ids [1, L], logits [1, V]) -> logits``
+            (Hugging Face's ``LogitsProcessor`` signature, e.g. a ``LogitsProcessorList``):
+            applied to the drafter's and the verifier's logits alike at every position, with
+            the sequence before it, so the emitted law is the processed verifier's. Decodes on
+            the sequential loops (one sequence at a time).
+        on_tokens: None or ``on_tokens(b, tokens)``, called each time sequence b emits tokens
+            (after every verification block or step, in order: exactly the tokens its output
+            gains), e.g. to stream them.
+        stop_condition: None or ``stop_condition(b, new_tokens) -> bool``, asked after every
+            emitted token with all of sequence b's new tokens so far: True ends the sequence at
+            that token, as an EOS would (HF's stopping criteria, stop strings).
 
     Returns:
         :class:`GenerateOutput` ``(sequences, stats, new_tokens)``. ``stats`` sums over the
@@ -122,10 +136,11 @@ def generate(
         >>> tok.decode(out.sequences[0]), out.stats["tokens_per_verifier_call"]
     """
     start = time.perf_counter()
+    hooks = outputs.Hooks(on_tokens, stop_condition)
     cfg = DecodeConfig(method=method, rule=rule, alpha=alpha, gamma=gamma,
                        temperature=temperature, top_k=top_k, top_p=top_p, bonus=bonus,
                        max_drafter_run=max_drafter_run, seq_score=seq_score, backend=backend,
-                       draft_confidence=draft_confidence)
+                       draft_confidence=draft_confidence, logits_processor=logits_processor)
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r} is not known; choose one of {', '.join(ENGINES)}")
     drafter, verifier = model_facts.check_pair(method, model_facts.loaded(drafter),
@@ -140,13 +155,18 @@ def generate(
     device = model_facts.device(main)
 
     if engine != "sequential":
-        if batched.supports(method, drafter, verifier, attention=attention):
+        if cfg.logits_processor is not None:
+            if engine == "static":
+                raise ValueError("engine='static' cannot run a logits_processor (it runs on the "
+                                 "sequential loops); use engine='auto' or 'sequential'")
+        elif batched.supports(method, drafter, verifier, attention=attention):
             longest = max(p.numel() for p in prompts)
             eng = batched.Engine(drafter, verifier, config=cfg, max_batch_size=len(prompts),
                                  max_seq_len=longest + budget, cuda_graphs=cuda_graphs,
                                  attention=attention)
             out = eng.generate(input_ids, attention_mask, max_new_tokens=budget, seed=seeds,
-                               eos_token_id=sorted(eos), pad_token_id=pad)
+                               eos_token_id=sorted(eos), pad_token_id=pad, on_tokens=on_tokens,
+                               stop_condition=stop_condition)
             out.stats["wall_s"] = time.perf_counter() - start
             out.stats["tokens_per_s"] = out.stats["tokens"] / out.stats["wall_s"]
             return out
@@ -161,7 +181,7 @@ def generate(
                              f"method={method!r} with engine={engine!r} on these models")
 
     new_tokens, decoder_outputs, counters = sequential.run(cfg, drafter, verifier, prompts, seeds,
-                                                           budget, eos, device)
+                                                           budget, eos, device, hooks)
     sequences = outputs.sequences(input_ids.to(device), new_tokens, pad, decoder_outputs)
     return GenerateOutput(sequences, outputs.final_stats(counters, cfg.settings(), start),
                           new_tokens)

@@ -15,6 +15,10 @@ model's own key states), and reused by every later call and ``generate``. Their 
 ``[rows, kv_heads, slots, head_dim]`` (the one HF's attention functions take), or heads-last,
 ``[rows, slots, kv_heads, head_dim]``, for flash-attn's kernel; ``update`` returns HF's
 ``[rows, kv_heads, kv_len, head_dim]`` either way (for heads-last buffers, a transposed view).
+
+:class:`SlotModel` is one model of the batched Engine with its cache: every forward call binds the
+slots, builds the attention mask and runs the model (``torch.compile``d for one-token steps when
+asked), device work only, so it can run inside a CUDA graph.
 """
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ HF-style ``sequences`` tensor and the final statistics."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -24,16 +25,50 @@ class GenerateOutput:
     new_tokens: list[list[int]] = field(default_factory=list)
 
 
-def emit(tokens: list[int], remaining: int, eos) -> tuple[list[int], bool]:
+@dataclass(frozen=True)
+class Hooks:
+    """Callbacks of one ``generate`` call, called by both decoding loops.
+
+    ``on_tokens(b, tokens)``: sequence b emitted ``tokens`` (after each verification block or
+    step, in order: exactly the tokens its output gains). ``stop(b, new_tokens) -> bool``: asked
+    after each emitted token with all of sequence b's new tokens so far; True ends the sequence
+    at that token (as an EOS would)."""
+
+    on_tokens: Callable[[int, list[int]], None] | None = None
+    stop: Callable[[int, list[int]], bool] | None = None
+
+    def __post_init__(self):
+        for name in ("on_tokens", "stop"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise ValueError(f"{name} must be None or a callable, got {type(value).__name__}")
+
+    def emit(self, b: int, new_tokens: list[int], tokens: list[int], remaining: int,
+             eos) -> tuple[list[int], bool]:
+        """Sequence b, whose new tokens so far are ``new_tokens``, emits ``tokens`` by the emit
+        rule; ``new_tokens`` is extended in place and ``on_tokens`` told. Returns ``(kept,
+        done)``."""
+        stop = None if self.stop is None else (lambda kept: self.stop(b, [*new_tokens, *kept]))
+        kept, done = emit(tokens, remaining, eos, stop)
+        new_tokens.extend(kept)
+        if kept and self.on_tokens is not None:
+            self.on_tokens(b, kept)
+        return kept, done
+
+
+NO_HOOKS = Hooks()
+
+
+def emit(tokens: list[int], remaining: int, eos, stop=None) -> tuple[list[int], bool]:
     """The emit rule: of ``tokens``, a sequence with ``remaining`` tokens of budget keeps those up
-    to its first EOS id (included) and its budget. Returns ``(kept, done)``."""
-    kept, done = [], False
+    to its first EOS id (included), the first token after which ``stop(kept)`` is True, and its
+    budget. Returns ``(kept, done)``."""
+    kept = []
     for x in tokens[:remaining]:
         kept.append(x)
-        if x in eos:
-            done = True
-            break
-    return kept, done or remaining - len(kept) <= 0
+        if x in eos or (stop is not None and stop(kept)):
+            return kept, True
+    return kept, remaining - len(kept) <= 0
 
 
 def bonus_keepable(drafts: list[int], remaining: int, eos) -> bool:

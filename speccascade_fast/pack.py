@@ -6,7 +6,7 @@ names the fields and their widths; the device side packs and slices by name, the
 unpacks each row into a named tuple. No caller indexes a packed tensor by position.
 
 Example:
-    >>> BLOCK = Layout("Block", accepted=1, tokens=3)
+    >>> BLOCK = Layout("Block", accepted=1, tokens=[3])
     >>> packed = BLOCK.pack(accepted=torch.tensor([2]), tokens=torch.tensor([[4, 5, 6]]))
     >>> BLOCK.unpack(packed)[0]
     Block(accepted=2, tokens=[4, 5, 6])
@@ -19,17 +19,20 @@ import torch
 
 
 class Layout:
-    """Fields ``name=width`` in order. A width-1 field packs from ``[B]`` (or ``[B, 1]``) and
-    unpacks to an int; a wider one packs from ``[B, width]`` and unpacks to a list of ints."""
+    """Fields in order: ``name=1`` a scalar, packed from ``[B]`` and unpacked to an int;
+    ``name=[w]`` a vector, packed from ``[B, w]`` and unpacked to a list of w ints (w >= 1)."""
 
-    def __init__(self, name: str, **widths: int):
-        self.widths = widths
+    def __init__(self, name: str, **fields: int | list[int]):
+        self.vector = {f: isinstance(w, list) for f, w in fields.items()}
+        self.widths = {f: (w[0] if isinstance(w, list) else w) for f, w in fields.items()}
+        if any(w != 1 for f, w in self.widths.items() if not self.vector[f]):
+            raise ValueError("a scalar field has width 1; write a vector field as name=[width]")
         self.slices, start = {}, 0
-        for field, w in widths.items():
+        for field, w in self.widths.items():
             self.slices[field] = slice(start, start + w)
             start += w
         self.width = start
-        self.row = namedtuple(name, list(widths))
+        self.row = namedtuple(name, list(fields))
 
     def pack(self, **values: torch.Tensor) -> torch.Tensor:
         """int64 ``[B, width]`` from every field's tensor (on the device; no host read)."""
@@ -44,9 +47,9 @@ class Layout:
         return torch.cat(cols, dim=1)
 
     def get(self, packed: torch.Tensor, field: str) -> torch.Tensor:
-        """Field ``field`` of a packed tensor, on the device: ``[B]`` (width 1) or ``[B, w]``."""
+        """Field ``field`` of a packed tensor, on the device: ``[B]`` (scalar) or ``[B, w]``."""
         s = self.slices[field]
-        return packed[:, s.start] if self.widths[field] == 1 else packed[:, s]
+        return packed[:, s] if self.vector[field] else packed[:, s.start]
 
     def unpack(self, packed: torch.Tensor, rows: int | None = None) -> list:
         """The first ``rows`` rows (default all) as named tuples: one device-to-host read."""
@@ -56,7 +59,7 @@ class Layout:
         return [self._row(r) for r in host]
 
     def _row(self, r: list[int]):
-        return self.row(*(r[s.start] if self.widths[f] == 1 else r[s]
+        return self.row(*(r[s] if self.vector[f] else r[s.start]
                           for f, s in self.slices.items()))
 
 

@@ -55,11 +55,14 @@ class _CachedModel:
 
     ``logits(ids, n)`` feeds the tokens of ``ids`` [1, L] the cache has not seen and returns the
     logits of the last ``n`` positions, ``[1, n, V]`` float32 (row i is the distribution of the
-    token at position ``L - n + 1 + i``). ``rollback(length)`` crops the cache to ``length``.
+    token at position ``L - n + 1 + i``), each row passed through ``processor`` (the config's
+    ``logits_processor``) with the tokens before its position. ``rollback(length)`` crops the
+    cache to ``length``.
     """
 
-    def __init__(self, model, encoder_ids: torch.Tensor | None = None):
+    def __init__(self, model, encoder_ids: torch.Tensor | None = None, processor=None):
         self.model = model
+        self.processor = processor
         self.calls = 0
         self.encdec = model_facts.is_encoder_decoder(model)
         if self.encdec:
@@ -95,7 +98,12 @@ class _CachedModel:
         else:
             out = self.model(input_ids=new, **kwargs)
         self.calls += 1
-        return out.logits[:, -n:].float()
+        logits = out.logits[:, -n:].float()
+        if self.processor is None:
+            return logits
+        first = ids.shape[1] - n + 1  # the position row 0 predicts
+        return torch.stack([self.processor(ids[:, : first + i], logits[:, i]).float()
+                            for i in range(n)], dim=1)
 
     def next_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """q or p at position ``len(ids)``: ``[1, V]``."""
@@ -116,6 +124,8 @@ class _Sequence:
     seed: int
     budget: int
     eos: frozenset[int]
+    index: int = 0  # the sequence's index in the batch (what the hooks are told)
+    hooks: outputs.Hooks = outputs.NO_HOOKS
     stats: Counters = field(default_factory=Counters)
     new: list[int] = field(default_factory=list)
     done: bool = False
@@ -129,11 +139,10 @@ class _Sequence:
         return self.budget - len(self.new)
 
     def emit(self, tokens: list[int], deferred: list[bool]) -> int:
-        """Append ``tokens`` by the emit rule (up to the first EOS and the budget); returns how
-        many were kept."""
-        kept, done = outputs.emit(tokens, self.remaining, self.eos)
+        """Append ``tokens`` by the emit rule (up to the first EOS, the hooks' stop and the
+        budget); returns how many were kept."""
+        kept, done = self.hooks.emit(self.index, self.new, tokens, self.remaining, self.eos)
         if kept:
-            self.new.extend(kept)
             self.ids = torch.cat([self.ids, self.ids.new_tensor([kept])], dim=1)
         self.done = self.done or done
         self.stats.add_emitted(kept, deferred)
@@ -274,7 +283,8 @@ def _rewrite_seed(seed: int) -> int:
     return int(rng.mix64(torch.tensor([seed ^ _REWRITE_SALT], dtype=torch.int64))[0])
 
 
-def _decode(drafter, verifier, prompt, seed, max_new_tokens, eos, cfg, encdec) -> _Sequence:
+def _decode(drafter, verifier, prompt, seed, max_new_tokens, eos, cfg, encdec, index,
+            hooks) -> _Sequence:
     """Decode one prompt (1-D, unpadded) with the method of ``cfg``."""
     if encdec:
         start_id = model_facts.decoder_start_id(verifier if verifier is not None else drafter)
@@ -282,10 +292,11 @@ def _decode(drafter, verifier, prompt, seed, max_new_tokens, eos, cfg, encdec) -
         enc = prompt[None]
     else:
         ids, enc = prompt[None], None
-    seq = _Sequence(ids, seed, max_new_tokens, eos)
+    seq = _Sequence(ids, seed, max_new_tokens, eos, index, hooks)
     seq.stats.sequences = 1
-    q = _CachedModel(drafter, enc) if drafter is not None else None
-    p = _CachedModel(verifier, enc) if verifier is not None else None
+    proc = cfg.logits_processor
+    q = _CachedModel(drafter, enc, proc) if drafter is not None else None
+    p = _CachedModel(verifier, enc, proc) if verifier is not None else None
     if cfg.method == "autoregressive":
         autoregressive(p, seq, cfg, deferred=True)
     elif cfg.method == "drafter_only":
@@ -299,16 +310,16 @@ def _decode(drafter, verifier, prompt, seed, max_new_tokens, eos, cfg, encdec) -
 
 
 def run(cfg: DecodeConfig, drafter, verifier, prompts: list[torch.Tensor], seeds: list[int],
-        max_new_tokens: int, eos: frozenset[int], device):
+        max_new_tokens: int, eos: frozenset[int], device, hooks: outputs.Hooks = outputs.NO_HOOKS):
     """Decode each prompt (1-D, unpadded) on its own. Returns ``(new_tokens, decoder_outputs,
     counters)``: per sequence its new tokens, its decoder sequence (encoder-decoder models;
     else None) and its :class:`~speccascade_fast.stats.Counters`."""
     encdec = model_facts.is_encoder_decoder(verifier if verifier is not None else drafter)
     new_tokens, outputs, counters = [], [], []
     with torch.inference_mode():
-        for prompt, s in zip(prompts, seeds):
+        for b, (prompt, s) in enumerate(zip(prompts, seeds)):
             seq = _decode(drafter, verifier, prompt.to(device), s, max_new_tokens, eos, cfg,
-                          encdec)
+                          encdec, b, hooks)
             new_tokens.append(seq.new)
             outputs.append(seq.ids[0])
             counters.append(seq.stats)

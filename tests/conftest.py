@@ -81,3 +81,15 @@ def pair():
     from .helpers import tiny_pair
 
     return tiny_pair()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct in fp32 (the verifier), its first 4 layers with the same final norm
+    and head (an early-exit drafter), and its tokenizer: ``(drafter, verifier, tokenizer)``."""
+    import torch
+
+    from speccascade_fast import models
+
+    verifier, tok = models.load_model(models.SMOLLM2, dtype=torch.float32, progress=False)
+    return models.early_exit_drafter(verifier, 4), verifier, tok

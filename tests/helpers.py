@@ -179,17 +179,11 @@ def noisy_drafter(verifier, seed: int, noise: float):
 
 
 def capture(run):
-    """``run()`` captured once in a CUDA graph, after a warm-up on a side stream (as
-    torch.cuda.graphs recommends): ``(graph, the captured call's static output)``."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
-    return graph, out
+    """``run()`` captured once in a CUDA graph by the engine's own helper
+    (:func:`speccascade_fast.graphs.capture`): ``(graph, the captured call's static output)``."""
+    from speccascade_fast.graphs import capture as engine_capture
+
+    return engine_capture(run)
 
 
 def graph_replay_check(run, q, x, p, args, new_inputs, reference_verify, **compare):

@@ -173,7 +173,7 @@ def test_block_bodies_with_the_triton_sampler(pair, monkeypatch, cut):
     """What a GPU runs in every drafter step at T > 0: the Triton sampler (under the interpreter)
     inside the fixed-shape bodies, with no host read, gives the tokens the eager engine draws with
     the C++ sampler (per-sequence T with a greedy row, top-k; fixed and cut blocks)."""
-    import speccascade_fast.static_engine as se
+    import speccascade_fast.engine as se
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     ids, mask = left_padded(PROMPTS)
@@ -301,7 +301,7 @@ def test_cut_blocks_issue_no_device_work_between_drafter_steps(pair):
             ops.on = True
 
     engine = _fixed_shapes(Engine(*pair, **kw), replay)
-    inner = engine._adaptive_block
+    inner = engine._draft_confidence
 
     def logged(*args):
         ops.on = True
@@ -310,7 +310,7 @@ def test_cut_blocks_issue_no_device_work_between_drafter_steps(pair):
         finally:
             ops.on = False
 
-    engine._adaptive_block = logged
+    engine._draft_confidence = logged
     with ops:
         engine.generate(ids, attention_mask=mask, seed=[3, 4, 5], max_new_tokens=[5, 17, 24],
                         eos_token_id=[])

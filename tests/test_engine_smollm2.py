@@ -6,19 +6,11 @@ token. (fp32 keeps the verify-vs-decode GEMM differences, M = gamma+1 rows again
 below the logit gaps of these prompts; in bf16 a near-tie could flip a token: see the README.)
 """
 import pytest
-import torch
 
-from speccascade_fast import generate, models
+from speccascade_fast import generate
 
 PROMPTS = ["The capital of France is", "def add(a, b):\n    return"]
 NEW = 12
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    verifier, tok = models.load_model(models.SMOLLM2, dtype=torch.float32, progress=False)
-    drafter = models.early_exit_drafter(verifier, 4)
-    return drafter, verifier, tok
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
 """The evaluation harness (speccascade_fast.eval): end to end on tiny random models, resume,
-the Table-2 interpolation, the HumanEval sandbox, GSM8K extraction and BLEU. CPU, seconds."""
+argument checks, the output-folder lock, the Table-2 interpolation, GSM8K extraction and BLEU.
+CPU, seconds. The HumanEval sandbox has its own module, tests/test_sandbox.py."""
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import time
 import warnings
 
 import pytest
@@ -21,9 +21,9 @@ from speccascade_fast.eval import (
     make_configs,
     run_eval,
     summarize,
+    write_summary,
 )
 from speccascade_fast.eval.cli import add_eval_subcommand, build_configs, main, parse_alphas
-from speccascade_fast.eval.sandbox import run_python
 from speccascade_fast.eval.summary import sign_test_p, to_markdown, upper_concave_hull
 from speccascade_fast.eval.tasks import data_root, get_task, truncate_at_stop
 from speccascade_fast.eval.tasks.gsm8k import (
@@ -32,11 +32,11 @@ from speccascade_fast.eval.tasks.gsm8k import (
     normalise_number,
     reference_answer,
 )
-from speccascade_fast.eval.tasks.humaneval import check_program, extract_code, read_problems
+from speccascade_fast.eval.tasks.humaneval import extract_code
 from speccascade_fast.eval.tasks.wmt14 import corpus_bleu_with_se
 
 try:  # the real engine when it is there; the harness only needs its signature
-    from speccascade_fast.engine import generate as ENGINE_GENERATE
+    from speccascade_fast import generate as ENGINE_GENERATE
 except ImportError:  # pragma: no cover - only while the engine is missing
     ENGINE_GENERATE = None
 
@@ -268,6 +268,121 @@ def test_seq_score_reaches_generate_and_is_a_resume_setting(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# argument checks before any write, the output-folder lock, summaries of missing folders
+
+
+def _toy_run(tmp_path, **kw):
+    args = dict(drafter=object(), verifier=object(), tokenizer=byte_tokenizer(), limit=2, seed=0,
+                out_dir=tmp_path / "out", gamma=2, temperature=1.0, max_new_tokens=3,
+                progress=False, chat=False, generate_fn=fake_generate, warmup=False, plots=False)
+    args.update(kw)
+    return run_eval(ToyTask(), ["autoregressive", "spec_cascade:token_v3:0.1"], **args)
+
+
+@pytest.mark.parametrize("kw, name", [
+    ({"limit": 0}, "limit"), ({"limit": -1}, "limit"), ({"limit": 1.5}, "limit"),
+    ({"limit": True}, "limit"), ({"seed": "0"}, "seed"), ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"gamma": 0}, "gamma"), ({"temperature": -1.0}, "temperature"), ({"top_k": 0}, "top_k"),
+    ({"top_p": 1.5}, "top_p"), ({"bonus": "both"}, "bonus"), ({"seq_score": "x"}, "seq_score"),
+    ({"chat": "yes"}, "chat"), ({"eos_token_id": -1}, "eos_token_id"),
+    ({"table2_tol": -0.1}, "table2_tol"), ({"table2_envelope": "hull"}, "table2_envelope"),
+    ({"task_kwargs": [1]}, "task_kwargs"), ({"unsafe_local_exec": "yes"}, "unsafe_local_exec"),
+])
+def test_run_eval_checks_every_argument_before_writing(tmp_path, kw, name):
+    """A bad argument is a ValueError naming it, and nothing is written: the corrected command
+    then runs (a run.json written first would pin the bad settings and refuse it)."""
+    with pytest.raises(ValueError, match=name):
+        _toy_run(tmp_path, **kw)
+    assert not (tmp_path / "out").exists()
+    assert _toy_run(tmp_path)["n_examples"] == 2
+
+
+def test_run_eval_limit_is_honoured(tmp_path):
+    assert _toy_run(tmp_path, limit=1)["n_examples"] == 1
+    rows = load_rows(tmp_path / "out" / "rows.jsonl")
+    assert {r["example_id"] for r in rows} == {"toy-0"}
+
+
+def test_output_folder_is_locked_while_written(tmp_path):
+    from speccascade_fast.eval import harness
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with harness._FolderLock(out):  # another writer (a second open file: flock conflicts)
+        with pytest.raises(harness.OutputLockedError, match=r"pid \d+ on .*lock file") as e:
+            _toy_run(tmp_path)
+        assert isinstance(e.value, OSError) and str(out) in str(e.value)
+        assert not (out / "run.json").exists()
+        with pytest.raises(harness.OutputLockedError):
+            harness.write_summary(out, ToyTask(), rows=[], plots=False)
+    _toy_run(tmp_path)  # released: the run goes ahead
+    assert (out / ".lock").read_text() == ""  # and releases it in turn
+    # a lock held by another process names that process
+    import subprocess
+    import sys
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from speccascade_fast.eval import harness; "
+         "from pathlib import Path; l = harness._FolderLock(Path(sys.argv[1])).__enter__(); "
+         "print('locked', flush=True); time.sleep(60)", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(harness.OutputLockedError, match=f"pid {holder.pid} on "):
+            _toy_run(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    _toy_run(tmp_path)  # the holder died: its lock went with it
+
+
+def test_summary_of_a_missing_folder_fails_without_creating_it(tmp_path, capsys):
+    from speccascade_fast.cli import main as speccascade
+
+    missing = tmp_path / "nope"
+    for cli in (main, lambda argv: speccascade(["eval", *argv])):
+        assert cli(["--task", "gsm8k", "--out", str(missing), "--summary-only",
+                    "--no-plots"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "no such output folder" in err, err
+        assert not missing.exists()
+    (tmp_path / "empty").mkdir()
+    assert main(["--task", "gsm8k", "--out", str(tmp_path / "empty"), "--summary-only",
+                 "--no-plots"]) == 2
+    assert "rows.jsonl not found" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="no such output folder"):
+        write_summary(missing, "gsm8k", plots=False)
+    assert not missing.exists()
+
+
+def test_humaneval_without_bwrap_is_refused_or_marked_unsandboxed(tmp_path, monkeypatch):
+    """No bubblewrap: refused before anything is written, unless unsafe_local_exec; then every
+    summary says the run was unsandboxed."""
+    from speccascade_fast.eval import sandbox
+
+    monkeypatch.setattr(sandbox, "_PROBE", {"": (None, "bubblewrap (bwrap) is not installed")})
+    tok = byte_tokenizer()
+
+    def answer(drafter, verifier, input_ids, *, max_new_tokens=8, **kw):
+        new = torch.tensor([tok.encode("    return []\n") + [tok.eos_token_id]])
+        return argparse.Namespace(sequences=torch.cat([input_ids.cpu(), new], 1),
+                                  stats={"tokens": new.shape[1]}, new_tokens=[new[0].tolist()])
+
+    args = dict(drafter=None, verifier=object(), tokenizer=tok, limit=1, seed=0,
+                out_dir=tmp_path / "he", progress=False, chat=False, generate_fn=answer,
+                warmup=False, plots=False, max_new_tokens=4)
+    with pytest.raises(sandbox.SandboxUnavailableError, match="--unsafe-local-exec"):
+        run_eval("humaneval", ["autoregressive"], **args)
+    assert not (tmp_path / "he").exists()
+    s = run_eval("humaneval", ["autoregressive"], unsafe_local_exec=True, **args)
+    assert s["sandbox"] == {"rows": 1, "unsandboxed_rows": 1, "mode": "unsafe-local"}
+    assert (tmp_path / "he" / "summary.md").read_text().startswith("> **UNSANDBOXED**")
+    row = load_rows(tmp_path / "he" / "rows.jsonl")[0]
+    assert row["scoring"]["sandbox"] == "unsafe-local" and row["scoring"]["status"] == "failed"
+    assert json.loads((tmp_path / "he" / "summary.json").read_text())["sandbox"]["mode"] == (
+        "unsafe-local")
+
+
+# ---------------------------------------------------------------------------------------------
 # Table 2: interpolation on synthetic curves with known answers
 
 
@@ -367,55 +482,7 @@ def test_paired_comparison_with_the_verifier():
 
 
 # ---------------------------------------------------------------------------------------------
-# the HumanEval sandbox
-
-
-@pytest.mark.parametrize("source", [
-    "while True:\n    pass\n",
-    "import time\nwhile True:\n    time.sleep(0.1)\n",
-    "import socket\ns = socket.socket()\ns.connect(('127.0.0.1', 9))\n",
-    "import urllib.request\nurllib.request.urlopen('http://example.com', timeout=1)\n",
-    "x = bytearray(64 * 2**30)\n",
-    "x = [0] * (2**33)\n",
-    "import sys\nsys.exit(0)\n",
-    "import os\nos._exit(0)\n",
-    "import subprocess\nsubprocess.run(['true'])\n",
-    "open('/tmp/speccascade_sandbox_escape.txt', 'w').write('x')\n",
-], ids=["busy-loop", "sleep-loop", "socket", "urllib", "bytearray", "list", "exit0", "os_exit",
-        "subprocess", "write-outside"])
-def test_sandbox_stops_bad_programs(source):
-    t0 = time.perf_counter()
-    r = run_python(source, timeout_s=2.0, memory_mb=512)
-    assert not r.passed
-    assert r.status in ("failed", "timeout", "killed")
-    assert time.perf_counter() - t0 < 10
-
-
-def test_sandbox_reports_errors_and_output():
-    ok = run_python("print('hello')\n", timeout_s=5)
-    assert ok.passed and ok.stdout == "hello\n" and ok.returncode == 0
-    bad = run_python("assert 1 == 2\n", timeout_s=5)
-    assert bad.status == "failed" and "AssertionError" in bad.stderr
-    net = run_python("import socket\nsocket.create_connection(('example.com', 80))\n")
-    assert net.status == "failed" and "sandbox: socket" in net.stderr
-    loop = run_python("while True:\n    pass\n", timeout_s=1.0)
-    assert loop.status == "timeout" and loop.wall_s < 5
-
-
-def test_humaneval_canonical_solution_passes_and_wrong_fails():
-    problem = read_problems()["HumanEval/0"]
-    good = run_python(check_program(problem, problem["canonical_solution"]), timeout_s=10)
-    assert good.passed, good.stderr
-    task = get_task("humaneval", timeout_s=10)
-    ex = task.examples(1)[0]
-    assert ex.id == "HumanEval/0" and task.build_prompt(ex) == problem["prompt"]
-    scored = task.score(ex, task.postprocess(ex, problem["canonical_solution"] + "\ndef junk():"))
-    assert scored["score"] == 1.0 and scored["status"] == "passed"
-    assert task.score(ex, "    return True\n")["score"] == 0.0
-    # chat mode: the fenced block is appended after the prompt and replaces the stub
-    full = problem["prompt"] + problem["canonical_solution"]
-    pred = task.postprocess(ex, f"Sure!\n```python\n{full}```\nDone.", chat=True)
-    assert task.score(ex, pred)["score"] == 1.0
+# HumanEval (its sandbox, with the escape attempts: tests/test_sandbox.py)
 
 
 def test_extract_code():

@@ -337,7 +337,7 @@ CONFIGS = {
                        dict(rule="token_v3", temperature=1.0, draft_confidence=None)),
 }
 #: ``run``'s default ``draft_confidence`` (picked from 0.5-0.8 in an exploratory run on three
-#: HumanEval prompts with the default pair; README, run I)
+#: HumanEval prompts with the default pair; CHANGELOG.md)
 DEFAULT_DRAFT_CONFIDENCE = 0.6
 #: the name suffix of HF assisted generation with HF's own defaults (``hf_defaults``)
 HF_DEFAULTS_SUFFIX = " (HF defaults)"
@@ -577,7 +577,8 @@ def summarize(result: dict) -> list[dict]:
                 d["iid_tokens_per_block"] = _round(iid_tokens_per_block(r.acceptance_rate,
                                                                         gamma))
                 if base is not None:
-                    d["efficiency"] = _round(d["vs_ours_verifier"] / pred)
+                    # from the unrounded speed-up (the rounded one can move the 3rd decimal)
+                    d["efficiency"] = _round(r.tokens_per_s / base.tokens_per_s / pred)
             if base is not None:
                 times = _loop_times(r, base)
                 if times is not None:
@@ -596,7 +597,7 @@ def drafter_steps(row: Row, gamma: int) -> tuple[float, bool]:
     ``steps`` plus one if ``bonus``. Measured (the mean, ``bonus`` False) where the row recorded
     its drafter calls: blocks cut by draft confidence vary, and the eager engine runs the bonus
     drafter step only in blocks that accept every draft. Rows of runs that did not record them
-    (before 2026-11-24's run J) ran ``gamma`` steps, plus the bonus step under rules other than
+    (older result files) ran ``gamma`` steps, plus the bonus step under rules other than
     ``spec``, in every block; their cut rows take the hooks' call counts."""
     if row.extra.get("drafter_calls"):
         return row.extra["drafter_calls"] / row.verifier_calls, False

@@ -1,6 +1,6 @@
 """How much of a block is engine overhead: random-weight models of the default pair's shapes.
 
-For a GPU session, where the real weights cannot be brought (and for a quick look on CPU):
+On a GPU machine, where the real weights cannot be brought (and for a quick look on CPU):
 Qwen2.5-Coder 0.5B (drafter) and 1.5B (verifier) configurations with random weights, the
 :class:`speccascade_fast.Engine` decoding lossless ``spec`` greedily, or with ``--temperature``
 at T > 0 (``cuda_graphs`` at its default: on for CUDA). Per block it reports
@@ -11,7 +11,7 @@ at T > 0 (``cuda_graphs`` at its default: on for CUDA). Per block it reports
   (gamma + 1)-token verifier call at the run's middle context, the way the engine runs them:
   replayed as one CUDA graph when the engine uses graphs, eagerly otherwise);
 * the non-model share ``1 - model / block``: sampling, verification, masks, the host read and
-  Python (issue 6 asks for <= 10 % on an H100).
+  Python.
 
 Random models disagree, so about one token is emitted per block: acceptance is not meaningful
 here, only the time per block and per token.
@@ -22,7 +22,7 @@ tokens (but where the budget ends them) and run the same model forwards, but as 
 (a host read after each drafter step; with graphs a graph per step and one for the
 verification): the difference is what the cut costs.
 
-    python -m speccascade_fast.bench.overhead --device cuda --batch 1 4 --out docs/bench_overhead
+    python -m speccascade_fast.bench.overhead --device cuda --batch 1 4 --out docs/results/<date>-<machine>-overhead
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ import torch
 
 from ..config import check_draft_confidence
 from ..engine import Engine
+from ..graphs import capture
 
 #: the default pair's shapes (the converted GGUF configurations)
 QWEN_CODER = {
@@ -85,11 +86,7 @@ def _model_block_seconds(engine: Engine, batch: int, context: int, repeats: int)
 
     run = forwards
     if engine.cuda_graphs:
-        forwards()  # warm-up, then capture the same calls
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            forwards()
-        run = graph.replay
+        run = capture(forwards)[0].replay  # warm-up, then the same calls captured
     times = []
     for _ in range(repeats):
         _sync(device)

@@ -1,4 +1,4 @@
-"""Evaluation harness: quality versus cost for every decoding method (SEMANTICS §7).
+"""Evaluation harness: quality versus cost for every decoding method (docs/semantics.md §7).
 
 * :func:`run_eval` runs configurations (:class:`EvalConfig`: method, rule, α) on a task's
   examples, one JSONL row per (configuration, example), resumable, then writes

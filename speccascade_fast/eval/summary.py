@@ -5,7 +5,7 @@ configuration being summarised, so every point is measured on the same inputs):
 
 * ``quality`` ± ``quality_se``: the task's ``aggregate`` (mean ± std/√n for pass@1 and exact
   match; corpus BLEU ± bootstrap SE over segments for WMT).
-* ``rejection_rate`` = Σ rejected / (Σ accepted + Σ rejected) (SEMANTICS §7: rejected drafts over
+* ``rejection_rate`` = Σ rejected / (Σ accepted + Σ rejected) (docs/semantics.md §7: rejected drafts over
   verified drafts); ``None`` when the method verifies no drafts (``autoregressive``).
 * ``deferral_rate`` = Σ deferred positions / Σ tokens (the engine's ``deferred`` counter);
 * ``verifier_calls_per_token`` = Σ verifier calls / Σ tokens ("deferrals per token");
