@@ -1,6 +1,6 @@
 """End-to-end decoding benchmark on the default real pair: ``speccascade bench`` as a script.
 
-    .venv/bin/python bench/e2e_decode.py --out docs/bench_e2e_cpu    # same flags as the command
+    .venv/bin/python bench/e2e_decode.py --out docs/results/<date>-<machine>-e2e   # flags as the command
 
 See :mod:`speccascade_fast.bench.e2e` for what is measured and how.
 """

@@ -1,6 +1,6 @@
-"""Markdown table of bench/bench_verify.py (CPU) or bench/bench_verify_gpu.py results, for the README
-(and of bench/bench_sample_gpu.py's drafter sampler and top-p keep bounds, when the JSON holds
-them).
+"""Markdown table of bench/bench_verify.py (CPU) or bench/bench_verify_gpu.py results, for
+docs/benchmarks.md and docs/results/ (and of bench/bench_sample_gpu.py's drafter sampler and
+top-p keep bounds, when the JSON holds them).
 
     pytest bench/bench_verify.py --benchmark-only --benchmark-json=out.json
     python bench/report.py out.json [--stat median|min] > table.md
