@@ -30,6 +30,17 @@ pip_q() {
     | { grep -v -e "^WARNING: Location '.*' is ignored" -e '^ *$' || true; }
 }
 
+# bubblewrap (bwrap): the HumanEval sandbox runs generated code under it and refuses to run it
+# without (unless --unsafe-local-exec). Installed with apt when this runs as root; skipped
+# silently elsewhere (install it with the system's package manager).
+if ! command -v bwrap >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "install: bubblewrap (apt-get)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq bubblewrap >/dev/null 2>&1 \
+    || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bubblewrap >/dev/null 2>&1; } \
+    || echo "install: could not install bubblewrap; HumanEval needs it (or --unsafe-local-exec)" >&2
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   echo "install: creating $VENV"
   "$PYTHON" -m venv "$VENV"

@@ -10,6 +10,14 @@ Files in ``out_dir``:
   line is dropped on the next start). Rows already present for a (configuration, example) are not
   recomputed: re-running the same command resumes.
 * ``summary.json`` / ``summary.md`` and the three PNGs (see :mod:`.summary`, :mod:`.plots`).
+* ``.lock``: held (``fcntl.flock``) while a run or a summary writes to the folder; it names the
+  holder's pid and host, and a second writer is refused with them.
+
+Every argument is checked before anything is written (a ValueError names the argument and its
+allowed range), so a mistyped command leaves no ``run.json`` behind to pin its settings. A task
+that runs generated code (HumanEval) needs the bubblewrap sandbox, or ``unsafe_local_exec=True``
+(``--unsafe-local-exec``) to run it unsandboxed; the summary of such rows says so
+(``summary["sandbox"]`` and a line in ``summary.md``).
 
 Order and timing. The loop is examples outer, configurations inner, so all configurations see
 the same examples and drifting machine speed affects them alike; an interrupted run leaves at
@@ -35,7 +43,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -47,6 +57,7 @@ from .tasks import Task, get_task
 
 ROWS_FILE = "rows.jsonl"
 RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
 #: settings that must agree between a run and the rows it resumes from
 RESUME_KEYS = ("task", "task_kwargs", "drafter", "verifier", "gamma", "temperature", "top_k",
                "top_p", "max_new_tokens", "seed", "chat", "bonus", "eos_token_id", "stop_tokens",
@@ -166,6 +177,100 @@ def stop_token_ids(tokenizer: Any, stop_strings: Sequence[str]) -> list[int]:
     return _STOP_TOKEN_CACHE[key]
 
 
+class OutputLockedError(OSError):
+    """Another run or summary is writing to the output folder."""
+
+
+class _FolderLock:
+    """An exclusive ``fcntl.flock`` on ``<out>/.lock`` that records the holder (pid, host)."""
+
+    def __init__(self, out: Path):
+        self.path = out / LOCK_FILE
+        self.fd: int | None = None
+
+    def __enter__(self) -> _FolderLock:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no locking
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = json.loads(os.pread(fd, 4096, 0).decode("utf-8") or "{}")
+            except (ValueError, OSError):
+                holder = {}
+            os.close(fd)
+            who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} since "
+                   f"{holder.get('since', '?')}")
+            raise OutputLockedError(
+                f"{self.path.parent} is being written by another run ({who}; lock file "
+                f"{self.path}); wait for it to finish or use another output folder") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "since": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8"), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            try:
+                os.ftruncate(self.fd, 0)  # not unlinked: another opener may be waiting on it
+            finally:
+                os.close(self.fd)  # releases the flock
+                self.fd = None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate_run_args(*, limit: Any, seed: Any, max_new_tokens: Any, chat: Any,
+                      eos_token_id: Any, table2_tol: Any, table2_envelope: Any,
+                      out_dir: Any) -> None:
+    """The ValueErrors of :func:`run_eval`'s own arguments (decoding settings are checked by
+    :class:`speccascade_fast.config.DecodeConfig`, per configuration)."""
+    if limit is not None and (not _is_int(limit) or limit < 1):
+        raise ValueError(f"limit must be None (all examples) or an int >= 1, got {limit!r}")
+    if not _is_int(seed):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if max_new_tokens is not None and (not _is_int(max_new_tokens) or max_new_tokens < 1):
+        raise ValueError(f"max_new_tokens must be None (the task's default) or an int >= 1, got "
+                         f"{max_new_tokens!r}")
+    if chat not in (True, False, "auto") or chat in (0, 1) and not isinstance(chat, bool):
+        raise ValueError(f"chat must be True, False or 'auto', got {chat!r}")
+    if eos_token_id is not None:
+        vals = eos_token_id if isinstance(eos_token_id, (list, tuple, set)) else [eos_token_id]
+        if not vals or not all(_is_int(v) and v >= 0 for v in vals):
+            raise ValueError(f"eos_token_id must be None, an int >= 0 or a non-empty list of "
+                             f"them, got {eos_token_id!r}")
+    if isinstance(table2_tol, bool) or not isinstance(table2_tol, (int, float)) or not (
+            math.isfinite(table2_tol) and table2_tol >= 0):
+        raise ValueError(f"table2_tol must be a finite number >= 0, got {table2_tol!r}")
+    if table2_envelope not in ("polyline", "concave"):
+        raise ValueError(f"table2_envelope must be 'polyline' or 'concave', got "
+                         f"{table2_envelope!r}")
+    if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir):
+        raise ValueError(f"out_dir must be a folder path, got {out_dir!r}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {out} exists and is not a folder")
+
+
+def _check_decoding(cfgs: Sequence[EvalConfig], common: Mapping[str, Any]) -> None:
+    """Build each configuration's DecodeConfig now, so a bad γ/T/top-k/top-p/bonus/seq_score
+    or rule/α combination fails before anything is written."""
+    try:
+        from speccascade_fast.config import DecodeConfig
+    except ImportError:  # pragma: no cover - the package without its engine
+        return
+    for c in cfgs:
+        kw = {k: v for k, v in common.items() if v is not None}
+        DecodeConfig(**kw, **c.generate_kwargs())
+
+
 def _default_generate() -> Callable[..., Any]:
     from speccascade_fast.generation import generate
 
@@ -199,6 +304,7 @@ def run_eval(
     table2_tol: float = 0.0,
     table2_envelope: str = "polyline",
     seq_score: str | None = None,
+    unsafe_local_exec: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``configs`` on ``task`` and write rows, summary and plots into ``out_dir``.
 
@@ -209,7 +315,7 @@ def run_eval(
             adds it); duplicates are dropped.
         drafter, verifier: the two causal LMs (``drafter`` may be ``None`` only if no
             configuration uses it); tokenizer: their shared tokenizer.
-        limit: evaluate the first ``limit`` examples (``None``: all).
+        limit: evaluate the first ``limit`` examples (``None``: all; else an int >= 1).
         seed: run seed; example ``i`` gets ``example_seed(seed, i)``.
         out_dir: output folder (created; resumed if it holds rows of the same settings).
         gamma, temperature, top_k, top_p, bonus: passed to ``generate`` (``bonus``/``top_*`` only
@@ -227,15 +333,31 @@ def run_eval(
         table2_tol, table2_envelope: see :func:`.summary.summarize`.
         seq_score: ``seq_cascade``'s score, ``"prob"`` or ``"mean_logprob"`` (``None``: the
             engine's default, ``"prob"``).
+        unsafe_local_exec: a task that runs generated code (HumanEval) may run it without the
+            bubblewrap sandbox when bwrap is missing (no isolation at all; the summary says so).
+            Without it, such a run is refused before anything is written.
 
     Returns:
         The summary dict (also in ``summary.json``).
     """
+    # Everything is checked before anything is written.
+    validate_run_args(limit=limit, seed=seed, max_new_tokens=max_new_tokens, chat=chat,
+                      eos_token_id=eos_token_id, table2_tol=table2_tol,
+                      table2_envelope=table2_envelope, out_dir=out_dir)
+    if task_kwargs is not None and not isinstance(task_kwargs, Mapping):
+        raise ValueError(f"task_kwargs must be a mapping, got {type(task_kwargs).__name__}")
     task_kwargs = dict(task_kwargs or {})
     task_obj = get_task(task, **task_kwargs)
     cfgs = dedupe(as_config(c) for c in configs)
     if not cfgs:
         raise ValueError("no configurations to evaluate")
+    _check_decoding(cfgs, {"gamma": gamma, "temperature": temperature, "top_k": top_k,
+                           "top_p": top_p, "bonus": bonus, "seq_score": seq_score})
+    if not isinstance(unsafe_local_exec, bool):
+        raise ValueError(f"unsafe_local_exec must be True or False, got {unsafe_local_exec!r}")
+    if getattr(task_obj, "runs_generated_code", False):
+        task_obj.unsafe_local_exec = unsafe_local_exec
+        task_obj.check_runnable()  # SandboxUnavailableError: no bwrap and no opt-out
     generate = generate_fn or _default_generate()
     if max_new_tokens is None:
         max_new_tokens = task_obj.default_max_new_tokens
@@ -245,9 +367,24 @@ def run_eval(
     eos_list = eos_ids(tokenizer, [verifier, drafter], eos_token_id)
     stop_list = stop_token_ids(tokenizer, task_obj.stop_strings) if stop_tokens else []
     gen_eos = sorted(set(eos_list) | set(stop_list))
+    examples = task_obj.examples(limit)  # a missing data file fails here, before any write
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    with _FolderLock(out):
+        return _run_locked(
+            out, task_obj, cfgs, examples, drafter=drafter, verifier=verifier, tokenizer=tokenizer,
+            seed=seed, gamma=gamma, temperature=temperature,
+            max_new_tokens=max_new_tokens, progress=progress, top_k=top_k, top_p=top_p,
+            bonus=bonus, chat=chat, eos_list=eos_list, gen_eos=gen_eos, stop_tokens=stop_tokens,
+            warmup=warmup, generate=generate, task_kwargs=task_kwargs, plots=plots,
+            table2_tol=table2_tol, table2_envelope=table2_envelope, seq_score=seq_score)
+
+
+def _run_locked(out: Path, task_obj: Task, cfgs: list[EvalConfig], examples: list, *, drafter,
+                verifier, tokenizer, seed, gamma, temperature, max_new_tokens, progress, top_k,
+                top_p, bonus, chat, eos_list, gen_eos, stop_tokens, warmup, generate,
+                task_kwargs, plots, table2_tol, table2_envelope, seq_score) -> dict[str, Any]:
     settings = {
         "task": task_obj.name, "task_kwargs": task_kwargs,
         "drafter": model_name(drafter), "verifier": model_name(verifier),
@@ -273,7 +410,6 @@ def run_eval(
     rows_path = out / ROWS_FILE
     rows = load_rows(rows_path)
     done = {(r["config"], r["example_id"]) for r in rows}
-    examples = task_obj.examples(limit)
     total = len(cfgs) * len(examples)
     n_done = sum((c.key, e.id) in done for c in cfgs for e in examples)
 
@@ -349,9 +485,9 @@ def run_eval(
         if bar is not None:
             bar.close()
 
-    return write_summary(out, task_obj, rows, cfgs, settings=settings, plots=plots,
-                         tol=table2_tol, envelope=table2_envelope,
-                         example_ids=[e.id for e in examples])
+    return _write_summary(out, task_obj, rows, cfgs, settings=settings, plots=plots,
+                          tol=table2_tol, envelope=table2_envelope,
+                          example_ids=[e.id for e in examples])
 
 
 def _get(result: Any, name: str, default: Any = None) -> Any:
@@ -411,8 +547,25 @@ def write_summary(
 
     ``example_ids`` restricts the summary to those examples (``run_eval`` passes the ones of its
     ``limit``); ``rows`` default to the folder's ``rows.jsonl``; ``task`` a name or object.
+    ``out_dir`` must be an existing folder (it is never created here: FileNotFoundError), and it
+    is locked while the summary is written (OutputLockedError while a run writes to it).
     """
     out = Path(out_dir)
+    if not out.is_dir():
+        raise FileNotFoundError(
+            f"{out}: no such output folder, nothing to summarise (run the evaluation into it "
+            f"first)")
+    if rows is None and not (out / ROWS_FILE).is_file():
+        raise FileNotFoundError(
+            f"{out / ROWS_FILE} not found, nothing to summarise (run the evaluation into "
+            f"{out} first)")
+    with _FolderLock(out):
+        return _write_summary(out, task, rows, configs, settings=settings, plots=plots, tol=tol,
+                              envelope=envelope, example_ids=example_ids)
+
+
+def _write_summary(out: Path, task, rows, configs, *, settings, plots, tol, envelope,
+                   example_ids) -> dict[str, Any]:
     if settings is None and (out / RUN_FILE).exists():
         settings = json.loads((out / RUN_FILE).read_text())
     if isinstance(task, str):
@@ -425,11 +578,32 @@ def write_summary(
         rows = [r for r in rows if r["example_id"] in keep]
     summary = summarize(rows, task, configs, tol=tol, envelope=envelope)
     summary["settings"] = dict(settings or {})
+    sandbox = sandbox_summary(rows)
+    if sandbox is not None:
+        summary["sandbox"] = sandbox
     if plots:
         from .plots import plot_summary
 
         summary["plots"] = [p.name for p in plot_summary(summary, out)]
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     md_settings = {k: v for k, v in (settings or {}).items() if k != "task_kwargs"}
-    (out / "summary.md").write_text(to_markdown(summary, md_settings))
+    md = to_markdown(summary, md_settings)
+    if sandbox is not None and sandbox["unsandboxed_rows"]:
+        md = (f"> **UNSANDBOXED**: {sandbox['unsandboxed_rows']} of {sandbox['rows']} rows ran "
+              f"generated code without the bubblewrap sandbox (--unsafe-local-exec): no "
+              f"isolation from this machine.\n\n" + md)
+    (out / "summary.md").write_text(md)
     return summary
+
+
+def sandbox_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """How the summarised rows' generated code ran: ``None`` for tasks that run none, else
+    ``{"rows", "unsandboxed_rows", "mode"}`` (mode ``"bwrap"``, ``"unsafe-local"`` or
+    ``"mixed"``)."""
+    modes = [r.get("scoring", {}).get("sandbox") for r in rows]
+    modes = [m for m in modes if m is not None]
+    if not modes:
+        return None
+    unsafe = sum(m != "bwrap" for m in modes)
+    mode = "bwrap" if not unsafe else ("unsafe-local" if unsafe == len(modes) else "mixed")
+    return {"rows": len(modes), "unsandboxed_rows": unsafe, "mode": mode}
