@@ -13,9 +13,9 @@ logits per block). Backends (the ``backend`` parameter):
 * ``triton-graph`` / ``cuda-graph``: the same call captured once in a CUDA graph, timed as
   ``replay()`` + ``torch.cuda.synchronize()`` (what a graph-captured decode loop pays; ENGINE.md
   §1 targets 10-20 µs on H100 for B <= 8, gamma <= 8, V <= 256k);
-* ``triton_wide-graph``: ``triton-graph`` with stage 3's race over the stats' slices
-  (``race_width=slice_size(V)``, the geometry before :func:`race_slice`): the baseline that
-  shows what the narrower race slices of small B buy, in the same run;
+* ``triton_wide-graph``: ``triton-graph`` with the race (accept + resample + insert) over the
+  targets stage's slices (``race_width=slice_size(V)``, the geometry without ``race_slice``):
+  the baseline that shows what the narrower race slices of small B buy, in the same run;
 * ``reference``: the float64 specification on the GPU;
 * ``eager``: the HF-style chain (fp32 softmaxes, cumsum trick, multinomial residual); its random
   numbers are torch's, so it is a speed baseline only.
@@ -124,9 +124,10 @@ def test_verify_gpu(benchmark, B, gamma, V, rule, backend):
             return eager_verify(q, x, p, rule=rule, alpha=ALPHA[rule])
     elif name == "triton_wide":
         from speccascade_fast.backends import triton as tb
+        from speccascade_fast.kernels.launch import slice_size
 
         fused("triton")
-        wide = tb.slice_size(V)
+        wide = slice_size(V)
 
         def call():
             return tb.launch(q, x, p, **args, race_width=wide)

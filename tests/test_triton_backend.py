@@ -28,6 +28,8 @@ import speccascade_fast as sc
 from speccascade_fast import backends, checks, kernels, rng  # kernels: decorated by conftest.py
 from speccascade_fast.backends import reference
 from speccascade_fast.backends import triton as tb
+from speccascade_fast.kernels import accept_resample_insert, launch
+from speccascade_fast.kernels import keep_bounds as keep_search
 from speccascade_fast.truncation import keep_bounds_torch, keep_mask
 
 from .helpers import ALPHAS, assert_same_up_to_near_ties, ragged_inputs, truncation_case
@@ -172,7 +174,7 @@ def test_identical_models_and_all_zero_residual(rule):
     assert_same(q, x, q.clone(), call_args(rule, ALPHAS[rule][0], TEMPS, B, seed), **SMALL)
 
 
-# ---- lossy_star's 1/beta (the k-section of stage 2) ----------------------------------------------
+# ---- lossy_star's 1/beta (the k-section of the targets stage) -----------------------------------
 def _exact_inv_beta(qT, pT, alpha):
     """1/beta of Lemma 2 exactly (float64): the root of sum max(m, s pT) = 1 on [0, c], m =
     min(qT, c pT), c = 1/(1 - alpha); 0 where sum m >= 1. The sum is piecewise linear in s with
@@ -199,7 +201,7 @@ def test_lossy_star_inv_beta_is_the_root(monkeypatch, alpha, small):
     """The k-section's 1/beta (read off the accept kernel's arguments) is the exact root of
     Lemma 2's equation to float32-sum accuracy, for every drafter row incl. the bonus row, with
     the row read in one chunk or in several (SMALL)."""
-    real = kernels.accept_resample_kernel
+    real = accept_resample_insert.accept_resample_insert_kernel
     seen = []
 
     class Spy:
@@ -209,7 +211,7 @@ def test_lossy_star_inv_beta_is_the_root(monkeypatch, alpha, small):
                 return real[grid](*args, **kw)
             return run
 
-    monkeypatch.setattr(kernels, "accept_resample_kernel", Spy())
+    monkeypatch.setattr(accept_resample_insert, "accept_resample_insert_kernel", Spy())
     q, x, p = make_block(21, T=0.8, vocab=200)
     args = call_args("lossy_star", alpha, 0.8, B, 21)
     tb.launch(q, x, p, **args, **(SMALL if small else {}))
@@ -331,33 +333,35 @@ def test_is_available(monkeypatch):
 
 
 def test_slice_size():
-    assert tb.slice_size(262144) == 8192 and -(-262144 // 8192) == 32
-    assert tb.slice_size(151936) == 8192
-    assert tb.slice_size(32000) == 1024
-    assert tb.slice_size(100) == 128
+    assert launch.slice_size(262144) == 8192 and -(-262144 // 8192) == 32
+    assert launch.slice_size(151936) == 8192
+    assert launch.slice_size(32000) == 1024
+    assert launch.slice_size(100) == 128
 
 
 def test_race_slice():
-    """Stage 3's race keeps the stats' slices once B of their rows give every multiprocessor a
-    program; below that it narrows to about 2 programs per multiprocessor, never below 1024."""
+    """The race (accept + resample + insert) keeps the targets stage's slices once B of their
+    rows give every multiprocessor a program; below that it narrows to about 2 programs per
+    multiprocessor, never below 1024."""
+    race_slice = accept_resample_insert.race_slice
     H100 = 132
-    assert tb.race_slice(151936, 1, 8192, H100) == 1024  # 149 programs
-    assert tb.race_slice(151936, 2, 8192, H100) == 2048  # 75 per sequence
-    assert tb.race_slice(151936, 4, 8192, H100) == 4096
-    assert tb.race_slice(151936, 6, 8192, H100) == 4096  # 6 x 19 = 114 < 132
-    assert tb.race_slice(151936, 7, 8192, H100) == 8192  # 7 x 19 = 133: the stats' slices
-    assert tb.race_slice(262144, 1, 8192, H100) == 1024
-    assert tb.race_slice(262144, 8, 8192, H100) == 8192
-    assert tb.race_slice(32000, 1, 1024, H100) == 1024  # already 1024
-    assert tb.race_slice(100, 1, 128, H100) == 128  # never wider than the stats' slice
-    assert tb.race_slice(151936, 1, 8192, 1) == 8192  # the interpreter: one "multiprocessor"
-    widths = {tb.race_slice(151936, b, 8192, H100) for b in range(1, 65)}
+    assert race_slice(151936, 1, 8192, H100) == 1024  # 149 programs
+    assert race_slice(151936, 2, 8192, H100) == 2048  # 75 per sequence
+    assert race_slice(151936, 4, 8192, H100) == 4096
+    assert race_slice(151936, 6, 8192, H100) == 4096  # 6 x 19 = 114 < 132
+    assert race_slice(151936, 7, 8192, H100) == 8192  # 7 x 19 = 133: the targets' slices
+    assert race_slice(262144, 1, 8192, H100) == 1024
+    assert race_slice(262144, 8, 8192, H100) == 8192
+    assert race_slice(32000, 1, 1024, H100) == 1024  # already 1024
+    assert race_slice(100, 1, 128, H100) == 128  # never wider than the targets' slice
+    assert race_slice(151936, 1, 8192, 1) == 8192  # the interpreter: one "multiprocessor"
+    widths = {race_slice(151936, b, 8192, H100) for b in range(1, 65)}
     assert widths == {1024, 2048, 4096, 8192}  # a runtime argument: no compile per width
 
 
 @pytest.mark.parametrize("rule", ["spec", "token_v3", "lossy"])
 def test_race_slicing_does_not_change_the_outputs(rule):
-    """Stage 3's race over slices narrower or wider than the stats' (as :func:`race_slice` picks
+    """The race over slices narrower or wider than the targets stage's (as ``race_slice`` picks
     at small B on a GPU), in one chunk or several: the same tokens, counts and flags, bit for
     bit, since the winner of the race over the whole row does not depend on the cut (ties to the
     lowest id). Padded and ragged layouts."""
@@ -589,11 +593,11 @@ def test_keep_bound_search_reads_nothing_on_the_host():
 
 def test_keep_slice():
     # R rows of V / width programs, about 2 per multiprocessor, widths 1024..8192
-    assert tb.keep_slice(151936, 1, 132) == 1024
-    assert tb.keep_slice(151936, 6, 132) == 4096
-    assert tb.keep_slice(151936, 48, 132) == 8192
-    assert tb.keep_slice(300, 1, 132) == 512  # never wider than the vocabulary's power of two
-    assert tb.keep_slice(151936, 1, 1) == 8192
+    assert keep_search.keep_slice(151936, 1, 132) == 1024
+    assert keep_search.keep_slice(151936, 6, 132) == 4096
+    assert keep_search.keep_slice(151936, 48, 132) == 8192
+    assert keep_search.keep_slice(300, 1, 132) == 512  # never wider than the vocabulary's power of two
+    assert keep_search.keep_slice(151936, 1, 1) == 8192
 
 
 # ---- the kernels also compile for a GPU (no GPU needed: Triton compiles to a cubin) ----------------
@@ -604,7 +608,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from speccascade_fast import kernels as K
-from speccascade_fast.backends.triton import LOSSY_STAR_K, LOSSY_STAR_PASSES
+from speccascade_fast.kernels.targets import LOSSY_STAR_K, LOSSY_STAR_PASSES
 from speccascade_fast.rules import RULES
 
 PTR = dict(q_ptr="*bf16", p_ptr="*bf16", t_ptr="*fp64", alpha_ptr="*fp64", seed_ptr="*i64",
@@ -624,23 +628,23 @@ def build(fn, warps, **constexprs):
 
 # KEEP: top-k / top-p keep bounds read by every kernel (off, and on for one build of each);
 # PER_ROW: the ragged layout (per-request gamma and row offsets, bonus rows in their own tensor)
-build(K.stats_kernel, 16, SLICE=8192, BLOCK=8192, NEED_Z1=True, NEED_H=True, NEED_X=False,
+build(K.targets_kernel, 16, SLICE=8192, BLOCK=8192, NEED_Z1=True, NEED_H=True, NEED_X=False,
       KEEP=False, PER_ROW=False)
-build(K.stats_kernel, 4, SLICE=1024, BLOCK=512, NEED_Z1=True, NEED_H=False, NEED_X=True, KEEP=True,
+build(K.targets_kernel, 4, SLICE=1024, BLOCK=512, NEED_Z1=True, NEED_H=False, NEED_X=True, KEEP=True,
       PER_ROW=True)
 for keep, rule, per_row in ((False, "opt_log", False), (True, "token_v1", True),
                             (False, "lossy", True)):
-    build(K.second_pass_kernel, 16, RULE=RULES.index(rule), SLICE=8192, BLOCK=8192, S_PAD=32,
+    build(K.targets_sums_kernel, 16, RULE=RULES.index(rule), SLICE=8192, BLOCK=8192, S_PAD=32,
           KEEP=keep, BONUS_ONLY=rule == "lossy", PER_ROW=per_row)
 PTR["out_ptr"] = "*fp64"
 PTR["qb_ptr"] = "*fp32"  # from here on: a ragged bonus tensor of another dtype than the drafts
-build(K.stats_kernel, 4, SLICE=1024, BLOCK=512, NEED_Z1=True, NEED_H=False, NEED_X=True, KEEP=True,
+build(K.targets_kernel, 4, SLICE=1024, BLOCK=512, NEED_Z1=True, NEED_H=False, NEED_X=True, KEEP=True,
       PER_ROW=True)
 for per_row in (False, True):
-    build(K.lossy_star_kernel, 8, PASSES=LOSSY_STAR_PASSES, K=LOSSY_STAR_K, BLOCK=1024,
+    build(K.targets_lossy_star_kernel, 8, PASSES=LOSSY_STAR_PASSES, K=LOSSY_STAR_K, BLOCK=1024,
           S_PAD=32, KEEP=True, PER_ROW=per_row)
-for i, rule in enumerate(sys.argv[1:]):  # both race geometries: the stats' block, and 1024
-    build(K.accept_resample_kernel, 16 if i % 2 else 4, RULE=RULES.index(rule),
+for i, rule in enumerate(sys.argv[1:]):  # both race geometries: the targets' block, and 1024
+    build(K.accept_resample_insert_kernel, 16 if i % 2 else 4, RULE=RULES.index(rule),
           BLOCK=8192 if i % 2 else 1024, S_PAD=32, G_PAD=16, KEEP=i % 2 == 1,
           PER_ROW=i % 3 == 0)
 # the drafter's sampler (kernels/sample.py)
@@ -662,10 +666,9 @@ print("compiled")
 
 
 def test_kernels_compile_for_sm90():
-    """Compiles (without running) stage 1, 2 and 3 kernels, the drafter's sampler and the
-    keep-bound search for sm_90 in
-    a fresh process, so that a CPU-only CI still catches code the interpreter accepts but the
-    compiler does not."""
+    """Compiles (without running) the targets and accept + resample + insert kernels, the
+    drafter's sampler and the keep-bound search for sm_90 in a fresh process, so that a
+    CPU-only CI still catches code the interpreter accepts but the compiler does not."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     rules = ["spec", "opt_log", "token_v2", "lossy", "lossy_star", "bild"]

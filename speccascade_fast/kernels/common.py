@@ -1,7 +1,7 @@
 """Shared pieces of the verification kernels: rule ids, the layout of the per-slice statistics,
-the cross-slice combine, and the pointwise formulas of SEMANTICS §1-3.
+the cross-slice combine, and the pointwise formulas of docs/semantics.md §1-3.
 
-Per (position n = b * (gamma + 1) + j, vocabulary slice s) the stats kernel writes, for the
+Per (position n = b * (gamma + 1) + j, vocabulary slice s) the targets kernel writes, for the
 drafter row ``q`` and the verifier row ``p`` (each relative to the slice's own max ``m``):
 
 * float32 ``stf[n, F, s]``: ``m``, ``Σ exp(x - m)``, ``Σ exp((x - m) / T)``, ``Σ exp(x - m) (x - m)``

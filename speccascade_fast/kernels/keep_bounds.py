@@ -34,14 +34,17 @@ Launches, each over (rows, slices):
 Rows may come from two tensors of one dtype and vocabulary (rows below ``R1`` from the first):
 a verification's draft and target rows take one search. No atomics and no host read:
 deterministic and CUDA-graph capturable. Constexprs: the block each program loops over; the
-slice width, S, the pass and P are runtime values.
+slice width, S, the pass and P are runtime values. :func:`launch` runs the search (the triton
+backend's ``keep_bounds``).
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 from .common import INT_BIG, NEG_INF
+from .launch import check_mode, next_pow2, sm_count, spread
 
 NB = tl.constexpr(16)  # sixteenths per pass
 SB = tl.constexpr(32)  # slices' partial sums read per chunk
@@ -233,3 +236,66 @@ def keep_final_kernel(x_ptr, sx, x2_ptr, sx2, R1, t_ptr, tk_ptr, mx_ptr, acc_ptr
         if s == 0:
             tl.store(out_ptr + 2 * r, float("-inf"))
             tl.store(out_ptr + 2 * r + 1, (V - 1).to(tl.float64))
+
+
+# passes of the search that leave one value of the logits' dtype in the key interval: bf16 and
+# fp16 leave the last 16 and 13 bits of their fp32 patterns constant; fp32 takes all 8
+KEEP_PASSES = {torch.bfloat16: 4, torch.float16: 5, torch.float32: 8}
+
+
+def keep_slice(V: int, R: int, sms: int) -> int:
+    """Vocabulary slice per program of the search: 8192 when R rows of ``V / 8192`` programs
+    give each of the ``sms`` multiprocessors two, else narrower (down to 1024) so that they
+    about do; a runtime argument (no compile per width)."""
+    return min(8192, spread(V, R, sms), next_pow2(V))
+
+
+def launch(logits, temperature, top_k, top_p, *, second=None, slice_width: int | None = None,
+           block: int | None = None) -> torch.Tensor:
+    """Top-p's keep bounds (:mod:`speccascade_fast.truncation`, top-k's bound first when given)
+    by the search: float64 ``[R, 2]`` from fp32/bf16/fp16 ``logits`` ``[R, V]`` and float64
+    ``temperature`` ``[R]``; ``top_p`` a float in (0, 1], ``top_k`` an int or None (inputs
+    checked by the caller). 7 launches for bf16 logits, 8 for fp16, 11 for fp32 (and torch's
+    top-k with ``top_k``), no host read. ``second``: ``(logits [R2, V], temperature [R2])`` of
+    the same dtype, searched in the same launches: the output is then ``[R + R2, 2]``, its rows
+    in that order. ``slice_width`` / ``block`` (powers of two) override the vocabulary slice per
+    program and the chunk it loops over (the tests use tiny ones)."""
+    check_mode(keep_max_kernel, logits.device)
+    parts = [(logits, temperature)] + ([] if second is None else [second])
+    xs = [y if y.stride(-1) == 1 else y.contiguous() for y, _ in parts]
+    x, x2 = xs[0], xs[-1]  # (the same tensor without a second)
+    if x2.dtype != x.dtype or x2.shape[-1] != x.shape[-1]:
+        raise ValueError("keep_bounds: both logit tensors need one dtype and vocabulary")
+    R1, V = x.shape
+    R = sum(y.shape[0] for y in xs)
+    dev = x.device
+    out = torch.empty((R, 2), dtype=torch.float64, device=dev)
+    if R == 0:
+        return out
+    t = torch.cat([t for _, t in parts]).to(torch.float64).contiguous()
+    tauk = torch.full((R,), -torch.inf, dtype=torch.float32, device=dev)
+    if top_k is not None and top_k < V:  # ties with the k-th largest are kept (cut = V - 1)
+        kth = [torch.topk(y, top_k, dim=-1).values[:, -1] for y in xs if len(y)]
+        tauk = torch.where(t > 0, torch.cat(kth).to(torch.float32), tauk)
+    SLICE = slice_width or keep_slice(V, R, sm_count(dev))
+    BLOCK = min(SLICE, block or 256)
+    S = -(-V // SLICE)
+    passes = KEEP_PASSES.get(x.dtype, 8)
+    mx = torch.empty((R, S), dtype=torch.float32, device=dev)
+    h = torch.empty((passes, R, S, NB.value), dtype=torch.float64, device=dev)
+    lo = torch.zeros((passes + 1, R), dtype=torch.int64, device=dev)  # row 0: pass 0's (0, 0)
+    acc = torch.zeros((passes + 1, R), dtype=torch.float64, device=dev)
+    tgt = torch.empty((R,), dtype=torch.float64, device=dev)
+    cnt = torch.empty((R, S), dtype=torch.int32, device=dev)
+    val = torch.empty((R, S), dtype=torch.float32, device=dev)
+    tp = torch.full((1,), float(top_p), dtype=torch.float64, device=dev)
+    grid, nwarps, rows = (R, S), 4, (x, x.stride(0), x2, x2.stride(0), R1)
+    keep_max_kernel[grid](*rows, mx, V, S, SLICE, BLOCK=BLOCK, num_warps=nwarps)
+    for p in range(passes):
+        keep_pass_kernel[grid](*rows, t, tauk, tp, mx, h, lo, acc, tgt, R, V, S, SLICE, p,
+                               BLOCK=BLOCK, num_warps=nwarps)
+    keep_ties_kernel[grid](*rows, t, tauk, mx, h, lo, acc, tgt, cnt, val, R, V, S, SLICE, passes,
+                           BLOCK=BLOCK, num_warps=nwarps)
+    keep_final_kernel[grid](*rows, t, tauk, mx, acc, tgt, cnt, val, out, R, V, S, SLICE, passes,
+                            BLOCK=BLOCK, num_warps=nwarps)
+    return out

@@ -12,13 +12,16 @@ The race drops the row's log-partition (``log qT = x / T - const``: the same arg
 float64 on the exactly converted fp32 / bf16 / fp16 logits, so tokens equal the float64
 reference's except where two scores meet within float64 rounding. No atomics (the result does
 not depend on which program finishes first), no host read: CUDA-graph capturable.
+:func:`launch` runs both (the triton backend's ``sample``).
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 from .common import INT_BIG, NEG_INF, load_keep, truncate
+from .launch import check_mode, next_pow2, slice_size, warps
 from .rng import DRAFT, TWO_M52, bits52, row_key
 
 
@@ -64,3 +67,30 @@ def sample_merge_kernel(best_ptr, arg_ptr, out_ptr, S, S_PAD: tl.constexpr):
     top = tl.max(best, 0)
     tok = tl.min(tl.where(ok & (best == top), arg, INT_BIG), 0)
     tl.store(out_ptr + r, tok.to(tl.int64))
+
+
+def launch(logits, temperature, seed, positions, keep=None, *, slice_width: int | None = None,
+           block: int | None = None) -> torch.Tensor:
+    """The drafter's draw in two launches: int64 ``[R]`` from fp32/bf16/fp16 ``logits``
+    ``[R, V]`` (last dim contiguous or copied), float64 ``temperature`` and int64 ``seed``,
+    ``positions`` ``[R]`` (inputs checked by the caller), ``keep`` the rows' float64 ``[R, 2]``
+    top-k / top-p bounds or None. T = 0 rows take the argmax. ``slice_width`` / ``block``
+    (powers of two) override the vocabulary slice per program (default
+    :func:`~.launch.slice_size`) and the chunk it loops over (default: the whole slice)."""
+    check_mode(sample_slices_kernel, logits.device)
+    x = logits if logits.stride(-1) == 1 else logits.contiguous()
+    R, V = x.shape
+    out = torch.empty((R,), dtype=torch.int64, device=x.device)
+    if R == 0:
+        return out
+    SLICE = slice_width or slice_size(V)
+    BLOCK = min(SLICE, block or SLICE)
+    S = -(-V // SLICE)
+    best = torch.empty((R, S), dtype=torch.float64, device=x.device)
+    arg = torch.empty((R, S), dtype=torch.int32, device=x.device)
+    t, sd, ps = (v.contiguous() for v in (temperature, seed, positions))
+    sample_slices_kernel[(R, S)](
+        x, x.stride(0), t, sd, ps, best if keep is None else keep.contiguous(), best, arg, V, S,
+        SLICE=SLICE, BLOCK=BLOCK, KEEP=keep is not None, num_warps=warps(BLOCK))
+    sample_merge_kernel[(R,)](best, arg, out, S, S_PAD=next_pow2(S))
+    return out

@@ -7,7 +7,7 @@
 * the whole backend captured in a CUDA graph and replayed gives the eager tokens, and, after new
   inputs are copied into the captured buffers, the reference's tokens for those inputs;
 * the race over narrower slices at small B (``race_slice``) emits the tokens of the race over
-  the stats' slices, bit for bit, at V = 151,936 and 262,144;
+  the targets stage's slices, bit for bit, at V = 151,936 and 262,144;
 * changing B does not compile new kernel variants (beyond the race's two geometries);
 * the drafter's sampler (`sample` on CUDA runs kernels/sample.py): the reference's tokens at
   V = 151,936, and inside a CUDA graph capture;
@@ -90,14 +90,16 @@ def test_cuda_graph_capture_and_replay(rule):
 @pytest.mark.parametrize("vocab", [151936, 262144])
 @pytest.mark.parametrize("rule", ["spec", "opt", "token_v3", "lossy"])
 def test_narrow_race_slices_emit_the_wide_race_tokens(rule, vocab):
-    """B = 1 and 2 race over narrower slices than the stats' (race_slice) on this GPU: the same
-    outputs as the race over the stats' slices, bit for bit, over many seeds (the winner does not
-    depend on the cut), and the widths really differ here (>= 8 SMs)."""
+    """B = 1 and 2 race over narrower slices than the targets stage's (race_slice) on this GPU:
+    the same outputs as the race over the targets stage's slices, bit for bit, over many seeds
+    (the winner does not depend on the cut), and the widths really differ here (>= 8 SMs)."""
     from speccascade_fast.backends import triton as tb
+    from speccascade_fast.kernels.accept_resample_insert import race_slice
+    from speccascade_fast.kernels.launch import slice_size, sm_count
 
-    wide = tb.slice_size(vocab)
+    wide = slice_size(vocab)
     for B in (1, 2):
-        assert tb.race_slice(vocab, B, wide, tb._sm_count(torch.device(DEV))) < wide
+        assert race_slice(vocab, B, wide, sm_count(torch.device(DEV))) < wide
         q, x, p = helpers.llm_block(B, vocab, 300 + B, gamma=GAMMA, device=DEV, T=1.0)
         for seed in range(16):
             args = args_for(rule, [1.0, 0.8][:B], B, seed)
@@ -110,8 +112,11 @@ def test_narrow_race_slices_emit_the_wide_race_tokens(rule, vocab):
 def test_no_recompilation_per_batch_size_or_gamma():
     from speccascade_fast import kernels
     from speccascade_fast.backends import triton as tb
+    from speccascade_fast.kernels.accept_resample_insert import race_slice
+    from speccascade_fast.kernels.launch import slice_size, sm_count
 
-    fns = [kernels.stats_kernel, kernels.second_pass_kernel, kernels.accept_resample_kernel]
+    fns = [kernels.targets_kernel, kernels.targets_sums_kernel,
+           kernels.accept_resample_insert_kernel]
     if not all(hasattr(f, "device_caches") for f in fns):
         pytest.skip("this triton version keeps its compiled kernels elsewhere")
 
@@ -119,16 +124,16 @@ def test_no_recompilation_per_batch_size_or_gamma():
         return sum(len(c[0]) for f in fns for c in f.device_caches.values())
 
     # B = 1 (per-request strides of 1 or 0) is no special case, nor is any gamma within a
-    # power-of-two bucket of gamma + 1 (the constexpr G_PAD: gamma = 2 and 3 both give 4); stage
-    # 3's race has two geometries (tb.race_slice: the stats' slices, or narrower ones in chunks
-    # of 1024 at small B, their width a runtime argument), each compiled once
+    # power-of-two bucket of gamma + 1 (the constexpr G_PAD: gamma = 2 and 3 both give 4); the
+    # race has two geometries (race_slice: the targets stage's slices, or narrower ones in
+    # chunks of 1024 at small B, their width a runtime argument), each compiled once
     counts, geometries, seen = [], [], set()
-    wide = tb.slice_size(V)
+    wide = slice_size(V)
     for B, gamma in ((1, 3), (8, 3), (3, 2), (5, 3), (1, 2)):
         q, x, p = llm_block(B, 40 + B, gamma=gamma)
         tb.verify(q, x, p, top_k=None, top_p=None, **args_for("token_v3", 0.8, B, 3))
         counts.append(n_compiled())
-        seen.add(tb.race_slice(V, B, wide, tb._sm_count(q.device)) == wide)
+        seen.add(race_slice(V, B, wide, sm_count(q.device)) == wide)
         geometries.append(len(seen))
     assert [c - counts[0] for c in counts] == [g - 1 for g in geometries], (counts, geometries)
 

@@ -1,24 +1,31 @@
-"""Stage 3, ``accept`` + ``resample``: grid ``(B, SR)``, one program per (sequence, race slice).
+"""Stages ``accept`` + ``resample`` + ``insert`` (the reference backend's steps 2-4) in one kernel,
+``accept_resample_insert_kernel``: grid ``(B, SR)``, one program per (sequence, race slice).
 
-The race slices (width RS, a runtime argument) need not be the stats' S slices: at small B they are
-narrower (``backends.triton.race_slice``), so that more programs share the race.
+The race slices (width RS, a runtime argument) need not be the targets stage's S slices: at small
+B they are narrower (:func:`race_slice`), so that more programs share the race.
 
-Every program of sequence b first replays the (cheap) accept stage, for all positions j at once
-(vectors over j): it merges each row's slice statistics, makes the rule's decision (delta, A and
-eta, 1/beta), and accepts draft x_j when ``u_j < accept_j(x_j) / max(qT_j(x_j), 1e-10)`` with u_j from the ACCEPT
-stream at ``positions + j``, stopping at the first rejection j*. The resample row is r = j*
-(its residual ``max(0, accept - qT)``, or when that is all zero the row's law ``min(qT, accept)``)
-or, after full acceptance, r = gamma (the bonus law). Each program then runs the Gumbel-max race
+Every program of sequence b first completes the targets stage and runs the (cheap) accept stage,
+for all positions j at once (vectors over j): it merges each row's slice statistics, takes the
+rule's decision (delta, A and eta, 1/beta: :func:`row_targets`), and accepts draft x_j when
+``u_j < accept_j(x_j) / max(qT_j(x_j), 1e-10)`` with u_j from the ACCEPT stream at
+``positions + j``, stopping at the first rejection j*. Resample: the resample row is r = j* (its
+residual ``max(0, accept - qT)``, or when that is all zero the row's law ``min(qT, accept)``) or,
+after full acceptance, r = gamma (the bonus law). Each program runs the Gumbel-max race
 ``argmax_v log w_v - log(-log u_v)`` (RESIDUAL stream at ``positions + r``) over its race slice and
-folds its winner into a per-sequence int64 ``atomic_max`` of (float32 score, lowest id); the last
-program to arrive (an atomic counter) writes the emitted token. Slice 0 writes the accepted
-drafts, the -1 padding and the deferral flags. No host synchronisation anywhere.
+folds its winner into a per-sequence int64 ``atomic_max`` of (float32 score, lowest id). Insert:
+slice 0 writes the accepted drafts, the -1 padding and the deferral flags; the last program to
+arrive (an atomic counter) writes the emitted token, the counts and, for token rules with
+bonus="cascade", the bonus column's flag. No host synchronisation anywhere.
+
+:func:`launch` runs it after :func:`speccascade_fast.kernels.targets.launch`.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
+from ..rules import RULES
 from .common import (
     BILD,
     CHOW,
@@ -52,6 +59,7 @@ from .common import (
     truncate,
     unpack,
 )
+from .launch import next_pow2, sm_count, spread, warps
 from .rng import ACCEPT, RESIDUAL, TWO_M52, bits52, row_key, uniform
 
 
@@ -62,9 +70,10 @@ def _pick(v, sel):
 
 
 @triton.jit
-def rows_model(q_rows, p_rows, stf_ptr, sti_ptr, p2_ptr, sst_ptr, n, has_q, has_p, S, greedy,
-               inv_t, alpha, bonus_lossy, RULE: tl.constexpr, S_PAD: tl.constexpr):
-    """Everything stage 3 needs about the positions ``n`` (vectors over rows; float64 but the
+def row_targets(q_rows, p_rows, stf_ptr, sti_ptr, p2_ptr, sst_ptr, n, has_q, has_p, S, greedy,
+                inv_t, alpha, bonus_lossy, RULE: tl.constexpr, S_PAD: tl.constexpr):
+    """The targets stage's decisions at the positions ``n``, from its statistics: everything
+    the accept and resample stages need about them (vectors over rows; float64 but the
     argmaxes): ``(mq, log ZqT, aq, mp, log ZpT, ap, delta, eta, cth, sstar, c)``, where delta =
     defer (prefix rules), eta / cth = the token rules' Σ_{v∉A} qT and A-threshold, sstar =
     lossy_star's 1/beta, c = the weight of max(0, pT - qT) in lossy's bonus law (rows where
@@ -85,12 +94,12 @@ def rows_model(q_rows, p_rows, stf_ptr, sti_ptr, p2_ptr, sst_ptr, n, has_q, has_
     cth = zero
     sstar = zero
     c = zero
-    # second-pass sums (T > 0 rows only; T = 0 rows have closed forms)
+    # the targets stage's sums (T > 0 rows only; T = 0 rows have closed forms)
     s_idx = tl.arange(0, S_PAD)[None, :]
     p2_rows = p2_ptr + n.to(tl.int64)[:, None] * (2 * S) + s_idx
     p2_ok = (s_idx < tl.where(greedy, 0, S)) & has_p[:, None]
     if (RULE >= CHOW) & (RULE <= OPT_LOG):
-        # deferral statistics on the unscaled pair (SEMANTICS §3)
+        # deferral statistics on the unscaled pair (docs/semantics.md §3)
         maxq = 1.0 / zq1
         maxp = 1.0 / zp1
         negent_q = hq / zq1 - tl.log(zq1)
@@ -138,7 +147,7 @@ def rows_model(q_rows, p_rows, stf_ptr, sti_ptr, p2_ptr, sst_ptr, n, has_q, has_
 
 @triton.jit(do_not_specialize=["st_t", "st_a", "st_seed", "st_pos", "sx_b", "GAMMA", "RQ", "RS",
                                "SR"])
-def accept_resample_kernel(
+def accept_resample_insert_kernel(
     q_ptr, p_ptr, sq_b, sq_j, sp_b, sp_j, qb_ptr, sqb, qoff_ptr, poff_ptr, g_ptr, x_ptr,
     t_ptr, alpha_ptr, seed_ptr, pos_ptr, st_t, st_a, st_seed, st_pos, sx_b, sx_j,
     stf_ptr, sti_ptr, p2_ptr, sst_ptr, ws_ptr, kq_ptr, kp_ptr,
@@ -166,14 +175,14 @@ def accept_resample_kernel(
     one_m_a = 1.0 - alpha
     token_rule: tl.constexpr = (RULE >= TOKEN_V1) & (RULE <= TOKEN_V3)
 
-    # ---- targets + accept, all positions at once: first rejection j* -----------------------------
+    # ---- targets (decisions) + accept, all positions at once: first rejection j* ---------------
     jv = tl.arange(0, G_PAD)
     has_q = jv < gb + CASC
     has_p = jv <= gb
     q_rows = q_base + jv * sq_j
     p_rows = p_base + jv * sp_j
     bonus_lossy = jv == tl.where(CASC > 0, gb, -1)  # bonus position of bonus="cascade"
-    mq, lzq, aq, mp, lzp, ap, delta, eta, cth, sstar, c = rows_model(
+    mq, lzq, aq, mp, lzp, ap, delta, eta, cth, sstar, c = row_targets(
         q_rows, p_rows, stf_ptr, sti_ptr, p2_ptr, sst_ptr, b * G1 + jv, has_q, has_p, S, greedy,
         inv_t, alpha, bonus_lossy, RULE, S_PAD)
     is_draft = jv < gb
@@ -191,6 +200,7 @@ def accept_resample_kernel(
     r = tl.min(tl.where(rejected, jv, gb), 0)  # = number of accepted drafts
 
     if s == 0:
+        # ---- insert (slice 0): deferral flags, accepted drafts, -1 padding -----------------------
         # deferred: delta (prefix rules); draft outside A (token rules; their bonus column depends
         # on the emitted token: written below); else whether the verifier is involved at all
         if token_rule:
@@ -277,11 +287,11 @@ def accept_resample_kernel(
         best_w = tl.maximum(best_w, cw)
         best_f = tl.maximum(best_f, cf)
 
-    # ---- merge the slices: int64 atomic max of (score, lowest id); the last program writes ----
+    # ---- merge the slices: int64 atomic max of (score, lowest id); the last program inserts ----
     tl.atomic_max(ws_ptr + 3 * b, pack(best_w, arg_w))
     tl.atomic_max(ws_ptr + 3 * b + 1, pack(best_f, arg_f))
     arrived = tl.atomic_add(ws_ptr + 3 * b + 2, 1)
-    if arrived == SR - 1:
+    if arrived == SR - 1:  # ---- insert: the emitted token, the counts, the bonus flag ----
         sw_best, iw = unpack(tl.atomic_xchg(ws_ptr + 3 * b, -9223372036854775807 - 1))
         sf_best, i_f = unpack(tl.atomic_xchg(ws_ptr + 3 * b + 1, -9223372036854775807 - 1))
         tok = tl.where(sw_best > NEG_INF, iw, i_f)
@@ -294,3 +304,54 @@ def accept_resample_kernel(
                 pb = tl.load(p_row + tok).to(tl.float64)
                 out_a = ~acceptable(qb, pb, mq_r, mp_r, cth_r, RULE)
                 tl.store(def_ptr + b64 * G1 + gb, out_a & (r == gb))
+
+
+def race_slice(V: int, B: int, slice_width: int, sms: int) -> int:
+    """Vocabulary slice per program of the race: the targets stage's ``slice_width`` when B
+    sequences of ``V / slice_width`` programs already give each of the device's ``sms``
+    multiprocessors a program, else narrower, so that B x (V / width) is about 2 per
+    multiprocessor, but not below 1024 (nor above ``slice_width``). The race (a hash, a float64
+    log and two float32 logs per token) is the block's longest stage, and at B = 1 the targets
+    stage's 19 slices of 8192 at V = 151,936 leave most of a GPU with 100+ multiprocessors idle.
+    A power of two; B only picks among a few widths, and the width is a runtime argument (see
+    :func:`launch`)."""
+    if B * -(-V // slice_width) >= sms:
+        return slice_width
+    return min(slice_width, spread(V, B, sms))
+
+
+def launch(q, p, rows, x, kq, kp, targets, temperature, alpha, seed, positions, *, B: int,
+           gamma: int, rq: int, rule: str, per_row: bool, block: int | None = None,
+           race_width: int | None = None):
+    """The kernel after the targets stage (``targets``: what
+    :func:`speccascade_fast.kernels.targets.launch` returned, on the same arguments), ``x``
+    int64 ``[B, gamma]`` the drafts; seeds and positions int64 ``[B]``. The race runs over slices
+    of its own width RS (``race_width``, default :func:`race_slice`), a runtime argument, in
+    chunks of RBLOCK: the targets stage's BLOCK where RS is its slice, else at most 1024
+    (4 warps). So a V has at most two compiled race geometries, whatever B. Returns
+    ``(tokens [B, gamma + 1], num_accepted [B], num_emitted [B], deferred [B, gamma + 1])``."""
+    device = p.device
+    V = p.shape[-1]
+    G1 = gamma + 1
+    SLICE, S = targets.slice_width, targets.S
+    RS = race_width or race_slice(V, B, SLICE, sm_count(device))
+    RBLOCK = min(RS, block or (targets.block if RS == SLICE else 1024))
+    SR = -(-V // RS)
+    keep = kq is not None
+    if not keep:
+        kq = kp = targets.stf  # placeholders: the kernel does not read them
+    tokens = torch.empty((B, G1), dtype=torch.int64, device=device)
+    num_accepted = torch.empty((B,), dtype=torch.int64, device=device)
+    num_emitted = torch.empty((B,), dtype=torch.int64, device=device)
+    deferred = torch.empty((B, G1), dtype=torch.bool, device=device)
+    accept_resample_insert_kernel[(B, SR)](
+        q, p, *rows, x, temperature, alpha, seed, positions,
+        temperature.stride(0), alpha.stride(0), seed.stride(0), positions.stride(0),
+        x.stride(0), x.stride(1),
+        targets.stf, targets.sti, targets.sums, targets.inv_beta, targets.ws, kq, kp,
+        tokens, num_accepted, num_emitted, deferred,
+        gamma, rq, V, S, RS, SR,
+        RULE=RULES.index(rule), BLOCK=RBLOCK, S_PAD=next_pow2(S), G_PAD=next_pow2(G1), KEEP=keep,
+        PER_ROW=per_row, num_warps=warps(RBLOCK),
+    )
+    return tokens, num_accepted, num_emitted, deferred
