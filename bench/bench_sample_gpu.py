@@ -6,7 +6,7 @@ replayed from a CUDA graph (as the engine's drafter graphs run it).
 
 R in {1, 8} rows (B = 1 drafting and a small batch), V in {32,000, 151,936}, bf16 LLM-like logits,
 T = 1; at R = 1, V = 151,936 also top_p = 0.9 (keep bounds from
-:func:`speccascade_fast.truncation.keep_bounds` in both: the Triton search on CUDA). ``extra_info``
+:func:`speccascade_fast.backends.keep_bounds` in both: the Triton search on CUDA). ``extra_info``
 carries ``gpu_us``, the CUDA-event median as in bench_verify_gpu.py; ``python bench/report.py
 out.json --stat gpu_us`` tabulates it with the ratio to the torch formula.
 
@@ -24,7 +24,7 @@ import torch
 from bench_sample import drafter_logits
 from bench_verify_gpu import captured, gpu_us
 
-from speccascade_fast import truncation
+from speccascade_fast import backends, truncation
 from speccascade_fast.sampling import draw
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
@@ -75,10 +75,11 @@ def test_keep_bounds_gpu(benchmark, R, impl):
     logits = drafter_logits(R, V)[0].cuda()
     T = torch.linspace(0.5, 1.5, R, dtype=torch.float64, device="cuda")
     if impl.startswith("search"):
-        assert truncation._searched(logits)
+        assert backends.resolve("auto", logits.device, "keep_bounds", logits=(logits,),
+                                top_p=top_p) == "triton"
 
         def call():
-            return truncation.keep_bounds(logits, T, None, top_p)
+            return backends.keep_bounds(logits, T, None, top_p)
     else:
         def call():
             return truncation.keep_bounds_torch(logits, T, None, top_p, sync_free=True)

@@ -10,15 +10,15 @@ temporaries).
 
 Backends (the ``backend`` parameter):
 
-* ``cpu``: ``backends.cpu.verify``, the fused C++ op, called with the normalised arguments
-  ``speccascade_fast.verify`` passes to a backend (what a decode loop pays per block once its
+* ``cpu``: ``backends.get("cpu")``, the dispatch to the fused C++ op, called with the
+  normalised arguments ``speccascade_fast.verify`` passes to it (what a decode loop pays per block once its
   inputs are known to be valid); logits in cache (pytest-benchmark repeats the same call, and one
   block of the core shape, 7.3 MB of fp32, fits in the 32 MB L3);
 * ``cpu-cold``: the same after streaming 64 MB through the cache before each round (untimed),
   so the logits come from DRAM: the number to hold against the memory-bandwidth roofline;
 * ``cpu-api``: the public ``speccascade_fast.verify(..., backend="cpu")``, i.e. plus its input
   validation (NaN / +inf / all-masked scans of both logit tensors in eager torch ops);
-* ``reference``: ``backends.reference.verify``, the float64 specification, same arguments;
+* ``reference``: ``backends.get("reference")``, the float64 specification, same arguments;
 * ``eager``: full-vocabulary fp32 softmax of both models, ratio gather, first rejection by the
   cumsum trick, residual by ``torch.multinomial`` (HF ``_speculative_sampling``, batched; opt and
   token_v3 build their target pi the same eager way). Its random numbers are torch's, so its

@@ -8,11 +8,10 @@ Gemma-3 vocabularies), bf16 logits, T = 1, bonus="cascade", rules spec / opt / t
 among them); ``SPECCASCADE_BENCH_FULL=1`` runs the whole grid (the reference only up to 20M
 logits per block). Backends (the ``backend`` parameter):
 
-* ``triton`` / ``cuda``: ``backends.<name>.verify`` as the engine calls it (Python wrapper,
-  allocations, launches), then ``torch.cuda.synchronize()``;
+* ``triton`` / ``cuda``: ``backends.get(name)`` as the engine calls it (the dispatch, the
+  backend's Python wrapper, allocations, launches), then ``torch.cuda.synchronize()``;
 * ``triton-graph`` / ``cuda-graph``: the same call captured once in a CUDA graph, timed as
-  ``replay()`` + ``torch.cuda.synchronize()`` (what a graph-captured decode loop pays; ENGINE.md
-  §1 targets 10-20 µs on H100 for B <= 8, gamma <= 8, V <= 256k);
+  ``replay()`` + ``torch.cuda.synchronize()`` (what a graph-captured decode loop pays);
 * ``triton_wide-graph``: ``triton-graph`` with the race (accept + resample + insert) over the
   targets stage's slices (``race_width=slice_size(V)``, the geometry without ``race_slice``):
   the baseline that shows what the narrower race slices of small B buy, in the same run;
@@ -84,7 +83,7 @@ def gpu_us(fn, n=50) -> float:
 
 
 def fused(name):
-    """``backends.<name>.verify``, failing (not skipping) when the backend is missing here."""
+    """``backends.get(name)``, failing (not skipping) when the backend is missing here."""
     if name not in backends.available(torch.device(DEV)):
         pytest.fail(f"backend {name!r} is not available on this GPU machine")
     return backends.get(name, torch.device(DEV))
@@ -163,12 +162,9 @@ def test_verify_gpu(benchmark, B, gamma, V, rule, backend):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_verify_ragged_gpu(benchmark, backend, rule, how):
     """32 requests of gamma 1..8 (vLLM's flattened rows), V = 151,936, bf16, T = 1: the ragged
-    kernels (one 2-3 launch call, rows read where they lie) against each request through the
-    padded kernels on its own (what ``verify_ragged`` did before them)."""
-    import importlib
-
+    kernels (one 2-3 launch call, rows read where they lie, through the dispatch as the engine
+    calls it) against each request through the padded kernels on its own."""
     verify_one = fused(backend)
-    mod = importlib.import_module(f"speccascade_fast.backends.{backend}")
     B, V = 32, 151936
     gammas = [1 + (7 * b) % 8 for b in range(B)]
     q, x, p = block(B, max(gammas), V, seed=3)
@@ -182,11 +178,11 @@ def test_verify_ragged_gpu(benchmark, backend, rule, how):
                seed=torch.arange(B, dtype=torch.int64, device=DEV),
                positions=torch.full((B,), 100, dtype=torch.int64, device=DEV))
     c = cu.tolist()
-    extra = dict(max_gamma=max(gammas)) if backend == "triton" else {}
 
     def ragged():
-        return mod.verify_ragged(flat_q, flat_x, flat_p, cu, bonus, rule=rule, top_k=None,
-                                 top_p=None, **extra, **per)
+        return backends.verify_ragged(backend, flat_q, flat_x, flat_p, cu, bonus,
+                                      max_gamma=max(gammas), rule=rule, top_k=None, top_p=None,
+                                      **per)
 
     def per_request():
         for b in range(B):

@@ -3,16 +3,16 @@
 Request ``b`` owns ``gamma_b = cu[b+1] - cu[b]`` draft rows ``cu[b]:cu[b+1]`` of ``draft_logits``
 and ``gamma_b + 1`` target rows ``cu[b]+b : cu[b+1]+b+1`` of ``target_logits`` (its drafts and the
 bonus position), so nothing is padded and nothing is copied to pad it (:mod:`.layout`).
+
+:func:`verify_ragged` checks its inputs and hands them to the dispatch,
+:func:`speccascade_fast.backends.verify_ragged`, which :func:`call` is without the checks.
 """
 from __future__ import annotations
-
-import torch
 
 from . import backends, checks
 from .layout import check_cu, row_owners
 from .rules import check_alpha, check_rule
 from .types import VerifyOutput
-from .verify import verify
 
 # row_owners: importable from here until the engine imports it from .layout
 __all__ = ["verify_ragged", "call", "row_owners"]
@@ -124,7 +124,7 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
     seed_b = checks.per_row("seed", seed, B, device)
     positions_b = checks.per_row("positions", positions, B, device, non_negative=True)
 
-    name = backends.resolve(backend, device)  # a ValueError naming the available ones
+    name = backends.resolve(backend, device, "verify_ragged")  # a ValueError naming them
     return call(name, draft_logits, draft_tokens, target_logits, cu, bonus_draft_logits,
                 max_gamma=max_gamma, max_spec_len=max_spec_len, rule=rule, alpha=alpha_b,
                 temperature=temperature_b, top_k=top_k, top_p=top_p, seed=seed_b,
@@ -140,65 +140,10 @@ def call(name, draft_logits, draft_tokens, target_logits, cu, bonus_draft_logits
     ``max_gamma``: the longest request's gamma if known (else read from ``cu``).
 
     With ``max_spec_len`` on ``cuda`` or ``triton`` nothing is read on the host (top-k /
-    top-p included: on CUDA the keep bounds come from the Triton search, or one full sort per row
-    without triton), so a CUDA graph
-    can capture the call and replay it with other values of ``cu``
-    (:class:`speccascade_fast.Engine`'s blocks cut by ``draft_confidence``)."""
-    if name in ("cpu", "cuda"):  # one fused op call (C++ / CUDA C++) over the flattened rows
-        from .backends import cpu, cuda
-
-        more = [bonus_draft_logits] if bonus_draft_logits is not None else []
-        if cpu.handles(draft_logits, target_logits, top_k, top_p, *more):
-            return (cpu if name == "cpu" else cuda).verify_ragged(
-                draft_logits, draft_tokens, target_logits, cu, bonus_draft_logits, rule=rule,
-                alpha=alpha, temperature=temperature, seed=seed, positions=positions,
-                top_k=top_k, top_p=top_p, max_spec_len=max_spec_len,
-            )
-        name = "reference"
-    if max_spec_len is not None:
-        max_gamma = max_spec_len
-    if name == "triton":
-        from .backends import triton as tb
-
-        if max_gamma is None:
-            max_gamma = int((cu[1:] - cu[:-1]).max())
-        return tb.verify_ragged(
-            draft_logits, draft_tokens, target_logits, cu, bonus_draft_logits,
-            max_gamma=max_gamma, rule=rule, alpha=alpha, temperature=temperature, seed=seed,
-            positions=positions, top_k=top_k, top_p=top_p)
-    c = cu.tolist()
-    if max_gamma is None:
-        max_gamma = max(c[b + 1] - c[b] for b in range(len(c) - 1))
-    return _per_request(draft_logits, draft_tokens, target_logits, c, bonus_draft_logits,
-                        max_gamma, rule=rule, alpha=alpha, temperature=temperature,
-                        top_k=top_k, top_p=top_p, seed=seed, positions=positions,
-                        backend=name)
-
-
-def _per_request(draft_logits, draft_tokens, target_logits, c, bonus_draft_logits, max_gamma, *,
-                 rule, alpha, temperature, top_k, top_p, seed, positions,
-                 backend) -> VerifyOutput:
-    """Each request through :func:`speccascade_fast.verify` on its own padded slice (batch
-    invariance makes this exactly the batched result); outputs ``max_gamma + 1`` wide."""
-    B = len(c) - 1
-    device = target_logits.device
-    tokens = torch.full((B, max_gamma + 1), -1, dtype=torch.int64, device=device)
-    deferred = torch.zeros((B, max_gamma + 1), dtype=torch.bool, device=device)
-    num_accepted = torch.zeros(B, dtype=torch.int64, device=device)
-    for b in range(B):
-        lo, hi = c[b], c[b + 1]
-        q = draft_logits[lo:hi]
-        if bonus_draft_logits is not None:
-            bonus = bonus_draft_logits[b:b + 1]
-            dtype = torch.promote_types(q.dtype, bonus.dtype)  # exact: the reference reads fp64
-            q = torch.cat([q.to(dtype), bonus.to(dtype)])
-        out = verify(
-            q[None], draft_tokens[lo:hi][None], target_logits[lo + b:hi + b + 1][None],
-            rule=rule, alpha=alpha[b:b + 1], temperature=temperature[b:b + 1], top_k=top_k,
-            top_p=top_p, seed=seed[b:b + 1], positions=positions[b:b + 1], backend=backend,
-        )
-        n = hi - lo + 1
-        tokens[b, :n] = out.tokens[0]
-        deferred[b, :n] = out.deferred[0]
-        num_accepted[b] = out.num_accepted[0]
-    return VerifyOutput(tokens, num_accepted, num_accepted + 1, deferred)
+    top-p included), so a CUDA graph can capture the call and replay it with other values of
+    ``cu`` (:class:`speccascade_fast.Engine`'s blocks cut by ``draft_confidence``). The same as
+    :func:`speccascade_fast.backends.verify_ragged`."""
+    return backends.verify_ragged(
+        name, draft_logits, draft_tokens, target_logits, cu, bonus_draft_logits,
+        max_gamma=max_gamma, max_spec_len=max_spec_len, rule=rule, alpha=alpha,
+        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, positions=positions)

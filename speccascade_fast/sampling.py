@@ -1,11 +1,11 @@
-"""How the drafter draws its tokens: exactly from ``qT`` (SEMANTICS §1), with the DRAFT stream."""
+"""How the drafter draws its tokens: exactly from ``qT`` (docs/semantics.md §1), with the DRAFT
+stream. :func:`sample` checks its inputs; :func:`draw` (the engine's entry, inputs already
+checked) hands them to the dispatch, :func:`speccascade_fast.backends.sample`."""
 from __future__ import annotations
 
 import torch
 
-from . import _ext, checks, rng
-from .probs import scaled
-from .truncation import keep_bounds_or_none
+from . import backends, checks
 
 
 def sample(logits, *, temperature=1.0, top_k=None, top_p=None, seed=0, positions=None,
@@ -55,17 +55,14 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, seed=0, positions
     return draw(logits, temperature, seed, positions, top_k, top_p, backend=backend)
 
 
-_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 def _check_backend(backend, logits) -> None:
     if backend not in ("auto", "reference", "triton"):
         raise ValueError(f"backend must be 'auto', 'reference' or 'triton', got {backend!r}")
     if backend == "triton":
-        if not _triton_on(logits.device):
+        if "triton" not in backends.available(logits.device, "sample"):
             raise ValueError(f"backend='triton' is not available for {logits.device} logits "
                              "(it needs triton and a GPU, or TRITON_INTERPRET=1 on the CPU)")
-        if logits.dtype not in _FUSED_DTYPES:
+        if logits.dtype not in backends.FUSED_DTYPES:
             raise ValueError("backend='triton' samples float32, bfloat16 or float16 logits, "
                              f"got {logits.dtype}")
 
@@ -75,34 +72,14 @@ def draw(logits, temperature, seed, positions, top_k=None, top_p=None, *, greedy
     """:func:`sample` on ``[R, V]`` logits with inputs already checked: float64 ``temperature``,
     int64 ``seed`` and ``positions`` ``[R]`` on the logits' device, ``top_k`` / ``top_p``
     normalised. No host synchronisation on CUDA (the top-k / top-p keep bounds come from torch's
-    top-k and the Triton search there) unless ``greedy`` is None on the torch path (whether every row is
-    greedy is then read from ``temperature``): the engine's CUDA graphs call it with ``greedy``
-    known. On CUDA the Triton kernels take every call that is not known to be all greedy (an
-    all-greedy call is one argmax), for fp32/bf16/fp16 logits when triton imports."""
-    fused = logits.dtype in _FUSED_DTYPES
-    kernel = _ext.load()
-    if backend == "auto" and kernel is not None and logits.device.type == "cpu" and fused:
-        keep = keep_bounds_or_none(logits, temperature, top_k, top_p)
-        return kernel.sample_cpu(logits, temperature, seed, positions, keep)
-    if not greedy and (backend == "triton" or (backend == "auto" and fused and logits.is_cuda
-                                               and _triton_on(logits.device))):
-        from .backends import triton as triton_backend
-
-        keep = keep_bounds_or_none(logits, temperature, top_k, top_p)
-        return triton_backend.sample(logits, temperature, seed, positions, keep)
-    if greedy is None:
-        greedy = not bool(temperature.any())
-    if greedy:  # all greedy: the argmax needs no noise (ties: lowest id)
-        return torch.argmax(logits, dim=-1)
-    qT = scaled(logits, temperature, top_k, top_p)
-    noise = rng.exponential_noise(seed, positions, rng.DRAFT, logits.shape[-1])
-    return rng.race(torch.log(qT), noise)
-
-
-def _triton_on(device) -> bool:
-    from .backends import triton as triton_backend
-
-    return triton_backend.is_available(device)
+    top-k and the Triton search there) unless ``greedy`` is None on the torch path (whether
+    every row is greedy is then read from ``temperature``): the engine's CUDA graphs call it
+    with ``greedy`` known. On CUDA the Triton kernels take every call that is not known to be
+    all greedy (an all-greedy call is one argmax), for fp32/bf16/fp16 logits when triton
+    imports; on the CPU the compiled kernel takes fp32/bf16/fp16 logits (``backend="auto"``).
+    The choice is :func:`speccascade_fast.backends.resolve`'s."""
+    return backends.sample(backend, logits, temperature, seed, positions, top_k, top_p,
+                           greedy=greedy)
 
 
 def draft_probability(logits, tokens, temperature) -> torch.Tensor:

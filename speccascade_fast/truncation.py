@@ -17,137 +17,77 @@ renormalised mass before it is < ``top_p``; the last kept token ``v*`` gives
 ``(tau, cut) = (l_v*, v*)``. The masses are fp64 softmax terms as in the reference, so the
 bound differs only where a cumulative mass lies within rounding (~1e-15) of ``top_p``.
 
-Rows with T = 0 or no truncation get ``(-inf, V - 1)``: keep all. Three implementations of the
-one definition:
+Rows with T = 0 or no truncation get ``(-inf, V - 1)``: keep all.
 
-* on CPU (fp32/fp16/bf16 logits) the C++ op ``torch.ops.speccascade.keep_bounds``
-  (csrc/cpu/keep_bounds_cpu.cpp: nth_element for top-k, a quickselect by mass for top-p, expected
-  O(V) per row, fp32 exp summed in fp64);
-* on CUDA with triton, for top-p (fp32/fp16/bf16 logits), the Triton search of
-  :mod:`speccascade_fast.kernels.keep_bounds` (up to eight passes over the logits' bits split over
-  the vocabulary, fp32 exp summed in fp64, no sort and no host read), after torch's top-k;
-* elsewhere, and as the others' oracle in the tests, the torch code below (fp64; one top-k of
-  width 64 per row, 4x wider for the rows not yet decided, up to a full sort; or, on CUDA, one
-  full sort per row with no host read).
+This module is the definition and its torch implementation, :func:`keep_bounds_torch` (fp64; one
+top-k of width 64 per row, 4x wider for the rows not yet decided, up to a full sort; or one full
+sort per row with no host read), which the reference backend runs and the others are tested
+against. The other implementations belong to their backends: the C++ op
+``torch.ops.speccascade.keep_bounds`` (cpu backend; csrc/cpu/keep_bounds_cpu.cpp: nth_element for
+top-k, a quickselect by mass for top-p, expected O(V) per row, fp32 exp summed in fp64) and the
+Triton search of :mod:`speccascade_fast.kernels.keep_bounds` (triton backend, top-p on CUDA: up to
+eight passes over the logits' bits split over the vocabulary, fp32 exp summed in fp64, no sort
+and no host read). Which one runs for a call is chosen in one place, the dispatch of
+:mod:`speccascade_fast.backends` (``backends.keep_bounds``).
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["keep_bounds", "keep_bounds_torch", "keep_mask", "keep_bounds_or_none",
-           "keep_bounds_pair", "ragged_keep_bounds"]
+from .layout import row_temperatures
+
+__all__ = ["keep_bounds_torch", "keep_mask", "rows", "torch_keep_bounds",
+           "torch_keep_bounds_ragged"]
 
 _FIRST_WIDTH = 64
 
 
-def keep_bounds(logits: torch.Tensor, temperature: torch.Tensor, top_k: int | None,
-                top_p: float | None) -> torch.Tensor:
-    """The keep bounds of every row: float64 ``[..., 2]`` = ``(tau, cut)`` (module docstring).
-
-    Args:
-        logits: ``[..., V]`` raw logits (any float dtype).
-        temperature: float tensor broadcastable to ``logits.shape[:-1]``; rows with T = 0 keep
-            everything (their law is the argmax one-hot either way).
-        top_k, top_p: validated truncation settings (``None``: off).
-    """
-    op = _cpu_op(logits)
-    if op is None and not (top_p is not None and _searched(logits)):
-        return keep_bounds_torch(logits, temperature, top_k, top_p)
-    if op is None:
-        from .backends import triton as triton_backend
-
-        op = triton_backend.keep_bounds
-    return op(*_rows(logits, temperature), top_k, top_p).reshape(*logits.shape[:-1], 2)
-
-
-def _rows(logits: torch.Tensor, temperature):
+def rows(logits: torch.Tensor, temperature):
     """``logits`` ``[..., V]`` as ``[R, V]`` rows and their temperatures as float64 ``[R]``
     (broadcast to the rows), what the fused implementations take."""
     t = torch.as_tensor(temperature, dtype=torch.float64, device=logits.device)
     return logits.reshape(-1, logits.shape[-1]), t.expand(logits.shape[:-1]).reshape(-1).contiguous()
 
 
-def keep_bounds_or_none(logits: torch.Tensor, temperature: torch.Tensor, top_k: int | None,
-                        top_p: float | None) -> torch.Tensor | None:
-    """:func:`keep_bounds` (contiguous), or ``None`` when neither truncation is asked for: the
-    optional ``keep`` argument of the fused kernels."""
+def torch_keep_bounds(top_k: int | None, top_p: float | None, *parts):
+    """:func:`keep_bounds_torch` of each ``(logits, temperature)`` of ``parts`` (a ``None`` part
+    stays ``None``), or all ``None`` when neither truncation is asked for: the bounds a fused
+    backend falls back on when it is called directly, without the bounds the dispatch computes."""
     if top_k is None and top_p is None:
-        return None
-    return keep_bounds(logits, temperature, top_k, top_p)
+        return tuple(None for _ in parts)
+    return tuple(None if part is None else keep_bounds_torch(part[0], part[1], top_k, top_p)
+                 for part in parts)
 
 
-def keep_bounds_pair(a: torch.Tensor, ta, b: torch.Tensor, tb, top_k: int | None,
-                     top_p: float | None):
-    """:func:`keep_bounds_or_none` of two logit tensors (a verification's draft and target
-    rows, each with its temperatures): ``(bounds of a, bounds of b)``, or two ``None``. On the
-    Triton search's path (CUDA, top-p) one search covers both when they share dtype and
-    vocabulary: the launches of one."""
-    if top_k is None and top_p is None:
-        return None, None
-    V = a.shape[-1]
-    if not (top_p is not None and _searched(a) and b.dtype == a.dtype and b.shape[-1] == V
-            and b.device == a.device):
-        return keep_bounds(a, ta, top_k, top_p), keep_bounds(b, tb, top_k, top_p)
-    from .backends import triton as triton_backend
-
-    out = triton_backend.keep_bounds(*_rows(a, ta), top_k, top_p, second=_rows(b, tb))
-    n = a.numel() // V
-    return out[:n].reshape(*a.shape[:-1], 2), out[n:].reshape(*b.shape[:-1], 2)
-
-
-def ragged_keep_bounds(draft_logits, target_logits, bonus_draft_logits, cu_num_draft_tokens,
-                       temperature, top_k, top_p):
-    """The keep bounds of vLLM's flattened layout (:func:`speccascade_fast.verify_ragged`), each
-    row with its request's T: ``(draft [N, 2], target [N + B, 2], bonus [B, 2] or None)``, or
-    three ``None`` when neither truncation is asked for. No host read. Padding rows (after
-    ``cu[B]`` drafts, ``cu[B] + B`` targets) get the last request's T: never read."""
+def torch_keep_bounds_ragged(draft_logits, target_logits, bonus_draft_logits,
+                             cu_num_draft_tokens, temperature, top_k, top_p):
+    """:func:`torch_keep_bounds` of vLLM's flattened layout (:mod:`speccascade_fast.layout`),
+    each row with its request's T: ``(draft [N, 2], target [N + B, 2], bonus [B, 2] or None)``,
+    or three ``None``."""
     if top_k is None and top_p is None:
         return None, None, None
-    from .ragged import row_owners
-
-    cu = cu_num_draft_tokens.to(device=temperature.device, dtype=torch.int64)
-    t_draft = temperature[row_owners(cu, draft_logits.shape[0])[0]]  # gamma_b draft rows
-    t_target = temperature[row_owners(cu, target_logits.shape[0], target=True)[0]]  # gamma_b + 1
-    kb = (None if bonus_draft_logits is None
-          else keep_bounds(bonus_draft_logits, temperature, top_k, top_p))
-    kd, kt = keep_bounds_pair(draft_logits, t_draft, target_logits, t_target, top_k, top_p)
-    return kd, kt, kb
-
-
-def _cpu_op(logits):
-    if logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.float16,
-                                                            torch.bfloat16):
-        return None
-    from . import _ext
-
-    if _ext.load() is None:
-        return None
-    try:
-        return torch.ops.speccascade.keep_bounds
-    except (AttributeError, RuntimeError):
-        return None
-
-
-def _searched(logits) -> bool:
-    """Whether top-p's bound of these logits comes from the Triton search: CUDA fp32/fp16/bf16
-    logits, with triton importable."""
-    if not logits.is_cuda or logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return False
-    from .backends import triton as triton_backend
-
-    return triton_backend.is_available(logits.device)
+    t_draft, t_target = row_temperatures(cu_num_draft_tokens, temperature,
+                                         draft_logits.shape[0], target_logits.shape[0])
+    bonus = None if bonus_draft_logits is None else (bonus_draft_logits, temperature)
+    return torch_keep_bounds(top_k, top_p, (draft_logits, t_draft), (target_logits, t_target),
+                             bonus)
 
 
 def keep_bounds_torch(logits: torch.Tensor, temperature: torch.Tensor, top_k: int | None,
                       top_p: float | None, *, sync_free: bool | None = None) -> torch.Tensor:
-    """:func:`keep_bounds` in torch (fp64): any device and dtype; the C++ op's and the Triton
-    search's oracle, and what CUDA runs without triton.
+    """The keep bounds of every row in torch (fp64): float64 ``[..., 2]`` = ``(tau, cut)``
+    (module docstring), any device and dtype; the C++ op's and the Triton search's oracle, and
+    what CUDA runs without triton.
 
-    ``sync_free``: walk every row's full sort at once instead of top-k windows sized on the
-    host (O(V log V) per row, but no host read, so it can be captured in a CUDA graph). Same
-    bounds either way. None: on CUDA (with top_p, one sort per row measured 1.8-8.1x faster than
-    the windows on an H100, before the Triton search: README, "Measured", "On a GPU"), not on
-    CPU."""
+    Args:
+        logits: ``[..., V]`` raw logits (any float dtype).
+        temperature: float tensor broadcastable to ``logits.shape[:-1]``; rows with T = 0 keep
+            everything (their law is the argmax one-hot either way).
+        top_k, top_p: validated truncation settings (``None``: off).
+        sync_free: walk every row's full sort at once instead of top-k windows sized on the
+            host (O(V log V) per row, but no host read, so it can be captured in a CUDA graph).
+            Same bounds either way. None: on CUDA (where each window's host read stalls the
+            stream, one sort per row is the faster of the two), not on CPU."""
     shape, V = logits.shape[:-1], logits.shape[-1]
     if sync_free is None:
         sync_free = logits.is_cuda

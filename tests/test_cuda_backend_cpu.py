@@ -2,10 +2,12 @@
 run in tests/gpu/test_cuda_backend.py):
 
 * on the CPU it is never offered, and asking for it is a clear ValueError naming it;
-* calls it does not cover (fp64 logits) go to the reference before any device check, exactly
-  as in the cpu backend; truncated ones (top-k / top-p: keep bounds in the kernel) do not;
+* the dispatch sends calls it does not cover (fp64 logits) to the reference before any device
+  check, exactly as for the cpu backend; truncated ones (top-k / top-p: keep bounds in the
+  kernel) it does not;
 * ``verify_ragged(backend="cuda")`` hands covered calls, whole and normalised, to the fused
-  ragged op (``cuda.verify_ragged``), and fp64 ones to the reference;
+  ragged op (``cuda.verify_ragged``, with the keep bounds the dispatch computed), and fp64 ones
+  to the reference;
 * the rule ids compiled into csrc/cuda (the enum of verify.cu, the rule count of verify.h that
   verify_cuda.cpp checks) are speccascade_fast.rules.RULES in order, as the Python side sends
   ``RULES.index(rule)``.
@@ -76,8 +78,7 @@ def test_ragged_api_routes_cuda_to_the_fused_op(monkeypatch, dtype):
     covered call to the fused ragged op in one piece, and an fp64 call to the reference."""
     from speccascade_fast import ragged
 
-    monkeypatch.setattr(backends, "available",
-                        lambda device=None: ("cuda", "cpu", "reference"))
+    monkeypatch.setattr(cuda, "is_available", lambda device=None: True)
     calls = []
 
     def fake(*args, **kwargs):
@@ -107,6 +108,9 @@ def test_ragged_api_routes_cuda_to_the_fused_op(monkeypatch, dtype):
     assert args[0] is q and args[1] is x and args[2] is p and args[4] is bonus
     assert args[3].tolist() == [0, 2, 5]
     assert kwargs["rule"] == "token_v3" and kwargs["top_k"] == 7 and kwargs["top_p"] is None
+    kd, kt, kb = kwargs["keep"]  # the bounds the dispatch computed (the C++ op, CPU tensors)
+    want = backends.ragged_keep_bounds(q, p, bonus, cu, kwargs["temperature"], 7, None)
+    assert all(torch.equal(a, b) for a, b in zip((kd, kt, kb), want))
     assert kwargs["alpha"].tolist() == [0.2, 0.4]
     assert kwargs["temperature"].tolist() == [0.0, 0.9]
     assert kwargs["seed"].tolist() == [3, 4] and kwargs["positions"].tolist() == [10, 20]
@@ -123,7 +127,7 @@ def test_truncated_calls_are_the_kernels(kw):
 
 
 @pytest.mark.parametrize("kw", [dict(dtype=torch.float64), dict(dtype=torch.float64, top_p=0.9)])
-def test_uncovered_calls_go_to_the_reference(kw):
+def test_the_dispatch_sends_uncovered_calls_to_the_reference(kw):
     q, x, p = _block(seed=3)
     dtype = kw.pop("dtype", None)
     if dtype is not None:
@@ -132,9 +136,12 @@ def test_uncovered_calls_go_to_the_reference(kw):
                 temperature=torch.full((2,), 0.7, dtype=torch.float64),
                 top_k=kw.get("top_k"), top_p=kw.get("top_p"),
                 seed=torch.tensor([5, 6]), positions=torch.tensor([0, 9]))
-    got = cuda.verify(q, x, p, **args)
+    assert not backends.covers("cuda", "verify", q, p)
+    got = backends.verify("cuda", q, x, p, **args)
     want = reference.verify(q, x, p, **args)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+        cuda.verify(q, x, p, **args)  # the module itself runs what it is handed
 
 
 def test_compiled_rule_ids_follow_rules_in_order():

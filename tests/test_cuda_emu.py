@@ -6,19 +6,22 @@ The emulator runs every CUDA thread of a block as a fiber, one after another up 
 different barriers, a deadlock, a full-mask shuffle missing lanes, a bad launch configuration);
 shared memory starts as garbage in every block. The first group of tests shows that it catches
 each of these in small kernels written to have them (csrc/emu/selftest.cu). The rest run the
-project's own kernels through :mod:`speccascade_fast.backends.cuda` (its ``_cuda_ops`` pointed at
-the emulator's ops, CPU tensors): the same checks as tests/gpu/test_cuda_backend.py and
-tests/gpu/test_ragged_gpu.py, on vocabularies of one to three slices. What a GPU adds beyond
+project's own kernels through the dispatch to :mod:`speccascade_fast.backends.cuda` (its
+``_cuda_ops`` pointed at the emulator's ops, CPU tensors): the same checks as
+tests/gpu/test_cuda_backend.py and tests/gpu/test_ragged_gpu.py, on vocabularies of one to three
+slices. What a GPU adds beyond
 this is its memory model, its own expf / log (last-bit differences: tokens may differ only at
 floating-point near-ties, as for every backend), capture in a CUDA graph, and speed.
 """
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
 import speccascade_fast as sc
-from speccascade_fast import checks
+from speccascade_fast import backends, checks
 from speccascade_fast.backends import cuda, reference
 from speccascade_fast.ragged import verify_ragged
 
@@ -35,9 +38,18 @@ def emu():
 
 @pytest.fixture
 def backend(monkeypatch, emu):
-    """speccascade_fast.backends.cuda with the emulator's ops for CPU tensors."""
+    """The dispatch's ``verify`` / ``verify_ragged`` on the cuda backend (as the public API and
+    the engine call it: keep bounds computed by the dispatch, float64 calls to the reference),
+    speccascade_fast.backends.cuda running the emulator's ops for CPU tensors."""
     monkeypatch.setattr(cuda, "_cuda_ops", lambda target_logits: cuda_emu.ops())
-    return cuda
+
+    def verify(*args, **kw):
+        return backends.verify("cuda", *args, **kw)
+
+    def verify_ragged(*args, top_k=None, top_p=None, **kw):
+        return backends.verify_ragged("cuda", *args, top_k=top_k, top_p=top_p, **kw)
+
+    return types.SimpleNamespace(verify=verify, verify_ragged=verify_ragged)
 
 
 # ---- the emulator catches what it promises -------------------------------------------------------
@@ -158,8 +170,9 @@ def ragged_args(n, rule, alpha, T, seed):
 
 
 def ragged_emulated(backend, flat, args, **extra):
-    """The cuda backend's ``verify_ragged`` on the flattened inputs ``flat`` with the public
-    call's ``args`` normalised as :func:`speccascade_fast.verify_ragged` hands them on."""
+    """The dispatch's ``verify_ragged`` on the cuda backend for the flattened inputs ``flat``,
+    the public call's ``args`` normalised as :func:`speccascade_fast.verify_ragged` hands them
+    on."""
     n = flat["cu_num_draft_tokens"].numel() - 1
     kw = dict(args, alpha=checks.alpha_tensor(args["alpha"], (n,), "cpu"),
               temperature=checks.temperature(args["temperature"], (n,), "cpu"))

@@ -1,4 +1,5 @@
-"""Keep bounds (speccascade_fast/truncation.py) describe exactly the reference's truncated support."""
+"""Keep bounds (speccascade_fast/truncation.py) describe exactly the reference's truncated support;
+every implementation the dispatch (``backends.keep_bounds``) may pick here gives the same ones."""
 from __future__ import annotations
 
 import functools
@@ -7,13 +8,20 @@ import pytest
 import torch
 
 import speccascade_fast as sc
+from speccascade_fast import backends
+from speccascade_fast.backends import keep_bounds
 from speccascade_fast.probs import scaled
-from speccascade_fast.truncation import keep_bounds, keep_bounds_torch, keep_mask
+from speccascade_fast.truncation import (
+    keep_bounds_torch,
+    keep_mask,
+    torch_keep_bounds,
+    torch_keep_bounds_ragged,
+)
 
 from .helpers import NoHostReads
 from .helpers import truncation_case as _case
 
-IMPLS = {"torch": keep_bounds_torch, "cpu_op": keep_bounds,  # keep_bounds: the C++ op on CPU
+IMPLS = {"torch": keep_bounds_torch, "cpu_op": keep_bounds,  # the dispatch: the C++ op on CPU
          "sorted": functools.partial(keep_bounds_torch, sync_free=True)}
 
 
@@ -39,12 +47,13 @@ def test_bounds_give_the_reference_support(trial, impl):
 
 def test_the_cpu_op_equals_the_torch_bounds():
     """Bit for bit on 400 random cases (fp32 exp vs fp64 could differ only at a mass within
-    ~1e-7 of top_p; the op must be the one answering on CPU)."""
-    assert keep_bounds.__module__ == "speccascade_fast.truncation"
+    ~1e-7 of top_p; the op must be the one the dispatch picks on CPU)."""
     import speccascade_fast._C  # noqa: F401
 
     for trial in range(400):
         x, T, top_k, top_p = _case(1000 + trial)
+        assert backends.resolve("auto", x.device, "keep_bounds", logits=(x,),
+                                top_p=top_p) == "cpu"
         a = keep_bounds_torch(x, T, top_k, top_p)
         b = torch.ops.speccascade.keep_bounds(x, T.double(), top_k, top_p)
         assert torch.equal(a, b), (trial, top_k, top_p, a, b)
@@ -84,6 +93,26 @@ def test_no_truncation_and_shapes(impl):
     b = IMPLS[impl](x, torch.tensor([0.5, 1.0])[:, None], None, None)
     assert b.shape == (2, 3, 2)
     assert bool((b[..., 0] == -torch.inf).all()) and bool((b[..., 1] == 49).all())
+
+
+def test_torch_bounds_of_parts_and_of_the_flattened_layout():
+    """What a fused backend called without bounds uses: the torch bounds of each part (None
+    without truncation), and for vLLM's layout each row with its request's temperature."""
+    g = torch.Generator().manual_seed(3)
+    q, p = torch.randn(5, 40, generator=g), torch.randn(7, 40, generator=g)
+    T = torch.tensor([0.5, 1.5], dtype=torch.float64)
+    assert torch_keep_bounds(None, None, (q, T[0]), None) == (None, None)
+    a, none = torch_keep_bounds(6, 0.8, (q, T[0]), None)
+    assert none is None and torch.equal(a, keep_bounds_torch(q, T[0], 6, 0.8))
+    cu = torch.tensor([0, 2, 5])  # gamma 2 and 3: draft rows 0-1 / 2-4, target rows 0-2 / 3-6
+    assert torch_keep_bounds_ragged(q, p, None, cu, T, None, None) == (None, None, None)
+    kd, kt, kb = torch_keep_bounds_ragged(q, p, p[:2], cu, T, 6, 0.8)
+    t_draft = torch.tensor([0.5, 0.5, 1.5, 1.5, 1.5], dtype=torch.float64)
+    t_target = torch.tensor([0.5, 0.5, 0.5, 1.5, 1.5, 1.5, 1.5], dtype=torch.float64)
+    assert torch.equal(kd, keep_bounds_torch(q, t_draft, 6, 0.8))
+    assert torch.equal(kt, keep_bounds_torch(p, t_target, 6, 0.8))
+    assert torch.equal(kb, keep_bounds_torch(p[:2], T, 6, 0.8))
+    assert torch.equal(kd, backends.ragged_keep_bounds(q, p, p[:2], cu, T, 6, 0.8)[0])
 
 
 def test_the_op_rejects_malformed_bounds():

@@ -40,11 +40,10 @@ gamma, T, alpha, seeds, positions and the race slice width are runtime values (n
 B: at most two compiled race geometries per V).
 
 **top_k / top_p**: each logit row's keep bound ``(tau, cut)`` (:mod:`speccascade_fast.truncation`)
-is computed first (on CUDA top-k by torch and top-p by the search of
-:mod:`speccascade_fast.kernels.keep_bounds`, :func:`keep_bounds`, no host read; on the
-interpreter by the C++ op) and every kernel reads a truncated row as -inf outside its set
-wherever it forms qT or pT (the unscaled q1, p1 stay whole). T = 0 (greedy) and T > 0 may mix
-within a batch.
+reaches the kernels as ``keep``, computed by the dispatch (:mod:`speccascade_fast.backends`: on
+CUDA top-k by torch and top-p by this backend's :func:`keep_bounds`, no host read), and every
+kernel reads a truncated row as -inf outside its set wherever it forms qT or pT (the unscaled
+q1, p1 stay whole). T = 0 (greedy) and T > 0 may mix within a batch.
 
 **Ragged layout** (:func:`verify_ragged`, vLLM's flattened rows with per-request gamma): the same
 launches, every kernel taking per request its gamma_b and the offsets of its first draft / target
@@ -67,7 +66,7 @@ import os
 
 import torch
 
-from ..truncation import keep_bounds_pair, ragged_keep_bounds
+from ..truncation import torch_keep_bounds, torch_keep_bounds_ragged
 from ..types import VerifyOutput
 
 __all__ = ["is_available", "keep_bounds", "launch", "sample", "verify", "verify_ragged"]
@@ -92,19 +91,21 @@ def is_available(device=None) -> bool:
 
 
 def verify(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperature, top_k, top_p,
-           seed, positions) -> VerifyOutput:
+           seed, positions, keep=None) -> VerifyOutput:
     """Shapes: ``draft_logits`` ``[B, g or g+1, V]``, ``draft_tokens`` int64 ``[B, g]``,
     ``target_logits`` ``[B, g+1, V]`` (fp32/bf16/fp16/fp64, last dim contiguous or copied);
-    ``alpha``, ``temperature`` float64 ``[B]``; ``seed``, ``positions`` int64 ``[B]``."""
+    ``alpha``, ``temperature`` float64 ``[B]``; ``seed``, ``positions`` int64 ``[B]``. ``keep``:
+    the draft and target rows' keep bounds as the dispatch computed them; None: the torch
+    reference's, when top-k / top-p is asked for."""
     return launch(draft_logits, draft_tokens, target_logits, rule=rule, alpha=alpha,
                   temperature=temperature, seed=seed, positions=positions, top_k=top_k,
-                  top_p=top_p)
+                  top_p=top_p, keep=keep)
 
 
 def launch(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperature, seed,
-           positions, top_k=None, top_p=None, slice_width: int | None = None,
+           positions, top_k=None, top_p=None, keep=None, slice_width: int | None = None,
            block: int | None = None, race_width: int | None = None) -> VerifyOutput:
-    """Run the kernels on the padded layout. ``slice_width`` /
+    """Run the kernels on the padded layout (``keep`` as in :func:`verify`). ``slice_width`` /
     ``block`` / ``race_width`` (powers of two) override the vocabulary slice per program
     (default ``kernels.launch.slice_size``), the chunk each program loops over (default: the
     whole slice in one go) and the slice per program of the race (default
@@ -112,7 +113,10 @@ def launch(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperatur
     B, gamma = draft_tokens.shape
     q = draft_logits if draft_logits.stride(-1) == 1 else draft_logits.contiguous()
     p = target_logits if target_logits.stride(-1) == 1 else target_logits.contiguous()
-    kq, kp = keep_bounds_pair(q, temperature[:, None], p, temperature[:, None], top_k, top_p)
+    if keep is None:
+        T = temperature[:, None]
+        keep = torch_keep_bounds(top_k, top_p, (q, T), (p, T))
+    kq, kp = keep
     layout = _Layout(B=B, gamma=gamma, rq=q.shape[1],
                      strides=(q.stride(0), q.stride(1), p.stride(0), p.stride(1)))
     return _run(q, p, draft_tokens, kq, kp, layout, rule=rule, alpha=alpha,
@@ -122,15 +126,17 @@ def launch(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperatur
 
 def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens,
                   bonus_draft_logits, *, max_gamma: int, rule, alpha, temperature, seed,
-                  positions, top_k=None, top_p=None, slice_width: int | None = None,
+                  positions, top_k=None, top_p=None, keep=None, slice_width: int | None = None,
                   block: int | None = None, race_width: int | None = None) -> VerifyOutput:
     """vLLM's flattened layout (:func:`speccascade_fast.ragged.verify_ragged`, inputs validated
     there) in the same 2-3 launches as the padded one, reading the logits where they lie (no
     padded copy): every kernel takes per request its gamma_b and the offsets of its first draft
     row (``cu[b]``) and target row (``cu[b] + b``), and the bonus drafter rows from their own
     tensor. ``max_gamma`` = the longest request's gamma (the grids' size, from the host: vLLM's
-    ``max_spec_len``). Only the drafts and the top-k / top-p keep bounds (a few numbers per row)
-    are gathered into the padded ``[B, max_gamma (+1)]`` layout, on the device."""
+    ``max_spec_len``). ``keep``: the keep bounds ``(draft, target, bonus)`` per flattened row as
+    the dispatch computed them; None: the torch reference's, when top-k / top-p is asked for.
+    Only the drafts and the keep bounds (a few numbers per row) are gathered into the padded
+    ``[B, max_gamma (+1)]`` layout, on the device."""
     device = target_logits.device
     q = draft_logits if draft_logits.stride(-1) == 1 else draft_logits.contiguous()
     p = target_logits if target_logits.stride(-1) == 1 else target_logits.contiguous()
@@ -152,8 +158,10 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
         qb = qb if qb.stride(-1) == 1 else qb.contiguous()
     else:
         qb = q  # never read
-    kd, kt, kb = ragged_keep_bounds(q, p, qb if cascade else None, cu, temperature, top_k,
-                                    top_p)
+    if keep is None:
+        keep = torch_keep_bounds_ragged(q, p, qb if cascade else None, cu, temperature, top_k,
+                                        top_p)
+    kd, kt, kb = keep
     kq = kp = None
     if kd is not None:  # the flattened rows' bounds, gathered to the padded rows
         kq = kd[draft_row[:, :RQ]]

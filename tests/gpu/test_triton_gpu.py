@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import speccascade_fast as sc
+from speccascade_fast import backends
 from speccascade_fast.backends import reference
 
 from .. import helpers
@@ -51,13 +52,12 @@ def test_qwen_vocabulary_matches_reference(rule, T, B):
 @pytest.mark.parametrize("trunc", [(50, None), (None, 0.9), (50, 0.9)])
 @pytest.mark.parametrize("rule", ["spec", "opt", "token_v3", "lossy", "lossy_star", "bild"])
 def test_qwen_vocabulary_top_k_top_p(rule, trunc):
-    """Keep bounds computed by the torch code on the GPU, read by every kernel."""
-    from speccascade_fast.backends import triton as tb
-
+    """Keep bounds computed on the GPU by the dispatch (top-k by torch, top-p by the Triton
+    search), read by every kernel."""
     B, (top_k, top_p) = 4, trunc
     q, x, p = llm_block(B, 77 + sc.RULES.index(rule), T=0.8)
     args = args_for(rule, [0.0, 0.8, 1.0, 1.3], B, 77)
-    got = tb.verify(q, x, p, top_k=top_k, top_p=top_p, **args)
+    got = backends.verify("triton", q, x, p, top_k=top_k, top_p=top_p, **args)
     want = reference.verify(q, x, p, top_k=top_k, top_p=top_p, **args)
     bad = [name for name, a, b in zip(want._fields, got, want) if not torch.equal(a, b)]
     assert not bad, (rule, trunc, bad)
@@ -201,7 +201,7 @@ def assert_same_kept_sets(x, T, top_k, top_p, got, want):
 @pytest.mark.parametrize("top_k,top_p", [(None, 0.9), (None, 0.5), (50, 0.95), (None, 0.999)])
 @pytest.mark.parametrize("rows", [1, 6, 48])
 def test_keep_bound_search_at_the_qwen_vocabulary(rows, top_k, top_p):
-    """On CUDA ``truncation.keep_bounds`` takes top-p's bound from the Triton search
+    """On CUDA ``backends.keep_bounds`` takes top-p's bound from the Triton search
     (kernels/keep_bounds.py, default slicing): the torch bounds (fp64 over one full sort per row)
     up to rounding at the boundary, for bf16 and fp32 LLM-like rows at V = 151,936, greedy rows
     included; how many rows are bit for bit equal is printed."""
@@ -210,23 +210,23 @@ def test_keep_bound_search_at_the_qwen_vocabulary(rows, top_k, top_p):
     q = llm_block(-(-rows // 6), 11)[0].reshape(-1, V)[:rows]
     T = torch.linspace(0.0, 1.5, rows, dtype=torch.float64, device=DEV)
     for x in (q, q.float()):
-        assert truncation._searched(x)
+        assert backends.resolve("auto", x.device, "keep_bounds", logits=(x,),
+                                top_p=top_p) == "triton"
         want = truncation.keep_bounds_torch(x, T, top_k, top_p)
-        got = truncation.keep_bounds(x, T, top_k, top_p)
+        got = backends.keep_bounds(x, T, top_k, top_p)
         assert_same_kept_sets(x, T, top_k, top_p, got, want)
         print(f"{x.dtype}: {int((got == want).all(-1).sum())} of {rows} rows bit for bit")
 
 
 def test_keep_bound_search_over_a_blocks_draft_and_target_rows():
-    """``keep_bounds_pair`` (what the verification backends call) searches the draft and target
-    rows of a block in one go on CUDA: each part's bounds are those of its own search."""
-    from speccascade_fast import truncation
-
+    """``keep_bounds_pair`` (what the dispatch computes for a fused verification) searches the
+    draft and target rows of a block in one go on CUDA: each part's bounds are those of its own
+    search."""
     q, _, p = llm_block(2, 14)
     T = torch.tensor([0.7, 1.2], dtype=torch.float64, device=DEV)[:, None]
-    kq, kp = truncation.keep_bounds_pair(q, T, p, T, 20, 0.9)
-    assert torch.equal(kq, truncation.keep_bounds(q, T, 20, 0.9))
-    assert torch.equal(kp, truncation.keep_bounds(p, T, 20, 0.9))
+    kq, kp = backends.keep_bounds_pair(q, T, p, T, 20, 0.9)
+    assert torch.equal(kq, backends.keep_bounds(q, T, 20, 0.9))
+    assert torch.equal(kp, backends.keep_bounds(p, T, 20, 0.9))
 
 
 def test_keep_bound_search_in_a_cuda_graph():
@@ -236,9 +236,9 @@ def test_keep_bound_search_in_a_cuda_graph():
 
     x = llm_block(1, 12)[0].reshape(-1, V).contiguous()
     T = torch.full((x.shape[0],), 0.8, dtype=torch.float64, device=DEV)
-    graph, out = capture(lambda: truncation.keep_bounds(x, T, 40, 0.9))
+    graph, out = capture(lambda: backends.keep_bounds(x, T, 40, 0.9))
     x.copy_(llm_block(1, 13)[0].reshape(-1, V))
     graph.replay()
     torch.cuda.synchronize()
     assert_same_kept_sets(x, T, 40, 0.9, out, truncation.keep_bounds_torch(x, T, 40, 0.9))
-    assert torch.equal(out, truncation.keep_bounds(x, T, 40, 0.9))  # the eager search
+    assert torch.equal(out, backends.keep_bounds(x, T, 40, 0.9))  # the eager search
