@@ -5,9 +5,9 @@ Subcommands are registered from :data:`SUBCOMMANDS`: each entry names a module a
 parsed ``args``; its return value is the exit status). Adding a subcommand is one small module
 and one line here. A listed module that is not installed is skipped.
 
-``speccascade generate "PROMPT"`` decodes one prompt and prints the completion, then one line of
-statistics on standard error (``--json``: one JSON object with the completion and the
-statistics)::
+``speccascade generate "PROMPT"`` decodes one prompt and prints the completion as its blocks are
+accepted (``--no-stream``: all at the end), then one line of statistics on standard error
+(``--json``: one JSON object with the completion and the statistics, at the end)::
 
     speccascade generate "def fib(n):" --rule token_v3 --alpha 0.3 --gamma 5 --max-new-tokens 64
     speccascade generate "Write a haiku about caches." --chat --temperature 1 --json
@@ -247,6 +247,8 @@ def add_generate_subcommand(subparsers) -> argparse.ArgumentParser:
                    help="wrap PROMPT as a user message with the tokenizer's chat template")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (completion, tokens, statistics) at the end")
+    p.add_argument("--no-stream", action="store_true",
+                   help="print the completion at the end instead of as its blocks are accepted")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "flash_attn"),
@@ -285,13 +287,24 @@ def generate_command(args: argparse.Namespace) -> int:
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=not args.chat)
     if enc["input_ids"].numel() == 0:
         raise CLIError(f"argument prompt: {prompt!r} has no tokens")
-    out = generate(
-        drafter, verifier, enc["input_ids"].to(device),
-        attention_mask=enc.get("attention_mask"), method=cfg.method, rule=cfg.rule,
-        alpha=cfg.alpha, gamma=cfg.gamma, bonus=cfg.bonus, temperature=cfg.temperature,
-        top_k=cfg.top_k, top_p=cfg.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
-        attention=None if args.attention == "sdpa" else args.attention,
-        draft_confidence=cfg.draft_confidence)
+    streamer = None
+    if not args.json and not args.no_stream:
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
+    try:
+        out = generate(
+            drafter, verifier, enc["input_ids"].to(device),
+            attention_mask=enc.get("attention_mask"), method=cfg.method, rule=cfg.rule,
+            alpha=cfg.alpha, gamma=cfg.gamma, bonus=cfg.bonus, temperature=cfg.temperature,
+            top_k=cfg.top_k, top_p=cfg.top_p, max_new_tokens=args.max_new_tokens,
+            seed=args.seed, attention=None if args.attention == "sdpa" else args.attention,
+            draft_confidence=cfg.draft_confidence,
+            on_tokens=None if streamer is None else
+            (lambda b, tokens: streamer.put(torch.tensor(tokens))))
+    finally:
+        if streamer is not None and streamer.token_cache:
+            streamer.end()  # the text so far, and its line ended, even when decoding failed
     if args.json:
         completion = tokenizer.decode(out.new_tokens[0], skip_special_tokens=True)
         print(json.dumps({"completion": completion, "new_tokens": out.new_tokens[0],
@@ -299,7 +312,10 @@ def generate_command(args: argparse.Namespace) -> int:
         return 0
     from .stats import format_line
 
-    print(tokenizer.decode(out.new_tokens[0], skip_special_tokens=True), flush=True)
+    if streamer is None:
+        print(tokenizer.decode(out.new_tokens[0], skip_special_tokens=True), flush=True)
+    elif not out.new_tokens[0]:
+        print(flush=True)  # nothing was streamed: the (empty) completion's line
     print(format_line(out.stats), file=sys.stderr)
     return 0
 

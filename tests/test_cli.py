@@ -1,5 +1,5 @@
-"""The ``speccascade`` command line on tiny models saved to a temporary folder: decoding, and every
-user error as one line with exit status 2, checked before any model is loaded."""
+"""The ``speccascade`` command line on tiny models saved to a temporary folder: decoding, streaming,
+and every user error as one line with exit status 2, checked before any model is loaded."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -122,6 +122,39 @@ def test_draft_confidence_flag(folders, capsys):
     cut = json.loads(_run(capsys, *args, "--draft-confidence", "0.3"))["stats"]
     assert fixed["draft_confidence"] is None and cut["draft_confidence"] == 0.3
     assert cut["drafted"] < fixed["drafted"]
+
+
+def test_streaming(folders, capsys, monkeypatch):
+    """The completion is printed as blocks are accepted (on_tokens), then the statistics line on
+    standard error; --no-stream prints the same text at the end; --json streams nothing."""
+    args = ["w1 w2 w3", *_base(folders), "--temperature", "1", "--seed", "4", "--rule", "spec",
+            "--gamma", "2", "--max-new-tokens", "12"]
+    real, seen = cli.generate, []
+
+    def spying(*a, on_tokens=None, **kw):
+        assert on_tokens is not None
+
+        def spy(b, tokens):
+            on_tokens(b, tokens)
+            seen.append((b, list(tokens), capsys.readouterr().out))  # printed so far
+
+        return real(*a, on_tokens=spy, **kw)
+
+    monkeypatch.setattr(cli, "generate", spying)
+    assert cli.main(["generate", *args]) == 0
+    cap = capsys.readouterr()
+    streamed = "".join(out for _, _, out in seen) + cap.out
+    monkeypatch.setattr(cli, "generate", real)
+    assert cli.main(["generate", *args, "--no-stream"]) == 0
+    at_end = capsys.readouterr()
+    assert streamed == at_end.out and streamed.endswith("\n") and streamed.strip()
+    assert len(seen) >= 2 and all(b == 0 for b, _, _ in seen)
+    assert any(out for _, _, out in seen[:-1])  # text appeared before decoding ended
+    for err in (cap.err, at_end.err):  # the statistics line, on standard error
+        assert err.splitlines()[-1].startswith("tokens=")
+    tokens = [t for _, ts, _ in seen for t in ts]
+    out = json.loads(_run(capsys, *args, "--json"))
+    assert out["new_tokens"] == tokens and out["completion"] + "\n" == streamed
 
 
 # ---------------------------------------------------------------------------------------------
