@@ -293,7 +293,7 @@ def generate_command(args: argparse.Namespace) -> int:
 
         streamer = TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
     try:
-        out = generate(
+        out = _named(generate,
             drafter, verifier, enc["input_ids"].to(device),
             attention_mask=enc.get("attention_mask"), method=cfg.method, rule=cfg.rule,
             alpha=cfg.alpha, gamma=cfg.gamma, bonus=cfg.bonus, temperature=cfg.temperature,
@@ -320,13 +320,31 @@ def generate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the options of values that ``generate`` checks itself (against the loaded models)
+GENERATE_FLAGS = {**FLAGS, "max_new_tokens": "--max-new-tokens", "seed": "--seed",
+                  "attention": "--attention"}
+
+
+def _named(func, *a, **kw):
+    """``func(*a, **kw)``, a ValueError naming an argument (``top_k must be ... [1, V]``, only
+    checkable against the models) a CLIError naming its option."""
+    try:
+        return func(*a, **kw)
+    except ValueError as e:
+        raise CLIError(_for_option(str(e), GENERATE_FLAGS)) from e
+
+
 def _load(args, models, load):
     """``(drafter or None, verifier or None, tokenizer)`` for the method of ``args``."""
     need_q = args.method != "autoregressive"
     need_p = args.method != "drafter_only" or args.early_exit is not None
     if args.early_exit is not None:
         verifier, tokenizer = models.load_model(args.verifier, **load)
-        return models.early_exit_drafter(verifier, args.early_exit), verifier, tokenizer
+        try:
+            drafter = models.early_exit_drafter(verifier, args.early_exit)
+        except ValueError as e:
+            raise CLIError(f"argument --early-exit: {e} (the verifier's layers)") from None
+        return drafter, verifier, tokenizer
     if need_q and need_p:
         return models.load_pair(args.drafter, args.verifier, **load)
     if need_p:

@@ -231,7 +231,14 @@ def test_model_errors_are_one_line(folders, capsys, tmp_path):
     assert "has no tokenizer files" in line
     # fp32 models on the CPU (and no flash-attn here): a clear error, not a crash in a kernel
     line = _error(capsys, "generate", "w1", *_base(folders), "--attention", "flash_attn")
-    assert "attention='flash_attn'" in line
+    assert line.startswith("speccascade: error: argument --attention: attention='flash_attn'")
+    # values only the loaded models can check, still naming the option
+    line = _error(capsys, "generate", "w1", *_base(folders), "--top-k", "100")
+    assert line.startswith("speccascade: error: argument --top-k: top_k must be None or an int "
+                           "in [1, 48]")
+    line = _error(capsys, "generate", "w1", *_base(folders), "--early-exit", "3")
+    assert line == ("speccascade: error: argument --early-exit: num_layers must be in [1, 2], "
+                    "got 3 (the verifier's layers)")
 
 
 def _tokenizer_of(n: int):
