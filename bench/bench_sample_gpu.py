@@ -1,8 +1,8 @@
 """The drafter's draw on a CUDA GPU (skipped without one): the Triton sampler
-(``kernels/sample.py``, two launches) against the torch formula that ran on CUDA before it (float64
-softmax, the counter-based noise over the whole vocabulary, the race: 77 aten operations per
-call, most of them a kernel each, counted with a TorchDispatchMode on CPU), each eager and
-replayed from a CUDA graph (as the engine's drafter graphs run it).
+(``kernels/sample.py``, two launches) against the reference backend's torch formula, what CUDA
+runs without triton (float64 softmax, the counter-based noise over the whole vocabulary, the race:
+77 aten operations per call, most of them a kernel each, counted with a TorchDispatchMode on
+CPU), each eager and replayed from a CUDA graph (as the engine's drafter graphs run it).
 
 R in {1, 8} rows (B = 1 drafting and a small batch), V in {32,000, 151,936}, bf16 LLM-like logits,
 T = 1; at R = 1, V = 151,936 also top_p = 0.9 (keep bounds from
@@ -12,7 +12,7 @@ out.json --stat gpu_us`` tabulates it with the ratio to the torch formula.
 
 Also top-p's keep bounds alone (kind "keep_bounds"), R in {1, 6, 48} rows (a drafter draw at
 B = 1, a verification block of B = 1, gamma = 5, and of B = 8), V = 151,936, top_p = 0.9: the
-Triton search (kernels/keep_bounds.py) against the torch code that CUDA ran before it (one full
+Triton search (kernels/keep_bounds.py) against the torch code CUDA runs without triton (one full
 sort per row, no host read), eager and graph-replayed.
 
 Run: ``pytest bench/bench_sample_gpu.py --benchmark-only --benchmark-json=out.json``.

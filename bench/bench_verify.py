@@ -25,7 +25,7 @@ Backends (the ``backend`` parameter):
   tokens differ: it is a speed baseline only.
 
 ``extra_info``: ``logit_bytes`` (the draft and target logits of the block, read once),
-``mem_bw_gbs`` (this machine's read bandwidth, measured once per session: the best of 5
+``mem_bw_gbs`` (this machine's read bandwidth, measured once per pytest run: the best of 5
 ``torch.sum`` over 1 GiB of fp32), ``read_once_us`` = logit_bytes / mem_bw, and after the run
 ``gbps_min`` / ``x_read_once_min`` (bytes / min time, min time / read_once_us).
 
