@@ -221,9 +221,11 @@ def add_generate_subcommand(subparsers) -> argparse.ArgumentParser:
                     "line of statistics (or, with --json, one JSON object).")
     p.add_argument("prompt", help="the prompt text ('-' reads standard input)")
     p.add_argument("--drafter", default=DEFAULT_DRAFTER,
-                   help=f"named model, HF folder or .gguf file (default: {DEFAULT_DRAFTER})")
+                   help=f"named model, HF folder, .gguf file or HF id org/name (default: "
+                        f"{DEFAULT_DRAFTER})")
     p.add_argument("--verifier", default=DEFAULT_VERIFIER,
-                   help=f"named model, HF folder or .gguf file (default: {DEFAULT_VERIFIER})")
+                   help=f"named model, HF folder, .gguf file or HF id org/name (default: "
+                        f"{DEFAULT_VERIFIER})")
     p.add_argument("--early-exit", type=int, default=None, metavar="LAYERS",
                    help="use the verifier's first LAYERS layers as the drafter (ignores --drafter)")
     p.add_argument("--method", default="spec_cascade", choices=METHODS)

@@ -132,8 +132,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="first N examples (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder (resumed if it exists)")
-    p.add_argument("--drafter", default=None, help="model name, HF folder or .gguf")
-    p.add_argument("--verifier", default=None, help="model name, HF folder or .gguf")
+    p.add_argument("--drafter", default=None, help="model name, HF folder, .gguf or HF id org/name")
+    p.add_argument("--verifier", default=None, help="model name, HF folder, .gguf or HF id org/name")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
