@@ -18,6 +18,7 @@ METHODS = (
     "drafter_only",
 )
 BONUS = ("cascade", "verifier")
+GAMMA_POLICIES = ("fixed", "goodput")
 SEQ_SCORES = ("prob", "mean_logprob")
 
 #: The rule each method uses when ``rule=None``.
@@ -90,6 +91,11 @@ class DecodeConfig:
     #: ``LogitsProcessor`` signature): applied to the drafter's and the verifier's logits alike
     #: at every position, with the sequence before that position (the sequential loops only)
     logits_processor: Callable | None = None
+    #: how many drafts each block makes: ``"fixed"`` (always ``gamma``), ``"goodput"`` (chosen
+    #: per block in ``{0 or 1, ..., gamma}`` to maximise expected tokens per second, see
+    #: :mod:`speccascade_fast.goodput`), or a schedule ``f(block_index, batch_size) -> gamma``
+    #: (the batched Engine only)
+    gamma_policy: str | Callable = "fixed"
 
     def __post_init__(self):
         set_ = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731 (frozen)
@@ -116,6 +122,13 @@ class DecodeConfig:
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
             raise ValueError(f"top_k must be None or an int >= 1, got {self.top_k!r}")
         set_("draft_confidence", check_draft_confidence(self.draft_confidence))
+        policy = self.gamma_policy
+        if not (callable(policy) or policy in GAMMA_POLICIES):
+            raise ValueError(f"gamma_policy must be one of {', '.join(GAMMA_POLICIES)} or a "
+                             f"callable (block_index, batch_size) -> gamma, got {policy!r}")
+        if policy != "fixed" and (method != "spec_cascade" or self.draft_confidence is not None):
+            raise ValueError("gamma_policy other than 'fixed' applies to method='spec_cascade' "
+                             "without draft_confidence (each cuts blocks its own way)")
         if self.logits_processor is not None and not callable(self.logits_processor):
             raise ValueError(f"logits_processor must be None or a callable (ids, logits) -> "
                              f"logits, got {type(self.logits_processor).__name__}")
@@ -155,12 +168,19 @@ class DecodeConfig:
         then draws the same token without it)."""
         return self.bonus == "cascade" and self.rule != "spec"
 
+    @property
+    def min_gamma(self) -> int:
+        """The fewest drafts a block may make: 0 (a plain verifier step) where a block with no
+        draft emits the rule's law at that position (``spec``, or ``bonus="verifier"``), else 1
+        (under ``bonus="cascade"`` the position's law needs the drafter's q)."""
+        return 0 if self.rule == "spec" or self.bonus == "verifier" else 1
+
     def settings(self) -> dict:
         """The settings a ``generate`` call reports in its statistics."""
         return {k: getattr(self, k) for k in ("method", "rule", "alpha", "gamma", "bonus",
                                               "temperature", "draft_confidence")}
 
 
-__all__ = ["BONUS", "DEFAULT_ALPHA", "DEFAULT_MAX_DRAFTER_RUN", "DEFAULT_RULE",
+__all__ = ["BONUS", "GAMMA_POLICIES", "DEFAULT_ALPHA", "DEFAULT_MAX_DRAFTER_RUN", "DEFAULT_RULE",
            "DEFAULT_SEQ_ALPHA", "DecodeConfig", "METHODS", "SEQ_SCORES", "check_draft_confidence",
            "check_temperature"]

@@ -19,9 +19,8 @@ import functools
 import torch
 
 from . import backends, checks
+from .layout import row_owners
 from .pack import BlockResult, Layout, nonfinite
-from .ragged import call as ragged_call
-from .ragged import row_owners
 from .sampling import draft_probability
 
 #: a drafter step's host read: its draft, whether the drafter gave it less than the cut-off,
@@ -179,8 +178,8 @@ class DraftConfidenceBlocks:
         bt, jt = row_owners(cu, B * S + B, target=True)
         j, jt = j.clamp(0, S - 1), jt.clamp(0, S)  # padding rows: any row
         if eng._backend is None:
-            eng._backend = backends.resolve(cfg.backend, eng.device)
-        out = ragged_call(eng._backend, q_logits[b, j], drafts[b, j], p_logits[bt, jt], cu,
+            eng._backend = backends.resolve(cfg.backend, eng.device, "verify_ragged")
+        out = backends.verify_ragged(eng._backend, q_logits[b, j], drafts[b, j], p_logits[bt, jt], cu,
                           bonus, max_spec_len=S, rule=cfg.rule, alpha=alpha,
                           temperature=temperature,
                           top_k=checks.top_k(cfg.top_k, p_logits.shape[-1]), top_p=cfg.top_p,

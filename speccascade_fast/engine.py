@@ -60,6 +60,7 @@ engine's, token for token (same seeds, same positions), whatever batch it rides 
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -68,6 +69,7 @@ from . import backends, checks, inputs, model_facts, outputs
 from .attention import ATTENTION, check_backend
 from .config import DecodeConfig
 from .draft_confidence import DraftConfidenceBlocks
+from .goodput import Goodput, acceptance
 from .graphs import Graphs
 from .kv_cache import SlotModel
 from .outputs import GenerateOutput, bonus_keepable
@@ -83,12 +85,13 @@ DEFAULT_MAX_SEQ_LEN = 2048
 #: the defaults of the Engine's decoding keyword arguments (``config=`` replaces them)
 _DECODING_DEFAULTS = dict(method="spec_cascade", rule=None, alpha=None, gamma=5, temperature=1.0,
                           top_k=None, top_p=None, bonus="cascade", backend="auto",
-                          draft_confidence=None)
+                          draft_confidence=None, gamma_policy="fixed")
 
 #: a one-token step's host read: the token drawn and whether the logits were non-finite
 STEP = Layout("Step", token=1, nonfinite=1)
 
 
+@functools.cache
 def block_layout(gamma: int) -> Layout:
     """A fixed block's host read: the accepted count, the gamma + 1 output tokens (-1 after the
     emitted ones), the gamma drafts, the gamma + 1 deferral flags, and whether the drafter's and
@@ -175,10 +178,12 @@ class Engine:
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  bonus: str = "cascade", backend: str = "auto", compile_drafter: bool = False,
                  cuda_graphs: bool | None = None, attention: str | None = None,
-                 draft_confidence: float | None = None, config: DecodeConfig | None = None):
+                 draft_confidence: float | None = None, gamma_policy="fixed",
+                 config: DecodeConfig | None = None):
         decoding = dict(method=method, rule=rule, alpha=alpha, gamma=gamma,
                         temperature=temperature, top_k=top_k, top_p=top_p, bonus=bonus,
-                        backend=backend, draft_confidence=draft_confidence)
+                        backend=backend, draft_confidence=draft_confidence,
+                        gamma_policy=gamma_policy)
         if config is None:
             config = DecodeConfig(**decoding)
         elif not isinstance(config, DecodeConfig):
@@ -233,9 +238,11 @@ class Engine:
         self._graphs = Graphs() if self.cuda_graphs else None
         self._backend = None  # the verification backend's name, resolved on first use
         self._verify = None  # and its function
-        self._block_layout = block_layout(self.cfg.gamma)
         self._draft_confidence = (DraftConfidenceBlocks(self)
                                   if self.cfg.draft_confidence is not None else None)
+        self._goodput = (Goodput(self.cfg.gamma, allow_zero=self.cfg.min_gamma == 0)
+                         if self.cfg.gamma_policy == "goodput" else None)
+        self._gammas: list[int] = []  # the gamma of each block of the current call
 
     def _graphs_setting(self, cuda_graphs, compile_drafter) -> bool:
         on_cuda = self.device is not None and self.device.type == "cuda"
@@ -283,6 +290,7 @@ class Engine:
                                         self.device),
                     inputs.per_sequence("alpha", alpha, cfg.alpha, B, cfg.rule, self.device),
                     budgets, inputs.eos_ids(eos_token_id, self.verifier, self.drafter), hooks)
+        self._gammas = []
         with torch.inference_mode():
             prefill_start = time.perf_counter()
             rows.prefill()
@@ -300,7 +308,9 @@ class Engine:
         main = self.verifier if self.verifier is not None else self.drafter
         pad = inputs.pad_id(pad_token_id, main, rows.eos)
         sequences = outputs.sequences(input_ids.to(self.device), rows.new_tokens, pad)
-        stats = outputs.final_stats(rows.counters, cfg.settings(), start, prefill_s=prefill_s)
+        extra = {"gammas": self._gammas} if cfg.gamma_policy != "fixed" else {}
+        stats = outputs.final_stats(rows.counters, cfg.settings(), start, prefill_s=prefill_s,
+                                    **extra)
         return GenerateOutput(sequences, stats, rows.new_tokens)
 
     # --- Algorithm 4, for every unfinished row ---------------------------------------------------
@@ -313,10 +323,19 @@ class Engine:
     def _block(self, rows: Rows) -> None:
         """Draft, score, verify, accept (Algorithm 4) for every unfinished row, then emit."""
         q, p = self.q, self.p
+        start, batch = time.perf_counter(), rows.size
+        gamma = self._gamma(rows)
+        if gamma == 0:  # a plain verifier step: a block whose only position is its bonus
+            self._step(rows, p, deferred=True)
+            for b in range(rows.size):
+                rows.stats(b).add_block(0, 0)
+            self._observe(batch, 0, start)
+            return
+        self._catch_up_drafter(rows)
         L = list(rows.length)  # emit() advances rows.length
         width = max(n - s for n, s in zip(L, q.seen))
         if self._draft_confidence is None:
-            results, calls = self._fixed_block(rows, width)
+            results, calls = self._fixed_block(rows, width, gamma)
         else:
             results, calls = self._draft_confidence(rows, width)
         for b, r in enumerate(results):
@@ -330,8 +349,43 @@ class Engine:
             # call), the verifier the whole block; valid up to the last accepted draft
             q.seen[b] = min(L[b] + calls - 1, L[b] + r.accepted)
             p.seen[b] = L[b] + r.accepted
+        self._observe(batch, gamma, start)
 
-    def _fixed_block(self, rows: Rows, width: int):
+    def _gamma(self, rows: Rows) -> int:
+        """This block's number of drafts, by the config's ``gamma_policy`` (recorded)."""
+        cfg, policy = self.cfg, self.cfg.gamma_policy
+        if policy == "fixed":
+            return cfg.gamma
+        if policy == "goodput":
+            gamma = self._goodput.choose(rows.size, [
+                acceptance(rows.stats(b).accepted, rows.stats(b).rejected)
+                for b in range(rows.size)])
+        else:
+            gamma = policy(len(self._gammas), rows.size)
+            if isinstance(gamma, bool) or not isinstance(gamma, int) \
+                    or not cfg.min_gamma <= gamma <= cfg.gamma:
+                raise ValueError(f"gamma_policy returned {gamma!r}; a block's gamma must be an "
+                                 f"int in [{cfg.min_gamma}, {cfg.gamma}] (gamma is the most)")
+        self._gammas.append(gamma)
+        return gamma
+
+    def _observe(self, batch: int, gamma: int, start: float) -> None:
+        if self._goodput is not None:
+            self._goodput.observe(batch, gamma, time.perf_counter() - start)
+
+    def _catch_up_drafter(self, rows: Rows) -> None:
+        """After plain verifier steps (gamma = 0) the drafter lags; feed it every row's tokens
+        but the last in one call, so that a block's first drafter call feeds at most 2."""
+        q = self.q
+        upto = [n - 1 for n in rows.length]
+        if all(n - s <= 2 for n, s in zip(rows.length, q.seen)):
+            return
+        for b in range(rows.size):
+            if upto[b] > q.seen[b]:
+                rows.stats(b).drafter_calls += 1
+        q.prefill(rows.tokens(), [max(u, s) for u, s in zip(upto, q.seen)])
+
+    def _fixed_block(self, rows: Rows, width: int, gamma: int):
         """The block on fixed shapes (every row drafts gamma tokens), as one body of device work
         with one host read: eager, or replayed as a CUDA graph. Returns per row a
         :class:`BlockResult` and the number of drafter calls.
@@ -340,8 +394,8 @@ class Engine:
         runs after the host read, only if a row accepted all its drafts and keeps a bonus token,
         followed by a second verification (same keys: same decisions, the bonus from the
         cascade's target) and a second read."""
-        cfg, q, p, gamma = self.cfg, self.q, self.p, self.cfg.gamma
-        layout = self._block_layout
+        cfg, q, p = self.cfg, self.q, self.p
+        layout = block_layout(gamma)
         kv, greedy = self._kv(rows), rows.greedy
         in_body = cfg.bonus_step and self._graphs is not None
 
@@ -371,7 +425,8 @@ class Engine:
         n = self._bucket(rows.size)
         per_row = rows.padded(n)  # seeds, temperature, alpha
         ints = self._inputs(rows, q, width, n)
-        pack, q_logits, p_logits = self._run(("block", n, width, greedy), body, (ints, *per_row))
+        pack, q_logits, p_logits = self._run(("block", n, width, gamma, greedy), body,
+                                             (ints, *per_row))
         host = layout.unpack(pack, rows.size)  # accept: the block's one device-to-host read
         self._check_logits([r.q_nonfinite for r in host], ("drafter logits", q_logits))
         self._check_logits([r.p_nonfinite for r in host], ("verifier logits", p_logits))
@@ -405,7 +460,7 @@ class Engine:
                            temperature=temperature,
                            top_k=checks.top_k(cfg.top_k, p_logits.shape[-1]), top_p=cfg.top_p,
                            seed=seeds, positions=t)
-        return self._block_layout.pack(
+        return block_layout(drafts.shape[1]).pack(
             accepted=out.num_accepted, tokens=out.tokens, drafts=drafts, deferred=out.deferred,
             q_nonfinite=nonfinite(q_logits), p_nonfinite=nonfinite(p_logits))
 
@@ -548,6 +603,14 @@ class Rows:
         for m in (self.engine.q, self.engine.p):
             if m is not None:
                 m.prefill(tokens, [n - 1 for n in self.length])
+
+    def tokens(self) -> torch.Tensor:
+        """int64 ``[rows, slots]``: each row's prompt and new tokens so far, zeros after."""
+        out = torch.zeros(self.size, self.engine.slots, dtype=torch.int64)
+        for b, seq in enumerate(self.index):
+            row = self.prompts[seq].tolist() + self.new_tokens[seq]
+            out[b, : len(row)] = torch.tensor(row, dtype=torch.int64)
+        return out.to(self.engine.device)
 
     def stats(self, b: int) -> Counters:
         """Row b's sequence's counters."""

@@ -51,6 +51,7 @@ def generate(
     attention: str | None = None,
     draft_confidence: float | None = None,
     logits_processor=None,
+    gamma_policy="fixed",
     on_tokens=None,
     stop_condition=None,
 ) -> GenerateOutput:
@@ -116,6 +117,11 @@ def generate(
             applied to the drafter's and the verifier's logits alike at every position, with
             the sequence before it, so the emitted law is the processed verifier's. Decodes on
             the sequential loops (one sequence at a time).
+        gamma_policy: ``"fixed"`` (every block drafts ``gamma``), ``"goodput"`` (each block's
+            gamma, at most ``gamma``, chosen to maximise expected tokens per second from the
+            measured block times and each row's acceptance so far; :mod:`speccascade_fast.goodput`)
+            or a schedule ``f(block_index, batch_size) -> gamma``. The batched Engine only; the
+            chosen gammas are in ``stats["gammas"]``.
         on_tokens: None or ``on_tokens(b, tokens)``, called each time sequence b emits tokens
             (after every verification block or step, in order: exactly the tokens its output
             gains), e.g. to stream them.
@@ -140,7 +146,8 @@ def generate(
     cfg = DecodeConfig(method=method, rule=rule, alpha=alpha, gamma=gamma,
                        temperature=temperature, top_k=top_k, top_p=top_p, bonus=bonus,
                        max_drafter_run=max_drafter_run, seq_score=seq_score, backend=backend,
-                       draft_confidence=draft_confidence, logits_processor=logits_processor)
+                       draft_confidence=draft_confidence, logits_processor=logits_processor,
+                       gamma_policy=gamma_policy)
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r} is not known; choose one of {', '.join(ENGINES)}")
     drafter, verifier = model_facts.check_pair(method, model_facts.loaded(drafter),
@@ -175,7 +182,8 @@ def generate(
                                for m in (drafter, verifier)) if w]
             raise ValueError(f"engine='static' cannot run method={method!r} here: "
                              f"{why[0] if why else 'it runs ' + ', '.join(batched.METHODS)}")
-    for name, value in (("cuda_graphs", cuda_graphs), ("attention", attention)):
+    for name, value in (("cuda_graphs", cuda_graphs), ("attention", attention),
+                        ("gamma_policy", None if gamma_policy == "fixed" else gamma_policy)):
         if value:
             raise ValueError(f"{name}={value!r} needs the batched Engine, which does not run "
                              f"method={method!r} with engine={engine!r} on these models")

@@ -10,12 +10,11 @@ bonus position), so nothing is padded and nothing is copied to pad it (:mod:`.la
 from __future__ import annotations
 
 from . import backends, checks
-from .layout import check_cu, row_owners
+from .layout import check_cu
 from .rules import check_alpha, check_rule
 from .types import VerifyOutput
 
-# row_owners: importable from here until the engine imports it from .layout
-__all__ = ["verify_ragged", "call", "row_owners"]
+__all__ = ["verify_ragged"]
 
 
 def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens, *, rule,
@@ -125,25 +124,7 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
     positions_b = checks.per_row("positions", positions, B, device, non_negative=True)
 
     name = backends.resolve(backend, device, "verify_ragged")  # a ValueError naming them
-    return call(name, draft_logits, draft_tokens, target_logits, cu, bonus_draft_logits,
-                max_gamma=max_gamma, max_spec_len=max_spec_len, rule=rule, alpha=alpha_b,
-                temperature=temperature_b, top_k=top_k, top_p=top_p, seed=seed_b,
-                positions=positions_b)
-
-
-def call(name, draft_logits, draft_tokens, target_logits, cu, bonus_draft_logits, *,
-         max_gamma=None, max_spec_len=None, rule, alpha, temperature, top_k, top_p, seed,
-         positions) -> VerifyOutput:
-    """:func:`verify_ragged` on backend ``name`` (not ``"auto"``) without its checks: the inputs
-    are valid and normalised (``alpha`` / ``temperature`` float64, ``seed`` / ``positions``
-    int64, all ``[B]`` on the logits' device; ``top_k`` / ``top_p`` as the checks return them).
-    ``max_gamma``: the longest request's gamma if known (else read from ``cu``).
-
-    With ``max_spec_len`` on ``cuda`` or ``triton`` nothing is read on the host (top-k /
-    top-p included), so a CUDA graph can capture the call and replay it with other values of
-    ``cu`` (:class:`speccascade_fast.Engine`'s blocks cut by ``draft_confidence``). The same as
-    :func:`speccascade_fast.backends.verify_ragged`."""
     return backends.verify_ragged(
         name, draft_logits, draft_tokens, target_logits, cu, bonus_draft_logits,
-        max_gamma=max_gamma, max_spec_len=max_spec_len, rule=rule, alpha=alpha,
-        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, positions=positions)
+        max_gamma=max_gamma, max_spec_len=max_spec_len, rule=rule, alpha=alpha_b,
+        temperature=temperature_b, top_k=top_k, top_p=top_p, seed=seed_b, positions=positions_b)

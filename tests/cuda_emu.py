@@ -75,7 +75,7 @@ def module():
 
 def ops():
     """An object with the ``verify_padded`` / ``verify_ragged`` of ``torch.ops.speccascade``
-    (what :func:`speccascade_fast.backends.cpu.call_padded` / ``call_ragged`` call), run by the
+    (what :func:`speccascade_fast.backends._ops.call_padded` / ``call_ragged`` call), run by the
     CUDA kernels on the emulator."""
     m = module()
     return types.SimpleNamespace(verify_padded=m.verify_padded, verify_ragged=m.verify_ragged)

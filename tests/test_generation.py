@@ -454,3 +454,38 @@ def test_on_tokens_streams_exactly_the_output_and_stop_condition_cuts_it(pair, e
     cut = generate(*pair, ids, stop_condition=lambda b, new: new[-1] == stop, **kw)
     for full, got in zip(out.new_tokens, cut.new_tokens):
         assert got == (full[: full.index(stop) + 1] if stop in full else full)
+
+
+# --- goodput-adaptive gamma ---------------------------------------------------------------------
+@pytest.mark.parametrize("rule,alpha,bonus,policy", [
+    ("spec", None, "cascade", "goodput"),
+    ("token_v3", 0.3, "cascade", lambda i, batch: 1 + i % 2),  # min gamma 1 under "cascade"
+    ("chow", 0.5, "verifier", lambda i, batch: i % 3),  # 0: a plain verifier step
+])
+def test_two_token_law_with_adaptive_gamma(small_pair, rule, alpha, bonus, policy):
+    """Where blocks end never changes how a token is drawn: the law is the rule's."""
+    (pi1, pi2), _, _ = _laws(small_pair, rule=rule, alpha=alpha)
+    law = (pi1[:, None] * pi2).flatten()
+    tokens, stats = _two_token_sample(small_pair, rule=rule, alpha=alpha, gamma=2, bonus=bonus,
+                                      gamma_policy=policy)
+    assert chi2_pvalue(tokens, law) > 1e-3
+    assert stats["gammas"] and all(0 <= g <= 2 for g in stats["gammas"])
+
+
+def test_a_fixed_gamma_schedule_is_deterministic_and_batch_invariant(pair):
+    ids, mask = left_padded(PROMPTS)
+    kw = dict(rule="token_v3", alpha=0.3, bonus="verifier", temperature=1.0, gamma=3,
+              max_new_tokens=18, eos_token_id=[], gamma_policy=lambda i, batch: [0, 3, 1, 2][i % 4])
+    out = generate(*pair, ids, attention_mask=mask, seed=3, **kw)
+    again = generate(*pair, ids, attention_mask=mask, seed=3, **kw)
+    assert out.new_tokens == again.new_tokens and out.stats["gammas"] == again.stats["gammas"]
+    alone = generate(*pair, torch.tensor([PROMPTS[1]]), seed=4, **kw)
+    assert alone.new_tokens[0] == out.new_tokens[1]
+    assert out.stats["gammas"][:4] == [0, 3, 1, 2]
+    with pytest.raises(ValueError, match="gamma_policy returned 4"):
+        generate(*pair, ids, attention_mask=mask, **dict(kw, gamma_policy=lambda i, b: 4))
+    with pytest.raises(ValueError, match="gamma_policy"):
+        generate(*pair, ids, attention_mask=mask, **dict(kw, gamma_policy="sometimes"))
+    with pytest.raises(ValueError, match="gamma_policy"):
+        generate(*pair, ids, attention_mask=mask, engine="sequential",
+                 **dict(kw, gamma_policy="goodput"))

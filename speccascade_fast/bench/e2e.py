@@ -114,7 +114,7 @@ def run_ours(name, drafter, verifier, prompts, *, batch, max_new_tokens, pad, wa
         engine.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[], seed=0)
     tokens = calls = accepted = drafted = drafter_calls = 0
     prefill = 0.0
-    outputs = []
+    outputs, gammas = [], []
     roles = {"drafter": engine.drafter, "verifier": engine.verifier}
     roles = {k: m for k, m in roles.items() if m is not None}
     decode = {k: [0, 0.0] for k in roles}
@@ -134,6 +134,7 @@ def run_ours(name, drafter, verifier, prompts, *, batch, max_new_tokens, pad, wa
             drafter_calls += out.stats["drafter_calls"]
             prefill += out.stats["prefill_s"]
             outputs += out.new_tokens
+            gammas += out.stats.get("gammas", [])
             for i, role in enumerate(roles if timed and len(chunk) == 1 else ()):
                 n = out.stats[role + "_calls"]  # one row: the counts are forward calls
                 decode[role][0] += n
@@ -144,6 +145,9 @@ def run_ours(name, drafter, verifier, prompts, *, batch, max_new_tokens, pad, wa
                      drafter_calls=drafter_calls)
     if settings.get("draft_confidence") is not None:
         row.extra["draft_confidence"] = settings["draft_confidence"]
+    if settings.get("gamma_policy", "fixed") != "fixed":
+        row.extra["gamma_policy"] = settings["gamma_policy"]
+        row.extra["gammas"] = {g: gammas.count(g) for g in sorted(set(gammas))}  # blocks per gamma
     if clock.model_s is not None and batch == 1:
         row.extra["decode_calls"] = decode
     return row
@@ -335,6 +339,13 @@ CONFIGS = {
                    dict(rule="spec", temperature=1.0, draft_confidence=None)),
     "token_v3-t1-dc": ("ours:token_v3 a={alpha} T=1, draft confidence {dc}",
                        dict(rule="token_v3", temperature=1.0, draft_confidence=None)),
+    # each block's gamma (at most --gamma) chosen for goodput (Engine(gamma_policy="goodput"))
+    "spec-greedy-goodput": ("ours:spec greedy, goodput gamma",
+                            dict(rule="spec", temperature=0.0, gamma_policy="goodput")),
+    "spec-t1-goodput": ("ours:spec T=1, goodput gamma",
+                        dict(rule="spec", temperature=1.0, gamma_policy="goodput")),
+    "token_v3-t1-goodput": ("ours:token_v3 a={alpha} T=1, goodput gamma",
+                            dict(rule="token_v3", temperature=1.0, gamma_policy="goodput")),
 }
 #: ``run``'s default ``draft_confidence`` (picked from 0.5-0.8 in an exploratory run on three
 #: HumanEval prompts with the default pair; CHANGELOG.md)
@@ -564,7 +575,8 @@ def summarize(result: dict) -> list[dict]:
         if r.name.startswith("ours:") and r.acceptance_rate is not None and r.batch == 1:
             # blocks cut by draft_confidence vary: their prediction takes the measured drafter
             # steps per block and mean verifier call, i.e. the in-loop costs only
-            cut = r.extra.get("draft_confidence") is not None
+            cut = (r.extra.get("draft_confidence") is not None
+                   or r.extra.get("gamma_policy") is not None)
             steps, bonus = drafter_steps(r, gamma)
             if steps != gamma:  # (shown where it is not simply gamma (+ the bonus step))
                 d["drafter_steps_per_block"] = _round(steps + bonus)

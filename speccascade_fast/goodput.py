@@ -1,0 +1,97 @@
+"""Goodput-adaptive speculation: each block's gamma, chosen to maximise expected tokens per second.
+
+Before every block the :class:`~speccascade_fast.engine.Engine` asks :class:`Goodput` for the
+number of drafts ``gamma`` in ``{g_min, ..., gamma_max}``. With per-draft acceptance ``a_b`` of
+row b (the i.i.d. model of Leviathan et al.), a block of gamma drafts emits in expectation
+
+    E_b(gamma) = 1 + a_b + a_b^2 + ... + a_b^gamma = (1 - a_b^(gamma + 1)) / (1 - a_b)
+
+tokens (gamma = 0: one verifier step, one token). The controller picks the gamma that maximises
+``sum_b E_b(gamma) / t(gamma)``, where ``t(gamma)`` is the wall time of such a block at the
+current batch size, measured online:
+
+* ``a_b`` is what the engine already counts for the row: ``(accepted + 1) / (accepted +
+  rejected + 2)`` (a Beta(1, 1) prior on the per-draft acceptance);
+* ``t`` is an exponential moving average of the blocks run at each (batch size, gamma); a gamma
+  not yet run at this batch size is predicted from a straight line ``t = c0 + c1 gamma`` through
+  the measured ones (the verifier call and a drafter step per draft), and where this batch size
+  has too few points, from the nearest batch size that has them (rows leaving the batch do not
+  restart the exploration). Until two values of gamma >= 1 are measured, the controller
+  explores: gamma_max first, then 1, then (if allowed) 0.
+
+``g_min`` is 0 (plain verifier decoding) when a block with no draft emits the rule's law at that
+position: always for lossless ``spec`` and with ``bonus="verifier"`` (a zero-draft block is its
+bonus position, pT). Under ``bonus="cascade"`` with another rule the token would need the
+drafter's q there anyway, so g_min is 1.
+
+The choice only decides where blocks end, never how a token is drawn, so the law of every emitted
+token is the rule's. The chosen gammas are recorded in the statistics (``gammas``); a run with a
+fixed schedule (``gamma_policy`` a callable) is deterministic and batch-invariant.
+"""
+from __future__ import annotations
+
+import math
+
+#: weight of the newest block time in the moving average
+EMA = 0.3
+
+
+class Goodput:
+    """The goodput controller of one :class:`~speccascade_fast.engine.Engine` (see the module
+    docstring). ``choose`` before a block, ``observe`` after it."""
+
+    def __init__(self, gamma_max: int, allow_zero: bool):
+        self.gamma_max = gamma_max
+        self.g_min = 0 if allow_zero else 1
+        self.times: dict[tuple[int, int], float] = {}  # (batch size, gamma) -> seconds
+
+    def observe(self, batch: int, gamma: int, seconds: float) -> None:
+        key = (batch, gamma)
+        old = self.times.get(key)
+        self.times[key] = seconds if old is None else (1 - EMA) * old + EMA * seconds
+
+    def choose(self, batch: int, acceptance: list[float]) -> int:
+        """The gamma for the next block of ``batch`` rows whose per-draft acceptance estimates
+        are ``acceptance``."""
+        measured = {g for (_, g) in self.times}
+        for g in (self.gamma_max, 1, 0):  # exploration: enough points for the line
+            if g >= self.g_min and g not in measured:
+                if g >= 1 and len(measured - {0}) >= 2:
+                    continue
+                return g
+        return max(range(self.g_min, self.gamma_max + 1),
+                   key=lambda g: (self.expected_tokens(acceptance, g) / self.cost(batch, g), -g))
+
+    @staticmethod
+    def expected_tokens(acceptance: list[float], gamma: int) -> float:
+        """``sum_b E_b(gamma)``: the expected tokens a block of gamma drafts emits."""
+        return sum(gamma + 1 if a >= 1 else (1 - a ** (gamma + 1)) / (1 - a)
+                   for a in acceptance)
+
+    def cost(self, batch: int, gamma: int) -> float:
+        """Seconds of a block of gamma drafts at this batch size: measured, else from the line
+        through the measured gammas >= 1, else from the nearest batch size that can say."""
+        for b in sorted({b for b, _ in self.times}, key=lambda b: (abs(b - batch), -b)):
+            t = self._cost_at(b, gamma)
+            if t is not None:
+                return t
+        return math.inf
+
+    def _cost_at(self, batch: int, gamma: int) -> float | None:
+        t = self.times.get((batch, gamma))
+        if t is not None:
+            return t
+        pts = [(g, s) for (b, g), s in self.times.items() if b == batch and g >= 1]
+        if len(pts) < 2:
+            return None
+        n = len(pts)
+        mg = sum(g for g, _ in pts) / n
+        ms = sum(s for _, s in pts) / n
+        var = sum((g - mg) ** 2 for g, _ in pts)
+        slope = sum((g - mg) * (s - ms) for g, s in pts) / var
+        return max(ms + slope * (gamma - mg), 1e-9)
+
+
+def acceptance(accepted: int, rejected: int) -> float:
+    """A row's per-draft acceptance estimate from its counts (Beta(1, 1) prior)."""
+    return (accepted + 1) / (accepted + rejected + 2)

@@ -1,0 +1,60 @@
+"""The goodput controller: its choice from measured block times and acceptance (hand-computed),
+exploration, and the nearest batch size's costs."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from speccascade_fast.goodput import Goodput, acceptance
+
+
+def test_expected_tokens_by_hand():
+    # E(gamma) = 1 + a + ... + a^gamma
+    assert Goodput.expected_tokens([0.5], 0) == 1
+    assert Goodput.expected_tokens([0.5], 2) == pytest.approx(1.75)  # 1 + 0.5 + 0.25
+    assert Goodput.expected_tokens([0.5, 1.0], 3) == pytest.approx(1.875 + 4)
+    assert acceptance(0, 0) == 0.5 and acceptance(8, 0) == 0.9  # (8 + 1) / (8 + 0 + 2)
+
+
+def test_explores_then_picks_the_best_goodput():
+    g = Goodput(gamma_max=4, allow_zero=True)
+    assert g.choose(1, [0.8]) == 4
+    g.observe(1, 4, 0.5)
+    assert g.choose(1, [0.8]) == 1
+    g.observe(1, 1, 0.2)
+    assert g.choose(1, [0.8]) == 0
+    g.observe(1, 0, 0.1)
+    # line through (1, 0.2), (4, 0.5): t(gamma) = 0.1 + 0.1 gamma
+    assert g.cost(1, 2) == pytest.approx(0.3) and g.cost(1, 3) == pytest.approx(0.4)
+    # a = 0.8: tokens/s = 1 / 0.1 = 10 (gamma 0), 1.8 / 0.2 = 9, 2.44 / 0.3 = 8.1, ...
+    assert g.choose(1, [0.8]) == 0
+    # a cheap drafter, an expensive verifier: (1, 0.16), (4, 0.25): t = 0.13 + 0.03 gamma
+    h = Goodput(gamma_max=4, allow_zero=True)
+    for gamma, t in ((4, 0.25), (1, 0.16), (0, 0.1)):
+        h.observe(1, gamma, t)
+    # a = 0.95: E(4) = 4.524 -> 18.1 tok/s; E(3) = 3.71 / 0.22 = 16.9; gamma 0: 10
+    assert h.choose(1, [0.95]) == 4
+    # a = 0.2: E(0) / 0.1 = 10; E(1) = 1.2 / 0.16 = 7.5
+    assert h.choose(1, [0.2]) == 0
+
+
+def test_without_zero_and_moving_averages():
+    g = Goodput(gamma_max=3, allow_zero=False)
+    assert g.choose(2, [0.5, 0.5]) == 3
+    g.observe(2, 3, 0.4)
+    assert g.choose(2, [0.5, 0.5]) == 1
+    g.observe(2, 1, 0.2)
+    assert g.choose(2, [0.5, 0.5]) in (1, 2, 3)  # never 0
+    g.observe(2, 1, 0.3)  # EMA: 0.7 * 0.2 + 0.3 * 0.3
+    assert g.times[(2, 1)] == pytest.approx(0.23)
+
+
+def test_other_batch_sizes_borrow_the_nearest_costs():
+    g = Goodput(gamma_max=2, allow_zero=True)
+    for gamma, t in ((2, 0.3), (1, 0.2), (0, 0.1)):
+        g.observe(4, gamma, t)
+    assert g.cost(3, 2) == 0.3  # nothing at 3: batch 4's
+    g.observe(3, 0, 0.05)
+    assert g.cost(3, 0) == 0.05 and g.cost(3, 1) == 0.2
+    assert math.isinf(Goodput(2, True).cost(1, 1))
