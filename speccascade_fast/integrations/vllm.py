@@ -640,7 +640,7 @@ def _capture_drafts(drafter, runner) -> bool:
     :func:`draw_drafts` and hand the drafter's logits ``[B, K, V]`` to the runner in place of
     vLLM's ``draft_probs`` (vLLM routes them to the next step's requests by id). False where the
     proposer is not one this hook knows (its drafts stay vLLM's)."""
-    needed = ("set_inputs_first_pass", "_sample_draft_tokens", "take_last_draft_probs", "model")
+    needed = ("set_inputs_first_pass", "_sample_draft_tokens", "take_last_draft_probs")
     if not all(hasattr(drafter, a) for a in needed) or getattr(
             drafter, "use_heterogeneous_vocab", False) or getattr(
             drafter, "parallel_drafting", False):
