@@ -96,6 +96,9 @@ class DecodeConfig:
     #: :mod:`speccascade_fast.goodput`), or a schedule ``f(block_index, batch_size) -> gamma``
     #: (the batched Engine only)
     gamma_policy: str | Callable = "fixed"
+    #: the first ``exact_prefix`` emitted tokens of every response use the lossless rule
+    #: (``spec``): a block that starts inside the prefix is verified losslessly (``spec_cascade``)
+    exact_prefix: int = 0
 
     def __post_init__(self):
         set_ = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731 (frozen)
@@ -122,6 +125,13 @@ class DecodeConfig:
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
             raise ValueError(f"top_k must be None or an int >= 1, got {self.top_k!r}")
         set_("draft_confidence", check_draft_confidence(self.draft_confidence))
+        if not _is_int(self.exact_prefix) or self.exact_prefix < 0:
+            raise ValueError(f"exact_prefix must be an int >= 0 (the number of first tokens "
+                             f"verified losslessly), got {self.exact_prefix!r}")
+        if self.exact_prefix and (method != "spec_cascade" or self.draft_confidence is not None):
+            raise ValueError(f"exact_prefix applies to method='spec_cascade' without "
+                             f"draft_confidence, got method={method!r}, draft_confidence="
+                             f"{self.draft_confidence!r}")
         policy = self.gamma_policy
         if not (callable(policy) or policy in GAMMA_POLICIES):
             raise ValueError(f"gamma_policy must be one of {', '.join(GAMMA_POLICIES)} or a "

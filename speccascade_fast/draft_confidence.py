@@ -136,7 +136,8 @@ class DraftConfidenceBlocks:
         pack, p_logits = eng._run(("score", nb, S), score, (head, stops, *args, alpha))
         host = verified_layout(S, True).unpack(pack, B)  # the bonus from pT
         eng._check_logits([r.p_nonfinite for r in host], ("verifier logits", p_logits))
-        need = [eng._needs_bonus(rows, b, r.accepted, mine[b]) for b, r in enumerate(host)]
+        need = [eng._needs_bonus(rows, b, r.accepted, mine[b], cfg.rule)
+                for b, r in enumerate(host)]
         if any(need):
             q_all = q_logits
             if any(n and g == S for n, g in zip(need, stop)):

@@ -85,7 +85,7 @@ DEFAULT_MAX_SEQ_LEN = 2048
 #: the defaults of the Engine's decoding keyword arguments (``config=`` replaces them)
 _DECODING_DEFAULTS = dict(method="spec_cascade", rule=None, alpha=None, gamma=5, temperature=1.0,
                           top_k=None, top_p=None, bonus="cascade", backend="auto",
-                          draft_confidence=None, gamma_policy="fixed")
+                          draft_confidence=None, gamma_policy="fixed", exact_prefix=0)
 
 #: a one-token step's host read: the token drawn and whether the logits were non-finite
 STEP = Layout("Step", token=1, nonfinite=1)
@@ -179,11 +179,11 @@ class Engine:
                  bonus: str = "cascade", backend: str = "auto", compile_drafter: bool = False,
                  cuda_graphs: bool | None = None, attention: str | None = None,
                  draft_confidence: float | None = None, gamma_policy="fixed",
-                 config: DecodeConfig | None = None):
+                 exact_prefix: int = 0, config: DecodeConfig | None = None):
         decoding = dict(method=method, rule=rule, alpha=alpha, gamma=gamma,
                         temperature=temperature, top_k=top_k, top_p=top_p, bonus=bonus,
                         backend=backend, draft_confidence=draft_confidence,
-                        gamma_policy=gamma_policy)
+                        gamma_policy=gamma_policy, exact_prefix=exact_prefix)
         if config is None:
             config = DecodeConfig(**decoding)
         elif not isinstance(config, DecodeConfig):
@@ -243,6 +243,7 @@ class Engine:
         self._goodput = (Goodput(self.cfg.gamma, allow_zero=self.cfg.min_gamma == 0)
                          if self.cfg.gamma_policy == "goodput" else None)
         self._gammas: list[int] = []  # the gamma of each block of the current call
+        self._indices: dict = {}  # row-index tensors of mixed-rule verifications
 
     def _graphs_setting(self, cuda_graphs, compile_drafter) -> bool:
         on_cuda = self.device is not None and self.device.type == "cuda"
@@ -261,8 +262,8 @@ class Engine:
     # --- the public call ------------------------------------------------------------------------
     def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 64, seed=0,
                  temperature=None, alpha=None, eos_token_id=None,
-                 pad_token_id: int | None = None, on_tokens=None,
-                 stop_condition=None) -> GenerateOutput:
+                 pad_token_id: int | None = None, on_tokens=None, stop_condition=None,
+                 rule=None, exact_prefix=None) -> GenerateOutput:
         """Decode a batch; returns :class:`~speccascade_fast.outputs.GenerateOutput`.
 
         ``input_ids`` ``[B, P]`` (left or right padded, with ``attention_mask``), ``B <=
@@ -271,6 +272,11 @@ class Engine:
         sequence); ``max_new_tokens`` (an int or B ints), ``eos_token_id``, ``pad_token_id``,
         ``on_tokens``, ``stop_condition``: as in :func:`speccascade_fast.generate`. Prompt +
         ``max_new_tokens`` must fit ``max_seq_len``.
+
+        ``spec_cascade`` rows may differ in ``rule`` (None: the engine's, a name, or B names),
+        ``alpha`` (None: the engine's alpha for the engine's rule, else each rule's default) and
+        ``exact_prefix`` (None: the engine's, an int or B ints: the first tokens verified
+        losslessly); a row's tokens do not depend on the rules of the rows beside it.
         """
         start = time.perf_counter()
         cfg = self.cfg
@@ -285,11 +291,23 @@ class Engine:
             if prompt.numel() + n > self.max_seq_len:
                 raise ValueError(f"sequence {b}: prompt ({prompt.numel()} tokens) + "
                                  f"max_new_tokens ({n}) exceeds max_seq_len={self.max_seq_len}")
+        if cfg.method == "spec_cascade":
+            rules, alphas, exact = inputs.per_sequence_rules(rule, alpha, exact_prefix, cfg, B,
+                                                             self.device)
+            if self._draft_confidence is not None and (len(set(rules)) > 1 or any(exact)):
+                raise ValueError("per-sequence rules and exact_prefix do not combine with "
+                                 "draft_confidence (a cut block is verified with one rule)")
+        else:
+            for name, value in (("rule", rule), ("exact_prefix", exact_prefix)):
+                if value is not None:
+                    raise ValueError(f"{name} applies to method='spec_cascade' only")
+            rules, exact = [None] * B, [0] * B
+            alphas = inputs.per_sequence("alpha", alpha, cfg.alpha, B, cfg.rule, self.device)
         rows = Rows(self, prompts, inputs.seeds(seed, B),
                     inputs.per_sequence("temperature", temperature, cfg.temperature, B, cfg.rule,
                                         self.device),
-                    inputs.per_sequence("alpha", alpha, cfg.alpha, B, cfg.rule, self.device),
-                    budgets, inputs.eos_ids(eos_token_id, self.verifier, self.drafter), hooks)
+                    alphas, budgets, inputs.eos_ids(eos_token_id, self.verifier, self.drafter),
+                    hooks, rules, exact)
         self._gammas = []
         with torch.inference_mode():
             prefill_start = time.perf_counter()
@@ -324,7 +342,8 @@ class Engine:
         """Draft, score, verify, accept (Algorithm 4) for every unfinished row, then emit."""
         q, p = self.q, self.p
         start, batch = time.perf_counter(), rows.size
-        gamma = self._gamma(rows)
+        rules = rows.block_rules()
+        gamma = self._gamma(rows, rules)
         if gamma == 0:  # a plain verifier step: a block whose only position is its bonus
             self._step(rows, p, deferred=True)
             for b in range(rows.size):
@@ -335,7 +354,7 @@ class Engine:
         L = list(rows.length)  # emit() advances rows.length
         width = max(n - s for n, s in zip(L, q.seen))
         if self._draft_confidence is None:
-            results, calls = self._fixed_block(rows, width, gamma)
+            results, calls = self._fixed_block(rows, width, gamma, rules)
         else:
             results, calls = self._draft_confidence(rows, width)
         for b, r in enumerate(results):
@@ -351,21 +370,23 @@ class Engine:
             p.seen[b] = L[b] + r.accepted
         self._observe(batch, gamma, start)
 
-    def _gamma(self, rows: Rows) -> int:
-        """This block's number of drafts, by the config's ``gamma_policy`` (recorded)."""
+    def _gamma(self, rows: Rows, rules: tuple) -> int:
+        """This block's number of drafts, by the config's ``gamma_policy`` (recorded). 0 (a plain
+        verifier step) only where every row's rule allows it (:attr:`DecodeConfig.min_gamma`)."""
         cfg, policy = self.cfg, self.cfg.gamma_policy
         if policy == "fixed":
             return cfg.gamma
+        min_gamma = 0 if all(r == "spec" or cfg.bonus == "verifier" for r in rules) else 1
         if policy == "goodput":
-            gamma = self._goodput.choose(rows.size, [
+            gamma = max(min_gamma, self._goodput.choose(rows.size, [
                 acceptance(rows.stats(b).accepted, rows.stats(b).rejected)
-                for b in range(rows.size)])
+                for b in range(rows.size)]))
         else:
             gamma = policy(len(self._gammas), rows.size)
             if isinstance(gamma, bool) or not isinstance(gamma, int) \
-                    or not cfg.min_gamma <= gamma <= cfg.gamma:
+                    or not min_gamma <= gamma <= cfg.gamma:
                 raise ValueError(f"gamma_policy returned {gamma!r}; a block's gamma must be an "
-                                 f"int in [{cfg.min_gamma}, {cfg.gamma}] (gamma is the most)")
+                                 f"int in [{min_gamma}, {cfg.gamma}] (gamma is the most)")
         self._gammas.append(gamma)
         return gamma
 
@@ -385,7 +406,7 @@ class Engine:
                 rows.stats(b).drafter_calls += 1
         q.prefill(rows.tokens(), [max(u, s) for u, s in zip(upto, q.seen)])
 
-    def _fixed_block(self, rows: Rows, width: int, gamma: int):
+    def _fixed_block(self, rows: Rows, width: int, gamma: int, rules: tuple):
         """The block on fixed shapes (every row drafts gamma tokens), as one body of device work
         with one host read: eager, or replayed as a CUDA graph. Returns per row a
         :class:`BlockResult` and the number of drafter calls.
@@ -394,10 +415,10 @@ class Engine:
         runs after the host read, only if a row accepted all its drafts and keeps a bonus token,
         followed by a second verification (same keys: same decisions, the bonus from the
         cascade's target) and a second read."""
-        cfg, q, p = self.cfg, self.q, self.p
+        q, p = self.q, self.p
         layout = block_layout(gamma)
         kv, greedy = self._kv(rows), rows.greedy
-        in_body = cfg.bonus_step and self._graphs is not None
+        in_body = self._graphs is not None and any(map(self._bonus_step, rules))
 
         def body(ints, seeds, temperature, alpha):
             t = ints[:, 0]
@@ -419,14 +440,16 @@ class Engine:
                                  gamma + 1)
             q_logits = torch.stack(q_rows, dim=1)
             # verify
-            pack = self._verified(q_logits, drafts, p_logits, seeds, temperature, alpha, t)
+            pack = self._verified(q_logits, drafts, p_logits, seeds, temperature, alpha, t,
+                                  padded_rules)
             return pack, q_logits, p_logits
 
         n = self._bucket(rows.size)
         per_row = rows.padded(n)  # seeds, temperature, alpha
+        padded_rules = rules + rules[:1] * (n - rows.size)
         ints = self._inputs(rows, q, width, n)
-        pack, q_logits, p_logits = self._run(("block", n, width, gamma, greedy), body,
-                                             (ints, *per_row))
+        key = ("block", n, width, gamma, padded_rules, greedy)
+        pack, q_logits, p_logits = self._run(key, body, (ints, *per_row))
         host = layout.unpack(pack, rows.size)  # accept: the block's one device-to-host read
         self._check_logits([r.q_nonfinite for r in host], ("drafter logits", q_logits))
         self._check_logits([r.p_nonfinite for r in host], ("verifier logits", p_logits))
@@ -436,40 +459,79 @@ class Engine:
                  next((i + 1 for i, d in enumerate(r.drafts) if d in rows.eos), gamma))
              for b, r in enumerate(host)]
         calls = gamma + in_body
-        if not in_body and any(self._needs_bonus(rows, b, r.accepted, r.drafts[: g[b]])
-                               for b, r in enumerate(host)):
+        if not in_body and any(self._needs_bonus(rows, b, r.accepted, r.drafts[: g[b]],
+                                                 rules[b]) for b, r in enumerate(host)):
             # bonus: q at the bonus position, then the same verification with the cascade's bonus
             t, draft_ids = ints[:, 0], layout.get(pack, "drafts")
             bonus = q.forward(draft_ids[:, -1:], (t + gamma - 1)[:, None], kv(gamma), 1)[:, 0]
             q_logits = torch.cat([q_logits, bonus[:, None]], dim=1)
-            host = layout.unpack(self._verified(q_logits, draft_ids, p_logits, *per_row, t),
-                                 rows.size)  # the block's second host read
+            host = layout.unpack(self._verified(q_logits, draft_ids, p_logits, *per_row, t,
+                                                padded_rules), rows.size)  # the second read
             self._check_logits([r.q_nonfinite for r in host], ("drafter logits", q_logits))
             calls += 1
         return [BlockResult(r.accepted, r.tokens[: 1 + r.accepted], r.deferred, g[b])
                 for b, r in enumerate(host)], calls
 
-    def _verified(self, q_logits, drafts, p_logits, seeds, temperature, alpha, t):
+    def _verified(self, q_logits, drafts, p_logits, seeds, temperature, alpha, t, rules):
         """The fused verification of a fixed block, packed for its host read
         (:func:`block_layout`). ``q_logits`` has ``gamma + 1`` rows (the bonus from the
-        cascade's target) or ``gamma`` (from pT)."""
+        cascade's target) or ``gamma`` (from pT). Rows whose ``rules`` differ are verified in
+        one call per rule (rows gathered by index, results scattered back)."""
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(rules):
+            groups.setdefault(r, []).append(i)
+        if len(groups) == 1:
+            out = self._verify_rule(rules[0], q_logits, drafts, p_logits, seeds, temperature,
+                                    alpha, t)
+            accepted, tokens, deferred = out.num_accepted, out.tokens, out.deferred
+        else:
+            n, g = drafts.shape
+            accepted = torch.zeros(n, dtype=torch.int64, device=drafts.device)
+            tokens = torch.zeros(n, g + 1, dtype=torch.int64, device=drafts.device)
+            deferred = torch.zeros(n, g + 1, dtype=torch.bool, device=drafts.device)
+            for rule, idx in groups.items():
+                ix = self._index(idx, drafts.device)
+                out = self._verify_rule(rule, *(x.index_select(0, ix) for x in (
+                    q_logits, drafts, p_logits, seeds, temperature, alpha, t)))
+                accepted.index_copy_(0, ix, out.num_accepted)
+                tokens.index_copy_(0, ix, out.tokens)
+                deferred.index_copy_(0, ix, out.deferred)
+        return block_layout(drafts.shape[1]).pack(
+            accepted=accepted, tokens=tokens, drafts=drafts, deferred=deferred,
+            q_nonfinite=nonfinite(q_logits), p_nonfinite=nonfinite(p_logits))
+
+    def _verify_rule(self, rule, q_logits, drafts, p_logits, seeds, temperature, alpha, t):
         cfg = self.cfg
         if self._verify is None:
             self._verify = backends.get(cfg.backend, self.device)
-        out = self._verify(q_logits, drafts, p_logits, rule=cfg.rule, alpha=alpha,
-                           temperature=temperature,
-                           top_k=checks.top_k(cfg.top_k, p_logits.shape[-1]), top_p=cfg.top_p,
-                           seed=seeds, positions=t)
-        return block_layout(drafts.shape[1]).pack(
-            accepted=out.num_accepted, tokens=out.tokens, drafts=drafts, deferred=out.deferred,
-            q_nonfinite=nonfinite(q_logits), p_nonfinite=nonfinite(p_logits))
+        if rule == "spec":  # its bonus law is pT whatever q is: the same tokens without q there
+            q_logits = q_logits[:, : drafts.shape[1]]
+        return self._verify(q_logits, drafts, p_logits, rule=rule, alpha=alpha,
+                            temperature=temperature,
+                            top_k=checks.top_k(cfg.top_k, p_logits.shape[-1]), top_p=cfg.top_p,
+                            seed=seeds, positions=t)
 
-    def _needs_bonus(self, rows: Rows, b: int, accepted: int, drafts: list[int]) -> bool:
+    def _index(self, rows: list[int], device) -> torch.Tensor:
+        """The int64 index tensor of ``rows``, made once (a CUDA graph's capture then finds the
+        tensor its warm-up made instead of copying from the host)."""
+        key = (tuple(rows), device)
+        ix = self._indices.get(key)
+        if ix is None:
+            ix = self._indices[key] = torch.tensor(rows, dtype=torch.int64, device=device)
+        return ix
+
+    def _bonus_step(self, rule: str) -> bool:
+        """Whether a block of ``rule`` needs q at the bonus position (``bonus="cascade"``, a rule
+        other than ``spec``, whose bonus law is pT whatever q is)."""
+        return self.cfg.bonus == "cascade" and rule != "spec"
+
+    def _needs_bonus(self, rows: Rows, b: int, accepted: int, drafts: list[int],
+                     rule: str) -> bool:
         """Whether an eager block runs its bonus drafter step for row b, after the verification:
-        under ``bonus="cascade"`` (not ``spec``), when the row accepted all of ``drafts`` (those
-        it is verified on) and a bonus token after them would be emitted. (Inside a CUDA graph
-        the step runs in every block instead: one host read per block.)"""
-        return (self.cfg.bonus_step and accepted >= len(drafts)
+        when its rule needs q there (:meth:`_bonus_step`), the row accepted all of ``drafts``
+        (those it is verified on) and a bonus token after them would be emitted. (Inside a CUDA
+        graph the step runs in every block instead: one host read per block.)"""
+        return (self._bonus_step(rule) and accepted >= len(drafts)
                 and bonus_keepable(drafts, rows.remaining(b), rows.eos))
 
     def _step(self, rows: Rows, m: SlotModel, *, deferred: bool) -> None:
@@ -552,9 +614,11 @@ class Rows:
     same sequence; finished ones are dropped) and the outputs of all of them."""
 
     def __init__(self, engine: Engine, prompts, seeds, temperature, alpha, budget, eos,
-                 hooks: outputs.Hooks = outputs.NO_HOOKS):
+                 hooks: outputs.Hooks = outputs.NO_HOOKS, rules=None, exact=None):
         B, device = len(prompts), engine.device
         self.engine = engine
+        self.rules = list(rules) if rules is not None else [engine.cfg.rule] * B
+        self.exact = list(exact) if exact is not None else [0] * B
         self.eos = eos
         self.hooks = hooks
         self.budget = budget
@@ -604,6 +668,12 @@ class Rows:
             if m is not None:
                 m.prefill(tokens, [n - 1 for n in self.length])
 
+    def block_rules(self) -> tuple:
+        """Each row's rule for the next block: ``spec`` while the row is inside its exact
+        prefix (fewer tokens emitted than ``exact_prefix``), else its own."""
+        return tuple("spec" if len(self.new_tokens[seq]) < e else r
+                     for seq, r, e in zip(self.index, self.rules, self.exact))
+
     def tokens(self) -> torch.Tensor:
         """int64 ``[rows, slots]``: each row's prompt and new tokens so far, zeros after."""
         out = torch.zeros(self.size, self.engine.slots, dtype=torch.int64)
@@ -644,5 +714,5 @@ class Rows:
         self.seeds = self.seeds.index_select(0, index)
         self.temperature = self.temperature.index_select(0, index)
         self.alpha = self.alpha.index_select(0, index)
-        for name in ("length", "index", "done", "tail"):
+        for name in ("length", "index", "done", "tail", "rules", "exact"):
             setattr(self, name, [getattr(self, name)[b] for b in keep])

@@ -52,6 +52,7 @@ def generate(
     draft_confidence: float | None = None,
     logits_processor=None,
     gamma_policy="fixed",
+    exact_prefix: int = 0,
     on_tokens=None,
     stop_condition=None,
 ) -> GenerateOutput:
@@ -122,6 +123,10 @@ def generate(
             measured block times and each row's acceptance so far; :mod:`speccascade_fast.goodput`)
             or a schedule ``f(block_index, batch_size) -> gamma``. The batched Engine only; the
             chosen gammas are in ``stats["gammas"]``.
+        exact_prefix: ``spec_cascade``: the first ``exact_prefix`` emitted tokens of every
+            response keep the verifier's law exactly (a block that starts inside the prefix is
+            verified with the lossless ``spec``), whatever the rule: e.g. the opening of a
+            reply, where lenient verification helps jailbreaks most.
         on_tokens: None or ``on_tokens(b, tokens)``, called each time sequence b emits tokens
             (after every verification block or step, in order: exactly the tokens its output
             gains), e.g. to stream them.
@@ -147,7 +152,7 @@ def generate(
                        temperature=temperature, top_k=top_k, top_p=top_p, bonus=bonus,
                        max_drafter_run=max_drafter_run, seq_score=seq_score, backend=backend,
                        draft_confidence=draft_confidence, logits_processor=logits_processor,
-                       gamma_policy=gamma_policy)
+                       gamma_policy=gamma_policy, exact_prefix=exact_prefix)
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r} is not known; choose one of {', '.join(ENGINES)}")
     drafter, verifier = model_facts.check_pair(method, model_facts.loaded(drafter),

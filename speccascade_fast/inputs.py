@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from . import checks, model_facts
-from .rules import check_alpha
+from .config import DEFAULT_ALPHA
+from .rules import ALPHA_RANGES, check_alpha, check_rule
 
 
 def _is_int(v) -> bool:
@@ -138,3 +139,46 @@ def per_sequence(name: str, value, default, B: int, rule: str | None,
     else:
         t = checks.temperature(t, tuple(t.shape))
     return t.expand(B).clone().to(device)
+
+
+def per_sequence_rules(rule, alpha, exact_prefix, cfg, B: int, device):
+    """Each sequence's rule, alpha and exact prefix for a ``spec_cascade`` batch: ``rule`` None
+    (the config's), a rule name, or B names; ``alpha`` None (the config's alpha for the config's
+    rule, else each rule's default), a number or B numbers, each checked against its row's rule
+    (rules without alpha ignore it); ``exact_prefix`` None (the config's), an int >= 0 or B such
+    ints. Returns ``(rules, alpha float64 [B] on device, exact_prefix)``."""
+    if isinstance(rule, str) or rule is None:
+        rules = [cfg.rule if rule is None else rule] * B
+    elif isinstance(rule, (list, tuple)) and len(rule) == B:
+        rules = list(rule)
+    else:
+        raise ValueError(f"rule must be None, a rule name or {B} rule names (one per sequence), "
+                         f"got {rule!r}")
+    for r in rules:
+        check_rule(r)
+    if isinstance(alpha, torch.Tensor):
+        alpha = alpha.tolist()
+    if isinstance(alpha, (list, tuple)):
+        if len(alpha) != B:
+            raise ValueError(f"alpha must be a number or {B} numbers (one per sequence), got "
+                             f"{len(alpha)}")
+        values = list(alpha)
+    else:
+        values = [alpha] * B
+    out = []
+    for b, (r, a) in enumerate(zip(rules, values)):
+        if a is None:
+            a = cfg.alpha if r == cfg.rule else DEFAULT_ALPHA[r]
+        if ALPHA_RANGES[r] is None:
+            out.append(0.0)  # a rule without alpha: the backends read zeros
+            continue
+        if isinstance(a, bool) or not isinstance(a, (int, float)):
+            raise ValueError(f"alpha of sequence {b} must be a number, got {a!r}")
+        check_alpha(r, a)
+        out.append(float(a))
+    exact = cfg.exact_prefix if exact_prefix is None else exact_prefix
+    exact = list(exact) if isinstance(exact, (list, tuple)) else [exact] * B
+    if len(exact) != B or any(not _is_int(e) or e < 0 for e in exact):
+        raise ValueError(f"exact_prefix must be an int >= 0 or {B} such ints (one per sequence), "
+                         f"got {exact_prefix!r}")
+    return rules, torch.tensor(out, dtype=torch.float64, device=device), exact

@@ -178,20 +178,23 @@ def score(p: _CachedModel, seq: _Sequence, drafts: torch.Tensor) -> torch.Tensor
 
 
 def speculative_block(q: _CachedModel, p: _CachedModel, seq: _Sequence, cfg: DecodeConfig) -> None:
-    """Draft, score, verify, accept, roll back: one block of the speculative cascade."""
+    """Draft, score, verify, accept, roll back: one block of the speculative cascade. A block
+    that starts inside the exact prefix is verified losslessly (``spec``)."""
     t = seq.length
     gamma = min(cfg.gamma, seq.remaining)  # never draft past the budget
     drafts, q_logits = draft(q, seq, gamma, cfg)
     p_logits = score(p, seq, drafts)
+    rule = "spec" if len(seq.new) < cfg.exact_prefix else cfg.rule
+    bonus_step = cfg.bonus == "cascade" and rule != "spec"
 
     def verified(q_logits):
-        return verify(q_logits, drafts, p_logits, rule=cfg.rule, alpha=cfg.alpha,
+        return verify(q_logits, drafts, p_logits, rule=rule, alpha=cfg.alpha,
                       temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                       seed=seq.seed, positions=t, backend=cfg.backend)
 
     out = verified(q_logits)  # with g rows of q: the bonus from pT
     a, g = int(out.num_accepted[0]), drafts.shape[1]
-    if cfg.bonus_step and a == g and bonus_keepable(drafts[0].tolist(), seq.remaining, seq.eos):
+    if bonus_step and a == g and bonus_keepable(drafts[0].tolist(), seq.remaining, seq.eos):
         # the bonus token follows the cascade's target: q at the bonus position, run only now
         # that the bonus is known to be emitted; the decisions up to it are drawn again from the
         # same keys, so they do not change

@@ -341,3 +341,20 @@ def test_graph_batch_sizes_are_buckets(pair, kw):
     assert Engine(*pair, max_batch_size=6, max_seq_len=48)._bucket(5) == 5  # eager: no padding
     capped = _fixed_shapes(Engine(*pair, max_batch_size=6, max_seq_len=48), Recorder())
     assert [capped._bucket(b) for b in (3, 5, 6)] == [4, 6, 6]
+
+
+def test_mixed_rules_and_exact_prefix_in_fixed_shape_bodies(pair):
+    """Rows with different rules (and rows inside their exact prefix, verified with spec) in
+    one body: one verification per rule, gathered and scattered on the device with index
+    tensors made before the capture; the eager tokens, no host read."""
+    ids, mask = left_padded(PROMPTS)
+    run = dict(attention_mask=mask, seed=[3, 4, 5], max_new_tokens=[14, 17, 24], eos_token_id=[],
+               rule=["token_v3", "spec", "chow"], alpha=[0.5, None, 0.3], exact_prefix=[4, 0, 0])
+    settings = dict(max_batch_size=4, max_seq_len=48, gamma=3, temperature=1.0)
+    want = Engine(*pair, **settings).generate(ids, **run)
+    recorder = Recorder()
+    got = _fixed_shapes(Engine(*pair, **settings), recorder).generate(ids, **run)
+    assert got.new_tokens == want.new_tokens
+    # the first block: row 0 inside its exact prefix, the padding row repeating row 0
+    assert recorder.keys[0][4] == ("spec", "spec", "chow", "spec")
+    assert any("token_v3" in k[4] for k in recorder.keys)  # row 0 past its prefix

@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
-from speccascade_fast import generate, target_distribution
+from speccascade_fast import Engine, generate, target_distribution
 from speccascade_fast.config import DEFAULT_ALPHA
 
 from .helpers import PAD, PROMPTS, chi2_pvalue, left_padded, noisy_drafter, tiny_pair
@@ -489,3 +489,65 @@ def test_a_fixed_gamma_schedule_is_deterministic_and_batch_invariant(pair):
     with pytest.raises(ValueError, match="gamma_policy"):
         generate(*pair, ids, attention_mask=mask, engine="sequential",
                  **dict(kw, gamma_policy="goodput"))
+
+
+# --- exact prefix --------------------------------------------------------------------------------
+@pytest.mark.parametrize("engine", ["static", "sequential"])
+def test_exact_prefix_first_token_law_is_the_verifiers(small_pair, engine):
+    """exact_prefix=1 under a lenient token_v3: the first token's law is pT, not the rule's pi
+    (which the test can tell apart)."""
+    (pi1, _), _, _ = _laws(small_pair, rule="token_v3", alpha=0.9)
+    (pT1, _), _, _ = _laws(small_pair, rule="spec")
+    assert _tv(pi1, pT1) > 0.05
+    ids = torch.tensor([DIST_PROMPT]).repeat(DIST_SEEDS, 1)
+    out = generate(*small_pair, ids, seed=0, max_new_tokens=1, eos_token_id=[], rule="token_v3",
+                   alpha=0.9, gamma=2, exact_prefix=1, engine=engine)
+    first = torch.tensor([t[0] for t in out.new_tokens])
+    assert chi2_pvalue(first, pT1) > 1e-3
+
+
+def test_exact_prefix_engines_agree_and_cost_only_the_prefix(pair):
+    ids, mask = left_padded(PROMPTS)
+    kw = dict(attention_mask=mask, rule="token_v3", alpha=0.9, gamma=3, temperature=1.0,
+              max_new_tokens=20, seed=2, eos_token_id=[])
+    static = generate(*pair, ids, exact_prefix=6, engine="static", **kw)
+    seq = generate(*pair, ids, exact_prefix=6, engine="sequential", **kw)
+    assert static.new_tokens == seq.new_tokens
+    # past the prefix the rule is the lenient one again: the tokens are not all lossless
+    lossless = generate(*pair, ids, rule="spec", gamma=3, temperature=1.0, max_new_tokens=20,
+                        seed=2, eos_token_id=[], attention_mask=mask)
+    assert static.new_tokens != lossless.new_tokens
+    with pytest.raises(ValueError, match="exact_prefix"):
+        generate(*pair, ids, exact_prefix=-1, **kw)
+    with pytest.raises(ValueError, match="exact_prefix"):
+        generate(*pair, ids, method="token_cascade", rule="chow", exact_prefix=2)
+
+
+# --- rules per sequence in the batched Engine ------------------------------------------------------
+@pytest.mark.parametrize("bonus", ["cascade", "verifier"])
+def test_rows_with_different_rules_do_not_depend_on_each_other(pair, bonus):
+    ids, mask = left_padded(PROMPTS + [[4, 4, 8]])
+    rules = ["spec", "token_v3", "chow", "lossy"]
+    alphas = [None, 0.5, 0.3, 0.2]
+    exact = [0, 2, 0, 5]
+    engine = Engine(*pair, max_batch_size=4, max_seq_len=64, gamma=3, bonus=bonus,
+                    temperature=1.0)
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=16, seed=7, rule=rules,
+                          alpha=alphas, exact_prefix=exact, eos_token_id=[])
+    for b in range(4):
+        alone = Engine(*pair, max_batch_size=1, max_seq_len=64, gamma=3, bonus=bonus,
+                       temperature=1.0, rule=rules[b], alpha=alphas[b])
+        row = ids[b][mask[b].bool()][None]
+        one = alone.generate(row, max_new_tokens=16, seed=7 + b, exact_prefix=exact[b],
+                             eos_token_id=[])
+        assert one.new_tokens[0] == out.new_tokens[b], rules[b]
+        ref = generate(*pair, row, rule=rules[b], alpha=alphas[b], gamma=3, bonus=bonus,
+                       temperature=1.0, max_new_tokens=16, seed=7 + b, exact_prefix=exact[b],
+                       eos_token_id=[], engine="sequential")
+        assert ref.new_tokens[0] == out.new_tokens[b], rules[b]
+    with pytest.raises(ValueError, match="rule"):
+        engine.generate(ids, attention_mask=mask, max_new_tokens=8,
+                        rule=["spec", "nope", "spec", "spec"])
+    with pytest.raises(ValueError, match="alpha"):
+        engine.generate(ids, attention_mask=mask, max_new_tokens=8, rule=rules,
+                        alpha=[None, 0.5, 5.0, 0.2])  # chow takes [0, 1]
