@@ -34,7 +34,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from . import __version__
-from .config import BONUS, METHODS, DecodeConfig
+from .config import BONUS, GAMMA_POLICIES, METHODS, DecodeConfig
 from .generation import generate
 from .models import IntegrityError
 from .rules import RULES
@@ -140,7 +140,8 @@ def _error(prog: str, error) -> int:
 FLAGS = {"method": "--method", "rule": "--rule", "alpha": "--alpha", "gamma": "--gamma",
          "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
          "bonus": "--bonus", "draft_confidence": "--draft-confidence",
-         "seq_score": "--seq-score"}
+         "seq_score": "--seq-score", "gamma_policy": "--gamma-policy",
+         "exact_prefix": "--exact-prefix"}
 
 
 def decode_config(flags: dict[str, str] | None = None, **fields) -> DecodeConfig:
@@ -238,6 +239,12 @@ def add_generate_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--draft-confidence", type=float, default=None, metavar="P",
                    help="spec_cascade: end a block after the first draft the drafter gave a "
                         "probability below P, in (0, 1) (at most --gamma drafts; default: off)")
+    p.add_argument("--gamma-policy", default="fixed", choices=GAMMA_POLICIES,
+                   help="spec_cascade: 'goodput' picks each block's drafts (at most --gamma) for "
+                        "the most tokens per second (default: fixed)")
+    p.add_argument("--exact-prefix", type=int, default=0, metavar="L",
+                   help="spec_cascade: the first L tokens keep the verifier's law exactly "
+                        "(default: 0)")
     p.add_argument("--bonus", default="cascade", choices=BONUS)
     p.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature; 0 = greedy (default: 0)")
@@ -270,7 +277,8 @@ def generate_command(args: argparse.Namespace) -> int:
     # every argument first: loading the models takes minutes on a first run
     cfg = decode_config(method=args.method, rule=args.rule, alpha=args.alpha, gamma=args.gamma,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        bonus=args.bonus, draft_confidence=args.draft_confidence)
+                        bonus=args.bonus, draft_confidence=args.draft_confidence,
+                        gamma_policy=args.gamma_policy, exact_prefix=args.exact_prefix)
     at_least("--max-new-tokens", args.max_new_tokens, 1)
     at_least("--early-exit", args.early_exit, 1, " (verifier layers)")
     check_seed(args.seed)
@@ -301,7 +309,8 @@ def generate_command(args: argparse.Namespace) -> int:
             alpha=cfg.alpha, gamma=cfg.gamma, bonus=cfg.bonus, temperature=cfg.temperature,
             top_k=cfg.top_k, top_p=cfg.top_p, max_new_tokens=args.max_new_tokens,
             seed=args.seed, attention=None if args.attention == "sdpa" else args.attention,
-            draft_confidence=cfg.draft_confidence,
+            draft_confidence=cfg.draft_confidence, gamma_policy=cfg.gamma_policy,
+            exact_prefix=cfg.exact_prefix,
             on_tokens=None if streamer is None else
             (lambda b, tokens: streamer.put(torch.tensor(tokens))))
     finally:

@@ -28,7 +28,8 @@ Beyond HF: a batch of several prompts works with an assistant (HF's assisted gen
 prompt). The cascade's own settings are extra keyword arguments: ``deferral_rule`` (``rule``;
 None: the method's default, ``token_v3``), ``lenience`` (``alpha``; None:
 :data:`speccascade_fast.config.DEFAULT_ALPHA`), ``method``, ``bonus``, ``max_drafter_run``,
-``seq_score``, ``backend``. Without ``assistant_model`` the verifier decodes alone.
+``seq_score``, ``backend``, ``engine``, ``gamma_policy``, ``exact_prefix``. Without
+``assistant_model`` the verifier decodes alone.
 Drafting schedule: ``num_assistant_tokens`` and ``assistant_confidence_threshold`` fall back to
 the assistant's generation config where it sets them, else gamma 5 and no cut-off (HF's own
 defaults, 20 and 0.4, are not implied: this engine does not re-fit the threshold).
@@ -56,7 +57,8 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from .generation import generate as engine_generate
 
 #: cascade settings passed through to :func:`speccascade_fast.generate`
-_PASS_THROUGH = ("method", "bonus", "max_drafter_run", "seq_score", "backend", "engine")
+_PASS_THROUGH = ("method", "bonus", "max_drafter_run", "seq_score", "backend", "engine",
+                 "gamma_policy", "exact_prefix")
 #: generation-config fields read here (their HF meaning is implemented)
 _SUPPORTED = frozenset({
     "do_sample", "temperature", "top_k", "top_p", "max_new_tokens", "max_length",

@@ -186,6 +186,9 @@ def no_loading(monkeypatch):
     (["--seed", "-1"], "argument --seed: must be an int in [0, 2**63), got -1"),
     (["--early-exit", "0"], "argument --early-exit: must be an int >= 1 (verifier layers)"),
     (["--device", "nope"], "argument --device: 'nope' is not a device"),
+    (["--exact-prefix", "-1"], "argument --exact-prefix: exact_prefix must be an int >= 0"),
+    (["--gamma-policy", "goodput", "--draft-confidence", "0.5"],
+     "argument --gamma-policy: gamma_policy other than 'fixed'"),
 ])
 def test_decoding_arguments_refused_before_loading(no_loading, capsys, argv, expected):
     line = _error(capsys, "generate", "w1", "--quiet", *argv)
