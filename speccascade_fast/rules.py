@@ -13,6 +13,10 @@ For every rule but ``lossy`` ``accept = pi`` and ``residual = max(0, pi - qT)``;
 by one formula for all rules, the law of the procedure itself:
 ``law = min(qT, accept) + (1 - sum min(qT, accept)) * norm(residual)``, which equals ``pi`` whenever
 ``pi`` sums to one and is ``lossy``'s true output law otherwise.
+
+``ensemble`` (docs/semantics.md §9) is Hugging Face's ``assistant_ensemble_weight``:
+``pi = w * pT + (1 - w) * qT`` with ``w = alpha`` in [0, 1]. No fused kernel implements it
+(:data:`REFERENCE_ONLY_RULES`): every backend sends it to this reference.
 """
 from __future__ import annotations
 
@@ -25,12 +29,16 @@ from . import probs as P
 
 RULES = (
     "spec", "drafter", "chow", "chow_log", "diff", "diff_log", "opt", "opt_log",
-    "token_v1", "token_v2", "token_v3", "lossy", "lossy_star", "bild",
+    "token_v1", "token_v2", "token_v3", "lossy", "lossy_star", "bild", "ensemble",
 )
 PREFIX_RULES = frozenset({"chow", "chow_log", "diff", "diff_log", "opt", "opt_log", "bild"})
 TOKEN_RULES = frozenset({"token_v1", "token_v2", "token_v3"})
 # rules whose decision needs only the drafter (token_cascade may use these)
 DRAFTER_ONLY_RULES = frozenset({"chow", "chow_log"})
+# rules no fused kernel implements: backends.covers() routes them to the float64 reference
+REFERENCE_ONLY_RULES = frozenset({"ensemble"})
+# the rules the fused kernels implement; a rule's kernel id is its position in RULES
+FUSED_RULES = tuple(r for r in RULES if r not in REFERENCE_ONLY_RULES)
 
 INF = math.inf
 # (low, high, low_closed, high_closed); None: the rule ignores alpha.
@@ -49,6 +57,7 @@ ALPHA_RANGES: dict[str, tuple[float, float, bool, bool] | None] = {
     "lossy": (0.0, 1.0, True, False),
     "lossy_star": (0.0, 1.0, True, False),
     "bild": (0.0, INF, True, False),
+    "ensemble": (0.0, 1.0, True, True),  # alpha = w, the verifier's weight: 1 is spec, 0 drafter
 }
 
 Q_FLOOR = 1e-10  # docs/semantics.md §6: the q denominator of acceptance ratios is clipped here
@@ -155,6 +164,21 @@ def _lossy_star_target(qT, pT, alpha):
     return torch.maximum(m, hi[..., None] * pT)
 
 
+def _ensemble_target(q1, p1, qT, pT, alpha, temperature):
+    """Hugging Face's ``assistant_ensemble_weight`` (docs/semantics.md §9): the fixed mixture
+    ``w * pT + (1 - w) * qT`` with ``w = alpha``, so a draft is accepted with probability
+    ``min(1, 1 - w + w * pT(x) / qT(x))`` and the residual is ``w * max(0, pT - qT)`` (spec's,
+    scaled). At T = 0 (Decision, HF's greedy path) the one-hot of the argmax of the unscaled
+    mixture ``w * p1 + (1 - w) * q1`` (ties: the lowest id), so greedy decoding stays
+    deterministic."""
+    w = alpha[..., None]
+    mixture = w * pT + (1 - w) * qT
+    ids = torch.arange(q1.shape[-1], device=q1.device)
+    top = torch.argmax(w * p1 + (1 - w) * q1, dim=-1, keepdim=True)
+    greedy = (ids == top).to(torch.float64)
+    return torch.where(temperature[..., None] == 0, greedy, mixture)
+
+
 @dataclass
 class Targets:
     """Per-position quantities, float64 ``[..., V]`` unless noted."""
@@ -212,6 +236,8 @@ def position_targets(
         return Targets(qT, pT, accept, residual, law, None, None)
     elif rule == "lossy_star":
         pi = _lossy_star_target(qT, pT, alpha)
+    elif rule == "ensemble":
+        pi = _ensemble_target(q1, p1, qT, pT, alpha, temperature)
     else:
         raise ValueError(f"rule={rule!r} is not a known rule")
     residual = torch.clamp(pi - qT, min=0)

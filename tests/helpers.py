@@ -17,6 +17,7 @@ ALPHAS = {
     "chow": [0.2, 0.6], "chow_log": [0.5, 1.2], "diff": [-0.2, 0.1], "diff_log": [-0.3, 0.2],
     "opt": [-1.0, 0.5], "opt_log": [-1.0, 0.5], "token_v1": [-0.1, 0.2], "token_v2": [0.1, 0.4],
     "token_v3": [0.2, 0.6], "lossy": [0.2, 0.5], "lossy_star": [0.2, 0.5], "bild": [0.8, 2.0],
+    "ensemble": [0.3, 0.8],
 }
 
 
@@ -74,6 +75,10 @@ def closed_form(rule, alpha, q_logits, p_logits, T):
         return pT
     if rule == "drafter":
         return qT
+    if rule == "ensemble":
+        if T == 0:  # HF's greedy path: the argmax of the unscaled mixture
+            return np.eye(len(ql))[int(np.argmax(alpha * p1 + (1 - alpha) * q1))]
+        return alpha * pT + (1 - alpha) * qT
     if rule in ("lossy", "lossy_star"):
         m = np.minimum(qT, pT / (1 - alpha))
         if rule == "lossy":

@@ -20,6 +20,7 @@ import torch
 import speccascade_fast as sc
 from speccascade_fast import _ext, backends, rng
 from speccascade_fast.backends import cpu
+from speccascade_fast.rules import FUSED_RULES  # the rules the kernels implement
 
 from .helpers import ALPHAS, chi2_pvalue, logits_pair
 
@@ -100,7 +101,7 @@ def _grid(V, index):
 
 @pytest.mark.parametrize("V", [17, 1000, 40000])
 @pytest.mark.parametrize("T", [0.0, 0.7, 1.0])
-@pytest.mark.parametrize("rule", sc.RULES)
+@pytest.mark.parametrize("rule", FUSED_RULES)
 def test_equals_reference(rule, T, V):
     index = sc.RULES.index(rule) * 3 + int(T * 10)
     for k, (dt, B, gamma, bonus) in enumerate(_grid(V, index)):
@@ -148,7 +149,7 @@ def _degenerate(kind, T, seed, B=3, gamma=3, V=300):
 
 
 @pytest.mark.parametrize("T", [0.0, 1e-3, 0.7, 50.0])
-@pytest.mark.parametrize("rule", sc.RULES)
+@pytest.mark.parametrize("rule", FUSED_RULES)
 def test_equals_reference_at_extremes(rule, T):
     for k, (alpha, kind) in enumerate(itertools.product(EXTREME[rule], KINDS)):
         q, x, p = _degenerate(kind, T, seed=k)
@@ -185,7 +186,7 @@ def test_vocabulary_split_into_chunks(rule):
 def test_results_do_not_depend_on_the_thread_count():
     B, gamma, V = 2, 5, 70000
     q, x, p = make_block(B, gamma, V, torch.bfloat16, seed=8)
-    for rule in sc.RULES:
+    for rule in FUSED_RULES:
         kw = dict(rule=rule, alpha=ALPHAS[rule][-1], temperature=0.9, seed=torch.tensor([3, 4]))
         torch.set_num_threads(1)
         one = sc.verify(q, x, p, backend="cpu", **kw)
@@ -210,7 +211,7 @@ def test_per_request_temperature_alpha_seed_and_mixed_greedy():
     x = torch.stack([sc.sample(q[b, :gamma], temperature=float(T[b]), seed=b) for b in range(B)])
     seed = torch.tensor([-(2**63), -1, 0, 2**62, 12345])
     positions = torch.tensor([0, 1, 2**40, 7, 2**33])
-    for rule in sc.RULES:
+    for rule in FUSED_RULES:
         alpha = ALPHAS[rule][0]
         if alpha is not None:
             alpha = torch.linspace(0.5, 1.0, B, dtype=torch.float64) * alpha
@@ -240,7 +241,7 @@ TRUNCATIONS = [{"top_k": 1}, {"top_k": 5}, {"top_p": 0.3}, {"top_p": 0.9},
 
 
 @pytest.mark.parametrize("T", [0.0, 0.7, 1.0])
-@pytest.mark.parametrize("rule", sc.RULES)
+@pytest.mark.parametrize("rule", FUSED_RULES)
 def test_top_k_top_p_equal_reference(rule, T):
     index = sc.RULES.index(rule) * 3 + int(T * 10)
     for k, trunc in enumerate(TRUNCATIONS):
@@ -263,7 +264,7 @@ def test_top_k_top_p_mixed_temperatures_and_degenerate_rows():
     for k, (kind, trunc) in enumerate(itertools.product(KINDS, TRUNCATIONS[1:5])):
         q, x, p = _degenerate(kind, 0.7, seed=50 + k)
         T = torch.tensor([0.0, 0.7, 1.0])
-        rule = sc.RULES[k % len(sc.RULES)]
+        rule = FUSED_RULES[k % len(FUSED_RULES)]
         alpha = EXTREME[rule][k % len(EXTREME[rule])]
         assert_same(q, x, p, rule=rule, alpha=alpha, T=T, **trunc)
 

@@ -24,6 +24,7 @@ import speccascade_fast as sc
 from speccascade_fast import backends, checks
 from speccascade_fast.backends import cuda, reference
 from speccascade_fast.ragged import verify_ragged
+from speccascade_fast.rules import FUSED_RULES  # the rules the kernels implement
 
 from . import cuda_emu, helpers
 from .helpers import ALPHAS, assert_same_up_to_near_ties, ragged_inputs, verify_args
@@ -113,14 +114,14 @@ def check(backend, q, x, p, args, **trunc):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("T", [0.0, 0.8])
-@pytest.mark.parametrize("rule", sc.RULES)
+@pytest.mark.parametrize("rule", FUSED_RULES)
 def test_matches_reference(backend, rule, T, dtype):
     seed = 100 * sc.RULES.index(rule) + 10 * (T > 0) + (dtype == "bf16")
     q, x, p = llm_block(seed, T=T, dtype=DTYPES[dtype])
     check(backend, q, x, p, verify_args(rule, ALPHAS[rule][-1], T, 3, seed, "cpu"))
 
 
-@pytest.mark.parametrize("rule", sc.RULES)
+@pytest.mark.parametrize("rule", FUSED_RULES)
 def test_verifier_bonus_mixed_temperatures_masked_fp16(backend, rule):
     """bonus="verifier" (gamma draft rows), a greedy row among sampled ones, masked tokens."""
     seed = 2000 + sc.RULES.index(rule)
@@ -140,7 +141,7 @@ def test_vocabulary_edges(backend, rule, V):
 
 @pytest.mark.parametrize("trunc", [{"top_k": 20}, {"top_p": 0.9}, {"top_k": 50, "top_p": 0.8}],
                          ids=["top_k", "top_p", "both"])
-@pytest.mark.parametrize("rule", sc.RULES)
+@pytest.mark.parametrize("rule", FUSED_RULES)
 def test_top_k_top_p(backend, rule, trunc):
     """Keep bounds read wherever the kernels form qT / pT (every rule, both truncations)."""
     seed = 4000 + sc.RULES.index(rule)
@@ -180,7 +181,7 @@ def ragged_emulated(backend, flat, args, **extra):
 
 
 @pytest.mark.parametrize("bonus", ["cascade", "verifier"])
-@pytest.mark.parametrize("rule", sc.RULES)
+@pytest.mark.parametrize("rule", FUSED_RULES)
 def test_ragged_matches_reference(backend, rule, bonus):
     """vLLM's flattened rows (requests of gamma 1, 4 and 2, mixed T): the public
     ``verify_ragged`` routed to the cuda backend's ops equals the reference, output width from

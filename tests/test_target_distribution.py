@@ -17,8 +17,12 @@ CASES = [(rule, a) for rule in sc.RULES for a in ALPHAS[rule]]
 
 
 def test_rules_tuple_is_exactly_the_papers():
+    """The paper's 14 rules (the kernels' rule ids are their positions), then the additions of
+    docs/semantics.md §9 that only the reference implements."""
     assert sc.RULES == ("spec", "drafter", "chow", "chow_log", "diff", "diff_log", "opt", "opt_log",
-                        "token_v1", "token_v2", "token_v3", "lossy", "lossy_star", "bild")
+                        "token_v1", "token_v2", "token_v3", "lossy", "lossy_star", "bild",
+                        "ensemble")
+    assert rules.FUSED_RULES == sc.RULES[:14]
 
 
 @pytest.mark.parametrize("T", TEMPS)

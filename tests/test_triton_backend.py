@@ -30,6 +30,7 @@ from speccascade_fast.backends import reference
 from speccascade_fast.backends import triton as tb
 from speccascade_fast.kernels import accept_resample_insert, launch
 from speccascade_fast.kernels import keep_bounds as keep_search
+from speccascade_fast.rules import FUSED_RULES  # the rules the kernels implement
 from speccascade_fast.truncation import keep_bounds_torch, keep_mask
 
 from .helpers import ALPHAS, assert_same_up_to_near_ties, ragged_inputs, truncation_case
@@ -110,14 +111,14 @@ def test_rng_bits_equal_uniform_int(stream):
 # ---- every rule, T in {0, 0.8}, fp32 and bf16 ----------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("T", [0.0, 0.8])
-@pytest.mark.parametrize("rule", sc.RULES)
+@pytest.mark.parametrize("rule", FUSED_RULES)
 def test_matches_reference(rule, T, dtype):
     seed = sc.RULES.index(rule) * 10 + int(T * 10)
     q, x, p = make_block(seed, dtype=dtype, T=T)
     assert_same(q, x, p, call_args(rule, ALPHAS[rule][-1], T, B, seed))
 
 
-@pytest.mark.parametrize("rule", sc.RULES)
+@pytest.mark.parametrize("rule", FUSED_RULES)
 def test_verifier_bonus_and_mixed_temperatures(rule):
     """bonus="verifier" (draft_logits [B, gamma, V]); T = 0, 0.8, 1, 1.7 in one batch."""
     seed = 500 + sc.RULES.index(rule)
@@ -238,7 +239,7 @@ def test_public_verify_uses_triton_backend():
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
-@pytest.mark.parametrize("rule", sc.RULES)
+@pytest.mark.parametrize("rule", FUSED_RULES)
 def test_top_k_top_p_in_the_kernels(rule):
     """Truncation as per-row keep bounds read by every kernel: equal to the reference for mixed
     per-row T, both bonus modes, ties at the boundary (rounded logits), two slices."""
@@ -294,7 +295,7 @@ def assert_ragged_same(flat, rule, alpha, T, seed, **kw):
 
 
 @pytest.mark.parametrize("bonus", ["cascade", "verifier"])
-@pytest.mark.parametrize("rule", sc.RULES)
+@pytest.mark.parametrize("rule", FUSED_RULES)
 def test_ragged_layout_matches_reference(rule, bonus):
     """Every rule, both bonus modes, requests of gamma 1, 4 and 2 with T = 0, 0.8 and 1.3 (the
     ragged layout's offsets, the bonus rows read from their own tensor, the rows past a short

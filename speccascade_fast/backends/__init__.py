@@ -21,6 +21,9 @@ cpu           fp32/bf16/fp16            fp32/bf16/fp16       fp32/bf16/fp16
 reference     everything                everything           everything
 ============  ========================  ===================  =====================================
 
+The rule ``ensemble`` (Hugging Face's ``assistant_ensemble_weight``) has no fused kernel: its
+verifications go to the reference on every backend (:func:`covers` with ``rule``).
+
 :func:`resolve` is the one function that picks: ``"auto"`` is the first backend of
 :data:`PREFERENCE` that is available for the kind on the device and covers the call; an explicit
 name must be available, and a call it does not cover goes to the reference. ("auto" takes
@@ -44,6 +47,7 @@ from typing import NamedTuple
 import torch
 
 from ..layout import row_temperatures
+from ..rules import REFERENCE_ONLY_RULES
 from ..truncation import rows
 from ..types import VerifyOutput
 from . import cpu, cuda, reference, triton
@@ -92,12 +96,16 @@ def available(device=None, kind: str = "verify") -> tuple[str, ...]:
 
 
 def covers(name: str, kind: str, *logits: torch.Tensor, greedy: bool | None = None,
-           top_p: float | None = None) -> bool:
+           top_p: float | None = None, rule: str | None = None) -> bool:
     """Whether backend ``name``'s kernels take a call of ``kind`` on ``logits`` (the module
     docstring's table): ``greedy`` whether every row is known to be greedy (``sample``),
-    ``top_p`` the call's top-p (``keep_bounds``). With no logits: whether it covers some call."""
+    ``top_p`` the call's top-p (``keep_bounds``), ``rule`` the verification's rule (the rules of
+    :data:`speccascade_fast.rules.REFERENCE_ONLY_RULES`, ``ensemble``, have no fused kernel:
+    only the reference covers them). With no logits: whether it covers some call."""
     if name == "reference":
         return True
+    if rule in REFERENCE_ONLY_RULES:
+        return False
     fused = all(t.dtype in FUSED_DTYPES for t in logits)
     if name == "triton":
         if kind in ("verify", "verify_ragged"):
@@ -142,7 +150,7 @@ def verify(name, draft_logits, draft_tokens, target_logits, *, rule, alpha, temp
            top_p, seed, positions) -> VerifyOutput:
     """:func:`speccascade_fast.verify` on backend ``name`` (resolved, not ``"auto"``; a call it
     does not cover goes to the reference) with inputs validated and normalised there."""
-    if not covers(name, "verify", draft_logits, target_logits):
+    if not covers(name, "verify", draft_logits, target_logits, rule=rule):
         name = "reference"
     if name == "reference":
         return reference.verify(draft_logits, draft_tokens, target_logits, rule=rule,
@@ -170,7 +178,7 @@ def verify_ragged(name, draft_logits, draft_tokens, target_logits, cu, bonus_dra
     without triton), so a CUDA graph can capture the call and replay it with other values of
     ``cu`` (the engine's blocks cut by ``draft_confidence``)."""
     more = (bonus_draft_logits,) if bonus_draft_logits is not None else ()
-    if not covers(name, "verify_ragged", draft_logits, target_logits, *more):
+    if not covers(name, "verify_ragged", draft_logits, target_logits, *more, rule=rule):
         name = "reference"
     args = dict(rule=rule, alpha=alpha, temperature=temperature, top_k=top_k, top_p=top_p,
                 seed=seed, positions=positions)
