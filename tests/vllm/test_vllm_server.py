@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -20,6 +19,8 @@ import pytest
 from . import require_vllm
 
 require_vllm()
+
+from speccascade_fast.integrations import vllm as plugin  # noqa: E402
 
 STARTUP_S = 300
 
@@ -53,14 +54,11 @@ def server(pair_folders, tmp_path_factory):
     logs = tmp_path_factory.mktemp("server")
     env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(logs / "prometheus"))
     os.makedirs(env["PROMETHEUS_MULTIPROC_DIR"])
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-           "--model", str(verifier), "--served-model-name", "smollm2",
-           "--host", "127.0.0.1", "--port", str(port),
-           "--speculative-config", json.dumps({"method": "draft_model", "model": str(drafter),
-                                               "num_speculative_tokens": 4}),
-           "--additional-config", json.dumps({"speccascade": {"rule": "spec"}}),
-           "--enforce-eager", "--dtype", "float32", "--max-model-len", "512",
-           "--max-num-seqs", "8"]
+    cmd = plugin.serve_command(  # the command docs/vllm.md gives, server default rule spec
+        verifier, drafter, rule="spec",
+        extra=["--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port),
+               "--enforce-eager", "--dtype", "float32", "--max-model-len", "512",
+               "--max-num-seqs", "8"])
     log = open(logs / "server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
