@@ -7,6 +7,7 @@
     speccascade bench --batch 1 --configs verifier,spec-greedy,spec-greedy-dc --hf-defaults
     speccascade bench --batch 1 --configs verifier,token_v3-t1,token_v3-t1-dc --dc-gamma 10
     speccascade bench --random-weights --device cuda   # the pair's shapes, random weights
+    speccascade bench --vllm --batch 8              # in vLLM, with and without the plugin
 
 Prints a markdown table and, with ``--out DIR``, writes ``DIR/e2e.json`` and ``DIR/e2e.md``.
 """
@@ -72,6 +73,10 @@ def add_bench_subcommand(subparsers) -> argparse.ArgumentParser:
                    help="--random-weights: fields replacing those of both models' "
                         "configurations (e.g. a tiny smoke-test model)")
     p.add_argument("--out", default=None, help="folder for e2e.json and e2e.md")
+    p.add_argument("--vllm", action="store_true",
+                   help="instead: the pair in vLLM (no speculation, vLLM's draft-model "
+                        "speculation, the plugin's spec and token_v3) at batch 1 and --batch, "
+                        "in the environment that has vLLM (speccascade_fast/bench/vllm.py)")
     p.add_argument("--from-json", default=None, metavar="E2E_JSON",
                    help="measure nothing: print the table of a saved run (its e2e.json)")
     p.set_defaults(func=bench_command)
@@ -115,6 +120,10 @@ def bench_command(args: argparse.Namespace) -> int:
     from ..cli import CLIError
     from . import e2e
 
+    if args.vllm:
+        from .vllm import bench_command as vllm_bench
+
+        return vllm_bench(args)
     configs = check_args(args)  # before loading: that takes minutes on a first run
     if args.from_json:
         print(e2e.markdown(e2e.from_json(pathlib.Path(args.from_json).read_text())))
