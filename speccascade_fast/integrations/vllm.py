@@ -473,6 +473,28 @@ def check_request(params, vllm_config) -> None:
         raise _validation_error(why, XARG_RULE)
 
 
+def check_config(vllm_config) -> Settings | None:
+    """The front end's check of a server's configuration, when vLLM builds it (before any engine
+    starts; vLLM shows the ValueError as one line of its config's ValidationError): the
+    settings, the V1 model runner, and a default rule the speculation can verify."""
+    settings = server_settings(getattr(vllm_config, "additional_config", None))
+    if settings is None:
+        return None
+    spec = getattr(vllm_config, "speculative_config", None)
+    if spec is None:
+        logger.warning("speccascade: the plugin is enabled but vLLM runs no speculative "
+                       "decoding (--speculative-config): nothing to verify")
+        return settings
+    if getattr(vllm_config, "use_v2_model_runner", False):
+        raise ValueError("speccascade: the plugin needs vLLM's V1 model runner: start with "
+                         "VLLM_USE_V2_MODEL_RUNNER=0 in the environment")
+    why = missing_drafter(settings.rule, settings, spec.method,
+                          getattr(spec, "draft_sample_method", None), 1.0)
+    if why:
+        raise ValueError(f"speccascade: the server's {why}")
+    return settings
+
+
 class _Exporter:
     """The plugin's statistics in this worker: summed :class:`Stats` per rule, Prometheus
     counters when vLLM's metrics are multiprocess (``PROMETHEUS_MULTIPROC_DIR`` set: they appear
@@ -729,8 +751,17 @@ def register() -> None:
     if server_settings() is not None:  # enabled by environment: the V1 runner on GPUs too
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
 
+    from vllm import config as vllm_config_module
     from vllm.v1.engine import input_processor
     from vllm.v1.worker import gpu_model_runner, worker_base
+
+    post_init = vllm_config_module.VllmConfig.__post_init__
+
+    def __post_init__(self, *args, **kwargs):
+        post_init(self, *args, **kwargs)
+        check_config(self)
+
+    vllm_config_module.VllmConfig.__post_init__ = __post_init__
 
     validate = input_processor.InputProcessor._validate_params
 

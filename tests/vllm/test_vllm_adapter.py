@@ -349,3 +349,22 @@ def test_serve_command(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "vllm.entrypoints.openai.api_server --model " + str(tmp_path / "v") in printed
     assert printed.strip().endswith("--port 9")
+
+
+def test_server_configuration_checked_when_vllm_builds_it():
+    from types import SimpleNamespace
+
+    spec = SimpleNamespace(method="draft_model", draft_sample_method="greedy")
+    config = lambda extra, **kw: SimpleNamespace(
+        additional_config=extra, speculative_config=kw.get("spec", spec),
+        use_v2_model_runner=kw.get("v2", False))
+    assert plugin.check_config(config({})) is None
+    assert plugin.check_config(config({"speccascade": {"rule": "opt"}})).rule == "opt"
+    with pytest.raises(ValueError, match="speccascade.alpha: alpha=3.0 is outside"):
+        plugin.check_config(config({"speccascade": {"rule": "chow", "alpha": 3}}))
+    with pytest.raises(ValueError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
+        plugin.check_config(config({"speccascade": {}}, v2=True))
+    with pytest.raises(ValueError, match="server's rule 'token_v3' reads the drafter's"):
+        plugin.check_config(config({"speccascade": {"draft": "vllm"}}))
+    assert plugin.check_config(config({"speccascade": {"draft": "vllm", "rule": "spec"}}))
+    assert plugin.check_config(config({"speccascade": {}}, spec=None)).rule == "token_v3"

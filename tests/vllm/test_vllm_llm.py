@@ -108,9 +108,8 @@ def hf_pair(pair_folders):
     return tok, load(drafter), load(verifier)
 
 
-@pytest.mark.parametrize("rule,alpha", [("spec", None), ("token_v3", 0.3)])
-def test_sampled_requests_follow_the_rules_law(cascade, hf_pair, rule, alpha):
-    """T = 1: 600 requests of one prompt, two tokens each. The first comes from vLLM's sampler
+def second_token_law_check(llm, hf_pair, rule, alpha, n=600):
+    """T = 1: ``n`` requests of one prompt, two tokens each. The first comes from vLLM's sampler
     (prefill), the second from the plugin's first verification. Among the requests whose first
     token is the likeliest one, the second follows target_distribution(drafter, verifier) at
     that position (the drafter drew its draft from its qT there)."""
@@ -118,9 +117,8 @@ def test_sampled_requests_follow_the_rules_law(cascade, hf_pair, rule, alpha):
     ids = tok("Water boils at 100 degrees").input_ids
     extra = {"speccascade_rule": rule} | ({"speccascade_alpha": alpha} if alpha else {})
     params = [SamplingParams(temperature=1.0, max_tokens=2, seed=1000 + i, extra_args=extra)
-              for i in range(600)]
-    outs = cascade.generate([{"prompt_token_ids": ids}] * len(params), params,
-                            use_tqdm=False)
+              for i in range(n)]
+    outs = llm.generate([{"prompt_token_ids": ids}] * len(params), params, use_tqdm=False)
     pairs = torch.tensor([o.outputs[0].token_ids for o in outs])
     first = int(pairs[:, 0].mode().values)
     second = pairs[pairs[:, 0] == first, 1]
@@ -131,6 +129,26 @@ def test_sampled_requests_follow_the_rules_law(cascade, hf_pair, rule, alpha):
     law = sc.target_distribution(q.double(), p.double(), rule=rule, alpha=alpha,
                                  temperature=1.0)[0]
     assert chi2_pvalue(second.long(), law) > 1e-4
+
+
+@pytest.mark.parametrize("rule,alpha", [("spec", None), ("token_v3", 0.3)])
+def test_sampled_requests_follow_the_rules_law(cascade, hf_pair, rule, alpha):
+    second_token_law_check(cascade, hf_pair, rule, alpha)
+
+
+def test_vllms_draft_probabilities_give_the_same_law(pair_folders, hf_pair):
+    """draft="vllm" with vLLM's probabilistic drafting: vLLM draws the drafts and hands the
+    plugin softmax(logits / T), which it verifies as log(probs) * T."""
+    verifier, drafter = pair_folders
+    llm = LLM(model=str(verifier), additional_config={"speccascade": {
+        "rule": "token_v3", "draft": "vllm", "log_every": 0}},
+        speculative_config=speculative(drafter) | {"draft_sample_method": "probabilistic"},
+        **ENGINE)
+    try:
+        second_token_law_check(llm, hf_pair, "token_v3", 0.3)
+        assert plugin.stats(llm)["token_v3"]["drafted"] > 0
+    finally:
+        llm.llm_engine.engine_core.shutdown()
 
 
 def test_seeded_request_same_alone_or_batched(cascade):
