@@ -39,6 +39,7 @@ DEFAULT_ALPHA: dict[str, float | None] = {
     "token_v3": 0.3,
     "lossy": 0.2, "lossy_star": 0.2,
     "bild": 1.0,          # defer when -log p(draft) > 1 (p(draft) < 0.37) at T = 0
+    "ensemble": 0.5,      # pi = 0.5 pT + 0.5 qT (Hugging Face's assistant_ensemble_weight)
 }
 DEFAULT_SEQ_ALPHA = 0.5
 DEFAULT_MAX_DRAFTER_RUN = 10
@@ -89,7 +90,8 @@ class DecodeConfig:
     draft_confidence: float | None = None
     #: None, or ``logits_processor(ids [1, L], logits [1, V]) -> logits`` (Hugging Face's
     #: ``LogitsProcessor`` signature): applied to the drafter's and the verifier's logits alike
-    #: at every position, with the sequence before that position (the sequential loops only)
+    #: at every position, with the sequence before that position (the sequential loops only;
+    #: a processor with a ``bind(b)`` method is told the index of the sequence it will see)
     logits_processor: Callable | None = None
     #: how many drafts each block makes: ``"fixed"`` (always ``gamma``), ``"goodput"`` (chosen
     #: per block in ``{0 or 1, ..., gamma}`` to maximise expected tokens per second, see
@@ -148,6 +150,11 @@ class DecodeConfig:
 
         rule, alpha = self.rule, self.alpha
         if method in ("autoregressive", "drafter_only"):
+            if rule is not None:
+                check_rule(rule)  # a typo is an error even where no rule is used
+            if alpha is not None:
+                raise ValueError(f"alpha applies to methods with a deferral rule, not "
+                                 f"method={method!r}; leave it None")
             rule, alpha = None, None
         elif method == "seq_cascade":
             rule = None

@@ -146,7 +146,8 @@ class Engine:
         cuda_graphs: capture each block (the gamma (+1) drafter steps with their draws, the
             verifier's block forward, the fused verification and the packing of the block's
             one host read) as one CUDA graph per (batch-size bucket: the next power of two,
-            at most ``max_batch_size``; width of the drafter's first call; all-greedy or not),
+            at most ``max_batch_size``; width of the drafter's first call; the block's gamma;
+            the rows' rules; all-greedy or not),
             replayed (with ``draft_confidence``: a graph per drafter step and one for the
             verifier call with the verification, see the module docstring). None (default):
             on when the models are on a CUDA device and ``compile_drafter`` is off. With
@@ -162,8 +163,10 @@ class Engine:
             end when every row has stopped; each row is verified on its own drafts (the ragged
             verification), so its tokens still do not depend on the batch. One host read per
             drafter step.
+        gamma_policy, exact_prefix: as in :func:`speccascade_fast.generate` (each block's
+            number of drafts; the first tokens verified losslessly).
         config: the decoding settings as one :class:`~speccascade_fast.config.DecodeConfig`
-            instead of the keyword arguments ``method`` .. ``draft_confidence`` (which must then
+            instead of the keyword arguments ``method`` .. ``exact_prefix`` (which must then
             keep their defaults).
 
     Example:
@@ -294,11 +297,12 @@ class Engine:
         if cfg.method == "spec_cascade":
             rules, alphas, exact = inputs.per_sequence_rules(rule, alpha, exact_prefix, cfg, B,
                                                              self.device)
-            if self._draft_confidence is not None and (len(set(rules)) > 1 or any(exact)):
-                raise ValueError("per-sequence rules and exact_prefix do not combine with "
-                                 "draft_confidence (a cut block is verified with one rule)")
+            if self._draft_confidence is not None and (set(rules) != {cfg.rule} or any(exact)):
+                raise ValueError("rule and exact_prefix per call do not combine with "
+                                 "draft_confidence (a cut block is verified with the engine's "
+                                 "rule)")
         else:
-            for name, value in (("rule", rule), ("exact_prefix", exact_prefix)):
+            for name, value in (("rule", rule), ("exact_prefix", exact_prefix), ("alpha", alpha)):
                 if value is not None:
                     raise ValueError(f"{name} applies to method='spec_cascade' only")
             rules, exact = [None] * B, [0] * B
@@ -378,9 +382,9 @@ class Engine:
             return cfg.gamma
         min_gamma = 0 if all(r == "spec" or cfg.bonus == "verifier" for r in rules) else 1
         if policy == "goodput":
-            gamma = max(min_gamma, self._goodput.choose(rows.size, [
+            gamma = self._goodput.choose(rows.size, [
                 acceptance(rows.stats(b).accepted, rows.stats(b).rejected)
-                for b in range(rows.size)]))
+                for b in range(rows.size)], min_gamma)
         else:
             gamma = policy(len(self._gammas), rows.size)
             if isinstance(gamma, bool) or not isinstance(gamma, int) \

@@ -50,16 +50,17 @@ class Goodput:
         old = self.times.get(key)
         self.times[key] = seconds if old is None else (1 - EMA) * old + EMA * seconds
 
-    def choose(self, batch: int, acceptance: list[float]) -> int:
+    def choose(self, batch: int, acceptance: list[float], g_min: int | None = None) -> int:
         """The gamma for the next block of ``batch`` rows whose per-draft acceptance estimates
-        are ``acceptance``."""
+        are ``acceptance``; at least ``g_min`` (default: the controller's) for this block."""
+        g_min = self.g_min if g_min is None else max(g_min, self.g_min)
         measured = {g for (_, g) in self.times}
         for g in (self.gamma_max, 1, 0):  # exploration: enough points for the line
-            if g >= self.g_min and g not in measured:
+            if g >= g_min and g not in measured:
                 if g >= 1 and len(measured - {0}) >= 2:
                     continue
                 return g
-        return max(range(self.g_min, self.gamma_max + 1),
+        return max(range(g_min, self.gamma_max + 1),
                    key=lambda g: (self.expected_tokens(acceptance, g) / self.cost(batch, g), -g))
 
     @staticmethod

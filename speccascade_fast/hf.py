@@ -54,6 +54,7 @@ from transformers.generation import (
 )
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from . import model_facts
 from .generation import generate as engine_generate
 
 #: cascade settings passed through to :func:`speccascade_fast.generate`
@@ -134,8 +135,7 @@ def generate(model, input_ids=None, attention_mask=None, *, assistant_model=None
     for k in _PASS_THROUGH:
         kwargs.pop(k, None)
 
-    config = copy.deepcopy(generation_config if generation_config is not None
-                           else model.generation_config)
+    config = _merged_config(generation_config, model)
     unknown = config.update(**kwargs)
     if unknown:
         raise ValueError(f"unknown generate arguments: {', '.join(sorted(unknown))} (not "
@@ -148,7 +148,12 @@ def generate(model, input_ids=None, attention_mask=None, *, assistant_model=None
 
     greedy = not config.do_sample
     temperature = 0.0 if greedy else (1.0 if config.temperature is None else config.temperature)
-    top_k = None if greedy or not config.top_k else config.top_k  # 0: off (HF)
+    if not greedy and temperature == 0:
+        raise ValueError("temperature=0 with do_sample=True: the temperature must be > 0 when "
+                         "sampling (for greedy decoding set do_sample=False), as in HF")
+    vocab = model_facts.vocab_size(model)
+    # 0 (or the whole vocabulary): no top-k; 1.0: no top-p (HF's warpers are then no-ops)
+    top_k = None if greedy or not config.top_k or config.top_k >= vocab else config.top_k
     top_p = None if greedy or config.top_p is None or config.top_p >= 1.0 else config.top_p
     min_p = None if greedy else config.min_p
 
@@ -165,19 +170,27 @@ def generate(model, input_ids=None, attention_mask=None, *, assistant_model=None
     if isinstance(eos, torch.Tensor):
         eos = eos.flatten().tolist()
     eos_list = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    pad = config.pad_token_id
+    if pad is None and eos_list:
+        pad = eos_list[0]  # HF pads with the first EOS id when the model names no pad
+    encdec = model_facts.is_encoder_decoder(model)
 
     processors = LogitsProcessorList()
     if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
     if config.min_new_tokens and eos_list:
+        # HF counts new tokens from the (padded) input width, or the decoder's start token
         processors.append(MinNewTokensLengthLogitsProcessor(
-            P, config.min_new_tokens, eos_list, device=ids.device))
+            1 if encdec else P, config.min_new_tokens, eos_list, device=ids.device))
     if logits_processor:
         processors.extend(logits_processor)
-    if processors or min_p is not None:
-        # the truncations follow the processors (HF's order: processors, then warpers)
+    if min_p is not None:
+        # min-p has no kernel: HF's top-k, top-p, min-p (in HF's order) become a mask, and the
+        # deferral rules then read the truncated distributions (docs/api.md)
         processors.append(_Truncation(temperature, top_k, top_p, min_p))
         top_k = top_p = None
+    row_processors = _RowProcessors(processors, ids, attention_mask, encdec) if processors \
+        else None
 
     criteria = StoppingCriteriaList(stopping_criteria or [])
     if config.stop_strings:
@@ -194,6 +207,14 @@ def generate(model, input_ids=None, attention_mask=None, *, assistant_model=None
     gamma = _assistant_setting("num_assistant_tokens", kwargs, generation_config, assistant_model)
     threshold = _assistant_setting("assistant_confidence_threshold", kwargs, generation_config,
                                    assistant_model)
+    if gamma is not None and (isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1):
+        raise ValueError(f"num_assistant_tokens must be an int >= 1 (drafts per verifier call), "
+                         f"got {gamma!r}")
+    if threshold is not None and (isinstance(threshold, bool)
+                                  or not isinstance(threshold, (int, float))
+                                  or not 0 <= threshold < 1):
+        raise ValueError(f"assistant_confidence_threshold must be None or a number in [0, 1) "
+                         f"(0: off), got {threshold!r}")
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())  # torch's global generator
     if assistant_model is None:
@@ -201,20 +222,20 @@ def generate(model, input_ids=None, attention_mask=None, *, assistant_model=None
 
     on_tokens = None
     if streamer is not None:
-        streamer.put(ids.cpu())  # HF's own streamers raise here for batch > 1
-        if B != 1:
-            raise ValueError(f"a streamer takes one sequence: batch size 1 only, got {B}")
-
         def on_tokens(b, tokens):
             streamer.put(torch.tensor(tokens, dtype=torch.long))
     try:
+        if streamer is not None:
+            streamer.put(ids.cpu())  # HF's own streamers raise here for batch > 1
+            if B != 1:
+                raise ValueError(f"a streamer takes one sequence: batch size 1 only, got {B}")
         out = engine_generate(
             assistant_model, model, input_ids,
             rule=deferral_rule, alpha=lenience, gamma=5 if gamma is None else gamma,
             temperature=temperature, top_k=top_k, top_p=top_p,
-            max_new_tokens=max_new_tokens, eos_token_id=eos_list, pad_token_id=config.pad_token_id,
+            max_new_tokens=max_new_tokens, eos_token_id=eos_list, pad_token_id=pad,
             attention_mask=attention_mask, seed=seed, draft_confidence=threshold or None,
-            logits_processor=processors or None, on_tokens=on_tokens,
+            logits_processor=row_processors, on_tokens=on_tokens,
             stop_condition=stop_condition, **extra)
     finally:
         if streamer is not None:
@@ -223,6 +244,53 @@ def generate(model, input_ids=None, attention_mask=None, *, assistant_model=None
         return out.sequences
     return CascadeGenerateOutput(sequences=out.sequences, stats=out.stats,
                                  new_tokens=out.new_tokens)
+
+
+class _RowProcessors:
+    """HF's logits processors as the sequential loops call them: they hand over one unpadded
+    sequence (``bind(b)`` says which); HF's processors see the batch's input row as given
+    (with its padding) followed by the new tokens, or for encoder-decoder models the decoder
+    ids, so the processors count and penalise exactly what they count in HF's ``generate``."""
+
+    def __init__(self, processors, input_ids, attention_mask, encdec: bool):
+        self.processors = processors
+        self.input_ids = input_ids
+        mask = (torch.ones_like(input_ids) if attention_mask is None
+                else torch.as_tensor(attention_mask))
+        self.prompt_lens = mask.sum(-1).tolist()
+        self.encdec = encdec
+        self.b = 0
+
+    def bind(self, b: int) -> None:
+        self.b = b
+
+    def __call__(self, ids, scores):
+        if not self.encdec:
+            new = ids[:, self.prompt_lens[self.b]:]
+            row = self.input_ids[self.b: self.b + 1].to(device=ids.device, dtype=ids.dtype)
+            ids = torch.cat([row, new], dim=1)
+        return self.processors(ids, scores)
+
+
+def _merged_config(generation_config, model) -> GenerationConfig:
+    """The generation config as HF builds it: the one given (else the model's), its unset
+    fields from the model's, then from HF's global defaults (transformers >= 5.2x sets fields
+    to None and fills them at generate time)."""
+    own = model.generation_config
+    config = copy.deepcopy(generation_config if generation_config is not None else own)
+    fill = [own.to_dict()] if generation_config is not None else []
+    fill.append(_global_defaults())
+    for values in fill:
+        for name, value in values.items():
+            if not name.startswith("_") and name != "transformers_version" \
+                    and value is not None and getattr(config, name, None) is None:
+                setattr(config, name, value)
+    return config
+
+
+def _global_defaults() -> dict:
+    get = getattr(GenerationConfig, "_get_default_generation_params", None)
+    return dict(get()) if get is not None else {}
 
 
 class _Truncation:
@@ -248,9 +316,10 @@ class _Truncation:
 def _check_fields(config: GenerationConfig) -> None:
     """ValueError for a field set to a non-default value whose meaning is not implemented; one
     warning per output-only flag that is not produced."""
-    default = GenerationConfig().to_dict()
+    default, implied = GenerationConfig().to_dict(), _global_defaults()
     for name, value in config.to_dict().items():
-        if name in _SUPPORTED or name in _HARMLESS or value == default.get(name):
+        if name in _SUPPORTED or name in _HARMLESS or value == default.get(name) \
+                or (name in implied and value == implied[name]):
             continue
         if name in _OUTPUT_FLAGS:
             if value and name not in _warned:

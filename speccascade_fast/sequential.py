@@ -321,6 +321,9 @@ def run(cfg: DecodeConfig, drafter, verifier, prompts: list[torch.Tensor], seeds
     new_tokens, outputs, counters = [], [], []
     with torch.inference_mode():
         for b, (prompt, s) in enumerate(zip(prompts, seeds)):
+            bind = getattr(cfg.logits_processor, "bind", None)
+            if bind is not None:
+                bind(b)  # a processor that needs to know which sequence it sees
             seq = _decode(drafter, verifier, prompt.to(device), s, max_new_tokens, eos, cfg,
                           encdec, b, hooks)
             new_tokens.append(seq.new)

@@ -16,8 +16,8 @@ def test_defaults_are_resolved():
     assert DecodeConfig(method="oracle_cascade").rule == "diff"
     seq = DecodeConfig(method="seq_cascade", rule="token_v3")
     assert seq.rule is None and seq.alpha == DEFAULT_SEQ_ALPHA
-    ar = DecodeConfig(method="autoregressive", rule="chow", alpha=0.5)
-    assert ar.rule is None and ar.alpha is None
+    ar = DecodeConfig(method="autoregressive", rule="chow")
+    assert ar.rule is None and ar.alpha is None  # no rule runs: it is dropped
     assert DecodeConfig(rule="spec").alpha is None
     assert DecodeConfig(temperature=0).temperature == 0.0
     assert isinstance(DecodeConfig(top_p=1).top_p, float)
@@ -69,6 +69,11 @@ def test_settings_reported_in_statistics():
     (dict(method="seq_cascade", draft_confidence=0.5), "draft_confidence"),
     (dict(logits_processor=3), "logits_processor"),
     (dict(backend=None), "backend"),
+    (dict(method="autoregressive", alpha=0.5), "alpha"),
+    (dict(method="drafter_only", rule="nope"), "rule"),
+    (dict(exact_prefix=-1), "exact_prefix"),
+    (dict(exact_prefix=2, draft_confidence=0.5), "exact_prefix"),
+    (dict(gamma_policy="goodput", draft_confidence=0.5), "gamma_policy"),
 ])
 def test_bad_values_name_the_field(kw, needle):
     with pytest.raises(ValueError, match=needle):

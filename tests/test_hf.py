@@ -359,3 +359,53 @@ def test_assistant_confidence_threshold_is_draft_confidence(pair):
     finally:
         q.generation_config.assistant_confidence_threshold = saved
     assert custom.new_tokens == ref.new_tokens
+
+
+# --- what review found --------------------------------------------------------------------------
+def test_hfs_config_merge_eos_pad_and_default_top_k(pair):
+    """A passed generation_config's unset fields come from the model's config, then from HF's
+    defaults (top_k 50 when sampling), and the pad is the first EOS id, as in HF."""
+    q, p = pair
+    ids = torch.tensor([PROMPTS[0]])
+    saved = p.generation_config
+    p.generation_config = GenerationConfig(eos_token_id=[7, 3])
+    try:
+        want = p.generate(ids, generation_config=GenerationConfig(max_new_tokens=12),
+                          do_sample=False)
+        got = hf.generate(p, ids, assistant_model=q, deferral_rule="spec",
+                          generation_config=GenerationConfig(max_new_tokens=12))
+    finally:
+        p.generation_config = saved
+    assert torch.equal(got, want)
+
+
+def test_padded_batches_count_min_new_tokens_like_hf(pair):
+    q, p = pair
+    ids, mask = left_padded([[3, 5, 7, 9, 11], [1, 2]])
+    kw = dict(attention_mask=mask, do_sample=False, max_new_tokens=8, min_new_tokens=3,
+              repetition_penalty=1.3, pad_token_id=0)
+    first = hf.generate(p, ids, assistant_model=q, deferral_rule="spec",
+                        **dict(kw, min_new_tokens=0))
+    eos = int(first[1, ids.shape[1] + 3])  # stop the short row right after min_new_tokens
+    want = p.generate(ids, eos_token_id=eos, **kw)
+    got = hf.generate(p, ids, assistant_model=q, deferral_rule="spec", eos_token_id=eos, **kw)
+    assert torch.equal(got, want)
+
+
+def test_batch_streamer_error_still_ends_it_and_hf_fields_named(pair):
+    q, p = pair
+    ids, mask = left_padded(PROMPTS)
+    rec = Recorder()
+    with pytest.raises(ValueError, match="batch size 1"):
+        hf.generate(p, ids, attention_mask=mask, assistant_model=q, streamer=rec)
+    assert rec.ended == 1
+    one = torch.tensor([PROMPTS[0]])
+    with pytest.raises(ValueError, match="num_assistant_tokens"):
+        hf.generate(p, one, assistant_model=q, num_assistant_tokens=0)
+    with pytest.raises(ValueError, match="assistant_confidence_threshold"):
+        hf.generate(p, one, assistant_model=q, assistant_confidence_threshold=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        hf.generate(p, one, assistant_model=q, do_sample=True, temperature=0.0)
+    # HF's own no-op values are not "unsupported fields"
+    hf.generate(p, one, assistant_model=q, max_new_tokens=2, typical_p=1.0,
+                no_repeat_ngram_size=0, num_beams=1, min_length=0)
