@@ -1,9 +1,14 @@
 """Evaluation harness: quality versus cost for every decoding method (docs/semantics.md §7).
 
-* :func:`run_eval` runs configurations (:class:`EvalConfig`: method, rule, α) on a task's
-  examples, one JSONL row per (configuration, example), resumable, then writes
-  ``summary.json``/``summary.md`` (quality ± SE, rejection rate, verifier calls per token,
-  relative latency, the Table-2 figures) and the quality-versus-cost plots.
+* :func:`run_eval` runs configurations (:class:`EvalConfig`: method, rule, α, optionally a
+  bonus mode or the min-p baseline) on a task's examples, one JSONL row per (configuration,
+  example), resumable, at batch 1 (timed) or batched (``batch_size``: quality only), then writes
+  ``summary.json``/``summary.md`` (quality with CIs, paired tests with Holm's correction,
+  rejection rate, verifier calls per token, relative latency, the Table-2 figures with bootstrap
+  CIs) and the quality-versus-cost plots; :func:`run_latency` measures latency at batch 1
+  (several trials, shuffled order).
+* :mod:`.grids`: pre-registered grids (``GRIDS``) and their plans (``plan.json``, written before
+  a run starts; later runs must match it).
 * Tasks (:mod:`.tasks`): ``humaneval`` (pass@1, tests in a sandboxed subprocess), ``gsm8k``
   (exact match of the final number), ``wmt14`` (English→German corpus BLEU).
 * CLI: :func:`.cli.add_eval_subcommand` (``speccascade eval``) or ``python -m
@@ -22,11 +27,13 @@ Example::
 from __future__ import annotations
 
 from .configs import EvalConfig, make_configs
-from .harness import load_rows, run_eval, write_summary
+from .grids import GRIDS, build_plan
+from .harness import load_rows, run_eval, run_latency, write_summary
 from .summary import best_quality_within, latency_to_reach, summarize
 from .tasks import TASKS, Example, Task, get_task
 
 __all__ = [
-    "EvalConfig", "Example", "TASKS", "Task", "best_quality_within", "get_task",
-    "latency_to_reach", "load_rows", "make_configs", "run_eval", "summarize", "write_summary",
+    "EvalConfig", "Example", "GRIDS", "TASKS", "Task", "best_quality_within", "build_plan",
+    "get_task", "latency_to_reach", "load_rows", "make_configs", "run_eval", "run_latency",
+    "summarize", "write_summary",
 ]

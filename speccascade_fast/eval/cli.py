@@ -12,6 +12,13 @@ Example (a token_v3 and lossy sweep, the verifier and drafter added automaticall
     speccascade eval --task gsm8k --methods spec_cascade --rules token_v3 lossy \\
         --alphas token_v3=0,0.1,0.2,0.3,0.5 lossy=0,0.3,0.6,0.9 --gamma 5 --temperature 1 \\
         --limit 200 --seed 0 --out runs/gsm8k
+
+A pre-registered grid (docs/evaluation.md): register it, run its quality rows batched, then its
+latency protocol at batch 1::
+
+    speccascade eval --grid humaneval-main --plan --out runs/he      # writes runs/he/plan.json
+    speccascade eval --grid humaneval-main --batch-size 8 --out runs/he
+    speccascade eval --grid humaneval-main --latency --out runs/he
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .configs import METHODS, as_config, dedupe, make_configs
+from .grids import GRIDS
 from .tasks import TASKS
 
 
@@ -91,9 +99,16 @@ def check_args(args: argparse.Namespace, configs) -> None:
         decode_config({"alpha": "--alphas", "rule": "--rules", "method": "--methods"},
                       method=c.method, rule=c.rule, alpha=c.alpha, gamma=args.gamma,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                      bonus=args.bonus or "cascade", seq_score=args.seq_score or "prob")
+                      bonus=c.bonus or args.bonus or "cascade",
+                      seq_score=args.seq_score or "prob")
     at_least("--max-new-tokens", args.max_new_tokens, 1)
     at_least("--limit", args.limit, 1)
+    at_least("--batch-size", args.batch_size, 1)
+    at_least("--trials", args.trials, 1)
+    at_least("--latency-limit", args.latency_limit, 1)
+    if args.batch_size is not None and args.latency:
+        raise CLIError("argument --batch-size: the latency mode runs at batch 1 (drop one of "
+                       "--batch-size and --latency)")
     at_least("--shots", args.shots, 0)
     check_seed(args.seed)
     if args.timeout is not None and not args.timeout > 0:
@@ -106,7 +121,25 @@ def check_args(args: argparse.Namespace, configs) -> None:
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``eval`` options to ``p``."""
-    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument("--task", default=None, choices=sorted(TASKS),
+                   help="required unless --grid names it")
+    p.add_argument("--grid", default=None, choices=sorted(GRIDS),
+                   help="a pre-registered grid: its task, settings and configurations; the plan "
+                        "is written to OUT/plan.json before the run starts and later runs into "
+                        "OUT must match it")
+    p.add_argument("--plan", "--dry-run", dest="plan", action="store_true",
+                   help="with --grid: only write OUT/plan.json (configurations, α points, "
+                        "latency protocol, compute estimate) and print it; loads no model")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="quality mode: one batched Engine per configuration, the examples in "
+                        "chunks of N, each with its batch-1 seed; rows are not timed (default: "
+                        "batch 1, every row timed)")
+    p.add_argument("--latency", action="store_true",
+                   help="latency mode: batch 1, --trials trials per example, the configurations "
+                        "in a random order per (example, trial), into OUT/latency.jsonl")
+    p.add_argument("--trials", type=int, default=None, help="latency mode: trials (default 3)")
+    p.add_argument("--latency-limit", type=int, default=None,
+                   help="latency mode: the first N examples (default: --limit)")
     p.add_argument("--methods", nargs="+", default=["spec_cascade"], choices=METHODS,
                    metavar="METHOD", help=f"from {', '.join(METHODS)} (default: spec_cascade)")
     p.add_argument("--rules", nargs="+", default=["token_v3"],
@@ -119,8 +152,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--no-references", action="store_true",
                    help="do not add autoregressive and drafter_only (relative latency needs "
                         "autoregressive)")
-    p.add_argument("--gamma", type=int, default=5)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--gamma", type=int, default=None, help="default 5")
+    p.add_argument("--temperature", type=float, default=None, help="default 1.0")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--bonus", choices=("cascade", "verifier"), default=None,
@@ -130,13 +163,13 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="default: the task's (humaneval 512, gsm8k 256, wmt14 128)")
     p.add_argument("--limit", type=int, default=None, help="first N examples (default: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="default 0")
     p.add_argument("--out", required=True, help="output folder (resumed if it exists)")
     p.add_argument("--drafter", default=None, help="model name, HF folder, .gguf or HF id org/name")
     p.add_argument("--verifier", default=None, help="model name, HF folder, .gguf or HF id org/name")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
+    p.add_argument("--chat", choices=("auto", "on", "off"), default=None,
                    help="use the tokenizer's chat template (auto: for instruct models)")
     p.add_argument("--shots", type=int, default=None,
                    help="few-shot exemplars (gsm8k default 8, wmt14 default 4)")
@@ -179,18 +212,101 @@ def _task_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
+#: the run settings a grid fixes, as (option, attribute, default without a grid)
+_GRID_OPTIONS = (("--gamma", "gamma", 5), ("--temperature", "temperature", 1.0),
+                 ("--seed", "seed", 0), ("--max-new-tokens", "max_new_tokens", None),
+                 ("--limit", "limit", None), ("--top-k", "top_k", None),
+                 ("--top-p", "top_p", None), ("--bonus", "bonus", None))
+_CHAT = {"auto": "auto", "on": True, "off": False}
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the run settings: from ``--grid`` (an option given with another value than the
+    grid's is a CLIError), else the defaults. Sets ``args.grid_obj``."""
+    from ..cli import CLIError
+
+    args.grid_obj = None
+    if args.grid is None:
+        if args.task is None:
+            raise CLIError("the following arguments are required: --task (or --grid)")
+        if args.plan:
+            raise CLIError("argument --plan: needs --grid (the grid to register)")
+        for _, attr, default in _GRID_OPTIONS:
+            if getattr(args, attr) is None:
+                setattr(args, attr, default)
+        args.chat = args.chat or "auto"
+        args.trials = args.trials or 3
+        return args
+    from .grids import get_grid
+
+    g = args.grid_obj = get_grid(args.grid)
+    if args.task is not None and args.task != g.task:
+        raise CLIError(f"argument --task: grid {g.name} is for --task {g.task}")
+    args.task = g.task
+    if args.config or args.alphas is not None:
+        raise CLIError(f"argument --grid: grid {g.name} fixes the configurations (drop "
+                       f"--config / --alphas)")
+    for flag, attr, _ in _GRID_OPTIONS:
+        want, given = g.settings.get(attr), getattr(args, attr)
+        if given is not None and given != want:
+            raise CLIError(f"argument {flag}: grid {g.name} registers {attr}={want!r}")
+        setattr(args, attr, want)
+    chat = g.settings.get("chat", "auto")
+    if args.chat is not None and _CHAT[args.chat] != chat:
+        raise CLIError(f"argument --chat: grid {g.name} registers chat={chat!r}")
+    args.chat = {v: k for k, v in _CHAT.items()}[chat]
+    for flag, attr, want in (("--trials", "trials", g.latency_trials),
+                             ("--latency-limit", "latency_limit", g.latency_limit)):
+        given = getattr(args, attr)
+        if given is not None and given != want:
+            raise CLIError(f"argument {flag}: grid {g.name} registers {want}")
+        setattr(args, attr, want)
+    return args
+
+
 def build_configs(args: argparse.Namespace):
-    """The configurations the options ask for (see :func:`.configs.make_configs`)."""
+    """The configurations the options ask for (see :func:`.configs.make_configs`), or the
+    grid's."""
+    if getattr(args, "grid_obj", None) is not None:
+        return [as_config(k) for k in args.grid_obj.configs]
     cfgs = make_configs(args.methods, args.rules, parse_alphas(args.alphas),
                         include_references=not args.no_references)
     return dedupe(cfgs + [as_config(c) for c in args.config])
 
 
+def grid_plan(args: argparse.Namespace) -> dict[str, Any]:
+    """The plan of ``--grid`` for the models the options name (loads no model; counts the
+    task's examples within the grid's limit)."""
+    from speccascade_fast import models
+
+    from .grids import build_plan
+    from .tasks import get_task
+
+    n = len(get_task(args.task, **_task_kwargs(args)).examples(args.limit))
+    return build_plan(args.grid_obj, drafter=args.drafter or models.DEFAULT_DRAFTER,
+                      verifier=args.verifier or models.DEFAULT_VERIFIER, n_examples=n,
+                      batch_size=args.batch_size)
+
+
 def eval_command(args: argparse.Namespace) -> int:
     """Run (or resume) the evaluation the parsed ``args`` describe; prints the summary table."""
-    from .harness import run_eval, write_summary
+    from .harness import run_eval, run_latency, write_summary
 
+    resolve_args(args)
     configs = build_configs(args)
+    if not args.summary_only:
+        check_args(args, configs)  # before loading: that takes minutes on a first run
+    plan = None
+    if args.grid_obj is not None and not args.summary_only:
+        from .grids import write_plan
+
+        plan = grid_plan(args)
+        if args.plan:
+            path = write_plan(args.out, plan)
+            print(json.dumps({"plan": str(path), "configs": len(plan["configs"]),
+                              "n_examples": plan["n_examples"], "budget": plan["budget"]},
+                             indent=2))
+            return 0
     if args.summary_only:
         check_extras(args)
         write_summary(args.out, args.task, configs=configs, plots=not args.no_plots,
@@ -198,7 +314,6 @@ def eval_command(args: argparse.Namespace) -> int:
         print((Path(args.out) / "summary.md").read_text())
         return 0
 
-    check_args(args, configs)  # before loading: that takes minutes on a first run
     if args.task == "humaneval":  # no bwrap and no --unsafe-local-exec: refused before loading
         from .sandbox import sandbox_mode
 
@@ -212,17 +327,21 @@ def eval_command(args: argparse.Namespace) -> int:
     verifier_name = args.verifier or models.DEFAULT_VERIFIER
     drafter, verifier, tokenizer = models.load_pair(
         drafter_name, verifier_name, dtype=getattr(torch, args.dtype), device=device)
-    chat = {"auto": "auto", "on": True, "off": False}[args.chat]
-    summary = run_eval(
-        args.task, configs, drafter=drafter, verifier=verifier, tokenizer=tokenizer,
-        limit=args.limit, seed=args.seed, out_dir=args.out, gamma=args.gamma,
-        temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-        progress=not args.no_progress, top_k=args.top_k, top_p=args.top_p, bonus=args.bonus,
-        chat=chat, stop_tokens=not args.no_stop_tokens, warmup=not args.no_warmup,
+    common = dict(
+        drafter=drafter, verifier=verifier, tokenizer=tokenizer, seed=args.seed,
+        out_dir=args.out, gamma=args.gamma, temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens, progress=not args.no_progress, top_k=args.top_k,
+        top_p=args.top_p, bonus=args.bonus, chat=_CHAT[args.chat],
+        stop_tokens=not args.no_stop_tokens, warmup=not args.no_warmup,
         task_kwargs=_task_kwargs(args), plots=not args.no_plots, table2_tol=args.tol,
         table2_envelope=args.envelope, seq_score=args.seq_score,
-        unsafe_local_exec=args.unsafe_local_exec,
-    )
+        unsafe_local_exec=args.unsafe_local_exec, plan=plan)
+    if args.latency:
+        summary = run_latency(args.task, configs, limit=args.latency_limit or args.limit,
+                              trials=args.trials, **common)
+    else:
+        summary = run_eval(args.task, configs, limit=args.limit, batch_size=args.batch_size,
+                           **common)
     print((Path(args.out) / "summary.md").read_text())
     print(json.dumps({"summary": str(Path(args.out) / "summary.json"),
                       "n_examples": summary["n_examples"]}))

@@ -1,6 +1,8 @@
-"""Decoding configurations: one (method, rule, α) triple each, and the sweep that builds them."""
+"""Decoding configurations: one (method, rule, α[, bonus][, min-p]) each, and the sweep that
+builds them."""
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,10 +23,34 @@ RULES_FOR: dict[str, tuple[str, ...] | None] = {
 }
 #: spec_cascade rules whose target does not depend on α (one configuration, no sweep).
 ALPHA_FREE_RULES = ("spec", "drafter")
+BONUS_MODES = ("cascade", "verifier")
 
 
 def _fmt_alpha(alpha: float) -> str:
     return repr(float(alpha))
+
+
+class MinP:
+    """Hugging Face's min-p truncation as a ``logits_processor(ids, logits) -> logits`` on the
+    *untempered* logits: tokens whose tempered probability ``softmax(l / T)`` is below ``min_p``
+    times the largest get logit −inf, i.e. ``l_v < max l + T·log(min_p)``; exactly what HF's
+    ``MinPLogitsWarper(min_p)`` keeps after the temperature warper. At ``T = 0`` it changes
+    nothing (greedy decoding keeps the argmax)."""
+
+    def __init__(self, min_p: float, temperature: float):
+        if not 0 < min_p <= 1:
+            raise ValueError(f"min_p must be in (0, 1], got {min_p!r}")
+        self.min_p, self.temperature = float(min_p), float(temperature)
+        self.offset = self.temperature * math.log(self.min_p)  # <= 0
+
+    def __call__(self, input_ids, logits):
+        if self.temperature == 0:
+            return logits
+        floor = logits.amax(-1, keepdim=True) + self.offset
+        return logits.masked_fill(logits < floor, float("-inf"))
+
+    def __repr__(self) -> str:
+        return f"MinP({self.min_p!r}, T={self.temperature!r})"
 
 
 @dataclass(frozen=True)
@@ -33,66 +59,120 @@ class EvalConfig:
 
     ``method`` is an engine method; ``rule`` the deferral rule (``None`` for ``autoregressive``,
     ``drafter_only`` and ``seq_cascade``, or to use the engine's default); ``alpha`` the lenience
-    (``None``: the engine's default, or not used).
+    (``None``: the engine's default, or not used). ``bonus`` (``spec_cascade`` only) overrides
+    the run's bonus-token mode for this configuration (``None``: the run's). ``min_p``
+    (``autoregressive`` only): the verifier alone with Hugging Face's min-p truncation
+    (:class:`MinP`), a baseline at matched thresholds; it decodes on the sequential loop (the
+    batched Engine runs no logits processor).
     """
 
     method: str
     rule: str | None = None
     alpha: float | None = None
+    bonus: str | None = None
+    min_p: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {METHODS}")
         if self.alpha is not None:
             object.__setattr__(self, "alpha", float(self.alpha))
+        if self.bonus is not None:
+            if self.bonus not in BONUS_MODES:
+                raise ValueError(f"bonus={self.bonus!r} is not known; choose cascade or verifier")
+            if self.method != "spec_cascade":
+                raise ValueError(f"a configuration's bonus applies to spec_cascade, not "
+                                 f"{self.method}")
+        if self.min_p is not None:
+            if self.method != "autoregressive":
+                raise ValueError(f"min_p is a baseline of the verifier alone (autoregressive), "
+                                 f"not of {self.method}")
+            if isinstance(self.min_p, bool) or not 0 < float(self.min_p) <= 1:
+                raise ValueError(f"min_p must be in (0, 1], got {self.min_p!r}")
+            object.__setattr__(self, "min_p", float(self.min_p))
 
     @property
     def key(self) -> str:
-        """Stable text id, e.g. ``spec_cascade/token_v3/alpha=0.3`` or ``autoregressive``."""
+        """Stable text id, e.g. ``spec_cascade/token_v3/alpha=0.3``,
+        ``spec_cascade/ensemble/alpha=0.5/bonus=verifier``, ``autoregressive/min_p=0.7`` or
+        ``autoregressive``."""
         parts = [self.method]
         if self.rule is not None:
             parts.append(self.rule)
         if self.alpha is not None:
             parts.append(f"alpha={_fmt_alpha(self.alpha)}")
+        if self.bonus is not None:
+            parts.append(f"bonus={self.bonus}")
+        if self.min_p is not None:
+            parts.append(f"min_p={_fmt_alpha(self.min_p)}")
         return "/".join(parts)
 
     @property
     def curve(self) -> str:
-        """The trade-off curve this point belongs to: ``method[rule]`` (α varies along it)."""
-        return f"{self.method}[{self.rule}]" if self.rule is not None else self.method
+        """The trade-off curve this point belongs to: ``method[rule]`` (α varies along it),
+        ``method[rule,bonus=…]`` with a bonus override, ``autoregressive[min_p]``."""
+        if self.min_p is not None:
+            return f"{self.method}[min_p]"
+        inside = [x for x in (self.rule, self.bonus and f"bonus={self.bonus}") if x]
+        return f"{self.method}[{','.join(inside)}]" if inside else self.method
 
-    def generate_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of ``engine.generate`` this configuration sets."""
+    @property
+    def level(self) -> float | None:
+        """The value that varies along the curve: α, or min-p for the min-p baseline."""
+        return self.alpha if self.alpha is not None else self.min_p
+
+    @property
+    def is_reference(self) -> bool:
+        """The verifier alone or the drafter alone, untruncated: a reference point."""
+        return self.method in REFERENCE_METHODS and self.min_p is None
+
+    def generate_kwargs(self, temperature: float | None = None) -> dict[str, Any]:
+        """The keyword arguments of ``generate`` this configuration sets (``temperature``: the
+        run's, which the min-p processor needs)."""
         kw: dict[str, Any] = {"method": self.method}
         if self.rule is not None:
             kw["rule"] = self.rule
         if self.alpha is not None:
             kw["alpha"] = self.alpha
+        if self.bonus is not None:
+            kw["bonus"] = self.bonus
+        if self.min_p is not None:
+            kw["logits_processor"] = MinP(self.min_p, 1.0 if temperature is None else temperature)
         return kw
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "rule": self.rule, "alpha": self.alpha}
+        return {"method": self.method, "rule": self.rule, "alpha": self.alpha,
+                "bonus": self.bonus, "min_p": self.min_p}
 
     @classmethod
     def parse(cls, text: str) -> EvalConfig:
-        """``method``, ``method:alpha`` (seq_cascade) or ``method:rule[:alpha]``; also ``key``."""
-        if "/" in text:
-            parts = text.split("/")
-            method, rest = parts[0], parts[1:]
-            rule = next((p for p in rest if not p.startswith("alpha=")), None)
-            alpha = next((float(p[6:]) for p in rest if p.startswith("alpha=")), None)
-            return cls(method, rule, alpha)
-        parts = text.split(":")
-        if len(parts) == 1:
-            return cls(parts[0])
-        if len(parts) == 2:
+        """``method``, ``method:alpha`` (seq_cascade) or ``method:rule[:alpha]``, each optionally
+        followed by ``:bonus=verifier`` / ``:min_p=0.7``; also the ``key`` form."""
+        sep = "/" if "/" in text else ":"
+        parts = text.split(sep)
+        opts = {}
+        for p in [p for p in parts[1:] if "=" in p]:
+            name, value = p.split("=", 1)
+            if name not in ("alpha", "bonus", "min_p") or name in opts:
+                raise ValueError(f"cannot parse configuration {text!r}: {p!r}")
+            opts[name] = value
+        pos = [parts[0]] + [p for p in parts[1:] if "=" not in p]
+        method, rule, alpha = pos[0], None, None
+        if len(pos) == 2:
             try:
-                return cls(parts[0], None, float(parts[1]))
+                alpha = float(pos[1])
             except ValueError:
-                return cls(parts[0], parts[1])
-        if len(parts) == 3:
-            return cls(parts[0], parts[1] or None, float(parts[2]))
-        raise ValueError(f"cannot parse configuration {text!r}")
+                rule = pos[1]
+        elif len(pos) == 3:
+            rule, alpha = pos[1] or None, float(pos[2])
+        elif len(pos) > 3:
+            raise ValueError(f"cannot parse configuration {text!r}")
+        if "alpha" in opts:
+            if alpha is not None:
+                raise ValueError(f"cannot parse configuration {text!r}: two alphas")
+            alpha = float(opts["alpha"])
+        min_p = float(opts["min_p"]) if "min_p" in opts else None
+        return cls(method, rule, alpha, opts.get("bonus"), min_p)
 
 
 def as_config(c: EvalConfig | str | Mapping[str, Any]) -> EvalConfig:
@@ -101,7 +181,7 @@ def as_config(c: EvalConfig | str | Mapping[str, Any]) -> EvalConfig:
         return c
     if isinstance(c, str):
         return EvalConfig.parse(c)
-    return EvalConfig(c["method"], c.get("rule"), c.get("alpha"))
+    return EvalConfig(c["method"], c.get("rule"), c.get("alpha"), c.get("bonus"), c.get("min_p"))
 
 
 def make_configs(

@@ -1,15 +1,36 @@
-"""``run_eval``: every configuration on every example, one JSONL row each, then the summary.
+"""``run_eval`` and ``run_latency``: configurations on a task's examples, one JSONL row each, then
+the summary.
+
+Three modes, into one output folder:
+
+* **batch 1** (``run_eval`` without ``batch_size``): examples outer, configurations inner, every
+  ``generate`` call timed at batch 1; the rows carry quality and latency (the original mode).
+* **quality** (``run_eval(..., batch_size=N)``, ``--batch-size N``): configurations outer, one
+  batched :class:`speccascade_fast.Engine` per configuration, the pending examples in chunks of N
+  (task order, left-padded), each row with the seed the batch-1 mode gives it, hence the same
+  tokens (a row's tokens do not depend on its batch: docs/semantics.md §6, up to floating-point
+  near-ties of the batched GEMMs). Configurations the Engine does not run (a logits processor:
+  the min-p baseline; the sequential methods) go through ``generate`` with the chunk, which
+  decodes its rows one by one. Rows are not timed (``wall_s`` is ``None``; the chunk's wall time
+  and size are kept), so a quality grid never pays for batch-1 decoding.
+* **latency** (``run_latency``, ``--latency``): batch 1, ``trials`` trials of the first ``limit``
+  examples, the configurations in an order shuffled per (example, trial), in one process, into
+  ``latency.jsonl``. The summary takes each (configuration, example)'s median over its trials.
 
 Files in ``out_dir``:
 
+* ``plan.json``: a pre-registered plan (:mod:`.grids`), if the run has one: written before
+  anything else; every later run into the folder must match it.
 * ``run.json``: the run's settings (task, models, γ, T, top-k/p, max new tokens, seed, chat, bonus).
   A later call with the same ``out_dir`` must use the same settings (else ValueError): rows of
   different settings never mix.
-* ``rows.jsonl``: one row per (configuration, example), appended, flushed and fsync'ed as soon as
-  the example is scored, so an interrupted run loses at most the row being computed (a torn last
-  line is dropped on the next start). Rows already present for a (configuration, example) are not
-  recomputed: re-running the same command resumes.
-* ``summary.json`` / ``summary.md`` and the three PNGs (see :mod:`.summary`, :mod:`.plots`).
+* ``rows.jsonl``: one quality row per (configuration, example), appended, flushed and fsync'ed as
+  soon as the example is scored, so an interrupted run loses at most the rows being computed (a
+  torn last line is dropped on the next start). Rows already present for a (configuration,
+  example) are not recomputed: re-running the same command resumes.
+* ``latency.jsonl``: one row per (configuration, example, trial) of the latency mode, resumable
+  the same way.
+* ``summary.json`` / ``summary.md`` and the four PNGs (see :mod:`.summary`, :mod:`.plots`).
 * ``.lock``: held (``fcntl.flock``) while a run or a summary writes to the folder; it names the
   holder's pid and host, and a second writer is refused with them.
 
@@ -19,17 +40,17 @@ that runs generated code (HumanEval) needs the bubblewrap sandbox, or ``unsafe_l
 (``--unsafe-local-exec``) to run it unsandboxed; the summary of such rows says so
 (``summary["sandbox"]`` and a line in ``summary.md``).
 
-Order and timing. The loop is examples outer, configurations inner, so all configurations see
-the same examples and drifting machine speed affects them alike; an interrupted run leaves at
-most one example incomplete. Each ``generate`` call is timed with ``time.perf_counter`` around the
-call (CUDA synchronised before and after when a model is on a GPU), batch size 1. Unless
-``warmup=False``, each distinct (method, rule) with work left first generates once, untimed and
-unrecorded, on the first pending example (compilation, CUDA graphs and allocator warm-up stay out
+Timing. Each timed ``generate`` call is timed with ``time.perf_counter`` around the call (CUDA
+synchronised before and after when a model is on a GPU), batch size 1. Unless ``warmup=False``,
+each distinct kind of configuration (method, rule, bonus, min-p or not) with work left first
+generates once, untimed and unrecorded (compilation, CUDA graphs and allocator warm-up stay out
 of the timings).
 
 Randomness. Example ``i`` (position in the task's example list) gets the engine seed
-``(seed * 1_000_003 + i) mod 2**31``: the same for every configuration (common random numbers
-make the comparison between configurations paired) and different across examples.
+``(seed * 1_000_003 + i) mod 2**31`` in every mode: the same for every configuration (common
+random numbers make the comparison between configurations paired) and different across
+examples. Each row keeps a hash of its new tokens (``output_sha``), so quality and latency rows
+of one (configuration, example) can be compared.
 
 Stopping. ``generate`` stops at an end-of-sequence id or after ``max_new_tokens``; the task's
 stop strings are applied afterwards by truncating the decoded text. With ``stop_tokens=True``
@@ -41,21 +62,33 @@ past the stop string, for every method alike.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
+import random
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .configs import EvalConfig, as_config, dedupe
+from .grids import (
+    PLAN_FILE,
+    check_folder_plan,
+    check_latency_plan,
+    check_plan_matches,
+    load_plan,
+)
 from .summary import summarize, to_markdown
 from .tasks import Task, get_task
 
 ROWS_FILE = "rows.jsonl"
+LATENCY_FILE = "latency.jsonl"
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
 #: settings that must agree between a run and the rows it resumes from
@@ -268,13 +301,170 @@ def _check_decoding(cfgs: Sequence[EvalConfig], common: Mapping[str, Any]) -> No
         return
     for c in cfgs:
         kw = {k: v for k, v in common.items() if v is not None}
-        DecodeConfig(**kw, **c.generate_kwargs())
+        kw.update(c.generate_kwargs(common.get("temperature")))
+        DecodeConfig(**kw)
 
 
 def _default_generate() -> Callable[..., Any]:
     from speccascade_fast.generation import generate
 
     return generate
+
+
+def _check_int(name: str, value: Any, low: int, what: str) -> None:
+    if value is not None and (not _is_int(value) or value < low):
+        raise ValueError(f"{name} must be None ({what}) or an int >= {low}, got {value!r}")
+
+
+@dataclass
+class _Run:
+    """Everything a run of one mode needs, checked, before anything is written."""
+
+    out: Path
+    task: Task
+    cfgs: list[EvalConfig]
+    examples: list
+    drafter: Any
+    verifier: Any
+    tokenizer: Any
+    seed: int
+    settings: dict[str, Any]
+    common: dict[str, Any]  # generate's keyword arguments shared by every configuration
+    chat: bool
+    eos_list: list[int]
+    generate: Callable[..., Any]
+    custom_generate: bool  # generate_fn was given: always call it (never build an Engine)
+    progress: bool
+    warmup: bool
+    plots: bool
+    tol: float
+    envelope: str
+    plan: Mapping[str, Any] | None
+    _prompts: dict = field(default_factory=dict)
+
+    def encode(self, ex) -> tuple[str, Any, Any]:
+        """(prompt text, ids [1, L], mask) of an example, on the models' device."""
+        if ex.id not in self._prompts:
+            text = self.task.build_prompt(ex, chat=self.chat, tokenizer=self.tokenizer)
+            enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=not self.chat)
+            dev = _device(self.verifier if self.verifier is not None else self.drafter)
+            ids, mask = enc["input_ids"], enc.get("attention_mask")
+            if dev is not None:
+                ids = ids.to(dev)
+                mask = mask.to(dev) if mask is not None else None
+            if len(self._prompts) > 4096:
+                self._prompts.clear()
+            self._prompts[ex.id] = (text, ids, mask)
+        return self._prompts[ex.id]
+
+    def kwargs(self, cfg: EvalConfig) -> dict[str, Any]:
+        return dict(self.common, **cfg.generate_kwargs(self.common["temperature"]))
+
+    def call(self, cfg: EvalConfig, ids, mask, ex_seed):
+        """One timed generate call at batch 1: (result, wall seconds)."""
+        kw = self.kwargs(cfg)
+        if mask is not None:
+            kw["attention_mask"] = mask
+        _sync(self.drafter, self.verifier)
+        t0 = time.perf_counter()
+        result = self.generate(self.drafter, self.verifier, ids, seed=ex_seed, **kw)
+        _sync(self.drafter, self.verifier)
+        return result, time.perf_counter() - t0
+
+    def warm(self, cfgs: Sequence[EvalConfig], ex_index: int, ex) -> None:
+        """One untimed, unrecorded generate per distinct (method, rule, bonus, min-p or not)."""
+        _, ids, mask = self.encode(ex)
+        warmed = set()
+        for c in cfgs:
+            kind = (c.method, c.rule, c.bonus, c.min_p is not None)
+            if kind not in warmed:
+                warmed.add(kind)
+                self.call(c, ids, mask, example_seed(self.seed, ex_index))
+
+    def bar(self, total: int, initial: int, desc: str):
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc=desc, unit="gen")
+
+
+def _prepare(task, configs, *, drafter, verifier, tokenizer, limit, seed, out_dir, gamma,
+             temperature, max_new_tokens, progress, top_k, top_p, bonus, chat, eos_token_id,
+             stop_tokens, warmup, generate_fn, task_kwargs, plots, table2_tol, table2_envelope,
+             seq_score, unsafe_local_exec, plan) -> _Run:
+    """Check every argument (nothing is written yet) and gather what a run needs."""
+    validate_run_args(limit=limit, seed=seed, max_new_tokens=max_new_tokens, chat=chat,
+                      eos_token_id=eos_token_id, table2_tol=table2_tol,
+                      table2_envelope=table2_envelope, out_dir=out_dir)
+    if task_kwargs is not None and not isinstance(task_kwargs, Mapping):
+        raise ValueError(f"task_kwargs must be a mapping, got {type(task_kwargs).__name__}")
+    if plan is not None and not isinstance(plan, Mapping):
+        raise ValueError(f"plan must be a mapping (a plan.json), got {type(plan).__name__}")
+    task_kwargs = dict(task_kwargs or {})
+    task_obj = get_task(task, **task_kwargs)
+    cfgs = dedupe(as_config(c) for c in configs)
+    if not cfgs:
+        raise ValueError("no configurations to evaluate")
+    _check_decoding(cfgs, {"gamma": gamma, "temperature": temperature, "top_k": top_k,
+                           "top_p": top_p, "bonus": bonus, "seq_score": seq_score})
+    if not isinstance(unsafe_local_exec, bool):
+        raise ValueError(f"unsafe_local_exec must be True or False, got {unsafe_local_exec!r}")
+    if getattr(task_obj, "runs_generated_code", False):
+        task_obj.unsafe_local_exec = unsafe_local_exec
+        task_obj.check_runnable()  # SandboxUnavailableError: no bwrap and no opt-out
+    generate = generate_fn or _default_generate()
+    if max_new_tokens is None:
+        max_new_tokens = task_obj.default_max_new_tokens
+    if chat == "auto":
+        chat = default_chat(tokenizer, [verifier, drafter])
+    chat = bool(chat)
+    eos_list = eos_ids(tokenizer, [verifier, drafter], eos_token_id)
+    stop_list = stop_token_ids(tokenizer, task_obj.stop_strings) if stop_tokens else []
+    gen_eos = sorted(set(eos_list) | set(stop_list))
+    examples = task_obj.examples(limit)  # a missing data file fails here, before any write
+    settings = {
+        "task": task_obj.name, "task_kwargs": task_kwargs,
+        "drafter": model_name(drafter), "verifier": model_name(verifier),
+        "gamma": gamma, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+        "max_new_tokens": max_new_tokens, "seed": seed, "chat": chat, "bonus": bonus,
+        "eos_token_id": eos_list, "stop_tokens": bool(stop_tokens),
+    }
+    if seq_score is not None:  # absent from run.json when unset: older runs resume unchanged
+        settings["seq_score"] = seq_score
+    settings = _jsonable(settings)
+    if plan is not None:
+        check_plan_matches(plan, settings, cfgs, [e.id for e in examples])
+    common = {"gamma": gamma, "temperature": temperature, "max_new_tokens": max_new_tokens,
+              "eos_token_id": gen_eos}
+    for k, v in (("top_k", top_k), ("top_p", top_p), ("bonus", bonus), ("seq_score", seq_score)):
+        if v is not None:
+            common[k] = v
+    return _Run(Path(out_dir), task_obj, cfgs, examples, drafter, verifier, tokenizer, seed,
+                settings, common, chat, eos_list, generate, generate_fn is not None, progress,
+                warmup, plots, table2_tol, table2_envelope, plan)
+
+
+def _start(run: _Run) -> tuple[list[dict[str, Any]], set]:
+    """Under the folder lock: the pre-registered plan (written, or checked against the one
+    there), ``run.json`` (written, or checked), and the rows so far with their done set."""
+    out = run.out
+    check_folder_plan(out, run.plan, run.settings, run.cfgs)
+    if run.plan is not None and not (out / PLAN_FILE).exists():
+        (out / PLAN_FILE).write_text(json.dumps(run.plan, indent=2) + "\n")
+    run_path = out / RUN_FILE
+    if run_path.exists():
+        old = json.loads(run_path.read_text())
+        diff = {k: (old.get(k), run.settings.get(k)) for k in RESUME_KEYS
+                if old.get(k) != run.settings.get(k)}
+        if diff:
+            raise ValueError(
+                f"{out} holds a run with other settings {diff} (old, new); use another out_dir"
+            )
+    else:
+        run_path.write_text(json.dumps(run.settings, indent=2) + "\n")
+    rows = load_rows(out / ROWS_FILE)
+    return rows, {(r["config"], r["example_id"]) for r in rows}
 
 
 def run_eval(
@@ -305,6 +495,8 @@ def run_eval(
     table2_envelope: str = "polyline",
     seq_score: str | None = None,
     unsafe_local_exec: bool = False,
+    batch_size: int | None = None,
+    plan: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``configs`` on ``task`` and write rows, summary and plots into ``out_dir``.
 
@@ -319,15 +511,17 @@ def run_eval(
         seed: run seed; example ``i`` gets ``example_seed(seed, i)``.
         out_dir: output folder (created; resumed if it holds rows of the same settings).
         gamma, temperature, top_k, top_p, bonus: passed to ``generate`` (``bonus``/``top_*`` only
-            when not ``None``).
+            when not ``None``; a configuration's own ``bonus`` overrides the run's).
         max_new_tokens: per example (default: the task's ``default_max_new_tokens``).
         progress: show a tqdm bar over configurations × examples.
         chat: ``True``/``False``, or ``"auto"`` (:func:`default_chat`).
         eos_token_id: end-of-sequence id(s) (default: :func:`eos_ids`).
         stop_tokens: also end at tokens containing a one-character stop string (module doc).
-        warmup: one untimed generate per distinct (method, rule) before the timed ones.
-        generate_fn: the generate function (default: ``speccascade_fast.generate``);
-            tests inject a fake one with the same signature.
+        warmup: one untimed generate per distinct (method, rule) before the timed ones
+            (batch-1 mode only).
+        generate_fn: the generate function (default: ``speccascade_fast.generate``, and with
+            ``batch_size`` the batched :class:`speccascade_fast.Engine`); tests inject a fake
+            one with the same signature (then it is called for batches too).
         task_kwargs: keyword arguments of the task's constructor (``k``, ``timeout_s`` …).
         plots: write the PNGs.
         table2_tol, table2_envelope: see :func:`.summary.summarize`.
@@ -336,147 +530,69 @@ def run_eval(
         unsafe_local_exec: a task that runs generated code (HumanEval) may run it without the
             bubblewrap sandbox when bwrap is missing (no isolation at all; the summary says so).
             Without it, such a run is refused before anything is written.
+        batch_size: ``None`` (default): every generate call at batch 1, timed (the rows carry
+            latencies). An int N >= 1: *quality mode*: one batched Engine per configuration,
+            the pending examples in chunks of N, each row with the seed the batch-1 run gives
+            it (so the same tokens, up to floating-point near-ties); no row is timed (latency
+            comes from :func:`run_latency`).
+        plan: a pre-registered plan (:func:`.grids.build_plan`): written to ``plan.json``
+            before anything else, or checked against the one in ``out_dir``; the run's
+            settings and configurations must be the plan's.
 
     Returns:
         The summary dict (also in ``summary.json``).
     """
-    # Everything is checked before anything is written.
-    validate_run_args(limit=limit, seed=seed, max_new_tokens=max_new_tokens, chat=chat,
-                      eos_token_id=eos_token_id, table2_tol=table2_tol,
-                      table2_envelope=table2_envelope, out_dir=out_dir)
-    if task_kwargs is not None and not isinstance(task_kwargs, Mapping):
-        raise ValueError(f"task_kwargs must be a mapping, got {type(task_kwargs).__name__}")
-    task_kwargs = dict(task_kwargs or {})
-    task_obj = get_task(task, **task_kwargs)
-    cfgs = dedupe(as_config(c) for c in configs)
-    if not cfgs:
-        raise ValueError("no configurations to evaluate")
-    _check_decoding(cfgs, {"gamma": gamma, "temperature": temperature, "top_k": top_k,
-                           "top_p": top_p, "bonus": bonus, "seq_score": seq_score})
-    if not isinstance(unsafe_local_exec, bool):
-        raise ValueError(f"unsafe_local_exec must be True or False, got {unsafe_local_exec!r}")
-    if getattr(task_obj, "runs_generated_code", False):
-        task_obj.unsafe_local_exec = unsafe_local_exec
-        task_obj.check_runnable()  # SandboxUnavailableError: no bwrap and no opt-out
-    generate = generate_fn or _default_generate()
-    if max_new_tokens is None:
-        max_new_tokens = task_obj.default_max_new_tokens
-    if chat == "auto":
-        chat = default_chat(tokenizer, [verifier, drafter])
-    chat = bool(chat)
-    eos_list = eos_ids(tokenizer, [verifier, drafter], eos_token_id)
-    stop_list = stop_token_ids(tokenizer, task_obj.stop_strings) if stop_tokens else []
-    gen_eos = sorted(set(eos_list) | set(stop_list))
-    examples = task_obj.examples(limit)  # a missing data file fails here, before any write
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with _FolderLock(out):
-        return _run_locked(
-            out, task_obj, cfgs, examples, drafter=drafter, verifier=verifier, tokenizer=tokenizer,
-            seed=seed, gamma=gamma, temperature=temperature,
-            max_new_tokens=max_new_tokens, progress=progress, top_k=top_k, top_p=top_p,
-            bonus=bonus, chat=chat, eos_list=eos_list, gen_eos=gen_eos, stop_tokens=stop_tokens,
-            warmup=warmup, generate=generate, task_kwargs=task_kwargs, plots=plots,
-            table2_tol=table2_tol, table2_envelope=table2_envelope, seq_score=seq_score)
+    _check_int("batch_size", batch_size, 1, "batch 1, timed")
+    run = _prepare(task, configs, drafter=drafter, verifier=verifier, tokenizer=tokenizer,
+                   limit=limit, seed=seed, out_dir=out_dir, gamma=gamma,
+                   temperature=temperature, max_new_tokens=max_new_tokens, progress=progress,
+                   top_k=top_k, top_p=top_p, bonus=bonus, chat=chat, eos_token_id=eos_token_id,
+                   stop_tokens=stop_tokens, warmup=warmup, generate_fn=generate_fn,
+                   task_kwargs=task_kwargs, plots=plots, table2_tol=table2_tol,
+                   table2_envelope=table2_envelope, seq_score=seq_score,
+                   unsafe_local_exec=unsafe_local_exec, plan=plan)
+    run.out.mkdir(parents=True, exist_ok=True)
+    with _FolderLock(run.out):
+        rows, done = _start(run)
+        if batch_size is None:
+            _run_batch1(run, rows, done)
+        else:
+            _run_batched(run, rows, done, batch_size)
+        return _write_summary(run.out, run.task, rows, run.cfgs, settings=run.settings,
+                              plots=run.plots, tol=run.tol, envelope=run.envelope,
+                              example_ids=[e.id for e in run.examples])
 
 
-def _run_locked(out: Path, task_obj: Task, cfgs: list[EvalConfig], examples: list, *, drafter,
-                verifier, tokenizer, seed, gamma, temperature, max_new_tokens, progress, top_k,
-                top_p, bonus, chat, eos_list, gen_eos, stop_tokens, warmup, generate,
-                task_kwargs, plots, table2_tol, table2_envelope, seq_score) -> dict[str, Any]:
-    settings = {
-        "task": task_obj.name, "task_kwargs": task_kwargs,
-        "drafter": model_name(drafter), "verifier": model_name(verifier),
-        "gamma": gamma, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-        "max_new_tokens": max_new_tokens, "seed": seed, "chat": chat, "bonus": bonus,
-        "eos_token_id": eos_list, "stop_tokens": bool(stop_tokens),
-    }
-    if seq_score is not None:  # absent from run.json when unset: older runs resume unchanged
-        settings["seq_score"] = seq_score
-    settings = _jsonable(settings)
-    run_path = out / RUN_FILE
-    if run_path.exists():
-        old = json.loads(run_path.read_text())
-        diff = {k: (old.get(k), settings.get(k)) for k in RESUME_KEYS
-                if old.get(k) != settings.get(k)}
-        if diff:
-            raise ValueError(
-                f"{out} holds a run with other settings {diff} (old, new); use another out_dir"
-            )
-    else:
-        run_path.write_text(json.dumps(settings, indent=2) + "\n")
+def _append(f, row: Mapping[str, Any]) -> None:
+    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
 
-    rows_path = out / ROWS_FILE
-    rows = load_rows(rows_path)
-    done = {(r["config"], r["example_id"]) for r in rows}
+
+def _run_batch1(run: _Run, rows: list, done: set) -> None:
+    """Examples outer, configurations inner, every call timed at batch 1."""
+    cfgs, examples = run.cfgs, run.examples
     total = len(cfgs) * len(examples)
     n_done = sum((c.key, e.id) in done for c in cfgs for e in examples)
-
-    common = {
-        "gamma": gamma, "temperature": temperature, "max_new_tokens": max_new_tokens,
-        "eos_token_id": gen_eos,
-    }
-    for k, v in (("top_k", top_k), ("top_p", top_p), ("bonus", bonus), ("seq_score", seq_score)):
-        if v is not None:
-            common[k] = v
-
-    prompts: dict[str, tuple[str, Any, Any]] = {}
-
-    def encode(ex):
-        if ex.id not in prompts:
-            text = task_obj.build_prompt(ex, chat=chat, tokenizer=tokenizer)
-            enc = tokenizer(text, return_tensors="pt", add_special_tokens=not chat)
-            dev = _device(verifier if verifier is not None else drafter)
-            ids, mask = enc["input_ids"], enc.get("attention_mask")
-            if dev is not None:
-                ids = ids.to(dev)
-                mask = mask.to(dev) if mask is not None else None
-            prompts.clear()  # keep one example's tensors only
-            prompts[ex.id] = (text, ids, mask)
-        return prompts[ex.id]
-
-    def call(cfg: EvalConfig, ids, mask, ex_seed: int):
-        kw = dict(common, **cfg.generate_kwargs())
-        if mask is not None:
-            kw["attention_mask"] = mask
-        _sync(drafter, verifier)
-        t0 = time.perf_counter()
-        result = generate(drafter, verifier, ids, seed=ex_seed, **kw)
-        _sync(drafter, verifier)
-        return result, time.perf_counter() - t0
-
     pending = [(i, e) for i, e in enumerate(examples)
                if any((c.key, e.id) not in done for c in cfgs)]
-    if warmup and pending:
-        i0, ex0 = pending[0]
-        _, ids, mask = encode(ex0)
-        warmed = set()
-        for c in cfgs:
-            needed = any((c.key, e.id) not in done for _, e in pending)
-            if needed and (c.method, c.rule) not in warmed:
-                warmed.add((c.method, c.rule))
-                call(c, ids, mask, example_seed(seed, i0))
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=n_done, desc=f"eval {task_obj.name}", unit="gen")
+    if run.warmup and pending:
+        needed = [c for c in cfgs if any((c.key, e.id) not in done for _, e in pending)]
+        run.warm(needed, *pending[0])
+    bar = run.bar(total, n_done, f"eval {run.task.name}")
     try:
-        with open(rows_path, "a", encoding="utf-8") as f:
+        with open(run.out / ROWS_FILE, "a", encoding="utf-8") as f:
             for i, ex in pending:
                 for cfg in cfgs:
                     if (cfg.key, ex.id) in done:
                         continue
-                    text, ids, mask = encode(ex)
-                    ex_seed = example_seed(seed, i)
-                    result, wall = call(cfg, ids, mask, ex_seed)
-                    row = _make_row(task_obj, cfg, ex, i, text, ids, result, wall, ex_seed,
-                                    tokenizer, eos_list, chat)
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
+                    text, ids, mask = run.encode(ex)
+                    ex_seed = example_seed(run.seed, i)
+                    result, wall = run.call(cfg, ids, mask, ex_seed)
+                    row = _make_row(run, cfg, ex, i, text, ids.shape[-1], _new_tokens(result, 0,
+                                    ids.shape[-1]), dict(_get(result, "stats") or {}), ex_seed)
+                    row["wall_s"] = wall
+                    _append(f, row)
                     rows.append(row)
                     done.add((cfg.key, ex.id))
                     if bar is not None:
@@ -485,9 +601,247 @@ def _run_locked(out: Path, task_obj: Task, cfgs: list[EvalConfig], examples: lis
         if bar is not None:
             bar.close()
 
-    return _write_summary(out, task_obj, rows, cfgs, settings=settings, plots=plots,
-                          tol=table2_tol, envelope=table2_envelope,
-                          example_ids=[e.id for e in examples])
+
+@contextlib.contextmanager
+def _sequence_counters():
+    """Each ``generate`` call's per-sequence counters, in sequence order (a list per call).
+
+    ``GenerateOutput.stats`` sums its counters over the batch; until it reports them per
+    sequence (``stats["per_sequence"]``, used when present), they are read where both decoding
+    loops build their statistics, :func:`speccascade_fast.outputs.final_stats`, for the duration
+    of this context (single-threaded: the harness runs one call at a time)."""
+    from speccascade_fast import outputs
+
+    captured: list[list[dict[str, Any]]] = []
+    original = outputs.final_stats
+
+    def recording(counters, *args, **kwargs):
+        counters = list(counters)
+        captured.append([c.as_dict() for c in counters])
+        return original(counters, *args, **kwargs)
+
+    outputs.final_stats = recording
+    try:
+        yield captured
+    finally:
+        outputs.final_stats = original
+
+
+#: DecodeConfig's fields among generate's keyword arguments
+_DECODE_KEYS = ("method", "rule", "alpha", "gamma", "temperature", "top_k", "top_p", "bonus",
+                "seq_score", "logits_processor", "max_drafter_run", "draft_confidence")
+
+
+def _engine(run: _Run, cfg: EvalConfig, batch: int, max_seq_len: int):
+    """The batched Engine of one configuration, or None where it cannot run it (a logits
+    processor, methods or models the Engine does not take, or a custom ``generate_fn``)."""
+    if run.custom_generate:
+        return None
+    from speccascade_fast import engine as batched
+    from speccascade_fast.config import DecodeConfig
+
+    kw = {k: v for k, v in run.kwargs(cfg).items() if k in _DECODE_KEYS}
+    if "logits_processor" in kw or not batched.supports(cfg.method, run.drafter, run.verifier):
+        return None
+    limits = [c for c in (model_context(m) for m in (run.drafter, run.verifier)) if c]
+    if limits and max_seq_len > min(limits):
+        return None  # generate() checks each prompt against the context and explains
+    return batched.Engine(run.drafter, run.verifier, config=DecodeConfig(**kw),
+                          max_batch_size=batch, max_seq_len=max_seq_len)
+
+
+def model_context(model: Any) -> int | None:
+    """``max_position_embeddings`` of a model's config, if it has one."""
+    cfg = getattr(model, "config", None)
+    v = getattr(cfg, "max_position_embeddings", None) if cfg is not None else None
+    return v if isinstance(v, int) else None
+
+
+def _left_padded(seqs: Sequence[Any], pad: int):
+    """``(ids [B, W], mask [B, W])`` of 1-D id tensors, left-padded with ``pad``."""
+    import torch
+
+    width = max(int(s.numel()) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long, device=seqs[0].device)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long, device=seqs[0].device)
+    for b, s in enumerate(seqs):
+        ids[b, width - s.numel():] = s
+        mask[b, width - s.numel():] = 1
+    return ids, mask
+
+
+def _run_batched(run: _Run, rows: list, done: set, batch_size: int) -> None:
+    """Quality mode: configurations outer, one Engine each, pending examples in chunks of
+    ``batch_size`` (task order), each row with its batch-1 seed. Not timed per row: a row
+    records its chunk's wall time and size only."""
+    cfgs, examples = run.cfgs, run.examples
+    total = len(cfgs) * len(examples)
+    n_done = sum((c.key, e.id) in done for c in cfgs for e in examples)
+    pad = getattr(run.tokenizer, "pad_token_id", None)
+    pad = pad if pad is not None else (run.eos_list[0] if run.eos_list else 0)
+    budget = run.common["max_new_tokens"]
+    bar = run.bar(total, n_done, f"eval {run.task.name} (batch {batch_size})")
+    try:
+        with open(run.out / ROWS_FILE, "a", encoding="utf-8") as f:
+            for cfg in cfgs:
+                todo = [(i, e) for i, e in enumerate(examples) if (cfg.key, e.id) not in done]
+                if not todo:
+                    continue
+                longest = max(run.encode(e)[1].shape[-1] for _, e in todo)
+                engine = _engine(run, cfg, min(batch_size, len(todo)), longest + budget)
+                for start in range(0, len(todo), batch_size):
+                    chunk = todo[start:start + batch_size]
+                    for row in _chunk_rows(run, cfg, chunk, engine, pad, batch_size):
+                        _append(f, row)
+                        rows.append(row)
+                        done.add((cfg.key, row["example_id"]))
+                        if bar is not None:
+                            bar.update(1)
+                del engine
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _chunk_rows(run: _Run, cfg: EvalConfig, chunk, engine, pad: int, batch_size: int):
+    """Generate one chunk of examples in one batched call; its rows."""
+    encoded = [run.encode(e) for _, e in chunk]
+    prompt_ids = [ids[0] if mask is None else ids[0][mask[0].bool()] for _, ids, mask in encoded]
+    ids, mask = _left_padded(prompt_ids, pad)
+    seeds = [example_seed(run.seed, i) for i, _ in chunk]
+    kw = run.kwargs(cfg)
+    _sync(run.drafter, run.verifier)
+    t0 = time.perf_counter()
+    with _sequence_counters() as captured:
+        if engine is not None:
+            result = engine.generate(ids, mask, max_new_tokens=kw["max_new_tokens"], seed=seeds,
+                                     eos_token_id=kw["eos_token_id"], pad_token_id=pad)
+        else:
+            result = run.generate(run.drafter, run.verifier, ids, attention_mask=mask,
+                                  seed=seeds, **kw)
+    _sync(run.drafter, run.verifier)
+    wall = time.perf_counter() - t0
+    stats = dict(_get(result, "stats") or {})
+    per_seq = stats.pop("per_sequence", None) or (captured[-1] if captured else None)
+    if per_seq is None or len(per_seq) != len(chunk):
+        if len(chunk) != 1:
+            raise RuntimeError("generate returned no per-sequence statistics for a batch")
+        per_seq = [stats]
+    settings = {k: stats[k] for k in ("method", "rule", "alpha", "gamma", "bonus", "temperature",
+                                      "draft_confidence") if k in stats}
+    out = []
+    for b, ((i, ex), (text, _, _)) in enumerate(zip(chunk, encoded)):
+        row_stats = {**dict(per_seq[b]), **settings}
+        row_stats["wall_s"] = None
+        row_stats.pop("tokens_per_s", None)
+        row = _make_row(run, cfg, ex, i, text, int(prompt_ids[b].numel()),
+                        _new_tokens(result, b, ids.shape[-1]), row_stats, seeds[b])
+        row.update(wall_s=None, batch_size=batch_size, batch_rows=len(chunk),
+                   batch_wall_s=wall, engine="static" if engine is not None else "generate")
+        out.append(row)
+    return out
+
+
+def run_latency(
+    task: str | Task,
+    configs: Sequence[EvalConfig | str | Mapping[str, Any]],
+    *,
+    drafter: Any,
+    verifier: Any,
+    tokenizer: Any,
+    limit: int | None,
+    seed: int,
+    out_dir: str | Path,
+    trials: int = 3,
+    gamma: int = 5,
+    temperature: float = 1.0,
+    max_new_tokens: int | None = None,
+    progress: bool = True,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    bonus: str | None = None,
+    chat: bool | str = "auto",
+    eos_token_id: int | Sequence[int] | None = None,
+    stop_tokens: bool = True,
+    warmup: bool = True,
+    generate_fn: Callable[..., Any] | None = None,
+    task_kwargs: Mapping[str, Any] | None = None,
+    plots: bool = True,
+    table2_tol: float = 0.0,
+    table2_envelope: str = "polyline",
+    seq_score: str | None = None,
+    unsafe_local_exec: bool = False,
+    plan: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Latency mode: every configuration on the first ``limit`` examples at batch 1, ``trials``
+    times each, in one process, into ``out_dir/latency.jsonl`` (then the summary is rewritten).
+
+    For each (example, trial) the configurations run in an order shuffled by a generator seeded
+    with (seed, example index, trial), so no configuration always runs first, last or after the
+    same neighbour; each call is timed alone (CUDA synchronised around it). One untimed warm-up
+    per kind of configuration comes first. The outputs are not scored (quality comes from the
+    quality rows of the same folder, same seeds); each row keeps a hash of its new tokens so that
+    the summary can count how many agree with the quality row of the same example. Resumes
+    like :func:`run_eval`, per (configuration, example, trial). Arguments as in
+    :func:`run_eval`; the settings must be those of the folder's ``run.json``.
+    """
+    _check_int("trials", trials, 1, "not allowed")
+    if trials is None:
+        raise ValueError("trials must be an int >= 1, got None")
+    run = _prepare(task, configs, drafter=drafter, verifier=verifier, tokenizer=tokenizer,
+                   limit=limit, seed=seed, out_dir=out_dir, gamma=gamma,
+                   temperature=temperature, max_new_tokens=max_new_tokens, progress=progress,
+                   top_k=top_k, top_p=top_p, bonus=bonus, chat=chat, eos_token_id=eos_token_id,
+                   stop_tokens=stop_tokens, warmup=warmup, generate_fn=generate_fn,
+                   task_kwargs=task_kwargs, plots=plots, table2_tol=table2_tol,
+                   table2_envelope=table2_envelope, seq_score=seq_score,
+                   unsafe_local_exec=unsafe_local_exec, plan=None)
+    if plan is not None:
+        check_latency_plan(plan, run.settings, run.cfgs, limit, trials)
+        run.plan = plan
+    run.out.mkdir(parents=True, exist_ok=True)
+    with _FolderLock(run.out):
+        rows, _ = _start(run)
+        lat_path = run.out / LATENCY_FILE
+        lat = load_rows(lat_path)
+        done = {(r["config"], r["example_id"], r["trial"]) for r in lat}
+        plan_ = [(i, e, t) for i, e in enumerate(run.examples) for t in range(trials)]
+        pending = [(i, e, t) for i, e, t in plan_
+                   if any((c.key, e.id, t) not in done for c in run.cfgs)]
+        if run.warmup and pending:
+            run.warm(run.cfgs, pending[0][0], pending[0][1])
+        total = len(plan_) * len(run.cfgs)
+        bar = run.bar(total, total - sum((c.key, e.id, t) not in done for c in run.cfgs
+                                         for _, e, t in plan_), f"latency {run.task.name}")
+        try:
+            with open(lat_path, "a", encoding="utf-8") as f:
+                for i, ex, t in pending:
+                    order = list(run.cfgs)
+                    random.Random(f"{seed}:{i}:{t}").shuffle(order)
+                    for k, cfg in enumerate(order):
+                        if (cfg.key, ex.id, t) in done:
+                            continue
+                        _, ids, mask = run.encode(ex)
+                        ex_seed = example_seed(run.seed, i)
+                        result, wall = run.call(cfg, ids, mask, ex_seed)
+                        new = _new_tokens(result, 0, ids.shape[-1])
+                        row = {"config": cfg.key, **cfg.to_dict(), "example_id": ex.id,
+                               "example_index": i, "trial": t, "order": k, "seed": ex_seed,
+                               "wall_s": wall, "new_tokens": len(new),
+                               "output_sha": _tokens_sha(new),
+                               "stats": _jsonable(dict(_get(result, "stats") or {})),
+                               "time": _now()}
+                        _append(f, row)
+                        lat.append(row)
+                        done.add((cfg.key, ex.id, t))
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        return _write_summary(run.out, run.task, None, None, settings=run.settings,
+                              plots=run.plots, tol=run.tol, envelope=run.envelope,
+                              example_ids=None)
 
 
 def _get(result: Any, name: str, default: Any = None) -> Any:
@@ -496,23 +850,33 @@ def _get(result: Any, name: str, default: Any = None) -> Any:
     return getattr(result, name, default)
 
 
-def _make_row(task_obj, cfg, ex, index, prompt, ids, result, wall, ex_seed, tokenizer,
-              eos_list, chat) -> dict[str, Any]:
-    stats = _get(result, "stats") or {}
-    prompt_len = ids.shape[-1]
+def _new_tokens(result: Any, b: int, prompt_width: int) -> list[int]:
+    """Sequence b's new tokens: the engine's unpadded ``new_tokens`` (ending with the EOS, if
+    one was emitted), else the tail of ``sequences``."""
     new = _get(result, "new_tokens")
-    if new:  # the engine's unpadded new tokens (ending with the EOS, if one was emitted)
-        new = [int(t) for t in new[0]]
-    else:
-        new = [int(t) for t in _get(result, "sequences")[0, prompt_len:].tolist()]
-    eos = set(eos_list)
+    if new:
+        return [int(t) for t in new[b]]
+    return [int(t) for t in _get(result, "sequences")[b, prompt_width:].tolist()]
+
+
+def _tokens_sha(tokens: Sequence[int]) -> str:
+    return hashlib.sha256(json.dumps(list(tokens)).encode()).hexdigest()[:16]
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def _make_row(run: _Run, cfg, ex, index, prompt, prompt_len, new, stats,
+              ex_seed) -> dict[str, Any]:
+    eos = set(run.eos_list)
     cut = next((j for j, t in enumerate(new) if t in eos), None)
     new_until_eos = new if cut is None else new[:cut]
-    output = tokenizer.decode(new_until_eos, skip_special_tokens=True)
-    prediction = task_obj.postprocess(ex, output, chat)
-    scoring = task_obj.score(ex, prediction)
+    output = run.tokenizer.decode(new_until_eos, skip_special_tokens=True)
+    prediction = run.task.postprocess(ex, output, run.chat)
+    scoring = run.task.score(ex, prediction)
     return {
-        "task": task_obj.name,
+        "task": run.task.name,
         "config": cfg.key,
         **cfg.to_dict(),
         "example_id": ex.id,
@@ -523,11 +887,12 @@ def _make_row(task_obj, cfg, ex, index, prompt, ids, result, wall, ex_seed, toke
         "new_tokens": len(new),
         "hit_eos": cut is not None,
         "output": output,
+        "output_sha": _tokens_sha(new),
         "prediction": prediction,
         "scoring": _jsonable(scoring),
         "stats": _jsonable(dict(stats)),
-        "wall_s": wall,
-        "time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "wall_s": None,
+        "time": _now(),
     }
 
 
@@ -555,7 +920,7 @@ def write_summary(
         raise FileNotFoundError(
             f"{out}: no such output folder, nothing to summarise (run the evaluation into it "
             f"first)")
-    if rows is None and not (out / ROWS_FILE).is_file():
+    if rows is None and not (out / ROWS_FILE).is_file() and not (out / LATENCY_FILE).is_file():
         raise FileNotFoundError(
             f"{out / ROWS_FILE} not found, nothing to summarise (run the evaluation into "
             f"{out} first)")
@@ -576,7 +941,12 @@ def _write_summary(out: Path, task, rows, configs, *, settings, plots, tol, enve
     if example_ids is not None:
         keep = set(example_ids)
         rows = [r for r in rows if r["example_id"] in keep]
-    summary = summarize(rows, task, configs, tol=tol, envelope=envelope)
+    latency_rows = load_rows(out / LATENCY_FILE)
+    analysis = (load_plan(out) or {}).get("analysis", {})
+    summary = summarize(rows, task, configs, tol=tol, envelope=envelope,
+                        latency_rows=latency_rows, bootstrap=int(analysis.get("bootstrap", 2000)),
+                        ci=float(analysis.get("ci", 0.95)), seed=int((settings or {}).get("seed")
+                                                                     or 0))
     summary["settings"] = dict(settings or {})
     sandbox = sandbox_summary(rows)
     if sandbox is not None:
