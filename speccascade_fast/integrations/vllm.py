@@ -836,7 +836,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``python -m speccascade_fast.integrations.vllm serve [options] [-- vLLM arguments]``:
     resolve the pair with :func:`speccascade_fast.models.load_model`'s rules (named models are
     converted to Hugging Face folders once, as the engine's loader does) and start vLLM's
-    server on it (``--print``: print the command instead)."""
+    server on it, with ``--python`` (another environment's, where vLLM lives) or this Python
+    (``--print``: print the command instead)."""
     import argparse
     import shlex
 
@@ -852,6 +853,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     serve.add_argument("--rule", default="token_v3", choices=RULES)
     serve.add_argument("--alpha", type=float, default=None)
     serve.add_argument("--num-speculative-tokens", type=int, default=4)
+    serve.add_argument("--python", default=None,
+                       help="the Python that has vLLM and this package (default: this one)")
     serve.add_argument("--print", action="store_true", help="print the command, start nothing")
     argv = list(argv if argv is not None else __import__("sys").argv[1:])
     extra = []
@@ -862,13 +865,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     folders = [models._resolve(spec, progress=True) for spec in (args.verifier, args.drafter)]
     try:
         cmd = serve_command(*folders, rule=args.rule, alpha=args.alpha,
-                            num_speculative_tokens=args.num_speculative_tokens, extra=extra)
+                            num_speculative_tokens=args.num_speculative_tokens, extra=extra,
+                            python=args.python)
     except ValueError as e:
         parser.error(str(e))
     if args.print:
         print(shlex.join(cmd))
         return
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # GiB; vLLM's CPU build needs it set
+    if os.sep not in cmd[0]:
+        import shutil
+
+        cmd[0] = shutil.which(cmd[0]) or cmd[0]
     os.execv(cmd[0], cmd)
 
 

@@ -345,9 +345,10 @@ def test_serve_command(tmp_path, capsys):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text("{}")
     plugin.main(["serve", "--verifier", str(tmp_path / "v"), "--drafter", str(tmp_path / "d"),
-                 "--print", "--", "--port", "9"])
+                 "--python", "/venv/bin/python", "--print", "--", "--port", "9"])
     printed = capsys.readouterr().out
-    assert "vllm.entrypoints.openai.api_server --model " + str(tmp_path / "v") in printed
+    assert printed.startswith("/venv/bin/python -m vllm.entrypoints.openai.api_server --model "
+                              + str(tmp_path / "v"))
     assert printed.strip().endswith("--port 9")
 
 
