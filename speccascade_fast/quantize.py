@@ -1,16 +1,33 @@
-"""Weight-only int8 models: a cheaper drafter (its cost ratio c bounds every method's speed-up).
+"""Quantised weights on the CPU: ``load_model(spec, weights="bf16" | "int8" | "q4")``.
 
-:func:`int8_weight_only` replaces every ``nn.Linear`` of a model (the LM head included) by an
-:class:`Int8Linear`: int8 weights with one scale per output channel (symmetric, absmax / 127),
-multiplied by PyTorch's weight-only int8 kernel (``aten._weight_int8pack_mm``, the kernel
-gpt-fast's int8 mode uses) with activations in the model's dtype. Decoding stays exact: the
-verification guarantees hold for whatever distribution q the drafter reports, and a quantized
-drafter only changes how often its drafts are accepted.
+* ``q4``: for a model that comes from a GGUF file (the default Qwen2.5-Coder pair, SmolLM2, any
+  ``.gguf`` path), the file's own quantised blocks, each tensor in its GGUF block type: Q4_K
+  (and Q4_0/Q4_1) as 4-bit codes with their 6-bit group scales and minimums, Q5_0/Q5_1/Q5_K/
+  Q6_K/Q8_0 as 8-bit codes with their group scales. The kernels de-quantise them to exactly the
+  fp32 weights of ggml's reference de-quantisation (no rounding of scales: they are kept as the
+  file's fp16 factors times small integers). For a model without a GGUF file, 4-bit
+  round-to-nearest in groups of 32 (:func:`speccascade_fast.quant.formats.rtn4`).
+* ``int8``: every linear layer in int8 with one scale per output channel (absmax / 127) from the
+  dense (bf16) weights; embeddings stay dense.
+* ``bf16``: the dense model (the GGUF de-quantised once to bf16).
+
+Decoding stays exact: the verification guarantees hold for the distributions the quantised
+models report. See :mod:`speccascade_fast.quant` for the formats, kernels and loading, and
+docs/benchmarks.md for speed and memory.
+
+:func:`int8_weight_only` (with :class:`Int8Linear`, PyTorch's ``aten._weight_int8pack_mm``)
+converts an already loaded model in place; it is what ``speccascade bench --int8-drafter`` uses.
+:func:`quantize_model` does the same with this package's modules (``int8`` or ``q4`` as
+round-to-nearest).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .quant.formats import QuantizedWeight
+from .quant.load import WEIGHTS, check_weights, load_quantized, quantize_linears
+from .quant.modules import QuantEmbedding, QuantLinear
 
 
 class Int8Linear(nn.Module):
@@ -39,22 +56,40 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
+def _linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not targets:
+        raise ValueError("the model has no nn.Linear layers to quantise")
+    return targets
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
 def int8_weight_only(model: nn.Module) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (in place) by :class:`Int8Linear`; returns it.
 
     The model must live on the CPU or a CUDA device in fp32/bf16/fp16. Tied weights (an LM head
     sharing the embedding matrix) are untied: the embedding stays as it was, the head is int8.
     """
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not targets:
-        raise ValueError("int8_weight_only: the model has no nn.Linear layers")
-    for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8Linear(linear))
+    for name, linear in _linears(model):
+        _replace(model, name, Int8Linear(linear))
     if hasattr(model, "config"):
         model.config.tie_word_embeddings = False
     return model
 
 
-__all__ = ["Int8Linear", "int8_weight_only"]
+def quantize_model(model: nn.Module, weights: str) -> nn.Module:
+    """Replace (in place) every ``nn.Linear`` of a loaded CPU model whose input size is a
+    multiple of 32 by a :class:`QuantLinear`: ``"int8"`` per output channel, ``"q4"`` 4-bit
+    round-to-nearest in groups of 32 (``"bf16"``: the model unchanged). Returns the model.
+    (:func:`speccascade_fast.models.load_model` with ``weights=`` loads GGUF blocks instead,
+    and never holds the dense copy.)"""
+    return quantize_linears(model, weights)
+
+
+__all__ = ["Int8Linear", "QuantEmbedding", "QuantLinear", "QuantizedWeight", "WEIGHTS",
+           "check_weights", "int8_weight_only", "load_quantized", "quantize_model"]

@@ -1,15 +1,279 @@
-"""Weight-only int8 drafters: close to the original model, and decoding stays exact."""
+"""Quantised weights: the GGUF block formats kept exactly, our kernels and PyTorch's against the
+de-quantised reference, load_model(weights=...), and decoding that stays exact."""
 from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
-from speccascade_fast import generate
-from speccascade_fast.quantize import Int8Linear, int8_weight_only
+from speccascade_fast import generate, models
+from speccascade_fast.quant import formats, kernels, modules
+from speccascade_fast.quantize import (
+    WEIGHTS,
+    Int8Linear,
+    QuantEmbedding,
+    QuantLinear,
+    int8_weight_only,
+    quantize_model,
+)
 
 from .helpers import PROMPTS, left_padded, tiny_pair
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# bytes per block of 32 (legacy types) or 256 (K types) weights
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34, "Q4_K": 144,
+               "Q5_K": 176, "Q6_K": 210}
+# where each block type keeps its fp16 factors (d, and dmin / m)
+FP16_AT = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
+           "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+
+
+def random_blocks(kind: str, N: int, K: int, seed: int = 0) -> np.ndarray:
+    """``N`` rows of ``K`` weights of GGUF type ``kind``: random bytes (every bit pattern of the
+    codes and integer scales is a valid block) with finite fp16 factors."""
+    from gguf import GGMLQuantizationType, quants
+
+    rng = np.random.default_rng(seed)
+    if kind in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):  # gguf-py quantises these
+        w = rng.standard_normal((N, K)).astype(np.float32)
+        return quants.quantize(w, GGMLQuantizationType[kind])
+    per = 256
+    blocks = rng.integers(0, 256, (N, K // per, BLOCK_BYTES[kind]), dtype=np.uint8)
+    for at in FP16_AT[kind]:
+        f = (rng.uniform(0.5, 2.0, (N, K // per)) * 1e-3).astype(np.float16)
+        blocks[..., at:at + 2] = f[..., None].view(np.uint8)
+    return blocks.reshape(N, -1)
+
+
+def reference(kind: str, data: np.ndarray, N: int, K: int) -> torch.Tensor:
+    from gguf import GGMLQuantizationType, quants
+
+    return torch.from_numpy(quants.dequantize(data, GGMLQuantizationType[kind])).view(N, K)
+
+
+# ---------------------------------------------------------------------------------------------
+# formats and kernels
+
+
+@pytest.mark.parametrize("kind", formats.SUPPORTED_GGUF)
+def test_gguf_blocks_dequantise_exactly_as_gguf_py(kind):
+    N, K = 24, 512
+    data = random_blocks(kind, N, K)
+    qw = formats.from_gguf(kind, data, N, K)
+    ref = reference(kind, data, N, K)
+    assert torch.equal(formats.dequantize(qw), ref)  # the torch reference: bit for bit
+    if kernels.ours_available():
+        assert torch.equal(kernels.dequant(qw), ref)  # our kernel: bit for bit
+        rows = torch.tensor([5, 0, 23, 5])
+        assert torch.equal(kernels.dequant(qw, rows), ref[rows])
+        assert torch.equal(kernels.dequant(qw, rows, torch.bfloat16), ref[rows].bfloat16())
+    # storage: 4-bit codes two per byte for the 4-bit types, 8-bit codes for the others
+    assert qw.bits == (4 if kind.startswith("Q4") else 8)
+
+
+needs_ours = pytest.mark.skipif(not kernels.ours_available(),
+                                reason=f"our kernels are unavailable: {kernels.BUILD_ERROR}")
+
+
+@needs_ours
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q5_0", "Q8_0", "Q4_1"])
+def test_our_matmul_is_the_reference_matmul_and_row_invariant(kind):
+    N, K = 40, 512  # 40 rows: row blocks of 4 and 2 plus a remainder
+    qw = formats.from_gguf(kind, random_blocks(kind, N, K, seed=1), N, K)
+    w = formats.dequantize(qw).double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(11, K, generator=g)
+    bias = torch.randn(N, generator=g)
+    y = kernels.matmul(x, qw, bias)
+    ref = x.double() @ w.T + bias.double()
+    # fp32 accumulation of exact weights: relative to the sum of |terms|
+    scale = (x.double().abs() @ w.abs().T) + bias.double().abs()
+    assert ((y.double() - ref).abs() <= 1e-6 * scale).all()
+    # each row's outputs are the same whatever the number of rows multiplied with it
+    for rows in ([0], [3, 4], list(range(6)), list(range(9))):
+        assert torch.equal(kernels.matmul(x[rows], qw, bias), y[rows])
+    # bf16 in and out: x converted exactly, the fp32 result rounded once
+    xb = x.bfloat16()
+    yb = kernels.matmul(xb, qw, bias.bfloat16())
+    assert yb.dtype == torch.bfloat16
+    assert torch.equal(yb, kernels.matmul(xb.float(), qw, bias.bfloat16().float()).bfloat16())
+
+
+def test_quant_linear_paths_agree_with_the_reference(monkeypatch):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 48)
+    qw = formats.rtn4(lin.weight)
+    ql = QuantLinear(qw, lin.bias, dtype=torch.float32)
+    assert ql.weight.shape == (48, 96) and ql.weight.is_meta  # the shape, for code reading it
+    w = formats.dequantize(qw)
+    # rounding to nearest: within half a step of the original weights
+    s, _ = qw.scales_offsets()
+    assert ((w - lin.weight).abs() <= s.repeat_interleave(32, 1) / 2 + 1e-6).all()
+    for M in (1, 6, modules.DIRECT_ROWS + 5):  # the last one de-quantises slices and F.linear
+        x = torch.randn(2, M, 96)
+        ref = x @ w.T + lin.bias
+        assert torch.allclose(ql(x), ref, atol=1e-4), M
+    monkeypatch.setattr(modules, "SLICE_BYTES", 96 * 4 * 16)  # 64 rows (the minimum) per slice
+    ql2 = QuantLinear(formats.rtn4(torch.randn(200, 96)), None, dtype=torch.float32)
+    x = torch.randn(30, 96)
+    assert torch.allclose(ql2(x), x @ formats.dequantize(ql2.qweight).T, atol=1e-4)
+
+
+def test_pytorch_kernels_path(monkeypatch):
+    """PyTorch's int4pack kernel: aten's convention w = (q - 8) * scale + zero, with scale and
+    zero rounded to the activations' dtype; grouped 8-bit types re-quantised per channel."""
+    monkeypatch.setenv("SPECCASCADE_QUANT_KERNEL", "torch")
+    N, K = 32, 256
+    data = random_blocks("Q4_K", N, K, seed=2)
+    qw = formats.from_gguf("Q4_K", data, N, K)
+    ql = QuantLinear(qw, None, dtype=torch.bfloat16)
+    x = torch.randn(3, K, dtype=torch.bfloat16)
+    s, o = qw.scales_offsets()
+    sb, zb = s.bfloat16().float(), (8 * s - o).bfloat16().float()
+    codes = qw.unpacked_codes().float().view(N, -1, 32)
+    w_bf16_scales = ((codes - 8) * sb[..., None] + zb[..., None]).view(N, K)
+    ref = (x.double() @ w_bf16_scales.double().T)
+    y = ql(x)
+    assert (y.double() - ref).abs().max() <= 2e-2 * ref.abs().max()  # a bf16 output
+    # the scale/zero rounding: a few 1e-3 of a weight's range at most
+    err = (w_bf16_scales - reference("Q4_K", data, N, K)).abs().max()
+    assert err <= 1e-2 * reference("Q4_K", data, N, K).abs().max()
+    q6 = QuantLinear(formats.from_gguf("Q6_K", random_blocks("Q6_K", N, K), N, K), None,
+                     torch.bfloat16)
+    w6 = formats.dequantize(q6.qweight)
+    ref6 = x.double() @ w6.double().T
+    assert (q6(x).double() - ref6).abs().max() <= 3e-2 * ref6.abs().max()
+
+
+def test_quant_embedding_looks_up_dequantised_rows():
+    kind, N, K = "Q5_0", 50, 64
+    data = random_blocks(kind, N, K)
+    emb = QuantEmbedding(formats.from_gguf(kind, data, N, K), dtype=torch.float32)
+    ids = torch.tensor([[3, 49, 0], [3, 3, 7]])
+    assert torch.equal(emb(ids), reference(kind, data, N, K)[ids])
+
+
+# ---------------------------------------------------------------------------------------------
+# real GGUF blocks
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf():
+    from gguf import GGUFReader
+
+    path = models._locate_parts(models.SOURCES[models.SMOLLM2])[0]
+    return GGUFReader(str(path))
+
+
+def test_real_gguf_blocks(smollm2_gguf):
+    """SmolLM2's Q4_1 matrices and Q8_0 embedding (slices): exact, and through our matmul."""
+    seen = set()
+    for t in smollm2_gguf.tensors:
+        kind = t.tensor_type.name
+        if kind not in formats.SUPPORTED_GGUF or kind in seen:
+            continue
+        seen.add(kind)
+        K, rows = int(t.shape[0]), 64
+        data = np.asarray(t.data)[:rows]
+        qw = formats.from_gguf(kind, data, rows, K)
+        ref = reference(kind, data, rows, K)
+        assert torch.equal(formats.dequantize(qw), ref), t.name
+        if kernels.ours_available():
+            x = torch.randn(6, K)
+            y = kernels.matmul(x, qw).double()
+            r = x.double() @ ref.double().T
+            assert ((y - r).abs() <= 1e-6 * (x.double().abs() @ ref.double().abs().T)).all()
+    assert seen == {"Q4_1", "Q8_0"}
+
+
+# ---------------------------------------------------------------------------------------------
+# load_model(weights=...)
+
+
+@pytest.mark.parametrize("bad", ["q8", "Q4 ", "fp16", None, 4])
+def test_load_model_validates_weights_first(bad):
+    with pytest.raises(ValueError, match=r"weights must be one of 'bf16', 'int8', 'q4'"):
+        models.load_model("no/such-model-anywhere", weights=bad, progress=False)
+    assert WEIGHTS == ("bf16", "int8", "q4")
+
+
+def test_load_model_quantised_is_cpu_only():
+    with pytest.raises(ValueError, match="weights='q4' runs on the CPU only"):
+        models.load_model(models.SMOLLM2, weights="q4", device="meta", progress=False)
+
+
+@pytest.fixture(scope="module")
+def smollm2_q4():
+    return models.load_model(models.SMOLLM2, weights="q4", dtype=torch.float32, progress=False)
+
+
+def test_load_model_q4_keeps_the_gguf_blocks(smollm2_q4, smollm2):
+    model, tok = smollm2_q4
+    _, dense, _ = smollm2
+    kinds = {m.kind for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+    assert kinds == {"Q4_1", "Q8_0"}
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    # the tied LM head shares the embedding's Q8_0 blocks (no second copy)
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    assert isinstance(emb, QuantEmbedding) and head.codes.data_ptr() == emb.codes.data_ptr()
+    assert model.lm_head.weight.shape == (49152, 576)
+    # the dense model holds the same weights rounded to bf16: logits agree closely
+    ids = tok("def fibonacci(n):\n", return_tensors="pt").input_ids
+    with torch.no_grad():
+        a, b = dense(ids).logits, model(ids).logits
+    assert (a - b).abs().max() < 0.02 * a.abs().max()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
+
+
+def test_load_model_int8(smollm2):
+    model, _ = models.load_model(models.SMOLLM2, weights="int8", dtype=torch.float32,
+                                 progress=False)
+    lins = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert lins and {m.kind for m in lins} == {"int8"}
+    assert isinstance(model.get_input_embeddings(), torch.nn.Embedding)  # dense
+    _, dense, tok = smollm2
+    ids = tok("import numpy as np\n", return_tensors="pt").input_ids
+    with torch.no_grad():
+        a, b = dense(ids).logits, model(ids).logits
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding stays exact
+
+
+@pytest.mark.parametrize("weights", ["q4", "int8"])
+def test_quantised_greedy_is_self_consistent(weights):
+    """The engine's lossless spec output equals the quantised verifier's own greedy output:
+    the guarantee holds for the law the quantised model reports."""
+    drafter, verifier = tiny_pair()
+    qv = quantize_model(copy.deepcopy(verifier), weights)
+    qd = quantize_model(copy.deepcopy(drafter), weights)
+    assert not any(isinstance(m, torch.nn.Linear) for m in [*qv.modules(), *qd.modules()])
+    ids, mask = left_padded(PROMPTS)
+    kw = dict(attention_mask=mask, temperature=0, max_new_tokens=16, eos_token_id=[])
+    ref = generate(None, qv, ids, method="autoregressive", **kw).new_tokens
+    for d in (qd, drafter):  # a quantised drafter, or the dense one
+        out = generate(d, qv, ids, rule="spec", gamma=3, **kw)
+        assert out.new_tokens == ref
+        assert out.stats["accepted"] > 0
+
+
+def test_quantised_smollm2_greedy_is_self_consistent(smollm2_q4):
+    model, tok = smollm2_q4
+    drafter = models.early_exit_drafter(model, 4)
+    ids = tok(["def add(a, b):\n"], return_tensors="pt").input_ids
+    kw = dict(temperature=0, max_new_tokens=12, eos_token_id=[])
+    ref = generate(None, model, ids, method="autoregressive", **kw).new_tokens
+    out = generate(drafter, model, ids, rule="spec", gamma=4, **kw)
+    assert out.new_tokens == ref
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch's int8 kernel on a loaded model (speccascade bench --int8-drafter)
 
 
 def test_int8_linear_matches_the_dequantized_weights():
@@ -42,3 +306,5 @@ def test_int8_model_is_close_and_decoding_stays_lossless():
 def test_int8_rejects_a_model_without_linears():
     with pytest.raises(ValueError, match="nn.Linear"):
         int8_weight_only(torch.nn.Sequential(torch.nn.ReLU()))
+    with pytest.raises(ValueError, match="nn.Linear"):
+        quantize_model(torch.nn.Sequential(torch.nn.ReLU()), "q4")

@@ -1,0 +1,199 @@
+"""The matmul and de-quantisation kernels of :mod:`speccascade_fast.quant`.
+
+``ours``: ``qmatmul.cpp`` beside this file, compiled on first use with the machine's own
+instruction set (``c++ -O3 -march=native -fopenmp``) into ``<cache_dir()>/kernels/`` and called
+through ctypes; AVX-512 where the CPU has it, a portable loop otherwise. It reads the GGUF block
+structure as it is (codes, per-group integer scales, per-super-block fp32 factors), so its
+weights are those of the fp32 reference de-quantisation bit for bit, and computes every output
+in an order that does not depend on how many rows are multiplied together.
+
+``torch``: PyTorch's own CPU kernels, ``aten._weight_int4pack_mm_for_cpu`` (4-bit codes, group
+32, scale and zero point rounded to the activations' dtype) and ``aten._weight_int8pack_mm``
+(int8 with one scale per output channel); used when ours cannot be built (no compiler, not a
+CPU tensor) and measured against ours by ``bench/bench_quant.py``.
+
+``SPECCASCADE_QUANT_KERNEL=torch`` (or ``ours``) forces one; the default ``auto`` takes ours when
+it builds.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+SOURCE = pathlib.Path(__file__).with_name("qmatmul.cpp")
+KERNELS = ("auto", "ours", "torch")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+#: Why our kernels are unavailable (one line), or None when they loaded (or were not tried yet).
+BUILD_ERROR: str | None = None
+
+
+def kernel_choice() -> str:
+    """``SPECCASCADE_QUANT_KERNEL`` (``auto``, ``ours`` or ``torch``; default ``auto``)."""
+    v = os.environ.get("SPECCASCADE_QUANT_KERNEL", "auto").strip().lower() or "auto"
+    if v not in KERNELS:
+        raise ValueError(f"SPECCASCADE_QUANT_KERNEL={v!r}: choose one of {', '.join(KERNELS)}")
+    return v
+
+
+def _cpu_key() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return sys.platform
+
+
+def _compiler() -> str | None:
+    for c in (os.environ.get("CXX", ""), "c++", "g++", "clang++"):
+        if c and shutil.which(c):
+            return c
+    return None
+
+
+def _build_dir() -> pathlib.Path:
+    """``<cache>/kernels``, the cache folder resolved as models.cache_dir does (not imported:
+    models imports this package)."""
+    env = os.environ.get("SPECCASCADE_CACHE")
+    if env:
+        return pathlib.Path(env).expanduser() / "kernels"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = pathlib.Path(xdg).expanduser() if xdg else pathlib.Path.home() / ".cache"
+    return base / "speccascade_fast" / "kernels"
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    global BUILD_ERROR
+    cxx = _compiler()
+    if cxx is None:
+        BUILD_ERROR = "no C++ compiler found (set CXX)"
+        return None
+    try:
+        src = SOURCE.read_bytes()
+    except OSError as e:
+        BUILD_ERROR = f"{SOURCE} cannot be read ({e})"
+        return None
+    key = hashlib.sha256(src + " ".join([cxx, *_FLAGS, _cpu_key()]).encode()).hexdigest()[:16]
+    lib = _build_dir() / f"qmatmul-{key}.so"
+    if not lib.is_file():
+        try:
+            lib.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+        except OSError as e:
+            BUILD_ERROR = f"cannot write to {lib.parent} ({e})"
+            return None
+        os.close(fd)
+        try:
+            r = subprocess.run([cxx, *_FLAGS, str(SOURCE), "-o", tmp], capture_output=True,
+                               text=True)
+            if r.returncode != 0:
+                why = " ".join(r.stderr.split())[:300]
+                BUILD_ERROR = f"{cxx} failed on {SOURCE.name}: {why}"
+                return None
+            os.replace(tmp, lib)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    try:
+        # torch first: libgomp.so.1 then resolves to the copy torch loaded (one OpenMP runtime)
+        dll = ctypes.CDLL(str(lib))
+    except OSError as e:
+        BUILD_ERROR = f"{lib} does not load ({e})"
+        return None
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    dll.qm_matmul.argtypes = [p, i32, i64, p, i32, i32, i32, p, p, p, p, i64, i64, p, i32, i64,
+                              p, i32]
+    dll.qm_matmul.restype = i32
+    dll.qm_dequant.argtypes = [p, i32, i32, i32, p, p, p, p, i64, i64, p, i64, p, i32, i32]
+    dll.qm_dequant.restype = i32
+    dll.qm_has_avx512.restype = i32
+    BUILD_ERROR = None
+    return dll
+
+
+def ours_available() -> bool:
+    """Whether our kernels are built and loaded (building them on the first call)."""
+    return _library() is not None
+
+
+def has_avx512() -> bool:
+    lib = _library()
+    return bool(lib is not None and lib.qm_has_avx512())
+
+
+def use_ours(t: torch.Tensor) -> bool:
+    """Whether a call on tensor ``t`` goes to our kernels under the current choice."""
+    choice = kernel_choice()
+    if choice == "torch" or t.device.type != "cpu":
+        return False
+    if choice == "ours" and not ours_available():
+        raise RuntimeError(f"SPECCASCADE_QUANT_KERNEL=ours, but our kernels are unavailable: "
+                           f"{BUILD_ERROR}")
+    return ours_available()
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _dtype_flag(t: torch.Tensor) -> int:
+    if t.dtype == torch.bfloat16:
+        return 1
+    if t.dtype == torch.float32:
+        return 0
+    raise TypeError(f"quantised matmul: activations must be bfloat16 or float32, got {t.dtype}")
+
+
+def matmul(x: torch.Tensor, qw, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K] @ W^T (+ bias)`` with our kernel; the result has ``x``'s dtype."""
+    lib = _library()
+    x = x.contiguous()
+    M = x.shape[0]
+    y = torch.empty(M, qw.N, dtype=x.dtype)
+    if bias is not None:
+        bias = bias.to(x.dtype).contiguous()
+    flag = _dtype_flag(x)
+    rc = lib.qm_matmul(_ptr(x), flag, M, _ptr(qw.codes), qw.bits, qw.G, qw.gps, _ptr(qw.D),
+                       _ptr(qw.sc), _ptr(qw.Mn), _ptr(qw.mq), qw.N, qw.K, _ptr(y), flag, qw.N,
+                       _ptr(bias), torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"qm_matmul: unsupported layout (code {rc}) for {qw}")
+    return y
+
+
+def dequant(qw, rows: torch.Tensor | None = None, dtype=torch.float32,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """The de-quantised weight ``[N, K]`` (or its rows ``rows``) in ``dtype`` (fp32 or bf16),
+    with our kernel; into ``out`` (contiguous, ``[R, K]``) when given."""
+    lib = _library()
+    if rows is not None:
+        rows = rows.to(torch.int64).contiguous()
+    R = qw.N if rows is None else rows.numel()
+    if out is None:
+        out = torch.empty(R, qw.K, dtype=dtype)
+    elif out.shape != (R, qw.K) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"dequant: out must be a contiguous {dtype} [{R}, {qw.K}] tensor")
+    rc = lib.qm_dequant(_ptr(qw.codes), qw.bits, qw.G, qw.gps, _ptr(qw.D), _ptr(qw.sc),
+                        _ptr(qw.Mn), _ptr(qw.mq), qw.N, qw.K, _ptr(rows), R, _ptr(out),
+                        _dtype_flag(out), torch.get_num_threads())
+    if rc == -3:
+        raise IndexError(f"dequant: a row index is outside [0, {qw.N})")
+    if rc != 0:
+        raise ValueError(f"qm_dequant: unsupported layout (code {rc}) for {qw}")
+    return out
+
+
+__all__ = ["BUILD_ERROR", "KERNELS", "dequant", "has_avx512", "kernel_choice", "matmul",
+           "ours_available", "use_ours"]

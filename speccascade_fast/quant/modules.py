@@ -1,0 +1,162 @@
+"""Drop-in replacements for ``nn.Linear`` and ``nn.Embedding`` holding a :class:`QuantizedWeight`.
+
+:class:`QuantLinear` multiplies with our kernel (:mod:`.kernels`) up to :data:`DIRECT_ROWS` rows
+(decoding, verification blocks); more rows (a prompt's prefill) de-quantise the weight in slices
+of :data:`SLICE_BYTES` to the activations' dtype and use ``F.linear`` (oneDNN/AMX), whose
+numerics are those of a dense model with the de-quantised weights rounded to that dtype. With
+PyTorch's kernels instead (``SPECCASCADE_QUANT_KERNEL=torch``, or ours unavailable): 4-bit
+weights go through ``aten._weight_int4pack_mm_for_cpu`` (scale and zero point rounded to the
+activations' dtype), per-channel int8 through ``aten._weight_int8pack_mm``, and the grouped
+8-bit formats (Q5_0, Q6_K, Q8_0, ...), which no PyTorch kernel reads, are re-quantised once to
+per-channel int8 (losing their block structure).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+from .formats import QuantizedWeight, dequantize, int8_per_channel
+
+#: up to this many rows, the quantised kernel; beyond, de-quantise slices and F.linear
+DIRECT_ROWS = 16
+#: the size of one de-quantised slice of the weight on the F.linear path
+SLICE_BYTES = 16 << 20
+
+_FIELDS = ("codes", "D", "sc", "Mn", "mq")
+
+
+class _Quantized(nn.Module):
+    def __init__(self, qw: QuantizedWeight, dtype: torch.dtype):
+        super().__init__()
+        self.kind, self.bits, self.G, self.gps = qw.kind, qw.bits, qw.G, qw.gps
+        self.N, self.K = qw.N, qw.K
+        self.dtype = dtype
+        for name in _FIELDS:
+            self.register_buffer(name, getattr(qw, name))
+        self._torch_state = None  # PyTorch-kernel copies, made on first use
+
+    @property
+    def qweight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.kind, self.bits, self.G, self.gps, self.N, self.K,
+                               **{k: getattr(self, k) for k in _FIELDS})
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A meta tensor of the dense weight's shape and dtype (for code that reads
+        ``.weight.shape``); the values are in :attr:`qweight`."""
+        return torch.empty(self.N, self.K, dtype=self.dtype, device="meta")
+
+    def _apply(self, fn, recurse=True):
+        self._torch_state = None
+        return super()._apply(fn, recurse)
+
+    def dense(self, dtype=torch.float32, rows: slice | torch.Tensor | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+        """De-quantised weights (all rows, a slice or an index tensor of rows) in ``dtype``
+        (into ``out`` when given, with our kernel)."""
+        qw = self.qweight
+        if isinstance(rows, slice):
+            rows = torch.arange(self.N, device=self.codes.device)[rows]
+        if kernels.use_ours(self.codes) and dtype in (torch.float32, torch.bfloat16):
+            return kernels.dequant(qw, rows, dtype, out)
+        sub = qw if rows is None else qw.rows(rows)
+        return dequantize(sub).to(dtype)
+
+
+class QuantLinear(_Quantized):
+    """``y = x W^T + b`` with ``W`` a :class:`QuantizedWeight`; ``x`` in bf16 or fp32."""
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None,
+                 dtype: torch.dtype = torch.bfloat16):
+        super().__init__(qw, dtype)
+        self.in_features, self.out_features = qw.K, qw.N
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype),
+                                                           requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.K)
+        M = x2.shape[0]
+        if M <= DIRECT_ROWS and kernels.use_ours(x2):
+            y = kernels.matmul(x2, self.qweight, self.bias)
+        elif M <= DIRECT_ROWS and x2.dtype in (torch.bfloat16, torch.float32):
+            y = self._torch_matmul(x2)
+        else:
+            y = self._sliced_linear(x2)
+        return y.view(*lead, self.N)
+
+    def _sliced_linear(self, x: torch.Tensor) -> torch.Tensor:
+        step = min(self.N, max(64, SLICE_BYTES // (self.K * x.element_size())))
+        # one scratch slice per dtype, reused: a fresh one would page-fault on every call
+        scratch = _scratch(step * self.K, x.dtype, x.device)
+        y = torch.empty(x.shape[0], self.N, dtype=x.dtype, device=x.device)
+        for n0 in range(0, self.N, step):
+            n1 = min(self.N, n0 + step)
+            b = None if self.bias is None else self.bias[n0:n1]
+            w = scratch[:(n1 - n0) * self.K].view(n1 - n0, self.K)
+            w = self.dense(x.dtype, slice(n0, n1), out=w)
+            y[:, n0:n1] = F.linear(x, w, b)
+        return y
+
+    def _torch_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        st = self._torch_state
+        if st is None or st[0] != x.dtype:
+            st = self._torch_state = (x.dtype, *_torch_weights(self.qweight, x.dtype))
+        _, kind, a, b = st
+        if kind == "int4":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, a, 32, b)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x, a, b)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.K}, out_features={self.N}, {self.kind}, "
+                f"bias={self.bias is not None}")
+
+
+_SCRATCH: dict = {}
+
+
+def _scratch(numel: int, dtype, device) -> torch.Tensor:
+    key = (dtype, str(device))
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = _SCRATCH[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf
+
+
+def _torch_weights(qw: QuantizedWeight, dtype) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """The operands of PyTorch's kernels for ``qw``: ("int4", int4pack, scales_and_zeros) or
+    ("int8", int8 [N, K], per-channel scales)."""
+    if qw.bits == 4 and qw.N % 16 == 0:
+        s, o = qw.scales_offsets()
+        # aten's int4 convention: w = (q - 8) * scale + zero
+        sz = torch.stack([s, 8 * s - o], dim=-1).transpose(0, 1).contiguous().to(dtype)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qw.unpacked_codes(), 1)
+        return "int4", packed, sz
+    if qw.kind != "int8":
+        qw = int8_per_channel(dequantize(qw))  # no PyTorch kernel reads the block structure
+    return "int8", qw.codes, qw.D[:, 0].to(dtype).contiguous()
+
+
+class QuantEmbedding(_Quantized):
+    """``nn.Embedding`` whose table is a :class:`QuantizedWeight`: the looked-up rows are
+    de-quantised (exactly, then rounded to ``dtype``)."""
+
+    def __init__(self, qw: QuantizedWeight, dtype: torch.dtype = torch.bfloat16,
+                 padding_idx: int | None = None):
+        super().__init__(qw, dtype)
+        self.num_embeddings, self.embedding_dim = qw.N, qw.K
+        self.padding_idx = padding_idx
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.dense(self.dtype, ids.reshape(-1).to(torch.int64))
+        return rows.view(*ids.shape, self.K)
+
+    def extra_repr(self) -> str:
+        return f"{self.N}, {self.K}, {self.kind}"
+
+
+__all__ = ["DIRECT_ROWS", "QuantEmbedding", "QuantLinear", "SLICE_BYTES"]

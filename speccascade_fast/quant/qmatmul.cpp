@@ -1,0 +1,355 @@
+// Weight-only quantised matmuls on the CPU, for speccascade_fast.quant (compiled on first use
+// with the machine's own instruction set, loaded through ctypes: see kernels.py).
+//
+// Weight format (one output row n of K inputs; K a multiple of G, and of G * gps):
+//   bits = 4 (G = 32): codes[n * K/2 + g * 16 + j], low nibble = code of k = 32 g + j, high
+//                      nibble = code of k = 32 g + 16 + j (j < 16); codes 0..15
+//   bits = 8:          codes[n * K + k], a signed int8 code
+//   group g (= k / G) of row n: scale  s = D[n * nsb + g / gps] * (sc ? sc[n * ng + g] : 1)
+//                               offset o = Mn ? Mn[n * nsb + g / gps] * (mq ? mq[n * ng + g] : 1)
+//                                             : 0
+//   (nsb = K / (G * gps) "super-blocks" per row, ng = K / G groups per row)
+//   weight w = fma(s, code, -o) in fp32.
+// Every GGUF block type of the Q4/Q5/Q6/Q8 families maps onto this exactly: s and o are products
+// of an fp16 and a small integer (exact in fp32), s * code is exact, so fma(s, code, -o) rounds
+// once, as gguf-py's and ggml's reference de-quantisation (d * q - dm in fp32) do: the weights
+// below are bit for bit those of the fp32 reference de-quantisation.
+//
+// y[m, n] = sum_k x[m, k] w[n, k] (+ bias[n]), fp32 FMAs in a fixed order per output: group by
+// group, 16 lanes, then the lanes' horizontal sum. The order does not depend on M, on the
+// thread count or on which rows are computed together, so a row's logits are the same whether
+// it is decoded alone (M = 1) or verified with others (M = gamma + 1).
+//
+// x and y are fp32 or bf16 (x converted to fp32 once per call; y rounded to nearest even).
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define QM_AVX512 1
+#else
+#define QM_AVX512 0
+#endif
+
+namespace {
+
+struct QW {
+  const uint8_t* codes;
+  int bits, G, gps;
+  const float* D;
+  const int8_t* sc;
+  const float* Mn;
+  const int8_t* mq;
+  int64_t N, K;
+  int64_t ng() const { return K / G; }
+  int64_t nsb() const { return K / ((int64_t)G * gps); }
+  inline float scale(int64_t n, int64_t g) const {
+    float d = D[n * nsb() + g / gps];
+    return sc ? d * (float)sc[n * ng() + g] : d;
+  }
+  inline float offset(int64_t n, int64_t g) const {
+    if (!Mn) return 0.0f;
+    float m = Mn[n * nsb() + g / gps];
+    return mq ? m * (float)mq[n * ng() + g] : m;
+  }
+  inline float code(int64_t n, int64_t k) const {
+    if (bits == 4) {
+      int64_t g = k / 32, j = k % 32;
+      uint8_t b = codes[n * (K / 2) + g * 16 + (j & 15)];
+      return (float)(j < 16 ? (b & 15) : (b >> 4));
+    }
+    return (float)(int8_t)codes[n * K + k];
+  }
+};
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = (uint32_t)h << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+// one row's de-quantised weights, fp32 (the reference every path agrees with)
+void dequant_row(const QW& w, int64_t n, float* out) {
+  for (int64_t g = 0; g < w.ng(); ++g) {
+    const float s = w.scale(n, g), o = w.offset(n, g);
+    for (int j = 0; j < w.G; ++j) {
+      const int64_t k = g * w.G + j;
+      out[k] = __builtin_fmaf(s, w.code(n, k), -o);
+    }
+  }
+}
+
+inline void store(void* y, bool y_bf16, int64_t idx, float v) {
+  if (y_bf16)
+    ((uint16_t*)y)[idx] = f32_to_bf16(v);
+  else
+    ((float*)y)[idx] = v;
+}
+
+inline float load_bias(const void* bias, bool bf16, int64_t n) {
+  if (!bias) return 0.0f;
+  return bf16 ? bf16_to_f32(((const uint16_t*)bias)[n]) : ((const float*)bias)[n];
+}
+
+// portable path (no AVX-512): one output at a time, 16 lanes per output as the vector path
+// (lane j accumulates k = 16 i + j), then the lanes folded in halves
+void rows_scalar(const QW& w, const float* x, int64_t M, int64_t n0, int64_t n1, void* y,
+                 bool y_bf16, int64_t ldy, const void* bias, float* wrow) {
+  for (int64_t n = n0; n < n1; ++n) {
+    dequant_row(w, n, wrow);
+    for (int64_t m = 0; m < M; ++m) {
+      float lane[16] = {0};
+      const float* xm = x + m * w.K;
+      for (int64_t k = 0; k < w.K; k += 16)
+        for (int j = 0; j < 16; ++j) lane[j] = __builtin_fmaf(wrow[k + j], xm[k + j], lane[j]);
+      float a8[8], a4[4], a2[2];
+      for (int j = 0; j < 8; ++j) a8[j] = lane[j] + lane[j + 8];
+      for (int j = 0; j < 4; ++j) a4[j] = a8[j] + a8[j + 4];
+      for (int j = 0; j < 2; ++j) a2[j] = a4[j] + a4[j + 2];
+      float v = a2[0] + a2[1];
+      store(y, y_bf16, m * ldy + n, v + load_bias(bias, y_bf16, n));
+    }
+  }
+}
+
+#if QM_AVX512
+// NB output rows n at a time, MB input rows m; acc[m][nb] accumulates 16 lanes of w[n] x[m]
+template <int MB, int NB, int BITS, int G>
+inline void block_avx512(const QW& w, const float* x, int64_t n0, void* y, bool y_bf16,
+                         int64_t ldy, const void* bias) {
+  constexpr int V = G / 16;  // vectors per group
+  __m512 acc[MB][NB];
+  for (int m = 0; m < MB; ++m)
+    for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_setzero_ps();
+  const int64_t K = w.K, ng = w.ng(), nsb = w.nsb(), gps = w.gps;
+  const int64_t row_bytes = BITS == 4 ? K / 2 : K;
+  const __m128i lo4 = _mm_set1_epi8(0x0f);
+  const uint8_t* crow[NB];
+  const float* Drow[NB];
+  const float* Mrow[NB];
+  const int8_t* srow[NB];
+  const int8_t* mrow[NB];
+  for (int b = 0; b < NB; ++b) {
+    const int64_t n = n0 + b;
+    crow[b] = w.codes + n * row_bytes;
+    Drow[b] = w.D + n * nsb;
+    Mrow[b] = w.Mn ? w.Mn + n * nsb : nullptr;
+    srow[b] = w.sc ? w.sc + n * ng : nullptr;
+    mrow[b] = w.mq ? w.mq + n * ng : nullptr;
+  }
+  for (int64_t sb = 0; sb < nsb; ++sb) {
+    float dsb[NB], msb[NB];
+    for (int b = 0; b < NB; ++b) {
+      dsb[b] = Drow[b][sb];
+      msb[b] = Mrow[b] ? Mrow[b][sb] : 0.0f;
+    }
+    for (int64_t g = sb * gps; g < (sb + 1) * gps; ++g) {
+      __m512 wv[NB][V];
+      for (int b = 0; b < NB; ++b) {
+        const float s = srow[b] ? dsb[b] * (float)srow[b][g] : dsb[b];
+        const float o = mrow[b] ? msb[b] * (float)mrow[b][g] : msb[b];
+        const __m512 vs = _mm512_set1_ps(s), vo = _mm512_set1_ps(-o);
+        if constexpr (BITS == 4) {
+          const __m128i c = _mm_loadu_si128((const __m128i*)(crow[b] + g * 16));
+          const __m128i c0 = _mm_and_si128(c, lo4);
+          const __m128i c1 = _mm_and_si128(_mm_srli_epi16(c, 4), lo4);
+          wv[b][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c0)), vs, vo);
+          wv[b][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c1)), vs, vo);
+        } else {
+          for (int v = 0; v < V; ++v) {
+            const __m128i c = _mm_loadu_si128((const __m128i*)(crow[b] + g * G + v * 16));
+            wv[b][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c)), vs, vo);
+          }
+        }
+      }
+      for (int v = 0; v < V; ++v) {
+        for (int m = 0; m < MB; ++m) {
+          const __m512 xv = _mm512_loadu_ps(x + m * K + g * G + v * 16);
+          for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_fmadd_ps(wv[b][v], xv, acc[m][b]);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int b = 0; b < NB; ++b) {
+      const int64_t n = n0 + b;
+      store(y, y_bf16, m * ldy + n, _mm512_reduce_add_ps(acc[m][b]) + load_bias(bias, y_bf16, n));
+    }
+}
+
+// one row's fp32 weights (the same values as dequant_row)
+template <int BITS, int G>
+inline void dequant_row_avx512(const QW& w, int64_t n, float* dst) {
+  const int64_t K = w.K, ng = w.ng(), nsb = w.nsb(), gps = w.gps;
+  const uint8_t* crow = w.codes + n * (BITS == 4 ? K / 2 : K);
+  const float* Drow = w.D + n * nsb;
+  const float* Mrow = w.Mn ? w.Mn + n * nsb : nullptr;
+  const int8_t* srow = w.sc ? w.sc + n * ng : nullptr;
+  const int8_t* mrow = w.mq ? w.mq + n * ng : nullptr;
+  const __m128i lo4 = _mm_set1_epi8(0x0f);
+  for (int64_t sb = 0; sb < nsb; ++sb) {
+    const float d = Drow[sb], mn = Mrow ? Mrow[sb] : 0.0f;
+    for (int64_t g = sb * gps; g < (sb + 1) * gps; ++g) {
+      const float s = srow ? d * (float)srow[g] : d, o = mrow ? mn * (float)mrow[g] : mn;
+      const __m512 vs = _mm512_set1_ps(s), vo = _mm512_set1_ps(-o);
+      if constexpr (BITS == 4) {
+        const __m128i c = _mm_loadu_si128((const __m128i*)(crow + g * 16));
+        const __m128i c0 = _mm_and_si128(c, lo4);
+        const __m128i c1 = _mm_and_si128(_mm_srli_epi16(c, 4), lo4);
+        _mm512_storeu_ps(dst + g * 32,
+                         _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c0)), vs, vo));
+        _mm512_storeu_ps(dst + g * 32 + 16,
+                         _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c1)), vs, vo));
+      } else {
+        for (int v = 0; v < G / 16; ++v) {
+          const __m128i c = _mm_loadu_si128((const __m128i*)(crow + g * G + v * 16));
+          _mm512_storeu_ps(dst + g * G + v * 16,
+                           _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c)), vs, vo));
+        }
+      }
+    }
+  }
+}
+
+template <int MB, int BITS, int G>
+void rows_avx512(const QW& w, const float* x, int64_t n0, int64_t n1, void* y, bool y_bf16,
+                 int64_t ldy, const void* bias) {
+  constexpr int NB = MB <= 4 ? 4 : 2;
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) block_avx512<MB, NB, BITS, G>(w, x, n, y, y_bf16, ldy, bias);
+  for (; n < n1; ++n) block_avx512<MB, 1, BITS, G>(w, x, n, y, y_bf16, ldy, bias);
+}
+
+template <int BITS, int G>
+void rows_mb(const QW& w, const float* x, int64_t mb, int64_t n0, int64_t n1, void* y,
+             bool y_bf16, int64_t ldy, const void* bias) {
+  switch (mb) {
+    case 1: return rows_avx512<1, BITS, G>(w, x, n0, n1, y, y_bf16, ldy, bias);
+    case 2: return rows_avx512<2, BITS, G>(w, x, n0, n1, y, y_bf16, ldy, bias);
+    case 3: return rows_avx512<3, BITS, G>(w, x, n0, n1, y, y_bf16, ldy, bias);
+    case 4: return rows_avx512<4, BITS, G>(w, x, n0, n1, y, y_bf16, ldy, bias);
+    case 5: return rows_avx512<5, BITS, G>(w, x, n0, n1, y, y_bf16, ldy, bias);
+    case 6: return rows_avx512<6, BITS, G>(w, x, n0, n1, y, y_bf16, ldy, bias);
+    case 7: return rows_avx512<7, BITS, G>(w, x, n0, n1, y, y_bf16, ldy, bias);
+    default: return rows_avx512<8, BITS, G>(w, x, n0, n1, y, y_bf16, ldy, bias);
+  }
+}
+#endif
+
+constexpr int64_t MB_MAX = 8;
+constexpr int64_t ROW_CHUNK = 16;  // rows of W per task (a multiple of every NB)
+
+}  // namespace
+
+extern "C" {
+
+int qm_has_avx512() { return QM_AVX512; }
+
+// y[M, N] (leading dimension ldy) = x[M, K] w^T (+ bias[N]); x_bf16 / y_bf16 choose the
+// dtypes (bias has y's dtype). Returns 0, or a negative code for an unsupported layout.
+int qm_matmul(const void* x, int x_bf16, int64_t M, const uint8_t* codes, int bits, int G,
+              int gps, const float* D, const int8_t* sc, const float* Mn, const int8_t* mq,
+              int64_t N, int64_t K, void* y, int y_bf16, int64_t ldy, const void* bias,
+              int nthreads) {
+  if (!((bits == 4 && G == 32) || (bits == 8 && (G == 16 || G == 32)))) return -1;
+  if (K % ((int64_t)G * gps) != 0 || M < 1) return -2;
+  QW w{codes, bits, G, gps, D, sc, Mn, mq, N, K};
+  std::vector<float> xf;
+  const float* xp = (const float*)x;
+  if (x_bf16) {
+    xf.resize(M * K);
+    const uint16_t* xb = (const uint16_t*)x;
+    for (int64_t i = 0; i < M * K; ++i) xf[i] = bf16_to_f32(xb[i]);
+    xp = xf.data();
+  }
+  const int64_t tasks = (N + ROW_CHUNK - 1) / ROW_CHUNK;
+  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, tasks));
+#pragma omp parallel num_threads(nt)
+  {
+#if !QM_AVX512
+    std::vector<float> wrow(K);
+#endif
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t n0 = t * ROW_CHUNK, n1 = std::min(N, n0 + ROW_CHUNK);
+      for (int64_t m0 = 0; m0 < M; m0 += MB_MAX) {
+        const int64_t mb = std::min(MB_MAX, M - m0);
+        const float* xm = xp + m0 * K;
+        void* ym = y_bf16 ? (void*)((uint16_t*)y + m0 * ldy) : (void*)((float*)y + m0 * ldy);
+#if QM_AVX512
+        if (bits == 4)
+          rows_mb<4, 32>(w, xm, mb, n0, n1, ym, y_bf16, ldy, bias);
+        else if (G == 32)
+          rows_mb<8, 32>(w, xm, mb, n0, n1, ym, y_bf16, ldy, bias);
+        else
+          rows_mb<8, 16>(w, xm, mb, n0, n1, ym, y_bf16, ldy, bias);
+#else
+        rows_scalar(w, xm, mb, n0, n1, ym, y_bf16, ldy, bias, wrow.data());
+#endif
+      }
+    }
+  }
+  return 0;
+}
+
+// out[r, K] = the de-quantised rows rows[r] (all rows 0..R-1 when rows is null), fp32 or bf16
+int qm_dequant(const uint8_t* codes, int bits, int G, int gps, const float* D, const int8_t* sc,
+               const float* Mn, const int8_t* mq, int64_t N, int64_t K, const int64_t* rows,
+               int64_t R, void* out, int out_bf16, int nthreads) {
+  if (!((bits == 4 && G == 32) || (bits == 8 && (G == 16 || G == 32)))) return -1;
+  if (K % ((int64_t)G * gps) != 0) return -2;
+  QW w{codes, bits, G, gps, D, sc, Mn, mq, N, K};
+  for (int64_t r = 0; rows && r < R; ++r)
+    if (rows[r] < 0 || rows[r] >= N) return -3;
+  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, R / 64 + 1));
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<float> buf(K);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t n = rows ? rows[r] : r;
+      float* dst = out_bf16 ? buf.data() : (float*)out + r * K;
+#if QM_AVX512
+      if (bits == 4)
+        dequant_row_avx512<4, 32>(w, n, dst);
+      else if (G == 32)
+        dequant_row_avx512<8, 32>(w, n, dst);
+      else
+        dequant_row_avx512<8, 16>(w, n, dst);
+#else
+      dequant_row(w, n, dst);
+#endif
+      if (out_bf16) {
+        uint16_t* o = (uint16_t*)out + r * K;
+        int64_t k = 0;
+#if QM_AVX512
+        // round to nearest even, as f32_to_bf16 (the weights are finite)
+        const __m512i bias7 = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
+        for (; k + 16 <= K; k += 16) {
+          __m512i u = _mm512_castps_si512(_mm512_loadu_ps(dst + k));
+          const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+          u = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, bias7), lsb), 16);
+          _mm256_storeu_si256((__m256i*)(o + k), _mm512_cvtepi32_epi16(u));
+        }
+#endif
+        for (; k < K; ++k) o[k] = f32_to_bf16(dst[k]);
+      }
+    }
+  }
+  return 0;
+}
+
+}  // extern "C"
