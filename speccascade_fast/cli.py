@@ -200,6 +200,15 @@ def check_device(name: str | None) -> str:
     return name
 
 
+def check_weights_device(weights: str, device: str) -> None:
+    """--weights int8/q4 run on the CPU only: a CLIError for another --device."""
+    import torch
+
+    if weights != "bf16" and torch.device(device).type != "cpu":
+        raise CLIError(f"argument --weights: {weights} runs on the CPU only, not on "
+                       f"--device {device}; use --device cpu")
+
+
 def missing_modules(*names: str) -> list[str]:
     """Those of the top-level modules ``names`` that cannot be imported (not installed)."""
     out = []
@@ -259,6 +268,10 @@ def add_generate_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-stream", action="store_true",
                    help="print the completion at the end instead of as its blocks are accepted")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--weights", default="bf16", choices=("bf16", "int8", "q4"),
+                   help="both models' weights: bf16 (dense), int8 (weight-only, per output "
+                        "channel) or q4 (the GGUF files' own quantised blocks: Q4_K, Q6_K, ...); "
+                        "int8 and q4 run on the CPU (default: bf16)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "flash_attn"),
                    help="the batched engine's attention: the models' own (PyTorch SDPA) or "
@@ -282,13 +295,15 @@ def generate_command(args: argparse.Namespace) -> int:
     at_least("--max-new-tokens", args.max_new_tokens, 1)
     at_least("--early-exit", args.early_exit, 1, " (verifier layers)")
     check_seed(args.seed)
-    device = check_device(args.device)
+    device = check_device(args.device if args.weights == "bf16" else args.device or "cpu")
+    check_weights_device(args.weights, device)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt:
         raise CLIError("argument prompt: the prompt is empty" + (
             " (nothing on standard input)" if args.prompt == "-" else ""))
 
-    load = dict(dtype=getattr(torch, args.dtype), device=device, progress=not args.quiet)
+    load = dict(dtype=getattr(torch, args.dtype), device=device, progress=not args.quiet,
+                weights=args.weights)
     drafter, verifier, tokenizer = _load(args, models, load)
     if tokenizer is None:
         raise CLIError(f"{args.verifier if verifier is not None else args.drafter}: the model "

@@ -308,3 +308,68 @@ def test_int8_rejects_a_model_without_linears():
         int8_weight_only(torch.nn.Sequential(torch.nn.ReLU()))
     with pytest.raises(ValueError, match="nn.Linear"):
         quantize_model(torch.nn.Sequential(torch.nn.ReLU()), "q4")
+
+
+# ---------------------------------------------------------------------------------------------
+# a saved folder without GGUF blocks, the CLI and the benchmark
+
+
+@pytest.mark.parametrize("weights", ["q4", "int8"])
+def test_folder_loads_quantised_without_the_dense_model(tmp_path, weights):
+    """A Hugging Face folder (no GGUF file): its linear layers rounded while loading from a
+    meta skeleton, the same modules as quantize_model makes of the loaded model."""
+    _, verifier = tiny_pair()
+    verifier.save_pretrained(tmp_path)
+    model, tok = models.load_model(tmp_path, weights=weights, dtype=torch.float32,
+                                   progress=False)
+    assert tok is None
+    ref = quantize_model(copy.deepcopy(verifier), weights)
+    ids = torch.tensor([PROMPTS[2]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    kinds = {m.kind for m in model.modules() if isinstance(m, QuantLinear)}
+    assert kinds == {"rtn4" if weights == "q4" else "int8"}
+
+
+def test_generate_command_weights(capsys):
+    """``speccascade generate --weights q4``: SmolLM2's GGUF blocks, an early-exit drafter; its
+    greedy output is the quantised verifier's own; --weights on CUDA is a one-line error."""
+    import json
+
+    from speccascade_fast import cli
+
+    base = ["generate", "def add(a, b):", "--verifier", models.SMOLLM2, "--weights", "q4",
+            "--dtype", "float32", "--device", "cpu", "--max-new-tokens", "8", "--json",
+            "--quiet"]
+    assert cli.main([*base, "--early-exit", "4", "--rule", "spec"]) == 0
+    spec = json.loads(capsys.readouterr().out)
+    assert cli.main([*base, "--method", "autoregressive"]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert spec["new_tokens"] == alone["new_tokens"] and len(alone["new_tokens"]) == 8
+    assert cli.main(["generate", "x", "--weights", "int8", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert ("--weights: int8 runs on the CPU only" in err or "--device" in err)
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("weights", ["q4", "int8"])
+def test_bench_command_weights(tmp_path, capsys, weights):
+    from speccascade_fast import cli
+    from speccascade_fast.bench import e2e
+
+    tiny = ('{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, '
+            '"num_attention_heads": 4, "vocab_size": 64}')
+    out = tmp_path / "o"
+    argv = ["bench", "--random-weights", "--overrides", tiny, "--dtype", "float32",
+            "--prompts", "2", "--prompt-len", "5", "--max-new-tokens", "6", "--batch", "1",
+            "--configs", "verifier,spec-greedy", "--threads", "1", "--no-hf",
+            "--weights", weights]
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    saved = e2e.from_json((out / "e2e.json").read_text())
+    assert saved["settings"]["quant"] == weights
+    assert saved["memory"]["peak_rss_mib"] >= saved["memory"]["rss_mib"] > 0
+    assert set(e2e.greedy_agreement(saved).values()) == {"2/2"}
+    assert f"Weights: {weights}. Peak resident memory" in (out / "e2e.md").read_text()
+    capsys.readouterr()
+    assert cli.main([*argv, "--int8-drafter"]) == 2
+    assert "--int8-drafter" in capsys.readouterr().err

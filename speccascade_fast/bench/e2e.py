@@ -361,7 +361,7 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
         batch=4, gamma=5, alpha=0.3, with_hf=True, configs=tuple(CONFIGS), int8_drafter=False,
         compile_drafter=False, rounds=1, hf_gamma=None, hf_defaults=False,
         draft_confidence=DEFAULT_DRAFT_CONFIDENCE, dc_gamma=None, weights="real",
-        progress=print) -> dict:
+        quant="bf16", progress=print) -> dict:
     """The whole benchmark; returns ``{"rows", "costs", "settings", "machine"}``.
 
     ``prompts``: token tensors ``[P]`` (default: the first ``n_prompts`` HumanEval prompts,
@@ -380,7 +380,10 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
     N drafts" when ``dc_gamma`` is not ``gamma``). ``weights``: "real", or "random" for models
     of the real shapes with random weights (``speccascade bench --random-weights``: the
     comparison on a machine the real weights cannot reach; recorded in the settings, and the
-    table says that acceptance is then not meaningful).
+    table says that acceptance is then not meaningful). ``quant``: the models' weights as
+    loaded ("bf16", "int8" or "q4": ``speccascade bench --weights``), recorded in the settings;
+    the result's ``memory`` holds this process's peak and final resident memory
+    (:func:`memory`), which covers the models' loading when they were loaded in it.
 
     ``rounds``: run every configuration that many times, interleaved (round ``i`` runs them all,
     in reverse order when ``i`` is odd, and first re-times the step costs), so that a machine
@@ -492,8 +495,23 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
     return {"rows": rows, "costs": costs, "settings": dict(
         n_prompts=n_prompts, max_new_tokens=max_new_tokens, batch=batch, gamma=gamma,
         alpha=alpha, rounds=rounds, hf_gamma=hf_gamma, draft_confidence=draft_confidence,
-        dc_gamma=dc_gamma, weights=weights),
-        "machine": machine(getattr(verifier, "device", None))}
+        dc_gamma=dc_gamma, weights=weights, quant=quant),
+        "machine": machine(getattr(verifier, "device", None)), "memory": memory()}
+
+
+def memory() -> dict:
+    """This process's peak resident memory (``VmHWM``) and resident memory now (``VmRSS``), in
+    MiB, from /proc/self/status (empty where there is none)."""
+    out = {}
+    try:
+        for line in open("/proc/self/status"):
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                out[{"VmHWM": "peak_rss_mib", "VmRSS": "rss_mib"}[key]] = \
+                    round(int(value.split()[0]) / 1024, 1)
+    except OSError:
+        pass
+    return out
 
 
 #: the name suffix of the rows that ran the int8 drafter (ours) or the int8 assistant (HF)
@@ -719,6 +737,11 @@ def markdown(result: dict) -> str:
             lines.append("Decoded different tokens in different rounds: " + ", ".join(differ)
                          + ".")
     lines.append("")
+    quant, mem = result["settings"].get("quant"), result.get("memory") or {}
+    if quant or mem:
+        lines.append(f"Weights: {quant or 'bf16'}."
+                     + (f" Peak resident memory of the process: {mem['peak_rss_mib']:.0f} MiB "
+                        f"(VmHWM), {mem['rss_mib']:.0f} MiB at the end." if mem else ""))
     for what, c in (("drafter", result["costs"]), ("int8 drafter", result["costs"].get("int8")),
                     ("compiled drafter", result["costs"].get("compiled"))):
         if c is not None:
@@ -750,7 +773,7 @@ def from_json(text: str) -> dict:
         d = {k: v for k, v in d.items() if k != "tokens_per_s"}
         rows.append(Row(**d))
     return {"rows": rows, "costs": data["costs"], "settings": data["settings"],
-            "machine": data["machine"]}
+            "machine": data["machine"], "memory": data.get("memory", {})}
 
 
 def to_json(result: dict) -> str:
@@ -761,4 +784,5 @@ def to_json(result: dict) -> str:
         rows.append(d)
     return json.dumps({"rows": rows, "summary": summarize(result), "costs": result["costs"],
                        "settings": result["settings"], "machine": result["machine"],
+                       "memory": result.get("memory", {}),
                        "greedy_agreement": greedy_agreement(result)}, indent=1)
