@@ -213,6 +213,8 @@ def test_plan_is_written_first_and_cannot_change(tmp_path):
         run_eval(FiveTask(), plan["configs"], **{**args, "plan": other})
     with pytest.raises(ValueError, match="registered 5 examples"):
         run_eval(FiveTask(), plan["configs"], **{**args, "limit": 4})
+    with pytest.raises(ValueError, match="at batch_size=2"):
+        run_eval(FiveTask(), plan["configs"], **{**args, "batch_size": None})
     assert gen.calls == []
     # the latency protocol is the plan's
     with pytest.raises(ValueError, match="latency on 2 examples x 2 trials"):
@@ -258,6 +260,9 @@ def test_cli_plan_writes_only_the_plan(tmp_path, monkeypatch, capsys):
     assert main(["--grid", "humaneval-main", "--gamma", "4", "--plan", "--out",
                  str(tmp_path)]) == 2
     assert "grid humaneval-main registers gamma=5" in capsys.readouterr().err
+    assert main(["--grid", "humaneval-main", "--batch-size", "2", "--plan", "--out",
+                 str(tmp_path)]) == 2
+    assert "grid humaneval-main registers 8" in capsys.readouterr().err
     for g in GRIDS.values():  # every grid's configurations are valid decoding settings
         assert build_plan(g, drafter="d", verifier="v", n_examples=3)["configs"]
     assert out

@@ -17,7 +17,7 @@ A pre-registered grid (docs/evaluation.md): register it, run its quality rows ba
 latency protocol at batch 1::
 
     speccascade eval --grid humaneval-main --plan --out runs/he      # writes runs/he/plan.json
-    speccascade eval --grid humaneval-main --batch-size 8 --out runs/he
+    speccascade eval --grid humaneval-main --out runs/he             # batched, as registered
     speccascade eval --grid humaneval-main --latency --out runs/he
 """
 from __future__ import annotations
@@ -255,6 +255,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.chat is not None and _CHAT[args.chat] != chat:
         raise CLIError(f"argument --chat: grid {g.name} registers chat={chat!r}")
     args.chat = {v: k for k, v in _CHAT.items()}[chat]
+    if args.batch_size is not None and args.batch_size != g.batch_size:
+        raise CLIError(f"argument --batch-size: grid {g.name} registers {g.batch_size}")
+    if not args.latency:  # a grid's quality rows run batched, as registered
+        args.batch_size = g.batch_size
     for flag, attr, want in (("--trials", "trials", g.latency_trials),
                              ("--latency-limit", "latency_limit", g.latency_limit)):
         given = getattr(args, attr)
@@ -284,8 +288,7 @@ def grid_plan(args: argparse.Namespace) -> dict[str, Any]:
 
     n = len(get_task(args.task, **_task_kwargs(args)).examples(args.limit))
     return build_plan(args.grid_obj, drafter=args.drafter or models.DEFAULT_DRAFTER,
-                      verifier=args.verifier or models.DEFAULT_VERIFIER, n_examples=n,
-                      batch_size=args.batch_size)
+                      verifier=args.verifier or models.DEFAULT_VERIFIER, n_examples=n)
 
 
 def eval_command(args: argparse.Namespace) -> int:

@@ -543,6 +543,10 @@ def run_eval(
         The summary dict (also in ``summary.json``).
     """
     _check_int("batch_size", batch_size, 1, "batch 1, timed")
+    registered = (plan or {}).get("quality", {}).get("batch_size")
+    if plan is not None and registered is not None and batch_size != registered:
+        raise ValueError(f"batch_size={batch_size!r}: the pre-registered plan "
+                         f"{plan.get('grid')!r} runs its quality rows at batch_size={registered}")
     run = _prepare(task, configs, drafter=drafter, verifier=verifier, tokenizer=tokenizer,
                    limit=limit, seed=seed, out_dir=out_dir, gamma=gamma,
                    temperature=temperature, max_new_tokens=max_new_tokens, progress=progress,
