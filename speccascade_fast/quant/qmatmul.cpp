@@ -136,50 +136,62 @@ inline void block_avx512(const QW& w, const float* x, int64_t n0, void* y, bool 
     for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_setzero_ps();
   const int64_t K = w.K, ng = w.ng(), nsb = w.nsb(), gps = w.gps;
   const int64_t row_bytes = BITS == 4 ? K / 2 : K;
-  const __m128i lo4 = _mm_set1_epi8(0x0f);
+  // the block's group scales and (negated) offsets, fp32, computed once for all its groups
+  thread_local std::vector<float> scratch;
+  if ((int64_t)scratch.size() < 2 * NB * ng) scratch.resize(2 * NB * ng);
+  float* sbuf = scratch.data();
+  float* obuf = sbuf + NB * ng;
   const uint8_t* crow[NB];
-  const float* Drow[NB];
-  const float* Mrow[NB];
-  const int8_t* srow[NB];
-  const int8_t* mrow[NB];
   for (int b = 0; b < NB; ++b) {
     const int64_t n = n0 + b;
     crow[b] = w.codes + n * row_bytes;
-    Drow[b] = w.D + n * nsb;
-    Mrow[b] = w.Mn ? w.Mn + n * nsb : nullptr;
-    srow[b] = w.sc ? w.sc + n * ng : nullptr;
-    mrow[b] = w.mq ? w.mq + n * ng : nullptr;
-  }
-  for (int64_t sb = 0; sb < nsb; ++sb) {
-    float dsb[NB], msb[NB];
-    for (int b = 0; b < NB; ++b) {
-      dsb[b] = Drow[b][sb];
-      msb[b] = Mrow[b] ? Mrow[b][sb] : 0.0f;
+    const float* Drow = w.D + n * nsb;
+    const float* Mrow = w.Mn ? w.Mn + n * nsb : nullptr;
+    const int8_t* srow = w.sc ? w.sc + n * ng : nullptr;
+    const int8_t* mrow = w.mq ? w.mq + n * ng : nullptr;
+    float* sb_ = sbuf + b * ng;
+    float* ob_ = obuf + b * ng;
+    if (gps == 1) {  // one factor per group (flat loops, vectorised by the compiler)
+      for (int64_t g = 0; g < ng; ++g) sb_[g] = srow ? Drow[g] * (float)srow[g] : Drow[g];
+      for (int64_t g = 0; g < ng; ++g)
+        ob_[g] = Mrow ? -(mrow ? Mrow[g] * (float)mrow[g] : Mrow[g]) : -0.0f;
+      continue;
     }
-    for (int64_t g = sb * gps; g < (sb + 1) * gps; ++g) {
-      __m512 wv[NB][V];
-      for (int b = 0; b < NB; ++b) {
-        const float s = srow[b] ? dsb[b] * (float)srow[b][g] : dsb[b];
-        const float o = mrow[b] ? msb[b] * (float)mrow[b][g] : msb[b];
-        const __m512 vs = _mm512_set1_ps(s), vo = _mm512_set1_ps(-o);
-        if constexpr (BITS == 4) {
-          const __m128i c = _mm_loadu_si128((const __m128i*)(crow[b] + g * 16));
-          const __m128i c0 = _mm_and_si128(c, lo4);
-          const __m128i c1 = _mm_and_si128(_mm_srli_epi16(c, 4), lo4);
-          wv[b][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c0)), vs, vo);
-          wv[b][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c1)), vs, vo);
-        } else {
-          for (int v = 0; v < V; ++v) {
-            const __m128i c = _mm_loadu_si128((const __m128i*)(crow[b] + g * G + v * 16));
-            wv[b][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c)), vs, vo);
-          }
+    for (int64_t sb = 0; sb < nsb; ++sb) {  // the factors spread over their groups, then
+      const float d = Drow[sb], mn = Mrow ? -Mrow[sb] : -0.0f;  // times the integer scales
+      for (int64_t j = 0; j < gps; ++j) sb_[sb * gps + j] = d;
+      for (int64_t j = 0; j < gps; ++j) ob_[sb * gps + j] = mn;
+    }
+    if (srow)
+      for (int64_t g = 0; g < ng; ++g) sb_[g] *= (float)srow[g];
+    if (mrow)
+      for (int64_t g = 0; g < ng; ++g) ob_[g] *= (float)mrow[g];
+  }
+  constexpr int64_t GBYTES = BITS == 4 ? 16 : G;  // code bytes per group
+  const __m512i lo4 = _mm512_set1_epi32(0x0f);
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512 wv[NB][V];
+    if ((g * GBYTES) % 64 == 0)  // the same line of the rows some blocks ahead
+      for (int b = 0; b < NB; ++b)
+        _mm_prefetch((const char*)(crow[b] + 4 * NB * row_bytes + g * GBYTES), _MM_HINT_T0);
+    for (int b = 0; b < NB; ++b) {
+      const __m512 vs = _mm512_set1_ps(sbuf[b * ng + g]), vo = _mm512_set1_ps(obuf[b * ng + g]);
+      if constexpr (BITS == 4) {
+        // 16 bytes -> 16 lanes; low nibbles are inputs 0..15, high nibbles 16..31
+        const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(crow[b] + g * 16)));
+        wv[b][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(c, lo4)), vs, vo);
+        wv[b][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4)), vs, vo);
+      } else {
+        for (int v = 0; v < V; ++v) {
+          const __m128i c = _mm_loadu_si128((const __m128i*)(crow[b] + g * G + v * 16));
+          wv[b][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c)), vs, vo);
         }
       }
-      for (int v = 0; v < V; ++v) {
-        for (int m = 0; m < MB; ++m) {
-          const __m512 xv = _mm512_loadu_ps(x + m * K + g * G + v * 16);
-          for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_fmadd_ps(wv[b][v], xv, acc[m][b]);
-        }
+    }
+    for (int v = 0; v < V; ++v) {
+      for (int m = 0; m < MB; ++m) {
+        const __m512 xv = _mm512_loadu_ps(x + m * K + g * G + v * 16);
+        for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_fmadd_ps(wv[b][v], xv, acc[m][b]);
       }
     }
   }
@@ -199,20 +211,18 @@ inline void dequant_row_avx512(const QW& w, int64_t n, float* dst) {
   const float* Mrow = w.Mn ? w.Mn + n * nsb : nullptr;
   const int8_t* srow = w.sc ? w.sc + n * ng : nullptr;
   const int8_t* mrow = w.mq ? w.mq + n * ng : nullptr;
-  const __m128i lo4 = _mm_set1_epi8(0x0f);
+  const __m512i lo4 = _mm512_set1_epi32(0x0f);
   for (int64_t sb = 0; sb < nsb; ++sb) {
     const float d = Drow[sb], mn = Mrow ? Mrow[sb] : 0.0f;
     for (int64_t g = sb * gps; g < (sb + 1) * gps; ++g) {
       const float s = srow ? d * (float)srow[g] : d, o = mrow ? mn * (float)mrow[g] : mn;
       const __m512 vs = _mm512_set1_ps(s), vo = _mm512_set1_ps(-o);
       if constexpr (BITS == 4) {
-        const __m128i c = _mm_loadu_si128((const __m128i*)(crow + g * 16));
-        const __m128i c0 = _mm_and_si128(c, lo4);
-        const __m128i c1 = _mm_and_si128(_mm_srli_epi16(c, 4), lo4);
+        const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(crow + g * 16)));
         _mm512_storeu_ps(dst + g * 32,
-                         _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c0)), vs, vo));
+                         _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(c, lo4)), vs, vo));
         _mm512_storeu_ps(dst + g * 32 + 16,
-                         _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c1)), vs, vo));
+                         _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4)), vs, vo));
       } else {
         for (int v = 0; v < G / 16; ++v) {
           const __m128i c = _mm_loadu_si128((const __m128i*)(crow + g * G + v * 16));
@@ -282,7 +292,7 @@ int qm_matmul(const void* x, int x_bf16, int64_t M, const uint8_t* codes, int bi
 #if !QM_AVX512
     std::vector<float> wrow(K);
 #endif
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 4)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t n0 = t * ROW_CHUNK, n1 = std::min(N, n0 + ROW_CHUNK);
       for (int64_t m0 = 0; m0 < M; m0 += MB_MAX) {
@@ -318,7 +328,7 @@ int qm_dequant(const uint8_t* codes, int bits, int G, int gps, const float* D, c
 #pragma omp parallel num_threads(nt)
   {
     std::vector<float> buf(K);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 8)
     for (int64_t r = 0; r < R; ++r) {
       const int64_t n = rows ? rows[r] : r;
       float* dst = out_bf16 ? buf.data() : (float*)out + r * K;
