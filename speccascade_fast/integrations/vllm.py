@@ -538,6 +538,22 @@ class _Exporter:
         return {rule: s.as_dict() for rule, s in self.totals.items()}
 
 
+def _processors_may_change(sampling_metadata) -> bool:
+    """Whether vLLM's logits processors (``RejectionSampler.apply_logits_processors``) may
+    change the verifier's draft rows in this step: penalties, allowed tokens, bad words, a
+    request with min_tokens, a thinking budget, or a processor this plugin does not know."""
+    from vllm.v1.sample.logits_processor.builtin import MinTokensLogitsProcessor
+
+    sm = sampling_metadata
+    if not sm.no_penalties or sm.allowed_token_ids_mask is not None or sm.bad_words_token_ids:
+        return True
+    for proc in sm.logitsprocs.non_argmax_invariant:
+        if not isinstance(proc, MinTokensLogitsProcessor) or getattr(proc, "min_toks", True):
+            return True
+    holder = sm.thinking_budget_state_holder
+    return holder is not None and holder.has_tracked_requests()
+
+
 def _rejection_sampler_class():
     from dataclasses import replace
 
@@ -612,13 +628,17 @@ def _rejection_sampler_class():
                 logprobs_mode_override="processed_logits"
                 if self.is_processed_logprobs_mode else "raw_logits",
             )
-            raw_target = logits[metadata.target_logits_indices].to(torch.float32)
-            target = raw_target if self.is_processed_logprobs_mode else raw_target.clone()
-            target = self.apply_logits_processors(target, sampling_metadata, metadata)
-            rows = logits.to(torch.float32)
-            if rows.data_ptr() == logits.data_ptr():
-                rows = rows.clone()
-            rows[metadata.target_logits_indices] = target
+            idx = metadata.target_logits_indices
+            raw_target = target = None
+            rows = logits  # vLLM's rows as they are, unless its logits processors change them
+            if _processors_may_change(sampling_metadata):
+                raw_target = logits[idx].to(torch.float32)
+                target = raw_target if self.is_processed_logprobs_mode else raw_target.clone()
+                target = self.apply_logits_processors(target, sampling_metadata, metadata)
+                rows = logits.to(torch.float32)
+                if rows.data_ptr() == logits.data_ptr():
+                    rows = rows.clone()
+                rows[idx] = target
 
             B = len(metadata.num_draft_tokens)
             rules, alphas, seeds, positions, real = self.request_settings(sampling_metadata, B)
@@ -648,6 +668,8 @@ def _rejection_sampler_class():
 
             logprobs = None
             if sampling_metadata.max_num_logprobs is not None:
+                if raw_target is None:
+                    raw_target = target = logits[idx].to(torch.float32)
                 logprobs = self._get_logprobs_tensors(
                     sampling_metadata.max_num_logprobs, metadata, logits,
                     target if self.is_processed_logprobs_mode else raw_target,

@@ -64,6 +64,23 @@ def test_greedy_spec_equals_vllms_rejection_sampler(draft_kind, seed):
     assert bool(((want != -1).sum(1) >= 1).all()) and bool(((want != -1).sum(1) <= n + 1).all())
 
 
+def test_greedy_spec_with_vllms_logits_processors_equals_vllm():
+    """vLLM's logits processors (here its allowed-token mask, which hides some of the verifier's
+    argmaxes) change the verifier's rows for the plugin as for vLLM's own sampler."""
+    drafts, q, logits = greedy_batch(seed=5)
+    B = len(drafts)
+    md = spec_metadata(drafts)
+    sm = sampling_metadata([0.0] * B)
+    mask = torch.zeros(B, 64, dtype=torch.bool)
+    mask[:, logits.argmax(-1).unique()[::2]] = True  # half the verifier's argmaxes forbidden
+    sm.allowed_token_ids_mask = mask
+    want = vllm_sampler()(md, None, logits.clone(), sm).sampled_token_ids
+    got = cascade_sampler(draft_kind="logits", rule="spec")(md, q, logits.clone(), sm)
+    assert torch.equal(got.sampled_token_ids, want)
+    emitted = want[want != -1]
+    assert not bool(mask[0, emitted.long()].any())  # no forbidden token emitted
+
+
 def one_position(V, seed):
     """One position's drafter / verifier logits (partly agreeing) and its bonus row."""
     g = torch.Generator().manual_seed(seed)
