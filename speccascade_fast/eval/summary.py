@@ -657,7 +657,8 @@ def to_markdown(summary: Mapping[str, Any], settings: Mapping[str, Any] | None =
         "token) | CI | best quality within verifier latency | Δ best − verifier CI |",
         "| --- | ---: | ---: | ---: | :---: | ---: | ---: | ---: | ---: |",
     ]
-    na = "not reached" if v else "n/a (no autoregressive rows)"
+    na = ("not reached" if v and src else "n/a (no autoregressive rows)" if not v
+          else "n/a (no latency measured)")
     for t in summary["table2"]:
         s_, st = t["speedup_at_verifier_quality"], t.get("speedup_at_verifier_quality_per_token")
         b = t["best_quality_within_verifier_latency"]
