@@ -261,6 +261,7 @@ void rows_mb(const QW& w, const float* x, int64_t mb, int64_t n0, int64_t n1, vo
 
 constexpr int64_t MB_MAX = 8;
 constexpr int64_t ROW_CHUNK = 16;  // rows of W per task (a multiple of every NB)
+constexpr int64_t MIN_WORK_PER_THREAD = 1 << 19;
 
 }  // namespace
 
@@ -286,7 +287,11 @@ int qm_matmul(const void* x, int x_bf16, int64_t M, const uint8_t* codes, int bi
     xp = xf.data();
   }
   const int64_t tasks = (N + ROW_CHUNK - 1) / ROW_CHUNK;
-  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, tasks));
+  // a thread per half a million weights (times blocks of 4 rows) at least: smaller products
+  // are not worth a fork and a join (on a busy machine the join can wait for a time slice)
+  const int64_t work = N * K * ((M + 3) / 4);
+  const int nt = (int)std::max<int64_t>(
+      1, std::min<int64_t>({(int64_t)nthreads, tasks, work / MIN_WORK_PER_THREAD}));
 #pragma omp parallel num_threads(nt)
   {
 #if !QM_AVX512
