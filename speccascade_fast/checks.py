@@ -29,13 +29,24 @@ def logits(name: str, x, dims: int | None = None) -> torch.Tensor:
     raise ValueError(f"{name} has a row where every logit is -inf (no token is possible)")
 
 
+#: the smallest positive temperature: below it 1/T and the scaled logits overflow in the
+#: kernels' float32 (and every law is one-hot anyway); 0 is greedy decoding
+MIN_TEMPERATURE = 1e-6
+#: seeds and positions are int64 counters
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def temperature(t, shape: tuple[int, ...] = (), device=None) -> torch.Tensor:
-    """A float64 tensor broadcast to ``shape`` from a number or a tensor of T >= 0."""
+    """A float64 tensor broadcast to ``shape`` from a number or a tensor of T = 0 (greedy) or
+    T >= :data:`MIN_TEMPERATURE`."""
     if isinstance(t, bool) or not isinstance(t, (int, float, torch.Tensor)):
         raise ValueError(f"temperature must be a number >= 0 or a tensor, got {type(t).__name__}")
     tt = torch.as_tensor(t, dtype=torch.float64, device=device)
     if not bool(torch.isfinite(tt).all()) or bool((tt < 0).any()):
         raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {t!r}")
+    if bool(((tt > 0) & (tt < MIN_TEMPERATURE)).any()):
+        raise ValueError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE:g} (smaller ones "
+                         f"overflow 1/T; their law is greedy anyway), got {t!r}")
     try:
         return torch.broadcast_to(tt, shape)
     except RuntimeError:
@@ -67,13 +78,18 @@ def top_p(p) -> float | None:
     return float(p)
 
 
-def per_row(name: str, v, rows: int, device, *, non_negative: bool = False) -> torch.Tensor:
-    """An int or an integer tensor ``[rows]`` -> int64 ``[rows]``."""
+def per_row(name: str, v, rows: int, device, *, non_negative: bool = False,
+            span: int = 0) -> torch.Tensor:
+    """An int or an integer tensor ``[rows]`` -> int64 ``[rows]``; ``span``: the values are
+    positions and ``value + span`` must stay an int64 (a block past the first position)."""
     if v is None:
         v = 0
     if isinstance(v, bool):
         raise ValueError(f"{name} must be an int or an int64 tensor of shape [{rows}], got a bool")
     if isinstance(v, int):
+        if not INT64_MIN <= v <= INT64_MAX:
+            raise ValueError(f"{name} must be an int in [-2**63, 2**63) (an int64 counter), got "
+                             f"{v}")
         out = torch.full((rows,), v, dtype=torch.int64, device=device)
     elif isinstance(v, torch.Tensor):
         if v.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
@@ -85,6 +101,9 @@ def per_row(name: str, v, rows: int, device, *, non_negative: bool = False) -> t
         raise ValueError(f"{name} must be an int or an int64 tensor of shape [{rows}], got {type(v).__name__}")
     if non_negative and bool((out < 0).any()):
         raise ValueError(f"{name} must be >= 0, got {out.min().item()}")
+    if span and bool((out > INT64_MAX - span).any()):
+        raise ValueError(f"{name} must be at most 2**63 - 1 - {span} here (the block's last "
+                         f"position is {name} + {span}, an int64), got {out.max().item()}")
     return out
 
 

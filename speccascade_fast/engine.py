@@ -290,6 +290,10 @@ class Engine:
             raise ValueError(f"input_ids has {B} sequences but max_batch_size="
                              f"{self.max_batch_size}")
         budgets = inputs.budgets(max_new_tokens, B)
+        main = self.verifier if self.verifier is not None else self.drafter
+        eos = inputs.eos_ids(eos_token_id, self.verifier, self.drafter)
+        pad = inputs.pad_id(pad_token_id, main, eos)
+        inputs.check_vocab(prompts, eos, pad, model_facts.vocab_size(main))
         for b, (prompt, n) in enumerate(zip(prompts, budgets)):
             if prompt.numel() + n > self.max_seq_len:
                 raise ValueError(f"sequence {b}: prompt ({prompt.numel()} tokens) + "
@@ -310,8 +314,7 @@ class Engine:
         rows = Rows(self, prompts, inputs.seeds(seed, B),
                     inputs.per_sequence("temperature", temperature, cfg.temperature, B, cfg.rule,
                                         self.device),
-                    alphas, budgets, inputs.eos_ids(eos_token_id, self.verifier, self.drafter),
-                    hooks, rules, exact)
+                    alphas, budgets, eos, hooks, rules, exact)
         self._gammas = []
         with torch.inference_mode():
             prefill_start = time.perf_counter()
@@ -327,8 +330,6 @@ class Engine:
                 else:
                     self._step(rows, self.q, deferred=False)
                 rows.drop_finished()
-        main = self.verifier if self.verifier is not None else self.drafter
-        pad = inputs.pad_id(pad_token_id, main, rows.eos)
         sequences = outputs.sequences(input_ids.to(self.device), rows.new_tokens, pad)
         extra = {"gammas": self._gammas} if cfg.gamma_policy != "fixed" else {}
         stats = outputs.final_stats(rows.counters, cfg.settings(), start, prefill_s=prefill_s,

@@ -164,6 +164,7 @@ def generate(
     seeds = inputs.seeds(seed, len(prompts))
     eos = inputs.eos_ids(eos_token_id, verifier, drafter)
     pad = inputs.pad_id(pad_token_id, main, eos)
+    inputs.check_vocab(prompts, eos, pad, model_facts.vocab_size(main))
     device = model_facts.device(main)
 
     if engine != "sequential":

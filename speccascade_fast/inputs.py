@@ -27,6 +27,8 @@ def prompts(input_ids, attention_mask) -> tuple[list[torch.Tensor], torch.Tensor
     if input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
         raise ValueError(f"input_ids must be an integer tensor [B, P], got {input_ids.dtype} "
                          f"of shape {tuple(input_ids.shape)}")
+    if input_ids.device.type == "meta":
+        raise ValueError("input_ids is a meta tensor (no data); pass token ids on a real device")
     if input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
         raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): a prompt needs at "
                          "least one token")
@@ -36,7 +38,17 @@ def prompts(input_ids, attention_mask) -> tuple[list[torch.Tensor], torch.Tensor
     if tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal "
                          f"input_ids shape {tuple(input_ids.shape)}")
+    if attention_mask.device.type == "meta":
+        raise ValueError("attention_mask is a meta tensor (no data)")
     keep = attention_mask.to(input_ids.device).bool()
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError("attention_mask must hold 0 (padding) and 1 (prompt) only")
+    # a row's prompt is one run of 1s (left or right padding): a 0 between 1s would drop a token
+    runs = (keep[:, 1:] & ~keep[:, :-1]).sum(1) + keep[:, 0].long()
+    bad = (runs > 1).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"attention_mask row {bad[0]} has a 0 between 1s; padding goes before "
+                         f"or after the prompt, not inside it")
     rows = [row[k] for row, k in zip(input_ids, keep)]
     if any(p.numel() == 0 for p in rows):
         raise ValueError("input_ids has an empty prompt (a row whose attention_mask is all 0)")
@@ -48,6 +60,9 @@ def seeds(seed, B: int) -> list[int]:
     if isinstance(seed, bool):
         raise ValueError("seed must be an int or a list/tensor of B ints, got a bool")
     if isinstance(seed, int):
+        if not checks.INT64_MIN <= seed <= checks.INT64_MAX - (B - 1):
+            raise ValueError(f"seed must be an int in [-2**63, 2**63 - {B}] (sequence b uses "
+                             f"seed + b, an int64), got {seed}")
         return [seed + b for b in range(B)]
     if isinstance(seed, torch.Tensor):
         if seed.is_floating_point() or seed.dim() != 1:
@@ -55,6 +70,9 @@ def seeds(seed, B: int) -> list[int]:
                              f"{tuple(seed.shape)}")
         seed = seed.tolist()
     if isinstance(seed, (list, tuple)) and len(seed) == B and all(map(_is_int, seed)):
+        bad = [s for s in seed if not checks.INT64_MIN <= s <= checks.INT64_MAX]
+        if bad:
+            raise ValueError(f"seed values must be ints in [-2**63, 2**63) (int64), got {bad[0]}")
         return list(seed)
     raise ValueError(f"seed must be an int or a list/tensor of {B} ints (one per sequence)")
 
@@ -77,6 +95,20 @@ def eos_ids(eos_token_id, *models) -> frozenset[int]:
     if isinstance(eos_token_id, (list, tuple, set, frozenset)) and all(map(_is_int, eos_token_id)):
         return frozenset(eos_token_id)
     raise ValueError(f"eos_token_id must be None, an int or a list of ints, got {eos_token_id!r}")
+
+
+def check_vocab(prompts: list[torch.Tensor], eos, pad: int, vocab: int) -> None:
+    """Prompt tokens, EOS ids and the pad id must be token ids of the models' vocabulary."""
+    for b, p in enumerate(prompts):
+        if p.numel() and (int(p.min()) < 0 or int(p.max()) >= vocab):
+            bad = int(p.min()) if int(p.min()) < 0 else int(p.max())
+            raise ValueError(f"input_ids row {b} holds token {bad}, outside the vocabulary "
+                             f"[0, {vocab})")
+    for e in eos:
+        if not 0 <= e < vocab:
+            raise ValueError(f"eos_token_id {e} is outside the vocabulary [0, {vocab})")
+    if not 0 <= pad < vocab:
+        raise ValueError(f"pad_token_id {pad} is outside the vocabulary [0, {vocab})")
 
 
 def pad_id(pad_token_id, model, eos) -> int:

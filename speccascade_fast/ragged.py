@@ -70,8 +70,8 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
     """
     check_rule(rule)
     check_alpha(rule, alpha)
-    checks.logits("draft_logits", draft_logits, dims=2)
-    checks.logits("target_logits", target_logits, dims=2)
+    for name, x in (("draft_logits", draft_logits), ("target_logits", target_logits)):
+        checks.logits(name, x[:0] if getattr(x, "dim", lambda: 0)() == 2 else x, dims=2)
     if bonus_draft_logits is not None:
         checks.logits("bonus_draft_logits", bonus_draft_logits, dims=2)
     draft_tokens = checks.int_tensor("draft_tokens", draft_tokens, 1)
@@ -107,6 +107,10 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
             f"bonus_draft_logits must have shape [B, V] = [{B}, {V}], got "
             f"{tuple(bonus_draft_logits.shape)}"
         )
+    # only the rows the requests own: with max_spec_len the rows after cu[B] are padding that is
+    # never read (it may be uninitialised memory)
+    checks.logits("draft_logits", draft_logits[: c[-1]], dims=2)
+    checks.logits("target_logits", target_logits[: c[-1] + B], dims=2)
     device = target_logits.device
     tensors = [draft_logits, draft_tokens, cu] + (
         [bonus_draft_logits] if bonus_draft_logits is not None else [])
@@ -115,13 +119,15 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
             "draft_logits, draft_tokens, target_logits, cu_num_draft_tokens and "
             "bonus_draft_logits must be on the same device"
         )
-    if N and bool(((draft_tokens < 0) | (draft_tokens >= V)).any()):
+    used = draft_tokens[: c[-1]]  # (the padding rows' tokens are never read either)
+    if N and bool(((used < 0) | (used >= V)).any()):
         raise ValueError(f"draft_tokens must be token ids in [0, {V}), got one outside")
     alpha_b = checks.alpha_tensor(alpha, (B,), device)
     temperature_b = checks.temperature(temperature, (B,), device)
     top_k, top_p = checks.top_k(top_k, V), checks.top_p(top_p)
     seed_b = checks.per_row("seed", seed, B, device)
-    positions_b = checks.per_row("positions", positions, B, device, non_negative=True)
+    positions_b = checks.per_row("positions", positions, B, device, non_negative=True,
+                                 span=max_gamma + 1)
 
     name = backends.resolve(backend, device, "verify_ragged")  # a ValueError naming them
     return backends.verify_ragged(

@@ -42,7 +42,8 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, seed=0, positions
     B, V = logits.shape[0], logits.shape[-1]
     device = logits.device
     seed = checks.per_row("seed", seed, B, device)
-    positions = checks.per_row("positions", positions, B, device, non_negative=True)
+    positions = checks.per_row("positions", positions, B, device, non_negative=True,
+                               span=logits.shape[1] if logits.dim() == 3 else 0)
     temperature = checks.temperature(temperature, (B,), device)
     top_k, top_p = checks.top_k(top_k, V), checks.top_p(top_p)
     _check_backend(backend, logits)
@@ -56,15 +57,17 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, seed=0, positions
 
 
 def _check_backend(backend, logits) -> None:
-    if backend not in ("auto", "reference", "triton"):
-        raise ValueError(f"backend must be 'auto', 'reference' or 'triton', got {backend!r}")
-    if backend == "triton":
-        if "triton" not in backends.available(logits.device, "sample"):
-            raise ValueError(f"backend='triton' is not available for {logits.device} logits "
-                             "(it needs triton and a GPU, or TRITON_INTERPRET=1 on the CPU)")
-        if logits.dtype not in backends.FUSED_DTYPES:
-            raise ValueError("backend='triton' samples float32, bfloat16 or float16 logits, "
-                             f"got {logits.dtype}")
+    """``backend``: "auto" or a backend that samples on the logits' device (as ``verify``
+    takes them), else a ValueError naming those that do."""
+    if backend == "auto":
+        return
+    if backend == "triton" and "triton" not in backends.available(logits.device, "sample"):
+        raise ValueError(f"backend='triton' is not available for {logits.device} logits "
+                         "(it needs triton and a GPU, or TRITON_INTERPRET=1 on the CPU)")
+    backends.resolve(backend, logits.device, "sample")  # a ValueError naming the available ones
+    if backend != "reference" and logits.dtype not in backends.FUSED_DTYPES:
+        raise ValueError(f"backend={backend!r} samples float32, bfloat16 or float16 logits, got "
+                         f"{logits.dtype} (backend='reference' takes float64)")
 
 
 def draw(logits, temperature, seed, positions, top_k=None, top_p=None, *, greedy=None,

@@ -119,5 +119,6 @@ def verify(draft_logits, draft_tokens, target_logits, *, rule, alpha=None, tempe
         temperature=checks.temperature(temperature, (B,), device),
         top_k=checks.top_k(top_k, V), top_p=checks.top_p(top_p),
         seed=checks.per_row("seed", seed, B, device),
-        positions=checks.per_row("positions", positions, B, device, non_negative=True),
+        positions=checks.per_row("positions", positions, B, device, non_negative=True,
+                                 span=target_logits.shape[1]),
     )
