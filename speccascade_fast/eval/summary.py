@@ -396,9 +396,13 @@ def summarize(
         per_ex = [sum(float(by_key[k][e]["scoring"]["score"]) for k in pooled_keys)
                   / len(pooled_keys) for e in order]
         q, se = mean_and_se(per_ex)
-        # normal on the per-example means (0, 1/2, 1 with two sources: not binomial trials)
+        # normal on the per-example means (0, 1/2, 1 with two sources: not binomial trials),
+        # clipped to [0, 1] for scores in [0, 1]
+        band = quality_ci(None, q, se, ci)
+        if band is not None and per_ex and all(0 <= x <= 1 for x in per_ex):
+            band = (max(band[0], 0.0), min(band[1], 1.0))
         pooled = {"quality": q, "quality_se": se, "sources": pooled_keys, "n": len(order),
-                  "quality_ci": quality_ci(None, q, se, ci)}
+                  "quality_ci": band}
     elif verifier is not None:
         pooled = {"quality": verifier["quality"], "quality_se": verifier["quality_se"],
                   "sources": [ar_key], "n": len(order), "quality_ci": verifier["quality_ci"]}
