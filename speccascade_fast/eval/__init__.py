@@ -7,6 +7,9 @@
   rejection rate, verifier calls per token, relative latency, the Table-2 figures with bootstrap
   CIs) and the quality-versus-cost plots; :func:`run_latency` measures latency at batch 1
   (several trials, shuffled order).
+* :func:`calibrate` / :func:`validate` (:mod:`.calibrate`): a rule's α chosen for a quality
+  target on a calibration split (a calibration file that ``generate`` takes), and its check on
+  the validation split.
 * :mod:`.grids`: pre-registered grids (``GRIDS``) and their plans (``plan.json``, written before
   a run starts; later runs must match it).
 * Tasks (:mod:`.tasks`): ``humaneval`` (pass@1, tests in a sandboxed subprocess), ``gsm8k``
@@ -26,6 +29,7 @@ Example::
 """
 from __future__ import annotations
 
+from .calibrate import calibrate, validate
 from .configs import EvalConfig, make_configs
 from .grids import GRIDS, build_plan
 from .harness import load_rows, run_eval, run_latency, write_summary
@@ -34,6 +38,6 @@ from .tasks import TASKS, Example, Task, get_task
 
 __all__ = [
     "EvalConfig", "Example", "GRIDS", "TASKS", "Task", "best_quality_within", "build_plan",
-    "get_task", "latency_to_reach", "load_rows", "make_configs", "run_eval", "run_latency",
-    "summarize", "write_summary",
+    "calibrate", "get_task", "latency_to_reach", "load_rows", "make_configs", "run_eval",
+    "run_latency", "summarize", "validate", "write_summary",
 ]
