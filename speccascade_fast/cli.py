@@ -45,6 +45,7 @@ SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("speccascade_fast.cli", "add_generate_subcommand"),
     ("speccascade_fast.bench.cli", "add_bench_subcommand"),
     ("speccascade_fast.eval.cli", "add_eval_subcommand"),
+    ("speccascade_fast.eval.calibrate_cli", "add_calibrate_subcommand"),
 )
 
 
@@ -141,7 +142,7 @@ FLAGS = {"method": "--method", "rule": "--rule", "alpha": "--alpha", "gamma": "-
          "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
          "bonus": "--bonus", "draft_confidence": "--draft-confidence",
          "seq_score": "--seq-score", "gamma_policy": "--gamma-policy",
-         "exact_prefix": "--exact-prefix"}
+         "exact_prefix": "--exact-prefix", "calibration": "--calibration"}
 
 
 def decode_config(flags: dict[str, str] | None = None, **fields) -> DecodeConfig:
@@ -244,6 +245,9 @@ def add_generate_subcommand(subparsers) -> argparse.ArgumentParser:
                         "token_cascade, diff for oracle_cascade)")
     p.add_argument("--alpha", type=float, default=None,
                    help="the rule's lenience (default: per rule, token_v3: 0.3)")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="a calibration file of 'speccascade calibrate': its rule and alpha, "
+                        "chosen for a quality target on a task (instead of --rule/--alpha)")
     p.add_argument("--gamma", type=int, default=5, help="drafts per verifier call (default: 5)")
     p.add_argument("--draft-confidence", type=float, default=None, metavar="P",
                    help="spec_cascade: end a block after the first draft the drafter gave a "
@@ -291,7 +295,8 @@ def generate_command(args: argparse.Namespace) -> int:
     cfg = decode_config(method=args.method, rule=args.rule, alpha=args.alpha, gamma=args.gamma,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         bonus=args.bonus, draft_confidence=args.draft_confidence,
-                        gamma_policy=args.gamma_policy, exact_prefix=args.exact_prefix)
+                        gamma_policy=args.gamma_policy, exact_prefix=args.exact_prefix,
+                        calibration=args.calibration)
     at_least("--max-new-tokens", args.max_new_tokens, 1)
     at_least("--early-exit", args.early_exit, 1, " (verifier layers)")
     check_seed(args.seed)

@@ -101,9 +101,19 @@ class DecodeConfig:
     #: the first ``exact_prefix`` emitted tokens of every response use the lossless rule
     #: (``spec``): a block that starts inside the prefix is verified losslessly (``spec_cascade``)
     exact_prefix: int = 0
+    #: None, or a calibration file (:mod:`speccascade_fast.calibration`, written by
+    #: ``speccascade calibrate``) or its loaded :class:`~speccascade_fast.calibration.Calibration`:
+    #: it sets ``method``, ``rule`` and ``alpha`` (or the knob it calibrated), which must then be
+    #: left unset (``rule`` may repeat the file's)
+    calibration: object = None
 
     def __post_init__(self):
         set_ = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731 (frozen)
+        if self.calibration is not None:
+            from .calibration import apply
+
+            for name, value in apply(self).items():
+                set_(name, value)
         method = self.method
         if method not in METHODS:
             raise ValueError(f"method={method!r} is not known; choose one of {', '.join(METHODS)}")

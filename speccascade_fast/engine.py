@@ -85,7 +85,8 @@ DEFAULT_MAX_SEQ_LEN = 2048
 #: the defaults of the Engine's decoding keyword arguments (``config=`` replaces them)
 _DECODING_DEFAULTS = dict(method="spec_cascade", rule=None, alpha=None, gamma=5, temperature=1.0,
                           top_k=None, top_p=None, bonus="cascade", backend="auto",
-                          draft_confidence=None, gamma_policy="fixed", exact_prefix=0)
+                          draft_confidence=None, gamma_policy="fixed", exact_prefix=0,
+                          calibration=None)
 
 #: a one-token step's host read: the token drawn and whether the logits were non-finite
 STEP = Layout("Step", token=1, nonfinite=1)
@@ -165,8 +166,10 @@ class Engine:
             drafter step.
         gamma_policy, exact_prefix: as in :func:`speccascade_fast.generate` (each block's
             number of drafts; the first tokens verified losslessly).
+        calibration: a calibration file (``speccascade calibrate``) in place of ``rule`` and
+            ``alpha``, as in :func:`speccascade_fast.generate`.
         config: the decoding settings as one :class:`~speccascade_fast.config.DecodeConfig`
-            instead of the keyword arguments ``method`` .. ``exact_prefix`` (which must then
+            instead of the keyword arguments ``method`` .. ``calibration`` (which must then
             keep their defaults).
 
     Example:
@@ -182,11 +185,12 @@ class Engine:
                  bonus: str = "cascade", backend: str = "auto", compile_drafter: bool = False,
                  cuda_graphs: bool | None = None, attention: str | None = None,
                  draft_confidence: float | None = None, gamma_policy="fixed",
-                 exact_prefix: int = 0, config: DecodeConfig | None = None):
+                 exact_prefix: int = 0, calibration=None, config: DecodeConfig | None = None):
         decoding = dict(method=method, rule=rule, alpha=alpha, gamma=gamma,
                         temperature=temperature, top_k=top_k, top_p=top_p, bonus=bonus,
                         backend=backend, draft_confidence=draft_confidence,
-                        gamma_policy=gamma_policy, exact_prefix=exact_prefix)
+                        gamma_policy=gamma_policy, exact_prefix=exact_prefix,
+                        calibration=calibration)
         if config is None:
             config = DecodeConfig(**decoding)
         elif not isinstance(config, DecodeConfig):

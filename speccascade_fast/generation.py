@@ -53,6 +53,7 @@ def generate(
     logits_processor=None,
     gamma_policy="fixed",
     exact_prefix: int = 0,
+    calibration=None,
     on_tokens=None,
     stop_condition=None,
 ) -> GenerateOutput:
@@ -127,6 +128,10 @@ def generate(
             response keep the verifier's law exactly (a block that starts inside the prefix is
             verified with the lossless ``spec``), whatever the rule: e.g. the opening of a
             reply, where lenient verification helps jailbreaks most.
+        calibration: None, or a calibration file written by ``speccascade calibrate`` (or its
+            :class:`~speccascade_fast.calibration.Calibration`): it sets ``method``, ``rule``
+            and ``alpha`` (the lenience chosen for a quality target on a task); ``alpha`` must
+            then be left unset, ``rule`` unset or the file's (docs/evaluation.md).
         on_tokens: None or ``on_tokens(b, tokens)``, called each time sequence b emits tokens
             (after every verification block or step, in order: exactly the tokens its output
             gains), e.g. to stream them.
@@ -152,7 +157,8 @@ def generate(
                        temperature=temperature, top_k=top_k, top_p=top_p, bonus=bonus,
                        max_drafter_run=max_drafter_run, seq_score=seq_score, backend=backend,
                        draft_confidence=draft_confidence, logits_processor=logits_processor,
-                       gamma_policy=gamma_policy, exact_prefix=exact_prefix)
+                       gamma_policy=gamma_policy, exact_prefix=exact_prefix,
+                       calibration=calibration)
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r} is not known; choose one of {', '.join(ENGINES)}")
     drafter, verifier = model_facts.check_pair(method, model_facts.loaded(drafter),
