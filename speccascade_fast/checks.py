@@ -116,3 +116,26 @@ def int_tensor(name: str, x, dims: int) -> torch.Tensor:
     if x.dim() != dims:
         raise ValueError(f"{name} must have {dims} dimension(s), got shape {tuple(x.shape)}")
     return x
+
+
+def divergence_budget(b, rows: int | None = None, device=None) -> torch.Tensor | None:
+    """None (no budget), or a float64 tensor ``[rows]`` (``()`` when ``rows`` is None) from a
+    number or ``rows`` numbers, each >= 0 (``inf``: unlimited). A divergence budget is a total
+    variation distance: 0 is lossless, 1 or more allows any law."""
+    if b is None:
+        return None
+    shape = () if rows is None else (rows,)
+    if isinstance(b, bool) or not isinstance(b, (int, float, torch.Tensor, list, tuple)):
+        raise ValueError(f"divergence_budget must be None, a number >= 0 or {rows or 'B'} such "
+                         f"numbers, got {type(b).__name__}")
+    try:
+        tt = torch.as_tensor(b, dtype=torch.float64, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"divergence_budget must be None, a number >= 0 or {rows or 'B'} such "
+                         f"numbers, got {b!r}") from None
+    if bool(torch.isnan(tt).any()) or bool((tt < 0).any()):
+        raise ValueError(f"divergence_budget must be >= 0 (inf: unlimited), got {b!r}")
+    if tt.dim() > 1 or (tt.dim() == 1 and tuple(tt.shape) != shape):
+        raise ValueError(f"divergence_budget must be a number or {rows} numbers (one per row), "
+                         f"got shape {tuple(tt.shape)}")
+    return torch.broadcast_to(tt, shape).clone()

@@ -142,7 +142,8 @@ FLAGS = {"method": "--method", "rule": "--rule", "alpha": "--alpha", "gamma": "-
          "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
          "bonus": "--bonus", "draft_confidence": "--draft-confidence",
          "seq_score": "--seq-score", "gamma_policy": "--gamma-policy",
-         "exact_prefix": "--exact-prefix", "calibration": "--calibration"}
+         "exact_prefix": "--exact-prefix", "divergence_budget": "--divergence-budget",
+         "calibration": "--calibration"}
 
 
 def decode_config(flags: dict[str, str] | None = None, **fields) -> DecodeConfig:
@@ -258,6 +259,10 @@ def add_generate_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--exact-prefix", type=int, default=0, metavar="L",
                    help="spec_cascade: the first L tokens keep the verifier's law exactly "
                         "(default: 0)")
+    p.add_argument("--divergence-budget", type=float, default=None, metavar="B",
+                   help="spec_cascade: the total variation distance from the verifier's law "
+                        "the response may spend, >= 0 (inf: no limit); positions that would "
+                        "overspend are verified losslessly (default: off)")
     p.add_argument("--bonus", default="cascade", choices=BONUS)
     p.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature; 0 = greedy (default: 0)")
@@ -296,6 +301,7 @@ def generate_command(args: argparse.Namespace) -> int:
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         bonus=args.bonus, draft_confidence=args.draft_confidence,
                         gamma_policy=args.gamma_policy, exact_prefix=args.exact_prefix,
+                        divergence_budget=args.divergence_budget,
                         calibration=args.calibration)
     at_least("--max-new-tokens", args.max_new_tokens, 1)
     at_least("--early-exit", args.early_exit, 1, " (verifier layers)")
@@ -330,7 +336,7 @@ def generate_command(args: argparse.Namespace) -> int:
             top_k=cfg.top_k, top_p=cfg.top_p, max_new_tokens=args.max_new_tokens,
             seed=args.seed, attention=None if args.attention == "sdpa" else args.attention,
             draft_confidence=cfg.draft_confidence, gamma_policy=cfg.gamma_policy,
-            exact_prefix=cfg.exact_prefix,
+            exact_prefix=cfg.exact_prefix, divergence_budget=cfg.divergence_budget,
             on_tokens=None if streamer is None else
             (lambda b, tokens: streamer.put(torch.tensor(tokens))))
     finally:

@@ -101,6 +101,11 @@ class DecodeConfig:
     #: the first ``exact_prefix`` emitted tokens of every response use the lossless rule
     #: (``spec``): a block that starts inside the prefix is verified losslessly (``spec_cascade``)
     exact_prefix: int = 0
+    #: None, or the total variation distance each response may spend (docs/semantics.md §9):
+    #: a position whose cost ``TV(pi, pT)`` would take the response past it is verified
+    #: losslessly, so the law of the whole response is within this distance of the verifier's
+    #: (``spec_cascade``; 0 is ``spec``, ``inf`` the plain rule)
+    divergence_budget: float | None = None
     #: None, or a calibration file (:mod:`speccascade_fast.calibration`, written by
     #: ``speccascade calibrate``) or its loaded :class:`~speccascade_fast.calibration.Calibration`:
     #: it sets ``method``, ``rule`` and ``alpha`` (or the knob it calibrated), which must then be
@@ -144,6 +149,12 @@ class DecodeConfig:
             raise ValueError(f"exact_prefix applies to method='spec_cascade' without "
                              f"draft_confidence, got method={method!r}, draft_confidence="
                              f"{self.draft_confidence!r}")
+        if self.divergence_budget is not None:
+            set_("divergence_budget", float(checks.divergence_budget(self.divergence_budget)))
+            if method != "spec_cascade" or self.draft_confidence is not None:
+                raise ValueError(f"divergence_budget applies to method='spec_cascade' without "
+                                 f"draft_confidence, got method={method!r}, draft_confidence="
+                                 f"{self.draft_confidence!r}")
         policy = self.gamma_policy
         if not (callable(policy) or policy in GAMMA_POLICIES):
             raise ValueError(f"gamma_policy must be one of {', '.join(GAMMA_POLICIES)} or a "
@@ -205,7 +216,8 @@ class DecodeConfig:
     def settings(self) -> dict:
         """The settings a ``generate`` call reports in its statistics."""
         return {k: getattr(self, k) for k in ("method", "rule", "alpha", "gamma", "bonus",
-                                              "temperature", "draft_confidence")}
+                                              "temperature", "draft_confidence",
+                                              "exact_prefix", "divergence_budget")}
 
 
 __all__ = ["BONUS", "GAMMA_POLICIES", "DEFAULT_ALPHA", "DEFAULT_MAX_DRAFTER_RUN", "DEFAULT_RULE",

@@ -86,19 +86,22 @@ DEFAULT_MAX_SEQ_LEN = 2048
 _DECODING_DEFAULTS = dict(method="spec_cascade", rule=None, alpha=None, gamma=5, temperature=1.0,
                           top_k=None, top_p=None, bonus="cascade", backend="auto",
                           draft_confidence=None, gamma_policy="fixed", exact_prefix=0,
-                          calibration=None)
+                          divergence_budget=None, calibration=None)
 
 #: a one-token step's host read: the token drawn and whether the logits were non-finite
 STEP = Layout("Step", token=1, nonfinite=1)
 
 
 @functools.cache
-def block_layout(gamma: int) -> Layout:
+def block_layout(gamma: int, spent: bool = False) -> Layout:
     """A fixed block's host read: the accepted count, the gamma + 1 output tokens (-1 after the
-    emitted ones), the gamma drafts, the gamma + 1 deferral flags, and whether the drafter's and
-    the verifier's logits were non-finite."""
+    emitted ones), the gamma drafts, the gamma + 1 deferral flags, whether the drafter's and
+    the verifier's logits were non-finite, and with a divergence budget each position's charge
+    (float64)."""
+    more = {"spent": [gamma + 1]} if spent else {}
     return Layout("Block", accepted=1, tokens=[gamma + 1], drafts=[gamma],
-                  deferred=[gamma + 1], q_nonfinite=1, p_nonfinite=1)
+                  deferred=[gamma + 1], q_nonfinite=1, p_nonfinite=1, **more,
+                  floats=("spent",) if spent else ())
 
 
 def supports(method: str, *models, attention: str | None = None) -> bool:
@@ -164,8 +167,9 @@ class Engine:
             end when every row has stopped; each row is verified on its own drafts (the ragged
             verification), so its tokens still do not depend on the batch. One host read per
             drafter step.
-        gamma_policy, exact_prefix: as in :func:`speccascade_fast.generate` (each block's
-            number of drafts; the first tokens verified losslessly).
+        gamma_policy, exact_prefix, divergence_budget: as in
+            :func:`speccascade_fast.generate` (each block's number of drafts; the first tokens
+            verified losslessly; the total variation each response may spend).
         calibration: a calibration file (``speccascade calibrate``) in place of ``rule`` and
             ``alpha``, as in :func:`speccascade_fast.generate`.
         config: the decoding settings as one :class:`~speccascade_fast.config.DecodeConfig`
@@ -185,12 +189,13 @@ class Engine:
                  bonus: str = "cascade", backend: str = "auto", compile_drafter: bool = False,
                  cuda_graphs: bool | None = None, attention: str | None = None,
                  draft_confidence: float | None = None, gamma_policy="fixed",
-                 exact_prefix: int = 0, calibration=None, config: DecodeConfig | None = None):
+                 exact_prefix: int = 0, divergence_budget: float | None = None,
+                 calibration=None, config: DecodeConfig | None = None):
         decoding = dict(method=method, rule=rule, alpha=alpha, gamma=gamma,
                         temperature=temperature, top_k=top_k, top_p=top_p, bonus=bonus,
                         backend=backend, draft_confidence=draft_confidence,
                         gamma_policy=gamma_policy, exact_prefix=exact_prefix,
-                        calibration=calibration)
+                        divergence_budget=divergence_budget, calibration=calibration)
         if config is None:
             config = DecodeConfig(**decoding)
         elif not isinstance(config, DecodeConfig):
@@ -270,7 +275,7 @@ class Engine:
     def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 64, seed=0,
                  temperature=None, alpha=None, eos_token_id=None,
                  pad_token_id: int | None = None, on_tokens=None, stop_condition=None,
-                 rule=None, exact_prefix=None) -> GenerateOutput:
+                 rule=None, exact_prefix=None, divergence_budget=None) -> GenerateOutput:
         """Decode a batch; returns :class:`~speccascade_fast.outputs.GenerateOutput`.
 
         ``input_ids`` ``[B, P]`` (left or right padded, with ``attention_mask``), ``B <=
@@ -283,7 +288,10 @@ class Engine:
         ``spec_cascade`` rows may differ in ``rule`` (None: the engine's, a name, or B names),
         ``alpha`` (None: the engine's alpha for the engine's rule, else each rule's default) and
         ``exact_prefix`` (None: the engine's, an int or B ints: the first tokens verified
-        losslessly); a row's tokens do not depend on the rules of the rows beside it.
+        losslessly) and ``divergence_budget`` (None: the engine's, a number >= 0 or B numbers,
+        ``inf`` for no budget: the total variation each response may spend, its spending in
+        ``stats["per_sequence"][b]["divergence_spent"]``); a row's tokens do not depend on the
+        rules of the rows beside it.
         """
         start = time.perf_counter()
         cfg = self.cfg
@@ -305,20 +313,23 @@ class Engine:
         if cfg.method == "spec_cascade":
             rules, alphas, exact = inputs.per_sequence_rules(rule, alpha, exact_prefix, cfg, B,
                                                              self.device)
-            if self._draft_confidence is not None and (set(rules) != {cfg.rule} or any(exact)):
-                raise ValueError("rule and exact_prefix per call do not combine with "
-                                 "draft_confidence (a cut block is verified with the engine's "
-                                 "rule)")
+            spend = inputs.divergence_budgets(divergence_budget, cfg.divergence_budget, B)
+            if self._draft_confidence is not None and (set(rules) != {cfg.rule} or any(exact)
+                                                       or spend is not None):
+                raise ValueError("rule, exact_prefix and divergence_budget per call do not "
+                                 "combine with draft_confidence (a cut block is verified with "
+                                 "the engine's rule)")
         else:
-            for name, value in (("rule", rule), ("exact_prefix", exact_prefix), ("alpha", alpha)):
+            for name, value in (("rule", rule), ("exact_prefix", exact_prefix), ("alpha", alpha),
+                                ("divergence_budget", divergence_budget)):
                 if value is not None:
                     raise ValueError(f"{name} applies to method='spec_cascade' only")
-            rules, exact = [None] * B, [0] * B
+            rules, exact, spend = [None] * B, [0] * B, None
             alphas = inputs.per_sequence("alpha", alpha, cfg.alpha, B, cfg.rule, self.device)
         rows = Rows(self, prompts, inputs.seeds(seed, B),
                     inputs.per_sequence("temperature", temperature, cfg.temperature, B, cfg.rule,
                                         self.device),
-                    alphas, budgets, eos, hooks, rules, exact)
+                    alphas, budgets, eos, hooks, rules, exact, spend)
         self._gammas = []
         with torch.inference_mode():
             prefill_start = time.perf_counter()
@@ -371,7 +382,9 @@ class Engine:
             s.verifier_calls += 1
             s.drafter_calls += calls
             s.add_block(r.drafted, r.accepted)
-            rows.emit(b, r.tokens, r.deferred)
+            kept = rows.emit(b, r.tokens, r.deferred)
+            if r.spent is not None:  # the charges of the positions it emitted
+                s.divergence_spent += sum(r.spent[:kept])
             # the caches now hold: the drafter every token it was fed (the row's last one, then
             # all drafts but the last, and the last too if the bonus step ran: one per drafter
             # call), the verifier the whole block; valid up to the last accepted draft
@@ -425,11 +438,13 @@ class Engine:
         followed by a second verification (same keys: same decisions, the bonus from the
         cascade's target) and a second read."""
         q, p = self.q, self.p
-        layout = block_layout(gamma)
+        n = self._bucket(rows.size)
+        budget = rows.budget_left(n)  # None without a divergence budget
+        layout = block_layout(gamma, budget is not None)
         kv, greedy = self._kv(rows), rows.greedy
         in_body = self._graphs is not None and any(map(self._bonus_step, rules))
 
-        def body(ints, seeds, temperature, alpha):
+        def body(ints, seeds, temperature, alpha, budget=None):
             t = ints[:, 0]
             ids = ints[:, 1 + width:]
             # draft: gamma drafter steps, each followed by a draw x ~ qT
@@ -450,15 +465,15 @@ class Engine:
             q_logits = torch.stack(q_rows, dim=1)
             # verify
             pack = self._verified(q_logits, drafts, p_logits, seeds, temperature, alpha, t,
-                                  padded_rules)
+                                  padded_rules, budget)
             return pack, q_logits, p_logits
 
-        n = self._bucket(rows.size)
         per_row = rows.padded(n)  # seeds, temperature, alpha
         padded_rules = rules + rules[:1] * (n - rows.size)
         ints = self._inputs(rows, q, width, n)
-        key = ("block", n, width, gamma, padded_rules, greedy)
-        pack, q_logits, p_logits = self._run(key, body, (ints, *per_row))
+        key = ("block", n, width, gamma, padded_rules, greedy, budget is not None)
+        more = () if budget is None else (budget,)
+        pack, q_logits, p_logits = self._run(key, body, (ints, *per_row, *more))
         host = layout.unpack(pack, rows.size)  # accept: the block's one device-to-host read
         self._check_logits([r.q_nonfinite for r in host], ("drafter logits", q_logits))
         self._check_logits([r.p_nonfinite for r in host], ("verifier logits", p_logits))
@@ -475,41 +490,52 @@ class Engine:
             bonus = q.forward(draft_ids[:, -1:], (t + gamma - 1)[:, None], kv(gamma), 1)[:, 0]
             q_logits = torch.cat([q_logits, bonus[:, None]], dim=1)
             host = layout.unpack(self._verified(q_logits, draft_ids, p_logits, *per_row, t,
-                                                padded_rules), rows.size)  # the second read
+                                                padded_rules, budget),
+                                 rows.size)  # the second read
             self._check_logits([r.q_nonfinite for r in host], ("drafter logits", q_logits))
             calls += 1
-        return [BlockResult(r.accepted, r.tokens[: 1 + r.accepted], r.deferred, g[b])
+        return [BlockResult(r.accepted, r.tokens[: 1 + r.accepted], r.deferred, g[b],
+                            getattr(r, "spent", None))
                 for b, r in enumerate(host)], calls
 
-    def _verified(self, q_logits, drafts, p_logits, seeds, temperature, alpha, t, rules):
+    def _verified(self, q_logits, drafts, p_logits, seeds, temperature, alpha, t, rules,
+                  budget=None):
         """The fused verification of a fixed block, packed for its host read
         (:func:`block_layout`). ``q_logits`` has ``gamma + 1`` rows (the bonus from the
-        cascade's target) or ``gamma`` (from pT). Rows whose ``rules`` differ are verified in
-        one call per rule (rows gathered by index, results scattered back)."""
+        cascade's target) or ``gamma`` (from pT); ``budget``: None or each row's divergence
+        budget left (float64). Rows whose ``rules`` differ are verified in one call per rule
+        (rows gathered by index, results scattered back)."""
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(rules):
             groups.setdefault(r, []).append(i)
+        per_row = (seeds, temperature, alpha, t) + (() if budget is None else (budget,))
         if len(groups) == 1:
-            out = self._verify_rule(rules[0], q_logits, drafts, p_logits, seeds, temperature,
-                                    alpha, t)
-            accepted, tokens, deferred = out.num_accepted, out.tokens, out.deferred
+            out = self._verify_rule(rules[0], q_logits, drafts, p_logits, *per_row)
+            accepted, tokens, deferred, spent = out.num_accepted, out.tokens, out.deferred, \
+                out.spent
         else:
             n, g = drafts.shape
             accepted = torch.zeros(n, dtype=torch.int64, device=drafts.device)
             tokens = torch.zeros(n, g + 1, dtype=torch.int64, device=drafts.device)
             deferred = torch.zeros(n, g + 1, dtype=torch.bool, device=drafts.device)
+            spent = (None if budget is None
+                     else torch.zeros(n, g + 1, dtype=torch.float64, device=drafts.device))
             for rule, idx in groups.items():
                 ix = self._index(idx, drafts.device)
                 out = self._verify_rule(rule, *(x.index_select(0, ix) for x in (
-                    q_logits, drafts, p_logits, seeds, temperature, alpha, t)))
+                    q_logits, drafts, p_logits, *per_row)))
                 accepted.index_copy_(0, ix, out.num_accepted)
                 tokens.index_copy_(0, ix, out.tokens)
                 deferred.index_copy_(0, ix, out.deferred)
-        return block_layout(drafts.shape[1]).pack(
+                if spent is not None:
+                    spent.index_copy_(0, ix, out.spent)
+        more = {} if budget is None else {"spent": spent}
+        return block_layout(drafts.shape[1], budget is not None).pack(
             accepted=accepted, tokens=tokens, drafts=drafts, deferred=deferred,
-            q_nonfinite=nonfinite(q_logits), p_nonfinite=nonfinite(p_logits))
+            q_nonfinite=nonfinite(q_logits), p_nonfinite=nonfinite(p_logits), **more)
 
-    def _verify_rule(self, rule, q_logits, drafts, p_logits, seeds, temperature, alpha, t):
+    def _verify_rule(self, rule, q_logits, drafts, p_logits, seeds, temperature, alpha, t,
+                     budget=None):
         cfg = self.cfg
         if self._verify is None:
             self._verify = backends.get(cfg.backend, self.device)
@@ -518,7 +544,8 @@ class Engine:
         return self._verify(q_logits, drafts, p_logits, rule=rule, alpha=alpha,
                             temperature=temperature,
                             top_k=checks.top_k(cfg.top_k, p_logits.shape[-1]), top_p=cfg.top_p,
-                            seed=seeds, positions=t)
+                            seed=seeds, positions=t, **({} if budget is None
+                                                        else {"budget": budget}))
 
     def _index(self, rows: list[int], device) -> torch.Tensor:
         """The int64 index tensor of ``rows``, made once (a CUDA graph's capture then finds the
@@ -623,11 +650,13 @@ class Rows:
     same sequence; finished ones are dropped) and the outputs of all of them."""
 
     def __init__(self, engine: Engine, prompts, seeds, temperature, alpha, budget, eos,
-                 hooks: outputs.Hooks = outputs.NO_HOOKS, rules=None, exact=None):
+                 hooks: outputs.Hooks = outputs.NO_HOOKS, rules=None, exact=None, spend=None):
         B, device = len(prompts), engine.device
         self.engine = engine
         self.rules = list(rules) if rules is not None else [engine.cfg.rule] * B
         self.exact = list(exact) if exact is not None else [0] * B
+        #: None, or per sequence the divergence budget (inf: none)
+        self.spend = None if spend is None else list(spend)
         self.eos = eos
         self.hooks = hooks
         self.budget = budget
@@ -677,6 +706,16 @@ class Rows:
             if m is not None:
                 m.prefill(tokens, [n - 1 for n in self.length])
 
+    def budget_left(self, n: int) -> torch.Tensor | None:
+        """float64 ``[n]`` on the device: what each row may still spend of its divergence budget
+        (rows past the batch repeat row 0's, :meth:`padded`); None without budgets."""
+        if self.spend is None:
+            return None
+        left = [max(self.spend[seq] - self.counters[seq].divergence_spent, 0.0)
+                for seq in self.index]
+        left += left[:1] * (n - len(left))
+        return torch.tensor(left, dtype=torch.float64, device=self.seeds.device)
+
     def block_rules(self) -> tuple:
         """Each row's rule for the next block: ``spec`` while the row is inside its exact
         prefix (fewer tokens emitted than ``exact_prefix``), else its own."""
@@ -699,9 +738,9 @@ class Rows:
         seq = self.index[b]
         return self.budget[seq] - len(self.new_tokens[seq])
 
-    def emit(self, b: int, tokens: list[int], deferred: list[bool]) -> None:
+    def emit(self, b: int, tokens: list[int], deferred: list[bool]) -> int:
         """Row b emits ``tokens`` by the emit rule (up to its first EOS, the hooks' stop and its
-        budget)."""
+        budget); returns how many it kept."""
         self.tail[b] = (self.tail[b] + tokens)[-2:]
         seq = self.index[b]
         kept, done = self.hooks.emit(seq, self.new_tokens[seq], tokens, self.remaining(b),
@@ -709,6 +748,7 @@ class Rows:
         self.length[b] += len(kept)
         self.stats(b).add_emitted(kept, deferred)
         self.done[b] = self.done[b] or done
+        return len(kept)
 
     def drop_finished(self) -> None:
         """Finished rows leave the batch (and the caches)."""

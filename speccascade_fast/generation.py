@@ -53,6 +53,7 @@ def generate(
     logits_processor=None,
     gamma_policy="fixed",
     exact_prefix: int = 0,
+    divergence_budget: float | None = None,
     calibration=None,
     on_tokens=None,
     stop_condition=None,
@@ -128,6 +129,13 @@ def generate(
             response keep the verifier's law exactly (a block that starts inside the prefix is
             verified with the lossless ``spec``), whatever the rule: e.g. the opening of a
             reply, where lenient verification helps jailbreaks most.
+        divergence_budget: ``spec_cascade``: None, or the total variation distance B >= 0
+            each response may spend (docs/semantics.md §9): while a response has budget left
+            the rule decides as usual; a position whose cost ``TV(pi, pT)`` would take it past
+            B is verified losslessly. The law of every response is then within total variation
+            B of the verifier's own (0: ``spec``; ``inf``: the plain rule). What each sequence
+            spent is in ``stats["per_sequence"][b]["divergence_spent"]``. It bounds the distance
+            to the verifier's law, not a task's accuracy.
         calibration: None, or a calibration file written by ``speccascade calibrate`` (or its
             :class:`~speccascade_fast.calibration.Calibration`): it sets ``method``, ``rule``
             and ``alpha`` (the lenience chosen for a quality target on a task); ``alpha`` must
@@ -158,7 +166,7 @@ def generate(
                        max_drafter_run=max_drafter_run, seq_score=seq_score, backend=backend,
                        draft_confidence=draft_confidence, logits_processor=logits_processor,
                        gamma_policy=gamma_policy, exact_prefix=exact_prefix,
-                       calibration=calibration)
+                       divergence_budget=divergence_budget, calibration=calibration)
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r} is not known; choose one of {', '.join(ENGINES)}")
     drafter, verifier = model_facts.check_pair(method, model_facts.loaded(drafter),

@@ -28,7 +28,8 @@ Beyond HF: a batch of several prompts works with an assistant (HF's assisted gen
 prompt). The cascade's own settings are extra keyword arguments: ``deferral_rule`` (``rule``;
 None: the method's default, ``token_v3``), ``lenience`` (``alpha``; None:
 :data:`speccascade_fast.config.DEFAULT_ALPHA`), ``method``, ``bonus``, ``max_drafter_run``,
-``seq_score``, ``backend``, ``engine``, ``gamma_policy``, ``exact_prefix``. Without
+``seq_score``, ``backend``, ``engine``, ``gamma_policy``, ``exact_prefix``,
+``divergence_budget``. Without
 ``assistant_model`` the verifier decodes alone.
 Drafting schedule: ``num_assistant_tokens`` and ``assistant_confidence_threshold`` fall back to
 the assistant's generation config where it sets them, else gamma 5 and no cut-off (HF's own
@@ -59,7 +60,7 @@ from .generation import generate as engine_generate
 
 #: cascade settings passed through to :func:`speccascade_fast.generate`
 _PASS_THROUGH = ("method", "bonus", "max_drafter_run", "seq_score", "backend", "engine",
-                 "gamma_policy", "exact_prefix")
+                 "gamma_policy", "exact_prefix", "divergence_budget")
 #: generation-config fields read here (their HF meaning is implemented)
 _SUPPORTED = frozenset({
     "do_sample", "temperature", "top_k", "top_p", "max_new_tokens", "max_length",

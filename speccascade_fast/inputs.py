@@ -214,3 +214,16 @@ def per_sequence_rules(rule, alpha, exact_prefix, cfg, B: int, device):
         raise ValueError(f"exact_prefix must be an int >= 0 or {B} such ints (one per sequence), "
                          f"got {exact_prefix!r}")
     return rules, torch.tensor(out, dtype=torch.float64, device=device), exact
+
+
+def divergence_budgets(budget, default: float | None, B: int) -> list[float] | None:
+    """Each sequence's divergence budget for a ``spec_cascade`` batch: ``budget`` None (the
+    config's ``default``), a number >= 0 or B numbers (``inf``: no limit for that sequence, its
+    spending still measured). None when neither the call nor the config sets one."""
+    if budget is None:
+        budget = default
+    if budget is None:
+        return None
+    if isinstance(budget, torch.Tensor):
+        budget = budget.tolist()
+    return checks.divergence_budget(budget, B).tolist()

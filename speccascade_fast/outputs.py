@@ -99,11 +99,20 @@ def sequences(input_ids: torch.Tensor, new_tokens: list[list[int]], pad: int,
 
 def final_stats(counters, settings: dict, start: float, **extra) -> dict:
     """The statistics of a call: the summed ``counters`` with their rates, wall-clock time since
-    ``start`` (``time.perf_counter()``), the ``settings`` used and any ``extra`` figures."""
+    ``start`` (``time.perf_counter()``), the ``settings`` used and any ``extra`` figures; under
+    ``per_sequence`` each sequence's own counters and rates (one dict per sequence, in order)."""
     total = Counters()
     for c in counters:
         total += c
     stats = total.as_dict(time.perf_counter() - start)
+    stats["per_sequence"] = [_own(c) for c in counters]
     stats.update(extra)
     stats.update(settings)
     return stats
+
+
+def _own(c: Counters) -> dict:
+    """One sequence's counters and rates (the wall-clock figures are the call's)."""
+    d = c.as_dict()
+    del d["wall_s"], d["tokens_per_s"]
+    return d

@@ -13,6 +13,7 @@ Example:
 """
 from __future__ import annotations
 
+import struct
 from collections import namedtuple
 
 import torch
@@ -20,9 +21,15 @@ import torch
 
 class Layout:
     """Fields in order: ``name=1`` a scalar, packed from ``[B]`` and unpacked to an int;
-    ``name=[w]`` a vector, packed from ``[B, w]`` and unpacked to a list of w ints (w >= 1)."""
+    ``name=[w]`` a vector, packed from ``[B, w]`` and unpacked to a list of w ints (w >= 1).
+    The fields named in ``floats`` carry float64 values (their bits travel as int64) and
+    unpack to floats."""
 
-    def __init__(self, name: str, **fields: int | list[int]):
+    def __init__(self, name: str, *, floats: tuple[str, ...] = (), **fields: int | list[int]):
+        unknown = set(floats) - fields.keys()
+        if unknown:
+            raise ValueError(f"floats names fields the layout lacks: {', '.join(sorted(unknown))}")
+        self.floats = frozenset(floats)
         self.vector = {f: isinstance(w, list) for f, w in fields.items()}
         self.widths = {f: (w[0] if isinstance(w, list) else w) for f, w in fields.items()}
         if any(w != 1 for f, w in self.widths.items() if not self.vector[f]):
@@ -43,13 +50,17 @@ class Layout:
         for field, w in self.widths.items():
             v = values[field]
             v = v.reshape(v.shape[0], w)
-            cols.append(v.to(torch.int64))
+            if field in self.floats:
+                cols.append(v.to(torch.float64).view(torch.int64))
+            else:
+                cols.append(v.to(torch.int64))
         return torch.cat(cols, dim=1)
 
     def get(self, packed: torch.Tensor, field: str) -> torch.Tensor:
         """Field ``field`` of a packed tensor, on the device: ``[B]`` (scalar) or ``[B, w]``."""
         s = self.slices[field]
-        return packed[:, s] if self.vector[field] else packed[:, s.start]
+        out = packed[:, s] if self.vector[field] else packed[:, s.start]
+        return out.view(torch.float64) if field in self.floats else out
 
     def unpack(self, packed: torch.Tensor, rows: int | None = None) -> list:
         """The first ``rows`` rows (default all) as named tuples: one device-to-host read."""
@@ -59,8 +70,13 @@ class Layout:
         return [self._row(r) for r in host]
 
     def _row(self, r: list[int]):
-        return self.row(*(r[s] if self.vector[f] else r[s.start]
+        return self.row(*(self._field(f, r[s]) if self.vector[f] else self._field(f, r[s])[0]
                           for f, s in self.slices.items()))
+
+    def _field(self, field: str, values: list[int]) -> list:
+        if field not in self.floats:
+            return values
+        return list(struct.unpack(f"<{len(values)}d", struct.pack(f"<{len(values)}q", *values)))
 
 
 def nonfinite(logits: torch.Tensor) -> torch.Tensor:
@@ -73,10 +89,12 @@ def nonfinite(logits: torch.Tensor) -> torch.Tensor:
 class BlockResult:
     """What one row of a verified block emits: the number of accepted drafts, the tokens to
     emit (the accepted drafts and the residual/bonus token), the deferral flags, and how many
-    drafts the sequential engine would have verified (``drafted``)."""
+    drafts the sequential engine would have verified (``drafted``), and with a divergence budget
+    each position's charge (``spent``, else None)."""
 
-    __slots__ = ("accepted", "tokens", "deferred", "drafted")
+    __slots__ = ("accepted", "tokens", "deferred", "drafted", "spent")
 
-    def __init__(self, accepted: int, tokens: list[int], deferred: list[int], drafted: int):
-        self.accepted, self.tokens, self.drafted = accepted, tokens, drafted
+    def __init__(self, accepted: int, tokens: list[int], deferred: list[int], drafted: int,
+                 spent: list[float] | None = None):
+        self.accepted, self.tokens, self.drafted, self.spent = accepted, tokens, drafted, spent
         self.deferred = [bool(f) for f in deferred]

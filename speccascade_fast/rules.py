@@ -242,3 +242,47 @@ def position_targets(
         raise ValueError(f"rule={rule!r} is not a known rule")
     residual = torch.clamp(pi - qT, min=0)
     return Targets(qT, pT, pi, residual, law_of_procedure(qT, pi, residual), delta, in_a)
+
+
+# --- the divergence budget (docs/semantics.md §9) ----------------------------------------------
+def divergence(rule: str, t: Targets) -> torch.Tensor:
+    """float64 ``[...]``: the cost ``TV(law, pT) = sum_v max(0, pT(v) - law(v))`` of emitting
+    from the rule's law instead of the verifier's at each position (truncated laws where top-k /
+    top-p are asked for). Exactly 0 where the law is pT by construction (``spec``, a prefix
+    rule's deferral); ``(1 - delta) TV(qT, pT)`` for prefix rules."""
+    if rule == "spec":
+        return torch.zeros(t.pT.shape[:-1], dtype=torch.float64, device=t.pT.device)
+    if t.delta is not None:
+        return torch.where(t.delta, 0.0, P.total_variation(t.pT, t.qT))
+    return P.total_variation(t.pT, t.law)
+
+
+def budget_scan(cost: torch.Tensor, budget: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The divergence budget along one block: ``cost`` float64 ``[B, n]`` per position (in
+    order), ``budget`` float64 ``[B]`` what each row has left (``inf``: no budget). A position
+    keeps its rule iff the charges so far plus its cost stay within the budget (then it is
+    charged its cost), else it is verified losslessly (pi = pT, charged 0). Returns
+    ``(exact bool [B, n], charged float64 [B, n])``."""
+    spent = torch.zeros_like(budget)
+    exact, charged = [], []
+    for j in range(cost.shape[1]):
+        keep = spent + cost[:, j] <= budget
+        c = torch.where(keep, cost[:, j], 0.0)
+        spent = spent + c
+        exact.append(~keep)
+        charged.append(c)
+    return torch.stack(exact, 1), torch.stack(charged, 1)
+
+
+def with_exact_positions(t: Targets, exact: torch.Tensor) -> Targets:
+    """``t`` with the positions where ``exact`` (bool ``[...]``) is True replaced by lossless
+    speculative decoding's quantities (accept pT, residual max(0, pT - qT), law pT; delta 1, an
+    empty set A)."""
+    e = exact[..., None]
+    residual = torch.clamp(t.pT - t.qT, min=0)
+    return Targets(
+        t.qT, t.pT, torch.where(e, t.pT, t.accept), torch.where(e, residual, t.residual),
+        torch.where(e, t.pT, t.law),
+        None if t.delta is None else t.delta | exact,
+        None if t.in_a is None else t.in_a & ~e,
+    )

@@ -187,10 +187,13 @@ def speculative_block(q: _CachedModel, p: _CachedModel, seq: _Sequence, cfg: Dec
     rule = "spec" if len(seq.new) < cfg.exact_prefix else cfg.rule
     bonus_step = cfg.bonus == "cascade" and rule != "spec"
 
+    left = (None if cfg.divergence_budget is None
+            else max(cfg.divergence_budget - seq.stats.divergence_spent, 0.0))
+
     def verified(q_logits):
         return verify(q_logits, drafts, p_logits, rule=rule, alpha=cfg.alpha,
                       temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                      seed=seq.seed, positions=t, backend=cfg.backend)
+                      seed=seq.seed, positions=t, divergence_budget=left, backend=cfg.backend)
 
     out = verified(q_logits)  # with g rows of q: the bonus from pT
     a, g = int(out.num_accepted[0]), drafts.shape[1]
@@ -201,7 +204,9 @@ def speculative_block(q: _CachedModel, p: _CachedModel, seq: _Sequence, cfg: Dec
         bonus_q = q.next_logits(torch.cat([seq.ids, drafts], dim=1))
         out = verified(torch.cat([q_logits, bonus_q[:, None]], dim=1))
         a = int(out.num_accepted[0])
-    seq.emit(out.tokens[0, : a + 1].tolist(), out.deferred[0].tolist())
+    kept = seq.emit(out.tokens[0, : a + 1].tolist(), out.deferred[0].tolist())
+    if out.spent is not None:  # the charges of the emitted positions
+        seq.stats.divergence_spent += sum(out.spent[0, :kept].tolist())
     seq.stats.add_block(g, a)
     # accept: the caches keep the prefix up to the last accepted draft; the emitted last token
     # (residual or bonus) is fed at the start of the next block

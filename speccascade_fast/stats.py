@@ -13,7 +13,13 @@ Counts (summed over the batch):
 * ``deferred``        - emitted positions whose ``deferred`` flag was set: the position's law came
   from the verifier (δ = 1 for prefix rules and sequential cascades; for token rules the draft lay
   outside the acceptable set A; ``spec``/``lossy``/``lossy_star`` and every ``bonus="verifier"``
-  bonus position always count; ``drafter`` never does).
+  bonus position always count; ``drafter`` never does; a position the divergence budget
+  verified losslessly always counts);
+* ``divergence_spent`` - with a divergence budget, the total variation charged along the emitted
+  positions (docs/semantics.md §9); 0.0 without one. Per sequence it is at most the budget.
+
+``generate``'s statistics hold these summed over the batch and, under ``per_sequence``, one
+dict of counts and rates per sequence.
 
 Rates:
 
@@ -48,6 +54,7 @@ class Counters:
     blocks: int = 0
     sequences: int = 0
     sequences_deferred: int = 0
+    divergence_spent: float = 0.0  # the divergence budget's charges (docs/semantics.md §9)
 
     def __iadd__(self, other: Counters) -> Counters:
         for k, v in asdict(other).items():

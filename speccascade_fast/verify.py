@@ -50,7 +50,8 @@ def target_distribution(draft_logits, target_logits, *, rule, alpha=None, temper
 
 
 def verify(draft_logits, draft_tokens, target_logits, *, rule, alpha=None, temperature=1.0,
-           top_k=None, top_p=None, seed=0, positions=None, backend="auto") -> VerifyOutput:
+           top_k=None, top_p=None, seed=0, positions=None, divergence_budget=None,
+           backend="auto") -> VerifyOutput:
     """Verify one block of ``gamma`` drafts per row (Algorithm 4 towards the rule's target).
 
     Args:
@@ -64,6 +65,10 @@ def verify(draft_logits, draft_tokens, target_logits, *, rule, alpha=None, tempe
         seed: int, or int64 tensor ``[B]`` (one per row).
         positions: int64 tensor ``[B]``: absolute position of the first draft token (RNG key);
             default zeros.
+        divergence_budget: None, or a number >= 0 or a float tensor ``[B]``: the total
+            variation each row may still spend (docs/semantics.md §9). A position whose cost
+            ``TV(pi, pT)`` would take the row's charges past it is verified losslessly
+            (pi = pT); the output's ``spent`` ``[B, gamma+1]`` holds each position's charge.
         backend: ``"auto"`` (fastest available) or one of ``backends.available()``.
 
     Returns:
@@ -121,4 +126,5 @@ def verify(draft_logits, draft_tokens, target_logits, *, rule, alpha=None, tempe
         seed=checks.per_row("seed", seed, B, device),
         positions=checks.per_row("positions", positions, B, device, non_negative=True,
                                  span=target_logits.shape[1]),
+        budget=checks.divergence_budget(divergence_budget, B, device),
     )

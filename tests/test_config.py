@@ -40,7 +40,8 @@ def test_bonus_step():
 def test_settings_reported_in_statistics():
     cfg = DecodeConfig(rule="lossy", alpha=0.1, gamma=3, temperature=0.5)
     assert cfg.settings() == dict(method="spec_cascade", rule="lossy", alpha=0.1, gamma=3,
-                                  bonus="cascade", temperature=0.5, draft_confidence=None)
+                                  bonus="cascade", temperature=0.5, draft_confidence=None,
+                                  exact_prefix=0, divergence_budget=None)
 
 
 @pytest.mark.parametrize("kw,needle", [

@@ -37,3 +37,17 @@ def test_nonfinite_and_block_result():
     assert nonfinite(x).tolist() == [0, 1, 1]
     r = BlockResult(2, [5, 6, 7], [1, 0, 0], 3)
     assert r.deferred == [True, False, False] and r.drafted == 3
+
+
+def test_float_fields_travel_bit_exact():
+    layout = Layout("Block", accepted=1, spent=[3], cost=1, floats=("spent", "cost"))
+    spent = torch.tensor([[0.1, 1e-300, float("inf")], [0.0, -0.0, 2.5]], dtype=torch.float64)
+    packed = layout.pack(accepted=torch.tensor([1, 2]), spent=spent,
+                         cost=torch.tensor([0.3, 1 / 3], dtype=torch.float64))
+    assert packed.dtype == torch.int64
+    rows = layout.unpack(packed)
+    assert rows[0].spent == [0.1, 1e-300, float("inf")] and rows[1].spent == [0.0, 0.0, 2.5]
+    assert rows[1].cost == 1 / 3 and rows[0].accepted == 1
+    assert torch.equal(layout.get(packed, "spent"), spent)
+    with pytest.raises(ValueError, match="floats names fields the layout lacks: nope"):
+        Layout("Bad", accepted=1, floats=("nope",))

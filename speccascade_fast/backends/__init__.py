@@ -74,13 +74,15 @@ class Backend(NamedTuple):
     module: ModuleType
     kinds: frozenset[str]
     auto_devices: Mapping[str, tuple[str, ...]] = {}
+    #: whether its ``verify`` takes a divergence budget (else such calls go to the reference)
+    budget: bool = False
 
 
 REGISTRY: dict[str, Backend] = {
     "triton": Backend(triton, frozenset(KINDS), {"sample": ("cuda",), "keep_bounds": ("cuda",)}),
     "cuda": Backend(cuda, frozenset({"verify", "verify_ragged"})),
     "cpu": Backend(cpu, frozenset(KINDS)),
-    "reference": Backend(reference, frozenset(KINDS)),
+    "reference": Backend(reference, frozenset(KINDS), budget=True),
 }
 
 
@@ -147,21 +149,25 @@ def get(name: str, device=None):
 
 
 def verify(name, draft_logits, draft_tokens, target_logits, *, rule, alpha, temperature, top_k,
-           top_p, seed, positions) -> VerifyOutput:
+           top_p, seed, positions, budget=None) -> VerifyOutput:
     """:func:`speccascade_fast.verify` on backend ``name`` (resolved, not ``"auto"``; a call it
-    does not cover goes to the reference) with inputs validated and normalised there."""
-    if not covers(name, "verify", draft_logits, target_logits, rule=rule):
+    does not cover goes to the reference) with inputs validated and normalised there.
+    ``budget``: None or float64 ``[B]``, the divergence budget each row has left (a backend
+    whose registry entry has no ``budget`` leaves such calls to the reference)."""
+    if not covers(name, "verify", draft_logits, target_logits, rule=rule) or (
+            budget is not None and not REGISTRY[name].budget):
         name = "reference"
+    extra = {} if budget is None else {"budget": budget}
     if name == "reference":
         return reference.verify(draft_logits, draft_tokens, target_logits, rule=rule,
                                 alpha=alpha, temperature=temperature, top_k=top_k, top_p=top_p,
-                                seed=seed, positions=positions)
+                                seed=seed, positions=positions, **extra)
     T = temperature[:, None]
     keep = keep_bounds_pair(draft_logits, T, target_logits, T, top_k, top_p)
     return REGISTRY[name].module.verify(
         draft_logits, draft_tokens, target_logits, rule=rule, alpha=alpha,
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, positions=positions,
-        keep=keep)
+        keep=keep, **extra)
 
 
 def verify_ragged(name, draft_logits, draft_tokens, target_logits, cu, bonus_draft_logits, *,

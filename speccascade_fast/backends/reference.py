@@ -22,7 +22,14 @@ import torch
 
 from .. import rng
 from ..probs import scaled
-from ..rules import Q_FLOOR, TOKEN_RULES, position_targets
+from ..rules import (
+    Q_FLOOR,
+    TOKEN_RULES,
+    budget_scan,
+    divergence,
+    position_targets,
+    with_exact_positions,
+)
 from ..truncation import keep_bounds_torch as keep_bounds
 from ..types import VerifyOutput
 
@@ -35,10 +42,12 @@ def is_available(device=None) -> bool:
 
 
 def verify(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperature, top_k, top_p,
-           seed, positions) -> VerifyOutput:
+           seed, positions, budget=None) -> VerifyOutput:
     """Shapes: ``draft_logits`` ``[B, g or g+1, V]``, ``draft_tokens`` ``[B, g]``,
     ``target_logits`` ``[B, g+1, V]``; ``alpha``, ``temperature`` float64 ``[B]``; ``seed``,
-    ``positions`` int64 ``[B]``."""
+    ``positions`` int64 ``[B]``; ``budget``: None, or float64 ``[B]``, the divergence each row
+    may still spend (docs/semantics.md §9): a position whose cost would overspend it is verified
+    losslessly, and the output's ``spent`` holds each position's charge."""
     B, gamma = draft_tokens.shape
     V = target_logits.shape[-1]
     device = target_logits.device
@@ -51,6 +60,12 @@ def verify(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperatur
         alpha=alpha[:, None].expand(B, rows), temperature=temperature[:, None].expand(B, rows),
         top_k=top_k, top_p=top_p,
     )
+    spent = exact = None
+    if budget is not None:  # 1b. the divergence budget: positions that would overspend are exact
+        exact, spent = budget_scan(divergence(rule, t), budget)
+        t = with_exact_positions(t, exact)
+        if not cascade_bonus:  # the bonus from pT costs nothing
+            spent = torch.cat([spent, spent.new_zeros(B, 1)], dim=1)
     if cascade_bonus:
         bonus_law = t.law[:, gamma]
     else:  # bonus="verifier": pi at the bonus position is pT
@@ -83,7 +98,9 @@ def verify(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperatur
     tokens.scatter_(1, num_accepted[:, None], last[:, None])
 
     deferred = _deferred(rule, t, draft_tokens, last, num_accepted, cascade_bonus)
-    return VerifyOutput(tokens, num_accepted, num_accepted + 1, deferred)
+    if exact is not None:  # an exact position always involves the verifier
+        deferred[:, :rows] |= exact
+    return VerifyOutput(tokens, num_accepted, num_accepted + 1, deferred, spent)
 
 
 def _deferred(rule, t, draft_tokens, bonus, num_accepted, cascade_bonus) -> torch.Tensor:
