@@ -20,7 +20,7 @@ from speccascade_fast.calibration import (
     parse_calibration,
     write_calibration,
 )
-from speccascade_fast.eval import Example, calibrate, calibrate_cli, validate
+from speccascade_fast.eval import EvalConfig, Example, calibrate, calibrate_cli, validate
 from speccascade_fast.eval.calibrate import (
     DEFAULT_ALPHAS,
     cost_per_token,
@@ -579,3 +579,60 @@ def test_calibrate_cli_errors_before_loading(monkeypatch, capsys, tmp_path):
         line = _error_line(capsys, argv)
         assert expected in line, (argv, line)
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the divergence-budget knob
+
+
+HAS_BUDGET = "divergence_budget" in DecodeConfig.__dataclass_fields__
+
+
+def test_eval_config_carries_a_divergence_budget():
+    c = EvalConfig("spec_cascade", "token_v3", 0.3, divergence_budget=0.25)
+    assert c.key == "spec_cascade/token_v3/alpha=0.3/budget=0.25"
+    assert EvalConfig.parse(c.key) == c == EvalConfig.parse("spec_cascade:token_v3:0.3:budget=0.25")
+    assert c.level == 0.25 and c.curve == "spec_cascade[token_v3,alpha=0.3,budget]"
+    assert c.to_dict()["divergence_budget"] == 0.25
+    assert c.generate_kwargs()["divergence_budget"] == 0.25
+    assert "divergence_budget" not in EvalConfig("spec_cascade", "token_v3", 0.3).to_dict()
+    with pytest.raises(ValueError, match="divergence_budget applies to spec_cascade"):
+        EvalConfig("autoregressive", divergence_budget=0.1)
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        EvalConfig("spec_cascade", "token_v3", 0.3, divergence_budget=-1)
+
+
+def budget_fake(drafter, verifier, input_ids, *, divergence_budget=None, max_new_tokens=8,
+                **kw):
+    """``quality_fake`` where the budget sets quality and cost: B <= 0.1 writes 'a', larger 'b';
+    a larger budget, fewer verifier calls."""
+    alpha = None if kw.get("method") == "autoregressive" else (
+        0.0 if divergence_budget is None or divergence_budget <= 0.1 else 0.7)
+    out = quality_fake(drafter, verifier, input_ids, max_new_tokens=max_new_tokens,
+                       **{**kw, "alpha": alpha})
+    if divergence_budget is not None:
+        calls = max(1, round(max_new_tokens * (1 - min(divergence_budget, 0.9))))
+        for p in out.stats.get("per_sequence", [out.stats]):
+            p["verifier_calls"] = calls
+    return out
+
+
+@pytest.mark.skipif(not HAS_BUDGET, reason="DecodeConfig has no divergence_budget")
+def test_calibrate_a_divergence_budget(tmp_path):
+    doc = _fake_run(tmp_path, alphas=None, budgets=[0.5, 0.0, 0.1], alpha=0.4,
+                    generate_fn=budget_fake)
+    assert [e["value"] for e in doc["table"]] == [0.0, 0.1, 0.5]
+    assert (doc["knob"], doc["rule"], doc["alpha"], doc["divergence_budget"]) == (
+        "divergence_budget", "token_v3", 0.4, 0.1)
+    cfg = DecodeConfig(calibration=tmp_path / "calibration.json")
+    assert (cfg.alpha, cfg.divergence_budget) == (0.4, 0.1)
+    v = validate(tmp_path / "calibration.json", drafter=object(), verifier=object(),
+                 tokenizer=byte_tokenizer(), progress=False, generate_fn=budget_fake,
+                 task=TwentyTask())
+    assert v["config"] == "spec_cascade/token_v3/alpha=0.4/budget=0.1"
+    with pytest.raises(ValueError, match="alphas and budgets are alternatives"):
+        _fake_run(tmp_path / "x", budgets=[0.1])
+    with pytest.raises(ValueError, match="budgets must be a number >= 0"):
+        _fake_run(tmp_path / "x", alphas=None, budgets=[-0.1])
+    with pytest.raises(ValueError, match="alpha .* goes with budgets"):
+        _fake_run(tmp_path / "x", alpha=0.3)

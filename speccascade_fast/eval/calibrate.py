@@ -272,6 +272,29 @@ def order_alphas(rule: str, alphas: Sequence[float]) -> list[float]:
     return out
 
 
+def order_budgets(rule: str, budgets: Sequence[float],
+                  alpha: float | None) -> tuple[list[float], float | None]:
+    """``(budgets sorted from 0 up, the fixed α)`` of a divergence-budget calibration."""
+    import dataclasses
+
+    from speccascade_fast.config import DEFAULT_ALPHA, DecodeConfig
+
+    if "divergence_budget" not in {f.name for f in dataclasses.fields(DecodeConfig)}:
+        raise ValueError("budgets: this version's DecodeConfig has no divergence_budget")
+    check_rule(rule)
+    if ALPHA_RANGES.get(rule) is None:
+        raise ValueError(f"rule={rule!r} has no alpha; a budget calibrates a lenient rule")
+    out = sorted({_check_number("budgets", b, 0.0) for b in budgets})
+    if not out:
+        raise ValueError("budgets: give at least one value")
+    alpha = DEFAULT_ALPHA[rule] if alpha is None else alpha
+    try:
+        check_alpha(rule, alpha)
+    except ValueError as e:
+        raise ValueError(f"alpha: {e}") from None
+    return out, float(alpha)
+
+
 def _check_number(name: str, v: Any, lo: float, hi: float | None = None,
                   open_lo: bool = False) -> float:
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (
@@ -327,6 +350,8 @@ def calibrate(
     confidence: float = 0.9,
     rule: str = "token_v3",
     alphas: Sequence[float] | None = None,
+    budgets: Sequence[float] | None = None,
+    alpha: float | None = None,
     calib_fraction: float = 0.5,
     split_seed: int = 0,
     limit: int | None = None,
@@ -362,6 +387,9 @@ def calibrate(
         rule: the rule whose α is calibrated (any rule with an α range, not ``spec`` /
             ``drafter``); ``alphas``: its grid (default :data:`DEFAULT_ALPHAS`), sorted
             lossless end first.
+        budgets: calibrate ``divergence_budget`` instead (knob ``"divergence_budget"``): the
+            budgets B >= 0 to try (sorted, 0 = lossless end first) at the fixed ``alpha``
+            (default: the rule's default α); needs a DecodeConfig with ``divergence_budget``.
         calib_fraction, split_seed: the split.
         batch_size: the harness's quality mode (None: batch 1, timed rows).
         max_new_tokens, gamma, temperature, top_k, top_p, bonus, seed, chat, task_kwargs,
@@ -382,13 +410,25 @@ def calibrate(
                          f"{multiplicity!r}")
     if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 100:
         raise ValueError(f"bootstrap must be an int >= 100 (resamples), got {bootstrap!r}")
-    grid = order_alphas(rule, default_alphas(rule) if alphas is None else alphas)
+    knob = "alpha" if budgets is None else "divergence_budget"
+    if knob == "alpha":
+        if alpha is not None:
+            raise ValueError("alpha (one fixed value) goes with budgets; to calibrate alpha "
+                             "give alphas")
+        grid = order_alphas(rule, default_alphas(rule) if alphas is None else alphas)
+        points = [EvalConfig("spec_cascade", rule, a) for a in grid]
+    else:
+        if alphas is not None:
+            raise ValueError("alphas and budgets are alternatives (one knob is calibrated): "
+                             "give budgets with one fixed alpha")
+        grid, fixed_alpha = order_budgets(rule, budgets, alpha)
+        points = [EvalConfig("spec_cascade", rule, fixed_alpha, divergence_budget=b)
+                  for b in grid]
     task_kwargs = dict(task_kwargs or {})
     task_obj = get_task(task, **task_kwargs)
     split = make_split(task_obj, limit, calib_fraction, split_seed)
     cal_ids = split["calibration_ids"]
-    configs = [VERIFIER] + ([LOSSLESS] if include_lossless else []) + [
-        EvalConfig("spec_cascade", rule, a) for a in grid]
+    configs = [VERIFIER] + ([LOSSLESS] if include_lossless else []) + points
     out = Path(out_dir)
     folder = out / CALIBRATION_DIR
     run_kw = dict(drafter=drafter, verifier=verifier, tokenizer=tokenizer, limit=None,
@@ -421,34 +461,39 @@ def calibrate(
                           "cost_ratio": _ratio(lossless_cost, verifier_cost)}
     level = level_for(confidence, multiplicity, len(grid))
     table = []
-    for k, a in enumerate(grid):
-        cfg = EvalConfig("spec_cascade", rule, a)
+    for k, cfg in enumerate(points):
         r = rows.get(cfg.key, {})
         s = _scores(r, cal_ids)
         pv = paired_vs([r[i] for i in cal_ids], [base_rows[i] for i in cal_ids])
         lb = paired_bound(s, base, level, method=bound, reps=bootstrap, seed=seed + k)
         c = cost_per_token([r[i] for i in cal_ids], drafter_cost)
-        table.append({"alpha": a, "config": cfg.key, "n": len(s), "quality": sum(s) / len(s),
+        table.append({"alpha": cfg.alpha, "divergence_budget": cfg.divergence_budget,
+                      "value": grid[k], "config": cfg.key, "n": len(s),
+                      "quality": sum(s) / len(s),
                       "diff": pv["diff"], "diff_se": pv["diff_se"], "better": pv["better"],
                       "worse": pv["worse"], "level": level, "lower_bound": lb,
                       "cost_per_token": c, "cost_ratio": _ratio(c, verifier_cost)})
     chosen = select(table, target_drop, multiplicity, lossless_cost)
     verifier_q = sum(base) / len(base)
+    budget = None
     if chosen is None:
-        alpha, out_rule, fallback = None, "spec", True
-        reason = (f"no alpha of {rule} in the grid had a lower bound >= -{target_drop:g} "
+        alpha, out_rule, fallback, out_knob = None, "spec", True, "alpha"
+        reason = (f"no {knob} of {rule} in the grid had a lower bound >= -{target_drop:g} "
                   f"({multiplicity}, confidence {confidence:g})" + (
                       " and a cost below lossless spec's" if include_lossless else "")
                   + ": the lossless rule spec (the verifier's law) is chosen")
     else:
         e = table[chosen]
-        alpha, out_rule, fallback = e["alpha"], rule, False
-        reason = (f"alpha={e['alpha']:g}: the cheapest tested alpha whose {confidence:g} lower "
-                  f"bound on quality - verifier quality ({e['lower_bound']:+.4f}) is >= "
+        alpha, out_rule, fallback, out_knob = e["alpha"], rule, False, knob
+        budget = e["divergence_budget"]
+        reason = (f"{knob}={e['value']:g}: the cheapest tested {knob} whose {confidence:g} "
+                  f"lower bound on quality - verifier quality ({e['lower_bound']:+.4f}) is >= "
                   f"-{target_drop:g}; cost ratio {_fmt(e['cost_ratio'])}")
     doc = {
-        "format": FORMAT, "version": VERSION, "knob": "alpha", "method": "spec_cascade",
-        "rule": out_rule, "alpha": alpha, "fallback": fallback, "calibrated_rule": rule,
+        "format": FORMAT, "version": VERSION, "knob": out_knob, "method": "spec_cascade",
+        "rule": out_rule, "alpha": alpha,
+        **({"divergence_budget": budget} if out_knob == "divergence_budget" else {}),
+        "fallback": fallback, "calibrated_rule": rule, "calibrated_knob": knob,
         "reason": reason, "target_drop": target_drop, "confidence": confidence,
         "bound": {"method": bound, "multiplicity": multiplicity, "level_per_setting": level,
                   "bootstrap": bootstrap if bound == "bootstrap" else None},
@@ -492,9 +537,12 @@ def calibration_markdown(doc: Mapping[str, Any]) -> str:
     pct = 100.0 if doc.get("task") in ("humaneval", "gsm8k") else 1.0
     unit = " (points)" if pct == 100.0 else ""
     sp, b = doc["split"], doc["bound"]
+    knob = doc.get("calibrated_knob", "alpha")
     lines = [
         f"# Calibration of {doc['calibrated_rule']} on {doc['task']}", "",
         f"Chosen: rule `{doc['rule']}`, alpha `{doc['alpha']}`"
+        + (f", divergence_budget `{doc['divergence_budget']}`"
+           if doc.get("knob") == "divergence_budget" else "")
         + (" (fallback: lossless)" if doc["fallback"] else "") + f". {doc['reason']}.", "",
         f"Target: quality >= verifier quality - {doc['target_drop']:g}, one-sided confidence "
         f"{doc['confidence']:g} per setting ({b['method']} bound, {b['multiplicity']}, level "
@@ -504,14 +552,14 @@ def calibration_markdown(doc: Mapping[str, Any]) -> str:
         f"drafter_cost {doc['cost']['drafter_cost']:g}.", "",
         f"Verifier: quality {doc['verifier']['quality'] * pct:.2f}, cost per token "
         f"{_fmt(doc['verifier']['cost_per_token'])}.", "",
-        f"| alpha | n | quality | Δ vs verifier{unit} | ± paired SE | better | worse "
+        f"| {knob} | n | quality | Δ vs verifier{unit} | ± paired SE | better | worse "
         f"| lower bound{unit} | cost / token | cost ratio | tested | qualifies | chosen |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: | :---: "
         "| :---: |",
     ]
     for e in doc["table"]:
         lines.append(
-            f"| {e['alpha']:g} | {e['n']} | {e['quality'] * pct:.2f} | {e['diff'] * pct:+.2f} | "
+            f"| {e['value']:g} | {e['n']} | {e['quality'] * pct:.2f} | {e['diff'] * pct:+.2f} | "
             f"{e['diff_se'] * pct:.2f} | {e['better']} | {e['worse']} | "
             f"{e['lower_bound'] * pct:+.2f} | {_fmt(e['cost_per_token'])} | "
             f"{_fmt(e['cost_ratio'])} | {'yes' if e['tested'] else 'no'} | "
@@ -569,8 +617,8 @@ def validate(
             raise ValueError(f"calibration file {cal.path}: field 'split': the task's examples "
                              f"no longer give the calibrated split ({k} differs)")
     val_ids = split["validation_ids"]
-    chosen = (EvalConfig("spec_cascade", cal.rule) if cal.alpha is None
-              else EvalConfig("spec_cascade", cal.rule, cal.alpha))
+    chosen = EvalConfig("spec_cascade", cal.rule, cal.alpha,
+                        divergence_budget=cal.divergence_budget)
     out = Path(out_dir) if out_dir is not None else Path(cal.path).parent
     folder = out / VALIDATION_DIR
     bs = batch_size if batch_size is not None else st.get("batch_size")

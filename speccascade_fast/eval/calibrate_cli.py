@@ -15,7 +15,8 @@ task, split and settings; writes validation.json / validation.md beside it or in
 The chosen α is the cheapest (verifier calls per token, plus --drafter-cost per drafter call)
 whose one-sided lower confidence bound on quality − verifier quality, paired on the same
 examples and seeds, is at least −TARGET_DROP; tested from the lossless end, stopping at the
-first α that fails (--multiplicity). None: the lossless rule spec. The bound is a statement
+first α that fails (--multiplicity). None: the lossless rule spec. --budgets B1,B2,... calibrates
+a per-response divergence budget at a fixed --alpha instead (knob divergence_budget). The bound is a statement
 about the task's mean score on data like the calibration split, not about each response
 (docs/evaluation.md, "Calibrating α").
 """
@@ -33,7 +34,7 @@ from .calibrate import BOUNDS, MULTIPLICITY
 from .tasks import TASKS
 
 #: options that belong to calibrating (not allowed with --validate)
-_CALIBRATE_ONLY = ("task", "rule", "target_drop", "alphas", "calib_fraction", "split_seed",
+_CALIBRATE_ONLY = ("task", "rule", "target_drop", "alphas", "budgets", "alpha", "calib_fraction", "split_seed",
                    "limit", "max_new_tokens", "gamma", "temperature", "seed", "chat", "bound",
                    "multiplicity", "drafter_cost", "include_lossless", "bootstrap")
 
@@ -50,6 +51,11 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPars
     p.add_argument("--alphas", default=None, metavar="A1,A2,...",
                    help="the alpha grid (default: the rule's grid from its lossless end toward "
                         "its drafter end, e.g. token_v3 0,0.1,0.2,0.3,0.5,0.7,1)")
+    p.add_argument("--budgets", default=None, metavar="B1,B2,...",
+                   help="calibrate divergence_budget instead of alpha: the budgets to try (total "
+                        "variation per response, >= 0), at the fixed --alpha")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="with --budgets: the rule's alpha (default: the rule's default)")
     p.add_argument("--calib-fraction", type=float, default=None, metavar="F",
                    help="share of the examples in the calibration split, in (0, 1) "
                         "(default: 0.5); the rest is the validation split")
@@ -103,7 +109,8 @@ def add_calibrate_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def parse_alpha_list(text: str | None) -> list[float] | None:
+def parse_alpha_list(text: str | None, option: str = "--alphas") -> list[float] | None:
+    """``"0.1,0.3"`` -> ``[0.1, 0.3]`` (None stays None); a CLI-worded ValueError otherwise."""
     if text is None:
         return None
     out = []
@@ -113,10 +120,10 @@ def parse_alpha_list(text: str | None) -> list[float] | None:
         try:
             out.append(float(v))
         except ValueError:
-            raise ValueError(f"argument --alphas: {v.strip()!r} is not a number (give "
+            raise ValueError(f"argument {option}: {v.strip()!r} is not a number (give "
                              f"A1,A2,...)") from None
     if not out:
-        raise ValueError("argument --alphas: give at least one number")
+        raise ValueError(f"argument {option}: give at least one number")
     return out
 
 
@@ -156,6 +163,7 @@ def calibrate_command(args: argparse.Namespace, argv: Sequence[str] | None = Non
         default_alphas,
         make_split,
         order_alphas,
+        order_budgets,
     )
     from .tasks import get_task
 
@@ -166,7 +174,17 @@ def calibrate_command(args: argparse.Namespace, argv: Sequence[str] | None = Non
                       1.0, open_lo=True)
         _check_number("drafter_cost", args.drafter_cost or 0.0, 0.0)
         alphas = parse_alpha_list(args.alphas)
-        order_alphas(rule, default_alphas(rule) if alphas is None else alphas)
+        budgets = parse_alpha_list(args.budgets, "--budgets")
+        if budgets is None:
+            if args.alpha is not None:
+                raise CLIError("argument --alpha: goes with --budgets (to calibrate alpha, give "
+                               "--alphas)")
+            order_alphas(rule, default_alphas(rule) if alphas is None else alphas)
+        else:
+            if alphas is not None:
+                raise CLIError("argument --budgets: --alphas and --budgets are alternatives "
+                               "(one knob is calibrated)")
+            order_budgets(rule, budgets, args.alpha)
         make_split(get_task(args.task), args.limit,
                    0.5 if args.calib_fraction is None else args.calib_fraction,
                    args.split_seed or 0)
@@ -186,7 +204,8 @@ def calibrate_command(args: argparse.Namespace, argv: Sequence[str] | None = Non
         args.task, drafter=drafter, verifier=verifier, tokenizer=tokenizer, out_dir=args.out,
         target_drop=args.target_drop,
         confidence=0.9 if args.confidence is None else args.confidence, rule=rule,
-        alphas=alphas, calib_fraction=0.5 if args.calib_fraction is None else args.calib_fraction,
+        alphas=alphas, budgets=budgets, alpha=args.alpha,
+        calib_fraction=0.5 if args.calib_fraction is None else args.calib_fraction,
         split_seed=args.split_seed or 0, limit=args.limit,
         batch_size=8 if args.batch_size is None else args.batch_size,
         max_new_tokens=args.max_new_tokens, gamma=5 if args.gamma is None else args.gamma,
@@ -199,7 +218,9 @@ def calibrate_command(args: argparse.Namespace, argv: Sequence[str] | None = Non
         command="speccascade " + " ".join(map(shlex.quote, argv)))
     print((Path(args.out) / "calibration.md").read_text())
     print(json.dumps({"calibration": str(Path(args.out) / "calibration.json"),
-                      "rule": doc["rule"], "alpha": doc["alpha"], "fallback": doc["fallback"]}))
+                      "knob": doc["knob"], "rule": doc["rule"], "alpha": doc["alpha"],
+                      "divergence_budget": doc.get("divergence_budget"),
+                      "fallback": doc["fallback"]}))
     return 0
 
 
@@ -230,6 +251,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 _OPTIONS = {"target_drop": "--target-drop", "confidence": "--confidence",
+            "budgets": "--budgets", "alpha": "--alpha",
             "drafter_cost": "--drafter-cost", "alphas": "--alphas", "rule": "--rule",
             "calib_fraction": "--calib-fraction", "split_seed": "--split-seed"}
 

@@ -63,7 +63,9 @@ class EvalConfig:
     the run's bonus-token mode for this configuration (``None``: the run's). ``min_p``
     (``autoregressive`` only): the verifier alone with Hugging Face's min-p truncation
     (:class:`MinP`), a baseline at matched thresholds; it decodes on the sequential loop (the
-    batched Engine runs no logits processor).
+    batched Engine runs no logits processor). ``divergence_budget`` (``spec_cascade`` only):
+    the total variation each response may spend (``generate``'s argument); a sweep of it at a
+    fixed α is one curve, its level the budget.
     """
 
     method: str
@@ -71,6 +73,7 @@ class EvalConfig:
     alpha: float | None = None
     bonus: str | None = None
     min_p: float | None = None
+    divergence_budget: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -90,6 +93,14 @@ class EvalConfig:
             if isinstance(self.min_p, bool) or not 0 < float(self.min_p) <= 1:
                 raise ValueError(f"min_p must be in (0, 1], got {self.min_p!r}")
             object.__setattr__(self, "min_p", float(self.min_p))
+        if self.divergence_budget is not None:
+            b = self.divergence_budget
+            if self.method != "spec_cascade":
+                raise ValueError(f"divergence_budget applies to spec_cascade, not {self.method}")
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not (
+                    math.isfinite(b) and b >= 0):
+                raise ValueError(f"divergence_budget must be a finite number >= 0, got {b!r}")
+            object.__setattr__(self, "divergence_budget", float(b))
 
     @property
     def key(self) -> str:
@@ -105,6 +116,8 @@ class EvalConfig:
             parts.append(f"bonus={self.bonus}")
         if self.min_p is not None:
             parts.append(f"min_p={_fmt_alpha(self.min_p)}")
+        if self.divergence_budget is not None:
+            parts.append(f"budget={_fmt_alpha(self.divergence_budget)}")
         return "/".join(parts)
 
     @property
@@ -114,11 +127,16 @@ class EvalConfig:
         if self.min_p is not None:
             return f"{self.method}[min_p]"
         inside = [x for x in (self.rule, self.bonus and f"bonus={self.bonus}") if x]
+        if self.divergence_budget is not None:
+            inside.append(f"alpha={self.alpha!r},budget")
         return f"{self.method}[{','.join(inside)}]" if inside else self.method
 
     @property
     def level(self) -> float | None:
-        """The value that varies along the curve: α, or min-p for the min-p baseline."""
+        """The value that varies along the curve: α, min-p for the min-p baseline, the budget
+        for a budget sweep."""
+        if self.divergence_budget is not None:
+            return self.divergence_budget
         return self.alpha if self.alpha is not None else self.min_p
 
     @property
@@ -138,22 +156,28 @@ class EvalConfig:
             kw["bonus"] = self.bonus
         if self.min_p is not None:
             kw["logits_processor"] = MinP(self.min_p, 1.0 if temperature is None else temperature)
+        if self.divergence_budget is not None:
+            kw["divergence_budget"] = self.divergence_budget
         return kw
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "rule": self.rule, "alpha": self.alpha,
-                "bonus": self.bonus, "min_p": self.min_p}
+        d = {"method": self.method, "rule": self.rule, "alpha": self.alpha,
+             "bonus": self.bonus, "min_p": self.min_p}
+        if self.divergence_budget is not None:  # absent otherwise: older rows read the same
+            d["divergence_budget"] = self.divergence_budget
+        return d
 
     @classmethod
     def parse(cls, text: str) -> EvalConfig:
         """``method``, ``method:alpha`` (seq_cascade) or ``method:rule[:alpha]``, each optionally
-        followed by ``:bonus=verifier`` / ``:min_p=0.7``; also the ``key`` form."""
+        followed by ``:bonus=verifier`` / ``:min_p=0.7`` / ``:budget=0.1`` (a divergence
+        budget); also the ``key`` form."""
         sep = "/" if "/" in text else ":"
         parts = text.split(sep)
         opts = {}
         for p in [p for p in parts[1:] if "=" in p]:
             name, value = p.split("=", 1)
-            if name not in ("alpha", "bonus", "min_p") or name in opts:
+            if name not in ("alpha", "bonus", "min_p", "budget") or name in opts:
                 raise ValueError(f"cannot parse configuration {text!r}: {p!r}")
             opts[name] = value
         pos = [parts[0]] + [p for p in parts[1:] if "=" not in p]
@@ -172,7 +196,8 @@ class EvalConfig:
                 raise ValueError(f"cannot parse configuration {text!r}: two alphas")
             alpha = float(opts["alpha"])
         min_p = float(opts["min_p"]) if "min_p" in opts else None
-        return cls(method, rule, alpha, opts.get("bonus"), min_p)
+        budget = float(opts["budget"]) if "budget" in opts else None
+        return cls(method, rule, alpha, opts.get("bonus"), min_p, budget)
 
 
 def as_config(c: EvalConfig | str | Mapping[str, Any]) -> EvalConfig:
@@ -181,7 +206,8 @@ def as_config(c: EvalConfig | str | Mapping[str, Any]) -> EvalConfig:
         return c
     if isinstance(c, str):
         return EvalConfig.parse(c)
-    return EvalConfig(c["method"], c.get("rule"), c.get("alpha"), c.get("bonus"), c.get("min_p"))
+    return EvalConfig(c["method"], c.get("rule"), c.get("alpha"), c.get("bonus"), c.get("min_p"),
+                      c.get("divergence_budget"))
 
 
 def make_configs(

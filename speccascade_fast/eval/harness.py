@@ -633,7 +633,8 @@ def _sequence_counters():
 
 #: DecodeConfig's fields among generate's keyword arguments
 _DECODE_KEYS = ("method", "rule", "alpha", "gamma", "temperature", "top_k", "top_p", "bonus",
-                "seq_score", "logits_processor", "max_drafter_run", "draft_confidence")
+                "seq_score", "logits_processor", "max_drafter_run", "draft_confidence",
+                "divergence_budget")
 
 
 def _engine(run: _Run, cfg: EvalConfig, batch: int, max_seq_len: int):
