@@ -36,6 +36,10 @@ Definitions (docs/evaluation.md, "Calibrating α"):
   too and an α is chosen only if it is strictly cheaper. No accepted α: the lossless ``spec``
   is chosen (``fallback: true``).
 
+With ``budgets`` the knob is ``divergence_budget`` instead (the total variation each response
+may spend) at one fixed α: the same runs, bound and selection over the budgets, from 0 (the
+lossless end) up.
+
 Files in ``out_dir``: ``calibration/`` (the harness folder of the calibration split: rows,
 ``run.json``, ``summary.*``, and ``split.json``), ``calibration.json`` (the calibration file),
 ``calibration.md``; after :func:`validate`, ``validation/``, ``validation.json`` and
@@ -711,7 +715,7 @@ def validation_markdown(v: Mapping[str, Any]) -> str:
         f"{'met' if v['meets_target'] else 'not shown'} |",
         f"| better / worse examples (sign test p) | {v['better']} / {v['worse']} "
         f"({v['sign_p']:.3f}) |",
-        f"| cost per token (verifier) | {_fmt(v['cost_per_token'])} "
+        f"| cost per token: setting (verifier) | {_fmt(v['cost_per_token'])} "
         f"({_fmt(v['verifier_cost_per_token'])}) |",
         f"| cost ratio | {_fmt(v['cost_ratio'])} "
         + (f"[{crci[0]:.3f}, {crci[1]:.3f}] |" if crci else "|"),

@@ -15,10 +15,14 @@ task, split and settings; writes validation.json / validation.md beside it or in
 The chosen α is the cheapest (verifier calls per token, plus --drafter-cost per drafter call)
 whose one-sided lower confidence bound on quality − verifier quality, paired on the same
 examples and seeds, is at least −TARGET_DROP; tested from the lossless end, stopping at the
-first α that fails (--multiplicity). None: the lossless rule spec. --budgets B1,B2,... calibrates
-a per-response divergence budget at a fixed --alpha instead (knob divergence_budget). The bound is a statement
-about the task's mean score on data like the calibration split, not about each response
-(docs/evaluation.md, "Calibrating α").
+first α that fails (--multiplicity). None: the lossless rule spec. --budgets B1,B2,...
+calibrates a per-response divergence budget at a fixed --alpha instead (knob
+divergence_budget).
+
+The bound is a statement about the task's mean score on data like the calibration split, at
+the calibrated settings (T, γ, max new tokens, models; recorded in the file), not about each
+response (docs/evaluation.md, "Calibrating α"). Decode at those settings: `speccascade
+generate` is greedy unless given --temperature.
 """
 from __future__ import annotations
 
