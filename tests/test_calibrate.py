@@ -389,6 +389,44 @@ def test_cli_generate_errors_name_the_file_and_field(no_loading, capsys, cal_fil
     assert "no.json: not found" in line
 
 
+WORDS = ["<pad>", "<unk>", "<eos>"] + [f"w{i}" for i in range(45)]
+
+
+@pytest.fixture(scope="module")
+def model_folders(tmp_path_factory):
+    """A tiny random pair saved as Hugging Face folders with a word-level tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>",
+                                   pad_token="<pad>")
+    root = tmp_path_factory.mktemp("cal_models")
+    out = []
+    for name, model in zip(("drafter", "verifier"), tiny_pair(V=len(WORDS), seed=7)):
+        model.config.eos_token_id = model.generation_config.eos_token_id = 2
+        model.config.pad_token_id = model.generation_config.pad_token_id = 0
+        model.save_pretrained(root / name)
+        fast.save_pretrained(root / name)
+        out.append(str(root / name))
+    return out
+
+
+def test_cli_generate_with_the_file_decodes_as_its_rule_and_alpha(model_folders, capsys,
+                                                                   cal_file):
+    d, v = model_folders
+    base = ["generate", "w1 w2 w3", "--drafter", d, "--verifier", v, "--dtype", "float32",
+            "--device", "cpu", "--quiet", "--max-new-tokens", "12", "--temperature", "1",
+            "--seed", "3", "--json"]
+    assert cli.main(base + ["--rule", "token_v3", "--alpha", "0.6"]) == 0
+    want = json.loads(capsys.readouterr().out)
+    assert cli.main(base + ["--calibration", str(cal_file)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["new_tokens"] == want["new_tokens"]
+    assert (got["stats"]["rule"], got["stats"]["alpha"]) == ("token_v3", 0.6)
+
+
 def test_cli_generate_uses_the_file(monkeypatch, capsys, cal_file):
     """The calibrated rule and alpha reach generate (the model loading is stubbed)."""
     seen = {}
