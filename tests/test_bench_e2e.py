@@ -343,6 +343,30 @@ def test_hf_gets_its_own_draft_length(monkeypatch):
         e2e.run(None, None, prompts=[torch.tensor([1])], dc_gamma=0)
 
 
+def test_lenience_control_configurations_get_their_settings(monkeypatch):
+    seen = {}
+
+    def fake(name, *args, **kwargs):
+        seen[name] = {k: kwargs.get(k) for k in ("exact_prefix", "divergence_budget", "rule")}
+        row = e2e.Row(name, 1, 4, 0.5, 1)
+        row.extra["outputs"] = [[1, 2, 3, 4]]
+        return row
+
+    monkeypatch.setattr(e2e, "run_ours", fake)
+    monkeypatch.setattr(e2e, "step_costs", lambda *a, **k: dict(
+        t_q_s=1.0, t_p_s=2.0, t_p_block_s=2.0, c=0.5, r=1.0))
+    result = e2e.run(None, None, prompts=[torch.tensor([1])], batch=1, with_hf=False,
+                     configs=("token_v3-t1", "token_v3-t1-window", "token_v3-t1-budget"),
+                     exact_prefix=8, divergence_budget=0.25, progress=lambda s: None)
+    assert seen["ours:token_v3 a=0.3 T=1, exact prefix 8"] == dict(
+        exact_prefix=8, divergence_budget=None, rule="token_v3")
+    assert seen["ours:token_v3 a=0.3 T=1, divergence budget 0.25"] == dict(
+        exact_prefix=None, divergence_budget=0.25, rule="token_v3")
+    assert seen["ours:token_v3 a=0.3 T=1"]["exact_prefix"] is None
+    assert result["settings"]["exact_prefix"] == 8
+    assert result["settings"]["divergence_budget"] == 0.25
+
+
 def test_model_clock():
     """Calls and seconds per model; no models (the compiled rows) or a model off the CPU: no
     model time (on CUDA a call's host time is not the model's)."""

@@ -43,6 +43,12 @@ def add_bench_subcommand(subparsers) -> argparse.ArgumentParser:
                    help="the *-dc configurations' cut-off: a block ends after the first draft "
                         "the drafter gave less than this, at most --dc-gamma drafts (default: "
                         f"{e2e.DEFAULT_DRAFT_CONFIDENCE})")
+    p.add_argument("--exact-prefix", type=int, default=e2e.DEFAULT_EXACT_PREFIX, metavar="L",
+                   help="the *-window configurations' losslessly verified first tokens "
+                        f"(default: {e2e.DEFAULT_EXACT_PREFIX})")
+    p.add_argument("--divergence-budget", type=float, default=e2e.DEFAULT_DIVERGENCE_BUDGET,
+                   metavar="B", help="the *-budget configurations' divergence budget per "
+                                     f"response (default: {e2e.DEFAULT_DIVERGENCE_BUDGET})")
     p.add_argument("--dc-gamma", type=int, default=None,
                    help="the *-dc configurations' most drafts per block (default: --gamma)")
     p.add_argument("--hf-defaults", action="store_true",
@@ -104,6 +110,8 @@ def check_args(args: argparse.Namespace) -> tuple[str, ...]:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     decode_config(rule="token_v3", alpha=args.alpha, gamma=args.gamma)
     decode_config(gamma=args.dc_gamma or args.gamma, draft_confidence=args.draft_confidence)
+    decode_config(rule="token_v3", exact_prefix=args.exact_prefix,
+                  divergence_budget=args.divergence_budget)
     configs = tuple(c for c in args.configs.split(",") if c)
     unknown = set(configs) - set(e2e.CONFIGS)
     if unknown:
@@ -173,7 +181,8 @@ def bench_command(args: argparse.Namespace) -> int:
                      rounds=args.rounds, hf_gamma=args.hf_gamma, hf_defaults=args.hf_defaults,
                      draft_confidence=args.draft_confidence, dc_gamma=args.dc_gamma,
                      weights="random" if args.random_weights else "real",
-                     quant=args.weights, progress=lambda s: print(s, file=sys.stderr, flush=True))
+                     quant=args.weights, exact_prefix=args.exact_prefix,
+                     divergence_budget=args.divergence_budget, progress=lambda s: print(s, file=sys.stderr, flush=True))
     table = e2e.markdown(result)
     print(table)
     if args.out:

@@ -346,7 +346,16 @@ CONFIGS = {
                         dict(rule="spec", temperature=1.0, gamma_policy="goodput")),
     "token_v3-t1-goodput": ("ours:token_v3 a={alpha} T=1, goodput gamma",
                             dict(rule="token_v3", temperature=1.0, gamma_policy="goodput")),
+    # the lenience controls: the first {window} tokens verified losslessly (exact_prefix), and a
+    # divergence budget (docs/semantics.md §9); their cost against plain token_v3-t1
+    "token_v3-t1-window": ("ours:token_v3 a={alpha} T=1, exact prefix {window}",
+                           dict(rule="token_v3", temperature=1.0, exact_prefix=None)),
+    "token_v3-t1-budget": ("ours:token_v3 a={alpha} T=1, divergence budget {budget}",
+                           dict(rule="token_v3", temperature=1.0, divergence_budget=None)),
 }
+#: ``run``'s defaults for the ``*-window`` and ``*-budget`` configurations
+DEFAULT_EXACT_PREFIX = 16
+DEFAULT_DIVERGENCE_BUDGET = 1.0
 #: ``run``'s default ``draft_confidence`` (picked from 0.5-0.8 in an exploratory run on three
 #: HumanEval prompts with the default pair; CHANGELOG.md)
 DEFAULT_DRAFT_CONFIDENCE = 0.6
@@ -361,7 +370,8 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
         batch=4, gamma=5, alpha=0.3, with_hf=True, configs=tuple(CONFIGS), int8_drafter=False,
         compile_drafter=False, rounds=1, hf_gamma=None, hf_defaults=False,
         draft_confidence=DEFAULT_DRAFT_CONFIDENCE, dc_gamma=None, weights="real",
-        quant="bf16", progress=print) -> dict:
+        quant="bf16", exact_prefix=DEFAULT_EXACT_PREFIX,
+        divergence_budget=DEFAULT_DIVERGENCE_BUDGET, progress=print) -> dict:
     """The whole benchmark; returns ``{"rows", "costs", "settings", "machine"}``.
 
     ``prompts``: token tensors ``[P]`` (default: the first ``n_prompts`` HumanEval prompts,
@@ -384,6 +394,8 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
     loaded ("bf16", "int8" or "q4": ``speccascade bench --weights``), recorded in the settings;
     the result's ``memory`` holds this process's peak and final resident memory
     (:func:`memory`), which covers the models' loading when they were loaded in it.
+    ``exact_prefix`` / ``divergence_budget``: the ``*-window`` / ``*-budget`` configurations'
+    settings.
 
     ``rounds``: run every configuration that many times, interleaved (round ``i`` runs them all,
     in reverse order when ``i`` is odd, and first re-times the step costs), so that a machine
@@ -415,8 +427,13 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
 
     def ours(key, q, batch, suffix="", **extra):
         name, settings = CONFIGS[key]
-        name = name.format(alpha=alpha, dc=draft_confidence)
+        name = name.format(alpha=alpha, dc=draft_confidence, window=exact_prefix,
+                           budget=divergence_budget)
         settings = dict(settings, **extra)
+        if "exact_prefix" in settings:
+            settings["exact_prefix"] = exact_prefix
+        if "divergence_budget" in settings:
+            settings["divergence_budget"] = divergence_budget
         if "rule" in settings:
             settings["gamma"] = gamma
         if "draft_confidence" in settings:
@@ -495,7 +512,8 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
     return {"rows": rows, "costs": costs, "settings": dict(
         n_prompts=n_prompts, max_new_tokens=max_new_tokens, batch=batch, gamma=gamma,
         alpha=alpha, rounds=rounds, hf_gamma=hf_gamma, draft_confidence=draft_confidence,
-        dc_gamma=dc_gamma, weights=weights, quant=quant),
+        dc_gamma=dc_gamma, weights=weights, quant=quant, exact_prefix=exact_prefix,
+        divergence_budget=divergence_budget),
         "machine": machine(getattr(verifier, "device", None)), "memory": memory()}
 
 
