@@ -31,7 +31,9 @@ from speccascade_fast.eval.calibrate import (
     select,
     split_ids,
 )
+from speccascade_fast.eval.grids import TOKEN_V3
 from speccascade_fast.eval.tasks import TASKS
+from speccascade_fast.rules import ALPHA_RANGES
 
 from .helpers import left_padded, tiny_pair
 from .test_eval import ToyTask, byte_tokenizer, tiny_llama
@@ -169,6 +171,8 @@ def test_cost_per_token_from_row_statistics():
 def test_alpha_grids_run_from_the_lossless_end():
     assert order_alphas("token_v3", [0.5, 0.1, 0.3, 0.1]) == [0.1, 0.3, 0.5]
     assert order_alphas("ensemble", [0.3, 1.0, 0.7]) == [1.0, 0.7, 0.3]
+    assert set(DEFAULT_ALPHAS) == {r for r, rng in ALPHA_RANGES.items() if rng is not None}
+    assert DEFAULT_ALPHAS["token_v3"] == TOKEN_V3  # the registered grid's curve
     for rule, grid in DEFAULT_ALPHAS.items():
         assert order_alphas(rule, grid) == list(grid), rule
     with pytest.raises(ValueError, match="outside the range"):

@@ -74,23 +74,35 @@ MULTIPLICITY = ("fixed_sequence", "bonferroni", "none")
 VERIFIER = EvalConfig("autoregressive")
 LOSSLESS = EvalConfig("spec_cascade", "spec")
 
-#: the default α grid per rule, lossless end first (the pre-registered grids' curves where they
-#: have one, docs/evaluation.md; the drafter-like end last)
-DEFAULT_ALPHAS: dict[str, tuple[float, ...]] = {
-    "token_v3": (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0),
+#: the default α grid of the rules the pre-registered grids do not sweep, lossless end first
+_OTHER_ALPHAS: dict[str, tuple[float, ...]] = {
     "token_v1": (0.0, 0.1, 0.2, 0.3, 0.5, 1.0),
     "token_v2": (0.0, 0.1, 0.2, 0.3, 0.5, 1.0),
-    "lossy": (0.0, 0.3, 0.5, 0.7, 0.9, 0.99),
     "lossy_star": (0.0, 0.3, 0.5, 0.7, 0.9, 0.99),
-    "opt": (-100.0, -1.0, 0.0, 0.3, 1.0, 100.0),
     "opt_log": (-100.0, -1.0, 0.0, 0.3, 1.0, 100.0),
-    "diff": (-1.0, 0.0, 0.1, 0.3, 1.0),
     "diff_log": (-100.0, -1.0, 0.0, 0.3, 1.0),
-    "chow": (0.0, 0.1, 0.3, 0.5, 1.0),
     "chow_log": (0.0, 0.5, 1.0, 2.0, 4.0),
-    "bild": (0.0, 0.5, 1.0, 2.0, 50.0),
-    "ensemble": (1.0, 0.9, 0.7, 0.5, 0.3, 0.0),
 }
+
+
+def _registered_alphas() -> dict[str, tuple[float, ...]]:
+    """Each rule's α points in the pre-registered grids' ``spec_cascade[RULE]`` curves (from
+    the lossless end toward the drafter end; :mod:`.grids`)."""
+    from .configs import as_config
+    from .grids import _main_curves
+
+    out: dict[str, tuple[float, ...]] = {}
+    for keys in _main_curves().values():
+        cfgs = [as_config(k) for k in keys]
+        if all(c.method == "spec_cascade" and c.alpha is not None for c in cfgs) \
+                and len({c.rule for c in cfgs}) == 1:
+            out.setdefault(cfgs[0].rule, tuple(c.alpha for c in cfgs))
+    return out
+
+
+#: the default α grid per rule, lossless end first: the pre-registered grids' curves
+#: (docs/evaluation.md) where they have one, else :data:`_OTHER_ALPHAS`
+DEFAULT_ALPHAS: dict[str, tuple[float, ...]] = {**_OTHER_ALPHAS, **_registered_alphas()}
 #: rules whose lenience grows as α falls (ensemble: α is the verifier's weight)
 DECREASING = frozenset({"ensemble"})
 
