@@ -528,6 +528,7 @@ def test_validate_reports_the_realised_drop_and_cost_ratio(tmp_path):
                  tokenizer=byte_tokenizer(), progress=False, generate_fn=quality_fake,
                  task=TwentyTask(), out_dir=tmp_path / "v")
     assert v["config"] == "spec_cascade/token_v3/alpha=0.3" and v["n"] == 10
+    assert v["calibration_estimate"]["n"] == 10 and v["calibration_estimate"]["diff"] == 0.0
     assert v["diff"] == 0.0 and v["diff_ci"][0] < 0 < v["diff_ci"][1]
     assert v["meets_target"] and v["lower_bound"] >= -0.2
     assert v["cost_ratio"] == pytest.approx(2 / 6) and v["cost_ratio_ci"] == pytest.approx(

@@ -672,7 +672,12 @@ def validate(
         "cost_per_token": cc, "verifier_cost_per_token": cv, "cost_ratio": _ratio(cc, cv),
         "cost_ratio_ci": _cost_ratio_ci([cr[i] for i in val_ids], [br[i] for i in val_ids],
                                         drafter_cost, ci),
-        "batch_size": bs, "created": _now(),
+        "batch_size": bs,
+        "calibration_estimate": next(
+            ({k: e.get(k) for k in ("n", "diff", "diff_se", "lower_bound", "cost_ratio")}
+             for e in doc.get("table") or [] if isinstance(e, Mapping) and e.get("chosen")),
+            None),
+        "created": _now(),
     }
     (out / "validation.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "validation.md").write_text(validation_markdown(result))
@@ -732,6 +737,9 @@ def validation_markdown(v: Mapping[str, Any]) -> str:
         f"| cost ratio | {_fmt(v['cost_ratio'])} "
         + (f"[{crci[0]:.3f}, {crci[1]:.3f}] |" if crci else "|"),
         "",
+        *([f"On the calibration split (n = {est['n']}) the same setting had Δ "
+           f"{est['diff'] * pct:+.2f}, lower bound {est['lower_bound'] * pct:+.2f}, cost ratio "
+           f"{_fmt(est['cost_ratio'])}.", ""] if (est := v.get("calibration_estimate")) else []),
         "Cost: (verifier calls + drafter_cost × drafter calls) / new tokens, drafter_cost "
         f"{v['drafter_cost']:g}; speed-up in verifier work = 1 / cost ratio. Not a wall-clock "
         "measurement.", ""])
