@@ -471,7 +471,7 @@ class Engine:
         per_row = rows.padded(n)  # seeds, temperature, alpha
         padded_rules = rules + rules[:1] * (n - rows.size)
         ints = self._inputs(rows, q, width, n)
-        key = ("block", n, width, gamma, padded_rules, greedy, budget is not None)
+        key = ("block", n, width, gamma, padded_rules, budget is not None, greedy)
         more = () if budget is None else (budget,)
         pack, q_logits, p_logits = self._run(key, body, (ints, *per_row, *more))
         host = layout.unpack(pack, rows.size)  # accept: the block's one device-to-host read

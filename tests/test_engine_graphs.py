@@ -358,3 +358,23 @@ def test_mixed_rules_and_exact_prefix_in_fixed_shape_bodies(pair):
     # the first block: row 0 inside its exact prefix, the padding row repeating row 0
     assert recorder.keys[0][4] == ("spec", "spec", "chow", "spec")
     assert any("token_v3" in k[4] for k in recorder.keys)  # row 0 past its prefix
+
+
+def test_divergence_budgets_in_fixed_shape_bodies(pair):
+    """Rows with different divergence budgets (and one without: inf) in one body: the budget
+    left is an input of the body (copied in before each replay, as into a captured graph's
+    static inputs), the charges come back in the block's one packed read; the eager tokens and
+    spending, no host read."""
+    ids, mask = left_padded(PROMPTS)
+    run = dict(attention_mask=mask, seed=[3, 4, 5], max_new_tokens=[14, 17, 24], eos_token_id=[],
+               rule=["token_v3", "lossy", "token_v3"], alpha=[0.6, 0.4, 0.6],
+               divergence_budget=[0.3, 0.05, float("inf")])
+    settings = dict(max_batch_size=4, max_seq_len=48, gamma=3, temperature=1.0)
+    want = Engine(*pair, **settings).generate(ids, **run)
+    recorder = Recorder()
+    got = _fixed_shapes(Engine(*pair, **settings), recorder).generate(ids, **run)
+    assert got.new_tokens == want.new_tokens
+    spent = [r["divergence_spent"] for r in got.stats["per_sequence"]]
+    assert spent == pytest.approx([r["divergence_spent"] for r in want.stats["per_sequence"]])
+    assert spent[0] <= 0.3 + 1e-9 and spent[1] <= 0.05 + 1e-9 and spent[2] > 0.3
+    assert all(k[5] for k in recorder.keys)  # every block verified with the budget
