@@ -26,6 +26,11 @@
 //             first rejection are never read; token_v3 reads their target rows' max only, for
 //             the deferred flags); eta only at positions the accept loop reaches with a draft
 //             outside A; beta only at the one row that resamples.
+//   budget    only with a divergence budget (docs/semantics.md §9; the targets are then eager at
+//             every position): each position's cost TV(pi, pT) from the targets' sums (one more
+//             pass over V for the drafter and prefix rules' TV where opt did not make it, and for
+//             token rules after eta), the scan along the block, and the positions it makes exact
+//             verified as spec's (see stage_budget).
 //   accept    per request, u_j = uniform(seed, position + j, ACCEPT) < accept_j(x) / qT_j(x),
 //             fp64, stop at the first rejection j*.
 //   resample  the exponential race argmax_v log w_v - log(-log u_v) over the single row that
@@ -189,6 +194,7 @@ bool in_a(const Problem& P, const Position& X, int64_t v) {
 }
 
 PiMode pi_mode(const Problem& P, const Position& X) {
+  if (X.exact) return kPiP;  // the divergence budget verifies it like spec
   switch (P.rule) {
     case kSpec: return kPiP;
     case kDrafter: return kPiQ;
@@ -231,7 +237,7 @@ void targets_flags(const Problem& P, Position& X) {
     X.p_flags = (s1_p || unit ? kS1 : 0) | (h_p ? kH : 0) | (scaled && !unit ? kST : 0);
     X.need_cross = r == kBild && scaled;
     if (X.need_cross) X.q_flags |= kS1;
-    if (r == kDrafter) X.p_flags = -1;  // the target row is never needed
+    if (r == kDrafter && !P.budget) X.p_flags = -1;  // the target row is never needed (no cost)
   } else {  // bonus=verifier bonus position: pT only
     X.p_flags = unit ? kS1 : (scaled ? kST : 0);
   }
@@ -386,7 +392,7 @@ bool targets_decide(const Problem& P, Position& X, bool tv_known) {
     case kOptLog: {
       const double lhs = P.rule == kOpt ? q1max() : negent(q);
       const double top = P.rule == kOpt ? p1max() : negent(p);
-      if (R.t == 0.0 && !tv_known) X.tv = q.arg != p.arg ? 1.0 : 0.0, tv_known = true;
+      if (R.t == 0.0 && !tv_known) X.tv = q.arg != p.arg ? 1.0 : 0.0, tv_known = X.has_tv = true;
       if (!tv_known) {
         if (a == 0.0) {
           X.delta = lhs < top;
@@ -407,7 +413,7 @@ bool targets_decide(const Problem& P, Position& X, bool tv_known) {
 }
 
 // -- second passes, and the statistics the later stages reach lazily --
-enum NeedKind : uint8_t { kNeedStats, kNeedTV, kNeedEta, kNeedLossy, kNeedLStar };
+enum NeedKind : uint8_t { kNeedStats, kNeedTV, kNeedEta, kNeedLossy, kNeedLStar, kNeedCost };
 
 struct Need {
   int64_t pos;
@@ -417,7 +423,7 @@ struct Need {
 void targets_sum_chunk(const Problem& P, const Need& nd, int64_t lo, int64_t hi, double* out) {
   const Position& X = P.pos[nd.pos];
   const Request& R = P.reqs[X.req];
-  alignas(64) float bq[kBlock], bp[kBlock], w[kBlock], w2[kBlock];
+  alignas(64) float bq[kBlock], bp[kBlock], ba[kBlock], w[kBlock], w2[kBlock];
   const float mq = X.st.q.m, mp = X.st.p.m;
   const float rq = static_cast<float>(1.0 / X.st.q.st), rp = static_cast<float>(1.0 / X.st.p.st);
   const bool token_on_q = P.rule == kTokenV1;
@@ -427,6 +433,13 @@ void targets_sum_chunk(const Problem& P, const Need& nd, int64_t lo, int64_t hi,
   for (int64_t b = lo; b < hi; b += kBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kBlock, hi - b));
     const float* xq = X.q.load_scaled(b, n, bq);
+    if (nd.kind == kNeedCost) {  // both scaled rows, and A's row raw (shared when untruncated)
+      const float* xp = X.p.load_scaled(b, n, bp);
+      const float* xa = !ra.keep.trunc ? (token_on_q ? xq : xp) : ra.load(b, n, ba);
+      out[0] += token_cost_block(xa, token_on_q ? mq : mp, X.thr_a, xq, xp, n, mq, mp,
+                                 R.inv_t_f, rq, rp, static_cast<float>(1.0 - X.eta), w);
+      continue;
+    }
     const float* xp = a_shares_q ? xq
                       : nd.kind == kNeedEta ? ra.load(b, n, bp) : X.p.load_scaled(b, n, bp);
     switch (nd.kind) {
@@ -453,7 +466,12 @@ void targets_sum_chunk(const Problem& P, const Need& nd, int64_t lo, int64_t hi,
 //     h(s) = sum_{v : qT_v < c pT_v} max(0, s pT_v - qT_v) = D = sum_v max(0, qT_v - c pT_v),
 // c = 1 / (1 - alpha); h is piecewise linear in s with breakpoints t_v = qT_v / pT_v < c, so the
 // root is found exactly by a quickselect over the breakpoints (expected O(V)) and one division.
-double targets_lossy_star(const Problem& P, const Position& X, const Request& R) {
+//
+// cost (nullptr: not asked): the divergence cost sum max(0, pT - pi) from the same breakpoint
+// arrays, without a pass over the logits: it is 0 where qT >= c pT (pi >= c pT >= pT), and
+// max(0, pT - max(qT, s pT)) at the stored tokens. At T = 0 it is 0 (pi is pT's one-hot, or qT = pT).
+double targets_lossy_star(const Problem& P, const Position& X, const Request& R, double* cost) {
+  if (cost) *cost = 0.0;
   if (R.t == 0.0) return X.st.q.arg == X.st.p.arg ? 0.0 : 1.0;  // one-hot rows
   const int64_t V = P.V;
   const double c = 1.0 / (1.0 - R.alpha);
@@ -478,7 +496,19 @@ double targets_lossy_star(const Problem& P, const Position& X, const Request& R)
       }
     }
   }
-  if (!(D > 0.0)) return 0.0;
+  auto cost_at = [&](double s) {
+    if (!cost) return;
+    double acc = 0.0;
+    for (size_t k = 0; k < pb.size(); ++k) {
+      const double p = pb[k];
+      acc += std::max(0.0, p - std::max(static_cast<double>(qb[k]), s * p));
+    }
+    *cost = acc;
+  };
+  if (!(D > 0.0)) {
+    cost_at(0.0);
+    return 0.0;
+  }
   // quickselect on t: elements [lo, hi) are undecided; (acc_p, acc_q) sum the ones known active.
   size_t lo = 0, hi = tb.size();
   double acc_p = 0.0, acc_q = 0.0;
@@ -520,7 +550,9 @@ double targets_lossy_star(const Problem& P, const Position& X, const Request& R)
     acc_q += qb[order[k]];
     s = (D + acc_q) / acc_p;
   }
-  return std::min(s, c);
+  s = std::min(s, c);
+  cost_at(s);  // (the arrays are permuted, pairs kept together: the sum's order is fixed)
+  return s;
 }
 
 // Meet every need: statistics passes (kNeedStats), second-pass sums (kNeedTV / kNeedEta /
@@ -537,7 +569,7 @@ void targets_meet_needs(Problem& P, const std::vector<Need>& needs) {
   targets_stats(P, stats);
   const int64_t ntasks = static_cast<int64_t>(sums.size()) * nc + static_cast<int64_t>(lstar.size());
   std::vector<double> partial(static_cast<size_t>(sums.size() * nc * 2), 0.0);
-  std::vector<double> svals(lstar.size(), 0.0);
+  std::vector<double> svals(lstar.size(), 0.0), cvals(lstar.size(), 0.0);
   run_tasks(ntasks, ntasks * std::min<int64_t>(P.V, kChunk) * 2, [&](int64_t t) {
     const int64_t ns = static_cast<int64_t>(sums.size()) * nc;
     if (t < ns) {
@@ -547,7 +579,7 @@ void targets_meet_needs(Problem& P, const std::vector<Need>& needs) {
     } else {
       const Need& nd = lstar[t - ns];
       const Position& X = P.pos[nd.pos];
-      svals[t - ns] = targets_lossy_star(P, X, P.reqs[X.req]);
+      svals[t - ns] = targets_lossy_star(P, X, P.reqs[X.req], P.budget ? &cvals[t - ns] : nullptr);
     }
   });
   for (size_t i = 0; i < sums.size(); ++i) {
@@ -555,15 +587,17 @@ void targets_meet_needs(Problem& P, const std::vector<Need>& needs) {
     for (int64_t c = 0; c < nc; ++c) a += partial[2 * (i * nc + c)], b += partial[2 * (i * nc + c) + 1];
     Position& X = P.pos[sums[i].pos];
     switch (sums[i].kind) {
-      case kNeedTV: X.tv = a; break;
+      case kNeedTV: X.tv = a, X.has_tv = true; break;
       case kNeedEta: X.eta = a, X.has_eta = true; break;
       case kNeedLossy: X.rm = a, X.tot = b, X.has_lossy = true; break;
+      case kNeedCost: X.cost = a, X.has_cost = true; break;
       default: break;
     }
   }
   for (size_t i = 0; i < lstar.size(); ++i) {
     Position& X = P.pos[lstar[i].pos];
     X.s = svals[i], X.has_s = true;
+    if (P.budget) X.cost = cvals[i], X.has_cost = true;
   }
 }
 
@@ -576,8 +610,10 @@ void stage_targets(Problem& P) {
   // Rules whose deferred flags do not need every position (spec, drafter, lossy, lossy_star,
   // token_v3) compute the statistics lazily, as the accept loop reaches each position: the rows
   // after the first rejection are never read.
-  const bool lazy = P.rule == kSpec || P.rule == kDrafter || P.rule == kLossy ||
-                    P.rule == kLossyStar || P.rule == kTokenV3;
+  // With a divergence budget every position's cost is needed (the scan runs over the block):
+  // eager for every rule.
+  const bool lazy = !P.budget && (P.rule == kSpec || P.rule == kDrafter || P.rule == kLossy ||
+                                  P.rule == kLossyStar || P.rule == kTokenV3);
   {
     std::vector<int64_t> first;
     for (int64_t i = 0; i < npos; ++i)
@@ -592,6 +628,70 @@ void stage_targets(Problem& P) {
       if (P.pos[i].q.present() && targets_decide(P, P.pos[i], false)) tv.push_back({i, kNeedTV});
     targets_meet_needs(P, tv);
     for (const Need& n : tv) targets_decide(P, P.pos[n.pos], true);
+  }
+}
+
+// ==== stage: budget ===============================================================================
+// Only with a divergence budget (docs/semantics.md §9), after the eager targets: each position's
+// cost c = TV(pi, pT) = sum max(0, pT - pi) on the truncated scaled laws, then the scan along
+// each request's block. Costs, by rule (T = 0: one-hot laws, every cost in closed form):
+//   spec, a prefix rule's deferral, a token rule whose A is empty: 0 (pi = pT);
+//   drafter, a prefix rule's non-deferral: TV(qT, pT), one more pass over V (tv_block), which
+//     opt / opt_log already made where it decided;
+//   lossy: tot - rm from the sums of its bonus law (lossy_block, one pass, which the cascade's
+//     bonus row makes anyway): where qT < pT the law is qT + rm (pT - qT) / tot, elsewhere it is
+//     at least pT, and rm <= tot;
+//   lossy_star: from the breakpoints its solve for beta keeps (no pass of its own);
+//   token rules: one more pass after eta (token_cost_block): pi = qT on A + eta pT, so the cost
+//     sum max(0, (1 - eta) pT - qT 1_A) is known only once eta is.
+// The scan: S = 0; a position keeps its rule iff S + c <= budget (charged c, S += c), else it is
+// verified exactly like spec (pi = pT, charged 0, deferred). A cost is a sum of fp32 terms in
+// fp64 (error ~1e-7): a decision with S + c within that of the budget may differ from the
+// reference's.
+void stage_budget(Problem& P) {
+  const int64_t npos = static_cast<int64_t>(P.pos.size());
+  const int64_t r = P.rule;
+  auto costed = [&](const Position& X) { return X.q.present() && P.reqs[X.req].t > 0.0; };
+  auto wants_tv = [&](const Position& X) { return r == kDrafter || (is_prefix(r) && !X.delta); };
+  std::vector<Need> needs;
+  for (int64_t i = 0; i < npos; ++i) {
+    const Position& X = P.pos[i];
+    if (!costed(X)) continue;
+    if (wants_tv(X) && !X.has_tv) needs.push_back({i, kNeedTV});
+    else if (is_token(r) && !X.has_eta) needs.push_back({i, kNeedEta});
+    else if (r == kLossy && !X.has_lossy) needs.push_back({i, kNeedLossy});
+    else if (r == kLossyStar && !X.has_cost) needs.push_back({i, kNeedLStar});
+  }
+  targets_meet_needs(P, needs);
+  if (is_token(r)) {
+    needs.clear();
+    for (int64_t i = 0; i < npos; ++i)
+      if (costed(P.pos[i]) && P.pos[i].thr_a <= 0.0) needs.push_back({i, kNeedCost});
+    targets_meet_needs(P, needs);
+  }
+  for (Position& X : P.pos) {
+    if (!X.q.present()) continue;  // bonus="verifier": the bonus from pT costs nothing
+    const bool greedy = P.reqs[X.req].t == 0.0;
+    const double tv0 = X.st.q.arg != X.st.p.arg ? 1.0 : 0.0;  // TV of the one-hot laws
+    double c = 0.0;
+    if (wants_tv(X)) c = greedy ? tv0 : X.tv;
+    else if (is_token(r)) c = greedy ? (1.0 - X.eta) * tv0 : X.thr_a > 0.0 ? 0.0 : X.cost;
+    else if (r == kLossy) c = greedy ? 0.0 : std::max(0.0, X.tot - X.rm);
+    else if (r == kLossyStar) c = greedy ? 0.0 : X.cost;
+    X.cost = c;
+  }
+  for (const Request& R : P.reqs) {
+    const int64_t rows = R.cascade ? R.gamma + 1 : R.gamma;
+    double spent = 0.0;
+    for (int64_t j = 0; j < rows; ++j) {
+      Position& X = P.pos[R.first + j];
+      if (spent + X.cost <= R.budget) {
+        X.spent = X.cost;
+        spent += X.cost;
+      } else {
+        X.exact = true;
+      }
+    }
   }
 }
 
@@ -867,7 +967,7 @@ void stage_resample(Problem& P) {
 // The output rows: the accepted drafts, the resampled / bonus token (the -1 padding after it is
 // the caller's), num_accepted, and the deferred flags (reference._deferred).
 void stage_insert(Problem& P, int64_t* tokens_out, int64_t out_cols, int64_t* nacc_out,
-                  bool* deferred_out) {
+                  bool* deferred_out, double* spent_out) {
   const int64_t npos = static_cast<int64_t>(P.pos.size());
   // token_v3: whether each draft is in A needs its target row's max only, which the lazy
   // statistics passes skipped at the positions after the first rejection (the last of targets)
@@ -897,7 +997,8 @@ void stage_insert(Problem& P, int64_t* tokens_out, int64_t out_cols, int64_t* na
       else if (is_token(P.rule)) d = j < R.gamma ? !in_a(P, X, X.token)
                                                  : R.j == R.gamma && !in_a(P, X, R.best_idx);
       else d = P.rule != kDrafter;
-      def[j] = d;
+      def[j] = d || X.exact;  // a position the budget made exact always involves the verifier
+      if (spent_out) spent_out[b * out_cols + j] = X.spent;
     }
     if (!R.cascade) def[R.gamma] = true;
   }
@@ -905,15 +1006,19 @@ void stage_insert(Problem& P, int64_t* tokens_out, int64_t out_cols, int64_t* na
 
 }  // namespace
 
-void solve(Problem& P, int64_t* tokens, int64_t cols, int64_t* num_accepted, bool* deferred) {
+void solve(Problem& P, int64_t* tokens, int64_t cols, int64_t* num_accepted, bool* deferred,
+           double* spent) {
   for (Request& R : P.reqs) {
     R.inv_t = R.t > 0.0 ? 1.0 / R.t : 1.0;
     R.inv_t_f = static_cast<float>(std::min<double>(R.inv_t, std::numeric_limits<float>::max()));
   }
+  // spec's costs are all 0: with a budget it is spec still, and charges nothing (spent stays 0)
+  P.budget = spent != nullptr && P.rule != kSpec;
   stage_targets(P);
+  if (P.budget) stage_budget(P);
   stage_accept(P);
   stage_resample(P);
-  stage_insert(P, tokens, cols, num_accepted, deferred);
+  stage_insert(P, tokens, cols, num_accepted, deferred, P.budget ? spent : nullptr);
 }
 
 }  // namespace verify_cpu

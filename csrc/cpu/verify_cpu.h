@@ -88,6 +88,13 @@ struct Position {
   double rm = 0.0, tot = 0.0;  // lossy: rejected mass and residual total at the bonus row
   bool has_lossy = false;
   bool has_stats = false;  // the targets statistics pass ran on this position (lazily, for some rules)
+  bool has_tv = false;     // tv holds TV(qT, pT)
+  // budget (only with Problem::budget): the cost TV(pi, pT) of the rule's law here, whether the
+  // scan verifies the position exactly like spec instead, and what it charged
+  double cost = 0.0;
+  bool has_cost = false;
+  bool exact = false;
+  double spent = 0.0;
 };
 
 struct Request {
@@ -96,6 +103,7 @@ struct Request {
   double t = 1.0, alpha = 0.0;       // input: temperature (finite, >= 0) and the rule's alpha
   int64_t seed = 0, position = 0;    // input: the RNG's seed and position of its first draft
   bool cascade = true;               // input: bonus="cascade" (its position gamma has a q row)
+  double budget = std::numeric_limits<double>::infinity();  // input: divergence it may spend
   double inv_t = 1.0;                // 1 / T (1 at T = 0)
   float inv_t_f = 1.0f;
   // accept
@@ -115,13 +123,17 @@ struct Problem {
   int64_t V = 0;               // input: vocabulary size (>= 1)
   std::vector<Request> reqs;   // input: the requests (B >= 1)
   std::vector<Position> pos;   // input: every request's gamma + 1 positions, request by request
+  bool budget = false;         // set by solve: the budget stage runs (docs/semantics.md §9)
 };
 
-// Verifies the block: stages targets, accept, resample and insert (see verify_cpu.cpp). Writes
-// row b of the outputs: tokens[b * cols ...] (the accepted drafts, then the resampled / bonus
-// token; the caller pre-fills -1 padding), num_accepted[b], deferred[b * cols ...] (the caller
-// pre-fills False). Inputs are validated by the caller.
-void solve(Problem& P, int64_t* tokens, int64_t cols, int64_t* num_accepted, bool* deferred);
+// Verifies the block: stages targets, budget, accept, resample and insert (see verify_cpu.cpp).
+// Writes row b of the outputs: tokens[b * cols ...] (the accepted drafts, then the resampled /
+// bonus token; the caller pre-fills -1 padding), num_accepted[b], deferred[b * cols ...] (the
+// caller pre-fills False). spent: nullptr (no divergence budget: the budget stage does not run),
+// or spent[b * cols ...], each position's charge against Request::budget (the caller pre-fills
+// 0). Inputs are validated by the caller.
+void solve(Problem& P, int64_t* tokens, int64_t cols, int64_t* num_accepted, bool* deferred,
+           double* spent = nullptr);
 
 }  // namespace verify_cpu
 }  // namespace speccascade

@@ -25,6 +25,14 @@
 //                 temperature, alpha, rule, draft_keep [B, G, 2]?, target_keep [B, gamma + 1, 2]?)
 //       -> the same, [B, gamma + 1]
 //     The padded layout of speccascade_fast.verify, read in place (any strides, unit stride in V).
+//   verify_padded.budget(the same arguments, *, budget [B] f64)
+//       -> (tokens, num_accepted, deferred, spent [B, gamma + 1] f64)
+//     With a divergence budget per request (docs/semantics.md §9, >= 0, inf: unlimited): a
+//     position whose cost TV(pi, pT) would take the block's charges past it is verified exactly
+//     like spec; spent holds each position's charge (0 at exact positions and, with
+//     bonus="verifier", at the bonus). A separate overload, so that verify_padded (and the
+//     kernels of other devices registered for it) is unchanged: without a budget nothing of it
+//     runs.
 //   *_keep: top-k / top-p as per-row keep bounds (tau, cut), float64 (speccascade_fast/
 //     truncation.py): the scaled laws qT, pT keep {v : l_v > tau or (l_v == tau and v <= cut)}
 //     only; the unscaled q1, p1 of the deferral statistics stay whole. A truncated row is read
@@ -233,11 +241,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_ragged_cpu(
   return {tokens, nacc, deferred};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_padded_cpu(
+// verify_padded, and its .budget overload when budget_in is given (then spent is the fourth
+// output; undefined otherwise).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_padded_impl(
     const at::Tensor& draft_logits_in, const at::Tensor& draft_tokens_in,
     const at::Tensor& target_logits_in, const at::Tensor& seed_in, const at::Tensor& positions_in,
     const at::Tensor& temperature_in, const at::Tensor& alpha_in, int64_t rule,
-    const std::optional<at::Tensor>& draft_keep, const std::optional<at::Tensor>& target_keep) {
+    const std::optional<at::Tensor>& draft_keep, const std::optional<at::Tensor>& target_keep,
+    const at::Tensor* budget_in) {
   TORCH_CHECK(draft_logits_in.dim() == 3 && target_logits_in.dim() == 3 && draft_tokens_in.dim() == 2,
               "verify_padded: draft_logits [B, G, V], draft_tokens [B, gamma], target_logits "
               "[B, gamma + 1, V]");
@@ -263,6 +274,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_padded_cpu(
   const int64_t ps0 = tl.stride(0) * tl.element_size(), ps1 = tl.stride(1) * tl.element_size();
   const double* kq = keep_rows(draft_keep, {B, dl.size(1)}, "draft_keep");
   const double* kp = keep_rows(target_keep, {B, gamma + 1}, "target_keep");
+  const double* budget = nullptr;
+  at::Tensor budget_t;
+  if (budget_in != nullptr) {
+    budget_t = budget_in->contiguous();
+    TORCH_CHECK(budget_t.device().is_cpu() && budget_t.dim() == 1 && budget_t.size(0) == B &&
+                    budget_t.scalar_type() == at::kDouble,
+                "verify_padded: budget must be a CPU float64 tensor of shape [", B, "], got ",
+                budget_t.scalar_type(), " ", budget_t.sizes());
+    budget = budget_t.data_ptr<double>();
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK(budget[b] >= 0.0, "verify_padded: budget must be >= 0 (inf: unlimited), got ",
+                  budget[b]);
+  }
 
   Problem P;
   P.rule = rule;
@@ -274,6 +298,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_padded_cpu(
     fill_request(R, b, seed, positions, temperature, alpha);
     R.gamma = gamma;
     R.cascade = cascade;
+    if (budget) R.budget = budget[b];
     R.first = static_cast<int64_t>(P.pos.size());
     for (int64_t j = 0; j <= gamma; ++j) {
       Position X;
@@ -294,9 +319,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_padded_cpu(
     }
   }
   auto [tokens, nacc, deferred] = make_outputs(B, gamma + 1);
+  at::Tensor spent;
+  if (budget) spent = at::zeros({B, gamma + 1}, at::TensorOptions().dtype(at::kDouble));
   verify_cpu::solve(P, tokens.data_ptr<int64_t>(), gamma + 1, nacc.data_ptr<int64_t>(),
-        deferred.data_ptr<bool>());
+        deferred.data_ptr<bool>(), budget ? spent.data_ptr<double>() : nullptr);
+  return {tokens, nacc, deferred, spent};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_padded_cpu(
+    const at::Tensor& draft_logits, const at::Tensor& draft_tokens,
+    const at::Tensor& target_logits, const at::Tensor& seed, const at::Tensor& positions,
+    const at::Tensor& temperature, const at::Tensor& alpha, int64_t rule,
+    const std::optional<at::Tensor>& draft_keep, const std::optional<at::Tensor>& target_keep) {
+  auto [tokens, nacc, deferred, spent] =
+      verify_padded_impl(draft_logits, draft_tokens, target_logits, seed, positions, temperature,
+                         alpha, rule, draft_keep, target_keep, nullptr);
   return {tokens, nacc, deferred};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_padded_budget_cpu(
+    const at::Tensor& draft_logits, const at::Tensor& draft_tokens,
+    const at::Tensor& target_logits, const at::Tensor& seed, const at::Tensor& positions,
+    const at::Tensor& temperature, const at::Tensor& alpha, int64_t rule,
+    const std::optional<at::Tensor>& draft_keep, const std::optional<at::Tensor>& target_keep,
+    const at::Tensor& budget) {
+  return verify_padded_impl(draft_logits, draft_tokens, target_logits, seed, positions,
+                            temperature, alpha, rule, draft_keep, target_keep, &budget);
 }
 
 // The .name overloads, for every device (CompositeImplicitAutograd): the rule's id, then the
@@ -352,6 +400,11 @@ TORCH_LIBRARY_FRAGMENT(speccascade, m) {
       "Tensor seed, Tensor positions, Tensor temperature, Tensor alpha, int rule, "
       "Tensor? draft_keep=None, Tensor? target_keep=None) -> (Tensor, Tensor, Tensor)");
   m.def(
+      "verify_padded.budget(Tensor draft_logits, Tensor draft_tokens, Tensor target_logits, "
+      "Tensor seed, Tensor positions, Tensor temperature, Tensor alpha, int rule, "
+      "Tensor? draft_keep=None, Tensor? target_keep=None, *, Tensor budget) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
       "verify_padded.name(Tensor draft_logits, Tensor draft_tokens, Tensor target_logits, "
       "Tensor seed, Tensor positions, Tensor temperature, Tensor alpha, str rule, "
       "Tensor? draft_keep=None, Tensor? target_keep=None) -> (Tensor, Tensor, Tensor)");
@@ -360,6 +413,7 @@ TORCH_LIBRARY_FRAGMENT(speccascade, m) {
 TORCH_LIBRARY_IMPL(speccascade, CPU, m) {
   m.impl("verify_ragged", &speccascade::verify_ragged_cpu);
   m.impl("verify_padded", &speccascade::verify_padded_cpu);
+  m.impl("verify_padded.budget", &speccascade::verify_padded_budget_cpu);
 }
 
 TORCH_LIBRARY_IMPL(speccascade, CompositeImplicitAutograd, m) {

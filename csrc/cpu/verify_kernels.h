@@ -268,6 +268,23 @@ SC_VERIFY_CLONES inline double eta_block(const float* xa, double ma, double thr,
   return lane_sum(w, n);
 }
 
+// A token rule's divergence cost TV(pi, pT) = sum max(0, pT - pi), pi = qT on A + eta pT:
+// sum max(0, keep_p * pT - (v in A ? qT : 0)) with keep_p = 1 - eta (A as in eta_block).
+SC_VERIFY_CLONES inline double token_cost_block(const float* xa, double ma, double thr,
+                                                const float* xq, const float* xp, int n, float mq,
+                                                float mp, float inv_t, float rq, float rp,
+                                                float keep_p, float* w) {
+#pragma omp simd
+  for (int i = 0; i < n; ++i) {
+    const bool in_a = static_cast<double>(xa[i]) - ma >= thr;
+    const float qt = exp_f32((xq[i] - mq) * inv_t) * rq;
+    const float pt = exp_f32((xp[i] - mp) * inv_t) * rp;
+    const float d = keep_p * pt - (in_a ? qt : 0.0f);
+    w[i] = d > 0.0f ? d : 0.0f;
+  }
+  return lane_sum(w, n);
+}
+
 // lossy's bonus law: out[0] += sum max(0, qT - pT * c) (the rejected mass 1 - sum min(qT, pT c)),
 // out[1] += sum max(0, pT - qT) (the residual's total), c = 1 / (1 - alpha).
 SC_VERIFY_CLONES inline void lossy_block(const float* xq, const float* xp, int n, float mq, float mp,

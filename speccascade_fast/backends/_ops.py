@@ -34,14 +34,19 @@ def _per_request(temperature, alpha, seed, positions):
 
 
 def call_padded(ops, draft_logits, draft_tokens, target_logits, *, rule, alpha, temperature,
-                seed, positions, keep) -> VerifyOutput:
+                seed, positions, keep, budget=None) -> VerifyOutput:
     """``ops.verify_padded`` on a backend's normalised arguments; ``keep``: the draft and target
-    rows' keep bounds ``(kq, kp)``, ``(None, None)`` without top-k / top-p."""
-    tokens, num_accepted, deferred = ops.verify_padded(
-        draft_logits, draft_tokens.to(torch.int64), target_logits,
-        *_per_request(temperature, alpha, seed, positions), RULES.index(rule), *keep,
-    )
-    return VerifyOutput(tokens, num_accepted, num_accepted + 1, deferred)
+    rows' keep bounds ``(kq, kp)``, ``(None, None)`` without top-k / top-p. ``budget``: None, or
+    float64 ``[B]``, each row's divergence budget: then the overload ``verify_padded.budget``,
+    whose fourth output is ``spent``."""
+    args = (draft_logits, draft_tokens.to(torch.int64), target_logits,
+            *_per_request(temperature, alpha, seed, positions), RULES.index(rule), *keep)
+    if budget is None:
+        tokens, num_accepted, deferred = ops.verify_padded(*args)
+        return VerifyOutput(tokens, num_accepted, num_accepted + 1, deferred)
+    tokens, num_accepted, deferred, spent = ops.verify_padded.budget(
+        *args, budget=budget.to(torch.float64).contiguous())
+    return VerifyOutput(tokens, num_accepted, num_accepted + 1, deferred, spent)
 
 
 def call_ragged(ops, draft_logits, draft_tokens, target_logits, cu_num_draft_tokens,

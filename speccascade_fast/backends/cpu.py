@@ -4,7 +4,9 @@
   (``torch.ops.speccascade.verify_padded`` / ``verify_ragged``, :mod:`._ops`). Same stages as
   :mod:`.reference` (targets, accept, resample, insert), computed from the logits in one
   streaming pass per row plus a second pass only where a rule needs one, with the same
-  counter-based randomness; tokens equal the reference's except at floating-point near-ties (the
+  counter-based randomness (with a divergence budget: the costs TV(pi, pT), the scan and the
+  exact positions inside the same op, ``verify_padded.budget``); tokens equal the reference's
+  except at floating-point near-ties (the
   kernel sums softmax terms of a fp32 exp in fp64: a uniform within ~1e-7 of an acceptance ratio,
   or two race scores within ~1e-7, may resolve differently). The op reads the padded
   ``[B, gamma(+1), V]`` logits in place (any strides with a unit stride along V: no copy, no
@@ -57,16 +59,17 @@ def _cpu_ops():
 
 
 def verify(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperature, top_k, top_p,
-           seed, positions, keep=None) -> VerifyOutput:
+           seed, positions, keep=None, budget=None) -> VerifyOutput:
     """The reference backend's signature (inputs validated by :func:`speccascade_fast.verify`,
-    fp32/fp16/bf16 logits), plus ``keep``: the draft and target rows' keep bounds as the
-    dispatch computed them; None: the torch reference's, when top-k / top-p is asked for."""
+    fp32/fp16/bf16 logits, ``budget`` None or each row's float64 divergence budget), plus
+    ``keep``: the draft and target rows' keep bounds as the dispatch computed them; None: the
+    torch reference's, when top-k / top-p is asked for."""
     if keep is None:
         T = temperature[:, None]
         keep = torch_keep_bounds(top_k, top_p, (draft_logits, T), (target_logits, T))
     return _ops.call_padded(_cpu_ops(), draft_logits, draft_tokens, target_logits, rule=rule,
                             alpha=alpha, temperature=temperature, seed=seed,
-                            positions=positions, keep=keep)
+                            positions=positions, keep=keep, budget=budget)
 
 
 def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens,
