@@ -187,6 +187,11 @@ def no_loading(monkeypatch):
     (["--early-exit", "0"], "argument --early-exit: must be an int >= 1 (verifier layers)"),
     (["--device", "nope"], "argument --device: 'nope' is not a device"),
     (["--exact-prefix", "-1"], "argument --exact-prefix: exact_prefix must be an int >= 0"),
+    (["--divergence-budget", "-0.5"],
+     "argument --divergence-budget: divergence_budget must be >= 0 (inf: unlimited)"),
+    (["--divergence-budget", "nan"], "argument --divergence-budget: divergence_budget must be"),
+    (["--divergence-budget", "0.5", "--method", "autoregressive"],
+     "argument --divergence-budget: divergence_budget applies to method='spec_cascade'"),
     (["--gamma-policy", "goodput", "--draft-confidence", "0.5"],
      "argument --gamma-policy: gamma_policy other than 'fixed'"),
 ])

@@ -96,6 +96,20 @@ def test_argument_mapping_and_batches(pair):
     assert out.stats["rule"] == "token_v3" and out.stats["alpha"] == 0.4
 
 
+def test_lenience_controls_pass_through(pair):
+    q, p = pair
+    ids, mask = left_padded(PROMPTS)
+    kw = dict(attention_mask=mask, assistant_model=q, do_sample=True, temperature=1.0,
+              max_new_tokens=9, num_assistant_tokens=3, seed=3, return_dict_in_generate=True)
+    out = hf.generate(p, ids, lenience=0.6, divergence_budget=0.1, exact_prefix=2, **kw)
+    ref = engine_generate(q, p, ids, attention_mask=mask, rule="token_v3", alpha=0.6, gamma=3,
+                          temperature=1.0, max_new_tokens=9, seed=3, eos_token_id=[],
+                          divergence_budget=0.1, exact_prefix=2)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert out.stats["divergence_budget"] == 0.1 and out.stats["exact_prefix"] == 2
+    assert all(r["divergence_spent"] <= 0.1 + 1e-9 for r in out.stats["per_sequence"])
+
+
 def test_no_assistant_is_plain_decoding(pair):
     _, p = pair
     out = hf.generate(p, torch.tensor([PROMPTS[0]]), do_sample=False, max_new_tokens=7,
