@@ -32,6 +32,14 @@ Backends (the ``backend`` parameter):
 Run: ``pytest bench/bench_verify.py --benchmark-only --benchmark-json=out.json`` then
 ``python bench/report.py out.json`` for the markdown table. The machine's cores may be shared:
 the ``min`` column is the least noisy.
+
+The divergence budget's cost per block (script mode, not pytest):
+``python bench/bench_verify.py --budget [--rounds N] [--json out.json]`` times the ``cpu``
+backend's block with and without a divergence budget (docs/semantics.md §9) at the default
+pair's vocabulary (V = 151936, gamma = 5, bonus="cascade", T = 1), B = 1 and 8, fp32 and bf16
+logits, 1 and 2 threads, rules opt / token_v3 / lossy / drafter, in interleaved rounds (each
+round calls both, in alternating order, so that the machine's drift hits both alike), and prints
+a markdown table (min and median per call, and their ratios).
 """
 from __future__ import annotations
 
@@ -56,16 +64,17 @@ BACKENDS = ["cpu", "cpu-cold", "cpu-api", "reference", "eager"]
 REFERENCE_MAX_LOGITS = 20_000_000
 
 
-def block(B, gamma, V, seed=0):
+def block(B, gamma, V, seed=0, dtype=None):
     """LLM-like logits for both models (a broad bulk plus a handful of likely tokens shared by
-    drafter and verifier), drafts drawn from the drafter at T = 1."""
+    drafter and verifier), drafts drawn from the drafter at T = 1; ``dtype`` None: ``DTYPE``."""
+    dtype = DTYPE if dtype is None else dtype
     g = torch.Generator().manual_seed(seed)
     shape = (B, gamma + 1, V)
     shared = torch.randn(shape, generator=g) * 2.5
     top = torch.randint(0, V, (B, gamma + 1, 16), generator=g)
     shared.scatter_add_(-1, top, torch.full(top.shape, 9.0))
-    q = (shared + torch.randn(shape, generator=g)).to(DTYPE)
-    p = (shared + torch.randn(shape, generator=g)).to(DTYPE)
+    q = (shared + torch.randn(shape, generator=g)).to(dtype)
+    p = (shared + torch.randn(shape, generator=g)).to(dtype)
     x = sc.sample(q[:, :gamma], seed=torch.arange(B), positions=torch.full((B,), 100))
     return q, x, p
 
@@ -254,3 +263,91 @@ def test_verify_truncated(benchmark, mem_bw_gbs, rule, trunc, backend):
         ref = backends.get("reference")(q, x, p, **backend_kw)
         assert torch.equal(out.tokens, ref.tokens)
 
+
+
+# --- the divergence budget's cost per block (script mode) ------------------------------------------
+BUDGET_RULES = ["opt", "token_v3", "lossy", "drafter"]
+BUDGET_ALPHA = {**ALPHA, "lossy": 0.3, "drafter": None}
+
+
+def budget_cost(*, batches=(1, 8), dtypes=("fp32", "bf16"), threads=(1, 2), rules=BUDGET_RULES,
+                gamma=5, V=151936, rounds=7, budget=0.25) -> list[dict]:
+    """Per (dtype, B, rule, threads): the ``cpu`` backend's block without a budget and with
+    ``budget`` per row, timed in ``rounds`` interleaved rounds (ms per call: min and median)."""
+    fn = backends.get("cpu")
+    before = torch.get_num_threads()
+    rows = []
+    try:
+        for dt in dtypes:
+            for B in batches:
+                q, x, p = block(B, gamma, V, dtype={"fp32": torch.float32,
+                                                    "bf16": torch.bfloat16}[dt])
+                for rule in rules:
+                    kw = dict(rule=rule, alpha=checks.alpha_tensor(BUDGET_ALPHA[rule], (B,)),
+                              temperature=checks.temperature(1.0, (B,)), top_k=None, top_p=None,
+                              seed=torch.arange(B), positions=torch.full((B,), 100))
+                    spend = torch.full((B,), budget, dtype=torch.float64)
+                    calls = {"none": {}, "budget": {"budget": spend}}
+                    for n in threads:
+                        torch.set_num_threads(n)
+                        for more in calls.values():  # warm-up
+                            fn(q, x, p, **kw, **more)
+                        times = {k: [] for k in calls}
+                        for r in range(rounds):
+                            for k in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
+                                t = time.perf_counter()
+                                fn(q, x, p, **kw, **calls[k])
+                                times[k].append(1e3 * (time.perf_counter() - t))
+                        row = dict(dtype=dt, B=B, rule=rule, threads=n, rounds=rounds)
+                        for k, ts in times.items():
+                            ts.sort()
+                            row[f"{k}_min_ms"], row[f"{k}_median_ms"] = ts[0], ts[len(ts) // 2]
+                        rows.append(row)
+                        print(_budget_line(row), flush=True)
+    finally:
+        torch.set_num_threads(before)
+    return rows
+
+
+BUDGET_HEADER = ("| logits | B | threads | rule | no budget: min / median (ms) | "
+                 "budget: min / median (ms) | ratio of mins | ratio of medians |\n"
+                 "|---|---|---|---|---|---|---|---|")
+
+
+def _budget_line(r: dict) -> str:
+    return (f"| {r['dtype']} | {r['B']} | {r['threads']} | {r['rule']} | "
+            f"{r['none_min_ms']:.2f} / {r['none_median_ms']:.2f} | "
+            f"{r['budget_min_ms']:.2f} / {r['budget_median_ms']:.2f} | "
+            f"{r['budget_min_ms'] / r['none_min_ms']:.2f} | "
+            f"{r['budget_median_ms'] / r['none_median_ms']:.2f} |")
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description="the cpu backend's verification block with and "
+                                             "without a divergence budget (see the docstring)")
+    ap.add_argument("--budget", action="store_true", required=True,
+                    help="time the divergence budget's cost per block (the only script mode)")
+    ap.add_argument("--value", type=float, default=0.25, help="each row's budget (default 0.25)")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--rules", default=",".join(BUDGET_RULES))
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    a = ap.parse_args(argv)
+    print(BUDGET_HEADER, flush=True)
+    rows = budget_cost(batches=[int(b) for b in a.batches.split(",")],
+                       dtypes=a.dtypes.split(","), threads=[int(n) for n in a.threads.split(",")],
+                       rules=a.rules.split(","), rounds=a.rounds, budget=a.value)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"budget": a.value, "rounds": a.rounds, "V": 151936, "gamma": 5,
+                       "torch": torch.__version__, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
