@@ -553,7 +553,10 @@ def test_calibrate_checks_its_arguments_before_writing(tmp_path):
                       ({"bound": "exact"}, "bound"), ({"multiplicity": "holm"}, "multiplicity"),
                       ({"alphas": [2.0], "rule": "lossy"}, "outside the range"),
                       ({"calib_fraction": 1.0}, "calib_fraction"),
-                      ({"drafter_cost": -1}, "drafter_cost"), ({"gamma": 0}, "gamma")):
+                      ({"drafter_cost": -1}, "drafter_cost"), ({"gamma": 0}, "gamma"),
+                      ({"max_new_tokens": 0}, "max_new_tokens"), ({"batch_size": 0}, "batch_size"),
+                      ({"seed": "0"}, "seed"), ({"chat": "yes"}, "chat"),
+                      ({"unsafe_local_exec": 1}, "unsafe_local_exec")):
         with pytest.raises(ValueError, match=match):
             _fake_run(tmp_path / "x", **kw)
         assert not (tmp_path / "x").exists()

@@ -325,6 +325,23 @@ def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
+def _precheck(folder: Path, task: Any, *, seed: Any, max_new_tokens: Any, chat: Any,
+              batch_size: Any, unsafe_local_exec: Any) -> None:
+    """The harness's own checks of a run, before the split file is written (so a mistyped
+    command leaves nothing that pins a folder)."""
+    from .harness import _check_int, validate_run_args
+
+    validate_run_args(limit=None, seed=seed, max_new_tokens=max_new_tokens, chat=chat,
+                      eos_token_id=None, table2_tol=0.0, table2_envelope="polyline",
+                      out_dir=folder)
+    _check_int("batch_size", batch_size, 1, "batch 1, timed")
+    if not isinstance(unsafe_local_exec, bool):
+        raise ValueError(f"unsafe_local_exec must be True or False, got {unsafe_local_exec!r}")
+    if getattr(task, "runs_generated_code", False):
+        task.unsafe_local_exec = unsafe_local_exec
+        task.check_runnable()  # no sandbox and no opt-out: refused here
+
+
 def _check_split_file(folder: Path, split: Mapping[str, Any], extra: Mapping[str, Any]) -> None:
     """Write ``folder/split.json`` or check that the one there has the same split and
     ``extra`` settings (rows of one split never mix with another's)."""
@@ -453,11 +470,13 @@ def calibrate(
                   bonus=bonus, chat=chat, task_kwargs=task_kwargs, plots=plots,
                   unsafe_local_exec=unsafe_local_exec, batch_size=batch_size,
                   generate_fn=generate_fn)
-    # everything is checked before the split file is written (run_eval checks its own)
+    # everything is checked before the split file is written
     from .harness import _check_decoding
 
     _check_decoding(configs, {"gamma": gamma, "temperature": temperature, "top_k": top_k,
                               "top_p": top_p, "bonus": bonus})
+    _precheck(folder, task_obj, seed=seed, max_new_tokens=max_new_tokens, chat=chat,
+              batch_size=batch_size, unsafe_local_exec=unsafe_local_exec)
     _check_split_file(folder, split, {"task": task_obj.name, "task_kwargs": task_kwargs})
     summary = run_eval(subset_task(task_obj, cal_ids), configs, out_dir=folder, **run_kw)
     settings = dict(summary.get("settings") or {})
@@ -640,6 +659,8 @@ def validate(
     bs = batch_size if batch_size is not None else st.get("batch_size")
     drafter_cost = float((doc.get("cost") or {}).get("drafter_cost", 0.0))
     bound = (doc.get("bound") or {}).get("method", "normal")
+    _precheck(folder, task_obj, seed=st.get("seed", 0), max_new_tokens=st.get("max_new_tokens"),
+              chat=st.get("chat", "auto"), batch_size=bs, unsafe_local_exec=unsafe_local_exec)
     _check_split_file(folder, split, {"task": task_obj.name, "task_kwargs": task_kwargs})
     run_eval(subset_task(task_obj, val_ids), [VERIFIER, chosen], drafter=drafter,
              verifier=verifier, tokenizer=tokenizer, limit=None, seed=st.get("seed", 0),
