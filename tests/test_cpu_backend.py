@@ -449,6 +449,16 @@ def test_budget_equals_reference(rule, T):
         assert charged == 0
 
 
+@pytest.mark.parametrize("alpha", [0.9, 0.999])
+def test_budget_token_rule_with_a_large_set_a(alpha):
+    """token_v3's cost gathers the tokens of A with pT > qT during the eta pass; alpha = 0.999
+    puts 400 to 3000 of them in a 16384-wide chunk, beyond what the pass keeps (1024), so some
+    positions take the separate cost pass and others not; both equal the reference."""
+    for k, (T, bonus) in enumerate([(1.0, "cascade"), (0.7, "verifier")]):
+        q, x, p = make_block(3, 4, 40000, torch.float32, seed=77 + k, T=T)
+        assert_budget_same(q, x, p, rule="token_v3", alpha=alpha, T=T, bonus=bonus)
+
+
 def test_budget_zero_is_spec_and_inf_the_plain_rule():
     """Budget 0 verifies every costly position like spec; inf changes nothing but the charges."""
     q, x, p = make_block(3, 4, 500, torch.float32, seed=17)

@@ -29,8 +29,8 @@
 //   budget    only with a divergence budget (docs/semantics.md §9; the targets are then eager at
 //             every position): each position's cost TV(pi, pT) from the targets' sums (one more
 //             pass over V for the drafter and prefix rules' TV where opt did not make it, and for
-//             token rules after eta), the scan along the block, and the positions it makes exact
-//             verified as spec's (see stage_budget).
+//             token rules after eta where A holds many tokens), the scan along the block, and the
+//             positions it makes exact verified as spec's (see stage_budget).
 //   accept    per request, u_j = uniform(seed, position + j, ACCEPT) < accept_j(x) / qT_j(x),
 //             fp64, stop at the first rejection j*.
 //   resample  the exponential race argmax_v log w_v - log(-log u_v) over the single row that
@@ -420,7 +420,16 @@ struct Need {
   NeedKind kind;
 };
 
-void targets_sum_chunk(const Problem& P, const Need& nd, int64_t lo, int64_t hi, double* out) {
+// A token rule's eta pass in a budget call, per chunk: the (qT, pT) pairs of the tokens of A with
+// pT > qT (at most kMaxSplit; more: overflow, and the cost takes its own pass).
+constexpr size_t kMaxSplit = 1024;
+struct TokenSplit {
+  std::vector<float> pairs;
+  bool overflow = false;
+};
+
+void targets_sum_chunk(const Problem& P, const Need& nd, int64_t lo, int64_t hi, double* out,
+                       TokenSplit* split = nullptr) {
   const Position& X = P.pos[nd.pos];
   const Request& R = P.reqs[X.req];
   alignas(64) float bq[kBlock], bp[kBlock], ba[kBlock], w[kBlock], w2[kBlock];
@@ -449,7 +458,24 @@ void targets_sum_chunk(const Problem& P, const Need& nd, int64_t lo, int64_t hi,
                            static_cast<float>(X.q_lst - X.p_lst), w);
         break;
       case kNeedEta:
-        out[0] += eta_block(xp, token_on_q ? mq : mp, X.thr_a, xq, n, mq, R.inv_t_f, rq, w);
+        if (split == nullptr) {
+          out[0] += eta_block(xp, token_on_q ? mq : mp, X.thr_a, xq, n, mq, R.inv_t_f, rq, w);
+        } else {  // and the sums of the cost, which needs eta
+          alignas(64) float qt[kBlock], pt[kBlock], flag[kBlock];
+          const float* xpt = !token_on_q && !X.p.keep.trunc ? xp : X.p.load_scaled(b, n, ba);
+          double more[2] = {0.0, 0.0};
+          out[0] += eta_split_block(xp, token_on_q ? mq : mp, X.thr_a, xq, xpt, n, mq, mp,
+                                    R.inv_t_f, rq, rp, qt, pt, w, w2, flag, more);
+          out[1] += more[0];
+          if (more[1] > 0.0 && !split->overflow) {
+            if (split->pairs.size() / 2 + static_cast<size_t>(more[1]) > kMaxSplit) {
+              split->overflow = true;
+            } else {
+              for (int i = 0; i < n; ++i)
+                if (flag[i] > 0.0f) split->pairs.push_back(qt[i]), split->pairs.push_back(pt[i]);
+            }
+          }
+        }
         break;
       case kNeedLossy:
         lossy_block(xq, xp, n, mq, mp, R.inv_t_f, rq, rp,
@@ -570,12 +596,16 @@ void targets_meet_needs(Problem& P, const std::vector<Need>& needs) {
   const int64_t ntasks = static_cast<int64_t>(sums.size()) * nc + static_cast<int64_t>(lstar.size());
   std::vector<double> partial(static_cast<size_t>(sums.size() * nc * 2), 0.0);
   std::vector<double> svals(lstar.size(), 0.0), cvals(lstar.size(), 0.0);
+  // budget calls of token rules: the eta pass also gathers what the cost needs
+  const bool split = P.budget && is_token(P.rule);
+  std::vector<TokenSplit> splits(split ? sums.size() * nc : 0);
   run_tasks(ntasks, ntasks * std::min<int64_t>(P.V, kChunk) * 2, [&](int64_t t) {
     const int64_t ns = static_cast<int64_t>(sums.size()) * nc;
     if (t < ns) {
       const Need& nd = sums[t / nc];
       const int64_t lo = (t % nc) * kChunk, hi = std::min(P.V, lo + kChunk);
-      targets_sum_chunk(P, nd, lo, hi, &partial[2 * t]);
+      targets_sum_chunk(P, nd, lo, hi, &partial[2 * t],
+                        split && nd.kind == kNeedEta ? &splits[t] : nullptr);
     } else {
       const Need& nd = lstar[t - ns];
       const Position& X = P.pos[nd.pos];
@@ -588,7 +618,21 @@ void targets_meet_needs(Problem& P, const std::vector<Need>& needs) {
     Position& X = P.pos[sums[i].pos];
     switch (sums[i].kind) {
       case kNeedTV: X.tv = a, X.has_tv = true; break;
-      case kNeedEta: X.eta = a, X.has_eta = true; break;
+      case kNeedEta:
+        X.eta = a, X.has_eta = true;
+        if (split) {  // cost = (1 - eta) pT(outside A) + sum over A of max(0, (1 - eta) pT - qT)
+          const double keep = std::max(0.0, 1.0 - a);
+          double c = keep * b;
+          bool overflow = false;
+          for (int64_t k = 0; k < nc; ++k) {
+            const TokenSplit& sp = splits[i * nc + k];
+            overflow |= sp.overflow;
+            for (size_t m = 0; m + 1 < sp.pairs.size(); m += 2)
+              c += std::max(0.0, keep * sp.pairs[m + 1] - static_cast<double>(sp.pairs[m]));
+          }
+          if (!overflow) X.cost = c, X.has_cost = true;  // else the cost pass (stage_budget)
+        }
+        break;
       case kNeedLossy: X.rm = a, X.tot = b, X.has_lossy = true; break;
       case kNeedCost: X.cost = a, X.has_cost = true; break;
       default: break;
@@ -642,8 +686,11 @@ void stage_targets(Problem& P) {
 //     bonus row makes anyway): where qT < pT the law is qT + rm (pT - qT) / tot, elsewhere it is
 //     at least pT, and rm <= tot;
 //   lossy_star: from the breakpoints its solve for beta keeps (no pass of its own);
-//   token rules: one more pass after eta (token_cost_block): pi = qT on A + eta pT, so the cost
-//     sum max(0, (1 - eta) pT - qT 1_A) is known only once eta is.
+//   token rules: pi = qT on A + eta pT, so the cost sum max(0, (1 - eta) pT - qT 1_A) is known
+//     only once eta is. The eta pass (eta_split_block) also sums pT outside A, whose terms are
+//     linear in eta, and keeps the (qT, pT) of the tokens of A with pT > qT, the only ones whose
+//     terms can be positive: the cost follows without a pass where A holds few of them (token_v3,
+//     small alpha); where a chunk holds more than kMaxSplit, one more pass (token_cost_block).
 // The scan: S = 0; a position keeps its rule iff S + c <= budget (charged c, S += c), else it is
 // verified exactly like spec (pi = pT, charged 0, deferred). A cost is a sum of fp32 terms in
 // fp64 (error ~1e-7): a decision with S + c within that of the budget may differ from the
@@ -666,7 +713,8 @@ void stage_budget(Problem& P) {
   if (is_token(r)) {
     needs.clear();
     for (int64_t i = 0; i < npos; ++i)
-      if (costed(P.pos[i]) && P.pos[i].thr_a <= 0.0) needs.push_back({i, kNeedCost});
+      if (costed(P.pos[i]) && P.pos[i].thr_a <= 0.0 && !P.pos[i].has_cost)
+        needs.push_back({i, kNeedCost});
     targets_meet_needs(P, needs);
   }
   for (Position& X : P.pos) {

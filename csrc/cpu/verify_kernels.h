@@ -268,6 +268,31 @@ SC_VERIFY_CLONES inline double eta_block(const float* xa, double ma, double thr,
   return lane_sum(w, n);
 }
 
+// eta_block together with what a token rule's divergence cost needs once eta is known (budget
+// calls): returns eta's block sum; out[0] += the sum of pT outside A; qt, pt receive the block's
+// qT and pT; flag[i] = 1 where the token is in A with pT > qT (the only tokens whose cost term
+// max(0, (1 - eta) pT - qT 1_A) inside A can be positive), out[1] += their number.
+SC_VERIFY_CLONES inline double eta_split_block(const float* xa, double ma, double thr,
+                                               const float* xq, const float* xp, int n, float mq,
+                                               float mp, float inv_t, float rq, float rp,
+                                               float* qt, float* pt, float* w, float* w2,
+                                               float* flag, double* out) {
+#pragma omp simd
+  for (int i = 0; i < n; ++i) {
+    const bool in_a = static_cast<double>(xa[i]) - ma >= thr;
+    const float q = exp_f32((xq[i] - mq) * inv_t) * rq;
+    const float p = exp_f32((xp[i] - mp) * inv_t) * rp;
+    qt[i] = q;
+    pt[i] = p;
+    w[i] = in_a ? 0.0f : q;
+    w2[i] = in_a ? 0.0f : p;
+    flag[i] = in_a && p > q ? 1.0f : 0.0f;
+  }
+  out[0] += lane_sum(w2, n);
+  out[1] += lane_sum(flag, n);
+  return lane_sum(w, n);
+}
+
 // A token rule's divergence cost TV(pi, pT) = sum max(0, pT - pi), pi = qT on A + eta pT:
 // sum max(0, keep_p * pT - (v in A ? qT : 0)) with keep_p = 1 - eta (A as in eta_block).
 SC_VERIFY_CLONES inline double token_cost_block(const float* xa, double ma, double thr,
