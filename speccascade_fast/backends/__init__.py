@@ -79,7 +79,8 @@ class Backend(NamedTuple):
 
 
 REGISTRY: dict[str, Backend] = {
-    "triton": Backend(triton, frozenset(KINDS), {"sample": ("cuda",), "keep_bounds": ("cuda",)}),
+    "triton": Backend(triton, frozenset(KINDS), {"sample": ("cuda",), "keep_bounds": ("cuda",)},
+                      budget=True),
     "cuda": Backend(cuda, frozenset({"verify", "verify_ragged"})),
     "cpu": Backend(cpu, frozenset(KINDS), budget=True),
     "reference": Backend(reference, frozenset(KINDS), budget=True),

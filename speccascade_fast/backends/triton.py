@@ -32,7 +32,10 @@ probability tensors are never materialised):
    is the same token whatever the slicing (ties go to the lowest id).
 
 So spec, drafter, chow, chow_log, diff, diff_log, bild and lossy (bonus="verifier") take 2 launches;
-opt, opt_log, token_v1-3, lossy (bonus="cascade") and lossy_star take 3. No host synchronisation,
+opt, opt_log, token_v1-3, lossy (bonus="cascade") and lossy_star take 3. With a divergence budget
+(``budget``, padded layout; docs/backends.md) the costs come from the targets stage (the sums
+launch then also runs for drafter, the prefix rules and lossy at every row; token rules take a
+second sums launch after eta) and the accept kernel scans them. No host synchronisation,
 no ``.item()``; only ``torch.empty`` allocations: CUDA-graph capturable. Constexprs: the rule, the
 slice / block widths (functions of V only: ``slice_size``, one block per slice, 4-16 warps; the
 race's block is that block or, for the narrower race slices of small B, 1024) and paddings; B,
@@ -91,24 +94,27 @@ def is_available(device=None) -> bool:
 
 
 def verify(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperature, top_k, top_p,
-           seed, positions, keep=None) -> VerifyOutput:
+           seed, positions, keep=None, budget=None) -> VerifyOutput:
     """Shapes: ``draft_logits`` ``[B, g or g+1, V]``, ``draft_tokens`` int64 ``[B, g]``,
     ``target_logits`` ``[B, g+1, V]`` (fp32/bf16/fp16/fp64, last dim contiguous or copied);
     ``alpha``, ``temperature`` float64 ``[B]``; ``seed``, ``positions`` int64 ``[B]``. ``keep``:
     the draft and target rows' keep bounds as the dispatch computed them; None: the torch
-    reference's, when top-k / top-p is asked for."""
+    reference's, when top-k / top-p is asked for. ``budget``: None, or float64 ``[B]`` each
+    row's divergence budget (docs/semantics.md §9; the output's ``spent`` then holds each
+    position's charge)."""
     return launch(draft_logits, draft_tokens, target_logits, rule=rule, alpha=alpha,
                   temperature=temperature, seed=seed, positions=positions, top_k=top_k,
-                  top_p=top_p, keep=keep)
+                  top_p=top_p, keep=keep, budget=budget)
 
 
 def launch(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperature, seed,
            positions, top_k=None, top_p=None, keep=None, slice_width: int | None = None,
-           block: int | None = None, race_width: int | None = None) -> VerifyOutput:
-    """Run the kernels on the padded layout (``keep`` as in :func:`verify`). ``slice_width`` /
-    ``block`` / ``race_width`` (powers of two) override the vocabulary slice per program
-    (default ``kernels.launch.slice_size``), the chunk each program loops over (default: the
-    whole slice in one go) and the slice per program of the race (default
+           block: int | None = None, race_width: int | None = None,
+           budget=None) -> VerifyOutput:
+    """Run the kernels on the padded layout (``keep`` and ``budget`` as in :func:`verify`).
+    ``slice_width`` / ``block`` / ``race_width`` (powers of two) override the vocabulary slice
+    per program (default ``kernels.launch.slice_size``), the chunk each program loops over
+    (default: the whole slice in one go) and the slice per program of the race (default
     ``kernels.accept_resample_insert.race_slice``); the tests use tiny ones."""
     B, gamma = draft_tokens.shape
     q = draft_logits if draft_logits.stride(-1) == 1 else draft_logits.contiguous()
@@ -121,7 +127,7 @@ def launch(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperatur
                      strides=(q.stride(0), q.stride(1), p.stride(0), p.stride(1)))
     return _run(q, p, draft_tokens, kq, kp, layout, rule=rule, alpha=alpha,
                 temperature=temperature, seed=seed, positions=positions,
-                slice_width=slice_width, block=block, race_width=race_width)
+                slice_width=slice_width, block=block, race_width=race_width, budget=budget)
 
 
 def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens,
@@ -194,9 +200,10 @@ class _Layout:
 
 
 def _run(q, p, x, kq, kp, layout: _Layout, *, rule, alpha, temperature, seed, positions,
-         slice_width, block, race_width) -> VerifyOutput:
+         slice_width, block, race_width, budget=None) -> VerifyOutput:
     """The stages of the module docstring, on either layout: targets, then accept + resample +
-    insert."""
+    insert (with a divergence ``budget``: the costs in the targets stage, the scan in the
+    accept stage)."""
     from ..kernels import accept_resample_insert, targets
     from ..kernels.launch import check_mode
 
@@ -205,9 +212,10 @@ def _run(q, p, x, kq, kp, layout: _Layout, *, rule, alpha, temperature, seed, po
     shape = dict(B=layout.B, gamma=layout.gamma, rq=layout.rq, rule=rule,
                  per_row=layout.gammas is not None)
     stats = targets.launch(q, p, rows, kq, kp, temperature, alpha, **shape,
-                           slice_width=slice_width, block=block)
+                           slice_width=slice_width, block=block, budget=budget is not None)
     out = accept_resample_insert.launch(q, p, rows, x, kq, kp, stats, temperature, alpha, seed,
-                                        positions, **shape, block=block, race_width=race_width)
+                                        positions, **shape, block=block, race_width=race_width,
+                                        budget=budget)
     return VerifyOutput(*out)
 
 

@@ -17,6 +17,12 @@ slice 0 writes the accepted drafts, the -1 padding and the deferral flags; the l
 arrive (an atomic counter) writes the emitted token, the counts and, for token rules with
 bonus="cascade", the bonus column's flag. No host synchronisation anywhere.
 
+With a divergence budget (constexpr ``BUDGET``; docs/semantics.md §9) every program also forms
+each position's cost from the targets stage's sums (:func:`row_cost`) and scans them in order
+(:func:`budget_scan`) before the accept loop; the positions the scan makes exact take spec's
+acceptance pT, residual max(0, pT - qT) and bonus law pT and are flagged deferred, and slice 0
+writes the charges (``spent``). Without it none of this is compiled in.
+
 :func:`launch` runs it after :func:`speccascade_fast.kernels.targets.launch`.
 """
 from __future__ import annotations
@@ -145,16 +151,68 @@ def row_targets(q_rows, p_rows, stf_ptr, sti_ptr, p2_ptr, sst_ptr, n, has_q, has
     return mq, tl.log(zqt), aq, mp, tl.log(zpt), ap, delta, eta, cth, sstar, c
 
 
+@triton.jit
+def row_cost(p2_ptr, cost_ptr, n, has_q, S, greedy, aq, ap, delta, eta, RULE: tl.constexpr,
+             S_PAD: tl.constexpr):
+    """The divergence budget's cost ``TV(pi, pT) = Σ max(0, pT - law)`` at the positions ``n``
+    (float64 vector; 0 where ``has_q`` is False, the bonus position of bonus="verifier"), from
+    the targets stage's sums (T > 0; ``targets.launch`` with ``budget``) or closed forms on the
+    one-hot laws of T = 0: prefix rules and drafter ``(1 - delta) TV(pT, qT)``, token rules
+    ``Σ max(0, pT - pi)`` (T = 0: the argmax of q is in A and not p's), lossy
+    ``max(0, Σm + Σ max(0, pT - qT) - 1)`` (its law is m + (1 - Σm) norm(max(0, pT - qT)), which
+    exceeds pT nowhere outside {pT > qT}; 0 at T = 0), lossy_star read from ``cost_ptr``."""
+    s_idx = tl.arange(0, S_PAD)[None, :]
+    rows = p2_ptr + n.to(tl.int64)[:, None] * (2 * S) + s_idx
+    ok = (s_idx < tl.where(greedy, 0, S)) & has_q[:, None]
+    sum0 = tl.sum(tl.load(rows, mask=ok, other=0.0), 1).to(tl.float64)
+    sum1 = tl.sum(tl.load(rows + S, mask=ok, other=0.0), 1).to(tl.float64)
+    differ = tl.where(aq != ap, 1.0, 0.0)  # TV of the one-hots of T = 0
+    if RULE == SPEC:
+        c = tl.zeros_like(sum0)
+    elif (RULE >= TOKEN_V1) & (RULE <= TOKEN_V3):
+        c = tl.where(greedy, tl.where(eta == 0.0, differ, 0.0), sum1)
+    elif RULE == LOSSY:
+        c = tl.where(greedy, 0.0, tl.maximum(sum0 + sum1 - 1.0, 0.0))
+    elif RULE == LOSSY_STAR:
+        c = tl.where(greedy, 0.0, tl.load(cost_ptr + n, mask=has_q, other=0.0))
+    else:  # drafter (delta False) and the prefix rules
+        c = tl.where(delta, 0.0, tl.where(greedy, differ, sum0))
+    return tl.where(has_q, c, 0.0)
+
+
+@triton.jit
+def budget_scan(cost, jv, live, budget, G_PAD: tl.constexpr):
+    """The scan of ``rules.budget_scan`` over one sequence's positions (``cost`` float64 over
+    ``jv``; only ``live`` positions take part): in order, a position keeps the rule and is
+    charged its cost while the charges so far plus it stay within ``budget``, else it is exact
+    (charged 0). Returns ``(exact, charged)`` vectors."""
+    spent = tl.full([], 0.0, tl.float64)
+    exact = jv < 0
+    charged = tl.zeros_like(cost)
+    for k in range(G_PAD):
+        at = jv == k
+        ck = _pick(cost, at)
+        lk = _pick(live.to(tl.int32), at) > 0
+        keep = spent + ck <= budget
+        over = tl.where(keep, 0, 1) > 0  # (not ~keep: the interpreter's scalar invert)
+        ch = tl.where(lk & keep, ck, 0.0)
+        spent = spent + ch
+        exact = exact | (at & lk & over)
+        charged = tl.where(at, ch, charged)
+    return exact, charged
+
+
 @triton.jit(do_not_specialize=["st_t", "st_a", "st_seed", "st_pos", "sx_b", "GAMMA", "RQ", "RS",
                                "SR"])
 def accept_resample_insert_kernel(
     q_ptr, p_ptr, sq_b, sq_j, sp_b, sp_j, qb_ptr, sqb, qoff_ptr, poff_ptr, g_ptr, x_ptr,
     t_ptr, alpha_ptr, seed_ptr, pos_ptr, st_t, st_a, st_seed, st_pos, sx_b, sx_j,
     stf_ptr, sti_ptr, p2_ptr, sst_ptr, ws_ptr, kq_ptr, kp_ptr,
-    tok_ptr, nacc_ptr, nem_ptr, def_ptr,
+    tok_ptr, nacc_ptr, nem_ptr, def_ptr, bud_ptr, cost_ptr, spent_ptr,
     GAMMA, RQ, V, S, RS, SR,
     RULE: tl.constexpr, BLOCK: tl.constexpr, S_PAD: tl.constexpr,
     G_PAD: tl.constexpr, KEEP: tl.constexpr, PER_ROW: tl.constexpr,
+    BUDGET: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     s = tl.program_id(1)
@@ -194,7 +252,15 @@ def accept_resample_insert_kernel(
     qx = scaled(truncate(ql, x, tq, cq, KEEP), mq, lzq, inv_t, x, aq, greedy)
     px = scaled(truncate(pl, x, tp, cp, KEEP), mp, lzp, inv_t, x, ap, greedy)
     in_a = acceptable(ql, pl, mq, mp, cth, RULE)
-    ratio = accept_fn(qx, px, in_a, delta, eta, sstar, one_m_a, RULE) / tl.maximum(qx, Q_FLOOR)
+    acc_x = accept_fn(qx, px, in_a, delta, eta, sstar, one_m_a, RULE)
+    if BUDGET:  # the divergence budget: positions that would overspend it are verified as spec
+        cost = row_cost(p2_ptr, cost_ptr, b * G1 + jv, has_q, S, greedy, aq, ap, delta, eta,
+                        RULE, S_PAD)
+        exact, charged = budget_scan(cost, jv, has_q, tl.load(bud_ptr + b), G_PAD)
+        acc_x = tl.where(exact, px, acc_x)
+        if s == 0:
+            tl.store(spent_ptr + b64 * G1 + jv, charged, mask=jv < G1)
+    ratio = acc_x / tl.maximum(qx, Q_FLOOR)
     u = uniform(row_key(seed, pos + jv, ACCEPT), jv * 0)
     rejected = is_draft & (~(u < ratio))
     r = tl.min(tl.where(rejected, jv, gb), 0)  # = number of accepted drafts
@@ -203,8 +269,12 @@ def accept_resample_insert_kernel(
         # ---- insert (slice 0): deferral flags, accepted drafts, -1 padding -----------------------
         # deferred: delta (prefix rules); draft outside A (token rules; their bonus column depends
         # on the emitted token: written below); else whether the verifier is involved at all
+        # (and every position the divergence budget made exact)
         if token_rule:
-            tl.store(def_ptr + b64 * G1 + jv, ~in_a, mask=is_draft)
+            dflag = ~in_a
+            if BUDGET:
+                dflag = dflag | exact
+            tl.store(def_ptr + b64 * G1 + jv, dflag, mask=is_draft)
         else:
             if (RULE == SPEC) | (RULE == LOSSY) | (RULE == LOSSY_STAR):
                 flag = has_p
@@ -212,6 +282,8 @@ def accept_resample_insert_kernel(
                 flag = jv < 0
             else:
                 flag = delta
+            if BUDGET:
+                flag = flag | exact
             tl.store(def_ptr + b64 * G1 + jv, flag, mask=has_q)
         if CASC == 0:  # bonus="verifier": the bonus token always comes from the verifier
             tl.store(def_ptr + b64 * G1 + gb, tl.full([], 1, tl.int1))
@@ -230,6 +302,8 @@ def accept_resample_insert_kernel(
     ap_r = _pick(ap, sel)
     cth_r = _pick(cth, sel)
     delta_r = _pick(delta.to(tl.int32), sel) > 0
+    if BUDGET:
+        exact_r = _pick(exact.to(tl.int32), sel) > 0
     mq32 = mq_r.to(tl.float32)
     mp32 = mp_r.to(tl.float32)
     lzq32 = _pick(lzq, sel).to(tl.float32)
@@ -265,9 +339,13 @@ def accept_resample_insert_kernel(
         else:
             in_v = inb
         acc = accept_fn(qT, pT, in_v, delta_r, eta32, sst32, oma32, RULE)
+        if BUDGET:  # an exact position: spec's accept pT, residual max(0, pT - qT), law pT
+            acc = tl.where(exact_r, pT, acc)
         if RULE == LOSSY:
             res = tl.maximum(pT - qT, 0.0)
             law = tl.minimum(qT, acc) + c32 * res
+            if BUDGET:
+                law = tl.where(exact_r, pT, law)
         else:
             res = tl.maximum(acc - qT, 0.0)
             law = acc
@@ -303,7 +381,10 @@ def accept_resample_insert_kernel(
                 qb = load_q(q_row, qb_row, tok, V, r >= gb, PER_ROW).to(tl.float64)
                 pb = tl.load(p_row + tok).to(tl.float64)
                 out_a = ~acceptable(qb, pb, mq_r, mp_r, cth_r, RULE)
-                tl.store(def_ptr + b64 * G1 + gb, out_a & (r == gb))
+                out_a = out_a & (r == gb)
+                if BUDGET:
+                    out_a = out_a | (_pick(exact.to(tl.int32), jv == gb) > 0)
+                tl.store(def_ptr + b64 * G1 + gb, out_a)
 
 
 def race_slice(V: int, B: int, slice_width: int, sms: int) -> int:
@@ -322,14 +403,17 @@ def race_slice(V: int, B: int, slice_width: int, sms: int) -> int:
 
 def launch(q, p, rows, x, kq, kp, targets, temperature, alpha, seed, positions, *, B: int,
            gamma: int, rq: int, rule: str, per_row: bool, block: int | None = None,
-           race_width: int | None = None):
+           race_width: int | None = None, budget: torch.Tensor | None = None):
     """The kernel after the targets stage (``targets``: what
     :func:`speccascade_fast.kernels.targets.launch` returned, on the same arguments), ``x``
     int64 ``[B, gamma]`` the drafts; seeds and positions int64 ``[B]``. The race runs over slices
     of its own width RS (``race_width``, default :func:`race_slice`), a runtime argument, in
     chunks of RBLOCK: the targets stage's BLOCK where RS is its slice, else at most 1024
     (4 warps). So a V has at most two compiled race geometries, whatever B. Returns
-    ``(tokens [B, gamma + 1], num_accepted [B], num_emitted [B], deferred [B, gamma + 1])``."""
+    ``(tokens [B, gamma + 1], num_accepted [B], num_emitted [B], deferred [B, gamma + 1],
+    spent)``. ``budget``: None, or float64 ``[B]`` each sequence's divergence budget (the
+    targets stage then ran with ``budget=True``): the scan of docs/semantics.md §9 runs before
+    the accept loop and ``spent`` is float64 ``[B, gamma + 1]`` the charges (else None)."""
     device = p.device
     V = p.shape[-1]
     G1 = gamma + 1
@@ -344,14 +428,21 @@ def launch(q, p, rows, x, kq, kp, targets, temperature, alpha, seed, positions, 
     num_accepted = torch.empty((B,), dtype=torch.int64, device=device)
     num_emitted = torch.empty((B,), dtype=torch.int64, device=device)
     deferred = torch.empty((B, G1), dtype=torch.bool, device=device)
+    spent = None
+    if budget is None:
+        bud = spent_out = cost = targets.stf  # placeholders: the kernel does not read them
+    else:
+        bud = budget.contiguous()
+        spent = spent_out = torch.empty((B, G1), dtype=torch.float64, device=device)
+        cost = targets.cost
     accept_resample_insert_kernel[(B, SR)](
         q, p, *rows, x, temperature, alpha, seed, positions,
         temperature.stride(0), alpha.stride(0), seed.stride(0), positions.stride(0),
         x.stride(0), x.stride(1),
         targets.stf, targets.sti, targets.sums, targets.inv_beta, targets.ws, kq, kp,
-        tokens, num_accepted, num_emitted, deferred,
+        tokens, num_accepted, num_emitted, deferred, bud, cost, spent_out,
         gamma, rq, V, S, RS, SR,
         RULE=RULES.index(rule), BLOCK=RBLOCK, S_PAD=next_pow2(S), G_PAD=next_pow2(G1), KEEP=keep,
-        PER_ROW=per_row, num_warps=warps(RBLOCK),
+        PER_ROW=per_row, BUDGET=budget is not None, num_warps=warps(RBLOCK),
     )
-    return tokens, num_accepted, num_emitted, deferred
+    return tokens, num_accepted, num_emitted, deferred, spent

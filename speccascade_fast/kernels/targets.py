@@ -67,6 +67,10 @@ _NEED_Z1 = frozenset({"chow", "chow_log", "diff", "diff_log", "opt", "opt_log", 
                       "token_v1", "token_v2"})
 _NEED_H = frozenset({"chow_log", "diff_log", "opt_log"})
 _NEED_SUMS = frozenset({"opt", "opt_log", "token_v1", "token_v2", "token_v3"})
+_TOKEN = frozenset({"token_v1", "token_v2", "token_v3"})
+# divergence budget: rules whose cost is (1 - delta) TV(pT, qT) and that need the sums launch for
+# it (opt and opt_log compute TV(pT, qT) anyway)
+_TV_COST = frozenset({"drafter", "chow", "chow_log", "diff", "diff_log", "bild"})
 # lossy_star's 1/beta: K candidates per read of the row, PASSES reads: (K + 1)^PASSES > 2^53,
 # the resolution of the reference's 50-step bisection (rules.LOSSY_STAR_BISECTION_STEPS)
 LOSSY_STAR_K, LOSSY_STAR_PASSES = 8, 17
@@ -192,8 +196,13 @@ def targets_sums_kernel(
     NR, GAMMA, RQ, G1, V, S,
     RULE: tl.constexpr, SLICE: tl.constexpr, BLOCK: tl.constexpr, S_PAD: tl.constexpr,
     KEEP: tl.constexpr, BONUS_ONLY: tl.constexpr, PER_ROW: tl.constexpr,
+    TV: tl.constexpr = False, COST: tl.constexpr = False,
 ):
-    """Rows j = 0 .. NR - 1 of every request, or (``BONUS_ONLY``, NR = 1) its bonus row."""
+    """Rows j = 0 .. NR - 1 of every request, or (``BONUS_ONLY``, NR = 1) its bonus row.
+    Divergence budget: ``TV`` puts ``TV(pT, qT)`` in channel 0 (the cost of drafter and of the
+    prefix rules but opt / opt_log, which have it there already); ``COST`` (token rules, a second
+    launch after the first has left eta's per-slice sums in channel 0) puts
+    ``Σ max(0, pT - pi)``, pi = [v∈A] qT + eta pT, in channel 1 and leaves channel 0 alone."""
     pid = tl.program_id(0)
     s = tl.program_id(1)
     b = pid // NR
@@ -226,6 +235,10 @@ def targets_sums_kernel(
         tp, cp = load_keep(kp_ptr, n, n >= 0, KEEP)
         acc0 = tl.full([], 0.0, tl.float32)
         acc1 = tl.full([], 0.0, tl.float32)
+        if COST:  # eta of the row, merged as the accept stage merges it
+            si = tl.arange(0, S_PAD)
+            eta32 = tl.sum(tl.load(out_ptr + n.to(tl.int64) * (2 * S) + si, mask=si < S,
+                                   other=0.0), 0)
         for c in range(0, SLICE, BLOCK):
             offs = s * SLICE + c + tl.arange(0, BLOCK)
             inb = offs < V
@@ -233,7 +246,11 @@ def targets_sums_kernel(
             pl = tl.load(p_row + offs, mask=inb, other=NEG_INF).to(tl.float32)
             qT = scaled(truncate(ql, offs, tq, cq, KEEP), mq32, lzq, it32, offs, aq, False)
             pT = scaled(truncate(pl, offs, tp, cp, KEEP), mp32, lzp, it32, offs, ap, False)
-            if (RULE == OPT) | (RULE == OPT_LOG):
+            if COST:
+                in_a = acceptable(ql.to(tl.float64), pl.to(tl.float64), mq, mp, cth, RULE)
+                law = tl.where(in_a, qT, 0.0) + eta32 * pT
+                acc1 += tl.sum(tl.maximum(pT - law, 0.0), 0)
+            elif (RULE == OPT) | (RULE == OPT_LOG) | TV:
                 acc0 += tl.sum(tl.maximum(pT - qT, 0.0), 0)
             elif (RULE >= TOKEN_V1) & (RULE <= TOKEN_V3):
                 in_a = acceptable(ql.to(tl.float64), pl.to(tl.float64), mq, mp, cth, RULE)
@@ -242,7 +259,8 @@ def targets_sums_kernel(
                 acc0 += tl.sum(tl.minimum(qT, pT / one_m_a), 0)
                 acc1 += tl.sum(tl.maximum(pT - qT, 0.0), 0)
         ob = out_ptr + n.to(tl.int64) * (2 * S) + s
-        tl.store(ob, acc0)
+        if not COST:
+            tl.store(ob, acc0)
         tl.store(ob + S, acc1)
 
 
@@ -264,15 +282,17 @@ def _capped_chunk(q_row, qb_row, bonus, p_row, c, V, mq, mp, lzq, lzp, inv_t, aq
 def targets_lossy_star_kernel(
     q_ptr, p_ptr, sq_b, sq_j, sp_b, sp_j, qb_ptr, sqb, qoff_ptr, poff_ptr, g_ptr,
     t_ptr, alpha_ptr, st_t, st_a,
-    stf_ptr, sti_ptr, out_ptr, kq_ptr, kp_ptr,
+    stf_ptr, sti_ptr, out_ptr, kq_ptr, kp_ptr, cost_ptr,
     GAMMA, RQ, G1, V, S,
     PASSES: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr, S_PAD: tl.constexpr,
-    KEEP: tl.constexpr, PER_ROW: tl.constexpr,
+    KEEP: tl.constexpr, PER_ROW: tl.constexpr, COST: tl.constexpr = False,
 ):
     """out[n] = hi after ``PASSES`` k-section passes (``K`` points each) on
     g(s) = Σ max(m, s pT) = 1, m = min(qT, pT/(1-a)), keeping g(lo) < 1 <= g(hi) as the reference's
     bisection does; lo = 0, hi = 1/(1-a), or hi = 0 when Σ m >= 1 (pi = qT). Rows past a
-    request's own drafter rows (ragged layout) write nothing."""
+    request's own drafter rows (ragged layout) write nothing. ``COST`` (divergence budget): one
+    more read of the row once 1/beta is known writes the position's cost
+    ``Σ max(0, pT - pi)`` to ``cost_ptr[n]`` (0 at T = 0, where pi is pT or qT = pT)."""
     pid = tl.program_id(0)
     b = pid // RQ
     j = pid % RQ
@@ -281,15 +301,16 @@ def targets_lossy_star_kernel(
     if j < gb + (RQ - GAMMA):
         _lossy_star_row(q_base + j * sq_j, qb_ptr + b.to(tl.int64) * sqb, j >= gb,
                         p_base + j * sp_j, t_ptr, alpha_ptr, st_t, st_a, stf_ptr, sti_ptr,
-                        out_ptr, kq_ptr, kp_ptr, b, b * RQ + j, b * G1 + j, V, S, PASSES, K,
-                        BLOCK, S_PAD, KEEP, PER_ROW)
+                        out_ptr, kq_ptr, kp_ptr, cost_ptr, b, b * RQ + j, b * G1 + j, V, S,
+                        PASSES, K, BLOCK, S_PAD, KEEP, PER_ROW, COST)
 
 
 @triton.jit
 def _lossy_star_row(q_row, qb_row, bonus, p_row, t_ptr, alpha_ptr, st_t, st_a, stf_ptr, sti_ptr,
-                    out_ptr, kq_ptr, kp_ptr, b, kq_row, n, V, S, PASSES: tl.constexpr,
-                    K: tl.constexpr, BLOCK: tl.constexpr, S_PAD: tl.constexpr,
-                    KEEP: tl.constexpr, PER_ROW: tl.constexpr):
+                    out_ptr, kq_ptr, kp_ptr, cost_ptr, b, kq_row, n, V, S,
+                    PASSES: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr,
+                    S_PAD: tl.constexpr, KEEP: tl.constexpr, PER_ROW: tl.constexpr,
+                    COST: tl.constexpr):
     """targets_lossy_star_kernel for the row pair at position n (drafter keep-bound row
     ``kq_row``)."""
     t = tl.load(t_ptr + b * st_t)
@@ -301,6 +322,7 @@ def _lossy_star_row(q_row, qb_row, bonus, p_row, t_ptr, alpha_ptr, st_t, st_a, s
     lo = tl.full([], 0.0, tl.float64)
     hi = 1.0 / (1.0 - alpha)
     ks = tl.arange(0, K)
+    cost = tl.full([], 0.0, tl.float64)
     if greedy:
         # one-hot qT, pT: sum m = [aq == ap]; otherwise m = 0 and g(s) = s exactly
         hi = tl.where(aq == ap, 0.0, hi)
@@ -333,7 +355,16 @@ def _lossy_star_row(q_row, qb_row, bonus, p_row, t_ptr, alpha_ptr, st_t, st_a, s
                 g += tl.sum(tl.maximum(m[None, :], cand32[:, None] * pT[None, :]), 1).to(
                     tl.float64)
             lo, hi = _narrow(lo, hi, cand, g < 1.0, ks, K)
+        if COST:  # pi as the accept stage forms it, from 1/beta in float32
+            hi32 = hi.to(tl.float32)
+            for c in range(0, V, BLOCK):
+                m, pT = _capped_chunk(q_row, qb_row, bonus, p_row, c, V, mq32, mp32, lzq, lzp,
+                                      it32, aq, ap, one_m_a, tq, cq, tp, cp, BLOCK, KEEP,
+                                      PER_ROW)
+                cost += tl.sum(tl.maximum(pT - tl.maximum(m, hi32 * pT), 0.0), 0).to(tl.float64)
     tl.store(out_ptr + n, hi)
+    if COST:
+        tl.store(cost_ptr + n, cost)
 
 
 @triton.jit
@@ -351,7 +382,9 @@ class Targets(NamedTuple):
     ``stf`` / int32 ``sti`` per-slice statistics (:mod:`.common`), the sums of
     ``targets_sums_kernel`` (``sums``) and lossy_star's 1/beta (``inv_beta``), each ``stf`` where
     the rule has none (a placeholder never read), the resample stage's workspace ``ws`` and the
-    slicing: ``slice_width`` (SLICE), ``block`` (BLOCK), S slices."""
+    slicing: ``slice_width`` (SLICE), ``block`` (BLOCK), S slices; with a divergence budget
+    lossy_star's per-position cost (``cost``, float64 ``[B * (gamma + 1)]``; else a
+    placeholder)."""
 
     stf: torch.Tensor
     sti: torch.Tensor
@@ -361,17 +394,27 @@ class Targets(NamedTuple):
     slice_width: int
     block: int
     S: int
+    cost: torch.Tensor | None = None
 
 
 def launch(q, p, rows, kq, kp, temperature, alpha, *, B: int, gamma: int, rq: int, rule: str,
-           per_row: bool, slice_width: int | None = None, block: int | None = None) -> Targets:
+           per_row: bool, slice_width: int | None = None, block: int | None = None,
+           budget: bool = False) -> Targets:
     """The targets stage's 1-2 launches over ``B`` sequences of ``gamma + 1`` positions (``rq``
     drafter rows each: gamma, + 1 with bonus="cascade"). ``q`` / ``p``: the logits tensors,
     ``rows``: the layout arguments of :class:`speccascade_fast.backends.triton` (strides, bonus
     tensor, ragged offset tables), ``kq`` / ``kp``: the rows' keep bounds or None; float64
     ``temperature`` / ``alpha`` ``[B]``. ``slice_width`` / ``block`` (powers of two) override the
     vocabulary slice per program (default :func:`~.launch.slice_size`) and the chunk each program
-    loops over (default: the whole slice in one go)."""
+    loops over (default: the whole slice in one go).
+
+    ``budget``: also the sums each position's divergence cost ``TV(pi, pT)`` needs
+    (docs/semantics.md §9), read by the accept stage: opt / opt_log have ``TV(pT, qT)`` already
+    and lossy's cost is ``max(0, Σm + Σ max(0, pT - qT) - 1)`` from the sums its bonus law uses
+    (then taken at every row); drafter and the other prefix rules get ``TV(pT, qT)`` from the
+    sums launch (which they otherwise skip); lossy_star's kernel reads each row once more after
+    1/beta; token rules, whose pi needs eta first, take a second sums launch (the one extra
+    reduction over the row)."""
     device = p.device
     V = p.shape[-1]
     G1 = gamma + 1
@@ -394,22 +437,28 @@ def launch(q, p, rows, kq, kp, temperature, alpha, *, B: int, gamma: int, rq: in
         NEED_X=rule == "bild", KEEP=keep, PER_ROW=per_row, num_warps=nwarps,
     )
 
-    sums = inv_beta = stf  # placeholders for pointer arguments a rule does not read
+    sums = inv_beta = cost = stf  # placeholders for pointer arguments a rule does not read
     scal = (temperature, alpha, temperature.stride(0), alpha.stride(0))
-    if rule in _NEED_SUMS or (rule == "lossy" and rq == G1):
-        bonus_only = rule == "lossy"  # lossy: only its bonus row's law needs these sums
+    tv = budget and rule in _TV_COST
+    if rule in _NEED_SUMS or (rule == "lossy" and (rq == G1 or budget)) or tv:
+        # lossy: only its bonus row's law needs these sums, unless every row's cost does
+        bonus_only = rule == "lossy" and not budget
         nr = 1 if bonus_only else rq
         sums = torch.empty((B * G1, 2, S), dtype=torch.float32, device=device)
-        targets_sums_kernel[(B * nr, S)](
-            q, p, *rows, *scal, stf, sti, sums, kq, kp, nr, gamma, rq, G1, V, S,
-            RULE=rid, SLICE=SLICE, BLOCK=BLOCK, S_PAD=S_PAD, KEEP=keep, BONUS_ONLY=bonus_only,
-            PER_ROW=per_row, num_warps=nwarps,
-        )
+        for cost_pass in (False, True) if budget and rule in _TOKEN else (False,):
+            targets_sums_kernel[(B * nr, S)](
+                q, p, *rows, *scal, stf, sti, sums, kq, kp, nr, gamma, rq, G1, V, S,
+                RULE=rid, SLICE=SLICE, BLOCK=BLOCK, S_PAD=S_PAD, KEEP=keep,
+                BONUS_ONLY=bonus_only, PER_ROW=per_row, TV=tv, COST=cost_pass,
+                num_warps=nwarps,
+            )
     elif rule == "lossy_star":
         inv_beta = torch.empty((B * G1,), dtype=torch.float64, device=device)
+        if budget:
+            cost = torch.empty((B * G1,), dtype=torch.float64, device=device)
         targets_lossy_star_kernel[(B * rq,)](
-            q, p, *rows, *scal, stf, sti, inv_beta, kq, kp, gamma, rq, G1, V, S,
+            q, p, *rows, *scal, stf, sti, inv_beta, kq, kp, cost, gamma, rq, G1, V, S,
             PASSES=LOSSY_STAR_PASSES, K=LOSSY_STAR_K, BLOCK=min(next_pow2(V), block or 1024),
-            S_PAD=S_PAD, KEEP=keep, PER_ROW=per_row, num_warps=8,
+            S_PAD=S_PAD, KEEP=keep, PER_ROW=per_row, COST=budget, num_warps=8,
         )
-    return Targets(stf, sti, sums, inv_beta, ws, SLICE, BLOCK, S)
+    return Targets(stf, sti, sums, inv_beta, ws, SLICE, BLOCK, S, cost)

@@ -1,0 +1,193 @@
+"""The divergence budget (docs/semantics.md §9) in the Triton kernels against the reference.
+
+Per position the kernels compute the cost ``TV(pi, pT)`` in float32 sums (the reference in
+float64) and scan it along the block in float64 as ``rules.budget_scan`` does. A position whose
+running charge plus its cost lies within ~1e-6 of the row's budget may legitimately go either
+way, so the budgets are chosen per row from the reference's costs (0, a third and two thirds of
+the row's total, inf) and rows still landing that close to a decision are left out by name
+(:func:`scan_ties`); everything else must match: tokens, num_accepted, deferred exactly up to
+the usual floating-point near-ties of the accept and resample stages
+(``assert_same_up_to_near_ties``), ``spent`` to 1e-5.
+
+Runs in Triton's interpreter on the CPU (tests/conftest.py), so shapes stay tiny.
+"""
+import math
+from collections import namedtuple
+
+import pytest
+import torch
+import triton  # noqa: F401  (a missing triton must fail this module, not skip it)
+
+import speccascade_fast as sc
+from speccascade_fast import backends, checks
+from speccascade_fast.backends import reference
+from speccascade_fast.backends import triton as tb
+from speccascade_fast.rules import budget_scan, divergence, position_targets
+
+from .helpers import assert_same_up_to_near_ties
+
+_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if _CUDA else "cpu")
+B, G, V = 4, 3, 64
+TIE = 1e-6
+RULES = {"spec": None, "token_v3": 0.5, "chow": 0.9, "opt": 0.5, "lossy": 0.4,
+         "lossy_star": 0.4, "drafter": None}
+
+# VerifyOutput's decisions, without ``spent`` (compared to a tolerance)
+Decisions = namedtuple("Decisions", "tokens num_accepted num_emitted deferred")
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    if not _CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def block(seed, *, T, cascade, rows=B, device=DEVICE):
+    """Drafter / verifier logits that partly agree (fp32), drafts drawn from qT at T."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(rows, G + 1, V, generator=g, dtype=torch.float64) * 2
+    p = q + torch.randn(rows, G + 1, V, generator=g, dtype=torch.float64)
+    q, p = q.float(), p.float()
+    temps = torch.full((rows,), float(T), dtype=torch.float64)
+    x = sc.sample(q[:, :G], temperature=temps, seed=torch.arange(rows) + 31 * seed)
+    if not cascade:
+        q = q[:, :G].contiguous()
+    return q.to(device), x.to(device), p.to(device)
+
+
+def call_args(rule, T, rows, seed, device=DEVICE):
+    return dict(
+        rule=rule,
+        alpha=checks.alpha_tensor(RULES[rule], (rows,), device),
+        temperature=torch.full((rows,), float(T), dtype=torch.float64, device=device),
+        seed=(torch.arange(rows, dtype=torch.int64) * 7919 + seed).to(device),
+        positions=(torch.arange(rows, dtype=torch.int64) * 13 + 5).to(device),
+    )
+
+
+def costs(q, p, args, top_k=None, top_p=None):
+    """The reference's cost per scanned position, float64 ``[B, rows]``."""
+    n = q.shape[1]
+    t = position_targets(q.double(), p[:, :n].double(), rule=args["rule"],
+                         alpha=args["alpha"][:, None].expand(-1, n),
+                         temperature=args["temperature"][:, None].expand(-1, n),
+                         top_k=top_k, top_p=top_p)
+    return divergence(args["rule"], t)
+
+
+def scan_ties(cost, budget):
+    """Rows where some position's running charge plus its cost lies within TIE of the budget
+    (float32 costs may decide it the other way). Positions of cost <= TIE are not counted: their
+    law is within TV TIE of pT whichever way the scan goes."""
+    exact, charged = budget_scan(cost, budget)
+    before = torch.cumsum(charged, 1) - charged
+    near = ((before + cost - budget[:, None]).abs() < TIE) & (cost > TIE)
+    return {int(r) for r in torch.nonzero(near.any(1)).flatten()}, exact
+
+
+def budgets_for(cost):
+    """Per row: 0, a third and two thirds of the row's total cost, inf (cycled over rows)."""
+    total = cost.sum(1)
+    pick = [torch.zeros_like(total), total / 3, 2 * total / 3, torch.full_like(total, math.inf)]
+    return torch.stack([pick[r % 4][r] for r in range(cost.shape[0])])
+
+
+def triton_dispatch(q, x, p, args, top_p, budget):
+    """The public path: the dispatch computes the keep bounds and hands the budget to Triton."""
+    return backends.verify("triton", q, x, p, **args, top_k=None, top_p=top_p, budget=budget)
+
+
+def check(rule, T, cascade, seed, top_p=None, run=triton_dispatch, device=DEVICE):
+    """``run``'s output for a block with per-row budgets equals the reference's (see the module
+    docstring) on ``device``; returns the reference's exact positions and costs."""
+    q, x, p = block(seed, T=T, cascade=cascade, device=device)
+    args = call_args(rule, T, B, seed, device)
+    cost = costs(q, p, args, top_p=top_p)
+    budget = budgets_for(cost).to(device)
+    ties, exact = scan_ties(cost, budget)
+    assert len(ties) <= 1, f"budgets chosen at ties in rows {sorted(ties)}: change the seed"
+    keep = set(range(B)) - ties
+    got = run(q, x, p, args, top_p, budget)
+    want = reference.verify(q, x, p, **args, top_k=None, top_p=top_p, budget=budget)
+    assert got.spent is not None and got.spent.dtype == torch.float64
+    assert got.spent.shape == (B, G + 1)
+    rows = torch.tensor(sorted(keep), device=device)
+    sub = [Decisions(*(f.index_select(0, rows) for f in o[:4])) for o in (got, want)]
+    if top_p is None:
+        sargs = {**args, "budget": budget}
+        for k in ("alpha", "temperature", "seed", "positions", "budget"):
+            sargs[k] = sargs[k].index_select(0, rows)
+        qs, xs, ps = (t.index_select(0, rows) for t in (q, x, p))
+        assert_same_up_to_near_ties(sub[0], sub[1], qs, xs, ps, sargs)
+    else:  # (the near-tie check perturbs untruncated calls only; random inputs have none here)
+        for name, a, b in zip(want._fields, *sub):
+            assert torch.equal(a, b), (name, a, b)
+    torch.testing.assert_close(got.spent[rows], want.spent[rows], atol=1e-5, rtol=0)
+    return exact, cost
+
+
+# ---- tokens, counts, flags and charges equal the reference's --------------------------------------
+@pytest.mark.parametrize("cascade", [True, False], ids=["cascade", "verifier"])
+@pytest.mark.parametrize("T", [0.0, 1.0])
+@pytest.mark.parametrize("rule", list(RULES))
+def test_budget_matches_reference(rule, T, cascade):
+    seed = 10 * list(RULES).index(rule) + 3 * int(T) + int(cascade)
+    exact, cost = check(rule, T, cascade, seed)
+    if rule != "spec" and T > 0:  # the case must make positions exact and let others spend
+        assert bool(exact.any()) and bool((~exact & (cost > 0)).any())
+
+
+@pytest.mark.parametrize("cascade", [True, False], ids=["cascade", "verifier"])
+@pytest.mark.parametrize("rule", list(RULES))
+def test_budget_with_top_p_matches_reference(rule, cascade):
+    exact, _ = check(rule, 1.0, cascade, 200 + list(RULES).index(rule), top_p=0.8)
+    if rule != "spec":
+        assert bool(exact.any())
+
+
+# ---- every path spends at most its budget ------------------------------------------------------------
+@pytest.mark.parametrize("rule", ["token_v3", "lossy", "chow", "lossy_star"])
+def test_every_path_spends_at_most_the_budget(rule):
+    rows = 8
+    q, x, p = block(77, T=1.0, cascade=True, rows=rows)
+    args = call_args(rule, 1.0, rows, 77)
+    g = torch.Generator().manual_seed(5)
+    budget = (torch.rand(rows, generator=g, dtype=torch.float64) * 0.6).to(DEVICE)
+    out = tb.verify(q, x, p, **args, top_k=None, top_p=None, budget=budget)
+    emitted = torch.arange(G + 1, device=DEVICE)[None] <= out.num_accepted[:, None]
+    spent = torch.where(emitted, out.spent, 0.0).sum(1)
+    assert bool((spent <= budget + 1e-6).all()), (spent, budget)
+    assert bool((out.spent >= 0).all())
+    assert bool((spent > 0).any()), "the case needs paths that spend"
+
+
+# ---- no budget: the plain kernels; the dispatch sends budget calls here ------------------------------
+def test_without_a_budget_spent_is_none_and_inf_is_the_plain_rule():
+    q, x, p = block(9, T=1.0, cascade=True)
+    args = call_args("token_v3", 1.0, B, 9)
+    plain = tb.verify(q, x, p, **args, top_k=None, top_p=None)
+    assert plain.spent is None
+    inf = tb.verify(q, x, p, **args, top_k=None, top_p=None,
+                    budget=torch.full((B,), math.inf, dtype=torch.float64, device=DEVICE))
+    for a, b in zip(plain[:4], inf[:4]):
+        assert torch.equal(a, b)
+
+
+def test_public_verify_sends_budget_calls_to_triton(monkeypatch):
+    assert backends.REGISTRY["triton"].budget
+    calls = []
+    real = tb.verify
+
+    def spy(*a, **kw):
+        calls.append(kw.get("budget"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tb, "verify", spy)
+    q, x, p = block(11, T=1.0, cascade=True)
+    out = sc.verify(q, x, p, rule="lossy", alpha=0.3, temperature=1.0, divergence_budget=0.1,
+                    backend="triton")
+    assert len(calls) == 1 and calls[0] is not None and out.spent is not None
+
