@@ -73,9 +73,22 @@ def module():
     )
 
 
+class _Padded:
+    """``verify_padded`` with its ``.budget`` overload, as ``torch.ops.speccascade`` has them."""
+
+    def __init__(self, m):
+        self._m = m
+
+    def __call__(self, *args, **kw):
+        return self._m.verify_padded(*args, **kw)
+
+    def budget(self, *args, **kw):
+        return self._m.verify_padded_budget(*args, **kw)
+
+
 def ops():
-    """An object with the ``verify_padded`` / ``verify_ragged`` of ``torch.ops.speccascade``
-    (what :func:`speccascade_fast.backends._ops.call_padded` / ``call_ragged`` call), run by the
-    CUDA kernels on the emulator."""
+    """An object with the ``verify_padded`` (and its ``.budget`` overload) / ``verify_ragged`` of
+    ``torch.ops.speccascade`` (what :func:`speccascade_fast.backends._ops.call_padded` /
+    ``call_ragged`` call), run by the CUDA kernels on the emulator."""
     m = module()
-    return types.SimpleNamespace(verify_padded=m.verify_padded, verify_ragged=m.verify_ragged)
+    return types.SimpleNamespace(verify_padded=_Padded(m), verify_ragged=m.verify_ragged)

@@ -53,6 +53,15 @@
 // So spec, drafter, chow, chow_log, diff, diff_log, bild and lossy (bonus="verifier") take 2
 // launches; opt, opt_log, token_v1-3, lossy (bonus="cascade") and lossy_star take 3.
 //
+// Divergence budget (a.budget, padded layout; docs/semantics.md §9): each position's cost
+// TV(pi, pT) comes from the targets stage's sums: targets_second_pass_kernel also runs for
+// drafter and the prefix rules (TV(pT, qT); opt / opt_log have it already) and for lossy at every
+// row (its cost is max(0, tot - rm) from its bonus law's two sums); targets_lossy_star_kernel
+// reads each row once more after 1/beta; token rules, whose pi needs eta first, take a second
+// launch of targets_second_pass_kernel (cost_pass: the one extra reduction over the row).
+// T = 0 rows have closed forms. accept_resample_kernel's thread 0 scans the costs in order
+// before the accept loop; a position that would overspend is verified as spec (pi = pT).
+//
 // top-k / top-p: each row's keep bound (tau, cut) (csrc/keep_bound.h, computed by the caller)
 // turns its logits to -inf outside the kept set wherever qT / pT are formed (the sums at T of
 // targets_stats_kernel, every sum of the second-pass kernels, qT(x) / pT(x) and the race of
@@ -199,6 +208,8 @@ struct PosFull {
   double sstar;         // lossy_star: 1 / beta
   double rm, tot;       // lossy bonus law: rejected mass and residual total
   int delta;            // prefix rules: defer
+  double cost, charge;  // divergence budget: TV(pi, pT), and what the scan charged
+  int exact;            // divergence budget: verified as spec (pi = pT)
 };
 
 // ---- reductions ------------------------------------------------------------------------------
@@ -435,10 +446,18 @@ __device__ __forceinline__ bool in_a_logit(float l, float m, double thr) {
   return static_cast<double>(l) - static_cast<double>(m) >= thr;
 }
 
+// Sum of the per-slice second-pass sums of position n, field f, in slice order.
+__device__ __forceinline__ double sum_slices(const double* sums, int64_t n, int S, int f) {
+  double acc = 0.0;
+  for (int s = 0; s < S; ++s) acc += sums[(n * S + s) * 2 + f];
+  return acc;
+}
+
 // ==== stage: targets (second launch, a: second-pass sums) =======================================
 __global__ void __launch_bounds__(kThreads)
     targets_second_pass_kernel(sc_verify_args a, int64_t slice, int S,
-                               const SliceStats* __restrict__ ws, double* __restrict__ sums) {
+                               const SliceStats* __restrict__ ws, double* __restrict__ sums,
+                               int cost_pass) {
   __shared__ PosInfo s_info;
   __shared__ double s_sum[kWarps * 2];
   const int64_t n = blockIdx.x;
@@ -447,8 +466,9 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = n / G1, j = n % G1;
   const double t = a.temperature[b];
   const bool lossy = a.rule == kLossy;
+  const bool budget = a.budget != nullptr;  // (lossy: every row's cost needs its sums)
   const bool need = t > 0.0 && rows_of(a, b, j).has_q &&  // (has_q is false when inactive)
-                    (!lossy || (j == gamma_of(a, b) && a.rq == G1));
+                    (!lossy || budget || (j == gamma_of(a, b) && a.rq == G1));
   if (!need) return;  // uniform over the block: before any barrier
   const double inv_t = 1.0 / t;
   const float inv_t_f = static_cast<float>(fmin(inv_t, static_cast<double>(FLT_MAX)));
@@ -465,7 +485,24 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t lo = static_cast<int64_t>(s) * slice;
   const int64_t hi = lo + slice < a.V ? lo + slice : a.V;
   double acc[2] = {0.0, 0.0};
-  if (a.rule == kOpt || a.rule == kOptLog) {
+  if (cost_pass) {
+    // token rules, divergence budget: field 1 = sum max(0, pT - pi), pi = [v in A] qT + eta pT,
+    // eta as accept_resample_kernel's targets_derive takes it (field 0 of the first launch)
+    const double thr = token_thr(a.rule, alpha, X);
+    const bool on_q = a.rule == kTokenV1;
+    const double eta = thr == -INFINITY ? 0.0 : (thr > 0.0 ? 1.0 : sum_slices(sums, n, S, 0));
+    for (int64_t v = lo + threadIdx.x; v < hi; v += kThreads) {
+      const float xq = ld(R.q, R.q_dt, R.q_off + v);
+      const float xp = ld(a.p, a.p_dtype, R.p_off + v);
+      const double pt = static_cast<double>(expf((R.kp.apply(xp, v) - mp) * inv_t_f) * rp);
+      const double pi = (in_a_logit(on_q ? xq : xp, on_q ? mq : mp, thr)
+                             ? static_cast<double>(expf((R.kq.apply(xq, v) - mq) * inv_t_f) * rq)
+                             : 0.0) + eta * pt;
+      acc[1] += fmax(pt - pi, 0.0);
+    }
+  } else if (a.rule == kOpt || a.rule == kOptLog || (budget && a.rule != kLossy &&
+                                                     !is_token(a.rule))) {
+    // (with a budget also drafter and the other prefix rules: their cost is TV(pT, qT))
     // TV(pT, qT) = sum max(0, pT - qT), each difference as pT * -expm1(log qT - log pT)
     const float dm = static_cast<float>(static_cast<double>(mq) - mp);
     const float dl = static_cast<float>(log(X.qt) - log(X.pt));
@@ -501,7 +538,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   block_sums<kWarps, 2>(acc, s_sum);
   if (threadIdx.x == 0) {
-    sums[(n * S + s) * 2] = acc[0];
+    if (!cost_pass) sums[(n * S + s) * 2] = acc[0];  // (the cost pass reads field 0)
     sums[(n * S + s) * 2 + 1] = acc[1];
   }
 }
@@ -514,7 +551,7 @@ __global__ void __launch_bounds__(kThreads)
 // bisection returns its upper end too), capped at c. D <= 0: s = 0 (pi = qT).
 __global__ void __launch_bounds__(kStarThreads)
     targets_lossy_star_kernel(sc_verify_args a, int S, const SliceStats* __restrict__ ws,
-                              double* __restrict__ sstar) {
+                              double* __restrict__ sstar, double* __restrict__ cost) {
   __shared__ PosInfo s_info;
   __shared__ double s_sum[kStarWarps * kStarK];
   const int64_t n = blockIdx.x;
@@ -581,7 +618,21 @@ __global__ void __launch_bounds__(kStarThreads)
   } else {
     hi = 0.0;
   }
-  if (threadIdx.x == 0) sstar[n] = hi < c ? hi : c;
+  const double s_final = hi < c ? hi : c;
+  if (a.budget != nullptr) {  // the position's cost sum max(0, pT - pi): one more read
+    const double sf = s_final;
+    double csum[1] = {0.0};
+    for (int64_t v = threadIdx.x; v < a.V; v += kStarThreads) {
+      const float qt = expf((R.kq.apply(ld(R.q, R.q_dt, R.q_off + v), v) - mq) * inv_t_f) * rq;
+      const float pt = expf((R.kp.apply(ld(a.p, a.p_dtype, R.p_off + v), v) - mp) * inv_t_f) * rp;
+      const double ptd = static_cast<double>(pt);
+      const double pi = fmax(fmin(static_cast<double>(qt), ptd / (1.0 - a.alpha[b])), sf * ptd);
+      csum[0] += fmax(ptd - pi, 0.0);
+    }
+    block_sums<kStarWarps, 1>(csum, s_sum);
+    if (threadIdx.x == 0) cost[n] = csum[0];
+  }
+  if (threadIdx.x == 0) sstar[n] = s_final;
 }
 
 // ==== stages: end of targets + accept + resample + insert (last launch) ========================
@@ -608,6 +659,7 @@ __device__ __forceinline__ double prob_t(float l, float m, int arg, double st, d
 }
 
 __device__ __forceinline__ int pi_mode(int rule, const PosFull& X) {
+  if (X.exact) return kPiP;  // the divergence budget's exact positions: spec
   switch (rule) {
     case kSpec: return kPiP;
     case kDrafter: return kPiQ;
@@ -636,17 +688,31 @@ __device__ __forceinline__ bool in_a_at(int rule, const PosFull& X, float ql, fl
   return rule == kTokenV1 ? in_a_logit(ql, X.s.mq, X.thr) : in_a_logit(pl, X.s.mp, X.thr);
 }
 
-// Sum of the per-slice second-pass sums of position n, field f, in slice order.
-__device__ __forceinline__ double sum_slices(const double* sums, int64_t n, int S, int f) {
-  double acc = 0.0;
-  for (int s = 0; s < S; ++s) acc += sums[(n * S + s) * 2 + f];
-  return acc;
+// The divergence budget's cost TV(pi, pT) = sum max(0, pT - pi) of a position with a draft row,
+// once its decisions are taken (docs/semantics.md §9): prefix rules and drafter
+// (1 - delta) TV(pT, qT); token rules the cost pass's sum; lossy max(0, tot - rm) (its law
+// m + rm norm(max(0, pT - qT)) exceeds pT nowhere outside {pT > qT}); lossy_star the sum its
+// kernel took. T = 0 (one-hot laws): 1 where pi is the one-hot of q's argmax and that is not
+// p's, else 0 (lossy and lossy_star emit pT exactly there).
+__device__ double position_cost(int rule, double t, const PosInfo& I, const PosFull& X,
+                                int64_t n, int S, const double* sums, const double* cost) {
+  const double differ = I.aq != I.ap ? 1.0 : 0.0;
+  switch (rule) {
+    case kSpec: return 0.0;
+    case kLossy: return t == 0.0 ? 0.0 : fmax(sum_slices(sums, n, S, 1) - sum_slices(sums, n, S, 0), 0.0);
+    case kLossyStar: return t == 0.0 ? 0.0 : cost[n];
+    default: break;
+  }
+  if (is_token(rule)) return t == 0.0 ? (X.eta == 0.0 ? differ : 0.0) : sum_slices(sums, n, S, 1);
+  if (X.delta) return 0.0;
+  return t == 0.0 ? differ : sum_slices(sums, n, S, 0);
 }
 
 // targets: the decisions of position j of request b from its merged statistics (verify_cpu.cpp's
 // targets_derive and targets_decide, without the shortcuts).
 __device__ void targets_derive(const sc_verify_args& a, const Req& q, int64_t b, int64_t j, int S,
-                               const double* sums, const double* sstar, PosFull& X) {
+                               const double* sums, const double* sstar, const double* cost,
+                               PosFull& X) {
   const int rule = a.rule;
   const int64_t n = b * (a.gamma + 1) + j;
   const Rows R = rows_of(a, b, j);
@@ -660,6 +726,9 @@ __device__ void targets_derive(const sc_verify_args& a, const Req& q, int64_t b,
   X.rm = 0.0;
   X.tot = 0.0;
   X.delta = 0;
+  X.cost = 0.0;
+  X.charge = 0.0;
+  X.exact = 0;
   if (!R.has_q) return;  // bonus="verifier" bonus position: pT only
   const double negent_q = I.qh / I.q1 - log(I.q1);
   const double negent_p = I.ph / I.p1 - log(I.p1);
@@ -722,6 +791,7 @@ __device__ void targets_derive(const sc_verify_args& a, const Req& q, int64_t b,
       break;
     default: break;
   }
+  if (a.budget != nullptr) X.cost = position_cost(rule, t, I, X, n, S, sums, cost);
 }
 
 __device__ __forceinline__ bool better_ll(double a, long long ia, double b, long long ib) {
@@ -731,8 +801,8 @@ __device__ __forceinline__ bool better_ll(double a, long long ia, double b, long
 __global__ void __launch_bounds__(kThreads)
     accept_resample_kernel(sc_verify_args a, int64_t slice, int S,
                            const SliceStats* __restrict__ ws, const double* __restrict__ sums,
-                           const double* __restrict__ sstar, Cand* __restrict__ cands,
-                           unsigned* __restrict__ counters) {
+                           const double* __restrict__ sstar, const double* __restrict__ cost,
+                           Cand* __restrict__ cands, unsigned* __restrict__ counters) {
   extern __shared__ PosFull s_pos[];  // a.gamma + 1 entries (this request uses gamma + 1)
   __shared__ double s_score[32];
   __shared__ int64_t s_idx[32];
@@ -763,10 +833,25 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   // --- stage: targets (end): decisions (one thread per position) ---
   for (int64_t j = threadIdx.x; j <= gamma; j += kThreads)
-    targets_derive(a, q, b, j, S, sums, sstar, s_pos[j]);
+    targets_derive(a, q, b, j, S, sums, sstar, cost, s_pos[j]);
   __syncthreads();
   // --- stage: accept (thread 0): r = number of accepted drafts ---
   if (threadIdx.x == 0) {
+    if (a.budget != nullptr) {
+      // the divergence budget's scan (rules.budget_scan): in order, a position keeps the rule
+      // and is charged its cost while the charges stay within the budget, else it is exact
+      const double budget = a.budget[b];
+      double spent = 0.0;
+      for (int64_t j = 0; j < rows; ++j) {
+        PosFull& X = s_pos[j];
+        if (spent + X.cost <= budget) {
+          X.charge = X.cost;
+          spent += X.cost;
+        } else {
+          X.exact = 1;
+        }
+      }
+    }
     int r = static_cast<int>(gamma);
     for (int64_t j = 0; j < gamma; ++j) {
       const int64_t x = x_at(a, b, j);
@@ -884,6 +969,8 @@ __global__ void __launch_bounds__(kThreads)
       d = false;  // ragged: padding past this request's bonus position
     } else if (j >= rows) {
       d = true;  // bonus="verifier": the bonus token comes from the verifier
+    } else if (s_pos[j].exact) {
+      d = true;  // verified exactly under the divergence budget: the verifier decides
     } else if (is_prefix(rule)) {
       d = s_pos[j].delta != 0;
     } else if (is_token(rule)) {
@@ -898,6 +985,9 @@ __global__ void __launch_bounds__(kThreads)
       d = rule != kDrafter;
     }
     def[j] = d ? 1 : 0;
+  }
+  if (a.spent != nullptr) {
+    for (int64_t j = 0; j < G1; ++j) a.spent[b * G1 + j] = j < rows ? s_pos[j].charge : 0.0;
   }
 }
 
@@ -925,7 +1015,7 @@ size_t align256(size_t n) { return (n + 255) & ~static_cast<size_t>(255); }
 
 struct Layout {
   int64_t slice, S, npos;
-  size_t stats, sums, sstar, cands, counters, total;
+  size_t stats, sums, sstar, cost, cands, counters, total;
 };
 
 Layout layout(const sc_verify_args& a) {
@@ -940,6 +1030,8 @@ Layout layout(const sc_verify_args& a) {
   off += align256(sizeof(double) * 2 * static_cast<size_t>(L.npos * L.S));
   L.sstar = off;
   off += align256(sizeof(double) * static_cast<size_t>(L.npos));
+  L.cost = off;
+  off += align256(sizeof(double) * static_cast<size_t>(a.budget != nullptr ? L.npos : 1));
   L.cands = off;
   off += align256(sizeof(Cand) * static_cast<size_t>(a.B * L.S));
   L.counters = off;
@@ -967,12 +1059,15 @@ extern "C" cudaError_t sc_verify_padded_launch(const sc_verify_args* args, void*
   if (a.cu != nullptr ? (a.qb != nullptr) != (a.rq == a.gamma + 1)
                       : (a.qb != nullptr || a.qb_keep != nullptr))
     return cudaErrorInvalidValue;
+  // the divergence budget: padded layout only, with its output
+  if (a.budget != nullptr && (a.cu != nullptr || a.spent == nullptr)) return cudaErrorInvalidValue;
   const Layout L = layout(a);
   if (L.npos > INT_MAX || a.B > INT_MAX || L.S > 65535) return cudaErrorInvalidValue;
   char* base = static_cast<char*>(workspace);
   SliceStats* ws = reinterpret_cast<SliceStats*>(base + L.stats);
   double* sums = reinterpret_cast<double*>(base + L.sums);
   double* sst = reinterpret_cast<double*>(base + L.sstar);
+  double* cost = reinterpret_cast<double*>(base + L.cost);
   Cand* cands = reinterpret_cast<Cand*>(base + L.cands);
   unsigned* counters = reinterpret_cast<unsigned*>(base + L.counters);
   const int S = static_cast<int>(L.S);
@@ -982,19 +1077,27 @@ extern "C" cudaError_t sc_verify_padded_launch(const sc_verify_args* args, void*
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int rule = a.rule;
-  if (rule == kOpt || rule == kOptLog || is_token(rule) || (rule == kLossy && a.rq == a.gamma + 1)) {
+  const bool budget = a.budget != nullptr;
+  if (rule == kOpt || rule == kOptLog || is_token(rule) || (rule == kLossy && a.rq == a.gamma + 1) ||
+      (budget && rule != kSpec && rule != kLossyStar)) {
     targets_second_pass_kernel<<<dim3(static_cast<unsigned>(L.npos), S), kThreads, 0, stream>>>(
-        a, L.slice, S, ws, sums);
+        a, L.slice, S, ws, sums, 0);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
+    if (budget && is_token(rule)) {  // the cost needs eta: a second pass over the rows
+      targets_second_pass_kernel<<<dim3(static_cast<unsigned>(L.npos), S), kThreads, 0, stream>>>(
+          a, L.slice, S, ws, sums, 1);
+      err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
   } else if (rule == kLossyStar) {
     targets_lossy_star_kernel<<<static_cast<unsigned>(L.npos), kStarThreads, 0, stream>>>(a, S, ws,
-                                                                                          sst);
+                                                                                          sst, cost);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   const size_t smem = sizeof(PosFull) * static_cast<size_t>(a.gamma + 1);
   accept_resample_kernel<<<dim3(static_cast<unsigned>(a.B), S), kThreads, smem, stream>>>(
-      a, L.slice, S, ws, sums, sst, cands, counters);
+      a, L.slice, S, ws, sums, sst, cost, cands, counters);
   return cudaGetLastError();
 }

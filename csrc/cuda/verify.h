@@ -56,6 +56,12 @@ typedef struct sc_verify_args {
   int64_t* tokens;            // out [B, gamma + 1], contiguous
   int64_t* num_accepted;      // out [B]
   uint8_t* deferred;          // out [B, gamma + 1], contiguous (torch.bool)
+  // The divergence budget (docs/semantics.md §9; padded layout only), or budget = NULL: none
+  // (then nothing of it runs and spent is not written). budget [B] float64, contiguous, >= 0
+  // (inf: unlimited; validated by the caller); spent out [B, gamma + 1] float64, contiguous:
+  // each position's charge (0 at positions verified exactly and at a verifier bonus).
+  const double* budget;
+  double* spent;
 } sc_verify_args;
 
 // Bytes of device scratch memory sc_verify_padded_launch needs for these arguments.

@@ -3,8 +3,9 @@
 // CUDA emulator's test build (SC_CUDA_EMU, csrc/emu/README.md; device.h holds the difference).
 //
 // Registers the CUDA kernels of the ops that csrc/cpu/verify_cpu_ops.cpp defines
-// (torch.ops.speccascade.verify_padded, verify_ragged; their .name overloads, defined there for
-// every device, reach these through the dispatcher): calls with CUDA tensors come here.
+// (torch.ops.speccascade.verify_padded, its .budget overload (a divergence budget per request;
+// spent is a fourth output), verify_ragged; their .name overloads, defined there for every
+// device, reach these through the dispatcher): calls with CUDA tensors come here.
 // Per-request tensors (seed, positions, temperature, alpha) live on the logits' device; their
 // VALUES (T >= 0 finite, alpha in the rule's range, token ids in [0, V)) are not read on the host
 // (that would synchronise): speccascade_fast.verify and verify_ragged validate them before the op
@@ -73,14 +74,17 @@ at::Tensor keep_tensor(const char* op, const char* name, const std::optional<at:
   return k.contiguous();
 }
 
-// The three outputs, [B, gamma + 1] (tokens int64, deferred bool) and [B] (num_accepted); the
-// insert stage (in accept_resample_kernel, verify.cu) writes every element.
+// The three outputs, [B, gamma + 1] (tokens int64, deferred bool) and [B] (num_accepted), and
+// with a divergence budget spent [B, gamma + 1] (float64); the insert stage (in
+// accept_resample_kernel, verify.cu) writes every element.
 struct Outputs {
-  at::Tensor tokens, num_accepted, deferred;
-  Outputs(int64_t B, int64_t gamma, const at::TensorOptions& opts)
+  at::Tensor tokens, num_accepted, deferred, spent;
+  Outputs(int64_t B, int64_t gamma, const at::TensorOptions& opts, bool budget = false)
       : tokens(at::empty({B, gamma + 1}, opts.dtype(at::kLong))),
         num_accepted(at::empty({B}, opts.dtype(at::kLong))),
-        deferred(at::empty({B, gamma + 1}, opts.dtype(at::kBool))) {}
+        deferred(at::empty({B, gamma + 1}, opts.dtype(at::kBool))) {
+    if (budget) spent = at::empty({B, gamma + 1}, opts.dtype(at::kDouble));
+  }
 };
 
 // Fills the per-request pointers and outputs of `a`, allocates the scratch and enqueues the
@@ -99,6 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch(
   a.tokens = out.tokens.data_ptr<int64_t>();
   a.num_accepted = out.num_accepted.data_ptr<int64_t>();
   a.deferred = reinterpret_cast<uint8_t*>(out.deferred.data_ptr<bool>());
+  a.spent = out.spent.defined() ? out.spent.data_ptr<double>() : nullptr;
   // scratch from the caching allocator (inside a CUDA graph capture: the graph's pool)
   const at::Tensor workspace = at::empty({static_cast<int64_t>(sc_verify_workspace_bytes(&a))},
                                          opts.dtype(at::kByte));
@@ -108,11 +113,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch(
   return {out.tokens, out.num_accepted, out.deferred};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_padded_cuda(
+// verify_padded, and with budget_in (the divergence budget per request) its .budget overload:
+// then the fourth output is spent (else undefined).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_padded_impl(
     const at::Tensor& draft_logits_in, const at::Tensor& draft_tokens, const at::Tensor& target_logits_in,
     const at::Tensor& seed_in, const at::Tensor& positions_in, const at::Tensor& temperature_in,
     const at::Tensor& alpha_in, int64_t rule, const std::optional<at::Tensor>& draft_keep,
-    const std::optional<at::Tensor>& target_keep) {
+    const std::optional<at::Tensor>& target_keep, const at::Tensor* budget_in) {
   TORCH_CHECK(rule >= 0 && rule < SC_VERIFY_NUM_RULES, "verify_padded (cuda): rule id ", rule,
               " out of range [0, ", SC_VERIFY_NUM_RULES, ")");
   TORCH_CHECK(draft_logits_in.dim() == 3 && target_logits_in.dim() == 3 && draft_tokens.dim() == 2,
@@ -142,11 +149,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_padded_cuda(
                                     {B, draft_logits_in.size(1), 2});
   const at::Tensor kp = keep_tensor("verify_padded", "target_keep", target_keep, device,
                                     {B, gamma + 1, 2});
+  // the divergence budget: float64 [B] on the device (values >= 0: validated by the caller,
+  // not read here, which would synchronise)
+  at::Tensor budget;
+  if (budget_in != nullptr) {
+    TORCH_CHECK(budget_in->device() == device && budget_in->dim() == 1 && budget_in->size(0) == B &&
+                    budget_in->scalar_type() == at::kDouble,
+                "verify_padded (cuda): budget must be a float64 tensor of shape [", B, "] on ",
+                device, ", got ", budget_in->scalar_type(), " ", budget_in->sizes(), " on ",
+                budget_in->device());
+    budget = budget_in->contiguous();
+  }
   const device::Guard guard(device);
   const at::Tensor q = unit_stride(draft_logits_in), p = unit_stride(target_logits_in);
-  Outputs out(B, gamma, target_logits_in.options());
+  Outputs out(B, gamma, target_logits_in.options(), budget.defined());
 
   sc_verify_args a{};
+  a.budget = budget.defined() ? budget.data_ptr<double>() : nullptr;
   a.q = q.data_ptr();
   a.q_dtype = dtype_code(q, "draft_logits");
   a.q_sb = q.stride(0);
@@ -165,8 +184,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_padded_cuda(
   a.rule = static_cast<int>(rule);
   a.q_keep = ptr_or_null(kq);
   a.p_keep = ptr_or_null(kp);
-  return launch("verify_padded", a, seed_in, positions_in, temperature_in, alpha_in, out,
-                target_logits_in.options());
+  const auto [tokens, num_accepted, deferred] = launch(
+      "verify_padded", a, seed_in, positions_in, temperature_in, alpha_in, out,
+      target_logits_in.options());
+  return {tokens, num_accepted, deferred, out.spent};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_padded_cuda(
+    const at::Tensor& draft_logits, const at::Tensor& draft_tokens, const at::Tensor& target_logits,
+    const at::Tensor& seed, const at::Tensor& positions, const at::Tensor& temperature,
+    const at::Tensor& alpha, int64_t rule, const std::optional<at::Tensor>& draft_keep,
+    const std::optional<at::Tensor>& target_keep) {
+  const auto [tokens, num_accepted, deferred, spent] =
+      verify_padded_impl(draft_logits, draft_tokens, target_logits, seed, positions, temperature,
+                         alpha, rule, draft_keep, target_keep, nullptr);
+  return {tokens, num_accepted, deferred};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_padded_budget_cuda(
+    const at::Tensor& draft_logits, const at::Tensor& draft_tokens, const at::Tensor& target_logits,
+    const at::Tensor& seed, const at::Tensor& positions, const at::Tensor& temperature,
+    const at::Tensor& alpha, int64_t rule, const std::optional<at::Tensor>& draft_keep,
+    const std::optional<at::Tensor>& target_keep, const at::Tensor& budget) {
+  return verify_padded_impl(draft_logits, draft_tokens, target_logits, seed, positions,
+                            temperature, alpha, rule, draft_keep, target_keep, &budget);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_ragged_cuda(
@@ -267,6 +308,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_ragged_cuda(
 #ifndef SC_CUDA_EMU  // (the emulator build binds these with pybind11: csrc/emu/bindings.cpp)
 TORCH_LIBRARY_IMPL(speccascade, CUDA, m) {
   m.impl("verify_padded", &speccascade::verify_padded_cuda);
+  m.impl("verify_padded.budget", &speccascade::verify_padded_budget_cuda);
   m.impl("verify_ragged", &speccascade::verify_ragged_cuda);
 }
 #endif

@@ -1,7 +1,8 @@
 // The CUDA emulator's test module (csrc/emu/README.md, built by tests/cuda_emu.py): csrc/cuda's
 // own torch bindings, compiled with SC_CUDA_EMU for CPU tensors, bound with pybind11 under the
 // names and argument orders of the ops they implement in the CUDA build
-// (torch.ops.speccascade.verify_padded / verify_ragged, speccascade_fast._C.sample_cuda).
+// (torch.ops.speccascade.verify_padded / verify_ragged, speccascade_fast._C.sample_cuda;
+// verify_padded_budget is the op verify_padded.budget).
 // Their kernels (csrc/cuda/*.cu, rewritten only where CUDA's syntax is not C++) are linked in
 // from their own translation units, with the emulator's self-test kernels (selftest.cu).
 #include <torch/extension.h>
@@ -22,6 +23,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("draft_tokens"), py::arg("target_logits"), py::arg("seed"),
         py::arg("positions"), py::arg("temperature"), py::arg("alpha"), py::arg("rule"),
         py::arg("draft_keep") = py::none(), py::arg("target_keep") = py::none());
+  m.def("verify_padded_budget", &speccascade::verify_padded_budget_cuda, py::arg("draft_logits"),
+        py::arg("draft_tokens"), py::arg("target_logits"), py::arg("seed"),
+        py::arg("positions"), py::arg("temperature"), py::arg("alpha"), py::arg("rule"),
+        py::arg("draft_keep") = py::none(), py::arg("target_keep") = py::none(), py::kw_only(),
+        py::arg("budget"));
   m.def("verify_ragged", &speccascade::verify_ragged_cuda, py::arg("draft_logits"),
         py::arg("draft_tokens"), py::arg("target_logits"), py::arg("cu_num_draft_tokens"),
         py::arg("bonus_draft_logits"), py::arg("seed"), py::arg("positions"),

@@ -81,7 +81,7 @@ class Backend(NamedTuple):
 REGISTRY: dict[str, Backend] = {
     "triton": Backend(triton, frozenset(KINDS), {"sample": ("cuda",), "keep_bounds": ("cuda",)},
                       budget=True),
-    "cuda": Backend(cuda, frozenset({"verify", "verify_ragged"})),
+    "cuda": Backend(cuda, frozenset({"verify", "verify_ragged"}), budget=True),
     "cpu": Backend(cpu, frozenset(KINDS), budget=True),
     "reference": Backend(reference, frozenset(KINDS), budget=True),
 }

@@ -56,18 +56,21 @@ def is_available(device=None) -> bool:
 
 
 def verify(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperature, top_k, top_p,
-           seed, positions, keep=None) -> VerifyOutput:
+           seed, positions, keep=None, budget=None) -> VerifyOutput:
     """The reference backend's signature (inputs validated by :func:`speccascade_fast.verify`;
-    token ids, T and alpha values are not re-checked on the GPU: that would synchronise),
-    fp32/fp16/bf16 logits, plus ``keep``: the draft and target rows' keep bounds as the dispatch
-    computed them; None: the torch reference's, when top-k / top-p is asked for."""
+    token ids, T, alpha and budget values are not re-checked on the GPU: that would
+    synchronise), fp32/fp16/bf16 logits, plus ``keep``: the draft and target rows' keep bounds as
+    the dispatch computed them; None: the torch reference's, when top-k / top-p is asked for.
+    ``budget``: None, or float64 ``[B]`` each row's divergence budget (docs/semantics.md §9;
+    the op's ``.budget`` overload, whose ``spent`` holds each position's charge)."""
     ops = _cuda_ops(target_logits)
     if keep is None:
         T = temperature[:, None]
         keep = torch_keep_bounds(top_k, top_p, (draft_logits, T), (target_logits, T))
+    extra = {} if budget is None else {"budget": budget}
     return _ops.call_padded(ops, draft_logits, draft_tokens, target_logits, rule=rule,
                             alpha=alpha, temperature=temperature, seed=seed,
-                            positions=positions, keep=keep)
+                            positions=positions, keep=keep, **extra)
 
 
 def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens,
