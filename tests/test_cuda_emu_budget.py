@@ -14,6 +14,7 @@ from speccascade_fast import backends
 from speccascade_fast.backends import cuda, keep_bounds_pair
 
 from . import cuda_emu
+from .helpers import NoHostReads
 from .test_triton_budget import RULES, G, block, call_args, check
 
 
@@ -92,3 +93,13 @@ def test_public_verify_sends_budget_calls_to_cuda(monkeypatch, emu):
     assert got.spent is not None
     for a, b in zip(got[:4], want[:4]):
         assert torch.equal(a, b)
+
+
+def test_budget_calls_read_nothing_on_the_host(run):
+    """The engine captures verification in CUDA graphs: the budget path adds no host read."""
+    q, x, p = block(13, T=1.0, cascade=True, device="cpu")
+    args = call_args("token_v3", 1.0, 4, 13, "cpu")
+    budget = torch.tensor([0.0, 0.1, 0.3, math.inf], dtype=torch.float64)
+    with NoHostReads():
+        out = cuda.verify(q, x, p, **args, top_k=None, top_p=None, budget=budget)
+    assert out.spent.shape == (4, G + 1)

@@ -24,7 +24,7 @@ from speccascade_fast.backends import reference
 from speccascade_fast.backends import triton as tb
 from speccascade_fast.rules import budget_scan, divergence, position_targets
 
-from .helpers import assert_same_up_to_near_ties
+from .helpers import NoHostReads, assert_same_up_to_near_ties
 
 _CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if _CUDA else "cpu")
@@ -191,3 +191,13 @@ def test_public_verify_sends_budget_calls_to_triton(monkeypatch):
                     backend="triton")
     assert len(calls) == 1 and calls[0] is not None and out.spent is not None
 
+
+
+def test_budget_calls_read_nothing_on_the_host():
+    """The engine captures verification in CUDA graphs: the budget path adds no host read."""
+    q, x, p = block(13, T=1.0, cascade=True)
+    args = call_args("token_v3", 1.0, B, 13)
+    budget = torch.tensor([0.0, 0.1, 0.3, math.inf], dtype=torch.float64, device=DEVICE)
+    with NoHostReads():
+        out = tb.verify(q, x, p, **args, top_k=None, top_p=None, budget=budget)
+    assert out.spent.shape == (B, G + 1)
