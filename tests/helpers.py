@@ -202,7 +202,7 @@ def graph_replay_check(run, q, x, p, args, new_inputs, reference_verify, **compa
     graph, static_out = capture(run)
     graph.replay()
     torch.cuda.synchronize()
-    assert all(torch.equal(a, b) for a, b in zip(static_out, eager))
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(static_out, eager))
 
     for buf, new in zip((q, x, p), new_inputs):
         buf.copy_(new)

@@ -132,3 +132,48 @@ def test_cuda_graph_capture_and_replay(rule):
 
     graph_replay_check(run, q, x, p, args, llm_block(B, 151936, 8), reference.verify,
                        who="cuda", trials=8)
+
+
+# ---- the divergence budget (docs/semantics.md §9) ---------------------------------------------------
+@pytest.mark.parametrize("cascade", [True, False], ids=["cascade", "verifier"])
+@pytest.mark.parametrize("rule", ["spec", "token_v3", "chow", "opt", "lossy", "lossy_star",
+                                  "drafter"])
+def test_divergence_budget_matches_reference(rule, cascade):
+    """The cases of tests/test_triton_budget.py (budgets 0 / a third / two thirds / inf per
+    row, scan ties left out by name) on the real CUDA kernels, T = 0 and 1, with top-p."""
+    from speccascade_fast.backends import cuda
+
+    from ..test_triton_budget import RULES, check
+
+    def run(q, x, p, args, top_p, budget):
+        return cuda.verify(q, x, p, **args, top_k=None, top_p=top_p, budget=budget)
+
+    seed = 10 * list(RULES).index(rule) + int(cascade)
+    for T in (0.0, 1.0):
+        check(rule, T, cascade, seed + 3 * int(T), run=run, device=DEV)
+    check(rule, 1.0, cascade, 300 + seed, top_p=0.8, run=run, device=DEV)
+
+
+@pytest.mark.parametrize("rule", ["token_v3", "lossy", "lossy_star"])
+def test_divergence_budget_in_a_cuda_graph(rule):
+    """A budget call at the Qwen vocabulary, captured and replayed (the engine's use): the
+    replay equals the eager call, spent included, and every path spends at most its budget."""
+    from speccascade_fast.backends import cuda
+
+    B = 8
+    q, x, p = llm_block(B, 151936, 11)
+    args = args_for(rule, 0.7, B, 11)
+    budget = torch.linspace(0.0, 0.5, B, dtype=torch.float64, device=DEV)
+
+    def run():
+        return cuda.verify(q, x, p, top_k=None, top_p=None, **args, budget=budget)
+
+    eager = run()
+    graph, static_out = helpers.capture(run)
+    graph.replay()
+    torch.cuda.synchronize()
+    for name, a, b in zip(eager._fields, static_out, eager):
+        assert torch.equal(a, b), name
+    emitted = torch.arange(GAMMA + 1, device=DEV)[None] <= eager.num_accepted[:, None]
+    spent = torch.where(emitted, eager.spent, 0.0).sum(1)
+    assert bool((spent <= budget + 1e-6).all()), (spent, budget)
