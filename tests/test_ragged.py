@@ -57,7 +57,7 @@ def test_backends_agree_across_dtypes_and_per_request_knobs(dtype):
         kw = dict(rule=rule, alpha=alpha, temperature=T, seed=torch.tensor([1, 2, 3]))
         ref = verify_ragged(**flat, backend="reference", **kw)
         cpu = verify_ragged(**flat, backend="cpu", **kw)
-        assert all(torch.equal(u, v) for u, v in zip(ref, cpu)), rule
+        assert all(torch.equal(u, v) for u, v in zip(ref[:4], cpu[:4])), rule
 
 
 @pytest.mark.parametrize("bonus", ["cascade", "verifier"])
@@ -73,7 +73,7 @@ def test_top_k_top_p_and_a_large_vocabulary(bonus):
             args = dict(rule=rule, alpha=alpha, temperature=T, seed=torch.tensor([3, 4, 5]), **kw)
             ref = verify_ragged(**flat, backend="reference", **args)
             cpu = verify_ragged(**flat, backend="cpu", **args)
-            assert all(torch.equal(u, v) for u, v in zip(ref, cpu)), (rule, kw)
+            assert all(torch.equal(u, v) for u, v in zip(ref[:4], cpu[:4])), (rule, kw)
 
 
 def test_auto_picks_the_fused_op_and_a_single_request_works():
@@ -145,7 +145,7 @@ def test_max_spec_len_lets_cu_end_before_n(backend, bonus, truncate, monkeypatch
     padded["draft_tokens"] = torch.cat([flat["draft_tokens"], torch.tensor([31, 0, 7])])
     padded["target_logits"] = torch.cat([flat["target_logits"], torch.randn(3, 32, generator=g)])
     got = verify_ragged(**padded, **kw)
-    assert all(torch.equal(u, v) for u, v in zip(got, want))
+    assert all(torch.equal(u, v) for u, v in zip(got[:4], want[:4]))
     with pytest.raises(ValueError, match="must end at N = draft_logits.shape\\[0\\] = 10"):
         verify_ragged(**padded, **{**kw, "max_spec_len": None})
 
