@@ -238,7 +238,7 @@ def targets_sums_kernel(
         if COST:  # eta of the row, merged as the accept stage merges it
             si = tl.arange(0, S_PAD)
             eta32 = tl.sum(tl.load(out_ptr + n.to(tl.int64) * (2 * S) + si, mask=si < S,
-                                   other=0.0), 0)
+                                   other=0.0), 0).to(tl.float32)  # (the loop's sums: float32)
         for c in range(0, SLICE, BLOCK):
             offs = s * SLICE + c + tl.arange(0, BLOCK)
             inb = offs < V
