@@ -200,7 +200,8 @@ def gguf_files(cache: pathlib.Path) -> dict[str, str]:
 
 def write_prompts(out: pathlib.Path, n: int) -> list[dict]:
     """The first ``n`` HumanEval prompts as ``speccascade bench`` takes them (raw completion
-    text), one file each, with their token count under our tokenizer."""
+    text), one file each (plus the newline ``-f`` drops, so that llama.cpp reads exactly the
+    prompt), with their token count under our tokenizer."""
     sys.path.insert(0, str(ROOT))
     from speccascade_fast.eval.tasks.humaneval import HumanEval
 
@@ -220,7 +221,7 @@ def write_prompts(out: pathlib.Path, n: int) -> list[dict]:
     for i, ex in enumerate(task.examples(n)):
         text = task.build_prompt(ex)
         path = folder / f"p{i}.txt"
-        path.write_text(text)
+        path.write_text(text + "\n")  # llama.cpp's -f drops a file's last newline
         prompts.append({"file": str(path), "task_id": ex.data.get("task_id"),
                         "tokens_ours": len(tok(text).input_ids) if tok else None})
     return prompts
@@ -300,7 +301,8 @@ def llama_jobs(args, bins: dict, gguf: dict, prompts: list[dict], threads: int,
     n = str(args.max_new_tokens)
     common = ["-t", str(threads), "-tb", str(threads), "-c", str(args.ctx), "--ignore-eos",
               "-n", n]
-    for role in ("verifier", "drafter") if args.bench_drafter else ("verifier",):
+    roles = ("verifier", "drafter") if args.bench_drafter else ("verifier",)
+    for role in roles if args.llama_bench else ():
         jobs.append({"name": f"llama-bench {role}", "kind": "bench", "threads": threads,
                      "temp": None, "cmds": [[
                          bins["llama-bench"], "-m", gguf[role], "-t", str(threads),
@@ -558,6 +560,8 @@ def main(argv=None) -> int:
     p.add_argument("--bench-reps", type=int, default=3, help="llama-bench -r (default: 3)")
     p.add_argument("--no-bench-drafter", dest="bench_drafter", action="store_false",
                    help="skip llama-bench on the drafter")
+    p.add_argument("--no-llama-bench", dest="llama_bench", action="store_false",
+                   help="skip llama-bench altogether (the real prompts only)")
     p.add_argument("--ctx", type=int, default=1024, help="llama.cpp context (default: 1024)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--no-ours", dest="ours", action="store_false",
