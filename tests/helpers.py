@@ -127,7 +127,7 @@ def near_tie(q, x, p, args, row, trials=16) -> bool:
         pp = p.double() * (1 + 1e-6 * torch.randn(p.shape, generator=g, dtype=torch.float64).to(
             p.device))
         out = reference.verify(qq, x, pp, top_k=None, top_p=None, **args)
-        if any(not torch.equal(a[row], b[row]) for a, b in zip(out, base)):
+        if any(not torch.equal(a[row], b[row]) for a, b in zip(out[:4], base[:4])):
             return True
     return False
 
