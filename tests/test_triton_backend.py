@@ -623,8 +623,11 @@ PTR = dict(q_ptr="*bf16", p_ptr="*bf16", t_ptr="*fp64", alpha_ptr="*fp64", seed_
 
 
 def build(fn, warps, **constexprs):
-    sig = {n: "constexpr" if n in constexprs else PTR.get(n, "i32")
-           for n in inspect.signature(fn.fn).parameters}
+    params = inspect.signature(fn.fn).parameters
+    for n, p in params.items():  # constexpr flags left out: their defaults (the path without)
+        if n not in constexprs and p.default is not inspect.Parameter.empty:
+            constexprs[n] = p.default
+    sig = {n: "constexpr" if n in constexprs else PTR.get(n, "i32") for n in params}
     triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
                    target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
@@ -639,6 +642,12 @@ for keep, rule, per_row in ((False, "opt_log", False), (True, "token_v1", True),
                             (False, "lossy", True)):
     build(K.targets_sums_kernel, 16, RULE=RULES.index(rule), SLICE=8192, BLOCK=8192, S_PAD=32,
           KEEP=keep, BONUS_ONLY=rule == "lossy", PER_ROW=per_row)
+# the divergence budget's cost passes over the sums (float32): TV(pT, qT) (drafter, prefix
+# rules), a token rule's cost after eta
+build(K.targets_sums_kernel, 16, RULE=RULES.index("chow"), SLICE=8192, BLOCK=8192, S_PAD=32,
+      KEEP=True, BONUS_ONLY=False, PER_ROW=False, TV=True)
+build(K.targets_sums_kernel, 16, RULE=RULES.index("token_v3"), SLICE=8192, BLOCK=8192, S_PAD=32,
+      KEEP=False, BONUS_ONLY=False, PER_ROW=False, COST=True)
 PTR["out_ptr"] = "*fp64"
 PTR["qb_ptr"] = "*fp32"  # from here on: a ragged bonus tensor of another dtype than the drafts
 build(K.targets_kernel, 4, SLICE=1024, BLOCK=512, NEED_Z1=True, NEED_H=False, NEED_X=True, KEEP=True,
@@ -646,10 +655,14 @@ build(K.targets_kernel, 4, SLICE=1024, BLOCK=512, NEED_Z1=True, NEED_H=False, NE
 for per_row in (False, True):
     build(K.targets_lossy_star_kernel, 8, PASSES=LOSSY_STAR_PASSES, K=LOSSY_STAR_K, BLOCK=1024,
           S_PAD=32, KEEP=True, PER_ROW=per_row)
+# the divergence budget: lossy_star's cost once 1/beta is known
+PTR.update(cost_ptr="*fp64", bud_ptr="*fp64", spent_ptr="*fp64")
+build(K.targets_lossy_star_kernel, 8, PASSES=LOSSY_STAR_PASSES, K=LOSSY_STAR_K, BLOCK=1024,
+      S_PAD=32, KEEP=True, PER_ROW=False, COST=True)
 for i, rule in enumerate(sys.argv[1:]):  # both race geometries: the targets' block, and 1024
     build(K.accept_resample_insert_kernel, 16 if i % 2 else 4, RULE=RULES.index(rule),
           BLOCK=8192 if i % 2 else 1024, S_PAD=32, G_PAD=16, KEEP=i % 2 == 1,
-          PER_ROW=i % 3 == 0)
+          PER_ROW=i % 3 == 0, BUDGET=i % 2 == 0)
 # the drafter's sampler (kernels/sample.py)
 PTR.update(x_ptr="*bf16", sx="i64", k_ptr="*fp64", best_ptr="*fp64", arg_ptr="*i32",
            out_ptr="*i64")
