@@ -539,6 +539,14 @@ def test_validate_reports_the_realised_drop_and_cost_ratio(tmp_path):
     assert {r["example_id"] for r in rows}.isdisjoint(
         {json.loads(x)["example_id"] for x in (tmp_path / "calibration" / "rows.jsonl").open()})
     assert cal_ids and (tmp_path / "v" / "validation.md").exists()
+    part = validate(tmp_path / "calibration.json", drafter=object(), verifier=object(),
+                    tokenizer=byte_tokenizer(), progress=False, generate_fn=quality_fake,
+                    task=TwentyTask(), out_dir=tmp_path / "v3", limit=3)
+    assert part["n"] == 3 and part["n_validation_split"] == 10
+    with pytest.raises(ValueError, match="limit must be None"):
+        validate(tmp_path / "calibration.json", drafter=object(), verifier=object(),
+                 tokenizer=byte_tokenizer(), generate_fn=quality_fake, task=TwentyTask(),
+                 limit=0)
     other = type("Other", (TwentyTask,), {"name": "other"})
     with pytest.raises(ValueError, match="not the calibration's task"):
         validate(tmp_path / "calibration.json", drafter=object(), verifier=object(),

@@ -625,6 +625,7 @@ def validate(
     unsafe_local_exec: bool = False,
     generate_fn: Callable[..., Any] | None = None,
     task: Any = None,
+    limit: int | None = None,
 ) -> dict[str, Any]:
     """Run the calibration's chosen setting and the verifier on its validation split (the
     file's task, split and settings) and write ``validation.json`` / ``validation.md`` into
@@ -632,7 +633,9 @@ def validate(
     quality`` with its two-sided ``ci`` interval and the one-sided lower bound at the file's
     confidence (same bound method), whether that bound meets ``−target_drop``, and the cost
     ratio with a percentile bootstrap CI over examples. ``task``: a task object to use
-    instead of the file's task name (it must have that name)."""
+    instead of the file's task name (it must have that name). ``limit``: only the first N
+    examples of the validation split (a later call without it adds the rest; the report says
+    how many of the split it covers)."""
     cal = load_calibration(calibration)
     doc = cal.data
     for name in ("task", "split", "settings", "target_drop", "confidence"):
@@ -651,7 +654,10 @@ def validate(
         if sp.get(k) is not None and split[k] != sp[k]:
             raise ValueError(f"calibration file {cal.path}: field 'split': the task's examples "
                              f"no longer give the calibrated split ({k} differs)")
-    val_ids = split["validation_ids"]
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be None (the whole validation split) or an int >= 1, got "
+                         f"{limit!r}")
+    val_ids = split["validation_ids"][:limit]
     chosen = EvalConfig("spec_cascade", cal.rule, cal.alpha,
                         divergence_budget=cal.divergence_budget)
     out = Path(out_dir) if out_dir is not None else Path(cal.path).parent
@@ -683,6 +689,7 @@ def validate(
         "calibration_sha256": hashlib.sha256(Path(cal.path).read_bytes()).hexdigest(),
         "task": task_obj.name, "config": chosen.key, "rule": cal.rule, "alpha": cal.alpha,
         "fallback": cal.fallback, "n": len(val_ids),
+        "n_validation_split": len(split["validation_ids"]),
         "split": {k: v for k, v in split.items() if not k.endswith("_ids")},
         "quality": sum(s) / len(s), "verifier_quality": sum(base) / len(base),
         "diff": pv["diff"], "diff_se": pv["diff_se"], "better": pv["better"],
@@ -739,7 +746,8 @@ def validation_markdown(v: Mapping[str, Any]) -> str:
     return "\n".join([
         f"# Validation of {v['calibration']}", "",
         f"Setting `{v['config']}`" + (" (the lossless fallback)" if v["fallback"] else "")
-        + f" against the verifier on the validation split: n = {v['n']} examples "
+        + f" against the verifier on the validation split: n = {v['n']} of its "
+        f"{v.get('n_validation_split', v['n'])} examples "
         f"({v['task']}, ids sha256 {v['split']['validation_ids_sha256'][:12]}…).", "",
         "| | value |", "| --- | ---: |",
         f"| quality | {v['quality'] * pct:.2f} |",

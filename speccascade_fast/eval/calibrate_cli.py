@@ -39,7 +39,7 @@ from .tasks import TASKS
 
 #: options that belong to calibrating (not allowed with --validate)
 _CALIBRATE_ONLY = ("task", "rule", "target_drop", "alphas", "budgets", "alpha", "calib_fraction", "split_seed",
-                   "limit", "max_new_tokens", "gamma", "temperature", "seed", "chat", "bound",
+                   "max_new_tokens", "gamma", "temperature", "seed", "chat", "bound",
                    "multiplicity", "drafter_cost", "include_lossless", "bootstrap")
 
 
@@ -65,7 +65,8 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPars
                         "(default: 0.5); the rest is the validation split")
     p.add_argument("--split-seed", type=int, default=None, help="the split's seed (default 0)")
     p.add_argument("--limit", type=int, default=None,
-                   help="split the task's first N examples (default: all)")
+                   help="split the task's first N examples (default: all); with --validate: "
+                        "only the first N examples of the validation split")
     p.add_argument("--batch-size", type=int, default=None,
                    help="quality mode batch size (default 8; validation: the calibration's)")
     p.add_argument("--max-new-tokens", type=int, default=None,
@@ -234,6 +235,7 @@ def _validate(args: argparse.Namespace) -> int:
     from ..cli import CLIError, at_least, check_device
 
     at_least("--batch-size", args.batch_size, 1)
+    at_least("--limit", args.limit, 1)
     cal = load_calibration(args.validate)
     if not 0 < args.ci < 1:
         raise CLIError(f"argument --ci: must be in (0, 1), got {args.ci}")
@@ -248,7 +250,7 @@ def _validate(args: argparse.Namespace) -> int:
     drafter, verifier, tokenizer = _models(args, models.get("drafter"), models.get("verifier"))
     out = Path(args.out) if args.out else Path(args.validate).parent
     validate(cal, drafter=drafter, verifier=verifier, tokenizer=tokenizer, out_dir=out,
-             batch_size=args.batch_size, ci=args.ci, progress=not args.no_progress,
+             batch_size=args.batch_size, ci=args.ci, limit=args.limit, progress=not args.no_progress,
              plots=args.plots, unsafe_local_exec=args.unsafe_local_exec)
     print((out / "validation.md").read_text())
     return 0
