@@ -27,8 +27,7 @@ import torch
 from .. import _ext
 from ..truncation import torch_keep_bounds, torch_keep_bounds_ragged
 from ..types import VerifyOutput
-from . import _ops
-from ._ops import DTYPES, handles
+from ._ops import DTYPES, call_padded, call_ragged, handles
 
 __all__ = ["DTYPES", "handles", "is_available", "verify", "verify_ragged"]
 
@@ -68,7 +67,7 @@ def verify(draft_logits, draft_tokens, target_logits, *, rule, alpha, temperatur
         T = temperature[:, None]
         keep = torch_keep_bounds(top_k, top_p, (draft_logits, T), (target_logits, T))
     extra = {} if budget is None else {"budget": budget}
-    return _ops.call_padded(ops, draft_logits, draft_tokens, target_logits, rule=rule,
+    return call_padded(ops, draft_logits, draft_tokens, target_logits, rule=rule,
                             alpha=alpha, temperature=temperature, seed=seed,
                             positions=positions, keep=keep, **extra)
 
@@ -91,7 +90,7 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
     if keep is None:
         keep = torch_keep_bounds_ragged(draft_logits, target_logits, bonus_draft_logits,
                                         cu_num_draft_tokens, temperature, top_k, top_p)
-    return _ops.call_ragged(ops, draft_logits, draft_tokens, target_logits, cu_num_draft_tokens,
+    return call_ragged(ops, draft_logits, draft_tokens, target_logits, cu_num_draft_tokens,
                             bonus_draft_logits, rule=rule, alpha=alpha, temperature=temperature,
                             seed=seed, positions=positions, keep=keep,
                             max_spec_len=max_spec_len)
