@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .calibrate import BOUNDS, MULTIPLICITY
+from .cli import comma_numbers
 from .tasks import TASKS
 
 #: options that belong to calibrating (not allowed with --validate)
@@ -118,15 +119,7 @@ def parse_alpha_list(text: str | None, option: str = "--alphas") -> list[float] 
     """``"0.1,0.3"`` -> ``[0.1, 0.3]`` (None stays None); a CLI-worded ValueError otherwise."""
     if text is None:
         return None
-    out = []
-    for v in text.split(","):
-        if not v.strip():
-            continue
-        try:
-            out.append(float(v))
-        except ValueError:
-            raise ValueError(f"argument {option}: {v.strip()!r} is not a number (give "
-                             f"A1,A2,...)") from None
+    out = comma_numbers(text, option, "A1,A2,...")
     if not out:
         raise ValueError(f"argument {option}: give at least one number")
     return out

@@ -54,8 +54,13 @@ def parse_alphas(items: Sequence[str] | None) -> list[float] | dict[str, list[fl
 
 
 def _numbers(text: str, item: str) -> list[float]:
-    """The comma-separated numbers of ``text`` (from the --alphas item ``item``), else a
-    ValueError naming the option and the offending value."""
+    """The comma-separated numbers of ``text`` (from the --alphas item ``item``)."""
+    return comma_numbers(text, "--alphas", "A,B,... or RULE=A,B,...", f" in {item!r}")
+
+
+def comma_numbers(text: str, option: str, hint: str, where: str = "") -> list[float]:
+    """The comma-separated numbers of ``text`` (empty items skipped), else a ValueError naming
+    ``option``, the offending value (``where`` it stood) and the expected form ``hint``."""
     out = []
     for v in text.split(","):
         if not v.strip():
@@ -63,8 +68,8 @@ def _numbers(text: str, item: str) -> list[float]:
         try:
             out.append(float(v))
         except ValueError:
-            raise ValueError(f"argument --alphas: {v.strip()!r} in {item!r} is not a number "
-                             f"(give A,B,... or RULE=A,B,...)") from None
+            raise ValueError(f"argument {option}: {v.strip()!r}{where} is not a number "
+                             f"(give {hint})") from None
     return out
 
 
