@@ -93,3 +93,14 @@ def smollm2():
 
     verifier, tok = models.load_model(models.SMOLLM2, dtype=torch.float32, progress=False)
     return models.early_exit_drafter(verifier, 4), verifier, tok
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Any model load fails the test: a CLI's arguments must be refused first."""
+    def load(*a, **kw):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr("speccascade_fast.cli._load", load)
+    monkeypatch.setattr("speccascade_fast.models.load_pair", load)
+    monkeypatch.setattr("speccascade_fast.models.load_model", load)

@@ -369,16 +369,6 @@ def _error_line(capsys, argv) -> str:
     return lines[0]
 
 
-@pytest.fixture
-def no_loading(monkeypatch):
-    def load(*a, **kw):
-        raise AssertionError("a model was loaded before the arguments were checked")
-
-    monkeypatch.setattr(cli, "_load", load)
-    monkeypatch.setattr("speccascade_fast.models.load_pair", load)
-    monkeypatch.setattr("speccascade_fast.models.load_model", load)
-
-
 def test_cli_generate_errors_name_the_file_and_field(no_loading, capsys, cal_file, tmp_path):
     line = _error_line(capsys, ["generate", "x", "--calibration", str(cal_file), "--alpha",
                                 "0.3"])

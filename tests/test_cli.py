@@ -161,17 +161,6 @@ def test_streaming(folders, capsys, monkeypatch):
 # user errors: one line, exit status 2, checked before any model is loaded
 
 
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Any model load fails the test: the arguments must be refused first."""
-    def load(*a, **kw):
-        raise AssertionError("a model was loaded before the arguments were checked")
-
-    monkeypatch.setattr(cli, "_load", load)
-    monkeypatch.setattr("speccascade_fast.models.load_pair", load)
-    monkeypatch.setattr("speccascade_fast.models.load_model", load)
-
-
 @pytest.mark.parametrize("argv, expected", [
     (["--gamma", "0"], "argument --gamma: gamma must be an int >= 1"),
     (["--alpha", "nan"], "argument --alpha: alpha=nan is outside the range"),
