@@ -136,6 +136,6 @@ def divergence_budget(b, rows: int | None = None, device=None) -> torch.Tensor |
     if bool(torch.isnan(tt).any()) or bool((tt < 0).any()):
         raise ValueError(f"divergence_budget must be >= 0 (inf: unlimited), got {b!r}")
     if tt.dim() > 1 or (tt.dim() == 1 and tuple(tt.shape) != shape):
-        raise ValueError(f"divergence_budget must be a number or {rows} numbers (one per row), "
-                         f"got shape {tuple(tt.shape)}")
+        allowed = "a number" if rows is None else f"a number or {rows} numbers (one per row)"
+        raise ValueError(f"divergence_budget must be {allowed}, got shape {tuple(tt.shape)}")
     return torch.broadcast_to(tt, shape).clone()

@@ -231,6 +231,8 @@ def test_budget_applies_to_spec_cascade_blocks_only(pair, kw):
         sc.generate(q, p, _ids(), max_new_tokens=4, divergence_budget=0.1, **kw)
     with pytest.raises(ValueError, match="divergence_budget"):
         sc.DecodeConfig(divergence_budget=-1)
+    with pytest.raises(ValueError, match=r"divergence_budget must be a number, got shape \(2,\)"):
+        sc.DecodeConfig(divergence_budget=[0.1, 0.2])  # one budget per config; per row in Engine
 
 
 def test_verify_refuses_a_bad_budget():
