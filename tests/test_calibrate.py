@@ -35,8 +35,8 @@ from speccascade_fast.eval.grids import TOKEN_V3
 from speccascade_fast.eval.tasks import TASKS
 from speccascade_fast.rules import ALPHA_RANGES
 
+from .eval_helpers import ToyTask, byte_tokenizer, tiny_llama
 from .helpers import left_padded, tiny_pair
-from .test_eval import ToyTask, byte_tokenizer, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -14,8 +14,8 @@ from speccascade_fast import backends
 from speccascade_fast.backends import cuda, keep_bounds_pair
 
 from . import cuda_emu
+from .budget_cases import RULES, G, block, call_args, check
 from .helpers import NoHostReads
-from .test_triton_budget import RULES, G, block, call_args, check
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from speccascade_fast.eval.plots import STYLES, style
 from speccascade_fast.eval.summary import holm, wilson
 from speccascade_fast.eval.tasks import Example
 
-from .test_eval import ToyTask, byte_tokenizer, counting, tiny_llama
+from .eval_helpers import ToyTask, byte_tokenizer, counting, tiny_llama
 
 
 class FiveTask(ToyTask):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from speccascade_fast import models as M
-from tests.test_models import save_folder, tiny_llama, tiny_qwen2, tiny_tokenizer, write_tiny_gguf
+from tests.model_helpers import save_folder, tiny_llama, tiny_qwen2, tiny_tokenizer, write_tiny_gguf
 
 
 @pytest.fixture(autouse=True)

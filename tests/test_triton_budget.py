@@ -5,36 +5,27 @@ float64) and scan it along the block in float64 as ``rules.budget_scan`` does. A
 running charge plus its cost lies within ~1e-6 of the row's budget may legitimately go either
 way, so the budgets are chosen per row from the reference's costs (0, a third and two thirds of
 the row's total, inf) and rows still landing that close to a decision are left out by name
-(:func:`scan_ties`); everything else must match: tokens, num_accepted, deferred exactly up to
+(``scan_ties``); everything else must match: tokens, num_accepted, deferred exactly up to
 the usual floating-point near-ties of the accept and resample stages
-(``assert_same_up_to_near_ties``), ``spent`` to 1e-5.
+(``assert_same_up_to_near_ties``), ``spent`` to 1e-5. The cases and that check are shared with
+tests/test_cuda_emu_budget.py: tests/budget_cases.py.
 
 Runs in Triton's interpreter on the CPU (tests/conftest.py), so shapes stay tiny.
 """
 import math
-from collections import namedtuple
 
 import pytest
 import torch
 import triton  # noqa: F401  (a missing triton must fail this module, not skip it)
 
 import speccascade_fast as sc
-from speccascade_fast import backends, checks
-from speccascade_fast.backends import reference
+from speccascade_fast import backends
 from speccascade_fast.backends import triton as tb
-from speccascade_fast.rules import budget_scan, divergence, position_targets
 
-from .helpers import NoHostReads, assert_same_up_to_near_ties
+from .budget_cases import DEVICE, RULES, B, G, block, call_args, check
+from .helpers import NoHostReads
 
 _CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if _CUDA else "cpu")
-B, G, V = 4, 3, 64
-TIE = 1e-6
-RULES = {"spec": None, "token_v3": 0.5, "chow": 0.9, "opt": 0.5, "lossy": 0.4,
-         "lossy_star": 0.4, "drafter": None}
-
-# VerifyOutput's decisions, without ``spent`` (compared to a tolerance)
-Decisions = namedtuple("Decisions", "tokens num_accepted num_emitted deferred")
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 
@@ -45,88 +36,9 @@ def _interpreter(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def block(seed, *, T, cascade, rows=B, device=DEVICE):
-    """Drafter / verifier logits that partly agree (fp32), drafts drawn from qT at T."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(rows, G + 1, V, generator=g, dtype=torch.float64) * 2
-    p = q + torch.randn(rows, G + 1, V, generator=g, dtype=torch.float64)
-    q, p = q.float(), p.float()
-    temps = torch.full((rows,), float(T), dtype=torch.float64)
-    x = sc.sample(q[:, :G], temperature=temps, seed=torch.arange(rows) + 31 * seed)
-    if not cascade:
-        q = q[:, :G].contiguous()
-    return q.to(device), x.to(device), p.to(device)
-
-
-def call_args(rule, T, rows, seed, device=DEVICE):
-    return dict(
-        rule=rule,
-        alpha=checks.alpha_tensor(RULES[rule], (rows,), device),
-        temperature=torch.full((rows,), float(T), dtype=torch.float64, device=device),
-        seed=(torch.arange(rows, dtype=torch.int64) * 7919 + seed).to(device),
-        positions=(torch.arange(rows, dtype=torch.int64) * 13 + 5).to(device),
-    )
-
-
-def costs(q, p, args, top_k=None, top_p=None):
-    """The reference's cost per scanned position, float64 ``[B, rows]``."""
-    n = q.shape[1]
-    t = position_targets(q.double(), p[:, :n].double(), rule=args["rule"],
-                         alpha=args["alpha"][:, None].expand(-1, n),
-                         temperature=args["temperature"][:, None].expand(-1, n),
-                         top_k=top_k, top_p=top_p)
-    return divergence(args["rule"], t)
-
-
-def scan_ties(cost, budget):
-    """Rows where some position's running charge plus its cost lies within TIE of the budget
-    (float32 costs may decide it the other way). Positions of cost <= TIE are not counted: their
-    law is within TV TIE of pT whichever way the scan goes."""
-    exact, charged = budget_scan(cost, budget)
-    before = torch.cumsum(charged, 1) - charged
-    near = ((before + cost - budget[:, None]).abs() < TIE) & (cost > TIE)
-    return {int(r) for r in torch.nonzero(near.any(1)).flatten()}, exact
-
-
-def budgets_for(cost):
-    """Per row: 0, a third and two thirds of the row's total cost, inf (cycled over rows)."""
-    total = cost.sum(1)
-    pick = [torch.zeros_like(total), total / 3, 2 * total / 3, torch.full_like(total, math.inf)]
-    return torch.stack([pick[r % 4][r] for r in range(cost.shape[0])])
-
-
 def triton_dispatch(q, x, p, args, top_p, budget):
     """The public path: the dispatch computes the keep bounds and hands the budget to Triton."""
     return backends.verify("triton", q, x, p, **args, top_k=None, top_p=top_p, budget=budget)
-
-
-def check(rule, T, cascade, seed, top_p=None, run=triton_dispatch, device=DEVICE):
-    """``run``'s output for a block with per-row budgets equals the reference's (see the module
-    docstring) on ``device``; returns the reference's exact positions and costs."""
-    q, x, p = block(seed, T=T, cascade=cascade, device=device)
-    args = call_args(rule, T, B, seed, device)
-    cost = costs(q, p, args, top_p=top_p)
-    budget = budgets_for(cost).to(device)
-    ties, exact = scan_ties(cost, budget)
-    assert len(ties) <= 1, f"budgets chosen at ties in rows {sorted(ties)}: change the seed"
-    keep = set(range(B)) - ties
-    got = run(q, x, p, args, top_p, budget)
-    want = reference.verify(q, x, p, **args, top_k=None, top_p=top_p, budget=budget)
-    assert got.spent is not None and got.spent.dtype == torch.float64
-    assert got.spent.shape == (B, G + 1)
-    rows = torch.tensor(sorted(keep), device=device)
-    sub = [Decisions(*(f.index_select(0, rows) for f in o[:4])) for o in (got, want)]
-    if top_p is None:
-        sargs = {**args, "budget": budget}
-        for k in ("alpha", "temperature", "seed", "positions", "budget"):
-            sargs[k] = sargs[k].index_select(0, rows)
-        qs, xs, ps = (t.index_select(0, rows) for t in (q, x, p))
-        assert_same_up_to_near_ties(sub[0], sub[1], qs, xs, ps, sargs)
-    else:  # (the near-tie check perturbs untruncated calls only; random inputs have none here)
-        for name, a, b in zip(want._fields, *sub):
-            assert torch.equal(a, b), (name, a, b)
-    torch.testing.assert_close(got.spent[rows], want.spent[rows], atol=1e-5, rtol=0)
-    return exact, cost
 
 
 # ---- tokens, counts, flags and charges equal the reference's --------------------------------------
@@ -135,7 +47,7 @@ def check(rule, T, cascade, seed, top_p=None, run=triton_dispatch, device=DEVICE
 @pytest.mark.parametrize("rule", list(RULES))
 def test_budget_matches_reference(rule, T, cascade):
     seed = 10 * list(RULES).index(rule) + 3 * int(T) + int(cascade)
-    exact, cost = check(rule, T, cascade, seed)
+    exact, cost = check(rule, T, cascade, seed, run=triton_dispatch)
     if rule != "spec" and T > 0:  # the case must make positions exact and let others spend
         assert bool(exact.any()) and bool((~exact & (cost > 0)).any())
 
@@ -143,7 +55,8 @@ def test_budget_matches_reference(rule, T, cascade):
 @pytest.mark.parametrize("cascade", [True, False], ids=["cascade", "verifier"])
 @pytest.mark.parametrize("rule", list(RULES))
 def test_budget_with_top_p_matches_reference(rule, cascade):
-    exact, _ = check(rule, 1.0, cascade, 200 + list(RULES).index(rule), top_p=0.8)
+    exact, _ = check(rule, 1.0, cascade, 200 + list(RULES).index(rule), top_p=0.8,
+                     run=triton_dispatch)
     if rule != "spec":
         assert bool(exact.any())
 
