@@ -74,6 +74,7 @@ from .graphs import Graphs
 from .kv_cache import SlotModel
 from .outputs import GenerateOutput, bonus_keepable
 from .pack import BlockResult, Layout, nonfinite
+from .rules import ALPHA_RANGES
 from .sampling import draw
 from .stats import Counters
 
@@ -326,10 +327,11 @@ class Engine:
                     raise ValueError(f"{name} applies to method='spec_cascade' only")
             rules, exact, spend = [None] * B, [0] * B, None
             alphas = inputs.per_sequence("alpha", alpha, cfg.alpha, B, cfg.rule, self.device)
-        rows = Rows(self, prompts, inputs.seeds(seed, B),
-                    inputs.per_sequence("temperature", temperature, cfg.temperature, B, cfg.rule,
-                                        self.device),
-                    alphas, budgets, eos, hooks, rules, exact, spend)
+        temperatures = inputs.per_sequence("temperature", temperature, cfg.temperature, B,
+                                           cfg.rule, self.device)
+        settings, row_settings = self._call_settings(rules, alphas, temperatures, exact, spend)
+        rows = Rows(self, prompts, inputs.seeds(seed, B), temperatures, alphas, budgets, eos,
+                    hooks, rules, exact, spend)
         self._gammas = []
         with torch.inference_mode():
             prefill_start = time.perf_counter()
@@ -347,9 +349,23 @@ class Engine:
                 rows.drop_finished()
         sequences = outputs.sequences(input_ids.to(self.device), rows.new_tokens, pad)
         extra = {"gammas": self._gammas} if cfg.gamma_policy != "fixed" else {}
-        stats = outputs.final_stats(rows.counters, cfg.settings(), start, prefill_s=prefill_s,
-                                    **extra)
+        stats = outputs.final_stats(rows.counters, settings, start, row_settings,
+                                    prefill_s=prefill_s, **extra)
         return GenerateOutput(sequences, stats, rows.new_tokens)
+
+    def _call_settings(self, rules, alphas, temperatures, exact, spend):
+        """The settings this call used, for its statistics: the config's, with what the call
+        set per sequence in place (one value, or one per sequence where they differ), and each
+        sequence's own (:func:`outputs.call_settings`)."""
+        cfg = self.cfg
+        alpha = None if alphas is None else alphas.tolist()
+        if cfg.method == "spec_cascade":  # a rule without alpha reads zeros; report None
+            alpha = [a if ALPHA_RANGES[r] is not None else None for r, a in zip(rules, alpha)]
+            return outputs.call_settings(cfg.settings(), rule=rules, alpha=alpha,
+                                         temperature=temperatures.tolist(), exact_prefix=exact,
+                                         divergence_budget=spend)
+        return outputs.call_settings(cfg.settings(), alpha=alpha,
+                                     temperature=temperatures.tolist())
 
     # --- Algorithm 4, for every unfinished row ---------------------------------------------------
     # Each step or block is a body of device work on fixed shapes (no host reads, so it can be

@@ -97,18 +97,36 @@ def sequences(input_ids: torch.Tensor, new_tokens: list[list[int]], pad: int,
     return torch.cat([input_ids.to(torch.int64), new], dim=1)
 
 
-def final_stats(counters, settings: dict, start: float, **extra) -> dict:
+def final_stats(counters, settings: dict, start: float, row_settings: list[dict] | None = None,
+                **extra) -> dict:
     """The statistics of a call: the summed ``counters`` with their rates, wall-clock time since
     ``start`` (``time.perf_counter()``), the ``settings`` used and any ``extra`` figures; under
-    ``per_sequence`` each sequence's own counters and rates (one dict per sequence, in order)."""
+    ``per_sequence`` each sequence's own counters and rates (one dict per sequence, in order),
+    with its own entry of ``row_settings`` where given."""
     total = Counters()
     for c in counters:
         total += c
     stats = total.as_dict(time.perf_counter() - start)
     stats["per_sequence"] = [_own(c) for c in counters]
+    if row_settings is not None:
+        for own, row in zip(stats["per_sequence"], row_settings, strict=True):
+            own.update(row)
     stats.update(extra)
     stats.update(settings)
     return stats
+
+
+def call_settings(settings: dict, **per_row) -> tuple[dict, list[dict]]:
+    """The settings a call used: ``settings`` (the configuration's) with each ``per_row`` value
+    (a list of one value per sequence, or None: the configuration's) in its place: one value
+    where every sequence used the same, else the list. Returns that and each sequence's own
+    settings (the keys of ``per_row`` that were given)."""
+    given = {k: list(v) for k, v in per_row.items() if v is not None}
+    B = len(next(iter(given.values()))) if given else 0
+    out = dict(settings)
+    for k, values in given.items():
+        out[k] = values[0] if all(v == values[0] for v in values) else values
+    return out, [{k: values[b] for k, values in given.items()} for b in range(B)]
 
 
 def _own(c: Counters) -> dict:

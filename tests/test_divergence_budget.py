@@ -198,6 +198,16 @@ def test_a_rows_tokens_do_not_depend_on_the_budgets_beside_it(pair):
             mixed.stats["per_sequence"][b]["divergence_spent"])
     assert mixed.stats["per_sequence"][3]["divergence_spent"] == 0
     assert mixed.stats["per_sequence"][1]["divergence_spent"] == 0  # spec costs nothing
+    # the statistics report what the call used, per sequence and for the call
+    own = [{k: r[k] for k in ("rule", "alpha", "divergence_budget", "exact_prefix")}
+           for r in mixed.stats["per_sequence"]]
+    assert own == [dict(rule="token_v3", alpha=0.6, divergence_budget=0.1, exact_prefix=0),
+                   dict(rule="spec", alpha=None, divergence_budget=0.3, exact_prefix=0),
+                   dict(rule="lossy", alpha=0.4, divergence_budget=math.inf, exact_prefix=0),
+                   dict(rule="token_v3", alpha=0.6, divergence_budget=0.0, exact_prefix=0)]
+    assert mixed.stats["rule"] == ["token_v3", "spec", "lossy", "token_v3"]
+    assert mixed.stats["divergence_budget"] == [0.1, 0.3, math.inf, 0.0]
+    assert mixed.stats["exact_prefix"] == 0  # the same for every sequence: one value
 
 
 def test_engine_budget_per_call_or_from_the_engine(pair):
@@ -208,6 +218,9 @@ def test_engine_budget_per_call_or_from_the_engine(pair):
     b = eng.generate(_ids(), max_new_tokens=16, seed=0, divergence_budget=0.2)
     assert torch.equal(a.sequences, b.sequences)
     assert a.stats["divergence_budget"] == 0.2
+    c = eng.generate(_ids(), max_new_tokens=16, seed=0, divergence_budget=0.05)
+    assert c.stats["divergence_budget"] == 0.05  # the call's budget, not the engine's
+    assert all(r["divergence_budget"] == 0.05 for r in c.stats["per_sequence"])
     assert all(r["divergence_spent"] <= 0.2 + 1e-12 for r in a.stats["per_sequence"])
 
 

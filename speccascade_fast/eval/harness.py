@@ -62,7 +62,6 @@ past the stop string, for every method alike.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -606,31 +605,6 @@ def _run_batch1(run: _Run, rows: list, done: set) -> None:
             bar.close()
 
 
-@contextlib.contextmanager
-def _sequence_counters():
-    """Each ``generate`` call's per-sequence counters, in sequence order (a list per call).
-
-    ``GenerateOutput.stats`` sums its counters over the batch; until it reports them per
-    sequence (``stats["per_sequence"]``, used when present), they are read where both decoding
-    loops build their statistics, :func:`speccascade_fast.outputs.final_stats`, for the duration
-    of this context (single-threaded: the harness runs one call at a time)."""
-    from speccascade_fast import outputs
-
-    captured: list[list[dict[str, Any]]] = []
-    original = outputs.final_stats
-
-    def recording(counters, *args, **kwargs):
-        counters = list(counters)
-        captured.append([c.as_dict() for c in counters])
-        return original(counters, *args, **kwargs)
-
-    outputs.final_stats = recording
-    try:
-        yield captured
-    finally:
-        outputs.final_stats = original
-
-
 #: DecodeConfig's fields among generate's keyword arguments
 _DECODE_KEYS = ("method", "rule", "alpha", "gamma", "temperature", "top_k", "top_p", "bonus",
                 "seq_score", "logits_processor", "max_drafter_run", "draft_confidence",
@@ -717,17 +691,16 @@ def _chunk_rows(run: _Run, cfg: EvalConfig, chunk, engine, pad: int, batch_size:
     kw = run.kwargs(cfg)
     _sync(run.drafter, run.verifier)
     t0 = time.perf_counter()
-    with _sequence_counters() as captured:
-        if engine is not None:
-            result = engine.generate(ids, mask, max_new_tokens=kw["max_new_tokens"], seed=seeds,
-                                     eos_token_id=kw["eos_token_id"], pad_token_id=pad)
-        else:
-            result = run.generate(run.drafter, run.verifier, ids, attention_mask=mask,
-                                  seed=seeds, **kw)
+    if engine is not None:
+        result = engine.generate(ids, mask, max_new_tokens=kw["max_new_tokens"], seed=seeds,
+                                 eos_token_id=kw["eos_token_id"], pad_token_id=pad)
+    else:
+        result = run.generate(run.drafter, run.verifier, ids, attention_mask=mask, seed=seeds,
+                              **kw)
     _sync(run.drafter, run.verifier)
     wall = time.perf_counter() - t0
     stats = dict(_get(result, "stats") or {})
-    per_seq = stats.pop("per_sequence", None) or (captured[-1] if captured else None)
+    per_seq = stats.pop("per_sequence", None)
     if per_seq is None or len(per_seq) != len(chunk):
         if len(chunk) != 1:
             raise RuntimeError("generate returned no per-sequence statistics for a batch")
@@ -736,7 +709,7 @@ def _chunk_rows(run: _Run, cfg: EvalConfig, chunk, engine, pad: int, batch_size:
                                       "draft_confidence") if k in stats}
     out = []
     for b, ((i, ex), (text, _, _)) in enumerate(zip(chunk, encoded)):
-        row_stats = {**dict(per_seq[b]), **settings}
+        row_stats = {**settings, **dict(per_seq[b])}  # a sequence's own settings first
         row_stats["wall_s"] = None
         row_stats.pop("tokens_per_s", None)
         row = _make_row(run, cfg, ex, i, text, int(prompt_ids[b].numel()),
