@@ -395,3 +395,35 @@ def test_plots_and_table2_figure_are_written(tmp_path):
                                        "quality_vs_verifier_calls.png", "table2.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
     assert not math.isnan(s["verifier_pooled"]["quality"])
+
+
+def test_budget_sweep_summary_and_plot(tmp_path):
+    from speccascade_fast.eval.plots import plot_summary
+    from speccascade_fast.eval.summary import to_markdown
+
+    def spent(config, values):
+        rows = _qrows(config, [1, 0, 1, 1])
+        for r, v in zip(rows, values):
+            r["stats"] = {**r["stats"], "divergence_spent": v}
+        return rows
+
+    rows = (_qrows("autoregressive", [1, 0, 1, 1]) + _qrows("spec_cascade/token_v3/alpha=0.6",
+                                                            [1, 1, 0, 1])
+            + spent("spec_cascade/token_v3/alpha=0.6/budget=0", [0, 0, 0, 0])
+            + spent("spec_cascade/token_v3/alpha=0.6/budget=0.5", [0.5, 0.25, 0.0, 0.5])
+            + spent("spec_cascade/token_v3/alpha=0.6/budget=2", [1.5, 0.5, 0.0, 2.0]))
+    s = summarize(rows, ToyTask(), bootstrap=20)
+    by = {p["config"]: p for p in s["configs"]}
+    half = by["spec_cascade/token_v3/alpha=0.6/budget=0.5"]
+    assert half["divergence_spent_mean"] == pytest.approx(0.3125)
+    assert half["divergence_spent_max"] == 0.5
+    assert "divergence_spent_mean" not in by["spec_cascade/token_v3/alpha=0.6"]  # not measured
+    md = to_markdown(s)
+    assert "## Divergence budgets" in md and "| `spec_cascade/token_v3/alpha=0.6/budget=2` | 2 |" in md
+    s["settings"] = {"temperature": 1.0, "gamma": 5, "drafter": "/x/small", "verifier": "big"}
+    paths = plot_summary(s, tmp_path)
+    assert paths[-1].name == "quality_vs_budget.png" and paths[-1].stat().st_size > 1000
+    # no budget anywhere: no budget figure
+    plain = summarize(rows[:8], ToyTask(), bootstrap=20)
+    plain["settings"] = s["settings"]
+    assert "quality_vs_budget.png" not in [p.name for p in plot_summary(plain, tmp_path / "p")]

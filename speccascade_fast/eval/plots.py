@@ -9,6 +9,11 @@ Four PNGs:
 * ``table2.png``: the Table-2 figures per curve, (a) the speed-up at the verifier's quality and
   (b) the best quality within the verifier's latency minus the verifier's, with their bootstrap
   CIs.
+* ``quality_vs_budget.png`` (only when some configuration has a divergence budget): per budget
+  curve (a rule at one α, its budget B varying), against B on a symmetric-log axis, (a) the
+  quality, (b) verifier calls per new token, (c) the mean and the largest divergence a response
+  spent, under the line "spent = B" that bounds every response; the same rule and α without a
+  budget, where it ran, as a dashed line of the curve's colour.
 
 Every method (curve) has one fixed colour and marker in every figure (:func:`style`); a curve's
 points are joined in the order of its α (or min-p), never re-sorted by the x axis, with α written
@@ -32,6 +37,7 @@ PLOTS = {
                                  "verifier calls per new token"),
 }
 TABLE2_PLOT = "table2.png"
+BUDGET_PLOT = "quality_vs_budget.png"
 
 #: fixed (colour, marker, line style) per curve
 STYLES: dict[str, tuple[str, str, str]] = {
@@ -180,7 +186,83 @@ def plot_summary(summary: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     written.append(_table2_plot(summary, out_dir / TABLE2_PLOT, plt, scale))
+    if any(p.get("divergence_budget") is not None for p in summary["configs"]):
+        written.append(_budget_plot(summary, out_dir / BUDGET_PLOT, plt, scale))
     return written
+
+
+def _unbudgeted(p: Mapping[str, Any], configs) -> Mapping[str, Any] | None:
+    """The configuration of budget point ``p``'s rule, α and bonus without a budget, if it ran."""
+    for c in configs:
+        if c.get("divergence_budget") is None and c.get("min_p") is None and all(
+                c.get(k) == p.get(k) for k in ("method", "rule", "alpha", "bonus")):
+            return c
+    return None
+
+
+def _budget_plot(summary, path: Path, plt, scale: float) -> Path:
+    """Quality, verifier calls per token and the divergence spent against the budget B."""
+    configs = summary["configs"]
+    curves: dict[str, list[Mapping[str, Any]]] = {}
+    for p in configs:
+        if p.get("divergence_budget") is not None:
+            curves.setdefault(p["curve"], []).append(p)
+    budgets = sorted({p["divergence_budget"] for pts in curves.values() for p in pts})
+    positive = [b for b in budgets if b > 0]
+    linthresh = min(positive) if positive else 1.0
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13.5, 4.6), dpi=120)
+    _, ylabel = _scale(summary.get("metric", "quality"))
+    pooled = summary.get("verifier_pooled")
+    if pooled is not None:
+        a.axhline(pooled["quality"] * scale, color="black", ls=":", lw=1,
+                  label="verifier (pooled)")
+        ci = pooled.get("quality_ci")
+        if ci and None not in ci:
+            a.axhspan(ci[0] * scale, ci[1] * scale, color="black", alpha=0.06, lw=0)
+    b.axhline(1.0, color="black", ls=":", lw=1, label="verifier alone (1 call / token)")
+    for name, pts in sorted(curves.items()):
+        pts = sorted(pts, key=lambda p: p["divergence_budget"])
+        colour, marker, _ = style(name)
+        xs = [p["divergence_budget"] for p in pts]
+        a.errorbar(xs, [p["quality"] * scale for p in pts], yerr=_errors(pts, scale),
+                   marker=marker, ms=5, capsize=2, color=colour, lw=1.2, label=name)
+        b.plot(xs, [p["verifier_calls_per_token"] for p in pts], marker=marker, color=colour,
+               lw=1.2, label=name)
+        means = [p.get("divergence_spent_mean") for p in pts]
+        if None not in means:
+            c.plot(xs, means, marker=marker, color=colour, lw=1.2, label=f"{name}: mean")
+            c.plot(xs, [p["divergence_spent_max"] for p in pts], marker=marker, color=colour,
+                   lw=0.8, ls="--", mfc="none", label=f"{name}: largest")
+        free = _unbudgeted(pts[0], configs)
+        if free is not None:
+            a.axhline(free["quality"] * scale, color=colour, ls="--", lw=0.8,
+                      label=f"{free['config']} (no budget)")
+            if free.get("verifier_calls_per_token") is not None:
+                b.axhline(free["verifier_calls_per_token"], color=colour, ls="--", lw=0.8,
+                          label=f"{free['config']} (no budget)")
+    top = max(budgets) if budgets else 1.0
+    c.plot([0, top], [0, top], color="black", ls=":", lw=1, label="spent = B (the bound)")
+    spent = [p.get("divergence_spent_max") for pts in curves.values() for p in pts]
+    spent = [x for x in spent if x is not None]
+    if spent:
+        c.set_ylim(0, 1.15 * max(max(spent), linthresh))
+    for ax, label in ((a, ylabel), (b, "verifier calls per new token (lower: faster)"),
+                      (c, "divergence spent per response (total variation)")):
+        ax.set_xscale("symlog", linthresh=linthresh)
+        ax.set_xlabel("divergence budget B per response (symmetric log axis)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6, loc="best")
+    a.set_title("(a) quality", fontsize=9)
+    b.set_title("(b) cost", fontsize=9)
+    c.set_title("(c) what responses spent", fontsize=9)
+    fig.suptitle(title_of(summary), fontsize=9)
+    fig.text(0.01, 0.005, caption_of(summary) + "; dashed lines in (c): the largest spending "
+             "of any response", fontsize=5.5, ha="left", va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.03, 1, 0.97))
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def _table2_plot(summary, path: Path, plt, scale: float) -> Path:

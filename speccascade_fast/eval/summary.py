@@ -374,6 +374,11 @@ def summarize(
         scores = [float(r["scoring"]["score"]) for r in crow] if per_example else None
         m["quality_ci"] = quality_ci(scores, m["quality"], m["quality_se"], ci)
         m["level"] = c.level
+        if c.divergence_budget is not None:  # what each response spent of its budget
+            spent = [float(r.get("stats", {}).get("divergence_spent", float("nan")))
+                     for r in crow]
+            m["divergence_spent_mean"] = sum(spent) / len(spent) if spent else None
+            m["divergence_spent_max"] = max(spent) if spent else None
         per_config.append({"config": k, "curve": c.curve, **c.to_dict(), **m})
     missing = [k for k in keys if k not in present]
     family = []
@@ -605,6 +610,24 @@ def to_markdown(summary: Mapping[str, Any], settings: Mapping[str, Any] | None =
             f"{_f(p['tokens_per_verifier_call'], 2)} | {_f(p['relative_latency'])} | "
             f"{_f(p.get('relative_latency_per_token'))} |"
         )
+    budgeted = [p for p in summary["configs"] if p.get("divergence_budget") is not None]
+    if budgeted:
+        lines += [
+            "",
+            "## Divergence budgets",
+            "",
+            "Per response, the total variation its cascade decisions spent (docs/semantics.md "
+            "§9): every response's spending is at most its budget B, so its law is within total "
+            "variation B of the verifier's.",
+            "",
+            "| configuration | B | mean spent | most spent | verifier calls / token |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for p in budgeted:
+            lines.append(f"| `{p['config']}` | {p['divergence_budget']:g} | "
+                         f"{_f(p.get('divergence_spent_mean'))} | "
+                         f"{_f(p.get('divergence_spent_max'))} | "
+                         f"{_f(p['verifier_calls_per_token'])} |")
     if summary["missing_configs"]:
         lines += ["", "No rows yet: " + ", ".join(f"`{k}`" for k in summary["missing_configs"])]
     agree = summary.get("batch_invariance")
