@@ -367,6 +367,32 @@ def test_lenience_control_configurations_get_their_settings(monkeypatch):
     assert result["settings"]["divergence_budget"] == 0.25
 
 
+def test_several_batch_sizes_run_every_configuration_at_each(monkeypatch):
+    seen = []
+
+    def fake(name, q, verifier, prompts, *, batch, **kwargs):
+        seen.append((name, batch))
+        row = e2e.Row(name, batch, 4, 0.5, 1)
+        row.extra["outputs"] = [[1, 2, 3, 4]]
+        return row
+
+    monkeypatch.setattr(e2e, "run_ours", fake)
+    monkeypatch.setattr(e2e, "step_costs", lambda *a, **k: dict(
+        t_q_s=1.0, t_p_s=2.0, t_p_block_s=2.0, c=0.5, r=1.0))
+    result = e2e.run(None, None, prompts=[torch.tensor([1])], batch=[4, 1, 8, 4],
+                     with_hf=False, configs=("drafter", "spec-t1", "spec-t1-goodput"),
+                     progress=lambda s: None)
+    names = ["ours:verifier", "ours:spec T=1", "ours:spec T=1, goodput gamma"]
+    want = [(n, 1) for n in [names[0], "ours:drafter", *names[1:]]]
+    want += [(n, b) for b in (4, 8) for n in names]  # the drafter alone at batch 1 only
+    assert seen == want
+    assert {(r.name, r.batch) for r in result["rows"]} == set(want)
+    for bad in ([], [0], [2, True], "4"):
+        with pytest.raises(ValueError, match="batch must be"):
+            e2e.run(None, None, prompts=[torch.tensor([1])], batch=bad, with_hf=False,
+                    configs=("spec-t1",), progress=lambda s: None)
+
+
 def test_model_clock():
     """Calls and seconds per model; no models (the compiled rows) or a model off the CPU: no
     model time (on CUDA a call's host time is not the model's)."""
@@ -434,6 +460,7 @@ def test_random_weights_command(tmp_path, capsys):
     capsys.readouterr()  # the good run's progress
     for bad, msg in ((["--overrides", "[1]"], "--overrides must be a JSON object"),
                      (["--prompt-len", "0"], "--prompt-len must be >= 1"),
+                     (["--batch", "2", "0"], "--batch must be >= 1"),
                      (["--device", "nope"], "--device")):
         assert cli.main([*argv, *bad]) == 2  # one line on stderr, no traceback
         err = capsys.readouterr().err

@@ -34,7 +34,9 @@ def add_bench_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--verifier", default=DEFAULT_VERIFIER)
     p.add_argument("--prompts", type=int, default=5, help="HumanEval prompts (default: 5)")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--batch", type=int, default=4, help="the batched runs' size (default: 4)")
+    p.add_argument("--batch", type=int, nargs="+", default=[4],
+                   help="the batched runs' size, or several (e.g. 4 8 16); batch 1 always runs "
+                   "(default: 4)")
     p.add_argument("--gamma", type=int, default=5)
     p.add_argument("--hf-gamma", type=int, default=None,
                    help="HF assisted generation's draft length (default: --gamma)")
@@ -105,9 +107,10 @@ def check_args(args: argparse.Namespace) -> tuple[str, ...]:
 
     for name in ("prompts", "max_new_tokens", "batch", "gamma", "rounds", "hf_gamma",
                  "dc_gamma", "prompt_len", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        values = getattr(args, name)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and value < 1:
+                raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     decode_config(rule="token_v3", alpha=args.alpha, gamma=args.gamma)
     decode_config(gamma=args.dc_gamma or args.gamma, draft_confidence=args.draft_confidence)
     decode_config(rule="token_v3", exact_prefix=args.exact_prefix,
@@ -175,7 +178,8 @@ def bench_command(args: argparse.Namespace) -> int:
                                                         weights=args.weights)
         drafter, verifier = drafter.to(device), verifier.to(device)
     result = e2e.run(drafter, verifier, tokenizer, prompts=prompts, n_prompts=args.prompts,
-                     max_new_tokens=args.max_new_tokens, batch=args.batch, gamma=args.gamma,
+                     max_new_tokens=args.max_new_tokens,
+                     batch=args.batch[0] if len(args.batch) == 1 else args.batch, gamma=args.gamma,
                      alpha=args.alpha, with_hf=not args.no_hf, configs=configs,
                      int8_drafter=args.int8_drafter, compile_drafter=args.compile_drafter,
                      rounds=args.rounds, hf_gamma=args.hf_gamma, hf_defaults=args.hf_defaults,

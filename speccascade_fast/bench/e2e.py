@@ -397,6 +397,9 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
     ``exact_prefix`` / ``divergence_budget``: the ``*-window`` / ``*-budget`` configurations'
     settings.
 
+    ``batch``: the batched runs' size, or a list of sizes (each runs every configuration but
+    the drafter alone; batch 1 always runs).
+
     ``rounds``: run every configuration that many times, interleaved (round ``i`` runs them all,
     in reverse order when ``i`` is odd, and first re-times the step costs), so that a machine
     whose speed drifts during the run biases no configuration against another. A row's figures
@@ -409,6 +412,11 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
         raise ValueError(f"unknown configs {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    batches = [batch] if isinstance(batch, int) else list(batch)
+    if not batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
+                          for b in batches):
+        raise ValueError(f"batch must be an int >= 1 or a list of them, got {batch!r}")
+    batches = [b for b in dict.fromkeys(batches) if b > 1]  # batch 1 always runs
     check_draft_confidence(draft_confidence)
     hf_gamma = gamma if hf_gamma is None else hf_gamma
     dc_gamma = gamma if dc_gamma is None else dc_gamma
@@ -473,20 +481,20 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
             hf("hf:assisted greedy" + HF_DEFAULTS_SUFFIX, assistant=drafter, hf_defaults=True)
             hf("hf:assisted T=1" + HF_DEFAULTS_SUFFIX, assistant=drafter, hf_defaults=True,
                temperature=1.0)
-    if batch > 1:
+    for b in batches:
         for key in keys:
             if key != "drafter":
-                ours(key, drafter, batch)
+                ours(key, drafter, b)
     if q8 is not None:
         for key in INT8_CONFIGS:
             ours(key, q8, 1, suffix=INT8_SUFFIX)
         if with_hf:
             hf("hf:assisted greedy" + INT8_SUFFIX, assistant=q8, gamma=hf_gamma)
             hf("hf:assisted T=1" + INT8_SUFFIX, assistant=q8, gamma=hf_gamma, temperature=1.0)
-        if batch > 1:
+        for b in batches:
             for key in INT8_CONFIGS:
                 if key != "drafter" and key in keys:
-                    ours(key, q8, batch, suffix=INT8_SUFFIX)
+                    ours(key, q8, b, suffix=INT8_SUFFIX)
     if compile_drafter:
         for key in COMPILED_CONFIGS:
             ours(key, drafter, 1, suffix=" (compiled drafter)", compile_drafter=True)

@@ -169,7 +169,7 @@ def bench_command(args) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(verifier)
     prompts = [p.tolist() for p in humaneval_prompts(tokenizer, args.prompts)]
-    result = run(verifier, drafter, prompts, batches=sorted({1, args.batch}),
+    result = run(verifier, drafter, prompts, batches=sorted({1, *args.batch}),
                  max_new_tokens=args.max_new_tokens, gamma=args.gamma, alpha=args.alpha,
                  dtype=args.dtype, progress=lambda s: print(s, file=sys.stderr, flush=True))
     table = markdown(result)
