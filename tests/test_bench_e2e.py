@@ -256,7 +256,7 @@ def test_summary_figures_by_hand():
 
 
 def test_unknown_config_is_an_error():
-    with pytest.raises(ValueError, match="unknown configs"):
+    with pytest.raises(ValueError, match="unknown config"):
         e2e.run(None, None, prompts=[torch.tensor([1])], configs=("beam",))
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         e2e.run(None, None, prompts=[torch.tensor([1])], rounds=0)
@@ -387,6 +387,16 @@ def test_several_batch_sizes_run_every_configuration_at_each(monkeypatch):
     want += [(n, b) for b in (4, 8) for n in names]  # the drafter alone at batch 1 only
     assert seen == want
     assert {(r.name, r.batch) for r in result["rows"]} == set(want)
+    # a fixed draft length per configuration: @gN
+    seen.clear()
+    e2e.run(None, None, prompts=[torch.tensor([1])], batch=1, with_hf=False,
+            configs=("spec-t1@g2", "spec-t1", "spec-t1-goodput@g3"), progress=lambda s: None)
+    assert [n for n, _ in seen] == ["ours:verifier", "ours:spec T=1", "ours:spec T=1, gamma 2",
+                                    "ours:spec T=1, goodput gamma, gamma 3"]
+    for bad, msg in (("spec-t1@g0", "@gN"), ("spec-t1@gx", "@gN"), ("verifier@g2", "@gN"),
+                     ("spec-t1-dc@g2", "@gN"), ("nope@g2", "unknown config")):
+        with pytest.raises(ValueError, match=msg):
+            e2e.split_key(bad)
     for bad in ([], [0], [2, True], "4"):
         with pytest.raises(ValueError, match="batch must be"):
             e2e.run(None, None, prompts=[torch.tensor([1])], batch=bad, with_hf=False,

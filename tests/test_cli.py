@@ -320,7 +320,7 @@ def test_bench_errors_before_loading(no_loading, capsys, monkeypatch, tmp_path):
             (["--threads", "0"], "--threads must be >= 1, got 0"),
             (["--alpha", "nan"], "argument --alpha: alpha=nan is outside the range"),
             (["--draft-confidence", "1"], "argument --draft-confidence: draft_confidence must"),
-            (["--configs", "verifier,nope"], "--configs: unknown ['nope']"),
+            (["--configs", "verifier,nope"], "--configs: unknown config 'nope'"),
             (["--device", "nope"], "argument --device: 'nope' is not a device"),
             (["--from-json", str(tmp_path / "none.json")], "[Errno 2] No such file"),
             (["--random-weights", "--overrides", "[1]"], "--overrides must be a JSON object")):

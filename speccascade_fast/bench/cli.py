@@ -59,7 +59,9 @@ def add_bench_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baselines")
     p.add_argument("--configs", default=",".join(e2e.CONFIGS),
                    help="comma-separated subset of our configurations (default: all of "
-                        f"{','.join(e2e.CONFIGS)}; 'verifier' always runs)")
+                        f"{','.join(e2e.CONFIGS)}; 'verifier' always runs); a speculative "
+                        "one without draft confidence may end in @gN for N drafts per block "
+                        "(e.g. spec-t1@g2; a *-goodput one: at most N)")
     p.add_argument("--int8-drafter", action="store_true",
                    help="also measure a weight-only int8 copy of the drafter")
     p.add_argument("--compile-drafter", action="store_true",
@@ -116,10 +118,11 @@ def check_args(args: argparse.Namespace) -> tuple[str, ...]:
     decode_config(rule="token_v3", exact_prefix=args.exact_prefix,
                   divergence_budget=args.divergence_budget)
     configs = tuple(c for c in args.configs.split(",") if c)
-    unknown = set(configs) - set(e2e.CONFIGS)
-    if unknown:
-        raise CLIError(f"--configs: unknown {sorted(unknown)}; choose from "
-                       f"{','.join(e2e.CONFIGS)}")
+    for key in configs:
+        try:
+            e2e.split_key(key)
+        except ValueError as e:
+            raise CLIError(f"--configs: {e}") from None
     if args.from_json:
         return configs
     args.device = check_device(args.device)

@@ -353,6 +353,27 @@ CONFIGS = {
     "token_v3-t1-budget": ("ours:token_v3 a={alpha} T=1, divergence budget {budget}",
                            dict(rule="token_v3", temperature=1.0, divergence_budget=None)),
 }
+
+
+def split_key(key: str) -> tuple[str, int | None]:
+    """A configuration key and its fixed draft length: ``"spec-t1@g2"`` is ``spec-t1`` with
+    gamma 2 (for a ``*-goodput`` key, at most 2); ``(key, None)`` without ``@g``. A ValueError
+    names a key that is not a :data:`CONFIGS` key (with ``@gN``: a speculative one without
+    draft confidence, N >= 1)."""
+    base, sep, g = key.partition("@g")
+    if base not in CONFIGS:
+        raise ValueError(f"unknown config {key!r}; choose from {', '.join(CONFIGS)} (a "
+                         "speculative one may end in @gN: N drafts per block)")
+    if not sep:
+        return base, None
+    settings = CONFIGS[base][1]
+    if "rule" not in settings or "draft_confidence" in settings or not g.isdigit() \
+            or int(g) < 1:
+        raise ValueError(f"config {key!r}: @gN (N >= 1 drafts per block) applies to the "
+                         "speculative configurations without draft confidence")
+    return base, int(g)
+
+
 #: ``run``'s defaults for the ``*-window`` and ``*-budget`` configurations
 DEFAULT_EXACT_PREFIX = 16
 DEFAULT_DIVERGENCE_BUDGET = 1.0
@@ -407,9 +428,8 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
     same seeds); ``row.extra["round_tokens_per_s"]`` keeps each round's speed, from which
     :func:`summarize` gives each ratio's range over the rounds. Step costs are the medians of
     the rounds'."""
-    unknown = set(configs) - set(CONFIGS)
-    if unknown:
-        raise ValueError(f"unknown configs {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
+    order = list(CONFIGS)
+    split = {k: split_key(k) for k in configs}
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     batches = [batch] if isinstance(batch, int) else list(batch)
@@ -430,10 +450,12 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = 0 if pad is None else pad
     common = dict(max_new_tokens=max_new_tokens, pad=pad)
-    keys = ["verifier", *[k for k in CONFIGS if k in configs and k != "verifier"]]
+    keys = ["verifier", *sorted((k for k in split if k != "verifier"), key=lambda k: (
+        order.index(split[k][0]), split[k][1] or 0))]
     jobs = []  # (name, batch, run it once -> Row), in the order of a round
 
     def ours(key, q, batch, suffix="", **extra):
+        key, fixed_gamma = split_key(key)
         name, settings = CONFIGS[key]
         name = name.format(alpha=alpha, dc=draft_confidence, window=exact_prefix,
                            budget=divergence_budget)
@@ -443,7 +465,9 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
         if "divergence_budget" in settings:
             settings["divergence_budget"] = divergence_budget
         if "rule" in settings:
-            settings["gamma"] = gamma
+            settings["gamma"] = gamma if fixed_gamma is None else fixed_gamma
+            if fixed_gamma is not None:
+                name += f", gamma {fixed_gamma}"
         if "draft_confidence" in settings:
             settings.update(draft_confidence=draft_confidence, gamma=dc_gamma)
             if dc_gamma != gamma:
