@@ -418,6 +418,9 @@ def test_budget_sweep_summary_and_plot(tmp_path):
     assert half["divergence_spent_mean"] == pytest.approx(0.3125)
     assert half["divergence_spent_max"] == 0.5
     assert "divergence_spent_mean" not in by["spec_cascade/token_v3/alpha=0.6"]  # not measured
+    # a budget of 0 is the verifier's law: pooled with the verifier
+    assert s["verifier_pooled"]["sources"] == ["autoregressive",
+                                               "spec_cascade/token_v3/alpha=0.6/budget=0"]
     md = to_markdown(s)
     assert "## Divergence budgets" in md and "| `spec_cascade/token_v3/alpha=0.6/budget=2` | 2 |" in md
     s["settings"] = {"temperature": 1.0, "gamma": 5, "drafter": "/x/small", "verifier": "big"}

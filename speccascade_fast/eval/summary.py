@@ -265,10 +265,11 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
-#: configurations whose law is exactly the verifier's (docs/semantics.md §3: spec = pT)
+#: configurations whose law is exactly the verifier's (docs/semantics.md §3: spec = pT; §9: a
+#: divergence budget of 0 verifies every position losslessly)
 def is_verifier_law(cfg: EvalConfig) -> bool:
     return (cfg.method == "autoregressive" and cfg.min_p is None) or (
-        cfg.method == "spec_cascade" and cfg.rule == "spec")
+        cfg.method == "spec_cascade" and (cfg.rule == "spec" or cfg.divergence_budget == 0))
 
 
 def latency_table(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, tuple[float, int]]]:
