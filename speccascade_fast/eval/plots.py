@@ -64,10 +64,17 @@ _FALLBACK_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "h", "<", ">")
 
 
 def style(curve: str) -> tuple[str, str, str]:
-    """The (colour, marker, line style) of a curve: fixed for the known methods, else a stable
-    function of its name (the same in every figure and every run)."""
+    """The (colour, marker, line style) of a curve: fixed for the known methods (a budget sweep,
+    ``method[rule,alpha=…,budget]``, in its rule's colour, dash-dotted), else a stable function
+    of its name (the same in every figure and every run)."""
     if curve in STYLES:
         return STYLES[curve]
+    if curve.endswith(",budget]"):
+        inside = [x for x in curve[curve.index("[") + 1:-1].split(",")
+                  if x != "budget" and not x.startswith("alpha=")]
+        base = f"{curve[:curve.index('[')]}[{','.join(inside)}]"
+        if base in STYLES:
+            return STYLES[base][0], STYLES[base][1], "-."
     h = int(hashlib.md5(curve.encode()).hexdigest(), 16)
     return (_FALLBACK_COLOURS[h % len(_FALLBACK_COLOURS)],
             _FALLBACK_MARKERS[(h // 7) % len(_FALLBACK_MARKERS)], "-")
@@ -219,15 +226,14 @@ def _budget_plot(summary, path: Path, plt, scale: float) -> Path:
         ci = pooled.get("quality_ci")
         if ci and None not in ci:
             a.axhspan(ci[0] * scale, ci[1] * scale, color="black", alpha=0.06, lw=0)
-    b.axhline(1.0, color="black", ls=":", lw=1, label="verifier alone (1 call / token)")
     for name, pts in sorted(curves.items()):
         pts = sorted(pts, key=lambda p: p["divergence_budget"])
-        colour, marker, _ = style(name)
+        colour, marker, ls = style(name)
         xs = [p["divergence_budget"] for p in pts]
         a.errorbar(xs, [p["quality"] * scale for p in pts], yerr=_errors(pts, scale),
-                   marker=marker, ms=5, capsize=2, color=colour, lw=1.2, label=name)
+                   marker=marker, ms=5, capsize=2, color=colour, ls=ls, lw=1.2, label=name)
         b.plot(xs, [p["verifier_calls_per_token"] for p in pts], marker=marker, color=colour,
-               lw=1.2, label=name)
+               ls=ls, lw=1.2, label=name)
         means = [p.get("divergence_spent_mean") for p in pts]
         if None not in means:
             c.plot(xs, means, marker=marker, color=colour, lw=1.2, label=f"{name}: mean")
@@ -241,18 +247,23 @@ def _budget_plot(summary, path: Path, plt, scale: float) -> Path:
                 b.axhline(free["verifier_calls_per_token"], color=colour, ls="--", lw=0.8,
                           label=f"{free['config']} (no budget)")
     top = max(budgets) if budgets else 1.0
-    c.plot([0, top], [0, top], color="black", ls=":", lw=1, label="spent = B (the bound)")
+    bound = [0.0, *(linthresh * (top / linthresh) ** (i / 200) for i in range(201))]
+    c.plot(bound, bound, color="black", ls=":", lw=1, label="spent = B (the bound)")
     spent = [p.get("divergence_spent_max") for pts in curves.values() for p in pts]
     spent = [x for x in spent if x is not None]
     if spent:
         c.set_ylim(0, 1.15 * max(max(spent), linthresh))
-    for ax, label in ((a, ylabel), (b, "verifier calls per new token (lower: faster)"),
+    for ax, label in ((a, ylabel), (b, "verifier calls per new token (lower: faster; the "
+                                      "verifier alone: 1)"),
                       (c, "divergence spent per response (total variation)")):
         ax.set_xscale("symlog", linthresh=linthresh)
+        ax.set_xlim(-0.15 * linthresh, 2 * top)
+        ax.set_xticks(budgets, [f"{x:g}" for x in budgets], fontsize=7)
+        ax.minorticks_off()
         ax.set_xlabel("divergence budget B per response (symmetric log axis)")
-        ax.set_ylabel(label)
+        ax.set_ylabel(label, fontsize=8)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=6, loc="best")
+        ax.legend(fontsize=6, loc="lower right" if ax is a else "best")
     a.set_title("(a) quality", fontsize=9)
     b.set_title("(b) cost", fontsize=9)
     c.set_title("(c) what responses spent", fontsize=9)
