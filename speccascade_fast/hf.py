@@ -29,7 +29,8 @@ prompt). The cascade's own settings are extra keyword arguments: ``deferral_rule
 None: the method's default, ``token_v3``), ``lenience`` (``alpha``; None:
 :data:`speccascade_fast.config.DEFAULT_ALPHA`), ``method``, ``bonus``, ``max_drafter_run``,
 ``seq_score``, ``backend``, ``engine``, ``gamma_policy``, ``exact_prefix``,
-``divergence_budget``. Without
+``divergence_budget``, ``calibration`` (a ``speccascade calibrate`` file in place of
+``deferral_rule`` / ``lenience``). Without
 ``assistant_model`` the verifier decodes alone.
 Drafting schedule: ``num_assistant_tokens`` and ``assistant_confidence_threshold`` fall back to
 the assistant's generation config where it sets them, else gamma 5 and no cut-off (HF's own
@@ -60,7 +61,7 @@ from .generation import generate as engine_generate
 
 #: cascade settings passed through to :func:`speccascade_fast.generate`
 _PASS_THROUGH = ("method", "bonus", "max_drafter_run", "seq_score", "backend", "engine",
-                 "gamma_policy", "exact_prefix", "divergence_budget")
+                 "gamma_policy", "exact_prefix", "divergence_budget", "calibration")
 #: generation-config fields read here (their HF meaning is implemented)
 _SUPPORTED = frozenset({
     "do_sample", "temperature", "top_k", "top_p", "max_new_tokens", "max_length",

@@ -302,6 +302,21 @@ def cal_file(tmp_path):
     return path
 
 
+def test_hf_drop_in_takes_the_file(cal_file):
+    from speccascade_fast import hf
+
+    drafter, verifier = tiny_pair()
+    ids, mask = left_padded([[3, 5, 7], [1, 2, 9, 4]])
+    kw = dict(attention_mask=mask, assistant_model=drafter, do_sample=True, temperature=1.0,
+              max_new_tokens=8, num_assistant_tokens=3, seed=4, return_dict_in_generate=True)
+    want = hf.generate(verifier, ids, deferral_rule="token_v3", lenience=0.6, **kw)
+    got = hf.generate(verifier, ids, calibration=cal_file, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    assert got.stats["rule"] == "token_v3" and got.stats["alpha"] == 0.6
+    with pytest.raises(ValueError, match="alpha and calibration are alternatives"):
+        hf.generate(verifier, ids, calibration=cal_file, lenience=0.3, **kw)
+
+
 def test_decode_config_takes_the_file_in_place_of_rule_and_alpha(cal_file, tmp_path):
     cfg = DecodeConfig(calibration=cal_file, gamma=3)
     assert (cfg.method, cfg.rule, cfg.alpha, cfg.gamma) == ("spec_cascade", "token_v3", 0.6, 3)
