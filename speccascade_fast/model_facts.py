@@ -19,6 +19,12 @@ def loaded(model):
     return model
 
 
+def quantised_weights(model) -> str | None:
+    """``"int8"`` or ``"q4"`` for a model :func:`speccascade_fast.models.load_model` loaded
+    with quantised weights, else None."""
+    return getattr(getattr(model, "config", None), "speccascade_weights", None)
+
+
 def is_encoder_decoder(model) -> bool:
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 

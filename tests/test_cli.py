@@ -289,6 +289,11 @@ def test_eval_errors_before_loading(no_loading, capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     line = _error(capsys, "eval", "--task", "gsm8k", "--device", "cuda", "--no-plots", *out)
     assert "argument --device: 'cuda' needs CUDA" in line
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    line = _error(capsys, "eval", "--task", "gsm8k", "--weights", "q4", "--device", "cuda",
+                  "--no-plots", *out)
+    assert line.startswith("speccascade: error: argument --weights: q4 runs on the CPU only")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     # a missing module of the [eval] extra: which one, and what to install
     monkeypatch.setitem(sys.modules, "sacrebleu", None)
     line = _error(capsys, "eval", "--task", "wmt14", "--no-plots", *out)

@@ -329,6 +329,11 @@ def test_folder_loads_quantised_without_the_dense_model(tmp_path, weights):
         assert torch.equal(model(ids).logits, ref(ids).logits)
     kinds = {m.kind for m in model.modules() if isinstance(m, QuantLinear)}
     assert kinds == {"rtn4" if weights == "q4" else "int8"}
+    # the weights are part of the model's name in eval runs: no resuming across weights
+    from speccascade_fast.eval.harness import model_name
+
+    assert model_name(model) == f"{tmp_path} ({weights} weights)"
+    assert "weights)" not in model_name(verifier)  # dense: the name alone
 
 
 def test_generate_command_weights(capsys):

@@ -98,7 +98,14 @@ def check_extras(args: argparse.Namespace) -> None:
 def check_args(args: argparse.Namespace, configs) -> None:
     """Every option a run uses, checked before any model is loaded (each configuration's
     decoding settings through :class:`speccascade_fast.config.DecodeConfig`)."""
-    from ..cli import CLIError, at_least, check_device, check_seed, decode_config
+    from ..cli import (
+        CLIError,
+        at_least,
+        check_device,
+        check_seed,
+        check_weights_device,
+        decode_config,
+    )
 
     for c in configs:
         decode_config({"alpha": "--alphas", "rule": "--rules", "method": "--methods"},
@@ -121,7 +128,9 @@ def check_args(args: argparse.Namespace, configs) -> None:
     if not args.tol >= 0:
         raise CLIError(f"argument --tol: must be a number >= 0, got {args.tol}")
     check_extras(args)
-    args.device = check_device(args.device)
+    weights = getattr(args, "weights", "bf16")
+    args.device = check_device(args.device if weights == "bf16" else args.device or "cpu")
+    check_weights_device(weights, args.device)
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -174,6 +183,10 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--verifier", default=None, help="model name, HF folder, .gguf or HF id org/name")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--weights", default="bf16", choices=("bf16", "int8", "q4"),
+                   help="both models' weights: bf16 (dense, --dtype), int8 (weight-only) or q4 "
+                        "(the GGUF files' 4-bit blocks); int8/q4 on the CPU only; recorded with "
+                        "the model names in run.json (default: bf16)")
     p.add_argument("--chat", choices=("auto", "on", "off"), default=None,
                    help="use the tokenizer's chat template (auto: for instruct models)")
     p.add_argument("--shots", type=int, default=None,
@@ -334,7 +347,8 @@ def eval_command(args: argparse.Namespace) -> int:
     drafter_name = args.drafter or models.DEFAULT_DRAFTER
     verifier_name = args.verifier or models.DEFAULT_VERIFIER
     drafter, verifier, tokenizer = models.load_pair(
-        drafter_name, verifier_name, dtype=getattr(torch, args.dtype), device=device)
+        drafter_name, verifier_name, dtype=getattr(torch, args.dtype), device=device,
+        weights=args.weights)
     common = dict(
         drafter=drafter, verifier=verifier, tokenizer=tokenizer, seed=args.seed,
         out_dir=args.out, gamma=args.gamma, temperature=args.temperature,

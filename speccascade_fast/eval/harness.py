@@ -75,6 +75,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from speccascade_fast import model_facts
+
 from .configs import EvalConfig, as_config, dedupe
 from .grids import (
     PLAN_FILE,
@@ -102,15 +104,19 @@ def example_seed(seed: int, index: int) -> int:
 
 
 def model_name(model: Any) -> str | None:
-    """A model's hub id or path (``name_or_path`` or ``config._name_or_path``), else its class."""
+    """A model's hub id or path (``name_or_path`` or ``config._name_or_path``), else its class;
+    with `` (q4 weights)`` / `` (int8 weights)`` when it was loaded quantised, so that a run
+    never resumes from rows of the same model with other weights."""
     if model is None:
         return None
+    quantised = model_facts.quantised_weights(model)
+    suffix = f" ({quantised} weights)" if quantised else ""
     for obj in (model, getattr(model, "config", None)):
         for attr in ("name_or_path", "_name_or_path"):
             v = getattr(obj, attr, None)
             if isinstance(v, str) and v:
-                return v
-    return type(model).__name__
+                return v + suffix
+    return type(model).__name__ + suffix
 
 
 def _device(model: Any):
