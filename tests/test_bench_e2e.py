@@ -392,9 +392,10 @@ def test_several_batch_sizes_run_every_configuration_at_each(monkeypatch):
     e2e.run(None, None, prompts=[torch.tensor([1])], batch=1, with_hf=False,
             configs=("spec-t1@g2", "spec-t1", "spec-t1-goodput@g3"), progress=lambda s: None)
     assert [n for n, _ in seen] == ["ours:verifier", "ours:spec T=1", "ours:spec T=1, gamma 2",
-                                    "ours:spec T=1, goodput gamma, gamma 3"]
+                                    "ours:spec T=1, goodput gamma, at most 3 drafts"]
     for bad, msg in (("spec-t1@g0", "@gN"), ("spec-t1@gx", "@gN"), ("verifier@g2", "@gN"),
-                     ("spec-t1-dc@g2", "@gN"), ("nope@g2", "unknown config")):
+                     ("spec-t1-dc@g2", "@gN"), ("spec-t1@g02", "@gN"), ("spec-t1@g²", "@gN"),
+                     ("nope@g2", "unknown config")):
         with pytest.raises(ValueError, match=msg):
             e2e.split_key(bad)
     for bad in ([], [0], [2, True], "4"):
@@ -477,3 +478,16 @@ def test_random_weights_command(tmp_path, capsys):
         assert msg in err and err.count("\n") == 1
     with pytest.raises(ValueError, match="weights must be"):
         e2e.run(None, None, prompts=[torch.tensor([1])], weights="fake")
+
+
+def test_a_rows_own_gamma_enters_its_cost_model():
+    costs = dict(t_q_s=1.0, t_p_s=2.0, t_p_block_s=2.0, c=0.5, r=1.0)
+    rows = [e2e.Row("ours:verifier", 1, 10, 5.0, 10),
+            e2e.Row("ours:spec T=1, gamma 2", 1, 10, 2.0, 4, 0.8, extra={"gamma": 2}),
+            e2e.Row("ours:spec T=1", 1, 10, 2.0, 4, 0.8)]
+    result = {"rows": rows, "costs": costs, "settings": {"gamma": 5}}
+    got = {d["name"]: d for d in e2e.summarize(result)}
+    assert got["ours:spec T=1, gamma 2"]["iid_tokens_per_block"] == pytest.approx(
+        e2e.iid_tokens_per_block(0.8, 2), abs=1e-3)
+    assert got["ours:spec T=1"]["iid_tokens_per_block"] == pytest.approx(
+        e2e.iid_tokens_per_block(0.8, 5), abs=1e-3)

@@ -293,6 +293,9 @@ def test_eval_errors_before_loading(no_loading, capsys, monkeypatch, tmp_path):
     line = _error(capsys, "eval", "--task", "gsm8k", "--weights", "q4", "--device", "cuda",
                   "--no-plots", *out)
     assert line.startswith("speccascade: error: argument --weights: q4 runs on the CPU only")
+    line = _error(capsys, "eval", "--grid", "humaneval-main", "--weights", "int8", *out)
+    assert line.startswith("speccascade: error: argument --weights: grid humaneval-main "
+                           "registers the bf16 models")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     # a missing module of the [eval] extra: which one, and what to install
     monkeypatch.setitem(sys.modules, "sacrebleu", None)

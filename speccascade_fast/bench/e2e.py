@@ -42,6 +42,7 @@ from __future__ import annotations
 import copy
 import json
 import platform
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -145,6 +146,8 @@ def run_ours(name, drafter, verifier, prompts, *, batch, max_new_tokens, pad, wa
                      drafter_calls=drafter_calls)
     if settings.get("draft_confidence") is not None:
         row.extra["draft_confidence"] = settings["draft_confidence"]
+    if "gamma" in settings:  # the row's own (most) drafts per block: @gN may differ from the run's
+        row.extra["gamma"] = settings["gamma"]
     if settings.get("gamma_policy", "fixed") != "fixed":
         row.extra["gamma_policy"] = settings["gamma_policy"]
         row.extra["gammas"] = {g: gammas.count(g) for g in sorted(set(gammas))}  # blocks per gamma
@@ -367,8 +370,8 @@ def split_key(key: str) -> tuple[str, int | None]:
     if not sep:
         return base, None
     settings = CONFIGS[base][1]
-    if "rule" not in settings or "draft_confidence" in settings or not g.isdigit() \
-            or int(g) < 1:
+    if "rule" not in settings or "draft_confidence" in settings \
+            or not re.fullmatch(r"[1-9][0-9]*", g):
         raise ValueError(f"config {key!r}: @gN (N >= 1 drafts per block) applies to the "
                          "speculative configurations without draft confidence")
     return base, int(g)
@@ -467,7 +470,8 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
         if "rule" in settings:
             settings["gamma"] = gamma if fixed_gamma is None else fixed_gamma
             if fixed_gamma is not None:
-                name += f", gamma {fixed_gamma}"
+                name += (f", at most {fixed_gamma} drafts" if settings.get("gamma_policy")
+                         else f", gamma {fixed_gamma}")
         if "draft_confidence" in settings:
             settings.update(draft_confidence=draft_confidence, gamma=dc_gamma)
             if dc_gamma != gamma:
@@ -645,8 +649,9 @@ def summarize(result: dict) -> list[dict]:
             # steps per block and mean verifier call, i.e. the in-loop costs only
             cut = (r.extra.get("draft_confidence") is not None
                    or r.extra.get("gamma_policy") is not None)
-            steps, bonus = drafter_steps(r, gamma)
-            if steps != gamma:  # (shown where it is not simply gamma (+ the bonus step))
+            row_gamma = r.extra.get("gamma", gamma)
+            steps, bonus = drafter_steps(r, row_gamma)
+            if steps != row_gamma:  # (shown where it is not simply gamma (+ the bonus step))
                 d["drafter_steps_per_block"] = _round(steps + bonus)
             if not cut:
                 k = (costs["int8"] if "int8" in r.name
@@ -655,7 +660,7 @@ def summarize(result: dict) -> list[dict]:
                                          bonus_step=bonus)
                 d["predicted"] = _round(pred)
                 d["iid_tokens_per_block"] = _round(iid_tokens_per_block(r.acceptance_rate,
-                                                                        gamma))
+                                                                        row_gamma))
                 if base is not None:
                     # from the unrounded speed-up (the rounded one can move the 3rd decimal)
                     d["efficiency"] = _round(r.tokens_per_s / base.tokens_per_s / pred)

@@ -264,6 +264,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.config or args.alphas is not None:
         raise CLIError(f"argument --grid: grid {g.name} fixes the configurations (drop "
                        f"--config / --alphas)")
+    if getattr(args, "weights", "bf16") != "bf16":
+        raise CLIError(f"argument --weights: grid {g.name} registers the bf16 models; run "
+                       f"{args.weights} weights with --task and --config")
     for flag, attr, _ in _GRID_OPTIONS:
         want, given = g.settings.get(attr), getattr(args, attr)
         if given is not None and given != want:

@@ -247,8 +247,8 @@ def _budget_plot(summary, path: Path, plt, scale: float) -> Path:
                 b.axhline(free["verifier_calls_per_token"], color=colour, ls="--", lw=0.8,
                           label=f"{free['config']} (no budget)")
     top = max(budgets) if budgets else 1.0
-    bound = [0.0, *(linthresh * (top / linthresh) ** (i / 200) for i in range(201))]
-    c.plot(bound, bound, color="black", ls=":", lw=1, label="spent = B (the bound)")
+    # through the budgets run, as the curves are: a curve at or under its budgets stays under
+    c.plot(budgets, budgets, color="black", ls=":", lw=1, label="spent = B (the bound)")
     spent = [p.get("divergence_spent_max") for pts in curves.values() for p in pts]
     spent = [x for x in spent if x is not None]
     if spent:

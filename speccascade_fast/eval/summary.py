@@ -29,8 +29,8 @@ adjustment over every configuration of the summary but the verifier (one family)
 verifier (below) with its bootstrap CI.
 
 The verifier's quality ``verifier_pooled``: the configurations whose law is exactly the
-verifier's, ``autoregressive`` and lossless ``spec_cascade/spec`` (docs/semantics.md §3), are
-two samples of one law, so their per-example scores are averaged (SE and CI from those
+verifier's, ``autoregressive``, lossless ``spec_cascade/spec`` (docs/semantics.md §3) and a
+divergence budget of 0 (§9), are samples of one law, so their per-example scores are averaged (SE and CI from those
 per-example means). It is the target of Table 2.
 
 Table 2, per curve ``method[rule]`` (its α sweep; α-free configurations form one-point curves):
@@ -376,10 +376,10 @@ def summarize(
         m["quality_ci"] = quality_ci(scores, m["quality"], m["quality_se"], ci)
         m["level"] = c.level
         if c.divergence_budget is not None:  # what each response spent of its budget
-            spent = [float(r.get("stats", {}).get("divergence_spent", float("nan")))
-                     for r in crow]
-            m["divergence_spent_mean"] = sum(spent) / len(spent) if spent else None
-            m["divergence_spent_max"] = max(spent) if spent else None
+            spent = [r.get("stats", {}).get("divergence_spent") for r in crow]
+            known = bool(spent) and None not in spent  # else not measured: no figure
+            m["divergence_spent_mean"] = sum(spent) / len(spent) if known else None
+            m["divergence_spent_max"] = max(spent) if known else None
         per_config.append({"config": k, "curve": c.curve, **c.to_dict(), **m})
     missing = [k for k in keys if k not in present]
     family = []

@@ -354,7 +354,7 @@ def load_quantized(folder: pathlib.Path, weights: str, dtype: torch.dtype = torc
     if hasattr(model.config, "get_text_config"):
         model.config.get_text_config().tie_word_embeddings = False
     model.config.name_or_path = str(folder)
-    model.config.speccascade_weights = weights  # read by model_facts.weights_label
+    model.config.speccascade_weights = weights  # read by model_facts.quantised_weights
     try:
         model.generation_config = GenerationConfig.from_pretrained(folder)
     except OSError:
