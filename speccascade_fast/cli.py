@@ -211,6 +211,14 @@ def check_weights_device(weights: str, device: str) -> None:
                        f"--device {device}; use --device cpu")
 
 
+def weights_device(name: str | None, weights: str) -> str:
+    """The device for ``--device name`` with ``--weights weights``: as :func:`check_device`,
+    but the CPU when none is named and the weights are quantised (they run there only)."""
+    device = check_device(name if weights == "bf16" else name or "cpu")
+    check_weights_device(weights, device)
+    return device
+
+
 def missing_modules(*names: str) -> list[str]:
     """Those of the top-level modules ``names`` that cannot be imported (not installed)."""
     out = []
@@ -306,8 +314,7 @@ def generate_command(args: argparse.Namespace) -> int:
     at_least("--max-new-tokens", args.max_new_tokens, 1)
     at_least("--early-exit", args.early_exit, 1, " (verifier layers)")
     check_seed(args.seed)
-    device = check_device(args.device if args.weights == "bf16" else args.device or "cpu")
-    check_weights_device(args.weights, device)
+    device = weights_device(args.device, args.weights)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt:
         raise CLIError("argument prompt: the prompt is empty" + (

@@ -98,14 +98,7 @@ def check_extras(args: argparse.Namespace) -> None:
 def check_args(args: argparse.Namespace, configs) -> None:
     """Every option a run uses, checked before any model is loaded (each configuration's
     decoding settings through :class:`speccascade_fast.config.DecodeConfig`)."""
-    from ..cli import (
-        CLIError,
-        at_least,
-        check_device,
-        check_seed,
-        check_weights_device,
-        decode_config,
-    )
+    from ..cli import CLIError, at_least, check_seed, decode_config, weights_device
 
     for c in configs:
         decode_config({"alpha": "--alphas", "rule": "--rules", "method": "--methods"},
@@ -128,9 +121,7 @@ def check_args(args: argparse.Namespace, configs) -> None:
     if not args.tol >= 0:
         raise CLIError(f"argument --tol: must be a number >= 0, got {args.tol}")
     check_extras(args)
-    weights = getattr(args, "weights", "bf16")
-    args.device = check_device(args.device if weights == "bf16" else args.device or "cpu")
-    check_weights_device(weights, args.device)
+    args.device = weights_device(args.device, getattr(args, "weights", "bf16"))
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

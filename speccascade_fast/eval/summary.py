@@ -30,8 +30,8 @@ verifier (below) with its bootstrap CI.
 
 The verifier's quality ``verifier_pooled``: the configurations whose law is exactly the
 verifier's, ``autoregressive``, lossless ``spec_cascade/spec`` (docs/semantics.md §3) and a
-divergence budget of 0 (§9), are samples of one law, so their per-example scores are averaged (SE and CI from those
-per-example means). It is the target of Table 2.
+divergence budget of 0 (§9), are samples of one law, so their per-example scores are averaged
+(SE and CI from those per-example means). It is the target of Table 2.
 
 Table 2, per curve ``method[rule]`` (its α sweep; α-free configurations form one-point curves):
 the measured points (relative latency L_i, quality Q_i) are sorted by (L, Q) and joined by straight
