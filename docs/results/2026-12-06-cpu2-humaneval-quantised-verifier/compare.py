@@ -1,23 +1,54 @@
-import json, math
+"""The paired comparison of this folder's README: pass@1 of the verifier with q4 and int8 weights
+against bf16 on the problems all three runs have (run from this folder)."""
+import json
+import math
+from pathlib import Path
+
 from scipy.stats import binomtest
-def load(w): return {json.loads(l)['example_id']: json.loads(l) for l in open(f'{w}/rows.jsonl')}
-R={w: load(w) for w in ('bf16','q4','int8')}
-common=sorted(set.intersection(*(set(r) for r in R.values())), key=lambda k:int(k.split('/')[1]))
-n=len(common)
-def wilson(k,n,z=1.96):
-    p=k/n; d=1+z*z/n; c=(p+z*z/(2*n))/d; h=z*math.sqrt(p*(1-p)/n+z*z/(4*n*n))/d; return c-h,c+h
-print('n',n, common[0], common[-1])
-ps={}
-for w in R:
-    k=sum(R[w][e]['scoring']['passed'] for e in common); lo,hi=wilson(k,n)
-    tok=sum(R[w][e]['new_tokens'] for e in common); eos=sum(R[w][e]['hit_eos'] for e in common)
-    print(f"{w}: {k}/{n} = {100*k/n:.1f} % [{100*lo:.1f}, {100*hi:.1f}] tokens {tok} eos {eos}")
-for w in ('q4','int8'):
-    d=[int(R[w][e]['scoring']['passed'])-int(R['bf16'][e]['scoring']['passed']) for e in common]
-    b=sum(x>0 for x in d); c=sum(x<0 for x in d); m=sum(d)/n
-    se=math.sqrt(sum((x-m)**2 for x in d)/(n-1)/n)
-    p=binomtest(b,b+c).pvalue if b+c else 1.0; ps[w]=p
-    same=sum(R[w][e]['output_sha']==R['bf16'][e]['output_sha'] for e in common)
-    print(f"{w} - bf16: {100*m:+.2f} ± {100*se:.2f} points, 95% CI [{100*(m-1.96*se):+.1f}, {100*(m+1.96*se):+.1f}], better {b} worse {c}, McNemar p {p:.3f}, identical outputs {same}/{n}")
-s=sorted(ps.items(), key=lambda x:x[1]); 
-print('Holm:', {k: min(1, p*(len(s)-i)) for i,(k,p) in enumerate(s)})
+
+HERE = Path(__file__).parent
+WEIGHTS = ("bf16", "q4", "int8")
+
+
+def load(weights: str) -> dict:
+    rows = (json.loads(line) for line in open(HERE / weights / "rows.jsonl"))
+    return {r["example_id"]: r for r in rows}
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    p, d = k / n, 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return centre - half, centre + half
+
+
+def passed(row: dict) -> int:
+    return int(row["scoring"]["passed"])
+
+
+runs = {w: load(w) for w in WEIGHTS}
+common = sorted(set.intersection(*(set(r) for r in runs.values())),
+                key=lambda e: int(e.split("/")[1]))
+n = len(common)
+print(f"n = {n} ({common[0]} .. {common[-1]})")
+for w in WEIGHTS:
+    k = sum(passed(runs[w][e]) for e in common)
+    lo, hi = wilson(k, n)
+    print(f"{w}: {k}/{n} = {100 * k / n:.1f} % (Wilson 95 % CI {100 * lo:.1f}-{100 * hi:.1f})")
+pvalues = {}
+for w in ("q4", "int8"):
+    diff = [passed(runs[w][e]) - passed(runs["bf16"][e]) for e in common]
+    better, worse = sum(d > 0 for d in diff), sum(d < 0 for d in diff)
+    mean = sum(diff) / n
+    se = math.sqrt(sum((d - mean) ** 2 for d in diff) / (n - 1) / n)
+    pvalues[w] = binomtest(better, better + worse).pvalue if better + worse else 1.0
+    same = sum(runs[w][e]["output_sha"] == runs["bf16"][e]["output_sha"] for e in common)
+    print(f"{w} - bf16: {100 * mean:+.2f} +- {100 * se:.2f} points, 95 % CI "
+          f"[{100 * (mean - 1.96 * se):+.1f}, {100 * (mean + 1.96 * se):+.1f}], better {better} "
+          f"worse {worse}, McNemar p {pvalues[w]:.3f}, identical outputs {same}/{n}")
+ranked = sorted(pvalues.items(), key=lambda kv: kv[1])
+holm, running = {}, 0.0
+for i, (w, p) in enumerate(ranked):
+    running = max(running, min(1.0, p * (len(ranked) - i)))
+    holm[w] = running
+print("Holm-adjusted:", holm)
