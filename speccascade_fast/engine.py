@@ -387,6 +387,7 @@ class Engine:
             self._observe(batch, 0, start)
             return
         self._catch_up_drafter(rows)
+        start = time.perf_counter()  # the catch-up is a switching cost, not the block's time
         L = list(rows.length)  # emit() advances rows.length
         width = max(n - s for n, s in zip(L, q.seen))
         if self._draft_confidence is None:

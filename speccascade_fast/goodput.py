@@ -17,7 +17,16 @@ current batch size, measured online:
   the measured ones (the verifier call and a drafter step per draft), and where this batch size
   has too few points, from the nearest batch size that has them (rows leaving the batch do not
   restart the exploration). Until two values of gamma >= 1 are measured, the controller
-  explores: gamma_max first, then 1, then (if allowed) 0.
+  explores: gamma_max first, then 1, then (if allowed) 0. The first block at a (batch size,
+  gamma) may carry one-time costs (new shapes), so the second replaces it rather than being
+  averaged with it.
+
+Plain verifier steps (gamma = 0) teach the controller nothing about acceptance and leave the
+times of the other gammas as they were, so a choice of 0 made on a stale or unlucky estimate
+would stand forever. After ``PROBE_AFTER`` blocks in a row at gamma = 0 the next block is a
+probe: the best gamma >= 1 by the same model, which measures its time and the rows' acceptance
+again. (The drafter's catch-up on the tokens it missed is a switching cost, not part of a
+block's time: the engine starts the clock after it.)
 
 ``g_min`` is 0 (plain verifier decoding) when a block with no draft emits the rule's law at that
 position: always for lossless ``spec`` and with ``bonus="verifier"`` (a zero-draft block is its
@@ -34,6 +43,8 @@ import math
 
 #: weight of the newest block time in the moving average
 EMA = 0.3
+#: plain verifier steps in a row after which the next block drafts again (a probe)
+PROBE_AFTER = 8
 
 
 class Goodput:
@@ -44,11 +55,13 @@ class Goodput:
         self.gamma_max = gamma_max
         self.g_min = 0 if allow_zero else 1
         self.times: dict[tuple[int, int], float] = {}  # (batch size, gamma) -> seconds
+        self.seen: dict[tuple[int, int], int] = {}  # (batch size, gamma) -> blocks observed
+        self.zeros = 0  # gamma-0 blocks chosen in a row
 
     def observe(self, batch: int, gamma: int, seconds: float) -> None:
         key = (batch, gamma)
-        old = self.times.get(key)
-        self.times[key] = seconds if old is None else (1 - EMA) * old + EMA * seconds
+        n = self.seen[key] = self.seen.get(key, 0) + 1
+        self.times[key] = seconds if n <= 2 else (1 - EMA) * self.times[key] + EMA * seconds
 
     def choose(self, batch: int, acceptance: list[float], g_min: int | None = None) -> int:
         """The gamma for the next block of ``batch`` rows whose per-draft acceptance estimates
@@ -60,8 +73,11 @@ class Goodput:
                 if g >= 1 and len(measured - {0}) >= 2:
                     continue
                 return g
-        return max(range(g_min, self.gamma_max + 1),
+        lo = g_min if g_min > 0 or self.zeros < PROBE_AFTER else 1  # a probe drafts
+        best = max(range(lo, self.gamma_max + 1),
                    key=lambda g: (self.expected_tokens(acceptance, g) / self.cost(batch, g), -g))
+        self.zeros = self.zeros + 1 if best == 0 else 0
+        return best
 
     @staticmethod
     def expected_tokens(acceptance: list[float], gamma: int) -> float:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from speccascade_fast.goodput import Goodput, acceptance
+from speccascade_fast.goodput import PROBE_AFTER, Goodput, acceptance
 
 
 def test_expected_tokens_by_hand():
@@ -46,8 +46,10 @@ def test_without_zero_and_moving_averages():
     assert g.choose(2, [0.5, 0.5]) == 1
     g.observe(2, 1, 0.2)
     assert g.choose(2, [0.5, 0.5]) in (1, 2, 3)  # never 0
-    g.observe(2, 1, 0.3)  # EMA: 0.7 * 0.2 + 0.3 * 0.3
-    assert g.times[(2, 1)] == pytest.approx(0.23)
+    g.observe(2, 1, 0.3)  # the second replaces the first (which may carry one-time costs)
+    assert g.times[(2, 1)] == pytest.approx(0.3)
+    g.observe(2, 1, 0.2)  # then EMA: 0.7 * 0.3 + 0.3 * 0.2
+    assert g.times[(2, 1)] == pytest.approx(0.27)
 
 
 def test_other_batch_sizes_borrow_the_nearest_costs():
@@ -58,3 +60,20 @@ def test_other_batch_sizes_borrow_the_nearest_costs():
     g.observe(3, 0, 0.05)
     assert g.cost(3, 0) == 0.05 and g.cost(3, 1) == 0.2
     assert math.isinf(Goodput(2, True).cost(1, 1))
+
+
+def test_a_run_of_plain_steps_ends_with_a_probe():
+    """gamma = 0 teaches nothing about acceptance: after PROBE_AFTER of them in a row the next
+    block drafts (the best gamma >= 1), then the choice is free again."""
+    g = Goodput(gamma_max=4, allow_zero=True)
+    for gamma, t in ((4, 0.5), (1, 0.2), (0, 0.1)):
+        g.observe(1, gamma, t)
+        g.observe(1, gamma, t)
+    # a = 0.8, t = 0.1 + 0.1 gamma: 0 is best (10 tok/s against 9 at gamma 1)
+    chosen = [g.choose(1, [0.8]) for _ in range(2 * (PROBE_AFTER + 1))]
+    probe = [0] * PROBE_AFTER + [1]
+    assert chosen == probe + probe
+    # rules that cannot run gamma 0 never count plain steps
+    h = Goodput(gamma_max=4, allow_zero=False)
+    h.times = dict(g.times)
+    assert {h.choose(1, [0.8]) for _ in range(3 * PROBE_AFTER)} == {1}
