@@ -70,6 +70,14 @@ def top_k(k, vocab_size: int) -> int | None:
     return k
 
 
+def min_p(p) -> float | None:
+    if p is None:
+        return None
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 1) or math.isnan(p):
+        raise ValueError(f"min_p must be None or a number in (0, 1], got {p!r}")
+    return float(p)
+
+
 def top_p(p) -> float | None:
     if p is None:
         return None

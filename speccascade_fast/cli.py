@@ -140,7 +140,7 @@ def _error(prog: str, error) -> int:
 #: DecodeConfig's field -> the option that sets it
 FLAGS = {"method": "--method", "rule": "--rule", "alpha": "--alpha", "gamma": "--gamma",
          "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
-         "bonus": "--bonus", "draft_confidence": "--draft-confidence",
+         "min_p": "--min-p", "bonus": "--bonus", "draft_confidence": "--draft-confidence",
          "seq_score": "--seq-score", "gamma_policy": "--gamma-policy",
          "exact_prefix": "--exact-prefix", "divergence_budget": "--divergence-budget",
          "calibration": "--calibration"}
@@ -276,6 +276,9 @@ def add_generate_subcommand(subparsers) -> argparse.ArgumentParser:
                    help="sampling temperature; 0 = greedy (default: 0)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None,
+                   help="autoregressive / drafter_only: keep the tokens whose probability is at "
+                        "least this fraction of the largest, in (0, 1] (default: off)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true",
@@ -307,7 +310,8 @@ def generate_command(args: argparse.Namespace) -> int:
     # every argument first: loading the models takes minutes on a first run
     cfg = decode_config(method=args.method, rule=args.rule, alpha=args.alpha, gamma=args.gamma,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        bonus=args.bonus, draft_confidence=args.draft_confidence,
+                        min_p=args.min_p, bonus=args.bonus,
+                        draft_confidence=args.draft_confidence,
                         gamma_policy=args.gamma_policy, exact_prefix=args.exact_prefix,
                         divergence_budget=args.divergence_budget,
                         calibration=args.calibration)
@@ -340,7 +344,8 @@ def generate_command(args: argparse.Namespace) -> int:
             drafter, verifier, enc["input_ids"].to(device),
             attention_mask=enc.get("attention_mask"), method=cfg.method, rule=cfg.rule,
             alpha=cfg.alpha, gamma=cfg.gamma, bonus=cfg.bonus, temperature=cfg.temperature,
-            top_k=cfg.top_k, top_p=cfg.top_p, max_new_tokens=args.max_new_tokens,
+            top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
+            max_new_tokens=args.max_new_tokens,
             seed=args.seed, attention=None if args.attention == "sdpa" else args.attention,
             draft_confidence=cfg.draft_confidence, gamma_policy=cfg.gamma_policy,
             exact_prefix=cfg.exact_prefix, divergence_budget=cfg.divergence_budget,

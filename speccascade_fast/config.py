@@ -83,6 +83,10 @@ class DecodeConfig:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    #: None, or Hugging Face's min-p truncation (after top-k / top-p): keep the tokens whose
+    #: probability is >= ``min_p`` times the largest; the methods that sample one model
+    #: (``autoregressive``, ``drafter_only``)
+    min_p: float | None = None
     bonus: str = "cascade"
     max_drafter_run: int | None = DEFAULT_MAX_DRAFTER_RUN
     seq_score: str = "prob"
@@ -139,6 +143,11 @@ class DecodeConfig:
                              f"{self.backend!r}")
         set_("temperature", check_temperature(self.temperature))
         set_("top_p", checks.top_p(self.top_p))
+        set_("min_p", checks.min_p(self.min_p))
+        if self.min_p is not None and method not in ("autoregressive", "drafter_only"):
+            raise ValueError(f"min_p applies to method='autoregressive' or 'drafter_only' (one "
+                             f"model's draws), got method={method!r}; a cascade truncates with "
+                             f"top_k / top_p")
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
             raise ValueError(f"top_k must be None or an int >= 1, got {self.top_k!r}")
         set_("draft_confidence", check_draft_confidence(self.draft_confidence))

@@ -629,7 +629,8 @@ class Engine:
     def _draw(self, logits, seeds, temperature, positions, greedy):
         cfg = self.cfg
         return draw(logits, temperature, seeds, positions,
-                    checks.top_k(cfg.top_k, logits.shape[-1]), cfg.top_p, greedy=greedy)
+                    checks.top_k(cfg.top_k, logits.shape[-1]), cfg.top_p, greedy=greedy,
+                    min_p=cfg.min_p)
 
     def _inputs(self, rows: Rows, m: SlotModel, width: int, n: int) -> torch.Tensor:
         """int64 ``[n, 1 + 2 width]``, per row: the position L of the token to draw, then the

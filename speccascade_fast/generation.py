@@ -37,6 +37,7 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    min_p: float | None = None,
     max_new_tokens: int = 64,
     eos_token_id=None,
     pad_token_id: int | None = None,
@@ -79,6 +80,9 @@ def generate(
             ``seq_cascade``, :data:`DEFAULT_SEQ_ALPHA` (:mod:`speccascade_fast.config`).
         gamma: drafts per verifier call (>= 1); with ``draft_confidence``, the most.
         temperature, top_k, top_p: as in :func:`speccascade_fast.verify` (T = 0: greedy).
+        min_p: None, or Hugging Face's min-p truncation (after top-k / top-p; in (0, 1]): keep
+            the tokens whose probability is at least ``min_p`` times the largest. Methods that
+            sample one model only (``autoregressive``, ``drafter_only``), on either engine.
         max_new_tokens: the most new tokens per sequence (>= 1).
         eos_token_id: int or list of ints; None takes the verifier's (else the drafter's)
             ``generation_config.eos_token_id``; ``[]`` never stops early.
@@ -162,8 +166,8 @@ def generate(
     start = time.perf_counter()
     hooks = outputs.Hooks(on_tokens, stop_condition)
     cfg = DecodeConfig(method=method, rule=rule, alpha=alpha, gamma=gamma,
-                       temperature=temperature, top_k=top_k, top_p=top_p, bonus=bonus,
-                       max_drafter_run=max_drafter_run, seq_score=seq_score, backend=backend,
+                       temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                       bonus=bonus, max_drafter_run=max_drafter_run, seq_score=seq_score, backend=backend,
                        draft_confidence=draft_confidence, logits_processor=logits_processor,
                        gamma_policy=gamma_policy, exact_prefix=exact_prefix,
                        divergence_budget=divergence_budget, calibration=calibration)

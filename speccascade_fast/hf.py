@@ -186,11 +186,14 @@ def generate(model, input_ids=None, attention_mask=None, *, assistant_model=None
             1 if encdec else P, config.min_new_tokens, eos_list, device=ids.device))
     if logits_processor:
         processors.extend(logits_processor)
-    if min_p is not None:
-        # min-p has no kernel: HF's top-k, top-p, min-p (in HF's order) become a mask, and the
-        # deferral rules then read the truncated distributions (docs/api.md)
+    if assistant_model is None:
+        extra.setdefault("method", "autoregressive")
+    if min_p is not None and extra.get("method") not in ("autoregressive", "drafter_only"):
+        # a cascade's rules read untruncated distributions and the verification has no min-p:
+        # HF's top-k, top-p, min-p (in HF's order) become a mask, and the deferral rules then
+        # read the truncated distributions (docs/api.md)
         processors.append(_Truncation(temperature, top_k, top_p, min_p))
-        top_k = top_p = None
+        top_k = top_p = min_p = None
     row_processors = _RowProcessors(processors, ids, attention_mask, encdec) if processors \
         else None
 
@@ -219,8 +222,6 @@ def generate(model, input_ids=None, attention_mask=None, *, assistant_model=None
                          f"(0: off), got {threshold!r}")
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())  # torch's global generator
-    if assistant_model is None:
-        extra.setdefault("method", "autoregressive")
 
     on_tokens = None
     if streamer is not None:
@@ -234,7 +235,7 @@ def generate(model, input_ids=None, attention_mask=None, *, assistant_model=None
         out = engine_generate(
             assistant_model, model, input_ids,
             rule=deferral_rule, alpha=lenience, gamma=5 if gamma is None else gamma,
-            temperature=temperature, top_k=top_k, top_p=top_p,
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             max_new_tokens=max_new_tokens, eos_token_id=eos_list, pad_token_id=pad,
             attention_mask=attention_mask, seed=seed, draft_confidence=threshold or None,
             logits_processor=row_processors, on_tokens=on_tokens,

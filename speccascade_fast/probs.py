@@ -10,7 +10,10 @@ Truncation convention (HF order: temperature, then top-k, then top-p):
 * top-k keeps every token whose scaled probability is >= the k-th largest (ties at the boundary
   are kept, as Hugging Face does);
 * top-p sorts tokens by scaled probability, descending, ties by lower id first, and keeps a token
-  when the mass of the tokens strictly before it is < top_p (the smallest prefix reaching top_p).
+  when the mass of the tokens strictly before it is < top_p (the smallest prefix reaching top_p);
+* min-p (last, as Hugging Face's ``MinPLogitsWarper``) keeps a token when its probability is
+  >= min_p times the largest (of the distribution truncated so far: the ratio does not depend
+  on the renormalisation, and the largest is always kept).
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ def scaled(
     temperature: torch.Tensor,
     top_k: int | None = None,
     top_p: float | None = None,
+    min_p: float | None = None,
 ) -> torch.Tensor:
     """``qT`` / ``pT`` in float64 ``[..., V]``.
 
@@ -54,6 +58,9 @@ def scaled(
         probs = _top_k(probs, top_k)
     if top_p is not None:
         probs = _top_p(probs / probs.sum(-1, keepdim=True), top_p)
+    if min_p is not None:
+        largest = probs.max(-1, keepdim=True).values
+        probs = torch.where(probs >= min_p * largest, probs, torch.zeros_like(probs))
     probs = probs / probs.sum(-1, keepdim=True)
     # the one-hot by comparison: F.one_hot reads its indices' range on the host
     ids = torch.arange(x.shape[-1], device=x.device)

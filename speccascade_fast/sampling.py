@@ -9,13 +9,15 @@ from . import backends, checks
 
 
 def sample(logits, *, temperature=1.0, top_k=None, top_p=None, seed=0, positions=None,
-           backend="auto") -> torch.Tensor:
+           backend="auto", min_p=None) -> torch.Tensor:
     """Draw one token per row from ``qT`` = the scaled, truncated softmax of ``logits``.
 
     Args:
         logits: ``[B, V]`` or ``[B, n, V]`` (fp32/bf16/fp16/fp64; -inf masks a token).
         temperature: T >= 0 (0 = argmax, ties to the lowest id); a number or a tensor ``[B]``.
         top_k, top_p: optional truncation, as in :func:`speccascade_fast.verify`.
+        min_p: None, or keep only the tokens whose probability (after top-k / top-p) is at
+            least ``min_p`` (in (0, 1]) times the largest: Hugging Face's ``min_p``.
         seed: int or int64 tensor ``[B]``.
         positions: int64 tensor ``[B]``: absolute position of the token drawn from row b (for
             ``[B, n, V]``, of the first of its n tokens; the k-th uses ``positions + k``).
@@ -45,15 +47,16 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, seed=0, positions
     positions = checks.per_row("positions", positions, B, device, non_negative=True,
                                span=logits.shape[1] if logits.dim() == 3 else 0)
     temperature = checks.temperature(temperature, (B,), device)
-    top_k, top_p = checks.top_k(top_k, V), checks.top_p(top_p)
+    top_k, top_p, min_p = checks.top_k(top_k, V), checks.top_p(top_p), checks.min_p(min_p)
     _check_backend(backend, logits)
     if logits.dim() == 3:  # row b's k-th token sits at position positions[b] + k
         n = logits.shape[1]
         pos = (positions[:, None] + torch.arange(n, device=device)).reshape(-1)
         flat = draw(logits.reshape(B * n, V), temperature.repeat_interleave(n),
-                    seed.repeat_interleave(n), pos, top_k, top_p, backend=backend)
+                    seed.repeat_interleave(n), pos, top_k, top_p, backend=backend, min_p=min_p)
         return flat.view(B, n)
-    return draw(logits, temperature, seed, positions, top_k, top_p, backend=backend)
+    return draw(logits, temperature, seed, positions, top_k, top_p, backend=backend,
+                min_p=min_p)
 
 
 def _check_backend(backend, logits) -> None:
@@ -71,18 +74,19 @@ def _check_backend(backend, logits) -> None:
 
 
 def draw(logits, temperature, seed, positions, top_k=None, top_p=None, *, greedy=None,
-         backend="auto") -> torch.Tensor:
+         backend="auto", min_p=None) -> torch.Tensor:
     """:func:`sample` on ``[R, V]`` logits with inputs already checked: float64 ``temperature``,
-    int64 ``seed`` and ``positions`` ``[R]`` on the logits' device, ``top_k`` / ``top_p``
-    normalised. No host synchronisation on CUDA (the top-k / top-p keep bounds come from torch's
-    top-k and the Triton search there) unless ``greedy`` is None on the torch path (whether
-    every row is greedy is then read from ``temperature``): the engine's CUDA graphs call it
-    with ``greedy`` known. On CUDA the Triton kernels take every call that is not known to be
-    all greedy (an all-greedy call is one argmax), for fp32/bf16/fp16 logits when triton
-    imports; on the CPU the compiled kernel takes fp32/bf16/fp16 logits (``backend="auto"``).
-    The choice is :func:`speccascade_fast.backends.resolve`'s."""
+    int64 ``seed`` and ``positions`` ``[R]`` on the logits' device, ``top_k`` / ``top_p`` /
+    ``min_p`` normalised. No host synchronisation on CUDA (the top-k / top-p keep bounds come
+    from torch's top-k and the Triton search there, min-p's from one max per row) unless
+    ``greedy`` is None on the torch path (whether every row is greedy is then read from
+    ``temperature``): the engine's CUDA graphs call it with ``greedy`` known. On CUDA the
+    Triton kernels take every call that is not known to be all greedy (an all-greedy call is
+    one argmax), for fp32/bf16/fp16 logits when triton imports; on the CPU the compiled kernel
+    takes fp32/bf16/fp16 logits (``backend="auto"``). The choice is
+    :func:`speccascade_fast.backends.resolve`'s."""
     return backends.sample(backend, logits, temperature, seed, positions, top_k, top_p,
-                           greedy=greedy)
+                           greedy=greedy, min_p=min_p)
 
 
 def draft_probability(logits, tokens, temperature) -> torch.Tensor:

@@ -45,7 +45,7 @@ _REWRITE_SALT = 0x5EC0CA5CADE
 def _draw(cfg: DecodeConfig, logits: torch.Tensor, seed: int, position: int) -> int:
     """One token from ``softmax(logits / T)`` (truncated), ``logits`` ``[1, V]``."""
     x = sample(logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-               seed=seed, positions=position)
+               min_p=cfg.min_p, seed=seed, positions=position)
     return int(x[0])
 
 

@@ -19,6 +19,14 @@ bound differs only where a cumulative mass lies within rounding (~1e-15) of ``to
 
 Rows with T = 0 or no truncation get ``(-inf, V - 1)``: keep all.
 
+Min-p (applied last, as Hugging Face does) keeps the tokens whose scaled probability is >=
+``min_p`` times the largest: ``exp((l_v - max l) / T) >= min_p``, i.e. ``l_v >= max l + T
+log(min_p)``, a bound ``(max l + T log(min_p), V - 1)`` that does not depend on what top-k / top-p
+removed (they keep the max, and renormalising leaves the ratio alone). :func:`with_min_p`
+intersects it with the top-k / top-p bound in torch (one max per row, no host read), for every
+backend alike; it differs from the reference's probability-space test only where a logit lies
+within rounding (~1e-15) of the bound.
+
 This module is the definition and its torch implementation, :func:`keep_bounds_torch` (fp64; one
 top-k of width 64 per row, 4x wider for the rows not yet decided, up to a full sort; or one full
 sort per row with no host read), which the reference backend runs and the others are tested
@@ -32,12 +40,14 @@ and no host read). Which one runs for a call is chosen in one place, the dispatc
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .layout import row_temperatures
 
 __all__ = ["keep_bounds_torch", "keep_mask", "rows", "torch_keep_bounds",
-           "torch_keep_bounds_ragged"]
+           "torch_keep_bounds_ragged", "with_min_p"]
 
 _FIRST_WIDTH = 64
 
@@ -165,6 +175,27 @@ def _top_p_bounds(x, t, tau_k, top_p):
         todo = todo[~done]
         width = min(width * 4, V)
     return tau, cut
+
+
+def with_min_p(bounds: torch.Tensor | None, logits: torch.Tensor, temperature,
+               min_p: float | None) -> torch.Tensor | None:
+    """``bounds`` (float64 ``[R, 2]`` or None: keep all) intersected with min-p's keep bound
+    (module docstring) of ``logits`` ``[R, V]`` with ``temperature`` broadcastable to ``[R]``;
+    ``bounds`` itself when ``min_p`` is None. Rows with T = 0 keep their bounds."""
+    if min_p is None:
+        return bounds
+    R, V = logits.shape
+    x = logits.to(torch.float32).to(torch.float64)
+    t = torch.as_tensor(temperature, dtype=torch.float64, device=x.device).expand(R)
+    tau_m = x.max(-1).values + t * math.log(min_p)
+    tau_m = torch.where(t > 0, tau_m, torch.full_like(tau_m, -torch.inf))
+    if bounds is None:
+        tau, cut = torch.full_like(tau_m, -torch.inf), torch.full_like(tau_m, float(V - 1))
+    else:
+        tau, cut = bounds[:, 0], bounds[:, 1]
+    tighter = tau_m > tau  # at a tie the top-k / top-p set is the smaller one
+    return torch.stack([torch.where(tighter, tau_m, tau),
+                        torch.where(tighter, torch.full_like(cut, float(V - 1)), cut)], -1)
 
 
 def keep_mask(logits: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:

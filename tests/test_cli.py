@@ -183,6 +183,9 @@ def test_streaming(folders, capsys, monkeypatch):
      "argument --divergence-budget: divergence_budget applies to method='spec_cascade'"),
     (["--gamma-policy", "goodput", "--draft-confidence", "0.5"],
      "argument --gamma-policy: gamma_policy other than 'fixed'"),
+    (["--min-p", "0", "--method", "autoregressive"],
+     "argument --min-p: min_p must be None or a number in (0, 1]"),
+    (["--min-p", "0.1"], "argument --min-p: min_p applies to method='autoregressive'"),
 ])
 def test_decoding_arguments_refused_before_loading(no_loading, capsys, argv, expected):
     line = _error(capsys, "generate", "w1", "--quiet", *argv)

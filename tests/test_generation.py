@@ -20,6 +20,7 @@ from transformers import LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 from speccascade_fast import Engine, generate, target_distribution
 from speccascade_fast.config import DEFAULT_ALPHA
+from speccascade_fast.probs import scaled
 
 from .helpers import PAD, PROMPTS, chi2_pvalue, left_padded, noisy_drafter, tiny_pair
 
@@ -454,6 +455,38 @@ def test_on_tokens_streams_exactly_the_output_and_stop_condition_cuts_it(pair, e
     cut = generate(*pair, ids, stop_condition=lambda b, new: new[-1] == stop, **kw)
     for full, got in zip(out.new_tokens, cut.new_tokens):
         assert got == (full[: full.index(stop) + 1] if stop in full else full)
+
+
+# --- min-p ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["autoregressive", "drafter_only"])
+def test_min_p_engines_agree_and_follow_the_truncated_law(pair, small_pair, method):
+    """min_p on the batched Engine and the sequential loop: the same tokens; the first token's
+    law is the reference's min-p-truncated qT (chi-squared)."""
+    ids, mask = left_padded(PROMPTS)
+    kw = dict(method=method, temperature=1.3, min_p=0.2, top_k=40, max_new_tokens=10, seed=4,
+              eos_token_id=[], attention_mask=mask)
+    static = generate(*pair, ids, engine="static", **kw)
+    seq = generate(*pair, ids, engine="sequential", **kw)
+    assert static.new_tokens == seq.new_tokens
+    free = generate(*pair, ids, engine="static", **dict(kw, min_p=None))
+    assert free.new_tokens != static.new_tokens
+    model = small_pair[1] if method == "autoregressive" else small_pair[0]
+    prompt = torch.tensor([DIST_PROMPT])
+    with torch.no_grad():
+        logits = model(prompt).logits[0, -1]
+    law = scaled(logits, torch.tensor(1.3, dtype=torch.float64), None, None, 0.2)
+    assert int((law > 0).sum()) > 1
+    out = generate(*small_pair, prompt.repeat(DIST_SEEDS, 1), method=method, temperature=1.3,
+                   min_p=0.2, max_new_tokens=1, eos_token_id=[], seed=0)
+    assert chi2_pvalue(torch.tensor([t[0] for t in out.new_tokens]), law) > 1e-3
+
+
+def test_min_p_is_refused_where_a_cascade_verifies(pair):
+    ids = torch.tensor([PROMPTS[0]])
+    with pytest.raises(ValueError, match="min_p applies to method='autoregressive'"):
+        generate(*pair, ids, rule="spec", min_p=0.1)
+    with pytest.raises(ValueError, match=r"min_p must be None or a number in \(0, 1\]"):
+        generate(*pair, ids, method="autoregressive", min_p=1.5)
 
 
 # --- goodput-adaptive gamma ---------------------------------------------------------------------

@@ -18,6 +18,7 @@ from transformers.generation import (
     RepetitionPenaltyLogitsProcessor,
     StoppingCriteria,
     TextStreamer,
+    TopKLogitsWarper,
 )
 from transformers.generation.streamers import BaseStreamer
 
@@ -290,6 +291,23 @@ def test_processed_law_is_hfs(pair):
     law = torch.softmax(scores.double(), -1)[0]
     assert len(seconds) > 300
     assert chi2_pvalue(seconds, law) > 1e-3
+
+
+def test_plain_decoding_min_p_is_the_engines_and_hfs_law(pair):
+    """Without an assistant, min_p is the engine's own truncation (batched Engine, no
+    processor): the first new token's law is HF's temperature, top-k, min-p warpers."""
+    _, p = pair
+    N, T = 3000, 0.8
+    ids = torch.tensor([PROMPTS[0]] * N)
+    # engine="static" refuses a logits processor: the truncation is the Engine's own
+    out = hf.generate(p, ids, do_sample=True, temperature=T, top_k=30, min_p=0.1,
+                      max_new_tokens=1, seed=0, return_dict_in_generate=True, engine="static")
+    with torch.no_grad():
+        logits = p(torch.tensor([PROMPTS[0]])).logits[:, -1].double()
+    scores = TopKLogitsWarper(30)(None, logits / T)
+    law = torch.softmax(MinPLogitsWarper(0.1)(None, scores), -1)[0]
+    assert int((law > 0).sum()) > 1
+    assert chi2_pvalue(torch.tensor([t[0] for t in out.new_tokens]), law) > 1e-3
 
 
 # --- stopping criteria --------------------------------------------------------------------------

@@ -9,15 +9,30 @@ from speccascade_fast.probs import scaled
 from .helpers import chi2_pvalue
 
 
-@pytest.mark.parametrize("kw", [{}, {"top_k": 3}, {"top_p": 0.75}, {"temperature": 0.5}])
+@pytest.mark.parametrize("kw", [{}, {"top_k": 3}, {"top_p": 0.75}, {"temperature": 0.5},
+                                {"min_p": 0.2}, {"min_p": 0.1, "top_k": 6, "temperature": 1.5}])
 def test_sample_follows_qT(kw):
     torch.manual_seed(0)
     logits = torch.randn(10) * 1.5
     n = 6000
     toks = sc.sample(logits.expand(n, -1), seed=torch.arange(n), **kw)
     T = kw.get("temperature", 1.0)
-    law = scaled(logits, torch.tensor(T, dtype=torch.float64), kw.get("top_k"), kw.get("top_p"))
+    law = scaled(logits, torch.tensor(T, dtype=torch.float64), kw.get("top_k"), kw.get("top_p"),
+                 kw.get("min_p"))
     assert chi2_pvalue(toks, law) > 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_min_p_draws_the_references_tokens(dtype):
+    """The compiled kernel with min-p's keep bound draws what the reference draws."""
+    torch.manual_seed(3)
+    logits = (torch.randn(64, 300) * 3).to(dtype)
+    T = torch.rand(64).double() * 2
+    T[::7] = 0
+    kw = dict(temperature=T, seed=torch.arange(64), positions=torch.arange(64), min_p=0.15)
+    assert torch.equal(sc.sample(logits, **kw), sc.sample(logits, backend="reference", **kw))
+    with pytest.raises(ValueError, match=r"min_p must be None or a number in \(0, 1\]"):
+        sc.sample(logits, min_p=0)
 
 
 def test_greedy_is_argmax_lowest_id_on_ties():

@@ -16,6 +16,7 @@ from speccascade_fast.truncation import (
     keep_mask,
     torch_keep_bounds,
     torch_keep_bounds_ragged,
+    with_min_p,
 )
 
 from .helpers import NoHostReads
@@ -43,6 +44,43 @@ def test_bounds_give_the_reference_support(trial, impl):
     ref, alive = _kept_by_reference(x, T, top_k, top_p)
     assert bool(mask[0].all())  # T = 0: keep all (the one-hot ignores truncation)
     assert torch.equal(mask[1:] & alive[1:], ref[1:])
+
+
+@pytest.mark.parametrize("trial", range(80))
+def test_min_p_bounds_give_the_reference_support(trial):
+    """top-k / top-p's bounds intersected with min-p's give the reference's support, which
+    applies min-p last in probability space (HF's order), without host reads."""
+    x, T, top_k, top_p = _case(3000 + trial)
+    min_p = (0.01, 0.2, 0.7, 1.0)[trial % 4]
+    base = keep_bounds_torch(x, T, top_k, top_p) if (top_k or top_p) else None
+    with NoHostReads():
+        bounds = with_min_p(base, x, T, min_p)
+    mask = keep_mask(x, bounds)
+    ref = scaled(x, T.double(), top_k, top_p, min_p) > 0
+    alive = scaled(x, T.double(), None, None) > 0
+    assert bool(mask[0].all())  # T = 0: keep all
+    assert torch.equal(mask[1:] & alive[1:], ref[1:]), (trial, top_k, top_p, min_p)
+    assert with_min_p(base, x, T, None) is base
+
+
+@pytest.mark.parametrize("T", [0.5, 1.0, 1.7])
+@pytest.mark.parametrize("min_p", [0.05, 0.3, 0.9, 1.0])
+@pytest.mark.parametrize("top_k,top_p", [(None, None), (20, None), (None, 0.8), (30, 0.9)])
+def test_reference_min_p_is_hfs_order(T, min_p, top_k, top_p):
+    """The reference's truncation is Hugging Face's warpers in HF's order: temperature, top-k,
+    top-p, min-p."""
+    from transformers import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(int(T * 10 + min_p * 100))
+    logits = torch.randn(4, 50, generator=g, dtype=torch.float64) * 3
+    scores = logits / T
+    if top_k is not None:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p is not None:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    hf = torch.softmax(MinPLogitsWarper(min_p)(None, scores), -1)
+    ours = scaled(logits, torch.tensor(T, dtype=torch.float64), top_k, top_p, min_p)
+    assert torch.allclose(ours, hf, atol=1e-12)
 
 
 def test_the_cpu_op_equals_the_torch_bounds():

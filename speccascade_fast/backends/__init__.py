@@ -48,7 +48,7 @@ import torch
 
 from ..layout import row_temperatures
 from ..rules import REFERENCE_ONLY_RULES
-from ..truncation import rows
+from ..truncation import rows, with_min_p
 from ..types import VerifyOutput
 from . import cpu, cuda, reference, triton
 
@@ -210,16 +210,17 @@ def verify_ragged(name, draft_logits, draft_tokens, target_logits, cu, bonus_dra
 
 # ---- the drafter's draw -----------------------------------------------------------------------
 def sample(name, logits, temperature, seed, positions, top_k=None, top_p=None, *,
-           greedy=None) -> torch.Tensor:
+           greedy=None, min_p=None) -> torch.Tensor:
     """The drafter's draw (:func:`speccascade_fast.sampling.draw`) on backend ``name`` (or
     ``"auto"``), inputs checked: ``logits`` ``[R, V]``, float64 ``temperature``, int64 ``seed``
-    and ``positions`` ``[R]``, ``top_k`` / ``top_p`` normalised; ``greedy`` whether every row has
-    T = 0, if known (None: the reference path reads it from ``temperature``)."""
+    and ``positions`` ``[R]``, ``top_k`` / ``top_p`` / ``min_p`` normalised; ``greedy`` whether
+    every row has T = 0, if known (None: the reference path reads it from ``temperature``)."""
     name = resolve(name, logits.device, "sample", logits=(logits,), greedy=greedy)
     if name == "reference":
         return reference.sample(logits, temperature, seed, positions, top_k, top_p,
-                                greedy=greedy)
-    keep = keep_bounds_or_none(logits, temperature, top_k, top_p)
+                                greedy=greedy, min_p=min_p)
+    keep = with_min_p(keep_bounds_or_none(logits, temperature, top_k, top_p), logits,
+                      temperature, min_p)
     return REGISTRY[name].module.sample(logits, temperature, seed, positions, keep)
 
 

@@ -161,7 +161,7 @@ def verify_ragged(draft_logits, draft_tokens, target_logits, cu_num_draft_tokens
 
 
 def sample(logits, temperature, seed, positions, top_k=None, top_p=None, *,
-           greedy=None) -> torch.Tensor:
+           greedy=None, min_p=None) -> torch.Tensor:
     """The drafter's draw (:func:`speccascade_fast.sampling.draw`) in torch: int64 ``[R]`` from
     ``logits`` ``[R, V]`` (any float dtype), float64 ``temperature``, int64 ``seed`` and
     ``positions`` ``[R]``: the race ``argmax_v log qT(v) + E_v`` with the DRAFT stream's noise.
@@ -171,6 +171,6 @@ def sample(logits, temperature, seed, positions, top_k=None, top_p=None, *,
         greedy = not bool(temperature.any())
     if greedy:
         return torch.argmax(logits, dim=-1)
-    qT = scaled(logits, temperature, top_k, top_p)
+    qT = scaled(logits, temperature, top_k, top_p, min_p)
     noise = rng.exponential_noise(seed, positions, rng.DRAFT, logits.shape[-1])
     return rng.race(torch.log(qT), noise)

@@ -30,29 +30,6 @@ def _fmt_alpha(alpha: float) -> str:
     return repr(float(alpha))
 
 
-class MinP:
-    """Hugging Face's min-p truncation as a ``logits_processor(ids, logits) -> logits`` on the
-    *untempered* logits: tokens whose tempered probability ``softmax(l / T)`` is below ``min_p``
-    times the largest get logit −inf, i.e. ``l_v < max l + T·log(min_p)``; exactly what HF's
-    ``MinPLogitsWarper(min_p)`` keeps after the temperature warper. At ``T = 0`` it changes
-    nothing (greedy decoding keeps the argmax)."""
-
-    def __init__(self, min_p: float, temperature: float):
-        if not 0 < min_p <= 1:
-            raise ValueError(f"min_p must be in (0, 1], got {min_p!r}")
-        self.min_p, self.temperature = float(min_p), float(temperature)
-        self.offset = self.temperature * math.log(self.min_p)  # <= 0
-
-    def __call__(self, input_ids, logits):
-        if self.temperature == 0:
-            return logits
-        floor = logits.amax(-1, keepdim=True) + self.offset
-        return logits.masked_fill(logits < floor, float("-inf"))
-
-    def __repr__(self) -> str:
-        return f"MinP({self.min_p!r}, T={self.temperature!r})"
-
-
 @dataclass(frozen=True)
 class EvalConfig:
     """One decoding configuration.
@@ -62,8 +39,7 @@ class EvalConfig:
     (``None``: the engine's default, or not used). ``bonus`` (``spec_cascade`` only) overrides
     the run's bonus-token mode for this configuration (``None``: the run's). ``min_p``
     (``autoregressive`` only): the verifier alone with Hugging Face's min-p truncation
-    (:class:`MinP`), a baseline at matched thresholds; it decodes on the sequential loop (the
-    batched Engine runs no logits processor). ``divergence_budget`` (``spec_cascade`` only):
+    (``generate``'s ``min_p``), a baseline at matched thresholds. ``divergence_budget`` (``spec_cascade`` only):
     the total variation each response may spend (``generate``'s argument); a sweep of it at a
     fixed α is one curve, its level the budget.
     """
@@ -144,9 +120,8 @@ class EvalConfig:
         """The verifier alone or the drafter alone, untruncated: a reference point."""
         return self.method in REFERENCE_METHODS and self.min_p is None
 
-    def generate_kwargs(self, temperature: float | None = None) -> dict[str, Any]:
-        """The keyword arguments of ``generate`` this configuration sets (``temperature``: the
-        run's, which the min-p processor needs)."""
+    def generate_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``generate`` this configuration sets."""
         kw: dict[str, Any] = {"method": self.method}
         if self.rule is not None:
             kw["rule"] = self.rule
@@ -155,7 +130,7 @@ class EvalConfig:
         if self.bonus is not None:
             kw["bonus"] = self.bonus
         if self.min_p is not None:
-            kw["logits_processor"] = MinP(self.min_p, 1.0 if temperature is None else temperature)
+            kw["min_p"] = self.min_p
         if self.divergence_budget is not None:
             kw["divergence_budget"] = self.divergence_budget
         return kw

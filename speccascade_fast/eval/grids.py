@@ -152,8 +152,8 @@ def get_grid(name: str | Grid) -> Grid:
 #: x 23 configurations, prefill included): the verifier 0.161, the drafter 0.060, the
 #: speculative configurations 0.087-0.099 (0.093 on average)
 SECONDS_PER_TOKEN = {"autoregressive": 0.161, "drafter_only": 0.060, "spec_cascade": 0.093}
-#: assumed: the min-p baseline runs on the sequential loop (the verifier's cost); ensemble's
-#: float64 reference verification adds about a tenth (not measured)
+#: assumed: the min-p baseline costs what the verifier alone does; ensemble's float64
+#: reference verification adds about a tenth (not measured)
 SECONDS_PER_TOKEN_ASSUMED = {"min_p": 0.161, "ensemble": 0.093 * 1.1}
 #: mean new tokens per example (HumanEval measured in the same run; the others assumed)
 TOKENS_PER_EXAMPLE = {"humaneval": 160, "gsm8k": 130, "wmt14": 40}

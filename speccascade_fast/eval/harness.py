@@ -9,8 +9,8 @@ Three modes, into one output folder:
   batched :class:`speccascade_fast.Engine` per configuration, the pending examples in chunks of N
   (task order, left-padded), each row with the seed the batch-1 mode gives it, hence the same
   tokens (a row's tokens do not depend on its batch: docs/semantics.md §6, up to floating-point
-  near-ties of the batched GEMMs). Configurations the Engine does not run (a logits processor:
-  the min-p baseline; the sequential methods) go through ``generate`` with the chunk, which
+  near-ties of the batched GEMMs). Configurations the Engine does not run (a logits processor;
+  the sequential methods) go through ``generate`` with the chunk, which
   decodes its rows one by one. Rows are not timed (``wall_s`` is ``None``; the chunk's wall time
   and size are kept), so a quality grid never pays for batch-1 decoding.
 * **latency** (``run_latency``, ``--latency``): batch 1, ``trials`` trials of the first ``limit``
@@ -306,7 +306,7 @@ def _check_decoding(cfgs: Sequence[EvalConfig], common: Mapping[str, Any]) -> No
         return
     for c in cfgs:
         kw = {k: v for k, v in common.items() if v is not None}
-        kw.update(c.generate_kwargs(common.get("temperature")))
+        kw.update(c.generate_kwargs())
         DecodeConfig(**kw)
 
 
@@ -363,7 +363,7 @@ class _Run:
         return self._prompts[ex.id]
 
     def kwargs(self, cfg: EvalConfig) -> dict[str, Any]:
-        return dict(self.common, **cfg.generate_kwargs(self.common["temperature"]))
+        return dict(self.common, **cfg.generate_kwargs())
 
     def call(self, cfg: EvalConfig, ids, mask, ex_seed):
         """One timed generate call at batch 1: (result, wall seconds)."""
@@ -612,8 +612,8 @@ def _run_batch1(run: _Run, rows: list, done: set) -> None:
 
 
 #: DecodeConfig's fields among generate's keyword arguments
-_DECODE_KEYS = ("method", "rule", "alpha", "gamma", "temperature", "top_k", "top_p", "bonus",
-                "seq_score", "logits_processor", "max_drafter_run", "draft_confidence",
+_DECODE_KEYS = ("method", "rule", "alpha", "gamma", "temperature", "top_k", "top_p", "min_p",
+                "bonus", "seq_score", "logits_processor", "max_drafter_run", "draft_confidence",
                 "divergence_budget")
 
 
