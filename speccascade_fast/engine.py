@@ -335,7 +335,7 @@ class Engine:
         self._gammas = []
         with torch.inference_mode():
             prefill_start = time.perf_counter()
-            rows.prefill()
+            shared = rows.prefill()
             if self.device is not None and self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # prefill_s is the prefill's device time
             prefill_s = time.perf_counter() - prefill_start
@@ -350,7 +350,7 @@ class Engine:
         sequences = outputs.sequences(input_ids.to(self.device), rows.new_tokens, pad)
         extra = {"gammas": self._gammas} if cfg.gamma_policy != "fixed" else {}
         stats = outputs.final_stats(rows.counters, settings, start, row_settings,
-                                    prefill_s=prefill_s, **extra)
+                                    prefill_s=prefill_s, shared_prefix_tokens=shared, **extra)
         return GenerateOutput(sequences, stats, rows.new_tokens)
 
     def _call_settings(self, rules, alphas, temperatures, exact, spend):
@@ -663,6 +663,22 @@ class Engine:
             raise ValueError("non-finite logits in the block")  # unreachable: one check fires
 
 
+#: the shortest prefix common to every prompt of a call that is fed once and copied to every
+#: row (shorter ones are not worth a second forward call)
+MIN_SHARED_PREFIX = 16
+
+
+def shared_prefix(prompts: list[torch.Tensor], limit: int) -> int:
+    """The length of the longest token prefix every prompt starts with, at most ``limit``."""
+    first = prompts[0][:limit]
+    n = first.numel()
+    for p in prompts[1:]:
+        m = min(n, p.numel())
+        differ = (p[:m] != first[:m]).nonzero()
+        n = int(differ[0]) if differ.numel() else m
+    return n
+
+
 class Rows:
     """The unfinished sequences of one ``generate`` call (row i of every tensor and list is the
     same sequence; finished ones are dropped) and the outputs of all of them."""
@@ -714,15 +730,25 @@ class Rows:
                                  for x in (self.seeds, self.temperature, self.alpha)))
         return self._padded[1:]
 
-    def prefill(self) -> None:
-        """Both models take every row's prompt but its last token (which each block feeds)."""
+    def prefill(self) -> int:
+        """Both models take every row's prompt but its last token (which each block feeds).
+        A prefix of at least :data:`MIN_SHARED_PREFIX` tokens that every row's prompt starts
+        with is fed once and copied (:meth:`SlotModel.prefill_shared`); returns its length (0:
+        none)."""
         tokens = torch.zeros(self.size, self.engine.slots, dtype=torch.int64,
                              device=self.engine.device)
         for b, prompt in enumerate(self.prompts):
             tokens[b, : prompt.numel()] = prompt.to(tokens.device)
+        upto = [n - 1 for n in self.length]
+        shared = shared_prefix(self.prompts, min(upto)) if self.size > 1 else 0
+        if shared < MIN_SHARED_PREFIX:
+            shared = 0
         for m in (self.engine.q, self.engine.p):
             if m is not None:
-                m.prefill(tokens, [n - 1 for n in self.length])
+                if shared:
+                    m.prefill_shared(tokens, shared)
+                m.prefill(tokens, upto)
+        return shared
 
     def budget_left(self, n: int) -> torch.Tensor | None:
         """float64 ``[n]`` on the device: what each row may still spend of its divergence budget

@@ -85,6 +85,14 @@ class SlotCache(Cache):
             out.append(rows[:, : self._kv_len].transpose(1, 2))  # [B, H, kv_len, D]
         return tuple(out)
 
+    def copy_prefix(self, n: int, rows: int) -> None:
+        """Rows ``1 .. rows-1`` get row 0's slots ``[0, n)`` (a prompt prefix they share)."""
+        for buf in (*self.keys, *self.values):
+            if self.heads_last:
+                buf[1:rows, :n] = buf[:1, :n]
+            else:
+                buf[1:rows, :, :n] = buf[:1, :, :n]
+
     def keep_rows(self, index: torch.Tensor) -> None:
         """Compact the buffers: row ``i`` becomes the old row ``index[i]`` (finished sequences
         leave the batch; the freed rows are reused by the next ``generate``)."""
@@ -147,6 +155,16 @@ class SlotModel:
             out = fwd(input_ids=ids, attention_mask=mask, position_ids=positions,
                       use_cache=True, **{self.cache_arg: self.cache}, **kwargs).logits
         return out if self.keep_arg else out[:, -keep:]
+
+    def prefill_shared(self, tokens: torch.Tensor, n: int) -> None:
+        """Every row's first ``n`` tokens are the same (``tokens[0, :n]``): feed them once, as
+        row 0 alone, and copy its slots to the other rows (a few-shot prefix costs one row's
+        prefill, not one per row). Every row has seen nothing yet."""
+        rows = len(self.seen)
+        slots = torch.arange(n, device=tokens.device)[None]
+        self.forward(tokens[:1, :n], slots, n, 1)
+        self.cache.copy_prefix(n, rows)
+        self.seen = [n] * rows
 
     def prefill(self, tokens: torch.Tensor, upto: list[int]) -> None:
         """Feed each row ``b`` its tokens ``tokens[b, seen_b : upto_b]`` (rows left-padded to

@@ -31,7 +31,9 @@ Rates:
 * ``tokens_per_verifier_call`` = tokens / verifier_calls (``None`` when the verifier never ran);
 * ``wall_s``                  - wall-clock seconds of the whole call.
 * ``prefill_s``               - (the batched ``Engine`` only) seconds of the prompts' prefill
-  in both models, part of ``wall_s``.
+  in both models, part of ``wall_s``;
+* ``shared_prefix_tokens``    - (the batched ``Engine`` only) the length of the prefix every
+  prompt of the call starts with that was fed once and copied to every row (0: none).
 
 Every rate is 0.0 when its denominator is 0 (except ``tokens_per_verifier_call``).
 """

@@ -287,3 +287,72 @@ def test_kv_cache_argument_under_either_name():
     assert cache_kwarg(Model(none)) is None
     assert unsupported_reason(Model(new)) is None and unsupported_reason(Model(old)) is None
     assert "no position_ids / KV cache" in unsupported_reason(Model(none))
+
+
+# --- a prompt prefix every row shares is prefilled once ----------------------------------------
+def _few_shot_prompts(n_shared=24):
+    g = torch.Generator().manual_seed(7)
+    shared = torch.randint(1, 60, (n_shared,), generator=g).tolist()
+    tails = [[5, 9, 11], [7], [3, 3, 8, 2, 14, 6]]
+    return [shared + t for t in tails]
+
+
+def test_shared_prefix_length():
+    from speccascade_fast.engine import shared_prefix
+
+    p = [torch.tensor(x) for x in ([1, 2, 3, 4], [1, 2, 3], [1, 2, 9, 4])]
+    assert shared_prefix(p, 10) == 2 and shared_prefix(p[:2], 10) == 3
+    assert shared_prefix(p[:2], 1) == 1 and shared_prefix([p[0], torch.tensor([7])], 3) == 0
+
+
+@pytest.mark.parametrize("heads_last", [False, True], ids=["sdpa", "flash-attn-layout"])
+@pytest.mark.parametrize("kw", [dict(rule="spec", temperature=0.0),
+                                dict(rule="token_v3", alpha=0.3, temperature=1.0),
+                                dict(method="autoregressive", temperature=1.0)],
+                         ids=["spec-T0", "token_v3-T1", "verifier-T1"])
+def test_a_shared_prefix_is_fed_once_with_the_same_tokens(pair, request, monkeypatch, kw,
+                                                          heads_last):
+    """Prompts sharing 24 tokens: the prefix is fed once (one one-row call per model) and
+    copied; every row's tokens are those of the unshared prefill and of the prompt alone."""
+    from speccascade_fast import engine as engine_mod
+    from speccascade_fast import kv_cache
+
+    if heads_last:
+        request.getfixturevalue("flash_stand_in")
+    prompts = _few_shot_prompts()
+    ids, mask = left_padded(prompts)
+    kw = dict(kw, max_new_tokens=14, seed=3, eos_token_id=[])
+    attention = "flash_attn" if heads_last else None
+    engine = Engine(*pair, max_batch_size=3, max_seq_len=64, attention=attention,
+                    gamma=3, **{k: v for k, v in kw.items() if k in ("method", "rule")})
+    run = {k: v for k, v in kw.items() if k not in ("method", "rule")}
+    calls = []
+    monkeypatch.setattr(kv_cache.SlotModel, "prefill_shared", _counting(
+        kv_cache.SlotModel.prefill_shared, calls))
+    shared = engine.generate(ids, attention_mask=mask, **run)
+    assert shared.stats["shared_prefix_tokens"] == 24
+    assert len(calls) == (1 if kw.get("method") == "autoregressive" else 2)  # one per model
+    monkeypatch.setattr(engine_mod, "MIN_SHARED_PREFIX", 10_000)
+    plain = engine.generate(ids, attention_mask=mask, **run)
+    assert plain.stats["shared_prefix_tokens"] == 0
+    assert shared.new_tokens == plain.new_tokens
+    for b, prompt in enumerate(prompts):
+        alone = engine.generate(torch.tensor([prompt]), **dict(run, seed=3 + b))
+        assert alone.new_tokens[0] == shared.new_tokens[b], b
+
+
+def test_no_sharing_below_the_minimum_or_for_one_row(pair):
+    engine = Engine(*pair, max_batch_size=3, max_seq_len=64, rule="spec", gamma=3)
+    ids, mask = left_padded(PROMPTS)
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=4, eos_token_id=[])
+    assert out.stats["shared_prefix_tokens"] == 0
+    one = engine.generate(torch.tensor([_few_shot_prompts()[0]]), max_new_tokens=4,
+                          eos_token_id=[])
+    assert one.stats["shared_prefix_tokens"] == 0
+
+
+def _counting(fn, calls):
+    def wrapped(*a, **kw):
+        calls.append(a[2])
+        return fn(*a, **kw)
+    return wrapped
