@@ -16,10 +16,10 @@ current batch size, measured online:
   not yet run at this batch size is predicted from a straight line ``t = c0 + c1 gamma`` through
   the measured ones (the verifier call and a drafter step per draft), and where this batch size
   has too few points, from the nearest batch size that has them (rows leaving the batch do not
-  restart the exploration). Until two values of gamma >= 1 are measured, the controller
-  explores: gamma_max first, then 1, then (if allowed) 0. The first block at a (batch size,
-  gamma) may carry one-time costs (new shapes), so the second replaces it rather than being
-  averaged with it.
+  restart the exploration). The first block at a (batch size, gamma) may carry one-time costs
+  (new shapes), so the second replaces it rather than being averaged with it; until two values
+  of gamma >= 1 are measured twice, the controller explores: gamma_max, 1, then (if allowed) 0,
+  each twice.
 
 Plain verifier steps (gamma = 0) teach the controller nothing about acceptance and leave the
 times of the other gammas as they were, so a choice of 0 made on a stale or unlucky estimate
@@ -67,7 +67,10 @@ class Goodput:
         """The gamma for the next block of ``batch`` rows whose per-draft acceptance estimates
         are ``acceptance``; at least ``g_min`` (default: the controller's) for this block."""
         g_min = self.g_min if g_min is None else max(g_min, self.g_min)
-        measured = {g for (_, g) in self.times}
+        runs: dict[int, int] = {}
+        for (_, g), n in self.seen.items():
+            runs[g] = runs.get(g, 0) + n
+        measured = {g for g, n in runs.items() if n >= 2}
         for g in (self.gamma_max, 1, 0):  # exploration: enough points for the line
             if g >= g_min and g not in measured:
                 if g >= 1 and len(measured - {0}) >= 2:

@@ -17,21 +17,30 @@ def test_expected_tokens_by_hand():
     assert acceptance(0, 0) == 0.5 and acceptance(8, 0) == 0.9  # (8 + 1) / (8 + 0 + 2)
 
 
+def _explored(g: Goodput, batch: int, acceptance: list[float], times: dict[int, float]):
+    """Run the exploration: each block the controller asks for, timed by ``times``."""
+    order = []
+    while True:
+        gamma = g.choose(batch, acceptance)
+        if len(order) >= 2 * len(times) or gamma in (o for o in order if order.count(o) >= 2):
+            return order, gamma
+        order.append(gamma)
+        g.observe(batch, gamma, times[gamma])
+
+
 def test_explores_then_picks_the_best_goodput():
     g = Goodput(gamma_max=4, allow_zero=True)
-    assert g.choose(1, [0.8]) == 4
-    g.observe(1, 4, 0.5)
-    assert g.choose(1, [0.8]) == 1
-    g.observe(1, 1, 0.2)
-    assert g.choose(1, [0.8]) == 0
-    g.observe(1, 0, 0.1)
+    # gamma_max, 1 and 0, each twice (the first run of a shape may carry one-time costs)
+    order, first = _explored(g, 1, [0.8], {4: 0.5, 1: 0.2, 0: 0.1})
+    assert order == [4, 4, 1, 1, 0, 0]
     # line through (1, 0.2), (4, 0.5): t(gamma) = 0.1 + 0.1 gamma
     assert g.cost(1, 2) == pytest.approx(0.3) and g.cost(1, 3) == pytest.approx(0.4)
     # a = 0.8: tokens/s = 1 / 0.1 = 10 (gamma 0), 1.8 / 0.2 = 9, 2.44 / 0.3 = 8.1, ...
-    assert g.choose(1, [0.8]) == 0
+    assert first == 0
     # a cheap drafter, an expensive verifier: (1, 0.16), (4, 0.25): t = 0.13 + 0.03 gamma
     h = Goodput(gamma_max=4, allow_zero=True)
     for gamma, t in ((4, 0.25), (1, 0.16), (0, 0.1)):
+        h.observe(1, gamma, t)
         h.observe(1, gamma, t)
     # a = 0.95: E(4) = 4.524 -> 18.1 tok/s; E(3) = 3.71 / 0.22 = 16.9; gamma 0: 10
     assert h.choose(1, [0.95]) == 4
@@ -39,17 +48,20 @@ def test_explores_then_picks_the_best_goodput():
     assert h.choose(1, [0.2]) == 0
 
 
+def test_the_first_run_of_a_shape_is_replaced_not_averaged():
+    g = Goodput(gamma_max=4, allow_zero=True)
+    g.observe(1, 4, 5.0)  # a first block with one-time costs
+    g.observe(1, 4, 0.5)
+    assert g.times[(1, 4)] == 0.5
+    g.observe(1, 4, 0.6)  # then EMA: 0.7 * 0.5 + 0.3 * 0.6
+    assert g.times[(1, 4)] == pytest.approx(0.53)
+
+
 def test_without_zero_and_moving_averages():
     g = Goodput(gamma_max=3, allow_zero=False)
-    assert g.choose(2, [0.5, 0.5]) == 3
-    g.observe(2, 3, 0.4)
-    assert g.choose(2, [0.5, 0.5]) == 1
-    g.observe(2, 1, 0.2)
-    assert g.choose(2, [0.5, 0.5]) in (1, 2, 3)  # never 0
-    g.observe(2, 1, 0.3)  # the second replaces the first (which may carry one-time costs)
-    assert g.times[(2, 1)] == pytest.approx(0.3)
-    g.observe(2, 1, 0.2)  # then EMA: 0.7 * 0.3 + 0.3 * 0.2
-    assert g.times[(2, 1)] == pytest.approx(0.27)
+    order, _ = _explored(g, 2, [0.5, 0.5], {3: 0.4, 1: 0.2})
+    assert order == [3, 3, 1, 1]
+    assert all(g.choose(2, [0.5, 0.5]) in (1, 2, 3) for _ in range(20))  # never 0
 
 
 def test_other_batch_sizes_borrow_the_nearest_costs():
@@ -75,5 +87,5 @@ def test_a_run_of_plain_steps_ends_with_a_probe():
     assert chosen == probe + probe
     # rules that cannot run gamma 0 never count plain steps
     h = Goodput(gamma_max=4, allow_zero=False)
-    h.times = dict(g.times)
+    h.times, h.seen = dict(g.times), dict(g.seen)
     assert {h.choose(1, [0.8]) for _ in range(3 * PROBE_AFTER)} == {1}
