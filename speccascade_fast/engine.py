@@ -85,7 +85,7 @@ DEFAULT_MAX_SEQ_LEN = 2048
 
 #: the defaults of the Engine's decoding keyword arguments (``config=`` replaces them)
 _DECODING_DEFAULTS = dict(method="spec_cascade", rule=None, alpha=None, gamma=5, temperature=1.0,
-                          top_k=None, top_p=None, bonus="cascade", backend="auto",
+                          top_k=None, top_p=None, min_p=None, bonus="cascade", backend="auto",
                           draft_confidence=None, gamma_policy="fixed", exact_prefix=0,
                           divergence_budget=None, calibration=None)
 
@@ -141,7 +141,7 @@ class Engine:
             models' context, capped at 2048. The caches are allocated once (on the first call),
             with ``gamma + 1`` slots of headroom for the last block's drafts.
         method: ``spec_cascade``, ``autoregressive`` (verifier alone) or ``drafter_only``.
-        rule, alpha, gamma, temperature, top_k, top_p, bonus, backend: as in
+        rule, alpha, gamma, temperature, top_k, top_p, min_p, bonus, backend: as in
             :func:`speccascade_fast.generate` (``temperature`` and ``alpha`` are defaults that
             ``generate`` may override per sequence).
         compile_drafter: run the drafter's one-token steps ``torch.compile``d (dynamic shapes;
@@ -187,14 +187,15 @@ class Engine:
                  max_seq_len: int | None = None, method: str = "spec_cascade",
                  rule: str | None = None, alpha: float | None = None, gamma: int = 5,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 bonus: str = "cascade", backend: str = "auto", compile_drafter: bool = False,
-                 cuda_graphs: bool | None = None, attention: str | None = None,
-                 draft_confidence: float | None = None, gamma_policy="fixed",
+                 min_p: float | None = None, bonus: str = "cascade", backend: str = "auto",
+                 compile_drafter: bool = False, cuda_graphs: bool | None = None,
+                 attention: str | None = None, draft_confidence: float | None = None,
+                 gamma_policy="fixed",
                  exact_prefix: int = 0, divergence_budget: float | None = None,
                  calibration=None, config: DecodeConfig | None = None):
         decoding = dict(method=method, rule=rule, alpha=alpha, gamma=gamma,
-                        temperature=temperature, top_k=top_k, top_p=top_p, bonus=bonus,
-                        backend=backend, draft_confidence=draft_confidence,
+                        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                        bonus=bonus, backend=backend, draft_confidence=draft_confidence,
                         gamma_policy=gamma_policy, exact_prefix=exact_prefix,
                         divergence_budget=divergence_budget, calibration=calibration)
         if config is None:
@@ -386,8 +387,12 @@ class Engine:
                 rows.stats(b).add_block(0, 0)
             self._observe(batch, 0, start)
             return
-        self._catch_up_drafter(rows)
-        start = time.perf_counter()  # the catch-up is a switching cost, not the block's time
+        caught_up = time.perf_counter()
+        if self._catch_up_drafter(rows):  # a switching cost, not the block's time
+            if self._goodput is not None and self.device is not None \
+                    and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # its device time too
+            start += time.perf_counter() - caught_up
         L = list(rows.length)  # emit() advances rows.length
         width = max(n - s for n, s in zip(L, q.seen))
         if self._draft_confidence is None:
@@ -433,17 +438,19 @@ class Engine:
         if self._goodput is not None:
             self._goodput.observe(batch, gamma, time.perf_counter() - start)
 
-    def _catch_up_drafter(self, rows: Rows) -> None:
+    def _catch_up_drafter(self, rows: Rows) -> bool:
         """After plain verifier steps (gamma = 0) the drafter lags; feed it every row's tokens
-        but the last in one call, so that a block's first drafter call feeds at most 2."""
+        but the last in one call, so that a block's first drafter call feeds at most 2.
+        Returns whether it fed anything."""
         q = self.q
         upto = [n - 1 for n in rows.length]
         if all(n - s <= 2 for n, s in zip(rows.length, q.seen)):
-            return
+            return False
         for b in range(rows.size):
             if upto[b] > q.seen[b]:
                 rows.stats(b).drafter_calls += 1
         q.prefill(rows.tokens(), [max(u, s) for u, s in zip(upto, q.seen)])
+        return True
 
     def _fixed_block(self, rows: Rows, width: int, gamma: int, rules: tuple):
         """The block on fixed shapes (every row drafts gamma tokens), as one body of device work

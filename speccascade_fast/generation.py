@@ -167,8 +167,9 @@ def generate(
     hooks = outputs.Hooks(on_tokens, stop_condition)
     cfg = DecodeConfig(method=method, rule=rule, alpha=alpha, gamma=gamma,
                        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                       bonus=bonus, max_drafter_run=max_drafter_run, seq_score=seq_score, backend=backend,
-                       draft_confidence=draft_confidence, logits_processor=logits_processor,
+                       bonus=bonus, max_drafter_run=max_drafter_run, seq_score=seq_score,
+                       backend=backend, draft_confidence=draft_confidence,
+                       logits_processor=logits_processor,
                        gamma_policy=gamma_policy, exact_prefix=exact_prefix,
                        divergence_budget=divergence_budget, calibration=calibration)
     if engine not in ENGINES:

@@ -67,10 +67,7 @@ class Goodput:
         """The gamma for the next block of ``batch`` rows whose per-draft acceptance estimates
         are ``acceptance``; at least ``g_min`` (default: the controller's) for this block."""
         g_min = self.g_min if g_min is None else max(g_min, self.g_min)
-        runs: dict[int, int] = {}
-        for (_, g), n in self.seen.items():
-            runs[g] = runs.get(g, 0) + n
-        measured = {g for g, n in runs.items() if n >= 2}
+        measured = {g for (_, g), n in self.seen.items() if n >= 2}
         for g in (self.gamma_max, 1, 0):  # exploration: enough points for the line
             if g >= g_min and g not in measured:
                 if g >= 1 and len(measured - {0}) >= 2:

@@ -15,6 +15,8 @@ custom_generate=<folder>, trust_remote_code=True)``. It behaves like HF's ``gene
 * ``repetition_penalty``, ``min_new_tokens``, ``min_p`` and a ``logits_processor`` list change
   the law: they are applied to the drafter's and the verifier's logits alike at every position
   (the sequential loops, one sequence at a time), so the output law is HF's processed law;
+  without an assistant (or with ``method="drafter_only"``) ``min_p`` is the engine's own
+  truncation instead, and runs batched;
 * ``stopping_criteria`` (and ``stop_strings``) end a sequence at the token where they first fire;
 * ``streamer`` gets ``put(prompt)``, then ``put(tokens)`` after every verification block (the
   accepted tokens, in order), then ``end()``, also when generation stops early or raises;
@@ -157,7 +159,7 @@ def generate(model, input_ids=None, attention_mask=None, *, assistant_model=None
     # 0 (or the whole vocabulary): no top-k; 1.0: no top-p (HF's warpers are then no-ops)
     top_k = None if greedy or not config.top_k or config.top_k >= vocab else config.top_k
     top_p = None if greedy or config.top_p is None or config.top_p >= 1.0 else config.top_p
-    min_p = None if greedy else config.min_p
+    min_p = None if greedy or not config.min_p else config.min_p  # 0: off (HF's no-op)
 
     if config.max_new_tokens is not None:
         max_new_tokens = config.max_new_tokens

@@ -24,8 +24,9 @@ Min-p (applied last, as Hugging Face does) keeps the tokens whose scaled probabi
 log(min_p)``, a bound ``(max l + T log(min_p), V - 1)`` that does not depend on what top-k / top-p
 removed (they keep the max, and renormalising leaves the ratio alone). :func:`with_min_p`
 intersects it with the top-k / top-p bound in torch (one max per row, no host read), for every
-backend alike; it differs from the reference's probability-space test only where a logit lies
-within rounding (~1e-15) of the bound.
+backend alike, rounded up to the next fp32 value (the kernels compare fp32 logits with an fp32
+tau, which then keeps exactly the logits >= the bound); it differs from the reference's
+probability-space test only where a logit lies within rounding (~1e-15) of the bound.
 
 This module is the definition and its torch implementation, :func:`keep_bounds_torch` (fp64; one
 top-k of width 64 per row, 4x wider for the rows not yet decided, up to a full sort; or one full
@@ -188,7 +189,12 @@ def with_min_p(bounds: torch.Tensor | None, logits: torch.Tensor, temperature,
     x = logits.to(torch.float32).to(torch.float64)
     t = torch.as_tensor(temperature, dtype=torch.float64, device=x.device).expand(R)
     tau_m = x.max(-1).values + t * math.log(min_p)
-    tau_m = torch.where(t > 0, tau_m, torch.full_like(tau_m, -torch.inf))
+    # the kernels hold tau in fp32 and compare fp32 logits: the smallest fp32 >= the bound keeps
+    # exactly the logits >= the bound (rounding to nearest could admit one just below it)
+    t32 = tau_m.to(torch.float32)
+    t32 = torch.where(t32.to(torch.float64) < tau_m,
+                      torch.nextafter(t32, torch.full_like(t32, torch.inf)), t32)
+    tau_m = torch.where(t > 0, t32.to(torch.float64), torch.full_like(tau_m, -torch.inf))
     if bounds is None:
         tau, cut = torch.full_like(tau_m, -torch.inf), torch.full_like(tau_m, float(V - 1))
     else:

@@ -470,6 +470,10 @@ def test_min_p_engines_agree_and_follow_the_truncated_law(pair, small_pair, meth
     assert static.new_tokens == seq.new_tokens
     free = generate(*pair, ids, engine="static", **dict(kw, min_p=None))
     assert free.new_tokens != static.new_tokens
+    engine = Engine(*pair, max_batch_size=3, max_seq_len=64, method=method, min_p=0.2,
+                    temperature=1.3, top_k=40)
+    again = engine.generate(ids, attention_mask=mask, max_new_tokens=10, seed=4, eos_token_id=[])
+    assert again.new_tokens == static.new_tokens
     model = small_pair[1] if method == "autoregressive" else small_pair[0]
     prompt = torch.tensor([DIST_PROMPT])
     with torch.no_grad():

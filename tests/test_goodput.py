@@ -57,7 +57,7 @@ def test_the_first_run_of_a_shape_is_replaced_not_averaged():
     assert g.times[(1, 4)] == pytest.approx(0.53)
 
 
-def test_without_zero_and_moving_averages():
+def test_without_zero_never_plain_steps():
     g = Goodput(gamma_max=3, allow_zero=False)
     order, _ = _explored(g, 2, [0.5, 0.5], {3: 0.4, 1: 0.2})
     assert order == [3, 3, 1, 1]

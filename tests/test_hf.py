@@ -308,6 +308,12 @@ def test_plain_decoding_min_p_is_the_engines_and_hfs_law(pair):
     law = torch.softmax(MinPLogitsWarper(0.1)(None, scores), -1)[0]
     assert int((law > 0).sum()) > 1
     assert chi2_pvalue(torch.tensor([t[0] for t in out.new_tokens]), law) > 1e-3
+    # min_p = 0 is HF's no-op: off, not an error
+    off = hf.generate(p, ids[:4], do_sample=True, temperature=T, min_p=0.0, max_new_tokens=3,
+                      seed=1, engine="static")
+    plain = hf.generate(p, ids[:4], do_sample=True, temperature=T, max_new_tokens=3, seed=1,
+                        engine="static")
+    assert torch.equal(off, plain)
 
 
 # --- stopping criteria --------------------------------------------------------------------------

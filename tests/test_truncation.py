@@ -63,6 +63,25 @@ def test_min_p_bounds_give_the_reference_support(trial):
     assert with_min_p(base, x, T, None) is base
 
 
+def test_min_p_bound_is_exact_for_fp32_logits_at_the_boundary():
+    """A logit one fp32 step below max + T log(min_p): the bound rounded to fp32 (as the kernels
+    hold it) must still drop it, and the kernels must never draw it."""
+    import math
+
+    b = torch.tensor(math.log(0.3), dtype=torch.float64)  # the bound of a row whose max is 0
+    near, inf = b.float(), torch.tensor(math.inf)
+    above = near if near.double() >= b else torch.nextafter(near, inf)  # smallest fp32 >= b
+    below = torch.nextafter(above, -inf)  # largest fp32 < b
+    assert below.double() < b <= above.double()
+    x = torch.stack([torch.tensor(0.0), below, above])[None].repeat(4000, 1)
+    T = torch.ones(4000)
+    bounds = with_min_p(None, x, T, 0.3)
+    assert keep_mask(x[:1], bounds[:1]).tolist() == [[True, False, True]]
+    assert torch.equal(keep_mask(x[:1], bounds[:1]), scaled(x[:1], T[:1].double(), None, None, 0.3) > 0)
+    drawn = sc.sample(x, temperature=T, seed=torch.arange(4000), min_p=0.3)
+    assert 1 not in drawn.tolist() and 2 in drawn.tolist()
+
+
 @pytest.mark.parametrize("T", [0.5, 1.0, 1.7])
 @pytest.mark.parametrize("min_p", [0.05, 0.3, 0.9, 1.0])
 @pytest.mark.parametrize("top_k,top_p", [(None, None), (20, None), (None, 0.8), (30, 0.9)])

@@ -66,9 +66,10 @@ class EvalConfig:
             if self.method != "autoregressive":
                 raise ValueError(f"min_p is a baseline of the verifier alone (autoregressive), "
                                  f"not of {self.method}")
-            if isinstance(self.min_p, bool) or not 0 < float(self.min_p) <= 1:
-                raise ValueError(f"min_p must be in (0, 1], got {self.min_p!r}")
-            object.__setattr__(self, "min_p", float(self.min_p))
+            p = self.min_p
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+                raise ValueError(f"min_p must be None or a number in (0, 1], got {p!r}")
+            object.__setattr__(self, "min_p", float(p))
         if self.divergence_budget is not None:
             b = self.divergence_budget
             if self.method != "spec_cascade":
