@@ -16,17 +16,20 @@ current batch size, measured online:
   not yet run at this batch size is predicted from a straight line ``t = c0 + c1 gamma`` through
   the measured ones (the verifier call and a drafter step per draft), and where this batch size
   has too few points, from the nearest batch size that has them (rows leaving the batch do not
-  restart the exploration). The first block at a (batch size, gamma) may carry one-time costs
-  (new shapes), so the second replaces it rather than being averaged with it; until two values
-  of gamma >= 1 are measured twice, the controller explores: gamma_max, 1, then (if allowed) 0,
-  each twice.
+  restart the exploration). Until two values of gamma >= 1 are measured, the controller
+  explores: gamma_max first, then 1, then (if allowed) 0. The first block at a (batch size,
+  gamma) may carry one-time costs (new shapes), so the second replaces it rather than being
+  averaged with it.
 
 Plain verifier steps (gamma = 0) teach the controller nothing about acceptance and leave the
 times of the other gammas as they were, so a choice of 0 made on a stale or unlucky estimate
 would stand forever. After ``PROBE_AFTER`` blocks in a row at gamma = 0 the next block is a
 probe: the best gamma >= 1 by the same model, which measures its time and the rows' acceptance
-again. (The drafter's catch-up on the tokens it missed is a switching cost, not part of a
-block's time: the engine starts the clock after it.)
+again. A probe costs a drafting block and the drafter's catch-up where plain steps are the
+better choice (at large batches), so each probe after which the model still prefers gamma = 0
+doubles the wait for the next one (up to ``PROBE_MAX`` blocks); one that turns the choice back
+to drafting resets it. (The catch-up is a switching cost, not part of a block's time: the
+engine stops the clock for it.)
 
 ``g_min`` is 0 (plain verifier decoding) when a block with no draft emits the rule's law at that
 position: always for lossless ``spec`` and with ``bonus="verifier"`` (a zero-draft block is its
@@ -43,8 +46,10 @@ import math
 
 #: weight of the newest block time in the moving average
 EMA = 0.3
-#: plain verifier steps in a row after which the next block drafts again (a probe)
+#: plain verifier steps in a row after which the next block drafts again (a probe) ...
 PROBE_AFTER = 8
+#: ... doubled after each probe that did not change the choice, up to this many
+PROBE_MAX = 256
 
 
 class Goodput:
@@ -57,6 +62,8 @@ class Goodput:
         self.times: dict[tuple[int, int], float] = {}  # (batch size, gamma) -> seconds
         self.seen: dict[tuple[int, int], int] = {}  # (batch size, gamma) -> blocks observed
         self.zeros = 0  # gamma-0 blocks chosen in a row
+        self.probe_after = PROBE_AFTER  # gamma-0 blocks in a row before the next probe
+        self.probed = False  # whether the last block was a probe
 
     def observe(self, batch: int, gamma: int, seconds: float) -> None:
         key = (batch, gamma)
@@ -67,15 +74,19 @@ class Goodput:
         """The gamma for the next block of ``batch`` rows whose per-draft acceptance estimates
         are ``acceptance``; at least ``g_min`` (default: the controller's) for this block."""
         g_min = self.g_min if g_min is None else max(g_min, self.g_min)
-        measured = {g for (_, g), n in self.seen.items() if n >= 2}
+        measured = {g for (_, g) in self.times}
         for g in (self.gamma_max, 1, 0):  # exploration: enough points for the line
             if g >= g_min and g not in measured:
                 if g >= 1 and len(measured - {0}) >= 2:
                     continue
                 return g
-        lo = g_min if g_min > 0 or self.zeros < PROBE_AFTER else 1  # a probe drafts
-        best = max(range(lo, self.gamma_max + 1),
+        probe = g_min == 0 and self.zeros >= self.probe_after
+        best = max(range(1 if probe else g_min, self.gamma_max + 1),
                    key=lambda g: (self.expected_tokens(acceptance, g) / self.cost(batch, g), -g))
+        if self.probed:  # the model's choice with the probe's measurements in
+            self.probe_after = (PROBE_AFTER if best >= 1
+                                else min(2 * self.probe_after, PROBE_MAX))
+        self.probed = probe
         self.zeros = self.zeros + 1 if best == 0 else 0
         return best
 

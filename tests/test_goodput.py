@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from speccascade_fast.goodput import PROBE_AFTER, Goodput, acceptance
+from speccascade_fast.goodput import PROBE_AFTER, PROBE_MAX, Goodput, acceptance
 
 
 def test_expected_tokens_by_hand():
@@ -17,30 +17,21 @@ def test_expected_tokens_by_hand():
     assert acceptance(0, 0) == 0.5 and acceptance(8, 0) == 0.9  # (8 + 1) / (8 + 0 + 2)
 
 
-def _explored(g: Goodput, batch: int, acceptance: list[float], times: dict[int, float]):
-    """Run the exploration: each block the controller asks for, timed by ``times``."""
-    order = []
-    while True:
-        gamma = g.choose(batch, acceptance)
-        if len(order) >= 2 * len(times) or gamma in (o for o in order if order.count(o) >= 2):
-            return order, gamma
-        order.append(gamma)
-        g.observe(batch, gamma, times[gamma])
-
-
 def test_explores_then_picks_the_best_goodput():
     g = Goodput(gamma_max=4, allow_zero=True)
-    # gamma_max, 1 and 0, each twice (the first run of a shape may carry one-time costs)
-    order, first = _explored(g, 1, [0.8], {4: 0.5, 1: 0.2, 0: 0.1})
-    assert order == [4, 4, 1, 1, 0, 0]
+    assert g.choose(1, [0.8]) == 4
+    g.observe(1, 4, 0.5)
+    assert g.choose(1, [0.8]) == 1
+    g.observe(1, 1, 0.2)
+    assert g.choose(1, [0.8]) == 0
+    g.observe(1, 0, 0.1)
     # line through (1, 0.2), (4, 0.5): t(gamma) = 0.1 + 0.1 gamma
     assert g.cost(1, 2) == pytest.approx(0.3) and g.cost(1, 3) == pytest.approx(0.4)
     # a = 0.8: tokens/s = 1 / 0.1 = 10 (gamma 0), 1.8 / 0.2 = 9, 2.44 / 0.3 = 8.1, ...
-    assert first == 0
+    assert g.choose(1, [0.8]) == 0
     # a cheap drafter, an expensive verifier: (1, 0.16), (4, 0.25): t = 0.13 + 0.03 gamma
     h = Goodput(gamma_max=4, allow_zero=True)
     for gamma, t in ((4, 0.25), (1, 0.16), (0, 0.1)):
-        h.observe(1, gamma, t)
         h.observe(1, gamma, t)
     # a = 0.95: E(4) = 4.524 -> 18.1 tok/s; E(3) = 3.71 / 0.22 = 16.9; gamma 0: 10
     assert h.choose(1, [0.95]) == 4
@@ -59,8 +50,10 @@ def test_the_first_run_of_a_shape_is_replaced_not_averaged():
 
 def test_without_zero_never_plain_steps():
     g = Goodput(gamma_max=3, allow_zero=False)
-    order, _ = _explored(g, 2, [0.5, 0.5], {3: 0.4, 1: 0.2})
-    assert order == [3, 3, 1, 1]
+    assert g.choose(2, [0.5, 0.5]) == 3
+    g.observe(2, 3, 0.4)
+    assert g.choose(2, [0.5, 0.5]) == 1
+    g.observe(2, 1, 0.2)
     assert all(g.choose(2, [0.5, 0.5]) in (1, 2, 3) for _ in range(20))  # never 0
 
 
@@ -74,17 +67,23 @@ def test_other_batch_sizes_borrow_the_nearest_costs():
     assert math.isinf(Goodput(2, True).cost(1, 1))
 
 
-def test_a_run_of_plain_steps_ends_with_a_probe():
+def test_a_run_of_plain_steps_ends_with_a_probe_and_probes_back_off():
     """gamma = 0 teaches nothing about acceptance: after PROBE_AFTER of them in a row the next
-    block drafts (the best gamma >= 1), then the choice is free again."""
+    block drafts (the best gamma >= 1); each probe that leaves gamma = 0 the best doubles the
+    wait (up to PROBE_MAX), one that turns the choice to drafting resets it."""
     g = Goodput(gamma_max=4, allow_zero=True)
     for gamma, t in ((4, 0.5), (1, 0.2), (0, 0.1)):
         g.observe(1, gamma, t)
-        g.observe(1, gamma, t)
     # a = 0.8, t = 0.1 + 0.1 gamma: 0 is best (10 tok/s against 9 at gamma 1)
-    chosen = [g.choose(1, [0.8]) for _ in range(2 * (PROBE_AFTER + 1))]
-    probe = [0] * PROBE_AFTER + [1]
-    assert chosen == probe + probe
+    chosen = [g.choose(1, [0.8]) for _ in range(PROBE_AFTER + 1 + 2 * PROBE_AFTER + 1)]
+    assert chosen == [0] * PROBE_AFTER + [1] + [0] * (2 * PROBE_AFTER) + [1]
+    for _ in range(20):
+        while g.choose(1, [0.8]) == 0:
+            pass
+    assert g.probe_after == PROBE_MAX
+    # a probe that measured drafting cheaper than thought: drafting wins, the wait resets
+    g.observe(1, 1, 0.12)
+    assert g.choose(1, [0.8]) >= 1 and g.probe_after == PROBE_AFTER
     # rules that cannot run gamma 0 never count plain steps
     h = Goodput(gamma_max=4, allow_zero=False)
     h.times, h.seen = dict(g.times), dict(g.seen)
