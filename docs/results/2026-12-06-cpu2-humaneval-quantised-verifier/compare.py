@@ -1,5 +1,5 @@
-"""The paired comparison of this folder's README: pass@1 of the verifier with q4 and int8 weights
-against bf16 on the problems all three runs have (run from this folder)."""
+"""The paired comparison of this folder's README: pass@1 of the verifier with q4 and int8 weights,
+each against bf16 on the problems both runs have (run from this folder)."""
 import json
 import math
 from pathlib import Path
@@ -27,23 +27,29 @@ def passed(row: dict) -> int:
 
 
 runs = {w: load(w) for w in WEIGHTS}
-common = sorted(set.intersection(*(set(r) for r in runs.values())),
-                key=lambda e: int(e.split("/")[1]))
-n = len(common)
-print(f"n = {n} ({common[0]} .. {common[-1]})")
+
+
+def order(example_id: str) -> int:
+    return int(example_id.split("/")[1])
+
+
 for w in WEIGHTS:
-    k = sum(passed(runs[w][e]) for e in common)
+    ids = sorted(runs[w], key=order)
+    n, k = len(ids), sum(passed(runs[w][e]) for e in ids)
     lo, hi = wilson(k, n)
-    print(f"{w}: {k}/{n} = {100 * k / n:.1f} % (Wilson 95 % CI {100 * lo:.1f}-{100 * hi:.1f})")
+    print(f"{w}: {k}/{n} = {100 * k / n:.1f} % (Wilson 95 % CI {100 * lo:.1f}-{100 * hi:.1f}; "
+          f"{ids[0]} .. {ids[-1]})")
 pvalues = {}
-for w in ("q4", "int8"):
+for w in ("q4", "int8"):  # paired with bf16 on the problems both runs have
+    common = sorted(set(runs[w]) & set(runs["bf16"]), key=order)
+    n = len(common)
     diff = [passed(runs[w][e]) - passed(runs["bf16"][e]) for e in common]
     better, worse = sum(d > 0 for d in diff), sum(d < 0 for d in diff)
     mean = sum(diff) / n
     se = math.sqrt(sum((d - mean) ** 2 for d in diff) / (n - 1) / n)
     pvalues[w] = binomtest(better, better + worse).pvalue if better + worse else 1.0
     same = sum(runs[w][e]["output_sha"] == runs["bf16"][e]["output_sha"] for e in common)
-    print(f"{w} - bf16: {100 * mean:+.2f} +- {100 * se:.2f} points, 95 % CI "
+    print(f"{w} - bf16 (n = {n}): {100 * mean:+.2f} +- {100 * se:.2f} points, 95 % CI "
           f"[{100 * (mean - 1.96 * se):+.1f}, {100 * (mean + 1.96 * se):+.1f}], better {better} "
           f"worse {worse}, McNemar p {pvalues[w]:.3f}, identical outputs {same}/{n}")
 ranked = sorted(pvalues.items(), key=lambda kv: kv[1])
