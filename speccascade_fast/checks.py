@@ -70,20 +70,21 @@ def top_k(k, vocab_size: int) -> int | None:
     return k
 
 
-def min_p(p) -> float | None:
+def _fraction(name: str, p) -> float | None:
+    """None, or ``p`` as a float in (0, 1]; else a ValueError naming ``name``."""
     if p is None:
         return None
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 1) or math.isnan(p):
-        raise ValueError(f"min_p must be None or a number in (0, 1], got {p!r}")
+        raise ValueError(f"{name} must be None or a number in (0, 1], got {p!r}")
     return float(p)
+
+
+def min_p(p) -> float | None:
+    return _fraction("min_p", p)
 
 
 def top_p(p) -> float | None:
-    if p is None:
-        return None
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 1) or math.isnan(p):
-        raise ValueError(f"top_p must be None or a number in (0, 1], got {p!r}")
-    return float(p)
+    return _fraction("top_p", p)
 
 
 def per_row(name: str, v, rows: int, device, *, non_negative: bool = False,
