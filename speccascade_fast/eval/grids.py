@@ -124,13 +124,13 @@ GRIDS: dict[str, Grid] = {
     "wmt14-main": Grid(
         name="wmt14-main", task="wmt14",
         settings={"gamma": 5, "temperature": 1.0, "max_new_tokens": 128, "seed": 0,
-                  "limit": 300, "chat": "auto", "top_k": None, "top_p": None, "bonus": None},
+                  "limit": 500, "chat": "auto", "top_k": None, "top_p": None, "bonus": None},
         curves=_main_curves(token_v3=(0.0, 0.1, 0.3, 0.5, 1.0),
                             lossy=(0.0, 0.3, 0.6, 0.9, 0.99), opt=(-100.0, 0.0, 0.3, 1.0, 100.0),
                             ensemble=(1.0, 0.7, 0.5, 0.3, 0.0), token_v3_verifier=(0.0, 0.3, 1.0),
                             secondary=False),
         latency_limit=16, latency_trials=2, batch_size=8,
-        description="WMT14 English→German, 300 sentences, 4-shot, T = 1, γ = 5 (corpus BLEU: "
+        description="WMT14 English→German, 500 sentences, 4-shot, T = 1, γ = 5 (corpus BLEU: "
                     "no paired tests, no bootstrap of the Table-2 figures)."),
 }
 
