@@ -23,7 +23,7 @@ from speccascade_fast.eval import (
     write_summary,
 )
 from speccascade_fast.eval.cli import add_eval_subcommand, build_configs, main, parse_alphas
-from speccascade_fast.eval.summary import sign_test_p, to_markdown, upper_concave_hull
+from speccascade_fast.eval.summary import holm, sign_test_p, to_markdown, upper_concave_hull
 from speccascade_fast.eval.tasks import data_root, get_task, truncate_at_stop
 from speccascade_fast.eval.tasks.gsm8k import (
     exemplar_solution,
@@ -502,6 +502,70 @@ def test_bleu_toy_pair():
     assert corpus_bleu_with_se(same, same) == (pytest.approx(100.0), 0.0)
 
 
+_REFS = ["der Hund bellt heute sehr laut im Garten", "die Katze sitzt auf der Matte",
+         "wir fahren morgen mit dem Zug nach Berlin", "das Wetter ist heute schön und warm",
+         "er liest ein Buch über alte Schiffe", "sie trinkt jeden Morgen einen Kaffee",
+         "die Kinder spielen im Park Fußball", "ich habe meinen Schlüssel verloren"]
+
+
+def _bleu_rows(config, hyps):
+    return [{"config": config, "example_id": f"s{i}", "wall_s": None, "new_tokens": 5,
+             "stats": {"tokens": 5}, "scoring": {"hypothesis": h, "reference": r}}
+            for i, (h, r) in enumerate(zip(hyps, _REFS))]
+
+
+def test_bleu_segment_statistics_sum_to_corpus_bleu():
+    import sacrebleu
+
+    task = get_task("wmt14")
+    hyps = ["der Hund bellt laut", "eine Katze sitzt auf einer Matte", "wir fahren nach Berlin"]
+    scoring = [{"hypothesis": h, "reference": r} for h, r in zip(hyps, _REFS)]
+    stats = task.segment_stats(scoring)
+    assert stats.shape[0] == 3
+    assert task.score_from_stats(stats.sum(0)) == pytest.approx(
+        sacrebleu.corpus_bleu(hyps, [_REFS[:3]]).score)
+    assert task.score_from_stats(stats[[0, 0, 2]].sum(0)) == pytest.approx(
+        sacrebleu.corpus_bleu([hyps[0], hyps[0], hyps[2]], [[_REFS[0]] * 2 + [_REFS[2]]]).score)
+
+
+def test_corpus_metric_paired_bootstrap_with_holm():
+    """BLEU configurations are compared with the verifier by the paired bootstrap over segments:
+    a copy of the verifier's hypotheses differs by 0 (p = 1), the references themselves are
+    resolved better, and the pooled verifier is the BLEU of both verifier-law corpora."""
+    import sacrebleu
+
+    task = get_task("wmt14")
+    ar = ["der Hund bellt laut", "eine Katze sitzt auf einer Matte", "wir fahren nach Berlin",
+          "das Wetter ist gut", "er liest ein Buch", "sie trinkt Kaffee am Morgen",
+          "Kinder spielen Fußball", "ich habe den Schlüssel verloren"]
+    spec = ["der Hund bellt heute laut", "die Katze sitzt auf der Matte", "wir fahren nach Bonn",
+            "das Wetter ist heute gut", "er liest Bücher", "sie trinkt Tee",
+            "die Kinder spielen im Park", "ich habe meinen Schlüssel"]
+    rows = (_bleu_rows("autoregressive", ar) + _bleu_rows("spec_cascade/spec", spec)
+            + _bleu_rows("drafter_only", ar) + _bleu_rows("spec_cascade/lossy/alpha=0.5", _REFS))
+    s = summarize(rows, task, bootstrap=400, seed=1)
+    by = {p["config"]: p for p in s["configs"]}
+    same = by["drafter_only"]["vs_verifier"]
+    assert same["diff"] == 0.0 and same["ci"] == [0.0, 0.0] and same["p"] == 1.0
+    best = by["spec_cascade/lossy/alpha=0.5"]["vs_verifier"]
+    assert best["diff"] > 50 and best["ci"][0] > 0 and best["p"] == pytest.approx(1 / 401)
+    assert best["resolved"] and not same["resolved"]
+    ps = [by[k]["vs_verifier"]["p"] for k in ("spec_cascade/spec", "drafter_only",
+                                               "spec_cascade/lossy/alpha=0.5")]
+    assert [by[k]["vs_verifier"]["p_holm"] for k in ("spec_cascade/spec", "drafter_only",
+                                                      "spec_cascade/lossy/alpha=0.5")] \
+        == pytest.approx(holm(ps))
+    pooled = s["verifier_pooled"]
+    assert pooled["sources"] == ["autoregressive", "spec_cascade/spec"]
+    assert pooled["quality"] == pytest.approx(
+        sacrebleu.corpus_bleu(ar + spec, [_REFS + _REFS]).score)
+    assert pooled["quality_ci"][0] < pooled["quality"] < pooled["quality_ci"][1]
+    assert s["paired_test"] == "paired bootstrap"
+    md = to_markdown(s)
+    assert "paired bootstrap over segments" in md and "| `drafter_only` | 0.00 |" in md
+    assert "vs_verifier" not in summarize(rows, task, bootstrap=0)["configs"][1]
+
+
 def test_wmt14_task_excludes_exemplars():
     _need_data("wmt", "wmt14", "newstest2014.en")
     task = get_task("wmt14", n_boot=50)
@@ -575,3 +639,17 @@ def test_cli_summary_only(tmp_path, capsys):
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["n_examples"] == 2 and len(s["configs"]) == 3 and s["missing_configs"] == []
     assert "spec_cascade/token_v3/alpha=0.3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "gsm8k", "--samples", "0"], "--samples"),
+    (["--task", "wmt14", "--samples", "3"], "argument --samples: wmt14 has a corpus-level metric"),
+])
+def test_cli_samples_checked_before_loading(tmp_path, capsys, monkeypatch, argv, message):
+    from speccascade_fast import models
+
+    monkeypatch.setattr(models, "load_pair", lambda *a, **k: pytest.fail("loaded a model"))
+    assert main(argv + ["--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()

@@ -111,6 +111,103 @@ def test_batched_mode_with_a_custom_generate_and_resume(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# several samples (seeds) per example
+
+
+def test_samples_batched_equal_batch_1_and_extend_a_single_sample_run(tiny, tmp_path):
+    """``samples=2``: sample 0 is the one-sample run's row (same seed, same tokens), sample 1 has
+    its own seed, the same for every configuration; batched rows equal batch-1 rows."""
+    drafter, verifier, tok = tiny
+    cfgs = ["autoregressive", "spec_cascade:token_v3:0.3"]
+    common = dict(drafter=drafter, verifier=verifier, tokenizer=tok, limit=None, seed=5,
+                  gamma=3, temperature=1.0, max_new_tokens=10, progress=False, chat=False,
+                  plots=False)
+    run_eval(FiveTask(), cfgs, out_dir=tmp_path / "one", **common)
+    s1 = run_eval(FiveTask(), cfgs, out_dir=tmp_path / "b1", samples=2, **common)
+    s2 = run_eval(FiveTask(), cfgs, out_dir=tmp_path / "b2", samples=2, batch_size=3, **common)
+    key = ("config", "example_id", "sample")
+    one = {(r["config"], r["example_id"]): r for r in load_rows(tmp_path / "one" / "rows.jsonl")}
+    b1 = {tuple(r[k] for k in key): r for r in load_rows(tmp_path / "b1" / "rows.jsonl")}
+    b2 = {tuple(r[k] for k in key): r for r in load_rows(tmp_path / "b2" / "rows.jsonl")}
+    assert b1.keys() == b2.keys() and len(b1) == 2 * 5 * 2
+    for k, r in b2.items():
+        for f in SAME:
+            assert r[f] == b1[k][f], (k, f)
+    for (c, e), r in one.items():
+        assert b1[(c, e, 0)]["output_sha"] == r["output_sha"] and b1[(c, e, 0)]["seed"] == r["seed"]
+    seeds = {(e, x): b1[(c, e, x)]["seed"] for c, e, x in b1}
+    assert all(b1[("autoregressive", e, x)]["seed"] == b1[("spec_cascade/token_v3/alpha=0.3", e,
+                                                           x)]["seed"] for _, e, x in b1)
+    assert len(set(seeds.values())) == 10  # every (example, sample) its own seed
+    assert any(b1[("autoregressive", e, 0)]["output_sha"] != b1[("autoregressive", e, 1)]
+               ["output_sha"] for e in (f"toy-{i}" for i in range(5)))
+    assert s1["samples"] == s2["samples"] == 2 and s1["n_examples"] == 5
+    assert "2 samples (seeds) each" in (tmp_path / "b1" / "summary.md").read_text()
+
+
+def test_samples_resume_per_sample_and_refuse_a_corpus_metric(tmp_path):
+    gen = counting(batch_fake)
+    common = dict(drafter=object(), verifier=object(), tokenizer=byte_tokenizer(), limit=3,
+                  seed=0, gamma=2, max_new_tokens=4, progress=False, chat=False,
+                  generate_fn=gen, plots=False, batch_size=2)
+    run_eval(FiveTask(), ["autoregressive"], out_dir=tmp_path, samples=3, **common)
+    assert [c["seed"][0] for c in gen.calls][:1] == [0]
+    rows = load_rows(tmp_path / "rows.jsonl")
+    assert [(r["example_id"], r["sample"]) for r in rows] == [
+        (f"toy-{i}", x) for i in range(3) for x in range(3)]
+    lines = (tmp_path / "rows.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "rows.jsonl").write_text("".join(lines[:7]))  # drop toy-2's samples 1 and 2
+    gen.calls.clear()
+    s = run_eval(FiveTask(), ["autoregressive"], out_dir=tmp_path, samples=3, **common)
+    assert [len(c["seed"]) for c in gen.calls] == [2]
+    rows = load_rows(tmp_path / "rows.jsonl")
+    assert sorted((r["example_id"], r["sample"]) for r in rows) == [
+        (f"toy-{i}", x) for i in range(3) for x in range(3)]
+    assert s["n_examples"] == 3 and s["samples"] == 3
+    with pytest.raises(ValueError, match="run.json|other settings"):
+        run_eval(FiveTask(), ["autoregressive"], out_dir=tmp_path, samples=2, **common)
+    for bad in (0, None, 1.5):
+        with pytest.raises(ValueError, match="samples"):
+            run_eval(FiveTask(), ["autoregressive"], out_dir=tmp_path / "x", **{**common,
+                                                                               "samples": bad})
+    corpus = FiveTask()
+    corpus.per_example = False
+    with pytest.raises(ValueError, match="samples=2.*corpus-level"):
+        run_eval(corpus, ["autoregressive"], out_dir=tmp_path / "c", samples=2, **common)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "c").exists()
+
+
+def test_summary_averages_samples_per_example():
+    """Each example's score is the mean of its samples; the example is the unit of the SE and
+    the paired test; an example missing a sample is not summarised yet."""
+    def rows(config, scores):  # scores[example][sample]
+        return [{"config": config, "example_id": f"e{i}", "sample": x, "wall_s": None,
+                 "new_tokens": 3, "scoring": {"score": float(v)},
+                 "stats": {"tokens": 3, "verifier_calls": 3, "accepted": 1, "rejected": 1}}
+                for i, per in enumerate(scores) for x, v in enumerate(per)]
+
+    ar = [[1, 1, 0], [0, 0, 0], [1, 1, 1], [0, 1, 0]]
+    cfg = [[1, 0, 0], [0, 0, 1], [1, 1, 1], [0, 0, 0]]
+    data = rows("autoregressive", ar) + rows("spec_cascade/token_v3/alpha=0.3", cfg)
+    s = summarize(data + rows("drafter_only", [[1, 1, 1]]), ToyTask(), bootstrap=0)
+    assert s["samples"] == 3 and s["n_examples"] == 1  # drafter_only has e0 only: the common set
+    s = summarize(data, ToyTask(), bootstrap=0)
+    by = {p["config"]: p for p in s["configs"]}
+    means_ar = [sum(x) / 3 for x in ar]
+    assert by["autoregressive"]["quality"] == pytest.approx(sum(means_ar) / 4)
+    assert by["autoregressive"]["tokens"] == 4 * 3 * 3 and by["autoregressive"]["n"] == 4
+    d = [sum(c) / 3 - sum(a) / 3 for a, c in zip(ar, cfg)]
+    vs = by["spec_cascade/token_v3/alpha=0.3"]["vs_verifier"]
+    assert vs["diff"] == pytest.approx(sum(d) / 4)
+    assert (vs["better"], vs["worse"]) == (1, 2)  # per example, not per sample
+    lo, hi = by["autoregressive"]["quality_ci"]  # not Wilson on 12 "independent" trials
+    se = (sum((m - sum(means_ar) / 4) ** 2 for m in means_ar) / 3 / 4) ** 0.5
+    assert hi - lo == pytest.approx(2 * 1.959964 * se, rel=1e-4)
+    incomplete = [r for r in data if not (r["example_id"] == "e3" and r["sample"] == 2)]
+    assert summarize(incomplete, ToyTask(), bootstrap=0)["n_examples"] == 3
+
+
+# ---------------------------------------------------------------------------------------------
 # latency mode
 
 
@@ -214,6 +311,8 @@ def test_plan_is_written_first_and_cannot_change(tmp_path):
         run_eval(FiveTask(), plan["configs"], **{**args, "limit": 4})
     with pytest.raises(ValueError, match="at batch_size=2"):
         run_eval(FiveTask(), plan["configs"], **{**args, "batch_size": None})
+    with pytest.raises(ValueError, match="samples=2"):  # the plan leaves samples at 1
+        run_eval(FiveTask(), plan["configs"], **{**args, "samples": 2})
     assert gen.calls == []
     # the latency protocol is the plan's
     with pytest.raises(ValueError, match="latency on 2 examples x 2 trials"):
@@ -243,7 +342,8 @@ def test_cli_plan_writes_only_the_plan(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["n_examples"] == 164 and plan["task"] == "humaneval"
-    assert plan["budget"]["quality_generations"] == 164 * len(plan["configs"])
+    assert plan["settings"]["samples"] == 3  # 164 problems x 3 seeds: 492 paired samples
+    assert plan["budget"]["quality_generations"] == 164 * 3 * len(plan["configs"])
     curves = plan["curves"]
     for name in ("spec_cascade[token_v3]", "spec_cascade[lossy]", "spec_cascade[opt]"):
         assert 5 <= len(curves[name]) <= 7
@@ -262,6 +362,9 @@ def test_cli_plan_writes_only_the_plan(tmp_path, monkeypatch, capsys):
     assert main(["--grid", "humaneval-main", "--batch-size", "2", "--plan", "--out",
                  str(tmp_path)]) == 2
     assert "grid humaneval-main registers 8" in capsys.readouterr().err
+    assert main(["--grid", "humaneval-main", "--samples", "1", "--plan", "--out",
+                 str(tmp_path)]) == 2
+    assert "grid humaneval-main registers samples=3" in capsys.readouterr().err
     for g in GRIDS.values():  # every grid's configurations are valid decoding settings
         assert build_plan(g, drafter="d", verifier="v", n_examples=3)["configs"]
     assert out

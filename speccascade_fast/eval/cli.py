@@ -108,6 +108,12 @@ def check_args(args: argparse.Namespace, configs) -> None:
                       seq_score=args.seq_score or "prob")
     at_least("--max-new-tokens", args.max_new_tokens, 1)
     at_least("--limit", args.limit, 1)
+    at_least("--samples", args.samples, 1)
+    if args.samples > 1:
+        if not TASKS[args.task].per_example:
+            raise CLIError(f"argument --samples: {args.task} has a corpus-level metric; several "
+                           f"samples per example need a task scored per example (got "
+                           f"{args.samples})")
     at_least("--batch-size", args.batch_size, 1)
     at_least("--trials", args.trials, 1)
     at_least("--latency-limit", args.latency_limit, 1)
@@ -169,6 +175,10 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="default: the task's (humaneval 512, gsm8k 256, wmt14 128)")
     p.add_argument("--limit", type=int, default=None, help="first N examples (default: all)")
     p.add_argument("--seed", type=int, default=None, help="default 0")
+    p.add_argument("--samples", type=int, default=None,
+                   help="generations per example, each with its own seed (the same for every "
+                        "configuration); the summary averages an example's samples (default 1; "
+                        "tasks scored per example only)")
     p.add_argument("--out", required=True, help="output folder (resumed if it exists)")
     p.add_argument("--drafter", default=None, help="model name, HF folder, .gguf or HF id org/name")
     p.add_argument("--verifier", default=None, help="model name, HF folder, .gguf or HF id org/name")
@@ -225,7 +235,8 @@ def _task_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 _GRID_OPTIONS = (("--gamma", "gamma", 5), ("--temperature", "temperature", 1.0),
                  ("--seed", "seed", 0), ("--max-new-tokens", "max_new_tokens", None),
                  ("--limit", "limit", None), ("--top-k", "top_k", None),
-                 ("--top-p", "top_p", None), ("--bonus", "bonus", None))
+                 ("--top-p", "top_p", None), ("--bonus", "bonus", None),
+                 ("--samples", "samples", 1))
 _CHAT = {"auto": "auto", "on": True, "off": False}
 
 
@@ -259,7 +270,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise CLIError(f"argument --weights: grid {g.name} registers the bf16 models; run "
                        f"{args.weights} weights with --task and --config")
     for flag, attr, _ in _GRID_OPTIONS:
-        want, given = g.settings.get(attr), getattr(args, attr)
+        want = g.settings.get(attr, 1 if attr == "samples" else None)
+        given = getattr(args, attr)
         if given is not None and given != want:
             raise CLIError(f"argument {flag}: grid {g.name} registers {attr}={want!r}")
         setattr(args, attr, want)
@@ -351,7 +363,7 @@ def eval_command(args: argparse.Namespace) -> int:
         stop_tokens=not args.no_stop_tokens, warmup=not args.no_warmup,
         task_kwargs=_task_kwargs(args), plots=not args.no_plots, table2_tol=args.tol,
         table2_envelope=args.envelope, seq_score=args.seq_score,
-        unsafe_local_exec=args.unsafe_local_exec, plan=plan)
+        unsafe_local_exec=args.unsafe_local_exec, plan=plan, samples=args.samples)
     if args.latency:
         summary = run_latency(args.task, configs, limit=args.latency_limit or args.limit,
                               trials=args.trials, **common)

@@ -40,7 +40,9 @@ PLAN_VERSION = 1
 UNREGISTERED = ("budget", "created", "plan_sha256")
 #: run settings a plan fixes (run.json's names)
 PLAN_SETTINGS = ("task", "gamma", "temperature", "top_k", "top_p", "max_new_tokens", "seed",
-                 "bonus", "seq_score")
+                 "bonus", "seq_score", "samples")
+#: the value a run's settings imply for a plan setting they leave out
+_SETTING_DEFAULTS = {"samples": 1}
 
 TOKEN_V3 = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 
@@ -105,9 +107,10 @@ GRIDS: dict[str, Grid] = {
     "humaneval-main": Grid(
         name="humaneval-main", task="humaneval",
         settings={"gamma": 5, "temperature": 1.0, "max_new_tokens": 512, "seed": 0,
-                  "limit": None, "chat": "auto", "top_k": None, "top_p": None, "bonus": None},
+                  "limit": None, "chat": "auto", "top_k": None, "top_p": None, "bonus": None,
+                  "samples": 3},
         curves=_main_curves(), latency_limit=12, latency_trials=2, batch_size=8,
-        description="HumanEval, all 164 problems, T = 1, γ = 5: every rule of the paper's main "
+        description="HumanEval, all 164 problems × 3 samples (seeds), T = 1, γ = 5: every rule of the paper's main "
                     "comparison from its lossless to its drafter end, both bonus modes of "
                     "token_v3, diff / chow / BiLD*, HF's ensemble mode and min-p truncation."),
     "gsm8k-main": Grid(
@@ -176,12 +179,13 @@ def estimate_budget(grid: Grid, n_examples: int) -> dict[str, Any]:
     upper bound, the batched speed-up is not assumed) and of the latency protocol."""
     cfgs = [as_config(k) for k in grid.configs]
     mnt = grid.settings["max_new_tokens"]
+    samples = int(grid.settings.get("samples", 1))
     per = {c.key: seconds_per_generation(c, grid.task, mnt) for c in cfgs}
-    quality_s = n_examples * sum(per.values())
+    quality_s = n_examples * samples * sum(per.values())
     lat_n = min(grid.latency_limit, n_examples) * grid.latency_trials
     latency_s = lat_n * sum(per.values())
     return {
-        "quality_generations": n_examples * len(cfgs),
+        "quality_generations": n_examples * samples * len(cfgs),
         "quality_hours_at_batch_1": round(quality_s / 3600, 1),
         "latency_generations": lat_n * len(cfgs),
         "latency_hours": round(latency_s / 3600, 1),
@@ -261,9 +265,11 @@ def check_plan_matches(plan: Mapping[str, Any], settings: Mapping[str, Any],
         raise ValueError(f"{where} is for task {plan.get('task')!r}, not {settings.get('task')!r}")
     ps = plan.get("settings", {})
     for k in PLAN_SETTINGS:
-        if k in ps and k != "task" and ps[k] != settings.get(k):
-            raise ValueError(f"{where} registered {k}={ps[k]!r}; this run has "
-                             f"{k}={settings.get(k)!r} (a registered plan cannot change)")
+        got = settings.get(k, _SETTING_DEFAULTS.get(k))
+        want = ps.get(k, _SETTING_DEFAULTS.get(k))
+        if (k in ps or k in _SETTING_DEFAULTS) and k != "task" and want != got:
+            raise ValueError(f"{where} registered {k}={want!r}; this run has "
+                             f"{k}={got!r} (a registered plan cannot change)")
     if isinstance(ps.get("chat"), bool) and ps["chat"] != settings.get("chat"):
         raise ValueError(f"{where} registered chat={ps['chat']!r}")
     for role, name in (plan.get("models") or {}).items():

@@ -24,10 +24,10 @@ Files in ``out_dir``:
 * ``run.json``: the run's settings (task, models, γ, T, top-k/p, max new tokens, seed, chat, bonus).
   A later call with the same ``out_dir`` must use the same settings (else ValueError): rows of
   different settings never mix.
-* ``rows.jsonl``: one quality row per (configuration, example), appended, flushed and fsync'ed as
+* ``rows.jsonl``: one quality row per (configuration, example, sample), appended, flushed and fsync'ed as
   soon as the example is scored, so an interrupted run loses at most the rows being computed (a
   torn last line is dropped on the next start). Rows already present for a (configuration,
-  example) are not recomputed: re-running the same command resumes.
+  example, sample) are not recomputed: re-running the same command resumes.
 * ``latency.jsonl``: one row per (configuration, example, trial) of the latency mode, resumable
   the same way.
 * ``summary.json`` / ``summary.md`` and the four PNGs (see :mod:`.summary`, :mod:`.plots`).
@@ -49,8 +49,13 @@ of the timings).
 Randomness. Example ``i`` (position in the task's example list) gets the engine seed
 ``(seed * 1_000_003 + i) mod 2**31`` in every mode: the same for every configuration (common
 random numbers make the comparison between configurations paired) and different across
-examples. Each row keeps a hash of its new tokens (``output_sha``), so quality and latency rows
-of one (configuration, example) can be compared.
+examples. With ``samples=S > 1`` (tasks scored per example) each example is generated S times;
+sample 0 keeps that seed and sample ``s >= 1`` gets the first four bytes (little-endian) of
+``sha256(f"{seed}:{i}:{s}")`` mod 2**31 — again the same for every configuration, so the samples
+are paired too; the summary averages each example's S scores before any statistic (the example
+stays the unit of every test and resample). The latency mode times sample 0. Each row keeps a
+hash of its new tokens (``output_sha``), so quality and latency rows of one (configuration,
+example) can be compared.
 
 Stopping. ``generate`` stops at an end-of-sequence id or after ``max_new_tokens``; the task's
 stop strings are applied afterwards by truncating the decoded text. With ``stop_tokens=True``
@@ -95,12 +100,16 @@ LOCK_FILE = ".lock"
 #: settings that must agree between a run and the rows it resumes from
 RESUME_KEYS = ("task", "task_kwargs", "drafter", "verifier", "gamma", "temperature", "top_k",
                "top_p", "max_new_tokens", "seed", "chat", "bonus", "eos_token_id", "stop_tokens",
-               "seq_score")
+               "seq_score", "samples")
 
 
-def example_seed(seed: int, index: int) -> int:
-    """The engine seed of the example at position ``index`` (see the module docstring)."""
-    return (int(seed) * 1_000_003 + int(index)) % (2**31)
+def example_seed(seed: int, index: int, sample: int = 0) -> int:
+    """The engine seed of sample ``sample`` of the example at position ``index`` (see the
+    module docstring)."""
+    if sample == 0:
+        return (int(seed) * 1_000_003 + int(index)) % (2**31)
+    digest = hashlib.sha256(f"{int(seed)}:{int(index)}:{int(sample)}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") % (2**31)
 
 
 def model_name(model: Any) -> str | None:
@@ -345,7 +354,14 @@ class _Run:
     tol: float
     envelope: str
     plan: Mapping[str, Any] | None
+    samples: int = 1
     _prompts: dict = field(default_factory=dict)
+
+    def items(self, done: set | None = None, key: str | None = None) -> list:
+        """``(index, example, sample)`` in task order, each example's samples together;
+        with ``done`` and a configuration ``key``, only those without a row yet."""
+        return [(i, e, s) for i, e in enumerate(self.examples) for s in range(self.samples)
+                if done is None or (key, e.id, s) not in done]
 
     def encode(self, ex) -> tuple[str, Any, Any]:
         """(prompt text, ids [1, L], mask) of an example, on the models' device."""
@@ -397,7 +413,7 @@ class _Run:
 def _prepare(task, configs, *, drafter, verifier, tokenizer, limit, seed, out_dir, gamma,
              temperature, max_new_tokens, progress, top_k, top_p, bonus, chat, eos_token_id,
              stop_tokens, warmup, generate_fn, task_kwargs, plots, table2_tol, table2_envelope,
-             seq_score, unsafe_local_exec, plan) -> _Run:
+             seq_score, unsafe_local_exec, plan, samples=1) -> _Run:
     """Check every argument (nothing is written yet) and gather what a run needs."""
     validate_run_args(limit=limit, seed=seed, max_new_tokens=max_new_tokens, chat=chat,
                       eos_token_id=eos_token_id, table2_tol=table2_tol,
@@ -406,8 +422,15 @@ def _prepare(task, configs, *, drafter, verifier, tokenizer, limit, seed, out_di
         raise ValueError(f"task_kwargs must be a mapping, got {type(task_kwargs).__name__}")
     if plan is not None and not isinstance(plan, Mapping):
         raise ValueError(f"plan must be a mapping (a plan.json), got {type(plan).__name__}")
+    _check_int("samples", samples, 1, "not allowed")
+    if samples is None:
+        raise ValueError("samples must be an int >= 1, got None")
     task_kwargs = dict(task_kwargs or {})
     task_obj = get_task(task, **task_kwargs)
+    if samples > 1 and not getattr(task_obj, "per_example", True):
+        raise ValueError(f"samples={samples}: task {task_obj.name!r} has a corpus-level metric; "
+                         f"several samples per example need a task scored per example "
+                         f"(samples=1)")
     cfgs = dedupe(as_config(c) for c in configs)
     if not cfgs:
         raise ValueError("no configurations to evaluate")
@@ -437,6 +460,8 @@ def _prepare(task, configs, *, drafter, verifier, tokenizer, limit, seed, out_di
     }
     if seq_score is not None:  # absent from run.json when unset: older runs resume unchanged
         settings["seq_score"] = seq_score
+    if samples > 1:  # likewise
+        settings["samples"] = samples
     settings = _jsonable(settings)
     if plan is not None:
         check_plan_matches(plan, settings, cfgs, [e.id for e in examples])
@@ -447,7 +472,7 @@ def _prepare(task, configs, *, drafter, verifier, tokenizer, limit, seed, out_di
             common[k] = v
     return _Run(Path(out_dir), task_obj, cfgs, examples, drafter, verifier, tokenizer, seed,
                 settings, common, chat, eos_list, generate, generate_fn is not None, progress,
-                warmup, plots, table2_tol, table2_envelope, plan)
+                warmup, plots, table2_tol, table2_envelope, plan, samples)
 
 
 def _start(run: _Run) -> tuple[list[dict[str, Any]], set]:
@@ -469,7 +494,7 @@ def _start(run: _Run) -> tuple[list[dict[str, Any]], set]:
     else:
         run_path.write_text(json.dumps(run.settings, indent=2) + "\n")
     rows = load_rows(out / ROWS_FILE)
-    return rows, {(r["config"], r["example_id"]) for r in rows}
+    return rows, {(r["config"], r["example_id"], r.get("sample", 0)) for r in rows}
 
 
 def run_eval(
@@ -502,6 +527,7 @@ def run_eval(
     unsafe_local_exec: bool = False,
     batch_size: int | None = None,
     plan: Mapping[str, Any] | None = None,
+    samples: int = 1,
 ) -> dict[str, Any]:
     """Evaluate ``configs`` on ``task`` and write rows, summary and plots into ``out_dir``.
 
@@ -543,6 +569,9 @@ def run_eval(
         plan: a pre-registered plan (:func:`.grids.build_plan`): written to ``plan.json``
             before anything else, or checked against the one in ``out_dir``; the run's
             settings and configurations must be the plan's.
+        samples: generations per example (each with its own seed, the same for every
+            configuration; module docstring); the summary averages an example's samples.
+            Only for tasks scored per example.
 
     Returns:
         The summary dict (also in ``summary.json``).
@@ -559,7 +588,7 @@ def run_eval(
                    stop_tokens=stop_tokens, warmup=warmup, generate_fn=generate_fn,
                    task_kwargs=task_kwargs, plots=plots, table2_tol=table2_tol,
                    table2_envelope=table2_envelope, seq_score=seq_score,
-                   unsafe_local_exec=unsafe_local_exec, plan=plan)
+                   unsafe_local_exec=unsafe_local_exec, plan=plan, samples=samples)
     run.out.mkdir(parents=True, exist_ok=True)
     with _FolderLock(run.out):
         rows, done = _start(run)
@@ -579,31 +608,31 @@ def _append(f, row: Mapping[str, Any]) -> None:
 
 
 def _run_batch1(run: _Run, rows: list, done: set) -> None:
-    """Examples outer, configurations inner, every call timed at batch 1."""
-    cfgs, examples = run.cfgs, run.examples
-    total = len(cfgs) * len(examples)
-    n_done = sum((c.key, e.id) in done for c in cfgs for e in examples)
-    pending = [(i, e) for i, e in enumerate(examples)
-               if any((c.key, e.id) not in done for c in cfgs)]
+    """Examples (and their samples) outer, configurations inner, every call timed at batch 1."""
+    cfgs, items = run.cfgs, run.items()
+    total = len(cfgs) * len(items)
+    n_done = sum((c.key, e.id, s) in done for c in cfgs for _, e, s in items)
+    pending = [(i, e, s) for i, e, s in items if any((c.key, e.id, s) not in done for c in cfgs)]
     if run.warmup and pending:
-        needed = [c for c in cfgs if any((c.key, e.id) not in done for _, e in pending)]
-        run.warm(needed, *pending[0])
+        needed = [c for c in cfgs if any((c.key, e.id, s) not in done for _, e, s in pending)]
+        run.warm(needed, *pending[0][:2])
     bar = run.bar(total, n_done, f"eval {run.task.name}")
     try:
         with open(run.out / ROWS_FILE, "a", encoding="utf-8") as f:
-            for i, ex in pending:
+            for i, ex, s in pending:
                 for cfg in cfgs:
-                    if (cfg.key, ex.id) in done:
+                    if (cfg.key, ex.id, s) in done:
                         continue
                     text, ids, mask = run.encode(ex)
-                    ex_seed = example_seed(run.seed, i)
+                    ex_seed = example_seed(run.seed, i, s)
                     result, wall = run.call(cfg, ids, mask, ex_seed)
                     row = _make_row(run, cfg, ex, i, text, ids.shape[-1], _new_tokens(result, 0,
-                                    ids.shape[-1]), dict(_get(result, "stats") or {}), ex_seed)
+                                    ids.shape[-1]), dict(_get(result, "stats") or {}), ex_seed,
+                                    s)
                     row["wall_s"] = wall
                     _append(f, row)
                     rows.append(row)
-                    done.add((cfg.key, ex.id))
+                    done.add((cfg.key, ex.id, s))
                     if bar is not None:
                         bar.update(1)
     finally:
@@ -659,9 +688,9 @@ def _run_batched(run: _Run, rows: list, done: set, batch_size: int) -> None:
     """Quality mode: configurations outer, one Engine each, pending examples in chunks of
     ``batch_size`` (task order), each row with its batch-1 seed. Not timed per row: a row
     records its chunk's wall time and size only."""
-    cfgs, examples = run.cfgs, run.examples
-    total = len(cfgs) * len(examples)
-    n_done = sum((c.key, e.id) in done for c in cfgs for e in examples)
+    cfgs, items = run.cfgs, run.items()
+    total = len(cfgs) * len(items)
+    n_done = sum((c.key, e.id, s) in done for c in cfgs for _, e, s in items)
     pad = getattr(run.tokenizer, "pad_token_id", None)
     pad = pad if pad is not None else (run.eos_list[0] if run.eos_list else 0)
     budget = run.common["max_new_tokens"]
@@ -669,17 +698,17 @@ def _run_batched(run: _Run, rows: list, done: set, batch_size: int) -> None:
     try:
         with open(run.out / ROWS_FILE, "a", encoding="utf-8") as f:
             for cfg in cfgs:
-                todo = [(i, e) for i, e in enumerate(examples) if (cfg.key, e.id) not in done]
+                todo = run.items(done, cfg.key)
                 if not todo:
                     continue
-                longest = max(run.encode(e)[1].shape[-1] for _, e in todo)
+                longest = max(run.encode(e)[1].shape[-1] for _, e, _ in todo)
                 engine = _engine(run, cfg, min(batch_size, len(todo)), longest + budget)
                 for start in range(0, len(todo), batch_size):
                     chunk = todo[start:start + batch_size]
                     for row in _chunk_rows(run, cfg, chunk, engine, pad, batch_size):
                         _append(f, row)
                         rows.append(row)
-                        done.add((cfg.key, row["example_id"]))
+                        done.add((cfg.key, row["example_id"], row["sample"]))
                         if bar is not None:
                             bar.update(1)
                 del engine
@@ -690,10 +719,10 @@ def _run_batched(run: _Run, rows: list, done: set, batch_size: int) -> None:
 
 def _chunk_rows(run: _Run, cfg: EvalConfig, chunk, engine, pad: int, batch_size: int):
     """Generate one chunk of examples in one batched call; its rows."""
-    encoded = [run.encode(e) for _, e in chunk]
+    encoded = [run.encode(e) for _, e, _ in chunk]
     prompt_ids = [ids[0] if mask is None else ids[0][mask[0].bool()] for _, ids, mask in encoded]
     ids, mask = _left_padded(prompt_ids, pad)
-    seeds = [example_seed(run.seed, i) for i, _ in chunk]
+    seeds = [example_seed(run.seed, i, s) for i, _, s in chunk]
     kw = run.kwargs(cfg)
     _sync(run.drafter, run.verifier)
     t0 = time.perf_counter()
@@ -714,12 +743,12 @@ def _chunk_rows(run: _Run, cfg: EvalConfig, chunk, engine, pad: int, batch_size:
     settings = {k: stats[k] for k in ("method", "rule", "alpha", "gamma", "bonus", "temperature",
                                       "draft_confidence") if k in stats}
     out = []
-    for b, ((i, ex), (text, _, _)) in enumerate(zip(chunk, encoded)):
+    for b, ((i, ex, s), (text, _, _)) in enumerate(zip(chunk, encoded)):
         row_stats = {**settings, **dict(per_seq[b])}  # a sequence's own settings first
         row_stats["wall_s"] = None
         row_stats.pop("tokens_per_s", None)
         row = _make_row(run, cfg, ex, i, text, int(prompt_ids[b].numel()),
-                        _new_tokens(result, b, ids.shape[-1]), row_stats, seeds[b])
+                        _new_tokens(result, b, ids.shape[-1]), row_stats, seeds[b], s)
         row.update(wall_s=None, batch_size=batch_size, batch_rows=len(chunk),
                    batch_wall_s=wall, engine="static" if engine is not None else "generate")
         out.append(row)
@@ -756,6 +785,7 @@ def run_latency(
     seq_score: str | None = None,
     unsafe_local_exec: bool = False,
     plan: Mapping[str, Any] | None = None,
+    samples: int = 1,
 ) -> dict[str, Any]:
     """Latency mode: every configuration on the first ``limit`` examples at batch 1, ``trials``
     times each, in one process, into ``out_dir/latency.jsonl`` (then the summary is rewritten).
@@ -767,7 +797,8 @@ def run_latency(
     quality rows of the same folder, same seeds); each row keeps a hash of its new tokens so that
     the summary can count how many agree with the quality row of the same example. Resumes
     like :func:`run_eval`, per (configuration, example, trial). Arguments as in
-    :func:`run_eval`; the settings must be those of the folder's ``run.json``.
+    :func:`run_eval`; the settings must be those of the folder's ``run.json`` (``samples``
+    included; only sample 0 is timed, with its seed).
     """
     _check_int("trials", trials, 1, "not allowed")
     if trials is None:
@@ -779,7 +810,7 @@ def run_latency(
                    stop_tokens=stop_tokens, warmup=warmup, generate_fn=generate_fn,
                    task_kwargs=task_kwargs, plots=plots, table2_tol=table2_tol,
                    table2_envelope=table2_envelope, seq_score=seq_score,
-                   unsafe_local_exec=unsafe_local_exec, plan=None)
+                   unsafe_local_exec=unsafe_local_exec, plan=None, samples=samples)
     if plan is not None:
         check_latency_plan(plan, run.settings, run.cfgs, limit, trials)
         run.plan = plan
@@ -852,7 +883,7 @@ def _now() -> str:
 
 
 def _make_row(run: _Run, cfg, ex, index, prompt, prompt_len, new, stats,
-              ex_seed) -> dict[str, Any]:
+              ex_seed, sample: int = 0) -> dict[str, Any]:
     eos = set(run.eos_list)
     cut = next((j for j, t in enumerate(new) if t in eos), None)
     new_until_eos = new if cut is None else new[:cut]
@@ -865,6 +896,7 @@ def _make_row(run: _Run, cfg, ex, index, prompt, prompt_len, new, stats,
         **cfg.to_dict(),
         "example_id": ex.id,
         "example_index": index,
+        "sample": sample,
         "seed": ex_seed,
         "prompt": prompt,
         "prompt_tokens": int(prompt_len),

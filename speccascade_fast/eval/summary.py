@@ -1,7 +1,10 @@
 """From JSONL rows to the quality-versus-cost summary and the paper's Table-2 figures.
 
 Per configuration (all sums run over the *common examples*: those that have a quality row for
-every configuration being summarised, so every point is measured on the same inputs):
+every configuration being summarised, so every point is measured on the same inputs). Rows of
+several samples (seeds) per example (``run_eval(samples=S)``) are first merged per (configuration,
+example) by :func:`merge_samples`: the score is the mean of the S samples' scores, the counters
+add up, and everything below treats the example, not the sample, as the unit:
 
 * ``quality`` ± ``quality_se``: the task's ``aggregate`` (mean ± std/√n for pass@1 and exact
   match; corpus BLEU ± bootstrap SE over segments for WMT), and ``quality_ci`` at level ``ci``
@@ -56,7 +59,11 @@ samples), every configuration and Q_v on the same resample, the figures recomput
 that does not reach Q_v counts as speed-up 0. ``reached`` is *reached* only when at least
 (1 + ci)/2 of the resamples reach Q_v (the CI allows no other reading), *not reached* when at
 most (1 − ci)/2 do, else *unresolved* (``reached_fraction`` gives the share). Tasks with a
-corpus-level metric (BLEU) get no bootstrap and no paired tests.
+corpus-level metric (BLEU) have no per-example scores: their ``segment_stats`` (per-segment
+sufficient statistics) are summed over resamples of the segments instead (the paired bootstrap:
+``vs_verifier`` then holds Δ, its bootstrap SE and CI, the two-sided bootstrap ``p`` and
+``p_holm``; the pooled verifier is the corpus of every verifier-law configuration's hypotheses),
+and the Table-2 CIs use the same replicates.
 
 ``envelope="concave"`` uses the upper concave hull of the points instead of C (also an
 achievable frontier: choosing between two α settings at random per query realises any point on
@@ -311,6 +318,42 @@ def _latencies(table, keys, ref_key, examples) -> dict[str, tuple[float | None, 
     return out
 
 
+#: per-row counters that add up over an example's samples
+_COUNTERS = ("tokens", "verifier_calls", "drafter_calls", "drafted", "accepted", "rejected",
+             "deferred")
+
+
+def merge_samples(rows: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], int]:
+    """Rows with several ``sample`` s per (configuration, example) -> one row per pair whose
+    score is the mean of its samples' scores (the example stays the unit of every statistic:
+    S samples of one problem are not S independent problems), its counters and new tokens
+    summed, its wall time summed (``None`` if a sample is untimed) and ``samples`` = S. A pair
+    without a row for every sample the rows have is left out (like a missing example) until
+    it is complete. Returns ``(rows, S)``; rows without samples come back unchanged."""
+    want = sorted({r.get("sample", 0) for r in rows})
+    if want in ([], [0]):
+        return list(rows), 1
+    groups: dict[tuple[str, str], dict[int, Mapping[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["config"], r["example_id"]), {})[r.get("sample", 0)] = r
+    out = []
+    for g in groups.values():
+        if sorted(g) != want:
+            continue
+        rs = [g[x] for x in want]
+        stats = dict(rs[0].get("stats") or {})
+        for key in _COUNTERS:
+            vals = [(r.get("stats") or {}).get(key) for r in rs]
+            stats[key] = None if any(v is None for v in vals) else sum(vals)
+        walls = [r.get("wall_s") for r in rs]
+        out.append({**rs[0], "scoring": {"score": sum(float(r["scoring"]["score"]) for r in rs)
+                                         / len(rs)},
+                    "stats": stats, "new_tokens": sum(int(r.get("new_tokens", 0)) for r in rs),
+                    "wall_s": None if None in walls else float(sum(walls)),
+                    "samples": len(rs), "sample_rows": rs})
+    return out, len(want)
+
+
 def summarize(
     rows: Sequence[Mapping[str, Any]],
     task: Any,
@@ -338,6 +381,9 @@ def summarize(
         ci: the confidence level of every interval (and 1 - ci the level of the tests).
         seed: the bootstrap's seed.
     """
+    samples = 1
+    if getattr(task, "per_example", False):
+        rows, samples = merge_samples(rows)
     by_key: dict[str, dict[str, Mapping[str, Any]]] = {}
     cfg_of: dict[str, EvalConfig] = {}
     for r in rows:
@@ -376,7 +422,8 @@ def summarize(
         m["quality_ci"] = quality_ci(scores, m["quality"], m["quality_se"], ci)
         m["level"] = c.level
         if c.divergence_budget is not None:  # what each response spent of its budget
-            spent = [r.get("stats", {}).get("divergence_spent") for r in crow]
+            spent = [s.get("stats", {}).get("divergence_spent") for r in crow
+                     for s in r.get("sample_rows", [r])]
             known = bool(spent) and None not in spent  # else not measured: no figure
             m["divergence_spent_mean"] = sum(spent) / len(spent) if known else None
             m["divergence_spent_max"] = max(spent) if known else None
@@ -412,6 +459,14 @@ def summarize(
     elif verifier is not None:
         pooled = {"quality": verifier["quality"], "quality_se": verifier["quality_se"],
                   "sources": [ar_key], "n": len(order), "quality_ci": verifier["quality_ci"]}
+    corpus = None
+    if not per_example and verifier is not None and bootstrap and order:
+        corpus = _corpus_bootstrap(task, by_key, order, present, pooled_keys, ar_key,
+                                   reps=bootstrap, ci=ci, seed=seed)
+    if corpus is not None:
+        pooled = corpus["pooled"]
+        for p in per_config:
+            p.update(corpus["paired"].get(p["config"], {}))
     target = pooled["quality"] if pooled else None
 
     curves: dict[str, list[dict[str, Any]]] = {}
@@ -449,6 +504,7 @@ def summarize(
         "task": getattr(task, "name", str(task)),
         "metric": getattr(task, "metric", "score"),
         "n_examples": len(order),
+        "samples": samples,
         "examples": order,
         "missing_configs": missing,
         "verifier": verifier,
@@ -466,8 +522,15 @@ def summarize(
         "batch_invariance": _agreement(rows, latency_rows),
     }
     if bootstrap and per_example and order and target is not None:
-        _bootstrap_table2(summary, by_key, lat_table, order, lat_order, curves, pooled_keys,
-                          cfg_of, tol=tol, envelope=envelope, reps=bootstrap, ci=ci, seed=seed)
+        _bootstrap_table2(summary, *_per_example_replicates(summary, by_key, order, pooled_keys,
+                                                           reps=bootstrap, ci=ci, seed=seed),
+                          lat_table, lat_order, tol=tol, envelope=envelope, reps=bootstrap,
+                          ci=ci)
+    elif corpus is not None:
+        summary["paired_test"] = "paired bootstrap"
+        _bootstrap_table2(summary, corpus["row"], corpus["Q"], corpus["T"], corpus["rng"],
+                          lat_table, lat_order, tol=tol, envelope=envelope, reps=bootstrap,
+                          ci=ci)
     return summary
 
 
@@ -489,21 +552,105 @@ def _agreement(rows, latency_rows) -> dict[str, Any] | None:
     return {"compared": len(pairs), "equal": sum(a == b for a, b in pairs)}
 
 
-def _bootstrap_table2(summary, by_key, lat_table, order, lat_order, curves, pooled_keys, cfg_of,
-                      *, tol, envelope, reps, ci, seed) -> None:
-    """Bootstrap CIs (percentile, ``ci``) of the Table-2 figures and of each configuration's
-    paired difference to the pooled verifier: the quality examples and the latency examples
-    are resampled (independently: they are separate samples), every configuration on the same
-    resample."""
+def _per_example_replicates(summary, by_key, order, pooled_keys, *, reps, ci, seed):
+    """Bootstrap replicates of per-example-mean qualities: ``(row, Q [configs, reps], T [reps],
+    rng)``, every configuration and the pooled verifier on the same resamples of the examples;
+    sets each configuration's ``vs_verifier_pooled``."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    keys = list(by_key)
-    keys = [k for k in keys if all(e in by_key[k] for e in order)]
+    keys = [k for k in by_key if all(e in by_key[k] for e in order)]
     S = np.array([[float(by_key[k][e]["scoring"]["score"]) for e in order] for k in keys])
     row = {k: i for i, k in enumerate(keys)}
     V = S[[row[k] for k in pooled_keys]].mean(0)
-    n, m = len(order), len(lat_order)
+    n = len(order)
+    lo_q, hi_q = (1 - ci) / 2, (1 + ci) / 2
+    reps_q = rng.integers(0, n, size=(reps, n))
+    Q = S[:, reps_q].mean(-1)  # [configs, reps]
+    T = V[reps_q].mean(-1)  # [reps]
+    for p in summary["configs"]:
+        if p["config"] in row:
+            d = Q[row[p["config"]]] - T
+            p["vs_verifier_pooled"] = {
+                "diff": float(S[row[p["config"]]].mean() - V.mean()),
+                "ci": [float(np.quantile(d, lo_q)), float(np.quantile(d, hi_q))]}
+    return row, Q, T, rng
+
+
+def _corpus_bootstrap(task, by_key, order, present, pooled_keys, ar_key, *, reps, ci, seed):
+    """Corpus-level metrics (BLEU): the paired bootstrap over segments.
+
+    Each configuration's per-segment sufficient statistics (``task.segment_stats``) are summed
+    over ``reps`` resamples of the segments (the same resamples for every configuration); the
+    metric of each resample is ``task.score_from_stats`` of the sum. The pooled verifier is the
+    corpus of every verifier-law configuration's hypotheses (their statistics summed per
+    segment, so a resampled segment brings all of them). Per configuration: ``vs_verifier``
+    (against ``autoregressive``: Δ, the replicates' SD as its SE, the percentile CI and the
+    two-sided bootstrap p-value — the share of centred replicates at least as far from 0 as Δ,
+    (1 + count) / (1 + reps) — with Holm's adjustment over the family) and
+    ``vs_verifier_pooled`` (Δ to the pooled verifier and its CI). ``None`` if the task has no
+    segment statistics."""
+    import numpy as np
+
+    stats_of = getattr(task, "segment_stats", None)
+    if stats_of is None or not hasattr(task, "score_from_stats"):
+        return None
+    rng = np.random.default_rng(seed)
+    n = len(order)
+    idx = rng.integers(0, n, size=(reps, n))
+    counts = np.stack([np.bincount(r, minlength=n) for r in idx]).astype(np.float64)
+    lo_q, hi_q = (1 - ci) / 2, (1 + ci) / 2
+
+    def metric(totals) -> float:
+        return float(task.score_from_stats([int(round(x)) for x in totals]))
+
+    def replicates(stats) -> np.ndarray:
+        return np.array([metric(t) for t in counts @ stats])
+
+    keys = [k for k in present if all(e in by_key[k] for e in order)]
+    stats = {k: np.asarray(stats_of([by_key[k][e]["scoring"] for e in order]), dtype=np.float64)
+             for k in keys}
+    row = {k: i for i, k in enumerate(keys)}
+    Q = np.stack([replicates(stats[k]) for k in keys])
+    point = {k: metric(stats[k].sum(0)) for k in keys}
+    V = sum(stats[k] for k in pooled_keys)
+    T = replicates(V)
+    q_v = metric(V.sum(0))
+    band = [float(np.quantile(T, lo_q)), float(np.quantile(T, hi_q))]
+    pooled = {"quality": q_v, "quality_se": float(np.std(T, ddof=1)), "sources": pooled_keys,
+              "n": n, "quality_ci": band}
+    paired: dict[str, dict[str, Any]] = {}
+    family = []
+    for k in keys:
+        d_pool = Q[row[k]] - T
+        paired[k] = {"vs_verifier_pooled": {
+            "diff": point[k] - q_v,
+            "ci": [float(np.quantile(d_pool, lo_q)), float(np.quantile(d_pool, hi_q))]}}
+        if k == ar_key or ar_key not in row:
+            continue
+        d = Q[row[k]] - Q[row[ar_key]]
+        diff = point[k] - point[ar_key]
+        far = int(np.sum(np.abs(d - d.mean()) >= abs(diff)))
+        paired[k]["vs_verifier"] = {
+            "diff": diff, "diff_se": float(np.std(d, ddof=1)),
+            "ci": [float(np.quantile(d, lo_q)), float(np.quantile(d, hi_q))],
+            "p": (1 + far) / (1 + reps), "test": "paired bootstrap"}
+        family.append(paired[k]["vs_verifier"])
+    for v, adj in zip(family, holm([v["p"] for v in family])):
+        v["p_holm"] = adj
+        v["resolved"] = adj < 1 - ci
+    return {"pooled": pooled, "paired": paired, "row": row, "Q": Q, "T": T, "rng": rng}
+
+
+def _bootstrap_table2(summary, row, Q, T, rng, lat_table, lat_order, *, tol, envelope, reps,
+                      ci) -> None:
+    """Bootstrap CIs (percentile, ``ci``) of the Table-2 figures from quality replicates ``Q``
+    (``[configs, reps]``, configuration ``k`` in row ``row[k]``) and the pooled verifier's
+    ``T`` (``[reps]``), the same resamples for all; the latency examples are resampled here
+    with ``rng`` (independently: they are a separate sample)."""
+    import numpy as np
+
+    m = len(lat_order)
     timed = [k for k in lat_table if all(e in lat_table[k] for e in lat_order)]
     ar = EvalConfig("autoregressive").key
     have_lat = m > 0 and ar in timed
@@ -513,16 +660,7 @@ def _bootstrap_table2(summary, by_key, lat_table, order, lat_order, curves, pool
                       for k in timed])
         trow = {k: i for i, k in enumerate(timed)}
     lo_q, hi_q = (1 - ci) / 2, (1 + ci) / 2
-    reps_q = rng.integers(0, n, size=(reps, n))
     reps_l = rng.integers(0, m, size=(reps, m)) if have_lat else None
-    Q = S[:, reps_q].mean(-1)  # [configs, reps]
-    T = V[reps_q].mean(-1)  # [reps]
-    for p in summary["configs"]:
-        if p["config"] in row:
-            d = Q[row[p["config"]]] - T
-            p["vs_verifier_pooled"] = {
-                "diff": float(S[row[p["config"]]].mean() - V.mean()),
-                "ci": [float(np.quantile(d, lo_q)), float(np.quantile(d, hi_q))]}
     if have_lat:
         Lsum = W[:, reps_l].sum(-1) / W[trow[ar]][reps_l].sum(-1)  # [timed, reps]
         Ltok = P[:, reps_l].mean(-1) / P[trow[ar]][reps_l].mean(-1)
@@ -590,7 +728,10 @@ def to_markdown(summary: Mapping[str, Any], settings: Mapping[str, Any] | None =
     lat = summary.get("latency") or {}
     src = lat.get("source")
     lines += [
-        f"{summary['n_examples']} examples common to every configuration. Quality: {metric}{unit}"
+        f"{summary['n_examples']} examples common to every configuration"
+        + (f", {summary['samples']} samples (seeds) each: an example's score is the mean of its "
+           "samples', and the example is the unit of every SE, test and resample"
+           if summary.get("samples", 1) > 1 else "") + f". Quality: {metric}{unit}"
         " ± standard error" + (" (bootstrap over segments)" if metric == "BLEU" else "") +
         f", {level} % CI (Wilson's for pass/fail scores, else ± z·SE).",
         "Relative latency, at batch 1: Σ wall time / Σ wall time of `autoregressive` (ratio of "
@@ -638,7 +779,33 @@ def to_markdown(summary: Mapping[str, Any], settings: Mapping[str, Any] | None =
     pooled = summary.get("verifier_pooled")
     paired = [p for p in summary["configs"] if p.get("vs_verifier")
               and p["config"] != "autoregressive"]
-    if paired:
+    if paired and summary.get("paired_test") == "paired bootstrap":
+        lines += [
+            "",
+            "## Paired with the verifier",
+            "",
+            f"Per configuration, over the same segments and seeds: Δ {metric} against "
+            "`autoregressive`, the paired bootstrap over segments "
+            f"({summary.get('bootstrap', 0)} resamples, the same for every configuration): "
+            f"the replicates' SD, their {level} % percentile CI, the two-sided p-value (share "
+            "of centred replicates at least as far from 0 as Δ) and its Holm adjustment over "
+            f"the {len(paired)} configurations (resolved: Holm p < "
+            f"{1 - summary.get('ci', 0.95):.2f}); then Δ against the pooled verifier (the "
+            f"corpus of {', '.join(f'`{k}`' for k in (pooled or {}).get('sources', []))}) "
+            f"with its {level} % CI.",
+            "",
+            f"| configuration | Δ {metric} | ± SE | {level} % CI | p | Holm p | resolved "
+            f"| Δ vs pooled verifier | {level} % CI |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | :---: | ---: | ---: |",
+        ]
+        for p in paired:
+            d = p["vs_verifier"]
+            dp = p.get("vs_verifier_pooled") or {}
+            lines.append(f"| `{p['config']}` | {_f(d['diff'], 2)} | {_f(d['diff_se'], 2)} | "
+                         f"{_ci(d.get('ci'))} | {_f(d['p'], 4)} | {_f(d.get('p_holm'), 4)} | "
+                         f"{'yes' if d.get('resolved') else 'no'} | {q(dp.get('diff'))} | "
+                         f"{_ci(dp.get('ci'), scale)} |")
+    elif paired:
         lines += [
             "",
             "## Paired with the verifier",

@@ -81,6 +81,7 @@ class WMT14(Task):
         self.data_dir = Path(data_dir) if data_dir is not None else data_root() / "wmt" / "wmt14"
         self._pairs: list[tuple[str, str]] | None = None
         self._shot_idx: list[int] | None = None
+        self._bleu = None
 
     def _load(self) -> None:
         if self._pairs is None:
@@ -126,6 +127,24 @@ class WMT14(Task):
 
     def score(self, example: Example, prediction: str) -> dict[str, Any]:
         return {"hypothesis": prediction, "reference": example.data["reference"]}
+
+    def segment_stats(self, scores: Sequence[dict[str, Any]]) -> np.ndarray:
+        """Per-segment sufficient statistics of corpus BLEU, ``[n, k]`` integers: the corpus
+        BLEU of any multiset of segments is :meth:`score_from_stats` of their sum (what the
+        paired bootstrap of the summary resamples)."""
+        from sacrebleu.metrics import BLEU
+
+        hyps = [s["hypothesis"] for s in scores]
+        refs = [[s["reference"] for s in scores]]
+        return np.asarray(BLEU()._extract_corpus_statistics(hyps, refs), dtype=np.int64)
+
+    def score_from_stats(self, totals: Sequence[float]) -> float:
+        """Corpus BLEU from summed :meth:`segment_stats`."""
+        from sacrebleu.metrics import BLEU
+
+        if self._bleu is None:
+            self._bleu = BLEU()
+        return float(self._bleu._compute_score_from_stats([int(x) for x in totals]).score)
 
     def aggregate(self, scores: Sequence[dict[str, Any]]) -> tuple[float, float]:
         return corpus_bleu_with_se(
