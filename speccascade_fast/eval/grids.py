@@ -113,16 +113,25 @@ GRIDS: dict[str, Grid] = {
         description="HumanEval, all 164 problems × 3 samples (seeds), T = 1, γ = 5: every rule of the paper's main "
                     "comparison from its lossless to its drafter end, both bonus modes of "
                     "token_v3, diff / chow / BiLD*, HF's ensemble mode and min-p truncation."),
+    "humaneval-completion": Grid(
+        name="humaneval-completion", task="humaneval",
+        settings={"gamma": 5, "temperature": 1.0, "max_new_tokens": 512, "seed": 0,
+                  "limit": None, "chat": False, "top_k": None, "top_p": None, "bonus": None,
+                  "samples": 3},
+        curves=_main_curves(secondary=False), latency_limit=12, latency_trials=2, batch_size=8,
+        description="HumanEval in completion mode (the bare prompt, no chat template), all 164 "
+                    "problems × 3 samples, T = 1, γ = 5: the main rules, both bonus modes of "
+                    "token_v3, HF's ensemble mode and min-p."),
     "gsm8k-main": Grid(
         name="gsm8k-main", task="gsm8k",
         settings={"gamma": 5, "temperature": 1.0, "max_new_tokens": 256, "seed": 0,
-                  "limit": 200, "chat": "auto", "top_k": None, "top_p": None, "bonus": None},
+                  "limit": 500, "chat": "auto", "top_k": None, "top_p": None, "bonus": None},
         curves=_main_curves(token_v3=(0.0, 0.1, 0.3, 0.5, 1.0),
                             lossy=(0.0, 0.3, 0.6, 0.9, 0.99), opt=(-100.0, 0.0, 0.3, 1.0, 100.0),
                             ensemble=(1.0, 0.7, 0.5, 0.3, 0.0), token_v3_verifier=(0.0, 0.3, 1.0),
                             secondary=False),
         latency_limit=8, latency_trials=2, batch_size=8,
-        description="GSM8K, 200 problems, 8-shot, T = 1, γ = 5: the main rules, HF's ensemble "
+        description="GSM8K, 500 problems, 8-shot, T = 1, γ = 5: the main rules, HF's ensemble "
                     "mode and min-p."),
     "wmt14-main": Grid(
         name="wmt14-main", task="wmt14",
