@@ -484,6 +484,10 @@ def test_plots_and_table2_figure_are_written(tmp_path):
                                        "quality_vs_verifier_calls.png", "table2.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
     assert not math.isnan(s["verifier_pooled"]["quality"])
+    from speccascade_fast.eval.plots import title_of
+
+    assert title_of(s).startswith("toy: n = 4, T = 1.0") and "samples" not in title_of(s)
+    assert title_of({**s, "samples": 3}).startswith("toy: n = 4 × 3 samples, T = 1.0")
 
 
 def test_budget_sweep_summary_and_plot(tmp_path):

@@ -90,7 +90,9 @@ def _short(name: Any) -> str:
 
 def title_of(summary: Mapping[str, Any]) -> str:
     st = summary.get("settings") or {}
-    return (f"{summary.get('task', '')}: n = {summary.get('n_examples')}, "
+    samples = summary.get("samples", 1)
+    return (f"{summary.get('task', '')}: n = {summary.get('n_examples')}"
+            + (f" × {samples} samples" if samples > 1 else "") + ", "
             f"T = {st.get('temperature', '?')}, γ = {st.get('gamma', '?')}, "
             f"{_short(st.get('drafter'))} → {_short(st.get('verifier'))}")
 
