@@ -15,7 +15,7 @@ from speccascade_fast.eval import EvalConfig, load_rows, run_eval, summarize
 from speccascade_fast.eval.grids import GRIDS, Grid, build_plan
 from speccascade_fast.eval.harness import run_latency
 from speccascade_fast.eval.plots import STYLES, style
-from speccascade_fast.eval.summary import holm, wilson
+from speccascade_fast.eval.summary import holm, to_markdown, wilson
 from speccascade_fast.eval.tasks import Example
 
 from .eval_helpers import ToyTask, byte_tokenizer, counting, tiny_llama
@@ -204,7 +204,18 @@ def test_summary_averages_samples_per_example():
     se = (sum((m - sum(means_ar) / 4) ** 2 for m in means_ar) / 3 / 4) ** 0.5
     assert hi - lo == pytest.approx(2 * 1.959964 * se, rel=1e-4)
     incomplete = [r for r in data if not (r["example_id"] == "e3" and r["sample"] == 2)]
-    assert summarize(incomplete, ToyTask(), bootstrap=0)["n_examples"] == 3
+    s = summarize(incomplete, ToyTask(), bootstrap=0)
+    assert s["n_examples"] == 3 and s["incomplete_samples"] == 2  # e3 of both configurations
+    assert "2 (configuration, example) pairs lack some of their 3 samples" in to_markdown(s)
+    # the run's S comes from run.json: rows of samples 0 and 1 only are not a 2-sample run
+    early = [r for r in data if r["sample"] < 2]
+    s = summarize(early, ToyTask(), bootstrap=0, samples=3)
+    assert s["n_examples"] == 0 and s["incomplete_samples"] == 8
+    assert summarize(early, ToyTask(), bootstrap=0)["samples"] == 2
+    # a CI of per-example means stays within [0, 1]
+    ones = rows("autoregressive", [[1, 1, 1], [1, 1, 1], [1, 1, 0]])
+    lo, hi = summarize(ones, ToyTask(), bootstrap=0)["configs"][0]["quality_ci"]
+    assert 0 <= lo < hi == 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +324,10 @@ def test_plan_is_written_first_and_cannot_change(tmp_path):
         run_eval(FiveTask(), plan["configs"], **{**args, "batch_size": None})
     with pytest.raises(ValueError, match="samples=2"):  # the plan leaves samples at 1
         run_eval(FiveTask(), plan["configs"], **{**args, "samples": 2})
+    # a mended description is the same plan; another setting is not
+    reworded = build_plan(Grid(**{**TOY_GRID.__dict__, "description": "mended"}), drafter="d",
+                          verifier="v", n_examples=5)
+    run_eval(FiveTask(), plan["configs"][:1], **{**args, "plan": reworded})
     assert gen.calls == []
     # the latency protocol is the plan's
     with pytest.raises(ValueError, match="latency on 2 examples x 2 trials"):

@@ -142,8 +142,9 @@ GRIDS: dict[str, Grid] = {
                             ensemble=(1.0, 0.7, 0.5, 0.3, 0.0), token_v3_verifier=(0.0, 0.3, 1.0),
                             secondary=False),
         latency_limit=16, latency_trials=2, batch_size=8,
-        description="WMT14 English→German, 500 sentences, 4-shot, T = 1, γ = 5 (corpus BLEU: "
-                    "no paired tests, no bootstrap of the Table-2 figures)."),
+        description="WMT14 English→German, 500 sentences, 4-shot, T = 1, γ = 5: the main "
+                    "rules, HF's ensemble mode and min-p (corpus BLEU, compared by the paired "
+                    "bootstrap over segments)."),
 }
 
 
@@ -218,6 +219,13 @@ def registered(plan: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in plan.items() if k not in UNREGISTERED}
 
 
+def _measured(plan: Mapping[str, Any]) -> dict[str, Any]:
+    """What a plan fixes about the measurement: its registered content without the prose
+    ``description`` (mending a description does not make a folder's plan another plan; the
+    hash still protects the file's whole content from edits)."""
+    return {k: v for k, v in registered(plan).items() if k != "description"}
+
+
 def plan_sha(plan: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(registered(plan), sort_keys=True).encode()).hexdigest()
 
@@ -248,7 +256,9 @@ def build_plan(grid: str | Grid, *, drafter: str | None, verifier: str | None,
         "configs": g.configs,
         "curves": levels,
         "quality": {"batch_size": batch_size or g.batch_size, "order":
-                    "configurations outer (in this order), examples in task order, in chunks"},
+                    "configurations outer (in this order), examples in task order, in chunks"
+                    + (", each example's samples together"
+                       if g.settings.get("samples", 1) > 1 else "")},
         "latency": {"limit": g.latency_limit, "trials": g.latency_trials, "batch_size": 1,
                     "order": "per (example, trial) the configurations in a shuffled order"},
         "analysis": dict(g.analysis),
@@ -324,9 +334,9 @@ def check_folder_plan(out: str | Path, plan: Mapping[str, Any] | None,
         if existing.get("plan_sha256") != plan_sha(existing):
             raise ValueError(f"{out / PLAN_FILE} was edited after it was registered (its "
                              f"plan_sha256 does not match its content)")
-        if plan is not None and registered(plan) != registered(existing):
-            diff = sorted(k for k in set(registered(plan)) | set(registered(existing))
-                          if registered(plan).get(k) != registered(existing).get(k))
+        new, old = _measured(plan or {}), _measured(existing)
+        if plan is not None and new != old:
+            diff = sorted(k for k in set(new) | set(old) if new.get(k) != old.get(k))
             raise ValueError(f"{out / PLAN_FILE} registers another plan (differs in: "
                              f"{', '.join(diff)}); a registered plan cannot change: use another "
                              f"output folder")

@@ -962,7 +962,8 @@ def _write_summary(out: Path, task, rows, configs, *, settings, plots, tol, enve
     summary = summarize(rows, task, configs, tol=tol, envelope=envelope,
                         latency_rows=latency_rows, bootstrap=int(analysis.get("bootstrap", 2000)),
                         ci=float(analysis.get("ci", 0.95)), seed=int((settings or {}).get("seed")
-                                                                     or 0))
+                                                                     or 0),
+                        samples=None if settings is None else int(settings.get("samples", 1)))
     summary["settings"] = dict(settings or {})
     sandbox = sandbox_summary(rows)
     if sandbox is not None:

@@ -323,22 +323,26 @@ _COUNTERS = ("tokens", "verifier_calls", "drafter_calls", "drafted", "accepted",
              "deferred")
 
 
-def merge_samples(rows: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], int]:
+def merge_samples(rows: Sequence[Mapping[str, Any]], samples: int | None = None,
+                  ) -> tuple[list[Mapping[str, Any]], int, int]:
     """Rows with several ``sample`` s per (configuration, example) -> one row per pair whose
     score is the mean of its samples' scores (the example stays the unit of every statistic:
     S samples of one problem are not S independent problems), its counters and new tokens
-    summed, its wall time summed (``None`` if a sample is untimed) and ``samples`` = S. A pair
-    without a row for every sample the rows have is left out (like a missing example) until
-    it is complete. Returns ``(rows, S)``; rows without samples come back unchanged."""
-    want = sorted({r.get("sample", 0) for r in rows})
+    summed, its wall time summed (``None`` if a sample is untimed) and ``samples`` = S.
+    ``samples``: the run's S (its ``run.json``); default: every sample index the rows have. A
+    pair without a row for each of the S samples is left out (like a missing example) until it
+    is complete. Returns ``(rows, S, incomplete pairs)``; one-sample rows come back unchanged."""
+    want = (list(range(samples)) if samples is not None
+            else sorted({r.get("sample", 0) for r in rows}))
     if want in ([], [0]):
-        return list(rows), 1
+        return [r for r in rows if r.get("sample", 0) == 0], 1, 0
     groups: dict[tuple[str, str], dict[int, Mapping[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["config"], r["example_id"]), {})[r.get("sample", 0)] = r
-    out = []
+    out, incomplete = [], 0
     for g in groups.values():
         if sorted(g) != want:
+            incomplete += 1
             continue
         rs = [g[x] for x in want]
         stats = dict(rs[0].get("stats") or {})
@@ -351,7 +355,7 @@ def merge_samples(rows: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, 
                     "stats": stats, "new_tokens": sum(int(r.get("new_tokens", 0)) for r in rs),
                     "wall_s": None if None in walls else float(sum(walls)),
                     "samples": len(rs), "sample_rows": rs})
-    return out, len(want)
+    return out, len(want), incomplete
 
 
 def summarize(
@@ -365,6 +369,7 @@ def summarize(
     bootstrap: int = 2000,
     ci: float = 0.95,
     seed: int = 0,
+    samples: int | None = None,
 ) -> dict[str, Any]:
     """The summary dict written to ``summary.json`` (module docstring for every definition).
 
@@ -380,10 +385,14 @@ def summarize(
         bootstrap: resamples of the examples for the confidence intervals (0: none).
         ci: the confidence level of every interval (and 1 - ci the level of the tests).
         seed: the bootstrap's seed.
+        samples: the run's samples per example (``run.json``; default: what the rows have);
+            see :func:`merge_samples`.
     """
-    samples = 1
+    incomplete = 0
     if getattr(task, "per_example", False):
-        rows, samples = merge_samples(rows)
+        rows, samples, incomplete = merge_samples(rows, samples)
+    else:
+        samples = 1
     by_key: dict[str, dict[str, Mapping[str, Any]]] = {}
     cfg_of: dict[str, EvalConfig] = {}
     for r in rows:
@@ -420,6 +429,8 @@ def summarize(
         m["wall_s"] = sum(lat_table[k][e][0] for e in lat_order) if k in lat else None
         scores = [float(r["scoring"]["score"]) for r in crow] if per_example else None
         m["quality_ci"] = quality_ci(scores, m["quality"], m["quality_se"], ci)
+        if scores and m["quality_ci"] is not None and all(0 <= x <= 1 for x in scores):
+            m["quality_ci"] = (max(m["quality_ci"][0], 0.0), min(m["quality_ci"][1], 1.0))
         m["level"] = c.level
         if c.divergence_budget is not None:  # what each response spent of its budget
             spent = [s.get("stats", {}).get("divergence_spent") for r in crow
@@ -460,7 +471,7 @@ def summarize(
         pooled = {"quality": verifier["quality"], "quality_se": verifier["quality_se"],
                   "sources": [ar_key], "n": len(order), "quality_ci": verifier["quality_ci"]}
     corpus = None
-    if not per_example and verifier is not None and bootstrap and order:
+    if not per_example and verifier is not None and order:
         corpus = _corpus_bootstrap(task, by_key, order, present, pooled_keys, ar_key,
                                    reps=bootstrap, ci=ci, seed=seed)
     if corpus is not None:
@@ -505,6 +516,7 @@ def summarize(
         "metric": getattr(task, "metric", "score"),
         "n_examples": len(order),
         "samples": samples,
+        "incomplete_samples": incomplete,
         "examples": order,
         "missing_configs": missing,
         "verifier": verifier,
@@ -526,7 +538,7 @@ def summarize(
                                                            reps=bootstrap, ci=ci, seed=seed),
                           lat_table, lat_order, tol=tol, envelope=envelope, reps=bootstrap,
                           ci=ci)
-    elif corpus is not None:
+    elif corpus is not None and bootstrap and target is not None:
         summary["paired_test"] = "paired bootstrap"
         _bootstrap_table2(summary, corpus["row"], corpus["Q"], corpus["T"], corpus["rng"],
                           lat_table, lat_order, tol=tol, envelope=envelope, reps=bootstrap,
@@ -578,48 +590,60 @@ def _per_example_replicates(summary, by_key, order, pooled_keys, *, reps, ci, se
 
 
 def _corpus_bootstrap(task, by_key, order, present, pooled_keys, ar_key, *, reps, ci, seed):
-    """Corpus-level metrics (BLEU): the paired bootstrap over segments.
+    """Corpus-level metrics (BLEU): the pooled verifier and the paired bootstrap over segments.
 
-    Each configuration's per-segment sufficient statistics (``task.segment_stats``) are summed
-    over ``reps`` resamples of the segments (the same resamples for every configuration); the
-    metric of each resample is ``task.score_from_stats`` of the sum. The pooled verifier is the
-    corpus of every verifier-law configuration's hypotheses (their statistics summed per
-    segment, so a resampled segment brings all of them). Per configuration: ``vs_verifier``
-    (against ``autoregressive``: Δ, the replicates' SD as its SE, the percentile CI and the
-    two-sided bootstrap p-value — the share of centred replicates at least as far from 0 as Δ,
-    (1 + count) / (1 + reps) — with Holm's adjustment over the family) and
-    ``vs_verifier_pooled`` (Δ to the pooled verifier and its CI). ``None`` if the task has no
-    segment statistics."""
+    The pooled verifier is the corpus of every verifier-law configuration's hypotheses: their
+    per-segment sufficient statistics (``task.segment_stats``) summed per segment, its quality
+    ``task.score_from_stats`` of the total (whether or not the bootstrap runs). With ``reps``
+    > 0 every configuration's statistics are also summed over ``reps`` resamples of the
+    segments (the same resamples for every configuration, so a resampled segment brings all
+    pooled hypotheses of it), giving per configuration ``vs_verifier`` (against
+    ``autoregressive``: Δ, the replicates' SD as its SE, the percentile CI and the two-sided
+    bootstrap p-value — the share of centred replicates at least as far from 0 as Δ,
+    (1 + count) / (1 + reps) — with Holm's adjustment over the family), ``vs_verifier_pooled``
+    (Δ to the pooled verifier and its CI) and the pooled verifier's SE and CI. ``None`` if the
+    task has no segment statistics (or sacrebleu's statistics API is not there)."""
     import numpy as np
 
     stats_of = getattr(task, "segment_stats", None)
     if stats_of is None or not hasattr(task, "score_from_stats"):
         return None
+    keys = [k for k in present if all(e in by_key[k] for e in order)]
+
+    def metric(totals) -> float:
+        return float(task.score_from_stats([int(round(x)) for x in totals]))
+
+    try:
+        stats = {k: np.asarray(stats_of([by_key[k][e]["scoring"] for e in order]),
+                               dtype=np.float64) for k in keys}
+        point = {k: metric(stats[k].sum(0)) for k in keys}
+    except (AttributeError, TypeError):  # sacrebleu's private statistics API changed
+        return None
+    V = sum(stats[k] for k in pooled_keys)
+    q_v = metric(V.sum(0))
+    pooled = {"quality": q_v, "quality_se": None, "sources": pooled_keys, "n": len(order),
+              "quality_ci": None}
+    out = {"pooled": pooled, "paired": {}, "row": None, "Q": None, "T": None, "rng": None}
+    if not reps:
+        return out
     rng = np.random.default_rng(seed)
     n = len(order)
     idx = rng.integers(0, n, size=(reps, n))
     counts = np.stack([np.bincount(r, minlength=n) for r in idx]).astype(np.float64)
     lo_q, hi_q = (1 - ci) / 2, (1 + ci) / 2
 
-    def metric(totals) -> float:
-        return float(task.score_from_stats([int(round(x)) for x in totals]))
+    def replicates(st) -> np.ndarray:
+        return np.array([metric(t) for t in counts @ st])
 
-    def replicates(stats) -> np.ndarray:
-        return np.array([metric(t) for t in counts @ stats])
+    def sd(x) -> float:
+        return float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
 
-    keys = [k for k in present if all(e in by_key[k] for e in order)]
-    stats = {k: np.asarray(stats_of([by_key[k][e]["scoring"] for e in order]), dtype=np.float64)
-             for k in keys}
     row = {k: i for i, k in enumerate(keys)}
     Q = np.stack([replicates(stats[k]) for k in keys])
-    point = {k: metric(stats[k].sum(0)) for k in keys}
-    V = sum(stats[k] for k in pooled_keys)
     T = replicates(V)
-    q_v = metric(V.sum(0))
-    band = [float(np.quantile(T, lo_q)), float(np.quantile(T, hi_q))]
-    pooled = {"quality": q_v, "quality_se": float(np.std(T, ddof=1)), "sources": pooled_keys,
-              "n": n, "quality_ci": band}
-    paired: dict[str, dict[str, Any]] = {}
+    pooled.update(quality_se=sd(T),
+                  quality_ci=[float(np.quantile(T, lo_q)), float(np.quantile(T, hi_q))])
+    paired: dict[str, dict[str, Any]] = out["paired"]
     family = []
     for k in keys:
         d_pool = Q[row[k]] - T
@@ -632,14 +656,15 @@ def _corpus_bootstrap(task, by_key, order, present, pooled_keys, ar_key, *, reps
         diff = point[k] - point[ar_key]
         far = int(np.sum(np.abs(d - d.mean()) >= abs(diff)))
         paired[k]["vs_verifier"] = {
-            "diff": diff, "diff_se": float(np.std(d, ddof=1)),
+            "diff": diff, "diff_se": sd(d),
             "ci": [float(np.quantile(d, lo_q)), float(np.quantile(d, hi_q))],
             "p": (1 + far) / (1 + reps), "test": "paired bootstrap"}
         family.append(paired[k]["vs_verifier"])
     for v, adj in zip(family, holm([v["p"] for v in family])):
         v["p_holm"] = adj
         v["resolved"] = adj < 1 - ci
-    return {"pooled": pooled, "paired": paired, "row": row, "Q": Q, "T": T, "rng": rng}
+    out.update(row=row, Q=Q, T=T, rng=rng)
+    return out
 
 
 def _bootstrap_table2(summary, row, Q, T, rng, lat_table, lat_order, *, tol, envelope, reps,
@@ -770,6 +795,9 @@ def to_markdown(summary: Mapping[str, Any], settings: Mapping[str, Any] | None =
                          f"{_f(p.get('divergence_spent_mean'))} | "
                          f"{_f(p.get('divergence_spent_max'))} | "
                          f"{_f(p['verifier_calls_per_token'])} |")
+    if summary.get("incomplete_samples"):
+        lines += ["", f"{summary['incomplete_samples']} (configuration, example) pairs lack some "
+                      f"of their {summary['samples']} samples and are not summarised yet."]
     if summary["missing_configs"]:
         lines += ["", "No rows yet: " + ", ".join(f"`{k}`" for k in summary["missing_configs"])]
     agree = summary.get("batch_invariance")

@@ -23,8 +23,13 @@ from speccascade_fast.eval import run_eval
 
 
 def hf_generate(drafter, verifier, input_ids, *, seed, alpha, temperature, max_new_tokens,
-                eos_token_id, attention_mask=None, **_):
-    """The harness's generate signature, answered by HF's assisted generation."""
+                eos_token_id, attention_mask=None, method=None, rule=None, gamma=None,
+                bonus=None, **rest):
+    """The harness's generate signature, answered by HF's assisted generation (only for the
+    configuration HF's procedure is: the ensemble rule, bonus from the verifier, γ = 5)."""
+    if (method, rule, gamma, bonus) != ("spec_cascade", "ensemble", 5, "verifier") or rest:
+        raise ValueError(f"HF's ensemble mode runs spec_cascade:ensemble:w:bonus=verifier at "
+                         f"gamma 5 only, not {(method, rule, gamma, bonus)} {sorted(rest)}")
     torch.manual_seed(seed)
     with torch.no_grad():
         out = verifier.generate(
