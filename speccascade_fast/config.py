@@ -225,8 +225,9 @@ class DecodeConfig:
     def settings(self) -> dict:
         """The settings a ``generate`` call reports in its statistics."""
         return {k: getattr(self, k) for k in ("method", "rule", "alpha", "gamma", "bonus",
-                                              "temperature", "draft_confidence",
-                                              "exact_prefix", "divergence_budget")}
+                                              "temperature", "top_k", "top_p", "min_p",
+                                              "draft_confidence", "exact_prefix",
+                                              "divergence_budget")}
 
 
 __all__ = ["BONUS", "GAMMA_POLICIES", "DEFAULT_ALPHA", "DEFAULT_MAX_DRAFTER_RUN", "DEFAULT_RULE",

@@ -40,8 +40,12 @@ def test_bonus_step():
 def test_settings_reported_in_statistics():
     cfg = DecodeConfig(rule="lossy", alpha=0.1, gamma=3, temperature=0.5)
     assert cfg.settings() == dict(method="spec_cascade", rule="lossy", alpha=0.1, gamma=3,
-                                  bonus="cascade", temperature=0.5, draft_confidence=None,
-                                  exact_prefix=0, divergence_budget=None)
+                                  bonus="cascade", temperature=0.5, top_k=None, top_p=None,
+                                  min_p=None, draft_confidence=None, exact_prefix=0,
+                                  divergence_budget=None)
+    sampled = DecodeConfig(method="autoregressive", top_k=40, top_p=0.9, min_p=0.05)
+    assert {k: sampled.settings()[k] for k in ("top_k", "top_p", "min_p")} == dict(
+        top_k=40, top_p=0.9, min_p=0.05)
 
 
 @pytest.mark.parametrize("kw,needle", [
