@@ -422,6 +422,12 @@ def test_paired_comparison_with_the_verifier():
     assert by["autoregressive"]["vs_verifier"]["diff"] == 0.0
     assert sign_test_p(0, 0) == 1.0 and sign_test_p(10, 0) == pytest.approx(2 / 1024)
     assert "## Paired with the verifier" in to_markdown(s)
+    # a partial run of a registered grid is adjusted for the whole grid's comparisons
+    wide = summarize(rows, ToyTask(), holm_family=5)
+    d5 = {p["config"]: p for p in wide["configs"]}["spec_cascade/spec"]["vs_verifier"]
+    assert d5["sign_p_holm"] == pytest.approx(min(1.0, 5 * d["sign_p"]))
+    assert wide["holm_family"] == 5 and "over the 5 comparisons of the grid" in to_markdown(wide)
+    assert s["holm_family"] == 1
     # corpus-level metrics (BLEU) are not compared example by example
     corpus = ToyTask()
     corpus.per_example = False

@@ -958,12 +958,16 @@ def _write_summary(out: Path, task, rows, configs, *, settings, plots, tol, enve
         keep = set(example_ids)
         rows = [r for r in rows if r["example_id"] in keep]
     latency_rows = load_rows(out / LATENCY_FILE)
-    analysis = (load_plan(out) or {}).get("analysis", {})
+    plan = load_plan(out) or {}
+    analysis = plan.get("analysis", {})
+    ar = EvalConfig("autoregressive").key
+    family = sum(k != ar for k in plan.get("configs", [])) or None
     summary = summarize(rows, task, configs, tol=tol, envelope=envelope,
                         latency_rows=latency_rows, bootstrap=int(analysis.get("bootstrap", 2000)),
                         ci=float(analysis.get("ci", 0.95)), seed=int((settings or {}).get("seed")
                                                                      or 0),
-                        samples=None if settings is None else int(settings.get("samples", 1)))
+                        samples=None if settings is None else int(settings.get("samples", 1)),
+                        holm_family=family)
     summary["settings"] = dict(settings or {})
     sandbox = sandbox_summary(rows)
     if sandbox is not None:

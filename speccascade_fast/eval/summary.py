@@ -370,6 +370,7 @@ def summarize(
     ci: float = 0.95,
     seed: int = 0,
     samples: int | None = None,
+    holm_family: int | None = None,
 ) -> dict[str, Any]:
     """The summary dict written to ``summary.json`` (module docstring for every definition).
 
@@ -387,6 +388,9 @@ def summarize(
         seed: the bootstrap's seed.
         samples: the run's samples per example (``run.json``; default: what the rows have);
             see :func:`merge_samples`.
+        holm_family: the number of comparisons with the verifier Holm's adjustment counts
+            (default: the configurations summarised; a registered plan's whole grid, so that a
+            partial run is not adjusted for fewer comparisons than it registered).
     """
     incomplete = 0
     if getattr(task, "per_example", False):
@@ -447,7 +451,8 @@ def summarize(
             p["vs_verifier"] = paired_vs([by_key[p["config"]][e] for e in order], base)
             if p["config"] != ar_key:
                 family.append(p)
-        for p, adj in zip(family, holm([p["vs_verifier"]["sign_p"] for p in family])):
+        for p, adj in zip(family, holm(_padded([p["vs_verifier"]["sign_p"] for p in family],
+                                               holm_family))):
             p["vs_verifier"]["sign_p_holm"] = adj
             p["vs_verifier"]["resolved"] = adj < 1 - ci
 
@@ -473,7 +478,7 @@ def summarize(
     corpus = None
     if not per_example and verifier is not None and order:
         corpus = _corpus_bootstrap(task, by_key, order, present, pooled_keys, ar_key,
-                                   reps=bootstrap, ci=ci, seed=seed)
+                                   reps=bootstrap, ci=ci, seed=seed, holm_family=holm_family)
     if corpus is not None:
         pooled = corpus["pooled"]
         for p in per_config:
@@ -517,6 +522,8 @@ def summarize(
         "n_examples": len(order),
         "samples": samples,
         "incomplete_samples": incomplete,
+        "holm_family": max(holm_family or 0, sum("vs_verifier" in p and p["config"] != ar_key
+                                                 for p in per_config)),
         "examples": order,
         "missing_configs": missing,
         "verifier": verifier,
@@ -589,7 +596,15 @@ def _per_example_replicates(summary, by_key, order, pooled_keys, *, reps, ci, se
     return row, Q, T, rng
 
 
-def _corpus_bootstrap(task, by_key, order, present, pooled_keys, ar_key, *, reps, ci, seed):
+def _padded(pvalues: list[float], family: int | None) -> list[float]:
+    """``pvalues`` with p = 1 for the comparisons of a ``family`` of that size that have no
+    rows yet (a partial run of a registered grid is adjusted for the whole grid: Holm's
+    adjustment can only grow)."""
+    return pvalues + [1.0] * max(0, (family or 0) - len(pvalues))
+
+
+def _corpus_bootstrap(task, by_key, order, present, pooled_keys, ar_key, *, reps, ci, seed,
+                      holm_family=None):
     """Corpus-level metrics (BLEU): the pooled verifier and the paired bootstrap over segments.
 
     The pooled verifier is the corpus of every verifier-law configuration's hypotheses: their
@@ -660,7 +675,7 @@ def _corpus_bootstrap(task, by_key, order, present, pooled_keys, ar_key, *, reps
             "ci": [float(np.quantile(d, lo_q)), float(np.quantile(d, hi_q))],
             "p": (1 + far) / (1 + reps), "test": "paired bootstrap"}
         family.append(paired[k]["vs_verifier"])
-    for v, adj in zip(family, holm([v["p"] for v in family])):
+    for v, adj in zip(family, holm(_padded([v["p"] for v in family], holm_family))):
         v["p_holm"] = adj
         v["resolved"] = adj < 1 - ci
     out.update(row=row, Q=Q, T=T, rng=rng)
@@ -817,7 +832,8 @@ def to_markdown(summary: Mapping[str, Any], settings: Mapping[str, Any] | None =
             f"({summary.get('bootstrap', 0)} resamples, the same for every configuration): "
             f"the replicates' SD, their {level} % percentile CI, the two-sided p-value (share "
             "of centred replicates at least as far from 0 as Δ) and its Holm adjustment over "
-            f"the {len(paired)} configurations (resolved: Holm p < "
+            f"the {summary.get('holm_family') or len(paired)} comparisons of the grid (resolved: "
+            "Holm p < "
             f"{1 - summary.get('ci', 0.95):.2f}); then Δ against the pooled verifier (the "
             f"corpus of {', '.join(f'`{k}`' for k in (pooled or {}).get('sources', []))}) "
             f"with its {level} % CI.",
@@ -841,7 +857,8 @@ def to_markdown(summary: Mapping[str, Any], settings: Mapping[str, Any] | None =
             f"Per configuration, over the same examples and seeds: Δ {metric}{unit} against "
             "`autoregressive` ± its paired standard error, the examples that go each way, the "
             "exact two-sided sign test on them (McNemar's for pass/fail) and its Holm "
-            f"adjustment over the {len(paired)} configurations (resolved: Holm p < "
+            f"adjustment over the {summary.get('holm_family') or len(paired)} comparisons of the "
+            "grid (resolved: Holm p < "
             f"{1 - summary.get('ci', 0.95):.2f}); then Δ against the pooled verifier "
             f"({', '.join(f'`{k}`' for k in (pooled or {}).get('sources', []))}) with its "
             f"{level} % bootstrap CI.",
