@@ -336,7 +336,7 @@ class Engine:
         self._gammas = []
         with torch.inference_mode():
             prefill_start = time.perf_counter()
-            shared = rows.prefill()
+            shared, reused = rows.prefill()
             if self.device is not None and self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # prefill_s is the prefill's device time
             prefill_s = time.perf_counter() - prefill_start
@@ -351,7 +351,8 @@ class Engine:
         sequences = outputs.sequences(input_ids.to(self.device), rows.new_tokens, pad)
         extra = {"gammas": self._gammas} if cfg.gamma_policy != "fixed" else {}
         stats = outputs.final_stats(rows.counters, settings, start, row_settings,
-                                    prefill_s=prefill_s, shared_prefix_tokens=shared, **extra)
+                                    prefill_s=prefill_s, shared_prefix_tokens=shared,
+                                    prefix_reused_tokens=reused, **extra)
         return GenerateOutput(sequences, stats, rows.new_tokens)
 
     def _call_settings(self, rules, alphas, temperatures, exact, spend):
@@ -737,11 +738,12 @@ class Rows:
                                  for x in (self.seeds, self.temperature, self.alpha)))
         return self._padded[1:]
 
-    def prefill(self) -> int:
+    def prefill(self) -> tuple[int, int]:
         """Both models take every row's prompt but its last token (which each block feeds).
         A prefix of at least :data:`MIN_SHARED_PREFIX` tokens that every row's prompt starts
-        with is fed once and copied (:meth:`SlotModel.prefill_shared`); returns its length (0:
-        none)."""
+        with is fed once and copied (:meth:`SlotModel.prefill_shared`, which reuses what an
+        earlier call of this engine fed of it); returns its length (0: none) and how many of
+        its tokens came from an earlier call."""
         tokens = torch.zeros(self.size, self.engine.slots, dtype=torch.int64,
                              device=self.engine.device)
         for b, prompt in enumerate(self.prompts):
@@ -750,12 +752,13 @@ class Rows:
         shared = shared_prefix(self.prompts, min(upto)) if self.size > 1 else 0
         if shared < MIN_SHARED_PREFIX:
             shared = 0
+        reused = []
         for m in (self.engine.q, self.engine.p):
             if m is not None:
                 if shared:
-                    m.prefill_shared(tokens, shared)
+                    reused.append(m.prefill_shared(tokens, shared))
                 m.prefill(tokens, upto)
-        return shared
+        return shared, min(reused, default=0)
 
     def budget_left(self, n: int) -> torch.Tensor | None:
         """float64 ``[n]`` on the device: what each row may still spend of its divergence budget

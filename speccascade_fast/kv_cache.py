@@ -93,6 +93,20 @@ class SlotCache(Cache):
             else:
                 buf[1:rows, :, :n] = buf[:1, :, :n]
 
+    def save_prefix(self, n: int) -> list[torch.Tensor]:
+        """A copy of row 0's slots ``[0, n)``, every layer's keys then values."""
+        if self.heads_last:
+            return [buf[:1, :n].clone() for buf in (*self.keys, *self.values)]
+        return [buf[:1, :, :n].clone() for buf in (*self.keys, *self.values)]
+
+    def load_prefix(self, saved: list[torch.Tensor], n: int) -> None:
+        """Row 0's slots ``[0, n)`` from :meth:`save_prefix`'s copy (of at least n slots)."""
+        for buf, old in zip((*self.keys, *self.values), saved):
+            if self.heads_last:
+                buf[:1, :n] = old[:, :n]
+            else:
+                buf[:1, :, :n] = old[:, :, :n]
+
     def keep_rows(self, index: torch.Tensor) -> None:
         """Compact the buffers: row ``i`` becomes the old row ``index[i]`` (finished sequences
         leave the batch; the freed rows are reused by the next ``generate``)."""
@@ -139,6 +153,8 @@ class SlotModel:
         limit = model_facts.context(model)
         self.max_position = (limit - 1) if limit is not None else None
         self.seen: list[int] = []
+        #: the last shared prefix fed: (its tokens [n], row 0's slots [0, n) per layer)
+        self.prefix: tuple[torch.Tensor, list[torch.Tensor]] | None = None
 
     def forward(self, ids: torch.Tensor, slots: torch.Tensor, kv_len: int,
                 keep: int) -> torch.Tensor:
@@ -156,15 +172,31 @@ class SlotModel:
                       use_cache=True, **{self.cache_arg: self.cache}, **kwargs).logits
         return out if self.keep_arg else out[:, -keep:]
 
-    def prefill_shared(self, tokens: torch.Tensor, n: int) -> None:
+    def prefill_shared(self, tokens: torch.Tensor, n: int) -> int:
         """Every row's first ``n`` tokens are the same (``tokens[0, :n]``): feed them once, as
         row 0 alone, and copy its slots to the other rows (a few-shot prefix costs one row's
-        prefill, not one per row). Every row has seen nothing yet."""
+        prefill, not one per row). Every row has seen nothing yet.
+
+        The slots of the last shared prefix fed are kept (:attr:`prefix`, one per model): the
+        tokens this prefix has in common with it are copied from there instead of being fed
+        again (the key/value slots of a position depend only on the tokens up to it), so
+        calls that share a few-shot prefix pay for it once. Returns how many were reused."""
         rows = len(self.seen)
-        slots = torch.arange(n, device=tokens.device)[None]
-        self.forward(tokens[:1, :n], slots, n, 1)
+        reuse = 0
+        if self.prefix is not None:
+            old, saved = self.prefix
+            m = min(n, old.numel())
+            differ = (tokens[0, :m] != old[:m]).nonzero()
+            reuse = int(differ[0]) if differ.numel() else m
+            if reuse:
+                self.cache.load_prefix(saved, reuse)
+        if n > reuse:
+            slots = torch.arange(reuse, n, device=tokens.device)[None]
+            self.forward(tokens[:1, reuse:n], slots, n, 1)
+            self.prefix = (tokens[0, :n].clone(), self.cache.save_prefix(n))
         self.cache.copy_prefix(n, rows)
         self.seen = [n] * rows
+        return reuse
 
     def prefill(self, tokens: torch.Tensor, upto: list[int]) -> None:
         """Feed each row ``b`` its tokens ``tokens[b, seen_b : upto_b]`` (rows left-padded to

@@ -33,7 +33,9 @@ Rates:
 * ``prefill_s``               - (the batched ``Engine`` only) seconds of the prompts' prefill
   in both models, part of ``wall_s``;
 * ``shared_prefix_tokens``    - (the batched ``Engine`` only) the length of the prefix every
-  prompt of the call starts with that was fed once and copied to every row (0: none).
+  prompt of the call starts with that was fed once and copied to every row (0: none);
+* ``prefix_reused_tokens``    - (the batched ``Engine`` only) how many of those the engine did
+  not feed again but copied from an earlier call's shared prefix (0: none).
 
 Every rate is 0.0 when its denominator is 0 (except ``tokens_per_verifier_call``).
 """

@@ -341,6 +341,43 @@ def test_a_shared_prefix_is_fed_once_with_the_same_tokens(pair, request, monkeyp
         assert alone.new_tokens[0] == shared.new_tokens[b], b
 
 
+@pytest.mark.parametrize("heads_last", [False, True], ids=["sdpa", "flash-attn-layout"])
+def test_a_shared_prefix_is_reused_by_later_calls(pair, request, monkeypatch, heads_last):
+    """A later call whose shared prefix starts with the previous one's copies those slots
+    instead of feeding them; its tokens are a fresh engine's. A prefix that differs is fed
+    (only the common part is reused), and becomes the kept one."""
+    from speccascade_fast import kv_cache
+
+    if heads_last:
+        request.getfixturevalue("flash_stand_in")
+    attention = "flash_attn" if heads_last else None
+
+    def engine():
+        return Engine(*pair, max_batch_size=3, max_seq_len=80, attention=attention,
+                      rule="token_v3", alpha=0.3, gamma=3)
+
+    run = dict(max_new_tokens=10, seed=11, eos_token_id=[], temperature=1.0)
+    first = _few_shot_prompts()
+    later = [p[:24] + [4, 4, 2] + p[24:] for p in first[:2]]  # same 24, then 2 more shared
+    other = [[60] * 4 + p[4:] for p in first]  # differs from the first token on (60 > any)
+    e = engine()
+    assert e.generate(*left_padded(first), **run).stats["prefix_reused_tokens"] == 0
+    fed = []
+    with monkeypatch.context() as mp:
+        mp.setattr(kv_cache.SlotModel, "forward", _counting(kv_cache.SlotModel.forward, fed))
+        out = e.generate(*left_padded(later), **run)
+    assert out.stats["shared_prefix_tokens"] == 27 and out.stats["prefix_reused_tokens"] == 24
+    # the kept 24 are not fed again: each model feeds slots 24..26 alone, then the rest
+    assert not any(int(sl[0, 0]) == 0 and sl.shape[0] == 1 for sl in fed)
+    assert sum(sl.shape == (1, 3) and int(sl[0, 0]) == 24 for sl in fed) == 2
+    assert out.new_tokens == engine().generate(*left_padded(later), **run).new_tokens
+    out = e.generate(*left_padded(other), **run)
+    assert out.stats["shared_prefix_tokens"] == 24 and out.stats["prefix_reused_tokens"] == 0
+    assert out.new_tokens == engine().generate(*left_padded(other), **run).new_tokens
+    again = e.generate(*left_padded(other), **run)  # the kept prefix is now ``other``'s
+    assert again.stats["prefix_reused_tokens"] == 24 and again.new_tokens == out.new_tokens
+
+
 def test_no_sharing_below_the_minimum_or_for_one_row(pair):
     engine = Engine(*pair, max_batch_size=3, max_seq_len=64, rule="spec", gamma=3)
     ids, mask = left_padded(PROMPTS)
