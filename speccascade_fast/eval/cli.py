@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .configs import METHODS, as_config, dedupe, make_configs
-from .grids import GRIDS
+from .grids import GRIDS, SETTING_DEFAULTS
 from .tasks import TASKS
 
 
@@ -270,7 +270,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise CLIError(f"argument --weights: grid {g.name} registers the bf16 models; run "
                        f"{args.weights} weights with --task and --config")
     for flag, attr, _ in _GRID_OPTIONS:
-        want = g.settings.get(attr, 1 if attr == "samples" else None)
+        want = g.settings.get(attr, SETTING_DEFAULTS.get(attr))
         given = getattr(args, attr)
         if given is not None and given != want:
             raise CLIError(f"argument {flag}: grid {g.name} registers {attr}={want!r}")

@@ -41,8 +41,8 @@ UNREGISTERED = ("budget", "created", "plan_sha256")
 #: run settings a plan fixes (run.json's names)
 PLAN_SETTINGS = ("task", "gamma", "temperature", "top_k", "top_p", "max_new_tokens", "seed",
                  "bonus", "seq_score", "samples")
-#: the value a run's settings imply for a plan setting they leave out
-_SETTING_DEFAULTS = {"samples": 1}
+#: the value a run's settings (or a grid's) imply for a plan setting they leave out
+SETTING_DEFAULTS = {"samples": 1}
 
 TOKEN_V3 = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 
@@ -189,7 +189,7 @@ def estimate_budget(grid: Grid, n_examples: int) -> dict[str, Any]:
     upper bound, the batched speed-up is not assumed) and of the latency protocol."""
     cfgs = [as_config(k) for k in grid.configs]
     mnt = grid.settings["max_new_tokens"]
-    samples = int(grid.settings.get("samples", 1))
+    samples = int(grid.settings.get("samples", SETTING_DEFAULTS["samples"]))
     per = {c.key: seconds_per_generation(c, grid.task, mnt) for c in cfgs}
     quality_s = n_examples * samples * sum(per.values())
     lat_n = min(grid.latency_limit, n_examples) * grid.latency_trials
@@ -258,7 +258,7 @@ def build_plan(grid: str | Grid, *, drafter: str | None, verifier: str | None,
         "quality": {"batch_size": batch_size or g.batch_size, "order":
                     "configurations outer (in this order), examples in task order, in chunks"
                     + (", each example's samples together"
-                       if g.settings.get("samples", 1) > 1 else "")},
+                       if g.settings.get("samples", SETTING_DEFAULTS["samples"]) > 1 else "")},
         "latency": {"limit": g.latency_limit, "trials": g.latency_trials, "batch_size": 1,
                     "order": "per (example, trial) the configurations in a shuffled order"},
         "analysis": dict(g.analysis),
@@ -284,9 +284,9 @@ def check_plan_matches(plan: Mapping[str, Any], settings: Mapping[str, Any],
         raise ValueError(f"{where} is for task {plan.get('task')!r}, not {settings.get('task')!r}")
     ps = plan.get("settings", {})
     for k in PLAN_SETTINGS:
-        got = settings.get(k, _SETTING_DEFAULTS.get(k))
-        want = ps.get(k, _SETTING_DEFAULTS.get(k))
-        if (k in ps or k in _SETTING_DEFAULTS) and k != "task" and want != got:
+        got = settings.get(k, SETTING_DEFAULTS.get(k))
+        want = ps.get(k, SETTING_DEFAULTS.get(k))
+        if (k in ps or k in SETTING_DEFAULTS) and k != "task" and want != got:
             raise ValueError(f"{where} registered {k}={want!r}; this run has "
                              f"{k}={got!r} (a registered plan cannot change)")
     if isinstance(ps.get("chat"), bool) and ps["chat"] != settings.get("chat"):
@@ -359,5 +359,5 @@ def write_plan(out: str | Path, plan: Mapping[str, Any]) -> Path:
     return path
 
 
-__all__ = ["GRIDS", "Grid", "PLAN_FILE", "build_plan", "check_folder_plan", "check_latency_plan",
+__all__ = ["GRIDS", "Grid", "PLAN_FILE", "SETTING_DEFAULTS", "build_plan", "check_folder_plan", "check_latency_plan",
            "check_plan_matches", "estimate_budget", "get_grid", "load_plan", "write_plan"]

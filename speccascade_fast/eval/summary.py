@@ -263,6 +263,15 @@ def quality_ci(scores: Sequence[float] | None, quality: float, se: float,
     return (quality - z * se, quality + z * se)
 
 
+def clipped_to_scores(band: tuple[float, float] | None,
+                      values: Sequence[float] | None) -> tuple[float, float] | None:
+    """``band`` cut to [0, 1] when every value it describes lies in [0, 1] (a normal interval
+    of per-example means may reach past the scores' range)."""
+    if band is None or not values or not all(0 <= x <= 1 for x in values):
+        return band
+    return (max(band[0], 0.0), min(band[1], 1.0))
+
+
 def _percentile(values: Sequence[float], q: float) -> float:
     v = sorted(values)
     if not v:
@@ -432,9 +441,8 @@ def summarize(
         m["relative_latency"], m["relative_latency_per_token"] = lat.get(k, (None, None))
         m["wall_s"] = sum(lat_table[k][e][0] for e in lat_order) if k in lat else None
         scores = [float(r["scoring"]["score"]) for r in crow] if per_example else None
-        m["quality_ci"] = quality_ci(scores, m["quality"], m["quality_se"], ci)
-        if scores and m["quality_ci"] is not None and all(0 <= x <= 1 for x in scores):
-            m["quality_ci"] = (max(m["quality_ci"][0], 0.0), min(m["quality_ci"][1], 1.0))
+        m["quality_ci"] = clipped_to_scores(
+            quality_ci(scores, m["quality"], m["quality_se"], ci), scores)
         m["level"] = c.level
         if c.divergence_budget is not None:  # what each response spent of its budget
             spent = [s.get("stats", {}).get("divergence_spent") for r in crow
@@ -467,9 +475,7 @@ def summarize(
         q, se = mean_and_se(per_ex)
         # normal on the per-example means (0, 1/2, 1 with two sources: not binomial trials),
         # clipped to [0, 1] for scores in [0, 1]
-        band = quality_ci(None, q, se, ci)
-        if band is not None and per_ex and all(0 <= x <= 1 for x in per_ex):
-            band = (max(band[0], 0.0), min(band[1], 1.0))
+        band = clipped_to_scores(quality_ci(None, q, se, ci), per_ex)
         pooled = {"quality": q, "quality_se": se, "sources": pooled_keys, "n": len(order),
                   "quality_ci": band}
     elif verifier is not None:
@@ -625,8 +631,8 @@ def _corpus_bootstrap(task, by_key, order, present, pooled_keys, ar_key, *, reps
         return None
     keys = [k for k in present if all(e in by_key[k] for e in order)]
 
-    def metric(totals) -> float:
-        return float(task.score_from_stats([int(round(x)) for x in totals]))
+    def metric(totals) -> float:  # sums of integer statistics (exact in float64)
+        return float(task.score_from_stats(totals))
 
     try:
         stats = {k: np.asarray(stats_of([by_key[k][e]["scoring"] for e in order]),

@@ -27,6 +27,20 @@ from .base import Example, Task, data_root, render_chat, require_file
 INSTRUCTION = "Translate English to German."
 
 
+def segment_statistics(bleu: Any, hypotheses: Sequence[str],
+                       references: Sequence[str]) -> np.ndarray:
+    """Per-segment sufficient statistics of corpus BLEU (``[n, k]`` integers, sacrebleu's own
+    through its private API: AttributeError/TypeError if that changed). The corpus BLEU of any
+    multiset of segments is :func:`score_from_statistics` of their rows' sum."""
+    return np.asarray(bleu._extract_corpus_statistics(list(hypotheses), [list(references)]),
+                      dtype=np.int64)
+
+
+def score_from_statistics(bleu: Any, totals: Sequence[float]) -> float:
+    """Corpus BLEU from summed :func:`segment_statistics`."""
+    return float(bleu._compute_score_from_stats([int(x) for x in totals]).score)
+
+
 def corpus_bleu_with_se(
     hypotheses: Sequence[str], references: Sequence[str], n_boot: int = 1000, seed: int = 0
 ) -> tuple[float, float]:
@@ -48,8 +62,8 @@ def corpus_bleu_with_se(
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(n_boot, n))
     try:  # per-segment sufficient statistics, summed per resample (fast path)
-        stats = np.asarray(bleu._extract_corpus_statistics(hyps, refs), dtype=np.int64)
-        reps = [bleu._compute_score_from_stats(stats[i].sum(0).tolist()).score for i in idx]
+        stats = segment_statistics(bleu, hyps, refs[0])
+        reps = [score_from_statistics(bleu, stats[i].sum(0)) for i in idx]
     except (AttributeError, TypeError):  # private API changed: recompute from text
         reps = [
             BLEU().corpus_score([hyps[j] for j in i], [[refs[0][j] for j in i]]).score for i in idx
@@ -132,19 +146,20 @@ class WMT14(Task):
         """Per-segment sufficient statistics of corpus BLEU, ``[n, k]`` integers: the corpus
         BLEU of any multiset of segments is :meth:`score_from_stats` of their sum (what the
         paired bootstrap of the summary resamples)."""
-        from sacrebleu.metrics import BLEU
-
-        hyps = [s["hypothesis"] for s in scores]
-        refs = [[s["reference"] for s in scores]]
-        return np.asarray(BLEU()._extract_corpus_statistics(hyps, refs), dtype=np.int64)
+        return segment_statistics(self._metric(), [s["hypothesis"] for s in scores],
+                                  [s["reference"] for s in scores])
 
     def score_from_stats(self, totals: Sequence[float]) -> float:
         """Corpus BLEU from summed :meth:`segment_stats`."""
-        from sacrebleu.metrics import BLEU
+        return score_from_statistics(self._metric(), totals)
 
+    def _metric(self):
+        """One sacrebleu ``BLEU`` (default settings) for the statistics methods."""
         if self._bleu is None:
+            from sacrebleu.metrics import BLEU
+
             self._bleu = BLEU()
-        return float(self._bleu._compute_score_from_stats([int(x) for x in totals]).score)
+        return self._bleu
 
     def aggregate(self, scores: Sequence[dict[str, Any]]) -> tuple[float, float]:
         return corpus_bleu_with_se(
