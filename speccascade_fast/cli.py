@@ -263,7 +263,8 @@ def add_generate_subcommand(subparsers) -> argparse.ArgumentParser:
                         "probability below P, in (0, 1) (at most --gamma drafts; default: off)")
     p.add_argument("--gamma-policy", default="fixed", choices=GAMMA_POLICIES,
                    help="spec_cascade: 'goodput' picks each block's drafts (at most --gamma) for "
-                        "the most tokens per second (default: fixed)")
+                        "the most tokens per second, 'goodput_confidence' the same with "
+                        "acceptance predicted from the drafter's confidence (default: fixed)")
     p.add_argument("--exact-prefix", type=int, default=0, metavar="L",
                    help="spec_cascade: the first L tokens keep the verifier's law exactly "
                         "(default: 0)")

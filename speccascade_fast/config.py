@@ -18,7 +18,7 @@ METHODS = (
     "drafter_only",
 )
 BONUS = ("cascade", "verifier")
-GAMMA_POLICIES = ("fixed", "goodput")
+GAMMA_POLICIES = ("fixed", "goodput", "goodput_confidence")
 SEQ_SCORES = ("prob", "mean_logprob")
 
 #: The rule each method uses when ``rule=None``.
@@ -99,8 +99,9 @@ class DecodeConfig:
     logits_processor: Callable | None = None
     #: how many drafts each block makes: ``"fixed"`` (always ``gamma``), ``"goodput"`` (chosen
     #: per block in ``{0 or 1, ..., gamma}`` to maximise expected tokens per second, see
-    #: :mod:`speccascade_fast.goodput`), or a schedule ``f(block_index, batch_size) -> gamma``
-    #: (the batched Engine only)
+    #: :mod:`speccascade_fast.goodput`), ``"goodput_confidence"`` (the same, each row's acceptance
+    #: predicted from the drafter's confidence), or a schedule ``f(block_index, batch_size) ->
+    #: gamma`` (the batched Engine only)
     gamma_policy: str | Callable = "fixed"
     #: the first ``exact_prefix`` emitted tokens of every response use the lossless rule
     #: (``spec``): a block that starts inside the prefix is verified losslessly (``spec_cascade``)

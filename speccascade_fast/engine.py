@@ -69,13 +69,13 @@ from . import backends, checks, inputs, model_facts, outputs
 from .attention import ATTENTION, check_backend
 from .config import DecodeConfig
 from .draft_confidence import DraftConfidenceBlocks
-from .goodput import Goodput, acceptance
+from .goodput import AcceptanceLog, ConfidenceAcceptance, Goodput, acceptance
 from .graphs import Graphs
 from .kv_cache import SlotModel
 from .outputs import GenerateOutput, bonus_keepable
 from .pack import BlockResult, Layout, nonfinite
 from .rules import ALPHA_RANGES
-from .sampling import draw
+from .sampling import draw, max_probability
 from .stats import Counters
 
 #: the methods the engine runs (the others run on the sequential loops)
@@ -94,15 +94,18 @@ STEP = Layout("Step", token=1, nonfinite=1)
 
 
 @functools.cache
-def block_layout(gamma: int, spent: bool = False) -> Layout:
+def block_layout(gamma: int, spent: bool = False, confidence: bool = False) -> Layout:
     """A fixed block's host read: the accepted count, the gamma + 1 output tokens (-1 after the
     emitted ones), the gamma drafts, the gamma + 1 deferral flags, whether the drafter's and
-    the verifier's logits were non-finite, and with a divergence budget each position's charge
-    (float64)."""
+    the verifier's logits were non-finite, with a divergence budget each position's charge
+    (float64), and for the goodput controller's confidence predictor the drafter's largest
+    probability at each draft (float64)."""
     more = {"spent": [gamma + 1]} if spent else {}
+    if confidence:
+        more["confidence"] = [gamma]
     return Layout("Block", accepted=1, tokens=[gamma + 1], drafts=[gamma],
                   deferred=[gamma + 1], q_nonfinite=1, p_nonfinite=1, **more,
-                  floats=("spent",) if spent else ())
+                  floats=tuple(more))
 
 
 def supports(method: str, *models, attention: str | None = None) -> bool:
@@ -254,8 +257,14 @@ class Engine:
         self._verify = None  # and its function
         self._draft_confidence = (DraftConfidenceBlocks(self)
                                   if self.cfg.draft_confidence is not None else None)
+        adaptive = self.cfg.gamma_policy in ("goodput", "goodput_confidence")
         self._goodput = (Goodput(self.cfg.gamma, allow_zero=self.cfg.min_gamma == 0)
-                         if self.cfg.gamma_policy == "goodput" else None)
+                         if adaptive else None)
+        #: the drafter-confidence acceptance predictor, and how each predictor scored
+        self._confidence = (ConfidenceAcceptance()
+                            if self.cfg.gamma_policy == "goodput_confidence" else None)
+        self._acceptance_log = AcceptanceLog()
+        self._predicted: dict[str, list[float]] = {}  # the last block's predictions per row
         self._gammas: list[int] = []  # the gamma of each block of the current call
         self._indices: dict = {}  # row-index tensors of mixed-rule verifications
 
@@ -334,6 +343,9 @@ class Engine:
         rows = Rows(self, prompts, inputs.seeds(seed, B), temperatures, alphas, budgets, eos,
                     hooks, rules, exact, spend)
         self._gammas = []
+        self._acceptance_log = AcceptanceLog()
+        if self._confidence is not None:
+            self._confidence.new_call()
         with torch.inference_mode():
             prefill_start = time.perf_counter()
             shared, reused = rows.prefill()
@@ -350,6 +362,8 @@ class Engine:
                 rows.drop_finished()
         sequences = outputs.sequences(input_ids.to(self.device), rows.new_tokens, pad)
         extra = {"gammas": self._gammas} if cfg.gamma_policy != "fixed" else {}
+        if self._goodput is not None:
+            extra["acceptance_log_loss"] = self._acceptance_log.summary()
         stats = outputs.final_stats(rows.counters, settings, start, row_settings,
                                     prefill_s=prefill_s, shared_prefix_tokens=shared,
                                     prefix_reused_tokens=reused, **extra)
@@ -402,6 +416,11 @@ class Engine:
             results, calls = self._draft_confidence(rows, width)
         for b, r in enumerate(results):
             s = rows.stats(b)
+            if self._goodput is not None:  # score the predictions (before this block counts)
+                self._acceptance_log.add({k: v[b] for k, v in self._predicted.items()},
+                                         r.drafted, r.accepted)
+            if self._confidence is not None:
+                self._confidence.observe(rows.index[b], r.confidence, r.drafted, r.accepted)
             s.verifier_calls += 1
             s.drafter_calls += calls
             s.add_block(r.drafted, r.accepted)
@@ -422,10 +441,15 @@ class Engine:
         if policy == "fixed":
             return cfg.gamma
         min_gamma = 0 if all(r == "spec" or cfg.bonus == "verifier" for r in rules) else 1
-        if policy == "goodput":
-            gamma = self._goodput.choose(rows.size, [
-                acceptance(rows.stats(b).accepted, rows.stats(b).rejected)
-                for b in range(rows.size)], min_gamma)
+        if self._goodput is not None:
+            predicted = {"counts": [acceptance(rows.stats(b).accepted, rows.stats(b).rejected)
+                                    for b in range(rows.size)]}
+            if self._confidence is not None:
+                predicted["confidence"] = [self._confidence.predict(seq) for seq in rows.index]
+            self._predicted = predicted
+            gamma = self._goodput.choose(rows.size, predicted["confidence" if policy ==
+                                                              "goodput_confidence" else "counts"],
+                                         min_gamma)
         else:
             gamma = policy(len(self._gammas), rows.size)
             if isinstance(gamma, bool) or not isinstance(gamma, int) \
@@ -465,7 +489,7 @@ class Engine:
         q, p = self.q, self.p
         n = self._bucket(rows.size)
         budget = rows.budget_left(n)  # None without a divergence budget
-        layout = block_layout(gamma, budget is not None)
+        layout = block_layout(gamma, budget is not None, self._confidence is not None)
         kv, greedy = self._kv(rows), rows.greedy
         in_body = self._graphs is not None and any(map(self._bonus_step, rules))
 
@@ -520,7 +544,7 @@ class Engine:
             self._check_logits([r.q_nonfinite for r in host], ("drafter logits", q_logits))
             calls += 1
         return [BlockResult(r.accepted, r.tokens[: 1 + r.accepted], r.deferred, g[b],
-                            getattr(r, "spent", None))
+                            getattr(r, "spent", None), getattr(r, "confidence", None))
                 for b, r in enumerate(host)], calls
 
     def _verified(self, q_logits, drafts, p_logits, seeds, temperature, alpha, t, rules,
@@ -555,7 +579,10 @@ class Engine:
                 if spent is not None:
                     spent.index_copy_(0, ix, out.spent)
         more = {} if budget is None else {"spent": spent}
-        return block_layout(drafts.shape[1], budget is not None).pack(
+        if self._confidence is not None:
+            more["confidence"] = max_probability(q_logits[:, : drafts.shape[1]], temperature)
+        return block_layout(drafts.shape[1], budget is not None,
+                            self._confidence is not None).pack(
             accepted=accepted, tokens=tokens, drafts=drafts, deferred=deferred,
             q_nonfinite=nonfinite(q_logits), p_nonfinite=nonfinite(p_logits), **more)
 

@@ -126,9 +126,12 @@ def generate(
             the sequential loops (one sequence at a time).
         gamma_policy: ``"fixed"`` (every block drafts ``gamma``), ``"goodput"`` (each block's
             gamma, at most ``gamma``, chosen to maximise expected tokens per second from the
-            measured block times and each row's acceptance so far; :mod:`speccascade_fast.goodput`)
-            or a schedule ``f(block_index, batch_size) -> gamma``. The batched Engine only; the
-            chosen gammas are in ``stats["gammas"]``.
+            measured block times and each row's acceptance so far; :mod:`speccascade_fast.goodput`),
+            ``"goodput_confidence"`` (the same with each row's acceptance predicted from the
+            drafter's confidence at its last verified drafts, calibrated online) or a schedule
+            ``f(block_index, batch_size) -> gamma``. The batched Engine only; the chosen gammas
+            are in ``stats["gammas"]``, with a goodput policy each acceptance predictor's
+            log-loss in ``stats["acceptance_log_loss"]``.
         exact_prefix: ``spec_cascade``: the first ``exact_prefix`` emitted tokens of every
             response keep the verifier's law exactly (a block that starts inside the prefix is
             verified with the lossless ``spec``), whatever the rule: e.g. the opening of a

@@ -36,12 +36,22 @@ position: always for lossless ``spec`` and with ``bonus="verifier"`` (a zero-dra
 bonus position, pT). Under ``bonus="cascade"`` with another rule the token would need the
 drafter's q there anyway, so g_min is 1.
 
+Two ways to predict ``a_b`` (``gamma_policy``): ``"goodput"`` uses the counts above, which
+average over everything the row has verified so far; ``"goodput_confidence"`` uses
+:class:`ConfidenceAcceptance`, which reads the drafter's own confidence (its largest
+probability at each verified draft, the Chow score) over the row's last blocks and maps it to an
+acceptance through a calibration table learned online from every row's verified positions, so the
+prediction follows the text (drafts copying a docstring, then new code) rather than the row's
+history. Both predictors are scored on every block's outcome (:class:`AcceptanceLog`; the
+statistics' ``acceptance_log_loss``), so a run says which predicted better.
+
 The choice only decides where blocks end, never how a token is drawn, so the law of every emitted
 token is the rule's. The chosen gammas are recorded in the statistics (``gammas``); a run with a
 fixed schedule (``gamma_policy`` a callable) is deterministic and batch-invariant.
 """
 from __future__ import annotations
 
+import bisect
 import math
 
 #: weight of the newest block time in the moving average
@@ -50,6 +60,15 @@ EMA = 0.3
 PROBE_AFTER = 8
 #: ... doubled after each probe that did not change the choice, up to this many
 PROBE_MAX = 256
+#: upper edges of the confidence bins the calibration counts in (the drafter's largest
+#: probability sits mostly near 1)
+EDGES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
+#: weight of the newest verified position in a row's confidence feature
+CONFIDENCE_EMA = 0.5
+#: pseudo-counts, at the pooled acceptance, in each calibration bin
+PRIOR = 2.0
+#: predicted acceptances are kept in [EPS, 1 - EPS] when scored
+EPS = 1e-4
 
 
 class Goodput:
@@ -123,3 +142,85 @@ class Goodput:
 def acceptance(accepted: int, rejected: int) -> float:
     """A row's per-draft acceptance estimate from its counts (Beta(1, 1) prior)."""
     return (accepted + 1) / (accepted + rejected + 2)
+
+
+def verified_positions(drafted: int, accepted: int) -> int:
+    """How many of a block's draft positions the verifier decided: the accepted ones and the
+    first rejected one (drafts after it were conditioned on a token that was not kept)."""
+    return min(accepted + 1, drafted)
+
+
+class ConfidenceAcceptance:
+    """Per-row acceptance predicted from the drafter's confidence (``gamma_policy=
+    "goodput_confidence"``).
+
+    A row's feature is an exponential moving average (weight :data:`CONFIDENCE_EMA` per
+    position) of the drafter's largest probability at the row's verified draft positions. The
+    calibration table counts, per bin of the feature (:data:`EDGES`), the verified positions of
+    the blocks that followed it and how many were accepted, pooled over rows and kept across
+    calls (like the controller's times); a bin predicts its acceptance shrunk towards the
+    pooled one by :data:`PRIOR` pseudo-counts. A row without a feature yet (its first block)
+    gets the pooled acceptance. :meth:`new_call` forgets the rows, not the table."""
+
+    def __init__(self):
+        self.accepted = [0] * (len(EDGES) + 1)
+        self.verified = [0] * (len(EDGES) + 1)
+        self.feature: dict[int, float] = {}  # sequence -> its confidence feature
+
+    def new_call(self) -> None:
+        self.feature = {}
+
+    def pooled(self) -> float:
+        """The acceptance of every verified position so far (Beta(1, 1) prior)."""
+        return acceptance(sum(self.accepted), sum(self.verified) - sum(self.accepted))
+
+    def predict(self, seq: int) -> float:
+        x = self.feature.get(seq)
+        pooled = self.pooled()
+        if x is None:
+            return pooled
+        i = bisect.bisect_left(EDGES, x)
+        return (self.accepted[i] + PRIOR * pooled) / (self.verified[i] + PRIOR)
+
+    def observe(self, seq: int, confidence: list[float], drafted: int, accepted: int) -> None:
+        """Sequence ``seq``'s block: the drafter's largest probability at each draft
+        (``confidence``, at least ``drafted`` of them), ``drafted`` drafts verified,
+        ``accepted`` of them accepted. Calibrates the feature the block's prediction read, then
+        moves the feature over the block's verified positions."""
+        n = verified_positions(drafted, accepted)
+        x = self.feature.get(seq)
+        if x is not None and n:
+            i = bisect.bisect_left(EDGES, x)
+            self.accepted[i] += min(accepted, drafted)
+            self.verified[i] += n
+        for c in confidence[:n]:
+            x = c if x is None else (1 - CONFIDENCE_EMA) * x + CONFIDENCE_EMA * c
+        if x is not None:
+            self.feature[seq] = x
+
+
+class AcceptanceLog:
+    """How well each predictor's acceptance foretold the blocks: the mean log-loss (nats) per
+    verified draft position, each position a Bernoulli(``a``) outcome (accepted, or the block's
+    rejected one), under the i.i.d. model the controller plans with."""
+
+    def __init__(self):
+        self.loss: dict[str, float] = {}
+        self.positions = 0
+
+    def add(self, predictions: dict[str, float], drafted: int, accepted: int) -> None:
+        """One row's block scored under each predictor's ``predictions[name]``."""
+        n = verified_positions(drafted, accepted)
+        if not n:
+            return
+        rejected = int(accepted < drafted)
+        for name, a in predictions.items():
+            a = min(max(a, EPS), 1 - EPS)
+            loss = -(n - rejected) * math.log(a) - rejected * math.log(1 - a)
+            self.loss[name] = self.loss.get(name, 0.0) + loss
+        self.positions += n
+
+    def summary(self) -> dict:
+        """``{predictor: mean log-loss, ..., "positions": n}``."""
+        out = {k: v / self.positions for k, v in self.loss.items()} if self.positions else {}
+        return {**out, "positions": self.positions}

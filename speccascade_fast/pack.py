@@ -90,11 +90,13 @@ class BlockResult:
     """What one row of a verified block emits: the number of accepted drafts, the tokens to
     emit (the accepted drafts and the residual/bonus token), the deferral flags, and how many
     drafts the sequential engine would have verified (``drafted``), and with a divergence budget
-    each position's charge (``spent``, else None)."""
+    each position's charge (``spent``, else None), and where the goodput controller reads it the
+    drafter's largest probability at each draft (``confidence``, else None)."""
 
-    __slots__ = ("accepted", "tokens", "deferred", "drafted", "spent")
+    __slots__ = ("accepted", "tokens", "deferred", "drafted", "spent", "confidence")
 
     def __init__(self, accepted: int, tokens: list[int], deferred: list[int], drafted: int,
-                 spent: list[float] | None = None):
+                 spent: list[float] | None = None, confidence: list[float] | None = None):
         self.accepted, self.tokens, self.drafted, self.spent = accepted, tokens, drafted, spent
+        self.confidence = confidence
         self.deferred = [bool(f) for f in deferred]

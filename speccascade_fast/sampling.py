@@ -103,3 +103,15 @@ def draft_probability(logits, tokens, temperature) -> torch.Tensor:
     t = torch.where(t > 0, t, torch.ones_like(t)).expand(logits.shape[0])
     logp = torch.log_softmax(logits.double() / t[:, None], dim=-1)
     return logp.gather(1, tokens.view(-1, 1)).squeeze(1).exp()
+
+
+def max_probability(logits, temperature) -> torch.Tensor:
+    """float32 ``[R, S]``: the largest probability of ``softmax(logits[r, s] / T_r)`` (the Chow
+    score), with ``T_r = 1`` where the row is greedy as in :func:`draft_probability`.
+    ``logits`` ``[R, S, V]``, ``temperature`` a number or float tensor ``[R]``. It feeds the
+    goodput controller's acceptance prediction only, never a draw."""
+    x = logits.float()
+    t = torch.as_tensor(temperature, dtype=torch.float32, device=x.device)
+    t = torch.where(t > 0, t, torch.ones_like(t)).expand(x.shape[0])[:, None, None]
+    x = x / t
+    return (x.amax(-1) - torch.logsumexp(x, dim=-1)).exp()

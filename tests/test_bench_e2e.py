@@ -38,12 +38,16 @@ def test_every_configuration_decodes_the_same_work(result):
         name = e2e.CONFIGS[key][0].format(alpha=0.3, dc=0.5) + ", at most 4 drafts"
         assert (name, 1) in names and (name, 2) in names
     assert result["settings"]["dc_gamma"] == 4
-    for key in ("spec-greedy-goodput", "spec-t1-goodput", "token_v3-t1-goodput"):
+    for key in ("spec-greedy-goodput", "spec-t1-goodput", "token_v3-t1-goodput",
+                "spec-greedy-goodput-conf", "spec-t1-goodput-conf", "token_v3-t1-goodput-conf"):
         name = e2e.CONFIGS[key][0].format(alpha=0.3)
         rows = [r for r in result["rows"] if r.name == name]
         assert {r.batch for r in rows} == {1, 2}
         # blocks per chosen gamma, each gamma in [0, 3] (0 only where the rule allows it)
         assert all(set(r.extra["gammas"]) <= {0, 1, 2, 3} and r.extra["gammas"] for r in rows)
+        # each predictor's mean log-loss per verified position (confidence: both are scored)
+        want = {"counts", "positions"} | ({"confidence"} if key.endswith("-conf") else set())
+        assert all(set(r.extra["acceptance_log_loss"]) == want for r in rows)
     for key in e2e.INT8_CONFIGS:
         assert (e2e.CONFIGS[key][0].format(alpha=0.3) + " (int8 drafter)", 1) in names
         assert ((e2e.CONFIGS[key][0].format(alpha=0.3) + " (int8 drafter)", 2) in names) == (

@@ -496,6 +496,7 @@ def test_min_p_is_refused_where_a_cascade_verifies(pair):
 # --- goodput-adaptive gamma ---------------------------------------------------------------------
 @pytest.mark.parametrize("rule,alpha,bonus,policy", [
     ("spec", None, "cascade", "goodput"),
+    ("token_v3", 0.3, "verifier", "goodput_confidence"),  # 0 allowed: plain steps too
     ("token_v3", 0.3, "cascade", lambda i, batch: 1 + i % 2),  # min gamma 1 under "cascade"
     ("chow", 0.5, "verifier", lambda i, batch: i % 3),  # 0: a plain verifier step
 ])
@@ -507,6 +508,20 @@ def test_two_token_law_with_adaptive_gamma(small_pair, rule, alpha, bonus, polic
                                       gamma_policy=policy)
     assert chi2_pvalue(tokens, law) > 1e-3
     assert stats["gammas"] and all(0 <= g <= 2 for g in stats["gammas"])
+    if policy == "goodput_confidence":  # both predictors scored on the blocks' outcomes
+        scored = stats["acceptance_log_loss"]
+        assert set(scored) == {"counts", "confidence", "positions"} and scored["positions"] > 0
+        assert all(0 <= scored[k] < 10 for k in ("counts", "confidence"))
+
+
+def test_goodput_confidence_greedy_spec_is_the_verifiers_greedy_text(pair):
+    """Where blocks end never changes a greedy lossless text: the verifier's own."""
+    ids, mask = left_padded(PROMPTS)
+    kw = dict(attention_mask=mask, max_new_tokens=20, eos_token_id=[], temperature=0.0)
+    alone = generate(*pair, ids, method="autoregressive", **kw)
+    out = generate(*pair, ids, rule="spec", gamma=4, gamma_policy="goodput_confidence", **kw)
+    assert out.new_tokens == alone.new_tokens
+    assert out.stats["acceptance_log_loss"]["positions"] > 0
 
 
 def test_a_fixed_gamma_schedule_is_deterministic_and_batch_invariant(pair):

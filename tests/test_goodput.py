@@ -5,8 +5,20 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
-from speccascade_fast.goodput import PROBE_AFTER, PROBE_MAX, Goodput, acceptance
+from speccascade_fast.goodput import (
+    EDGES,
+    PRIOR,
+    PROBE_AFTER,
+    PROBE_MAX,
+    AcceptanceLog,
+    ConfidenceAcceptance,
+    Goodput,
+    acceptance,
+    verified_positions,
+)
+from speccascade_fast.sampling import max_probability
 
 
 def test_expected_tokens_by_hand():
@@ -88,3 +100,66 @@ def test_a_run_of_plain_steps_ends_with_a_probe_and_probes_back_off():
     h = Goodput(gamma_max=4, allow_zero=False)
     h.times, h.seen = dict(g.times), dict(g.seen)
     assert {h.choose(1, [0.8]) for _ in range(3 * PROBE_AFTER)} == {1}
+
+
+def test_verified_positions_are_the_accepted_and_the_first_rejected():
+    assert verified_positions(5, 5) == 5  # all accepted
+    assert verified_positions(5, 2) == 3  # 2 accepted, the third rejected
+    assert verified_positions(5, 0) == 1
+    assert verified_positions(0, 0) == 0
+
+
+def test_confidence_acceptance_calibrates_its_feature_by_hand():
+    c = ConfidenceAcceptance()
+    assert c.predict(0) == 0.5  # nothing seen: the pooled Beta(1, 1) prior
+    # the first block sets the feature only (no prediction read one): EMA over the verified
+    # positions 0.9, 0.6, then 0.2 (rejected); the fourth draft came after the rejection
+    c.observe(0, [0.9, 0.6, 0.2, 0.99], drafted=4, accepted=2)
+    assert c.feature[0] == pytest.approx(0.5 * (0.5 * 0.9 + 0.5 * 0.6) + 0.5 * 0.2)
+    assert sum(c.verified) == 0 and c.predict(0) == 0.5
+    x = c.feature[0]  # 0.475: bin 0 (<= 0.5)
+    # the next block, predicted from x, accepted all 3 drafts: bin 0 counts 3 of 3
+    c.observe(0, [0.99, 0.99, 0.99], drafted=3, accepted=3)
+    assert c.accepted[0] == c.verified[0] == 3 and x <= EDGES[0]
+    pooled = acceptance(3, 0)  # 0.8
+    assert c.pooled() == pytest.approx(pooled)
+    # row 0's feature moved to 0.925 (0.9 < x <= 0.95: nothing counted there yet): pooled
+    assert c.feature[0] == pytest.approx(0.925625) and EDGES[3] < c.feature[0] <= EDGES[4]
+    assert c.predict(0) == pytest.approx(pooled)
+    # a row whose feature sits in bin 0 gets that bin's rate shrunk to the pooled one
+    c.feature[1] = 0.3
+    assert c.predict(1) == pytest.approx((3 + PRIOR * pooled) / (3 + PRIOR))
+    c.new_call()  # rows forgotten, the table kept
+    assert c.feature == {} and c.predict(1) == pytest.approx(pooled) and c.verified[0] == 3
+
+
+def test_confidence_acceptance_learns_an_informative_feature():
+    """Confident stretches accepted, unsure ones rejected: the predictions separate."""
+    c = ConfidenceAcceptance()
+    for i in range(200):
+        sure = (i // 10) % 2 == 0  # stretches of 10 blocks
+        c.observe(0, [0.995] * 4 if sure else [0.4] * 4, drafted=4, accepted=4 if sure else 0)
+    c.feature = {0: 0.995, 1: 0.4}
+    assert c.predict(0) > 0.9 and c.predict(1) < 0.5  # pooled: 0.80
+
+
+def test_acceptance_log_loss_by_hand():
+    log = AcceptanceLog()
+    log.add({"a": 0.8, "b": 0.5}, drafted=4, accepted=2)  # 2 accepted, 1 rejected
+    log.add({"a": 0.8, "b": 0.5}, drafted=0, accepted=0)  # nothing verified: not scored
+    s = log.summary()
+    assert s["positions"] == 3
+    assert s["a"] == pytest.approx(-(2 * math.log(0.8) + math.log(0.2)) / 3)
+    assert s["b"] == pytest.approx(math.log(2))
+    assert AcceptanceLog().summary() == {"positions": 0}
+
+
+def test_max_probability_is_the_softmax_max_at_each_rows_temperature():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 2, 11)
+    t = torch.tensor([1.0, 0.5, 0.0])  # greedy reads T = 1
+    got = max_probability(logits, t)
+    want = torch.stack([torch.softmax(logits[r] / (t[r].item() or 1.0), -1).amax(-1)
+                        for r in range(3)])
+    torch.testing.assert_close(got, want)
+    assert got.shape == (3, 2)

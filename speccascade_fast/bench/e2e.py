@@ -116,6 +116,7 @@ def run_ours(name, drafter, verifier, prompts, *, batch, max_new_tokens, pad, wa
     tokens = calls = accepted = drafted = drafter_calls = 0
     prefill = 0.0
     outputs, gammas = [], []
+    log_loss: dict[str, float] = {}  # each acceptance predictor's summed log-loss (goodput)
     roles = {"drafter": engine.drafter, "verifier": engine.verifier}
     roles = {k: m for k, m in roles.items() if m is not None}
     decode = {k: [0, 0.0] for k in roles}
@@ -136,6 +137,10 @@ def run_ours(name, drafter, verifier, prompts, *, batch, max_new_tokens, pad, wa
             prefill += out.stats["prefill_s"]
             outputs += out.new_tokens
             gammas += out.stats.get("gammas", [])
+            scored = out.stats.get("acceptance_log_loss", {})
+            for k, v in scored.items():
+                log_loss[k] = log_loss.get(k, 0) + (v if k == "positions"
+                                                    else v * scored["positions"])
             for i, role in enumerate(roles if timed and len(chunk) == 1 else ()):
                 n = out.stats[role + "_calls"]  # one row: the counts are forward calls
                 decode[role][0] += n
@@ -151,6 +156,10 @@ def run_ours(name, drafter, verifier, prompts, *, batch, max_new_tokens, pad, wa
     if settings.get("gamma_policy", "fixed") != "fixed":
         row.extra["gamma_policy"] = settings["gamma_policy"]
         row.extra["gammas"] = {g: gammas.count(g) for g in sorted(set(gammas))}  # blocks per gamma
+    if log_loss.get("positions"):  # mean log-loss per verified draft position, per predictor
+        n = log_loss.pop("positions")
+        row.extra["acceptance_log_loss"] = {k: _round(v / n) for k, v in log_loss.items()}
+        row.extra["acceptance_log_loss"]["positions"] = n
     if clock.model_s is not None and batch == 1:
         row.extra["decode_calls"] = decode
     return row
@@ -349,6 +358,17 @@ CONFIGS = {
                         dict(rule="spec", temperature=1.0, gamma_policy="goodput")),
     "token_v3-t1-goodput": ("ours:token_v3 a={alpha} T=1, goodput gamma",
                             dict(rule="token_v3", temperature=1.0, gamma_policy="goodput")),
+    # the same with acceptance predicted from the drafter's confidence
+    # (Engine(gamma_policy="goodput_confidence"))
+    "spec-greedy-goodput-conf": ("ours:spec greedy, goodput gamma (confidence)",
+                                 dict(rule="spec", temperature=0.0,
+                                      gamma_policy="goodput_confidence")),
+    "spec-t1-goodput-conf": ("ours:spec T=1, goodput gamma (confidence)",
+                             dict(rule="spec", temperature=1.0,
+                                  gamma_policy="goodput_confidence")),
+    "token_v3-t1-goodput-conf": ("ours:token_v3 a={alpha} T=1, goodput gamma (confidence)",
+                                 dict(rule="token_v3", temperature=1.0,
+                                      gamma_policy="goodput_confidence")),
     # the lenience controls: the first {window} tokens verified losslessly (exact_prefix), and a
     # divergence budget (docs/semantics.md §9); their cost against plain token_v3-t1
     "token_v3-t1-window": ("ours:token_v3 a={alpha} T=1, exact prefix {window}",
