@@ -495,3 +495,20 @@ def test_a_rows_own_gamma_enters_its_cost_model():
         e2e.iid_tokens_per_block(0.8, 2), abs=1e-3)
     assert got["ours:spec T=1"]["iid_tokens_per_block"] == pytest.approx(
         e2e.iid_tokens_per_block(0.8, 5), abs=1e-3)
+
+
+def test_rounds_merge_blocks_per_gamma_and_log_loss():
+    """A configuration's rounds add up: tokens, blocks per chosen gamma, and each acceptance
+    predictor's mean log-loss weighted by its rounds' verified positions."""
+    def row(gammas, loss, n):
+        r = e2e.Row("ours:spec T=1, goodput gamma", 1, 10, 2.0, 5, 0.8)
+        r.extra.update(outputs=[[1]], gammas=gammas, prefill_s=0.5,
+                       acceptance_log_loss={"counts": loss, "positions": n})
+        return r
+    merged = {}
+    e2e._merge(merged, row({0: 2, 5: 1}, 0.4, 30))
+    e2e._merge(merged, row({5: 3}, 0.2, 10))
+    (total,) = merged.values()
+    assert total.tokens == 20 and total.extra["gammas"] == {0: 2, 5: 4}
+    assert total.extra["acceptance_log_loss"] == {"counts": 0.35, "positions": 40}
+    assert total.extra["round_tokens_per_s"] == [5.0, 5.0]

@@ -613,6 +613,15 @@ def _merge(merged: dict, row: Row) -> None:
             total.extra["decode_calls"][role][1] += sec
     if total.verifier_calls is not None:
         total.verifier_calls += row.verifier_calls
+    if "gammas" in total.extra and "gammas" in row.extra:  # blocks per gamma, every round's
+        for g, n in row.extra["gammas"].items():
+            total.extra["gammas"][g] = total.extra["gammas"].get(g, 0) + n
+    a, b = total.extra.get("acceptance_log_loss"), row.extra.get("acceptance_log_loss")
+    if a is not None and b is not None:  # mean log-loss over every round's positions
+        n = a["positions"] + b["positions"]
+        total.extra["acceptance_log_loss"] = {
+            k: _round((a[k] * a["positions"] + b[k] * b["positions"]) / n)
+            for k in a if k != "positions"} | {"positions": n}
     total.extra["round_tokens_per_s"].append(speed)
 
 
