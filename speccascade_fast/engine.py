@@ -538,8 +538,10 @@ class Engine:
             t, draft_ids = ints[:, 0], layout.get(pack, "drafts")
             bonus = q.forward(draft_ids[:, -1:], (t + gamma - 1)[:, None], kv(gamma), 1)[:, 0]
             q_logits = torch.cat([q_logits, bonus[:, None]], dim=1)
+            confidence = (layout.get(pack, "confidence") if self._confidence is not None
+                          else None)
             host = layout.unpack(self._verified(q_logits, draft_ids, p_logits, *per_row, t,
-                                                padded_rules, budget),
+                                                padded_rules, budget, confidence),
                                  rows.size)  # the second read
             self._check_logits([r.q_nonfinite for r in host], ("drafter logits", q_logits))
             calls += 1
@@ -548,12 +550,14 @@ class Engine:
                 for b, r in enumerate(host)], calls
 
     def _verified(self, q_logits, drafts, p_logits, seeds, temperature, alpha, t, rules,
-                  budget=None):
+                  budget=None, confidence=None):
         """The fused verification of a fixed block, packed for its host read
         (:func:`block_layout`). ``q_logits`` has ``gamma + 1`` rows (the bonus from the
         cascade's target) or ``gamma`` (from pT); ``budget``: None or each row's divergence
-        budget left (float64). Rows whose ``rules`` differ are verified in one call per rule
-        (rows gathered by index, results scattered back)."""
+        budget left (float64); ``confidence``: the drafts' confidences if an earlier
+        verification of the block computed them (the goodput controller's predictor). Rows
+        whose ``rules`` differ are verified in one call per rule (rows gathered by index,
+        results scattered back)."""
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(rules):
             groups.setdefault(r, []).append(i)
@@ -580,7 +584,8 @@ class Engine:
                     spent.index_copy_(0, ix, out.spent)
         more = {} if budget is None else {"spent": spent}
         if self._confidence is not None:
-            more["confidence"] = max_probability(q_logits[:, : drafts.shape[1]], temperature)
+            more["confidence"] = (max_probability(q_logits[:, : drafts.shape[1]], temperature)
+                                  if confidence is None else confidence)
         return block_layout(drafts.shape[1], budget is not None,
                             self._confidence is not None).pack(
             accepted=accepted, tokens=tokens, drafts=drafts, deferred=deferred,

@@ -110,8 +110,7 @@ def max_probability(logits, temperature) -> torch.Tensor:
     score), with ``T_r = 1`` where the row is greedy as in :func:`draft_probability`.
     ``logits`` ``[R, S, V]``, ``temperature`` a number or float tensor ``[R]``. It feeds the
     goodput controller's acceptance prediction only, never a draw."""
-    x = logits.float()
-    t = torch.as_tensor(temperature, dtype=torch.float32, device=x.device)
-    t = torch.where(t > 0, t, torch.ones_like(t)).expand(x.shape[0])[:, None, None]
-    x = x / t
-    return (x.amax(-1) - torch.logsumexp(x, dim=-1)).exp()
+    t = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device)
+    t = torch.where(t > 0, t, torch.ones_like(t)).expand(logits.shape[0])[:, None, None]
+    # a float32 copy, scaled in place (never the caller's logits)
+    return torch.softmax(logits.to(torch.float32, copy=True).div_(t), dim=-1).amax(-1)

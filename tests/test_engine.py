@@ -393,3 +393,39 @@ def _counting(fn, calls):
         calls.append(a[2])
         return fn(*a, **kw)
     return wrapped
+
+
+def test_goodput_confidence_reads_each_rows_drafter_confidence(pair):
+    """The predictor is told, per sequence, the drafter's largest probability at each verified
+    draft position: the same numbers a forward of the drafter over the row's final text gives,
+    with rows leaving the batch at different times (unequal budgets)."""
+    drafter, verifier = pair
+    ids, mask = left_padded(PROMPTS)
+    engine = Engine(drafter, verifier, max_batch_size=3, max_seq_len=64, gamma=3,
+                    rule="token_v3", alpha=0.3, temperature=0.0,
+                    gamma_policy="goodput_confidence")  # bonus "cascade": every block drafts
+    seen: dict[int, list[float]] = {}
+    observe = engine._confidence.observe
+
+    def spy(seq, confidence, drafted, accepted):
+        from speccascade_fast.goodput import verified_positions
+        seen.setdefault(seq, []).extend(confidence[: verified_positions(drafted, accepted)])
+        # a block emits its accepted drafts and one more token: the next block starts there
+        seen[seq] += [None] * (accepted + 1 - verified_positions(drafted, accepted))
+        observe(seq, confidence, drafted, accepted)
+
+    engine._confidence.observe = spy
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=[6, 14, 20],
+                          eos_token_id=[])
+    assert out.stats["acceptance_log_loss"]["positions"] > 0
+    for seq, prompt in enumerate(PROMPTS):
+        new = out.new_tokens[seq]
+        text = torch.tensor([prompt + new])
+        with torch.no_grad():
+            probs = torch.softmax(drafter(text).logits[0].float(), -1).amax(-1)
+        want = probs[len(prompt) - 1: len(prompt) - 1 + len(new)]  # position i: before new[i]
+        got = seen[seq][: len(new)]
+        checked = [(g, w) for g, w in zip(got, want.tolist()) if g is not None]
+        assert len(checked) >= len(new) // 2, seq
+        for g, w in checked:
+            assert g == pytest.approx(w, abs=1e-4), seq

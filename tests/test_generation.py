@@ -496,7 +496,8 @@ def test_min_p_is_refused_where_a_cascade_verifies(pair):
 # --- goodput-adaptive gamma ---------------------------------------------------------------------
 @pytest.mark.parametrize("rule,alpha,bonus,policy", [
     ("spec", None, "cascade", "goodput"),
-    ("token_v3", 0.3, "verifier", "goodput_confidence"),  # 0 allowed: plain steps too
+    # the confidence predictor on (two tokens: its blocks are the controller's exploration)
+    ("token_v3", 0.3, "verifier", "goodput_confidence"),
     ("token_v3", 0.3, "cascade", lambda i, batch: 1 + i % 2),  # min gamma 1 under "cascade"
     ("chow", 0.5, "verifier", lambda i, batch: i % 3),  # 0: a plain verifier step
 ])

@@ -158,8 +158,25 @@ def test_max_probability_is_the_softmax_max_at_each_rows_temperature():
     torch.manual_seed(0)
     logits = torch.randn(3, 2, 11)
     t = torch.tensor([1.0, 0.5, 0.0])  # greedy reads T = 1
+    before = logits.clone()
     got = max_probability(logits, t)
+    assert torch.equal(logits, before)  # the caller's logits are left alone
     want = torch.stack([torch.softmax(logits[r] / (t[r].item() or 1.0), -1).amax(-1)
                         for r in range(3)])
     torch.testing.assert_close(got, want)
     assert got.shape == (3, 2)
+
+
+def test_the_confidence_table_moves_the_controllers_choice():
+    """Same measured costs, same counts: a row whose drafter has been sure gets long blocks, one
+    whose drafter has been unsure gets plain steps."""
+    c = ConfidenceAcceptance()
+    for i in range(200):  # sure stretches accepted, unsure ones rejected
+        sure = (i // 10) % 2 == 0
+        c.observe(0, [0.995] * 4 if sure else [0.4] * 4, drafted=4, accepted=4 if sure else 0)
+    c.feature = {0: 0.995, 1: 0.4}
+    g = Goodput(gamma_max=4, allow_zero=True)
+    for gamma, t in ((4, 0.25), (1, 0.16), (0, 0.1)):  # t = 0.13 + 0.03 gamma for gamma >= 1
+        g.observe(1, gamma, t)
+    assert g.choose(1, [c.predict(0)]) == 4
+    assert g.choose(1, [c.predict(1)]) == 0

@@ -158,7 +158,7 @@ def run_ours(name, drafter, verifier, prompts, *, batch, max_new_tokens, pad, wa
         row.extra["gammas"] = {g: gammas.count(g) for g in sorted(set(gammas))}  # blocks per gamma
     if log_loss.get("positions"):  # mean log-loss per verified draft position, per predictor
         n = log_loss.pop("positions")
-        row.extra["acceptance_log_loss"] = {k: _round(v / n) for k, v in log_loss.items()}
+        row.extra["acceptance_log_loss"] = {k: v / n for k, v in log_loss.items()}
         row.extra["acceptance_log_loss"]["positions"] = n
     if clock.model_s is not None and batch == 1:
         row.extra["decode_calls"] = decode
@@ -620,7 +620,7 @@ def _merge(merged: dict, row: Row) -> None:
     if a is not None and b is not None:  # mean log-loss over every round's positions
         n = a["positions"] + b["positions"]
         total.extra["acceptance_log_loss"] = {
-            k: _round((a[k] * a["positions"] + b[k] * b["positions"]) / n)
+            k: (a[k] * a["positions"] + b[k] * b["positions"]) / n
             for k in a if k != "positions"} | {"positions": n}
     total.extra["round_tokens_per_s"].append(speed)
 
