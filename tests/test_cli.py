@@ -183,6 +183,8 @@ def test_streaming(folders, capsys, monkeypatch):
      "argument --divergence-budget: divergence_budget applies to method='spec_cascade'"),
     (["--gamma-policy", "goodput", "--draft-confidence", "0.5"],
      "argument --gamma-policy: gamma_policy other than 'fixed'"),
+    (["--gamma-policy", "goodput_confidence", "--draft-confidence", "0.5"],
+     "argument --gamma-policy: gamma_policy other than 'fixed'"),
     (["--min-p", "0", "--method", "autoregressive"],
      "argument --min-p: min_p must be None or a number in (0, 1]"),
     (["--min-p", "0.1"], "argument --min-p: min_p applies to method='autoregressive'"),

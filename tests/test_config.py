@@ -79,6 +79,9 @@ def test_settings_reported_in_statistics():
     (dict(exact_prefix=-1), "exact_prefix"),
     (dict(exact_prefix=2, draft_confidence=0.5), "exact_prefix"),
     (dict(gamma_policy="goodput", draft_confidence=0.5), "gamma_policy"),
+    (dict(gamma_policy="goodput_confidence", draft_confidence=0.5), "gamma_policy"),
+    (dict(gamma_policy="goodput_confidence", method="autoregressive"), "gamma_policy"),
+    (dict(gamma_policy="confidence"), "gamma_policy"),
 ])
 def test_bad_values_name_the_field(kw, needle):
     with pytest.raises(ValueError, match=needle):

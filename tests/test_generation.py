@@ -539,9 +539,10 @@ def test_a_fixed_gamma_schedule_is_deterministic_and_batch_invariant(pair):
         generate(*pair, ids, attention_mask=mask, **dict(kw, gamma_policy=lambda i, b: 4))
     with pytest.raises(ValueError, match="gamma_policy"):
         generate(*pair, ids, attention_mask=mask, **dict(kw, gamma_policy="sometimes"))
-    with pytest.raises(ValueError, match="gamma_policy"):
-        generate(*pair, ids, attention_mask=mask, engine="sequential",
-                 **dict(kw, gamma_policy="goodput"))
+    for adaptive in ("goodput", "goodput_confidence"):
+        with pytest.raises(ValueError, match="gamma_policy"):
+            generate(*pair, ids, attention_mask=mask, engine="sequential",
+                     **dict(kw, gamma_policy=adaptive))
 
 
 # --- exact prefix --------------------------------------------------------------------------------
