@@ -99,8 +99,7 @@ def draft_probability(logits, tokens, temperature) -> torch.Tensor:
     Computed in float64 row by row, so a row's value does not depend on the other rows: the
     batched and the sequential engine stop drafting at the same draft
     (:func:`speccascade_fast.generate`'s ``draft_confidence``)."""
-    t = torch.as_tensor(temperature, dtype=torch.float64, device=logits.device)
-    t = torch.where(t > 0, t, torch.ones_like(t)).expand(logits.shape[0])
+    t = _greedy_at_one(temperature, logits, torch.float64)
     logp = torch.log_softmax(logits.double() / t[:, None], dim=-1)
     return logp.gather(1, tokens.view(-1, 1)).squeeze(1).exp()
 
@@ -110,7 +109,13 @@ def max_probability(logits, temperature) -> torch.Tensor:
     score), with ``T_r = 1`` where the row is greedy as in :func:`draft_probability`.
     ``logits`` ``[R, S, V]``, ``temperature`` a number or float tensor ``[R]``. It feeds the
     goodput controller's acceptance prediction only, never a draw."""
-    t = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device)
-    t = torch.where(t > 0, t, torch.ones_like(t)).expand(logits.shape[0])[:, None, None]
+    t = _greedy_at_one(temperature, logits, torch.float32)[:, None, None]
     # a float32 copy, scaled in place (never the caller's logits)
     return torch.softmax(logits.to(torch.float32, copy=True).div_(t), dim=-1).amax(-1)
+
+
+def _greedy_at_one(temperature, logits, dtype) -> torch.Tensor:
+    """Each row's temperature as a ``[R]`` tensor of ``dtype`` on the logits' device, 1 where
+    the row is greedy (the drafter's probabilities of a greedy row are read at T = 1)."""
+    t = torch.as_tensor(temperature, dtype=dtype, device=logits.device)
+    return torch.where(t > 0, t, torch.ones_like(t)).expand(logits.shape[0])

@@ -116,7 +116,7 @@ def run_ours(name, drafter, verifier, prompts, *, batch, max_new_tokens, pad, wa
     tokens = calls = accepted = drafted = drafter_calls = 0
     prefill = 0.0
     outputs, gammas = [], []
-    log_loss: dict[str, float] = {}  # each acceptance predictor's summed log-loss (goodput)
+    log_loss = None  # each acceptance predictor's mean log-loss over the chunks (goodput)
     roles = {"drafter": engine.drafter, "verifier": engine.verifier}
     roles = {k: m for k, m in roles.items() if m is not None}
     decode = {k: [0, 0.0] for k in roles}
@@ -137,10 +137,7 @@ def run_ours(name, drafter, verifier, prompts, *, batch, max_new_tokens, pad, wa
             prefill += out.stats["prefill_s"]
             outputs += out.new_tokens
             gammas += out.stats.get("gammas", [])
-            scored = out.stats.get("acceptance_log_loss", {})
-            for k, v in scored.items():
-                log_loss[k] = log_loss.get(k, 0) + (v if k == "positions"
-                                                    else v * scored["positions"])
+            log_loss = pool_log_loss(log_loss, out.stats.get("acceptance_log_loss"))
             for i, role in enumerate(roles if timed and len(chunk) == 1 else ()):
                 n = out.stats[role + "_calls"]  # one row: the counts are forward calls
                 decode[role][0] += n
@@ -156,10 +153,8 @@ def run_ours(name, drafter, verifier, prompts, *, batch, max_new_tokens, pad, wa
     if settings.get("gamma_policy", "fixed") != "fixed":
         row.extra["gamma_policy"] = settings["gamma_policy"]
         row.extra["gammas"] = {g: gammas.count(g) for g in sorted(set(gammas))}  # blocks per gamma
-    if log_loss.get("positions"):  # mean log-loss per verified draft position, per predictor
-        n = log_loss.pop("positions")
-        row.extra["acceptance_log_loss"] = {k: v / n for k, v in log_loss.items()}
-        row.extra["acceptance_log_loss"]["positions"] = n
+    if log_loss is not None:  # mean log-loss per verified draft position, per predictor
+        row.extra["acceptance_log_loss"] = log_loss
     if clock.model_s is not None and batch == 1:
         row.extra["decode_calls"] = decode
     return row
@@ -616,13 +611,22 @@ def _merge(merged: dict, row: Row) -> None:
     if "gammas" in total.extra and "gammas" in row.extra:  # blocks per gamma, every round's
         for g, n in row.extra["gammas"].items():
             total.extra["gammas"][g] = total.extra["gammas"].get(g, 0) + n
-    a, b = total.extra.get("acceptance_log_loss"), row.extra.get("acceptance_log_loss")
-    if a is not None and b is not None:  # mean log-loss over every round's positions
-        n = a["positions"] + b["positions"]
-        total.extra["acceptance_log_loss"] = {
-            k: (a[k] * a["positions"] + b[k] * b["positions"]) / n
-            for k in a if k != "positions"} | {"positions": n}
+    log_loss = pool_log_loss(total.extra.get("acceptance_log_loss"),
+                             row.extra.get("acceptance_log_loss"))
+    if log_loss is not None:  # mean log-loss over every round's positions
+        total.extra["acceptance_log_loss"] = log_loss
     total.extra["round_tokens_per_s"].append(speed)
+
+
+def pool_log_loss(a: dict | None, b: dict | None) -> dict | None:
+    """Two ``acceptance_log_loss`` summaries (``{predictor: mean, ..., "positions": n}``) as
+    one: each predictor's mean weighted by the positions; None where neither scored any."""
+    parts = [x for x in (a, b) if x and x.get("positions")]
+    if not parts:
+        return None
+    n = sum(x["positions"] for x in parts)
+    return {k: sum(x[k] * x["positions"] for x in parts) / n
+            for k in parts[0] if k != "positions"} | {"positions": n}
 
 
 def _say_costs(progress, what, c):

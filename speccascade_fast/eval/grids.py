@@ -359,5 +359,6 @@ def write_plan(out: str | Path, plan: Mapping[str, Any]) -> Path:
     return path
 
 
-__all__ = ["GRIDS", "Grid", "PLAN_FILE", "SETTING_DEFAULTS", "build_plan", "check_folder_plan", "check_latency_plan",
-           "check_plan_matches", "estimate_budget", "get_grid", "load_plan", "write_plan"]
+__all__ = ["GRIDS", "Grid", "PLAN_FILE", "SETTING_DEFAULTS", "build_plan", "check_folder_plan",
+           "check_latency_plan", "check_plan_matches", "estimate_budget", "get_grid", "load_plan",
+           "write_plan"]
