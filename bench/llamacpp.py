@@ -31,9 +31,9 @@ What it does:
    * ``llama-speculative-simple`` with the 0.5B drafting for the 1.5B, at each draft length
      of ``--draft-max`` (``default``: the tool's own) and each of ``--temps``, one process per
      prompt, ``--ignore-eos``;
-   * ours: ``python -m speccascade_fast bench --weights q4 --batch 1 --no-hf --configs
-     --our-configs --prompts n --max-new-tokens N --rounds 1 --threads T`` (unless
-     ``--no-ours``).
+   * ours: ``python -m speccascade_fast bench --weights W --batch 1 --no-hf --configs
+     --our-configs --prompts n --max-new-tokens N --rounds 1 --threads T`` for each W of
+     ``--our-weights`` (``q4``, ``q4a8``; unless ``--no-ours``).
 
    T = 1 means plain sampling for llama.cpp too (``--top-k 0 --top-p 1 --min-p 0``; its
    default chain would truncate). Each process's wall time, peak resident memory (ru_maxrss
@@ -380,18 +380,20 @@ def ours_tree(cache: pathlib.Path, commit: str | None) -> dict:
     return {"path": str(dest), "commit": sha, "dirty": False}
 
 
-def run_ours_job(args, out: pathlib.Path, threads: int, rnd: int) -> dict:
-    folder = (out / "ours" / f"r{rnd}-t{threads}").resolve()
-    cmd = [sys.executable, "-m", "speccascade_fast", "bench", "--weights", "q4",
+def run_ours_job(args, out: pathlib.Path, threads: int, rnd: int, weights: str = "q4") -> dict:
+    tag = "" if weights == "q4" else f"-{weights}"
+    folder = (out / "ours" / f"r{rnd}-t{threads}{tag}").resolve()
+    cmd = [sys.executable, "-m", "speccascade_fast", "bench", "--weights", weights,
            "--batch", "1", "--no-hf", "--configs", args.our_configs,
            "--prompts", str(args.prompts), "--max-new-tokens", str(args.max_new_tokens),
            "--rounds", "1", "--threads", str(threads), "--out", str(folder)]
-    say(f"round {rnd}: ours ({args.our_configs}), {threads} thread(s)")
+    say(f"round {rnd}: ours ({args.our_configs}, {weights}), {threads} thread(s)")
     tree = args.tree["path"]
     env = {**os.environ, "PYTHONPATH": tree + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = run_process(cmd, out / "logs" / f"r{rnd}-t{threads}-ours.log", env=env, cwd=tree)
+    proc = run_process(cmd, out / "logs" / f"r{rnd}-t{threads}-ours{tag}.log", env=env,
+                       cwd=tree)
     result = {"name": "ours", "kind": "ours", "threads": threads, "round": rnd,
-              "procs": [proc]}
+              "weights": weights, "procs": [proc]}
     e2e = folder / "e2e.json"
     if proc["rc"] == 0 and e2e.is_file():
         data = json.loads(e2e.read_text())
@@ -424,8 +426,9 @@ def summarize(results: list[dict]) -> list[dict]:
         t = res["threads"]
         for p in res["procs"]:
             if res["kind"] == "ours":
+                w = res.get("weights", "q4")
                 for o in p.get("rows", []):
-                    r = row(o["name"], t, tool="ours")
+                    r = row(o["name"] if w == "q4" else f"{o['name']} [{w}]", t, tool="ours")
                     r["tokens"] += o["tokens"]
                     r["decode_s"] += o["wall_s"] - (o["prefill_s"] or 0.0)
                     r["gen_s"] += o["wall_s"]
@@ -566,6 +569,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--no-ours", dest="ours", action="store_false",
                    help="skip our engine's processes")
+    p.add_argument("--our-weights", default="q4",
+                   help="comma-separated --weights of our runs, each its own process per round "
+                        "(q4, q4a8; rows of weights other than q4 are named 'config [weights]'; "
+                        "default: q4)")
     p.add_argument("--our-configs", default="verifier,spec-greedy",
                    help="speccascade bench --configs (default: verifier,spec-greedy)")
     p.add_argument("--ours-commit", default=None,
@@ -578,6 +585,9 @@ def main(argv=None) -> int:
     threads = [int(t) for t in args.threads.split(",")]
     if not args.build_only and not args.out:
         p.error("--out is required unless --build-only")
+    bad = [w for w in args.our_weights.split(",") if w not in ("q4", "q4a8")]
+    if bad:
+        p.error(f"argument --our-weights: {bad[0]!r} is not one of q4, q4a8")
     cache = (args.cache or default_cache()).expanduser()
     started = time.time()
     meta = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -619,12 +629,12 @@ def main(argv=None) -> int:
             plan += [("llama", j) for j in llama_jobs(args, built["bin"], gguf, prompts, t,
                                                       mean_prompt)]
             if args.ours:
-                plan.append(("ours", t))
+                plan += [("ours", (t, w)) for w in args.our_weights.split(",")]
         if rnd % 2:
             plan.reverse()
         for kind, job in plan:
             if kind == "ours":
-                results.append(run_ours_job(args, out, job, rnd))
+                results.append(run_ours_job(args, out, job[0], rnd, job[1]))
             else:
                 results.append(run_llama_job(job, out, rnd))
             rows = summarize(results)  # the table so far after every process: a run cut

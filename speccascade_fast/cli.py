@@ -289,10 +289,11 @@ def add_generate_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-stream", action="store_true",
                    help="print the completion at the end instead of as its blocks are accepted")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--weights", default="bf16", choices=("bf16", "int8", "q4"),
+    p.add_argument("--weights", default="bf16", choices=("bf16", "int8", "q4", "q4a8"),
                    help="both models' weights: bf16 (dense), int8 (weight-only, per output "
-                        "channel) or q4 (the GGUF files' own quantised blocks: Q4_K, Q6_K, ...); "
-                        "int8 and q4 run on the CPU (default: bf16)")
+                        "channel), q4 (the GGUF files' own quantised blocks: Q4_K, Q6_K, ...) or "
+                        "q4a8 (q4 with int8 activations, as llama.cpp; AVX-512 VNNI); "
+                        "quantised weights run on the CPU (default: bf16)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "flash_attn"),
                    help="the batched engine's attention: the models' own (PyTorch SDPA) or "

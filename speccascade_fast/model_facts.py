@@ -20,7 +20,7 @@ def loaded(model):
 
 
 def quantised_weights(model) -> str | None:
-    """``"int8"`` or ``"q4"`` for a model :func:`speccascade_fast.models.load_model` loaded
+    """``"int8"``, ``"q4"`` or ``"q4a8"`` for a model :func:`speccascade_fast.models.load_model` loaded
     with quantised weights, else None."""
     return getattr(getattr(model, "config", None), "speccascade_weights", None)
 

@@ -1,4 +1,4 @@
-"""Quantised weights on the CPU: ``load_model(spec, weights="bf16" | "int8" | "q4")``.
+"""Quantised weights on the CPU: ``load_model(spec, weights="bf16" | "int8" | "q4" | "q4a8")``.
 
 * ``q4``: for a model that comes from a GGUF file (the default Qwen2.5-Coder pair, SmolLM2, any
   ``.gguf`` path), the file's own quantised blocks, each tensor in its GGUF block type: Q4_K
@@ -7,6 +7,11 @@
   fp32 weights of ggml's reference de-quantisation (no rounding of scales: they are kept as the
   file's fp16 factors times small integers). For a model without a GGUF file, 4-bit
   round-to-nearest in groups of 32 (:func:`speccascade_fast.quant.formats.rtn4`).
+* ``q4a8``: ``q4``'s weights, multiplied as llama.cpp multiplies them: each activation row
+  quantised to int8 per block of 32 inputs (scale absmax / 127) and the groups' dot products in
+  integers (AVX-512 VNNI), up to 16 rows per call (decoding and verification blocks; a prompt's
+  prefill takes ``q4``'s path). Faster than ``q4`` on a decoding step; its logits differ from
+  ``q4``'s by the activations' rounding.
 * ``int8``: every linear layer in int8 with one scale per output channel (absmax / 127) from the
   dense (bf16) weights; embeddings stay dense.
 * ``bf16``: the dense model (the GGUF de-quantised once to bf16).
@@ -85,7 +90,8 @@ def int8_weight_only(model: nn.Module) -> nn.Module:
 def quantize_model(model: nn.Module, weights: str) -> nn.Module:
     """Replace (in place) every ``nn.Linear`` of a loaded CPU model whose input size is a
     multiple of 32 by a :class:`QuantLinear`: ``"int8"`` per output channel, ``"q4"`` 4-bit
-    round-to-nearest in groups of 32 (``"bf16"``: the model unchanged). Returns the model.
+    round-to-nearest in groups of 32, ``"q4a8"`` the same with int8 activations (``"bf16"``:
+    the model unchanged). Returns the model.
     (:func:`speccascade_fast.models.load_model` with ``weights=`` loads GGUF blocks instead,
     and never holds the dense copy.)"""
     return quantize_linears(model, weights)

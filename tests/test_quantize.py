@@ -102,6 +102,116 @@ def test_our_matmul_is_the_reference_matmul_and_row_invariant(kind):
     assert torch.equal(yb, kernels.matmul(xb.float(), qw, bias.bfloat16().float()).bfloat16())
 
 
+needs_vnni = pytest.mark.skipif(not kernels.has_vnni(),
+                                reason="int8 activations need our kernel and AVX-512 VNNI")
+
+
+def test_quantize_activations_by_hand():
+    x = torch.zeros(2, 64)
+    x[0, :4] = torch.tensor([1.0, -0.5, 0.25, 2.0])  # block 0: max |x| = 2, scale 2/127
+    x[0, 32] = -3.0  # block 1: one value
+    x[1, 40] = float(2 ** -130)  # a subnormal block still quantises to +-127
+    q, d = formats.quantize_activations(x)
+    assert q.dtype == torch.int8 and d.shape == (2, 2)
+    assert q[0, :4].tolist() == [64, -32, 16, 127]  # 63.5 -> 64 and 31.75 -> 32 (nearest)
+    assert q[0, 32].item() == -127 and torch.equal(q[1, :32], torch.zeros(32, dtype=torch.int8))
+    assert d[0].tolist() == pytest.approx([2 / 127, 3 / 127], rel=1e-7)
+    assert d[1, 0].item() == 0.0  # a block of zeros: scale 0, codes 0
+    with pytest.raises(ValueError, match="multiple of 32"):
+        formats.quantize_activations(torch.zeros(1, 48))
+
+
+@needs_vnni
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q5_0", "Q8_0", "Q4_1", "int8", "rtn4"])
+@pytest.mark.parametrize("K", [512, 320])  # 320: a last chunk of codes shorter than 64 bytes
+def test_int8_activation_matmul_is_its_reference_and_row_invariant(kind, K):
+    N = 37  # row blocks of 4 and 2 plus a remainder
+    g = torch.Generator().manual_seed(3)
+    if kind in ("int8", "rtn4"):
+        w = torch.randn(N, K, generator=g)
+        qw = formats.int8_per_channel(w) if kind == "int8" else formats.rtn4(w)
+    else:
+        if K % 256 and kind in ("Q4_K", "Q6_K"):
+            pytest.skip("K-quants come in super-blocks of 256")
+        qw = formats.from_gguf(kind, random_blocks(kind, N, K, seed=1), N, K)
+    x = torch.randn(11, K, generator=g) * torch.linspace(0.1, 10, K)  # blocks of unequal size
+    x[2, :64] = 0.0  # blocks of zeros
+    bias = torch.randn(N, generator=g)
+    y = kernels.matmul(x, qw, bias, int8_activations=True)
+    ref = formats.matmul_a8_reference(x, qw, bias)
+    # fp32 accumulation of exact integer dot products: relative to the sum of |terms|
+    s, o = qw.scales_offsets()
+    q, d = formats.quantize_activations(x)
+    xq = (q.double() * d.double().repeat_interleave(32, 1)).abs()
+    G = qw.G
+    codes = qw.unpacked_codes().double().abs() * s.double().abs().repeat_interleave(G, 1)
+    scale = xq @ codes.T + x.double().abs() @ o.double().abs().repeat_interleave(G, 1).T \
+        + bias.double().abs()
+    assert ((y.double() - ref).abs() <= 2e-6 * scale).all()
+    # and close to the exact product: the activations' rounding is at most half a step per block
+    exact = x.double() @ formats.dequantize(qw).double().T + bias.double()
+    assert ((y.double() - exact).abs() <= 0.5 / 127 * scale + 1e-5).all()
+    for rows in ([0], [3, 4], list(range(6)), list(range(9))):
+        assert torch.equal(kernels.matmul(x[rows], qw, bias, int8_activations=True), y[rows])
+    xb = x.bfloat16()
+    yb = kernels.matmul(xb, qw, bias.bfloat16(), int8_activations=True)
+    assert torch.equal(yb, kernels.matmul(xb.float(), qw, bias.bfloat16().float(),
+                                          int8_activations=True).bfloat16())
+
+
+@needs_vnni
+def test_int8_activation_matmul_propagates_nan_and_inf():
+    qw = formats.rtn4(torch.randn(8, 64))
+    x = torch.randn(3, 64)
+    x[0, 5] = float("inf")
+    x[1, 40] = float("nan")
+    y = kernels.matmul(x, qw, None, int8_activations=True)
+    assert y[0].isnan().all() and y[1].isnan().all() and y[2].isfinite().all()
+
+
+@needs_vnni
+def test_quant_linear_int8_activations(monkeypatch):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 48)
+    qw = formats.rtn4(lin.weight)
+    ql = QuantLinear(qw, lin.bias, dtype=torch.float32, int8_activations=True)
+    assert "int8 activations" in repr(ql)
+    x = torch.randn(2, 3, 96)
+    ref = formats.matmul_a8_reference(x.view(-1, 96), qw, lin.bias).view(2, 3, 48)
+    assert torch.allclose(ql(x).double(), ref, atol=1e-5)
+    # a prompt's prefill (more than DIRECT_ROWS rows) takes q4's de-quantised path
+    xl = torch.randn(modules.DIRECT_ROWS + 1, 96)
+    assert torch.allclose(ql(xl), xl @ formats.dequantize(qw).T + lin.bias, atol=1e-4)
+    monkeypatch.setenv("SPECCASCADE_QUANT_KERNEL", "torch")  # no silent fallback
+    with pytest.raises(RuntimeError, match="q4a8.*SPECCASCADE_QUANT_KERNEL=torch"):
+        ql(x)
+    with pytest.raises(RuntimeError, match="q4a8"):
+        quantize_model(torch.nn.Sequential(torch.nn.Linear(32, 8)), "q4a8")
+
+
+@needs_vnni
+def test_int8_activations_round_away_last_bit_differences():
+    """Why q4a8 has no greedy self-consistency test: the model's other ops (attention over 1 or
+    over 10 queries) differ in the last bits, and rounding the activations to int8 turns some
+    of those into a step of the int8 grid. A prefix computed in one call and token by token
+    gives the same logits to a few ulps with q4, and visibly different ones with q4a8."""
+    from transformers import DynamicCache
+
+    _, verifier = tiny_pair()
+    ids = torch.randint(3, 60, (1, 10), generator=torch.Generator().manual_seed(0))
+    gaps = {}
+    for weights in ("q4", "q4a8"):
+        model = quantize_model(copy.deepcopy(verifier), weights)
+        with torch.inference_mode():
+            full = model(ids).logits[0]
+            cache = DynamicCache()
+            first = model(ids[:, :4], past_key_values=cache, use_cache=True).logits[0]
+            steps = [model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits[0, 0]
+                     for i in range(4, 10)]
+        gaps[weights] = (full - torch.cat([first, torch.stack(steps)])).abs().max().item()
+    assert gaps["q4"] < 1e-4 < gaps["q4a8"]
+
+
 def test_quant_linear_paths_agree_with_the_reference(monkeypatch):
     torch.manual_seed(0)
     lin = torch.nn.Linear(96, 48)
@@ -195,9 +305,9 @@ def test_real_gguf_blocks(smollm2_gguf):
 
 @pytest.mark.parametrize("bad", ["q8", "Q4 ", "fp16", None, 4])
 def test_load_model_validates_weights_first(bad):
-    with pytest.raises(ValueError, match=r"weights must be one of 'bf16', 'int8', 'q4'"):
+    with pytest.raises(ValueError, match=r"weights must be one of 'bf16', 'int8', 'q4', 'q4a8'"):
         models.load_model("no/such-model-anywhere", weights=bad, progress=False)
-    assert WEIGHTS == ("bf16", "int8", "q4")
+    assert WEIGHTS == ("bf16", "int8", "q4", "q4a8")
 
 
 def test_load_model_quantised_is_cpu_only():
@@ -357,7 +467,33 @@ def test_generate_command_weights(capsys):
     assert err.count("\n") == 1
 
 
-@pytest.mark.parametrize("weights", ["q4", "int8"])
+@needs_vnni
+def test_load_model_q4a8(smollm2_q4, capsys):
+    """q4a8: the same GGUF blocks as q4, every linear layer with int8 activations; logits close
+    to q4's; the generate command runs with it."""
+    from speccascade_fast import cli
+
+    q4, tok = smollm2_q4
+    model, _ = models.load_model(models.SMOLLM2, weights="q4a8", dtype=torch.float32,
+                                 progress=False)
+    assert model.config.speccascade_weights == "q4a8"
+    lins = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert lins and all(m.int8_activations for m in lins)
+    q4_lins = {n: m for n, m in q4.named_modules() if isinstance(m, QuantLinear)}
+    for n, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            assert torch.equal(m.codes, q4_lins[n].codes) and not q4_lins[n].int8_activations
+    ids = tok("def fibonacci(n):\n", return_tensors="pt").input_ids[:, :8]  # <= DIRECT_ROWS
+    with torch.inference_mode():
+        a, b = q4(ids).logits, model(ids).logits
+    assert 0 < (a - b).abs().max() < 0.05 * a.abs().max()
+    argv = ["generate", "def add(a, b):", "--verifier", models.SMOLLM2, "--weights", "q4a8",
+            "--early-exit", "4", "--device", "cpu", "--max-new-tokens", "4", "--quiet"]
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("weights", ["q4", "int8", pytest.param("q4a8", marks=needs_vnni)])
 def test_bench_command_weights(tmp_path, capsys, weights):
     from speccascade_fast import cli
     from speccascade_fast.bench import e2e

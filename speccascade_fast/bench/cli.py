@@ -71,10 +71,11 @@ def add_bench_subcommand(subparsers) -> argparse.ArgumentParser:
                         "round in reverse order), so that the machine's drift cancels in the "
                         "ratios; reports totals and each ratio's range over the rounds")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--weights", default="bf16", choices=("bf16", "int8", "q4"),
+    p.add_argument("--weights", default="bf16", choices=("bf16", "int8", "q4", "q4a8"),
                    help="both models' weights: bf16 (dense), int8 (weight-only, per output "
-                        "channel) or q4 (the GGUF files' quantised blocks; with "
-                        "--random-weights, 4-bit round-to-nearest); CPU only (default: bf16)")
+                        "channel), q4 (the GGUF files' quantised blocks; with "
+                        "--random-weights, 4-bit round-to-nearest) or q4a8 (q4 with int8 "
+                        "activations, AVX-512 VNNI); CPU only (default: bf16)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu",
                    help="where both models run (default: cpu; e.g. cuda, with CUDA graphs)")

@@ -184,10 +184,11 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--verifier", default=None, help="model name, HF folder, .gguf or HF id org/name")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--weights", default="bf16", choices=("bf16", "int8", "q4"),
-                   help="both models' weights: bf16 (dense, --dtype), int8 (weight-only) or q4 "
-                        "(the GGUF files' 4-bit blocks); int8/q4 on the CPU only; recorded with "
-                        "the model names in run.json (default: bf16)")
+    p.add_argument("--weights", default="bf16", choices=("bf16", "int8", "q4", "q4a8"),
+                   help="both models' weights: bf16 (dense, --dtype), int8 (weight-only), q4 "
+                        "(the GGUF files' 4-bit blocks) or q4a8 (q4 with int8 activations); "
+                        "quantised weights on the CPU only; recorded with the model names in "
+                        "run.json (default: bf16)")
     p.add_argument("--chat", choices=("auto", "on", "off"), default=None,
                    help="use the tokenizer's chat template (auto: for instruct models)")
     p.add_argument("--shots", type=int, default=None,

@@ -222,6 +222,41 @@ def from_gguf(kind: str, data: np.ndarray, N: int, K: int) -> QuantizedWeight:
 _ROWS = 4096  # rows quantised at a time (bounds the fp32 temporaries of a vocabulary-sized head)
 
 
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``x [M, K]`` (``K`` a multiple of 32) quantised to int8 per block of 32 inputs, as
+    the int8-activation kernel does: ``d = max|x| / 127`` and ``q = round(x * (127 / max|x|))``
+    (nearest even, fp32; a block of zeros has ``d = 0``, ``q = 0``). Returns ``q`` (int8
+    ``[M, K]``) and ``d`` (fp32 ``[M, K // 32]``)."""
+    M, K = x.shape
+    if K % 32:
+        raise ValueError(f"quantize_activations: K={K} is not a multiple of 32")
+    xb = x.float().reshape(M, K // 32, 32)
+    amax = xb.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    q = torch.round(xb * inv).to(torch.int8).reshape(M, K)
+    return q, (amax / 127.0).squeeze(-1)
+
+
+def matmul_a8_reference(x: torch.Tensor, qw: QuantizedWeight,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` with int8 activations (:func:`quantize_activations`), in float64:
+    ``sum_g s_g d_b (sum_{k in g} code_k q_k) - sum_g o_g (sum_{k in g} x_k)``, the quantity the
+    int8-activation kernel computes in fp32."""
+    M, K = x.shape
+    q, d = quantize_activations(x)
+    s, o = qw.scales_offsets()  # [N, K // G]
+    codes = qw.unpacked_codes().double()  # [N, K]
+    G = qw.G
+    xq = q.double() * d.double().repeat_interleave(32, dim=1)  # d_b q_k, exact in float64
+    # sum over each group g of code_k d_b q_k (d_b is constant within a group: G divides 32)
+    dots = (codes.view(1, qw.N, K // G, G) * xq.view(M, 1, K // G, G)).sum(-1)  # [M, N, ng]
+    gsum = x.float().double().view(M, K // G, G).sum(-1)  # [M, ng]
+    y = (dots * s.double()).sum(-1) - gsum @ o.double().T
+    if bias is not None:
+        y = y + bias.double()
+    return y
+
+
 def int8_per_channel(w: torch.Tensor) -> QuantizedWeight:
     """Symmetric int8, one scale per output row (absmax / 127), as :class:`Int8Linear`."""
     w = w.detach()

@@ -118,7 +118,10 @@ def _library() -> ctypes.CDLL | None:
     dll.qm_matmul.restype = i32
     dll.qm_dequant.argtypes = [p, i32, i32, i32, p, p, p, p, i64, i64, p, i64, p, i32, i32]
     dll.qm_dequant.restype = i32
+    dll.qm_matmul_a8.argtypes = dll.qm_matmul.argtypes
+    dll.qm_matmul_a8.restype = i32
     dll.qm_has_avx512.restype = i32
+    dll.qm_has_vnni.restype = i32
     BUILD_ERROR = None
     return dll
 
@@ -131,6 +134,26 @@ def ours_available() -> bool:
 def has_avx512() -> bool:
     lib = _library()
     return bool(lib is not None and lib.qm_has_avx512())
+
+
+def has_vnni() -> bool:
+    """Whether our int8-activation kernel (:func:`matmul` with ``int8_activations``) is built:
+    it needs AVX-512 VNNI."""
+    lib = _library()
+    return bool(lib is not None and lib.qm_has_vnni())
+
+
+def check_int8_activations() -> None:
+    """A RuntimeError saying why int8 activations (``weights="q4a8"``) cannot run here: they
+    need our kernel (``SPECCASCADE_QUANT_KERNEL`` not ``torch``) on a CPU with AVX-512 VNNI."""
+    if kernel_choice() == "torch":
+        raise RuntimeError("weights='q4a8' needs our quantised kernel, but "
+                           "SPECCASCADE_QUANT_KERNEL=torch")
+    if not ours_available():
+        raise RuntimeError(f"weights='q4a8' needs our quantised kernel, which is unavailable: "
+                           f"{BUILD_ERROR}")
+    if not has_vnni():
+        raise RuntimeError("weights='q4a8' needs a CPU with AVX-512 VNNI (use weights='q4')")
 
 
 def use_ours(t: torch.Tensor) -> bool:
@@ -156,8 +179,14 @@ def _dtype_flag(t: torch.Tensor) -> int:
     raise TypeError(f"quantised matmul: activations must be bfloat16 or float32, got {t.dtype}")
 
 
-def matmul(x: torch.Tensor, qw, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [M, K] @ W^T (+ bias)`` with our kernel; the result has ``x``'s dtype."""
+def matmul(x: torch.Tensor, qw, bias: torch.Tensor | None = None,
+           int8_activations: bool = False) -> torch.Tensor:
+    """``x [M, K] @ W^T (+ bias)`` with our kernel; the result has ``x``'s dtype.
+
+    ``int8_activations``: each row of ``x`` is first quantised to int8 per block of 32 inputs
+    (scale max|x| / 127, rounded to nearest even) and the groups' dot products are integer
+    (AVX-512 VNNI), as llama.cpp multiplies its quantised weights;
+    :func:`.formats.matmul_a8_reference` is the same quantity in PyTorch."""
     lib = _library()
     x = x.contiguous()
     M = x.shape[0]
@@ -165,7 +194,10 @@ def matmul(x: torch.Tensor, qw, bias: torch.Tensor | None = None) -> torch.Tenso
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()
     flag = _dtype_flag(x)
-    rc = lib.qm_matmul(_ptr(x), flag, M, _ptr(qw.codes), qw.bits, qw.G, qw.gps, _ptr(qw.D),
+    if int8_activations and not lib.qm_has_vnni():
+        raise RuntimeError("int8 activations need a CPU with AVX-512 VNNI")
+    fn = lib.qm_matmul_a8 if int8_activations else lib.qm_matmul
+    rc = fn(_ptr(x), flag, M, _ptr(qw.codes), qw.bits, qw.G, qw.gps, _ptr(qw.D),
                        _ptr(qw.sc), _ptr(qw.Mn), _ptr(qw.mq), qw.N, qw.K, _ptr(y), flag, qw.N,
                        _ptr(bias), torch.get_num_threads())
     if rc != 0:
@@ -195,5 +227,5 @@ def dequant(qw, rows: torch.Tensor | None = None, dtype=torch.float32,
     return out
 
 
-__all__ = ["BUILD_ERROR", "KERNELS", "dequant", "has_avx512", "kernel_choice", "matmul",
-           "ours_available", "use_ours"]
+__all__ = ["BUILD_ERROR", "KERNELS", "check_int8_activations", "dequant", "has_avx512",
+           "has_vnni", "kernel_choice", "matmul", "ours_available", "use_ours"]

@@ -20,6 +20,10 @@ Where the weights come from:
 * ``q4`` for any other folder: every linear layer rounded to 4 bits (:func:`.formats.rtn4`).
 * ``int8``: every linear layer in int8 with one scale per output channel, from the folder's
   (bf16) weights (:func:`.formats.int8_per_channel`); embeddings stay dense.
+* ``q4a8``: the weights of ``q4``, multiplied as llama.cpp multiplies them: the activations
+  quantised to int8 per block of 32 inputs and integer dot products (AVX-512 VNNI; see
+  :func:`.kernels.matmul`), up to :data:`.modules.DIRECT_ROWS` rows (a prompt's prefill takes
+  the de-quantised path of ``q4``).
 """
 from __future__ import annotations
 
@@ -37,9 +41,11 @@ import torch
 from torch import nn
 
 from .formats import SUPPORTED_GGUF, QuantizedWeight, dequantize, from_gguf, int8_per_channel, rtn4
+from .kernels import check_int8_activations
 from .modules import QuantEmbedding, QuantLinear
 
-WEIGHTS = ("bf16", "int8", "q4")
+WEIGHTS = ("bf16", "int8", "q4", "q4a8")
+_FOUR_BIT = ("q4", "q4a8")  # the GGUF's blocks (or 4-bit rounding); q4a8: int8 activations
 _QFORMAT = 1  # bump when the layout of cache_dir()/quant/ changes
 _MARKER = "quant.json"
 
@@ -293,6 +299,8 @@ def load_quantized(folder: pathlib.Path, weights: str, dtype: torch.dtype = torc
     weights = check_weights(weights)
     if weights == "bf16":
         raise ValueError("load_quantized: weights='bf16' is the dense model (load_model)")
+    if weights == "q4a8":
+        check_int8_activations()
     folder = pathlib.Path(folder)
     try:
         files = TensorFiles(folder)
@@ -300,7 +308,7 @@ def load_quantized(folder: pathlib.Path, weights: str, dtype: torch.dtype = torc
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
         return quantize_linears(model, weights)
     qcache = None
-    if weights == "q4" and cache is not None and gguf_file is not None:
+    if weights in _FOUR_BIT and cache is not None and gguf_file is not None:
         qcache = gguf_weights(folder, cache, gguf_file, progress)
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
@@ -324,7 +332,8 @@ def load_quantized(folder: pathlib.Path, weights: str, dtype: torch.dtype = torc
                 qw = int8_per_channel(w) if weights == "int8" else rtn4(w)
                 del w
             bias = dense(f"{name}.bias").to(dtype) if mod.bias is not None else None
-            _replace(model, name, QuantLinear(qw, bias, dtype))
+            _replace(model, name, QuantLinear(qw, bias, dtype,
+                                              int8_activations=weights == "q4a8"))
             _trim()
         elif isinstance(mod, nn.Embedding) and qcache is not None and name in qcache:
             _replace(model, name, QuantEmbedding(qcache[name], dtype, mod.padding_idx))
@@ -366,10 +375,13 @@ def load_quantized(folder: pathlib.Path, weights: str, dtype: torch.dtype = torc
 def quantize_linears(model: nn.Module, weights: str) -> nn.Module:
     """Replace (in place) every ``nn.Linear`` of a loaded CPU model whose input size is a
     multiple of 32 by a :class:`QuantLinear`: ``"int8"`` per output channel, ``"q4"`` 4-bit
-    round-to-nearest in groups of 32 (``"bf16"``: unchanged). Returns the model."""
+    round-to-nearest in groups of 32, ``"q4a8"`` the same with int8 activations (``"bf16"``:
+    unchanged). Returns the model."""
     weights = check_weights(weights)
     if weights == "bf16":
         return model
+    if weights == "q4a8":
+        check_int8_activations()
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not targets:
         raise ValueError("the model has no nn.Linear layers to quantise")
@@ -378,7 +390,8 @@ def quantize_linears(model: nn.Module, weights: str) -> nn.Module:
             continue
         w = linear.weight.detach()
         qw = int8_per_channel(w) if weights == "int8" else rtn4(w)
-        _replace(model, name, QuantLinear(qw, linear.bias, dtype=w.dtype))
+        _replace(model, name, QuantLinear(qw, linear.bias, dtype=w.dtype,
+                                          int8_activations=weights == "q4a8"))
     if hasattr(model, "config"):
         model.config.tie_word_embeddings = False
     return model

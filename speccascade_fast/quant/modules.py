@@ -69,9 +69,11 @@ class QuantLinear(_Quantized):
     """``y = x W^T + b`` with ``W`` a :class:`QuantizedWeight`; ``x`` in bf16 or fp32."""
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None,
-                 dtype: torch.dtype = torch.bfloat16):
+                 dtype: torch.dtype = torch.bfloat16, int8_activations: bool = False):
         super().__init__(qw, dtype)
         self.in_features, self.out_features = qw.K, qw.N
+        #: up to DIRECT_ROWS rows, quantise the activations to int8 (kernels.matmul)
+        self.int8_activations = bool(int8_activations)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype),
                                                            requires_grad=False)
 
@@ -79,7 +81,10 @@ class QuantLinear(_Quantized):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.K)
         M = x2.shape[0]
-        if M <= DIRECT_ROWS and kernels.use_ours(x2):
+        if M <= DIRECT_ROWS and self.int8_activations:
+            kernels.check_int8_activations()  # (the kernel choice may have changed since)
+            y = kernels.matmul(x2, self.qweight, self.bias, int8_activations=True)
+        elif M <= DIRECT_ROWS and kernels.use_ours(x2):
             y = kernels.matmul(x2, self.qweight, self.bias)
         elif M <= DIRECT_ROWS and x2.dtype in (torch.bfloat16, torch.float32):
             y = self._torch_matmul(x2)
@@ -112,7 +117,8 @@ class QuantLinear(_Quantized):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.K}, out_features={self.N}, {self.kind}, "
+        a8 = ", int8 activations" if self.int8_activations else ""
+        return (f"in_features={self.K}, out_features={self.N}, {self.kind}{a8}, "
                 f"bias={self.bias is not None}")
 
 

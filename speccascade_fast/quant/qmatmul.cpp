@@ -125,32 +125,19 @@ void rows_scalar(const QW& w, const float* x, int64_t M, int64_t n0, int64_t n1,
   }
 }
 
-#if QM_AVX512
-// NB output rows n at a time, MB input rows m; acc[m][nb] accumulates 16 lanes of w[n] x[m]
-template <int MB, int NB, int BITS, int G>
-inline void block_avx512(const QW& w, const float* x, int64_t n0, void* y, bool y_bf16,
-                         int64_t ldy, const void* bias) {
-  constexpr int V = G / 16;  // vectors per group
-  __m512 acc[MB][NB];
-  for (int m = 0; m < MB; ++m)
-    for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_setzero_ps();
-  const int64_t K = w.K, ng = w.ng(), nsb = w.nsb(), gps = w.gps;
-  const int64_t row_bytes = BITS == 4 ? K / 2 : K;
-  // the block's group scales and (negated) offsets, fp32, computed once for all its groups
-  thread_local std::vector<float> scratch;
-  if ((int64_t)scratch.size() < 2 * NB * ng) scratch.resize(2 * NB * ng);
-  float* sbuf = scratch.data();
-  float* obuf = sbuf + NB * ng;
-  const uint8_t* crow[NB];
-  for (int b = 0; b < NB; ++b) {
+// rows n0..n0+nb-1: their group scales into sbuf[b * stride + g] and negated offsets into
+// obuf[b * stride + g] (fp32, exact; the same values as QW::scale / QW::offset)
+inline void group_factors(const QW& w, int64_t n0, int nb, float* sbuf, float* obuf,
+                          int64_t stride) {
+  const int64_t ng = w.ng(), nsb = w.nsb(), gps = w.gps;
+  for (int b = 0; b < nb; ++b) {
     const int64_t n = n0 + b;
-    crow[b] = w.codes + n * row_bytes;
     const float* Drow = w.D + n * nsb;
     const float* Mrow = w.Mn ? w.Mn + n * nsb : nullptr;
     const int8_t* srow = w.sc ? w.sc + n * ng : nullptr;
     const int8_t* mrow = w.mq ? w.mq + n * ng : nullptr;
-    float* sb_ = sbuf + b * ng;
-    float* ob_ = obuf + b * ng;
+    float* sb_ = sbuf + b * stride;
+    float* ob_ = obuf + b * stride;
     if (gps == 1) {  // one factor per group (flat loops, vectorised by the compiler)
       for (int64_t g = 0; g < ng; ++g) sb_[g] = srow ? Drow[g] * (float)srow[g] : Drow[g];
       for (int64_t g = 0; g < ng; ++g)
@@ -167,6 +154,27 @@ inline void block_avx512(const QW& w, const float* x, int64_t n0, void* y, bool 
     if (mrow)
       for (int64_t g = 0; g < ng; ++g) ob_[g] *= (float)mrow[g];
   }
+}
+
+#if QM_AVX512
+// NB output rows n at a time, MB input rows m; acc[m][nb] accumulates 16 lanes of w[n] x[m]
+template <int MB, int NB, int BITS, int G>
+inline void block_avx512(const QW& w, const float* x, int64_t n0, void* y, bool y_bf16,
+                         int64_t ldy, const void* bias) {
+  constexpr int V = G / 16;  // vectors per group
+  __m512 acc[MB][NB];
+  for (int m = 0; m < MB; ++m)
+    for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_setzero_ps();
+  const int64_t K = w.K, ng = w.ng();
+  const int64_t row_bytes = BITS == 4 ? K / 2 : K;
+  // the block's group scales and (negated) offsets, fp32, computed once for all its groups
+  thread_local std::vector<float> scratch;
+  if ((int64_t)scratch.size() < 2 * NB * ng) scratch.resize(2 * NB * ng);
+  float* sbuf = scratch.data();
+  float* obuf = sbuf + NB * ng;
+  const uint8_t* crow[NB];
+  for (int b = 0; b < NB; ++b) crow[b] = w.codes + (n0 + b) * row_bytes;
+  group_factors(w, n0, NB, sbuf, obuf, ng);
   constexpr int64_t GBYTES = BITS == 4 ? 16 : G;  // code bytes per group
   const __m512i lo4 = _mm512_set1_epi32(0x0f);
   for (int64_t g = 0; g < ng; ++g) {
@@ -259,6 +267,221 @@ void rows_mb(const QW& w, const float* x, int64_t mb, int64_t n0, int64_t n1, vo
 }
 #endif
 
+#if QM_AVX512 && defined(__AVX512VNNI__)
+#define QM_VNNI 1
+#ifndef QM_PF
+#define QM_PF 2
+#endif
+// ---- int8 activations (the arithmetic of llama.cpp's quantised dot products) ----------------
+// Each activation row is quantised per block of 32 inputs: d = max|x| / 127, q = round(x * (127 /
+// max|x|)) (nearest even; d = 0 and q = 0 for a block of zeros). Per group of weights the integer
+// dot product sum_j code_j q_j is exact (VNNI: unsigned codes times signed q, int32), and
+//   y[m, n] = sum_groups (s_g * d_b * idot_g  -  o_g * (fp32 sum of x over g))
+// accumulated in 16 fp32 lanes (each group's terms spread over its 4 or 8 lanes, the offset
+// term as equal shares of the group's sum), then the lanes' horizontal sum. As in the fp32 path, the order depends on
+// nothing but the row, so a row's outputs are the same for every M, thread count and blocking.
+// 8-bit codes are signed; the kernel reads them as unsigned code + 128 and starts each lane's
+// integer sum at -128 * (the sum of its four q), which is exact.
+struct XQ {
+  int64_t M = 0, K = 0, chunks = 0;  // chunk: 64 code bytes (128 inputs at 4 bits, 64 at 8)
+  int bits = 4;
+  std::vector<int8_t> qlo, qhi;      // [M][chunks][64]: q in the codes' byte order (qhi: 4 bits)
+  std::vector<float> dexp;           // [M][chunks][16]: each lane's activation scale
+  std::vector<int32_t> ncorr;        // [M][chunks][16]: 8 bits: -128 * the lane's sum of q
+  std::vector<float> gq;             // [M][chunks][16]: each lane's share of its group's
+                                     // fp32 sum of x (the sum / lanes per group)
+};
+
+void quantise_x(const float* x, int64_t M, int64_t K, int bits, int G, bool sums, XQ& xq) {
+  const int64_t inputs_per_chunk = bits == 4 ? 128 : 64;
+  xq.M = M, xq.K = K, xq.bits = bits;
+  xq.chunks = (K + inputs_per_chunk - 1) / inputs_per_chunk;
+  const int64_t nb = K / 32, ng = K / G, C = xq.chunks;
+  xq.qlo.assign(M * C * 64, 0);
+  if (bits == 4) xq.qhi.assign(M * C * 64, 0);
+  xq.dexp.assign(M * C * 16, 0.0f);
+  if (bits == 8) xq.ncorr.assign(M * C * 16, 0);
+  if (sums) xq.gq.assign(M * C * 16, 0.0f);
+  std::vector<int8_t> q(K);
+  std::vector<float> d(nb);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * K;
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m512 a0 = _mm512_loadu_ps(xm + 32 * b), a1 = _mm512_loadu_ps(xm + 32 * b + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
+      // a block with an infinity or a NaN makes its outputs NaN, as an fp32 product would
+      d[b] = amax <= 3.4028235e38f ? amax / 127.0f : __builtin_nanf("");
+      const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(a0, inv));  // nearest even
+      const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(a1, inv));
+      _mm_storeu_si128((__m128i*)(q.data() + 32 * b), _mm512_cvtsepi32_epi8(q0));
+      _mm_storeu_si128((__m128i*)(q.data() + 32 * b + 16), _mm512_cvtsepi32_epi8(q1));
+    }
+    if (sums) {  // group g = lanes (g % GPC) * LPG .. of chunk g / GPC
+      const int64_t GPC = (bits == 4 || G == 16) ? 4 : 2, LPG = 16 / GPC;
+      const float share = 1.0f / (float)LPG;  // a power of two: exact
+      float* gq = xq.gq.data() + m * C * 16;
+      for (int64_t g = 0; g < ng; ++g) {  // fixed order: 16 lanes (G = 32: two vectors), then
+        __m512 s = _mm512_loadu_ps(xm + g * G);  // their horizontal sum
+        if (G == 32) s = _mm512_add_ps(s, _mm512_loadu_ps(xm + g * G + 16));
+        const float v = _mm512_reduce_add_ps(s) * share;
+        for (int64_t l = 0; l < LPG; ++l) gq[(g / GPC) * 16 + (g % GPC) * LPG + l] = v;
+      }
+    }
+    int8_t* lo = xq.qlo.data() + m * C * 64;
+    float* de = xq.dexp.data() + m * C * 16;
+    if (bits == 4) {  // chunk c, quarter r = group 4c + r: lo = its inputs 0..15, hi = 16..31
+      int8_t* hi = xq.qhi.data() + m * C * 64;
+      for (int64_t g = 0; g < nb; ++g) {
+        const int64_t c = g / 4, r = g % 4;
+        std::memcpy(lo + c * 64 + r * 16, q.data() + 32 * g, 16);
+        std::memcpy(hi + c * 64 + r * 16, q.data() + 32 * g + 16, 16);
+        for (int l = 0; l < 4; ++l) de[c * 16 + r * 4 + l] = d[g];
+      }
+    } else {  // chunk c = inputs 64c..64c+63 in order; lane l = inputs 64c + 4l..4l+3
+      std::memcpy(lo, q.data(), K);
+      int32_t* nc = xq.ncorr.data() + m * C * 16;
+      for (int64_t k4 = 0; k4 < K / 4; ++k4) {
+        const int64_t c = k4 / 16, l = k4 % 16;
+        int32_t s = 0;
+        for (int j = 0; j < 4; ++j) s += q[4 * k4 + j];
+        nc[c * 16 + l] = -128 * s;
+        de[c * 16 + l] = d[(4 * k4) / 32];
+      }
+    }
+  }
+}
+
+// the GPC (4 or 2) groups g0.. of a chunk (left of them in the row): their factor (d, shared,
+// or per group from Drow + g0 when per_group) times their integer scales (srow + g0, if any),
+// 4 fp32 lanes, lanes past left are 0
+template <int GPC>
+inline __m128 chunk_factors(const float* Drow, const int8_t* srow, int64_t g0, int64_t left,
+                            bool per_group, float d) {
+  if (left == GPC) {  // fixed-size loads (the common case)
+    const __m128 dv = per_group ? (GPC == 4 ? _mm_loadu_ps(Drow + g0)
+                                            : _mm_castpd_ps(_mm_load_sd((const double*)(Drow + g0))))
+                                : (GPC == 4 ? _mm_set1_ps(d) : _mm_setr_ps(d, d, 0.0f, 0.0f));
+    if (!srow) return dv;
+    int32_t raw = 0;
+    std::memcpy(&raw, srow + g0, GPC);
+    return _mm_mul_ps(dv, _mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(raw))));
+  }
+  const __mmask8 km = (__mmask8)((1u << left) - 1);
+  const __m128 dv = per_group ? _mm_maskz_loadu_ps(km, Drow + g0) : _mm_maskz_mov_ps(km, _mm_set1_ps(d));
+  if (!srow) return dv;
+  int32_t raw = 0;
+  std::memcpy(&raw, srow + g0, left);
+  return _mm_mul_ps(dv, _mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(raw))));
+}
+
+// NB output rows at a time, MB activation rows
+template <int MB, int NB, int BITS, int G>
+inline void block_a8(const QW& w, const XQ& xq, int64_t m0, int64_t n0, void* y, bool y_bf16,
+                     int64_t ldy, const void* bias) {
+  __m512 acc[MB][NB];
+  for (int m = 0; m < MB; ++m)
+    for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_setzero_ps();
+  const int64_t K = w.K, ng = w.ng(), nsb = w.nsb(), C = xq.chunks;
+  const int64_t row_bytes = BITS == 4 ? K / 2 : K;
+  // lane l of a chunk belongs to group GPC * c + l / (16 / GPC)
+  constexpr int GPC = (BITS == 4 || G == 16) ? 4 : 2;
+  const int64_t cps = nsb == 1 ? ng + C : (w.gps == 1 ? 0 : w.gps / GPC);
+  const __m512i gidx = GPC == 4
+      ? _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
+      : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m512i lo4 = _mm512_set1_epi8(0x0f), flip = _mm512_set1_epi8((char)0x80);
+  const uint8_t* crow[NB];
+  const float *Drow[NB], *Mrow[NB];
+  const int8_t *srow[NB], *mrow[NB];
+  for (int b = 0; b < NB; ++b) {
+    const int64_t n = n0 + b;
+    crow[b] = w.codes + n * row_bytes;
+    Drow[b] = w.D + n * nsb;
+    Mrow[b] = w.Mn ? w.Mn + n * nsb : nullptr;
+    srow[b] = w.sc ? w.sc + n * ng : nullptr;
+    mrow[b] = w.mq ? w.mq + n * ng : nullptr;
+  }
+  const int8_t* qlo = xq.qlo.data() + m0 * C * 64;
+  const int8_t* qhi = BITS == 4 ? xq.qhi.data() + m0 * C * 64 : nullptr;
+  const float* dexp = xq.dexp.data() + m0 * C * 16;
+  const float* gq = w.Mn ? xq.gq.data() + m0 * C * 16 : nullptr;
+  const int32_t* ncorr = BITS == 8 ? xq.ncorr.data() + m0 * C * 16 : nullptr;
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t nbytes = std::min<int64_t>(64, row_bytes - c * 64);
+    const __mmask64 km = nbytes == 64 ? ~(__mmask64)0 : (((__mmask64)1 << nbytes) - 1);
+    for (int b = 0; b < NB; ++b)  // the same line of the rows some blocks ahead
+      _mm_prefetch((const char*)(crow[b] + QM_PF * NB * row_bytes + c * 64), _MM_HINT_T0);
+    __m512i wlo[NB], whi[NB];
+    __m512 ws[NB], wo[NB];
+    const int64_t g0 = GPC * c, left = std::min<int64_t>(GPC, ng - g0);
+    const int64_t sbi = cps ? c / cps : 0;  // the chunk's super-block (when shared)
+    for (int b = 0; b < NB; ++b) {
+      const __m512i v = _mm512_maskz_loadu_epi8(km, crow[b] + c * 64);
+      if constexpr (BITS == 4) {
+        wlo[b] = _mm512_and_si512(v, lo4);
+        whi[b] = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
+      } else {
+        wlo[b] = _mm512_maskz_mov_epi8(km, _mm512_xor_si512(v, flip));
+        whi[b] = wlo[b];
+      }
+      ws[b] = _mm512_permutexvar_ps(gidx, _mm512_castps128_ps512(chunk_factors<GPC>(
+          Drow[b], srow[b], g0, left, cps == 0, cps ? Drow[b][sbi] : 0.0f)));
+      if (Mrow[b])
+        wo[b] = _mm512_permutexvar_ps(gidx, _mm512_castps128_ps512(chunk_factors<GPC>(
+            Mrow[b], mrow[b], g0, left, cps == 0, cps ? Mrow[b][sbi] : 0.0f)));
+    }
+    for (int m = 0; m < MB; ++m) {
+      const __m512i xl = _mm512_loadu_si512(qlo + (m * C + c) * 64);
+      const __m512 xd = _mm512_loadu_ps(dexp + (m * C + c) * 16);
+      const __m512 xg = gq ? _mm512_loadu_ps(gq + (m * C + c) * 16) : _mm512_setzero_ps();
+      __m512i xh = xl, nc = _mm512_setzero_si512();
+      if constexpr (BITS == 4)
+        xh = _mm512_loadu_si512(qhi + (m * C + c) * 64);
+      else
+        nc = _mm512_loadu_si512(ncorr + (m * C + c) * 16);
+      for (int b = 0; b < NB; ++b) {
+        __m512i s = _mm512_dpbusd_epi32(nc, wlo[b], xl);
+        if constexpr (BITS == 4) s = _mm512_dpbusd_epi32(s, whi[b], xh);
+        acc[m][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(ws[b], xd), acc[m][b]);
+        if (gq) acc[m][b] = _mm512_fnmadd_ps(wo[b], xg, acc[m][b]);
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int b = 0; b < NB; ++b) {
+      const int64_t n = n0 + b;
+      store(y, y_bf16, m * ldy + n, _mm512_reduce_add_ps(acc[m][b]) + load_bias(bias, y_bf16, n));
+    }
+}
+
+template <int MB, int BITS, int G>
+void rows_a8(const QW& w, const XQ& xq, int64_t m0, int64_t n0, int64_t n1, void* y, bool y_bf16,
+             int64_t ldy, const void* bias) {
+  constexpr int NB = MB <= 4 ? 4 : 2;
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) block_a8<MB, NB, BITS, G>(w, xq, m0, n, y, y_bf16, ldy, bias);
+  for (; n < n1; ++n) block_a8<MB, 1, BITS, G>(w, xq, m0, n, y, y_bf16, ldy, bias);
+}
+
+template <int BITS, int G>
+void rows_a8_mb(const QW& w, const XQ& xq, int64_t m0, int64_t mb, int64_t n0, int64_t n1,
+                void* y, bool y_bf16, int64_t ldy, const void* bias) {
+  switch (mb) {
+    case 1: return rows_a8<1, BITS, G>(w, xq, m0, n0, n1, y, y_bf16, ldy, bias);
+    case 2: return rows_a8<2, BITS, G>(w, xq, m0, n0, n1, y, y_bf16, ldy, bias);
+    case 3: return rows_a8<3, BITS, G>(w, xq, m0, n0, n1, y, y_bf16, ldy, bias);
+    case 4: return rows_a8<4, BITS, G>(w, xq, m0, n0, n1, y, y_bf16, ldy, bias);
+    case 5: return rows_a8<5, BITS, G>(w, xq, m0, n0, n1, y, y_bf16, ldy, bias);
+    case 6: return rows_a8<6, BITS, G>(w, xq, m0, n0, n1, y, y_bf16, ldy, bias);
+    case 7: return rows_a8<7, BITS, G>(w, xq, m0, n0, n1, y, y_bf16, ldy, bias);
+    default: return rows_a8<8, BITS, G>(w, xq, m0, n0, n1, y, y_bf16, ldy, bias);
+  }
+}
+#else
+#define QM_VNNI 0
+#endif
+
 constexpr int64_t MB_MAX = 8;
 constexpr int64_t ROW_CHUNK = 16;  // rows of W per task (a multiple of every NB)
 constexpr int64_t MIN_WORK_PER_THREAD = 1 << 19;
@@ -319,6 +542,58 @@ int qm_matmul(const void* x, int x_bf16, int64_t M, const uint8_t* codes, int bi
   }
   return 0;
 }
+
+// as qm_matmul, with the activations quantised to int8 per block of 32 inputs (QM_VNNI builds
+// only; -4 otherwise). K must be a multiple of 32.
+int qm_matmul_a8(const void* x, int x_bf16, int64_t M, const uint8_t* codes, int bits, int G,
+                 int gps, const float* D, const int8_t* sc, const float* Mn, const int8_t* mq,
+                 int64_t N, int64_t K, void* y, int y_bf16, int64_t ldy, const void* bias,
+                 int nthreads) {
+#if QM_VNNI
+  if (!((bits == 4 && G == 32) || (bits == 8 && (G == 16 || G == 32)))) return -1;
+  if (K % ((int64_t)G * gps) != 0 || K % 32 != 0 || M < 1) return -2;
+  // a chunk's groups (4, or 2 for 8-bit codes in groups of 32) share one factor or have one each
+  const int gpc = (bits == 4 || G == 16) ? 4 : 2;
+  if (!(gps == 1 || gps % gpc == 0 || K / ((int64_t)G * gps) == 1)) return -2;
+  QW w{codes, bits, G, gps, D, sc, Mn, mq, N, K};
+  std::vector<float> xf;
+  const float* xp = (const float*)x;
+  if (x_bf16) {
+    xf.resize(M * K);
+    const uint16_t* xb = (const uint16_t*)x;
+    for (int64_t i = 0; i < M * K; ++i) xf[i] = bf16_to_f32(xb[i]);
+    xp = xf.data();
+  }
+  XQ xq;
+  quantise_x(xp, M, K, bits, G, Mn != nullptr, xq);
+  const int64_t tasks = (N + ROW_CHUNK - 1) / ROW_CHUNK;
+  const int64_t work = N * K * ((M + 3) / 4);
+  const int nt = (int)std::max<int64_t>(
+      1, std::min<int64_t>({(int64_t)nthreads, tasks, work / MIN_WORK_PER_THREAD}));
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t n0 = t * ROW_CHUNK, n1 = std::min(N, n0 + ROW_CHUNK);
+    for (int64_t m0 = 0; m0 < M; m0 += MB_MAX) {
+      const int64_t mb = std::min(MB_MAX, M - m0);
+      void* ym = y_bf16 ? (void*)((uint16_t*)y + m0 * ldy) : (void*)((float*)y + m0 * ldy);
+      if (bits == 4)
+        rows_a8_mb<4, 32>(w, xq, m0, mb, n0, n1, ym, y_bf16, ldy, bias);
+      else if (G == 32)
+        rows_a8_mb<8, 32>(w, xq, m0, mb, n0, n1, ym, y_bf16, ldy, bias);
+      else
+        rows_a8_mb<8, 16>(w, xq, m0, mb, n0, n1, ym, y_bf16, ldy, bias);
+    }
+  }
+  return 0;
+#else
+  (void)x, (void)x_bf16, (void)M, (void)codes, (void)bits, (void)G, (void)gps, (void)D, (void)sc;
+  (void)Mn, (void)mq, (void)N, (void)K, (void)y, (void)y_bf16, (void)ldy, (void)bias;
+  (void)nthreads;
+  return -4;
+#endif
+}
+
+int qm_has_vnni() { return QM_VNNI; }
 
 // out[r, K] = the de-quantised rows rows[r] (all rows 0..R-1 when rows is null), fp32 or bf16
 int qm_dequant(const uint8_t* codes, int bits, int G, int gps, const float* D, const int8_t* sc,
