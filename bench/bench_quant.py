@@ -12,7 +12,9 @@ Kernels, each ``y[M, N] = x[M, K] W^T`` with bf16 activations and outputs:
   and zero point per group (``aten._convert_weight_to_int4pack_for_cpu`` layout);
 * ``ours-Q4_K``, ``ours-Q6_K``, ``ours-Q5_0`` (= Q8_0's layout), ``ours-int8``: our kernel
   (speccascade_fast/quant/qmatmul.cpp) on each GGUF block type as the loader keeps it (K-quants
-  only where K is a multiple of 256, as in the GGUF files).
+  only where K is a multiple of 256, as in the GGUF files);
+* ``ours-*-a8`` (with ``--a8``): the same weights with int8 activations (``weights="q4a8"``:
+  activations quantised per block of 32 inside the call, VNNI integer dot products).
 
 Every call reads a different weight of a pool of at least ``--pool-mib`` per kernel (larger
 than the last-level cache), as a decoding step streams the model's weights from memory;
@@ -87,21 +89,24 @@ def make_kernel(name: str, N: int, K: int, g: torch.Generator):
         return _nbytes([w, sz]), lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, 32,
                                                                                       sz)
     kind = name.removeprefix("ours-")
-    qw = _rand_q(kind, N, K, g)
-    return qw.nbytes, lambda x: kernels.matmul(x, qw)
+    a8 = kind.endswith("-a8")
+    qw = _rand_q(kind.removesuffix("-a8"), N, K, g)
+    return qw.nbytes, lambda x: kernels.matmul(x, qw, int8_activations=a8)
 
 
-def kernels_for(K: int) -> list[str]:
+def kernels_for(K: int, a8: bool = False) -> list[str]:
     names = ["bf16", "torch-int8", "torch-int4", "ours-int8", "ours-Q5_0"]
     if K % 256 == 0:
         names += ["ours-Q4_K", "ours-Q6_K"]
+    if a8:  # the same formats with int8 activations
+        names += [n + "-a8" for n in names if n.startswith("ours-")]
     return names
 
 
 def bench_shape(N: int, K: int, rows: list[int], rounds: int, pool_bytes: int, hot: bool,
-                progress) -> list[dict]:
+                progress, a8: bool = False) -> list[dict]:
     g = torch.Generator().manual_seed(N * 7 + K)
-    names = kernels_for(K)
+    names = kernels_for(K, a8)
     pools = {}
     for name in names:
         nbytes, first = make_kernel(name, N, K, g)
@@ -204,6 +209,8 @@ def precision_markdown(rows: list[dict]) -> str:
 def markdown(results: list[dict], shapes: dict) -> str:
     names = ["bf16", "torch-int8", "torch-int4", "ours-int8", "ours-Q5_0", "ours-Q4_K",
              "ours-Q6_K"]
+    names += [n + "-a8" for n in names if n.startswith("ours-")
+              and any(r["kernel"] == n + "-a8" for r in results)]
     lines = ["| model | matrix | N x K | M | " + " | ".join(names) + " |",
              "|---|---|---|---|" + "---|" * len(names)]
     label = {(N, K): (m, n) for m, lst in shapes.items() for n, N, K in lst}
@@ -227,6 +234,8 @@ def main(argv=None) -> int:
     p.add_argument("--pool-mib", type=int, default=512,
                    help="bytes of distinct weights each kernel cycles through (default: 512)")
     p.add_argument("--hot", action="store_true", help="also time one cache-resident weight")
+    p.add_argument("--a8", action="store_true",
+                   help="also our kernels with int8 activations (needs AVX-512 VNNI)")
     p.add_argument("--no-precision", action="store_true",
                    help="skip the precision table (it needs the default verifier's GGUF)")
     p.add_argument("--out", default=None, help="folder for kernels.json and kernels.md")
@@ -236,6 +245,9 @@ def main(argv=None) -> int:
     if not kernels.ours_available():
         print(f"our kernels are unavailable: {kernels.BUILD_ERROR}", file=sys.stderr)
         return 1
+    if args.a8 and not kernels.has_vnni():
+        print("--a8: int8 activations need AVX-512 VNNI", file=sys.stderr)
+        return 1
     say = lambda s: print(s, file=sys.stderr, flush=True)
     shapes = {k: SHAPES[k] for k in args.shapes.split(",")}
     rows = [int(r) for r in args.rows.split(",")]
@@ -243,7 +255,8 @@ def main(argv=None) -> int:
     results = []
     for lst in shapes.values():
         for _, N, K in lst:
-            results += bench_shape(N, K, rows, args.rounds, args.pool_mib << 20, args.hot, say)
+            results += bench_shape(N, K, rows, args.rounds, args.pool_mib << 20, args.hot, say,
+                                   args.a8)
     prec = [] if args.no_precision else precision(say)
     try:
         load = open("/proc/loadavg").read().split()[:3]
@@ -251,7 +264,8 @@ def main(argv=None) -> int:
         load = None
     meta = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "torch": torch.__version__, "threads": torch.get_num_threads(),
-                        "avx512": kernels.has_avx512(), "date": time.strftime("%Y-%m-%d"),
+                        "avx512": kernels.has_avx512(), "vnni": kernels.has_vnni(),
+                        "date": time.strftime("%Y-%m-%d"),
                         "loadavg_at_end": load},
             "settings": vars(args), "elapsed_s": round(time.time() - t0)}
     table = markdown(results, shapes)

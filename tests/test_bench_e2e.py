@@ -512,3 +512,20 @@ def test_rounds_merge_blocks_per_gamma_and_log_loss():
     assert total.tokens == 20 and total.extra["gammas"] == {0: 2, 5: 4}
     assert total.extra["acceptance_log_loss"] == {"counts": pytest.approx(0.35), "positions": 40}
     assert total.extra["round_tokens_per_s"] == [5.0, 5.0]
+
+
+def test_each_configuration_has_its_own_peak_memory(result):
+    """Every row (ours and HF's) carries the peak resident memory of its own runs, which the
+    table shows; a peak restarted before a run forgets what an earlier one allocated."""
+    if not e2e.reset_peak_rss():
+        pytest.skip("no /proc/self/clear_refs here")
+    peaks = {(d["name"], d["batch"]): d.get("peak_rss_mib") for d in e2e.summarize(result)}
+    assert all(v is not None and v > 0 for v in peaks.values()), peaks
+    assert "peak_rss_mib" in e2e.markdown(result).splitlines()[0]
+    process_peak = result["memory"]["peak_rss_mib"]
+    assert all(v <= process_peak + 1 for v in peaks.values())
+    big = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched
+    high = e2e.memory()["peak_rss_mib"]
+    del big
+    assert e2e.reset_peak_rss()
+    assert e2e.memory()["peak_rss_mib"] < high - 32

@@ -549,7 +549,10 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
             round_costs[key].append(measure())
             _say_costs(progress, label, round_costs[key][-1])
         for *_, job in (jobs if i % 2 == 0 else jobs[::-1]):
+            peak_resets = reset_peak_rss()
             row = job()
+            if peak_resets:  # this configuration's peak: the loaded models plus what it used
+                row.extra["peak_rss_mib"] = memory().get("peak_rss_mib")
             tpc = row.tokens_per_verifier_call
             progress(f"{row.name:36s} batch {row.batch}: {row.tokens_per_s:6.2f} tok/s"
                      + (f", {tpc:.2f} tokens/verifier call" if tpc else "")
@@ -583,6 +586,18 @@ def memory() -> dict:
     return out
 
 
+def reset_peak_rss() -> bool:
+    """Restart this process's ``VmHWM`` from its resident memory now (Linux: ``5`` written to
+    /proc/self/clear_refs), so that :func:`memory` then gives the peak since this call; False
+    where that cannot be done (the peak then covers the whole process)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 #: the name suffix of the rows that ran the int8 drafter (ours) or the int8 assistant (HF)
 INT8_SUFFIX = " (int8 drafter)"
 
@@ -608,6 +623,9 @@ def _merge(merged: dict, row: Row) -> None:
             total.extra["decode_calls"][role][1] += sec
     if total.verifier_calls is not None:
         total.verifier_calls += row.verifier_calls
+    if row.extra.get("peak_rss_mib") is not None:  # the largest of the rounds' peaks
+        total.extra["peak_rss_mib"] = max(row.extra["peak_rss_mib"],
+                                          total.extra.get("peak_rss_mib") or 0.0)
     if "gammas" in total.extra and "gammas" in row.extra:  # blocks per gamma, every round's
         for g, n in row.extra["gammas"].items():
             total.extra["gammas"][g] = total.extra["gammas"].get(g, 0) + n
@@ -664,6 +682,8 @@ def summarize(result: dict) -> list[dict]:
              "acceptance_rate": _round(r.acceptance_rate)}
         if r.extra.get("model_s") is not None:
             d["non_model_share"] = _round(1 - r.extra["model_s"] / r.wall_s)
+        if r.extra.get("peak_rss_mib") is not None:
+            d["peak_rss_mib"] = round(r.extra["peak_rss_mib"])
         assisted = "hf:assisted T=1" if "T=1" in r.name else "hf:assisted greedy"
         if INT8_SUFFIX in r.name and assisted + INT8_SUFFIX in hf:
             assisted += INT8_SUFFIX
@@ -794,6 +814,8 @@ def markdown(result: dict) -> str:
     cols = (["name", "batch", "tokens_per_s", "tokens_per_verifier_call", "acceptance_rate"]
             + ratios + ["predicted", "efficiency", "c_loop"] + extra
             + ["predicted_loop", "decode_efficiency", "non_model_share"])
+    if any("peak_rss_mib" in d for d in s):
+        cols.append("peak_rss_mib")
 
     def cell(d, c):
         if c.endswith(" (range)"):
@@ -829,7 +851,10 @@ def markdown(result: dict) -> str:
     if quant or mem:
         lines.append(f"Weights: {quant or 'bf16'}."
                      + (f" Peak resident memory of the process: {mem['peak_rss_mib']:.0f} MiB "
-                        f"(VmHWM), {mem['rss_mib']:.0f} MiB at the end." if mem else ""))
+                        f"(VmHWM), {mem['rss_mib']:.0f} MiB at the end." if mem else "")
+                     + (" peak_rss_mib: a configuration's own peak (VmHWM restarted before each"
+                        " of its runs; the largest over the rounds), the loaded models included."
+                        if any("peak_rss_mib" in d for d in s) else ""))
     for what, c in (("drafter", result["costs"]), ("int8 drafter", result["costs"].get("int8")),
                     ("compiled drafter", result["costs"].get("compiled"))):
         if c is not None:

@@ -276,9 +276,9 @@ void rows_mb(const QW& w, const float* x, int64_t mb, int64_t n0, int64_t n1, vo
 // Each activation row is quantised per block of 32 inputs: d = max|x| / 127, q = round(x * (127 /
 // max|x|)) (nearest even; d = 0 and q = 0 for a block of zeros). Per group of weights the integer
 // dot product sum_j code_j q_j is exact (VNNI: unsigned codes times signed q, int32), and
-//   y[m, n] = sum_groups (s_g * d_b * idot_g  -  o_g * (fp32 sum of x over g))
-// accumulated in 16 fp32 lanes (each group's terms spread over its 4 or 8 lanes, the offset
-// term as equal shares of the group's sum), then the lanes' horizontal sum. As in the fp32 path, the order depends on
+//   y[m, n] = sum_groups s_g * d_b * idot_g  -  sum_groups o_g * (fp32 sum of x over g)
+// the first sum accumulated in 16 fp32 lanes (each group's terms in its 4 or 8 lanes), then
+// the lanes' horizontal sum; the second a 16-lane dot product over the groups, then its sum. As in the fp32 path, the order depends on
 // nothing but the row, so a row's outputs are the same for every M, thread count and blocking.
 // 8-bit codes are signed; the kernel reads them as unsigned code + 128 and starts each lane's
 // integer sum at -128 * (the sum of its four q), which is exact.
@@ -288,8 +288,7 @@ struct XQ {
   std::vector<int8_t> qlo, qhi;      // [M][chunks][64]: q in the codes' byte order (qhi: 4 bits)
   std::vector<float> dexp;           // [M][chunks][16]: each lane's activation scale
   std::vector<int32_t> ncorr;        // [M][chunks][16]: 8 bits: -128 * the lane's sum of q
-  std::vector<float> gq;             // [M][chunks][16]: each lane's share of its group's
-                                     // fp32 sum of x (the sum / lanes per group)
+  std::vector<float> gsum;           // [M][ng]: fp32 sum of x over each weight group
 };
 
 void quantise_x(const float* x, int64_t M, int64_t K, int bits, int G, bool sums, XQ& xq) {
@@ -301,7 +300,7 @@ void quantise_x(const float* x, int64_t M, int64_t K, int bits, int G, bool sums
   if (bits == 4) xq.qhi.assign(M * C * 64, 0);
   xq.dexp.assign(M * C * 16, 0.0f);
   if (bits == 8) xq.ncorr.assign(M * C * 16, 0);
-  if (sums) xq.gq.assign(M * C * 16, 0.0f);
+  if (sums) xq.gsum.assign(M * ng, 0.0f);
   std::vector<int8_t> q(K);
   std::vector<float> d(nb);
   for (int64_t m = 0; m < M; ++m) {
@@ -317,17 +316,12 @@ void quantise_x(const float* x, int64_t M, int64_t K, int bits, int G, bool sums
       _mm_storeu_si128((__m128i*)(q.data() + 32 * b), _mm512_cvtsepi32_epi8(q0));
       _mm_storeu_si128((__m128i*)(q.data() + 32 * b + 16), _mm512_cvtsepi32_epi8(q1));
     }
-    if (sums) {  // group g = lanes (g % GPC) * LPG .. of chunk g / GPC
-      const int64_t GPC = (bits == 4 || G == 16) ? 4 : 2, LPG = 16 / GPC;
-      const float share = 1.0f / (float)LPG;  // a power of two: exact
-      float* gq = xq.gq.data() + m * C * 16;
+    if (sums)
       for (int64_t g = 0; g < ng; ++g) {  // fixed order: 16 lanes (G = 32: two vectors), then
-        __m512 s = _mm512_loadu_ps(xm + g * G);  // their horizontal sum
-        if (G == 32) s = _mm512_add_ps(s, _mm512_loadu_ps(xm + g * G + 16));
-        const float v = _mm512_reduce_add_ps(s) * share;
-        for (int64_t l = 0; l < LPG; ++l) gq[(g / GPC) * 16 + (g % GPC) * LPG + l] = v;
+        __m512 v = _mm512_loadu_ps(xm + g * G);  // their horizontal sum
+        if (G == 32) v = _mm512_add_ps(v, _mm512_loadu_ps(xm + g * G + 16));
+        xq.gsum[m * ng + g] = _mm512_reduce_add_ps(v);
       }
-    }
     int8_t* lo = xq.qlo.data() + m * C * 64;
     float* de = xq.dexp.data() + m * C * 16;
     if (bits == 4) {  // chunk c, quarter r = group 4c + r: lo = its inputs 0..15, hi = 16..31
@@ -352,29 +346,6 @@ void quantise_x(const float* x, int64_t M, int64_t K, int bits, int G, bool sums
   }
 }
 
-// the GPC (4 or 2) groups g0.. of a chunk (left of them in the row): their factor (d, shared,
-// or per group from Drow + g0 when per_group) times their integer scales (srow + g0, if any),
-// 4 fp32 lanes, lanes past left are 0
-template <int GPC>
-inline __m128 chunk_factors(const float* Drow, const int8_t* srow, int64_t g0, int64_t left,
-                            bool per_group, float d) {
-  if (left == GPC) {  // fixed-size loads (the common case)
-    const __m128 dv = per_group ? (GPC == 4 ? _mm_loadu_ps(Drow + g0)
-                                            : _mm_castpd_ps(_mm_load_sd((const double*)(Drow + g0))))
-                                : (GPC == 4 ? _mm_set1_ps(d) : _mm_setr_ps(d, d, 0.0f, 0.0f));
-    if (!srow) return dv;
-    int32_t raw = 0;
-    std::memcpy(&raw, srow + g0, GPC);
-    return _mm_mul_ps(dv, _mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(raw))));
-  }
-  const __mmask8 km = (__mmask8)((1u << left) - 1);
-  const __m128 dv = per_group ? _mm_maskz_loadu_ps(km, Drow + g0) : _mm_maskz_mov_ps(km, _mm_set1_ps(d));
-  if (!srow) return dv;
-  int32_t raw = 0;
-  std::memcpy(&raw, srow + g0, left);
-  return _mm_mul_ps(dv, _mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(raw))));
-}
-
 // NB output rows at a time, MB activation rows
 template <int MB, int NB, int BITS, int G>
 inline void block_a8(const QW& w, const XQ& xq, int64_t m0, int64_t n0, void* y, bool y_bf16,
@@ -382,30 +353,28 @@ inline void block_a8(const QW& w, const XQ& xq, int64_t m0, int64_t n0, void* y,
   __m512 acc[MB][NB];
   for (int m = 0; m < MB; ++m)
     for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_setzero_ps();
-  const int64_t K = w.K, ng = w.ng(), nsb = w.nsb(), C = xq.chunks;
+  const int64_t K = w.K, ng = w.ng(), C = xq.chunks;
   const int64_t row_bytes = BITS == 4 ? K / 2 : K;
+  // the rows' group scales and negated offsets (fp32, exact), 4 zeros past the last group
+  const int64_t stride = ng + 4;
+  thread_local std::vector<float> scratch;
+  if ((int64_t)scratch.size() < 2 * NB * stride) scratch.resize(2 * NB * stride);
+  float* sbuf = scratch.data();
+  float* obuf = sbuf + NB * stride;
+  group_factors(w, n0, NB, sbuf, obuf, stride);
+  for (int b = 0; b < NB; ++b)
+    for (int64_t g = ng; g < stride; ++g) sbuf[b * stride + g] = obuf[b * stride + g] = 0.0f;
   // lane l of a chunk belongs to group GPC * c + l / (16 / GPC)
   constexpr int GPC = (BITS == 4 || G == 16) ? 4 : 2;
-  const int64_t cps = nsb == 1 ? ng + C : (w.gps == 1 ? 0 : w.gps / GPC);
   const __m512i gidx = GPC == 4
       ? _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
       : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
   const __m512i lo4 = _mm512_set1_epi8(0x0f), flip = _mm512_set1_epi8((char)0x80);
   const uint8_t* crow[NB];
-  const float *Drow[NB], *Mrow[NB];
-  const int8_t *srow[NB], *mrow[NB];
-  for (int b = 0; b < NB; ++b) {
-    const int64_t n = n0 + b;
-    crow[b] = w.codes + n * row_bytes;
-    Drow[b] = w.D + n * nsb;
-    Mrow[b] = w.Mn ? w.Mn + n * nsb : nullptr;
-    srow[b] = w.sc ? w.sc + n * ng : nullptr;
-    mrow[b] = w.mq ? w.mq + n * ng : nullptr;
-  }
+  for (int b = 0; b < NB; ++b) crow[b] = w.codes + (n0 + b) * row_bytes;
   const int8_t* qlo = xq.qlo.data() + m0 * C * 64;
   const int8_t* qhi = BITS == 4 ? xq.qhi.data() + m0 * C * 64 : nullptr;
   const float* dexp = xq.dexp.data() + m0 * C * 16;
-  const float* gq = w.Mn ? xq.gq.data() + m0 * C * 16 : nullptr;
   const int32_t* ncorr = BITS == 8 ? xq.ncorr.data() + m0 * C * 16 : nullptr;
   for (int64_t c = 0; c < C; ++c) {
     const int64_t nbytes = std::min<int64_t>(64, row_bytes - c * 64);
@@ -413,9 +382,7 @@ inline void block_a8(const QW& w, const XQ& xq, int64_t m0, int64_t n0, void* y,
     for (int b = 0; b < NB; ++b)  // the same line of the rows some blocks ahead
       _mm_prefetch((const char*)(crow[b] + QM_PF * NB * row_bytes + c * 64), _MM_HINT_T0);
     __m512i wlo[NB], whi[NB];
-    __m512 ws[NB], wo[NB];
-    const int64_t g0 = GPC * c, left = std::min<int64_t>(GPC, ng - g0);
-    const int64_t sbi = cps ? c / cps : 0;  // the chunk's super-block (when shared)
+    __m512 ws[NB];
     for (int b = 0; b < NB; ++b) {
       const __m512i v = _mm512_maskz_loadu_epi8(km, crow[b] + c * 64);
       if constexpr (BITS == 4) {
@@ -425,16 +392,12 @@ inline void block_a8(const QW& w, const XQ& xq, int64_t m0, int64_t n0, void* y,
         wlo[b] = _mm512_maskz_mov_epi8(km, _mm512_xor_si512(v, flip));
         whi[b] = wlo[b];
       }
-      ws[b] = _mm512_permutexvar_ps(gidx, _mm512_castps128_ps512(chunk_factors<GPC>(
-          Drow[b], srow[b], g0, left, cps == 0, cps ? Drow[b][sbi] : 0.0f)));
-      if (Mrow[b])
-        wo[b] = _mm512_permutexvar_ps(gidx, _mm512_castps128_ps512(chunk_factors<GPC>(
-            Mrow[b], mrow[b], g0, left, cps == 0, cps ? Mrow[b][sbi] : 0.0f)));
+      ws[b] = _mm512_permutexvar_ps(
+          gidx, _mm512_castps128_ps512(_mm_loadu_ps(sbuf + b * stride + GPC * c)));
     }
     for (int m = 0; m < MB; ++m) {
       const __m512i xl = _mm512_loadu_si512(qlo + (m * C + c) * 64);
       const __m512 xd = _mm512_loadu_ps(dexp + (m * C + c) * 16);
-      const __m512 xg = gq ? _mm512_loadu_ps(gq + (m * C + c) * 16) : _mm512_setzero_ps();
       __m512i xh = xl, nc = _mm512_setzero_si512();
       if constexpr (BITS == 4)
         xh = _mm512_loadu_si512(qhi + (m * C + c) * 64);
@@ -444,14 +407,26 @@ inline void block_a8(const QW& w, const XQ& xq, int64_t m0, int64_t n0, void* y,
         __m512i s = _mm512_dpbusd_epi32(nc, wlo[b], xl);
         if constexpr (BITS == 4) s = _mm512_dpbusd_epi32(s, whi[b], xh);
         acc[m][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(ws[b], xd), acc[m][b]);
-        if (gq) acc[m][b] = _mm512_fnmadd_ps(wo[b], xg, acc[m][b]);
       }
     }
   }
   for (int m = 0; m < MB; ++m)
     for (int b = 0; b < NB; ++b) {
       const int64_t n = n0 + b;
-      store(y, y_bf16, m * ldy + n, _mm512_reduce_add_ps(acc[m][b]) + load_bias(bias, y_bf16, n));
+      float v = _mm512_reduce_add_ps(acc[m][b]);
+      if (w.Mn) {  // + sum_g (-o_g) gsum_g: 16 groups per lane pass, then the lanes' sum
+        const float* ob = obuf + b * stride;
+        const float* gs = xq.gsum.data() + (m0 + m) * ng;
+        __m512 o = _mm512_setzero_ps();
+        for (int64_t g = 0; g < ng; g += 16) {
+          const __mmask16 gm = ng - g >= 16 ? (__mmask16)0xffff
+                                            : (__mmask16)((1u << (ng - g)) - 1);
+          o = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(gm, ob + g), _mm512_maskz_loadu_ps(gm, gs + g),
+                              o);
+        }
+        v += _mm512_reduce_add_ps(o);
+      }
+      store(y, y_bf16, m * ldy + n, v + load_bias(bias, y_bf16, n));
     }
 }
 
@@ -552,9 +527,6 @@ int qm_matmul_a8(const void* x, int x_bf16, int64_t M, const uint8_t* codes, int
 #if QM_VNNI
   if (!((bits == 4 && G == 32) || (bits == 8 && (G == 16 || G == 32)))) return -1;
   if (K % ((int64_t)G * gps) != 0 || K % 32 != 0 || M < 1) return -2;
-  // a chunk's groups (4, or 2 for 8-bit codes in groups of 32) share one factor or have one each
-  const int gpc = (bits == 4 || G == 16) ? 4 : 2;
-  if (!(gps == 1 || gps % gpc == 0 || K / ((int64_t)G * gps) == 1)) return -2;
   QW w{codes, bits, G, gps, D, sc, Mn, mq, N, K};
   std::vector<float> xf;
   const float* xp = (const float*)x;
