@@ -7,7 +7,7 @@
   fp32 weights of ggml's reference de-quantisation (no rounding of scales: they are kept as the
   file's fp16 factors times small integers). For a model without a GGUF file, 4-bit
   round-to-nearest in groups of 32 (:func:`speccascade_fast.quant.formats.rtn4`).
-* ``q4a8``: ``q4``'s weights, multiplied as llama.cpp multiplies them: each activation row
+* ``q4a8``: ``q4``'s weights, multiplied in the manner of llama.cpp: each activation row
   quantised to int8 per block of 32 inputs (scale absmax / 127) and the groups' dot products in
   integers (AVX-512 VNNI), up to 16 rows per call (decoding and verification blocks; a prompt's
   prefill takes ``q4``'s path). Faster than ``q4`` on a decoding step; its logits differ from

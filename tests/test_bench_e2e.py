@@ -22,7 +22,7 @@ def result():
     try:
         yield e2e.run(q, p, prompts=prompts, max_new_tokens=12, batch=2, gamma=3,
                       int8_drafter=True, rounds=2, hf_defaults=True, draft_confidence=0.5,
-                      dc_gamma=4, progress=lambda s: None)
+                      dc_gamma=4, per_config_rss=True, progress=lambda s: None)
     finally:
         torch.set_num_threads(old)
 
@@ -516,16 +516,36 @@ def test_rounds_merge_blocks_per_gamma_and_log_loss():
 
 def test_each_configuration_has_its_own_peak_memory(result):
     """Every row (ours and HF's) carries the peak resident memory of its own runs, which the
-    table shows; a peak restarted before a run forgets what an earlier one allocated."""
+    table shows; the process's peak stays the largest of them all."""
     if not e2e.reset_peak_rss():
         pytest.skip("no /proc/self/clear_refs here")
     peaks = {(d["name"], d["batch"]): d.get("peak_rss_mib") for d in e2e.summarize(result)}
     assert all(v is not None and v > 0 for v in peaks.values()), peaks
     assert "peak_rss_mib" in e2e.markdown(result).splitlines()[0]
-    process_peak = result["memory"]["peak_rss_mib"]
-    assert all(v <= process_peak + 1 for v in peaks.values())
-    big = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched
-    high = e2e.memory()["peak_rss_mib"]
-    del big
-    assert e2e.reset_peak_rss()
-    assert e2e.memory()["peak_rss_mib"] < high - 32
+    assert result["memory"]["peak_rss_mib"] >= max(peaks.values())
+
+
+def test_a_configurations_peak_forgets_what_an_earlier_one_allocated(monkeypatch):
+    """The peak restarts before each run: a run after one that allocated and freed 96 MiB does
+    not inherit that peak; the process's peak keeps it; without per_config_rss no row has one."""
+    if not e2e.reset_peak_rss():
+        pytest.skip("no /proc/self/clear_refs here")
+
+    def fake(name, *args, **kwargs):
+        if name == "ours:verifier":
+            big = torch.ones(96 << 20, dtype=torch.uint8)  # touched, then freed
+            del big
+        row = e2e.Row(name, 1, 4, 0.5, 1)
+        row.extra["outputs"] = [[1, 2, 3, 4]]
+        return row
+
+    monkeypatch.setattr(e2e, "run_ours", fake)
+    monkeypatch.setattr(e2e, "step_costs", lambda *a, **k: dict(t_q_s=1.0, t_p_s=2.0,
+                                                                  t_p_block_s=2.0, c=0.5, r=1.0))
+    kw = dict(prompts=[torch.tensor([1])], configs=("spec-greedy",), batch=1, with_hf=False,
+              progress=lambda s: None)
+    result = e2e.run(None, None, per_config_rss=True, **kw)
+    peak = {r.name: r.extra["peak_rss_mib"] for r in result["rows"]}
+    assert peak["ours:verifier"] > peak["ours:spec greedy"] + 64
+    assert result["memory"]["peak_rss_mib"] >= peak["ours:verifier"]
+    assert all("peak_rss_mib" not in r.extra for r in e2e.run(None, None, **kw)["rows"])

@@ -110,26 +110,31 @@ def test_quantize_activations_by_hand():
     x = torch.zeros(2, 64)
     x[0, :4] = torch.tensor([1.0, -0.5, 0.25, 2.0])  # block 0: max |x| = 2, scale 2/127
     x[0, 32] = -3.0  # block 1: one value
-    x[1, 40] = float(2 ** -130)  # a subnormal block still quantises to +-127
+    x[1, 40] = float(2 ** -130)  # 127 / max|x| overflows: the block counts as zeros
+    x[1, 0], x[1, 1], x[1, 2] = 127.0, 2.5, -3.5  # ties round to even: 2 and -4
     q, d = formats.quantize_activations(x)
     assert q.dtype == torch.int8 and d.shape == (2, 2)
     assert q[0, :4].tolist() == [64, -32, 16, 127]  # 63.5 -> 64 and 31.75 -> 32 (nearest)
-    assert q[0, 32].item() == -127 and torch.equal(q[1, :32], torch.zeros(32, dtype=torch.int8))
+    assert q[0, 32].item() == -127 and q[1, :3].tolist() == [127, 2, -4]
     assert d[0].tolist() == pytest.approx([2 / 127, 3 / 127], rel=1e-7)
-    assert d[1, 0].item() == 0.0  # a block of zeros: scale 0, codes 0
+    assert d[1, 1].item() == 0.0 and not q[1, 32:].any()
     with pytest.raises(ValueError, match="multiple of 32"):
         formats.quantize_activations(torch.zeros(1, 48))
 
 
 @needs_vnni
-@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q5_0", "Q8_0", "Q4_1", "int8", "rtn4"])
-@pytest.mark.parametrize("K", [512, 320])  # 320: a last chunk of codes shorter than 64 bytes
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q5_0", "Q8_0", "Q4_1", "int8", "rtn4", "g16"])
+@pytest.mark.parametrize("K", [512, 320, 288])  # 288: a last chunk of codes under 64 bytes
 def test_int8_activation_matmul_is_its_reference_and_row_invariant(kind, K):
     N = 37  # row blocks of 4 and 2 plus a remainder
     g = torch.Generator().manual_seed(3)
     if kind in ("int8", "rtn4"):
         w = torch.randn(N, K, generator=g)
         qw = formats.int8_per_channel(w) if kind == "int8" else formats.rtn4(w)
+    elif kind == "g16":  # 8-bit codes in groups of 16, a factor per group (no GGUF type)
+        codes = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
+        qw = formats.QuantizedWeight("g16", 8, 16, 1, N, K, codes,
+                                     torch.rand(N, K // 16, generator=g) * 1e-2)
     else:
         if K % 256 and kind in ("Q4_K", "Q6_K"):
             pytest.skip("K-quants come in super-blocks of 256")
@@ -160,13 +165,32 @@ def test_int8_activation_matmul_is_its_reference_and_row_invariant(kind, K):
 
 
 @needs_vnni
-def test_int8_activation_matmul_propagates_nan_and_inf():
-    qw = formats.rtn4(torch.randn(8, 64))
-    x = torch.randn(3, 64)
+@pytest.mark.parametrize("kind", ["rtn4", "int8"])  # with offsets, and without
+def test_int8_activation_matmul_propagates_nan_and_inf(kind):
+    w = torch.randn(8, 64)
+    qw = formats.rtn4(w) if kind == "rtn4" else formats.int8_per_channel(w)
+    x = torch.randn(5, 64)
     x[0, 5] = float("inf")
-    x[1, 40] = float("nan")
+    x[1, 40] = float("nan")  # among inputs 0..15 of its block
+    x[2, 3] = float("nan")
+    x[3, 60] = float("-inf")  # among inputs 16..31
     y = kernels.matmul(x, qw, None, int8_activations=True)
-    assert y[0].isnan().all() and y[1].isnan().all() and y[2].isfinite().all()
+    assert y[:4].isnan().all() and y[4].isfinite().all()
+
+
+@needs_vnni
+def test_int8_activation_matmul_is_the_same_on_every_thread_count():
+    g = torch.Generator().manual_seed(5)
+    qw = formats.from_gguf("Q4_K", random_blocks("Q4_K", 2048, 512, seed=4), 2048, 512)
+    x = torch.randn(6, 512, generator=g)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.matmul(x, qw, None, int8_activations=True)
+        torch.set_num_threads(2)  # 2048 x 512 x 2 passes: enough work for both threads
+        assert torch.equal(kernels.matmul(x, qw, None, int8_activations=True), one)
+    finally:
+        torch.set_num_threads(old)
 
 
 @needs_vnni

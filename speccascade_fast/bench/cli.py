@@ -66,6 +66,10 @@ def add_bench_subcommand(subparsers) -> argparse.ArgumentParser:
                    help="also measure a weight-only int8 copy of the drafter")
     p.add_argument("--compile-drafter", action="store_true",
                    help="also measure the drafter's steps torch.compile'd (dynamic shapes)")
+    p.add_argument("--per-config-rss", action="store_true",
+                   help="Linux: each configuration's own peak resident memory (the process's "
+                        "peak restarted before each of its runs; this also lowers the peak "
+                        "that the process's parent sees in ru_maxrss)")
     p.add_argument("--rounds", type=int, default=1,
                    help="run every configuration this many times, interleaved (every other "
                         "round in reverse order), so that the machine's drift cancels in the "
@@ -190,7 +194,9 @@ def bench_command(args: argparse.Namespace) -> int:
                      draft_confidence=args.draft_confidence, dc_gamma=args.dc_gamma,
                      weights="random" if args.random_weights else "real",
                      quant=args.weights, exact_prefix=args.exact_prefix,
-                     divergence_budget=args.divergence_budget, progress=lambda s: print(s, file=sys.stderr, flush=True))
+                     divergence_budget=args.divergence_budget,
+                     per_config_rss=args.per_config_rss,
+                     progress=lambda s: print(s, file=sys.stderr, flush=True))
     table = e2e.markdown(result)
     print(table)
     if args.out:

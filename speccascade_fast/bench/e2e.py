@@ -410,7 +410,8 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
         compile_drafter=False, rounds=1, hf_gamma=None, hf_defaults=False,
         draft_confidence=DEFAULT_DRAFT_CONFIDENCE, dc_gamma=None, weights="real",
         quant="bf16", exact_prefix=DEFAULT_EXACT_PREFIX,
-        divergence_budget=DEFAULT_DIVERGENCE_BUDGET, progress=print) -> dict:
+        divergence_budget=DEFAULT_DIVERGENCE_BUDGET, per_config_rss=False,
+        progress=print) -> dict:
     """The whole benchmark; returns ``{"rows", "costs", "settings", "machine"}``.
 
     ``prompts``: token tensors ``[P]`` (default: the first ``n_prompts`` HumanEval prompts,
@@ -433,6 +434,12 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
     loaded ("bf16", "int8" or "q4": ``speccascade bench --weights``), recorded in the settings;
     the result's ``memory`` holds this process's peak and final resident memory
     (:func:`memory`), which covers the models' loading when they were loaded in it.
+    ``per_config_rss`` (Linux): each row also gets its own peak (``extra["peak_rss_mib"]``:
+    the peak is restarted before each of its runs, so it is the memory resident then, the
+    loaded models among it, plus what the run allocated; the largest over the rounds); the
+    process's peak is then the largest of what it was before the first restart and every
+    row's. Off by default: a restarted peak also lowers what ``getrusage``/``wait4`` report for
+    the process (``ru_maxrss``).
     ``exact_prefix`` / ``divergence_budget``: the ``*-window`` / ``*-budget`` configurations'
     settings.
 
@@ -544,14 +551,17 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
 
     merged: dict = {}
     round_costs: dict = {key: [] for key in cost_jobs}
+    peak_before = memory().get("peak_rss_mib")  # the process's peak so far (loading included)
+    per_config_rss = bool(per_config_rss) and reset_peak_rss()
     for i in range(rounds):
         for key, (label, measure) in cost_jobs.items():
             round_costs[key].append(measure())
             _say_costs(progress, label, round_costs[key][-1])
         for *_, job in (jobs if i % 2 == 0 else jobs[::-1]):
-            peak_resets = reset_peak_rss()
+            if per_config_rss:  # this run's peak: what is resident now plus what it allocates
+                reset_peak_rss()
             row = job()
-            if peak_resets:  # this configuration's peak: the loaded models plus what it used
+            if per_config_rss:
                 row.extra["peak_rss_mib"] = memory().get("peak_rss_mib")
             tpc = row.tokens_per_verifier_call
             progress(f"{row.name:36s} batch {row.batch}: {row.tokens_per_s:6.2f} tok/s"
@@ -563,12 +573,16 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
                for key, cs in round_costs.items()}
     costs = medians.pop(None)
     costs.update(medians)
+    mem = memory()
+    if per_config_rss and mem.get("peak_rss_mib") is not None:  # the process's own peak
+        mem["peak_rss_mib"] = max([mem["peak_rss_mib"], peak_before or 0.0,
+                                   *(r.extra.get("peak_rss_mib") or 0.0 for r in rows)])
     return {"rows": rows, "costs": costs, "settings": dict(
         n_prompts=n_prompts, max_new_tokens=max_new_tokens, batch=batch, gamma=gamma,
         alpha=alpha, rounds=rounds, hf_gamma=hf_gamma, draft_confidence=draft_confidence,
         dc_gamma=dc_gamma, weights=weights, quant=quant, exact_prefix=exact_prefix,
-        divergence_budget=divergence_budget),
-        "machine": machine(getattr(verifier, "device", None)), "memory": memory()}
+        divergence_budget=divergence_budget, per_config_rss=per_config_rss),
+        "machine": machine(getattr(verifier, "device", None)), "memory": mem}
 
 
 def memory() -> dict:
@@ -853,7 +867,8 @@ def markdown(result: dict) -> str:
                      + (f" Peak resident memory of the process: {mem['peak_rss_mib']:.0f} MiB "
                         f"(VmHWM), {mem['rss_mib']:.0f} MiB at the end." if mem else "")
                      + (" peak_rss_mib: a configuration's own peak (VmHWM restarted before each"
-                        " of its runs; the largest over the rounds), the loaded models included."
+                        " of its runs: what was resident then, the loaded models among it, plus"
+                        " what the run allocated; the largest over the rounds)."
                         if any("peak_rss_mib" in d for d in s) else ""))
     for what, c in (("drafter", result["costs"]), ("int8 drafter", result["costs"].get("int8")),
                     ("compiled drafter", result["costs"].get("compiled"))):

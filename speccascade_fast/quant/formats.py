@@ -225,16 +225,20 @@ _ROWS = 4096  # rows quantised at a time (bounds the fp32 temporaries of a vocab
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of ``x [M, K]`` (``K`` a multiple of 32) quantised to int8 per block of 32 inputs, as
     the int8-activation kernel does: ``d = max|x| / 127`` and ``q = round(x * (127 / max|x|))``
-    (nearest even, fp32; a block of zeros has ``d = 0``, ``q = 0``). Returns ``q`` (int8
-    ``[M, K]``) and ``d`` (fp32 ``[M, K // 32]``)."""
+    (nearest even, fp32; a block of zeros, or one so small that ``127 / max|x|`` overflows, has
+    ``d = 0``, ``q = 0``; the kernel makes a block with an infinity or a NaN give NaN outputs).
+    Returns ``q`` (int8 ``[M, K]``) and ``d`` (fp32 ``[M, K // 32]``)."""
     M, K = x.shape
     if K % 32:
         raise ValueError(f"quantize_activations: K={K} is not a multiple of 32")
     xb = x.float().reshape(M, K // 32, 32)
     amax = xb.abs().amax(dim=-1, keepdim=True)
-    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    inv = torch.tensor(127.0) / amax
+    zero = (amax == 0) | inv.isinf()
+    inv = torch.where(zero, torch.zeros_like(inv), inv)
     q = torch.round(xb * inv).to(torch.int8).reshape(M, K)
-    return q, (amax / 127.0).squeeze(-1)
+    d = torch.where(zero, torch.zeros_like(amax), amax / 127.0)
+    return q, d.squeeze(-1)
 
 
 def matmul_a8_reference(x: torch.Tensor, qw: QuantizedWeight,

@@ -136,6 +136,7 @@ def has_avx512() -> bool:
     return bool(lib is not None and lib.qm_has_avx512())
 
 
+@functools.cache
 def has_vnni() -> bool:
     """Whether our int8-activation kernel (:func:`matmul` with ``int8_activations``) is built:
     it needs AVX-512 VNNI."""
@@ -185,7 +186,9 @@ def matmul(x: torch.Tensor, qw, bias: torch.Tensor | None = None,
 
     ``int8_activations``: each row of ``x`` is first quantised to int8 per block of 32 inputs
     (scale max|x| / 127, rounded to nearest even) and the groups' dot products are integer
-    (AVX-512 VNNI), as llama.cpp multiplies its quantised weights;
+    (AVX-512 VNNI), in the manner of llama.cpp (which quantises activations per 256 inputs
+    for its K-quants and applies the offsets from the quantised sums; here per 32 inputs, with
+    fp32 sums of the activations for the offsets);
     :func:`.formats.matmul_a8_reference` is the same quantity in PyTorch."""
     lib = _library()
     x = x.contiguous()
@@ -200,8 +203,11 @@ def matmul(x: torch.Tensor, qw, bias: torch.Tensor | None = None,
     rc = fn(_ptr(x), flag, M, _ptr(qw.codes), qw.bits, qw.G, qw.gps, _ptr(qw.D),
                        _ptr(qw.sc), _ptr(qw.Mn), _ptr(qw.mq), qw.N, qw.K, _ptr(y), flag, qw.N,
                        _ptr(bias), torch.get_num_threads())
+    if rc == -2 and int8_activations and qw.K % 32:
+        raise ValueError(f"int8 activations: K={qw.K} must be a multiple of 32 ({qw})")
     if rc != 0:
-        raise ValueError(f"qm_matmul: unsupported layout (code {rc}) for {qw}")
+        fn_name = "qm_matmul_a8" if int8_activations else "qm_matmul"
+        raise ValueError(f"{fn_name}: unsupported layout (code {rc}) for {qw}")
     return y
 
 

@@ -82,6 +82,8 @@ class QuantLinear(_Quantized):
         x2 = x.reshape(-1, self.K)
         M = x2.shape[0]
         if M <= DIRECT_ROWS and self.int8_activations:
+            if x2.device.type != "cpu":
+                raise RuntimeError(f"int8 activations run on the CPU only, got {x2.device}")
             kernels.check_int8_activations()  # (the kernel choice may have changed since)
             y = kernels.matmul(x2, self.qweight, self.bias, int8_activations=True)
         elif M <= DIRECT_ROWS and kernels.use_ours(x2):

@@ -272,7 +272,7 @@ void rows_mb(const QW& w, const float* x, int64_t mb, int64_t n0, int64_t n1, vo
 #ifndef QM_PF
 #define QM_PF 2
 #endif
-// ---- int8 activations (the arithmetic of llama.cpp's quantised dot products) ----------------
+// ---- int8 activations (integer dot products in the manner of llama.cpp's) ------------------
 // Each activation row is quantised per block of 32 inputs: d = max|x| / 127, q = round(x * (127 /
 // max|x|)) (nearest even; d = 0 and q = 0 for a block of zeros). Per group of weights the integer
 // dot product sum_j code_j q_j is exact (VNNI: unsigned codes times signed q, int32), and
@@ -308,9 +308,14 @@ void quantise_x(const float* x, int64_t M, int64_t K, int bits, int G, bool sums
     for (int64_t b = 0; b < nb; ++b) {
       const __m512 a0 = _mm512_loadu_ps(xm + 32 * b), a1 = _mm512_loadu_ps(xm + 32 * b + 16);
       const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
-      // a block with an infinity or a NaN makes its outputs NaN, as an fp32 product would
-      d[b] = amax <= 3.4028235e38f ? amax / 127.0f : __builtin_nanf("");
-      const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+      const bool nan = (_mm512_cmp_ps_mask(a0, a0, _CMP_UNORD_Q) |
+                        _mm512_cmp_ps_mask(a1, a1, _CMP_UNORD_Q)) != 0;
+      // a block with an infinity or a NaN makes its outputs NaN, as an fp32 product would;
+      // a block whose 127 / max|x| overflows (all |x| < 4e-37) counts as zeros, as a block of 0
+      const float r = amax > 0.0f ? 127.0f / amax : 0.0f;
+      const bool zero = !(r <= 3.4028235e38f) || amax == 0.0f;
+      d[b] = (nan || !(amax <= 3.4028235e38f)) ? __builtin_nanf("") : zero ? 0.0f : amax / 127.0f;
+      const __m512 inv = _mm512_set1_ps(zero || nan ? 0.0f : r);
       const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(a0, inv));  // nearest even
       const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(a1, inv));
       _mm_storeu_si128((__m128i*)(q.data() + 32 * b), _mm512_cvtsepi32_epi8(q0));
