@@ -236,6 +236,22 @@ def test_int8_activations_round_away_last_bit_differences():
     assert gaps["q4"] < 1e-4 < gaps["q4a8"]
 
 
+def test_quant_linear_qweight_follows_its_buffers():
+    """The QuantizedWeight a layer multiplies with is made once, and again when a buffer is
+    replaced (or the module moved or cast)."""
+    ql = QuantLinear(formats.rtn4(torch.randn(16, 64)), None, dtype=torch.float32)
+    first = ql.qweight
+    assert ql.qweight is first
+    x = torch.randn(2, 64)
+    y = ql(x)
+    ql.D = ql.D * 2  # a new scale tensor: outputs double (no offset change would keep them)
+    ql.Mn = ql.Mn * 2
+    assert ql.qweight is not first and torch.equal(ql.qweight.D, ql.D)
+    assert torch.allclose(ql(x), 2 * y, rtol=1e-5, atol=1e-5)
+    ql.float()
+    assert ql._qw is None
+
+
 def test_quant_linear_paths_agree_with_the_reference(monkeypatch):
     torch.manual_seed(0)
     lin = torch.nn.Linear(96, 48)

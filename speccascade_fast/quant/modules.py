@@ -36,11 +36,23 @@ class _Quantized(nn.Module):
         for name in _FIELDS:
             self.register_buffer(name, getattr(qw, name))
         self._torch_state = None  # PyTorch-kernel copies, made on first use
+        self._qw = None  # (the buffers it was made of, the QuantizedWeight)
 
     @property
     def qweight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.kind, self.bits, self.G, self.gps, self.N, self.K,
-                               **{k: getattr(self, k) for k in _FIELDS})
+        """The buffers as a :class:`QuantizedWeight`, made (and checked) once per set of
+        buffers: a decoding step calls every layer, and the checks cost more than a small
+        matmul."""
+        b = self._buffers  # (plain dict lookups: nn.Module's __getattr__ is slow)
+        bufs = (b["codes"], b["D"], b["sc"], b["Mn"], b["mq"])
+        cached = self._qw
+        if cached is None or len(cached[0]) != len(bufs) or any(
+                a is not b for a, b in zip(cached[0], bufs)):
+            qw = QuantizedWeight(self.kind, self.bits, self.G, self.gps, self.N, self.K,
+                                 **dict(zip(_FIELDS, bufs)))
+            # (QuantizedWeight makes non-contiguous buffers contiguous: keep what it holds)
+            cached = self._qw = (bufs, qw)
+        return cached[1]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -50,6 +62,7 @@ class _Quantized(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._torch_state = None
+        self._qw = None
         return super()._apply(fn, recurse)
 
     def dense(self, dtype=torch.float32, rows: slice | torch.Tensor | None = None,
