@@ -466,6 +466,23 @@ constexpr int64_t MB_MAX = 8;
 constexpr int64_t ROW_CHUNK = 16;  // rows of W per task (a multiple of every NB)
 constexpr int64_t MIN_WORK_PER_THREAD = 1 << 19;
 
+// x as fp32: x itself, or its bf16 values converted into buf
+inline const float* as_f32(const void* x, bool bf16, int64_t n, std::vector<float>& buf) {
+  if (!bf16) return (const float*)x;
+  buf.resize(n);
+  const uint16_t* xb = (const uint16_t*)x;
+  for (int64_t i = 0; i < n; ++i) buf[i] = bf16_to_f32(xb[i]);
+  return buf.data();
+}
+
+// a thread per half a million weights (times blocks of 4 rows) at least: smaller products are
+// not worth a fork and a join (on a busy machine the join can wait for a time slice)
+inline int threads_for(int64_t N, int64_t K, int64_t M, int64_t tasks, int nthreads) {
+  const int64_t work = N * K * ((M + 3) / 4);
+  return (int)std::max<int64_t>(
+      1, std::min<int64_t>({(int64_t)nthreads, tasks, work / MIN_WORK_PER_THREAD}));
+}
+
 }  // namespace
 
 extern "C" {
@@ -482,19 +499,9 @@ int qm_matmul(const void* x, int x_bf16, int64_t M, const uint8_t* codes, int bi
   if (K % ((int64_t)G * gps) != 0 || M < 1) return -2;
   QW w{codes, bits, G, gps, D, sc, Mn, mq, N, K};
   std::vector<float> xf;
-  const float* xp = (const float*)x;
-  if (x_bf16) {
-    xf.resize(M * K);
-    const uint16_t* xb = (const uint16_t*)x;
-    for (int64_t i = 0; i < M * K; ++i) xf[i] = bf16_to_f32(xb[i]);
-    xp = xf.data();
-  }
+  const float* xp = as_f32(x, x_bf16, M * K, xf);
   const int64_t tasks = (N + ROW_CHUNK - 1) / ROW_CHUNK;
-  // a thread per half a million weights (times blocks of 4 rows) at least: smaller products
-  // are not worth a fork and a join (on a busy machine the join can wait for a time slice)
-  const int64_t work = N * K * ((M + 3) / 4);
-  const int nt = (int)std::max<int64_t>(
-      1, std::min<int64_t>({(int64_t)nthreads, tasks, work / MIN_WORK_PER_THREAD}));
+  const int nt = threads_for(N, K, M, tasks, nthreads);
 #pragma omp parallel num_threads(nt)
   {
 #if !QM_AVX512
@@ -534,19 +541,11 @@ int qm_matmul_a8(const void* x, int x_bf16, int64_t M, const uint8_t* codes, int
   if (K % ((int64_t)G * gps) != 0 || K % 32 != 0 || M < 1) return -2;
   QW w{codes, bits, G, gps, D, sc, Mn, mq, N, K};
   std::vector<float> xf;
-  const float* xp = (const float*)x;
-  if (x_bf16) {
-    xf.resize(M * K);
-    const uint16_t* xb = (const uint16_t*)x;
-    for (int64_t i = 0; i < M * K; ++i) xf[i] = bf16_to_f32(xb[i]);
-    xp = xf.data();
-  }
+  const float* xp = as_f32(x, x_bf16, M * K, xf);
   XQ xq;
   quantise_x(xp, M, K, bits, G, Mn != nullptr, xq);
   const int64_t tasks = (N + ROW_CHUNK - 1) / ROW_CHUNK;
-  const int64_t work = N * K * ((M + 3) / 4);
-  const int nt = (int)std::max<int64_t>(
-      1, std::min<int64_t>({(int64_t)nthreads, tasks, work / MIN_WORK_PER_THREAD}));
+  const int nt = threads_for(N, K, M, tasks, nthreads);
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
   for (int64_t t = 0; t < tasks; ++t) {
     const int64_t n0 = t * ROW_CHUNK, n1 = std::min(N, n0 + ROW_CHUNK);
