@@ -197,12 +197,12 @@ def matmul(x: torch.Tensor, qw, bias: torch.Tensor | None = None,
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()
     flag = _dtype_flag(x)
-    if int8_activations and not lib.qm_has_vnni():
+    if int8_activations and not has_vnni():
         raise RuntimeError("int8 activations need a CPU with AVX-512 VNNI")
     fn = lib.qm_matmul_a8 if int8_activations else lib.qm_matmul
-    rc = fn(_ptr(x), flag, M, _ptr(qw.codes), qw.bits, qw.G, qw.gps, _ptr(qw.D),
-                       _ptr(qw.sc), _ptr(qw.Mn), _ptr(qw.mq), qw.N, qw.K, _ptr(y), flag, qw.N,
-                       _ptr(bias), torch.get_num_threads())
+    rc = fn(_ptr(x), flag, M, _ptr(qw.codes), qw.bits, qw.G, qw.gps, _ptr(qw.D), _ptr(qw.sc),
+            _ptr(qw.Mn), _ptr(qw.mq), qw.N, qw.K, _ptr(y), flag, qw.N, _ptr(bias),
+            torch.get_num_threads())
     if rc == -2 and int8_activations and qw.K % 32:
         raise ValueError(f"int8 activations: K={qw.K} must be a multiple of 32 ({qw})")
     if rc != 0:

@@ -43,11 +43,10 @@ class _Quantized(nn.Module):
         """The buffers as a :class:`QuantizedWeight`, made (and checked) once per set of
         buffers: a decoding step calls every layer, and the checks cost more than a small
         matmul."""
-        b = self._buffers  # (plain dict lookups: nn.Module's __getattr__ is slow)
-        bufs = (b["codes"], b["D"], b["sc"], b["Mn"], b["mq"])
+        held = self._buffers  # (plain dict lookups: nn.Module's __getattr__ is slow)
+        bufs = tuple(held[k] for k in _FIELDS)
         cached = self._qw
-        if cached is None or len(cached[0]) != len(bufs) or any(
-                a is not b for a, b in zip(cached[0], bufs)):
+        if cached is None or any(old is not new for old, new in zip(cached[0], bufs)):
             qw = QuantizedWeight(self.kind, self.bits, self.G, self.gps, self.N, self.K,
                                  **dict(zip(_FIELDS, bufs)))
             # (QuantizedWeight makes non-contiguous buffers contiguous: keep what it holds)

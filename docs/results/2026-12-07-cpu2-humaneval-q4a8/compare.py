@@ -1,0 +1,60 @@
+"""The paired comparison of this folder's README: pass@1 of the verifier with q4a8 weights
+(this folder's q4a8/) against bf16 and q4 (../2026-12-06-cpu2-humaneval-quantised-verifier/) on
+the problems both runs have; Holm over the two comparisons (run from anywhere)."""
+import json
+import math
+from pathlib import Path
+
+from scipy.stats import binomtest
+
+HERE = Path(__file__).parent
+EARLIER = HERE.parent / "2026-12-06-cpu2-humaneval-quantised-verifier"
+FOLDERS = {"bf16": EARLIER / "bf16", "q4": EARLIER / "q4", "q4a8": HERE / "q4a8"}
+
+
+def load(folder: Path) -> dict:
+    rows = (json.loads(line) for line in open(folder / "rows.jsonl"))
+    return {r["example_id"]: r for r in rows}
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    p, d = k / n, 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return centre - half, centre + half
+
+
+def passed(row: dict) -> int:
+    return int(row["scoring"]["passed"])
+
+
+def order(example_id: str) -> int:
+    return int(example_id.split("/")[1])
+
+
+runs = {w: load(f) for w, f in FOLDERS.items()}
+common = sorted(set.intersection(*(set(r) for r in runs.values())), key=order)
+print(f"problems all three runs have: {len(common)} ({common[0]} .. {common[-1]})")
+for w, run in runs.items():
+    n, k = len(common), sum(passed(run[e]) for e in common)
+    lo, hi = wilson(k, n)
+    print(f"{w}: {k}/{n} = {100 * k / n:.1f} % (Wilson 95 % CI {100 * lo:.1f}-{100 * hi:.1f})")
+pvalues = {}
+for base in ("bf16", "q4"):  # q4a8 paired with each on the common problems
+    a, b = runs["q4a8"], runs[base]
+    n = len(common)
+    diff = [passed(a[e]) - passed(b[e]) for e in common]
+    better, worse = sum(d > 0 for d in diff), sum(d < 0 for d in diff)
+    mean = sum(diff) / n
+    se = math.sqrt(sum((d - mean) ** 2 for d in diff) / (n - 1) / n)
+    pvalues[base] = binomtest(better, better + worse).pvalue if better + worse else 1.0
+    same = sum(a[e]["output_sha"] == b[e]["output_sha"] for e in common)
+    print(f"q4a8 - {base} (n = {n}): {100 * mean:+.2f} +- {100 * se:.2f} points, 95 % CI "
+          f"[{100 * (mean - 1.96 * se):+.1f}, {100 * (mean + 1.96 * se):+.1f}], better {better} "
+          f"worse {worse}, McNemar p {pvalues[base]:.3f}, identical outputs {same}/{n}")
+ranked = sorted(pvalues.items(), key=lambda kv: kv[1])
+holm, running = {}, 0.0
+for i, (w, p) in enumerate(ranked):
+    running = max(running, min(1.0, p * (len(ranked) - i)))
+    holm[w] = running
+print("Holm-adjusted:", holm)
