@@ -278,8 +278,10 @@ void rows_mb(const QW& w, const float* x, int64_t mb, int64_t n0, int64_t n1, vo
 // dot product sum_j code_j q_j is exact (VNNI: unsigned codes times signed q, int32), and
 //   y[m, n] = sum_groups s_g * d_b * idot_g  -  sum_groups o_g * (fp32 sum of x over g)
 // the first sum accumulated in 16 fp32 lanes (each group's terms in its 4 or 8 lanes), then
-// the lanes' horizontal sum; the second a 16-lane dot product over the groups, then its sum. As in the fp32 path, the order depends on
-// nothing but the row, so a row's outputs are the same for every M, thread count and blocking.
+// the lanes' horizontal sum; the second a 16-lane dot product over the groups, then its sum.
+// As in the fp32 path, the order depends on nothing but the row, so a row's outputs are the
+// same for every M, thread count and blocking. A block of activations with an infinity or a
+// NaN gives NaN outputs; one too small for 127 / max|x| counts as zeros.
 // 8-bit codes are signed; the kernel reads them as unsigned code + 128 and starts each lane's
 // integer sum at -128 * (the sum of its four q), which is exact.
 struct XQ {
