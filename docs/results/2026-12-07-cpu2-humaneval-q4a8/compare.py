@@ -1,6 +1,7 @@
 """The paired comparison of this folder's README: pass@1 of the verifier with q4a8 weights
 (this folder's q4a8/) against bf16 and q4 (../2026-12-06-cpu2-humaneval-quantised-verifier/) on
 the problems both runs have; Holm over the two comparisons (run from anywhere)."""
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -12,24 +13,20 @@ EARLIER = HERE.parent / "2026-12-06-cpu2-humaneval-quantised-verifier"
 FOLDERS = {"bf16": EARLIER / "bf16", "q4": EARLIER / "q4", "q4a8": HERE / "q4a8"}
 
 
+def _earlier():  # the earlier folder's row reading and Wilson interval, run on its own rows
+    spec = importlib.util.spec_from_file_location("earlier_compare", EARLIER / "compare.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_E = _earlier()
+wilson, passed, order = _E.wilson, _E.passed, _E.order
+
+
 def load(folder: Path) -> dict:
-    rows = (json.loads(line) for line in open(folder / "rows.jsonl"))
-    return {r["example_id"]: r for r in rows}
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    p, d = k / n, 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / d
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return centre - half, centre + half
-
-
-def passed(row: dict) -> int:
-    return int(row["scoring"]["passed"])
-
-
-def order(example_id: str) -> int:
-    return int(example_id.split("/")[1])
+    return _E.load(folder.name) if folder.parent == EARLIER else {
+        r["example_id"]: r for r in (json.loads(line) for line in open(folder / "rows.jsonl"))}
 
 
 runs = {w: load(f) for w, f in FOLDERS.items()}
