@@ -80,8 +80,9 @@ needs_ours = pytest.mark.skipif(not kernels.ours_available(),
 
 @needs_ours
 @pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q5_0", "Q8_0", "Q4_1"])
-def test_our_matmul_is_the_reference_matmul_and_row_invariant(kind):
-    N, K = 40, 512  # 40 rows: row blocks of 4 and 2 plus a remainder
+@pytest.mark.parametrize("K", [512, 768])  # 768: 24 groups of 32, a part-filled vector of 16
+def test_our_matmul_is_the_reference_matmul_and_row_invariant(kind, K):
+    N = 40  # 40 rows: row blocks of 4 and 2 plus a remainder
     qw = formats.from_gguf(kind, random_blocks(kind, N, K, seed=1), N, K)
     w = formats.dequantize(qw).double()
     g = torch.Generator().manual_seed(0)
@@ -124,7 +125,8 @@ def test_quantize_activations_by_hand():
 
 @needs_vnni
 @pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q5_0", "Q8_0", "Q4_1", "int8", "rtn4", "g16"])
-@pytest.mark.parametrize("K", [512, 320, 288])  # 288: a last chunk of codes under 64 bytes
+# 288: a last chunk of codes under 64 bytes; 768: 24 groups of 32, a part-filled vector of 16
+@pytest.mark.parametrize("K", [512, 768, 320, 288])
 def test_int8_activation_matmul_is_its_reference_and_row_invariant(kind, K):
     N = 37  # row blocks of 4 and 2 plus a remainder
     g = torch.Generator().manual_seed(3)

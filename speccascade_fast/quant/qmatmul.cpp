@@ -125,38 +125,60 @@ void rows_scalar(const QW& w, const float* x, int64_t M, int64_t n0, int64_t n1,
   }
 }
 
+#if QM_AVX512
+// 16 consecutive groups g..g+15 (the first cnt of them) of a row: its per-super-block factors
+// F[g / gps] spread over the groups (zeros past cnt)
+inline __m512 spread16(const float* F, int64_t g, int64_t gps, int64_t cnt) {
+  const __mmask16 km = cnt >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << cnt) - 1);
+  if (gps == 1) return _mm512_maskz_loadu_ps(km, F + g);
+  if (gps % 16 == 0) return _mm512_maskz_mov_ps(km, _mm512_set1_ps(F[g / gps]));
+  if (gps == 8) {  // (g is a multiple of 16: groups g..g+7 and g+8..g+15 are two super-blocks)
+    const float hi = cnt > 8 ? F[g / 8 + 1] : 0.0f;
+    return _mm512_maskz_mov_ps(km, _mm512_mask_blend_ps((__mmask16)0xff00,
+                                                         _mm512_set1_ps(F[g / 8]),
+                                                         _mm512_set1_ps(hi)));
+  }
+  alignas(64) float t[16] = {0};
+  for (int64_t i = 0; i < cnt; ++i) t[i] = F[(g + i) / gps];
+  return _mm512_load_ps(t);
+}
+
+// the int8 factors f[g..g+15] (the first cnt) as fp32
+inline __m512 int8x16(const int8_t* f, int64_t g, int64_t cnt) {
+  const __mmask16 km = cnt >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << cnt) - 1);
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(km, f + g)));
+}
+
 // rows n0..n0+nb-1: their group scales into sbuf[b * stride + g] and negated offsets into
-// obuf[b * stride + g] (fp32, exact; the same values as QW::scale / QW::offset)
+// obuf[b * stride + g] (fp32, exact; the same values as QW::scale / QW::offset), 16 groups per
+// vector (a scalar loop here cost as much as the matmul it feeds)
 inline void group_factors(const QW& w, int64_t n0, int nb, float* sbuf, float* obuf,
                           int64_t stride) {
   const int64_t ng = w.ng(), nsb = w.nsb(), gps = w.gps;
+  const __m512 sign = _mm512_set1_ps(-0.0f);
   for (int b = 0; b < nb; ++b) {
     const int64_t n = n0 + b;
     const float* Drow = w.D + n * nsb;
     const float* Mrow = w.Mn ? w.Mn + n * nsb : nullptr;
     const int8_t* srow = w.sc ? w.sc + n * ng : nullptr;
     const int8_t* mrow = w.mq ? w.mq + n * ng : nullptr;
-    float* sb_ = sbuf + b * stride;
-    float* ob_ = obuf + b * stride;
-    if (gps == 1) {  // one factor per group (flat loops, vectorised by the compiler)
-      for (int64_t g = 0; g < ng; ++g) sb_[g] = srow ? Drow[g] * (float)srow[g] : Drow[g];
-      for (int64_t g = 0; g < ng; ++g)
-        ob_[g] = Mrow ? -(mrow ? Mrow[g] * (float)mrow[g] : Mrow[g]) : -0.0f;
-      continue;
+    for (int64_t g = 0; g < ng; g += 16) {
+      const int64_t cnt = std::min<int64_t>(16, ng - g);
+      const __mmask16 km = cnt == 16 ? (__mmask16)0xffff : (__mmask16)((1u << cnt) - 1);
+      __m512 s = spread16(Drow, g, gps, cnt);
+      if (srow) s = _mm512_mul_ps(s, int8x16(srow, g, cnt));
+      __m512 o = sign;  // -0 without offsets
+      if (Mrow) {
+        o = spread16(Mrow, g, gps, cnt);
+        if (mrow) o = _mm512_mul_ps(o, int8x16(mrow, g, cnt));
+        o = _mm512_xor_ps(o, sign);
+      }
+      _mm512_mask_storeu_ps(sbuf + b * stride + g, km, s);
+      _mm512_mask_storeu_ps(obuf + b * stride + g, km, o);
     }
-    for (int64_t sb = 0; sb < nsb; ++sb) {  // the factors spread over their groups, then
-      const float d = Drow[sb], mn = Mrow ? -Mrow[sb] : -0.0f;  // times the integer scales
-      for (int64_t j = 0; j < gps; ++j) sb_[sb * gps + j] = d;
-      for (int64_t j = 0; j < gps; ++j) ob_[sb * gps + j] = mn;
-    }
-    if (srow)
-      for (int64_t g = 0; g < ng; ++g) sb_[g] *= (float)srow[g];
-    if (mrow)
-      for (int64_t g = 0; g < ng; ++g) ob_[g] *= (float)mrow[g];
   }
 }
 
-#if QM_AVX512
 // NB output rows n at a time, MB input rows m; acc[m][nb] accumulates 16 lanes of w[n] x[m]
 template <int MB, int NB, int BITS, int G>
 inline void block_avx512(const QW& w, const float* x, int64_t n0, void* y, bool y_bf16,
