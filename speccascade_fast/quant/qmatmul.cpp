@@ -126,20 +126,26 @@ void rows_scalar(const QW& w, const float* x, int64_t M, int64_t n0, int64_t n1,
 }
 
 #if QM_AVX512
-// 16 consecutive groups g..g+15 (the first cnt of them) of a row: its per-super-block factors
-// F[g / gps] spread over the groups (zeros past cnt)
+// 16 consecutive groups g..g+15 (g a multiple of 16; the first cnt of them) of a row: its
+// per-super-block factors F[g / gps] spread over the groups (zeros past cnt)
 inline __m512 spread16(const float* F, int64_t g, int64_t gps, int64_t cnt) {
   const __mmask16 km = cnt >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << cnt) - 1);
   if (gps == 1) return _mm512_maskz_loadu_ps(km, F + g);
   if (gps % 16 == 0) return _mm512_maskz_mov_ps(km, _mm512_set1_ps(F[g / gps]));
-  if (gps == 8) {  // (g is a multiple of 16: groups g..g+7 and g+8..g+15 are two super-blocks)
-    const float hi = cnt > 8 ? F[g / 8 + 1] : 0.0f;
-    return _mm512_maskz_mov_ps(km, _mm512_mask_blend_ps((__mmask16)0xff00,
-                                                         _mm512_set1_ps(F[g / 8]),
-                                                         _mm512_set1_ps(hi)));
+  if (16 % gps == 0) {  // 2, 4, 8: the vector's groups are whole super-blocks, lane i's is i / gps
+    const int64_t nf = (cnt + gps - 1) / gps;
+    const __m512 f = _mm512_maskz_loadu_ps((__mmask16)((1u << nf) - 1), F + g / gps);
+    const __m512i idx = gps == 2 ? _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0)
+                      : gps == 4 ? _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
+                                 : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_maskz_permutexvar_ps(km, idx, f);
   }
   alignas(64) float t[16] = {0};
-  for (int64_t i = 0; i < cnt; ++i) t[i] = F[(g + i) / gps];
+  int64_t sb = g / gps, r = g % gps;  // (one division per 16 groups)
+  for (int64_t i = 0; i < cnt; ++i) {
+    t[i] = F[sb];
+    if (++r == gps) r = 0, ++sb;
+  }
   return _mm512_load_ps(t);
 }
 
