@@ -126,27 +126,34 @@ void rows_scalar(const QW& w, const float* x, int64_t M, int64_t n0, int64_t n1,
 }
 
 #if QM_AVX512
-// 16 consecutive groups g..g+15 (g a multiple of 16; the first cnt of them) of a row: its
-// per-super-block factors F[g / gps] spread over the groups (zeros past cnt)
-inline __m512 spread16(const float* F, int64_t g, int64_t gps, int64_t cnt) {
+// Groups g..g+15 of a row (g a multiple of 16; the first cnt of them): its per-super-block
+// factors F[g / gps] spread over the groups, zeros past cnt. GPS is gps where it is 1, 2, 4 or
+// 8 (constant divisors), 16 for any multiple of 16 (sb16 = g / gps, kept by the caller) and 0
+// for any other. This runs once per row and 16 groups beside a main loop of a few
+// instructions per group: an integer division here costs as much as that loop.
+template <int GPS>
+inline __m512 spread16(const float* F, int64_t g, int64_t gps, int64_t cnt, int64_t sb16) {
   const __mmask16 km = cnt >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << cnt) - 1);
-  if (gps == 1) return _mm512_maskz_loadu_ps(km, F + g);
-  if (gps % 16 == 0) return _mm512_maskz_mov_ps(km, _mm512_set1_ps(F[g / gps]));
-  if (16 % gps == 0) {  // 2, 4, 8: the vector's groups are whole super-blocks, lane i's is i / gps
-    const int64_t nf = (cnt + gps - 1) / gps;
-    const __m512 f = _mm512_maskz_loadu_ps((__mmask16)((1u << nf) - 1), F + g / gps);
-    const __m512i idx = gps == 2 ? _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0)
-                      : gps == 4 ? _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
+  if constexpr (GPS == 1) {
+    return _mm512_maskz_loadu_ps(km, F + g);
+  } else if constexpr (GPS == 16) {
+    return _mm512_maskz_mov_ps(km, _mm512_set1_ps(F[sb16]));
+  } else if constexpr (GPS == 2 || GPS == 4 || GPS == 8) {  // lane i's super-block: i / GPS
+    const int nf = (int)((cnt + GPS - 1) / GPS);
+    const __m512 f = _mm512_maskz_loadu_ps((__mmask16)((1u << nf) - 1), F + g / GPS);
+    const __m512i idx = GPS == 2 ? _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0)
+                      : GPS == 4 ? _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
                                  : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     return _mm512_maskz_permutexvar_ps(km, idx, f);
+  } else {
+    alignas(64) float t[16] = {0};
+    int64_t sb = g / gps, r = g % gps;
+    for (int64_t i = 0; i < cnt; ++i) {
+      t[i] = F[sb];
+      if (++r == gps) r = 0, ++sb;
+    }
+    return _mm512_load_ps(t);
   }
-  alignas(64) float t[16] = {0};
-  int64_t sb = g / gps, r = g % gps;  // (one division per 16 groups)
-  for (int64_t i = 0; i < cnt; ++i) {
-    t[i] = F[sb];
-    if (++r == gps) r = 0, ++sb;
-  }
-  return _mm512_load_ps(t);
 }
 
 // the int8 factors f[g..g+15] (the first cnt) as fp32
@@ -155,11 +162,8 @@ inline __m512 int8x16(const int8_t* f, int64_t g, int64_t cnt) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(km, f + g)));
 }
 
-// rows n0..n0+nb-1: their group scales into sbuf[b * stride + g] and negated offsets into
-// obuf[b * stride + g] (fp32, exact; the same values as QW::scale / QW::offset), 16 groups per
-// vector (a scalar loop here cost as much as the matmul it feeds)
-inline void group_factors(const QW& w, int64_t n0, int nb, float* sbuf, float* obuf,
-                          int64_t stride) {
+template <int GPS>
+void group_factors_t(const QW& w, int64_t n0, int nb, float* sbuf, float* obuf, int64_t stride) {
   const int64_t ng = w.ng(), nsb = w.nsb(), gps = w.gps;
   const __m512 sign = _mm512_set1_ps(-0.0f);
   for (int b = 0; b < nb; ++b) {
@@ -168,20 +172,38 @@ inline void group_factors(const QW& w, int64_t n0, int nb, float* sbuf, float* o
     const float* Mrow = w.Mn ? w.Mn + n * nsb : nullptr;
     const int8_t* srow = w.sc ? w.sc + n * ng : nullptr;
     const int8_t* mrow = w.mq ? w.mq + n * ng : nullptr;
+    int64_t sb16 = 0, r16 = 0;  // (GPS == 16: g / gps and g % gps)
     for (int64_t g = 0; g < ng; g += 16) {
       const int64_t cnt = std::min<int64_t>(16, ng - g);
       const __mmask16 km = cnt == 16 ? (__mmask16)0xffff : (__mmask16)((1u << cnt) - 1);
-      __m512 s = spread16(Drow, g, gps, cnt);
+      __m512 s = spread16<GPS>(Drow, g, gps, cnt, sb16);
       if (srow) s = _mm512_mul_ps(s, int8x16(srow, g, cnt));
       __m512 o = sign;  // -0 without offsets
       if (Mrow) {
-        o = spread16(Mrow, g, gps, cnt);
+        o = spread16<GPS>(Mrow, g, gps, cnt, sb16);
         if (mrow) o = _mm512_mul_ps(o, int8x16(mrow, g, cnt));
         o = _mm512_xor_ps(o, sign);
       }
       _mm512_mask_storeu_ps(sbuf + b * stride + g, km, s);
       _mm512_mask_storeu_ps(obuf + b * stride + g, km, o);
+      if (GPS == 16 && (r16 += 16) == gps) r16 = 0, ++sb16;
     }
+  }
+}
+
+// rows n0..n0+nb-1: their group scales into sbuf[b * stride + g] and negated offsets into
+// obuf[b * stride + g] (fp32, exact; the same values as QW::scale / QW::offset), 16 groups per
+// vector
+inline void group_factors(const QW& w, int64_t n0, int nb, float* sbuf, float* obuf,
+                          int64_t stride) {
+  switch (w.gps) {
+    case 1: return group_factors_t<1>(w, n0, nb, sbuf, obuf, stride);
+    case 2: return group_factors_t<2>(w, n0, nb, sbuf, obuf, stride);
+    case 4: return group_factors_t<4>(w, n0, nb, sbuf, obuf, stride);
+    case 8: return group_factors_t<8>(w, n0, nb, sbuf, obuf, stride);
+    default:
+      if (w.gps % 16 == 0) return group_factors_t<16>(w, n0, nb, sbuf, obuf, stride);
+      return group_factors_t<0>(w, n0, nb, sbuf, obuf, stride);
   }
 }
 
