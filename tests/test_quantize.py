@@ -195,6 +195,40 @@ def test_int8_activation_matmul_is_the_same_on_every_thread_count():
         torch.set_num_threads(old)
 
 
+@pytest.mark.skipif(not kernels.ours_available(), reason="needs our quantised kernel")
+def test_quant_linear_reuses_its_prepared_call_until_something_changes(monkeypatch):
+    """A layer converts its kernel arguments once (kernels.prepare) and reuses them while the
+    activations' dtype and its tensors stay as they were; SPECCASCADE_QUANT_KERNEL is read
+    when it prepares (a change applies after .to() or to a new layer)."""
+    g = torch.Generator().manual_seed(5)
+    qw = formats.rtn4(torch.randn(40, 96, generator=g))
+    ql = QuantLinear(qw, torch.randn(40, generator=g), dtype=torch.float32)
+    made = []
+    real = kernels.prepare
+    monkeypatch.setattr(kernels, "prepare", lambda *a, **k: made.append(a[2]) or real(*a, **k))
+    x = torch.randn(3, 96, generator=g)
+    ref = lambda: kernels.matmul(x, ql.qweight, ql.bias)  # noqa: E731
+    assert torch.equal(ql(x), ref()) and torch.equal(ql(x[:1]), ref()[:1])
+    assert made == [torch.float32]
+    assert torch.equal(ql(x.bfloat16()), kernels.matmul(x.bfloat16(), ql.qweight, ql.bias))
+    assert made == [torch.float32, torch.bfloat16]
+    assert torch.equal(ql(x.T.contiguous().T), ref())  # a non-contiguous input: made contiguous
+    with torch.no_grad():
+        ql.bias.add_(1.0)  # in place: the prepared call reads the same tensor
+    assert torch.equal(ql(x), ref())
+    ql.bias = torch.nn.Parameter(torch.zeros(40), requires_grad=False)  # a new tensor
+    assert torch.equal(ql(x), kernels.matmul(x, ql.qweight, None))
+    new = formats.rtn4(torch.randn(40, 96, generator=g))
+    ql._buffers["codes"] = new.codes  # replaced behind nn.Module's back: noticed
+    assert torch.equal(ql(x), ref())
+    n = len(made)
+    monkeypatch.setenv("SPECCASCADE_QUANT_KERNEL", "torch")
+    assert torch.equal(ql(x), ref()) and len(made) == n  # read when the call was prepared
+    ql.to(torch.float32)  # .to() forgets the prepared call: the new choice applies
+    assert torch.equal(ql(x), ql._torch_matmul(x))  # PyTorch's kernel
+    assert len(made) == n
+
+
 @needs_vnni
 def test_quant_linear_int8_activations(monkeypatch):
     torch.manual_seed(0)
@@ -209,6 +243,7 @@ def test_quant_linear_int8_activations(monkeypatch):
     xl = torch.randn(modules.DIRECT_ROWS + 1, 96)
     assert torch.allclose(ql(xl), xl @ formats.dequantize(qw).T + lin.bias, atol=1e-4)
     monkeypatch.setenv("SPECCASCADE_QUANT_KERNEL", "torch")  # no silent fallback
+    ql.to(torch.float32)  # (the choice is read when a layer prepares its call)
     with pytest.raises(RuntimeError, match="q4a8.*SPECCASCADE_QUANT_KERNEL=torch"):
         ql(x)
     with pytest.raises(RuntimeError, match="q4a8"):

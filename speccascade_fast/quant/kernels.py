@@ -13,7 +13,9 @@ in an order that does not depend on how many rows are multiplied together.
 CPU tensor) and measured against ours by ``bench/bench_quant.py``.
 
 ``SPECCASCADE_QUANT_KERNEL=torch`` (or ``ours``) forces one; the default ``auto`` takes ours when
-it builds.
+it builds. A :class:`~.modules.QuantLinear` reads it when it first multiplies a few rows with
+activations of a dtype (and again after ``.to()`` or a change of its tensors), not on every
+call.
 """
 from __future__ import annotations
 
@@ -211,6 +213,53 @@ def matmul(x: torch.Tensor, qw, bias: torch.Tensor | None = None,
     return y
 
 
+class Prepared:
+    """One weight's call of our kernel with every argument but the activations converted once
+    (pointers, sizes, the kernel's entry point): a decoding step calls every layer, and inside
+    a model the conversions and checks of :func:`matmul` (reading ``SPECCASCADE_QUANT_KERNEL``
+    alone cost about 10 µs a call there) took several percent of a step. Made by
+    :func:`prepare` after the checks; it holds the tensors it points into."""
+
+    __slots__ = ("qw", "bias", "dtype", "fn", "flag", "args", "N")
+
+    def __init__(self, qw, bias, dtype, int8_activations: bool):
+        lib = _library()
+        self.qw, self.bias, self.dtype, self.N = qw, bias, dtype, qw.N
+        self.fn = lib.qm_matmul_a8 if int8_activations else lib.qm_matmul
+        self.flag = 1 if dtype == torch.bfloat16 else 0
+        self.args = (_ptr(qw.codes), qw.bits, qw.G, qw.gps, _ptr(qw.D), _ptr(qw.sc),
+                     _ptr(qw.Mn), _ptr(qw.mq), qw.N, qw.K)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [M, K]`` (CPU, of the prepared dtype) times the weight, plus the bias."""
+        if not x.is_contiguous():
+            x = x.contiguous()
+        b = self.bias
+        if b is not None and (b.dtype != self.dtype or not b.is_contiguous()):
+            b = b.to(self.dtype).contiguous()
+        M = x.shape[0]
+        y = torch.empty(M, self.N, dtype=self.dtype)
+        rc = self.fn(x.data_ptr(), self.flag, M, *self.args, y.data_ptr(), self.flag, self.N,
+                     _ptr(b), torch.get_num_threads())
+        if rc != 0:
+            raise ValueError(f"quantised matmul: unsupported layout (code {rc}) for {self.qw}")
+        return y
+
+
+def prepare(qw, bias, dtype, int8_activations: bool = False) -> Prepared:
+    """The :class:`Prepared` call of ``qw`` (and ``bias``) for activations of ``dtype``, after
+    :func:`matmul`'s checks (a ValueError/RuntimeError as it would raise)."""
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise TypeError(f"quantised matmul: activations must be bfloat16 or float32, got {dtype}")
+    if int8_activations:
+        check_int8_activations()
+        if qw.K % 32:
+            raise ValueError(f"int8 activations: K={qw.K} must be a multiple of 32 ({qw})")
+    elif not ours_available():
+        raise RuntimeError(f"our quantised kernels are unavailable: {BUILD_ERROR}")
+    return Prepared(qw, bias, dtype, int8_activations)
+
+
 def dequant(qw, rows: torch.Tensor | None = None, dtype=torch.float32,
             out: torch.Tensor | None = None) -> torch.Tensor:
     """The de-quantised weight ``[N, K]`` (or its rows ``rows``) in ``dtype`` (fp32 or bf16),
@@ -233,5 +282,6 @@ def dequant(qw, rows: torch.Tensor | None = None, dtype=torch.float32,
     return out
 
 
-__all__ = ["BUILD_ERROR", "KERNELS", "check_int8_activations", "dequant", "has_avx512",
-           "has_vnni", "kernel_choice", "matmul", "ours_available", "use_ours"]
+__all__ = ["BUILD_ERROR", "KERNELS", "Prepared", "check_int8_activations", "dequant",
+           "has_avx512", "has_vnni", "kernel_choice", "matmul", "ours_available", "prepare",
+           "use_ours"]

@@ -37,6 +37,7 @@ class _Quantized(nn.Module):
             self.register_buffer(name, getattr(qw, name))
         self._torch_state = None  # PyTorch-kernel copies, made on first use
         self._qw = None  # (the buffers it was made of, the QuantizedWeight)
+        self._direct = None  # QuantLinear: the kernels.Prepared call of the last direct matmul
 
     @property
     def qweight(self) -> QuantizedWeight:
@@ -59,10 +60,19 @@ class _Quantized(nn.Module):
         ``.weight.shape``); the values are in :attr:`qweight`."""
         return torch.empty(self.N, self.K, dtype=self.dtype, device="meta")
 
-    def _apply(self, fn, recurse=True):
+    def _forget(self) -> None:
         self._torch_state = None
         self._qw = None
+        self._direct = None
+
+    def _apply(self, fn, recurse=True):
+        self._forget()
         return super()._apply(fn, recurse)
+
+    def __setattr__(self, name, value):
+        if name in _FIELDS or name == "bias":  # (new tensors: made again on next use)
+            self.__dict__["_direct"] = self.__dict__["_torch_state"] = None
+        super().__setattr__(name, value)
 
     def dense(self, dtype=torch.float32, rows: slice | torch.Tensor | None = None,
               out: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,13 +103,22 @@ class QuantLinear(_Quantized):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.K)
         M = x2.shape[0]
-        if M <= DIRECT_ROWS and self.int8_activations:
+        direct = self._direct
+        held = self._buffers
+        if (M <= DIRECT_ROWS and direct is not None and x2.dtype is direct.dtype and x2.is_cpu
+                and direct.qw.codes is held["codes"] and direct.qw.D is held["D"]):
+            # the same call as the last one (checked then, SPECCASCADE_QUANT_KERNEL read
+            # then): a decoding step calls every layer, and the checks below cost several
+            # percent of it
+            y = direct(x2)
+        elif M <= DIRECT_ROWS and self.int8_activations:
             if x2.device.type != "cpu":
                 raise RuntimeError(f"int8 activations run on the CPU only, got {x2.device}")
-            kernels.check_int8_activations()  # (the kernel choice may have changed since)
-            y = kernels.matmul(x2, self.qweight, self.bias, int8_activations=True)
+            direct = self._direct = kernels.prepare(self.qweight, self.bias, x2.dtype, True)
+            y = direct(x2)
         elif M <= DIRECT_ROWS and kernels.use_ours(x2):
-            y = kernels.matmul(x2, self.qweight, self.bias)
+            direct = self._direct = kernels.prepare(self.qweight, self.bias, x2.dtype)
+            y = direct(x2)
         elif M <= DIRECT_ROWS and x2.dtype in (torch.bfloat16, torch.float32):
             y = self._torch_matmul(x2)
         else:
