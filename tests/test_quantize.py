@@ -221,6 +221,11 @@ def test_quant_linear_reuses_its_prepared_call_until_something_changes(monkeypat
     new = formats.rtn4(torch.randn(40, 96, generator=g))
     ql._buffers["codes"] = new.codes  # replaced behind nn.Module's back: noticed
     assert torch.equal(ql(x), ref())
+    twin = copy.deepcopy(ql)  # a copy points into its own tensors, not the original's
+    before = ql(x)
+    with torch.no_grad():
+        ql.codes.zero_()  # in place: the original sees it, the copy does not
+    assert torch.equal(twin(x), before) and not torch.equal(ql(x), before)
     n = len(made)
     monkeypatch.setenv("SPECCASCADE_QUANT_KERNEL", "torch")
     assert torch.equal(ql(x), ref()) and len(made) == n  # read when the call was prepared

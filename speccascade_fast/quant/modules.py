@@ -69,6 +69,11 @@ class _Quantized(nn.Module):
         self._forget()
         return super()._apply(fn, recurse)
 
+    def __getstate__(self):  # copies and pickles make their caches again from their tensors
+        state = super().__getstate__().copy()
+        state["_direct"] = state["_qw"] = state["_torch_state"] = None
+        return state
+
     def __setattr__(self, name, value):
         if name in _FIELDS or name == "bias":  # (new tensors: made again on next use)
             self.__dict__["_direct"] = self.__dict__["_torch_state"] = None
@@ -106,7 +111,8 @@ class QuantLinear(_Quantized):
         direct = self._direct
         held = self._buffers
         if (M <= DIRECT_ROWS and direct is not None and x2.dtype is direct.dtype and x2.is_cpu
-                and direct.qw.codes is held["codes"] and direct.qw.D is held["D"]):
+                and direct.args[0] == held["codes"].data_ptr()
+                and direct.args[4] == held["D"].data_ptr()):
             # the same call as the last one (checked then, SPECCASCADE_QUANT_KERNEL read
             # then): a decoding step calls every layer, and the checks below cost several
             # percent of it
