@@ -3,6 +3,7 @@ de-quantised reference, load_model(weights=...), and decoding that stays exact."
 from __future__ import annotations
 
 import copy
+import pickle
 
 import numpy as np
 import pytest
@@ -101,6 +102,31 @@ def test_our_matmul_is_the_reference_matmul_and_row_invariant(kind, K):
     yb = kernels.matmul(xb, qw, bias.bfloat16())
     assert yb.dtype == torch.bfloat16
     assert torch.equal(yb, kernels.matmul(xb.float(), qw, bias.bfloat16().float()).bfloat16())
+
+
+@pytest.mark.skipif(not kernels.ours_available(), reason="needs our quantised kernel")
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("gps", [1, 2, 3, 4, 6, 8, 16, 32])
+def test_group_factors_of_every_super_block_size_bit_for_bit(bits, gps):
+    """Every groups-per-super-block spread of the kernel's group factors (and a part-filled last
+    vector of 16 groups), with offsets: one-hot rows of x read single weights out of the
+    matmul exactly, compared bit for bit with the de-quantisation kernel (another code path)."""
+    g = torch.Generator().manual_seed(gps)
+    N, ng = 6, {16: 48, 32: 96}.get(gps, 72)  # 72 groups: a part-filled last vector of 16
+    K = 32 * ng
+    nsb = ng // gps
+    codes = (torch.randint(0, 256, (N, K // 2), generator=g, dtype=torch.uint8) if bits == 4
+             else torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8))
+    qw = formats.QuantizedWeight("test", bits, 32, gps, N, K, codes,
+                                 torch.rand(N, nsb, generator=g) + 0.5,
+                                 sc=torch.randint(-128, 128, (N, ng), generator=g, dtype=torch.int8),
+                                 Mn=torch.rand(N, nsb, generator=g),
+                                 mq=torch.randint(-128, 128, (N, ng), generator=g, dtype=torch.int8))
+    w = kernels.dequant(qw)
+    assert torch.equal(w, formats.dequantize(qw))
+    cols = torch.randint(0, K, (11,), generator=g)
+    x = torch.nn.functional.one_hot(cols, K).float()
+    assert torch.equal(kernels.matmul(x, qw), w[:, cols].T)
 
 
 needs_vnni = pytest.mark.skipif(not kernels.has_vnni(),
@@ -221,11 +247,18 @@ def test_quant_linear_reuses_its_prepared_call_until_something_changes(monkeypat
     new = formats.rtn4(torch.randn(40, 96, generator=g))
     ql._buffers["codes"] = new.codes  # replaced behind nn.Module's back: noticed
     assert torch.equal(ql(x), ref())
+    ql._buffers["D"] = ql.D * 2  # any of the five, e.g. as torch.func.functional_call does
+    assert torch.equal(ql(x), ref())
+    b2 = torch.randn(40, generator=g)
+    assert torch.equal(torch.func.functional_call(ql, {"bias": b2}, (x,)),
+                       kernels.matmul(x, ql.qweight, b2))
+    assert torch.equal(ql(x), ref())
     twin = copy.deepcopy(ql)  # a copy points into its own tensors, not the original's
     before = ql(x)
     with torch.no_grad():
         ql.codes.zero_()  # in place: the original sees it, the copy does not
     assert torch.equal(twin(x), before) and not torch.equal(ql(x), before)
+    assert torch.equal(pickle.loads(pickle.dumps(twin))(x), before)
     n = len(made)
     monkeypatch.setenv("SPECCASCADE_QUANT_KERNEL", "torch")
     assert torch.equal(ql(x), ref()) and len(made) == n  # read when the call was prepared

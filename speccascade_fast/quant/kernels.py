@@ -213,14 +213,15 @@ def matmul(x: torch.Tensor, qw, bias: torch.Tensor | None = None,
     return y
 
 
-class Prepared:
+class _Prepared:
     """One weight's call of our kernel with every argument but the activations converted once
-    (pointers, sizes, the kernel's entry point): a decoding step calls every layer, and inside
-    a model the conversions and checks of :func:`matmul` (reading ``SPECCASCADE_QUANT_KERNEL``
-    alone cost about 10 µs a call there) took several percent of a step. Made by
-    :func:`prepare` after the checks; it holds the tensors it points into."""
+    (pointers, sizes, the kernel's entry point; nothing about ``x`` is checked): a decoding
+    step calls every layer, and inside a model the conversions and checks of :func:`matmul`
+    (reading ``SPECCASCADE_QUANT_KERNEL`` alone cost about 10 µs a call there) took several
+    percent of a step. Made by :func:`prepare` after the checks; it holds the tensors it
+    points into."""
 
-    __slots__ = ("qw", "bias", "dtype", "fn", "flag", "args", "N")
+    __slots__ = ("qw", "bias", "dtype", "fn", "flag", "args", "ptrs", "N")
 
     def __init__(self, qw, bias, dtype, int8_activations: bool):
         lib = _library()
@@ -229,6 +230,8 @@ class Prepared:
         self.flag = 1 if dtype == torch.bfloat16 else 0
         self.args = (_ptr(qw.codes), qw.bits, qw.G, qw.gps, _ptr(qw.D), _ptr(qw.sc),
                      _ptr(qw.Mn), _ptr(qw.mq), qw.N, qw.K)
+        #: the data pointers of codes, D, sc, Mn, mq (None where absent), to check reuse against
+        self.ptrs = (self.args[0], *self.args[4:8])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x [M, K]`` (CPU, of the prepared dtype) times the weight, plus the bias."""
@@ -246,9 +249,10 @@ class Prepared:
         return y
 
 
-def prepare(qw, bias, dtype, int8_activations: bool = False) -> Prepared:
-    """The :class:`Prepared` call of ``qw`` (and ``bias``) for activations of ``dtype``, after
-    :func:`matmul`'s checks (a ValueError/RuntimeError as it would raise)."""
+def prepare(qw, bias, dtype, int8_activations: bool = False) -> _Prepared:
+    """The prepared call of ``qw`` (and ``bias``), a callable ``x [M, K] -> y [M, N]`` for
+    ``x`` on the CPU in ``dtype``, after :func:`matmul`'s checks (a ValueError, TypeError or
+    RuntimeError as it would raise)."""
     if dtype not in (torch.bfloat16, torch.float32):
         raise TypeError(f"quantised matmul: activations must be bfloat16 or float32, got {dtype}")
     if int8_activations:
@@ -257,7 +261,7 @@ def prepare(qw, bias, dtype, int8_activations: bool = False) -> Prepared:
             raise ValueError(f"int8 activations: K={qw.K} must be a multiple of 32 ({qw})")
     elif not ours_available():
         raise RuntimeError(f"our quantised kernels are unavailable: {BUILD_ERROR}")
-    return Prepared(qw, bias, dtype, int8_activations)
+    return _Prepared(qw, bias, dtype, int8_activations)
 
 
 def dequant(qw, rows: torch.Tensor | None = None, dtype=torch.float32,
@@ -282,6 +286,6 @@ def dequant(qw, rows: torch.Tensor | None = None, dtype=torch.float32,
     return out
 
 
-__all__ = ["BUILD_ERROR", "KERNELS", "Prepared", "check_int8_activations", "dequant",
+__all__ = ["BUILD_ERROR", "KERNELS", "check_int8_activations", "dequant",
            "has_avx512", "has_vnni", "kernel_choice", "matmul", "ours_available", "prepare",
            "use_ours"]

@@ -37,7 +37,7 @@ class _Quantized(nn.Module):
             self.register_buffer(name, getattr(qw, name))
         self._torch_state = None  # PyTorch-kernel copies, made on first use
         self._qw = None  # (the buffers it was made of, the QuantizedWeight)
-        self._direct = None  # QuantLinear: the kernels.Prepared call of the last direct matmul
+        self._direct = None  # QuantLinear: the kernels.prepare call of the last direct matmul
 
     @property
     def qweight(self) -> QuantizedWeight:
@@ -75,7 +75,7 @@ class _Quantized(nn.Module):
         return state
 
     def __setattr__(self, name, value):
-        if name in _FIELDS or name == "bias":  # (new tensors: made again on next use)
+        if name in _FIELDS or name in ("bias", "int8_activations"):  # (made again on next use)
             self.__dict__["_direct"] = self.__dict__["_torch_state"] = None
         super().__setattr__(name, value)
 
@@ -99,7 +99,7 @@ class QuantLinear(_Quantized):
                  dtype: torch.dtype = torch.bfloat16, int8_activations: bool = False):
         super().__init__(qw, dtype)
         self.in_features, self.out_features = qw.K, qw.N
-        #: up to DIRECT_ROWS rows, quantise the activations to int8 (kernels.matmul)
+        #: up to DIRECT_ROWS rows, quantise the activations to int8 (see kernels.matmul)
         self.int8_activations = bool(int8_activations)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype),
                                                            requires_grad=False)
@@ -109,10 +109,9 @@ class QuantLinear(_Quantized):
         x2 = x.reshape(-1, self.K)
         M = x2.shape[0]
         direct = self._direct
-        held = self._buffers
         if (M <= DIRECT_ROWS and direct is not None and x2.dtype is direct.dtype and x2.is_cpu
-                and direct.args[0] == held["codes"].data_ptr()
-                and direct.args[4] == held["D"].data_ptr()):
+                and direct.ptrs == _data_ptrs(self._buffers)
+                and self._parameters.get("bias") is direct.bias):
             # the same call as the last one (checked then, SPECCASCADE_QUANT_KERNEL read
             # then): a decoding step calls every layer, and the checks below cost several
             # percent of it
@@ -159,6 +158,14 @@ class QuantLinear(_Quantized):
         a8 = ", int8 activations" if self.int8_activations else ""
         return (f"in_features={self.K}, out_features={self.N}, {self.kind}{a8}, "
                 f"bias={self.bias is not None}")
+
+
+def _data_ptrs(held: dict) -> tuple:
+    """The data pointers of a layer's codes, D, sc, Mn, mq (None where absent): any tensor
+    replaced, or given new storage, since its call was prepared changes them."""
+    c, d, s, m, q = held["codes"], held["D"], held["sc"], held["Mn"], held["mq"]
+    return (c.data_ptr(), d.data_ptr(), None if s is None else s.data_ptr(),
+            None if m is None else m.data_ptr(), None if q is None else q.data_ptr())
 
 
 _SCRATCH: dict = {}

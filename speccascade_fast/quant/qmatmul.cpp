@@ -159,7 +159,8 @@ inline __m512 spread16(const float* F, int64_t g, int64_t gps, int64_t cnt, int6
 // the int8 factors f[g..g+15] (the first cnt) as fp32
 inline __m512 int8x16(const int8_t* f, int64_t g, int64_t cnt) {
   const __mmask16 km = cnt >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << cnt) - 1);
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(km, f + g)));
+  const __m128i b = _mm512_castsi512_si128(_mm512_maskz_loadu_epi8((__mmask64)km, f + g));
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));  // (AVX512BW: no AVX512VL needed)
 }
 
 template <int GPS>
