@@ -1,0 +1,18 @@
+#!/bin/bash
+# Ours (q4a8, with the vectorised group factors and the prepared layer calls) against llama.cpp,
+# the protocol of ../2026-12-07-cpu2-q4a8/ section 3, on a quiet machine (any WMT14 quality
+# job paused for the whole script). Run from the repository root.
+JOBS=$(pgrep -f "speccascade eval")
+[ -n "$JOBS" ] && kill -STOP $JOBS
+trap '[ -n "$JOBS" ] && kill -CONT $JOBS' EXIT
+OUT=docs/results/2026-12-07-cpu2-llamacpp-q4a8-v2
+sleep 10
+echo "start $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg)"
+rm -rf runs/llamacpp-v2
+.venv/bin/python bench/llamacpp.py --threads 2 --prompts 2 --max-new-tokens 64 \
+    --temps 0,1 --draft-max default --draft-max-t1 default --rounds 2 --bench-reps 2 \
+    --no-bench-drafter --our-weights q4a8 \
+    --our-configs verifier,spec-greedy,spec-greedy-goodput-conf,spec-t1-goodput-conf \
+    --ours-commit "$(git rev-parse --short HEAD)" --out runs/llamacpp-v2 > runs/llamacpp-v2.log 2>&1
+echo "done $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg)"
+cp -r runs/llamacpp-v2/. "$OUT/llamacpp/"
