@@ -5,7 +5,9 @@
 JOBS=$(pgrep -f "speccascade eval")
 [ -n "$JOBS" ] && kill -STOP $JOBS
 trap '[ -n "$JOBS" ] && kill -CONT $JOBS' EXIT
+cd "$(git rev-parse --show-toplevel)"
 OUT=docs/results/2026-12-07-cpu2-llamacpp-q4a8-v2
+mkdir -p runs
 sleep 10
 echo "start $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg)"
 rm -rf runs/llamacpp-v2
