@@ -217,9 +217,8 @@ class _Prepared:
     """One weight's call of our kernel with every argument but the activations converted once
     (pointers, sizes, the kernel's entry point; nothing about ``x`` is checked): a decoding
     step calls every layer, and inside a model the conversions and checks of :func:`matmul`
-    (reading ``SPECCASCADE_QUANT_KERNEL`` alone cost about 10 µs a call there) took several
-    percent of a step. Made by :func:`prepare` after the checks; it holds the tensors it
-    points into."""
+    (reading ``SPECCASCADE_QUANT_KERNEL`` among them) took several percent of a step. Made
+    by :func:`prepare` after the checks; it holds the tensors it points into."""
 
     __slots__ = ("qw", "bias", "dtype", "fn", "flag", "args", "ptrs", "N")
 

@@ -3,6 +3,9 @@
 # vectorised group factors, in alternating processes (A B B A A B), each `speccascade bench` on
 # the same prompts. Run from the repository root on a quiet machine:
 #   bash docs/results/2026-12-07-cpu2-qmatmul-factors/run.sh
+# It measures the kernel change at commit 34e5a10 only (check that out first): from 86c4744 on a
+# layer keeps the kernel function of its prepared call, so step_ab.py's library swap no longer
+# switches kernels, and the working tree's kernel is a later one.
 set -euo pipefail
 OUT=docs/results/2026-12-07-cpu2-qmatmul-factors
 PY=${PY:-.venv/bin/python}
