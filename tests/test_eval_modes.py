@@ -504,6 +504,10 @@ def test_plots_and_table2_figure_are_written(tmp_path):
 
     assert title_of(s).startswith("toy: n = 4, T = 1.0") and "samples" not in title_of(s)
     assert title_of({**s, "samples": 3}).startswith("toy: n = 4 × 3 samples, T = 1.0")
+    from speccascade_fast.eval.plots import caption_of
+
+    assert "Wilson" in caption_of(s) and "bootstrap SE over segments" not in caption_of(s)
+    assert "bootstrap SE over segments" in caption_of({**s, "metric": "BLEU"})
 
 
 def test_budget_sweep_summary_and_plot(tmp_path):

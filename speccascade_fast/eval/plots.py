@@ -101,7 +101,9 @@ def caption_of(summary: Mapping[str, Any]) -> str:
     level = int(round(100 * summary.get("ci", 0.95)))
     pooled = summary.get("verifier_pooled") or {}
     lat = summary.get("latency") or {}
-    parts = [f"error bars: {level} % CI of the quality (Wilson for pass/fail)",
+    how = ("quality ± z · its bootstrap SE over segments" if summary.get("metric") == "BLEU"
+           else "Wilson's interval for pass/fail scores, else quality ± z · SE")
+    parts = [f"error bars: {level} % CI of the quality ({how})",
              f"dotted line and band: the verifier's quality pooled from "
              f"{' + '.join(pooled.get('sources', [])) or '–'} and its {level} % CI"]
     if lat.get("source"):
