@@ -192,30 +192,26 @@ def matmul(x: torch.Tensor, qw, bias: torch.Tensor | None = None,
     for its K-quants and applies the offsets from the quantised sums; here per 32 inputs, with
     fp32 sums of the activations for the offsets);
     :func:`.formats.matmul_a8_reference` is the same quantity in PyTorch."""
-    lib = _library()
-    x = x.contiguous()
-    M = x.shape[0]
-    y = torch.empty(M, qw.N, dtype=x.dtype)
-    if bias is not None:
-        bias = bias.to(x.dtype).contiguous()
-    flag = _dtype_flag(x)
+    _check_call(qw, x.dtype, int8_activations)
+    return _Prepared(qw, bias, x.dtype, int8_activations)(x)
+
+
+def _check_call(qw, dtype, int8_activations: bool) -> None:
+    """What a call of our kernel needs besides the kernel itself: activations in bf16 or fp32,
+    and for int8 activations VNNI and K a multiple of 32 (a TypeError, RuntimeError or
+    ValueError naming it)."""
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise TypeError(f"quantised matmul: activations must be bfloat16 or float32, got {dtype}")
     if int8_activations and not has_vnni():
         raise RuntimeError("int8 activations need a CPU with AVX-512 VNNI")
-    fn = lib.qm_matmul_a8 if int8_activations else lib.qm_matmul
-    rc = fn(_ptr(x), flag, M, _ptr(qw.codes), qw.bits, qw.G, qw.gps, _ptr(qw.D), _ptr(qw.sc),
-            _ptr(qw.Mn), _ptr(qw.mq), qw.N, qw.K, _ptr(y), flag, qw.N, _ptr(bias),
-            torch.get_num_threads())
-    if rc == -2 and int8_activations and qw.K % 32:
+    if int8_activations and qw.K % 32:
         raise ValueError(f"int8 activations: K={qw.K} must be a multiple of 32 ({qw})")
-    if rc != 0:
-        fn_name = "qm_matmul_a8" if int8_activations else "qm_matmul"
-        raise ValueError(f"{fn_name}: unsupported layout (code {rc}) for {qw}")
-    return y
 
 
 class _Prepared:
     """One weight's call of our kernel with every argument but the activations converted once
-    (pointers, sizes, the kernel's entry point; nothing about ``x`` is checked): a decoding
+    (pointers, sizes, the kernel's entry point; nothing about ``x`` is checked but its
+    contiguity; :func:`matmul` makes one per call, after its checks): a decoding
     step calls every layer, and inside a model the conversions and checks of :func:`matmul`
     (reading ``SPECCASCADE_QUANT_KERNEL`` among them) took several percent of a step. Made
     by :func:`prepare` after the checks; it holds the tensors it points into."""
@@ -244,22 +240,20 @@ class _Prepared:
         rc = self.fn(x.data_ptr(), self.flag, M, *self.args, y.data_ptr(), self.flag, self.N,
                      _ptr(b), torch.get_num_threads())
         if rc != 0:
-            raise ValueError(f"quantised matmul: unsupported layout (code {rc}) for {self.qw}")
+            raise ValueError(f"{self.fn.__name__}: unsupported layout (code {rc}) for {self.qw}")
         return y
 
 
 def prepare(qw, bias, dtype, int8_activations: bool = False) -> _Prepared:
     """The prepared call of ``qw`` (and ``bias``), a callable ``x [M, K] -> y [M, N]`` for
     ``x`` on the CPU in ``dtype``, after :func:`matmul`'s checks (a ValueError, TypeError or
-    RuntimeError as it would raise)."""
-    if dtype not in (torch.bfloat16, torch.float32):
-        raise TypeError(f"quantised matmul: activations must be bfloat16 or float32, got {dtype}")
+    RuntimeError as it would raise), and for int8 activations after
+    :func:`check_int8_activations` (the kernel choice is read here)."""
     if int8_activations:
         check_int8_activations()
-        if qw.K % 32:
-            raise ValueError(f"int8 activations: K={qw.K} must be a multiple of 32 ({qw})")
     elif not ours_available():
         raise RuntimeError(f"our quantised kernels are unavailable: {BUILD_ERROR}")
+    _check_call(qw, dtype, int8_activations)
     return _Prepared(qw, bias, dtype, int8_activations)
 
 

@@ -116,13 +116,11 @@ class QuantLinear(_Quantized):
             # then): a decoding step calls every layer, and the checks below cost several
             # percent of it
             y = direct(x2)
-        elif M <= DIRECT_ROWS and self.int8_activations:
-            if x2.device.type != "cpu":
+        elif M <= DIRECT_ROWS and (self.int8_activations or kernels.use_ours(x2)):
+            if x2.device.type != "cpu":  # (only int8 activations get here off the CPU)
                 raise RuntimeError(f"int8 activations run on the CPU only, got {x2.device}")
-            direct = self._direct = kernels.prepare(self.qweight, self.bias, x2.dtype, True)
-            y = direct(x2)
-        elif M <= DIRECT_ROWS and kernels.use_ours(x2):
-            direct = self._direct = kernels.prepare(self.qweight, self.bias, x2.dtype)
+            direct = self._direct = kernels.prepare(self.qweight, self.bias, x2.dtype,
+                                                    self.int8_activations)
             y = direct(x2)
         elif M <= DIRECT_ROWS and x2.dtype in (torch.bfloat16, torch.float32):
             y = self._torch_matmul(x2)
