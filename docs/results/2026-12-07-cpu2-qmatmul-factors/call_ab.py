@@ -5,12 +5,10 @@ kernels.matmul), "after" is the module's own forward; the two alternate per roun
 the order swapped every other round), 12 steps each, contexts of 100..500 tokens; medians in ms.
 Run from the repository root: python docs/results/2026-12-07-cpu2-qmatmul-factors/call_ab.py"""
 import statistics
-import time
 
 import torch
+from step_ab import interleaved  # (this folder: the script's own directory is on sys.path)
 
-from speccascade_fast.kv_cache import SlotModel
-from speccascade_fast.models import load_model
 from speccascade_fast.quant import kernels, modules
 
 torch.set_num_threads(2)
@@ -28,24 +26,11 @@ def before(self, x):  # the forward of 5b48cd1, for M <= DIRECT_ROWS with int8 a
 
 
 for name in ("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"):
-    model, _ = load_model(name, weights="q4a8", progress=False)
-    sm = SlotModel(model, 1, 700)
-    sm.forward(torch.randint(0, 1000, (1, 100)), torch.arange(100)[None], 100, 1)
-    res: dict = {}
-    pos = 100
-    with torch.inference_mode():
-        for r in range(6):
-            for which in (("before", "after") if r % 2 == 0 else ("after", "before")):
-                modules.QuantLinear.forward = before if which == "before" else after
-                ts = []
-                for _ in range(12):
-                    ids = torch.randint(0, 1000, (1, 1))
-                    t = time.perf_counter()
-                    sm.forward(ids, torch.tensor([[pos]]), pos + 1, 1)
-                    ts.append(time.perf_counter() - t)
-                    pos = 100 + (pos - 99) % 400
-                res.setdefault(which, []).append(statistics.median(ts) * 1e3)
+    res = interleaved(name, lambda which: setattr(modules.QuantLinear, "forward",
+                                                   before if which == "before" else after),
+                      sizes=(1,))
     modules.QuantLinear.forward = after
-    for which, v in res.items():
+    for which in ("before", "after"):
+        v = res[(which, 1)]
         print(f"{name} {which}: per round {[round(x, 1) for x in v]} ms, median "
               f"{statistics.median(v):.1f}")

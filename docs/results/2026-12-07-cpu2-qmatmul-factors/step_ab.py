@@ -13,30 +13,49 @@ from speccascade_fast.kv_cache import SlotModel
 from speccascade_fast.models import load_model
 from speccascade_fast.quant import kernels
 
-torch.set_num_threads(2)
-libs = {}
-for which in ("before", "after"):
-    kernels.SOURCE = pathlib.Path(f"/tmp/qmatmul-{which}.cpp")  # built once, keyed by its bytes
-    kernels._library.cache_clear()
-    libs[which] = kernels._library()
-model, _ = load_model("qwen2.5-coder-1.5b-instruct", weights="q4a8", progress=False)
-sm = SlotModel(model, 1, 700)
-sm.forward(torch.randint(0, 1000, (1, 100)), torch.arange(100)[None], 100, 1)
-res: dict = {}
-pos = 100
-with torch.inference_mode():
-    for r in range(6):
-        for which in (("before", "after") if r % 2 == 0 else ("after", "before")):
-            kernels._library = lambda lib=libs[which]: lib
-            for n in (1, 6):
-                ts = []
-                for _ in range(12):
-                    ids = torch.randint(0, 1000, (1, n))
-                    t = time.perf_counter()
-                    sm.forward(ids, torch.arange(pos, pos + n)[None], pos + n, n)
-                    ts.append(time.perf_counter() - t)
-                    pos = 100 + (pos - 100 + n) % 400  # contexts of 100..500 tokens
-                res.setdefault((which, n), []).append(statistics.median(ts) * 1e3)
-for (which, n), v in sorted(res.items()):
-    print(f"{which} M={n}: per round {[round(x, 1) for x in v]} ms, median "
-          f"{statistics.median(v):.1f}")
+
+def interleaved(name: str, use, sizes=(1, 6), rounds: int = 6, steps: int = 12) -> dict:
+    """Decoding calls of model ``name`` (q4a8, through the engine's cache) under two variants,
+    ``use("before")`` / ``use("after")`` switching between them, alternating per round (the
+    order swapped every other round): per (variant, call size) the median of each round's
+    ``steps`` calls, in ms, contexts of 100..500 tokens."""
+    model, _ = load_model(name, weights="q4a8", progress=False)
+    sm = SlotModel(model, 1, 700)
+    sm.forward(torch.randint(0, 1000, (1, 100)), torch.arange(100)[None], 100, 1)
+    res: dict = {}
+    pos = 100
+    with torch.inference_mode():
+        for r in range(rounds):
+            for which in (("before", "after") if r % 2 == 0 else ("after", "before")):
+                use(which)
+                for n in sizes:
+                    ts = []
+                    for _ in range(steps):
+                        ids = torch.randint(0, 1000, (1, n))
+                        t = time.perf_counter()
+                        sm.forward(ids, torch.arange(pos, pos + n)[None], pos + n, n)
+                        ts.append(time.perf_counter() - t)
+                        pos = 100 + (pos - 100 + n) % 400
+                    res.setdefault((which, n), []).append(statistics.median(ts) * 1e3)
+    return res
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    libs = {}
+    for which in ("before", "after"):
+        kernels.SOURCE = pathlib.Path(f"/tmp/qmatmul-{which}.cpp")  # built once, keyed by its bytes
+        kernels._library.cache_clear()
+        libs[which] = kernels._library()
+
+    def use(which):
+        kernels._library = lambda lib=libs[which]: lib
+
+    res = interleaved("qwen2.5-coder-1.5b-instruct", use)
+    for (which, n), v in sorted(res.items()):
+        print(f"{which} M={n}: per round {[round(x, 1) for x in v]} ms, median "
+              f"{statistics.median(v):.1f}")
+
+
+if __name__ == "__main__":
+    main()
