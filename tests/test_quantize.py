@@ -3,6 +3,7 @@ de-quantised reference, load_model(weights=...), and decoding that stays exact."
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pickle
 
 import numpy as np
@@ -71,20 +72,101 @@ def test_gguf_blocks_dequantise_exactly_as_gguf_py(kind):
         rows = torch.tensor([5, 0, 23, 5])
         assert torch.equal(kernels.dequant(qw, rows), ref[rows])
         assert torch.equal(kernels.dequant(qw, rows, torch.bfloat16), ref[rows].bfloat16())
-    # storage: 4-bit codes two per byte for the 4-bit types, 8-bit codes for the others
-    assert qw.bits == (4 if kind.startswith("Q4") else 8)
+    # storage: the codes keep their width, Q5 and Q6 as a nibble plus one or two bit planes
+    assert qw.bits == int(kind[1])
+    code_bytes = qw.codes.numel() + (0 if qw.qh is None else qw.qh.numel())
+    assert code_bytes == N * K * qw.bits // 8
 
 
 needs_ours = pytest.mark.skipif(not kernels.ours_available(),
                                 reason=f"our kernels are unavailable: {kernels.BUILD_ERROR}")
 
 
+def nibble_weight(bits: int, G: int, N: int, K: int, seed: int = 0, offsets: bool = False):
+    """Random ``bits``-bit codes (4, 5, 6) in the nibble layout with groups of ``G``, a random
+    ``z``, per-group scales (and offsets): every layout the kernels dispatch on, GGUF's or
+    not."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, 1 << bits, (N, K), generator=g, dtype=torch.uint8).numpy()
+    codes, qh = formats.pack_nibbles(values, bits)
+    z = int(torch.randint(0, 1 << bits, (1,), generator=g))
+    ng = K // G
+    return formats.QuantizedWeight(
+        f"nibble{bits}-g{G}", bits, G, 1, N, K, torch.from_numpy(codes),
+        torch.rand(N, ng, generator=g) * 1e-2 + 1e-3,
+        Mn=torch.randn(N, ng, generator=g) * 1e-2 if offsets else None,
+        qh=None if qh is None else torch.from_numpy(qh), z=z)
+
+
+LAYOUTS = ["nibble5-g16", "nibble6-g32", "nibble6-g16-offsets", "nibble4-offsets"]
+
+
+def layout_weight(kind: str, N: int, K: int, seed: int = 1):
+    """A GGUF type's random blocks, or one of LAYOUTS."""
+    if kind.startswith("nibble"):
+        bits, G = int(kind[6]), int(kind.split("-g")[1][:2]) if "-g" in kind else 32
+        return nibble_weight(bits, G, N, K, seed, offsets=kind.endswith("offsets"))
+    return formats.from_gguf(kind, random_blocks(kind, N, K, seed=seed), N, K)
+
+
+def test_nibble_planes_round_trip():
+    for bits in (4, 5, 6):
+        for K in (128, 288, 512):  # 288: a part-filled last chunk of 128 inputs
+            values = np.random.default_rng(bits).integers(0, 1 << bits, (3, K), dtype=np.uint8)
+            codes, qh = formats.pack_nibbles(values, bits)
+            assert codes.shape == (3, K // 2)
+            assert (qh is None) == (bits == 4)
+            if qh is not None:
+                assert qh.shape == (3, -(-K // 128) * 16 * (bits - 4))
+            back = formats.unpack_nibbles(torch.from_numpy(codes),
+                                          None if qh is None else torch.from_numpy(qh), bits, K)
+            assert back.numpy().tolist() == values.astype(np.int32).tolist()
+    # ggml's Q5_0 high bits (bit j of qh: weight j of the block) land where the kernels read them
+    values = np.zeros((1, 128), dtype=np.uint8)
+    values[0, 32 * 2 + 16 + 3] = 16  # block 2, input 19: the high nibbles' plane, bit 16 * 2 + 3
+    _, qh = formats.pack_nibbles(values, 5)
+    assert int.from_bytes(qh[0, 8:16].tobytes(), "little") == 1 << 35 and not qh[0, :8].any()
+
+
+@pytest.mark.parametrize("bad", [dict(bits=5, qh=None), dict(bits=4, z=16), dict(bits=5, z=32),
+                                 dict(bits=8, z=1), dict(bits=6, G=64)])
+def test_quantized_weight_rejects_a_bad_nibble_layout(bad):
+    qw = nibble_weight(5, 32, 2, 128)
+    fields = dict(kind="bad", bits=5, G=32, gps=1, N=2, K=128, codes=qw.codes, D=qw.D,
+                  qh=qw.qh, z=0)
+    if bad.get("bits") == 4:
+        fields["qh"] = None
+    if bad.get("bits") == 8:
+        fields.update(codes=torch.zeros(2, 128, dtype=torch.int8), qh=None)
+    fields.update(bad)
+    with pytest.raises(ValueError, match="bad: "):
+        formats.QuantizedWeight(**fields)
+
+
 @needs_ours
-@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q5_0", "Q8_0", "Q4_1"])
+@pytest.mark.parametrize("kind", ["Q5_0", "Q6_K", "Q5_K"])
+def test_nibble_planes_multiply_as_the_8_bit_codes_did(kind):
+    """Q5 and Q6 codes in a nibble and bit planes: the fp32 kernel's outputs are bit for bit
+    those of the same codes stored a byte each (the layout before the planes), and both
+    de-quantise alike."""
+    N, K = 20, 512
+    qw = formats.from_gguf(kind, random_blocks(kind, N, K, seed=2), N, K)
+    wide = dataclasses.replace(qw, bits=8, codes=qw.unpacked_codes().to(torch.int8), qh=None,
+                               z=0)
+    x = torch.randn(7, K, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(kernels.matmul(x, qw), kernels.matmul(x, wide))
+    assert torch.equal(kernels.dequant(qw), kernels.dequant(wide))
+
+
+@needs_ours
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K", "Q8_0", "Q4_1",
+                                  *LAYOUTS])
 @pytest.mark.parametrize("K", [512, 768])  # 768: 24 groups of 32, a part-filled vector of 16
 def test_our_matmul_is_the_reference_matmul_and_row_invariant(kind, K):
     N = 40  # 40 rows: row blocks of 4 and 2 plus a remainder
-    qw = formats.from_gguf(kind, random_blocks(kind, N, K, seed=1), N, K)
+    if K % 256 and kind[:2] in ("Q4", "Q5", "Q6") and kind[-1] == "K":
+        pytest.skip("K-quants come in super-blocks of 256")
+    qw = layout_weight(kind, N, K)
     w = formats.dequantize(qw).double()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(11, K, generator=g)
@@ -105,7 +187,7 @@ def test_our_matmul_is_the_reference_matmul_and_row_invariant(kind, K):
 
 
 @pytest.mark.skipif(not kernels.ours_available(), reason="needs our quantised kernel")
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 5, 6, 8])
 @pytest.mark.parametrize("gps", [1, 2, 3, 4, 6, 8, 16, 32])
 def test_group_factors_of_every_super_block_size_bit_for_bit(bits, gps):
     """Every groups-per-super-block spread of the kernel's group factors (and a part-filled last
@@ -115,13 +197,16 @@ def test_group_factors_of_every_super_block_size_bit_for_bit(bits, gps):
     N, ng = 6, {16: 48, 32: 96}.get(gps, 72)  # 72 groups: a part-filled last vector of 16
     K = 32 * ng
     nsb = ng // gps
-    codes = (torch.randint(0, 256, (N, K // 2), generator=g, dtype=torch.uint8) if bits == 4
+    codes = (torch.randint(0, 256, (N, K // 2), generator=g, dtype=torch.uint8) if bits < 8
              else torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8))
+    qh = (torch.randint(0, 256, (N, -(-K // 128) * 16 * (bits - 4)), generator=g,
+                        dtype=torch.uint8) if bits in (5, 6) else None)
     qw = formats.QuantizedWeight("test", bits, 32, gps, N, K, codes,
                                  torch.rand(N, nsb, generator=g) + 0.5,
                                  sc=torch.randint(-128, 128, (N, ng), generator=g, dtype=torch.int8),
                                  Mn=torch.rand(N, nsb, generator=g),
-                                 mq=torch.randint(-128, 128, (N, ng), generator=g, dtype=torch.int8))
+                                 mq=torch.randint(-128, 128, (N, ng), generator=g, dtype=torch.int8),
+                                 qh=qh, z=3 if bits < 8 else 0)
     w = kernels.dequant(qw)
     assert torch.equal(w, formats.dequantize(qw))
     cols = torch.randint(0, K, (11,), generator=g)
@@ -150,7 +235,8 @@ def test_quantize_activations_by_hand():
 
 
 @needs_vnni
-@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q5_0", "Q8_0", "Q4_1", "int8", "rtn4", "g16"])
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K", "Q8_0", "Q4_1", "int8",
+                                  "rtn4", "g16", *LAYOUTS])
 # 288: a last chunk of codes under 64 bytes; 768: 24 groups of 32, a part-filled vector of 16
 @pytest.mark.parametrize("K", [512, 768, 320, 288])
 def test_int8_activation_matmul_is_its_reference_and_row_invariant(kind, K):
@@ -164,9 +250,9 @@ def test_int8_activation_matmul_is_its_reference_and_row_invariant(kind, K):
         qw = formats.QuantizedWeight("g16", 8, 16, 1, N, K, codes,
                                      torch.rand(N, K // 16, generator=g) * 1e-2)
     else:
-        if K % 256 and kind in ("Q4_K", "Q6_K"):
+        if K % 256 and kind in ("Q4_K", "Q5_K", "Q6_K"):
             pytest.skip("K-quants come in super-blocks of 256")
-        qw = formats.from_gguf(kind, random_blocks(kind, N, K, seed=1), N, K)
+        qw = layout_weight(kind, N, K)
     x = torch.randn(11, K, generator=g) * torch.linspace(0.1, 10, K)  # blocks of unequal size
     x[2, :64] = 0.0  # blocks of zeros
     bias = torch.randn(N, generator=g)

@@ -8,9 +8,12 @@ with, per group of ``G`` consecutive inputs of a row, a scale and an offset:
     o = Mn[n, g // gps] * mq[n, g]        (Mn absent: 0; mq absent: 1)
 
 ``D``/``Mn`` are fp32 per "super-block" of ``G * gps`` inputs; ``sc``/``mq`` int8 per group.
-4-bit codes (``bits = 4``, ``G = 32``) are packed two per byte, ``codes[n, 16 g + j]`` holding the
-codes of inputs ``32 g + j`` (low nibble) and ``32 g + 16 + j`` (high nibble); 8-bit codes are
-int8 ``[N, K]``.
+4-bit codes (``bits = 4``, ``G = 32``) are packed two per byte, ``codes[n, 16 u + j]`` holding the
+codes of inputs ``32 u + j`` (low nibble) and ``32 u + 16 + j`` (high nibble); 8-bit codes are
+int8 ``[N, K]``. 5- and 6-bit codes (``bits = 5, 6``; ``G`` 32 or 16) keep their low four bits
+in the same nibble layout and their bits 4 (and 5) in bit planes ``qh`` (``[N, ceil(K / 128) *
+16 * (bits - 4)]`` uint8, see :func:`pack_nibbles`): 5.5 and 6.5 bits per weight, as ggml
+stores them; the code is the stored value minus ``z`` (Q5_0: 16, Q6_K: 32).
 
 GGUF's block types map onto it without any rounding (:func:`from_gguf`):
 
@@ -20,10 +23,10 @@ type   bits  G  gps s                                      o
 Q4_0    4   32   1  d                                      8 d           (code = q in 0..15)
 Q4_1    4   32   1  d                                      -m
 Q4_K    4   32   8  d * sc (6-bit)                         dmin * m (6-bit)
-Q5_0    8   32   1  d                                      0             (code = q - 16)
-Q5_1    8   32   1  d                                      -m            (code = q in 0..31)
-Q5_K    8   32   8  d * sc                                 dmin * m      (code = q in 0..31)
-Q6_K    8   16  16  d * sc (int8)                          0             (code = q - 32)
+Q5_0    5   32   1  d                                      0             (code = q - 16, z 16)
+Q5_1    5   32   1  d                                      -m            (code = q in 0..31)
+Q5_K    5   32   8  d * sc                                 dmin * m      (code = q in 0..31)
+Q6_K    6   16  16  d * sc (int8)                          0             (code = q - 32, z 32)
 Q8_0    8   32   1  d                                      0
 ====== ==== === === ===================================== =====================================
 
@@ -57,18 +60,29 @@ class QuantizedWeight:
     sc: torch.Tensor | None = None
     Mn: torch.Tensor | None = None
     mq: torch.Tensor | None = None
+    qh: torch.Tensor | None = None  # bits 5, 6: the high bit planes
+    z: int = 0  # bits 4, 5, 6: code = stored value - z
 
     def __post_init__(self):
-        if self.bits not in (4, 8) or (self.bits == 4 and self.G != 32) or self.G not in (16, 32):
+        if not ((self.bits == 4 and self.G == 32) or (self.bits in (5, 6, 8)
+                                                       and self.G in (16, 32))):
             raise ValueError(f"{self.kind}: unsupported layout bits={self.bits}, G={self.G}")
-        if self.K % (self.G * self.gps):
+        nibbles = self.bits in (4, 5, 6)
+        if self.K % (self.G * self.gps) or (nibbles and self.K % 32):
             raise ValueError(f"{self.kind}: K={self.K} is not a multiple of G*gps="
-                             f"{self.G * self.gps}")
+                             f"{self.G * self.gps}" + (" and of 32" if nibbles else ""))
+        if not (0 <= self.z < (1 << self.bits) if nibbles else self.z == 0):
+            raise ValueError(f"{self.kind}: z={self.z} outside [0, {1 << self.bits})"
+                             if nibbles else f"{self.kind}: z={self.z} with 8-bit codes")
+        if (self.qh is not None) != (self.bits in (5, 6)):
+            raise ValueError(f"{self.kind}: bits={self.bits} " + (
+                "needs its high bit planes qh" if self.qh is None else "has no high bit planes"))
         ng, nsb = self.K // self.G, self.K // (self.G * self.gps)
-        width = self.K // 2 if self.bits == 4 else self.K
+        width = self.K // 2 if nibbles else self.K
         want = {"codes": ((self.N, width), (torch.uint8, torch.int8)),
                 "D": ((self.N, nsb), (torch.float32,)), "sc": ((self.N, ng), (torch.int8,)),
-                "Mn": ((self.N, nsb), (torch.float32,)), "mq": ((self.N, ng), (torch.int8,))}
+                "Mn": ((self.N, nsb), (torch.float32,)), "mq": ((self.N, ng), (torch.int8,)),
+                "qh": ((self.N, _planes_width(self.K, self.bits)), (torch.uint8,))}
         for name, (shape, dtypes) in want.items():
             t = getattr(self, name)
             if t is None:
@@ -80,12 +94,11 @@ class QuantizedWeight:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors by field name (those present)."""
-        return {k: getattr(self, k) for k in ("codes", "D", "sc", "Mn", "mq")
-                if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in TENSOR_FIELDS if getattr(self, k) is not None}
 
     def meta(self) -> dict:
         return {"kind": self.kind, "bits": self.bits, "G": self.G, "gps": self.gps,
-                "N": self.N, "K": self.K}
+                "N": self.N, "K": self.K, "z": self.z}
 
     @property
     def nbytes(self) -> int:
@@ -111,8 +124,7 @@ class QuantizedWeight:
         """The codes as int32 ``[N, K]`` in input order."""
         if self.bits == 8:
             return self.codes.view(torch.int8).to(torch.int32)
-        c = self.codes.view(self.N, self.K // 32, 16)
-        return torch.cat([c & 15, c >> 4], dim=2).reshape(self.N, self.K).to(torch.int32)
+        return unpack_nibbles(self.codes, self.qh, self.bits, self.K) - self.z
 
     def __repr__(self) -> str:
         return (f"QuantizedWeight({self.kind}, [{self.N}, {self.K}], bits={self.bits}, "
@@ -130,6 +142,56 @@ def dequantize(qw: QuantizedWeight) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # from GGUF blocks
+
+
+TENSOR_FIELDS = ("codes", "D", "sc", "Mn", "mq", "qh")
+
+
+def _planes_width(K: int, bits: int) -> int:
+    """Bytes per row of the high bit planes of ``bits``-bit nibble codes (0 for 4 bits)."""
+    return -(-K // 128) * 16 * (bits - 4) if bits in (5, 6) else 0
+
+
+def pack_nibbles(values: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Stored values ``[N, K]`` (``0 <= v < 2**bits``, ``K`` a multiple of 32) in the nibble
+    layout: ``codes [N, K / 2]`` (bits 0..3) and, for 5 and 6 bits, the planes ``qh`` of bits 4
+    and 5: per chunk of 128 inputs (64 code bytes) and plane ``p``, a little-endian uint64 for
+    the low nibbles' inputs (bit ``16 r + j``: input ``32 (4 c + r) + j``) then one for the high
+    nibbles' (``+ 16``); the kernels add them to the nibbles with one masked add per 64 bytes."""
+    v = np.asarray(values, dtype=np.uint8)
+    N, K = v.shape
+    units = v.reshape(N, K // 32, 32)
+    codes = _pack4(units & 15).reshape(N, K // 2)
+    if bits == 4:
+        return codes, None
+    C = -(-K // 128)
+    pad = np.zeros((N, 4 * C, 32), dtype=np.uint8)
+    pad[:, :K // 32] = units
+    planes = []
+    for p in range(bits - 4):
+        b = ((pad >> (4 + p)) & 1).reshape(N, C, 4, 2, 16)  # [chunk, quarter, half, j]
+        for half in (0, 1):
+            planes.append(np.packbits(b[:, :, :, half, :].reshape(N, C, 64), axis=-1,
+                                      bitorder="little"))  # [N, C, 8]
+    return codes, np.concatenate(planes, axis=-1).reshape(N, C * 16 * (bits - 4))
+
+
+def unpack_nibbles(codes: torch.Tensor, qh: torch.Tensor | None, bits: int, K: int) \
+        -> torch.Tensor:
+    """The stored values (int32 ``[N, K]``, input order) of :func:`pack_nibbles`'s layout."""
+    N = codes.shape[0]
+    c = codes.view(N, K // 32, 16).to(torch.int32)
+    v = torch.cat([c & 15, c >> 4], dim=2)  # [N, units, 32]
+    if bits == 4:
+        return v.reshape(N, K)
+    C = -(-K // 128)
+    h = qh.view(N, C, bits - 4, 2, 8)
+    shifts = torch.arange(8, dtype=torch.int32)
+    for p in range(bits - 4):
+        bit = (h[:, :, p].to(torch.int32)[..., None] >> shifts) & 1  # [N, C, half, 8, 8]
+        bit = bit.reshape(N, C, 2, 4, 16).transpose(2, 3).reshape(N, 4 * C, 32)[:, :K // 32]
+        v = v + (bit << (4 + p))
+    return v.reshape(N, K)
 
 
 def _f16(a: np.ndarray) -> np.ndarray:
@@ -178,11 +240,11 @@ def from_gguf(kind: str, data: np.ndarray, N: int, K: int) -> QuantizedWeight:
         qs = blk[..., off + 4:]
         low = _nibbles(qs, 16).reshape(N, nb, 32)
         high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
-        q = (low | (high << 4)).astype(np.int16)
+        codes, qh5 = pack_nibbles((low | (high << 4)).reshape(N, K), 5)
         if kind == "Q5_0":
-            return QuantizedWeight(kind, 8, 32, 1, N, K, t((q - 16).reshape(N, K), np.int8), t(d))
-        return QuantizedWeight(kind, 8, 32, 1, N, K, t(q.reshape(N, K), np.int8), t(d),
-                               Mn=t(-m, np.float32))
+            return QuantizedWeight(kind, 5, 32, 1, N, K, t(codes), t(d), qh=t(qh5), z=16)
+        return QuantizedWeight(kind, 5, 32, 1, N, K, t(codes), t(d), Mn=t(-m, np.float32),
+                               qh=t(qh5))
     nb = K // QK_K
     if kind in ("Q4_K", "Q5_K"):
         size = 144 if kind == "Q4_K" else 176
@@ -193,26 +255,26 @@ def from_gguf(kind: str, data: np.ndarray, N: int, K: int) -> QuantizedWeight:
         sc, m = _Q4K.get_scale_min(blk[:, 4:16])
         if kind == "Q4_K":
             q = _nibbles(blk[:, 16:].reshape(-1, 4, 32), 32).reshape(-1, 8, 32)
-            codes = _pack4(q).reshape(N, K // 2)
-            bits = 4
+            codes, qh5 = _pack4(q).reshape(N, K // 2), None
         else:
             qh = blk[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
             ql = _nibbles(blk[:, 48:].reshape(-1, 4, 32), 32).reshape(-1, 8, 32)
-            codes = (ql | ((qh & 1) << 4)).reshape(N, K).view(np.int8)
-            bits = 8
-        return QuantizedWeight(kind, bits, 32, 8, N, K, t(codes), t(d.reshape(N, nb)),
-                               sc=t(sc.reshape(N, K // 32), np.int8),
-                               Mn=t(dmin.reshape(N, nb)), mq=t(m.reshape(N, K // 32), np.int8))
+            codes, qh5 = pack_nibbles((ql | ((qh & 1) << 4)).reshape(N, K), 5)
+            qh5 = t(qh5)
+        return QuantizedWeight(kind, 4 if qh5 is None else 5, 32, 8, N, K, t(codes),
+                               t(d.reshape(N, nb)), sc=t(sc.reshape(N, K // 32), np.int8),
+                               Mn=t(dmin.reshape(N, nb)), mq=t(m.reshape(N, K // 32), np.int8),
+                               qh=qh5)
     # Q6_K: ql [128], qh [64], scales int8 [16], d fp16
     blk = b.reshape(N * nb, 210)
     ql = _nibbles(blk[:, :128].reshape(-1, 2, 64), 64).reshape(-1, 8, 32)
     qh = (blk[:, 128:192].reshape(-1, 2, 1, 32)
           >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3
-    q = (ql | (qh.reshape(-1, 8, 32) << 4)).astype(np.int16) - 32
+    codes, qh6 = pack_nibbles((ql | (qh.reshape(-1, 8, 32) << 4)).reshape(N, K), 6)
     sc = blk[:, 192:208].view(np.int8)
     d = _f16(blk[:, 208:210])[:, 0]
-    return QuantizedWeight(kind, 8, 16, 16, N, K, t(q.reshape(N, K), np.int8),
-                           t(d.reshape(N, nb)), sc=t(sc.reshape(N, K // 16)))
+    return QuantizedWeight(kind, 6, 16, 16, N, K, t(codes), t(d.reshape(N, nb)),
+                           sc=t(sc.reshape(N, K // 16)), qh=t(qh6), z=32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,5 +359,5 @@ def rtn4(w: torch.Tensor) -> QuantizedWeight:
     return QuantizedWeight("rtn4", 4, 32, 1, N, K, packed, scales, Mn=offsets)
 
 
-__all__ = ["QuantizedWeight", "SUPPORTED_GGUF", "dequantize", "from_gguf", "int8_per_channel",
-           "rtn4"]
+__all__ = ["QuantizedWeight", "SUPPORTED_GGUF", "TENSOR_FIELDS", "dequantize", "from_gguf",
+           "int8_per_channel", "pack_nibbles", "rtn4", "unpack_nibbles"]

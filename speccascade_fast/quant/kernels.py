@@ -115,10 +115,10 @@ def _library() -> ctypes.CDLL | None:
         BUILD_ERROR = f"{lib} does not load ({e})"
         return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    dll.qm_matmul.argtypes = [p, i32, i64, p, i32, i32, i32, p, p, p, p, i64, i64, p, i32, i64,
-                              p, i32]
+    dll.qm_matmul.argtypes = [p, i32, i64, p, i32, i32, i32, p, p, p, p, p, i32, i64, i64, p, i32,
+                              i64, p, i32]
     dll.qm_matmul.restype = i32
-    dll.qm_dequant.argtypes = [p, i32, i32, i32, p, p, p, p, i64, i64, p, i64, p, i32, i32]
+    dll.qm_dequant.argtypes = [p, i32, i32, i32, p, p, p, p, p, i32, i64, i64, p, i64, p, i32, i32]
     dll.qm_dequant.restype = i32
     dll.qm_matmul_a8.argtypes = dll.qm_matmul.argtypes
     dll.qm_matmul_a8.restype = i32
@@ -174,6 +174,13 @@ def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
 
+def _layout_args(qw) -> tuple:
+    """The kernels' arguments describing weight ``qw``: codes, bits, G, gps, D, sc, Mn, mq, qh,
+    z, N, K."""
+    return (_ptr(qw.codes), qw.bits, qw.G, qw.gps, _ptr(qw.D), _ptr(qw.sc), _ptr(qw.Mn),
+            _ptr(qw.mq), _ptr(qw.qh), qw.z, qw.N, qw.K)
+
+
 def _dtype_flag(t: torch.Tensor) -> int:
     if t.dtype == torch.bfloat16:
         return 1
@@ -223,10 +230,9 @@ class _Prepared:
         self.qw, self.bias, self.dtype, self.N = qw, bias, dtype, qw.N
         self.fn = lib.qm_matmul_a8 if int8_activations else lib.qm_matmul
         self.flag = 1 if dtype == torch.bfloat16 else 0
-        self.args = (_ptr(qw.codes), qw.bits, qw.G, qw.gps, _ptr(qw.D), _ptr(qw.sc),
-                     _ptr(qw.Mn), _ptr(qw.mq), qw.N, qw.K)
-        #: the data pointers of codes, D, sc, Mn, mq (None where absent), to check reuse against
-        self.ptrs = (self.args[0], *self.args[4:8])
+        self.args = _layout_args(qw)
+        #: the data pointers of codes, D, sc, Mn, mq, qh (None where absent), to check reuse
+        self.ptrs = (self.args[0], *self.args[4:9])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x [M, K]`` (CPU, of the prepared dtype) times the weight, plus the bias."""
@@ -269,9 +275,8 @@ def dequant(qw, rows: torch.Tensor | None = None, dtype=torch.float32,
         out = torch.empty(R, qw.K, dtype=dtype)
     elif out.shape != (R, qw.K) or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"dequant: out must be a contiguous {dtype} [{R}, {qw.K}] tensor")
-    rc = lib.qm_dequant(_ptr(qw.codes), qw.bits, qw.G, qw.gps, _ptr(qw.D), _ptr(qw.sc),
-                        _ptr(qw.Mn), _ptr(qw.mq), qw.N, qw.K, _ptr(rows), R, _ptr(out),
-                        _dtype_flag(out), torch.get_num_threads())
+    rc = lib.qm_dequant(*_layout_args(qw), _ptr(rows), R, _ptr(out), _dtype_flag(out),
+                        torch.get_num_threads())
     if rc == -3:
         raise IndexError(f"dequant: a row index is outside [0, {qw.N})")
     if rc != 0:

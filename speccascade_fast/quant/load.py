@@ -27,6 +27,7 @@ Where the weights come from:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -40,13 +41,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from .formats import SUPPORTED_GGUF, QuantizedWeight, dequantize, from_gguf, int8_per_channel, rtn4
+from .formats import (
+    SUPPORTED_GGUF,
+    TENSOR_FIELDS,
+    QuantizedWeight,
+    dequantize,
+    from_gguf,
+    int8_per_channel,
+    rtn4,
+)
 from .kernels import check_int8_activations
 from .modules import QuantEmbedding, QuantLinear
 
 WEIGHTS = ("bf16", "int8", "q4", "q4a8")
 _FOUR_BIT = ("q4", "q4a8")  # the GGUF's blocks (or 4-bit rounding); q4a8: int8 activations
-_QFORMAT = 1  # bump when the layout of cache_dir()/quant/ changes
+_QFORMAT = 2  # bump when the layout of cache_dir()/quant/ changes
 _MARKER = "quant.json"
 
 
@@ -141,10 +150,10 @@ def read_quantized(path: pathlib.Path) -> tuple[dict[str, QuantizedWeight], dict
     meta = json.loads(header["__metadata__"]["quant"])
     out = {}
     for name, m in meta.pop("weights").items():
-        fields = {k: files.get(f"{name}.{k}") for k in ("codes", "D", "sc", "Mn", "mq")
+        fields = {k: files.get(f"{name}.{k}") for k in TENSOR_FIELDS
                   if f"{name}.{k}" in files.entries}
         out[name] = QuantizedWeight(m["kind"], m["bits"], m["G"], m["gps"], m["N"], m["K"],
-                                    **fields)
+                                    **fields, z=m.get("z", 0))
     return out, meta
 
 
@@ -212,9 +221,9 @@ def convert_gguf(gguf: pathlib.Path, folder: pathlib.Path, progress: bool) \
         data = np.asarray(t.data).reshape(N, -1)
         step = 16384
         parts = [from_gguf(kind, data[i:i + step], min(step, N - i), K) for i in range(0, N, step)]
-        qw = parts[0] if len(parts) == 1 else QuantizedWeight(
-            kind, parts[0].bits, parts[0].G, parts[0].gps, N, K,
-            **{k: torch.cat([getattr(p, k) for p in parts]) for k in parts[0].tensors()})
+        qw = parts[0] if len(parts) == 1 else dataclasses.replace(
+            parts[0], N=N, **{k: torch.cat([getattr(p, k) for p in parts])
+                              for k in parts[0].tensors()})
         perm = _row_permutation(processor, t.name, N, mapping)
         if perm is not None:
             qw = qw.rows(torch.from_numpy(perm))

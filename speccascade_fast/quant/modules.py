@@ -7,8 +7,8 @@ numerics are those of a dense model with the de-quantised weights rounded to tha
 PyTorch's kernels instead (``SPECCASCADE_QUANT_KERNEL=torch``, or ours unavailable): 4-bit
 weights go through ``aten._weight_int4pack_mm_for_cpu`` (scale and zero point rounded to the
 activations' dtype), per-channel int8 through ``aten._weight_int8pack_mm``, and the grouped
-8-bit formats (Q5_0, Q6_K, Q8_0, ...), which no PyTorch kernel reads, are re-quantised once to
-per-channel int8 (losing their block structure).
+5-, 6- and 8-bit formats (Q5_0, Q6_K, Q8_0, ...), which no PyTorch kernel reads, are
+re-quantised once to per-channel int8 (losing their block structure).
 """
 from __future__ import annotations
 
@@ -17,21 +17,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .formats import QuantizedWeight, dequantize, int8_per_channel
+from .formats import TENSOR_FIELDS, QuantizedWeight, dequantize, int8_per_channel
 
 #: up to this many rows, the quantised kernel; beyond, de-quantise slices and F.linear
 DIRECT_ROWS = 16
 #: the size of one de-quantised slice of the weight on the F.linear path
 SLICE_BYTES = 16 << 20
 
-_FIELDS = ("codes", "D", "sc", "Mn", "mq")
+_FIELDS = TENSOR_FIELDS
 
 
 class _Quantized(nn.Module):
     def __init__(self, qw: QuantizedWeight, dtype: torch.dtype):
         super().__init__()
         self.kind, self.bits, self.G, self.gps = qw.kind, qw.bits, qw.G, qw.gps
-        self.N, self.K = qw.N, qw.K
+        self.N, self.K, self.z = qw.N, qw.K, qw.z
         self.dtype = dtype
         for name in _FIELDS:
             self.register_buffer(name, getattr(qw, name))
@@ -49,7 +49,7 @@ class _Quantized(nn.Module):
         cached = self._qw
         if cached is None or any(old is not new for old, new in zip(cached[0], bufs)):
             qw = QuantizedWeight(self.kind, self.bits, self.G, self.gps, self.N, self.K,
-                                 **dict(zip(_FIELDS, bufs)))
+                                 **dict(zip(_FIELDS, bufs)), z=self.z)
             # (QuantizedWeight makes non-contiguous buffers contiguous: keep what it holds)
             cached = self._qw = (bufs, qw)
         return cached[1]
@@ -159,11 +159,9 @@ class QuantLinear(_Quantized):
 
 
 def _data_ptrs(held: dict) -> tuple:
-    """The data pointers of a layer's codes, D, sc, Mn, mq (None where absent): any tensor
+    """The data pointers of a layer's codes, D, sc, Mn, mq, qh (None where absent): any tensor
     replaced, or given new storage, since its call was prepared changes them."""
-    c, d, s, m, q = held["codes"], held["D"], held["sc"], held["Mn"], held["mq"]
-    return (c.data_ptr(), d.data_ptr(), None if s is None else s.data_ptr(),
-            None if m is None else m.data_ptr(), None if q is None else q.data_ptr())
+    return tuple(None if t is None else t.data_ptr() for t in map(held.__getitem__, _FIELDS))
 
 
 _SCRATCH: dict = {}
@@ -180,7 +178,7 @@ def _scratch(numel: int, dtype, device) -> torch.Tensor:
 def _torch_weights(qw: QuantizedWeight, dtype) -> tuple[str, torch.Tensor, torch.Tensor]:
     """The operands of PyTorch's kernels for ``qw``: ("int4", int4pack, scales_and_zeros) or
     ("int8", int8 [N, K], per-channel scales)."""
-    if qw.bits == 4 and qw.N % 16 == 0:
+    if qw.bits == 4 and qw.z == 0 and qw.N % 16 == 0:
         s, o = qw.scales_offsets()
         # aten's int4 convention: w = (q - 8) * scale + zero
         sz = torch.stack([s, 8 * s - o], dim=-1).transpose(0, 1).contiguous().to(dtype)

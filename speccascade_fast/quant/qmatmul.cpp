@@ -2,10 +2,18 @@
 // with the machine's own instruction set, loaded through ctypes: see kernels.py).
 //
 // Weight format (one output row n of K inputs; K a multiple of G, and of G * gps):
-//   bits = 4 (G = 32): codes[n * K/2 + g * 16 + j], low nibble = code of k = 32 g + j, high
-//                      nibble = code of k = 32 g + 16 + j (j < 16); codes 0..15
+//   bits = 4, 5, 6 ("nibble" formats; K a multiple of 32): codes[n * K/2 + u * 16 + j], low
+//                      nibble = bits 0..3 of the stored value u of k = 32 u + j, high nibble =
+//                      those of k = 32 u + 16 + j (j < 16); bits 5 and 6 keep their bits 4 (and 5)
+//                      in bit planes qh[n * HB + c * 16 * (bits - 4) ...], HB = ceil(K / 128) *
+//                      16 * (bits - 4): per chunk c of 128 inputs (nibble bytes 64 c..64 c + 63)
+//                      one little-endian uint64 per plane p and half h, in the order (p 0, low
+//                      nibbles), (p 0, high), (p 1, low), (p 1, high); its bit i = 16 r + j is
+//                      bit 4 + p of the value at byte 64 c + i's nibble of that half. The code
+//                      is the value minus z (a constant of the weight: Q5_0 16, Q6_K 32).
 //   bits = 8:          codes[n * K + k], a signed int8 code
-//   group g (= k / G) of row n: scale  s = D[n * nsb + g / gps] * (sc ? sc[n * ng + g] : 1)
+//   group g (= k / G; G = 32, or 16 for bits 5, 6 and 8) of row n:
+//                               scale  s = D[n * nsb + g / gps] * (sc ? sc[n * ng + g] : 1)
 //                               offset o = Mn ? Mn[n * nsb + g / gps] * (mq ? mq[n * ng + g] : 1)
 //                                             : 0
 //   (nsb = K / (G * gps) "super-blocks" per row, ng = K / G groups per row)
@@ -13,7 +21,8 @@
 // Every GGUF block type of the Q4/Q5/Q6/Q8 families maps onto this exactly: s and o are products
 // of an fp16 and a small integer (exact in fp32), s * code is exact, so fma(s, code, -o) rounds
 // once, as gguf-py's and ggml's reference de-quantisation (d * q - dm in fp32) do: the weights
-// below are bit for bit those of the fp32 reference de-quantisation.
+// below are bit for bit those of the fp32 reference de-quantisation. Q5_x and Q6_K keep their
+// 5 and 6 bits per code (a nibble and one or two bit planes) as ggml stores them.
 //
 // y[m, n] = sum_k x[m, k] w[n, k] (+ bias[n]), fp32 FMAs in a fixed order per output: group by
 // group, 16 lanes, then the lanes' horizontal sum. The order does not depend on M, on the
@@ -35,6 +44,21 @@
 #define QM_AVX512 0
 #endif
 
+
+// FN<BITS, G> ARGS for the layout's (bits, G) (check_layout has accepted it)
+#define QM_DISPATCH(bits, G, FN, ARGS)                  \
+  do {                                                  \
+    switch ((bits) * 100 + (G)) {                       \
+      case 432: FN<4, 32> ARGS; break;                  \
+      case 516: FN<5, 16> ARGS; break;                  \
+      case 532: FN<5, 32> ARGS; break;                  \
+      case 616: FN<6, 16> ARGS; break;                  \
+      case 632: FN<6, 32> ARGS; break;                  \
+      case 816: FN<8, 16> ARGS; break;                  \
+      default: FN<8, 32> ARGS; break;                   \
+    }                                                   \
+  } while (0)
+
 namespace {
 
 struct QW {
@@ -44,9 +68,13 @@ struct QW {
   const int8_t* sc;
   const float* Mn;
   const int8_t* mq;
+  const uint8_t* qh;  // bits 5, 6: the high bit planes
+  int z;              // nibble formats: code = stored value - z
   int64_t N, K;
   int64_t ng() const { return K / G; }
   int64_t nsb() const { return K / ((int64_t)G * gps); }
+  int64_t row_bytes() const { return bits == 8 ? K : K / 2; }
+  int64_t h_bytes() const { return bits == 5 || bits == 6 ? (K + 127) / 128 * 16 * (bits - 4) : 0; }
   inline float scale(int64_t n, int64_t g) const {
     float d = D[n * nsb() + g / gps];
     return sc ? d * (float)sc[n * ng() + g] : d;
@@ -57,10 +85,16 @@ struct QW {
     return mq ? m * (float)mq[n * ng() + g] : m;
   }
   inline float code(int64_t n, int64_t k) const {
-    if (bits == 4) {
-      int64_t g = k / 32, j = k % 32;
-      uint8_t b = codes[n * (K / 2) + g * 16 + (j & 15)];
-      return (float)(j < 16 ? (b & 15) : (b >> 4));
+    if (bits != 8) {
+      const int64_t u = k / 32, j = k % 32;
+      const uint8_t b = codes[n * (K / 2) + u * 16 + (j & 15)];
+      int v = j < 16 ? (b & 15) : (b >> 4);
+      const int i = (int)(16 * (u % 4) + (j & 15)), half = j < 16 ? 0 : 1;
+      for (int p = 0; p + 4 < bits; ++p) {
+        const uint8_t* word = qh + n * h_bytes() + (u / 4) * 16 * (bits - 4) + (2 * p + half) * 8;
+        v |= ((word[i / 8] >> (i % 8)) & 1) << (4 + p);
+      }
+      return (float)(v - z);
     }
     return (float)(int8_t)codes[n * K + k];
   }
@@ -208,49 +242,91 @@ inline void group_factors(const QW& w, int64_t n0, int nb, float* sbuf, float* o
   }
 }
 
+// the codes of a nibble row's inputs 32 u..32 u + 15 (lo) and 32 u + 16..32 u + 31 (hi), int32
+template <int BITS>
+inline void nibble_codes(const uint8_t* crow, const uint8_t* hrow, int64_t u, __m512i zv,
+                         __m512i& lo, __m512i& hi) {
+  const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(crow + u * 16)));
+  lo = _mm512_and_si512(c, _mm512_set1_epi32(0x0f));
+  hi = _mm512_srli_epi32(c, 4);
+  if constexpr (BITS > 4) {
+    const uint8_t* h = hrow + (u / 4) * 16 * (BITS - 4);
+    const int sh = 16 * (int)(u % 4);
+    for (int p = 0; p < BITS - 4; ++p) {
+      uint64_t a, b;
+      std::memcpy(&a, h + 16 * p, 8);
+      std::memcpy(&b, h + 16 * p + 8, 8);
+      const __m512i add = _mm512_set1_epi32(16 << p);
+      lo = _mm512_mask_add_epi32(lo, (__mmask16)(a >> sh), lo, add);
+      hi = _mm512_mask_add_epi32(hi, (__mmask16)(b >> sh), hi, add);
+    }
+  }
+  lo = _mm512_sub_epi32(lo, zv);
+  hi = _mm512_sub_epi32(hi, zv);
+}
+
 // NB output rows n at a time, MB input rows m; acc[m][nb] accumulates 16 lanes of w[n] x[m]
+// (16 inputs at a time, in input order)
 template <int MB, int NB, int BITS, int G>
 inline void block_avx512(const QW& w, const float* x, int64_t n0, void* y, bool y_bf16,
                          int64_t ldy, const void* bias) {
-  constexpr int V = G / 16;  // vectors per group
   __m512 acc[MB][NB];
   for (int m = 0; m < MB; ++m)
     for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_setzero_ps();
-  const int64_t K = w.K, ng = w.ng();
-  const int64_t row_bytes = BITS == 4 ? K / 2 : K;
+  const int64_t K = w.K, ng = w.ng(), row_bytes = w.row_bytes(), hb = w.h_bytes();
   // the block's group scales and (negated) offsets, fp32, computed once for all its groups
   thread_local std::vector<float> scratch;
   if ((int64_t)scratch.size() < 2 * NB * ng) scratch.resize(2 * NB * ng);
   float* sbuf = scratch.data();
   float* obuf = sbuf + NB * ng;
   const uint8_t* crow[NB];
-  for (int b = 0; b < NB; ++b) crow[b] = w.codes + (n0 + b) * row_bytes;
+  const uint8_t* hrow[NB];
+  for (int b = 0; b < NB; ++b) {
+    crow[b] = w.codes + (n0 + b) * row_bytes;
+    hrow[b] = w.qh ? w.qh + (n0 + b) * hb : nullptr;
+  }
   group_factors(w, n0, NB, sbuf, obuf, ng);
-  constexpr int64_t GBYTES = BITS == 4 ? 16 : G;  // code bytes per group
-  const __m512i lo4 = _mm512_set1_epi32(0x0f);
-  for (int64_t g = 0; g < ng; ++g) {
-    __m512 wv[NB][V];
-    if ((g * GBYTES) % 64 == 0)  // the same line of the rows some blocks ahead
-      for (int b = 0; b < NB; ++b)
-        _mm_prefetch((const char*)(crow[b] + 4 * NB * row_bytes + g * GBYTES), _MM_HINT_T0);
-    for (int b = 0; b < NB; ++b) {
-      const __m512 vs = _mm512_set1_ps(sbuf[b * ng + g]), vo = _mm512_set1_ps(obuf[b * ng + g]);
-      if constexpr (BITS == 4) {
-        // 16 bytes -> 16 lanes; low nibbles are inputs 0..15, high nibbles 16..31
-        const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(crow[b] + g * 16)));
-        wv[b][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(c, lo4)), vs, vo);
-        wv[b][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4)), vs, vo);
-      } else {
+  if constexpr (BITS != 8) {  // 32 inputs (16 code bytes) at a time: groups u, or 2 u and 2 u + 1
+    const __m512i zv = _mm512_set1_epi32(w.z);
+    for (int64_t u = 0; u < K / 32; ++u) {
+      __m512 wv[NB][2];
+      if (u % 4 == 0)  // the same line of the rows some blocks ahead
+        for (int b = 0; b < NB; ++b)
+          _mm_prefetch((const char*)(crow[b] + 4 * NB * row_bytes + u * 16), _MM_HINT_T0);
+      for (int b = 0; b < NB; ++b) {
+        __m512i lo, hi;
+        nibble_codes<BITS>(crow[b], hrow[b], u, zv, lo, hi);
+        const int64_t g0 = G == 32 ? u : 2 * u, g1 = G == 32 ? u : 2 * u + 1;
+        wv[b][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_set1_ps(sbuf[b * ng + g0]),
+                                   _mm512_set1_ps(obuf[b * ng + g0]));
+        wv[b][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_set1_ps(sbuf[b * ng + g1]),
+                                   _mm512_set1_ps(obuf[b * ng + g1]));
+      }
+      for (int v = 0; v < 2; ++v)
+        for (int m = 0; m < MB; ++m) {
+          const __m512 xv = _mm512_loadu_ps(x + m * K + u * 32 + v * 16);
+          for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_fmadd_ps(wv[b][v], xv, acc[m][b]);
+        }
+    }
+  } else {
+    constexpr int V = G / 16;  // vectors per group
+    for (int64_t g = 0; g < ng; ++g) {
+      __m512 wv[NB][V];
+      if ((g * G) % 64 == 0)  // the same line of the rows some blocks ahead
+        for (int b = 0; b < NB; ++b)
+          _mm_prefetch((const char*)(crow[b] + 4 * NB * row_bytes + g * G), _MM_HINT_T0);
+      for (int b = 0; b < NB; ++b) {
+        const __m512 vs = _mm512_set1_ps(sbuf[b * ng + g]), vo = _mm512_set1_ps(obuf[b * ng + g]);
         for (int v = 0; v < V; ++v) {
           const __m128i c = _mm_loadu_si128((const __m128i*)(crow[b] + g * G + v * 16));
           wv[b][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c)), vs, vo);
         }
       }
-    }
-    for (int v = 0; v < V; ++v) {
-      for (int m = 0; m < MB; ++m) {
-        const __m512 xv = _mm512_loadu_ps(x + m * K + g * G + v * 16);
-        for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_fmadd_ps(wv[b][v], xv, acc[m][b]);
+      for (int v = 0; v < V; ++v) {
+        for (int m = 0; m < MB; ++m) {
+          const __m512 xv = _mm512_loadu_ps(x + m * K + g * G + v * 16);
+          for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_fmadd_ps(wv[b][v], xv, acc[m][b]);
+        }
       }
     }
   }
@@ -264,30 +340,34 @@ inline void block_avx512(const QW& w, const float* x, int64_t n0, void* y, bool 
 // one row's fp32 weights (the same values as dequant_row)
 template <int BITS, int G>
 inline void dequant_row_avx512(const QW& w, int64_t n, float* dst) {
-  const int64_t K = w.K, ng = w.ng(), nsb = w.nsb(), gps = w.gps;
-  const uint8_t* crow = w.codes + n * (BITS == 4 ? K / 2 : K);
-  const float* Drow = w.D + n * nsb;
-  const float* Mrow = w.Mn ? w.Mn + n * nsb : nullptr;
-  const int8_t* srow = w.sc ? w.sc + n * ng : nullptr;
-  const int8_t* mrow = w.mq ? w.mq + n * ng : nullptr;
-  const __m512i lo4 = _mm512_set1_epi32(0x0f);
-  for (int64_t sb = 0; sb < nsb; ++sb) {
-    const float d = Drow[sb], mn = Mrow ? Mrow[sb] : 0.0f;
-    for (int64_t g = sb * gps; g < (sb + 1) * gps; ++g) {
-      const float s = srow ? d * (float)srow[g] : d, o = mrow ? mn * (float)mrow[g] : mn;
-      const __m512 vs = _mm512_set1_ps(s), vo = _mm512_set1_ps(-o);
-      if constexpr (BITS == 4) {
-        const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(crow + g * 16)));
-        _mm512_storeu_ps(dst + g * 32,
-                         _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(c, lo4)), vs, vo));
-        _mm512_storeu_ps(dst + g * 32 + 16,
-                         _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4)), vs, vo));
-      } else {
-        for (int v = 0; v < G / 16; ++v) {
-          const __m128i c = _mm_loadu_si128((const __m128i*)(crow + g * G + v * 16));
-          _mm512_storeu_ps(dst + g * G + v * 16,
-                           _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c)), vs, vo));
-        }
+  const int64_t ng = w.ng();
+  thread_local std::vector<float> scratch;
+  if ((int64_t)scratch.size() < 2 * ng) scratch.resize(2 * ng);
+  float* sbuf = scratch.data();
+  float* obuf = sbuf + ng;  // (negated offsets)
+  group_factors(w, n, 1, sbuf, obuf, ng);
+  const uint8_t* crow = w.codes + n * w.row_bytes();
+  if constexpr (BITS != 8) {
+    const uint8_t* hrow = w.qh ? w.qh + n * w.h_bytes() : nullptr;
+    const __m512i zv = _mm512_set1_epi32(w.z);
+    for (int64_t u = 0; u < w.K / 32; ++u) {
+      __m512i lo, hi;
+      nibble_codes<BITS>(crow, hrow, u, zv, lo, hi);
+      const int64_t g0 = G == 32 ? u : 2 * u, g1 = G == 32 ? u : 2 * u + 1;
+      _mm512_storeu_ps(dst + u * 32, _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo),
+                                                     _mm512_set1_ps(sbuf[g0]),
+                                                     _mm512_set1_ps(obuf[g0])));
+      _mm512_storeu_ps(dst + u * 32 + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi),
+                                                          _mm512_set1_ps(sbuf[g1]),
+                                                          _mm512_set1_ps(obuf[g1])));
+    }
+  } else {
+    for (int64_t g = 0; g < ng; ++g) {
+      const __m512 vs = _mm512_set1_ps(sbuf[g]), vo = _mm512_set1_ps(obuf[g]);
+      for (int v = 0; v < G / 16; ++v) {
+        const __m128i c = _mm_loadu_si128((const __m128i*)(crow + g * G + v * 16));
+        _mm512_storeu_ps(dst + g * G + v * 16,
+                         _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c)), vs, vo));
       }
     }
   }
@@ -334,25 +414,30 @@ void rows_mb(const QW& w, const float* x, int64_t mb, int64_t n0, int64_t n1, vo
 // same for every M, thread count and blocking. A block of activations with an infinity or a
 // NaN gives NaN outputs; one too small for 127 / max|x| counts as zeros.
 // 8-bit codes are signed; the kernel reads them as unsigned code + 128 and starts each lane's
-// integer sum at -128 * (the sum of its four q), which is exact.
+// integer sum at -128 * (the sum of its four q), which is exact. Nibble codes are read as their
+// stored values (unsigned) and, where z is not 0, each lane's sum starts at -z * (its q's sum).
 struct XQ {
-  int64_t M = 0, K = 0, chunks = 0;  // chunk: 64 code bytes (128 inputs at 4 bits, 64 at 8)
-  int bits = 4;
-  std::vector<int8_t> qlo, qhi;      // [M][chunks][64]: q in the codes' byte order (qhi: 4 bits)
+  int64_t M = 0, K = 0, chunks = 0;  // chunk: 64 code bytes (128 inputs in nibbles, 64 at 8)
+  std::vector<int8_t> qlo, qhi;      // [M][chunks][64]: q in the codes' byte order (qhi: nibbles)
   std::vector<float> dexp;           // [M][chunks][16]: each lane's activation scale
-  std::vector<int32_t> ncorr;        // [M][chunks][16]: 8 bits: -128 * the lane's sum of q
+  // [M][chunks][16]: each lane's integer start: 8 bits: -128 * its sum of q; nibbles with z:
+  // -z * that sum over the lane's low- and high-nibble q (G = 32), or the low ones only (G =
+  // 16, the high ones in ncorr_hi: they are two groups)
+  std::vector<int32_t> ncorr, ncorr_hi;
   std::vector<float> gsum;           // [M][ng]: fp32 sum of x over each weight group
 };
 
-void quantise_x(const float* x, int64_t M, int64_t K, int bits, int G, bool sums, XQ& xq) {
-  const int64_t inputs_per_chunk = bits == 4 ? 128 : 64;
-  xq.M = M, xq.K = K, xq.bits = bits;
+void quantise_x(const float* x, int64_t M, int64_t K, int bits, int G, int z, bool sums, XQ& xq) {
+  const bool nib = bits != 8;
+  const int64_t inputs_per_chunk = nib ? 128 : 64;
+  xq.M = M, xq.K = K;
   xq.chunks = (K + inputs_per_chunk - 1) / inputs_per_chunk;
   const int64_t nb = K / 32, ng = K / G, C = xq.chunks;
   xq.qlo.assign(M * C * 64, 0);
-  if (bits == 4) xq.qhi.assign(M * C * 64, 0);
+  if (nib) xq.qhi.assign(M * C * 64, 0);
   xq.dexp.assign(M * C * 16, 0.0f);
-  if (bits == 8) xq.ncorr.assign(M * C * 16, 0);
+  if (!nib || z) xq.ncorr.assign(M * C * 16, 0);
+  if (nib && z && G == 16) xq.ncorr_hi.assign(M * C * 16, 0);
   if (sums) xq.gsum.assign(M * ng, 0.0f);
   std::vector<int8_t> q(K);
   std::vector<float> d(nb);
@@ -382,13 +467,24 @@ void quantise_x(const float* x, int64_t M, int64_t K, int bits, int G, bool sums
       }
     int8_t* lo = xq.qlo.data() + m * C * 64;
     float* de = xq.dexp.data() + m * C * 16;
-    if (bits == 4) {  // chunk c, quarter r = group 4c + r: lo = its inputs 0..15, hi = 16..31
+    if (nib) {  // chunk c, quarter r = block 4c + r of 32 inputs: lo = its inputs 0..15, hi = 16..31
       int8_t* hi = xq.qhi.data() + m * C * 64;
+      int32_t* nc = z ? xq.ncorr.data() + m * C * 16 : nullptr;
+      int32_t* nh = z && G == 16 ? xq.ncorr_hi.data() + m * C * 16 : nullptr;
       for (int64_t g = 0; g < nb; ++g) {
         const int64_t c = g / 4, r = g % 4;
         std::memcpy(lo + c * 64 + r * 16, q.data() + 32 * g, 16);
         std::memcpy(hi + c * 64 + r * 16, q.data() + 32 * g + 16, 16);
-        for (int l = 0; l < 4; ++l) de[c * 16 + r * 4 + l] = d[g];
+        for (int l = 0; l < 4; ++l) {
+          de[c * 16 + r * 4 + l] = d[g];
+          if (!nc) continue;
+          int32_t sl = 0, sh = 0;
+          for (int j = 0; j < 4; ++j) sl += q[32 * g + 4 * l + j], sh += q[32 * g + 16 + 4 * l + j];
+          if (nh)
+            nc[c * 16 + r * 4 + l] = -z * sl, nh[c * 16 + r * 4 + l] = -z * sh;
+          else
+            nc[c * 16 + r * 4 + l] = -z * (sl + sh);
+        }
       }
     } else {  // chunk c = inputs 64c..64c+63 in order; lane l = inputs 64c + 4l..4l+3
       std::memcpy(lo, q.data(), K);
@@ -408,13 +504,14 @@ void quantise_x(const float* x, int64_t M, int64_t K, int bits, int G, bool sums
 template <int MB, int NB, int BITS, int G>
 inline void block_a8(const QW& w, const XQ& xq, int64_t m0, int64_t n0, void* y, bool y_bf16,
                      int64_t ldy, const void* bias) {
+  constexpr bool NIB = BITS != 8;
+  constexpr bool TWO = NIB && G == 16;  // a lane's low and high nibbles are two groups
   __m512 acc[MB][NB];
   for (int m = 0; m < MB; ++m)
     for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_setzero_ps();
-  const int64_t K = w.K, ng = w.ng(), C = xq.chunks;
-  const int64_t row_bytes = BITS == 4 ? K / 2 : K;
-  // the rows' group scales and negated offsets (fp32, exact), 4 zeros past the last group
-  const int64_t stride = ng + 4;
+  const int64_t ng = w.ng(), C = xq.chunks, row_bytes = w.row_bytes(), hb = w.h_bytes();
+  // the rows' group scales and negated offsets (fp32, exact), 8 zeros past the last group
+  const int64_t stride = ng + 8;
   thread_local std::vector<float> scratch;
   if ((int64_t)scratch.size() < 2 * NB * stride) scratch.resize(2 * NB * stride);
   float* sbuf = scratch.data();
@@ -422,49 +519,84 @@ inline void block_a8(const QW& w, const XQ& xq, int64_t m0, int64_t n0, void* y,
   group_factors(w, n0, NB, sbuf, obuf, stride);
   for (int b = 0; b < NB; ++b)
     for (int64_t g = ng; g < stride; ++g) sbuf[b * stride + g] = obuf[b * stride + g] = 0.0f;
-  // lane l of a chunk belongs to group GPC * c + l / (16 / GPC)
-  constexpr int GPC = (BITS == 4 || G == 16) ? 4 : 2;
-  const __m512i gidx = GPC == 4
-      ? _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
-      : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  // lane l of a chunk belongs to group GPC * c + l / (16 / GPC) (TWO: its low nibbles to
+  // group 8 c + 2 (l / 4), its high ones to the next)
+  constexpr int GPC = TWO ? 8 : (NIB || G == 16) ? 4 : 2;
+  const __m512i gidx = GPC == 2
+      ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
+      : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  const __m512i glo = _mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0);
+  const __m512i ghi = _mm512_set_epi32(7, 7, 7, 7, 5, 5, 5, 5, 3, 3, 3, 3, 1, 1, 1, 1);
   const __m512i lo4 = _mm512_set1_epi8(0x0f), flip = _mm512_set1_epi8((char)0x80);
+  const __m512i c16 = _mm512_set1_epi8(16), c32 = _mm512_set1_epi8(32);
   const uint8_t* crow[NB];
-  for (int b = 0; b < NB; ++b) crow[b] = w.codes + (n0 + b) * row_bytes;
+  const uint8_t* hrow[NB];
+  for (int b = 0; b < NB; ++b) {
+    crow[b] = w.codes + (n0 + b) * row_bytes;
+    hrow[b] = w.qh ? w.qh + (n0 + b) * hb : nullptr;
+  }
   const int8_t* qlo = xq.qlo.data() + m0 * C * 64;
-  const int8_t* qhi = BITS == 4 ? xq.qhi.data() + m0 * C * 64 : nullptr;
+  const int8_t* qhi = NIB ? xq.qhi.data() + m0 * C * 64 : nullptr;
   const float* dexp = xq.dexp.data() + m0 * C * 16;
-  const int32_t* ncorr = BITS == 8 ? xq.ncorr.data() + m0 * C * 16 : nullptr;
+  const int32_t* ncorr = xq.ncorr.empty() ? nullptr : xq.ncorr.data() + m0 * C * 16;
+  const int32_t* ncorr_hi = xq.ncorr_hi.empty() ? nullptr : xq.ncorr_hi.data() + m0 * C * 16;
   for (int64_t c = 0; c < C; ++c) {
     const int64_t nbytes = std::min<int64_t>(64, row_bytes - c * 64);
     const __mmask64 km = nbytes == 64 ? ~(__mmask64)0 : (((__mmask64)1 << nbytes) - 1);
     for (int b = 0; b < NB; ++b)  // the same line of the rows some blocks ahead
       _mm_prefetch((const char*)(crow[b] + QM_PF * NB * row_bytes + c * 64), _MM_HINT_T0);
     __m512i wlo[NB], whi[NB];
-    __m512 ws[NB];
+    __m512 ws[NB], wh[NB];
     for (int b = 0; b < NB; ++b) {
       const __m512i v = _mm512_maskz_loadu_epi8(km, crow[b] + c * 64);
-      if constexpr (BITS == 4) {
+      if constexpr (NIB) {
         wlo[b] = _mm512_and_si512(v, lo4);
         whi[b] = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
+        if constexpr (BITS > 4) {  // the high bit planes: + 16 (and + 32) where set
+          uint64_t h[4];
+          std::memcpy(h, hrow[b] + c * 16 * (BITS - 4), 16 * (BITS - 4));
+          wlo[b] = _mm512_mask_add_epi8(wlo[b], _cvtu64_mask64(h[0]), wlo[b], c16);
+          whi[b] = _mm512_mask_add_epi8(whi[b], _cvtu64_mask64(h[1]), whi[b], c16);
+          if constexpr (BITS > 5) {
+            wlo[b] = _mm512_mask_add_epi8(wlo[b], _cvtu64_mask64(h[2]), wlo[b], c32);
+            whi[b] = _mm512_mask_add_epi8(whi[b], _cvtu64_mask64(h[3]), whi[b], c32);
+          }
+        }
       } else {
         wlo[b] = _mm512_maskz_mov_epi8(km, _mm512_xor_si512(v, flip));
         whi[b] = wlo[b];
       }
-      ws[b] = _mm512_permutexvar_ps(
-          gidx, _mm512_castps128_ps512(_mm_loadu_ps(sbuf + b * stride + GPC * c)));
+      if constexpr (TWO) {
+        const __m512 f = _mm512_castps256_ps512(_mm256_loadu_ps(sbuf + b * stride + 8 * c));
+        ws[b] = _mm512_permutexvar_ps(glo, f);
+        wh[b] = _mm512_permutexvar_ps(ghi, f);
+      } else {
+        ws[b] = _mm512_permutexvar_ps(
+            gidx, _mm512_castps128_ps512(_mm_loadu_ps(sbuf + b * stride + GPC * c)));
+        wh[b] = ws[b];
+      }
     }
     for (int m = 0; m < MB; ++m) {
       const __m512i xl = _mm512_loadu_si512(qlo + (m * C + c) * 64);
       const __m512 xd = _mm512_loadu_ps(dexp + (m * C + c) * 16);
-      __m512i xh = xl, nc = _mm512_setzero_si512();
-      if constexpr (BITS == 4)
-        xh = _mm512_loadu_si512(qhi + (m * C + c) * 64);
-      else
-        nc = _mm512_loadu_si512(ncorr + (m * C + c) * 16);
-      for (int b = 0; b < NB; ++b) {
-        __m512i s = _mm512_dpbusd_epi32(nc, wlo[b], xl);
-        if constexpr (BITS == 4) s = _mm512_dpbusd_epi32(s, whi[b], xh);
-        acc[m][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(ws[b], xd), acc[m][b]);
+      const __m512i xh = NIB ? _mm512_loadu_si512(qhi + (m * C + c) * 64) : xl;
+      const __m512i nc = ncorr ? _mm512_loadu_si512(ncorr + (m * C + c) * 16)
+                               : _mm512_setzero_si512();
+      if constexpr (TWO) {
+        const __m512i nh = ncorr_hi ? _mm512_loadu_si512(ncorr_hi + (m * C + c) * 16)
+                                    : _mm512_setzero_si512();
+        for (int b = 0; b < NB; ++b) {
+          const __m512i sl = _mm512_dpbusd_epi32(nc, wlo[b], xl);
+          const __m512i sh = _mm512_dpbusd_epi32(nh, whi[b], xh);
+          acc[m][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sl), _mm512_mul_ps(ws[b], xd), acc[m][b]);
+          acc[m][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sh), _mm512_mul_ps(wh[b], xd), acc[m][b]);
+        }
+      } else {
+        for (int b = 0; b < NB; ++b) {
+          __m512i s = _mm512_dpbusd_epi32(nc, wlo[b], xl);
+          if constexpr (NIB) s = _mm512_dpbusd_epi32(s, whi[b], xh);
+          acc[m][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(ws[b], xd), acc[m][b]);
+        }
       }
     }
   }
@@ -536,6 +668,17 @@ inline int threads_for(int64_t N, int64_t K, int64_t M, int64_t tasks, int nthre
       1, std::min<int64_t>({(int64_t)nthreads, tasks, work / MIN_WORK_PER_THREAD}));
 }
 
+// 0, or the entry points' error code for an unsupported layout (-1) or shape (-2)
+inline int check_layout(int bits, int G, int gps, const uint8_t* qh, int z, int64_t K) {
+  const bool nib = bits == 4 || bits == 5 || bits == 6;
+  if (!((bits == 4 && G == 32) || ((bits == 5 || bits == 6 || bits == 8) && (G == 16 || G == 32))))
+    return -1;
+  if ((qh != nullptr) != (bits == 5 || bits == 6)) return -1;
+  if (nib ? (z < 0 || z >= (1 << bits)) : z != 0) return -1;
+  if (gps < 1 || K < 1 || K % ((int64_t)G * gps) != 0 || (nib && K % 32 != 0)) return -2;
+  return 0;
+}
+
 }  // namespace
 
 extern "C" {
@@ -546,11 +689,11 @@ int qm_has_avx512() { return QM_AVX512; }
 // dtypes (bias has y's dtype). Returns 0, or a negative code for an unsupported layout.
 int qm_matmul(const void* x, int x_bf16, int64_t M, const uint8_t* codes, int bits, int G,
               int gps, const float* D, const int8_t* sc, const float* Mn, const int8_t* mq,
-              int64_t N, int64_t K, void* y, int y_bf16, int64_t ldy, const void* bias,
+              const uint8_t* qh, int z, int64_t N, int64_t K, void* y, int y_bf16, int64_t ldy, const void* bias,
               int nthreads) {
-  if (!((bits == 4 && G == 32) || (bits == 8 && (G == 16 || G == 32)))) return -1;
-  if (K % ((int64_t)G * gps) != 0 || M < 1) return -2;
-  QW w{codes, bits, G, gps, D, sc, Mn, mq, N, K};
+  if (const int rc = check_layout(bits, G, gps, qh, z, K)) return rc;
+  if (M < 1) return -2;
+  QW w{codes, bits, G, gps, D, sc, Mn, mq, qh, z, N, K};
   std::vector<float> xf;
   const float* xp = as_f32(x, x_bf16, M * K, xf);
   const int64_t tasks = (N + ROW_CHUNK - 1) / ROW_CHUNK;
@@ -568,12 +711,7 @@ int qm_matmul(const void* x, int x_bf16, int64_t M, const uint8_t* codes, int bi
         const float* xm = xp + m0 * K;
         void* ym = y_bf16 ? (void*)((uint16_t*)y + m0 * ldy) : (void*)((float*)y + m0 * ldy);
 #if QM_AVX512
-        if (bits == 4)
-          rows_mb<4, 32>(w, xm, mb, n0, n1, ym, y_bf16, ldy, bias);
-        else if (G == 32)
-          rows_mb<8, 32>(w, xm, mb, n0, n1, ym, y_bf16, ldy, bias);
-        else
-          rows_mb<8, 16>(w, xm, mb, n0, n1, ym, y_bf16, ldy, bias);
+        QM_DISPATCH(bits, G, rows_mb, (w, xm, mb, n0, n1, ym, y_bf16, ldy, bias));
 #else
         rows_scalar(w, xm, mb, n0, n1, ym, y_bf16, ldy, bias, wrow.data());
 #endif
@@ -587,16 +725,16 @@ int qm_matmul(const void* x, int x_bf16, int64_t M, const uint8_t* codes, int bi
 // only; -4 otherwise). K must be a multiple of 32.
 int qm_matmul_a8(const void* x, int x_bf16, int64_t M, const uint8_t* codes, int bits, int G,
                  int gps, const float* D, const int8_t* sc, const float* Mn, const int8_t* mq,
-                 int64_t N, int64_t K, void* y, int y_bf16, int64_t ldy, const void* bias,
+                 const uint8_t* qh, int z, int64_t N, int64_t K, void* y, int y_bf16, int64_t ldy, const void* bias,
                  int nthreads) {
 #if QM_VNNI
-  if (!((bits == 4 && G == 32) || (bits == 8 && (G == 16 || G == 32)))) return -1;
-  if (K % ((int64_t)G * gps) != 0 || K % 32 != 0 || M < 1) return -2;
-  QW w{codes, bits, G, gps, D, sc, Mn, mq, N, K};
+  if (const int rc = check_layout(bits, G, gps, qh, z, K)) return rc;
+  if (K % 32 != 0 || M < 1) return -2;
+  QW w{codes, bits, G, gps, D, sc, Mn, mq, qh, z, N, K};
   std::vector<float> xf;
   const float* xp = as_f32(x, x_bf16, M * K, xf);
   XQ xq;
-  quantise_x(xp, M, K, bits, G, Mn != nullptr, xq);
+  quantise_x(xp, M, K, bits, G, z, Mn != nullptr, xq);
   const int64_t tasks = (N + ROW_CHUNK - 1) / ROW_CHUNK;
   const int nt = threads_for(N, K, M, tasks, nthreads);
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
@@ -605,18 +743,13 @@ int qm_matmul_a8(const void* x, int x_bf16, int64_t M, const uint8_t* codes, int
     for (int64_t m0 = 0; m0 < M; m0 += MB_MAX) {
       const int64_t mb = std::min(MB_MAX, M - m0);
       void* ym = y_bf16 ? (void*)((uint16_t*)y + m0 * ldy) : (void*)((float*)y + m0 * ldy);
-      if (bits == 4)
-        rows_a8_mb<4, 32>(w, xq, m0, mb, n0, n1, ym, y_bf16, ldy, bias);
-      else if (G == 32)
-        rows_a8_mb<8, 32>(w, xq, m0, mb, n0, n1, ym, y_bf16, ldy, bias);
-      else
-        rows_a8_mb<8, 16>(w, xq, m0, mb, n0, n1, ym, y_bf16, ldy, bias);
+      QM_DISPATCH(bits, G, rows_a8_mb, (w, xq, m0, mb, n0, n1, ym, y_bf16, ldy, bias));
     }
   }
   return 0;
 #else
   (void)x, (void)x_bf16, (void)M, (void)codes, (void)bits, (void)G, (void)gps, (void)D, (void)sc;
-  (void)Mn, (void)mq, (void)N, (void)K, (void)y, (void)y_bf16, (void)ldy, (void)bias;
+  (void)Mn, (void)mq, (void)qh, (void)z, (void)N, (void)K, (void)y, (void)y_bf16, (void)ldy, (void)bias;
   (void)nthreads;
   return -4;
 #endif
@@ -626,11 +759,10 @@ int qm_has_vnni() { return QM_VNNI; }
 
 // out[r, K] = the de-quantised rows rows[r] (all rows 0..R-1 when rows is null), fp32 or bf16
 int qm_dequant(const uint8_t* codes, int bits, int G, int gps, const float* D, const int8_t* sc,
-               const float* Mn, const int8_t* mq, int64_t N, int64_t K, const int64_t* rows,
-               int64_t R, void* out, int out_bf16, int nthreads) {
-  if (!((bits == 4 && G == 32) || (bits == 8 && (G == 16 || G == 32)))) return -1;
-  if (K % ((int64_t)G * gps) != 0) return -2;
-  QW w{codes, bits, G, gps, D, sc, Mn, mq, N, K};
+               const float* Mn, const int8_t* mq, const uint8_t* qh, int z, int64_t N, int64_t K,
+               const int64_t* rows, int64_t R, void* out, int out_bf16, int nthreads) {
+  if (const int rc = check_layout(bits, G, gps, qh, z, K)) return rc;
+  QW w{codes, bits, G, gps, D, sc, Mn, mq, qh, z, N, K};
   for (int64_t r = 0; rows && r < R; ++r)
     if (rows[r] < 0 || rows[r] >= N) return -3;
   const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, R / 64 + 1));
@@ -642,12 +774,7 @@ int qm_dequant(const uint8_t* codes, int bits, int G, int gps, const float* D, c
       const int64_t n = rows ? rows[r] : r;
       float* dst = out_bf16 ? buf.data() : (float*)out + r * K;
 #if QM_AVX512
-      if (bits == 4)
-        dequant_row_avx512<4, 32>(w, n, dst);
-      else if (G == 32)
-        dequant_row_avx512<8, 32>(w, n, dst);
-      else
-        dequant_row_avx512<8, 16>(w, n, dst);
+      QM_DISPATCH(bits, G, dequant_row_avx512, (w, n, dst));
 #else
       dequant_row(w, n, dst);
 #endif
