@@ -10,9 +10,10 @@ Kernels, each ``y[M, N] = x[M, K] W^T`` with bf16 activations and outputs:
 * ``torch-int8``   ``aten._weight_int8pack_mm``: int8, one bf16 scale per output channel;
 * ``torch-int4``   ``aten._weight_int4pack_mm_for_cpu``: 4-bit codes, groups of 32, bf16 scale
   and zero point per group (``aten._convert_weight_to_int4pack_for_cpu`` layout);
-* ``ours-Q4_K``, ``ours-Q6_K``, ``ours-Q5_0`` (= Q8_0's layout), ``ours-int8``: our kernel
-  (speccascade_fast/quant/qmatmul.cpp) on each GGUF block type as the loader keeps it (K-quants
-  only where K is a multiple of 256, as in the GGUF files);
+* ``ours-Q4_K``, ``ours-Q6_K``, ``ours-Q5_0``, ``ours-Q8_0``, ``ours-int8``: our kernel
+  (speccascade_fast/quant/qmatmul.cpp) on each GGUF block type as the loader keeps it (Q5_0 and
+  Q6_K: a nibble plus one or two bit planes; K-quants only where K is a multiple of 256, as in
+  the GGUF files);
 * ``ours-*-a8`` (with ``--a8``): the same weights with int8 activations (``weights="q4a8"``:
   activations quantised per block of 32 inside the call, VNNI integer dot products).
 
@@ -57,11 +58,16 @@ def _rand_q(kind: str, N: int, K: int, g: torch.Generator) -> formats.QuantizedW
                                                                   dt=torch.uint8),
                                        r(N, K // 256), sc=ints(0, 64, N, K // 32),
                                        Mn=r(N, K // 256), mq=ints(0, 64, N, K // 32))
-    if kind == "Q6_K":
-        return formats.QuantizedWeight(kind, 8, 16, 16, N, K, ints(-32, 32, N, K),
-                                       r(N, K // 256), sc=ints(-128, 128, N, K // 16))
-    if kind == "Q5_0":
-        return formats.QuantizedWeight(kind, 8, 32, 1, N, K, ints(-16, 16, N, K), r(N, K // 32))
+    if kind in ("Q6_K", "Q5_0"):
+        bits = 6 if kind == "Q6_K" else 5
+        codes, qh = formats.pack_nibbles(ints(0, 1 << bits, N, K, dt=torch.uint8).numpy(), bits)
+        codes, qh = torch.from_numpy(codes), torch.from_numpy(qh)
+        if kind == "Q6_K":
+            return formats.QuantizedWeight(kind, 6, 16, 16, N, K, codes, r(N, K // 256),
+                                           sc=ints(-128, 128, N, K // 16), qh=qh, z=32)
+        return formats.QuantizedWeight(kind, 5, 32, 1, N, K, codes, r(N, K // 32), qh=qh, z=16)
+    if kind == "Q8_0":
+        return formats.QuantizedWeight(kind, 8, 32, 1, N, K, ints(-128, 128, N, K), r(N, K // 32))
     if kind == "int8":
         return formats.QuantizedWeight(kind, 8, 32, K // 32, N, K, ints(-127, 128, N, K),
                                        r(N, 1))
@@ -95,7 +101,7 @@ def make_kernel(name: str, N: int, K: int, g: torch.Generator):
 
 
 def kernels_for(K: int, a8: bool = False) -> list[str]:
-    names = ["bf16", "torch-int8", "torch-int4", "ours-int8", "ours-Q5_0"]
+    names = ["bf16", "torch-int8", "torch-int4", "ours-int8", "ours-Q5_0", "ours-Q8_0"]
     if K % 256 == 0:
         names += ["ours-Q4_K", "ours-Q6_K"]
     if a8:  # the same formats with int8 activations
@@ -207,8 +213,8 @@ def precision_markdown(rows: list[dict]) -> str:
 
 
 def markdown(results: list[dict], shapes: dict) -> str:
-    names = ["bf16", "torch-int8", "torch-int4", "ours-int8", "ours-Q5_0", "ours-Q4_K",
-             "ours-Q6_K"]
+    names = ["bf16", "torch-int8", "torch-int4", "ours-int8", "ours-Q5_0", "ours-Q8_0",
+             "ours-Q4_K", "ours-Q6_K"]
     names += [n + "-a8" for n in names if n.startswith("ours-")
               and any(r["kernel"] == n + "-a8" for r in results)]
     lines = ["| model | matrix | N x K | M | " + " | ".join(names) + " |",

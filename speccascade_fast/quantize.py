@@ -2,8 +2,9 @@
 
 * ``q4``: for a model that comes from a GGUF file (the default Qwen2.5-Coder pair, SmolLM2, any
   ``.gguf`` path), the file's own quantised blocks, each tensor in its GGUF block type: Q4_K
-  (and Q4_0/Q4_1) as 4-bit codes with their 6-bit group scales and minimums, Q5_0/Q5_1/Q5_K/
-  Q6_K/Q8_0 as 8-bit codes with their group scales. The kernels de-quantise them to exactly the
+  (and Q4_0/Q4_1) as 4-bit codes with their 6-bit group scales and minimums, Q5_0/Q5_1/Q5_K
+  and Q6_K as 5- and 6-bit codes (a nibble plus one or two bit planes, as ggml stores them) and
+  Q8_0 as 8-bit codes, with their group scales. The kernels de-quantise them to exactly the
   fp32 weights of ggml's reference de-quantisation (no rounding of scales: they are kept as the
   file's fp16 factors times small integers). For a model without a GGUF file, 4-bit
   round-to-nearest in groups of 32 (:func:`speccascade_fast.quant.formats.rtn4`).
