@@ -376,7 +376,10 @@ inline void dequant_row_avx512(const QW& w, int64_t n, float* dst) {
 template <int MB, int BITS, int G>
 void rows_avx512(const QW& w, const float* x, int64_t n0, int64_t n1, void* y, bool y_bf16,
                  int64_t ldy, const void* bias) {
-  constexpr int NB = MB <= 4 ? 4 : 2;
+  // two rows at a time: each row is a stream of code bytes, and with four interleaved streams
+  // the 1.5B's long rows (K = 1536, 8960) came from memory slower, even at M = 1 (a row's
+  // outputs do not depend on NB)
+  constexpr int NB = 2;
   int64_t n = n0;
   for (; n + NB <= n1; n += NB) block_avx512<MB, NB, BITS, G>(w, x, n, y, y_bf16, ldy, bias);
   for (; n < n1; ++n) block_avx512<MB, 1, BITS, G>(w, x, n, y, y_bf16, ldy, bias);
@@ -623,7 +626,7 @@ inline void block_a8(const QW& w, const XQ& xq, int64_t m0, int64_t n0, void* y,
 template <int MB, int BITS, int G>
 void rows_a8(const QW& w, const XQ& xq, int64_t m0, int64_t n0, int64_t n1, void* y, bool y_bf16,
              int64_t ldy, const void* bias) {
-  constexpr int NB = MB <= 4 ? 4 : 2;
+  constexpr int NB = 2;  // (as rows_avx512)
   int64_t n = n0;
   for (; n + NB <= n1; n += NB) block_a8<MB, NB, BITS, G>(w, xq, m0, n, y, y_bf16, ldy, bias);
   for (; n < n1; ++n) block_a8<MB, 1, BITS, G>(w, xq, m0, n, y, y_bf16, ldy, bias);
@@ -648,7 +651,7 @@ void rows_a8_mb(const QW& w, const XQ& xq, int64_t m0, int64_t mb, int64_t n0, i
 #endif
 
 constexpr int64_t MB_MAX = 8;
-constexpr int64_t ROW_CHUNK = 16;  // rows of W per task (a multiple of every NB)
+constexpr int64_t ROW_CHUNK = 16;  // rows of W per task (a multiple of NB)
 constexpr int64_t MIN_WORK_PER_THREAD = 1 << 19;
 
 // x as fp32: x itself, or its bf16 values converted into buf
