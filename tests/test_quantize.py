@@ -128,19 +128,61 @@ def test_nibble_planes_round_trip():
     assert int.from_bytes(qh[0, 8:16].tobytes(), "little") == 1 << 35 and not qh[0, :8].any()
 
 
-@pytest.mark.parametrize("bad", [dict(bits=5, qh=None), dict(bits=4, z=16), dict(bits=5, z=32),
-                                 dict(bits=8, z=1), dict(bits=6, G=64)])
+@pytest.mark.parametrize("bad", [
+    dict(bits=5, qh=None), dict(bits=4, z=16), dict(bits=5, z=32), dict(bits=8, z=1),
+    dict(bits=6, G=64), dict(bits=4, keep_qh=True), dict(qh=torch.zeros(2, 8, dtype=torch.uint8)),
+    dict(int8_codes=True), dict(z=16.0), dict(z=True)])
 def test_quantized_weight_rejects_a_bad_nibble_layout(bad):
     qw = nibble_weight(5, 32, 2, 128)
     fields = dict(kind="bad", bits=5, G=32, gps=1, N=2, K=128, codes=qw.codes, D=qw.D,
                   qh=qw.qh, z=0)
-    if bad.get("bits") == 4:
+    if bad.get("bits") == 4 and not bad.pop("keep_qh", False):
         fields["qh"] = None
     if bad.get("bits") == 8:
         fields.update(codes=torch.zeros(2, 128, dtype=torch.int8), qh=None)
+    if bad.pop("int8_codes", False):  # nibbles are unsigned bytes
+        fields["codes"] = qw.codes.view(torch.int8)
     fields.update(bad)
     with pytest.raises(ValueError, match="bad: "):
         formats.QuantizedWeight(**fields)
+    with pytest.raises(ValueError, match="pack_nibbles"):
+        formats.pack_nibbles(np.full((1, 32), 32), 5)
+    assert formats.QuantizedWeight(**{**fields, **dict(qh=qw.qh, z=np.int64(3), bits=5, G=32,
+                                                       codes=qw.codes)}).z == 3
+
+
+@needs_ours
+def test_portable_build_reads_every_layout(monkeypatch, tmp_path):
+    """The kernels' path for CPUs without AVX-512 (QW::code, one weight at a time), built here
+    with -march=x86-64-v3: de-quantisation bit for bit and fp32 products as the reference."""
+    build = kernels._library
+    build.cache_clear()
+    monkeypatch.setattr(kernels, "_FLAGS", [("-march=x86-64-v3" if f == "-march=native" else f)
+                                            for f in kernels._FLAGS])
+    monkeypatch.setattr(kernels, "_build_dir", lambda: tmp_path)
+    lib = build()
+    build.cache_clear()  # (later calls build or load the native library again)
+    assert lib is not None, kernels.BUILD_ERROR
+    assert not lib.qm_has_avx512()
+    monkeypatch.setattr(kernels, "_library", lambda: lib)
+    for kind in ("Q4_K", "Q6_K", "Q5_0", "Q5_K", "Q8_0", *LAYOUTS):
+        for K in (256, 288):
+            if K % 256 and kind[-1] == "K":
+                continue
+            qw = layout_weight(kind, 6, K, seed=4)
+            w = formats.dequantize(qw)
+            assert torch.equal(kernels.dequant(qw), w), kind
+            x = torch.randn(3, K, generator=torch.Generator().manual_seed(K))
+            scale = x.double().abs() @ w.double().abs().T
+            y = kernels.matmul(x, qw)
+            assert ((y.double() - x.double() @ w.double().T).abs() <= 1e-6 * scale).all(), kind
+
+
+@needs_ours
+def test_nibble_weights_without_rows():
+    qw = formats.from_gguf("Q6_K", np.zeros((0, 210), dtype=np.uint8), 0, 256)
+    assert kernels.dequant(qw).shape == (0, 256)
+    assert kernels.matmul(torch.randn(2, 256), qw).shape == (2, 0)
 
 
 @needs_ours
@@ -161,7 +203,8 @@ def test_nibble_planes_multiply_as_the_8_bit_codes_did(kind):
 @needs_ours
 @pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K", "Q8_0", "Q4_1",
                                   *LAYOUTS])
-@pytest.mark.parametrize("K", [512, 768])  # 768: 24 groups of 32, a part-filled vector of 16
+# 768: 24 groups of 32, a part-filled vector of 16; 288: a part-filled last chunk of 128 inputs
+@pytest.mark.parametrize("K", [512, 768, 288])
 def test_our_matmul_is_the_reference_matmul_and_row_invariant(kind, K):
     N = 40  # 40 rows: row blocks of 4 and 2 plus a remainder
     if K % 256 and kind[:2] in ("Q4", "Q5", "Q6") and kind[-1] == "K":
@@ -457,6 +500,12 @@ def test_pytorch_kernels_path(monkeypatch):
     w6 = formats.dequantize(q6.qweight)
     ref6 = x.double() @ w6.double().T
     assert (q6(x).double() - ref6).abs().max() <= 3e-2 * ref6.abs().max()
+    # 4-bit codes with a zero constant z (w = s (q - z) - o) take the int4 kernel too
+    q4z = QuantLinear(nibble_weight(4, 32, N, K, seed=5, offsets=True), None, torch.bfloat16)
+    assert q4z.z != 0
+    ref4 = x.double() @ formats.dequantize(q4z.qweight).double().T
+    assert q4z._torch_matmul(x) is not None and q4z._torch_state[1] == "int4"
+    assert (q4z(x).double() - ref4).abs().max() <= 3e-2 * ref4.abs().max()
 
 
 def test_quant_embedding_looks_up_dequantised_rows():

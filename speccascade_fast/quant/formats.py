@@ -12,8 +12,9 @@ with, per group of ``G`` consecutive inputs of a row, a scale and an offset:
 codes of inputs ``32 u + j`` (low nibble) and ``32 u + 16 + j`` (high nibble); 8-bit codes are
 int8 ``[N, K]``. 5- and 6-bit codes (``bits = 5, 6``; ``G`` 32 or 16) keep their low four bits
 in the same nibble layout and their bits 4 (and 5) in bit planes ``qh`` (``[N, ceil(K / 128) *
-16 * (bits - 4)]`` uint8, see :func:`pack_nibbles`): 5.5 and 6.5 bits per weight, as ggml
-stores them; the code is the stored value minus ``z`` (Q5_0: 16, Q6_K: 32).
+16 * (bits - 4)]`` uint8, see :func:`pack_nibbles`): 5 and 6 bits per code as ggml stores them
+(6.0 and 6.6 bits per weight with the factors); the code is the stored value minus ``z``
+(Q5_0: 16, Q6_K: 32).
 
 GGUF's block types map onto it without any rounding (:func:`from_gguf`):
 
@@ -69,8 +70,11 @@ class QuantizedWeight:
             raise ValueError(f"{self.kind}: unsupported layout bits={self.bits}, G={self.G}")
         nibbles = self.bits in (4, 5, 6)
         if self.K % (self.G * self.gps) or (nibbles and self.K % 32):
-            raise ValueError(f"{self.kind}: K={self.K} is not a multiple of G*gps="
+            raise ValueError(f"{self.kind}: K={self.K} must be a multiple of G*gps="
                              f"{self.G * self.gps}" + (" and of 32" if nibbles else ""))
+        if isinstance(self.z, bool) or not isinstance(self.z, (int, np.integer)):
+            raise ValueError(f"{self.kind}: z must be an int, got {self.z!r}")
+        self.z = int(self.z)
         if not (0 <= self.z < (1 << self.bits) if nibbles else self.z == 0):
             raise ValueError(f"{self.kind}: z={self.z} outside [0, {1 << self.bits})"
                              if nibbles else f"{self.kind}: z={self.z} with 8-bit codes")
@@ -79,7 +83,8 @@ class QuantizedWeight:
                 "needs its high bit planes qh" if self.qh is None else "has no high bit planes"))
         ng, nsb = self.K // self.G, self.K // (self.G * self.gps)
         width = self.K // 2 if nibbles else self.K
-        want = {"codes": ((self.N, width), (torch.uint8, torch.int8)),
+        # (nibbles are read as unsigned bytes; 8-bit codes as signed)
+        want = {"codes": ((self.N, width), (torch.uint8,) if nibbles else (torch.int8, torch.uint8)),
                 "D": ((self.N, nsb), (torch.float32,)), "sc": ((self.N, ng), (torch.int8,)),
                 "Mn": ((self.N, nsb), (torch.float32,)), "mq": ((self.N, ng), (torch.int8,)),
                 "qh": ((self.N, _planes_width(self.K, self.bits)), (torch.uint8,))}
@@ -158,7 +163,11 @@ def pack_nibbles(values: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray 
     and 5: per chunk of 128 inputs (64 code bytes) and plane ``p``, a little-endian uint64 for
     the low nibbles' inputs (bit ``16 r + j``: input ``32 (4 c + r) + j``) then one for the high
     nibbles' (``+ 16``); the kernels add them to the nibbles with one masked add per 64 bytes."""
-    v = np.asarray(values, dtype=np.uint8)
+    v = np.asarray(values)
+    if v.ndim != 2 or v.shape[1] % 32 or v.size and (v.min() < 0 or v.max() >= 1 << bits):
+        raise ValueError(f"pack_nibbles: values must be [N, K] (K a multiple of 32) in "
+                         f"[0, {1 << bits}), got shape {v.shape}")
+    v = v.astype(np.uint8)
     N, K = v.shape
     units = v.reshape(N, K // 32, 32)
     codes = _pack4(units & 15).reshape(N, K // 2)

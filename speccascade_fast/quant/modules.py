@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .formats import TENSOR_FIELDS, QuantizedWeight, dequantize, int8_per_channel
+from .formats import TENSOR_FIELDS, QuantizedWeight, dequantize, int8_per_channel, unpack_nibbles
 
 #: up to this many rows, the quantised kernel; beyond, de-quantise slices and F.linear
 DIRECT_ROWS = 16
@@ -25,6 +25,7 @@ DIRECT_ROWS = 16
 SLICE_BYTES = 16 << 20
 
 _FIELDS = TENSOR_FIELDS
+_LAYOUT = ("kind", "bits", "G", "gps", "N", "K", "z")
 
 
 class _Quantized(nn.Module):
@@ -77,6 +78,8 @@ class _Quantized(nn.Module):
     def __setattr__(self, name, value):
         if name in _FIELDS or name in ("bias", "int8_activations"):  # (made again on next use)
             self.__dict__["_direct"] = self.__dict__["_torch_state"] = None
+        elif name in _LAYOUT:  # the layout the buffers are read with
+            self.__dict__["_direct"] = self.__dict__["_torch_state"] = self.__dict__["_qw"] = None
         super().__setattr__(name, value)
 
     def dense(self, dtype=torch.float32, rows: slice | torch.Tensor | None = None,
@@ -178,11 +181,12 @@ def _scratch(numel: int, dtype, device) -> torch.Tensor:
 def _torch_weights(qw: QuantizedWeight, dtype) -> tuple[str, torch.Tensor, torch.Tensor]:
     """The operands of PyTorch's kernels for ``qw``: ("int4", int4pack, scales_and_zeros) or
     ("int8", int8 [N, K], per-channel scales)."""
-    if qw.bits == 4 and qw.z == 0 and qw.N % 16 == 0:
+    if qw.bits == 4 and qw.N % 16 == 0:
         s, o = qw.scales_offsets()
-        # aten's int4 convention: w = (q - 8) * scale + zero
-        sz = torch.stack([s, 8 * s - o], dim=-1).transpose(0, 1).contiguous().to(dtype)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qw.unpacked_codes(), 1)
+        # ours: w = s (q - z) - o; aten's int4 convention: w = (q - 8) * scale + zero
+        sz = torch.stack([s, (8 - qw.z) * s - o], dim=-1).transpose(0, 1).contiguous().to(dtype)
+        stored = unpack_nibbles(qw.codes, None, 4, qw.K)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(stored, 1)
         return "int4", packed, sz
     if qw.kind != "int8":
         qw = int8_per_channel(dequantize(qw))  # no PyTorch kernel reads the block structure

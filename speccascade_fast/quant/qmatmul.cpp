@@ -672,11 +672,12 @@ inline int threads_for(int64_t N, int64_t K, int64_t M, int64_t tasks, int nthre
 }
 
 // 0, or the entry points' error code for an unsupported layout (-1) or shape (-2)
-inline int check_layout(int bits, int G, int gps, const uint8_t* qh, int z, int64_t K) {
+inline int check_layout(int bits, int G, int gps, const uint8_t* qh, int z, int64_t N,
+                        int64_t K) {
   const bool nib = bits == 4 || bits == 5 || bits == 6;
   if (!((bits == 4 && G == 32) || ((bits == 5 || bits == 6 || bits == 8) && (G == 16 || G == 32))))
     return -1;
-  if ((qh != nullptr) != (bits == 5 || bits == 6)) return -1;
+  if (N > 0 && (qh != nullptr) != (bits == 5 || bits == 6)) return -1;  // (N = 0: qh is empty)
   if (nib ? (z < 0 || z >= (1 << bits)) : z != 0) return -1;
   if (gps < 1 || K < 1 || K % ((int64_t)G * gps) != 0 || (nib && K % 32 != 0)) return -2;
   return 0;
@@ -694,7 +695,7 @@ int qm_matmul(const void* x, int x_bf16, int64_t M, const uint8_t* codes, int bi
               int gps, const float* D, const int8_t* sc, const float* Mn, const int8_t* mq,
               const uint8_t* qh, int z, int64_t N, int64_t K, void* y, int y_bf16, int64_t ldy, const void* bias,
               int nthreads) {
-  if (const int rc = check_layout(bits, G, gps, qh, z, K)) return rc;
+  if (const int rc = check_layout(bits, G, gps, qh, z, N, K)) return rc;
   if (M < 1) return -2;
   QW w{codes, bits, G, gps, D, sc, Mn, mq, qh, z, N, K};
   std::vector<float> xf;
@@ -731,7 +732,7 @@ int qm_matmul_a8(const void* x, int x_bf16, int64_t M, const uint8_t* codes, int
                  const uint8_t* qh, int z, int64_t N, int64_t K, void* y, int y_bf16, int64_t ldy, const void* bias,
                  int nthreads) {
 #if QM_VNNI
-  if (const int rc = check_layout(bits, G, gps, qh, z, K)) return rc;
+  if (const int rc = check_layout(bits, G, gps, qh, z, N, K)) return rc;
   if (K % 32 != 0 || M < 1) return -2;
   QW w{codes, bits, G, gps, D, sc, Mn, mq, qh, z, N, K};
   std::vector<float> xf;
@@ -764,7 +765,7 @@ int qm_has_vnni() { return QM_VNNI; }
 int qm_dequant(const uint8_t* codes, int bits, int G, int gps, const float* D, const int8_t* sc,
                const float* Mn, const int8_t* mq, const uint8_t* qh, int z, int64_t N, int64_t K,
                const int64_t* rows, int64_t R, void* out, int out_bf16, int nthreads) {
-  if (const int rc = check_layout(bits, G, gps, qh, z, K)) return rc;
+  if (const int rc = check_layout(bits, G, gps, qh, z, N, K)) return rc;
   QW w{codes, bits, G, gps, D, sc, Mn, mq, qh, z, N, K};
   for (int64_t r = 0; rows && r < R; ++r)
     if (rows[r] < 0 || rows[r] >= N) return -3;
