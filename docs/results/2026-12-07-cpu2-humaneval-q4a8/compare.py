@@ -1,6 +1,8 @@
-"""The paired comparison of this folder's README: pass@1 of the verifier with q4a8 weights
-(this folder's q4a8/) against bf16 and q4 (../2026-12-06-cpu2-humaneval-quantised-verifier/) on
-the problems both runs have; Holm over the two comparisons (run from anywhere)."""
+"""The paired comparisons of this folder's README: pass@1 of the verifier with q4a8 weights
+(this folder's q4a8/, and q4a8-planes/: the same weights after Q6_K moved to bit planes, when
+present) against bf16 and q4 (../2026-12-06-cpu2-humaneval-quantised-verifier/), and the two
+q4a8 runs against each other, on the problems every run has; Holm over the comparisons (run
+from anywhere)."""
 import importlib.util
 import json
 import math
@@ -11,6 +13,10 @@ from scipy.stats import binomtest
 HERE = Path(__file__).parent
 EARLIER = HERE.parent / "2026-12-06-cpu2-humaneval-quantised-verifier"
 FOLDERS = {"bf16": EARLIER / "bf16", "q4": EARLIER / "q4", "q4a8": HERE / "q4a8"}
+if (HERE / "q4a8-planes" / "rows.jsonl").is_file():
+    FOLDERS["q4a8-planes"] = HERE / "q4a8-planes"
+PAIRS = [(a, b) for a in FOLDERS if a.startswith("q4a8") for b in ("bf16", "q4")]
+PAIRS += [("q4a8-planes", "q4a8")] if "q4a8-planes" in FOLDERS else []
 
 
 def _earlier():  # the earlier folder's row reading and Wilson interval, run on its own rows
@@ -31,24 +37,26 @@ def load(folder: Path) -> dict:
 
 runs = {w: load(f) for w, f in FOLDERS.items()}
 common = sorted(set.intersection(*(set(r) for r in runs.values())), key=order)
-print(f"problems all three runs have: {len(common)} ({common[0]} .. {common[-1]})")
+print(f"problems all {len(runs)} runs have: {len(common)} ({common[0]} .. {common[-1]})")
 for w, run in runs.items():
     n, k = len(common), sum(passed(run[e]) for e in common)
     lo, hi = wilson(k, n)
     print(f"{w}: {k}/{n} = {100 * k / n:.1f} % (Wilson 95 % CI {100 * lo:.1f}-{100 * hi:.1f})")
 pvalues = {}
-for base in ("bf16", "q4"):  # q4a8 paired with each on the common problems
-    a, b = runs["q4a8"], runs[base]
+for name, base in PAIRS:  # paired on the common problems
+    a, b = runs[name], runs[base]
     n = len(common)
     diff = [passed(a[e]) - passed(b[e]) for e in common]
     better, worse = sum(d > 0 for d in diff), sum(d < 0 for d in diff)
     mean = sum(diff) / n
     se = math.sqrt(sum((d - mean) ** 2 for d in diff) / (n - 1) / n)
-    pvalues[base] = binomtest(better, better + worse).pvalue if better + worse else 1.0
+    pvalues[f"{name} - {base}"] = (binomtest(better, better + worse).pvalue if better + worse
+                                   else 1.0)
     same = sum(a[e]["output_sha"] == b[e]["output_sha"] for e in common)
-    print(f"q4a8 - {base} (n = {n}): {100 * mean:+.2f} +- {100 * se:.2f} points, 95 % CI "
+    print(f"{name} - {base} (n = {n}): {100 * mean:+.2f} +- {100 * se:.2f} points, 95 % CI "
           f"[{100 * (mean - 1.96 * se):+.1f}, {100 * (mean + 1.96 * se):+.1f}], better {better} "
-          f"worse {worse}, McNemar p {pvalues[base]:.3f}, identical outputs {same}/{n}")
+          f"worse {worse}, McNemar p {pvalues[f'{name} - {base}']:.3f}, identical outputs "
+          f"{same}/{n}")
 ranked = sorted(pvalues.items(), key=lambda kv: kv[1])
 holm, running = {}, 0.0
 for i, (w, p) in enumerate(ranked):
