@@ -183,6 +183,8 @@ def test_nibble_weights_without_rows():
     qw = formats.from_gguf("Q6_K", np.zeros((0, 210), dtype=np.uint8), 0, 256)
     assert kernels.dequant(qw).shape == (0, 256)
     assert kernels.matmul(torch.randn(2, 256), qw).shape == (2, 0)
+    if kernels.has_vnni():
+        assert kernels.matmul(torch.randn(2, 256), qw, int8_activations=True).shape == (2, 0)
 
 
 @needs_ours
