@@ -263,17 +263,16 @@ def from_gguf(kind: str, data: np.ndarray, N: int, K: int) -> QuantizedWeight:
         d, dmin = _f16(blk[:, 0:2])[:, 0], _f16(blk[:, 2:4])[:, 0]
         sc, m = _Q4K.get_scale_min(blk[:, 4:16])
         if kind == "Q4_K":
-            q = _nibbles(blk[:, 16:].reshape(-1, 4, 32), 32).reshape(-1, 8, 32)
-            codes, qh5 = _pack4(q).reshape(N, K // 2), None
+            bits, values = 4, _nibbles(blk[:, 16:].reshape(-1, 4, 32), 32)
         else:
             qh = blk[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
             ql = _nibbles(blk[:, 48:].reshape(-1, 4, 32), 32).reshape(-1, 8, 32)
-            codes, qh5 = pack_nibbles((ql | ((qh & 1) << 4)).reshape(N, K), 5)
-            qh5 = t(qh5)
-        return QuantizedWeight(kind, 4 if qh5 is None else 5, 32, 8, N, K, t(codes),
-                               t(d.reshape(N, nb)), sc=t(sc.reshape(N, K // 32), np.int8),
-                               Mn=t(dmin.reshape(N, nb)), mq=t(m.reshape(N, K // 32), np.int8),
-                               qh=qh5)
+            bits, values = 5, ql | ((qh & 1) << 4)
+        codes, planes = pack_nibbles(values.reshape(N, K), bits)
+        return QuantizedWeight(kind, bits, 32, 8, N, K, t(codes), t(d.reshape(N, nb)),
+                               sc=t(sc.reshape(N, K // 32), np.int8), Mn=t(dmin.reshape(N, nb)),
+                               mq=t(m.reshape(N, K // 32), np.int8),
+                               qh=None if planes is None else t(planes))
     # Q6_K: ql [128], qh [64], scales int8 [16], d fp16
     blk = b.reshape(N * nb, 210)
     ql = _nibbles(blk[:, :128].reshape(-1, 2, 64), 64).reshape(-1, 8, 32)
