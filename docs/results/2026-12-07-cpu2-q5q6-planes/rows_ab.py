@@ -5,7 +5,6 @@ builds in one process, alternating per round (6 rounds, the order swapped every 
 the same. Run from the repository root:
 python docs/results/2026-12-07-cpu2-q5q6-planes/rows_ab.py"""
 import pathlib
-import statistics
 import subprocess
 import sys
 
@@ -27,13 +26,10 @@ for which, commit in (("before", BEFORE), ("after", AFTER)):
     kernels._library.cache_clear()
     libs[which] = kernels._library()
 layers: list = []
-load = step_ab.load_model
 
 
-def load_and_keep(*a, **k):
-    model, tok = load(*a, **k)
+def keep(model) -> None:
     layers[:] = [m for m in model.modules() if isinstance(m, modules.QuantLinear)]
-    return model, tok
 
 
 def use(which: str) -> None:
@@ -42,12 +38,7 @@ def use(which: str) -> None:
         m._direct = None
 
 
-step_ab.load_model = load_and_keep
 for name in ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"):
-    res = step_ab.interleaved(name, use, sizes=(1, 3))
+    res = step_ab.interleaved(name, use, sizes=(1, 3), on_model=keep)
     for n in (1, 3):
-        b, a = res[("before", n)], res[("after", n)]
-        print(f"{name} M={n}: four rows {[round(x, 1) for x in b]} ms, two rows "
-              f"{[round(x, 1) for x in a]} ms; medians {statistics.median(b):.1f} / "
-              f"{statistics.median(a):.1f} = {statistics.median(a) / statistics.median(b):.3f}x, "
-              f"per round {[round(y / x, 3) for x, y in zip(b, a)]}")
+        print(f"{name} M={n}: {step_ab.compared(res, n, ('four rows', 'two rows'))}")

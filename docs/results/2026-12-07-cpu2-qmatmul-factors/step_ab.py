@@ -14,12 +14,16 @@ from speccascade_fast.models import load_model
 from speccascade_fast.quant import kernels
 
 
-def interleaved(name: str, use, sizes=(1, 6), rounds: int = 6, steps: int = 12) -> dict:
+def interleaved(name: str, use, sizes=(1, 6), rounds: int = 6, steps: int = 12,
+                on_model=None) -> dict:
     """Decoding calls of model ``name`` (q4a8, through the engine's cache) under two variants,
     ``use("before")`` / ``use("after")`` switching between them, alternating per round (the
     order swapped every other round): per (variant, call size) the median of each round's
-    ``steps`` calls, in ms, contexts of 100..500 tokens."""
+    ``steps`` calls, in ms, contexts of 100..500 tokens. ``on_model(model)`` is called once the
+    model is loaded (for a ``use`` that switches its layers)."""
     model, _ = load_model(name, weights="q4a8", progress=False)
+    if on_model is not None:
+        on_model(model)
     sm = SlotModel(model, 1, 700)
     sm.forward(torch.randint(0, 1000, (1, 100)), torch.arange(100)[None], 100, 1)
     res: dict = {}
@@ -38,6 +42,17 @@ def interleaved(name: str, use, sizes=(1, 6), rounds: int = 6, steps: int = 12) 
                         pos = 100 + (pos - 100 + n) % 400
                     res.setdefault((which, n), []).append(statistics.median(ts) * 1e3)
     return res
+
+
+def compared(res: dict, n: int, labels=("before", "after")) -> str:
+    """One call size of :func:`interleaved`'s result: each variant's per-round medians (named
+    by ``labels``), the medians of those, their ratio (after / before) and the per-round
+    ratios."""
+    b, a = res[("before", n)], res[("after", n)]
+    return (f"{labels[0]} {[round(x, 1) for x in b]} ms, {labels[1]} {[round(x, 1) for x in a]} ms;"
+            f" medians {statistics.median(b):.1f} / {statistics.median(a):.1f} ="
+            f" {statistics.median(a) / statistics.median(b):.3f}x, per round "
+            f"{[round(y / x, 3) for x, y in zip(b, a)]}")
 
 
 def main() -> None:
