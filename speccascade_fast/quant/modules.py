@@ -163,8 +163,12 @@ class QuantLinear(_Quantized):
 
 def _data_ptrs(held: dict) -> tuple:
     """The data pointers of a layer's codes, D, sc, Mn, mq, qh (None where absent): any tensor
-    replaced, or given new storage, since its call was prepared changes them."""
-    return tuple(None if t is None else t.data_ptr() for t in map(held.__getitem__, _FIELDS))
+    replaced, or given new storage, since its call was prepared changes them. (Spelt out: it
+    runs on every call, and a generator over _FIELDS costs twice the time.)"""
+    c, d, s, m, q, h = held["codes"], held["D"], held["sc"], held["Mn"], held["mq"], held["qh"]
+    return (c.data_ptr(), d.data_ptr(), None if s is None else s.data_ptr(),
+            None if m is None else m.data_ptr(), None if q is None else q.data_ptr(),
+            None if h is None else h.data_ptr())
 
 
 _SCRATCH: dict = {}
