@@ -260,6 +260,11 @@ class Engine:
         adaptive = self.cfg.gamma_policy in ("goodput", "goodput_confidence")
         self._goodput = (Goodput(self.cfg.gamma, allow_zero=self.cfg.min_gamma == 0)
                          if adaptive else None)
+        #: the drafter's prefill waits for the call's first drafting block where the controller
+        #: may choose plain verifier steps throughout (a batch that never drafts never pays it)
+        self._lazy_drafter = self._goodput is not None and self._goodput.g_min == 0
+        self._drafter_behind = False  # this call's drafter prefill is still to come
+        self._late_prefill_s = 0.0  # and the seconds it took when it came
         #: the drafter-confidence acceptance predictor, and how each predictor scored
         self._confidence = (ConfidenceAcceptance()
                             if self.cfg.gamma_policy == "goodput_confidence" else None)
@@ -346,9 +351,11 @@ class Engine:
         self._acceptance_log = AcceptanceLog()
         if self._confidence is not None:
             self._confidence.new_call()
+        self._drafter_behind = self._lazy_drafter
+        self._late_prefill_s = 0.0
         with torch.inference_mode():
             prefill_start = time.perf_counter()
-            shared, reused = rows.prefill()
+            shared, reused = rows.prefill(drafter=not self._lazy_drafter)
             if self.device is not None and self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # prefill_s is the prefill's device time
             prefill_s = time.perf_counter() - prefill_start
@@ -365,7 +372,8 @@ class Engine:
         if self._goodput is not None:
             extra["acceptance_log_loss"] = self._acceptance_log.summary()
         stats = outputs.final_stats(rows.counters, settings, start, row_settings,
-                                    prefill_s=prefill_s, shared_prefix_tokens=shared,
+                                    prefill_s=prefill_s + self._late_prefill_s,
+                                    shared_prefix_tokens=shared,
                                     prefix_reused_tokens=reused, **extra)
         return GenerateOutput(sequences, stats, rows.new_tokens)
 
@@ -407,7 +415,11 @@ class Engine:
             if self._goodput is not None and self.device is not None \
                     and self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # its device time too
-            start += time.perf_counter() - caught_up
+            took = time.perf_counter() - caught_up
+            start += took
+            if self._drafter_behind:  # the call's drafter prefill, deferred to here
+                self._late_prefill_s += took
+        self._drafter_behind = False
         L = list(rows.length)  # emit() advances rows.length
         width = max(n - s for n, s in zip(L, q.seen))
         if self._draft_confidence is None:
@@ -465,14 +477,16 @@ class Engine:
 
     def _catch_up_drafter(self, rows: Rows) -> bool:
         """After plain verifier steps (gamma = 0) the drafter lags; feed it every row's tokens
-        but the last in one call, so that a block's first drafter call feeds at most 2.
+        but the last in one call, so that a block's first drafter call feeds at most 2. Where
+        the call's drafter prefill was deferred (:attr:`_lazy_drafter`), this call is it, and
+        like an eager prefill it is not counted among the drafter's calls.
         Returns whether it fed anything."""
         q = self.q
         upto = [n - 1 for n in rows.length]
-        if all(n - s <= 2 for n, s in zip(rows.length, q.seen)):
+        if all(n - s <= 2 for n, s in zip(rows.length, q.seen)) and not self._drafter_behind:
             return False
         for b in range(rows.size):
-            if upto[b] > q.seen[b]:
+            if upto[b] > q.seen[b] and not self._drafter_behind:
                 rows.stats(b).drafter_calls += 1
         q.prefill(rows.tokens(), [max(u, s) for u, s in zip(upto, q.seen)])
         return True
@@ -770,12 +784,13 @@ class Rows:
                                  for x in (self.seeds, self.temperature, self.alpha)))
         return self._padded[1:]
 
-    def prefill(self) -> tuple[int, int]:
-        """Both models take every row's prompt but its last token (which each block feeds).
-        A prefix of at least :data:`MIN_SHARED_PREFIX` tokens that every row's prompt starts
-        with is fed once and copied (:meth:`SlotModel.prefill_shared`, which reuses what an
-        earlier call of this engine fed of it); returns its length (0: none) and how many of
-        its tokens came from an earlier call."""
+    def prefill(self, drafter: bool = True) -> tuple[int, int]:
+        """Both models (the verifier alone with ``drafter=False``) take every row's prompt
+        but its last token (which each block feeds). A prefix of at least
+        :data:`MIN_SHARED_PREFIX` tokens that every row's prompt starts with is fed once and
+        copied (:meth:`SlotModel.prefill_shared`, which reuses what an earlier call of this
+        engine fed of it); returns its length (0: none) and how many of its tokens came from an
+        earlier call."""
         tokens = torch.zeros(self.size, self.engine.slots, dtype=torch.int64,
                              device=self.engine.device)
         for b, prompt in enumerate(self.prompts):
@@ -785,7 +800,7 @@ class Rows:
         if shared < MIN_SHARED_PREFIX:
             shared = 0
         reused = []
-        for m in (self.engine.q, self.engine.p):
+        for m in (self.engine.q if drafter else None, self.engine.p):
             if m is not None:
                 if shared:
                     reused.append(m.prefill_shared(tokens, shared))

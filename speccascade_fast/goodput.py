@@ -31,6 +31,12 @@ doubles the wait for the next one (up to ``PROBE_MAX`` blocks); one that turns t
 to drafting resets it. (The catch-up is a switching cost, not part of a block's time: the
 engine stops the clock for it.)
 
+Where the controller may choose gamma = 0, the engine defers the drafter's prefill to a call's
+first drafting block (the catch-up feeds it then; its time is still reported as prefill): a
+call whose blocks are all plain steps, as at batch sizes where drafting does not pay, never
+runs the drafter. An engine keeps its controller across calls, so from its second call on at a
+batch size the choice starts from measured times, without exploring again.
+
 ``g_min`` is 0 (plain verifier decoding) when a block with no draft emits the rule's law at that
 position: always for lossless ``spec`` and with ``bonus="verifier"`` (a zero-draft block is its
 bonus position, pT). Under ``bonus="cascade"`` with another rule the token would need the

@@ -476,6 +476,7 @@ def test_random_weights_command(tmp_path, capsys):
     for bad, msg in ((["--overrides", "[1]"], "--overrides must be a JSON object"),
                      (["--prompt-len", "0"], "--prompt-len must be >= 1"),
                      (["--batch", "2", "0"], "--batch must be >= 1"),
+                     (["--warmup-tokens", "-1"], "--warmup-tokens must be >= 0"),
                      (["--device", "nope"], "--device")):
         assert cli.main([*argv, *bad]) == 2  # one line on stderr, no traceback
         err = capsys.readouterr().err
@@ -550,3 +551,33 @@ def test_a_configurations_peak_forgets_what_an_earlier_one_allocated(monkeypatch
     assert peak["ours:verifier"] > peak["ours:spec greedy"] + 64
     assert result["memory"]["peak_rss_mib"] >= peak["ours:verifier"]
     assert all("peak_rss_mib" not in r.extra for r in e2e.run(None, None, **kw)["rows"])
+
+
+def test_a_warm_up_call_runs_on_the_timed_engine_before_the_clock(monkeypatch):
+    """``warmup_tokens``: one untimed call on the same Engine first, so a goodput controller
+    starts the timed call from measured step times (no exploration blocks inside it)."""
+    from speccascade_fast import engine as engine_module
+
+    calls = []  # (engine, max_new_tokens, gammas) of every generate
+    generate = engine_module.Engine.generate
+
+    def spy(self, *args, **kwargs):
+        out = generate(self, *args, **kwargs)
+        calls.append((self, kwargs["max_new_tokens"], out.stats.get("gammas")))
+        return out
+
+    monkeypatch.setattr(engine_module.Engine, "generate", spy)
+    q, p = tiny_pair()
+    prompts = [torch.tensor([3, 5, 7, 9]), torch.tensor([1, 2])]
+    row = e2e.run_ours("x", q, p, prompts, batch=2, max_new_tokens=10, pad=0, warmup=6,
+                       rule="spec", temperature=0.0, gamma=3, gamma_policy="goodput")
+    (warm, n_warm, explored), (timed, n, gammas) = calls
+    assert warm is timed and (n_warm, n) == (6, 10) and row.tokens == 20
+    assert explored[:3] == [3, 1, 0]  # the controller's exploration, in the untimed call
+    assert sum(row.extra["gammas"].values()) == len(gammas)  # only the timed call is counted
+    calls.clear()
+    e2e.run_ours("x", q, p, prompts, batch=2, max_new_tokens=10, pad=0, rule="spec",
+                 temperature=0.0, gamma=3, gamma_policy="goodput")
+    assert len(calls) == 1 and calls[0][2][:3] == [3, 1, 0]  # no warm-up: explored in the clock
+    with pytest.raises(ValueError, match="warmup_tokens must be an int >= 0"):
+        e2e.run(None, None, prompts=[torch.tensor([1])], warmup_tokens=-1)

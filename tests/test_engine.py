@@ -429,3 +429,47 @@ def test_goodput_confidence_reads_each_rows_drafter_confidence(pair):
         assert len(checked) >= len(new) // 2, seq
         for g, w in checked:
             assert g == pytest.approx(w, abs=1e-4), seq
+
+
+def _forward_count(model) -> list[int]:
+    calls = [0]
+    model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_an_adaptive_engine_that_never_drafts_never_runs_the_drafter(pair):
+    """Where the controller may choose plain verifier steps, the drafter's prefill waits for the
+    call's first drafting block: a call whose every block is a plain step never runs the
+    drafter, and emits the verifier's own greedy text."""
+    drafter, verifier = map(copy.deepcopy, pair)
+    calls = _forward_count(drafter)
+    ids, mask = left_padded(PROMPTS)
+    engine = Engine(drafter, verifier, max_batch_size=3, max_seq_len=64, gamma=3, rule="spec",
+                    temperature=0.0, gamma_policy="goodput")
+    # a controller that has measured drafting as far too slow at this batch size
+    engine._goodput.times.update({(3, 0): 1e-3, (3, 1): 1.0, (3, 3): 3.0})
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
+    alone = generate(*pair, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[],
+                     method="autoregressive", temperature=0.0)
+    assert out.stats["gammas"] == [0] * 6 and calls[0] == 0
+    assert out.stats["drafter_calls"] == 0 and out.new_tokens == alone.new_tokens
+
+
+@pytest.mark.parametrize("policy", ["fixed", "goodput"])
+def test_the_drafters_prefill_is_not_counted_as_a_drafter_call(pair, policy):
+    """Eager (fixed gamma) or deferred to the first drafting block (goodput), the drafter's
+    prefill is one forward call outside ``drafter_calls``, and its time is in ``prefill_s``;
+    the deferred one gives the same greedy text."""
+    drafter, verifier = map(copy.deepcopy, pair)
+    calls = _forward_count(drafter)
+    prompt = torch.tensor([PROMPTS[1]])
+    engine = Engine(drafter, verifier, max_seq_len=64, gamma=3, rule="spec", temperature=0.0,
+                    gamma_policy=policy)
+    out = engine.generate(prompt, max_new_tokens=12, eos_token_id=[])
+    alone = generate(*pair, prompt, max_new_tokens=12, eos_token_id=[],
+                     method="autoregressive", temperature=0.0)
+    assert out.new_tokens == alone.new_tokens
+    if policy == "goodput":  # the controller explores gamma = 3 first: the drafter ran
+        assert out.stats["gammas"][0] == 3 and engine._lazy_drafter
+    assert calls[0] == out.stats["drafter_calls"] + 1
+    assert out.stats["prefill_s"] > 0

@@ -66,6 +66,10 @@ def add_bench_subcommand(subparsers) -> argparse.ArgumentParser:
                    help="also measure a weight-only int8 copy of the drafter")
     p.add_argument("--compile-drafter", action="store_true",
                    help="also measure the drafter's steps torch.compile'd (dynamic shapes)")
+    p.add_argument("--warmup-tokens", type=int, default=0, metavar="N",
+                   help="before each run of ours, one untimed call of N tokens on the same "
+                        "engine (a goodput controller then starts from measured step times, "
+                        "as in a long-running engine; default: 0, a one-shot call)")
     p.add_argument("--per-config-rss", action="store_true",
                    help="Linux: each configuration's own peak resident memory (the process's "
                         "peak restarted before each of its runs; this also lowers the peak "
@@ -118,6 +122,8 @@ def check_args(args: argparse.Namespace) -> tuple[str, ...]:
         for value in values if isinstance(values, list) else [values]:
             if value is not None and value < 1:
                 raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.warmup_tokens < 0:
+        raise CLIError(f"--warmup-tokens must be >= 0, got {args.warmup_tokens}")
     decode_config(rule="token_v3", alpha=args.alpha, gamma=args.gamma)
     decode_config(gamma=args.dc_gamma or args.gamma, draft_confidence=args.draft_confidence)
     decode_config(rule="token_v3", exact_prefix=args.exact_prefix,
@@ -195,7 +201,7 @@ def bench_command(args: argparse.Namespace) -> int:
                      weights="random" if args.random_weights else "real",
                      quant=args.weights, exact_prefix=args.exact_prefix,
                      divergence_budget=args.divergence_budget,
-                     per_config_rss=args.per_config_rss,
+                     per_config_rss=args.per_config_rss, warmup_tokens=args.warmup_tokens,
                      progress=lambda s: print(s, file=sys.stderr, flush=True))
     table = e2e.markdown(result)
     print(table)

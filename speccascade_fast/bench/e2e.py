@@ -98,10 +98,12 @@ def _chunks(items, size):
     return [items[i: i + size] for i in range(0, len(items), size)]
 
 
-def run_ours(name, drafter, verifier, prompts, *, batch, max_new_tokens, pad, warmup=False,
+def run_ours(name, drafter, verifier, prompts, *, batch, max_new_tokens, pad, warmup=0,
              **settings) -> Row:
     """Our engine on ``prompts`` in chunks of ``batch`` (one Engine, built before the clock;
-    ``warmup``: one untimed generate of 8 tokens on the first chunk first, for compiled code).
+    ``warmup`` > 0: first one untimed generate of that many tokens on the first chunk, on the
+    same Engine: compiled code is compiled, and a goodput controller has measured its step
+    times at this batch size, as in a long-running engine).
     ``extra``: ``prefill_s`` and ``drafter_calls`` (the stat: per row, the drafter calls of the
     blocks it rode in) summed over the chunks and, for eager models on a CPU, ``model_s``
     (the seconds inside the models' forward calls) and, at batch 1, ``decode_calls``: per model
@@ -112,7 +114,8 @@ def run_ours(name, drafter, verifier, prompts, *, batch, max_new_tokens, pad, wa
                     max_seq_len=longest + max_new_tokens, **settings)
     if warmup:
         ids, mask = _left_pad(prompts[:batch], pad)
-        engine.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[], seed=0)
+        engine.generate(ids, attention_mask=mask, max_new_tokens=warmup, eos_token_id=[],
+                        seed=0)
     tokens = calls = accepted = drafted = drafter_calls = 0
     prefill = 0.0
     outputs, gammas = [], []
@@ -410,7 +413,7 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
         compile_drafter=False, rounds=1, hf_gamma=None, hf_defaults=False,
         draft_confidence=DEFAULT_DRAFT_CONFIDENCE, dc_gamma=None, weights="real",
         quant="bf16", exact_prefix=DEFAULT_EXACT_PREFIX,
-        divergence_budget=DEFAULT_DIVERGENCE_BUDGET, per_config_rss=False,
+        divergence_budget=DEFAULT_DIVERGENCE_BUDGET, per_config_rss=False, warmup_tokens=0,
         progress=print) -> dict:
     """The whole benchmark; returns ``{"rows", "costs", "settings", "machine"}``.
 
@@ -441,7 +444,9 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
     row's. Off by default: a restarted peak also lowers what ``getrusage``/``wait4`` report for
     the process (``ru_maxrss``).
     ``exact_prefix`` / ``divergence_budget``: the ``*-window`` / ``*-budget`` configurations'
-    settings.
+    settings. ``warmup_tokens``: before each of our runs, one untimed generate of that many
+    tokens on its Engine (:func:`run_ours`; 0: none, as a one-shot call runs; the compiled
+    rows take at least 8); the Hugging Face rows have nothing to warm.
 
     ``batch``: the batched runs' size, or a list of sizes (each runs every configuration but
     the drafter alone; batch 1 always runs).
@@ -457,6 +462,9 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
     split = {k: split_key(k) for k in configs}
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if isinstance(warmup_tokens, bool) or not isinstance(warmup_tokens, int) \
+            or warmup_tokens < 0:
+        raise ValueError(f"warmup_tokens must be an int >= 0, got {warmup_tokens!r}")
     batches = [batch] if isinstance(batch, int) else list(batch)
     if not batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
                           for b in batches):
@@ -503,7 +511,8 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
             settings["alpha"] = alpha
         jobs.append((name, batch, lambda: run_ours(
             name, q, verifier, prompts, batch=batch,
-            warmup=bool(settings.get("compile_drafter")), **common, **settings)))
+            warmup=max(warmup_tokens, 8 if settings.get("compile_drafter") else 0),
+            **common, **settings)))
 
     def hf(name, **kwargs):
         jobs.append((name, 1, lambda: run_hf(name, verifier, prompts,
@@ -581,7 +590,8 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
         n_prompts=n_prompts, max_new_tokens=max_new_tokens, batch=batch, gamma=gamma,
         alpha=alpha, rounds=rounds, hf_gamma=hf_gamma, draft_confidence=draft_confidence,
         dc_gamma=dc_gamma, weights=weights, quant=quant, exact_prefix=exact_prefix,
-        divergence_budget=divergence_budget, per_config_rss=per_config_rss),
+        divergence_budget=divergence_budget, per_config_rss=per_config_rss,
+        warmup_tokens=warmup_tokens),
         "machine": machine(getattr(verifier, "device", None)), "memory": mem}
 
 
