@@ -410,13 +410,15 @@ class Engine:
                 rows.stats(b).add_block(0, 0)
             self._observe(batch, 0, start)
             return
-        caught_up = time.perf_counter()
+        caught_up, lag = time.perf_counter(), self._drafter_lag(rows)
         if self._catch_up_drafter(rows):  # a switching cost, not the block's time
             if self._goodput is not None and self.device is not None \
                     and self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # its device time too
             took = time.perf_counter() - caught_up
             start += took
+            if self._goodput is not None:
+                self._goodput.observe_catch_up(lag, took)
             if self._drafter_behind:  # the call's drafter prefill, deferred to here
                 self._late_prefill_s += took
         self._drafter_behind = False
@@ -459,9 +461,11 @@ class Engine:
             if self._confidence is not None:
                 predicted["confidence"] = [self._confidence.predict(seq) for seq in rows.index]
             self._predicted = predicted
+            remaining = sum(rows.remaining(b) for b in range(rows.size)) / rows.size
             gamma = self._goodput.choose(rows.size, predicted["confidence" if policy ==
                                                               "goodput_confidence" else "counts"],
-                                         min_gamma)
+                                         min_gamma, lag=self._drafter_lag(rows),
+                                         remaining=remaining)
         else:
             gamma = policy(len(self._gammas), rows.size)
             if isinstance(gamma, bool) or not isinstance(gamma, int) \
@@ -474,6 +478,13 @@ class Engine:
     def _observe(self, batch: int, gamma: int, start: float) -> None:
         if self._goodput is not None:
             self._goodput.observe(batch, gamma, time.perf_counter() - start)
+
+    def _drafter_lag(self, rows: Rows) -> int:
+        """The tokens (all rows together) :meth:`_catch_up_drafter` would feed now."""
+        q = self.q
+        if not self._drafter_behind and all(n - s <= 2 for n, s in zip(rows.length, q.seen)):
+            return 0
+        return sum(max(n - 1 - s, 0) for n, s in zip(rows.length, q.seen))
 
     def _catch_up_drafter(self, rows: Rows) -> bool:
         """After plain verifier steps (gamma = 0) the drafter lags; feed it every row's tokens

@@ -28,8 +28,14 @@ probe: the best gamma >= 1 by the same model, which measures its time and the ro
 again. A probe costs a drafting block and the drafter's catch-up where plain steps are the
 better choice (at large batches), so each probe after which the model still prefers gamma = 0
 doubles the wait for the next one (up to ``PROBE_MAX`` blocks); one that turns the choice back
-to drafting resets it. (The catch-up is a switching cost, not part of a block's time: the
-engine stops the clock for it.)
+to drafting resets it, and a probe also waits until the catch-up it needs is predicted to cost
+at most ``PROBE_SHARE`` of the time spent in plain steps since the last drafting block.
+
+The catch-up (feeding the lagging drafter every token it missed, in one call) is a switching
+cost, not part of a block's time: the engine stops the clock for it and times it on its own
+(seconds per token fed, a moving average). While the drafter lags, a block of gamma >= 1 is
+charged the predicted catch-up spread over the tokens the call still has to emit (its share for
+the tokens the block is expected to emit): drafting has to pay back the switch within the call.
 
 Where the controller may choose gamma = 0, the engine defers the drafter's prefill to a call's
 first drafting block (the catch-up feeds it then; its time is still reported as prefill): a
@@ -66,6 +72,9 @@ EMA = 0.3
 PROBE_AFTER = 8
 #: ... doubled after each probe that did not change the choice, up to this many
 PROBE_MAX = 256
+#: and a probe waits until the drafter's predicted catch-up costs at most this share of the
+#: plain steps' time since the last drafting block
+PROBE_SHARE = 0.25
 #: upper edges of the confidence bins the calibration counts in (the drafter's largest
 #: probability sits mostly near 1)
 EDGES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
@@ -89,15 +98,33 @@ class Goodput:
         self.zeros = 0  # gamma-0 blocks chosen in a row
         self.probe_after = PROBE_AFTER  # gamma-0 blocks in a row before the next probe
         self.probed = False  # whether the last block was a probe
+        self.catch_up_rate: float | None = None  # seconds per token the lagging drafter is fed
 
     def observe(self, batch: int, gamma: int, seconds: float) -> None:
         key = (batch, gamma)
         n = self.seen[key] = self.seen.get(key, 0) + 1
         self.times[key] = seconds if n <= 2 else (1 - EMA) * self.times[key] + EMA * seconds
 
-    def choose(self, batch: int, acceptance: list[float], g_min: int | None = None) -> int:
+    def observe_catch_up(self, tokens: int, seconds: float) -> None:
+        """The lagging drafter was fed ``tokens`` tokens (all rows together) in ``seconds``."""
+        if tokens > 0:
+            rate = seconds / tokens
+            self.catch_up_rate = rate if self.catch_up_rate is None else (
+                (1 - EMA) * self.catch_up_rate + EMA * rate)
+
+    def catch_up(self, lag: int) -> float:
+        """Predicted seconds to feed the drafter ``lag`` tokens (0 before any was timed)."""
+        return lag * self.catch_up_rate if lag > 0 and self.catch_up_rate is not None else 0.0
+
+    def choose(self, batch: int, acceptance: list[float], g_min: int | None = None,
+               lag: int = 0, remaining: float | None = None) -> int:
         """The gamma for the next block of ``batch`` rows whose per-draft acceptance estimates
-        are ``acceptance``; at least ``g_min`` (default: the controller's) for this block."""
+        are ``acceptance``; at least ``g_min`` (default: the controller's) for this block.
+        ``lag``: tokens (all rows together) the drafter must be fed before it can draft (after
+        plain steps, or its deferred prefill); ``remaining``: tokens each row has still to
+        emit, on average. Drafting then pays the catch-up once for the rest of the call, so a
+        block of gamma >= 1 is charged its share, ``catch_up(lag) * E / remaining`` for the
+        ``E`` tokens per row it is expected to emit."""
         g_min = self.g_min if g_min is None else max(g_min, self.g_min)
         measured = {g for (_, g) in self.times}
         for g in (self.gamma_max, 1, 0):  # exploration: enough points for the line
@@ -105,9 +132,17 @@ class Goodput:
                 if g >= 1 and len(measured - {0}) >= 2:
                     continue
                 return g
-        probe = g_min == 0 and self.zeros >= self.probe_after
+        catch = self.catch_up(lag)
+        share = catch / remaining if remaining else 0.0  # seconds per emitted token per row
+
+        def goodput(g):
+            tokens = self.expected_tokens(acceptance, g)
+            return tokens / (self.cost(batch, g) + (share * tokens / batch if g else 0.0))
+
+        probe = (g_min == 0 and self.zeros >= self.probe_after
+                 and catch <= PROBE_SHARE * self.zeros * self.cost(batch, 0))
         best = max(range(1 if probe else g_min, self.gamma_max + 1),
-                   key=lambda g: (self.expected_tokens(acceptance, g) / self.cost(batch, g), -g))
+                   key=lambda g: (goodput(g), -g))
         if self.probed:  # the model's choice with the probe's measurements in
             self.probe_after = (PROBE_AFTER if best >= 1
                                 else min(2 * self.probe_after, PROBE_MAX))

@@ -471,5 +471,6 @@ def test_the_drafters_prefill_is_not_counted_as_a_drafter_call(pair, policy):
     assert out.new_tokens == alone.new_tokens
     if policy == "goodput":  # the controller explores gamma = 3 first: the drafter ran
         assert out.stats["gammas"][0] == 3 and engine._lazy_drafter
+        assert engine._goodput.catch_up_rate > 0  # the deferred prefill, timed as a catch-up
     assert calls[0] == out.stats["drafter_calls"] + 1
     assert out.stats["prefill_s"] > 0

@@ -12,6 +12,7 @@ from speccascade_fast.goodput import (
     PRIOR,
     PROBE_AFTER,
     PROBE_MAX,
+    PROBE_SHARE,
     AcceptanceLog,
     ConfidenceAcceptance,
     Goodput,
@@ -100,6 +101,36 @@ def test_a_run_of_plain_steps_ends_with_a_probe_and_probes_back_off():
     h = Goodput(gamma_max=4, allow_zero=False)
     h.times, h.seen = dict(g.times), dict(g.seen)
     assert {h.choose(1, [0.8]) for _ in range(3 * PROBE_AFTER)} == {1}
+
+
+def test_a_lagging_drafter_charges_drafting_its_catch_up_over_the_calls_remaining_tokens():
+    """While the drafter lags, a drafting block is charged the predicted catch-up times the
+    share of the remaining tokens it is expected to emit; a probe waits until the catch-up is
+    at most PROBE_SHARE of the plain steps' time since the last drafting block."""
+    g = Goodput(gamma_max=1, allow_zero=True)
+    for gamma, t in ((1, 0.15), (0, 0.1)):
+        g.observe(2, gamma, t)
+    g.observe(2, 4, 0.3)  # a third point, so nothing is left to explore
+    assert g.catch_up(100) == 0.0  # nothing timed yet: no charge
+    # a = 0.8, 2 rows: gamma 1 emits 3.6 tokens in 0.15 s (24 tok/s), gamma 0 2 in 0.1 (20)
+    assert g.choose(2, [0.8, 0.8], lag=100, remaining=10) == 1
+    g.observe_catch_up(100, 0.5)  # 5 ms a token
+    assert g.catch_up(100) == pytest.approx(0.5)
+    # charged 0.5 s / 10 tokens * 1.8 tokens per row: 3.6 / (0.15 + 0.09) = 15 < 20
+    assert g.choose(2, [0.8, 0.8], lag=100, remaining=10) == 0
+    # 100 tokens to go: 3.6 / (0.15 + 0.009) = 22.6 > 20; no lag: no charge
+    assert g.choose(2, [0.8, 0.8], lag=100, remaining=100) == 1
+    assert g.choose(2, [0.8, 0.8], lag=0, remaining=10) == 1
+    g.observe_catch_up(10, 0.1)  # 10 ms a token: the rate moves by EMA
+    assert g.catch_up(1) == pytest.approx(0.7 * 0.005 + 0.3 * 0.01)
+    # the probe: after PROBE_AFTER plain steps only if the catch-up is cheap enough
+    h = Goodput(gamma_max=4, allow_zero=True)
+    for gamma, t in ((4, 0.5), (1, 0.2), (0, 0.1)):
+        h.observe(1, gamma, t)
+    h.observe_catch_up(1, 0.01)
+    lag = int(PROBE_SHARE * PROBE_AFTER * 0.1 / 0.01) + 1  # just too dear after PROBE_AFTER
+    chosen = [h.choose(1, [0.8], lag=lag, remaining=1e9) for _ in range(PROBE_AFTER + 2)]
+    assert chosen == [0] * (PROBE_AFTER + 1) + [1]
 
 
 def test_verified_positions_are_the_accepted_and_the_first_rejected():
