@@ -34,6 +34,7 @@ def test_every_configuration_decodes_the_same_work(result):
     for name in ("hf:verifier greedy", "hf:assisted greedy", "hf:assisted T=1", "ours:drafter",
                  "hf:assisted greedy (HF defaults)", "hf:assisted T=1 (HF defaults)"):
         assert (name, 1) in names
+    assert ("hf:verifier greedy", 2) in names  # HF's own batching, left-padded
     for key in ("spec-greedy-dc", "spec-t1-dc", "token_v3-t1-dc"):  # gamma 4, not 3
         name = e2e.CONFIGS[key][0].format(alpha=0.3, dc=0.5) + ", at most 4 drafts"
         assert (name, 1) in names and (name, 2) in names
@@ -71,6 +72,8 @@ def test_greedy_outputs_agree_and_calls_are_counted(result):
     rows = {(r.name, r.batch): r for r in result["rows"]}
     assert rows["hf:verifier greedy", 1].verifier_calls == 72  # one call per token, 2 rounds
     assert rows["ours:verifier", 1].tokens_per_verifier_call == 1.0
+    # batched HF: each row of a chunk counts the chunk's calls (the chunk of 1 too)
+    assert rows["hf:verifier greedy", 2].tokens_per_verifier_call == 1.0
     assert rows["ours:spec greedy", 1].tokens_per_verifier_call > 1.0
     # HF drafts gamma = 3 tokens per call at most: at most 4 tokens per verifier call
     assert 1.0 < rows["hf:assisted greedy", 1].tokens_per_verifier_call <= 4.0

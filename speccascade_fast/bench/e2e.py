@@ -209,8 +209,10 @@ class _ModelClock:
 
 
 def run_hf(name, verifier, prompts, *, max_new_tokens, assistant=None, gamma=5,
-           temperature=0.0, hf_defaults=False) -> Row:
-    """HF ``generate`` on each prompt in turn (EOS disabled: exactly ``max_new_tokens``).
+           temperature=0.0, hf_defaults=False, batch=1, pad=0) -> Row:
+    """HF ``generate`` on each prompt in turn (EOS disabled: exactly ``max_new_tokens``), or
+    without an assistant on chunks of ``batch`` prompts, left-padded with ``pad`` (HF assisted
+    generation takes one sequence at a time).
 
     With an ``assistant``: ``gamma`` drafts per block, constant schedule, no confidence cut-off;
     or, with ``hf_defaults``, whatever HF does when told nothing (its defaults: up to 20 drafts,
@@ -228,6 +230,8 @@ def run_hf(name, verifier, prompts, *, max_new_tokens, assistant=None, gamma=5,
         config.pad_token_id = 0
     kwargs = {}
     saved = None
+    if batch > 1 and assistant is not None:
+        raise ValueError("HF assisted generation runs at batch 1 only")
     if assistant is not None:
         # HF reads the drafting schedule from the ASSISTANT's generation config
         kwargs["assistant_model"] = assistant
@@ -239,23 +243,26 @@ def run_hf(name, verifier, prompts, *, max_new_tokens, assistant=None, gamma=5,
                 gc.num_assistant_tokens_schedule = "constant"
                 gc.assistant_confidence_threshold = 0.0
         hf_settings = _hf_assistant_settings(assistant.generation_config)
-    tokens, outputs = 0, []
+    tokens, outputs, row_calls = 0, [], 0  # row_calls: per row, the calls it was in, summed
     try:
         with _ModelClock(verifier, *([assistant] if assistant is not None else [])) as clock:
             start = time.perf_counter()
-            for b, prompt in enumerate(prompts):
+            for b, chunk in enumerate(_chunks(prompts, batch)):
                 torch.manual_seed(b)
-                ids = prompt[None].to(verifier.device)
-                out = verifier.generate(ids, attention_mask=torch.ones_like(ids),
-                                        generation_config=config, **kwargs)
-                new = out[0, ids.shape[1]:].tolist()
-                tokens += len(new)
-                outputs.append(new)
+                ids, mask = _left_pad(chunk, pad)
+                ids, mask = ids.to(verifier.device), mask.to(verifier.device)
+                before = clock.calls[0]
+                out = verifier.generate(ids, attention_mask=mask, generation_config=config,
+                                        **kwargs)
+                row_calls += (clock.calls[0] - before) * len(chunk)
+                for row in out[:, ids.shape[1]:].tolist():
+                    tokens += len(row)
+                    outputs.append(row)
             wall = time.perf_counter() - start
     finally:
         if saved is not None:
             assistant.generation_config = saved
-    row = Row(name, 1, tokens, wall, clock.calls[0])
+    row = Row(name, batch, tokens, wall, row_calls)
     row.extra.update(outputs=outputs, model_s=clock.model_s)
     if assistant is not None:
         row.extra["hf_settings"] = hf_settings
@@ -514,9 +521,9 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
             warmup=max(warmup_tokens, 8 if settings.get("compile_drafter") else 0),
             **common, **settings)))
 
-    def hf(name, **kwargs):
-        jobs.append((name, 1, lambda: run_hf(name, verifier, prompts,
-                                             max_new_tokens=max_new_tokens, **kwargs)))
+    def hf(name, batch=1, **kwargs):
+        jobs.append((name, batch, lambda: run_hf(name, verifier, prompts, batch=batch, pad=pad,
+                                                 max_new_tokens=max_new_tokens, **kwargs)))
 
     q8 = None
     if int8_drafter:
@@ -544,6 +551,8 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
         for key in keys:
             if key != "drafter":
                 ours(key, drafter, b)
+        if with_hf:  # HF assisted generation takes one sequence at a time
+            hf("hf:verifier greedy", batch=b)
     if q8 is not None:
         for key in INT8_CONFIGS:
             ours(key, q8, 1, suffix=INT8_SUFFIX)
@@ -688,7 +697,8 @@ def machine(device: torch.device | None = None) -> dict:
 def summarize(result: dict) -> list[dict]:
     """Per row: tok/s, tokens per verifier call, speed-ups against the verifier alone (ours, same
     batch), HF's verifier alone and HF assisted generation with the same sampling and the same
-    drafter (the int8 assistant for the int8 rows, when it ran), the non-model share of the wall
+    drafter (the int8 assistant for the int8 rows, when it ran; both at batch 1: HF's verifier
+    alone at the row's batch size where it ran there), the non-model share of the wall
     time (CPU), and for our speculative rows at batch 1 the Leviathan prediction and the
     efficiency, of the whole runs and of their decoding alone (without the prompts' prefill).
     With several rounds, ``*_range`` gives the
@@ -696,7 +706,7 @@ def summarize(result: dict) -> list[dict]:
     rows: list[Row] = result["rows"]
     costs, gamma = result["costs"], result["settings"]["gamma"]
     by = {(r.name, r.batch): r for r in rows}
-    hf = {r.name: r for r in rows if r.name.startswith("hf:")}
+    hf = {r.name: r for r in rows if r.name.startswith("hf:") and r.batch == 1}
     out = []
     for r in rows:
         base = by.get(("ours:verifier", r.batch))
@@ -712,7 +722,8 @@ def summarize(result: dict) -> list[dict]:
         if INT8_SUFFIX in r.name and assisted + INT8_SUFFIX in hf:
             assisted += INT8_SUFFIX
         for field_, other in (("vs_ours_verifier", base),
-                              ("vs_hf_verifier", hf.get("hf:verifier greedy")),
+                              ("vs_hf_verifier", by.get(("hf:verifier greedy", r.batch),
+                                                        hf.get("hf:verifier greedy"))),
                               ("vs_hf_assisted", hf.get(assisted)),
                               ("vs_hf_defaults", hf.get(assisted.replace(INT8_SUFFIX, "")
                                                         + HF_DEFAULTS_SUFFIX))):
