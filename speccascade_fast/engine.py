@@ -351,11 +351,13 @@ class Engine:
         self._acceptance_log = AcceptanceLog()
         if self._confidence is not None:
             self._confidence.new_call()
+        if self._goodput is not None:
+            self._goodput.new_call()
         self._drafter_behind = self._lazy_drafter
         self._late_prefill_s = 0.0
         with torch.inference_mode():
             prefill_start = time.perf_counter()
-            shared, reused = rows.prefill(drafter=not self._lazy_drafter)
+            shared = rows.prefill(drafter=not self._lazy_drafter)
             if self.device is not None and self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # prefill_s is the prefill's device time
             prefill_s = time.perf_counter() - prefill_start
@@ -374,7 +376,7 @@ class Engine:
         stats = outputs.final_stats(rows.counters, settings, start, row_settings,
                                     prefill_s=prefill_s + self._late_prefill_s,
                                     shared_prefix_tokens=shared,
-                                    prefix_reused_tokens=reused, **extra)
+                                    prefix_reused_tokens=min(rows.reused, default=0), **extra)
         return GenerateOutput(sequences, stats, rows.new_tokens)
 
     def _call_settings(self, rules, alphas, temperatures, exact, spend):
@@ -395,7 +397,8 @@ class Engine:
     # Each step or block is a body of device work on fixed shapes (no host reads, so it can be
     # replayed as a CUDA graph) between host bookkeeping; the body ends with one packed tensor
     # (:mod:`.pack`) that the host reads once. Before the first block both models hold every
-    # row's prompt but its last token (Rows.prefill), so in every block the verifier feeds
+    # row's prompt but its last token (Rows.prefill; a deferred drafter is fed it, and what
+    # plain steps emitted, before its first drafting block), so in every block the verifier feeds
     # gamma + 1 tokens per row and the drafter's first call 1 or 2 (2 after a block that accepted
     # all gamma drafts with no bonus drafter step): the shapes never depend on the prompts.
     def _block(self, rows: Rows) -> None:
@@ -480,11 +483,14 @@ class Engine:
             self._goodput.observe(batch, gamma, time.perf_counter() - start)
 
     def _drafter_lag(self, rows: Rows) -> int:
-        """The tokens (all rows together) :meth:`_catch_up_drafter` would feed now."""
+        """The tokens :meth:`_catch_up_drafter` would feed now: rows times the longest row's
+        count (the call is left-padded), and a deferred prefill's shared prefix once."""
         q = self.q
-        if not self._drafter_behind and all(n - s <= 2 for n, s in zip(rows.length, q.seen)):
-            return 0
-        return sum(max(n - 1 - s, 0) for n, s in zip(rows.length, q.seen))
+        if not self._drafter_behind:
+            if all(n - s <= 2 for n, s in zip(rows.length, q.seen)):
+                return 0
+            return rows.size * max(n - 1 - s for n, s in zip(rows.length, q.seen))
+        return rows.shared + rows.size * max(n - 1 - rows.shared for n in rows.length)
 
     def _catch_up_drafter(self, rows: Rows) -> bool:
         """After plain verifier steps (gamma = 0) the drafter lags; feed it every row's tokens
@@ -499,7 +505,10 @@ class Engine:
         for b in range(rows.size):
             if upto[b] > q.seen[b] and not self._drafter_behind:
                 rows.stats(b).drafter_calls += 1
-        q.prefill(rows.tokens(), [max(u, s) for u, s in zip(upto, q.seen)])
+        tokens = rows.tokens()
+        if self._drafter_behind and rows.shared:  # the prefix every prompt starts with, once
+            rows.reused.append(q.prefill_shared(tokens, rows.shared))
+        q.prefill(tokens, [max(u, s) for u, s in zip(upto, q.seen)])
         return True
 
     def _fixed_block(self, rows: Rows, width: int, gamma: int, rules: tuple):
@@ -773,6 +782,7 @@ class Rows:
         self.new_tokens: list[list[int]] = [[] for _ in range(B)]
         self.counters = [Counters(sequences=1) for _ in range(B)]  # per sequence
         self.done = [False] * B
+        self.shared, self.reused = 0, []  # (set by prefill)
         self._padded = None  # (n, seeds, temperature, alpha) of padded(n)
         for m in (engine.q, engine.p):
             if m is not None:
@@ -795,12 +805,13 @@ class Rows:
                                  for x in (self.seeds, self.temperature, self.alpha)))
         return self._padded[1:]
 
-    def prefill(self, drafter: bool = True) -> tuple[int, int]:
+    def prefill(self, drafter: bool = True) -> int:
         """Both models (the verifier alone with ``drafter=False``) take every row's prompt
         but its last token (which each block feeds). A prefix of at least
         :data:`MIN_SHARED_PREFIX` tokens that every row's prompt starts with is fed once and
         copied (:meth:`SlotModel.prefill_shared`, which reuses what an earlier call of this
-        engine fed of it); returns its length (0: none) and how many of its tokens came from an
+        engine fed of it); returns its length (0: none), also kept in :attr:`shared`, and
+        :attr:`reused` holds, per model that has taken it, how many of its tokens came from an
         earlier call."""
         tokens = torch.zeros(self.size, self.engine.slots, dtype=torch.int64,
                              device=self.engine.device)
@@ -810,13 +821,13 @@ class Rows:
         shared = shared_prefix(self.prompts, min(upto)) if self.size > 1 else 0
         if shared < MIN_SHARED_PREFIX:
             shared = 0
-        reused = []
+        self.shared, self.reused = shared, []
         for m in (self.engine.q if drafter else None, self.engine.p):
             if m is not None:
                 if shared:
-                    reused.append(m.prefill_shared(tokens, shared))
+                    self.reused.append(m.prefill_shared(tokens, shared))
                 m.prefill(tokens, upto)
-        return shared, min(reused, default=0)
+        return shared
 
     def budget_left(self, n: int) -> torch.Tensor | None:
         """float64 ``[n]`` on the device: what each row may still spend of its divergence budget

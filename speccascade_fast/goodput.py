@@ -28,12 +28,14 @@ probe: the best gamma >= 1 by the same model, which measures its time and the ro
 again. A probe costs a drafting block and the drafter's catch-up where plain steps are the
 better choice (at large batches), so each probe after which the model still prefers gamma = 0
 doubles the wait for the next one (up to ``PROBE_MAX`` blocks); one that turns the choice back
-to drafting resets it, and a probe also waits until the catch-up it needs is predicted to cost
-at most ``PROBE_SHARE`` of the time spent in plain steps since the last drafting block.
+to drafting resets it. A probe also waits until the catch-up it needs is predicted to cost at
+most ``PROBE_SHARE`` of the plain steps' predicted time (their count in this call since the last
+drafting block times a plain step's measured time), but not past ``PROBE_MAX`` plain steps.
 
 The catch-up (feeding the lagging drafter every token it missed, in one call) is a switching
 cost, not part of a block's time: the engine stops the clock for it and times it on its own
-(seconds per token fed, a moving average). While the drafter lags, a block of gamma >= 1 is
+(seconds per token fed, padding included, a moving average whose first value the second
+replaces). While the drafter lags, a block of gamma >= 1 is
 charged the predicted catch-up spread over the tokens the call still has to emit (its share for
 the tokens the block is expected to emit): drafting has to pay back the switch within the call.
 
@@ -99,6 +101,7 @@ class Goodput:
         self.probe_after = PROBE_AFTER  # gamma-0 blocks in a row before the next probe
         self.probed = False  # whether the last block was a probe
         self.catch_up_rate: float | None = None  # seconds per token the lagging drafter is fed
+        self.catch_ups = 0  # catch-ups timed
 
     def observe(self, batch: int, gamma: int, seconds: float) -> None:
         key = (batch, gamma)
@@ -107,10 +110,16 @@ class Goodput:
 
     def observe_catch_up(self, tokens: int, seconds: float) -> None:
         """The lagging drafter was fed ``tokens`` tokens (all rows together) in ``seconds``."""
-        if tokens > 0:
+        if tokens > 0:  # (the first may carry one-time costs: the second replaces it)
             rate = seconds / tokens
-            self.catch_up_rate = rate if self.catch_up_rate is None else (
+            self.catch_ups += 1
+            self.catch_up_rate = rate if self.catch_ups <= 2 else (
                 (1 - EMA) * self.catch_up_rate + EMA * rate)
+
+    def new_call(self) -> None:
+        """A new ``generate`` call: the plain steps counted towards a probe were the last
+        call's (its drafter's lag is gone), so the count restarts."""
+        self.zeros = 0
 
     def catch_up(self, lag: int) -> float:
         """Predicted seconds to feed the drafter ``lag`` tokens (0 before any was timed)."""
@@ -120,11 +129,12 @@ class Goodput:
                lag: int = 0, remaining: float | None = None) -> int:
         """The gamma for the next block of ``batch`` rows whose per-draft acceptance estimates
         are ``acceptance``; at least ``g_min`` (default: the controller's) for this block.
-        ``lag``: tokens (all rows together) the drafter must be fed before it can draft (after
-        plain steps, or its deferred prefill); ``remaining``: tokens each row has still to
-        emit, on average. Drafting then pays the catch-up once for the rest of the call, so a
-        block of gamma >= 1 is charged its share, ``catch_up(lag) * E / remaining`` for the
-        ``E`` tokens per row it is expected to emit."""
+        ``lag``: tokens (padding included) the drafter must be fed before it can draft (after
+        plain steps, or its deferred prefill); ``remaining``: tokens each row may still emit
+        (its budget; EOS may end it sooner), on average. Drafting then pays the catch-up once
+        for the rest of the call, so a block of gamma >= 1 is charged its share,
+        ``catch_up(lag) * E / remaining`` for the ``E`` tokens per row it is expected to emit.
+        """
         g_min = self.g_min if g_min is None else max(g_min, self.g_min)
         measured = {g for (_, g) in self.times}
         for g in (self.gamma_max, 1, 0):  # exploration: enough points for the line
@@ -139,8 +149,8 @@ class Goodput:
             tokens = self.expected_tokens(acceptance, g)
             return tokens / (self.cost(batch, g) + (share * tokens / batch if g else 0.0))
 
-        probe = (g_min == 0 and self.zeros >= self.probe_after
-                 and catch <= PROBE_SHARE * self.zeros * self.cost(batch, 0))
+        probe = g_min == 0 and self.zeros >= self.probe_after and (
+            catch <= PROBE_SHARE * self.zeros * self.cost(batch, 0) or self.zeros >= PROBE_MAX)
         best = max(range(1 if probe else g_min, self.gamma_max + 1),
                    key=lambda g: (goodput(g), -g))
         if self.probed:  # the model's choice with the probe's measurements in

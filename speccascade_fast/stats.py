@@ -31,11 +31,14 @@ Rates:
 * ``tokens_per_verifier_call`` = tokens / verifier_calls (``None`` when the verifier never ran);
 * ``wall_s``                  - wall-clock seconds of the whole call.
 * ``prefill_s``               - (the batched ``Engine`` only) seconds of the prompts' prefill
-  in both models, part of ``wall_s``;
+  in both models, part of ``wall_s`` (a goodput engine that may choose plain steps feeds the
+  drafter its prompts at the call's first drafting block, with what plain steps emitted
+  before it: that call is counted here, and nowhere if the call never drafts);
 * ``shared_prefix_tokens``    - (the batched ``Engine`` only) the length of the prefix every
   prompt of the call starts with that was fed once and copied to every row (0: none);
 * ``prefix_reused_tokens``    - (the batched ``Engine`` only) how many of those the engine did
-  not feed again but copied from an earlier call's shared prefix (0: none).
+  not feed again but copied from an earlier call's shared prefix (0: none; the least over the
+  models that took the prefix in this call).
 
 Every rate is 0.0 when its denominator is 0 (except ``tokens_per_verifier_call``).
 """

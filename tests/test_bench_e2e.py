@@ -577,10 +577,16 @@ def test_a_warm_up_call_runs_on_the_timed_engine_before_the_clock(monkeypatch):
     (warm, n_warm, explored), (timed, n, gammas) = calls
     assert warm is timed and (n_warm, n) == (6, 10) and row.tokens == 20
     assert explored[:3] == [3, 1, 0]  # the controller's exploration, in the untimed call
+    # so the timed call found gamma 3, 1 and 0 measured: it had nothing left to explore
+    assert {(2, 3), (2, 1), (2, 0)} <= set(timed._goodput.times)
     assert sum(row.extra["gammas"].values()) == len(gammas)  # only the timed call is counted
     calls.clear()
     e2e.run_ours("x", q, p, prompts, batch=2, max_new_tokens=10, pad=0, rule="spec",
                  temperature=0.0, gamma=3, gamma_policy="goodput")
     assert len(calls) == 1 and calls[0][2][:3] == [3, 1, 0]  # no warm-up: explored in the clock
+    calls.clear()  # a warm-up longer than the run is cut to the run's length (the engine's size)
+    e2e.run_ours("x", q, p, prompts, batch=2, max_new_tokens=4, pad=0, warmup=50, rule="spec",
+                 temperature=0.0, gamma=3, gamma_policy="goodput")
+    assert [n for _, n, _ in calls] == [4, 4]
     with pytest.raises(ValueError, match="warmup_tokens must be an int >= 0"):
         e2e.run(None, None, prompts=[torch.tensor([1])], warmup_tokens=-1)

@@ -473,4 +473,37 @@ def test_the_drafters_prefill_is_not_counted_as_a_drafter_call(pair, policy):
         assert out.stats["gammas"][0] == 3 and engine._lazy_drafter
         assert engine._goodput.catch_up_rate > 0  # the deferred prefill, timed as a catch-up
     assert calls[0] == out.stats["drafter_calls"] + 1
-    assert out.stats["prefill_s"] > 0
+    assert out.stats["prefill_s"] >= engine._late_prefill_s
+    assert (engine._late_prefill_s > 0) == (policy == "goodput")
+
+
+def test_a_deferred_drafter_prefill_with_rows_leaving_and_a_shared_prefix(pair):
+    """Plain steps first, then drafting: the deferred prefill feeds the drafter the shared
+    prefix once and every row's prompt and emitted tokens, after a row has left the batch;
+    every row's text is the verifier's greedy one, in two calls of one engine; a per-call rule
+    that cannot take plain steps drafts from the first block."""
+    drafter, verifier = map(copy.deepcopy, pair)
+    prefix = list(range(3, 23))  # 20 tokens every prompt starts with
+    prompts = [prefix + p for p in PROMPTS]
+    ids, mask = left_padded(prompts)
+    engine = Engine(drafter, verifier, max_batch_size=3, max_seq_len=64, gamma=3, rule="spec",
+                    temperature=0.0, gamma_policy="goodput")
+    kw = dict(attention_mask=mask, max_new_tokens=[2, 9, 14], eos_token_id=[])
+    alone = generate(*pair, ids, attention_mask=mask, max_new_tokens=14, eos_token_id=[],
+                     method="autoregressive", temperature=0.0)
+    alone = [t[:n] for t, n in zip(alone.new_tokens, kw["max_new_tokens"])]
+    shared = []
+    prefill_shared = engine.q.prefill_shared
+    engine.q.prefill_shared = lambda tokens, n: shared.append(n) or prefill_shared(tokens, n)
+    for call in range(2):
+        schedule = iter([0, 0, 0] + [3] * 20)  # row 0 (2 tokens) leaves during the plain steps
+        engine._goodput.choose = lambda *a, s=schedule, **k: next(s)
+        out = engine.generate(ids, **kw)
+        assert out.new_tokens == alone and out.stats["gammas"][:4] == [0, 0, 0, 3]
+        assert shared == [20] * (call + 1) and out.stats["shared_prefix_tokens"] == 20
+        # the second call copies the prefix from the first's, in both models
+        assert out.stats["prefix_reused_tokens"] == (20 if call else 0)
+    del engine._goodput.choose
+    # token_v3 under bonus "cascade" cannot take plain steps: its first block drafts
+    out = engine.generate(ids, rule="token_v3", alpha=0.0, **kw)
+    assert out.stats["gammas"][0] >= 1 and out.new_tokens == alone

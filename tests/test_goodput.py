@@ -121,8 +121,10 @@ def test_a_lagging_drafter_charges_drafting_its_catch_up_over_the_calls_remainin
     # 100 tokens to go: 3.6 / (0.15 + 0.009) = 22.6 > 20; no lag: no charge
     assert g.choose(2, [0.8, 0.8], lag=100, remaining=100) == 1
     assert g.choose(2, [0.8, 0.8], lag=0, remaining=10) == 1
-    g.observe_catch_up(10, 0.1)  # 10 ms a token: the rate moves by EMA
-    assert g.catch_up(1) == pytest.approx(0.7 * 0.005 + 0.3 * 0.01)
+    g.observe_catch_up(10, 0.1)  # the second replaces the first (one-time costs)
+    assert g.catch_up(1) == pytest.approx(0.01)
+    g.observe_catch_up(10, 0.2)  # then the rate moves by EMA
+    assert g.catch_up(1) == pytest.approx(0.7 * 0.01 + 0.3 * 0.02)
     # the probe: after PROBE_AFTER plain steps only if the catch-up is cheap enough
     h = Goodput(gamma_max=4, allow_zero=True)
     for gamma, t in ((4, 0.5), (1, 0.2), (0, 0.1)):
@@ -131,6 +133,16 @@ def test_a_lagging_drafter_charges_drafting_its_catch_up_over_the_calls_remainin
     lag = int(PROBE_SHARE * PROBE_AFTER * 0.1 / 0.01) + 1  # just too dear after PROBE_AFTER
     chosen = [h.choose(1, [0.8], lag=lag, remaining=1e9) for _ in range(PROBE_AFTER + 2)]
     assert chosen == [0] * (PROBE_AFTER + 1) + [1]
+    # a new call: the plain steps counted towards the probe were the last call's
+    h.probe_after = PROBE_AFTER
+    for _ in range(3):
+        h.choose(1, [0.8], lag=1, remaining=1e9)
+    h.new_call()
+    assert h.zeros == 0
+    # a catch-up too dear to ever fit the share: the probe comes after PROBE_MAX plain steps
+    h.probe_after = PROBE_AFTER
+    chosen = [h.choose(1, [0.8], lag=10 ** 9, remaining=1e18) for _ in range(PROBE_MAX + 1)]
+    assert chosen == [0] * PROBE_MAX + [1]
 
 
 def test_verified_positions_are_the_accepted_and_the_first_rejected():

@@ -101,7 +101,8 @@ def _chunks(items, size):
 def run_ours(name, drafter, verifier, prompts, *, batch, max_new_tokens, pad, warmup=0,
              **settings) -> Row:
     """Our engine on ``prompts`` in chunks of ``batch`` (one Engine, built before the clock;
-    ``warmup`` > 0: first one untimed generate of that many tokens on the first chunk, on the
+    ``warmup`` > 0: first one untimed generate of that many tokens (at most
+    ``max_new_tokens``, which the engine is sized for) on the first chunk, on the
     same Engine: compiled code is compiled, and a goodput controller has measured its step
     times at this batch size, as in a long-running engine).
     ``extra``: ``prefill_s`` and ``drafter_calls`` (the stat: per row, the drafter calls of the
@@ -114,8 +115,8 @@ def run_ours(name, drafter, verifier, prompts, *, batch, max_new_tokens, pad, wa
                     max_seq_len=longest + max_new_tokens, **settings)
     if warmup:
         ids, mask = _left_pad(prompts[:batch], pad)
-        engine.generate(ids, attention_mask=mask, max_new_tokens=warmup, eos_token_id=[],
-                        seed=0)
+        engine.generate(ids, attention_mask=mask, max_new_tokens=min(warmup, max_new_tokens),
+                        eos_token_id=[], seed=0)
     tokens = calls = accepted = drafted = drafter_calls = 0
     prefill = 0.0
     outputs, gammas = [], []
