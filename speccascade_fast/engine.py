@@ -413,7 +413,8 @@ class Engine:
                 rows.stats(b).add_block(0, 0)
             self._observe(batch, 0, start)
             return
-        caught_up, lag = time.perf_counter(), self._drafter_lag(rows)
+        caught_up = time.perf_counter()
+        lag = self._drafter_lag(rows) if self._goodput is not None else 0
         if self._catch_up_drafter(rows):  # a switching cost, not the block's time
             if self._goodput is not None and self.device is not None \
                     and self.device.type == "cuda":
@@ -421,7 +422,7 @@ class Engine:
             took = time.perf_counter() - caught_up
             start += took
             if self._goodput is not None:
-                self._goodput.observe_catch_up(lag, took)
+                self._goodput.observe_catch_up(lag, took, prefill=self._drafter_behind)
             if self._drafter_behind:  # the call's drafter prefill, deferred to here
                 self._late_prefill_s += took
         self._drafter_behind = False
@@ -467,8 +468,9 @@ class Engine:
             remaining = sum(rows.remaining(b) for b in range(rows.size)) / rows.size
             gamma = self._goodput.choose(rows.size, predicted["confidence" if policy ==
                                                               "goodput_confidence" else "counts"],
-                                         min_gamma, lag=self._drafter_lag(rows),
-                                         remaining=remaining)
+                                         min_gamma, remaining=remaining,
+                                         catch_up=self._goodput.catch_up(
+                                             self._drafter_lag(rows), self._drafter_behind))
         else:
             gamma = policy(len(self._gammas), rows.size)
             if isinstance(gamma, bool) or not isinstance(gamma, int) \

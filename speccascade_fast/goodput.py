@@ -34,8 +34,9 @@ drafting block times a plain step's measured time), but not past ``PROBE_MAX`` p
 
 The catch-up (feeding the lagging drafter every token it missed, in one call) is a switching
 cost, not part of a block's time: the engine stops the clock for it and times it on its own
-(seconds per token fed, padding included, a moving average whose first value the second
-replaces). While the drafter lags, a block of gamma >= 1 is
+(:meth:`Goodput.catch_up`: a deferred prefill by its seconds per token, padding included; a
+catch-up after plain steps, a call of a few tokens that is mostly fixed cost, by its seconds;
+moving averages). While the drafter lags, a block of gamma >= 1 is
 charged the predicted catch-up spread over the tokens the call still has to emit (its share for
 the tokens the block is expected to emit): drafting has to pay back the switch within the call.
 
@@ -100,41 +101,51 @@ class Goodput:
         self.zeros = 0  # gamma-0 blocks chosen in a row
         self.probe_after = PROBE_AFTER  # gamma-0 blocks in a row before the next probe
         self.probed = False  # whether the last block was a probe
-        self.catch_up_rate: float | None = None  # seconds per token the lagging drafter is fed
-        self.catch_ups = 0  # catch-ups timed
+        #: seconds per token of a deferred drafter prefill, and seconds of a catch-up after
+        #: plain steps (moving averages; None until one is timed)
+        self.prefill_rate: float | None = None
+        self.catch_up_s: float | None = None
 
     def observe(self, batch: int, gamma: int, seconds: float) -> None:
         key = (batch, gamma)
         n = self.seen[key] = self.seen.get(key, 0) + 1
         self.times[key] = seconds if n <= 2 else (1 - EMA) * self.times[key] + EMA * seconds
 
-    def observe_catch_up(self, tokens: int, seconds: float) -> None:
-        """The lagging drafter was fed ``tokens`` tokens (all rows together) in ``seconds``."""
-        if tokens > 0:  # (the first may carry one-time costs: the second replaces it)
-            rate = seconds / tokens
-            self.catch_ups += 1
-            self.catch_up_rate = rate if self.catch_ups <= 2 else (
-                (1 - EMA) * self.catch_up_rate + EMA * rate)
+    def observe_catch_up(self, tokens: int, seconds: float, prefill: bool = False) -> None:
+        """The lagging drafter was fed ``tokens`` tokens (padding included) in ``seconds``:
+        its deferred prefill (``prefill``), or a catch-up after plain steps."""
+        if tokens <= 0:
+            return
+        if prefill:
+            self.prefill_rate = _ema(self.prefill_rate, seconds / tokens)
+        else:
+            self.catch_up_s = _ema(self.catch_up_s, seconds)
 
     def new_call(self) -> None:
         """A new ``generate`` call: the plain steps counted towards a probe were the last
         call's (its drafter's lag is gone), so the count restarts."""
         self.zeros = 0
 
-    def catch_up(self, lag: int) -> float:
-        """Predicted seconds to feed the drafter ``lag`` tokens (0 before any was timed)."""
-        return lag * self.catch_up_rate if lag > 0 and self.catch_up_rate is not None else 0.0
+    def catch_up(self, lag: int, prefill: bool = False) -> float:
+        """Predicted seconds to feed the drafter ``lag`` tokens: a deferred prefill at the
+        prefills' rate; a catch-up after plain steps costs what the last ones did (a call of a
+        few tokens is mostly its fixed cost), or at the prefills' rate if that is more. 0 where
+        nothing was timed yet."""
+        if lag <= 0:
+            return 0.0
+        by_rate = lag * self.prefill_rate if self.prefill_rate is not None else 0.0
+        return by_rate if prefill else max(by_rate, self.catch_up_s or 0.0)
 
     def choose(self, batch: int, acceptance: list[float], g_min: int | None = None,
-               lag: int = 0, remaining: float | None = None) -> int:
+               catch_up: float = 0.0, remaining: float | None = None) -> int:
         """The gamma for the next block of ``batch`` rows whose per-draft acceptance estimates
         are ``acceptance``; at least ``g_min`` (default: the controller's) for this block.
-        ``lag``: tokens (padding included) the drafter must be fed before it can draft (after
-        plain steps, or its deferred prefill); ``remaining``: tokens each row may still emit
-        (its budget; EOS may end it sooner), on average. Drafting then pays the catch-up once
-        for the rest of the call, so a block of gamma >= 1 is charged its share,
-        ``catch_up(lag) * E / remaining`` for the ``E`` tokens per row it is expected to emit.
-        """
+        ``catch_up``: predicted seconds to feed the lagging drafter before it can draft (after
+        plain steps, or its deferred prefill: :meth:`catch_up`); ``remaining``: tokens each
+        row may still emit (its budget; EOS may end it sooner), on average. Drafting then pays
+        the catch-up once for the rest of the call, so a block of gamma >= 1 is charged its
+        share, ``catch_up * E / remaining`` for the ``E`` tokens per row it is expected to
+        emit."""
         g_min = self.g_min if g_min is None else max(g_min, self.g_min)
         measured = {g for (_, g) in self.times}
         for g in (self.gamma_max, 1, 0):  # exploration: enough points for the line
@@ -142,7 +153,7 @@ class Goodput:
                 if g >= 1 and len(measured - {0}) >= 2:
                     continue
                 return g
-        catch = self.catch_up(lag)
+        catch = catch_up
         share = catch / remaining if remaining else 0.0  # seconds per emitted token per row
 
         def goodput(g):
@@ -188,6 +199,10 @@ class Goodput:
         var = sum((g - mg) ** 2 for g, _ in pts)
         slope = sum((g - mg) * (s - ms) for g, s in pts) / var
         return max(ms + slope * (gamma - mg), 1e-9)
+
+
+def _ema(old: float | None, new: float) -> float:
+    return new if old is None else (1 - EMA) * old + EMA * new
 
 
 def acceptance(accepted: int, rejected: int) -> float:

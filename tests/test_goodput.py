@@ -111,37 +111,41 @@ def test_a_lagging_drafter_charges_drafting_its_catch_up_over_the_calls_remainin
     for gamma, t in ((1, 0.15), (0, 0.1)):
         g.observe(2, gamma, t)
     g.observe(2, 4, 0.3)  # a third point, so nothing is left to explore
-    assert g.catch_up(100) == 0.0  # nothing timed yet: no charge
+    assert g.catch_up(100) == 0.0 and g.catch_up(100, prefill=True) == 0.0  # nothing timed
     # a = 0.8, 2 rows: gamma 1 emits 3.6 tokens in 0.15 s (24 tok/s), gamma 0 2 in 0.1 (20)
-    assert g.choose(2, [0.8, 0.8], lag=100, remaining=10) == 1
-    g.observe_catch_up(100, 0.5)  # 5 ms a token
-    assert g.catch_up(100) == pytest.approx(0.5)
+    assert g.choose(2, [0.8, 0.8], catch_up=0.0, remaining=10) == 1
     # charged 0.5 s / 10 tokens * 1.8 tokens per row: 3.6 / (0.15 + 0.09) = 15 < 20
-    assert g.choose(2, [0.8, 0.8], lag=100, remaining=10) == 0
-    # 100 tokens to go: 3.6 / (0.15 + 0.009) = 22.6 > 20; no lag: no charge
-    assert g.choose(2, [0.8, 0.8], lag=100, remaining=100) == 1
-    assert g.choose(2, [0.8, 0.8], lag=0, remaining=10) == 1
-    g.observe_catch_up(10, 0.1)  # the second replaces the first (one-time costs)
-    assert g.catch_up(1) == pytest.approx(0.01)
-    g.observe_catch_up(10, 0.2)  # then the rate moves by EMA
-    assert g.catch_up(1) == pytest.approx(0.7 * 0.01 + 0.3 * 0.02)
+    assert g.choose(2, [0.8, 0.8], catch_up=0.5, remaining=10) == 0
+    # 100 tokens to go: 3.6 / (0.15 + 0.009) = 22.6 > 20
+    assert g.choose(2, [0.8, 0.8], catch_up=0.5, remaining=100) == 1
+    # a deferred prefill costs by its tokens; a catch-up after plain steps at least what the
+    # last ones cost (a few tokens: mostly the call's fixed cost)
+    g.observe_catch_up(100, 0.5, prefill=True)  # 5 ms a token
+    assert g.catch_up(100, prefill=True) == pytest.approx(0.5)
+    assert g.catch_up(4) == pytest.approx(0.02)  # no catch-up timed yet: by the rate
+    g.observe_catch_up(4, 0.06)  # a 4-token catch-up took 60 ms
+    assert g.catch_up(4) == pytest.approx(0.06) and g.catch_up(3) == pytest.approx(0.06)
+    assert g.catch_up(100) == pytest.approx(0.5)  # a long one: the rate
+    assert g.catch_up(4, prefill=True) == pytest.approx(0.02)
+    g.observe_catch_up(100, 1.0, prefill=True)  # moving averages
+    assert g.prefill_rate == pytest.approx(0.7 * 0.005 + 0.3 * 0.01)
+    assert g.catch_up(0) == 0.0
     # the probe: after PROBE_AFTER plain steps only if the catch-up is cheap enough
     h = Goodput(gamma_max=4, allow_zero=True)
     for gamma, t in ((4, 0.5), (1, 0.2), (0, 0.1)):
         h.observe(1, gamma, t)
-    h.observe_catch_up(1, 0.01)
-    lag = int(PROBE_SHARE * PROBE_AFTER * 0.1 / 0.01) + 1  # just too dear after PROBE_AFTER
-    chosen = [h.choose(1, [0.8], lag=lag, remaining=1e9) for _ in range(PROBE_AFTER + 2)]
+    catch = PROBE_SHARE * PROBE_AFTER * 0.1 * 1.05  # just too dear after PROBE_AFTER
+    chosen = [h.choose(1, [0.8], catch_up=catch, remaining=1e9) for _ in range(PROBE_AFTER + 2)]
     assert chosen == [0] * (PROBE_AFTER + 1) + [1]
     # a new call: the plain steps counted towards the probe were the last call's
     h.probe_after = PROBE_AFTER
     for _ in range(3):
-        h.choose(1, [0.8], lag=1, remaining=1e9)
+        h.choose(1, [0.8], remaining=1e9)
     h.new_call()
     assert h.zeros == 0
     # a catch-up too dear to ever fit the share: the probe comes after PROBE_MAX plain steps
     h.probe_after = PROBE_AFTER
-    chosen = [h.choose(1, [0.8], lag=10 ** 9, remaining=1e18) for _ in range(PROBE_MAX + 1)]
+    chosen = [h.choose(1, [0.8], catch_up=1e9, remaining=1e18) for _ in range(PROBE_MAX + 1)]
     assert chosen == [0] * PROBE_MAX + [1]
 
 
