@@ -77,7 +77,7 @@ PROBE_AFTER = 8
 PROBE_MAX = 256
 #: and a probe waits until the drafter's predicted catch-up costs at most this share of the
 #: plain steps' time since the last drafting block
-PROBE_SHARE = 0.25
+PROBE_SHARE = 0.05
 #: upper edges of the confidence bins the calibration counts in (the drafter's largest
 #: probability sits mostly near 1)
 EDGES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
