@@ -406,7 +406,9 @@ class Engine:
         q, p = self.q, self.p
         start, batch = time.perf_counter(), rows.size
         rules = rows.block_rules()
-        gamma = self._gamma(rows, rules)
+        # what the lagging drafter must be fed before it drafts (the controller prices it)
+        lag = self._drafter_lag(rows) if self._goodput is not None else 0
+        gamma = self._gamma(rows, rules, lag)
         if gamma == 0:  # a plain verifier step: a block whose only position is its bonus
             self._step(rows, p, deferred=True)
             for b in range(rows.size):
@@ -414,7 +416,6 @@ class Engine:
             self._observe(batch, 0, start)
             return
         caught_up = time.perf_counter()
-        lag = self._drafter_lag(rows) if self._goodput is not None else 0
         if self._catch_up_drafter(rows):  # a switching cost, not the block's time
             if self._goodput is not None and self.device is not None \
                     and self.device.type == "cuda":
@@ -452,9 +453,10 @@ class Engine:
             p.seen[b] = L[b] + r.accepted
         self._observe(batch, gamma, start)
 
-    def _gamma(self, rows: Rows, rules: tuple) -> int:
+    def _gamma(self, rows: Rows, rules: tuple, lag: int) -> int:
         """This block's number of drafts, by the config's ``gamma_policy`` (recorded). 0 (a plain
-        verifier step) only where every row's rule allows it (:attr:`DecodeConfig.min_gamma`)."""
+        verifier step) only where every row's rule allows it (:attr:`DecodeConfig.min_gamma`).
+        ``lag``: :meth:`_drafter_lag` now, for the goodput controller."""
         cfg, policy = self.cfg, self.cfg.gamma_policy
         if policy == "fixed":
             return cfg.gamma
@@ -470,7 +472,7 @@ class Engine:
                                                               "goodput_confidence" else "counts"],
                                          min_gamma, remaining=remaining,
                                          catch_up=self._goodput.catch_up(
-                                             self._drafter_lag(rows), self._drafter_behind))
+                                             lag, self._drafter_behind))
         else:
             gamma = policy(len(self._gammas), rows.size)
             if isinstance(gamma, bool) or not isinstance(gamma, int) \
@@ -484,14 +486,18 @@ class Engine:
         if self._goodput is not None:
             self._goodput.observe(batch, gamma, time.perf_counter() - start)
 
+    def _drafter_lags(self, rows: Rows) -> bool:
+        """Whether the drafter must be fed before a block: its prefill is still to come, or
+        some row is more tokens ahead of it than a block's first drafter call feeds (2)."""
+        return self._drafter_behind or any(n - s > 2 for n, s in zip(rows.length, self.q.seen))
+
     def _drafter_lag(self, rows: Rows) -> int:
         """The tokens :meth:`_catch_up_drafter` would feed now: rows times the longest row's
         count (the call is left-padded), and a deferred prefill's shared prefix once."""
-        q = self.q
+        if not self._drafter_lags(rows):
+            return 0
         if not self._drafter_behind:
-            if all(n - s <= 2 for n, s in zip(rows.length, q.seen)):
-                return 0
-            return rows.size * max(n - 1 - s for n, s in zip(rows.length, q.seen))
+            return rows.size * max(n - 1 - s for n, s in zip(rows.length, self.q.seen))
         return rows.shared + rows.size * max(n - 1 - rows.shared for n in rows.length)
 
     def _catch_up_drafter(self, rows: Rows) -> bool:
@@ -502,7 +508,7 @@ class Engine:
         Returns whether it fed anything."""
         q = self.q
         upto = [n - 1 for n in rows.length]
-        if all(n - s <= 2 for n, s in zip(rows.length, q.seen)) and not self._drafter_behind:
+        if not self._drafter_lags(rows):
             return False
         for b in range(rows.size):
             if upto[b] > q.seen[b] and not self._drafter_behind:

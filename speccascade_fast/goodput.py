@@ -109,7 +109,7 @@ class Goodput:
     def observe(self, batch: int, gamma: int, seconds: float) -> None:
         key = (batch, gamma)
         n = self.seen[key] = self.seen.get(key, 0) + 1
-        self.times[key] = seconds if n <= 2 else (1 - EMA) * self.times[key] + EMA * seconds
+        self.times[key] = seconds if n <= 2 else _ema(self.times[key], seconds)
 
     def observe_catch_up(self, tokens: int, seconds: float, prefill: bool = False) -> None:
         """The lagging drafter was fed ``tokens`` tokens (padding included) in ``seconds``:
@@ -153,15 +153,14 @@ class Goodput:
                 if g >= 1 and len(measured - {0}) >= 2:
                     continue
                 return g
-        catch = catch_up
-        share = catch / remaining if remaining else 0.0  # seconds per emitted token per row
+        share = catch_up / remaining if remaining else 0.0  # seconds per emitted token per row
 
         def goodput(g):
             tokens = self.expected_tokens(acceptance, g)
             return tokens / (self.cost(batch, g) + (share * tokens / batch if g else 0.0))
 
         probe = g_min == 0 and self.zeros >= self.probe_after and (
-            catch <= PROBE_SHARE * self.zeros * self.cost(batch, 0) or self.zeros >= PROBE_MAX)
+            catch_up <= PROBE_SHARE * self.zeros * self.cost(batch, 0) or self.zeros >= PROBE_MAX)
         best = max(range(1 if probe else g_min, self.gamma_max + 1),
                    key=lambda g: (goodput(g), -g))
         if self.probed:  # the model's choice with the probe's measurements in
