@@ -160,9 +160,15 @@ def test_batch_equals_single_with_per_sequence_settings(pair, draft_confidence):
     assert again.new_tokens == batch.new_tokens  # the caches' stale contents never leak
 
 
-def test_compiled_drafter_steps_give_the_eager_tokens(pair):
+@pytest.mark.parametrize("drafter_weights", [None, "q4"])
+def test_compiled_drafter_steps_give_the_eager_tokens(pair, drafter_weights):
     """``compile_drafter``: the drafter's one-token steps run torch.compile'd (dynamic shapes),
-    in a batch whose rows finish at different times; the same tokens as eager (fp32 models)."""
+    in a batch whose rows finish at different times; the same tokens as eager (fp32 models;
+    and a drafter with quantised linear layers, each one operator in the compiled graph)."""
+    if drafter_weights:
+        from speccascade_fast.quantize import quantize_model
+
+        pair = (quantize_model(copy.deepcopy(pair[0]), drafter_weights), pair[1])
     ids, mask = left_padded(PROMPTS)
     settings = dict(seed=[3, 4, 5], max_new_tokens=[5, 17, 24], eos_token_id=[],
                     attention_mask=mask)

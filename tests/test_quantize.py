@@ -398,6 +398,58 @@ def test_quant_linear_reuses_its_prepared_call_until_something_changes(monkeypat
     assert len(made) == n
 
 
+class _Net(torch.nn.Module):
+    """An embedding, two linear layers and exact elementwise ops between them (relu, add): a
+    compiled forward must give the eager values bit for bit."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 64)
+        self.a = torch.nn.Linear(64, 96)
+        self.b = torch.nn.Linear(96, 64)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        return h + self.b(torch.relu(self.a(h)))
+
+
+@pytest.mark.parametrize("weights", ["q4", "int8", pytest.param("q4a8", marks=needs_vnni)])
+def test_quantised_modules_compile_without_graph_breaks(weights):
+    """Under torch.compile each quantised module is one opaque operator
+    (``speccascade::quant_module``): the model is one graph around our kernels (ctypes calls
+    that Dynamo cannot trace), and its values are the eager ones."""
+    torch.manual_seed(0)
+    net = _Net()
+    net.emb = QuantEmbedding(formats.rtn4(net.emb.weight), dtype=torch.float32)
+    quantize_model(net, weights)
+    assert isinstance(net.a, QuantLinear) and isinstance(net.emb, QuantEmbedding)
+    ids = torch.tensor([[1, 7, 3], [4, 4, 49]])
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(net)(ids)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    compiled = torch.compile(net, dynamic=True)
+    with torch.inference_mode():
+        eager = net(ids)
+        for rows in (ids, ids[:1], torch.tensor([[5]])):  # other shapes: no recompiling needed
+            assert torch.equal(compiled(rows), net(rows))
+    assert eager.shape == (2, 3, 64)
+
+
+def test_quantised_module_copies_are_called_as_themselves():
+    """A copy of a quantised module has a handle of its own: a compiled graph of the copy calls
+    the copy's weights, not the original's."""
+    torch.manual_seed(0)
+    lin = QuantLinear(formats.rtn4(torch.randn(16, 64)), dtype=torch.float32)
+    twin = copy.deepcopy(lin)
+    assert twin.handle != lin.handle
+    twin.codes = twin.codes ^ 0x11  # other weights
+    x = torch.randn(2, 64)
+    assert not torch.equal(twin(x), lin(x))
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(twin)(x), twin(x))
+    assert torch.equal(pickle.loads(pickle.dumps(lin))(x), lin(x))
+
+
 @needs_vnni
 def test_quant_linear_int8_activations(monkeypatch):
     torch.manual_seed(0)

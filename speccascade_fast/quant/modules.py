@@ -12,6 +12,9 @@ re-quantised once to per-channel int8 (losing their block structure).
 """
 from __future__ import annotations
 
+import itertools
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,6 +42,7 @@ class _Quantized(nn.Module):
         self._torch_state = None  # PyTorch-kernel copies, made on first use
         self._qw = None  # (the buffers it was made of, the QuantizedWeight)
         self._direct = None  # QuantLinear: the kernels.prepare call of the last direct matmul
+        self.handle = _register(self)  # (an int: compiled graphs call the module through it)
 
     @property
     def qweight(self) -> QuantizedWeight:
@@ -75,6 +79,10 @@ class _Quantized(nn.Module):
         state["_direct"] = state["_qw"] = state["_torch_state"] = None
         return state
 
+    def __setstate__(self, state):  # a copy is a module of its own
+        super().__setstate__(state)
+        self.handle = _register(self)
+
     def __setattr__(self, name, value):
         if name in _FIELDS or name in ("bias", "int8_activations"):  # (made again on next use)
             self.__dict__["_direct"] = self.__dict__["_torch_state"] = None
@@ -108,6 +116,11 @@ class QuantLinear(_Quantized):
                                                            requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # one opaque op (our kernels are ctypes calls)
+            return torch.ops.speccascade.quant_module(x, self.handle)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.K)
         M = x2.shape[0]
@@ -208,11 +221,42 @@ class QuantEmbedding(_Quantized):
         self.padding_idx = padding_idx
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return torch.ops.speccascade.quant_module(ids, self.handle)
+        return self._forward(ids)
+
+    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self.dense(self.dtype, ids.reshape(-1).to(torch.int64))
         return rows.view(*ids.shape, self.K)
 
     def extra_repr(self) -> str:
         return f"{self.N}, {self.K}, {self.kind}"
+
+
+#: handle -> the module (weakly): what the compiled graphs' quant_module ops call
+_MODULES: weakref.WeakValueDictionary[int, _Quantized] = weakref.WeakValueDictionary()
+_NEXT = itertools.count()
+
+
+def _register(module: _Quantized) -> int:
+    h = next(_NEXT)
+    _MODULES[h] = module
+    return h
+
+
+@torch.library.custom_op("speccascade::quant_module", mutates_args=())
+def quant_module(x: torch.Tensor, handle: int) -> torch.Tensor:
+    """A quantised module's forward as one operator, so that ``torch.compile`` keeps the rest
+    of a model in one graph around our kernels (which it cannot trace: ctypes calls)."""
+    return _MODULES[handle]._forward(x)
+
+
+@quant_module.register_fake
+def _(x: torch.Tensor, handle: int) -> torch.Tensor:
+    m = _MODULES[handle]
+    if isinstance(m, QuantEmbedding):
+        return x.new_empty((*x.shape, m.K), dtype=m.dtype)
+    return x.new_empty((*x.shape[:-1], m.N))
 
 
 __all__ = ["DIRECT_ROWS", "QuantEmbedding", "QuantLinear", "SLICE_BYTES"]
