@@ -374,6 +374,29 @@ def test_lenience_control_configurations_get_their_settings(monkeypatch):
     assert result["settings"]["divergence_budget"] == 0.25
 
 
+def test_compiled_drafter_reruns_each_drafting_configuration(monkeypatch):
+    seen = []
+
+    def fake(name, q, verifier, prompts, *, batch, **kwargs):
+        seen.append((name, batch, kwargs.get("compile_drafter", False), kwargs.get("gamma")))
+        row = e2e.Row(name, batch, 4, 0.5, 1)
+        row.extra["outputs"] = [[1, 2, 3, 4]]
+        return row
+
+    monkeypatch.setattr(e2e, "run_ours", fake)
+    monkeypatch.setattr(e2e, "step_costs", lambda *a, **k: dict(
+        t_q_s=1.0, t_p_s=2.0, t_p_block_s=2.0, c=0.5, r=1.0, compiled=k.get("compile_drafter")))
+    result = e2e.run(None, None, prompts=[torch.tensor([1])], batch=[1, 4], with_hf=False,
+                     configs=("spec-greedy", "spec-greedy@g2", "token_v3-t1-goodput"),
+                     compile_drafter=True, progress=lambda s: None)
+    compiled = [(n, b, g) for n, b, c, g in seen if c]
+    assert compiled == [("ours:drafter (compiled drafter)", 1, None),
+                        ("ours:spec greedy (compiled drafter)", 1, 5),
+                        ("ours:spec greedy, gamma 2 (compiled drafter)", 1, 2),
+                        ("ours:token_v3 a=0.3 T=1, goodput gamma (compiled drafter)", 1, 5)]
+    assert result["costs"]["compiled"]["compiled"] is True  # its own step costs
+
+
 def test_several_batch_sizes_run_every_configuration_at_each(monkeypatch):
     seen = []
 

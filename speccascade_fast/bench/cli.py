@@ -65,7 +65,8 @@ def add_bench_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--int8-drafter", action="store_true",
                    help="also measure a weight-only int8 copy of the drafter")
     p.add_argument("--compile-drafter", action="store_true",
-                   help="also measure the drafter's steps torch.compile'd (dynamic shapes)")
+                   help="also run the drafter alone and each configuration that drafts at "
+                        "batch 1 with the drafter's steps torch.compile'd (dynamic shapes)")
     p.add_argument("--warmup-tokens", type=int, default=0, metavar="N",
                    help="before each run of ours, one untimed call of N tokens on the same "
                         "engine (a goodput controller then starts from measured step times, "

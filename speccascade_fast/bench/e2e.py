@@ -411,9 +411,10 @@ DEFAULT_DIVERGENCE_BUDGET = 1.0
 DEFAULT_DRAFT_CONFIDENCE = 0.6
 #: the name suffix of HF assisted generation with HF's own defaults (``hf_defaults``)
 HF_DEFAULTS_SUFFIX = " (HF defaults)"
-#: the configurations re-run with the int8 drafter, and with the compiled drafter
+#: the configurations re-run with the int8 drafter
 INT8_CONFIGS = ("drafter", "spec-greedy", "token_v3-t1")
-COMPILED_CONFIGS = ("drafter", "spec-greedy")
+#: the name suffix of a configuration re-run with the drafter's steps torch.compile'd
+COMPILED_SUFFIX = " (compiled drafter)"
 
 
 def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new_tokens=128,
@@ -431,8 +432,9 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
     copy of the drafter (:func:`speccascade_fast.quantize.int8_weight_only`): its step cost, the
     :data:`INT8_CONFIGS` rows at batch 1 (and those of ``configs`` at ``batch`` too) and, with
     ``with_hf``, HF assisted generation with the same int8 assistant. ``compile_drafter``: the
-    same for the drafter's steps ``torch.compile``d (:data:`COMPILED_CONFIGS`, batch 1;
-    compilation happens before the clock). ``hf_gamma``: HF assisted generation's draft length
+    drafter's steps ``torch.compile``d: its step cost, and at batch 1 the drafter alone and
+    each configuration of ``configs`` that drafts, again with the compiled drafter
+    (:data:`COMPILED_SUFFIX`; compilation happens before the clock). ``hf_gamma``: HF assisted generation's draft length
     (default ``gamma``), so that each tool can run at its own best setting. ``hf_defaults``:
     with ``with_hf``, also HF assisted generation as HF runs it when told nothing (rows
     ``hf:assisted ... (HF defaults)``, see :func:`run_hf`). ``draft_confidence``: the cut-off
@@ -564,9 +566,10 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
             for key in INT8_CONFIGS:
                 if key != "drafter" and key in keys:
                     ours(key, q8, b, suffix=INT8_SUFFIX)
-    if compile_drafter:
-        for key in COMPILED_CONFIGS:
-            ours(key, drafter, 1, suffix=" (compiled drafter)", compile_drafter=True)
+    if compile_drafter:  # the drafter alone, and each configuration asked for that drafts
+        drafting = [k for k in keys if "rule" in CONFIGS[split_key(k)[0]][1]]
+        for key in ("drafter", *drafting):
+            ours(key, drafter, 1, suffix=COMPILED_SUFFIX, compile_drafter=True)
 
     merged: dict = {}
     round_costs: dict = {key: [] for key in cost_jobs}
