@@ -262,6 +262,23 @@ def test_summary_figures_by_hand():
             "14.0 ms: c = 0.200, r = 1.400.") in table
 
 
+def test_t1_rows_compare_with_the_verifier_at_t1_where_it_ran():
+    rows = [_row("ours:verifier", 1, 60, 12.0, 60),  # 5 tok/s
+            _row(e2e.VERIFIER_T1, 1, 60, 15.0, 60),  # 4 tok/s
+            _row("ours:spec T=1", 1, 60, 10.0, 20, 0.5, drafter_calls=60),  # 6 tok/s
+            _row("ours:spec greedy", 1, 60, 10.0, 20, 0.5, drafter_calls=60),
+            _row("ours:verifier", 2, 120, 12.0, 60),  # 10 tok/s; no T = 1 verifier at batch 2
+            _row("ours:spec T=1", 2, 120, 10.0, 40, 0.5, drafter_calls=120)]  # 12 tok/s
+    costs = {"t_q_s": 0.002, "t_p_s": 0.01, "t_p_block_s": 0.014, "c": 0.2, "r": 1.4}
+    result = {"rows": rows, "costs": costs, "settings": {"gamma": 3}, "machine": {}}
+    s = {(d["name"], d["batch"]): d["vs_ours_verifier"] for d in e2e.summarize(result)}
+    assert s["ours:spec T=1", 1] == 1.5  # 6 / 4 (T = 1), not 6 / 5 (greedy)
+    assert s["ours:spec greedy", 1] == 1.2 and s[e2e.VERIFIER_T1, 1] == 1.0
+    assert s["ours:spec T=1", 2] == 1.2  # no T = 1 verifier at batch 2: the greedy one
+    assert "against ours:verifier T=1 (same batch) for the T = 1 rows" in e2e.markdown(result)
+    assert e2e.CONFIGS["verifier-t1"][1] == dict(method="autoregressive", temperature=1.0)
+
+
 def test_unknown_config_is_an_error():
     with pytest.raises(ValueError, match="unknown config"):
         e2e.run(None, None, prompts=[torch.tensor([1])], configs=("beam",))

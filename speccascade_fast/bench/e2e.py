@@ -342,9 +342,12 @@ def iid_tokens_per_block(acceptance: float, gamma: int) -> float:
     return (1 - a ** (gamma + 1)) / (1 - a)
 
 
+#: the row of our verifier alone sampling at T = 1: the baseline of the T = 1 rows where it ran
+VERIFIER_T1 = "ours:verifier T=1"
 #: our configurations: key -> (row name, Engine settings); ``{alpha}`` is filled in by run()
 CONFIGS = {
     "verifier": ("ours:verifier", dict(method="autoregressive", temperature=0.0)),
+    "verifier-t1": (VERIFIER_T1, dict(method="autoregressive", temperature=1.0)),
     "drafter": ("ours:drafter", dict(method="drafter_only", temperature=0.0)),
     "spec-greedy": ("ours:spec greedy", dict(rule="spec", temperature=0.0)),
     "spec-t1": ("ours:spec T=1", dict(rule="spec", temperature=1.0)),
@@ -700,20 +703,22 @@ def machine(device: torch.device | None = None) -> dict:
 
 def summarize(result: dict) -> list[dict]:
     """Per row: tok/s, tokens per verifier call, speed-ups against the verifier alone (ours, same
-    batch), HF's verifier alone and HF assisted generation with the same sampling and the same
-    drafter (the int8 assistant for the int8 rows, when it ran; both at batch 1: HF's verifier
-    alone at the row's batch size where it ran there), the non-model share of the wall
-    time (CPU), and for our speculative rows at batch 1 the Leviathan prediction and the
-    efficiency, of the whole runs and of their decoding alone (without the prompts' prefill).
-    With several rounds, ``*_range`` gives the
-    lowest and highest of a ratio's per-round values (both rows' speeds from the same round)."""
+    batch: greedy, or for a T = 1 row at T = 1 where :data:`VERIFIER_T1` ran), HF's verifier
+    alone and HF assisted generation with the same sampling and the same drafter (the int8
+    assistant for the int8 rows, when it ran; both at batch 1: HF's verifier alone at the row's
+    batch size where it ran there), the non-model share of the wall time (CPU), and for our
+    speculative rows at batch 1 the Leviathan prediction and the efficiency, of the whole runs
+    and of their decoding alone (without the prompts' prefill). With several rounds,
+    ``*_range`` gives the lowest and highest of a ratio's per-round values (both rows' speeds
+    from the same round)."""
     rows: list[Row] = result["rows"]
     costs, gamma = result["costs"], result["settings"]["gamma"]
     by = {(r.name, r.batch): r for r in rows}
     hf = {r.name: r for r in rows if r.name.startswith("hf:") and r.batch == 1}
     out = []
     for r in rows:
-        base = by.get(("ours:verifier", r.batch))
+        base = by.get((VERIFIER_T1, r.batch)) if "T=1" in r.name else None
+        base = base or by.get(("ours:verifier", r.batch))
         d = {"name": r.name, "batch": r.batch, "tokens": r.tokens, "wall_s": round(r.wall_s, 2),
              "tokens_per_s": round(r.tokens_per_s, 3),
              "tokens_per_verifier_call": _round(r.tokens_per_verifier_call),
@@ -874,6 +879,10 @@ def markdown(result: dict) -> str:
                      "tokens per verifier call and the speed-ups of speculation are not "
                      "meaningful; what compares is the time per verifier call and per drafter "
                      "step of each engine (the ratios of the rows at about one token per call).")
+    if any(r.name == VERIFIER_T1 for r in result["rows"]):
+        lines.append("")
+        lines.append(f"vs_ours_verifier: against {VERIFIER_T1} (same batch) for the T = 1 rows, "
+                     "against ours:verifier (greedy) for the others.")
     rounds = result["settings"].get("rounds", 1)
     if rounds > 1:
         lines.append("")
