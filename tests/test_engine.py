@@ -177,7 +177,9 @@ def test_compiled_drafter_steps_give_the_eager_tokens(pair, drafter_weights):
     eager = Engine(*pair, **kw).generate(ids, **settings)
     engine = Engine(*pair, compile_drafter=True, **kw)
     assert engine.q.step_model is not engine.q.model
+    torch._dynamo.utils.counters.clear()
     out = engine.generate(ids, **settings)
+    assert not torch._dynamo.utils.counters["graph_break"]  # one graph per compiled step
     assert out.new_tokens == eager.new_tokens
     assert out.stats["drafter_calls"] == eager.stats["drafter_calls"]
     with pytest.raises(ValueError, match="compile_drafter"):

@@ -413,26 +413,39 @@ class _Net(torch.nn.Module):
         return h + self.b(torch.relu(self.a(h)))
 
 
-@pytest.mark.parametrize("weights", ["q4", "int8", pytest.param("q4a8", marks=needs_vnni)])
-def test_quantised_modules_compile_without_graph_breaks(weights):
-    """Under torch.compile each quantised module is one opaque operator
-    (``speccascade::quant_module``): the model is one graph around our kernels (ctypes calls
-    that Dynamo cannot trace), and its values are the eager ones."""
-    torch.manual_seed(0)
+def _quantised_net(weights):
     net = _Net()
     net.emb = QuantEmbedding(formats.rtn4(net.emb.weight), dtype=torch.float32)
     quantize_model(net, weights)
     assert isinstance(net.a, QuantLinear) and isinstance(net.emb, QuantEmbedding)
+    return net
+
+
+@pytest.mark.parametrize("weights", ["q4", "int8", pytest.param("q4a8", marks=needs_vnni)])
+def test_quantised_modules_compile_without_graph_breaks(weights):
+    """Under torch.compile each quantised module is one opaque operator
+    (``speccascade::quant_module``): the model is one graph around our kernels (ctypes calls
+    that Dynamo cannot trace), its values are the eager ones, and another instance of the same
+    model runs the same compiled code (the module's handle is a graph input, not a constant)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch.manual_seed(0)
+    net, other = _quantised_net(weights), _quantised_net(weights)
     ids = torch.tensor([[1, 7, 3], [4, 4, 49]])
     torch._dynamo.reset()
     explained = torch._dynamo.explain(net)(ids)
     assert explained.graph_count == 1 and explained.graph_break_count == 0
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    with torch.inference_mode():
+        for model in (net, other, net):
+            assert torch.equal(torch.compile(model, backend=counter)(ids), model(ids))
+        assert not torch.equal(net(ids), other(ids))  # (other weights: each called as itself)
+    assert counter.frame_count == 1
     compiled = torch.compile(net, dynamic=True)
     with torch.inference_mode():
-        eager = net(ids)
-        for rows in (ids, ids[:1], torch.tensor([[5]])):  # other shapes: no recompiling needed
+        for rows in (ids, ids[:1], torch.tensor([[5]])):
             assert torch.equal(compiled(rows), net(rows))
-    assert eager.shape == (2, 3, 64)
 
 
 def test_quantised_module_copies_are_called_as_themselves():
@@ -441,13 +454,16 @@ def test_quantised_module_copies_are_called_as_themselves():
     torch.manual_seed(0)
     lin = QuantLinear(formats.rtn4(torch.randn(16, 64)), dtype=torch.float32)
     twin = copy.deepcopy(lin)
-    assert twin.handle != lin.handle
+    assert int(twin.handle) != int(lin.handle)
+    assert "handle" not in lin.state_dict()
     twin.codes = twin.codes ^ 0x11  # other weights
     x = torch.randn(2, 64)
     assert not torch.equal(twin(x), lin(x))
     torch._dynamo.reset()
     assert torch.equal(torch.compile(twin)(x), twin(x))
-    assert torch.equal(pickle.loads(pickle.dumps(lin))(x), lin(x))
+    again = pickle.loads(pickle.dumps(lin))
+    assert int(again.handle) not in (int(lin.handle), int(twin.handle))
+    assert torch.equal(again(x), lin(x))
 
 
 @needs_vnni

@@ -42,7 +42,7 @@ class _Quantized(nn.Module):
         self._torch_state = None  # PyTorch-kernel copies, made on first use
         self._qw = None  # (the buffers it was made of, the QuantizedWeight)
         self._direct = None  # QuantLinear: the kernels.prepare call of the last direct matmul
-        self.handle = _register(self)  # (an int: compiled graphs call the module through it)
+        self._set_handle()
 
     @property
     def qweight(self) -> QuantizedWeight:
@@ -79,9 +79,16 @@ class _Quantized(nn.Module):
         state["_direct"] = state["_qw"] = state["_torch_state"] = None
         return state
 
+    def _set_handle(self) -> None:
+        """A new handle: the id by which :func:`quant_module` finds this module. It is a
+        buffer, not an int attribute: a compiled graph takes it as an input, so the same graph
+        serves every instance of a model (an int would be a constant of the graph, and each
+        instance would compile it again)."""
+        self.register_buffer("handle", torch.tensor(_register(self)), persistent=False)
+
     def __setstate__(self, state):  # a copy is a module of its own
         super().__setstate__(state)
-        self.handle = _register(self)
+        self._set_handle()
 
     def __setattr__(self, name, value):
         if name in _FIELDS or name in ("bias", "int8_activations"):  # (made again on next use)
@@ -117,7 +124,7 @@ class QuantLinear(_Quantized):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # one opaque op (our kernels are ctypes calls)
-            return torch.ops.speccascade.quant_module(x, self.handle)
+            return torch.ops.speccascade.quant_module(x, self.handle, self.N, False, x.dtype)
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -222,7 +229,7 @@ class QuantEmbedding(_Quantized):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            return torch.ops.speccascade.quant_module(ids, self.handle)
+            return torch.ops.speccascade.quant_module(ids, self.handle, self.K, True, self.dtype)
         return self._forward(ids)
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -245,18 +252,21 @@ def _register(module: _Quantized) -> int:
 
 
 @torch.library.custom_op("speccascade::quant_module", mutates_args=())
-def quant_module(x: torch.Tensor, handle: int) -> torch.Tensor:
-    """A quantised module's forward as one operator, so that ``torch.compile`` keeps the rest
-    of a model in one graph around our kernels (which it cannot trace: ctypes calls)."""
-    return _MODULES[handle]._forward(x)
+def quant_module(x: torch.Tensor, handle: torch.Tensor, n: int, embedding: bool,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """The forward of the quantised module whose handle is ``handle`` as one operator, so that
+    ``torch.compile`` keeps the rest of a model in one graph around our kernels (which it
+    cannot trace: ctypes calls). ``n``, ``embedding`` and ``dtype`` give the output's shape and
+    dtype without the module: a linear layer's ``[*x.shape[:-1], n]`` in ``x``'s dtype, an
+    embedding's ``[*x.shape, n]`` in ``dtype``."""
+    return _MODULES[int(handle)]._forward(x)
 
 
 @quant_module.register_fake
-def _(x: torch.Tensor, handle: int) -> torch.Tensor:
-    m = _MODULES[handle]
-    if isinstance(m, QuantEmbedding):
-        return x.new_empty((*x.shape, m.K), dtype=m.dtype)
-    return x.new_empty((*x.shape[:-1], m.N))
+def _(x, handle, n, embedding, dtype):
+    if embedding:
+        return x.new_empty((*x.shape, n), dtype=dtype)
+    return x.new_empty((*x.shape[:-1], n))
 
 
 __all__ = ["DIRECT_ROWS", "QuantEmbedding", "QuantLinear", "SLICE_BYTES"]
