@@ -448,6 +448,20 @@ def test_quantised_modules_compile_without_graph_breaks(weights):
             assert torch.equal(compiled(rows), net(rows))
 
 
+@pytest.mark.parametrize("kernel", ["ours", "torch"])
+def test_compiled_quant_linear_takes_each_path(kernel, monkeypatch):
+    """The operator runs the module's own forward, whichever path it takes: our kernel up to
+    DIRECT_ROWS rows, de-quantised slices and F.linear beyond, or PyTorch's kernels."""
+    monkeypatch.setenv("SPECCASCADE_QUANT_KERNEL", kernel)
+    torch.manual_seed(0)
+    lin = QuantLinear(formats.rtn4(torch.randn(32, 64)), torch.randn(32), dtype=torch.float32)
+    torch._dynamo.reset()
+    compiled = torch.compile(lin, dynamic=True)
+    for rows in (1, modules.DIRECT_ROWS + 1):
+        x = torch.randn(2, rows, 64)
+        assert torch.equal(compiled(x), lin(x)) and compiled(x).shape == (2, rows, 32)
+
+
 def test_quantised_module_copies_are_called_as_themselves():
     """A copy of a quantised module has a handle of its own: a compiled graph of the copy calls
     the copy's weights, not the original's."""
