@@ -439,9 +439,9 @@ def run(drafter, verifier, tokenizer=None, *, prompts=None, n_prompts=5, max_new
     each configuration of ``configs`` that drafts, again with the compiled drafter
     (:data:`COMPILED_SUFFIX`; compilation happens before the clock). ``hf_gamma``: HF
     assisted generation's draft length (default ``gamma``), so that each tool can run at its
-    own best setting. ``hf_defaults``:
-    with ``with_hf``, also HF assisted generation as HF runs it when told nothing (rows
-    ``hf:assisted ... (HF defaults)``, see :func:`run_hf`). ``draft_confidence``: the cut-off
+    own best setting. ``hf_defaults``: with ``with_hf``, also HF assisted generation as HF runs
+    it when told nothing (rows ``hf:assisted ... (HF defaults)``, see :func:`run_hf`).
+    ``draft_confidence``: the cut-off
     of the ``*-dc`` configurations (blocks of at most ``dc_gamma`` drafts, default ``gamma``,
     ended after the first draft the drafter gave less than this; their names say "at most
     N drafts" when ``dc_gamma`` is not ``gamma``). ``weights``: "real", or "random" for models

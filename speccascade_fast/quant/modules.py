@@ -90,6 +90,17 @@ class _Quantized(nn.Module):
         super().__setstate__(state)
         self._set_handle()
 
+    #: an embedding (output ``[*ids.shape, K]`` in the module's dtype) or a linear layer
+    #: (``[*x.shape[:-1], N]`` in ``x``'s dtype): the shape :func:`quant_module` reports
+    _EMBEDDING = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # one opaque op (our kernels are ctypes calls)
+            return torch.ops.speccascade.quant_module(
+                x, self.handle, self.K if self._EMBEDDING else self.N, self._EMBEDDING,
+                self.dtype)
+        return self._forward(x)
+
     def __setattr__(self, name, value):
         if name in _FIELDS or name in ("bias", "int8_activations"):  # (made again on next use)
             self.__dict__["_direct"] = self.__dict__["_torch_state"] = None
@@ -121,11 +132,6 @@ class QuantLinear(_Quantized):
         self.int8_activations = bool(int8_activations)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype),
                                                            requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # one opaque op (our kernels are ctypes calls)
-            return torch.ops.speccascade.quant_module(x, self.handle, self.N, False, x.dtype)
-        return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -221,16 +227,13 @@ class QuantEmbedding(_Quantized):
     """``nn.Embedding`` whose table is a :class:`QuantizedWeight`: the looked-up rows are
     de-quantised (exactly, then rounded to ``dtype``)."""
 
+    _EMBEDDING = True
+
     def __init__(self, qw: QuantizedWeight, dtype: torch.dtype = torch.bfloat16,
                  padding_idx: int | None = None):
         super().__init__(qw, dtype)
         self.num_embeddings, self.embedding_dim = qw.N, qw.K
         self.padding_idx = padding_idx
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            return torch.ops.speccascade.quant_module(ids, self.handle, self.K, True, self.dtype)
-        return self._forward(ids)
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self.dense(self.dtype, ids.reshape(-1).to(torch.int64))
