@@ -15,7 +15,7 @@ Kernels, each ``y[M, N] = x[M, K] W^T`` with bf16 activations and outputs:
   Q6_K: a nibble plus one or two bit planes; K-quants only where K is a multiple of 256, as in
   the GGUF files);
 * ``ours-*-a8`` (with ``--a8``): the same weights with int8 activations (``weights="q4a8"``:
-  activations quantised per block of 32 inside the call, VNNI integer dot products).
+  activations quantised per block of 32 inside the call, integer dot products: AVX-512 VNNI, or AVX2).
 
 Every call reads a different weight of a pool of at least ``--pool-mib`` per kernel (larger
 than the last-level cache), as a decoding step streams the model's weights from memory;
@@ -241,7 +241,7 @@ def main(argv=None) -> int:
                    help="bytes of distinct weights each kernel cycles through (default: 512)")
     p.add_argument("--hot", action="store_true", help="also time one cache-resident weight")
     p.add_argument("--a8", action="store_true",
-                   help="also our kernels with int8 activations (needs AVX-512 VNNI)")
+                   help="also our kernels with int8 activations (needs AVX-512 VNNI or AVX2)")
     p.add_argument("--no-precision", action="store_true",
                    help="skip the precision table (it needs the default verifier's GGUF)")
     p.add_argument("--out", default=None, help="folder for kernels.json and kernels.md")
@@ -251,8 +251,8 @@ def main(argv=None) -> int:
     if not kernels.ours_available():
         print(f"our kernels are unavailable: {kernels.BUILD_ERROR}", file=sys.stderr)
         return 1
-    if args.a8 and not kernels.has_vnni():
-        print("--a8: int8 activations need AVX-512 VNNI", file=sys.stderr)
+    if args.a8 and not kernels.has_int8_activations():
+        print("--a8: int8 activations need AVX-512 VNNI or AVX2", file=sys.stderr)
         return 1
     say = lambda s: print(s, file=sys.stderr, flush=True)
     shapes = {k: SHAPES[k] for k in args.shapes.split(",")}
@@ -270,7 +270,8 @@ def main(argv=None) -> int:
         load = None
     meta = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "torch": torch.__version__, "threads": torch.get_num_threads(),
-                        "avx512": kernels.has_avx512(), "vnni": kernels.has_vnni(),
+                        "avx512": kernels.has_avx512(), "int8_activations": kernels.has_int8_activations(),
+                        "path": kernels.vector_path(),
                         "date": time.strftime("%Y-%m-%d"),
                         "loadavg_at_end": load},
             "settings": vars(args), "elapsed_s": round(time.time() - t0)}

@@ -151,31 +151,63 @@ def test_quantized_weight_rejects_a_bad_nibble_layout(bad):
                                                        codes=qw.codes)}).z == 3
 
 
-@needs_ours
-def test_portable_build_reads_every_layout(monkeypatch, tmp_path):
-    """The kernels' path for CPUs without AVX-512 (QW::code, one weight at a time), built here
-    with -march=x86-64-v3: de-quantisation bit for bit and fp32 products as the reference."""
+def _build(monkeypatch, tmp_path, march: str):
+    """Our kernels built with ``-march=<march>`` in place of ``-march=native``, loaded."""
     build = kernels._library
     build.cache_clear()
-    monkeypatch.setattr(kernels, "_FLAGS", [("-march=x86-64-v3" if f == "-march=native" else f)
-                                            for f in kernels._FLAGS])
-    monkeypatch.setattr(kernels, "_build_dir", lambda: tmp_path)
-    lib = build()
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "_FLAGS", [(f"-march={march}" if f == "-march=native" else f)
+                                      for f in kernels._FLAGS])
+        m.setattr(kernels, "_build_dir", lambda: tmp_path)
+        lib = build()
     build.cache_clear()  # (later calls build or load the native library again)
     assert lib is not None, kernels.BUILD_ERROR
-    assert not lib.qm_has_avx512()
-    monkeypatch.setattr(kernels, "_library", lambda: lib)
-    for kind in ("Q4_K", "Q6_K", "Q5_0", "Q5_K", "Q8_0", *LAYOUTS):
-        for K in (256, 288):
+    return lib
+
+
+@needs_ours
+@pytest.mark.parametrize("march, path", [("x86-64-v2", "portable"), ("x86-64-v3", "avx2")])
+def test_every_path_gives_the_native_outputs_bit_for_bit(monkeypatch, tmp_path, march, path):
+    """The kernels' paths for CPUs without AVX-512: the portable one (QW::code, one weight at a
+    time; built with -march=x86-64-v2) and AVX2 + FMA (8-lane halves; -march=x86-64-v3) give
+    the de-quantised weights and the products of the natively built library bit for bit
+    (AVX-512 where this CPU has it), in fp32 and bf16, and the AVX2 build's int8-activation
+    products those of the native int8-activation kernel (VNNI or AVX2); the products stay
+    within fp32 rounding of the float64 reference."""
+    if kernels.vector_path() == "portable" and path == "avx2":
+        pytest.skip("this CPU has no AVX2 + FMA to run the x86-64-v3 build")
+    cases = []
+    for kind in ("Q4_K", "Q6_K", "Q5_0", "Q5_K", "Q8_0", "Q4_1", "int8", *LAYOUTS):
+        for K in (256, 288, 768):
             if K % 256 and kind[-1] == "K":
                 continue
-            qw = layout_weight(kind, 6, K, seed=4)
-            w = formats.dequantize(qw)
-            assert torch.equal(kernels.dequant(qw), w), kind
-            x = torch.randn(3, K, generator=torch.Generator().manual_seed(K))
-            scale = x.double().abs() @ w.double().abs().T
-            y = kernels.matmul(x, qw)
-            assert ((y.double() - x.double() @ w.double().T).abs() <= 1e-6 * scale).all(), kind
+            if kind == "int8":
+                qw = formats.int8_per_channel(torch.randn(9, K, generator=torch.Generator()
+                                                          .manual_seed(K)))
+            else:
+                qw = layout_weight(kind, 9, K, seed=4)
+            x = torch.randn(6, K, generator=torch.Generator().manual_seed(K)) * 3
+            bias = torch.randn(9, generator=torch.Generator().manual_seed(1))
+            a8 = (kernels.matmul(x, qw, bias, int8_activations=True)
+                  if kernels.has_int8_activations() else None)
+            cases.append((kind, qw, x, bias, kernels.matmul(x, qw, bias),
+                          kernels.matmul(x.bfloat16(), qw, bias.bfloat16()), a8))
+    lib = _build(monkeypatch, tmp_path, march)
+    assert (bool(lib.qm_has_avx512()), bool(lib.qm_has_avx2()), bool(lib.qm_has_a8())) == \
+        (False, path == "avx2", path == "avx2")
+    monkeypatch.setattr(kernels, "_library", lambda: lib)
+    for kind, qw, x, bias, y, yb, a8 in cases:
+        w = formats.dequantize(qw)
+        assert torch.equal(kernels.dequant(qw), w), kind
+        assert torch.equal(kernels.dequant(qw, dtype=torch.bfloat16), w.bfloat16()), kind
+        got = kernels.matmul(x, qw, bias)
+        assert torch.equal(got, y), kind
+        assert torch.equal(kernels.matmul(x.bfloat16(), qw, bias.bfloat16()), yb), kind
+        scale = x.double().abs() @ w.double().abs().T + bias.double().abs()
+        ref = x.double() @ w.double().T + bias.double()
+        assert ((got.double() - ref).abs() <= 1e-6 * scale).all(), kind
+        if path == "avx2" and a8 is not None:
+            assert torch.equal(kernels.matmul(x, qw, bias, int8_activations=True), a8), kind
 
 
 @needs_ours
@@ -183,7 +215,7 @@ def test_nibble_weights_without_rows():
     qw = formats.from_gguf("Q6_K", np.zeros((0, 210), dtype=np.uint8), 0, 256)
     assert kernels.dequant(qw).shape == (0, 256)
     assert kernels.matmul(torch.randn(2, 256), qw).shape == (2, 0)
-    if kernels.has_vnni():
+    if kernels.has_int8_activations():
         assert kernels.matmul(torch.randn(2, 256), qw, int8_activations=True).shape == (2, 0)
 
 
@@ -259,8 +291,8 @@ def test_group_factors_of_every_super_block_size_bit_for_bit(bits, gps):
     assert torch.equal(kernels.matmul(x, qw), w[:, cols].T)
 
 
-needs_vnni = pytest.mark.skipif(not kernels.has_vnni(),
-                                reason="int8 activations need our kernel and AVX-512 VNNI")
+needs_vnni = pytest.mark.skipif(not kernels.has_int8_activations(),
+                                reason="int8 activations need our kernel and AVX-512 VNNI or AVX2")
 
 
 def test_quantize_activations_by_hand():

@@ -84,7 +84,7 @@ def add_bench_subcommand(subparsers) -> argparse.ArgumentParser:
                    help="both models' weights: bf16 (dense), int8 (weight-only, per output "
                         "channel), q4 (the GGUF files' quantised blocks; with "
                         "--random-weights, 4-bit round-to-nearest) or q4a8 (q4 with int8 "
-                        "activations, AVX-512 VNNI); CPU only (default: bf16)")
+                        "activations, AVX-512 VNNI or AVX2); CPU only (default: bf16)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu",
                    help="where both models run (default: cpu; e.g. cuda, with CUDA graphs)")

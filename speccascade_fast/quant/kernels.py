@@ -2,7 +2,9 @@
 
 ``ours``: ``qmatmul.cpp`` beside this file, compiled on first use with the machine's own
 instruction set (``c++ -O3 -march=native -fopenmp``) into ``<cache_dir()>/kernels/`` and called
-through ctypes; AVX-512 where the CPU has it, a portable loop otherwise. It reads the GGUF block
+through ctypes; AVX-512 where the CPU has it, else AVX2 with FMA (the same arithmetic in 8-lane
+halves), else a portable loop (:func:`vector_path` says which). Every path gives the same
+outputs bit for bit. It reads the GGUF block
 structure as it is (codes, per-group integer scales, per-super-block fp32 factors), so its
 weights are those of the fp32 reference de-quantisation bit for bit, and computes every output
 in an order that does not depend on how many rows are multiplied together.
@@ -123,7 +125,8 @@ def _library() -> ctypes.CDLL | None:
     dll.qm_matmul_a8.argtypes = dll.qm_matmul.argtypes
     dll.qm_matmul_a8.restype = i32
     dll.qm_has_avx512.restype = i32
-    dll.qm_has_vnni.restype = i32
+    dll.qm_has_a8.restype = i32
+    dll.qm_has_avx2.restype = i32
     BUILD_ERROR = None
     return dll
 
@@ -139,24 +142,34 @@ def has_avx512() -> bool:
 
 
 @functools.cache
-def has_vnni() -> bool:
+def has_int8_activations() -> bool:
     """Whether our int8-activation kernel (:func:`matmul` with ``int8_activations``) is built:
-    it needs AVX-512 VNNI."""
+    it needs AVX-512 VNNI, or AVX2 with FMA (the same integer sums, so the same outputs)."""
     lib = _library()
-    return bool(lib is not None and lib.qm_has_vnni())
+    return bool(lib is not None and lib.qm_has_a8())
+
+
+def vector_path() -> str | None:
+    """Which of our kernels' paths this CPU runs: ``"avx512"``, ``"avx2"`` (AVX2 with FMA,
+    the AVX-512 path's arithmetic in 8-lane halves, the same outputs), ``"portable"`` (one
+    weight at a time, the same outputs, many times slower), or None when ours are unavailable."""
+    lib = _library()
+    if lib is None:
+        return None
+    return "avx512" if lib.qm_has_avx512() else "avx2" if lib.qm_has_avx2() else "portable"
 
 
 def check_int8_activations() -> None:
     """A RuntimeError saying why int8 activations (``weights="q4a8"``) cannot run here: they
-    need our kernel (``SPECCASCADE_QUANT_KERNEL`` not ``torch``) on a CPU with AVX-512 VNNI."""
+    need our kernel (``SPECCASCADE_QUANT_KERNEL`` not ``torch``) on a CPU with AVX-512 VNNI or AVX2."""
     if kernel_choice() == "torch":
         raise RuntimeError("weights='q4a8' needs our quantised kernel, but "
                            "SPECCASCADE_QUANT_KERNEL=torch")
     if not ours_available():
         raise RuntimeError(f"weights='q4a8' needs our quantised kernel, which is unavailable: "
                            f"{BUILD_ERROR}")
-    if not has_vnni():
-        raise RuntimeError("weights='q4a8' needs a CPU with AVX-512 VNNI (use weights='q4')")
+    if not has_int8_activations():
+        raise RuntimeError("weights='q4a8' needs a CPU with AVX-512 VNNI or AVX2 (use weights='q4')")
 
 
 def use_ours(t: torch.Tensor) -> bool:
@@ -195,9 +208,9 @@ def matmul(x: torch.Tensor, qw, bias: torch.Tensor | None = None,
 
     ``int8_activations``: each row of ``x`` is first quantised to int8 per block of 32 inputs
     (scale max|x| / 127, rounded to nearest even) and the groups' dot products are integer
-    (AVX-512 VNNI), in the manner of llama.cpp (which quantises activations per 256 inputs
-    for its K-quants and applies the offsets from the quantised sums; here per 32 inputs, with
-    fp32 sums of the activations for the offsets);
+    (AVX-512 VNNI, or AVX2's maddubs: the same sums), in the manner of llama.cpp (which
+    quantises activations per 256 inputs for its K-quants and applies the offsets from the
+    quantised sums; here per 32 inputs, with fp32 sums of the activations for the offsets);
     :func:`.formats.matmul_a8_reference` is the same quantity in PyTorch."""
     _check_call(qw, x.dtype, int8_activations)
     return _Prepared(qw, bias, x.dtype, int8_activations)(x)
@@ -205,12 +218,12 @@ def matmul(x: torch.Tensor, qw, bias: torch.Tensor | None = None,
 
 def _check_call(qw, dtype, int8_activations: bool) -> None:
     """What a call of our kernel needs besides the kernel itself: activations in bf16 or fp32,
-    and for int8 activations VNNI and K a multiple of 32 (a TypeError, RuntimeError or
+    and for int8 activations that kernel and K a multiple of 32 (a TypeError, RuntimeError or
     ValueError naming it)."""
     if dtype not in (torch.bfloat16, torch.float32):
         raise TypeError(f"quantised matmul: activations must be bfloat16 or float32, got {dtype}")
-    if int8_activations and not has_vnni():
-        raise RuntimeError("int8 activations need a CPU with AVX-512 VNNI")
+    if int8_activations and not has_int8_activations():
+        raise RuntimeError("int8 activations need a CPU with AVX-512 VNNI or AVX2")
     if int8_activations and qw.K % 32:
         raise ValueError(f"int8 activations: K={qw.K} must be a multiple of 32 ({qw})")
 
@@ -285,5 +298,5 @@ def dequant(qw, rows: torch.Tensor | None = None, dtype=torch.float32,
 
 
 __all__ = ["BUILD_ERROR", "KERNELS", "check_int8_activations", "dequant",
-           "has_avx512", "has_vnni", "kernel_choice", "matmul", "ours_available", "prepare",
+           "has_avx512", "has_int8_activations", "kernel_choice", "matmul", "ours_available", "prepare",
            "use_ours"]

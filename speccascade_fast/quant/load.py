@@ -21,7 +21,7 @@ Where the weights come from:
 * ``int8``: every linear layer in int8 with one scale per output channel, from the folder's
   (bf16) weights (:func:`.formats.int8_per_channel`); embeddings stay dense.
 * ``q4a8``: the weights of ``q4``, multiplied in the manner of llama.cpp: the activations
-  quantised to int8 per block of 32 inputs and integer dot products (AVX-512 VNNI; see
+  quantised to int8 per block of 32 inputs and integer dot products (AVX-512 VNNI or AVX2; see
   :func:`.kernels.matmul`), up to :data:`.modules.DIRECT_ROWS` rows (a prompt's prefill takes
   the de-quantised path of ``q4``).
 """

@@ -37,11 +37,19 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define QM_AVX2_ISA 1  // AVX2 + FMA: the int8-activation kernel without VNNI, and its helpers
+#else
+#define QM_AVX2_ISA 0
+#endif
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define QM_AVX512 1
+#define QM_AVX2 0
 #else
 #define QM_AVX512 0
+#define QM_AVX2 QM_AVX2_ISA  // the fp32 path on AVX2 (AMD Zen 1-3, Intel before AVX-512)
 #endif
 
 
@@ -401,8 +409,222 @@ void rows_mb(const QW& w, const float* x, int64_t mb, int64_t n0, int64_t n1, vo
 }
 #endif
 
+#if QM_AVX2_ISA
+// ---- AVX2 + FMA (no AVX-512): the AVX-512 path's arithmetic in two 8-lane halves ------------
+// The 16 lanes of the AVX-512 path (lane j accumulates inputs k = 16 i + j) are two __m256
+// accumulators, lanes 0..7 and 8..15, fed the same fma(code, s, -o) weights and the same
+// fma(w, x, acc) in the same order; the horizontal sum folds the halves as
+// _mm512_reduce_add_ps (and rows_scalar) do. So every output is bit for bit the other paths'.
+
+// rows n0..n0+nb-1: group scales into sbuf and negated offsets into obuf (QW::scale and
+// QW::offset, per super-block; the same fp32 products as group_factors)
+inline void group_factors_avx2(const QW& w, int64_t n0, int nb, float* sbuf, float* obuf,
+                               int64_t stride) {
+  const int64_t ng = w.ng(), nsb = w.nsb(), gps = w.gps;
+  for (int b = 0; b < nb; ++b) {
+    const int64_t n = n0 + b;
+    const float* Drow = w.D + n * nsb;
+    const float* Mrow = w.Mn ? w.Mn + n * nsb : nullptr;
+    const int8_t* srow = w.sc ? w.sc + n * ng : nullptr;
+    const int8_t* mrow = w.mq ? w.mq + n * ng : nullptr;
+    float* s = sbuf + b * stride;
+    float* o = obuf + b * stride;
+    for (int64_t sb = 0, g = 0; sb < nsb; ++sb) {
+      const float d = Drow[sb], m = Mrow ? Mrow[sb] : 0.0f;
+      for (int64_t r = 0; r < gps; ++r, ++g) {
+        s[g] = srow ? d * (float)srow[g] : d;
+        o[g] = -(Mrow ? (mrow ? m * (float)mrow[g] : m) : 0.0f);
+      }
+    }
+  }
+}
+
+// lanes i (0..7) whose bit i of m8 is set: add; others 0
+inline __m256i bit_lanes(uint32_t m8, __m256i add) {
+  const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i v = _mm256_and_si256(_mm256_set1_epi32((int)m8), sel);
+  return _mm256_and_si256(_mm256_cmpeq_epi32(v, sel), add);
+}
+
+// the codes (minus z) of a nibble row's inputs 32 u + 16 h + 8 q .. + 7 (h: 0 low nibbles, 1
+// high; q: 0, 1), int32 in c[2 h + q]
+template <int BITS>
+inline void nibble_codes_avx2(const uint8_t* crow, const uint8_t* hrow, int64_t u, __m256i zv,
+                              __m256i c[4]) {
+  const __m128i b = _mm_loadu_si128((const __m128i*)(crow + u * 16));
+  const __m128i m4 = _mm_set1_epi8(0x0f);
+  const __m128i lo = _mm_and_si128(b, m4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m4);
+  c[0] = _mm256_cvtepu8_epi32(lo);
+  c[1] = _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8));
+  c[2] = _mm256_cvtepu8_epi32(hi);
+  c[3] = _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8));
+  if constexpr (BITS > 4) {
+    const uint8_t* h = hrow + (u / 4) * 16 * (BITS - 4);
+    const int sh = 16 * (int)(u % 4);
+    for (int p = 0; p < BITS - 4; ++p) {
+      uint64_t a, bb;
+      std::memcpy(&a, h + 16 * p, 8);
+      std::memcpy(&bb, h + 16 * p + 8, 8);
+      const __m256i add = _mm256_set1_epi32(16 << p);
+      const uint32_t la = (uint32_t)(a >> sh), lb = (uint32_t)(bb >> sh);
+      c[0] = _mm256_add_epi32(c[0], bit_lanes(la & 0xff, add));
+      c[1] = _mm256_add_epi32(c[1], bit_lanes((la >> 8) & 0xff, add));
+      c[2] = _mm256_add_epi32(c[2], bit_lanes(lb & 0xff, add));
+      c[3] = _mm256_add_epi32(c[3], bit_lanes((lb >> 8) & 0xff, add));
+    }
+  }
+  for (int i = 0; i < 4; ++i) c[i] = _mm256_sub_epi32(c[i], zv);
+}
+
+inline float reduce16(__m256 lo, __m256 hi) {  // as _mm512_reduce_add_ps over (lo, hi)
+  const __m256 a8 = _mm256_add_ps(hi, lo);
+  const __m128 a4 = _mm_add_ps(_mm256_extractf128_ps(a8, 1), _mm256_castps256_ps128(a8));
+  const __m128 a2 = _mm_add_ps(a4, _mm_movehl_ps(a4, a4));
+  return _mm_cvtss_f32(a2) + _mm_cvtss_f32(_mm_shuffle_ps(a2, a2, 1));
+}
+
+template <int MB, int NB, int BITS, int G>
+inline void block_avx2(const QW& w, const float* x, int64_t n0, void* y, bool y_bf16,
+                       int64_t ldy, const void* bias) {
+  __m256 acc[MB][NB][2];
+  for (int m = 0; m < MB; ++m)
+    for (int b = 0; b < NB; ++b) acc[m][b][0] = acc[m][b][1] = _mm256_setzero_ps();
+  const int64_t K = w.K, ng = w.ng(), row_bytes = w.row_bytes(), hb = w.h_bytes();
+  thread_local std::vector<float> scratch;
+  if ((int64_t)scratch.size() < 2 * NB * ng) scratch.resize(2 * NB * ng);
+  float* sbuf = scratch.data();
+  float* obuf = sbuf + NB * ng;
+  const uint8_t* crow[NB];
+  const uint8_t* hrow[NB];
+  for (int b = 0; b < NB; ++b) {
+    crow[b] = w.codes + (n0 + b) * row_bytes;
+    hrow[b] = w.qh ? w.qh + (n0 + b) * hb : nullptr;
+  }
+  group_factors_avx2(w, n0, NB, sbuf, obuf, ng);
+  if constexpr (BITS != 8) {
+    const __m256i zv = _mm256_set1_epi32(w.z);
+    for (int64_t u = 0; u < K / 32; ++u) {
+      if (u % 4 == 0)
+        for (int b = 0; b < NB; ++b)
+          _mm_prefetch((const char*)(crow[b] + 4 * NB * row_bytes + u * 16), _MM_HINT_T0);
+      __m256 wv[NB][4];
+      for (int b = 0; b < NB; ++b) {
+        __m256i c[4];
+        nibble_codes_avx2<BITS>(crow[b], hrow[b], u, zv, c);
+        const int64_t g0 = G == 32 ? u : 2 * u, g1 = G == 32 ? u : 2 * u + 1;
+        const __m256 s0 = _mm256_set1_ps(sbuf[b * ng + g0]), o0 = _mm256_set1_ps(obuf[b * ng + g0]);
+        const __m256 s1 = _mm256_set1_ps(sbuf[b * ng + g1]), o1 = _mm256_set1_ps(obuf[b * ng + g1]);
+        wv[b][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c[0]), s0, o0);
+        wv[b][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c[1]), s0, o0);
+        wv[b][2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c[2]), s1, o1);
+        wv[b][3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c[3]), s1, o1);
+      }
+      for (int v = 0; v < 4; ++v)  // inputs 32 u + 8 v .. + 7: lanes 8 (v % 2) ..
+        for (int m = 0; m < MB; ++m) {
+          const __m256 xv = _mm256_loadu_ps(x + m * K + u * 32 + v * 8);
+          for (int b = 0; b < NB; ++b)
+            acc[m][b][v & 1] = _mm256_fmadd_ps(wv[b][v], xv, acc[m][b][v & 1]);
+        }
+    }
+  } else {
+    for (int64_t g = 0; g < ng; ++g) {
+      if ((g * G) % 64 == 0)
+        for (int b = 0; b < NB; ++b)
+          _mm_prefetch((const char*)(crow[b] + 4 * NB * row_bytes + g * G), _MM_HINT_T0);
+      for (int v = 0; v < G / 8; ++v) {  // inputs g G + 8 v .. + 7: lanes 8 (v % 2) ..
+        __m256 wv[NB];
+        for (int b = 0; b < NB; ++b) {
+          const __m128i c = _mm_loadl_epi64((const __m128i*)(crow[b] + g * G + v * 8));
+          wv[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)),
+                                  _mm256_set1_ps(sbuf[b * ng + g]), _mm256_set1_ps(obuf[b * ng + g]));
+        }
+        for (int m = 0; m < MB; ++m) {
+          const __m256 xv = _mm256_loadu_ps(x + m * K + g * G + v * 8);
+          for (int b = 0; b < NB; ++b)
+            acc[m][b][v & 1] = _mm256_fmadd_ps(wv[b], xv, acc[m][b][v & 1]);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int b = 0; b < NB; ++b) {
+      const int64_t n = n0 + b;
+      store(y, y_bf16, m * ldy + n,
+            reduce16(acc[m][b][0], acc[m][b][1]) + load_bias(bias, y_bf16, n));
+    }
+}
+
+// one row's fp32 weights (the same values as dequant_row)
+template <int BITS, int G>
+inline void dequant_row_avx2(const QW& w, int64_t n, float* dst) {
+  const int64_t ng = w.ng();
+  thread_local std::vector<float> scratch;
+  if ((int64_t)scratch.size() < 2 * ng) scratch.resize(2 * ng);
+  float* sbuf = scratch.data();
+  float* obuf = sbuf + ng;
+  group_factors_avx2(w, n, 1, sbuf, obuf, ng);
+  const uint8_t* crow = w.codes + n * w.row_bytes();
+  if constexpr (BITS != 8) {
+    const uint8_t* hrow = w.qh ? w.qh + n * w.h_bytes() : nullptr;
+    const __m256i zv = _mm256_set1_epi32(w.z);
+    for (int64_t u = 0; u < w.K / 32; ++u) {
+      __m256i c[4];
+      nibble_codes_avx2<BITS>(crow, hrow, u, zv, c);
+      const int64_t g0 = G == 32 ? u : 2 * u, g1 = G == 32 ? u : 2 * u + 1;
+      for (int v = 0; v < 4; ++v) {
+        const int64_t g = v < 2 ? g0 : g1;
+        _mm256_storeu_ps(dst + u * 32 + v * 8,
+                         _mm256_fmadd_ps(_mm256_cvtepi32_ps(c[v]), _mm256_set1_ps(sbuf[g]),
+                                         _mm256_set1_ps(obuf[g])));
+      }
+    }
+  } else {
+    for (int64_t g = 0; g < ng; ++g) {
+      const __m256 vs = _mm256_set1_ps(sbuf[g]), vo = _mm256_set1_ps(obuf[g]);
+      for (int v = 0; v < G / 8; ++v) {
+        const __m128i c = _mm_loadl_epi64((const __m128i*)(crow + g * G + v * 8));
+        _mm256_storeu_ps(dst + g * G + v * 8,
+                         _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)), vs, vo));
+      }
+    }
+  }
+}
+
+template <int MB, int BITS, int G>
+void rows_avx2(const QW& w, const float* x, int64_t n0, int64_t n1, void* y, bool y_bf16,
+               int64_t ldy, const void* bias) {
+  // two code streams at M = 1 (as the AVX-512 path); one row at a time past it, which keeps
+  // the accumulators and weights within the 16 ymm registers
+  constexpr int NB = MB == 1 ? 2 : 1;
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) block_avx2<MB, NB, BITS, G>(w, x, n, y, y_bf16, ldy, bias);
+  for (; n < n1; ++n) block_avx2<MB, 1, BITS, G>(w, x, n, y, y_bf16, ldy, bias);
+}
+
+template <int BITS, int G>
+void rows_mb_avx2(const QW& w, const float* x, int64_t mb, int64_t n0, int64_t n1, void* y,
+                  bool y_bf16, int64_t ldy, const void* bias) {
+  for (int64_t m0 = 0; m0 < mb; m0 += 4) {  // at most 4 rows of x per pass (registers)
+    const int64_t k = std::min<int64_t>(4, mb - m0);
+    const float* xm = x + m0 * w.K;
+    void* ym = y_bf16 ? (void*)((uint16_t*)y + m0 * ldy) : (void*)((float*)y + m0 * ldy);
+    switch (k) {
+      case 1: rows_avx2<1, BITS, G>(w, xm, n0, n1, ym, y_bf16, ldy, bias); break;
+      case 2: rows_avx2<2, BITS, G>(w, xm, n0, n1, ym, y_bf16, ldy, bias); break;
+      case 3: rows_avx2<3, BITS, G>(w, xm, n0, n1, ym, y_bf16, ldy, bias); break;
+      default: rows_avx2<4, BITS, G>(w, xm, n0, n1, ym, y_bf16, ldy, bias); break;
+    }
+  }
+}
+#endif
+
+#if (QM_AVX512 && defined(__AVX512VNNI__)) || QM_AVX2_ISA
+#define QM_A8 1
 #if QM_AVX512 && defined(__AVX512VNNI__)
-#define QM_VNNI 1
+#define QM_VNNI 1  // VNNI's dpbusd; otherwise AVX2's maddubs + madd (the same integer sums)
+#else
+#define QM_VNNI 0
+#endif
 #ifndef QM_PF
 #define QM_PF 2
 #endif
@@ -447,26 +669,62 @@ void quantise_x(const float* x, int64_t M, int64_t K, int bits, int G, int z, bo
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x + m * K;
     for (int64_t b = 0; b < nb; ++b) {
+#if QM_VNNI
       const __m512 a0 = _mm512_loadu_ps(xm + 32 * b), a1 = _mm512_loadu_ps(xm + 32 * b + 16);
       const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
       const bool nan = (_mm512_cmp_ps_mask(a0, a0, _CMP_UNORD_Q) |
                         _mm512_cmp_ps_mask(a1, a1, _CMP_UNORD_Q)) != 0;
+#else
+      __m256 a[4];
+      const __m256 nosign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+      int unord = 0;
+      __m256 mx = _mm256_setzero_ps();
+      for (int i = 0; i < 4; ++i) {
+        a[i] = _mm256_loadu_ps(xm + 32 * b + 8 * i);
+        mx = _mm256_max_ps(mx, _mm256_and_ps(a[i], nosign));
+        unord |= _mm256_movemask_ps(_mm256_cmp_ps(a[i], a[i], _CMP_UNORD_Q));
+      }
+      alignas(32) float mxs[8];
+      _mm256_store_ps(mxs, mx);
+      float amax = mxs[0];
+      for (int i = 1; i < 8; ++i) amax = std::max(amax, mxs[i]);  // (exact: any order)
+      const bool nan = unord != 0;
+#endif
       // a block with an infinity or a NaN makes its outputs NaN, as an fp32 product would;
       // a block whose 127 / max|x| overflows (all |x| < 4e-37) counts as zeros, as a block of 0
       const float r = amax > 0.0f ? 127.0f / amax : 0.0f;
       const bool zero = !(r <= 3.4028235e38f) || amax == 0.0f;
       d[b] = (nan || !(amax <= 3.4028235e38f)) ? __builtin_nanf("") : zero ? 0.0f : amax / 127.0f;
+#if QM_VNNI
       const __m512 inv = _mm512_set1_ps(zero || nan ? 0.0f : r);
       const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(a0, inv));  // nearest even
       const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(a1, inv));
       _mm_storeu_si128((__m128i*)(q.data() + 32 * b), _mm512_cvtsepi32_epi8(q0));
       _mm_storeu_si128((__m128i*)(q.data() + 32 * b + 16), _mm512_cvtsepi32_epi8(q1));
+#else
+      const __m256 inv = _mm256_set1_ps(zero || nan ? 0.0f : r);
+      for (int i = 0; i < 4; ++i) {
+        alignas(32) int32_t qi[8];
+        _mm256_store_si256((__m256i*)qi, _mm256_cvtps_epi32(_mm256_mul_ps(a[i], inv)));
+        for (int j = 0; j < 8; ++j)  // (saturated as _mm512_cvtsepi32_epi8)
+          q[32 * b + 8 * i + j] = (int8_t)std::min(127, std::max(-128, qi[j]));
+      }
+#endif
     }
     if (sums)
       for (int64_t g = 0; g < ng; ++g) {  // fixed order: 16 lanes (G = 32: two vectors), then
-        __m512 v = _mm512_loadu_ps(xm + g * G);  // their horizontal sum
+#if QM_VNNI                               // their horizontal sum
+        __m512 v = _mm512_loadu_ps(xm + g * G);
         if (G == 32) v = _mm512_add_ps(v, _mm512_loadu_ps(xm + g * G + 16));
         xq.gsum[m * ng + g] = _mm512_reduce_add_ps(v);
+#else
+        __m256 lo = _mm256_loadu_ps(xm + g * G), hi = _mm256_loadu_ps(xm + g * G + 8);
+        if (G == 32) {
+          lo = _mm256_add_ps(lo, _mm256_loadu_ps(xm + g * G + 16));
+          hi = _mm256_add_ps(hi, _mm256_loadu_ps(xm + g * G + 24));
+        }
+        xq.gsum[m * ng + g] = reduce16(lo, hi);
+#endif
       }
     int8_t* lo = xq.qlo.data() + m * C * 64;
     float* de = xq.dexp.data() + m * C * 16;
@@ -503,6 +761,166 @@ void quantise_x(const float* x, int64_t M, int64_t K, int bits, int G, int z, bo
   }
 }
 
+#if !QM_VNNI
+// ---- the int8-activation kernel on AVX2: VNNI's lanes in two halves ------------------------
+// Lane l (0..15) of a chunk holds the integer dot product of its 4 code bytes with their q, as
+// dpbusd computes it: here maddubs (unsigned codes times signed q, pairs summed in int16,
+// exact: |pair| <= 2 * 63 * 127 for nibble formats) then madd with ones (int32). 8-bit codes
+// are signed: their magnitudes times q carrying the code's sign (|pair| <= 2 * 128 * 127), the
+// same integer as VNNI's (code + 128) q - 128 q. Lanes 0..7 and 8..15 are two __m256, and
+// every fp32 operation is the VNNI path's, lane by lane, so the outputs are bit for bit its.
+
+// 0xff in byte i of the 32 where bit i of m is set
+inline __m256i bytes_of_bits(uint32_t m) {
+  const __m256i spread = _mm256_setr_epi64x(0, 0x0101010101010101LL, 0x0202020202020202LL,
+                                            0x0303030303030303LL);
+  const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+  const __m256i v = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)m), spread), bit);
+  return _mm256_cmpeq_epi8(v, bit);
+}
+
+inline __m256i dot4(__m256i w_u8, __m256i q_s8) {  // per int32 lane: sum of 4 byte products
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(w_u8, q_s8), _mm256_set1_epi16(1));
+}
+
+// the 8 lanes of half h as 2 x 4 (GPC 4: lane l's group 4 c + l / 4) or 8 (GPC 2) equal values
+inline __m256 lanes_of(const float* f, int gpc, int64_t c, int h) {
+  if (gpc == 2) return _mm256_set1_ps(f[2 * c + h]);
+  return _mm256_set_m128(_mm_set1_ps(f[4 * c + 2 * h + 1]), _mm_set1_ps(f[4 * c + 2 * h]));
+}
+
+template <int MB, int NB, int BITS, int G>
+inline void block_a8_avx2(const QW& w, const XQ& xq, int64_t m0, int64_t n0, void* y,
+                          bool y_bf16, int64_t ldy, const void* bias) {
+  constexpr bool NIB = BITS != 8;
+  constexpr bool TWO = NIB && G == 16;
+  constexpr int GPC = TWO ? 8 : (NIB || G == 16) ? 4 : 2;
+  __m256 acc[MB][NB][2];
+  for (int m = 0; m < MB; ++m)
+    for (int b = 0; b < NB; ++b) acc[m][b][0] = acc[m][b][1] = _mm256_setzero_ps();
+  const int64_t ng = w.ng(), C = xq.chunks, row_bytes = w.row_bytes(), hb = w.h_bytes();
+  const int64_t stride = ng + 8;
+  thread_local std::vector<float> scratch;
+  if ((int64_t)scratch.size() < 2 * NB * stride) scratch.resize(2 * NB * stride);
+  float* sbuf = scratch.data();
+  float* obuf = sbuf + NB * stride;
+  group_factors_avx2(w, n0, NB, sbuf, obuf, stride);
+  for (int b = 0; b < NB; ++b)
+    for (int64_t g = ng; g < stride; ++g) sbuf[b * stride + g] = obuf[b * stride + g] = 0.0f;
+  const __m256i lo4 = _mm256_set1_epi8(0x0f);
+  const __m256i c16 = _mm256_set1_epi8(16), c32 = _mm256_set1_epi8(32);
+  const uint8_t* crow[NB];
+  const uint8_t* hrow[NB];
+  for (int b = 0; b < NB; ++b) {
+    crow[b] = w.codes + (n0 + b) * row_bytes;
+    hrow[b] = w.qh ? w.qh + (n0 + b) * hb : nullptr;
+  }
+  const int8_t* qlo = xq.qlo.data() + m0 * C * 64;
+  const int8_t* qhi = NIB ? xq.qhi.data() + m0 * C * 64 : nullptr;
+  const float* dexp = xq.dexp.data() + m0 * C * 16;
+  const int32_t* ncorr = NIB && !xq.ncorr.empty() ? xq.ncorr.data() + m0 * C * 16 : nullptr;
+  const int32_t* ncorr_hi = xq.ncorr_hi.empty() ? nullptr : xq.ncorr_hi.data() + m0 * C * 16;
+  alignas(32) uint8_t tail[NB][64];
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t nbytes = std::min<int64_t>(64, row_bytes - c * 64);
+    for (int b = 0; b < NB; ++b)
+      _mm_prefetch((const char*)(crow[b] + QM_PF * NB * row_bytes + c * 64), _MM_HINT_T0);
+    for (int h = 0; h < 2; ++h) {  // code bytes 32 h .. 32 h + 31 of the chunk: lanes 8 h ..
+      __m256i wlo[NB], whi[NB];
+      for (int b = 0; b < NB; ++b) {
+        const uint8_t* src = crow[b] + c * 64;
+        if (nbytes < 64) {  // a part-filled last chunk: zeros past the row
+          std::memset(tail[b], 0, 64);
+          std::memcpy(tail[b], src, nbytes);
+          src = tail[b];
+        }
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(src + 32 * h));
+        if constexpr (NIB) {
+          wlo[b] = _mm256_and_si256(v, lo4);
+          whi[b] = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4);
+          if constexpr (BITS > 4) {
+            uint32_t hm[4];
+            for (int i = 0; i < 2 * (BITS - 4); ++i) {
+              uint64_t word;
+              std::memcpy(&word, hrow[b] + c * 16 * (BITS - 4) + 8 * i, 8);
+              hm[i] = (uint32_t)(word >> (32 * h));
+            }
+            wlo[b] = _mm256_add_epi8(wlo[b], _mm256_and_si256(bytes_of_bits(hm[0]), c16));
+            whi[b] = _mm256_add_epi8(whi[b], _mm256_and_si256(bytes_of_bits(hm[1]), c16));
+            if constexpr (BITS > 5) {
+              wlo[b] = _mm256_add_epi8(wlo[b], _mm256_and_si256(bytes_of_bits(hm[2]), c32));
+              whi[b] = _mm256_add_epi8(whi[b], _mm256_and_si256(bytes_of_bits(hm[3]), c32));
+            }
+          }
+        } else {
+          wlo[b] = v;  // signed codes (their magnitudes and signs are taken per row of x)
+        }
+      }
+      for (int m = 0; m < MB; ++m) {
+        const int64_t off = (m * C + c) * 64 + 32 * h, loff = (m * C + c) * 16 + 8 * h;
+        const __m256i xl = _mm256_loadu_si256((const __m256i*)(qlo + off));
+        const __m256 xd = _mm256_loadu_ps(dexp + loff);
+        if constexpr (TWO) {
+          const __m256i xh = _mm256_loadu_si256((const __m256i*)(qhi + off));
+          const __m256i nc = ncorr ? _mm256_loadu_si256((const __m256i*)(ncorr + loff))
+                                   : _mm256_setzero_si256();
+          const __m256i nh = ncorr_hi ? _mm256_loadu_si256((const __m256i*)(ncorr_hi + loff))
+                                      : _mm256_setzero_si256();
+          for (int b = 0; b < NB; ++b) {
+            const float* f = sbuf + b * stride + 8 * c + 4 * h;  // lanes' groups 8 c + 2 (l / 4)
+            const __m256 ws = _mm256_set_m128(_mm_set1_ps(f[2]), _mm_set1_ps(f[0]));
+            const __m256 wh = _mm256_set_m128(_mm_set1_ps(f[3]), _mm_set1_ps(f[1]));
+            const __m256i sl = _mm256_add_epi32(nc, dot4(wlo[b], xl));
+            const __m256i sh = _mm256_add_epi32(nh, dot4(whi[b], xh));
+            acc[m][b][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sl), _mm256_mul_ps(ws, xd),
+                                           acc[m][b][h]);
+            acc[m][b][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sh), _mm256_mul_ps(wh, xd),
+                                           acc[m][b][h]);
+          }
+        } else {
+          const __m256i nc = ncorr ? _mm256_loadu_si256((const __m256i*)(ncorr + loff))
+                                   : _mm256_setzero_si256();
+          __m256i xh;
+          if constexpr (NIB) xh = _mm256_loadu_si256((const __m256i*)(qhi + off));
+          for (int b = 0; b < NB; ++b) {
+            __m256i s;
+            if constexpr (NIB)
+              s = _mm256_add_epi32(nc, _mm256_add_epi32(dot4(wlo[b], xl), dot4(whi[b], xh)));
+            else
+              s = dot4(_mm256_abs_epi8(wlo[b]), _mm256_sign_epi8(xl, wlo[b]));
+            const __m256 ws = lanes_of(sbuf + b * stride, GPC, c, h);
+            acc[m][b][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(ws, xd),
+                                           acc[m][b][h]);
+          }
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int b = 0; b < NB; ++b) {
+      const int64_t n = n0 + b;
+      float v = reduce16(acc[m][b][0], acc[m][b][1]);
+      if (w.Mn) {  // + sum_g (-o_g) gsum_g: 16 groups per lane pass, then the lanes' sum
+        const float* ob = obuf + b * stride;
+        const float* gs = xq.gsum.data() + (m0 + m) * ng;
+        __m256 o0 = _mm256_setzero_ps(), o1 = _mm256_setzero_ps();
+        const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        for (int64_t g = 0; g < ng; g += 16) {
+          const int64_t cnt = std::min<int64_t>(16, ng - g);
+          const __m256i k0 = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)cnt), idx);
+          const __m256i k1 = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)cnt - 8), idx);
+          o0 = _mm256_fmadd_ps(_mm256_maskload_ps(ob + g, k0), _mm256_maskload_ps(gs + g, k0), o0);
+          o1 = _mm256_fmadd_ps(_mm256_maskload_ps(ob + g + 8, k1),
+                               _mm256_maskload_ps(gs + g + 8, k1), o1);
+        }
+        v += reduce16(o0, o1);
+      }
+      store(y, y_bf16, m * ldy + n, v + load_bias(bias, y_bf16, n));
+    }
+}
+#endif
+
+#if QM_VNNI
 // NB output rows at a time, MB activation rows
 template <int MB, int NB, int BITS, int G>
 inline void block_a8(const QW& w, const XQ& xq, int64_t m0, int64_t n0, void* y, bool y_bf16,
@@ -623,13 +1041,19 @@ inline void block_a8(const QW& w, const XQ& xq, int64_t m0, int64_t n0, void* y,
     }
 }
 
+#define QM_BLOCK_A8 block_a8
+#else
+#define QM_BLOCK_A8 block_a8_avx2
+#endif
+
 template <int MB, int BITS, int G>
 void rows_a8(const QW& w, const XQ& xq, int64_t m0, int64_t n0, int64_t n1, void* y, bool y_bf16,
              int64_t ldy, const void* bias) {
-  constexpr int NB = 2;  // (as rows_avx512)
+  // (as rows_avx512; AVX2 has 16 vector registers: one row at a time past 2 rows of x)
+  constexpr int NB = (QM_VNNI || MB <= 2) ? 2 : 1;
   int64_t n = n0;
-  for (; n + NB <= n1; n += NB) block_a8<MB, NB, BITS, G>(w, xq, m0, n, y, y_bf16, ldy, bias);
-  for (; n < n1; ++n) block_a8<MB, 1, BITS, G>(w, xq, m0, n, y, y_bf16, ldy, bias);
+  for (; n + NB <= n1; n += NB) QM_BLOCK_A8<MB, NB, BITS, G>(w, xq, m0, n, y, y_bf16, ldy, bias);
+  for (; n < n1; ++n) QM_BLOCK_A8<MB, 1, BITS, G>(w, xq, m0, n, y, y_bf16, ldy, bias);
 }
 
 template <int BITS, int G>
@@ -647,10 +1071,14 @@ void rows_a8_mb(const QW& w, const XQ& xq, int64_t m0, int64_t mb, int64_t n0, i
   }
 }
 #else
+#define QM_A8 0
 #define QM_VNNI 0
 #endif
 
 constexpr int64_t MB_MAX = 8;
+#if QM_A8
+constexpr int64_t MB_A8 = QM_VNNI ? 8 : 4;  // rows of x per pass of the int8-activation kernel
+#endif
 constexpr int64_t ROW_CHUNK = 16;  // rows of W per task (a multiple of NB)
 constexpr int64_t MIN_WORK_PER_THREAD = 1 << 19;
 
@@ -688,6 +1116,7 @@ inline int check_layout(int bits, int G, int gps, const uint8_t* qh, int z, int6
 extern "C" {
 
 int qm_has_avx512() { return QM_AVX512; }
+int qm_has_avx2() { return QM_AVX512 || QM_AVX2; }  // a vector path (AVX-512, or AVX2 + FMA)
 
 // y[M, N] (leading dimension ldy) = x[M, K] w^T (+ bias[N]); x_bf16 / y_bf16 choose the
 // dtypes (bias has y's dtype). Returns 0, or a negative code for an unsupported layout.
@@ -704,7 +1133,7 @@ int qm_matmul(const void* x, int x_bf16, int64_t M, const uint8_t* codes, int bi
   const int nt = threads_for(N, K, M, tasks, nthreads);
 #pragma omp parallel num_threads(nt)
   {
-#if !QM_AVX512
+#if !QM_AVX512 && !QM_AVX2
     std::vector<float> wrow(K);
 #endif
 #pragma omp for schedule(dynamic, 4)
@@ -716,6 +1145,8 @@ int qm_matmul(const void* x, int x_bf16, int64_t M, const uint8_t* codes, int bi
         void* ym = y_bf16 ? (void*)((uint16_t*)y + m0 * ldy) : (void*)((float*)y + m0 * ldy);
 #if QM_AVX512
         QM_DISPATCH(bits, G, rows_mb, (w, xm, mb, n0, n1, ym, y_bf16, ldy, bias));
+#elif QM_AVX2
+        QM_DISPATCH(bits, G, rows_mb_avx2, (w, xm, mb, n0, n1, ym, y_bf16, ldy, bias));
 #else
         rows_scalar(w, xm, mb, n0, n1, ym, y_bf16, ldy, bias, wrow.data());
 #endif
@@ -725,13 +1156,13 @@ int qm_matmul(const void* x, int x_bf16, int64_t M, const uint8_t* codes, int bi
   return 0;
 }
 
-// as qm_matmul, with the activations quantised to int8 per block of 32 inputs (QM_VNNI builds
-// only; -4 otherwise). K must be a multiple of 32.
+// as qm_matmul, with the activations quantised to int8 per block of 32 inputs (QM_A8 builds:
+// AVX-512 VNNI or AVX2; -4 otherwise). K must be a multiple of 32.
 int qm_matmul_a8(const void* x, int x_bf16, int64_t M, const uint8_t* codes, int bits, int G,
                  int gps, const float* D, const int8_t* sc, const float* Mn, const int8_t* mq,
                  const uint8_t* qh, int z, int64_t N, int64_t K, void* y, int y_bf16, int64_t ldy, const void* bias,
                  int nthreads) {
-#if QM_VNNI
+#if QM_A8
   if (const int rc = check_layout(bits, G, gps, qh, z, N, K)) return rc;
   if (K % 32 != 0 || M < 1) return -2;
   QW w{codes, bits, G, gps, D, sc, Mn, mq, qh, z, N, K};
@@ -744,8 +1175,8 @@ int qm_matmul_a8(const void* x, int x_bf16, int64_t M, const uint8_t* codes, int
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
   for (int64_t t = 0; t < tasks; ++t) {
     const int64_t n0 = t * ROW_CHUNK, n1 = std::min(N, n0 + ROW_CHUNK);
-    for (int64_t m0 = 0; m0 < M; m0 += MB_MAX) {
-      const int64_t mb = std::min(MB_MAX, M - m0);
+    for (int64_t m0 = 0; m0 < M; m0 += MB_A8) {
+      const int64_t mb = std::min(MB_A8, M - m0);
       void* ym = y_bf16 ? (void*)((uint16_t*)y + m0 * ldy) : (void*)((float*)y + m0 * ldy);
       QM_DISPATCH(bits, G, rows_a8_mb, (w, xq, m0, mb, n0, n1, ym, y_bf16, ldy, bias));
     }
@@ -759,7 +1190,7 @@ int qm_matmul_a8(const void* x, int x_bf16, int64_t M, const uint8_t* codes, int
 #endif
 }
 
-int qm_has_vnni() { return QM_VNNI; }
+int qm_has_a8() { return QM_A8; }  // the int8-activation kernel (AVX-512 VNNI, or AVX2)
 
 // out[r, K] = the de-quantised rows rows[r] (all rows 0..R-1 when rows is null), fp32 or bf16
 int qm_dequant(const uint8_t* codes, int bits, int G, int gps, const float* D, const int8_t* sc,
@@ -779,6 +1210,8 @@ int qm_dequant(const uint8_t* codes, int bits, int G, int gps, const float* D, c
       float* dst = out_bf16 ? buf.data() : (float*)out + r * K;
 #if QM_AVX512
       QM_DISPATCH(bits, G, dequant_row_avx512, (w, n, dst));
+#elif QM_AVX2
+      QM_DISPATCH(bits, G, dequant_row_avx2, (w, n, dst));
 #else
       dequant_row(w, n, dst);
 #endif
@@ -793,6 +1226,15 @@ int qm_dequant(const uint8_t* codes, int bits, int G, int gps, const float* D, c
           const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
           u = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, bias7), lsb), 16);
           _mm256_storeu_si256((__m256i*)(o + k), _mm512_cvtepi32_epi16(u));
+        }
+#elif QM_AVX2
+        const __m256i bias7 = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
+        for (; k + 8 <= K; k += 8) {
+          __m256i u = _mm256_castps_si256(_mm256_loadu_ps(dst + k));
+          const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
+          u = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, bias7), lsb), 16);
+          _mm_storeu_si128((__m128i*)(o + k), _mm_packus_epi32(_mm256_castsi256_si128(u),
+                                                               _mm256_extracti128_si256(u, 1)));
         }
 #endif
         for (; k < K; ++k) o[k] = f32_to_bf16(dst[k]);
