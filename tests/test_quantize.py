@@ -176,38 +176,54 @@ def test_every_path_gives_the_native_outputs_bit_for_bit(monkeypatch, tmp_path, 
     within fp32 rounding of the float64 reference."""
     if kernels.vector_path() == "portable" and path == "avx2":
         pytest.skip("this CPU has no AVX2 + FMA to run the x86-64-v3 build")
+
+    def weight(kind, K):
+        g = torch.Generator().manual_seed(K)
+        if kind == "int8":
+            return formats.int8_per_channel(torch.randn(9, K, generator=g))
+        if kind == "rtn4":
+            return formats.rtn4(torch.randn(9, K, generator=g))
+        if kind == "g16":  # 8-bit codes in groups of 16
+            return formats.QuantizedWeight(
+                "g16", 8, 16, 1, 9, K, torch.randint(-128, 128, (9, K), generator=g,
+                                                     dtype=torch.int8),
+                torch.rand(9, K // 16, generator=g) * 1e-2)
+        return layout_weight(kind, 9, K, seed=4)
+
+    def outputs(qw, x, bias):  # M = 1 (a decoding step: two weight rows per block), 3, 6
+        out = []
+        for m in (1, 3, 6):
+            out += [kernels.matmul(x[:m], qw, bias),
+                    kernels.matmul(x[:m].bfloat16(), qw, bias.bfloat16())]
+            if a8:
+                out.append(kernels.matmul(x[:m], qw, bias, int8_activations=True))
+        return out
+
+    a8 = kernels.has_int8_activations() and path == "avx2"
     cases = []
-    for kind in ("Q4_K", "Q6_K", "Q5_0", "Q5_K", "Q8_0", "Q4_1", "int8", *LAYOUTS):
+    for kind in ("Q4_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K", "Q8_0", "Q4_1", "int8", "rtn4", "g16",
+                 *LAYOUTS):
         for K in (256, 288, 768):
             if K % 256 and kind[-1] == "K":
                 continue
-            if kind == "int8":
-                qw = formats.int8_per_channel(torch.randn(9, K, generator=torch.Generator()
-                                                          .manual_seed(K)))
-            else:
-                qw = layout_weight(kind, 9, K, seed=4)
+            qw = weight(kind, K)
             x = torch.randn(6, K, generator=torch.Generator().manual_seed(K)) * 3
             bias = torch.randn(9, generator=torch.Generator().manual_seed(1))
-            a8 = (kernels.matmul(x, qw, bias, int8_activations=True)
-                  if kernels.has_int8_activations() else None)
-            cases.append((kind, qw, x, bias, kernels.matmul(x, qw, bias),
-                          kernels.matmul(x.bfloat16(), qw, bias.bfloat16()), a8))
+            cases.append((kind, qw, x, bias, outputs(qw, x, bias)))
     lib = _build(monkeypatch, tmp_path, march)
     assert (bool(lib.qm_has_avx512()), bool(lib.qm_has_avx2()), bool(lib.qm_has_a8())) == \
         (False, path == "avx2", path == "avx2")
     monkeypatch.setattr(kernels, "_library", lambda: lib)
-    for kind, qw, x, bias, y, yb, a8 in cases:
+    for kind, qw, x, bias, native in cases:
         w = formats.dequantize(qw)
         assert torch.equal(kernels.dequant(qw), w), kind
         assert torch.equal(kernels.dequant(qw, dtype=torch.bfloat16), w.bfloat16()), kind
-        got = kernels.matmul(x, qw, bias)
-        assert torch.equal(got, y), kind
-        assert torch.equal(kernels.matmul(x.bfloat16(), qw, bias.bfloat16()), yb), kind
+        got = outputs(qw, x, bias)
+        assert all(torch.equal(a, b) for a, b in zip(got, native, strict=True)), kind
         scale = x.double().abs() @ w.double().abs().T + bias.double().abs()
         ref = x.double() @ w.double().T + bias.double()
-        assert ((got.double() - ref).abs() <= 1e-6 * scale).all(), kind
-        if path == "avx2" and a8 is not None:
-            assert torch.equal(kernels.matmul(x, qw, bias, int8_activations=True), a8), kind
+        y = kernels.matmul(x, qw, bias).double()
+        assert ((y - ref).abs() <= 1e-6 * scale).all(), kind
 
 
 @needs_ours
@@ -291,7 +307,7 @@ def test_group_factors_of_every_super_block_size_bit_for_bit(bits, gps):
     assert torch.equal(kernels.matmul(x, qw), w[:, cols].T)
 
 
-needs_vnni = pytest.mark.skipif(not kernels.has_int8_activations(),
+needs_a8 = pytest.mark.skipif(not kernels.has_int8_activations(),
                                 reason="int8 activations need our kernel and AVX-512 VNNI or AVX2")
 
 
@@ -311,7 +327,7 @@ def test_quantize_activations_by_hand():
         formats.quantize_activations(torch.zeros(1, 48))
 
 
-@needs_vnni
+@needs_a8
 @pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K", "Q8_0", "Q4_1", "int8",
                                   "rtn4", "g16", *LAYOUTS])
 # 288: a last chunk of codes under 64 bytes; 768: 24 groups of 32, a part-filled vector of 16
@@ -355,7 +371,7 @@ def test_int8_activation_matmul_is_its_reference_and_row_invariant(kind, K):
                                           int8_activations=True).bfloat16())
 
 
-@needs_vnni
+@needs_a8
 @pytest.mark.parametrize("kind", ["rtn4", "int8"])  # with offsets, and without
 def test_int8_activation_matmul_propagates_nan_and_inf(kind):
     w = torch.randn(8, 64)
@@ -369,7 +385,7 @@ def test_int8_activation_matmul_propagates_nan_and_inf(kind):
     assert y[:4].isnan().all() and y[4].isfinite().all()
 
 
-@needs_vnni
+@needs_a8
 def test_int8_activation_matmul_is_the_same_on_every_thread_count():
     g = torch.Generator().manual_seed(5)
     qw = formats.from_gguf("Q4_K", random_blocks("Q4_K", 2048, 512, seed=4), 2048, 512)
@@ -453,7 +469,7 @@ def _quantised_net(weights):
     return net
 
 
-@pytest.mark.parametrize("weights", ["q4", "int8", pytest.param("q4a8", marks=needs_vnni)])
+@pytest.mark.parametrize("weights", ["q4", "int8", pytest.param("q4a8", marks=needs_a8)])
 def test_quantised_modules_compile_without_graph_breaks(weights):
     """Under torch.compile each quantised module is one opaque operator
     (``speccascade::quant_module``): the model is one graph around our kernels (ctypes calls
@@ -512,7 +528,7 @@ def test_quantised_module_copies_are_called_as_themselves():
     assert torch.equal(again(x), lin(x))
 
 
-@needs_vnni
+@needs_a8
 def test_quant_linear_int8_activations(monkeypatch):
     torch.manual_seed(0)
     lin = torch.nn.Linear(96, 48)
@@ -533,7 +549,7 @@ def test_quant_linear_int8_activations(monkeypatch):
         quantize_model(torch.nn.Sequential(torch.nn.Linear(32, 8)), "q4a8")
 
 
-@needs_vnni
+@needs_a8
 def test_int8_activations_round_away_last_bit_differences():
     """Why q4a8 has no greedy self-consistency test: the model's other ops (attention over 1 or
     over 10 queries) differ in the last bits, and rounding the activations to int8 turns some
@@ -590,6 +606,32 @@ def test_quant_linear_paths_agree_with_the_reference(monkeypatch):
     ql2 = QuantLinear(formats.rtn4(torch.randn(200, 96)), None, dtype=torch.float32)
     x = torch.randn(30, 96)
     assert torch.allclose(ql2(x), x @ formats.dequantize(ql2.qweight).T, atol=1e-4)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_prefill_of_bf16_activations_runs_in_fp32_without_native_bf16(monkeypatch, native):
+    """A prompt's prefill (more than DIRECT_ROWS rows, de-quantised slices): bf16 activations
+    multiply in bf16 where the CPU has native bf16 matmuls, else in fp32 with the exact
+    de-quantised weights, each output rounded to bf16 once."""
+    monkeypatch.setattr(modules, "native_bf16", lambda: native)
+    monkeypatch.setattr(modules, "SLICE_BYTES", 96 * 4 * 16)  # several slices
+    g = torch.Generator().manual_seed(0)
+    qw = formats.rtn4(torch.randn(200, 96, generator=g))
+    bias = torch.randn(200, generator=g)
+    ql = QuantLinear(qw, bias, dtype=torch.bfloat16)
+    x = torch.randn(modules.DIRECT_ROWS + 3, 96, generator=g).bfloat16()
+    w = formats.dequantize(qw)
+    y = ql(x)
+    assert y.dtype == torch.bfloat16
+    if native:
+        ref = torch.cat([torch.nn.functional.linear(x, w[n0:n0 + 64].bfloat16(),
+                                                    bias.bfloat16()[n0:n0 + 64])
+                         for n0 in range(0, 200, 64)], 1)
+    else:
+        ref = torch.nn.functional.linear(x.float(), w, bias.bfloat16().float()).bfloat16()
+        exact = x.double() @ w.double().T + bias.bfloat16().double()
+        assert ((y.double() - exact).abs() <= 2 ** -8 * exact.abs() + 1e-5).all()
+    assert torch.equal(y, ref)
 
 
 def test_pytorch_kernels_path(monkeypatch):
@@ -812,6 +854,28 @@ def test_folder_loads_quantised_without_the_dense_model(tmp_path, weights):
     assert "weights)" not in model_name(verifier)  # dense: the name alone
 
 
+def test_load_warns_where_our_kernel_runs_its_portable_loop(tmp_path, monkeypatch):
+    """A CPU without AVX2 + FMA or AVX-512 runs our kernel one weight at a time: loading
+    quantised weights says so (and how to take PyTorch's kernels); the others load silently."""
+    import warnings
+
+    from speccascade_fast.quant import load
+
+    _, verifier = tiny_pair()
+    verifier.save_pretrained(tmp_path)
+    monkeypatch.setattr(load, "vector_path", lambda: "portable")
+    with pytest.warns(RuntimeWarning, match="weights='int8': .*portable loop.*"
+                                            "SPECCASCADE_QUANT_KERNEL=torch"):
+        load.load_quantized(tmp_path, "int8", torch.float32, progress=False)
+    for env, path in (("torch", "portable"), ("auto", "avx2")):
+        monkeypatch.setenv("SPECCASCADE_QUANT_KERNEL", env)
+        monkeypatch.setattr(load, "vector_path", lambda p=path: p)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            load.load_quantized(tmp_path, "int8", torch.float32, progress=False)
+        assert not [w for w in seen if "portable loop" in str(w.message)], (env, path)
+
+
 def test_generate_command_weights(capsys):
     """``speccascade generate --weights q4``: SmolLM2's GGUF blocks, an early-exit drafter; its
     greedy output is the quantised verifier's own; --weights on CUDA is a one-line error."""
@@ -833,7 +897,7 @@ def test_generate_command_weights(capsys):
     assert err.count("\n") == 1
 
 
-@needs_vnni
+@needs_a8
 def test_load_model_q4a8(smollm2_q4, capsys):
     """q4a8: the same GGUF blocks as q4, every linear layer with int8 activations; logits close
     to q4's; the generate command runs with it."""
@@ -861,7 +925,7 @@ def test_load_model_q4a8(smollm2_q4, capsys):
     assert capsys.readouterr().out.strip()
 
 
-@pytest.mark.parametrize("weights", ["q4", "int8", pytest.param("q4a8", marks=needs_vnni)])
+@pytest.mark.parametrize("weights", ["q4", "int8", pytest.param("q4a8", marks=needs_a8)])
 def test_bench_command_weights(tmp_path, capsys, weights):
     from speccascade_fast import cli
     from speccascade_fast.bench import e2e

@@ -299,4 +299,4 @@ def dequant(qw, rows: torch.Tensor | None = None, dtype=torch.float32,
 
 __all__ = ["BUILD_ERROR", "KERNELS", "check_int8_activations", "dequant",
            "has_avx512", "has_int8_activations", "kernel_choice", "matmul", "ours_available", "prepare",
-           "use_ours"]
+           "use_ours", "vector_path"]

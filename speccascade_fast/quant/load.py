@@ -36,6 +36,7 @@ import struct
 import sys
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -50,7 +51,7 @@ from .formats import (
     int8_per_channel,
     rtn4,
 )
-from .kernels import check_int8_activations
+from .kernels import check_int8_activations, kernel_choice, vector_path
 from .modules import QuantEmbedding, QuantLinear
 
 WEIGHTS = ("bf16", "int8", "q4", "q4a8")
@@ -310,6 +311,11 @@ def load_quantized(folder: pathlib.Path, weights: str, dtype: torch.dtype = torc
         raise ValueError("load_quantized: weights='bf16' is the dense model (load_model)")
     if weights == "q4a8":
         check_int8_activations()
+    elif kernel_choice() != "torch" and vector_path() == "portable":
+        warnings.warn(f"weights={weights!r}: this CPU has neither AVX2 with FMA nor AVX-512, so "
+                      f"our quantised kernel runs its portable loop, many times slower than "
+                      f"bf16; SPECCASCADE_QUANT_KERNEL=torch takes PyTorch's kernels (scales "
+                      f"rounded to bf16)", RuntimeWarning, stacklevel=2)
     folder = pathlib.Path(folder)
     try:
         files = TensorFiles(folder)

@@ -3,7 +3,11 @@
 :class:`QuantLinear` multiplies with our kernel (:mod:`.kernels`) up to :data:`DIRECT_ROWS` rows
 (decoding, verification blocks); more rows (a prompt's prefill) de-quantise the weight in slices
 of :data:`SLICE_BYTES` to the activations' dtype and use ``F.linear`` (oneDNN/AMX), whose
-numerics are those of a dense model with the de-quantised weights rounded to that dtype. With
+numerics are those of a dense model with the de-quantised weights rounded to that dtype. On a
+CPU without native bf16 matmuls (neither AVX512_BF16 nor AMX: :func:`native_bf16`), bf16
+activations take that path in fp32 instead (the exact de-quantised weights, each output rounded
+to bf16 once): there PyTorch's bf16 matmul converts its operands and ran 3.6× slower than fp32
+at a prompt's size. With
 PyTorch's kernels instead (``SPECCASCADE_QUANT_KERNEL=torch``, or ours unavailable): 4-bit
 weights go through ``aten._weight_int4pack_mm_for_cpu`` (scale and zero point rounded to the
 activations' dtype), per-channel int8 through ``aten._weight_int8pack_mm``, and the grouped
@@ -12,6 +16,7 @@ re-quantised once to per-channel int8 (losing their block structure).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import weakref
 
@@ -158,13 +163,15 @@ class QuantLinear(_Quantized):
         return y.view(*lead, self.N)
 
     def _sliced_linear(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.empty(x.shape[0], self.N, dtype=x.dtype, device=x.device)
+        if x.dtype == torch.bfloat16 and x.is_cpu and not native_bf16():
+            x = x.float()  # (y[:, n0:n1] = ... rounds each output to bf16 once)
         step = min(self.N, max(64, SLICE_BYTES // (self.K * x.element_size())))
         # one scratch slice per dtype, reused: a fresh one would page-fault on every call
         scratch = _scratch(step * self.K, x.dtype, x.device)
-        y = torch.empty(x.shape[0], self.N, dtype=x.dtype, device=x.device)
         for n0 in range(0, self.N, step):
             n1 = min(self.N, n0 + step)
-            b = None if self.bias is None else self.bias[n0:n1]
+            b = None if self.bias is None else self.bias[n0:n1].to(x.dtype)
             w = scratch[:(n1 - n0) * self.K].view(n1 - n0, self.K)
             w = self.dense(x.dtype, slice(n0, n1), out=w)
             y[:, n0:n1] = F.linear(x, w, b)
@@ -185,6 +192,18 @@ class QuantLinear(_Quantized):
         a8 = ", int8 activations" if self.int8_activations else ""
         return (f"in_features={self.K}, out_features={self.N}, {self.kind}{a8}, "
                 f"bias={self.bias is not None}")
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512_BF16 or AMX-BF16 in /proc/cpuinfo's
+    flags; True where they cannot be read, which keeps bf16 matmuls in bf16)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return True
+    return flags is None or "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _data_ptrs(held: dict) -> tuple:
@@ -272,4 +291,4 @@ def _(x, handle, n, embedding, dtype):
     return x.new_empty((*x.shape[:-1], n))
 
 
-__all__ = ["DIRECT_ROWS", "QuantEmbedding", "QuantLinear", "SLICE_BYTES"]
+__all__ = ["DIRECT_ROWS", "QuantEmbedding", "QuantLinear", "SLICE_BYTES", "native_bf16"]

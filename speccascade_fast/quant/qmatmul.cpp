@@ -146,7 +146,8 @@ inline float load_bias(const void* bias, bool bf16, int64_t n) {
   return bf16 ? bf16_to_f32(((const uint16_t*)bias)[n]) : ((const float*)bias)[n];
 }
 
-// portable path (no AVX-512): one output at a time, 16 lanes per output as the vector path
+// portable path (neither AVX-512 nor AVX2 + FMA): one output at a time, 16 lanes per output as
+// the vector paths
 // (lane j accumulates k = 16 i + j), then the lanes folded in halves
 void rows_scalar(const QW& w, const float* x, int64_t M, int64_t n0, int64_t n1, void* y,
                  bool y_bf16, int64_t ldy, const void* bias, float* wrow) {
@@ -638,14 +639,15 @@ void rows_mb_avx2(const QW& w, const float* x, int64_t mb, int64_t n0, int64_t n
 // As in the fp32 path, the order depends on nothing but the row, so a row's outputs are the
 // same for every M, thread count and blocking. A block of activations with an infinity or a
 // NaN gives NaN outputs; one too small for 127 / max|x| counts as zeros.
-// 8-bit codes are signed; the kernel reads them as unsigned code + 128 and starts each lane's
-// integer sum at -128 * (the sum of its four q), which is exact. Nibble codes are read as their
+// 8-bit codes are signed; the VNNI kernel reads them as unsigned code + 128 and starts each
+// lane's integer sum at -128 * (the sum of its four q), which is exact (the AVX2 kernel
+// multiplies their magnitudes by q carrying their sign: the same integer). Nibble codes are read as their
 // stored values (unsigned) and, where z is not 0, each lane's sum starts at -z * (its q's sum).
 struct XQ {
   int64_t M = 0, K = 0, chunks = 0;  // chunk: 64 code bytes (128 inputs in nibbles, 64 at 8)
   std::vector<int8_t> qlo, qhi;      // [M][chunks][64]: q in the codes' byte order (qhi: nibbles)
   std::vector<float> dexp;           // [M][chunks][16]: each lane's activation scale
-  // [M][chunks][16]: each lane's integer start: 8 bits: -128 * its sum of q; nibbles with z:
+  // [M][chunks][16]: each lane's integer start: 8 bits (VNNI): -128 * its sum of q; nibbles with z:
   // -z * that sum over the lane's low- and high-nibble q (G = 32), or the low ones only (G =
   // 16, the high ones in ncorr_hi: they are two groups)
   std::vector<int32_t> ncorr, ncorr_hi;
