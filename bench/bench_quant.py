@@ -15,7 +15,8 @@ Kernels, each ``y[M, N] = x[M, K] W^T`` with bf16 activations and outputs:
   Q6_K: a nibble plus one or two bit planes; K-quants only where K is a multiple of 256, as in
   the GGUF files);
 * ``ours-*-a8`` (with ``--a8``): the same weights with int8 activations (``weights="q4a8"``:
-  activations quantised per block of 32 inside the call, integer dot products: AVX-512 VNNI, or AVX2).
+  activations quantised per block of 32 inside the call, integer dot products: AVX-512 VNNI,
+  or AVX2 + FMA).
 
 Every call reads a different weight of a pool of at least ``--pool-mib`` per kernel (larger
 than the last-level cache), as a decoding step streams the model's weights from memory;
@@ -270,7 +271,8 @@ def main(argv=None) -> int:
         load = None
     meta = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "torch": torch.__version__, "threads": torch.get_num_threads(),
-                        "avx512": kernels.has_avx512(), "int8_activations": kernels.has_int8_activations(),
+                        "avx512": kernels.has_avx512(),
+                        "int8_activations": kernels.has_int8_activations(),
                         "path": kernels.vector_path(),
                         "date": time.strftime("%Y-%m-%d"),
                         "loadavg_at_end": load},

@@ -292,7 +292,8 @@ def add_generate_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--weights", default="bf16", choices=("bf16", "int8", "q4", "q4a8"),
                    help="both models' weights: bf16 (dense), int8 (weight-only, per output "
                         "channel), q4 (the GGUF files' own quantised blocks: Q4_K, Q6_K, ...) or "
-                        "q4a8 (q4 with int8 activations and integer dot products; AVX-512 VNNI or AVX2); "
+                        "q4a8 (q4 with int8 activations and integer dot products; AVX-512 VNNI "
+                        "or AVX2 + FMA); "
                         "quantised weights run on the CPU (default: bf16)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "flash_attn"),

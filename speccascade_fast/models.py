@@ -690,8 +690,8 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
     ``weights``: ``"bf16"`` (dense), ``"int8"`` (weight-only int8 per output channel) or
     ``"q4"`` (a GGUF file's own quantised blocks, Q4_K and the others it uses; 4-bit
     round-to-nearest for a model without one) or ``"q4a8"`` (``q4``'s weights, activations
-    quantised to int8 per block of 32 and integer dot products; needs AVX-512 VNNI or AVX2), CPU only: see
-    :mod:`speccascade_fast.quantize`.
+    quantised to int8 per block of 32 and integer dot products; needs AVX-512 VNNI or AVX2 +
+    FMA), CPU only: see :mod:`speccascade_fast.quantize`.
     A ValueError naming ``weights`` for anything else."""
     from .quant.load import check_weights
 

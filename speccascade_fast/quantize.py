@@ -10,8 +10,8 @@
   round-to-nearest in groups of 32 (:func:`speccascade_fast.quant.formats.rtn4`).
 * ``q4a8``: ``q4``'s weights, multiplied in the manner of llama.cpp: each activation row
   quantised to int8 per block of 32 inputs (scale absmax / 127) and the groups' dot products in
-  integers (AVX-512 VNNI or AVX2), up to 16 rows per call (decoding and verification blocks; a prompt's
-  prefill takes ``q4``'s path). Faster than ``q4`` on a decoding step; its logits differ from
+  integers (AVX-512 VNNI or AVX2 + FMA), up to 16 rows per call (decoding and verification
+  blocks; a prompt's prefill takes ``q4``'s path). Faster than ``q4`` on a decoding step; its logits differ from
   ``q4``'s by the activations' rounding.
 * ``int8``: every linear layer in int8 with one scale per output channel (absmax / 127) from the
   dense (bf16) weights; embeddings stay dense.

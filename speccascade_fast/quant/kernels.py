@@ -161,7 +161,8 @@ def vector_path() -> str | None:
 
 def check_int8_activations() -> None:
     """A RuntimeError saying why int8 activations (``weights="q4a8"``) cannot run here: they
-    need our kernel (``SPECCASCADE_QUANT_KERNEL`` not ``torch``) on a CPU with AVX-512 VNNI or AVX2."""
+    need our kernel (``SPECCASCADE_QUANT_KERNEL`` not ``torch``) on a CPU with AVX-512 VNNI
+    or AVX2 + FMA."""
     if kernel_choice() == "torch":
         raise RuntimeError("weights='q4a8' needs our quantised kernel, but "
                            "SPECCASCADE_QUANT_KERNEL=torch")
@@ -169,7 +170,8 @@ def check_int8_activations() -> None:
         raise RuntimeError(f"weights='q4a8' needs our quantised kernel, which is unavailable: "
                            f"{BUILD_ERROR}")
     if not has_int8_activations():
-        raise RuntimeError("weights='q4a8' needs a CPU with AVX-512 VNNI or AVX2 (use weights='q4')")
+        raise RuntimeError("weights='q4a8' needs a CPU with AVX-512 VNNI or AVX2 + FMA "
+                           "(use weights='q4')")
 
 
 def use_ours(t: torch.Tensor) -> bool:
@@ -223,7 +225,7 @@ def _check_call(qw, dtype, int8_activations: bool) -> None:
     if dtype not in (torch.bfloat16, torch.float32):
         raise TypeError(f"quantised matmul: activations must be bfloat16 or float32, got {dtype}")
     if int8_activations and not has_int8_activations():
-        raise RuntimeError("int8 activations need a CPU with AVX-512 VNNI or AVX2")
+        raise RuntimeError("int8 activations need a CPU with AVX-512 VNNI or AVX2 + FMA")
     if int8_activations and qw.K % 32:
         raise ValueError(f"int8 activations: K={qw.K} must be a multiple of 32 ({qw})")
 
@@ -297,6 +299,6 @@ def dequant(qw, rows: torch.Tensor | None = None, dtype=torch.float32,
     return out
 
 
-__all__ = ["BUILD_ERROR", "KERNELS", "check_int8_activations", "dequant",
-           "has_avx512", "has_int8_activations", "kernel_choice", "matmul", "ours_available", "prepare",
+__all__ = ["BUILD_ERROR", "KERNELS", "check_int8_activations", "dequant", "has_avx512",
+           "has_int8_activations", "kernel_choice", "matmul", "ours_available", "prepare",
            "use_ours", "vector_path"]

@@ -21,7 +21,7 @@ Where the weights come from:
 * ``int8``: every linear layer in int8 with one scale per output channel, from the folder's
   (bf16) weights (:func:`.formats.int8_per_channel`); embeddings stay dense.
 * ``q4a8``: the weights of ``q4``, multiplied in the manner of llama.cpp: the activations
-  quantised to int8 per block of 32 inputs and integer dot products (AVX-512 VNNI or AVX2; see
+  quantised to int8 per block of 32 inputs and integer dot products (AVX-512 VNNI or AVX2 + FMA; see
   :func:`.kernels.matmul`), up to :data:`.modules.DIRECT_ROWS` rows (a prompt's prefill takes
   the de-quantised path of ``q4``).
 """
@@ -314,8 +314,9 @@ def load_quantized(folder: pathlib.Path, weights: str, dtype: torch.dtype = torc
     elif kernel_choice() != "torch" and vector_path() == "portable":
         warnings.warn(f"weights={weights!r}: this CPU has neither AVX2 with FMA nor AVX-512, so "
                       f"our quantised kernel runs its portable loop, many times slower than "
-                      f"bf16; SPECCASCADE_QUANT_KERNEL=torch takes PyTorch's kernels (scales "
-                      f"rounded to bf16)", RuntimeWarning, stacklevel=2)
+                      f"bf16; SPECCASCADE_QUANT_KERNEL=torch takes PyTorch's kernels (4-bit "
+                      f"scales rounded to the activations' dtype, 5- to 8-bit blocks re-quantised "
+                      f"per channel)", RuntimeWarning, stacklevel=2)
     folder = pathlib.Path(folder)
     try:
         files = TensorFiles(folder)

@@ -197,7 +197,8 @@ class QuantLinear(_Quantized):
 @functools.cache
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512_BF16 or AMX-BF16 in /proc/cpuinfo's
-    flags; True where they cannot be read, which keeps bf16 matmuls in bf16)."""
+    x86 ``flags``; True where there is no such line to read, as off Linux or on ARM, which
+    keeps bf16 matmuls in bf16 there)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split() for line in f if line.startswith("flags")), None)
