@@ -93,7 +93,9 @@ def test_each_position_follows_the_rule_or_pT_as_the_scan_says(rule, alpha):
     assert torch.allclose(out.spent[:, 0], torch.tensor(c0, dtype=torch.float64))
     assert bool((out.spent[:, 1] == 0).all()) and bool(out.deferred[:, 1].all())
     # room for the cheaper second one only: position 0 exact (charged 0), position 1 the rule
-    out, law, pT, _ = _block(rule, alpha, c1)
+    # (a budget a hair above c1: the engine's cost and this one are fp64 sums of different
+    # kernels, and a budget of exactly c1 left it to their last bit whether c1 fits)
+    out, law, pT, _ = _block(rule, alpha, c1 * (1 + 1e-9))
     full = out.num_accepted == 1
     assert int(full.sum()) > 500
     assert chi2_pvalue(out.tokens[:, 0], pT[0]) > P_MIN
