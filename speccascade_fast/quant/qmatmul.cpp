@@ -791,9 +791,10 @@ inline __m256 lanes_of(const float* f, int gpc, int64_t c, int h) {
   return _mm256_set_m128(_mm_set1_ps(f[4 * c + 2 * h + 1]), _mm_set1_ps(f[4 * c + 2 * h]));
 }
 
-template <int MB, int NB, int BITS, int G>
+template <int MB, int NB, int BITS, int G, bool ZC>
 inline void block_a8_avx2(const QW& w, const XQ& xq, int64_t m0, int64_t n0, void* y,
                           bool y_bf16, int64_t ldy, const void* bias) {
+  // ZC: nibble codes with z != 0, whose lanes' integer sums start at xq.ncorr (and ncorr_hi)
   constexpr bool NIB = BITS != 8;
   constexpr bool TWO = NIB && G == 16;
   constexpr int GPC = TWO ? 8 : (NIB || G == 16) ? 4 : 2;
@@ -820,22 +821,25 @@ inline void block_a8_avx2(const QW& w, const XQ& xq, int64_t m0, int64_t n0, voi
   const int8_t* qlo = xq.qlo.data() + m0 * C * 64;
   const int8_t* qhi = NIB ? xq.qhi.data() + m0 * C * 64 : nullptr;
   const float* dexp = xq.dexp.data() + m0 * C * 16;
-  const int32_t* ncorr = NIB && !xq.ncorr.empty() ? xq.ncorr.data() + m0 * C * 16 : nullptr;
-  const int32_t* ncorr_hi = xq.ncorr_hi.empty() ? nullptr : xq.ncorr_hi.data() + m0 * C * 16;
+  const int32_t* ncorr = ZC ? xq.ncorr.data() + m0 * C * 16 : nullptr;
+  const int32_t* ncorr_hi = ZC && TWO ? xq.ncorr_hi.data() + m0 * C * 16 : nullptr;
+  // a part-filled last chunk is read from a copy with zeros past the row, made here: a call
+  // inside the loop would make the compiler keep the accumulators in memory (every vector
+  // register is caller-saved)
+  const int64_t full = row_bytes / 64;
   alignas(32) uint8_t tail[NB][64];
+  if (full < C)
+    for (int b = 0; b < NB; ++b) {
+      std::memset(tail[b], 0, 64);
+      std::memcpy(tail[b], crow[b] + full * 64, row_bytes - full * 64);
+    }
   for (int64_t c = 0; c < C; ++c) {
-    const int64_t nbytes = std::min<int64_t>(64, row_bytes - c * 64);
     for (int b = 0; b < NB; ++b)
       _mm_prefetch((const char*)(crow[b] + QM_PF * NB * row_bytes + c * 64), _MM_HINT_T0);
     for (int h = 0; h < 2; ++h) {  // code bytes 32 h .. 32 h + 31 of the chunk: lanes 8 h ..
       __m256i wlo[NB], whi[NB];
       for (int b = 0; b < NB; ++b) {
-        const uint8_t* src = crow[b] + c * 64;
-        if (nbytes < 64) {  // a part-filled last chunk: zeros past the row
-          std::memset(tail[b], 0, 64);
-          std::memcpy(tail[b], src, nbytes);
-          src = tail[b];
-        }
+        const uint8_t* src = c < full ? crow[b] + c * 64 : tail[b];
         const __m256i v = _mm256_loadu_si256((const __m256i*)(src + 32 * h));
         if constexpr (NIB) {
           wlo[b] = _mm256_and_si256(v, lo4);
@@ -858,40 +862,51 @@ inline void block_a8_avx2(const QW& w, const XQ& xq, int64_t m0, int64_t n0, voi
           wlo[b] = v;  // signed codes (their magnitudes and signs are taken per row of x)
         }
       }
+      __m256 ws[NB];  // each lane's group scale (TWO: in the loop below, two per lane)
+      for (int b = 0; b < NB && !TWO; ++b) {
+        if constexpr (GPC == 4) {  // lanes 0..3: group 4 c + 2 h; lanes 4..7: 4 c + 2 h + 1
+          const __m256 f = _mm256_castps128_ps256(_mm_loadu_ps(sbuf + b * stride + 4 * c));
+          ws[b] = _mm256_permutevar8x32_ps(f, h ? _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3)
+                                                : _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+        } else {
+          ws[b] = lanes_of(sbuf + b * stride, GPC, c, h);
+        }
+      }
       for (int m = 0; m < MB; ++m) {
         const int64_t off = (m * C + c) * 64 + 32 * h, loff = (m * C + c) * 16 + 8 * h;
         const __m256i xl = _mm256_loadu_si256((const __m256i*)(qlo + off));
         const __m256 xd = _mm256_loadu_ps(dexp + loff);
         if constexpr (TWO) {
           const __m256i xh = _mm256_loadu_si256((const __m256i*)(qhi + off));
-          const __m256i nc = ncorr ? _mm256_loadu_si256((const __m256i*)(ncorr + loff))
-                                   : _mm256_setzero_si256();
-          const __m256i nh = ncorr_hi ? _mm256_loadu_si256((const __m256i*)(ncorr_hi + loff))
-                                      : _mm256_setzero_si256();
+          const __m256i nc = ZC ? _mm256_loadu_si256((const __m256i*)(ncorr + loff))
+                                : _mm256_setzero_si256();
+          const __m256i nh = ZC ? _mm256_loadu_si256((const __m256i*)(ncorr_hi + loff))
+                                : _mm256_setzero_si256();
           for (int b = 0; b < NB; ++b) {
             const float* f = sbuf + b * stride + 8 * c + 4 * h;  // lanes' groups 8 c + 2 (l / 4)
-            const __m256 ws = _mm256_set_m128(_mm_set1_ps(f[2]), _mm_set1_ps(f[0]));
+            const __m256 wl = _mm256_set_m128(_mm_set1_ps(f[2]), _mm_set1_ps(f[0]));
             const __m256 wh = _mm256_set_m128(_mm_set1_ps(f[3]), _mm_set1_ps(f[1]));
-            const __m256i sl = _mm256_add_epi32(nc, dot4(wlo[b], xl));
-            const __m256i sh = _mm256_add_epi32(nh, dot4(whi[b], xh));
-            acc[m][b][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sl), _mm256_mul_ps(ws, xd),
+            __m256i sl = dot4(wlo[b], xl), sh = dot4(whi[b], xh);
+            if constexpr (ZC) sl = _mm256_add_epi32(nc, sl), sh = _mm256_add_epi32(nh, sh);
+            acc[m][b][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sl), _mm256_mul_ps(wl, xd),
                                            acc[m][b][h]);
             acc[m][b][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sh), _mm256_mul_ps(wh, xd),
                                            acc[m][b][h]);
           }
         } else {
-          const __m256i nc = ncorr ? _mm256_loadu_si256((const __m256i*)(ncorr + loff))
-                                   : _mm256_setzero_si256();
-          __m256i xh;
+          __m256i xh = xl, nc = _mm256_setzero_si256();
           if constexpr (NIB) xh = _mm256_loadu_si256((const __m256i*)(qhi + off));
+          if constexpr (ZC) nc = _mm256_loadu_si256((const __m256i*)(ncorr + loff));
           for (int b = 0; b < NB; ++b) {
             __m256i s;
-            if constexpr (NIB)
-              s = _mm256_add_epi32(nc, _mm256_add_epi32(dot4(wlo[b], xl), dot4(whi[b], xh)));
+            if constexpr (NIB)  // both nibbles' pair sums in int16: |sum| <= 4 * 63 * 127
+              s = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(wlo[b], xl),
+                                                     _mm256_maddubs_epi16(whi[b], xh)),
+                                    _mm256_set1_epi16(1));
             else
               s = dot4(_mm256_abs_epi8(wlo[b]), _mm256_sign_epi8(xl, wlo[b]));
-            const __m256 ws = lanes_of(sbuf + b * stride, GPC, c, h);
-            acc[m][b][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(ws, xd),
+            if constexpr (ZC) s = _mm256_add_epi32(nc, s);
+            acc[m][b][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(ws[b], xd),
                                            acc[m][b][h]);
           }
         }
@@ -1045,7 +1060,15 @@ inline void block_a8(const QW& w, const XQ& xq, int64_t m0, int64_t n0, void* y,
 
 #define QM_BLOCK_A8 block_a8
 #else
-#define QM_BLOCK_A8 block_a8_avx2
+template <int MB, int NB, int BITS, int G>
+inline void block_a8_z(const QW& w, const XQ& xq, int64_t m0, int64_t n0, void* y, bool y_bf16,
+                       int64_t ldy, const void* bias) {
+  if (BITS != 8 && w.z)
+    block_a8_avx2<MB, NB, BITS, G, true>(w, xq, m0, n0, y, y_bf16, ldy, bias);
+  else
+    block_a8_avx2<MB, NB, BITS, G, false>(w, xq, m0, n0, y, y_bf16, ldy, bias);
+}
+#define QM_BLOCK_A8 block_a8_z
 #endif
 
 template <int MB, int BITS, int G>
