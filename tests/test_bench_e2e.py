@@ -583,7 +583,7 @@ def test_a_configurations_peak_forgets_what_an_earlier_one_allocated(monkeypatch
         if name == "ours:verifier":
             # fresh anonymous pages, touched, then unmapped: a malloc could be served from
             # memory earlier tests freed but the process still holds (no new resident pages)
-            big = mmap.mmap(-1, 96 << 20)
+            big = mmap.mmap(-1, 96 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             for i in range(0, len(big), mmap.PAGESIZE):
                 big[i] = 1
             big.close()

@@ -899,7 +899,7 @@ inline void block_a8_avx2(const QW& w, const XQ& xq, int64_t m0, int64_t n0, voi
           if constexpr (ZC) nc = _mm256_loadu_si256((const __m256i*)(ncorr + loff));
           for (int b = 0; b < NB; ++b) {
             __m256i s;
-            if constexpr (NIB)  // both nibbles' pair sums in int16: |sum| <= 4 * 63 * 127
+            if constexpr (NIB)  // both nibbles' pair sums in int16: |sum| <= 4 * 63 * 128
               s = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(wlo[b], xl),
                                                      _mm256_maddubs_epi16(whi[b], xh)),
                                     _mm256_set1_epi16(1));
@@ -1063,10 +1063,10 @@ inline void block_a8(const QW& w, const XQ& xq, int64_t m0, int64_t n0, void* y,
 template <int MB, int NB, int BITS, int G>
 inline void block_a8_z(const QW& w, const XQ& xq, int64_t m0, int64_t n0, void* y, bool y_bf16,
                        int64_t ldy, const void* bias) {
-  if (BITS != 8 && w.z)
-    block_a8_avx2<MB, NB, BITS, G, true>(w, xq, m0, n0, y, y_bf16, ldy, bias);
-  else
-    block_a8_avx2<MB, NB, BITS, G, false>(w, xq, m0, n0, y, y_bf16, ldy, bias);
+  if constexpr (BITS != 8) {  // (8-bit codes have no integer starts on this path)
+    if (w.z) return block_a8_avx2<MB, NB, BITS, G, true>(w, xq, m0, n0, y, y_bf16, ldy, bias);
+  }
+  block_a8_avx2<MB, NB, BITS, G, false>(w, xq, m0, n0, y, y_bf16, ldy, bias);
 }
 #define QM_BLOCK_A8 block_a8_z
 #endif
