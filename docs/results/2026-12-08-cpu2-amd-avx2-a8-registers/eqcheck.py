@@ -4,28 +4,18 @@ activations (N = 37 rows). Run from the repository's root:
 
     python docs/results/2026-12-08-cpu2-amd-avx2-a8-registers/eqcheck.py before.cpp after.cpp
 """
-import ctypes
 import pathlib
-import subprocess
 import sys
 
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[3]))
+from kbench import build  # noqa: E402  (this folder's benchmark: the same build and bindings)
+
 from speccascade_fast.quant import formats, kernels  # noqa: E402
 from tests.test_quantize import LAYOUTS, layout_weight  # noqa: E402
 
 KINDS = ["Q4_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K", "Q8_0", "Q4_1", "int8", "rtn4", "g16", *LAYOUTS]
-
-
-def build(src: str) -> ctypes.CDLL:
-    so = f"/tmp/eq-{pathlib.Path(src).name}.so"
-    subprocess.run(["g++", *kernels._FLAGS, src, "-o", so], check=True)
-    dll = ctypes.CDLL(so)
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    dll.qm_matmul_a8.argtypes = [p, i32, i64, p, i32, i32, i32, p, p, p, p, p, i32, i64, i64,
-                                 p, i32, i64, p, i32]
-    return dll
 
 
 def weight(kind: str, N: int, K: int, g: torch.Generator):
