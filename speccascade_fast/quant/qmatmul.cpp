@@ -785,10 +785,14 @@ inline __m256i dot4(__m256i w_u8, __m256i q_s8) {  // per int32 lane: sum of 4 b
   return _mm256_madd_epi16(_mm256_maddubs_epi16(w_u8, q_s8), _mm256_set1_epi16(1));
 }
 
-// the 8 lanes of half h as 2 x 4 (GPC 4: lane l's group 4 c + l / 4) or 8 (GPC 2) equal values
-inline __m256 lanes_of(const float* f, int gpc, int64_t c, int h) {
-  if (gpc == 2) return _mm256_set1_ps(f[2 * c + h]);
-  return _mm256_set_m128(_mm_set1_ps(f[4 * c + 2 * h + 1]), _mm_set1_ps(f[4 * c + 2 * h]));
+// the 8 lanes of half h as 2 x 4 (GPC 4: lanes 0..3 group 4 c + 2 h, lanes 4..7 the next; one
+// load and a permute) or 8 (GPC 2: group 2 c + h) equal values
+template <int GPC>
+inline __m256 lanes_of(const float* f, int64_t c, int h) {
+  if constexpr (GPC == 2) return _mm256_set1_ps(f[2 * c + h]);
+  const __m256 v = _mm256_castps128_ps256(_mm_loadu_ps(f + 4 * c));
+  return _mm256_permutevar8x32_ps(v, h ? _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3)
+                                       : _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
 }
 
 template <int MB, int NB, int BITS, int G, bool ZC>
@@ -863,15 +867,8 @@ inline void block_a8_avx2(const QW& w, const XQ& xq, int64_t m0, int64_t n0, voi
         }
       }
       __m256 ws[NB];  // each lane's group scale (TWO: in the loop below, two per lane)
-      for (int b = 0; b < NB && !TWO; ++b) {
-        if constexpr (GPC == 4) {  // lanes 0..3: group 4 c + 2 h; lanes 4..7: 4 c + 2 h + 1
-          const __m256 f = _mm256_castps128_ps256(_mm_loadu_ps(sbuf + b * stride + 4 * c));
-          ws[b] = _mm256_permutevar8x32_ps(f, h ? _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3)
-                                                : _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
-        } else {
-          ws[b] = lanes_of(sbuf + b * stride, GPC, c, h);
-        }
-      }
+      if constexpr (!TWO)
+        for (int b = 0; b < NB; ++b) ws[b] = lanes_of<GPC>(sbuf + b * stride, c, h);
       for (int m = 0; m < MB; ++m) {
         const int64_t off = (m * C + c) * 64 + 32 * h, loff = (m * C + c) * 16 + 8 * h;
         const __m256i xl = _mm256_loadu_si256((const __m256i*)(qlo + off));
